@@ -1,0 +1,400 @@
+"""One typed configuration, read from ``closeloop.yaml`` and ``CLOSELOOP_*`` variables.
+
+Precedence (last wins): defaults < ``closeloop.yaml`` (or ``--config`` / ``CLOSELOOP_CONFIG``)
+< environment variables < command-line flags. Every key of every section can be set
+from the environment as ``CLOSELOOP_<SECTION>_<KEY>``, e.g. ``CLOSELOOP_OTLP_GRPC_PORT=14317``;
+a few common ones have short names (``CLOSELOOP_KAFKA``, ``CLOSELOOP_CLICKHOUSE``,
+``CLOSELOOP_HOME``). ``closeloop.example.yaml`` documents every key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+DEFAULT_HOME = ".closeloop"
+DEFAULT_OTLP_GRPC_PORT = 4317
+DEFAULT_OTLP_HTTP_PORT = 4318
+DEFAULT_WEB_PORT = 8700
+DEFAULT_SQL_PORT = 8723
+
+TOPIC_NAMES = (
+    "otlp_spans", "otlp_logs", "turns", "conversations", "tags",
+    "diagnoses", "proposals", "reviews", "deadletter",
+)
+
+
+@dataclass
+class KafkaConfig:
+    bootstrap: str = ""            # empty: start the embedded tansu broker
+    partitions: int = 4            # partitions of every topic closeloop creates
+    broker_port: int = 0           # embedded broker port; 0 picks a free one
+    storage: str = "memory"        # embedded broker storage: memory (postgres: see RUNBOOK)
+    client_id: str = "closeloop"
+
+    def validate(self) -> None:
+        if self.partitions < 1:
+            raise ConfigError("kafka.partitions", f"must be >= 1, got {self.partitions}")
+        if self.storage not in ("memory",):
+            raise ConfigError("kafka.storage", f"unknown storage {self.storage!r}", "use 'memory'")
+
+
+@dataclass
+class TopicsConfig:
+    otlp_spans: str = "otlp_spans"
+    otlp_logs: str = "otlp_logs"
+    turns: str = "closeloop.turns"
+    conversations: str = "closeloop.conversations"
+    tags: str = "closeloop.tags"
+    diagnoses: str = "closeloop.diagnoses"
+    proposals: str = "closeloop.proposals"
+    reviews: str = "closeloop.reviews"
+    deadletter: str = "closeloop.deadletter"
+
+    def validate(self) -> None:
+        for name in TOPIC_NAMES:
+            if not getattr(self, name):
+                raise ConfigError(f"topics.{name}", "must not be empty")
+
+    def all(self) -> list[str]:
+        return [getattr(self, n) for n in TOPIC_NAMES]
+
+
+@dataclass
+class ClickHouseConfig:
+    dsn: str = ""                  # empty: chdb://<home>/clickhouse ; or http(s)://user:pass@host:8123/db
+    sql_port: int = DEFAULT_SQL_PORT   # embedded: the ClickHouse-compatible HTTP endpoint of the store owner
+
+    def validate(self) -> None:
+        if self.dsn and not self.dsn.startswith(("chdb://", "http://", "https://", "clickhouse://")):
+            raise ConfigError("clickhouse.dsn", f"unsupported scheme in {self.dsn!r}",
+                              "use chdb:///path or http(s)://user:pass@host:8123/db")
+
+
+@dataclass
+class OtlpConfig:
+    grpc_port: int = DEFAULT_OTLP_GRPC_PORT
+    http_port: int = DEFAULT_OTLP_HTTP_PORT
+    host: str = "127.0.0.1"
+    max_request_bytes: int = 16 * 1024 * 1024     # larger requests get RESOURCE_EXHAUSTED / 413
+    max_inflight_bytes: int = 256 * 1024 * 1024   # bounded buffer towards the broker, then 503
+    ack_timeout_s: float = 10.0                   # broker acknowledgement wait before UNAVAILABLE/503
+
+    def validate(self) -> None:
+        for key in ("grpc_port", "http_port"):
+            v = getattr(self, key)
+            if not 0 <= v < 65536:
+                raise ConfigError(f"otlp.{key}", f"{v} is not a port number")
+        if self.max_request_bytes <= 0:
+            raise ConfigError("otlp.max_request_bytes", "must be positive")
+
+
+@dataclass
+class WebConfig:
+    port: int = DEFAULT_WEB_PORT
+    host: str = "127.0.0.1"
+    token: str = ""                # empty: generated at start and written to <home>/run/web-token
+    trace_url: str = ""            # link template for trace ids in PRs and the page, e.g. https://grafana/.../{trace_id}
+
+    def validate(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigError("web.port", f"{self.port} is not a port number")
+
+
+@dataclass
+class LLMConfig:
+    base_url: str = ""             # empty: OPENAI_BASE_URL, else no LLM (deterministic fallbacks)
+    api_key: str = ""              # empty: OPENAI_API_KEY
+    model: str = "gpt-4o-mini"
+    timeout_s: float = 20.0
+    max_retries: int = 1
+    judge_rate: float = 0.05       # share of conversations judged by the LLM (signals)
+
+    def validate(self) -> None:
+        if not 0.0 <= self.judge_rate <= 1.0:
+            raise ConfigError("llm.judge_rate", f"must be within [0, 1], got {self.judge_rate}")
+
+    def enabled(self) -> bool:
+        return bool(self.resolved_base_url())
+
+    def resolved_base_url(self) -> str:
+        return self.base_url or os.environ.get("OPENAI_BASE_URL", "")
+
+    def resolved_api_key(self) -> str:
+        return self.api_key or os.environ.get("OPENAI_API_KEY", "") or "not-needed"
+
+
+@dataclass
+class CaptureConfig:
+    redact: list[str] = field(default_factory=lambda: ["secrets", "emails", "cards", "phones"])
+    extra_patterns: list[str] = field(default_factory=list)   # additional regexes to redact
+    max_attribute_bytes: int = 64 * 1024                       # longer values are truncated (and counted)
+    max_spans_per_request: int = 100_000
+
+    def validate(self) -> None:
+        known = {"secrets", "emails", "cards", "phones"}
+        for r in self.redact:
+            if r not in known:
+                raise ConfigError("capture.redact", f"unknown redaction {r!r}", f"choose from {sorted(known)}")
+
+
+@dataclass
+class AssembleConfig:
+    idle_timeout_s: float = 30.0        # a conversation with no new span for this long is closed
+    end_attribute: str = "closeloop.conversation.end"   # span attribute that closes a conversation
+    max_open: int = 200_000             # bound on open conversations kept in state
+
+    def validate(self) -> None:
+        if self.idle_timeout_s <= 0:
+            raise ConfigError("assemble.idle_timeout_s", "must be positive")
+
+
+@dataclass
+class UnderstandConfig:
+    embedder: str = "minilm"           # minilm | openai | hashing
+    embedding_model: str = "text-embedding-3-small"    # for embedder: openai
+    goal_user_turns: int = 2           # how many first user turns describe the goal
+    min_examples_shown: int = 5        # intents smaller than this never show raw examples
+
+    def validate(self) -> None:
+        if self.embedder not in ("minilm", "openai", "hashing"):
+            raise ConfigError("understand.embedder", f"unknown embedder {self.embedder!r}",
+                              "use minilm, openai or hashing")
+
+
+@dataclass
+class DiagnoseConfig:
+    min_support: int = 30              # no diagnosis from fewer conversations of an intent
+    min_failures: int = 8
+    min_failure_rate: float = 0.2
+    window: int = 500                  # conversations per intent kept for rates and evidence
+
+    def validate(self) -> None:
+        if self.min_support < 1:
+            raise ConfigError("diagnose.min_support", "must be >= 1")
+
+
+@dataclass
+class ActTarget:
+    path: str
+    kind: str = "prompt"               # prompt | config | harness
+    key: str = ""                      # for a prompt kept inside YAML/JSON: the dotted key
+
+    def validate(self, where: str) -> None:
+        if self.kind not in ("prompt", "config", "harness"):
+            raise ConfigError(f"{where}.kind", f"unknown kind {self.kind!r}", "use prompt, config or harness")
+        if not self.path or self.path.startswith("/") or ".." in Path(self.path).parts:
+            raise ConfigError(f"{where}.path", f"{self.path!r} must be a relative path inside the repository")
+
+
+@dataclass
+class ActConfig:
+    backend: str = "local"             # local | github
+    repo: str = ""                     # local path, or owner/name on GitHub
+    base: str = "main"
+    github_url: str = "https://api.github.com"
+    targets: list[ActTarget] = field(default_factory=list)
+    max_changed_lines: int = 40
+    notify_webhook: str = ""           # Slack-compatible incoming webhook URL
+    labels: list[str] = field(default_factory=lambda: ["closeloop"])
+
+    def validate(self) -> None:
+        if self.backend not in ("local", "github"):
+            raise ConfigError("act.backend", f"unknown backend {self.backend!r}", "use local or github")
+        for i, t in enumerate(self.targets):
+            t.validate(f"act.targets[{i}]")
+
+
+@dataclass
+class ReviewConfig:
+    min_after: int = 30                # conversations of the intent under the new version before a verdict
+    alpha: float = 0.05
+    webhook_secret: str = ""           # GitHub webhook secret (X-Hub-Signature-256)
+
+    def validate(self) -> None:
+        if not 0 < self.alpha < 1:
+            raise ConfigError("review.alpha", f"must be within (0, 1), got {self.alpha}")
+
+
+@dataclass
+class Config:
+    home: str = DEFAULT_HOME
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    topics: TopicsConfig = field(default_factory=TopicsConfig)
+    clickhouse: ClickHouseConfig = field(default_factory=ClickHouseConfig)
+    otlp: OtlpConfig = field(default_factory=OtlpConfig)
+    web: WebConfig = field(default_factory=WebConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    assemble: AssembleConfig = field(default_factory=AssembleConfig)
+    understand: UnderstandConfig = field(default_factory=UnderstandConfig)
+    diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
+    act: ActConfig = field(default_factory=ActConfig)
+    review: ReviewConfig = field(default_factory=ReviewConfig)
+
+    def validate(self) -> Config:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if hasattr(v, "validate"):
+                v.validate()
+        return self
+
+    # derived paths
+    @property
+    def home_path(self) -> Path:
+        return Path(self.home).resolve()
+
+    @property
+    def clickhouse_dsn(self) -> str:
+        return self.clickhouse.dsn or f"chdb://{self.home_path / 'clickhouse'}"
+
+    @property
+    def embedded_store(self) -> bool:
+        return self.clickhouse_dsn.startswith("chdb://")
+
+    def run_dir(self) -> Path:
+        return self.home_path / "run"
+
+    def log_dir(self) -> Path:
+        return self.home_path / "logs"
+
+
+_SHORT_ENV = {
+    "CLOSELOOP_HOME": "home",
+    "CLOSELOOP_KAFKA": "kafka.bootstrap",
+    "CLOSELOOP_CLICKHOUSE": "clickhouse.dsn",
+    "CLOSELOOP_CLICKHOUSE_DSN": "clickhouse.dsn",
+}
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Turn a YAML or environment value into the declared type, or say which key is wrong."""
+    origin = typing.get_origin(typ)
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(value)
+        if typ is int:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if typ is float:
+            return float(value)
+        if typ is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError(value)
+            return "" if value is None else str(value)
+        if origin is list:
+            (item,) = typing.get_args(typ)
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise ValueError(value)
+            return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return _build(typ, value, key)
+    except (TypeError, ValueError):
+        tname = getattr(typ, "__name__", str(typ))
+        raise ConfigError(key, f"expected {tname}, got {value!r}") from None
+    return value
+
+
+def _build(cls: Any, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(where, "unknown key", f"known keys here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for k, v in data.items():
+        kwargs[k] = _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    hints = typing.get_type_hints(Config)
+    for name, value in env.items():
+        if not name.startswith("CLOSELOOP_") or name == "CLOSELOOP_CONFIG":
+            continue
+        if name in _SHORT_ENV:
+            _set_dotted(out, _SHORT_ENV[name], value)
+            continue
+        rest = name[len("CLOSELOOP_"):].lower()
+        for section in sorted(sections, key=len, reverse=True):
+            typ = hints[section]
+            if dataclasses.is_dataclass(typ) and rest.startswith(section + "_"):
+                key = rest[len(section) + 1:]
+                if key in {f.name for f in dataclasses.fields(typ)}:
+                    _set_dotted(out, f"{section}.{key}", value)
+                    break
+                raise ConfigError(name, f"no key {key!r} in section {section!r}",
+                                  f"known: {', '.join(f.name for f in dataclasses.fields(typ))}")
+        else:
+            raise ConfigError(name, "unknown CLOSELOOP_ variable",
+                              "use CLOSELOOP_<SECTION>_<KEY>, e.g. CLOSELOOP_OTLP_GRPC_PORT")
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, env: dict[str, str] | None = None,
+                overrides: dict[str, Any] | None = None) -> Config:
+    """Load the configuration: defaults, then the YAML file, then ``CLOSELOOP_*``, then ``overrides``.
+
+    ``overrides`` uses dotted keys (``{"otlp.grpc_port": 14317}``), as the command line does.
+    """
+    env = dict(os.environ) if env is None else env
+    file = path or env.get("CLOSELOOP_CONFIG")
+    data: dict[str, Any] = {}
+    if file is None and Path("closeloop.yaml").exists():
+        file = "closeloop.yaml"
+    if file is not None:
+        p = Path(file)
+        if not p.exists():
+            raise ConfigError("config file", f"{p} does not exist", "pass an existing file or unset CLOSELOOP_CONFIG")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("config file", f"{p} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError("config file", f"{p} must hold a mapping of sections")
+        data = loaded
+    data = _merge(data, _env_overrides(env))
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, dotted, value)
+    return _build(Config, data, "").validate()
