@@ -175,10 +175,37 @@ class DiagnoseConfig:
     min_failures: int = 8
     min_failure_rate: float = 0.2
     window: int = 500                  # conversations per intent kept for rates and evidence
+    alpha: float = 0.001               # one-sided two-proportion test level (rate vs baseline / previous version)
+    min_lift: float = 0.1              # rate - baseline below this is never a finding, however significant
+    min_version_support: int = 15      # conversations under a new prompt/model/agent version before comparing it
+    evidence_size: int = 50            # failing (and as many healthy) conversations kept per intent as evidence
+    min_evidence_share: float = 0.3    # share of failing conversations a pattern must explain
+    adwin_delta: float = 0.002         # river ADWIN confidence on each intent's failure stream
+    emergence_warmup: int = 200        # records seen before an intent counts as new
+    emergence_share: float = 0.05      # share of traffic since first seen that makes a new intent "emerging"
+    reemit_growth: float = 0.25        # re-emit a diagnosis only after failures grew by this fraction
+    latency_ratio: float = 1.5         # failing/healthy latency ratio that counts as a latency finding
+    max_trace_ids: int = 10
 
     def validate(self) -> None:
         if self.min_support < 1:
             raise ConfigError("diagnose.min_support", "must be >= 1")
+        if self.min_failures < 1:
+            raise ConfigError("diagnose.min_failures", "must be >= 1")
+        if self.window < self.min_support:
+            raise ConfigError("diagnose.window", f"must be >= min_support ({self.min_support})")
+        for key in ("min_failure_rate", "alpha", "min_lift", "min_evidence_share", "emergence_share",
+                    "adwin_delta"):
+            v = getattr(self, key)
+            if not 0.0 < v < 1.0:
+                raise ConfigError(f"diagnose.{key}", f"must be within (0, 1), got {v}")
+        for key in ("min_version_support", "evidence_size", "max_trace_ids"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"diagnose.{key}", "must be >= 1")
+        if self.reemit_growth <= 0.0:
+            raise ConfigError("diagnose.reemit_growth", f"must be > 0, got {self.reemit_growth}")
+        if self.latency_ratio <= 1.0:
+            raise ConfigError("diagnose.latency_ratio", f"must be > 1, got {self.latency_ratio}")
 
 
 @dataclass

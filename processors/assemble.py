@@ -1,0 +1,182 @@
+"""Assemble: turn records in, whole conversations out (layer 2's input).
+
+Pure core. The state of one open conversation is a plain dict (it lives in a faust
+table keyed by conversation id, so it must be JSON-serialisable):
+
+    {"turns": {span_id: turn dict}, "first_ns": int, "last_seen_ns": int,
+     "ended_ns": int, "closed_ns": int, "emitted_version": int}
+
+A conversation closes when a span carries the end marker (after a short grace so the
+sibling spans of the last turn still join) or after ``idle_timeout_s`` without a new
+record. A closed conversation lingers in state for ``linger_s`` so a late span reopens
+it and a newer version replaces the row (ReplacingMergeTree on ``version``); after that
+it leaves the state, which keeps the state bounded by the open conversations.
+
+Content records (``span_kind == "content"``: message content from the logs signal) are
+merged into their span by span id, whichever arrives first.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from .config import AssembleConfig
+from .records import Conversation, Message, ToolCall, TurnRecord
+
+END_GRACE_NS = 1_000_000_000      # wait this long after an end marker for sibling spans
+LINGER_NS = 120_000_000_000       # keep a closed conversation this long for late spans
+
+
+def new_state(now_ns: int) -> dict[str, Any]:
+    return {"turns": {}, "first_ns": now_ns, "last_seen_ns": now_ns, "ended_ns": 0,
+            "closed_ns": 0, "emitted_version": 0}
+
+
+def add_turns(state: dict[str, Any] | None, turns: list[TurnRecord], now_ns: int) -> dict[str, Any]:
+    """Fold turn records into a conversation's state (idempotent: keyed by span id)."""
+    st = new_state(now_ns) if state is None else state
+    for t in turns:
+        d = t.to_dict()
+        prev = st["turns"].get(t.span_id)
+        if prev is None:
+            st["turns"][t.span_id] = d
+        else:
+            st["turns"][t.span_id] = _merge_turn(prev, d)
+        if t.end_of_conversation:
+            st["ended_ns"] = now_ns
+    st["last_seen_ns"] = now_ns
+    if st["closed_ns"]:
+        # a late span: reopen; it will close again and replace the row with a newer version
+        st["closed_ns"] = 0
+    return st
+
+
+def _merge_turn(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Merge a span record and a content record of the same span (either order)."""
+    if a.get("span_kind") == "content" and b.get("span_kind") != "content":
+        a, b = b, a
+    out = dict(a)
+    for key in ("input_messages", "output_messages"):
+        if not out.get(key) and b.get(key):
+            out[key] = b[key]
+    for key in ("system_instructions", "prompt_version", "conversation_id"):
+        if not out.get(key) and b.get(key):
+            out[key] = b[key]
+    out["redactions"] = int(a.get("redactions", 0)) + int(b.get("redactions", 0))
+    return out
+
+
+def version_of(state: dict[str, Any]) -> int:
+    """Monotonic version: the number of distinct spans folded in."""
+    return len(state["turns"])
+
+
+def is_due(state: dict[str, Any], now_ns: int, cfg: AssembleConfig) -> str:
+    """'' if the conversation stays open, else why it closes now: 'end' or 'idle'."""
+    if state["closed_ns"] or not state["turns"]:
+        return ""
+    if state["ended_ns"] and now_ns - state["last_seen_ns"] >= END_GRACE_NS:
+        return "end"
+    if now_ns - state["last_seen_ns"] >= int(cfg.idle_timeout_s * 1e9):
+        return "idle"
+    return ""
+
+
+def is_expired(state: dict[str, Any], now_ns: int) -> bool:
+    """A closed conversation past its linger time leaves the state."""
+    return bool(state["closed_ns"]) and now_ns - state["closed_ns"] >= LINGER_NS
+
+
+def close(conversation_id: str, state: dict[str, Any], reason: str, now_ns: int) -> Conversation:
+    """Build the conversation and mark the state closed."""
+    conv = build_conversation(conversation_id, list(state["turns"].values()), reason)
+    state["closed_ns"] = now_ns
+    state["emitted_version"] = conv.version
+    return conv
+
+
+def _messages(raw: list[dict[str, Any]] | None) -> list[Message]:
+    return [Message.from_dict(m) for m in raw or []]
+
+
+def build_conversation(conversation_id: str, turns: list[dict[str, Any]], reason: str) -> Conversation:
+    """Order the spans and derive the transcript: messages de-duplicated across LLM calls
+    (agents resend the history on every call), tool executions placed where they ran."""
+    recs = sorted((TurnRecord.from_dict(t) for t in turns), key=lambda t: (t.start_ns, t.span_id))
+    transcript: list[Message] = []
+    seen: Counter[tuple[str, str]] = Counter()
+    tool_calls: list[ToolCall] = []
+    prompt_versions: Counter[str] = Counter()
+    conv = Conversation(conversation_id=conversation_id, closed_reason=reason, version=len(recs))
+    trace_order: dict[str, None] = {}
+    for t in recs:
+        trace_order.setdefault(t.trace_id, None)
+        if t.status == "error" and t.span_kind in ("llm", "tool"):
+            conv.errors += 1
+        if t.agent_name and not conv.agent_name:
+            conv.agent_name = t.agent_name
+        if t.agent_version:
+            conv.agent_version = t.agent_version
+        if t.span_kind == "tool" and t.tool is not None:
+            tc = t.tool
+            tool_calls.append(tc)
+            transcript.append(Message(role="tool", content=tc.error_message or tc.result,
+                                      trace_id=t.trace_id, span_id=t.span_id, ts_ns=t.start_ns,
+                                      tool_name=tc.name, tool_call_id=tc.call_id,
+                                      tool_arguments=tc.arguments,
+                                      error=tc.error_message or tc.error_type))
+            continue
+        if t.span_kind not in ("llm", "content"):
+            continue
+        if t.span_kind == "llm":
+            conv.llm_calls += 1
+            conv.input_tokens += t.input_tokens
+            conv.output_tokens += t.output_tokens
+            conv.latency_ms += max(0.0, (t.end_ns - t.start_ns) / 1e6)
+            conv.model = t.response_model or t.request_model or conv.model
+        if t.prompt_version:
+            prompt_versions[t.prompt_version] += 1
+        # Append only the occurrences of each (role, content) this call adds to the transcript.
+        inputs = [m for m in _messages(t.input_messages) if m.role in ("user", "assistant") and m.content]
+        need: Counter[tuple[str, str]] = Counter((m.role, m.content) for m in inputs)
+        for m in inputs:
+            key = (m.role, m.content)
+            if need[key] > seen[key]:
+                seen[key] += 1
+                need[key] -= 1
+                transcript.append(Message(role=m.role, content=m.content, trace_id=t.trace_id,
+                                          span_id=t.span_id, ts_ns=t.start_ns))
+            else:
+                need[key] -= 1
+        for m in _messages(t.output_messages):
+            if m.role == "assistant" and (m.content or m.tool_name):
+                if m.content:
+                    seen[(m.role, m.content)] += 1
+                transcript.append(Message(role="assistant", content=m.content, trace_id=t.trace_id,
+                                          span_id=t.span_id, ts_ns=t.end_ns, tool_name=m.tool_name,
+                                          tool_call_id=m.tool_call_id, tool_arguments=m.tool_arguments))
+    transcript.sort(key=lambda m: m.ts_ns)  # stable: keeps call order within one span
+    conv.messages = transcript
+    conv.tool_calls = tool_calls
+    conv.trace_ids = list(trace_order)
+    conv.start_ns = recs[0].start_ns if recs else 0
+    conv.end_ns = max((t.end_ns for t in recs), default=0)
+    conv.prompt_version = prompt_versions.most_common(1)[0][0] if prompt_versions else ""
+    return conv
+
+
+CONVERSATION_COLUMNS = (
+    "conversation_id", "version", "start_ns", "end_ns", "closed_reason", "prompt_version", "model",
+    "agent_name", "agent_version", "trace_ids", "messages", "n_messages", "n_user_turns",
+    "n_tool_calls", "llm_calls", "errors", "input_tokens", "output_tokens", "latency_ms",
+)
+
+
+def conversation_row(c: Conversation) -> list[Any]:
+    """A ``conversations`` row in :data:`CONVERSATION_COLUMNS` order."""
+    msgs = json.dumps([m.to_dict() for m in c.messages], ensure_ascii=False)
+    return [c.conversation_id, c.version, c.start_ns, c.end_ns, c.closed_reason, c.prompt_version,
+            c.model, c.agent_name, c.agent_version, c.trace_ids, msgs, len(c.messages),
+            sum(1 for m in c.messages if m.role == "user"), len(c.tool_calls), c.llm_calls,
+            c.errors, c.input_tokens, c.output_tokens, c.latency_ms]

