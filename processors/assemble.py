@@ -96,10 +96,6 @@ def close(conversation_id: str, state: dict[str, Any], reason: str, now_ns: int)
     return conv
 
 
-def _messages(raw: list[dict[str, Any]] | None) -> list[Message]:
-    return [Message.from_dict(m) for m in raw or []]
-
-
 def build_conversation(conversation_id: str, turns: list[dict[str, Any]], reason: str) -> Conversation:
     """Order the spans and derive the transcript: messages de-duplicated across LLM calls
     (agents resend the history on every call), tool executions placed where they ran."""
@@ -138,7 +134,7 @@ def build_conversation(conversation_id: str, turns: list[dict[str, Any]], reason
         if t.prompt_version:
             prompt_versions[t.prompt_version] += 1
         # Append only the occurrences of each (role, content) this call adds to the transcript.
-        inputs = [m for m in _messages(t.input_messages) if m.role in ("user", "assistant") and m.content]
+        inputs = [m for m in t.input_messages if m.role in ("user", "assistant") and m.content]
         need: Counter[tuple[str, str]] = Counter((m.role, m.content) for m in inputs)
         for m in inputs:
             key = (m.role, m.content)
@@ -149,7 +145,7 @@ def build_conversation(conversation_id: str, turns: list[dict[str, Any]], reason
                                           span_id=t.span_id, ts_ns=t.start_ns))
             else:
                 need[key] -= 1
-        for m in _messages(t.output_messages):
+        for m in t.output_messages:
             if m.role == "assistant" and (m.content or m.tool_name):
                 if m.content:
                     seen[(m.role, m.content)] += 1

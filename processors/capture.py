@@ -55,14 +55,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from .config import CaptureConfig
-from .errors import InputError, PayloadTooLarge
+from .errors import ConfigError, InputError, PayloadTooLarge
 from .otlp import Problem, any_value, decode_logs, decode_traces
 from .records import DeadLetter, Message, ToolCall, TurnRecord
 from .redact import Redactor
@@ -74,6 +74,8 @@ TRUNCATED_MARKER = "…[truncated {} bytes]"
 _UINT32_MAX = 2**32 - 1
 _ZERO_TRACE = bytes(16)
 _ZERO_SPAN = bytes(8)
+_JSON_OPEN = ("{", "[")
+_JSON_CLOSE = ("}", "]")
 _STATUS = {0: "UNSET", 1: "OK", 2: "ERROR"}
 
 _CONVERSATION_KEYS = ("gen_ai.conversation.id", "session.id", "traceloop.association.properties.session_id")
@@ -86,6 +88,7 @@ _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "ai": "assi
 _CONTENT_EVENTS = {"gen_ai.client.inference.operation.details", "gen_ai.content.prompt",
                    "gen_ai.content.completion", "gen_ai.system.message", "gen_ai.user.message",
                    "gen_ai.assistant.message", "gen_ai.tool.message", "gen_ai.choice"}
+_MESSAGE_EXTRA = ("tool_name", "tool_call_id", "tool_arguments", "error")
 _INDEXED = ("gen_ai.prompt.", "gen_ai.completion.", "llm.input_messages.", "llm.output_messages.")
 
 
@@ -134,7 +137,12 @@ class Capture:
     def __init__(self, cfg: CaptureConfig, redactor: Redactor | None = None, *,
                  end_attribute: str = DEFAULT_END_ATTRIBUTE, logs_topic: str = "otlp_logs") -> None:
         self.cfg = cfg
-        self.redactor = redactor if redactor is not None else Redactor(cfg.redact, cfg.extra_patterns)
+        if redactor is None:
+            try:
+                redactor = Redactor(cfg.redact, cfg.extra_patterns)
+            except ValueError as e:
+                raise ConfigError("capture.extra_patterns", str(e)) from None
+        self.redactor = redactor
         self.end_attribute = end_attribute
         self.logs_topic = logs_topic
         self._redact = self.redactor.redact
@@ -364,15 +372,15 @@ class Capture:
     def _messages(self, raw: Any, default_role: str) -> tuple[str, list[Message]]:
         """Normalise a message list (GenAI ``parts``, OpenAI-style ``content``/``tool_calls``, or
         plain text) to Messages; system messages are returned apart as text."""
-        if isinstance(raw, str):
-            raw = [{"role": default_role, "content": raw}] if raw.lstrip()[:1] in "{[" or not _is_ref(raw) else []
-        elif isinstance(raw, dict):
+        if isinstance(raw, (str, dict)):
             raw = [raw]
         elif not isinstance(raw, list):
             return "", []
         system: list[str] = []
         out: list[Message] = []
         for m in raw:
+            if isinstance(m, str) and m and not _is_ref(m):
+                m = {"role": default_role, "content": m}
             if not isinstance(m, dict):
                 continue
             if isinstance(m.get("message"), dict):          # an OpenAI choice / gen_ai.choice body
@@ -505,15 +513,20 @@ class Capture:
             w = v.WhichOneof("value")
             if w == "string_value":
                 s = v.string_value
-                if s[:1] in "{[" and s[-1:] in "}]":
+                if s[:1] in _JSON_OPEN and s[-1:] in _JSON_CLOSE:
                     strs[key], vals[key] = self._json_text(s)
                 else:
                     s, n = self._redact(s)
                     self._red += n
                     strs[key] = vals[key] = s
-            elif w == "int_value" or w == "bool_value" or w == "double_value":
-                x = any_value(v)
-                vals[key] = x
+            elif w == "int_value":
+                x = vals[key] = v.int_value
+                strs[key] = str(x)
+            elif w == "bool_value":
+                x = vals[key] = v.bool_value
+                strs[key] = "true" if x else "false"
+            elif w == "double_value":
+                x = vals[key] = any_value(v)
                 strs[key] = json.dumps(x)
             elif w is None:
                 vals[key] = None
@@ -526,7 +539,7 @@ class Capture:
 
     def _text(self, s: str) -> str:
         """Redacted plain text (JSON text is redacted leaf by leaf)."""
-        if s[:1] in "{[" and s[-1:] in "}]":
+        if s[:1] in _JSON_OPEN and s[-1:] in _JSON_CLOSE:
             return self._json_text(s)[0]
         s, n = self._redact(s)
         self._red += n
@@ -755,9 +768,7 @@ def _as_list(x: Any) -> list[Any]:
         return x
     if isinstance(x, dict):
         return [x]
-    if isinstance(x, str) and x and not _is_ref(x):
-        return [x]
-    return []
+    return [x] if isinstance(x, str) and x else []
 
 
 def _is_ref(s: str) -> bool:
@@ -798,9 +809,16 @@ def _hash_version(system: str) -> str:
 
 
 def _message_json(messages: list[Message]) -> str:
-    """Messages as a JSON array, empty fields left out."""
-    return json.dumps([{k: v for k, v in asdict(m).items() if v or k in ("role", "content")}
-                       for m in messages], ensure_ascii=False)
+    """Messages as a JSON array; the row has the trace and span id, empty fields are left out."""
+    out = []
+    for m in messages:
+        d: dict[str, Any] = {"role": m.role, "content": m.content, "ts_ns": m.ts_ns}
+        for k in _MESSAGE_EXTRA:
+            v = getattr(m, k)
+            if v:
+                d[k] = v
+        out.append(d)
+    return json.dumps(out, ensure_ascii=False)
 
 
 def _turn_row(t: TurnRecord) -> dict[str, Any]:

@@ -137,6 +137,7 @@ class CaptureConfig:
     extra_patterns: list[str] = field(default_factory=list)   # additional regexes to redact
     max_attribute_bytes: int = 64 * 1024                       # longer values are truncated (and counted)
     max_spans_per_request: int = 100_000
+    max_message_bytes: int = 64 * 1024 * 1024                  # larger Kafka messages are dead-lettered
 
     def validate(self) -> None:
         known = {"secrets", "emails", "cards", "phones"}
@@ -184,7 +185,7 @@ class DiagnoseConfig:
     emergence_warmup: int = 200        # records seen before an intent counts as new
     emergence_share: float = 0.05      # share of traffic since first seen that makes a new intent "emerging"
     reemit_growth: float = 0.25        # re-emit a diagnosis only after failures grew by this fraction
-    latency_ratio: float = 1.5         # failing/healthy latency ratio that counts as a latency finding
+    latency_ratio: float = 1.5         # failing/healthy latency per model call that counts as a finding
     max_trace_ids: int = 10
 
     def validate(self) -> None:

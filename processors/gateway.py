@@ -4,17 +4,17 @@ It stands in for otelcol-contrib with ``collector-config.yaml`` (``kafka`` expor
 ``encoding: otlp_proto``, ``partition_traces_by_id`` / ``partition_logs_by_trace_id``), so the
 records it writes are those the collector writes and the processors cannot tell them apart:
 
-- value: an ``ExportTraceServiceRequest`` / ``ExportLogsServiceRequest`` protobuf (OTLP/JSON input
-  is converted, hex ids included), one message per (resource, scope, trace id) — the collector's
-  ``batchpersignal.SplitTraces`` grouping;
+- value: an ``ExportTraceServiceRequest`` / ``ExportLogsServiceRequest`` protobuf (OTLP/JSON
+  input is converted, hex ids included), one message per (resource, scope, trace id), the
+  collector's ``batchpersignal.SplitTraces`` grouping;
 - key: the trace id as 32 lowercase hex characters (the collector's
-  ``[]byte(traceutil.TraceIDToHexOrEmptyString(id))``, not the 16 raw bytes); log records without
-  a trace id get no key.
+  ``[]byte(traceutil.TraceIDToHexOrEmptyString(id))``, not the 16 raw bytes); log records
+  without a trace id get no key.
 
 A request is answered only once the broker acknowledged every one of its messages (idempotent
-producer, ``acks=all``). When the broker is slow or down, or the in-flight budget is used up, the
-answer is gRPC ``UNAVAILABLE`` / HTTP 503 with a retry delay, so OTel SDKs retry: nothing is
-accepted and then dropped. A retried request whose first attempt was partly written can be written
+producer, ``acks=all``). When the broker is slow or down, or the in-flight budget is used up,
+the answer is gRPC ``UNAVAILABLE`` / HTTP 503 with a retry delay, so OTel SDKs retry: nothing is
+accepted and then dropped. A retried request whose first attempt was partly written is written
 twice (at least once); downstream stages are idempotent by span id.
 
 Run it as a process: ``python -m processors.gateway --bootstrap HOST:PORT [--config FILE]``.
@@ -23,23 +23,22 @@ from __future__ import annotations
 
 import argparse
 import base64
-import binascii
 import functools
 import json
 import logging
 import signal
 import threading
+import time
 import zlib
 from collections import Counter
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 import grpc
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 from google.protobuf import json_format
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError, Message
@@ -48,7 +47,7 @@ from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from .config import Config, load_config
-from .errors import BrokerError, InputError, PayloadTooLarge
+from .errors import BrokerError, ConfigError, InputError, PayloadTooLarge
 
 log = logging.getLogger("closeloop.gateway")
 
@@ -60,6 +59,7 @@ RETRY_AFTER_S = 2               # delay suggested to clients on 503 / UNAVAILABL
 GRPC_WORKERS = 16               # concurrent Export calls; each may wait up to ack_timeout_s
 POLL_INTERVAL_S = 0.05          # producer poll loop: delivery callbacks run on this thread
 MESSAGE_OVERHEAD_BYTES = 1 << 20   # producer message.max.bytes = max_request_bytes + this
+LIBRDKAFKA_LOG_PERIOD_S = 60.0  # one librdkafka line per facility per period (see _OncePerFacility)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +68,7 @@ MESSAGE_OVERHEAD_BYTES = 1 << 20   # producer message.max.bytes = max_request_by
 
 @dataclass(frozen=True)
 class Signal:
-    """Field names and message types of one OTLP signal, so traces and logs share one code path."""
+    """Field names and message types of one OTLP signal, so traces and logs share one path."""
 
     name: str                      # "traces" | "logs"
     path: str                      # HTTP path
@@ -77,27 +77,27 @@ class Signal:
     resources: str                 # resource_spans | resource_logs
     scopes: str                    # scope_spans | scope_logs
     items: str                     # spans | log_records
-    item_label: str                # for messages and stats
     partial: str                   # partial_success field holding the rejected count
     ids_required: bool             # spans must have ids; log records may have none
-    json_ids: tuple[tuple[str, ...], ...]   # item fields holding ids, hex in JSON (path from the item)
+    id_fields: tuple[tuple[str, ...], ...]   # item fields holding ids (hex in OTLP/JSON)
 
 
 TRACES = Signal(
     name="traces", path="/v1/traces",
     request=trace_service_pb2.ExportTraceServiceRequest,
     response=trace_service_pb2.ExportTraceServiceResponse,
-    resources="resource_spans", scopes="scope_spans", items="spans", item_label="spans",
+    resources="resource_spans", scopes="scope_spans", items="spans",
     partial="rejected_spans", ids_required=True,
-    json_ids=(("trace_id",), ("span_id",), ("parent_span_id",), ("links", "trace_id"), ("links", "span_id")),
+    id_fields=(("trace_id",), ("span_id",), ("parent_span_id",),
+               ("links", "trace_id"), ("links", "span_id")),
 )
 LOGS = Signal(
     name="logs", path="/v1/logs",
     request=logs_service_pb2.ExportLogsServiceRequest,
     response=logs_service_pb2.ExportLogsServiceResponse,
-    resources="resource_logs", scopes="scope_logs", items="log_records", item_label="log_records",
+    resources="resource_logs", scopes="scope_logs", items="log_records",
     partial="rejected_log_records", ids_required=False,
-    json_ids=(("trace_id",), ("span_id",)),
+    id_fields=(("trace_id",), ("span_id",)),
 )
 SIGNALS = {s.path: s for s in (TRACES, LOGS)}
 
@@ -140,15 +140,17 @@ def _id_problem(item: Any, sig: Signal) -> str:
 
 
 def split_request(req: Message, sig: Signal) -> Split:
-    """One message per (resource, scope, trace id), keyed by the hex trace id; invalid items rejected.
+    """One message per (resource, scope, trace id), keyed by the hex trace id.
 
-    This is the collector's grouping (``batchpersignal.SplitTraces``/``SplitLogs``): a trace whose
-    spans come from two scopes gives two messages with the same key, in the order of the input.
+    This is the collector's grouping (``batchpersignal.SplitTraces``/``SplitLogs``): a trace
+    whose spans come from two scopes gives two messages with the same key, in input order.
+    Items with invalid ids are left out and counted for the partial-success answer.
 
     >>> from opentelemetry.proto.trace.v1.trace_pb2 import Span
     >>> req = TRACES.request()
     >>> ss = req.resource_spans.add().scope_spans.add()
-    >>> ss.spans.extend([Span(trace_id=b"\\x01" * 16, span_id=b"\\x02" * 8), Span(trace_id=b"bad")])
+    >>> ss.spans.extend([Span(trace_id=b"\\x01" * 16, span_id=b"\\x02" * 8),
+    ...                  Span(trace_id=b"bad")])
     >>> s = split_request(req, TRACES)
     >>> [k for k, _ in s.messages], s.accepted, s.rejected
     ([b'01010101010101010101010101010101'], 1, 1)
@@ -177,9 +179,10 @@ def split_request(req: Message, sig: Signal) -> Split:
                     out_ss.scope.CopyFrom(ss.scope)
                 out_ss.schema_url = ss.schema_url
                 getattr(out_ss, sig.items).extend(items)
-                messages.append((trace_id.hex().encode() if trace_id else None, out.SerializeToString()))
+                key = trace_id.hex().encode() if trace_id else None
+                messages.append((key, out.SerializeToString()))
                 accepted += len(items)
-    error = f"{rejected} {sig.item_label} rejected: {first_problem}" if rejected else ""
+    error = f"{rejected} {sig.items} rejected: {first_problem}" if rejected else ""
     return Split(messages, accepted, rejected, error)
 
 
@@ -210,27 +213,41 @@ def decode_body(body: bytes, content_encoding: str, limit: int) -> bytes:
     return out
 
 
-def _hex_to_b64(value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        raise InputError(f"{where} must be a hex string, got {type(value).__name__}", stage="gateway")
-    try:
-        return base64.b64encode(bytes.fromhex(value)).decode()
-    except ValueError:
-        raise InputError(f"{where} is not hex: {value[:40]!r}", stage="gateway") from None
-
-
 def _camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(p.title() for p in rest)
 
 
 def _each(node: dict[str, Any], snake: str) -> Iterator[Any]:
-    """Children under a field given in lowerCamelCase (the spec) or snake_case (also accepted)."""
+    """Children under a field named in lowerCamelCase (the spec) or snake_case (accepted too)."""
     for key in (_camel(snake), snake):
         value = node.get(key)
         if isinstance(value, list):
             yield from value
             return
+
+
+def _hex_to_b64(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise InputError(f"{where} must be a hex string, got {type(value).__name__}",
+                         stage="gateway")
+    try:
+        return base64.b64encode(bytes.fromhex(value)).decode()
+    except ValueError:
+        raise InputError(f"{where} is not hex: {value[:40]!r}", stage="gateway") from None
+
+
+def _ids_to_b64(item: dict[str, Any], sig: Signal, where: str) -> None:
+    """OTLP/JSON ids are hex; proto3 JSON (json_format) wants base64 for bytes fields."""
+    for *parents, leaf in sig.id_fields:
+        nodes = [(item, where)]
+        if parents:          # e.g. links[].trace_id
+            nodes = [(c, f"{where}.{parents[0]}[{j}]")
+                     for j, c in enumerate(_each(item, parents[0])) if isinstance(c, dict)]
+        for node, at in nodes:
+            for key in (_camel(leaf), leaf):
+                if key in node:
+                    node[key] = _hex_to_b64(node[key], f"{at}.{key}")
 
 
 def parse_json(body: bytes, sig: Signal) -> Message:
@@ -240,40 +257,30 @@ def parse_json(body: bytes, sig: Signal) -> Message:
     except (UnicodeDecodeError, ValueError) as e:
         raise InputError(f"body is not JSON: {e}", stage="gateway") from None
     if not isinstance(doc, dict):
-        raise InputError(f"OTLP/JSON body must be an object, got {type(doc).__name__}", stage="gateway")
+        raise InputError(f"OTLP/JSON body must be an object, got {type(doc).__name__}",
+                         stage="gateway")
     for rs in _each(doc, sig.resources):
         for ss in _each(rs, sig.scopes) if isinstance(rs, dict) else ():
             for i, item in enumerate(_each(ss, sig.items) if isinstance(ss, dict) else ()):
                 if isinstance(item, dict):
-                    _ids_to_b64(item, sig.json_ids, f"{sig.items}[{i}]")
+                    _ids_to_b64(item, sig, f"{_camel(sig.items)}[{i}]")
     try:
         return json_format.ParseDict(doc, sig.request(), ignore_unknown_fields=True)
     except json_format.ParseError as e:
-        raise InputError(f"body is not an OTLP/JSON {sig.request.__name__}: {e}", stage="gateway") from None
-
-
-def _ids_to_b64(item: dict[str, Any], id_paths: tuple[tuple[str, ...], ...], where: str) -> None:
-    for path in id_paths:
-        *parents, leaf = path
-        nodes = [(item, where)]
-        if parents:          # e.g. links[].trace_id
-            nodes = [(c, f"{where}.{parents[0]}[{j}]") for j, c in enumerate(_each(item, parents[0]))
-                     if isinstance(c, dict)]
-        for node, at in nodes:
-            for key in (_camel(leaf), leaf):
-                if key in node:
-                    node[key] = _hex_to_b64(node[key], f"{at}.{key}")
+        raise InputError(f"body is not an OTLP/JSON {sig.request.__name__}: {e}",
+                         stage="gateway") from None
 
 
 def parse_body(body: bytes, content_type: str, sig: Signal) -> Message:
-    """Parse a decoded OTLP/HTTP body of the given media type into the signal's request message."""
+    """Parse a decoded OTLP/HTTP body of the given media type into the signal's request."""
     if content_type == JSON:
         return parse_json(body, sig)
     req = sig.request()
     try:
         req.ParseFromString(body)
     except DecodeError as e:
-        raise InputError(f"body is not a protobuf {sig.request.__name__}: {e}", stage="gateway") from None
+        raise InputError(f"body is not a protobuf {sig.request.__name__}: {e}",
+                         stage="gateway") from None
     return req
 
 
@@ -282,7 +289,39 @@ def parse_body(body: bytes, content_type: str, sig: Signal) -> Message:
 # ---------------------------------------------------------------------------------------------
 
 class Unavailable(BrokerError):
-    """The broker did not acknowledge in time or the in-flight budget is full: the client should retry."""
+    """No acknowledgement in time, or the in-flight budget is full: the client should retry."""
+
+
+# Delivery errors after which a retry can succeed (besides those librdkafka marks retriable).
+_RETRYABLE = frozenset({KafkaError._MSG_TIMED_OUT, KafkaError._TRANSPORT,
+                        KafkaError._ALL_BROKERS_DOWN, KafkaError._PURGE_QUEUE,
+                        KafkaError._PURGE_INFLIGHT})
+
+
+class _OncePerFacility(logging.Filter):
+    """librdkafka repeats the same complaint on every reconnect (each second while a broker is
+    down): keep one line per facility (FAIL, ERROR, ...) per period; the gateway's own health
+    log (one line per transition) says the rest."""
+
+    def __init__(self, period_s: float) -> None:
+        super().__init__()
+        self.period_s = period_s
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        facility = str(record.msg).split(" ", 1)[0]
+        now = time.monotonic()
+        if now - self._last.get(facility, -self.period_s) < self.period_s:
+            return False
+        self._last[facility] = now
+        return True
+
+
+@functools.cache
+def _librdkafka_logger() -> logging.Logger:
+    logger = logging.getLogger("closeloop.gateway.kafka")
+    logger.addFilter(_OncePerFacility(LIBRDKAFKA_LOG_PERIOD_S))
+    return logger
 
 
 @dataclass
@@ -292,6 +331,10 @@ class _Pending:
     remaining: int
     done: threading.Event = field(default_factory=threading.Event)
     error: KafkaError | None = None
+
+
+def _size(messages: list[tuple[bytes | None, bytes]]) -> int:
+    return sum(len(v) + len(k or b"") for k, v in messages)
 
 
 class KafkaSink:
@@ -317,17 +360,18 @@ class KafkaSink:
             "message.max.bytes": max_message_bytes,
             "queue.buffering.max.kbytes": min(2**31 - 1, max(1, max_inflight_bytes // 1024)),
             "queue.buffering.max.messages": 1_000_000,
-            "reconnect.backoff.max.ms": 1000,   # loopback/LAN broker: come back fast after a restart
+            "reconnect.backoff.max.ms": 1000,   # local broker: come back fast after a restart
             "error_cb": self._on_error,
-            "logger": logging.getLogger("closeloop.gateway.kafka"),   # librdkafka logs, not raw stderr
+            "logger": _librdkafka_logger(),     # through logging, not raw stderr
         }
         self._producer = Producer(self._conf)
-        self._lock = threading.Lock()        # guards _inflight and swapping the producer
+        self._lock = threading.Lock()           # guards _inflight and swapping the producer
         self._inflight = 0
         self._fatal = threading.Event()
         self._stop = threading.Event()
         self._healthy = True
-        self._thread = threading.Thread(target=self._poll_loop, name="gateway-kafka-poll", daemon=True)
+        self._thread = threading.Thread(target=self._poll_loop, name="gateway-kafka-poll",
+                                        daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -337,48 +381,50 @@ class KafkaSink:
         return self._inflight
 
     def send(self, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
-        """Produce and wait for every acknowledgement; raise :class:`Unavailable` or :class:`BrokerError`."""
+        """Produce, then wait for every acknowledgement.
+
+        Raises :class:`Unavailable` (retry later) or :class:`BrokerError` (the broker refused).
+        """
         if not messages:
             return
-        size = sum(len(v) + len(k or b"") for k, v in messages)
+        size = _size(messages)
         pending = _Pending(remaining=len(messages))
         with self._lock:
             # an idle gateway admits any request, so one larger than the budget cannot starve
             if self._inflight and self._inflight + size > self.max_inflight_bytes:
-                raise Unavailable(f"gateway buffer full ({self._inflight} bytes waiting for the broker)")
+                raise Unavailable(f"gateway buffer full ({self._inflight} bytes waiting "
+                                  "for the broker)")
             self._inflight += size
-            producer = self._producer
             for i, (key, value) in enumerate(messages):
                 cb = functools.partial(self._on_delivery, pending, len(value) + len(key or b""))
                 try:
-                    producer.produce(topic, value=value, key=key, on_delivery=cb)
+                    self._producer.produce(topic, value=value, key=key, on_delivery=cb)
                 except BufferError:
                     self._abandon(pending, messages[i:])
                     raise Unavailable("producer queue full") from None
-                except Exception as e:     # KafkaException: message too large, unknown topic...
+                except KafkaException as e:     # message too large, unknown topic...
                     self._abandon(pending, messages[i:])
                     raise BrokerError(f"cannot produce to {topic}: {e}") from e
         if not pending.done.wait(self.ack_timeout_s + 1.0):
-            self._mark(False, f"no acknowledgement from {self.bootstrap} within {self.ack_timeout_s:g}s")
+            self._mark(False, f"no acknowledgement within {self.ack_timeout_s:g}s")
             raise Unavailable(f"broker did not acknowledge within {self.ack_timeout_s:g}s")
         err = pending.error
+        self._mark(err is None, err.str() if err else "")
         if err is None:
-            self._mark(True, "")
             return
-        self._mark(False, err.str())
-        if err.retriable() or err.code() in (KafkaError._MSG_TIMED_OUT, KafkaError._TRANSPORT,
-                                             KafkaError._PURGE_QUEUE, KafkaError._ALL_BROKERS_DOWN):
+        if err.retriable() or err.code() in _RETRYABLE:
             raise Unavailable(f"broker did not acknowledge: {err.str()}")
         raise BrokerError(f"broker refused the write to {topic}: {err.str()}")
 
     def _abandon(self, pending: _Pending, unsent: list[tuple[bytes | None, bytes]]) -> None:
-        """Release the budget of messages that were never handed to the producer (lock held)."""
-        self._inflight -= sum(len(v) + len(k or b"") for k, v in unsent)
+        """Release the budget of messages never handed to the producer (lock held)."""
+        self._inflight -= _size(unsent)
         pending.remaining -= len(unsent)
         if pending.remaining == 0:
             pending.done.set()
 
-    def _on_delivery(self, pending: _Pending, nbytes: int, err: KafkaError | None, _msg: Any) -> None:
+    def _on_delivery(self, pending: _Pending, nbytes: int, err: KafkaError | None,
+                     _msg: Any) -> None:
         with self._lock:
             self._inflight -= nbytes
             if err is not None and pending.error is None:
@@ -389,7 +435,7 @@ class KafkaSink:
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
-            log.error("kafka producer fatal error, recreating it: %s", err.str())
+            log.error("kafka producer fatal error, replacing the producer: %s", err.str())
             self._fatal.set()
         else:
             log.debug("kafka producer: %s", err.str())
@@ -401,21 +447,25 @@ class KafkaSink:
             if ok:
                 log.info("broker %s acknowledges writes again", self.bootstrap)
             else:
-                log.warning("broker %s unavailable, answering 503/UNAVAILABLE: %s", self.bootstrap, why)
+                log.warning("broker %s unavailable, answering 503/UNAVAILABLE: %s",
+                            self.bootstrap, why)
 
     def _poll_loop(self) -> None:
         while not self._stop.is_set():
             if self._fatal.is_set():
                 self._replace_producer()
-            self._producer.poll(POLL_INTERVAL_S)
+            try:
+                self._producer.poll(POLL_INTERVAL_S)
+            except KafkaException as e:     # fatal errors are raised here too, e.g. from a new
+                self._on_error(e.args[0])   # broker that does not know our idempotent producer id
 
     def _replace_producer(self) -> None:
-        """A fatal producer error (e.g. the idempotence state was lost) needs a new producer."""
+        """After a fatal error (idempotence state lost) only a new producer can write again."""
         with self._lock:
             old, self._producer = self._producer, Producer(self._conf)
             self._fatal.clear()
         old.purge()
-        old.poll(0)        # delivery reports with _PURGE_QUEUE: waiting requests answer 503
+        old.flush(1.0)     # serves the _PURGE_* reports: waiting requests answer 503, budget freed
 
     def close(self, timeout_s: float) -> None:
         """Stop the poll thread, then flush what is queued (within ``timeout_s``)."""
@@ -431,14 +481,15 @@ class KafkaSink:
 # The two front doors, and the Gateway that owns them.
 # ---------------------------------------------------------------------------------------------
 
-class _Outcome:
-    OK, BAD, TOO_LARGE, UNAVAILABLE, FAILED = "ok", "bad_request", "too_large", "unavailable", "failed"
+OK, BAD_REQUEST, TOO_LARGE, UNAVAILABLE, FAILED = (
+    "ok", "bad_request", "too_large", "unavailable", "failed")   # outcome_* counters
 
 
 class Gateway:
-    """The OTLP gateway: gRPC on ``cfg.otlp.grpc_port``, HTTP on ``cfg.otlp.http_port``, Kafka out.
+    """The OTLP gateway: gRPC on ``cfg.otlp.grpc_port``, HTTP on ``cfg.otlp.http_port``.
 
-    >>> # with Gateway(cfg, "127.0.0.1:9092") as gw: print(gw.grpc_port, gw.http_port, gw.stats())
+    Port 0 picks a free port; ``grpc_port`` / ``http_port`` hold the bound ports after
+    :meth:`start`. Usable as a context manager.
     """
 
     def __init__(self, cfg: Config, bootstrap: str) -> None:
@@ -452,39 +503,41 @@ class Gateway:
         self._sink: KafkaSink | None = None
         self._grpc: grpc.Server | None = None
         self._http: ThreadingHTTPServer | None = None
-        self._http_thread: threading.Thread | None = None
 
     # -- lifecycle --
 
     def start(self) -> None:
         o = self.cfg.otlp
         self._sink = KafkaSink(self.bootstrap, client_id=f"{self.cfg.kafka.client_id}-gateway",
-                               max_inflight_bytes=o.max_inflight_bytes, ack_timeout_s=o.ack_timeout_s,
+                               max_inflight_bytes=o.max_inflight_bytes,
+                               ack_timeout_s=o.ack_timeout_s,
                                max_message_bytes=o.max_request_bytes + MESSAGE_OVERHEAD_BYTES)
-        self._sink.start()
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS, thread_name_prefix="gateway-grpc"),
-            # grpc itself answers RESOURCE_EXHAUSTED above this (decompressed) size
-            options=[("grpc.max_receive_message_length", o.max_request_bytes)])
+            # grpc itself answers RESOURCE_EXHAUSTED above this (decompressed) size; no
+            # SO_REUSEPORT, so a second gateway on the same port fails instead of sharing it
+            options=[("grpc.max_receive_message_length", o.max_request_bytes),
+                     ("grpc.so_reuseport", 0)])
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), self._grpc)
         logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_LogsService(self), self._grpc)
-        port = self._grpc.add_insecure_port(f"{o.host}:{o.grpc_port}")
-        if port == 0:
-            self._sink.close(0)
-            raise BrokerError(f"cannot bind OTLP/gRPC on {o.host}:{o.grpc_port}: the port is taken; "
-                              "choose another with otlp.grpc_port (CLOSELOOP_OTLP_GRPC_PORT)")
-        self.grpc_port = port
+        try:
+            self.grpc_port = self._grpc.add_insecure_port(f"{o.host}:{o.grpc_port}")
+        except RuntimeError:       # grpcio >= 1.5x raises instead of returning 0
+            self.grpc_port = 0
+        if self.grpc_port == 0:
+            raise ConfigError("otlp.grpc_port", f"cannot listen on {o.host}:{o.grpc_port}",
+                              "choose a free port (CLOSELOOP_OTLP_GRPC_PORT), or 0 for any")
         try:
             self._http = _HTTPServer((o.host, o.http_port), _make_handler(self))
         except OSError as e:
-            self._sink.close(0)
-            raise BrokerError(f"cannot bind OTLP/HTTP on {o.host}:{o.http_port}: {e}; choose another "
-                              "with otlp.http_port (CLOSELOOP_OTLP_HTTP_PORT)") from None
+            self._grpc.stop(0)
+            raise ConfigError("otlp.http_port", f"cannot listen on {o.host}:{o.http_port}: {e}",
+                              "choose a free port (CLOSELOOP_OTLP_HTTP_PORT), or 0 for any",
+                              ) from None
         self.http_port = self._http.server_address[1]
+        self._sink.start()
         self._grpc.start()
-        self._http_thread = threading.Thread(target=self._http.serve_forever, name="gateway-http",
-                                             daemon=True)
-        self._http_thread.start()
+        threading.Thread(target=self._http.serve_forever, name="gateway-http", daemon=True).start()
         log.info("OTLP gateway: gRPC %s:%d, HTTP http://%s:%d -> kafka %s (topics %s, %s)",
                  o.host, self.grpc_port, o.host, self.http_port, self.bootstrap,
                  self._topics["traces"], self._topics["logs"])
@@ -493,16 +546,15 @@ class Gateway:
         """Stop accepting, let running requests finish (within ``grace_s``), flush the producer."""
         if self._http is not None:
             self._http.shutdown()
+            self._http.server_close()
         if self._grpc is not None:
             self._grpc.stop(grace_s).wait(grace_s)
         if self._sink is not None:
             self._sink.close(grace_s)
-        if self._http is not None:
-            self._http.server_close()
+            log.info("OTLP gateway stopped: %s", self.stats())
         self._http = self._grpc = self._sink = None
-        log.info("OTLP gateway stopped: %s", dict(self.stats()))
 
-    def __enter__(self) -> Gateway:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -510,81 +562,89 @@ class Gateway:
         self.stop()
 
     def stats(self) -> dict[str, int]:
-        """Counters (requests, spans, log_records, rejected_*, messages, outcome_*) and inflight_bytes."""
+        """Counters: ``{traces,logs}_requests``, ``spans``, ``log_records``, ``rejected_*``,
+        ``messages``, ``outcome_*`` per answer kind; and the ``inflight_bytes`` gauge."""
         with self._stats_lock:
             out = dict(self._stats)
         out["inflight_bytes"] = self._sink.inflight_bytes if self._sink is not None else 0
         return out
 
-    # -- the shared path of both transports --
+    # -- the path both transports share --
 
-    def _count(self, **deltas: int) -> None:
+    def _count(self, deltas: dict[str, int]) -> None:
         with self._stats_lock:
             self._stats.update(deltas)
 
+    def outcome(self, kind: str) -> None:
+        self._count({f"outcome_{kind}": 1})
+
     def export(self, req: Message, sig: Signal) -> Message:
         """Split, write, wait for the acks; return the Export response (partial success inside)."""
+        if self._sink is None:
+            raise BrokerError("the gateway is not started")
         split = split_request(req, sig)
         if split.rejected:
             log.info("%s: %s", sig.name, split.error)
-        assert self._sink is not None, "Gateway.start() was not called"
         self._sink.send(self._topics[sig.name], split.messages)
-        self._count(**{f"{sig.name}_requests": 1, sig.item_label: split.accepted,
-                       f"rejected_{sig.item_label}": split.rejected, "messages": len(split.messages)})
+        self._count({f"{sig.name}_requests": 1, sig.items: split.accepted,
+                     f"rejected_{sig.items}": split.rejected, "messages": len(split.messages)})
         return split.response(sig)
 
-    def outcome(self, kind: str) -> None:
-        self._count(**{f"outcome_{kind}": 1})
 
-
-def _grpc_export(gw: Gateway, sig: Signal, request: Message, context: grpc.ServicerContext) -> Message:
+def _grpc_export(gw: Gateway, sig: Signal, request: Message,
+                 context: grpc.ServicerContext) -> Message:
     try:
         resp = gw.export(request, sig)
     except Unavailable as e:
-        gw.outcome(_Outcome.UNAVAILABLE)
+        gw.outcome(UNAVAILABLE)
         delay = error_details_pb2.RetryInfo(retry_delay=Duration(seconds=RETRY_AFTER_S))
         status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=str(e))
         status.details.add().Pack(delay)
         context.set_trailing_metadata((
-            ("grpc-status-details-bin", status.SerializeToString()),   # the standard place (Go SDK, collector)
-            ("google.rpc.retryinfo-bin", delay.SerializeToString()),   # where the Python SDK looks
+            # the standard place (Go SDK, collector), and where the Python SDK looks
+            ("grpc-status-details-bin", status.SerializeToString()),
+            ("google.rpc.retryinfo-bin", delay.SerializeToString()),
         ))
         context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
     except BrokerError as e:
-        gw.outcome(_Outcome.FAILED)
+        gw.outcome(FAILED)
         log.error("%s export failed: %s", sig.name, e)
         context.abort(grpc.StatusCode.INTERNAL, str(e))
-    gw.outcome(_Outcome.OK)
+    gw.outcome(OK)
     return resp
 
 
 class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self, gw: Gateway) -> None:
-        self.Export = functools.partial(_grpc_export, gw, TRACES)   # type: ignore[method-assign]
+        self.Export = functools.partial(_grpc_export, gw, TRACES)
 
 
 class _LogsService(logs_service_pb2_grpc.LogsServiceServicer):
     def __init__(self, gw: Gateway) -> None:
-        self.Export = functools.partial(_grpc_export, gw, LOGS)     # type: ignore[method-assign]
+        self.Export = functools.partial(_grpc_export, gw, LOGS)
 
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
-    allow_reuse_address = True
     request_queue_size = 128
+
+
+NO_SUCH_PATH = "no such path {}; use /v1/traces or /v1/logs"
 
 
 def _make_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
     limit = gw.cfg.otlp.max_request_bytes
+    too_large_hint = "(otlp.max_request_bytes); send smaller batches"
 
     class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"          # keep-alive: SDK exporters reuse their connection
+        protocol_version = "HTTP/1.1"          # keep-alive: SDK exporters reuse connections
         server_version = "closeloop-gateway"
 
-        def log_message(self, format: str, *args: Any) -> None:   # noqa: A002 - stdlib signature
+        def log_message(self, format: str, *args: Any) -> None:
             log.debug("http %s " + format, self.client_address[0], *args)
 
-        def _reply(self, code: int, body: bytes, ctype: str, headers: dict[str, str] | None = None) -> None:
+        def _reply(self, code: int, body: bytes, ctype: str,
+                   headers: dict[str, str] | None = None) -> None:
             self.send_response(code)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
@@ -597,12 +657,13 @@ def _make_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
 
         def _status(self, code: int, rpc_code: int, message: str, ctype: str,
                     headers: dict[str, str] | None = None) -> None:
-            """An error answer: a google.rpc.Status in the request's encoding (OTLP/HTTP spec)."""
+            """An error answer: a google.rpc.Status in the request's encoding (OTLP/HTTP)."""
             status = status_pb2.Status(code=rpc_code, message=message)
             if ctype == JSON:
-                self._reply(code, json_format.MessageToJson(status, indent=None).encode(), JSON, headers)
+                body = json_format.MessageToJson(status, indent=None).encode()
             else:
-                self._reply(code, status.SerializeToString(), PROTOBUF, headers)
+                body = status.SerializeToString()
+            self._reply(code, body, ctype, headers)
 
         def _not_post(self) -> None:
             self.close_connection = True         # a body, if any, was not read
@@ -610,8 +671,7 @@ def _make_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
                 self._status(405, code_pb2.UNIMPLEMENTED, f"{self.command} not allowed; use POST",
                              PROTOBUF, {"Allow": "POST"})
             else:
-                self._status(404, code_pb2.NOT_FOUND, f"no such path {self.path}; use /v1/traces or /v1/logs",
-                             PROTOBUF)
+                self._status(404, code_pb2.NOT_FOUND, NO_SUCH_PATH.format(self.path), PROTOBUF)
 
         do_GET = do_PUT = do_DELETE = do_PATCH = _not_post
 
@@ -619,46 +679,45 @@ def _make_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
             sig = SIGNALS.get(self.path.split("?", 1)[0])
             ctype = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
             reply_ctype = JSON if ctype == JSON else PROTOBUF
-            if sig is None:
-                self.close_connection = True
-                return self._status(404, code_pb2.NOT_FOUND,
-                                    f"no such path {self.path}; use /v1/traces or /v1/logs", reply_ctype)
-            if ctype not in (PROTOBUF, JSON):
-                self.close_connection = True
-                return self._status(415, code_pb2.INVALID_ARGUMENT,
-                                    f"unsupported Content-Type {ctype!r}; use {PROTOBUF} or {JSON}", PROTOBUF)
-            length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                self.close_connection = True
-                return self._status(411, code_pb2.INVALID_ARGUMENT, "Content-Length is required", reply_ctype)
+            length = self.headers.get("Content-Length") or ""
+            if sig is None or ctype not in (PROTOBUF, JSON) or not length.isdigit():
+                self.close_connection = True     # the body is not read
+                if sig is None:
+                    return self._status(404, code_pb2.NOT_FOUND, NO_SUCH_PATH.format(self.path),
+                                        reply_ctype)
+                if ctype not in (PROTOBUF, JSON):
+                    return self._status(415, code_pb2.INVALID_ARGUMENT,
+                                        f"unsupported Content-Type {ctype!r}; "
+                                        f"use {PROTOBUF} or {JSON}", PROTOBUF)
+                return self._status(411, code_pb2.INVALID_ARGUMENT,
+                                    "Content-Length is required", reply_ctype)
             if int(length) > limit:
                 self.close_connection = True
-                gw.outcome(_Outcome.TOO_LARGE)
+                gw.outcome(TOO_LARGE)
                 return self._status(413, code_pb2.RESOURCE_EXHAUSTED,
                                     f"request body is {length} bytes, the limit is {limit} "
-                                    "(otlp.max_request_bytes); send smaller batches", reply_ctype)
+                                    + too_large_hint, reply_ctype)
             raw = self.rfile.read(int(length))
             try:
                 body = decode_body(raw, self.headers.get("Content-Encoding") or "", limit)
-                req = parse_body(body, ctype, sig)
-                resp = gw.export(req, sig)
+                resp = gw.export(parse_body(body, ctype, sig), sig)
             except PayloadTooLarge as e:
-                gw.outcome(_Outcome.TOO_LARGE)
+                gw.outcome(TOO_LARGE)
                 return self._status(413, code_pb2.RESOURCE_EXHAUSTED,
-                                    f"{e.reason} (otlp.max_request_bytes); send smaller batches", reply_ctype)
+                                    f"{e.reason} {too_large_hint}", reply_ctype)
             except InputError as e:
-                gw.outcome(_Outcome.BAD)
+                gw.outcome(BAD_REQUEST)
                 log.info("bad %s request from %s: %s", sig.name, self.client_address[0], e.reason)
                 return self._status(400, code_pb2.INVALID_ARGUMENT, e.reason, reply_ctype)
             except Unavailable as e:
-                gw.outcome(_Outcome.UNAVAILABLE)
+                gw.outcome(UNAVAILABLE)
                 return self._status(503, code_pb2.UNAVAILABLE, str(e), reply_ctype,
                                     {"Retry-After": str(RETRY_AFTER_S)})
             except BrokerError as e:
-                gw.outcome(_Outcome.FAILED)
+                gw.outcome(FAILED)
                 log.error("%s export failed: %s", sig.name, e)
                 return self._status(500, code_pb2.INTERNAL, str(e), reply_ctype)
-            gw.outcome(_Outcome.OK)
+            gw.outcome(OK)
             if reply_ctype == JSON:
                 self._reply(200, json_format.MessageToJson(resp, indent=None).encode(), JSON)
             else:
@@ -672,32 +731,38 @@ def _make_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
 # ---------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m processors.gateway --bootstrap HOST:PORT [--config F] [--grpc-port N] [--http-port N]``."""
+    """``python -m processors.gateway --bootstrap HOST:PORT [--config F] [--grpc-port N] ...``.
+
+    Prints ``gateway ready grpc=HOST:PORT http=HOST:PORT`` once listening; stops on SIGTERM/SIGINT.
+    """
     from .broker import ensure_topics
 
-    p = argparse.ArgumentParser(prog="python -m processors.gateway", description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="closeloop.yaml (default: CLOSELOOP_CONFIG or ./closeloop.yaml)")
+    p = argparse.ArgumentParser(prog="python -m processors.gateway",
+                                description="closeloop's OTLP gateway: OTLP in, Kafka out")
+    p.add_argument("--config", help="closeloop.yaml (default: CLOSELOOP_CONFIG, ./closeloop.yaml)")
     p.add_argument("--bootstrap", help="Kafka bootstrap servers (default: kafka.bootstrap)")
-    p.add_argument("--grpc-port", type=int)
-    p.add_argument("--http-port", type=int)
+    p.add_argument("--grpc-port", type=int, help="OTLP/gRPC port (default: otlp.grpc_port)")
+    p.add_argument("--http-port", type=int, help="OTLP/HTTP port (default: otlp.http_port)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, overrides={"otlp.grpc_port": args.grpc_port,
                                               "otlp.http_port": args.http_port})
     bootstrap = args.bootstrap or cfg.kafka.bootstrap
     if not bootstrap:
-        p.error("no Kafka to write to: pass --bootstrap HOST:PORT or set kafka.bootstrap (CLOSELOOP_KAFKA)")
+        p.error("no Kafka to write to: pass --bootstrap HOST:PORT or set kafka.bootstrap "
+                "(CLOSELOOP_KAFKA)")
     ensure_topics(bootstrap, [cfg.topics.otlp_spans, cfg.topics.otlp_logs], cfg.kafka.partitions)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     gw = Gateway(cfg, bootstrap)
     gw.start()
-    # one parseable line for the supervisor (ports matter when 0 was asked for)
-    print(f"gateway ready grpc={cfg.otlp.host}:{gw.grpc_port} http={cfg.otlp.host}:{gw.http_port}", flush=True)
-    while not stop.wait(3600):
-        pass
+    # one parseable line for the supervisor (the ports matter when 0 was asked for)
+    print(f"gateway ready grpc={cfg.otlp.host}:{gw.grpc_port} http={cfg.otlp.host}:{gw.http_port}",
+          flush=True)
+    stop.wait()
     gw.stop()
 
 

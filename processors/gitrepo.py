@@ -82,15 +82,19 @@ class LocalGit:
         self._git("rev-parse", "--verify", "--quiet", f"refs/heads/{base}^{{commit}}")
 
     # -- plumbing ------------------------------------------------------------------------
-    def _git(self, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None,
-             cwd: Path | None = None, check: bool = True) -> str:
+    def _run(self, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None,
+             cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
         full_env.update({"GIT_AUTHOR_NAME": AUTHOR_NAME, "GIT_AUTHOR_EMAIL": AUTHOR_EMAIL,
                          "GIT_COMMITTER_NAME": AUTHOR_NAME, "GIT_COMMITTER_EMAIL": AUTHOR_EMAIL,
                          "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"})
         full_env.update(env or {})
-        proc = subprocess.run(["git", "-C", str(cwd or self.path), *args], input=stdin,
+        return subprocess.run(["git", "-C", str(cwd or self.path), *args], input=stdin,
                               capture_output=True, env=full_env, check=False)
+
+    def _git(self, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None,
+             cwd: Path | None = None, check: bool = True) -> str:
+        proc = self._run(*args, stdin=stdin, env=env, cwd=cwd)
         if check and proc.returncode != 0:
             raise ActError(f"git {' '.join(args[:3])} failed in {cwd or self.path}: "
                            f"{proc.stderr.decode(errors='replace').strip()}")
@@ -165,9 +169,7 @@ class LocalGit:
         return proposal_state(self._git("log", "-1", "--format=%B", head), state, head)
 
     def _is_merged(self, commit: str) -> bool:
-        return subprocess.run(
-            ["git", "-C", self.repo, "merge-base", "--is-ancestor", commit, f"refs/heads/{self.base}"],
-            capture_output=True, check=False).returncode == 0
+        return self._run("merge-base", "--is-ancestor", commit, f"refs/heads/{self.base}").returncode == 0
 
     def open_or_update(self, fields: dict[str, Any], change: Change) -> tuple[str, str, int, str]:
         """Commit ``change`` on top of the base as the head of ``fields['branch']``."""
@@ -226,8 +228,7 @@ class LocalGit:
                            f"{proposal.commit}; review the current version first")
         base_ref = f"refs/heads/{self.base}"
         base_sha = self._rev(base_ref)
-        res = subprocess.run(["git", "-C", self.repo, "merge-tree", "--write-tree", "--messages",
-                              base_sha, head], capture_output=True, check=False)
+        res = self._run("merge-tree", "--write-tree", base_sha, head)
         if res.returncode != 0:
             raise ActError(f"{proposal.branch} does not merge cleanly into {self.base}: "
                            f"{res.stdout.decode(errors='replace').strip()}")
@@ -255,7 +256,7 @@ class LocalGit:
         if ref in self._checked_out():
             raise ActError(f"{proposal.branch} is checked out; switch away before rejecting it")
         self.comment(proposal, f"Rejected by {reviewer}: {comment}".strip())
-        self._git("update-ref", f"{CLOSED_PREFIX}{proposal.diagnosis_id}", head)
+        self._git("update-ref", CLOSED_PREFIX + proposal.branch[len(BRANCH_PREFIX):], head)
         self._git("update-ref", "-d", ref, head)
 
     def comment(self, proposal: Proposal, text: str) -> None:

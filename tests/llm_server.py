@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 Responder = Callable[[dict[str, Any]], "str | tuple[int, dict[str, Any]]"]
 Embedder = Callable[[list[str]], list[list[float]]]
@@ -62,7 +62,8 @@ class FakeLLMServer:
         self.embedder = embedder
         self.requests: list[Received] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # a short poll interval: shutdown() waits for it, and tests start many servers
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
 
     @property
     def base_url(self) -> str:
@@ -71,7 +72,7 @@ class FakeLLMServer:
     def chat_requests(self) -> list[Received]:
         return [r for r in self.requests if r.path.endswith("/chat/completions")]
 
-    def __enter__(self) -> FakeLLMServer:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -98,7 +99,7 @@ class FakeLLMServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server API)
+            def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 try:
                     body = json.loads(raw or b"{}")

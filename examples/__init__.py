@@ -1,0 +1,1 @@
+"""Example agents that closeloop watches and improves (importable for ``closeloop demo``)."""

@@ -1,0 +1,260 @@
+"""The faust app: every stage's thin agent, wired to its topics. The logic lives in the cores.
+
+    otlp_spans, otlp_logs -> capture   -> spans/turns/tool_calls rows, closeloop.turns
+    closeloop.turns       -> assemble  -> conversations rows, closeloop.conversations
+    closeloop.conversations -> understand -> conversation_tags/intents rows, closeloop.tags
+    closeloop.tags        -> diagnose  -> diagnoses rows, closeloop.diagnoses
+    closeloop.diagnoses   -> act       -> proposals rows, closeloop.proposals
+    (timer)               -> verify    -> outcomes rows (review layer)
+
+Delivery: an agent takes a batch of events, writes ClickHouse (retrying with backoff while
+ClickHouse is down, so offsets never pass unwritten rows), sends its outputs and waits for
+their acknowledgement; only then are the input events acknowledged and their offsets
+committed. Every write is keyed by content, so the redelivery after a crash is harmless.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import socket
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+
+from . import assemble
+from .config import Config
+from .errors import InputError, StoreError
+from .records import DeadLetter, TurnRecord
+from .store import Store
+
+log = logging.getLogger("closeloop.worker")
+
+ALL_STAGES = ("capture", "assemble", "understand", "diagnose", "act", "verify")
+CAPTURE_BATCH = 200          # OTLP requests per take (each holds many spans)
+RECORD_BATCH = 500
+TAKE_WITHIN_S = 0.2
+TICK_INTERVAL_S = 1.0
+STATS_INTERVAL_S = 5.0
+CHECKPOINT_INTERVAL_S = 5.0
+DEADLETTER_MAX_BYTES = 64 * 1024
+
+
+def faust_settings(cfg: Config, bootstrap: str) -> dict[str, Any]:
+    """faust settings that work on tansu and on Kafka (see docs/architecture.md, "tansu")."""
+    return dict(
+        broker=f"kafka://{bootstrap}",
+        store="memory://",
+        web_enabled=False,
+        datadir=str(cfg.home_path / "faust"),
+        # group joins in ~3 s instead of ~23 s
+        broker_session_timeout=6.0,
+        broker_rebalance_timeout=7.0,
+        broker_heartbeat_interval=1.0,
+        broker_commit_interval=1.0,
+        # tansu reports the last batch's first offset + 1 as the end offset; a changelog
+        # written in multi-message batches then restores stale. One message per batch
+        # makes the reported end true. Stages carry many records per message, so the cost is small.
+        producer_max_batch_size=1,
+        producer_linger=0.0,
+        producer_acks=-1,
+        topic_partitions=cfg.kafka.partitions,
+        topic_replication_factor=1,
+        consumer_auto_offset_reset="earliest",
+        table_standby_replicas=0,
+        stream_wait_empty=False,
+    )
+
+
+@dataclass
+class StageCounters:
+    records_in: int = 0
+    records_out: int = 0
+    deadletters: int = 0
+    write_errors: int = 0
+
+
+@dataclass
+class Pipeline:
+    """The worker's shared parts: config, store, cores, counters."""
+
+    cfg: Config
+    store: Store
+    stages: tuple[str, ...] = ALL_STAGES
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    counters: dict[str, StageCounters] = field(default_factory=lambda: defaultdict(StageCounters))
+    pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "store"))
+
+    async def write(self, stage: str, table: str, rows: list[dict[str, Any]]) -> None:
+        """Insert rows, retrying with backoff while ClickHouse fails (never drops, never skips)."""
+        if not rows:
+            return
+        delay = 0.5
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await loop.run_in_executor(self.pool, self.store.insert_records, table, rows)
+                return
+            except StoreError as e:
+                self.counters[stage].write_errors += 1
+                log.warning("%s: writing %d rows to %s failed, retrying in %.1fs: %s",
+                            stage, len(rows), table, delay, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def write_rows(self, stage: str, table: str, columns: tuple[str, ...], rows: list[list[Any]]) -> None:
+        await self.write(stage, table, [dict(zip(columns, r)) for r in rows])
+
+    async def run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+
+def dead_letter(stage: str, reason: str, event: Any, now_ns: int, detail: str = "") -> DeadLetter:
+    msg = event.message
+    value = msg.value or b""
+    return DeadLetter(stage=stage, reason=reason, detail=detail[:2000], topic=msg.topic,
+                      partition=msg.partition, offset=msg.offset,
+                      key=(msg.key or b"").decode("utf-8", "replace")[:200],
+                      original_b64=base64.b64encode(value[:DEADLETTER_MAX_BYTES]).decode(),
+                      ts_ns=now_ns)
+
+
+def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
+    cfg, t = pipe.cfg, pipe.cfg.topics
+    app = faust.App("closeloop", **faust_settings(cfg, bootstrap))
+
+    def topic(*names: str) -> faust.TopicT:
+        return app.topic(*names, key_type=bytes, value_type=bytes,
+                         key_serializer="raw", value_serializer="raw")
+
+    turns_topic = topic(t.turns)
+    conversations_topic = topic(t.conversations)
+    tags_topic = topic(t.tags)
+    diagnoses_topic = topic(t.diagnoses)
+    proposals_topic = topic(t.proposals)
+    deadletter_topic = topic(t.deadletter)
+
+    async def send_all(sends: list[tuple[faust.TopicT, str | None, bytes]]) -> None:
+        """Send and wait for every acknowledgement (at-least-once towards the next stage)."""
+        futs = [await tp.send(key=k.encode() if k is not None else None, value=v) for tp, k, v in sends]
+        for f in futs:
+            await f
+
+    async def send_deadletters(stage: str, dls: list[DeadLetter]) -> None:
+        if not dls:
+            return
+        pipe.counters[stage].deadletters += len(dls)
+        for d in dls:
+            log.warning("%s: dead letter %s/%s@%s: %s %s", stage, d.topic, d.partition, d.offset,
+                        d.reason, d.detail[:200])
+        await pipe.write(stage, "deadletter", [d.to_dict() for d in dls])
+        await send_all([(deadletter_topic, None, d.to_json()) for d in dls])
+
+    # -- capture ---------------------------------------------------------------------------
+    if "capture" in pipe.stages:
+        from .capture import Capture, RawMessage
+
+        capture_core = Capture(cfg.capture)
+
+        @app.agent(topic(t.otlp_spans, t.otlp_logs), name="capture")
+        async def capture_agent(stream: faust.StreamT) -> None:
+            async for events in stream.take_events(CAPTURE_BATCH, within=TAKE_WITHIN_S):
+                now = time.time_ns()
+                raw = [RawMessage(e.message.topic, e.message.partition, e.message.offset,
+                                  e.message.key, e.message.value) for e in events]
+                batch = await pipe.run(capture_core.process, raw, now)
+                pipe.counters["capture"].records_in += len(raw)
+                await pipe.write("capture", "spans", batch.span_rows)
+                await pipe.write("capture", "turns", batch.turn_rows)
+                await pipe.write("capture", "tool_calls", batch.tool_rows)
+                by_conv: dict[str, list[dict[str, Any]]] = defaultdict(list)
+                for tr in batch.turns:
+                    by_conv[tr.conversation_id].append(tr.to_dict())
+                await send_all([(turns_topic, cid, json.dumps(v, ensure_ascii=False).encode())
+                                for cid, v in by_conv.items()])
+                pipe.counters["capture"].records_out += len(batch.turns)
+                await send_deadletters("capture", batch.deadletters)
+
+    # -- assemble --------------------------------------------------------------------------
+    if "assemble" in pipe.stages:
+        # use_partitioner: the changelog partition comes from the key (the same partitioner
+        # that keyed closeloop.turns), so writes work from batches taken off the stream.
+        open_conversations = app.Table("open_conversations", default=None, key_type=str,
+                                       partitions=cfg.kafka.partitions, use_partitioner=True)
+
+        @app.agent(turns_topic, name="assemble")
+        async def assemble_agent(stream: faust.StreamT) -> None:
+            async for events in stream.take_events(RECORD_BATCH, within=TAKE_WITHIN_S):
+                closed = []
+                dls: list[DeadLetter] = []
+                for e in events:
+                    now = time.time_ns()
+                    try:
+                        body = json.loads(e.message.value)
+                        if isinstance(body, dict) and "tick" in body:
+                            closed += _close_due(e.message.partition, int(body["tick"]))
+                            continue
+                        if not isinstance(body, list):
+                            raise InputError("turn message is not a JSON list of turn records")
+                        turns = [TurnRecord.from_dict(d) for d in body]
+                        cid = e.key.decode() if isinstance(e.key, bytes) else str(e.key)
+                    except (ValueError, TypeError, KeyError, InputError) as err:
+                        dls.append(dead_letter("assemble", "undecodable turn record", e, now, str(err)))
+                        continue
+                    state = assemble.add_turns(open_conversations.get(cid), turns, now)
+                    state["p"] = e.message.partition
+                    open_conversations[cid] = state
+                    pipe.counters["assemble"].records_in += len(turns)
+                if closed:
+                    await pipe.write_rows("assemble", "conversations", assemble.CONVERSATION_COLUMNS,
+                                          [assemble.conversation_row(c) for c in closed])
+                    await send_all([(conversations_topic, c.conversation_id, c.to_json()) for c in closed])
+                    pipe.counters["assemble"].records_out += len(closed)
+                await send_deadletters("assemble", dls)
+
+        def _close_due(partition: int, now: int) -> list[Any]:
+            out = []
+            for cid, state in list(open_conversations.items()):
+                if state is None or state.get("p") != partition:
+                    continue
+                reason = assemble.is_due(state, now, cfg.assemble)
+                if reason:
+                    try:
+                        out.append(assemble.close(cid, state, reason, now))
+                    except (ValueError, TypeError, KeyError, AttributeError) as err:
+                        # a state the core cannot build: keep the pipeline going, keep the turns
+                        log.error("assemble: cannot build conversation %s: %r", cid, err)
+                        state["closed_ns"] = now
+                    open_conversations[cid] = state
+                elif assemble.is_expired(state, now):
+                    del open_conversations[cid]
+            return out
+
+        @app.timer(TICK_INTERVAL_S)
+        async def assemble_tick() -> None:
+            # Closing happens inside the stream (table writes need the event's partition):
+            # a tick per partition drives it.
+            value = json.dumps({"tick": time.time_ns()}).encode()
+            for p in range(cfg.kafka.partitions):
+                await turns_topic.send(key=None, value=value, partition=p)
+
+    # -- stage counters --------------------------------------------------------------------
+    @app.timer(STATS_INTERVAL_S)
+    async def write_stats() -> None:
+        now = time.time_ns()
+        rows = [dict(ts_ns=now, worker=pipe.worker_id, stage=s, records_in=c.records_in,
+                     records_out=c.records_out, deadletters=c.deadletters, write_errors=c.write_errors)
+                for s, c in list(pipe.counters.items())]
+        try:
+            await pipe.run(pipe.store.insert_records, "stage_stats", rows)
+        except StoreError as e:  # counters are best effort: the next tick writes them again
+            log.warning("stage stats not written: %s", e)
+
+    app.closeloop_pipeline = pipe  # type: ignore[attr-defined]
+    return app

@@ -1,0 +1,332 @@
+"""Intent names: distinctive keyphrases (class-based TF-IDF), or an LLM given examples.
+
+* :class:`KeyphraseIndex` keeps per-intent term counts online (uni- and bigrams, stop-words
+  removed, bounded), so naming needs no stored corpus.
+* :func:`keyphrases` scores a class's terms against the corpus, c-TF-IDF as in BERTopic:
+  ``tf(t, c) * log(1 + A / f(t))`` with ``A`` the average number of terms per class and
+  ``f(t)`` the term's frequency over all classes.
+* :func:`name_intent` names an intent: with an LLM, a product-specific name and one-sentence
+  description from representative examples; without one (or when its answer is unusable)
+  the top keyphrases, e.g. ``"card arrive"``.
+* :class:`Namer` decides when a name is due again (the intent doubled, merged or split) and
+  flags renames so that the caller versions them.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import LLMError
+from .llm import LLM, UNTRUSTED_RULE, untrusted_block
+
+# Redaction placeholders ("[EMAIL]", "<CARD_NUMBER>") are not words of the intent.
+_PLACEHOLDER = re.compile(r"\[[A-Z][A-Z0-9_]*\]|<[A-Z][A-Z0-9_]*>")
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+_CLAUSE_BREAK = re.compile(r"[.,;:!?()\[\]{}\"\n]+")
+
+_STOP_TEXT = """
+a about above after again against all am an and any are aren't as at be because been before being below
+between both but by can can't cannot could couldn't did didn't do does doesn't doing don't down during each
+few for from further had hadn't has hasn't have haven't having he her here hers herself him himself his how
+i i'd i'll i'm i've if in into is isn't it it's its itself just let's me more most my myself no nor not of
+off on once only or other ought our ours ourselves out over own same she should shouldn't so some such than
+that that's the their theirs them themselves then there there's these they they'd they'll they're they've
+this those through to too under until up very was wasn't we we'd we'll we're we've were weren't what what's
+when when's where where's which while who who's whom why why's will with won't would wouldn't you you'd
+you'll you're you've your yours yourself yourselves
+also already anyone anything get got getting go going hello hey hi help know like make may maybe much
+need needs one ok okay please possible really see still sure tell thank thanks thing things want wanted
+way well yes yet im ive dont cant
+"""
+STOP_WORDS = frozenset(_STOP_TEXT.split())
+
+NAME_MAX_WORDS = 3            # a keyphrase name: the top phrases up to this many words
+NAME_MAX_CHARS = 60
+DESCRIPTION_MAX_CHARS = 240
+LLM_MAX_EXAMPLES = 12
+LLM_MAX_EXAMPLE_CHARS = 300
+
+
+def words(text: str) -> list[str]:
+    """Lower-case word tokens, redaction placeholders removed (stop-words kept)."""
+    return _WORD.findall(_PLACEHOLDER.sub(" ", text).lower().replace("\u2019", "'"))
+
+
+# Particles of phrasal verbs: a stop-word alone, but "top up", "log in", "sign out" name things.
+_PARTICLES = frozenset({"up", "in", "out", "off"})
+
+
+def terms(text: str) -> list[str]:
+    """Uni- and bigrams without stop-words; a bigram joins two adjacent non-stop words only
+    (or a word and its particle), so "waiting on my card" yields no "waiting card".
+
+    >>> terms("Can't log in after the top up")
+    ['log', 'top', 'log in', 'top up']
+    """
+    uni: list[str] = []
+    bi: list[str] = []
+    # bigrams stay within a clause: "my card, sent today" has no "card sent"
+    for clause in _CLAUSE_BREAK.split(_PLACEHOLDER.sub(",", text)):
+        ws = words(clause)
+        keep = [w not in STOP_WORDS and len(w) > 1 and not w.isdigit() for w in ws]
+        uni += [w for w, k in zip(ws, keep) if k]
+        bi += [f"{a} {b}" for a, b, ka, kb in zip(ws, ws[1:], keep, keep[1:]) if ka and (kb or b in _PARTICLES)]
+    return uni + bi
+
+
+@dataclass
+class CorpusStats:
+    """Term frequencies over all intents, the denominator of c-TF-IDF."""
+
+    term_counts: Mapping[str, int]
+    total: int
+    n_classes: int
+
+
+@dataclass
+class IntentName:
+    name: str
+    description: str
+    keywords: list[str] = field(default_factory=list)
+    source: str = "keyphrases"    # keyphrases | llm
+
+
+def keyphrases(class_counts: Mapping[str, int], stats: CorpusStats, k: int = 10) -> list[tuple[str, float]]:
+    """The ``k`` most distinctive terms of one class, best first (ties broken by the term)."""
+    n_class = sum(class_counts.values())
+    if n_class == 0:
+        return []
+    avg = max(stats.total, n_class) / max(stats.n_classes, 1)
+    scored = [
+        (t, (c / n_class) * math.log(1 + avg / max(stats.term_counts.get(t, 0), c)))
+        for t, c in class_counts.items()
+    ]
+    scored.sort(key=lambda ts: (-ts[1], ts[0]))
+    return scored[:k]
+
+
+_SUFFIXES = ("ations", "ation", "ings", "ing", "ions", "ion", "ed", "es", "s", "al")
+
+
+def _stem(word: str) -> str:
+    """A crude stem, only to keep inflections out of one name ("activate activating")."""
+    for suf in _SUFFIXES:
+        if word.endswith(suf) and len(word) - len(suf) >= 3:
+            word = word[:-len(suf)]
+            break
+    return word.rstrip("e")
+
+
+def keyphrase_name(ranked: list[tuple[str, float]]) -> str:
+    """A short readable name from ranked keyphrases, best first.
+
+    A phrase adding no new word stem is skipped; a bigram that contains a chosen
+    unigram replaces it ("rates" then "exchange rates" gives "exchange rates");
+    other partial overlaps are skipped, as they read badly.
+
+    >>> keyphrase_name([("rates", 1.0), ("exchange rates", .9), ("rate", .8), ("foreign exchange", .7)])
+    'exchange rates'
+    """
+    chosen: list[list[str]] = []
+    for phrase, _ in ranked:
+        ws = phrase.split()
+        stems = {_stem(w) for w in ws}
+        have = {_stem(w) for p in chosen for w in p}
+        if stems <= have:
+            continue
+        overlap = [k for k, p in enumerate(chosen) if stems & {_stem(w) for w in p}]
+        n_words = sum(map(len, chosen))
+        if not overlap and n_words + len(ws) <= NAME_MAX_WORDS:
+            chosen.append(ws)
+        elif len(overlap) == 1 and len(chosen[overlap[0]]) == 1 and n_words - 1 + len(ws) <= NAME_MAX_WORDS:
+            chosen[overlap[0]] = ws
+        if sum(map(len, chosen)) >= NAME_MAX_WORDS:
+            break
+    return " ".join(w for p in chosen for w in p)
+
+
+NAMING_SYSTEM = f"""You name one intent: a kind of request that users bring to a software product's AI agent.
+You get example user messages of the intent and its distinctive keyphrases.
+- name: 2 to 6 lower-case words, specific to this product: the concrete object and problem, like
+  "re-auth loop in cli login" or "card arrival delay", never a generic category like "account issue".
+- description: one sentence saying what these users want or run into.
+- keywords: 3 to 8 short phrases users use for it.
+{UNTRUSTED_RULE}"""
+NAMING_SCHEMA = '{"name": "card arrival delay", "description": "...", "keywords": ["card", "..."]}'
+
+
+def _one_line(value: Any, max_chars: int) -> str:
+    if not isinstance(value, str):
+        raise LLMError(f"expected a string, got {type(value).__name__}")
+    text = value.strip().rstrip(".")
+    if not text or len(text) > max_chars or any(ch in text for ch in "\r\n\t"):
+        raise LLMError(f"{text[:80]!r} is empty, longer than {max_chars} chars or not one line")
+    return text
+
+
+def _llm_name(examples: list[str], ranked: list[tuple[str, float]], llm: LLM) -> IntentName:
+    user = ("Name the intent of these user messages.\n"
+            + untrusted_block("keyphrases", [{"phrase": p} for p, _ in ranked[:8]]) + "\n"
+            + untrusted_block("examples", [{"text": e[:LLM_MAX_EXAMPLE_CHARS]} for e in examples[:LLM_MAX_EXAMPLES]]))
+    out = llm.chat_json(NAMING_SYSTEM, user, NAMING_SCHEMA, required=("name", "description"))
+    name = _one_line(out["name"], NAME_MAX_CHARS)
+    if len(name.split()) > 8:
+        raise LLMError(f"name {name!r} has more than 8 words")
+    description = _one_line(out["description"], DESCRIPTION_MAX_CHARS)
+    kw = out.get("keywords")
+    try:
+        keywords = [_one_line(k, 40) for k in kw][:8] if isinstance(kw, list) and kw else []
+    except LLMError:
+        keywords = []
+    return IntentName(name, description, keywords or [p for p, _ in ranked[:8]], source="llm")
+
+
+def name_intent(examples: list[str], all_docs_stats: CorpusStats, llm: LLM | None = None, *,
+                class_counts: Mapping[str, int] | None = None) -> IntentName:
+    """Name an intent from its ``examples`` (redacted user messages).
+
+    ``class_counts`` (e.g. :meth:`KeyphraseIndex.counts`) are the intent's accumulated term
+    counts; without them they are counted from ``examples``. With an ``llm`` the examples are
+    sent as quoted data; any failure falls back to the keyphrase name.
+    """
+    counts = class_counts if class_counts is not None else Counter(t for e in examples for t in terms(e))
+    ranked = keyphrases(counts, all_docs_stats)
+    if llm is not None and examples:
+        try:
+            return _llm_name(examples, ranked, llm)
+        except LLMError:
+            pass  # the deterministic name below is the documented fallback
+    name = keyphrase_name(ranked) or "unnamed intent"
+    top = [p for p, _ in ranked[:5]]
+    desc = f"Users asking about {', '.join(top[:3])}." if top else "Users with no distinctive wording yet."
+    return IntentName(name, desc, [p for p, _ in ranked[:8]])
+
+
+class KeyphraseIndex:
+    """Per-intent term counts, maintained online, bounded to ``max_terms`` terms per intent.
+
+    When an intent exceeds its bound its rarest terms are dropped (ties by term, so the
+    result is deterministic); the corpus counts stay the sum of what is kept.
+
+    >>> ix = KeyphraseIndex()
+    >>> for t in ["my card has not arrived", "card still not arrived", "when does my card arrive"]:
+    ...     ix.add("a", t)
+    >>> for t in ["exchange rate for euros", "what rate do you use to exchange"]:
+    ...     ix.add("b", t)
+    >>> [p for p, _ in ix.keyphrases("a", 2)]
+    ['card', 'arrived']
+    """
+
+    def __init__(self, max_terms: int = 2000) -> None:
+        if max_terms < 10:
+            raise ValueError(f"max_terms must be >= 10, got {max_terms}")
+        self.max_terms = max_terms
+        self._counts: dict[str, Counter[str]] = {}
+        self._docs: Counter[str] = Counter()
+        self._corpus: Counter[str] = Counter()
+
+    def add(self, intent_id: str, text: str) -> None:
+        c = self._counts.setdefault(intent_id, Counter())
+        ts = terms(text)
+        c.update(ts)
+        self._corpus.update(ts)
+        self._docs[intent_id] += 1
+        if len(c) > self.max_terms:
+            self._prune(c)
+
+    def merge(self, into_id: str, from_id: str) -> None:
+        """Fold ``from_id``'s counts into ``into_id`` (intents merged); ``from_id`` is gone."""
+        src = self._counts.pop(from_id, Counter())
+        dst = self._counts.setdefault(into_id, Counter())
+        dst.update(src)
+        self._docs[into_id] += self._docs.pop(from_id, 0)
+        if len(dst) > self.max_terms:
+            self._prune(dst)
+
+    def drop(self, intent_id: str) -> None:
+        self._corpus.subtract(self._counts.pop(intent_id, Counter()))
+        self._corpus = +self._corpus
+        self._docs.pop(intent_id, None)
+
+    def _prune(self, c: Counter[str]) -> None:
+        # Keep the top half, so pruning happens once per max_terms/2 new terms (amortised O(1)).
+        ranked = sorted(c.items(), key=lambda tc: (-tc[1], tc[0]))
+        for t, n in ranked[self.max_terms // 2:]:
+            del c[t]
+            self._corpus[t] -= n
+            if self._corpus[t] <= 0:
+                del self._corpus[t]
+
+    def counts(self, intent_id: str) -> Mapping[str, int]:
+        return self._counts.get(intent_id, Counter())
+
+    def docs(self, intent_id: str) -> int:
+        return self._docs.get(intent_id, 0)
+
+    def stats(self) -> CorpusStats:
+        return CorpusStats(self._corpus, sum(self._corpus.values()), len(self._counts))
+
+    def keyphrases(self, intent_id: str, k: int = 10) -> list[tuple[str, float]]:
+        return keyphrases(self.counts(intent_id), self.stats(), k)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_terms": self.max_terms, "docs": dict(self._docs),
+                "counts": {i: dict(c) for i, c in self._counts.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> KeyphraseIndex:
+        ix = cls(d["max_terms"])
+        ix._docs = Counter(d["docs"])
+        for i, c in d["counts"].items():
+            ix._counts[i] = Counter(c)
+            ix._corpus.update(c)
+        return ix
+
+
+@dataclass
+class Naming:
+    """A (re)computed name. ``renamed``: an earlier, different name existed — version it."""
+
+    intent_id: str
+    name: IntentName
+    renamed: bool
+    previous: str = ""
+
+
+class Namer:
+    """Names intents when they change materially: first seen, size grown ``growth``-fold
+    since the last naming, or merged/split (``changed=True``)."""
+
+    def __init__(self, index: KeyphraseIndex, llm: LLM | None = None, *, growth: float = 2.0) -> None:
+        if growth <= 1:
+            raise ValueError(f"growth must be > 1, got {growth}")
+        self.index = index
+        self.llm = llm
+        self.growth = growth
+        self._named: dict[str, tuple[str, int]] = {}     # intent id -> (name, size when named)
+
+    def due(self, intent_id: str, size: int, *, changed: bool = False) -> bool:
+        last = self._named.get(intent_id)
+        return last is None or changed or size >= self.growth * max(last[1], 1)
+
+    def name(self, intent_id: str, size: int, examples: list[str], *, changed: bool = False) -> Naming | None:
+        """Name ``intent_id`` if :meth:`due`, else ``None``."""
+        if not self.due(intent_id, size, changed=changed):
+            return None
+        named = name_intent(examples, self.index.stats(), self.llm, class_counts=self.index.counts(intent_id))
+        previous = self._named.get(intent_id, ("", 0))[0]
+        self._named[intent_id] = (named.name, size)
+        return Naming(intent_id, named, renamed=bool(previous) and previous != named.name, previous=previous)
+
+    def forget(self, intent_id: str) -> None:
+        self._named.pop(intent_id, None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"growth": self.growth, "named": {i: list(v) for i, v in self._named.items()}}
+
+    def restore(self, d: Mapping[str, Any]) -> None:
+        self._named = {i: (n, s) for i, (n, s) in d["named"].items()}

@@ -1,0 +1,441 @@
+"""Per-conversation signals (bug report, feature request, churn risk, setup friction,
+confusion) and the outcome (resolved | abandoned | escalated | errored).
+
+Three sources, combined by :class:`Tagger`:
+
+* :func:`structural_signals` — deterministic rules over the conversation's structure
+  (tool errors, retries, repeats, idle close after a question, hand-offs) and lexical
+  cues in user messages. Runs on every conversation; it alone decides the outcome.
+* :func:`judge` — an LLM reads the conversation (as quoted, untrusted data) and tags it.
+  Only a deterministic sample is judged (``llm.judge_rate``, by hash of the conversation id).
+* :class:`SignalLearner` — per-tag online logistic regressions (river) over hashed words
+  and structural features, trained on the judged sample, so that every conversation gets
+  the judge's kind of tags without an LLM call each.
+
+``long_tail`` is not decided here: it depends on the intent model (understand).
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import pickle
+import re
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from river import linear_model, optim
+
+from .config import Config
+from .errors import LLMError
+from .llm import LLM, UNTRUSTED_RULE, untrusted_block
+from .naming import words
+from .records import Conversation, Message
+
+TAGS = ("bug_report", "feature_request", "churn_risk", "setup_friction", "confusion")
+OUTCOMES = ("resolved", "abandoned", "escalated", "errored")
+
+RETRY_LOOP = 3              # the same tool call this many times is a retry loop, not a fix
+REPEAT_JACCARD = 0.7        # word-set overlap at which a user message repeats an earlier one
+REPEAT_MIN_WORDS = 3        # "yes" / "ok thanks" said twice is not a repeat
+JUDGE_BACKOFF_NS = 60 * 10**9   # after a judge failure, skip the LLM this long (an outage costs no latency)
+JUDGE_MAX_MESSAGE_CHARS = 600
+JUDGE_MAX_CHARS = 8000
+
+
+class Evidence(NamedTuple):
+    """Why a tag was given: the message index that triggered it (-1: whole conversation)."""
+
+    turn: int
+    why: str
+
+
+@dataclass
+class SignalResult:
+    """Tags (sorted, from :data:`TAGS`), the outcome and where it happened, with evidence."""
+
+    tags: list[str] = field(default_factory=list)
+    outcome: str = "resolved"
+    outcome_turn: int = -1
+    outcome_why: str = ""
+    evidence: dict[str, Evidence] = field(default_factory=dict)
+    judged: bool = False          # an LLM judged this conversation
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome != "resolved"
+
+
+# --- lexical cues (user messages only: the agent saying "error" is not a user's bug report) ---
+
+def _rx(*alternatives: str) -> re.Pattern[str]:
+    return re.compile("|".join(f"(?:{a})" for a in alternatives))
+
+
+_CUES: dict[str, re.Pattern[str]] = {
+    # The user says the product misbehaves.
+    "bug_report": _rx(r"\b(does ?n'?t|does not|do ?n'?t|is ?n'?t|not|stopped|never) work(s|ing|ed)?\b",
+                      r"\berrors?\b", r"\bbroken\b", r"\bcrash(es|ed|ing)?\b", r"\bbugs?\b", r"\bbuggy\b",
+                      r"\bglitch"),
+    # The user asks for something the product does not do yet.
+    "feature_request": _rx(r"\b(can|could) you (please )?add\b", r"\bplease add\b", r"\bwould be (nice|great|cool)\b",
+                           r"\bfeature (request|idea)\b", r"\b(new|a|missing) feature\b",
+                           r"\b(add|adding|any|no|there|have|need|want)\s+(\w+\s+)?support for\b",
+                           r"\bi wish (it|you|there)\b"),
+    # The user is at the door. Refunds and plain "cancel" are ordinary requests (cancel a
+    # transfer, refund a fee); they signal churn only with frustration (see _WEAK_CHURN).
+    "churn_risk": _rx(r"\b(close|delete|terminate|cancel) (my|the|our) (account|subscription|plan|membership)\b",
+                      r"\bunsubscribe\b",
+                      r"\b(switch|switching|move|moving|go|going)\s+(over\s+)?to\s+(another|a different|a competitor|your competitor)\b",
+                      r"\bswitch(ing)? to \w+ instead\b", r"\b(leave|leaving|quit|quitting) (your|this) (service|app|product|bank)\b"),
+    # The user is stuck before getting value: installing, configuring, authenticating.
+    "setup_friction": _rx(r"\binstall", r"\bset ?up\b", r"\bconfigur", r"\bapi[ _-]?keys?\b", r"\btokens?\b",
+                          r"\b(can'?t|cannot|can not|unable to|not able to) (log|sign) ?in\b",
+                          r"\bonboarding\b", r"\blog ?in (fails|failed|loop)\b"),
+    # The user does not follow the agent (the repeat rule below adds the structural case).
+    "confusion": _rx(r"\bi (do ?n'?t|do not) (understand|get it|follow)\b", r"\bwhat do you mean\b",
+                     r"\bconfus(ed|ing)\b", r"\bmakes? no sense\b", r"\bnot what i (asked|meant)\b",
+                     r"\bthat'?s not what\b", r"^\s*huh\b"),
+}
+_WEAK_CHURN = _rx(r"\brefund", r"\bcancel", r"\bmoney back\b")
+_FRUSTRATION = _rx(r"\bridiculous\b", r"\bterrible\b", r"\bawful\b", r"\bworst\b", r"\buseless\b",
+                   r"\bfed up\b", r"\bsick of\b", r"\bwaste of\b", r"\bunacceptable\b", r"\bfrustrat",
+                   r"\bannoy", r"!!", r"\bwtf\b", r"\bjoke\b")
+# Tool errors that mean credentials/configuration are missing: setup friction, not a bug.
+_AUTH_ERROR = _rx(r"\bunauthori[sz]ed\b", r"\b40[13]\b", r"\bforbidden\b", r"\binvalid (api )?(key|token)\b",
+                  r"\bauthenticat", r"\bpermission denied\b", r"\bnot configured\b",
+                  r"\bmissing (credentials|token|api key)\b", r"\bexpired token\b", r"\btoken expired\b")
+# An agent message that admits failure is not an answer.
+_FAILURE = _rx(r"\bsorry\b[^.?!]{0,60}\b(could ?n'?t|can'?t|cannot|unable|error|problem|issue)\b",
+               r"\bsomething went wrong\b", r"\ban error occurred\b", r"\btry again later\b",
+               r"\bi('m| am) (unable|not able)\b", r"\bi (can'?t|cannot|could ?n'?t) (do|complete|access|find|process|reach)\b")
+# The agent asks for something: the user has to act next.
+_ASK = _rx(r"\b(please|kindly) (provide|share|send|enter|confirm|tell|give|paste|upload)\b",
+           r"\b(could|can|would) you (please )?(provide|share|send|confirm|tell|give|paste|check|upload)\b",
+           r"\blet me know\b", r"\bwhat is your\b", r"\bi('ll| will) need your\b")
+# The agent hands the user to a human.
+_HANDOFF_TEXT = _rx(r"\bescalat(e|ed|ing|ion)\b", r"\bhuman agent\b",
+                    r"\b(transfer|connect|hand|pass)\w*\b[^.?!]{0,40}\b(human|live agent|real person|specialist|"
+                    r"representative|support team|colleague|operator)\b")
+_HANDOFF_TOOL = re.compile(r"escalat|hand_?off|transfer_to|human|live_agent")
+_NEGATED = re.compile(r"\b(can'?t|cannot|can not|unable to|not able to|do ?n'?t|do not|won'?t)\b[^.?!]{0,30}$")
+
+
+def _norm(text: str) -> str:
+    return text.lower().replace("\u2019", "'")
+
+
+def _first_cue(msgs: list[tuple[int, str]], rx: re.Pattern[str]) -> Evidence | None:
+    for i, text in msgs:
+        m = rx.search(text)
+        if m:
+            return Evidence(i, f"cue {m.group(0)!r}")
+    return None
+
+
+def _repeats(user: list[tuple[int, str]]) -> list[int]:
+    """Indices of user messages that nearly repeat an earlier one: the user was not understood."""
+    seen: list[set[str]] = []
+    out = []
+    for i, text in user:
+        ws = set(words(text))
+        if len(ws) >= REPEAT_MIN_WORDS:
+            if any(len(ws & s) / len(ws | s) >= REPEAT_JACCARD for s in seen):
+                out.append(i)
+            seen.append(ws)
+    return out
+
+
+def _is_answer(m: Message) -> bool:
+    return m.role == "assistant" and bool(m.content.strip()) and not _FAILURE.search(_norm(m.content))
+
+
+def _asks(m: Message) -> bool:
+    text = m.content.strip()
+    return m.role == "assistant" and (text.endswith("?") or bool(_ASK.search(_norm(text))))
+
+
+def _handoff(conv: Conversation) -> Evidence | None:
+    for i, m in enumerate(conv.messages):
+        if m.role == "tool" and not m.error and _HANDOFF_TOOL.search(m.tool_name.lower()):
+            return Evidence(i, f"hand-off tool {m.tool_name!r}")
+        if m.role == "assistant":
+            text = _norm(m.content)
+            hit = _HANDOFF_TEXT.search(text)
+            if hit and not _NEGATED.search(text[:hit.start()]):
+                return Evidence(i, f"agent says {hit.group(0)!r}")
+    # a hand-off tool seen only in the tool-call list: place it at the last message
+    if any(_HANDOFF_TOOL.search(t.name.lower()) and not t.error_type and not t.error_message
+           for t in conv.tool_calls):
+        return Evidence(len(conv.messages) - 1, "hand-off tool call")
+    return None
+
+
+def _last_failure(conv: Conversation) -> Evidence | None:
+    """The last tool error or retry loop, if the conversation has one."""
+    msgs = conv.messages
+    found: Evidence | None = None
+    calls: dict[tuple[str, str], int] = {}
+    for i, m in enumerate(msgs):
+        if m.role != "tool":
+            continue
+        if m.error:
+            found = Evidence(i, f"tool {m.tool_name!r} failed: {m.error[:80]}")
+        key = (m.tool_name, m.tool_arguments)
+        calls[key] = calls.get(key, 0) + 1
+        if calls[key] == RETRY_LOOP:
+            # The agent keeps calling the same thing with the same arguments: it is stuck.
+            found = Evidence(i, f"tool {m.tool_name!r} called {RETRY_LOOP}x with the same arguments")
+    if found is None and msgs and (conv.errors > 0 or any(t.error_type or t.error_message for t in conv.tool_calls)):
+        # Errors known only from counts (no failing tool message): place them at the last
+        # user turn, so that the conversation is errored iff that turn got no answer.
+        users = [i for i, m in enumerate(msgs) if m.role == "user"]
+        found = Evidence(users[-1] if users else 0, f"{max(conv.errors, 1)} error span(s)")
+    return found
+
+
+def _outcome(conv: Conversation) -> tuple[str, int, str]:
+    msgs = conv.messages
+    # A hand-off is an explicit verdict of the agent: it decides the outcome first.
+    hand = _handoff(conv)
+    if hand:
+        return "escalated", hand.turn, hand.why
+    # Errors the agent recovered from are not failures; errors followed only by apologies are.
+    fail = _last_failure(conv)
+    if fail and not any(_is_answer(m) for m in msgs[fail.turn + 1:]):
+        return "errored", fail.turn, fail.why
+    # Closed by the idle timer right after the agent asked something: the user gave up.
+    if conv.closed_reason == "idle":
+        last = next((i for i in range(len(msgs) - 1, -1, -1) if msgs[i].role in ("user", "assistant")), -1)
+        if last >= 0 and _asks(msgs[last]):
+            return "abandoned", last, "closed idle after the agent asked"
+    answers = [i for i, m in enumerate(msgs) if _is_answer(m)]
+    return "resolved", answers[-1] if answers else -1, "answered"
+
+
+def structural_signals(conv: Conversation) -> SignalResult:
+    """Tags and outcome from deterministic rules; cheap enough to run on every conversation.
+
+    >>> from processors.records import Message
+    >>> c = Conversation("c1", closed_reason="idle", messages=[
+    ...     Message("user", "I can't log in to the CLI"),
+    ...     Message("assistant", "Could you share the exact error message?")])
+    >>> r = structural_signals(c)
+    >>> r.tags, r.outcome, r.outcome_turn, r.failed
+    (['setup_friction'], 'abandoned', 1, True)
+    """
+    user = [(i, _norm(m.content)) for i, m in enumerate(conv.messages) if m.role == "user"]
+    evidence: dict[str, Evidence] = {}
+    for tag, rx in _CUES.items():
+        ev = _first_cue(user, rx)
+        if ev:
+            evidence[tag] = ev
+    if "churn_risk" not in evidence:
+        weak, angry = _first_cue(user, _WEAK_CHURN), _first_cue(user, _FRUSTRATION)
+        if weak and angry:
+            evidence["churn_risk"] = Evidence(max(weak.turn, angry.turn), f"{weak.why} with frustration {angry.why}")
+    if "setup_friction" not in evidence:
+        for i, m in enumerate(conv.messages):
+            hit = _AUTH_ERROR.search(_norm(m.error)) if m.role == "tool" and m.error else None
+            if hit:
+                evidence["setup_friction"] = Evidence(i, f"tool {m.tool_name!r} auth/config error {hit.group(0)!r}")
+                break
+    if "confusion" not in evidence:
+        rep = _repeats(user)
+        if rep:
+            evidence["confusion"] = Evidence(rep[0], "user repeats an earlier message")
+    outcome, turn, why = _outcome(conv)
+    return SignalResult(sorted(evidence), outcome, turn, why, evidence)
+
+
+# --- the LLM judge ---
+
+JUDGE_SYSTEM = f"""You review one conversation between a user and an AI agent of a software product.
+Tag it with the signals it shows, from exactly this set:
+- bug_report: the user reports that something in the product is broken or errors
+- feature_request: the user asks for a capability the product lacks
+- churn_risk: the user considers leaving, cancelling their account or switching to a competitor
+- setup_friction: the user struggles to install, configure, authenticate or get started
+- confusion: the user does not understand the agent, or the agent misunderstands the user
+and give the outcome, one of: resolved (the agent answered the need), abandoned (the user left
+without an answer, typically after the agent asked something), escalated (handed to a human),
+errored (tool or system errors prevented an answer). Turns are the "i" numbers of the messages.
+{UNTRUSTED_RULE}"""
+JUDGE_SCHEMA = ('{"tags": ["bug_report", ...], "outcome": "resolved|abandoned|escalated|errored", '
+                '"outcome_turn": 3, "evidence": {"bug_report": 0}}')
+
+
+def render_conversation(conv: Conversation) -> list[dict[str, Any]]:
+    """The messages as data items for :func:`untrusted_block`, truncated to a bounded size."""
+    items: list[dict[str, Any]] = []
+    budget = JUDGE_MAX_CHARS
+    for i, m in enumerate(conv.messages):
+        if m.role == "system":
+            continue
+        it: dict[str, Any] = {"i": i, "role": m.role, "text": m.content[:JUDGE_MAX_MESSAGE_CHARS]}
+        if m.role == "tool":
+            it.update(tool=m.tool_name, arguments=m.tool_arguments[:200], error=m.error[:200])
+        budget -= sum(len(str(v)) for v in it.values())
+        if budget < 0:
+            items.append({"i": i, "role": "note", "text": "(later messages omitted)"})
+            break
+        items.append(it)
+    return items
+
+
+def judge(conv: Conversation, llm: LLM) -> SignalResult:
+    """Ask the LLM to tag ``conv``. Raises :class:`LLMError` on any unusable answer."""
+    user = ("Classify this conversation.\n" + untrusted_block("conversation", render_conversation(conv)))
+    out = llm.chat_json(JUDGE_SYSTEM, user, JUDGE_SCHEMA, required=("tags", "outcome"))
+    tags, outcome, turn = out["tags"], out["outcome"], out.get("outcome_turn", -1)
+    if not isinstance(tags, list) or not all(isinstance(t, str) and t in TAGS for t in tags):
+        raise LLMError(f"judge tags {tags!r} are not a list drawn from {TAGS}")
+    if outcome not in OUTCOMES:
+        raise LLMError(f"judge outcome {outcome!r} is not one of {OUTCOMES}")
+    n = len(conv.messages)
+    if not isinstance(turn, int) or isinstance(turn, bool) or not -1 <= turn < n:
+        raise LLMError(f"judge outcome_turn {turn!r} is not a message index")
+    ev_in = out.get("evidence") if isinstance(out.get("evidence"), dict) else {}
+    evidence = {}
+    for t in set(tags):
+        at = ev_in.get(t, -1)
+        evidence[t] = Evidence(at if isinstance(at, int) and not isinstance(at, bool) and -1 <= at < n else -1,
+                               "llm judge")
+    return SignalResult(sorted(set(tags)), outcome, turn, "llm judge", evidence, judged=True)
+
+
+# --- the online learner ---
+
+def conversation_features(conv: Conversation, n_features: int) -> dict[str, float]:
+    """Hashed user uni/bigrams, tool names, and a few structural flags, as river features.
+
+    Hashing (crc32, stable across processes, unlike ``hash``) bounds the model's size
+    whatever the vocabulary.
+    """
+    x: dict[str, float] = {}
+    for text in conv.user_messages():
+        ws = words(text)
+        for tok in [*ws, *(f"{a} {b}" for a, b in itertools.pairwise(ws))]:
+            x[f"h{zlib.crc32(tok.encode()) % n_features}"] = 1.0
+    for m in conv.messages:
+        if m.role == "tool":
+            x[f"h{zlib.crc32(('tool:' + m.tool_name).encode()) % n_features}"] = 1.0
+            if m.error:
+                x["s:tool_error"] = 1.0
+    user = [(i, _norm(t)) for i, t in enumerate(conv.user_messages())]
+    x["s:repeat"] = 1.0 if _repeats(user) else 0.0
+    x["s:idle"] = 1.0 if conv.closed_reason == "idle" else 0.0
+    x["s:user_turns"] = min(len(user), 10) / 10
+    x["s:errors"] = 1.0 if conv.errors else 0.0
+    return x
+
+
+class SignalLearner:
+    """One online logistic regression per tag, learnt from judged conversations.
+
+    A tag is predicted only once the learner has seen ``min_examples`` judged conversations
+    and ``min_positives`` of that tag — before that its guesses are noise. Positives are
+    weighted by the running negative/positive ratio so that rare tags are still learnt.
+
+    >>> from processors.records import Message
+    >>> lr = SignalLearner(min_examples=2, min_positives=1)
+    >>> for k in range(20):
+    ...     text = "the export button does nothing" if k % 2 else "how do I rename a project"
+    ...     lr.learn_one(Conversation(str(k), messages=[Message("user", text)]),
+    ...                  SignalResult(tags=["bug_report"] if k % 2 else []))
+    >>> lr.predict_one(Conversation("x", messages=[Message("user", "export button does nothing again")]))
+    {'bug_report'}
+    """
+
+    def __init__(self, tags: tuple[str, ...] = TAGS, *, n_features: int = 2**18, learning_rate: float = 0.1,
+                 threshold: float = 0.5, min_examples: int = 30, min_positives: int = 3) -> None:
+        if not set(tags) <= set(TAGS):
+            raise ValueError(f"unknown tags {sorted(set(tags) - set(TAGS))}")
+        if n_features < 1 or learning_rate <= 0 or not 0 < threshold < 1 or min_examples < 0 or min_positives < 1:
+            raise ValueError("need n_features >= 1, learning_rate > 0, 0 < threshold < 1, "
+                             "min_examples >= 0, min_positives >= 1")
+        self.tags = tags
+        self.n_features = n_features
+        self.learning_rate = learning_rate
+        self.threshold = threshold
+        self.min_examples = min_examples
+        self.min_positives = min_positives
+        self._models = {t: linear_model.LogisticRegression(optimizer=optim.SGD(learning_rate)) for t in tags}
+        self._positives = dict.fromkeys(tags, 0)
+        self._n = 0
+
+    @property
+    def n_learned(self) -> int:
+        return self._n
+
+    def trusted(self, tag: str) -> bool:
+        return self._n >= self.min_examples and self._positives[tag] >= self.min_positives
+
+    def learn_one(self, conv: Conversation, judged: SignalResult) -> None:
+        x = conversation_features(conv, self.n_features)
+        self._n += 1
+        for t, model in self._models.items():
+            y = t in judged.tags
+            self._positives[t] += y
+            pos = max(self._positives[t], 1)
+            w = max(1.0, (self._n - pos) / pos) if y else 1.0
+            model.learn_one(x, y, w=w)
+
+    def predict_proba_one(self, conv: Conversation) -> dict[str, float]:
+        """P(tag) for every trusted tag."""
+        x = conversation_features(conv, self.n_features)
+        return {t: m.predict_proba_one(x)[True] for t, m in self._models.items() if self.trusted(t)}
+
+    def predict_one(self, conv: Conversation) -> set[str]:
+        return {t for t, p in self.predict_proba_one(conv).items() if p >= self.threshold}
+
+
+def judge_sampled(conversation_id: str, rate: float) -> bool:
+    """Whether ``conversation_id`` falls in the judged sample; a replay picks the same sample."""
+    h = int.from_bytes(hashlib.blake2b(conversation_id.encode(), digest_size=8).digest(), "big")
+    return h / 2**64 < rate
+
+
+class Tagger:
+    """Structural signals for every conversation, the LLM judge on a sample, the learner for the rest.
+
+    The outcome always comes from the structural rules: diagnose and review compare failure
+    rates across time and prompt versions, which must not depend on which conversations
+    happened to be judged.
+    """
+
+    def __init__(self, cfg: Config, llm: LLM | None = None, learner: SignalLearner | None = None) -> None:
+        self.judge_rate = cfg.llm.judge_rate
+        self.llm = llm
+        self.learner = learner or SignalLearner()
+        self._paused_until_ns = 0
+        self.judge_failures = 0
+
+    def tag(self, conv: Conversation, now_ns: int) -> SignalResult:
+        res = structural_signals(conv)
+        extra: dict[str, Evidence] = {}
+        judged = False
+        if self.llm is not None and now_ns >= self._paused_until_ns and judge_sampled(conv.conversation_id,
+                                                                                      self.judge_rate):
+            try:
+                verdict = judge(conv, self.llm)
+            except LLMError:
+                self.judge_failures += 1
+                self._paused_until_ns = now_ns + JUDGE_BACKOFF_NS
+            else:
+                self.learner.learn_one(conv, verdict)
+                extra, judged = verdict.evidence, True
+        if not judged:
+            proba = self.learner.predict_proba_one(conv)
+            extra = {t: Evidence(-1, f"learner p={p:.2f}") for t, p in proba.items() if p >= self.learner.threshold}
+        evidence = {**{t: e for t, e in extra.items() if t not in res.evidence}, **res.evidence}
+        return SignalResult(sorted(evidence), res.outcome, res.outcome_turn, res.outcome_why, evidence, judged)
+
+    def snapshot(self) -> bytes:
+        """The learned state, for a checkpoint: a zlib-compressed pickle (about 0.5 MB per
+        3,000 judged conversations). Restore only snapshots that closeloop wrote itself."""
+        return zlib.compress(pickle.dumps({"v": 1, "learner": self.learner}, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def restore(self, data: bytes) -> None:
+        state = pickle.loads(zlib.decompress(data))  # our own checkpoint, see snapshot
+        self.learner = state["learner"]

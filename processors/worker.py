@@ -1,0 +1,85 @@
+"""``closeloop worker``: one faust worker running the stages, and (embedded) the store owner.
+
+In the embedded stack this process owns the chDB store: it applies the migrations, serves
+the store on the local ClickHouse-compatible HTTP endpoint (so ``closeloop sql``, Grafana
+and the other processes read the live data) and writes every stage's rows directly.
+Against a ClickHouse server, any number of workers run side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+import faust
+
+from .app import ALL_STAGES, Pipeline, build_app
+from .config import Config, load_config
+from .sqlserver import SQLServer
+from .store import Store, open_store
+
+log = logging.getLogger("closeloop.worker")
+
+
+def write_run_file(cfg: Config, name: str, info: dict[str, object]) -> Path:
+    run = cfg.run_dir()
+    run.mkdir(parents=True, exist_ok=True)
+    path = run / name
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**info, "pid": os.getpid()}))
+    tmp.replace(path)
+    return path
+
+
+def serve_store(cfg: Config, store: Store) -> SQLServer | None:
+    """Embedded store: serve it on loopback and say where (run/sql.json)."""
+    if not cfg.embedded_store:
+        return None
+    server = SQLServer(store, "127.0.0.1", cfg.clickhouse.sql_port).start()
+    write_run_file(cfg, "sql.json", {"url": server.url})
+    return server
+
+
+def run_worker(cfg: Config, bootstrap: str, stages: tuple[str, ...] = ALL_STAGES) -> None:
+    store = open_store(cfg, owner=True)
+    applied = store.migrate()
+    if applied:
+        log.info("applied migrations: %s", ", ".join(applied))
+    sql = serve_store(cfg, store)
+    pipe = Pipeline(cfg=cfg, store=store, stages=stages)
+    app = build_app(pipe, bootstrap)
+    worker = faust.Worker(app, loglevel="WARN", quiet=True, redirect_stdouts=False,
+                          override_logging=False)
+    try:
+        worker.execute_from_commandline()
+    finally:
+        if sql is not None:
+            sql.stop()
+            (cfg.run_dir() / "sql.json").unlink(missing_ok=True)
+        store.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="closeloop worker", description=__doc__)
+    p.add_argument("--config", help="closeloop.yaml (default: ./closeloop.yaml if present)")
+    p.add_argument("--home", help="state directory (default ./.closeloop)")
+    p.add_argument("--bootstrap", help="Kafka bootstrap servers (default: kafka.bootstrap)")
+    p.add_argument("--stages", default=",".join(ALL_STAGES),
+                   help=f"comma-separated stages to run (default: all: {','.join(ALL_STAGES)})")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(a.config, overrides={"home": a.home})
+    bootstrap = a.bootstrap or cfg.kafka.bootstrap
+    if not bootstrap:
+        raise SystemExit("closeloop worker: no Kafka to read from; pass --bootstrap HOST:PORT or set CLOSELOOP_KAFKA")
+    stages = tuple(s.strip() for s in a.stages.split(",") if s.strip())
+    unknown = set(stages) - set(ALL_STAGES)
+    if unknown:
+        raise SystemExit(f"closeloop worker: unknown stages {sorted(unknown)}; known: {', '.join(ALL_STAGES)}")
+    run_worker(cfg, bootstrap, stages)
+
+
+if __name__ == "__main__":
+    main()
