@@ -1,6 +1,6 @@
 """Diagnose benchmark: detection delay of a planted regression, and false alarms on a stable stream.
 
-    python -m bench.diagnose [--seeds 5] [--stable 20000]
+    python -m bench.diagnose [--seeds 10] [--stable 20000]
 
 Several intents share one stream. At a prompt-version change one intent's failure rate goes
 from 5% to 40% (failures with no other pattern, so only the version comparison can explain
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m bench.diagnose", description=__doc__.split("\n")[0]
     )
-    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument(
         "--stable", type=int, default=20_000, help="conversations in each false-alarm run"
     )

@@ -163,3 +163,58 @@ def ensure_topics(bootstrap: str, topics: list[str], partitions: int, *,
                 raise BrokerError(f"cannot create topic {name}: {e}") from e
     return missing
 
+
+
+def true_end_offsets(bootstrap: str, topics: list[str], timeout_s: float = 5.0) -> dict[tuple[str, int], int]:
+    """End offset of every partition, read rather than trusted.
+
+    tansu reports the last *batch's* first offset + 1 as the high-water mark; reading from
+    there to the end gives the true end on tansu and costs nothing on Kafka.
+    """
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "closeloop-status", "enable.auto.commit": False,
+                  "enable.partition.eof": True, "auto.offset.reset": "earliest"})
+    out: dict[tuple[str, int], int] = {}
+    try:
+        md = c.list_topics(timeout=timeout_s)
+        tps = []
+        for t in topics:
+            if t not in md.topics:
+                continue
+            for p in md.topics[t].partitions:
+                lo, hi = c.get_watermark_offsets(TopicPartition(t, p), timeout=timeout_s)
+                out[(t, p)] = hi
+                if hi > lo:
+                    tps.append(TopicPartition(t, p, hi - 1))
+        if tps:
+            c.assign(tps)
+            pending = {(tp.topic, tp.partition) for tp in tps}
+            deadline = time.monotonic() + timeout_s
+            while pending and time.monotonic() < deadline:
+                m = c.poll(0.2)
+                if m is None:
+                    continue
+                key = (m.topic(), m.partition())
+                if m.error():
+                    pending.discard(key)  # partition EOF: nothing after what we read
+                    continue
+                out[key] = max(out[key], m.offset() + 1)
+    finally:
+        c.close()
+    return out
+
+
+def committed_offsets(bootstrap: str, group: str, partitions: list[tuple[str, int]],
+                      timeout_s: float = 5.0) -> dict[tuple[str, int], int]:
+    """Committed offsets of a consumer group (-1 where nothing is committed)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    if not partitions:
+        return {}
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        got = c.committed([TopicPartition(t, p) for t, p in partitions], timeout=timeout_s)
+    finally:
+        c.close()
+    return {(tp.topic, tp.partition): tp.offset for tp in got}

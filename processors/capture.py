@@ -201,7 +201,7 @@ class Capture:
             self._red = self._trunc = 0
             res_strs, res_vals = self._attributes(rs.resource.attributes)
             res_red, res_trunc = self._red, self._trunc
-            res_row = {k: self._cap(v) for k, v in res_strs.items()}
+            res_row = self._cap_all(res_strs)
             service = str(res_vals.get("service.name", ""))
             for j, ss in enumerate(rs.scope_spans):
                 scope = ss.scope.name
@@ -249,7 +249,7 @@ class Capture:
             ev_strs, ev_v = self._attributes(ev.attributes)
             ev_name = self._text(ev.name)
             events.append({"name": ev_name, "time_ns": ev.time_unix_nano,
-                           "attributes": {k: self._cap(v) for k, v in ev_strs.items()}})
+                           "attributes": self._cap_all(ev_strs)})
             ev_vals.append((ev_name, ev_v))
         start_ns, end_ns = sp.start_time_unix_nano, sp.end_time_unix_nano
         duration_ms = max(0, end_ns - start_ns) / 1e6
@@ -261,8 +261,8 @@ class Capture:
             "scope_name": scope, "start_ns": start_ns, "end_ns": end_ns, "duration_ms": duration_ms,
             "status_code": status_code, "status_message": status_message,
             "resource_attributes": res_row,
-            "attributes": {k: self._cap(v) for k, v in strs.items()},
-            "events": json.dumps(events, ensure_ascii=False),
+            "attributes": self._cap_all(strs),
+            "events": json.dumps(events, ensure_ascii=False) if events else "[]",
             "redactions": 0, "ingested_ns": now_ns,
         }
         if kind == "other":
@@ -527,7 +527,7 @@ class Capture:
                 strs[key] = "true" if x else "false"
             elif w == "double_value":
                 x = vals[key] = any_value(v)
-                strs[key] = json.dumps(x)
+                strs[key] = repr(x) if isinstance(x, float) else x      # JSON text of a finite double
             elif w is None:
                 vals[key] = None
                 strs[key] = ""
@@ -567,6 +567,10 @@ class Capture:
         if isinstance(x, dict):
             return {k: self._walk(y) for k, y in x.items()}
         return x
+
+    def _cap_all(self, strs: dict[str, str]) -> dict[str, str]:
+        quick = self.cfg.max_attribute_bytes // 4      # no UTF-8 character is longer than 4 bytes
+        return {k: v if len(v) <= quick else self._cap(v) for k, v in strs.items()}
 
     def _cap(self, s: str) -> str:
         """Cut ``s`` to ``max_attribute_bytes`` of UTF-8 (after redaction, so no secret is half cut)."""

@@ -412,7 +412,7 @@ class KafkaSink:
         self._mark(err is None, err.str() if err else "")
         if err is None:
             return
-        if err.retriable() or err.code() in _RETRYABLE:
+        if err.retriable() or err.fatal() or err.code() in _RETRYABLE:   # fatal: new producer
             raise Unavailable(f"broker did not acknowledge: {err.str()}")
         raise BrokerError(f"broker refused the write to {topic}: {err.str()}")
 

@@ -23,8 +23,8 @@ from typing import Any
 from .errors import LLMError
 from .llm import LLM, UNTRUSTED_RULE, untrusted_block
 
-# Redaction placeholders ("[EMAIL]", "<CARD_NUMBER>") are not words of the intent.
-_PLACEHOLDER = re.compile(r"\[[A-Z][A-Z0-9_]*\]|<[A-Z][A-Z0-9_]*>")
+# Redaction placeholders (capture's "[REDACTED:email]", or "[EMAIL]", "<CARD_NUMBER>") are not words.
+_PLACEHOLDER = re.compile(r"\[[A-Z][A-Za-z0-9_:]*\]|<[A-Z][A-Z0-9_]*>")
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 _CLAUSE_BREAK = re.compile(r"[.,;:!?()\[\]{}\"\n]+")
 

@@ -34,8 +34,9 @@ _PHONE = TOKEN.format("phone")
 # class first, the regex engine skips straight to candidate positions (3-5x faster
 # than a leading look-behind), and a long run without a match is scanned once.
 _NA = r"(?<![A-Za-z0-9].)"        # the character before the one just read is not alphanumeric
-# Vendor formats and bearer tokens, dispatched on their first letter.
-_VENDOR = re.compile("|".join([
+# Vendor formats and bearer tokens, dispatched on their first letter, then (group g)
+# any other run of token characters long enough to be a secret, judged by _looks_random.
+_VENDOR = "|".join([
     rf"s{_NA}k(?:-(?:ant-|proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{{20,}}"    # Anthropic, OpenAI
     rf"|_(?:live|test)_[A-Za-z0-9]{{16,}})",                                # Stripe secret
     rf"[pr]{_NA}k_(?:live|test)_[A-Za-z0-9]{{16,}}",                        # Stripe
@@ -45,7 +46,10 @@ _VENDOR = re.compile("|".join([
     rf"x{_NA}ox[bpasr]-[A-Za-z0-9\-]{{10,}}",                               # Slack
     rf"e{_NA}yJ[A-Za-z0-9_\-]{{8,}}\.eyJ[A-Za-z0-9_\-]{{8,}}\.[A-Za-z0-9_\-]*",   # JWT
     rf"[bB]{_NA}(?i:earer)\s+(?P<v>[A-Za-z0-9\-._~+/]{{8,}}=*)",       # "Bearer " stays
-]))
+])
+_T = r"[A-Za-z0-9+/_\-]"
+_SECRETS = re.compile(rf"{_VENDOR}|(?P<g>{_T}(?<!{_T}.){_T}{{19,}}={{0,2}})")
+_VENDOR_ONLY = re.compile(_VENDOR)
 # key=value assignments: find the operator, then look for a key name just before it.
 # "password=", '"api_key": "' stay; the value (group w) is replaced.
 _ASSIGN_OP = re.compile(r"[:=]\s*[\"']?(?P<w>[^\s\"',;{}\[\]]{3,})")
@@ -53,11 +57,6 @@ _KEY_BEFORE = re.compile(
     r"(?<![A-Za-z0-9])(?i:passw(?:or)?d|pwd|private[_\-]?key|secret|client[_\-]?secret|api[_\-]?key"
     r"|apikey|(?:access|auth|session|refresh|id)[_\-]?token)[\"']?\s*$")
 _KEY_WINDOW = 40
-_ASSIGN_HINTS = ("pass", "pwd", "secret", "key", "token")
-# Anything else that looks random (judged by _looks_random). A pass of its own, so that
-# a long run rejected here cannot hide a vendor secret inside it.
-_T = r"[A-Za-z0-9+/_\-]"
-_GENERIC = re.compile(rf"{_T}(?<!{_T}.){_T}{{19,}}={{0,2}}")
 _L = r"[A-Za-z0-9._%+\-]"
 _EMAILS = re.compile(
     rf"{_L}(?<!{_L}.){_L}{{0,63}}@[A-Za-z0-9](?:[A-Za-z0-9\-]{{0,62}}\.)+[A-Za-z]{{2,24}}(?![A-Za-z0-9\-])")
@@ -83,11 +82,6 @@ _WORDS = re.compile(r"[a-z]{3,}")
 
 _CACHE_MAX_LEN = 256       # short values repeat (models, names, ids): cache them
 _CACHE_MAX_ENTRIES = 50_000
-
-
-def _has_assign_hint(text: str) -> bool:
-    low = text.lower()
-    return any(h in low for h in _ASSIGN_HINTS)
 
 
 def luhn_ok(digits: str) -> bool:
@@ -167,9 +161,8 @@ class Redactor:
         # cannot match (no '@' means no email).
         steps: list[tuple[Callable[[str], Any] | None, Callable[[str], str]]] = []
         if "secrets" in self.kinds:
-            steps.append((None, partial(_VENDOR.sub, self._vendor)))
-            steps.append((_has_assign_hint, self._assignments))
-            steps.append((lambda t: len(t) >= 20, partial(_GENERIC.sub, self._generic)))
+            steps.append((None, partial(_SECRETS.sub, self._secret)))
+            steps.append((lambda t: ":" in t or "=" in t, self._assignments))
         if "emails" in self.kinds:
             steps.append((lambda t: "@" in t, partial(_EMAILS.sub, self._fixed("email"))))
         if "cards" in self.kinds:
@@ -212,9 +205,14 @@ class Redactor:
             return token
         return sub
 
-    def _vendor(self, m: Match[str]) -> str:
+    def _secret(self, m: Match[str]) -> str:
+        g = m.lastgroup
+        if g == "g":
+            run = m.group(0)
+            if not _looks_random(run):      # but a vendor secret may start inside the run
+                return _VENDOR_ONLY.sub(self._secret, run)
         self._count += 1
-        if m.lastgroup == "v":      # keep "Bearer "
+        if g == "v":        # keep "Bearer "
             return m.group(0)[: m.start("v") - m.start()] + _SECRET
         return _SECRET
 
@@ -228,12 +226,6 @@ class Redactor:
                 last = m.end()
                 self._count += 1
         return "".join(parts) + text[last:] if parts else text
-
-    def _generic(self, m: Match[str]) -> str:
-        if not _looks_random(m.group(0)):
-            return m.group(0)
-        self._count += 1
-        return _SECRET
 
     def _card(self, m: Match[str]) -> str:
         s = m.group(0)

@@ -458,3 +458,23 @@ def test_llm_failure_falls_back_to_rules() -> None:
     d, out, _, _ = _llm_run(lambda body: (500, {"error": {"message": "boom"}}))
     assert out and {x.rule for x in out} == {"repeated_ask"}
     assert d.llm_rejections and d.llm_rejections[0].startswith("llm error")
+
+
+def test_agent_version_regression_points_at_the_harness() -> None:
+    stream = SyntheticStream(6)
+    d = Diagnoser(CFG)
+    assert feed(d, mixed(stream, 1500, HEALTHY)) == []
+    rates = {**HEALTHY, "refund": 0.4}
+    after = []
+    for _ in range(800):
+        intent = stream.rng.choice(sorted(rates))
+        failed = stream.rng.random() < rates[intent]
+        after.append(stream.tag(intent, failed=failed, agent_version="2.0"))
+    diag = only(feed(d, after))
+    assert (diag.intent_id, diag.rule, diag.agent_version) == (
+        "refund",
+        "version_regression",
+        "2.0",
+    )
+    assert diag.component["type"] == "harness" and diag.component["target"] == "agent_version"
+    assert diag.component["detail"]["previous"] == ["1.0"]

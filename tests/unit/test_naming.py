@@ -49,6 +49,7 @@ def index(clusters: dict[str, list[str]]) -> KeyphraseIndex:
 
 def test_terms_drop_stop_words_placeholders_and_cross_stopword_bigrams() -> None:
     assert terms("I am still waiting on my card, sent to [EMAIL]") == ["waiting", "card", "sent"]
+    assert terms("mail [REDACTED:email] card") == ["mail", "card"]      # capture's placeholder
     assert terms("The new card arrived <CARD_NUMBER>") == ["new", "card", "arrived", "new card", "card arrived"]
 
 

@@ -1,0 +1,204 @@
+"""The ``closeloop`` command line (the names are the user's interface: keep them)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+from .config import Config, load_config
+from .errors import CloseloopError
+
+log = logging.getLogger("closeloop")
+
+
+def _config(a: argparse.Namespace, **extra: Any) -> Config:
+    overrides = {"home": getattr(a, "home", None)}
+    overrides.update(extra)
+    return load_config(getattr(a, "config", None), overrides=overrides)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="closeloop.yaml (default: ./closeloop.yaml if present, or CLOSELOOP_CONFIG)")
+    p.add_argument("--home", help="state directory (default: ./.closeloop, or CLOSELOOP_HOME)")
+
+
+# -- up --------------------------------------------------------------------------------------
+def cmd_up(a: argparse.Namespace) -> int:
+    from .stack import EmbeddedStack
+
+    cfg = _config(a, **{"otlp.grpc_port": a.otlp_grpc_port, "otlp.http_port": a.otlp_http_port,
+                        "web.port": a.web_port})
+    stopping = False
+
+    def on_signal(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"closeloop: starting the embedded stack in {cfg.home_path} ...", flush=True)
+    stack = EmbeddedStack(cfg, config_file=a.config).start()
+    try:
+        print_endpoints(stack)
+        while not stopping:
+            stack.supervise_once()
+            time.sleep(0.5)
+    finally:
+        print("closeloop: stopping ...", flush=True)
+        stack.stop()
+        print("closeloop: stopped", flush=True)
+    return 0
+
+
+def print_endpoints(stack: Any) -> None:
+    cfg = stack.cfg
+    rows = [
+        ("OTLP gRPC", f"{cfg.otlp.host}:{cfg.otlp.grpc_port}"),
+        ("OTLP HTTP", f"http://{cfg.otlp.host}:{cfg.otlp.http_port}  (/v1/traces, /v1/logs)"),
+        ("Kafka", stack.bootstrap + ("  (embedded tansu)" if stack.broker else "")),
+        ("ClickHouse", cfg.clickhouse_dsn),
+        ("SQL (HTTP)", stack.sql_url + "  (ClickHouse HTTP interface; `closeloop sql` uses it)"),
+        ("Review page", f"http://{cfg.web.host}:{cfg.web.port}/  (token in {cfg.run_dir() / 'web-token'})"),
+        ("Logs", str(cfg.log_dir())),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("closeloop is up:")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+    print("Point an OTel SDK at it: OTEL_EXPORTER_OTLP_ENDPOINT=http://%s:%s   (Ctrl-C stops)"
+          % (cfg.otlp.host, cfg.otlp.http_port), flush=True)
+
+
+# -- status ----------------------------------------------------------------------------------
+def cmd_status(a: argparse.Namespace) -> int:
+    from .stack import read_stack_file
+    from .status import collect_status, format_status
+
+    cfg = _config(a)
+    info = read_stack_file(cfg)
+    st = collect_status(cfg, info)
+    if a.json:
+        print(json.dumps(st, indent=2, default=str))
+    else:
+        print(format_status(st))
+    return 0
+
+
+# -- sql / migrate ---------------------------------------------------------------------------
+def cmd_sql(a: argparse.Namespace) -> int:
+    from .store import open_store
+
+    cfg = _config(a)
+    store = open_store(cfg)
+    try:
+        out = store.raw(a.query, fmt=a.format)
+    finally:
+        store.close()
+    sys.stdout.buffer.write(out)
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_migrate(a: argparse.Namespace) -> int:
+    from .store import open_store
+
+    cfg = _config(a)
+    store = open_store(cfg)
+    try:
+        applied = store.migrate()
+    finally:
+        store.close()
+    print("applied: " + (", ".join(applied) if applied else "nothing (schema is current)"))
+    return 0
+
+
+def cmd_worker(a: argparse.Namespace) -> int:
+    from . import worker
+
+    argv = []
+    for flag in ("config", "home", "bootstrap", "stages"):
+        v = getattr(a, flag, None)
+        if v:
+            argv += [f"--{flag}", v]
+    worker.main(argv)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="closeloop", description="closeloop: capture, understand, diagnose, "
+                                "act and review — the loop under a self-improving agent.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start the embedded stack (broker, OTLP gateway, workers, store, page)")
+    _common(up)
+    up.add_argument("--otlp-grpc-port", type=int)
+    up.add_argument("--otlp-http-port", type=int)
+    up.add_argument("--web-port", type=int)
+    up.set_defaults(fn=cmd_up)
+
+    st = sub.add_parser("status", help="what runs, topic offsets and lag, dead letters, rows per table")
+    _common(st)
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(fn=cmd_status)
+
+    sq = sub.add_parser("sql", help="run a query on the store (through the running stack if any)")
+    _common(sq)
+    sq.add_argument("query")
+    sq.add_argument("--format", default="PrettyCompactMonoBlock", help="ClickHouse output format")
+    sq.set_defaults(fn=cmd_sql)
+
+    mg = sub.add_parser("migrate", help="apply schemas/*.sql to the configured ClickHouse")
+    _common(mg)
+    mg.set_defaults(fn=cmd_migrate)
+
+    wk = sub.add_parser("worker", help="run the stage processors (one faust worker)")
+    _common(wk)
+    wk.add_argument("--bootstrap")
+    wk.add_argument("--stages")
+    wk.set_defaults(fn=cmd_worker)
+
+    for name, fn_name, helptext in EXTRA_COMMANDS:
+        sp = sub.add_parser(name, help=helptext)
+        _common(sp)
+        _extra_args(name, sp)
+        sp.set_defaults(fn=_lazy(fn_name))
+    return p
+
+
+# Commands whose implementation lives with their layer (imported on use).
+EXTRA_COMMANDS: list[tuple[str, str, str]] = []
+
+
+def _extra_args(name: str, sp: argparse.ArgumentParser) -> None:
+    return None
+
+
+def _lazy(fn_name: str) -> Any:
+    def run(a: argparse.Namespace) -> int:
+        import importlib
+
+        mod, fn = fn_name.rsplit(":", 1)
+        return int(getattr(importlib.import_module(mod), fn)(a) or 0)
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.fn(args)
+    except CloseloopError as e:
+        print(f"closeloop {args.command}: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

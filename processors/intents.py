@@ -1,0 +1,422 @@
+"""Online intent clustering: learns intents from a stream of unit vectors, never told how many.
+
+Two levels, in the spirit of DBSTREAM/CluStream but with numpy vector math:
+
+* **micro-clusters** — tight groups (cosine >= ``micro_threshold``) updated on every point; they
+  are the model's bounded summary of the stream (at most ``max_micro_per_intent`` per intent,
+  the smallest folded into their nearest sibling), so state grows with intents, not points.
+* **intents** — DP-means over the micro-clusters (weighted spherical k-means in which a
+  micro-cluster farther than ``threshold`` from every centroid opens a new one), warm-started
+  from the current intents every ``refine_every`` points. Between refinements a point joins
+  its micro-cluster's intent, or the nearest intent, or opens a new one.
+
+A refinement maps the new partition onto the old ids by shared weight: each new group inherits
+the id that gave it most weight; when several groups share a parent, the largest keeps the id
+and the others are *split* children (new id, ``parent_id``); an id that inherits nothing was
+*merged* into the group holding most of its weight. Intents that stay smaller than
+``min_size`` after ``grace`` points are merged into their nearest neighbour. Ids are never reused.
+
+>>> import numpy as np
+>>> m = IntentModel(threshold=0.5)
+>>> a = m.learn_one(np.array([1.0, 0.0, 0.0], dtype=np.float32), now_ns=1)
+>>> m.learn_one(np.array([0.99, 0.1, 0.0], dtype=np.float32), now_ns=2) == a
+True
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SNAPSHOT_VERSION = 1
+
+
+@dataclass
+class IntentChange:
+    """One taxonomy change; columns of the ``intent_changes`` table (less the name)."""
+
+    taxonomy_version: int
+    intent_id: str
+    change: str                    # created | merged | split
+    other_id: str                  # merged: the survivor; split: the parent; created: ""
+    ts_ns: int
+
+
+@dataclass
+class IntentSummary:
+    intent_id: str
+    size: int                      # points learned (for a merged intent: when it was merged)
+    centroid: np.ndarray
+    created_ns: int
+    updated_ns: int
+    parent_id: str                 # merged: the survivor; split child: the parent; else ""
+    status: str                    # active | merged
+    examples: list[tuple[int, str]] = field(default_factory=list)   # (point index, text), bounded
+
+
+class IntentModel:
+    """Online intent clusterer with stable ids (``learn_one`` / ``predict_one``)."""
+
+    def __init__(self, threshold: float = 0.5, *, micro_threshold: float = 0.8, min_size: int = 20,
+                 grace: int = 2000, refine_every: int = 500, refine_iters: int = 3,
+                 max_micro_per_intent: int = 32, examples: int = 10, seed: int = 0) -> None:
+        if not -1.0 < threshold < micro_threshold < 1.0:
+            raise ValueError(f"need -1 < threshold ({threshold}) < micro_threshold ({micro_threshold}) < 1")
+        if min(refine_every, refine_iters, max_micro_per_intent) < 1 or min_size < 0 or grace < 0 or examples < 0:
+            raise ValueError("refine_every, refine_iters, max_micro_per_intent must be >= 1; "
+                             "min_size, grace, examples >= 0")
+        self.threshold = threshold
+        self.micro_threshold = micro_threshold
+        self.min_size = min_size
+        self.grace = grace
+        self.refine_every = refine_every
+        self.refine_iters = refine_iters
+        self.max_micro_per_intent = max_micro_per_intent
+        self.examples = examples
+        self.seed = seed
+        self._rng = np.random.default_rng(seed)
+        self._dim = 0
+        self._n_seen = 0
+        self._next_id = 1
+        self.taxonomy_version = 0
+        self.changes: list[IntentChange] = []
+        # micro-clusters: parallel arrays, first _m rows used
+        self._m = 0
+        self._m_sum = np.zeros((0, 0), dtype=np.float64)
+        self._m_cent = np.zeros((0, 0), dtype=np.float32)
+        self._m_n = np.zeros(0, dtype=np.int64)
+        self._m_intent: list[str] = []
+        # intents: metadata by id, plus the active ones' centroids in _order
+        self._meta: dict[str, dict] = {}
+        self._order: list[str] = []
+        self._i_sum = np.zeros((0, 0), dtype=np.float64)
+        self._i_cent = np.zeros((0, 0), dtype=np.float32)
+        self._examples: dict[str, list[list]] = {}      # id -> [[micro index, point index, text], ...]
+        self._ex_seen: dict[str, int] = {}              # id -> points offered to the reservoir
+
+    # ---- public protocol -------------------------------------------------------------
+
+    def learn_one(self, x: np.ndarray, now_ns: int, text: str | None = None) -> str:
+        """Assign ``x`` to an intent (creating one if it is far from all), learn it, return the id."""
+        x = self._unit(x)
+        if self._n_seen and self._n_seen % self.refine_every == 0:
+            self._refine(now_ns)
+        j, intent = self._route(x)
+        if intent is None:
+            intent = self._create(now_ns)
+        if j < 0:
+            j = self._new_micro(x, intent)
+        else:
+            self._m_sum[j] += x
+            self._m_n[j] += 1
+            self._m_cent[j] = self._m_sum[j] / np.linalg.norm(self._m_sum[j])
+        k = self._order.index(intent)
+        self._i_sum[k] += x
+        self._i_cent[k] = self._normalise(self._i_sum[k])
+        meta = self._meta[intent]
+        meta["size"] += 1
+        meta["updated_ns"] = now_ns
+        self._n_seen += 1
+        self._offer_example(intent, j, text)
+        return intent
+
+    def predict_one(self, x: np.ndarray) -> str | None:
+        """The intent ``x`` would join, or None if it would open a new one."""
+        if self._m == 0:
+            return None
+        return self._route(self._unit(x))[1]
+
+    def resolve(self, intent_id: str) -> str:
+        """Follow merges to the active intent that absorbed ``intent_id`` (itself if active)."""
+        seen = set()
+        while intent_id in self._meta and self._meta[intent_id]["status"] == "merged" and intent_id not in seen:
+            seen.add(intent_id)
+            intent_id = self._meta[intent_id]["parent_id"]
+        return intent_id
+
+    def intents(self, *, include_merged: bool = False) -> list[IntentSummary]:
+        out = []
+        for iid, meta in self._meta.items():
+            if meta["status"] != "active" and not include_merged:
+                continue
+            cent = self._i_cent[self._order.index(iid)] if iid in self._order else np.asarray(meta["centroid"])
+            out.append(IntentSummary(
+                intent_id=iid, size=int(meta["size"]), centroid=cent.astype(np.float32),
+                created_ns=int(meta["created_ns"]), updated_ns=int(meta["updated_ns"]),
+                parent_id=meta["parent_id"], status=meta["status"],
+                examples=[(int(i), t) for _, i, t in self._examples.get(iid, [])]))
+        return out
+
+    @property
+    def n_seen(self) -> int:
+        return self._n_seen
+
+    def nbytes(self) -> int:
+        """Approximate memory of the learned state (arrays plus example texts)."""
+        arrays = sum(a.nbytes for a in (self._m_sum, self._m_cent, self._m_n, self._i_sum, self._i_cent))
+        texts = sum(len(t) + 64 for ex in self._examples.values() for _, _, t in ex)
+        return arrays + texts + 200 * (len(self._meta) + self._m)
+
+    def snapshot(self) -> bytes:
+        """The whole model as bytes (npz: arrays plus a JSON document; no pickle)."""
+        state = {
+            "version": SNAPSHOT_VERSION,
+            "settings": {k: getattr(self, k) for k in (
+                "threshold", "micro_threshold", "min_size", "grace", "refine_every", "refine_iters",
+                "max_micro_per_intent", "examples", "seed")},
+            "rng": self._rng.bit_generator.state, "dim": self._dim, "n_seen": self._n_seen,
+            "next_id": self._next_id, "taxonomy_version": self.taxonomy_version,
+            "changes": [c.__dict__ for c in self.changes],
+            "m_intent": self._m_intent[: self._m], "order": self._order,
+            "meta": {k: {**v, "centroid": list(map(float, v["centroid"]))} for k, v in self._meta.items()},
+            "examples": self._examples, "ex_seen": self._ex_seen,
+        }
+        buf = io.BytesIO()
+        np.savez_compressed(buf, m_sum=self._m_sum[: self._m], m_n=self._m_n[: self._m], i_sum=self._i_sum,
+                            state=np.frombuffer(json.dumps(state).encode(), dtype=np.uint8))
+        return buf.getvalue()
+
+    @classmethod
+    def restore(cls, data: bytes) -> IntentModel:
+        z = np.load(io.BytesIO(data), allow_pickle=False)
+        state = json.loads(z["state"].tobytes().decode())
+        if state["version"] != SNAPSHOT_VERSION:
+            raise ValueError(f"snapshot version {state['version']} is not {SNAPSHOT_VERSION}")
+        m = cls(**state["settings"])
+        m._rng.bit_generator.state = state["rng"]
+        m._dim, m._n_seen, m._next_id = state["dim"], state["n_seen"], state["next_id"]
+        m.taxonomy_version = state["taxonomy_version"]
+        m.changes = [IntentChange(**c) for c in state["changes"]]
+        m._m_sum = z["m_sum"].copy()
+        m._m_n = z["m_n"].copy()
+        m._m = len(m._m_n)
+        m._m_cent = m._normalise(m._m_sum)
+        m._m_intent = list(state["m_intent"])
+        m._order = list(state["order"])
+        m._i_sum = z["i_sum"].copy()
+        m._i_cent = m._normalise(m._i_sum)
+        m._meta = state["meta"]
+        m._examples = state["examples"]
+        m._ex_seen = state["ex_seen"]
+        return m
+
+    # ---- internals -------------------------------------------------------------------
+
+    @staticmethod
+    def _normalise(m: np.ndarray) -> np.ndarray:
+        n = np.linalg.norm(m, axis=-1, keepdims=True)
+        return (m / np.maximum(n, 1e-12)).astype(np.float32)
+
+    def _unit(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32).reshape(-1)
+        if self._dim == 0:
+            self._dim = x.shape[0]
+            self._m_sum = np.zeros((64, self._dim), dtype=np.float64)
+            self._m_cent = np.zeros((64, self._dim), dtype=np.float32)
+            self._m_n = np.zeros(64, dtype=np.int64)
+            self._i_sum = np.zeros((0, self._dim), dtype=np.float64)
+            self._i_cent = np.zeros((0, self._dim), dtype=np.float32)
+        elif x.shape[0] != self._dim:
+            raise ValueError(f"vector has {x.shape[0]} dimensions, the model {self._dim}")
+        return self._normalise(x)
+
+    def _route(self, x: np.ndarray) -> tuple[int, str | None]:
+        """(micro-cluster index or -1, intent id or None) for a unit vector."""
+        if self._m:
+            sims = self._m_cent[: self._m] @ x
+            j = int(sims.argmax())
+            if sims[j] >= self.micro_threshold:
+                return j, self._m_intent[j]
+        if self._order:
+            sims = self._i_cent @ x
+            k = int(sims.argmax())
+            if sims[k] >= self.threshold:
+                return -1, self._order[k]
+        return -1, None
+
+    def _record(self, change: str, intent_id: str, other_id: str, now_ns: int) -> None:
+        self.taxonomy_version += 1
+        self.changes.append(IntentChange(self.taxonomy_version, intent_id, change, other_id, now_ns))
+
+    def _create(self, now_ns: int, parent_id: str = "") -> str:
+        iid = f"intent-{self._next_id}"
+        self._next_id += 1
+        self._meta[iid] = {"size": 0, "created_ns": now_ns, "updated_ns": now_ns, "parent_id": parent_id,
+                           "status": "active", "born": self._n_seen, "centroid": []}
+        self._order.append(iid)
+        self._i_sum = np.vstack([self._i_sum, np.zeros((1, self._dim))])
+        self._i_cent = np.vstack([self._i_cent, np.zeros((1, self._dim), dtype=np.float32)])
+        self._examples[iid] = []
+        self._ex_seen[iid] = 0
+        self._record("split" if parent_id else "created", iid, parent_id, now_ns)
+        return iid
+
+    def _new_micro(self, x: np.ndarray, intent: str) -> int:
+        if self._m == len(self._m_n):
+            grow = len(self._m_n)
+            self._m_sum = np.vstack([self._m_sum, np.zeros((grow, self._dim))])
+            self._m_cent = np.vstack([self._m_cent, np.zeros((grow, self._dim), dtype=np.float32)])
+            self._m_n = np.concatenate([self._m_n, np.zeros(grow, dtype=np.int64)])
+        j = self._m
+        self._m += 1
+        self._m_sum[j] = x
+        self._m_cent[j] = x
+        self._m_n[j] = 1
+        self._m_intent.append(intent)
+        return j
+
+    def _offer_example(self, intent: str, micro: int, text: str | None) -> None:
+        """Reservoir sampling (Algorithm R) of the texts given with an intent's points."""
+        if text is None or self.examples == 0:
+            return
+        self._ex_seen[intent] += 1
+        res = self._examples[intent]
+        entry = [micro, self._n_seen, text]
+        if len(res) < self.examples:
+            res.append(entry)
+        else:
+            k = int(self._rng.integers(self._ex_seen[intent]))
+            if k < self.examples:
+                res[k] = entry
+
+    # ---- refinement ------------------------------------------------------------------
+
+    def _refine(self, now_ns: int) -> None:
+        self._cap_micro()
+        m = self._m
+        w = self._m_n[:m].astype(np.float64)
+        pts = self._m_cent[:m]
+        cents = self._i_cent.copy()
+        for _ in range(self.refine_iters):
+            sums, assign = self._recentre(self._dp_assign(pts, w, cents))
+            cents = self._normalise(sums)
+        # intents that stay small past their grace period are folded into their nearest neighbour
+        old_of = np.array([self._order.index(i) for i in self._m_intent[:m]])
+        born = np.array([self._meta[i]["born"] for i in self._order])
+        grp_born = np.array([born[old_of[assign == g]].min() for g in range(len(cents))])
+        grp_w = np.bincount(assign, weights=w, minlength=len(cents))
+        keep = (grp_w >= self.min_size) | (self._n_seen - grp_born < self.grace)
+        if keep.any() and not keep.all():
+            sums, assign = self._recentre((pts @ cents[keep].T).argmax(axis=1))
+        self._reconcile(assign, sums, w, now_ns)
+
+    def _dp_assign(self, pts: np.ndarray, w: np.ndarray, cents: np.ndarray) -> np.ndarray:
+        """Nearest centroid; micro-clusters beyond ``threshold`` of all open new ones, heaviest first."""
+        if len(cents):
+            sims = pts @ cents.T
+            assign = sims.argmax(axis=1)
+            far = np.flatnonzero(sims[np.arange(len(pts)), assign] < self.threshold)
+        else:
+            assign = np.zeros(len(pts), dtype=np.int64)
+            far = np.arange(len(pts))
+        new: list[np.ndarray] = []
+        for j in far[np.argsort(-w[far], kind="stable")]:
+            if new:
+                s = np.stack(new) @ pts[j]
+                k = int(s.argmax())
+                if s[k] >= self.threshold:
+                    assign[j] = len(cents) + k
+                    continue
+            new.append(pts[j])
+            assign[j] = len(cents) + len(new) - 1
+        return assign
+
+    def _recentre(self, assign: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(sum of the points of each non-empty group, assignment renumbered densely)."""
+        used, assign = np.unique(assign, return_inverse=True)
+        sums = np.zeros((len(used), self._dim))
+        np.add.at(sums, assign, self._m_sum[: self._m])
+        return sums, assign
+
+    def _reconcile(self, assign: np.ndarray, sums: np.ndarray, w: np.ndarray, now_ns: int) -> None:
+        """Give the new groups ids: inherit by shared weight, record merges and splits."""
+        m = self._m
+        old = list(self._order)
+        old_idx = np.array([old.index(i) for i in self._m_intent[:m]])
+        overlap = np.zeros((len(sums), len(old)))
+        np.add.at(overlap, (assign, old_idx), w)
+        main = overlap.argmax(axis=1)
+        new_ids: list[str] = [""] * len(sums)
+        for o in range(len(old)):
+            groups = np.flatnonzero(main == o)
+            if len(groups) == 0:
+                continue
+            groups = groups[np.argsort(-overlap[groups, o], kind="stable")]
+            new_ids[groups[0]] = old[o]
+            for g in groups[1:]:
+                new_ids[g] = self._create(now_ns, parent_id=old[o])
+        survivors = set(new_ids)
+        for o, iid in enumerate(old):
+            if iid not in survivors:
+                into = new_ids[int(overlap[:, o].argmax())]
+                meta = self._meta[iid]
+                meta.update(status="merged", parent_id=into, updated_ns=now_ns,
+                            centroid=list(map(float, self._i_cent[o])))
+                self._record("merged", iid, into, now_ns)
+        self._m_intent = [new_ids[g] for g in assign]
+        self._order = new_ids
+        self._i_sum = sums
+        self._i_cent = self._normalise(sums)
+        sizes = np.bincount(assign, weights=self._m_n[:m], minlength=len(sums))
+        for g, iid in enumerate(new_ids):
+            self._meta[iid]["size"] = int(sizes[g])
+        self._regroup_examples()
+
+    def _regroup_examples(self) -> None:
+        """Examples follow their micro-cluster to its (possibly new) intent, still bounded."""
+        pool = [e for iid in list(self._examples) for e in self._examples[iid]]
+        for iid in self._order:
+            self._examples[iid] = []
+        for iid in self._meta:
+            if self._meta[iid]["status"] != "active":
+                self._examples.pop(iid, None)
+        for e in pool:
+            self._examples[self._m_intent[e[0]]].append(e)
+        for iid in self._order:
+            ex = self._examples[iid]
+            if len(ex) > self.examples:
+                keep = sorted(self._rng.choice(len(ex), self.examples, replace=False))
+                self._examples[iid] = [ex[k] for k in keep]
+            self._ex_seen[iid] = max(self._ex_seen.get(iid, 0), len(self._examples[iid]))
+
+    def _cap_micro(self) -> None:
+        """Fold the lightest micro-clusters into their nearest sibling until within the bound."""
+        limit = self.max_micro_per_intent * max(1, len(self._order))
+        excess = self._m - limit
+        if excess <= 0:
+            return
+        m = self._m
+        alive = np.ones(m, dtype=bool)
+        target = np.arange(m)
+        intents = np.array(self._m_intent[:m])
+        for j in np.argsort(self._m_n[:m], kind="stable"):
+            if excess == 0:
+                break
+            mates = np.flatnonzero(alive & (intents == intents[j]))
+            mates = mates[mates != j]
+            if len(mates) == 0:
+                continue
+            k = mates[int((self._m_cent[mates] @ self._m_cent[j]).argmax())]
+            self._m_sum[k] += self._m_sum[j]
+            self._m_n[k] += self._m_n[j]
+            self._m_cent[k] = self._normalise(self._m_sum[k])
+            alive[j] = False
+            target[j] = k
+            excess -= 1
+        # compact the arrays; examples follow their micro-cluster
+        while not alive[target].all():
+            target = target[target]
+        new_index = np.cumsum(alive) - 1
+        keep = np.flatnonzero(alive)
+        n = len(keep)
+        self._m_sum[:n] = self._m_sum[keep]
+        self._m_cent[:n] = self._m_cent[keep]
+        self._m_n[:n] = self._m_n[keep]
+        self._m_n[n:m] = 0
+        self._m_intent = [self._m_intent[k] for k in keep]
+        self._m = n
+        for ex in self._examples.values():
+            for e in ex:
+                e[0] = int(new_index[target[e[0]]])

@@ -1,0 +1,205 @@
+"""The embedded stack: broker, worker (store owner + stages) and OTLP gateway, one process tree.
+
+``closeloop up`` runs it in the foreground; ``closeloop demo`` and the e2e tests start it too.
+Children are supervised: one that dies unexpectedly is restarted (with a back-off), and
+stopping goes gateway → worker → broker, so nothing is accepted that cannot be written.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from .broker import EmbeddedBroker, ensure_topics, free_port, port_in_use
+from .config import Config
+from .errors import BrokerError, CloseloopError
+
+log = logging.getLogger("closeloop.stack")
+
+READY_TIMEOUT_S = 90.0
+RESTART_BACKOFF_S = 2.0
+
+
+def wait_port(host: str, port: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=False)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0fs; killing it", self.name, timeout_s)
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+@dataclass
+class EmbeddedStack:
+    cfg: Config
+    config_file: str | None = None
+    broker: EmbeddedBroker | None = None
+    bootstrap: str = ""
+    children: dict[str, Child] = field(default_factory=dict)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> EmbeddedStack:
+        cfg = self.cfg
+        home = cfg.home_path
+        (home / "logs").mkdir(parents=True, exist_ok=True)
+        cfg.run_dir().mkdir(parents=True, exist_ok=True)
+        for name in ("grpc_port", "http_port"):
+            port = getattr(cfg.otlp, name)
+            if port and port_in_use(port, cfg.otlp.host):
+                raise CloseloopError(f"OTLP port {port} is taken; pass --otlp-{name.split('_')[0]}-port "
+                                     "or stop what listens there")
+        if port_in_use(cfg.web.port, cfg.web.host) and cfg.web.port:
+            raise CloseloopError(f"web port {cfg.web.port} is taken; pass --web-port")
+        if cfg.kafka.bootstrap:
+            self.bootstrap = cfg.kafka.bootstrap
+        else:
+            self.broker = EmbeddedBroker(port=cfg.kafka.broker_port, log_dir=cfg.log_dir()).start()
+            self.bootstrap = self.broker.bootstrap
+        ensure_topics(self.bootstrap, cfg.topics.all(), cfg.kafka.partitions)
+        sql_port = cfg.clickhouse.sql_port or free_port()
+        if cfg.embedded_store and port_in_use(sql_port):
+            sql_port = free_port()
+        env = self._child_env(sql_port)
+        self.children["worker"] = Child("worker", [sys.executable, "-m", "processors.worker",
+                                                   "--bootstrap", self.bootstrap], env,
+                                        cfg.log_dir() / "worker.log")
+        self.children["gateway"] = Child("gateway", [sys.executable, "-m", "processors.gateway",
+                                                     "--bootstrap", self.bootstrap], env,
+                                         cfg.log_dir() / "gateway.log")
+        try:
+            self.children["worker"].start()
+            if cfg.embedded_store and not wait_port("127.0.0.1", sql_port, READY_TIMEOUT_S):
+                raise CloseloopError(f"the worker did not come up; see {cfg.log_dir() / 'worker.log'}")
+            self.children["gateway"].start()
+            if not wait_port(cfg.otlp.host, cfg.otlp.http_port, READY_TIMEOUT_S):
+                raise CloseloopError(f"the OTLP gateway did not come up; see {cfg.log_dir() / 'gateway.log'}")
+            self.sql_url = f"http://127.0.0.1:{sql_port}"
+            self._write_stack_file()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _child_env(self, sql_port: int) -> dict[str, str]:
+        cfg = self.cfg
+        env = {k: v for k, v in os.environ.items()}
+        env.update({
+            "CLOSELOOP_HOME": str(cfg.home_path),
+            "CLOSELOOP_KAFKA": self.bootstrap,
+            "CLOSELOOP_CLICKHOUSE_SQL_PORT": str(sql_port),
+            "CLOSELOOP_OTLP_GRPC_PORT": str(cfg.otlp.grpc_port),
+            "CLOSELOOP_OTLP_HTTP_PORT": str(cfg.otlp.http_port),
+            "CLOSELOOP_WEB_PORT": str(cfg.web.port),
+            "PYTHONUNBUFFERED": "1",
+        })
+        if self.config_file:
+            env["CLOSELOOP_CONFIG"] = str(Path(self.config_file).resolve())
+        # the package must be importable by the children exactly as by this process
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent)]
+                                            + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        return env
+
+    def _write_stack_file(self) -> None:
+        cfg = self.cfg
+        info = {
+            "supervisor_pid": os.getpid(),
+            "bootstrap": self.bootstrap,
+            "broker_pid": self.broker.proc.pid if self.broker and self.broker.proc else None,
+            "children": {n: c.proc.pid for n, c in self.children.items() if c.proc},
+            "otlp_grpc": f"{cfg.otlp.host}:{cfg.otlp.grpc_port}",
+            "otlp_http": f"http://{cfg.otlp.host}:{cfg.otlp.http_port}",
+            "sql": self.sql_url,
+            "web": f"http://{cfg.web.host}:{cfg.web.port}",
+            "clickhouse": cfg.clickhouse_dsn,
+            "started_ns": time.time_ns(),
+        }
+        (cfg.run_dir() / "stack.json").write_text(json.dumps(info, indent=2))
+
+    def supervise_once(self) -> None:
+        """Restart children that died (called in the supervisor's loop)."""
+        if self.broker is not None and self.broker.proc is not None and self.broker.proc.poll() is not None:
+            raise BrokerError(f"the embedded broker exited (code {self.broker.proc.returncode}); "
+                              f"see {self.cfg.log_dir() / 'broker.log'}")
+        for child in self.children.values():
+            if child.proc is not None and child.proc.poll() is not None:
+                code = child.proc.returncode
+                child.restarts += 1
+                log.warning("%s exited with code %s; restarting it (restart #%d)", child.name, code,
+                            child.restarts)
+                child.stop()
+                time.sleep(min(RESTART_BACKOFF_S * child.restarts, 30.0))
+                child.start()
+                self._write_stack_file()
+
+    def stop(self) -> None:
+        for name in ("gateway", "worker"):
+            if name in self.children:
+                self.children[name].stop()
+        if self.broker is not None:
+            self.broker.stop()
+            self.broker = None
+        for f in ("stack.json", "sql.json"):
+            (self.cfg.run_dir() / f).unlink(missing_ok=True)
+
+    def __enter__(self) -> EmbeddedStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def read_stack_file(cfg: Config) -> dict[str, object] | None:
+    f = cfg.run_dir() / "stack.json"
+    if not f.exists():
+        return None
+    try:
+        info = json.loads(f.read_text())
+    except ValueError:
+        return None
+    try:
+        os.kill(int(info["supervisor_pid"]), 0)
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+    return info

@@ -1,0 +1,84 @@
+"""``closeloop status``: processes, topic offsets and consumer lag, dead letters, rows per table."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .broker import committed_offsets, true_end_offsets
+from .config import Config
+from .errors import CloseloopError
+from .store import open_store
+
+CONSUMER_GROUP = "closeloop"   # the faust app id
+
+
+def _alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (OSError, TypeError, ValueError):
+        return False
+
+
+def collect_status(cfg: Config, info: dict[str, Any] | None) -> dict[str, Any]:
+    st: dict[str, Any] = {"home": str(cfg.home_path), "running": info is not None, "processes": {},
+                          "topics": {}, "tables": {}, "deadletters": None, "errors": []}
+    bootstrap = cfg.kafka.bootstrap
+    if info:
+        bootstrap = str(info.get("bootstrap") or bootstrap)
+        st["endpoints"] = {k: info.get(k) for k in ("otlp_grpc", "otlp_http", "sql", "web", "clickhouse")}
+        st["processes"]["supervisor"] = {"pid": info.get("supervisor_pid"), "alive": True}
+        if info.get("broker_pid"):
+            st["processes"]["broker"] = {"pid": info["broker_pid"], "alive": _alive(info["broker_pid"])}
+        for name, pid in dict(info.get("children") or {}).items():
+            st["processes"][name] = {"pid": pid, "alive": _alive(pid)}
+    if bootstrap:
+        try:
+            topics = cfg.topics.all()
+            ends = true_end_offsets(bootstrap, topics)
+            commits = committed_offsets(bootstrap, CONSUMER_GROUP, list(ends))
+            for (t, p), end in sorted(ends.items()):
+                row = st["topics"].setdefault(t, {"messages": 0, "lag": 0, "partitions": 0})
+                row["messages"] += end
+                row["partitions"] += 1
+                c = commits.get((t, p), -1)
+                row["lag"] += end - c if c >= 0 else end
+        except Exception as e:  # status reports what it cannot reach instead of failing
+            st["errors"].append(f"Kafka at {bootstrap}: {e}")
+    try:
+        store = open_store(cfg)
+        try:
+            st["tables"] = store.table_counts()
+            st["deadletters"] = st["tables"].get("deadletter")
+            if st["deadletters"]:
+                st["deadletter_reasons"] = store.query(
+                    "SELECT stage, reason, count() AS n FROM deadletter FINAL GROUP BY stage, reason "
+                    "ORDER BY n DESC LIMIT 10")
+        finally:
+            store.close()
+    except CloseloopError as e:
+        st["errors"].append(str(e))
+    return st
+
+
+def format_status(st: dict[str, Any]) -> str:
+    out = [f"closeloop home: {st['home']}  —  {'running' if st['running'] else 'not running'}"]
+    if st.get("endpoints"):
+        out.append("endpoints:")
+        out += [f"  {k:<11} {v}" for k, v in st["endpoints"].items()]
+    if st["processes"]:
+        out.append("processes:")
+        out += [f"  {n:<11} pid {p['pid']:<8} {'up' if p['alive'] else 'DOWN'}" for n, p in st["processes"].items()]
+    if st["topics"]:
+        out.append("topics (messages / consumer lag of group closeloop):")
+        out += [f"  {t:<28} {r['messages']:>9} msgs  lag {r['lag']:>7}  ({r['partitions']} partitions)"
+                for t, r in st["topics"].items()]
+    if st["tables"]:
+        out.append("tables (rows, FINAL):")
+        out += [f"  {t:<20} {n:>10}" for t, n in st["tables"].items()]
+    out.append(f"dead letters: {st['deadletters'] if st['deadletters'] is not None else 'unknown'}")
+    for r in st.get("deadletter_reasons", []):
+        out.append(f"  {r['stage']:<10} {r['n']:>6}  {r['reason']}")
+    for e in st["errors"]:
+        out.append(f"error: {e}")
+    return "\n".join(out)
