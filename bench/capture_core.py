@@ -14,14 +14,14 @@ import time
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
 from processors.capture import Capture, RawMessage
 from processors.config import CaptureConfig
 from processors.redact import Redactor
 
 SPANS_PER_REQUEST = 200
 T0 = 1_731_000_000_000_000_000
-WORDS = ("the order arrived late and the invoice shows a different amount than my plan "
-         "please check my account settings and tell me why the export keeps failing").split()
+WORDS = ["the", "order", "arrived", "late", "and", "the", "invoice", "shows", "a", "different", "amount", "than", "my", "plan", "please", "check", "my", "account", "settings", "and", "tell", "me", "why", "the", "export", "keeps", "failing"]
 
 
 def _kv(k: str, v: object) -> KeyValue:

@@ -125,6 +125,59 @@ def dead_letter(stage: str, reason: str, event: Any, now_ns: int, detail: str = 
                       ts_ns=now_ns)
 
 
+def _tag_row(tag: Any) -> dict[str, Any]:
+    d = tag.to_dict()
+    d.pop("conversation", None)
+    d["failed"] = int(bool(tag.failed))
+    return d
+
+
+class Checkpoint:
+    """A stage's model state with the input offsets it covers, kept in ClickHouse.
+
+    Saved after every batch, before the batch is acknowledged: on restart the newest
+    checkpoint is restored and the events it already covers are skipped, so a redelivery
+    is neither lost nor learned twice. (Not a Kafka changelog: tansu misreports end offsets.)
+    """
+
+    def __init__(self, name: str, pipe: Pipeline) -> None:
+        self.name = name
+        self.pipe = pipe
+        self.offsets: dict[str, int] = {}
+        self.seq = 0
+
+    async def restore_into(self, apply: Any) -> None:
+        rows = await self.pipe.run(self.pipe.store.query,
+                                   "SELECT seq, offsets, data FROM checkpoints FINAL WHERE name = {n:String}",
+                                   {"n": self.name})
+        if not rows:
+            return
+        row = rows[0]
+        apply(base64.b64decode(row["data"]))
+        self.offsets = json.loads(row["offsets"])
+        self.seq = int(row["seq"])
+        log.info("%s: restored checkpoint #%d covering %s", self.name, self.seq, self.offsets)
+
+    def fresh(self, events: list[Any]) -> list[Any]:
+        """The events the checkpoint does not cover yet."""
+        out = []
+        for e in events:
+            m = e.message
+            if m.offset >= self.offsets.get(f"{m.topic}:{m.partition}", 0):
+                out.append(e)
+        return out
+
+    async def save(self, events: list[Any], snapshot: Any) -> None:
+        for e in events:
+            m = e.message
+            k = f"{m.topic}:{m.partition}"
+            self.offsets[k] = max(self.offsets.get(k, 0), m.offset + 1)
+        self.seq += 1
+        data = base64.b64encode(await self.pipe.run(snapshot)).decode()
+        await self.pipe.write(self.name, "checkpoints", [dict(
+            name=self.name, seq=self.seq, offsets=json.dumps(self.offsets), data=data, ts_ns=time.time_ns())])
+
+
 def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
     cfg, t = pipe.cfg, pipe.cfg.topics
     app = faust.App("closeloop", **faust_settings(cfg, bootstrap))
@@ -243,6 +296,72 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
             value = json.dumps({"tick": time.time_ns()}).encode()
             for p in range(cfg.kafka.partitions):
                 await turns_topic.send(key=None, value=value, partition=p)
+
+    # -- understand ------------------------------------------------------------------------
+    if "understand" in pipe.stages:
+        from .embed import make_embedder
+        from .llm import make_llm
+        from .records import Conversation
+        from .understand import Understand
+
+        understand_core = Understand(cfg, make_embedder(cfg.understand, cfg.home_path / "models", cfg.llm),
+                                     make_llm(cfg.llm))
+        understand_ckpt = Checkpoint("understand", pipe)
+
+        @app.agent(conversations_topic, name="understand")
+        async def understand_agent(stream: faust.StreamT) -> None:
+            await understand_ckpt.restore_into(understand_core.restore)
+            async for events in stream.take_events(RECORD_BATCH, within=TAKE_WITHIN_S):
+                now = time.time_ns()
+                convs, dls = [], []
+                for e in understand_ckpt.fresh(events):
+                    try:
+                        convs.append(Conversation.from_json(e.message.value))
+                    except (ValueError, TypeError, KeyError) as err:
+                        dls.append(dead_letter("understand", "undecodable conversation record", e, now, str(err)))
+                if convs:
+                    batch = await pipe.run(understand_core.process, convs, now)
+                    pipe.counters["understand"].records_in += len(convs)
+                    await pipe.write("understand", "conversation_tags",
+                                     [_tag_row(tg) for tg in batch.tags])
+                    await pipe.write("understand", "intents", batch.intent_rows)
+                    await pipe.write("understand", "intent_changes", batch.change_rows)
+                    await send_all([(tags_topic, tg.conversation_id, tg.to_json()) for tg in batch.tags])
+                    pipe.counters["understand"].records_out += len(batch.tags)
+                await send_deadletters("understand", dls)
+                await understand_ckpt.save(events, understand_core.snapshot)
+
+    # -- diagnose --------------------------------------------------------------------------
+    if "diagnose" in pipe.stages:
+        from .diagnose import Diagnoser, diagnosis_rows
+        from .llm import make_llm
+        from .records import TagRecord
+
+        diagnose_state = {"core": Diagnoser(cfg.diagnose, make_llm(cfg.llm))}
+        diagnose_ckpt = Checkpoint("diagnose", pipe)
+
+        def _restore_diagnoser(data: bytes) -> None:
+            diagnose_state["core"] = Diagnoser.restore(data, make_llm(cfg.llm))
+
+        @app.agent(tags_topic, name="diagnose")
+        async def diagnose_agent(stream: faust.StreamT) -> None:
+            await diagnose_ckpt.restore_into(_restore_diagnoser)
+            async for events in stream.take_events(RECORD_BATCH, within=TAKE_WITHIN_S):
+                core = diagnose_state["core"]
+                diags, dls = [], []
+                for e in diagnose_ckpt.fresh(events):
+                    now = time.time_ns()
+                    try:
+                        diags += core.observe(TagRecord.from_json(e.message.value), now)
+                    except (ValueError, TypeError, KeyError, InputError) as err:
+                        dls.append(dead_letter("diagnose", "unusable tag record", e, now, str(err)))
+                    pipe.counters["diagnose"].records_in += 1
+                if diags:
+                    await pipe.write("diagnose", "diagnoses", diagnosis_rows(diags))
+                    await send_all([(diagnoses_topic, d.intent_id, d.to_json()) for d in diags])
+                    pipe.counters["diagnose"].records_out += len(diags)
+                await send_deadletters("diagnose", dls)
+                await diagnose_ckpt.save(events, lambda: diagnose_state["core"].snapshot())
 
     # -- stage counters --------------------------------------------------------------------
     @app.timer(STATS_INTERVAL_S)

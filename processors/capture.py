@@ -55,7 +55,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
@@ -74,6 +74,7 @@ TRUNCATED_MARKER = "…[truncated {} bytes]"
 _UINT32_MAX = 2**32 - 1
 _ZERO_TRACE = bytes(16)
 _ZERO_SPAN = bytes(8)
+_TOO_DEEP = "values nested too deeply"
 _JSON_OPEN = ("{", "[")
 _JSON_CLOSE = ("}", "]")
 _STATUS = {0: "UNSET", 1: "OK", 2: "ERROR"}
@@ -121,14 +122,14 @@ class CaptureBatch:
 
 
 @dataclass
-class _Out:
+class _Out(CaptureBatch):
     """The output of one Kafka message, merged into the batch only when the message is done."""
 
-    span_rows: list[dict[str, Any]] = field(default_factory=list)
-    turn_rows: list[dict[str, Any]] = field(default_factory=list)
-    tool_rows: list[dict[str, Any]] = field(default_factory=list)
-    turns: list[TurnRecord] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+
+    def merge_into(self, batch: CaptureBatch) -> None:
+        for f in fields(CaptureBatch):
+            setattr(batch, f.name, getattr(batch, f.name) + getattr(self, f.name))
 
 
 class Capture:
@@ -163,29 +164,29 @@ class Capture:
                     raise PayloadTooLarge("message too large",
                                           detail=f"{len(m.value)} > {self.cfg.max_message_bytes} bytes")
                 if m.topic == self.logs_topic:
-                    self._logs(m, out, batch, now_ns)
+                    self._logs(m, out)
                 else:
-                    self._traces(m, out, batch, now_ns)
+                    self._traces(m, out, now_ns)
             except InputError as e:
                 batch.deadletters.append(_dead(m, e.reason, e.detail, now_ns))
+                continue
+            except RecursionError:
+                batch.deadletters.append(_dead(m, _TOO_DEEP, "", now_ns))
                 continue
             except Exception as e:      # noqa: BLE001 — bad input must never stop the stage
                 batch.deadletters.append(_dead(m, f"capture failed: {type(e).__name__}", str(e)[:300], now_ns))
                 continue
-            batch.span_rows += out.span_rows
-            batch.turn_rows += out.turn_rows
-            batch.tool_rows += out.tool_rows
-            batch.turns += out.turns
             by_reason: dict[str, list[str]] = {}
             for where, reason in out.problems:
                 by_reason.setdefault(reason, []).append(where)
             # one dead letter per (message, reason): that is the deadletter table's key
             for reason, wheres in by_reason.items():
                 detail = f"{len(wheres)} item(s): {', '.join(wheres[:20])}"
-                batch.deadletters.append(_dead(m, reason, detail, now_ns))
+                out.deadletters.append(_dead(m, reason, detail, now_ns))
+            out.merge_into(batch)
         return batch
 
-    def _traces(self, m: RawMessage, out: _Out, batch: CaptureBatch, now_ns: int) -> None:
+    def _traces(self, m: RawMessage, out: _Out, now_ns: int) -> None:
         req, problems = decode_traces(m.value)
         out.problems += problems
         n = sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
@@ -194,7 +195,7 @@ class Capture:
                                   detail=f"{n} > {self.cfg.max_spans_per_request}")
         if n == 0 and not problems:
             raise InputError("request holds no spans")
-        batch.spans_in += n
+        out.spans_in += n
         done: list[tuple[dict[str, Any], TurnRecord | None, dict[str, Any] | None, bool]] = []
         trace_conv: dict[str, str] = {}
         for i, rs in enumerate(req.resource_spans):
@@ -214,10 +215,10 @@ class Capture:
                         continue
                     except RecursionError:
                         out.problems.append((f"resourceSpans[{i}].scopeSpans[{j}].spans[{k}]",
-                                             "values nested too deeply"))
+                                             _TOO_DEEP))
                         continue
-                    batch.redactions += self._red
-                    batch.truncated += self._trunc
+                    out.redactions += self._red
+                    out.truncated += self._trunc
                     if explicit:
                         trace_conv.setdefault(row["trace_id"], row["conversation_id"])
                     done.append((row, turn, tool_row, explicit))
@@ -284,7 +285,7 @@ class Capture:
         outputs: list[Message] = []
         tool = None
         if kind == "tool":
-            tool = self._tool(a, sp.name, trace_id, span_id, start_ns, duration_ms,
+            tool = self._tool(a, name, trace_id, span_id, start_ns, duration_ms,
                               error_type if failed else "", error_message if failed else "")
         else:
             system, inputs, outputs = self._span_messages(a, ev_vals, kind)
@@ -430,7 +431,7 @@ class Capture:
 
     # ------------------------------------------------------------------- logs
 
-    def _logs(self, m: RawMessage, out: _Out, batch: CaptureBatch, now_ns: int) -> None:
+    def _logs(self, m: RawMessage, out: _Out) -> None:
         req, problems = decode_logs(m.value)
         out.problems += problems
         n = sum(len(sl.log_records) for rl in req.resource_logs for sl in rl.scope_logs)
@@ -439,7 +440,7 @@ class Capture:
                                   detail=f"{n} > {self.cfg.max_spans_per_request}")
         if n == 0 and not problems:
             raise InputError("request holds no log records")
-        batch.log_records_in += n
+        out.log_records_in += n
         groups: dict[tuple[str, str], _Content] = {}
         for i, rl in enumerate(req.resource_logs):
             self._red = self._trunc = 0
@@ -451,14 +452,17 @@ class Capture:
                     try:
                         got = self._log_record(lr, res_vals, groups)
                     except (InputError, RecursionError) as e:
-                        reason = e.reason if isinstance(e, InputError) else "values nested too deeply"
+                        reason = e.reason if isinstance(e, InputError) else _TOO_DEEP
                         out.problems.append((f"resourceLogs[{i}].scopeLogs[{j}].logRecords[{k}]", reason))
                         continue
                     if not got:
-                        batch.log_records_ignored += 1
-                    batch.redactions += self._red
-                    batch.truncated += self._trunc
+                        out.log_records_ignored += 1
+                    out.redactions += self._red
+                    out.truncated += self._trunc
+        trace_conv = {c.trace_id: c.conversation_id for c in reversed(groups.values())
+                      if c.conversation_id != c.trace_id}
         for c in groups.values():
+            c.conversation_id = trace_conv.get(c.trace_id, c.conversation_id)
             system, inputs = self._messages(c.inputs, "user")
             _, outputs = self._messages(c.outputs, "assistant")
             system = self._cap(_parts_text(c.system)) if c.system else system
@@ -485,10 +489,12 @@ class Capture:
         system, ins, outs = _event_content(name, vals, body)
         a = _Attrs(vals, res_vals)
         ts = lr.time_unix_nano or lr.observed_time_unix_nano
+        conv, explicit = a.conversation(trace_id)
         c = groups.get((trace_id, span_id))
         if c is None:
-            conv, _ = a.conversation(trace_id)
             c = groups[(trace_id, span_id)] = _Content(trace_id, span_id, conv, ts, ts)
+        if explicit and c.conversation_id == trace_id:
+            c.conversation_id = conv
         c.prompt_version = c.prompt_version or a.str(*_PROMPT_VERSION_KEYS)
         c.system = c.system or system
         c.inputs += ins
@@ -603,7 +609,7 @@ class _Content:
 class _Attrs:
     """Typed reads over span attributes with resource attributes as the fallback."""
 
-    __slots__ = ("vals", "res")
+    __slots__ = ("res", "vals")
 
     def __init__(self, vals: dict[str, Any], res: dict[str, Any]) -> None:
         self.vals = vals
@@ -674,11 +680,9 @@ def _ids(trace: bytes, span: bytes, parent: bytes) -> tuple[str, str, str]:
 def _kind(a: _Attrs, parent_id: str) -> str:
     """llm | tool | agent | other, from whichever dialect marks the span."""
     v = a.vals
-    op = v.get("gen_ai.operation.name")
-    oi = v.get("openinference.span.kind")
-    tl = v.get("traceloop.span.kind")
-    oi = oi.upper() if isinstance(oi, str) else ""
-    tl = tl.lower() if isinstance(tl, str) else ""
+    op, oi, tl = (x if isinstance(x, str) else "" for x in (
+        v.get("gen_ai.operation.name"), v.get("openinference.span.kind"), v.get("traceloop.span.kind")))
+    oi, tl = oi.upper(), tl.lower()
     if op == "execute_tool" or oi == "TOOL" or tl == "tool":
         return "tool"
     if op in _LLM_OPS or oi in ("LLM", "EMBEDDING") or "llm.request.type" in v:

@@ -232,8 +232,11 @@ class ActConfig:
     max_changed_lines: int = 40
     notify_webhook: str = ""           # Slack-compatible incoming webhook URL
     labels: list[str] = field(default_factory=lambda: ["closeloop"])
+    github_throttle_s: float = 1.0     # pause between GitHub write requests (secondary rate limits)
 
     def validate(self) -> None:
+        if self.github_throttle_s < 0:
+            raise ConfigError("act.github_throttle_s", "must be >= 0")
         if self.backend not in ("local", "github"):
             raise ConfigError("act.backend", f"unknown backend {self.backend!r}", "use local or github")
         for i, t in enumerate(self.targets):

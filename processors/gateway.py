@@ -57,6 +57,9 @@ PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
 RETRY_AFTER_S = 2               # delay suggested to clients on 503 / UNAVAILABLE
 GRPC_WORKERS = 16               # concurrent Export calls; each may wait up to ack_timeout_s
+GRPC_MAX_RPCS = 4 * GRPC_WORKERS   # more concurrent calls get RESOURCE_EXHAUSTED (bounds memory)
+HTTP_MAX_REQUESTS = 64          # more concurrent HTTP requests get 503 (bounds memory)
+HTTP_TIMEOUT_S = 120.0          # socket timeout: a stalled client or idle keep-alive is dropped
 POLL_INTERVAL_S = 0.05          # producer poll loop: delivery callbacks run on this thread
 MESSAGE_OVERHEAD_BYTES = 1 << 20   # producer message.max.bytes = max_request_bytes + this
 LIBRDKAFKA_LOG_PERIOD_S = 60.0  # one librdkafka line per facility per period (see _OncePerFacility)
@@ -292,10 +295,14 @@ class Unavailable(BrokerError):
     """No acknowledgement in time, or the in-flight budget is full: the client should retry."""
 
 
-# Delivery errors after which a retry can succeed (besides those librdkafka marks retriable).
+# Delivery errors after which a retry can succeed (besides those librdkafka marks retriable):
+# the broker is away, or lost our idempotent producer's state (a fatal error: the producer is
+# replaced, see KafkaSink._replace_producer).
 _RETRYABLE = frozenset({KafkaError._MSG_TIMED_OUT, KafkaError._TRANSPORT,
                         KafkaError._ALL_BROKERS_DOWN, KafkaError._PURGE_QUEUE,
-                        KafkaError._PURGE_INFLIGHT})
+                        KafkaError._PURGE_INFLIGHT, KafkaError._FATAL,
+                        KafkaError.UNKNOWN_PRODUCER_ID, KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+                        KafkaError.INVALID_PRODUCER_EPOCH})
 
 
 class _OncePerFacility(logging.Filter):
@@ -412,7 +419,7 @@ class KafkaSink:
         self._mark(err is None, err.str() if err else "")
         if err is None:
             return
-        if err.retriable() or err.fatal() or err.code() in _RETRYABLE:   # fatal: new producer
+        if err.retriable() or err.fatal() or err.code() in _RETRYABLE:
             raise Unavailable(f"broker did not acknowledge: {err.str()}")
         raise BrokerError(f"broker refused the write to {topic}: {err.str()}")
 
@@ -507,37 +514,40 @@ class Gateway:
     # -- lifecycle --
 
     def start(self) -> None:
+        """Bind both ports (``ConfigError`` if one is taken), connect the producer, serve."""
         o = self.cfg.otlp
-        self._sink = KafkaSink(self.bootstrap, client_id=f"{self.cfg.kafka.client_id}-gateway",
-                               max_inflight_bytes=o.max_inflight_bytes,
-                               ack_timeout_s=o.ack_timeout_s,
-                               max_message_bytes=o.max_request_bytes + MESSAGE_OVERHEAD_BYTES)
-        self._grpc = grpc.server(
+        server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS, thread_name_prefix="gateway-grpc"),
+            maximum_concurrent_rpcs=GRPC_MAX_RPCS,
             # grpc itself answers RESOURCE_EXHAUSTED above this (decompressed) size; no
             # SO_REUSEPORT, so a second gateway on the same port fails instead of sharing it
             options=[("grpc.max_receive_message_length", o.max_request_bytes),
                      ("grpc.so_reuseport", 0)])
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), self._grpc)
-        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_LogsService(self), self._grpc)
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), server)
+        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_LogsService(self), server)
         try:
-            self.grpc_port = self._grpc.add_insecure_port(f"{o.host}:{o.grpc_port}")
-        except RuntimeError:       # grpcio >= 1.5x raises instead of returning 0
-            self.grpc_port = 0
-        if self.grpc_port == 0:
+            grpc_port = server.add_insecure_port(f"{o.host}:{o.grpc_port}")
+        except RuntimeError:       # recent grpcio raises instead of returning 0
+            grpc_port = 0
+        if grpc_port == 0:
             raise ConfigError("otlp.grpc_port", f"cannot listen on {o.host}:{o.grpc_port}",
                               "choose a free port (CLOSELOOP_OTLP_GRPC_PORT), or 0 for any")
         try:
-            self._http = _HTTPServer((o.host, o.http_port), _make_handler(self))
+            http = _HTTPServer((o.host, o.http_port), _make_handler(self))
         except OSError as e:
-            self._grpc.stop(0)
+            server.stop(0)
             raise ConfigError("otlp.http_port", f"cannot listen on {o.host}:{o.http_port}: {e}",
                               "choose a free port (CLOSELOOP_OTLP_HTTP_PORT), or 0 for any",
                               ) from None
-        self.http_port = self._http.server_address[1]
+        self._sink = KafkaSink(self.bootstrap, client_id=f"{self.cfg.kafka.client_id}-gateway",
+                               max_inflight_bytes=o.max_inflight_bytes,
+                               ack_timeout_s=o.ack_timeout_s,
+                               max_message_bytes=o.max_request_bytes + MESSAGE_OVERHEAD_BYTES)
         self._sink.start()
-        self._grpc.start()
-        threading.Thread(target=self._http.serve_forever, name="gateway-http", daemon=True).start()
+        self._grpc, self._http = server, http
+        self.grpc_port, self.http_port = grpc_port, http.server_address[1]
+        server.start()
+        threading.Thread(target=http.serve_forever, name="gateway-http", daemon=True).start()
         log.info("OTLP gateway: gRPC %s:%d, HTTP http://%s:%d -> kafka %s (topics %s, %s)",
                  o.host, self.grpc_port, o.host, self.http_port, self.bootstrap,
                  self._topics["traces"], self._topics["logs"])
@@ -635,10 +645,12 @@ NO_SUCH_PATH = "no such path {}; use /v1/traces or /v1/logs"
 def _make_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
     limit = gw.cfg.otlp.max_request_bytes
     too_large_hint = "(otlp.max_request_bytes); send smaller batches"
+    slots = threading.BoundedSemaphore(HTTP_MAX_REQUESTS)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"          # keep-alive: SDK exporters reuse connections
         server_version = "closeloop-gateway"
+        timeout = HTTP_TIMEOUT_S
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("http %s " + format, self.client_address[0], *args)
@@ -697,7 +709,28 @@ def _make_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
                 return self._status(413, code_pb2.RESOURCE_EXHAUSTED,
                                     f"request body is {length} bytes, the limit is {limit} "
                                     + too_large_hint, reply_ctype)
-            raw = self.rfile.read(int(length))
+            if not slots.acquire(blocking=False):
+                self.close_connection = True
+                gw.outcome(UNAVAILABLE)
+                return self._status(503, code_pb2.UNAVAILABLE,
+                                    f"more than {HTTP_MAX_REQUESTS} requests at once", reply_ctype,
+                                    {"Retry-After": str(RETRY_AFTER_S)})
+            try:
+                self._export(sig, ctype, reply_ctype, int(length))
+            finally:
+                slots.release()
+
+        def _export(self, sig: Signal, ctype: str, reply_ctype: str, length: int) -> None:
+            try:
+                raw = self.rfile.read(length)
+            except OSError as e:                 # stalled past HTTP_TIMEOUT_S, or reset
+                self.close_connection = True
+                log.info("dropped %s request from %s mid-body: %s", sig.name,
+                         self.client_address[0], e)
+                return None
+            if len(raw) < length:                # the client closed early: nothing to answer
+                self.close_connection = True
+                return None
             try:
                 body = decode_body(raw, self.headers.get("Content-Encoding") or "", limit)
                 resp = gw.export(parse_body(body, ctype, sig), sig)

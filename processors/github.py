@@ -14,7 +14,14 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from github import Auth, Github, GithubException, InputGitAuthor, InputGitTreeElement, UnknownObjectException
+from github import (
+    Auth,
+    Github,
+    GithubException,
+    InputGitAuthor,
+    InputGitTreeElement,
+    UnknownObjectException,
+)
 
 from .config import ActConfig
 from .errors import ActError
@@ -43,7 +50,9 @@ class GitHubBackend:
         self.base = cfg.base
         self.labels = list(cfg.labels)
         self.owner = cfg.repo.split("/")[0]
-        self._gh = Github(base_url=cfg.github_url, auth=Auth.Token(token), timeout=TIMEOUT_S, retry=None)
+        self._gh = Github(base_url=cfg.github_url, auth=Auth.Token(token), timeout=TIMEOUT_S, retry=None,
+                          seconds_between_requests=cfg.github_throttle_s / 4,
+                          seconds_between_writes=cfg.github_throttle_s)
         try:
             self._repo = self._gh.get_repo(cfg.repo)
         except GithubException as e:

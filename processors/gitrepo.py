@@ -44,7 +44,7 @@ BRANCH_PREFIX = "closeloop/"
 CLOSED_PREFIX = "refs/closeloop/closed/"
 NOTES_REF = "refs/notes/closeloop"
 ZERO = "0" * 40
-_TRAILER = re.compile(r"^(Closeloop-[A-Za-z]+|Approved-by):\s*(.*)$", re.M)
+_TRAILER = re.compile(r"^(Closeloop-[A-Za-z]+|Approved-by):\s*(.*)$", re.MULTILINE)
 
 
 def trailers(message: str) -> dict[str, str]:
@@ -78,8 +78,9 @@ class LocalGit:
         self.base = base
         if not self.path.is_dir():
             raise ActError(f"act.repo {self.repo} is not a directory; point it at a git repository")
-        self.git_dir = Path(self._git("rev-parse", "--absolute-git-dir").strip())
-        self._git("rev-parse", "--verify", "--quiet", f"refs/heads/{base}^{{commit}}")
+        self._git("rev-parse", "--absolute-git-dir")
+        if self._rev(f"refs/heads/{base}") is None:
+            raise ActError(f"{self.repo} has no branch {base!r}; set act.base to the branch to propose against")
 
     # -- plumbing ------------------------------------------------------------------------
     def _run(self, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None,
@@ -89,8 +90,11 @@ class LocalGit:
                          "GIT_COMMITTER_NAME": AUTHOR_NAME, "GIT_COMMITTER_EMAIL": AUTHOR_EMAIL,
                          "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"})
         full_env.update(env or {})
-        return subprocess.run(["git", "-C", str(cwd or self.path), *args], input=stdin,
-                              capture_output=True, env=full_env, check=False)
+        try:
+            return subprocess.run(["git", "-C", str(cwd or self.path), *args], input=stdin,
+                                  capture_output=True, env=full_env, check=False)
+        except FileNotFoundError:
+            raise ActError("the git command is not installed; the local backend needs it") from None
 
     def _git(self, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None,
              cwd: Path | None = None, check: bool = True) -> str:

@@ -16,7 +16,6 @@ from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
-
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
@@ -62,8 +61,8 @@ def _from_json(value: bytes, cls: type[Message], top: str, mid: str, leaf: str) 
         doc = json.loads(value)
     except (ValueError, RecursionError) as e:
         raise InputError("invalid JSON", detail=str(e)[:200]) from None
-    if not isinstance(doc, dict) or not isinstance(doc.get(top, []), list):
-        raise InputError("JSON is not an OTLP request", detail=f"expected an object with {top!r}")
+    if not isinstance(doc, dict) or not isinstance(doc.get(top, []), list) or (doc and top not in doc):
+        raise InputError("JSON is not an OTLP request", detail=f"expected an object with a list {top!r}")
     req = cls()
     problems: list[Problem] = []
     for i, rd in enumerate(doc.get(top) or []):

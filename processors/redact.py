@@ -37,12 +37,12 @@ _NA = r"(?<![A-Za-z0-9].)"        # the character before the one just read is no
 # Vendor formats and bearer tokens, dispatched on their first letter, then (group g)
 # any other run of token characters long enough to be a secret, judged by _looks_random.
 _VENDOR = "|".join([
-    rf"s{_NA}k(?:-(?:ant-|proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{{20,}}"    # Anthropic, OpenAI
-    rf"|_(?:live|test)_[A-Za-z0-9]{{16,}})",                                # Stripe secret
+    (rf"s{_NA}k(?:-(?:ant-|proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{{20,}}"   # Anthropic, OpenAI
+     rf"|_(?:live|test)_[A-Za-z0-9]{{16,}})"),                              # Stripe secret
     rf"[pr]{_NA}k_(?:live|test)_[A-Za-z0-9]{{16,}}",                        # Stripe
     rf"g{_NA}(?:h[pousr]_[A-Za-z0-9]{{30,255}}|ithub_pat_[A-Za-z0-9_]{{22,255}})",   # GitHub
-    rf"A{_NA}(?:(?:KIA|SIA)[A-Z0-9]{{16}}(?![A-Za-z0-9])"                  # AWS access key id
-    rf"|Iza[0-9A-Za-z_\-]{{35}})",                                          # Google API key
+    (rf"A{_NA}(?:(?:KIA|SIA)[A-Z0-9]{{16}}(?![A-Za-z0-9])"                 # AWS access key id
+     rf"|Iza[0-9A-Za-z_\-]{{35}})"),                                        # Google API key
     rf"x{_NA}ox[bpasr]-[A-Za-z0-9\-]{{10,}}",                               # Slack
     rf"e{_NA}yJ[A-Za-z0-9_\-]{{8,}}\.eyJ[A-Za-z0-9_\-]{{8,}}\.[A-Za-z0-9_\-]*",   # JWT
     rf"[bB]{_NA}(?i:earer)\s+(?P<v>[A-Za-z0-9\-._~+/]{{8,}}=*)",       # "Bearer " stays
@@ -52,7 +52,7 @@ _SECRETS = re.compile(rf"{_VENDOR}|(?P<g>{_T}(?<!{_T}.){_T}{{19,}}={{0,2}})")
 _VENDOR_ONLY = re.compile(_VENDOR)
 # key=value assignments: find the operator, then look for a key name just before it.
 # "password=", '"api_key": "' stay; the value (group w) is replaced.
-_ASSIGN_OP = re.compile(r"[:=]\s*[\"']?(?P<w>[^\s\"',;{}\[\]]{3,})")
+_ASSIGN_OP = re.compile(r"[:=]\s*[\"']?(?P<w>[^\s\"'`,;&<>(){}\[\]]{3,})")
 _KEY_BEFORE = re.compile(
     r"(?<![A-Za-z0-9])(?i:passw(?:or)?d|pwd|private[_\-]?key|secret|client[_\-]?secret|api[_\-]?key"
     r"|apikey|(?:access|auth|session|refresh|id)[_\-]?token)[\"']?\s*$")

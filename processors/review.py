@@ -28,6 +28,7 @@ from .config import Config
 from .errors import ActError, ReviewError
 from .records import Diagnosis, Outcome, Proposal, ReviewRecord
 from .stats import NOT_ENOUGH_DATA, REGRESSED, Counts, guarded_verdict, verdict
+from .store import Store
 
 log = logging.getLogger("closeloop.review")
 
@@ -253,18 +254,20 @@ FROM (
     SELECT intent_id, failed, prompt_version, agent_version,
            ({before}) AS b, ({after}) AS a
     FROM conversation_tags FINAL
+    WHERE ts_ns >= {{from_ns:UInt64}}
 )
 GROUP BY intent_id
+HAVING before_n > 0 OR after_n > 0
 """
 
 
-def counts_query(review: ReviewRecord) -> tuple[str, dict[str, Any]]:
+def counts_query(review: ReviewRecord, now_ns: int) -> tuple[str, dict[str, Any]]:
     """Per-intent before/after counts around the merge of ``review``.
 
     Before: conversations from the evidence window's start up to the merge, under the
-    versions in force when the diagnosis was made. After: conversations since the merge
-    under a different version (the fix is deployed). Without recorded versions the split
-    is by time alone.
+    versions in force when the diagnosis was made. After: conversations from the merge up to
+    ``now_ns`` under a different version (the fix is deployed). Without recorded versions
+    the split is by time alone.
     """
     bp, ba = review.before_prompt_version, review.before_agent_version
     before = ["ts_ns >= {from_ns:UInt64}", "ts_ns < {merge_ns:UInt64}"]
@@ -275,10 +278,11 @@ def counts_query(review: ReviewRecord) -> tuple[str, dict[str, Any]]:
     if ba:
         before.append("agent_version = {ba:String}")
         changed.append("agent_version != {ba:String}")
-    after = "ts_ns >= {merge_ns:UInt64}" + (f" AND ({' OR '.join(changed)})" if changed else "")
+    after = "ts_ns >= {merge_ns:UInt64} AND ts_ns <= {now_ns:UInt64}" + (f" AND ({' OR '.join(changed)})" if changed else "")
     sql = _COUNTS_SQL.format(before=" AND ".join(before), after=after,
                              version_col="prompt_version" if bp or not ba else "agent_version")
-    return sql, {"from_ns": review.window_from_ns, "merge_ns": review.ts_ns, "bp": bp, "ba": ba}
+    return sql, {"from_ns": review.window_from_ns, "merge_ns": review.ts_ns, "now_ns": now_ns,
+                 "bp": bp, "ba": ba}
 
 
 def _outcome(pid: str, intent: str, before_version: str, row: Mapping[str, Any], v: tuple[Any, ...],
@@ -312,7 +316,7 @@ def verdict_comment(target: Outcome, controls: list[Outcome], confounded: str) -
     return text
 
 
-def verify(store: Any, review: ReviewRecord | Mapping[str, Any], cfg: Config, now_ns: int, *,
+def verify(store: Store, review: ReviewRecord | Mapping[str, Any], cfg: Config, now_ns: int, *,
            backend: ChangeBackend | None = None, proposal: Proposal | None = None) -> Verification:
     """Measure the merged change of ``review`` on its intent, with the other intents as controls.
 
@@ -324,7 +328,7 @@ def verify(store: Any, review: ReviewRecord | Mapping[str, Any], cfg: Config, no
     if not rec.merged_commit:
         raise ReviewError(f"proposal {rec.proposal_id} is not merged (decision {rec.decision!r}); "
                           "nothing to verify yet")
-    sql, params = counts_query(rec)
+    sql, params = counts_query(rec, now_ns)
     rows = {r["intent_id"]: r for r in store.query(sql, params)}
     before_version = rec.before_prompt_version or rec.before_agent_version
     empty = {"before_n": 0, "before_fail": 0, "after_n": 0, "after_fail": 0, "after_version": ""}

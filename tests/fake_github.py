@@ -23,7 +23,7 @@ import re
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
 
@@ -126,7 +126,7 @@ class FakeGitHub:
     def writes(self) -> list[Request]:
         return [r for r in self.requests if r.method != "GET"]
 
-    def __enter__(self) -> FakeGitHub:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -182,11 +182,10 @@ class FakeGitHub:
         rest = path[len(prefix):]
         if method == "GET" and rest == "":
             return 200, self._repo_json()
-        if m := re.fullmatch(r"/git/ref/(.+)", rest):
-            if method == "GET":
-                if m.group(1) not in self.refs:
-                    raise NotFound(rest)
-                return 200, self._ref_json(m.group(1))
+        if (m := re.fullmatch(r"/git/ref/(.+)", rest)) and method == "GET":
+            if m.group(1) not in self.refs:
+                raise NotFound(rest)
+            return 200, self._ref_json(m.group(1))
         if rest == "/git/refs" and method == "POST":
             ref = body["ref"].removeprefix("refs/")
             if ref in self.refs:
@@ -320,13 +319,13 @@ class FakeGitHub:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def do_GET(self) -> None:  # noqa: N802 (http.server API)
+            def do_GET(self) -> None:
                 self._serve("GET")
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 self._serve("POST")
 
-            def do_PATCH(self) -> None:  # noqa: N802
+            def do_PATCH(self) -> None:
                 self._serve("PATCH")
 
             def log_message(self, *args: object) -> None:

@@ -28,7 +28,6 @@ class Intent:
     args: dict[str, Any] = field(default_factory=dict)    # fixed tool arguments (healthy intents)
     result: dict[str, Any] = field(default_factory=dict)  # the simulated backend's data
     optional_questions: int = 0                 # trailing questions the agent asks only sometimes
-    weight: float = 1.0                         # relative share of the traffic
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -36,8 +35,6 @@ class Intent:
         if len(self.replies) != len(self.questions):
             raise ValueError(f"intent {self.name}: one reply tuple per question")
 
-
-HEALTHY_WEIGHT = 1.5   # healthy intents are the majority of the traffic
 
 INTENTS: dict[str, Intent] = {i.name: i for i in (
     # -- card: the repeated ask ----------------------------------------------------------------
@@ -57,8 +54,8 @@ INTENTS: dict[str, Intent] = {i.name: i for i in (
     ),
     Intent(
         "lost_or_stolen_card", "card",
-        questions=("That sounds stressful, so let's secure your account first. Do you see any "
-                   "payments on the card that you don't recognise?",
+        questions=(("That sounds stressful, so let's secure your account first. Do you see any "
+                    "payments on the card that you don't recognise?"),
                    "Good. Shall I freeze the card now and order a replacement?"),
         replies=(("No, nothing odd so far", "not that I can see", "no"),
                  ("yes please", "Yes, do it", "yes")),
@@ -67,19 +64,6 @@ INTENTS: dict[str, Intent] = {i.name: i for i in (
         answer=("Done: your card ending in {card_last4} is frozen, so nobody can use it, and a "
                 "replacement is on its way (about {eta_working_days} working days). The new card "
                 "has a new number; your PIN stays the same."),
-    ),
-    Intent(
-        "card_not_working", "card",
-        questions=("Let's get that sorted. Where does the card fail: in shops, online or at "
-                   "cash machines?",
-                   "Thanks. Does the app show a message when the payment is declined?"),
-        replies=(("online, on every website", "mostly online shopping", "it gets declined online"),
-                 ("no, nothing", "it just says declined", "no message at all")),
-        tool="get_card_status",
-        result={"status": "active", "contactless": "enabled", "online_payments": "disabled"},
-        answer=("I checked your card ending in {card_last4}: it is active, but online payments are "
-                "switched off. Turn them on in Cards → Security → Online payments; it takes effect "
-                "immediately."),
     ),
     # -- transfer: the tool argument format ----------------------------------------------------
     Intent(
@@ -105,17 +89,6 @@ INTENTS: dict[str, Intent] = {i.name: i for i in (
         answer=("Transfer {transfer_id} is pending because a first payment to a new recipient gets a "
                 "short security review. It should complete {expected}; you don't need to do anything."),
     ),
-    Intent(
-        "failed_transfer", "transfer",
-        questions=("Thanks. Did the app show a message when the transfer failed?",),
-        replies=(("it just said failed", "no message, it just failed", "it said transfer failed"),),
-        tool="lookup_transfer",
-        result={"status": "returned", "reason": "recipient_account_closed",
-                "refund": "credited to your balance"},
-        answer=("Transfer {transfer_id} was returned by the recipient's bank because the account is "
-                "closed. The money is already back in your balance. Check the recipient's details "
-                "with them before you send it again."),
-    ),
     # -- fx: the config value ------------------------------------------------------------------
     Intent(
         "exchange_rate", "fx",
@@ -137,7 +110,7 @@ INTENTS: dict[str, Intent] = {i.name: i for i in (
     ),
     # -- healthy -------------------------------------------------------------------------------
     Intent(
-        "activate_my_card", "healthy", weight=HEALTHY_WEIGHT,
+        "activate_my_card", "healthy",
         questions=("Has the new card arrived in the post?",
                    "Great. Do you have the letter that came with it?"),
         replies=(("yes it came today", "yes, I have it here", "yeah, got it yesterday"),
@@ -149,7 +122,7 @@ INTENTS: dict[str, Intent] = {i.name: i for i in (
                 "enter the 6-digit code printed on the letter; it works straight away."),
     ),
     Intent(
-        "change_pin", "healthy", weight=HEALTHY_WEIGHT,
+        "change_pin", "healthy",
         questions=("Do you know your current PIN?",
                    "Thanks. Are you in the UK at the moment?"),
         replies=(("yes I do", "yes", "yes, I just want a new one"),
@@ -162,9 +135,9 @@ INTENTS: dict[str, Intent] = {i.name: i for i in (
                 "Cards → Show PIN."),
     ),
     Intent(
-        "verify_my_identity", "healthy", weight=HEALTHY_WEIGHT,
-        questions=("Which document would you like to use: passport, driving licence or national "
-                   "ID card?",),
+        "verify_my_identity", "healthy",
+        questions=(("Which document would you like to use: passport, driving licence or national "
+                    "ID card?"),),
         replies=(("passport", "my driving licence", "national ID card"),),
         tool="start_identity_check", args={"channel": "app"},
         result={"status": "link_sent", "expires_hours": 24},
@@ -173,7 +146,7 @@ INTENTS: dict[str, Intent] = {i.name: i for i in (
                 "{expires_hours} hours."),
     ),
     Intent(
-        "apple_pay_or_google_pay", "healthy", weight=HEALTHY_WEIGHT,
+        "apple_pay_or_google_pay", "healthy",
         questions=("Are you on an iPhone or an Android phone?",),
         replies=(("iPhone", "android", "I have a Samsung"),),
         tool="search_help_center", args={"query": "add card to Apple Pay or Google Pay"},
@@ -182,7 +155,7 @@ INTENTS: dict[str, Intent] = {i.name: i for i in (
                 "for Apple Pay and Google Pay, and the card is ready to use in the wallet at once."),
     ),
     Intent(
-        "cash_withdrawal_charge", "healthy", weight=HEALTHY_WEIGHT,
+        "cash_withdrawal_charge", "healthy",
         questions=("Which plan are you on: Standard or Plus?",
                    "Thanks. Was the withdrawal in the UK or abroad?"),
         replies=(("Standard I think", "the free one", "Plus"),
@@ -195,7 +168,7 @@ INTENTS: dict[str, Intent] = {i.name: i for i in (
                 "remaining allowance in Account → Plan."),
     ),
     Intent(
-        "edit_personal_details", "healthy", weight=HEALTHY_WEIGHT,
+        "edit_personal_details", "healthy",
         questions=("Which detail would you like to change: your name, address or contact details?",),
         replies=(("my address", "my name, I got married", "my home address, I moved"),),
         tool="search_help_center", args={"query": "update personal details"},
@@ -205,7 +178,7 @@ INTENTS: dict[str, Intent] = {i.name: i for i in (
                 "few minutes."),
     ),
     Intent(
-        "pending_top_up", "healthy", weight=HEALTHY_WEIGHT,
+        "pending_top_up", "healthy",
         questions=("How did you top up: by card or by bank transfer?",),
         replies=(("with my debit card", "by card", "card top up"),),
         tool="get_top_up_status", args={"top_up": "latest"},

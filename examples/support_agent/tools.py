@@ -87,7 +87,8 @@ def _result(name: str, args: dict[str, Any], data: dict[str, Any], rng: random.R
         pair = (str(args.get("base", "")).upper(), str(args.get("quote", "")).upper())
         if pair not in RATES:
             raise ValueError(f"unsupported currency pair {pair[0]}/{pair[1]}")
-        return {"base": pair[0], "quote": pair[1], "rate": round(RATES[pair] * rng.uniform(0.995, 1.005), 4)}
+        rate = round(RATES[pair] * rng.uniform(0.995, 1.005), 4)
+        return {"base": pair[0], "quote": pair[1], "rate": rate}
     if name == "escalate_to_human":
         return {"ticket": f"ESC-{rng.randint(10000, 99999)}", "queue": "general-support",
                 "expected_wait_minutes": rng.choice([5, 10, 15])}

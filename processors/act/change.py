@@ -14,6 +14,7 @@ a silently wrong file.
 """
 from __future__ import annotations
 
+import ast
 import copy
 import difflib
 import json
@@ -153,8 +154,6 @@ def parse(text: str, fmt: str, path: str = "") -> Any:
 
 
 def _python_constants(text: str) -> dict[str, Any]:
-    import ast
-
     out: dict[str, Any] = {}
     for node in ast.parse(text).body:
         target = None
@@ -424,7 +423,7 @@ def _toml_set(text: str, key: str, value: Any) -> str:
 def _python_set(text: str, key: str, value: Any) -> str:
     if "." in key:
         raise ActError(f"{key!r}: only module-level constants of a Python file are edited")
-    pattern = re.compile(rf"^(?P<head>{re.escape(key)}\s*(?::[^=]+)?=\s*)(?P<rest>.*)$", re.M)
+    pattern = re.compile(rf"^(?P<head>{re.escape(key)}\s*(?::[^=]+)?=\s*)(?P<rest>.*)$", re.MULTILINE)
     m = pattern.search(text)
     if not m:
         raise ActError(f"constant {key!r} not found")

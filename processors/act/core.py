@@ -87,7 +87,7 @@ def _inline(text: str, redactor: Redactor, limit: int = 500) -> str:
 def _when(ns: int) -> str:
     if not ns:
         return "?"
-    return dt.datetime.fromtimestamp(ns / 1e9, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return dt.datetime.fromtimestamp(ns / 1e9, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def trace_link(trace_id: str, template: str) -> str:
@@ -109,8 +109,8 @@ def render_body(diag: Diagnosis, change: Change, cfg: Config, *, version: int, p
     lines = [
         f"## {_inline(diag.summary, redactor, 200) or diag.rule}",
         "",
-        f"**Intent:** {name} (`{diag.intent_id}`) · **Rule:** `{diag.rule}` · "
-        f"**Confidence:** {diag.confidence:.2f}",
+        (f"**Intent:** {name} (`{diag.intent_id}`) · **Rule:** `{diag.rule}` · "
+         f"**Confidence:** {diag.confidence:.2f}"),
         "",
         f"**Root cause:** {_inline(diag.root_cause, redactor) or 'see evidence'}",
         "",
@@ -123,8 +123,8 @@ def render_body(diag: Diagnosis, change: Change, cfg: Config, *, version: int, p
         f"| window | {_when(diag.window_from_ns)} → {_when(diag.window_to_ns)} |",
         f"| prompt version | `{quote(diag.prompt_version, redactor, 64) or '-'}` |",
         f"| agent version | `{quote(diag.agent_version, redactor, 64) or '-'}` |",
-        f"| component | {quote(comp.get('type', ''), redactor, 20)} "
-        f"`{quote(comp.get('target', ''), redactor, 120)}` |",
+        (f"| component | {quote(comp.get('type', ''), redactor, 20)} "
+         f"`{quote(comp.get('target', ''), redactor, 120)}` |"),
         "",
     ]
     traces = diag.trace_ids[:MAX_TRACE_LINKS]
@@ -153,18 +153,18 @@ def render_body(diag: Diagnosis, change: Change, cfg: Config, *, version: int, p
         "",
         "### What it should fix, and how closeloop will check",
         "",
-        f"It should lower the failure rate of **{name}** from {diag.failure_rate:.1%} towards the "
-        f"baseline of {diag.baseline_rate:.1%}. Once this is merged, closeloop compares the intent's "
-        f"conversations under the new prompt/agent version with those under "
-        f"`{quote(diag.prompt_version or diag.agent_version, redactor, 64) or 'the current version'}`"
-        f" in the window above. It gives a verdict (fixed / no effect / regressed) after at least "
-        f"**{cfg.review.min_after}** conversations of the intent on the new version: a two-proportion "
-        f"z-test and Fisher's exact test must both hold at α = {cfg.review.alpha}, the other intents "
-        "serve as controls, and a regression raises a new diagnosis.",
+        (f"It should lower the failure rate of **{name}** from {diag.failure_rate:.1%} towards the "
+         f"baseline of {diag.baseline_rate:.1%}. Once this is merged, closeloop compares the intent's "
+         f"conversations under the new prompt/agent version with those under "
+         f"`{quote(diag.prompt_version or diag.agent_version, redactor, 64) or 'the current version'}`"
+         f" in the window above. It gives a verdict (fixed / no effect / regressed) after at least "
+         f"**{cfg.review.min_after}** conversations of the intent on the new version: a two-proportion "
+         f"z-test and Fisher's exact test must both hold at α = {cfg.review.alpha}, the other intents "
+         "serve as controls, and a regression raises a new diagnosis."),
         "",
         "---",
-        f"Proposal `{pid}` version {version} · diagnosis `{diag.diagnosis_id}`. closeloop never merges: "
-        "a human reviewer decides.",
+        (f"Proposal `{pid}` version {version} · diagnosis `{diag.diagnosis_id}`. closeloop never "
+         "merges: a human reviewer decides."),
     ]
     text, _ = redactor.redact("\n".join(lines))
     return text
@@ -288,7 +288,7 @@ def notify(proposal: Proposal, cfg: Config) -> bool:
     req = urllib.request.Request(url, data=json.dumps({"text": text}).encode(),
                                  headers={"Content-Type": "application/json"}, method="POST")
     try:
-        with urllib.request.urlopen(req, timeout=NOTIFY_TIMEOUT_S) as resp:  # noqa: S310 (configured URL)
+        with urllib.request.urlopen(req, timeout=NOTIFY_TIMEOUT_S) as resp:
             return 200 <= resp.status < 300
     except OSError as e:
         log.warning("act: notification to %s failed: %s", re.sub(r"//[^/]*@", "//", url), e)

@@ -129,8 +129,16 @@ def item_name(text: Any) -> str:
     return s if re.fullmatch(r"[A-Za-z][A-Za-z0-9 _\-/.]{0,39}", s) else ""
 
 
+# The argument-shape vocabulary of processors.diagnose (value_shape): safe to quote, as it is
+# computed from values, never a value itself.
+_SHAPE_WORD = re.compile(
+    r"email|uuid|date\((?:iso|slash)\)|digits(?:-with-(?:dash|space))?\(\d{1,3}\)|decimal|alpha"
+    r"|alnum(?:-with-dash)?|redacted\([A-Za-z0-9_.\-]{1,20}\)|null|bool|int|float|list|object|empty|text")
+
+
 def shape(value: Any) -> str:
-    """Key names and JSON types of tool arguments, never their values: ``{"id": string}``."""
+    """Argument names with their shape (diagnose's vocabulary) or JSON type, never their values:
+    ``{"account_id": digits(8)}``, ``{"id": string}``."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -141,7 +149,8 @@ def shape(value: Any) -> str:
         for k, v in list(value.items())[:12]:
             name = re.sub(r"[^A-Za-z0-9_\-.]", "", str(k))[:40]
             if name:
-                parts.append(f'"{name}": {_json_type(v)}')
+                kind = v if isinstance(v, str) and _SHAPE_WORD.fullmatch(v) else _json_type(v)
+                parts.append(f'"{name}": {kind}')
         return "{" + ", ".join(parts) + "}"
     return _json_type(value) if value is not None else ""
 
@@ -185,7 +194,7 @@ def instruction(diag: Diagnosis, redactor: Redactor) -> str:
     """The prompt instruction that addresses a rule-based diagnosis."""
     ev = diag.evidence or {}
     if diag.rule == "repeated_ask":
-        item = item_name(_first(ev, "item", "asked_for", "repeated_item", "slot", "field")) or \
+        item = item_name(_first(ev, "thing_name", "item", "asked_for", "repeated_item", "slot")) or \
             "information"
         the = f"their {item}" if item != "information" else "a piece of information"
         return (f"Carry forward what the user has already told you. If the user has already given "
@@ -195,7 +204,9 @@ def instruction(diag: Diagnosis, redactor: Redactor) -> str:
         tool = item_name(_first(ev, "tool", "tool_name")) or "the tool"
         good = shape(_first(ev, "working_shape", "working_arguments", "good_shape", "working_args"))
         bad = shape(_first(ev, "failing_shape", "failing_arguments", "bad_shape", "failing_args"))
-        err = item_name(_first(ev, "error_type", "error"))
+        # only an error *type* (an identifier); error messages may carry the user's values
+        err = str(_first(ev, "error_type") or "")
+        err = err if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]{0,60}", err) else ""
         text = f"When you call the `{tool}` tool"
         text += f", pass its arguments shaped exactly like {good}." if good else \
             ", pass its arguments in the exact format its schema describes."
@@ -235,14 +246,19 @@ def add_instruction(files: dict[str, str], comp: Component, text: str) -> FileEd
 
 
 def observed_p99_s(evidence: dict[str, Any]) -> float | None:
-    """The 99th percentile (nearest rank) of the observed durations, in seconds."""
+    """The 99th percentile (nearest rank) of the observed durations, in seconds.
+
+    Falls back to the highest percentile the evidence has (diagnose reports the p90 of the
+    timed-out tool's durations, ``tool_duration_ms_p90``, and the failing median last).
+    """
     durations = evidence.get("durations_ms")
     if isinstance(durations, list):
         vals = sorted(float(d) for d in durations if isinstance(d, (int, float)))
         if vals:
             return vals[max(0, math.ceil(0.99 * len(vals)) - 1)] / 1000.0
-    for key, scale in (("p99_ms", 1e-3), ("p99_s", 1.0), ("p95_ms", 1e-3), ("max_ms", 1e-3),
-                       ("max_s", 1.0)):
+    for key, scale in (("p99_ms", 1e-3), ("p99_s", 1.0), ("tool_duration_ms_p99", 1e-3),
+                       ("max_ms", 1e-3), ("max_s", 1.0), ("p95_ms", 1e-3),
+                       ("tool_duration_ms_p90", 1e-3), ("latency_p50_failing_ms", 1e-3)):
         v = evidence.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
             return float(v) * scale
@@ -250,14 +266,17 @@ def observed_p99_s(evidence: dict[str, Any]) -> float | None:
 
 
 def raised_timeout(key: str, old: Any, p99_s: float) -> int | float:
-    """The timeout value covering ``p99_s`` x 1.5, in the key's unit (``*_ms`` keys: ms,
-    rounded up to 100 ms; otherwise seconds, rounded up to a whole second)."""
+    """The timeout value covering ``p99_s`` x 1.5, in the key's unit, rounded up: ``*_ms`` keys
+    (or, without a unit suffix, values of 100 and more) are milliseconds, rounded to 100 ms;
+    the rest seconds, rounded to a whole second."""
     if isinstance(old, bool) or not isinstance(old, (int, float)):
         raise ActError(f"{key!r} holds {old!r}, not a number of seconds or milliseconds")
-    if key.lower().endswith(("_ms", "ms")):
-        new: int | float = int(math.ceil(p99_s * 1000 * LATENCY_HEADROOM / 100.0) * 100)
+    name = key.lower()
+    in_ms = name.endswith("ms") or (not name.endswith(("_s", "sec", "seconds")) and old >= 100)
+    if in_ms:
+        new: int | float = math.ceil(p99_s * 1000 * LATENCY_HEADROOM / 100.0) * 100
     else:
-        new = int(math.ceil(p99_s * LATENCY_HEADROOM))
+        new = math.ceil(p99_s * LATENCY_HEADROOM)
     if new <= old:
         raise ActError(f"{key} = {old} already covers the observed p99 of {p99_s:.2f}s x "
                        f"{LATENCY_HEADROOM}")
@@ -274,7 +293,8 @@ def templated_changes(diag: Diagnosis, files: dict[str, str], targets: Sequence[
         if not comp.key:
             raise ActError("a latency fix needs a config key in component.target (e.g. "
                            "tools.refund.timeout_s)")
-        p99 = observed_p99_s(diag.evidence or {})
+        detail = diag.component.get("detail")
+        p99 = observed_p99_s({**(detail if isinstance(detail, dict) else {}), **(diag.evidence or {})})
         if p99 is None:
             raise ActError("the evidence holds no durations (durations_ms, p99_ms) to size the timeout")
         fmt = file_format(comp.path)

@@ -37,6 +37,7 @@ def config(gh: FakeGitHub) -> Config:
     cfg.act.github_url = gh.base_url
     cfg.act.targets = [ActTarget("prompts/system.md", "prompt")]
     cfg.act.labels = ["closeloop", "agent-fix"]
+    cfg.act.github_throttle_s = 0.0
     cfg.web.trace_url = "https://traces.example/{trace_id}"
     return cfg
 

@@ -321,8 +321,8 @@ def test_sdk_request_bytes_split_losslessly() -> None:
 def test_sdk_grpc_and_http_exporters_deliver_every_span(kafka: EmbeddedBroker, gateway: Gateway,
                                                         topics: tuple[str, str]) -> None:
     providers = [
-        tracer_provider(GrpcSpanExporter(endpoint=f"127.0.0.1:{gateway.grpc_port}", insecure=True),
-                        "agent-grpc"),
+        tracer_provider(GrpcSpanExporter(endpoint=f"127.0.0.1:{gateway.grpc_port}", insecure=True,
+                                         compression=grpc.Compression.Gzip), "agent-grpc"),
         tracer_provider(
             HttpSpanExporter(endpoint=f"http://127.0.0.1:{gateway.http_port}/v1/traces"),
             "agent-http"),

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from processors.act import Change, Component, FileEdit, normalize_path, propose_change, validate_change
+from processors.act import (
+    Change,
+    Component,
+    FileEdit,
+    normalize_path,
+    propose_change,
+    validate_change,
+)
 from processors.act.change import apply_find_replace, set_value
 from processors.act.core import proposal_id, proposal_rows, render_body, render_title
 from processors.config import ActTarget, Config, LLMConfig
@@ -366,3 +373,21 @@ def test_proposal_rows_match_the_proposals_columns() -> None:
     (row,) = proposal_rows([p])
     assert row["proposal_id"] == proposal_id("d1") != proposal_id("d2")
     assert list(row) == ddl_columns("proposals") and row["files"] == ["a"]
+
+
+def test_diagnose_evidence_shapes_are_used() -> None:
+    # the evidence as processors.diagnose writes it for tool_argument and latency
+    d = diag("tool_argument", {"type": "prompt", "target": "lookup_account"}, tool="lookup_account",
+             failing_shape={"account_id": "digits-with-dash(8)"}, working_shape={"account_id": "digits(8)"},
+             error="invalid account id 1234-5678")
+    change, reason = propose_change(d, FILES, TARGETS)
+    assert change is not None, reason
+    text = " ".join(added_lines(change))
+    assert '{"account_id": digits(8)}' in text and '{"account_id": digits-with-dash(8)}' in text
+    assert "1234-5678" not in text
+    d = diag("latency", {"type": "config", "target": "read_timeout", "detail": {"tool_duration_ms_p90": 3000}},
+             latency_p50_failing_ms=900)
+    files = {**FILES, "config/agent.yaml": AGENT_YAML + "read_timeout: 2000\n"}
+    change, reason = propose_change(d, files, TARGETS)
+    assert change is not None, reason
+    assert added_lines(change) == ["read_timeout: 4500"]       # no unit suffix, 2000 -> ms

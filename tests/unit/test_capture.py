@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 from google.protobuf import json_format
-
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
 from processors.capture import Capture, CaptureBatch, RawMessage, _hash_version
 from processors.config import CaptureConfig
 from processors.store import migrations, split_statements
@@ -138,6 +138,16 @@ def genai_spans() -> list[Span]:
     ]
 
 
+def genai_structured_spans() -> list[Span]:
+    """GenAI spans whose messages are structured attribute values (AnyValue lists and maps), not JSON text."""
+    spans = genai_spans()
+    for sp in spans:
+        for kv in sp.attributes:
+            if kv.key in ("gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.system_instructions"):
+                kv.value.CopyFrom(any_value(json.loads(kv.value.string_value)))
+    return spans
+
+
 def openinference_spans() -> list[Span]:
     common = {"openinference.span.kind": "LLM", "session.id": CONV, "llm.provider": "openai",
               "llm.model_name": "gpt-4o-mini"}
@@ -240,7 +250,7 @@ def test_genai_conversation_is_normalized() -> None:
     assert b.tool_rows[0]["name"] == "get_weather" and b.tool_rows[0]["conversation_id"] == CONV
 
 
-@pytest.mark.parametrize("dialect", [openinference_spans, traceloop_spans])
+@pytest.mark.parametrize("dialect", [genai_structured_spans, openinference_spans, traceloop_spans])
 def test_dialects_normalize_to_the_same_turns(dialect: Any) -> None:
     expected = normalized(run(request(genai_spans()).SerializeToString()))
     assert normalized(run(request(dialect()).SerializeToString())) == expected
@@ -269,7 +279,7 @@ def _ddl_columns(table: str) -> list[str]:
     cols: list[str] = []
     for _, _, sql in migrations():
         for stmt in split_statements(sql):
-            m = re.match(rf"CREATE TABLE IF NOT EXISTS {table}\s*\((.*)\)\s*ENGINE", stmt, re.S)
+            m = re.match(rf"CREATE TABLE IF NOT EXISTS {table}\s*\((.*)\)\s*ENGINE", stmt, re.DOTALL)
             if m:
                 cols += [ln.split()[0] for ln in m.group(1).splitlines()
                          if ln.strip() and "MATERIALIZED" not in ln]
@@ -392,8 +402,9 @@ def test_log_events_become_content_records_joined_by_span_id() -> None:
     b = run(msg(logs_request(records).SerializeToString(), topic="otlp_logs"))
     assert not b.deadletters and b.log_records_ignored == 1 and b.log_records_in == 5
     c2, c4 = b.turns
+    # span 2's events name no conversation: it is borrowed from span 4's, same trace
     assert (c2.span_kind, c2.span_id, c2.trace_id, c2.conversation_id) == \
-        ("content", sid(2).hex(), TRACE.hex(), TRACE.hex())
+        ("content", sid(2).hex(), TRACE.hex(), CONV)
     assert c2.system_instructions == SYSTEM and c2.prompt_version == _hash_version(SYSTEM)
     assert [(m.role, m.content) for m in c2.input_messages] == [("user", USER)]
     assert [(m.role, m.tool_name, m.tool_arguments) for m in c2.output_messages] == \
@@ -401,6 +412,8 @@ def test_log_events_become_content_records_joined_by_span_id() -> None:
     assert (c4.conversation_id, [m.content for m in c4.input_messages + c4.output_messages]) == \
         (CONV, [USER, ANSWER])
     assert not b.turn_rows and not b.span_rows
+    alone = run(msg(logs_request(records[:3]).SerializeToString(), topic="otlp_logs"))
+    assert [t.conversation_id for t in alone.turns] == [TRACE.hex()]        # unknown: the trace id
     # the span the content belongs to carries the same ids
     spans = run(request(genai_spans()).SerializeToString())
     assert {(t.trace_id, t.span_id) for t in b.turns} <= {(t.trace_id, t.span_id) for t in spans.turns}
@@ -424,14 +437,15 @@ def test_sdk_produced_spans_and_logs() -> None:
     lp = LoggerProvider(resource=resource)
     lp.add_log_record_processor(SimpleLogRecordProcessor(logs_out))
     tracer, logger = tp.get_tracer("agent"), lp.get_logger("agent")
-    with tracer.start_as_current_span("invoke_agent", attributes={
-            "gen_ai.operation.name": "invoke_agent", "gen_ai.conversation.id": CONV}):
-        with tracer.start_as_current_span("chat gpt-4o-mini", attributes={
-                "gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o-mini",
-                "gen_ai.usage.input_tokens": 12, "gen_ai.usage.output_tokens": 3}) as chat:
-            logger.emit(event_name="gen_ai.user.message", body={"content": USER})
-            logger.emit(event_name="gen_ai.choice", body={"index": 0, "message": {"content": ANSWER}})
-            chat_ids = (format(chat.get_span_context().trace_id, "032x"), format(chat.get_span_context().span_id, "016x"))
+    root = {"gen_ai.operation.name": "invoke_agent", "gen_ai.conversation.id": CONV}
+    llm = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o-mini",
+           "gen_ai.usage.input_tokens": 12, "gen_ai.usage.output_tokens": 3}
+    with tracer.start_as_current_span("invoke_agent", attributes=root), \
+            tracer.start_as_current_span("chat gpt-4o-mini", attributes=llm) as chat:
+        logger.emit(event_name="gen_ai.user.message", body={"content": USER})
+        logger.emit(event_name="gen_ai.choice", body={"index": 0, "message": {"content": ANSWER}})
+        sc = chat.get_span_context()
+        chat_ids = (format(sc.trace_id, "032x"), format(sc.span_id, "016x"))
     traces = encode_spans(spans_out.get_finished_spans()).SerializeToString()
     logs = encode_logs(logs_out.get_finished_logs()).SerializeToString()
     b = run(msg(traces), msg(logs, topic="otlp_logs", offset=1))
@@ -466,6 +480,7 @@ def test_redaction_canaries_never_appear_in_any_output() -> None:
                 {"type": "tool_call", "id": "c1", "name": "lookup", "arguments": {"card": c["card"]}}]}]),
             "gen_ai.system_instructions": f"Use key {c['aws']}",
             "nested": [{"deep": f"line\n{c['secret']}"}],
+            "json_text": json.dumps({"log": f"line\n{c['secret']}\t{c['aws']}"}),
             "plain": f"Authorization: Bearer {c['secret']}",
         }, events=[("exception", {"exception.message": f"failed for {c['email']}"})], error=f"call {c['phone']}"),
         span(2, 1, "execute_tool lookup", {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": "lookup",
@@ -521,7 +536,10 @@ def _bad_ids() -> bytes:
     (b"\x00\x01garbage\xff\xff", "not an OTLP protobuf request"),
     (request(genai_spans()).SerializeToString()[:57], "not an OTLP protobuf request"),
     (b'{"resourceSpans": [', "invalid JSON"),
-    (b'{"hello": "world"}', "request holds no spans"),
+    (b'{"hello": "world"}', "JSON is not an OTLP request"),
+    (b'{"resourceLogs": []}', "JSON is not an OTLP request"),
+    (b'{}', "request holds no spans"),
+    (b'[1, 2]', "not an OTLP protobuf request"),
     (b'{"resourceSpans": {"x": 1}}', "JSON is not an OTLP request"),
     (b"", "request holds no spans"),
 ])

@@ -1,4 +1,4 @@
-"""collector-config.yaml: valid for otelcol-contrib, writes what the processors read, never samples."""
+"""collector-config.yaml: otelcol-contrib-valid, feeds what the processors read, never samples."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,20 +11,25 @@ from processors.config import TopicsConfig
 
 CONFIG = Path(__file__).resolve().parents[2] / "collector-config.yaml"
 
-# Component *types* (the names used in a config) that otelcol-contrib ships, by kind — the subset a
-# closeloop deployment could reasonably use. Source: the otelcol-contrib distribution manifest,
-# github.com/open-telemetry/opentelemetry-collector-releases distributions/otelcol-contrib/manifest.yaml
-# (v0.135.0), cross-checked with opentelemetry-collector-contrib cmd/otelcontribcol/builder-config.yaml.
-# Module -> type: otlpreceiver -> otlp, kafkaexporter -> kafka, healthcheckextension -> health_check, ...
+# Component *types* (the names used in a config) that otelcol-contrib ships, by kind: the subset
+# a closeloop deployment could reasonably use. Source: the otelcol-contrib distribution manifest,
+# github.com/open-telemetry/opentelemetry-collector-releases
+#   distributions/otelcol-contrib/manifest.yaml (v0.135.0),
+# cross-checked with opentelemetry-collector-contrib cmd/otelcontribcol/builder-config.yaml.
+# Module -> type: otlpreceiver -> otlp, kafkaexporter -> kafka, memorylimiterprocessor ->
+# memory_limiter, healthcheckextension -> health_check, filestorage -> file_storage, ...
 OTELCOL_CONTRIB: dict[str, set[str]] = {
-    "receivers": {"otlp", "kafka", "filelog", "prometheus", "hostmetrics", "zipkin", "jaeger", "nop"},
+    "receivers": {"otlp", "kafka", "filelog", "prometheus", "hostmetrics", "zipkin", "jaeger",
+                  "nop"},
     "processors": {
         "batch", "memory_limiter", "attributes", "resource", "resourcedetection", "filter",
-        "transform", "redaction", "groupbytrace", "k8sattributes", "span", "routing",
+        "transform", "redaction", "groupbytrace", "k8sattributes", "span",
         "probabilistic_sampler", "tail_sampling",
     },
-    "exporters": {"kafka", "otlp", "otlphttp", "debug", "nop", "file", "clickhouse", "loadbalancing"},
-    "extensions": {"health_check", "pprof", "zpages", "file_storage", "basicauth", "bearertokenauth"},
+    "exporters": {"kafka", "otlp", "otlphttp", "debug", "nop", "file", "clickhouse",
+                  "loadbalancing"},
+    "extensions": {"health_check", "pprof", "zpages", "file_storage", "basicauth",
+                   "bearertokenauth"},
     "connectors": {"forward", "routing", "spanmetrics", "count"},
 }
 SAMPLERS = {"probabilistic_sampler", "tail_sampling"}
@@ -70,7 +75,8 @@ def test_every_reference_is_defined(doc: dict[str, Any], kind: str) -> None:
     assert used <= defined, f"{kind} used but not defined: {sorted(used - defined)}"
 
 
-@pytest.mark.parametrize("kind", ["receivers", "processors", "exporters", "extensions", "connectors"])
+@pytest.mark.parametrize("kind", ["receivers", "processors", "exporters", "extensions",
+                                  "connectors"])
 def test_every_component_ships_with_otelcol_contrib(doc: dict[str, Any], kind: str) -> None:
     unknown = {_type(c) for c in doc.get(kind) or {}} - OTELCOL_CONTRIB[kind]
     assert not unknown, f"{kind} not in otelcol-contrib: {sorted(unknown)}"
@@ -81,7 +87,8 @@ def test_no_sampling_anywhere(doc: dict[str, Any]) -> None:
         if isinstance(node, dict):
             return {_type(str(k)) for k in node} | {k for v in node.values() for k in keys(v)}
         if isinstance(node, list):
-            return {_type(str(v)) for v in node if isinstance(v, str)} | {k for v in node for k in keys(v)}
+            names = {_type(v) for v in node if isinstance(v, str)}
+            return names | {k for v in node for k in keys(v)}
         return set()
 
     assert not keys(doc) & SAMPLERS

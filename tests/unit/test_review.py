@@ -169,9 +169,9 @@ def test_webhook_merged_and_approved_events() -> None:
 
 def test_counts_query_splits_by_version_and_merge_time() -> None:
     rec = approve(proposal(), "ada", "", RecordingBackend("local"), 5_000, diagnosis=DIAG)
-    sql, params = counts_query(rec)
+    sql, params = counts_query(rec, 9_000)
     assert "conversation_tags FINAL" in sql and "prompt_version != {bp:String}" in sql
-    assert params == {"from_ns": 100, "merge_ns": 5_000, "bp": "p-old", "ba": "a-old"}
+    assert params == {"from_ns": 100, "merge_ns": 5_000, "now_ns": 9_000, "bp": "p-old", "ba": "a-old"}
 
 
 def test_review_rows_match_the_reviews_columns() -> None:

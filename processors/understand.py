@@ -1,0 +1,186 @@
+"""Understand: every closed conversation gets an intent (learned online) and its tags.
+
+Pure core combining the parts of layer 2:
+
+- the user's goal (the first ``goal_user_turns`` user messages) is embedded (:mod:`.embed`),
+- the online intent model assigns it a stable intent id and learns it (:mod:`.intents`),
+- the tagger gives the signals and the outcome (:mod:`.signals`),
+- the namer names new or materially changed intents (:mod:`.naming`); renames are versioned.
+
+A conversation replayed (same id and version) gets the same tags without being learned twice,
+so the model does not double count a redelivery.
+"""
+from __future__ import annotations
+
+import pickle
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Config
+from .embed import Embedder
+from .intents import IntentModel
+from .llm import LLM
+from .naming import IntentName, KeyphraseIndex, Namer
+from .records import Conversation, TagRecord
+from .signals import Tagger
+
+LONG_TAIL_SHARE = 0.01       # an intent holding under 1% of conversations (once warmed up) is long tail
+LONG_TAIL_WARMUP = 500
+SEEN_CAP = 200_000           # remembered (conversation, version) pairs for replay detection
+
+
+@dataclass
+class UnderstandBatch:
+    tags: list[TagRecord] = field(default_factory=list)
+    intent_rows: list[dict[str, Any]] = field(default_factory=list)
+    change_rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def goal_text(conv: Conversation, turns: int) -> str:
+    users = [m.content for m in conv.messages if m.role == "user" and m.content]
+    return " ".join(users[:max(1, turns)]) or " ".join(m.content for m in conv.messages[:1])
+
+
+class Understand:
+    def __init__(self, cfg: Config, embedder: Embedder, llm: LLM | None = None,
+                 model: IntentModel | None = None) -> None:
+        self.cfg = cfg
+        self.embedder = embedder
+        self.llm = llm
+        self.model = model or IntentModel()
+        self.tagger = Tagger(cfg, llm)
+        self.index = KeyphraseIndex()
+        self.namer = Namer(self.index, llm)
+        self.names: dict[str, IntentName] = {}
+        self._seen: dict[tuple[str, int], tuple[str, int]] = {}   # (cid, version) -> (intent, order)
+        self._emitted_changes = 0
+        self.naming_version = 0
+
+    # -- the step ----------------------------------------------------------------------------
+    def process(self, convs: list[Conversation], now_ns: int) -> UnderstandBatch:
+        out = UnderstandBatch()
+        if not convs:
+            return out
+        texts = [goal_text(c, self.cfg.understand.goal_user_turns) for c in convs]
+        vectors = self.embedder.embed(texts)
+        touched: set[str] = set()
+        for conv, text, x in zip(convs, texts, vectors):
+            key = (conv.conversation_id, conv.version)
+            if key in self._seen:
+                intent_id = self.model.resolve(self._seen[key][0])
+            else:
+                intent_id = self.model.learn_one(x, now_ns, text=text)
+                self.index.add(intent_id, text)
+                self._remember(key, intent_id)
+            touched.add(intent_id)
+            sig = self.tagger.tag(conv, now_ns)
+            signals = list(sig.tags)
+            if self._is_long_tail(intent_id):
+                signals.append("long_tail")
+            out.tags.append(TagRecord(
+                conversation_id=conv.conversation_id, conversation_version=conv.version,
+                intent_id=intent_id, intent_name=self._name_of(intent_id),
+                taxonomy_version=self.taxonomy_version, signals=sorted(signals),
+                outcome=sig.outcome, outcome_turn=sig.outcome_turn, failed=sig.failed,
+                prompt_version=conv.prompt_version, model=conv.model, agent_version=conv.agent_version,
+                ts_ns=conv.end_ns or now_ns, conversation=conv))
+        changed = self._apply_changes(out, now_ns)
+        renamed = self._name(touched | changed, changed, out, now_ns)
+        for tag in out.tags:   # names given in this batch apply to its own tags
+            tag.intent_id = self.model.resolve(tag.intent_id)
+            tag.intent_name = self._name_of(tag.intent_id)
+        out.intent_rows = self.intent_rows(touched | changed | renamed, now_ns)
+        return out
+
+    def _remember(self, key: tuple[str, int], intent_id: str) -> None:
+        if len(self._seen) >= SEEN_CAP:
+            # forget the oldest half: replays come soon after the original, not days later
+            for k in list(self._seen)[: SEEN_CAP // 2]:
+                del self._seen[k]
+        self._seen[key] = (intent_id, self.model.n_seen)
+
+    def _is_long_tail(self, intent_id: str) -> bool:
+        n = self.model.n_seen
+        if n < LONG_TAIL_WARMUP:
+            return False
+        size = next((i.size for i in self.model.intents() if i.intent_id == intent_id), 0)
+        return size < LONG_TAIL_SHARE * n
+
+    def _apply_changes(self, out: UnderstandBatch, now_ns: int) -> set[str]:
+        """Turn the model's taxonomy changes into rows; fold merged intents' keyphrases."""
+        changed: set[str] = set()
+        for ch in self.model.changes[self._emitted_changes:]:
+            if ch.change == "merged":
+                self.index.merge(ch.other_id, ch.intent_id)
+                self.namer.forget(ch.intent_id)
+            changed.update({ch.intent_id, ch.other_id} - {""})
+            out.change_rows.append(dict(taxonomy_version=ch.taxonomy_version, intent_id=ch.intent_id,
+                                        change=ch.change, name=self._name_of(ch.intent_id),
+                                        other_id=ch.other_id, ts_ns=ch.ts_ns))
+        self._emitted_changes = len(self.model.changes)
+        return changed
+
+    def _name(self, ids: set[str], changed: set[str], out: UnderstandBatch, now_ns: int) -> set[str]:
+        renamed: set[str] = set()
+        sizes = {i.intent_id: i for i in self.model.intents()}
+        for iid in sorted(ids):
+            s = sizes.get(iid)
+            if s is None:
+                continue
+            naming = self.namer.name(iid, s.size, [t for _, t in s.examples], changed=iid in changed)
+            if naming is None:
+                continue
+            self.names[iid] = naming.name
+            renamed.add(iid)
+            if naming.renamed:
+                self.naming_version += 1
+                out.change_rows.append(dict(taxonomy_version=self.taxonomy_version, intent_id=iid,
+                                            change="renamed", name=naming.name.name,
+                                            other_id=naming.previous, ts_ns=now_ns))
+        return renamed
+
+    @property
+    def taxonomy_version(self) -> int:
+        """Moves forward on every taxonomy change: created, merged, split or renamed."""
+        return self.model.taxonomy_version + self.naming_version
+
+    def _name_of(self, intent_id: str) -> str:
+        n = self.names.get(intent_id)
+        return n.name if n else intent_id
+
+    def intent_rows(self, ids: set[str] | None, now_ns: int) -> list[dict[str, Any]]:
+        rows = []
+        min_shown = self.cfg.understand.min_examples_shown
+        for s in self.model.intents(include_merged=True):
+            if ids is not None and s.intent_id not in ids:
+                continue
+            name = self.names.get(s.intent_id)
+            rows.append(dict(
+                intent_id=s.intent_id, name=name.name if name else s.intent_id,
+                description=name.description if name else "",
+                keywords=list(name.keywords) if name else [],
+                examples=[t for _, t in s.examples][:5] if s.size >= min_shown else [],
+                size=s.size, status=s.status, parent_id=s.parent_id,
+                taxonomy_version=self.taxonomy_version, created_ns=s.created_ns, updated_ns=now_ns))
+        return rows
+
+    # -- checkpoint --------------------------------------------------------------------------
+    def snapshot(self) -> bytes:
+        state = {"model": self.model.snapshot(), "tagger": self.tagger.snapshot(),
+                 "index": self.index.to_dict(), "namer": self.namer.to_dict(), "names": self.names,
+                 "seen": self._seen, "emitted": self._emitted_changes, "naming_version": self.naming_version}
+        return zlib.compress(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def restore(self, data: bytes) -> None:
+        # Only closeloop's own checkpoints (ClickHouse `checkpoints`) are restored: trusted state.
+        state = pickle.loads(zlib.decompress(data))  # noqa: S301
+        self.model = IntentModel.restore(state["model"])
+        self.tagger.restore(state["tagger"])
+        self.index = KeyphraseIndex.from_dict(state["index"])
+        self.namer = Namer(self.index, self.llm)
+        self.namer.restore(state["namer"])
+        self.names = state["names"]
+        self._seen = state["seen"]
+        self._emitted_changes = state["emitted"]
+        self.naming_version = state["naming_version"]

@@ -1,0 +1,47 @@
+"""A reviewer in a real browser: log in with the printed URL, open the proposal, approve it under
+their name (the configured local git backend merges it), see the decision, then the verdicts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from processors.config import Config
+from processors.store import Store
+from processors.web import WebServer
+from tests.browser import chromium_page, unavailable
+from tests.integration.test_web import git, seed
+
+pytestmark = pytest.mark.skipif(bool(unavailable()), reason=unavailable() or "browser available")
+
+
+def test_reviewer_approves_in_the_browser(store: Store, config: Config, tmp_path: Path, unique: str) -> None:
+    s = seed(store, config, tmp_path, unique)
+    base_before = git(s.repo, "rev-parse", "main")
+    server = WebServer(config, store, host="127.0.0.1", port=0).start()   # default backend: act.repo, local
+    try:
+        with chromium_page() as page:
+            page.goto(server.login_url)
+            assert page.url == server.url + "/"                      # the token left the address bar
+            page.get_by_role("link", name=s.proposal.title).click()
+            assert page.locator("pre.diff .add").count() >= 1          # the diff, coloured
+            page.fill("#reviewer", "Ada Lovelace")
+            page.fill("#comment", "carry the key forward")
+            page.get_by_role("button", name="Approve").click()
+            page.wait_for_url(f"**/proposals/{s.proposal.proposal_id}#decision")
+            decision = page.locator(".decision").inner_text()
+            assert "Approved by Ada Lovelace" in decision and "merged as" in decision
+            assert page.locator("form.decide").count() == 0
+            assert page.locator(".badge", has_text="merged").count() >= 1
+
+            page.get_by_role("link", name="Outcomes").click()
+            row = page.locator("tr", has=page.get_by_role("link", name=s.proposal.title))
+            assert row.locator(".badge").inner_text() == "fixed"
+            assert "[-41.0%, -19.0%]" in row.inner_text()
+    finally:
+        server.stop()
+    (review,) = store.query("SELECT reviewer, decision, merged_commit FROM reviews FINAL "
+                            "WHERE proposal_id = {p:String}", {"p": s.proposal.proposal_id})
+    merge = git(s.repo, "rev-parse", "main")
+    assert review == {"reviewer": "Ada Lovelace", "decision": "approved", "merged_commit": merge}
+    assert merge != base_before and git(s.repo, "rev-parse", f"{merge}^2") == s.proposal.commit

@@ -1,0 +1,41 @@
+"""A minimal faust app with closeloop's faust settings and one changelog-backed table.
+
+Run as a process by test_faust_table_restore.py: counts messages per key, dumps the table.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import faust
+
+from processors.app import faust_settings
+from processors.config import load_config
+
+cfg = load_config(None, env={}, overrides={"home": os.environ["COUNTER_HOME"]})
+settings = faust_settings(cfg, os.environ["COUNTER_BOOTSTRAP"])
+if os.environ.get("COUNTER_BATCHED") == "1":   # the setting the test proves necessary, undone
+    settings.update(producer_max_batch_size=16384)
+app = faust.App("counter", **settings)
+source = app.topic("counter-src", key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+counts = app.Table("counts", default=int, partitions=cfg.kafka.partitions)
+
+
+@app.agent(source)
+async def count(stream):  # noqa: ANN001, ANN201
+    async for event in stream.events():
+        counts[event.key.decode()] += 1
+
+
+@app.timer(0.5)
+async def dump() -> None:
+    out = os.environ["COUNTER_OUT"]
+    with open(out + ".tmp", "w") as f:
+        json.dump(dict(counts.items()), f)
+    os.replace(out + ".tmp", out)
+
+
+if __name__ == "__main__":
+    sys.argv = [sys.argv[0], "worker", "-l", "warn", "--without-web"]
+    app.main()

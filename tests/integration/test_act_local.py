@@ -1,0 +1,214 @@
+"""The local git backend end to end: propose, update, replay, approve (merge), reject, refusals."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from processors.act import Actor, notify
+from processors.config import ActTarget, Config
+from processors.errors import ActError, ReviewError
+from processors.gitrepo import LocalGit
+from processors.records import Diagnosis
+from processors.review import apply, approve, reject
+
+PROMPT_V1 = "You are the support agent of Acme.\n\nAlways confirm the order id.\n"
+PROMPT_V2 = "You are the support agent of Acme.\n\nBe concise.\n"
+AGENT_YAML = "model: gpt-4o-mini\ntools:\n  refund:\n    timeout_s: 2   # seconds\n"
+T0 = 1_900_000_000 * 10**9
+ENV = {"GIT_AUTHOR_NAME": "dev", "GIT_AUTHOR_EMAIL": "dev@localhost", "GIT_COMMITTER_NAME": "dev",
+       "GIT_COMMITTER_EMAIL": "dev@localhost", "HOME": "/nonexistent", "PATH": os.environ["PATH"]}
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True,
+                          env=ENV).stdout.strip()
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A repository with main checked out: the prompt (two versions) and a config."""
+    r = tmp_path / "agent"
+    r.mkdir()
+    git(r, "init", "-q", "-b", "main")
+    (r / "prompts").mkdir()
+    (r / "config").mkdir()
+    (r / "prompts" / "system.md").write_text(PROMPT_V1)
+    (r / "config" / "agent.yaml").write_text(AGENT_YAML)
+    git(r, "add", "-A")
+    git(r, "commit", "-q", "-m", "v1")
+    (r / "prompts" / "system.md").write_text(PROMPT_V2)
+    git(r, "commit", "-q", "-am", "v2: shorter prompt")
+    return r
+
+
+def config(repo: Path) -> Config:
+    cfg = Config()
+    cfg.act.repo = str(repo)
+    cfg.act.targets = [ActTarget("prompts/system.md", "prompt"), ActTarget("config/agent.yaml", "config")]
+    return cfg
+
+
+def diagnosis(**changes: object) -> Diagnosis:
+    d = Diagnosis(
+        diagnosis_id="d-77", intent_id="i-setup", intent_name="API setup", rule="repeated_ask",
+        summary="the agent asks again for the API key", root_cause="no carry-forward instruction",
+        component={"type": "prompt", "target": "prompts/system.md"}, evidence={"item": "API key"},
+        trace_ids=["t1"], support=100, failures=40, failure_rate=0.4, baseline_rate=0.05,
+        prompt_version="p-2", agent_version="1.0", window_from_ns=T0, window_to_ns=T0 + 10, updated_ns=T0)
+    return dataclasses.replace(d, **changes)
+
+
+def test_propose_update_replay_and_approve(repo: Path) -> None:
+    main_before = git(repo, "rev-parse", "main")
+    actor = Actor(config(repo), LocalGit(repo))
+    p1 = actor.propose(diagnosis(), T0 + 1)
+    assert p1 is not None, actor.last_reason
+    assert (p1.branch, p1.version, p1.backend, p1.files) == ("closeloop/d-77", 1, "local", ["prompts/system.md"])
+    # base untouched, working tree untouched, the branch holds exactly the diff
+    assert git(repo, "rev-parse", "main") == main_before and git(repo, "status", "--porcelain") == ""
+    assert git(repo, "symbolic-ref", "HEAD") == "refs/heads/main"
+    assert git(repo, "rev-parse", "closeloop/d-77") == p1.commit
+    assert git(repo, "rev-parse", f"{p1.commit}^") == main_before
+    assert git(repo, "diff", "--name-only", "main", "closeloop/d-77") == "prompts/system.md"
+    added = [ln for ln in git(repo, "diff", "main", "closeloop/d-77").splitlines() if ln.startswith("+") and "API key" in ln]
+    assert len(added) == 1
+    assert git(repo, "log", "-1", "--format=%an <%ae>", p1.commit) == "closeloop <closeloop@localhost>"
+    message = git(repo, "log", "-1", "--format=%B", p1.commit)
+    assert "d-77" in message and "asks again for the API key" in message and "Closeloop-Version: 1" in message
+
+    # the diagnosis is updated: same branch, version 2, still one commit on main
+    p2 = actor.propose(diagnosis(version=2, failures=50, failure_rate=0.5, updated_ns=T0 + 5), T0 + 6)
+    assert p2 is not None and (p2.branch, p2.version, p2.proposal_id) == (p1.branch, 2, p1.proposal_id)
+    assert git(repo, "branch", "--list", "closeloop/*").split() == ["closeloop/d-77"]
+    assert git(repo, "rev-list", "--count", "main..closeloop/d-77") == "1"
+    assert "Closeloop-Version: 2" in git(repo, "log", "-1", "--format=%B", "closeloop/d-77")
+    # an exact replay changes nothing
+    p3 = actor.propose(diagnosis(version=2, failures=50, failure_rate=0.5, updated_ns=T0 + 5), T0 + 7)
+    assert p3 is not None and p3.version == 2 and p3.commit == p2.commit == git(repo, "rev-parse", "closeloop/d-77")
+
+    # a stale review (of version 1) cannot merge version 2
+    with pytest.raises(ReviewError, match="not the reviewed commit"):
+        approve(dataclasses.replace(p2, commit=p1.commit), "Ada", "", actor.backend, T0 + 8)
+    assert git(repo, "rev-parse", "main") == main_before
+
+    rec = approve(p2, "Ada Lovelace", "good catch", actor.backend, T0 + 9, diagnosis=diagnosis())
+    merge = git(repo, "rev-parse", "main")
+    assert rec.merged_commit == merge and git(repo, "rev-parse", f"{merge}^2") == p2.commit
+    assert git(repo, "rev-parse", f"{merge}^1") == main_before               # --no-ff: a real merge commit
+    body = git(repo, "log", "-1", "--format=%B", merge)
+    assert "Approved-by: Ada Lovelace" in body and p2.proposal_id in body and "d-77" in body
+    # the checked-out main is consistent: files updated, nothing dirty
+    assert "API key" in (repo / "prompts" / "system.md").read_text()
+    assert git(repo, "status", "--porcelain") == ""
+    assert apply(p2, rec, T0 + 10).status == "merged"
+    assert actor.backend.status(p2)["merged_by"] == "Ada Lovelace"
+    with pytest.raises(ReviewError, match="already"):
+        approve(apply(p2, rec, T0 + 10), "Ada", "", actor.backend, T0 + 11)
+    # merged: the same diagnosis is not proposed again
+    assert actor.propose(diagnosis(version=3, updated_ns=T0 + 20), T0 + 20) is None
+    assert "already merged" in actor.last_reason
+
+
+def test_merge_refuses_when_local_edits_are_in_the_way(repo: Path) -> None:
+    actor = Actor(config(repo), LocalGit(repo))
+    p = actor.propose(diagnosis(), T0)
+    main_before = git(repo, "rev-parse", "main")
+    (repo / "prompts" / "system.md").write_text(PROMPT_V2 + "local edit\n")
+    with pytest.raises(ReviewError, match="not applied"):
+        approve(p, "Ada", "", actor.backend, T0 + 1)
+    assert git(repo, "rev-parse", "main") == main_before
+    assert (repo / "prompts" / "system.md").read_text() == PROMPT_V2 + "local edit\n"
+
+
+def test_reject_leaves_base_untouched_and_is_final(repo: Path) -> None:
+    main_before = git(repo, "rev-parse", "main")
+    actor = Actor(config(repo), LocalGit(repo))
+    p = actor.propose(diagnosis(), T0)
+    rec = reject(p, "Bob", "wrong place", actor.backend, T0 + 1)
+    assert rec.decision == "rejected" and rec.reviewer == "Bob"
+    assert git(repo, "rev-parse", "main") == main_before and git(repo, "status", "--porcelain") == ""
+    assert git(repo, "branch", "--list", "closeloop/*") == ""
+    assert git(repo, "rev-parse", "refs/closeloop/closed/d-77") == p.commit
+    assert "Rejected by Bob" in git(repo, "notes", "--ref=refs/notes/closeloop", "show", p.commit)
+    assert actor.propose(diagnosis(version=2, updated_ns=T0 + 2), T0 + 2) is None
+    assert "already closed" in actor.last_reason
+
+
+def test_latency_config_fix_and_prompt_regression_revert(repo: Path) -> None:
+    actor = Actor(config(repo), LocalGit(repo))
+    lat = actor.propose(diagnosis(diagnosis_id="d-lat", rule="latency", evidence={"p99_ms": 4200},
+                                  component={"type": "config", "target": "tools.refund.timeout_s"}), T0)
+    assert lat is not None, actor.last_reason
+    assert git(repo, "show", "closeloop/d-lat:config/agent.yaml") == AGENT_YAML.replace("timeout_s: 2", "timeout_s: 7").strip()
+    reg = actor.propose(diagnosis(diagnosis_id="d-reg", rule="prompt_regression"), T0)
+    assert reg is not None, actor.last_reason
+    assert git(repo, "show", "closeloop/d-reg:prompts/system.md") == PROMPT_V1.strip()
+
+
+def test_symlinks_and_missing_allowlist_write_nothing(repo: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.md"
+    outside.write_text("secret plans\n")
+    (repo / "prompts" / "system.md").unlink()
+    (repo / "prompts" / "system.md").symlink_to(outside)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "prompt is a symlink now")
+    actor = Actor(config(repo), LocalGit(repo))
+    assert actor.propose(diagnosis(), T0) is None and "symlink" in actor.last_reason
+    cfg = config(repo)
+    cfg.act.targets = []
+    assert Actor(cfg, LocalGit(repo)).propose(diagnosis(), T0) is None
+    assert git(repo, "branch", "--list", "closeloop/*") == ""
+
+
+def test_bare_repository_merges_with_update_ref(repo: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "bare.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(repo), str(bare)], check=True, env=ENV)
+    backend = LocalGit(bare)
+    p = Actor(config(bare), backend).propose(diagnosis(), T0)
+    assert p is not None
+    rec = approve(p, "Ada", "", backend, T0 + 1)
+    assert git(bare, "rev-parse", "main") == rec.merged_commit
+    assert "API key" in git(bare, "show", "main:prompts/system.md")
+
+
+def test_notify_posts_slack_json_and_survives_a_dead_webhook(repo: Path) -> None:
+    got: list[dict] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        cfg = config(repo)
+        cfg.act.notify_webhook = f"http://127.0.0.1:{server.server_address[1]}/hook"
+        p = Actor(cfg, LocalGit(repo)).propose(diagnosis(), T0)
+        assert p is not None
+        assert len(got) == 1 and "opened a proposal" in got[0]["text"] and "closeloop/d-77" in got[0]["text"]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    cfg.act.notify_webhook = f"http://127.0.0.1:{server.server_address[1]}/hook"   # now closed
+    assert notify(p, cfg) is False
+
+
+def test_backend_refuses_a_missing_base_or_a_non_repository(repo: Path, tmp_path: Path) -> None:
+    with pytest.raises(ActError, match="no branch 'trunk'"):
+        LocalGit(repo, "trunk")
+    with pytest.raises(ActError, match="failed"):
+        LocalGit(tmp_path)
