@@ -42,7 +42,7 @@ RECORD_BATCH = 500
 TAKE_WITHIN_S = 0.2
 TICK_INTERVAL_S = 1.0
 STATS_INTERVAL_S = 5.0
-CHECKPOINT_INTERVAL_S = 5.0
+VERIFY_INTERVAL_S = 5.0
 DEADLETTER_MAX_BYTES = 64 * 1024
 
 
@@ -213,7 +213,7 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
     if "capture" in pipe.stages:
         from .capture import Capture, RawMessage
 
-        capture_core = Capture(cfg.capture)
+        capture_core = Capture(cfg.capture, logs_topic=t.otlp_logs, end_attribute=cfg.assemble.end_attribute)
 
         @app.agent(topic(t.otlp_spans, t.otlp_logs), name="capture")
         async def capture_agent(stream: faust.StreamT) -> None:
@@ -362,6 +362,71 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
                     pipe.counters["diagnose"].records_out += len(diags)
                 await send_deadletters("diagnose", dls)
                 await diagnose_ckpt.save(events, lambda: diagnose_state["core"].snapshot())
+
+    # -- act -------------------------------------------------------------------------------
+    if "act" in pipe.stages or "verify" in pipe.stages:
+        from .act import Actor, notify, open_backend, proposal_rows
+        from .records import Diagnosis
+
+        backend = open_backend(cfg) if cfg.act.repo else None
+        if backend is None:
+            log.warning("act: no target repository configured (act.repo); diagnoses are kept, "
+                        "no proposals are opened")
+
+    if "act" in pipe.stages and backend is not None:
+        from .llm import make_llm
+
+        actor = Actor(cfg, backend, make_llm(cfg.llm))
+
+        @app.agent(diagnoses_topic, name="act")
+        async def act_agent(stream: faust.StreamT) -> None:
+            async for events in stream.take_events(50, within=TAKE_WITHIN_S):
+                props, dls = [], []
+                for e in events:
+                    now = time.time_ns()
+                    try:
+                        diag = Diagnosis.from_json(e.message.value)
+                    except (ValueError, TypeError, KeyError) as err:
+                        dls.append(dead_letter("act", "undecodable diagnosis record", e, now, str(err)))
+                        continue
+                    pipe.counters["act"].records_in += 1
+                    prop = await pipe.run(actor.propose, diag, now)
+                    if prop is None:
+                        log.info("act: no proposal for %s: %s", diag.diagnosis_id, actor.last_reason)
+                        continue
+                    props.append(prop)
+                if props:
+                    await pipe.write("act", "proposals", proposal_rows(props))
+                    await send_all([(proposals_topic, p.diagnosis_id, p.to_json()) for p in props])
+                    for p in props:
+                        await pipe.run(notify, p, cfg)
+                    pipe.counters["act"].records_out += len(props)
+                await send_deadletters("act", dls)
+
+    # -- verify (review layer) ---------------------------------------------------------------
+    if "verify" in pipe.stages:
+        from .review import load_proposal, merged_reviews, outcome_rows, verify
+
+        def verify_all(now: int) -> list[Any]:
+            outcomes = []
+            for row in merged_reviews(pipe.store):
+                prop = load_proposal(pipe.store, row["proposal_id"])
+                result = verify(pipe.store, row, cfg, now, backend=backend, proposal=prop)
+                outcomes += result.outcomes
+                if result.regressed:
+                    log.warning("verify: %s made intent %s worse; diagnose will see the new rates",
+                                row["proposal_id"], row["intent_id"])
+            return outcomes
+
+        @app.timer(VERIFY_INTERVAL_S)
+        async def verify_tick() -> None:
+            try:
+                outcomes = await pipe.run(verify_all, time.time_ns())
+            except StoreError as e:   # ClickHouse away: the next tick tries again
+                log.warning("verify: %s", e)
+                return
+            await pipe.write("verify", "outcomes", outcome_rows(outcomes))
+            pipe.counters["verify"].records_out += len(outcomes)
 
     # -- stage counters --------------------------------------------------------------------
     @app.timer(STATS_INTERVAL_S)

@@ -54,6 +54,13 @@ def cmd_up(a: argparse.Namespace) -> int:
     return 0
 
 
+def _login_url(cfg: Config) -> str:
+    try:
+        return str(json.loads((cfg.run_dir() / "web.json").read_text())["login_url"])
+    except (OSError, ValueError, KeyError):
+        return f"http://{cfg.web.host}:{cfg.web.port}/  (token in {cfg.run_dir() / 'web-token'})"
+
+
 def print_endpoints(stack: Any) -> None:
     cfg = stack.cfg
     rows = [
@@ -62,7 +69,7 @@ def print_endpoints(stack: Any) -> None:
         ("Kafka", stack.bootstrap + ("  (embedded tansu)" if stack.broker else "")),
         ("ClickHouse", cfg.clickhouse_dsn),
         ("SQL (HTTP)", stack.sql_url + "  (ClickHouse HTTP interface; `closeloop sql` uses it)"),
-        ("Review page", f"http://{cfg.web.host}:{cfg.web.port}/  (token in {cfg.run_dir() / 'web-token'})"),
+        ("Review page", _login_url(cfg)),
         ("Logs", str(cfg.log_dir())),
     ]
     width = max(len(k) for k, _ in rows)
@@ -161,20 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--stages")
     wk.set_defaults(fn=cmd_worker)
 
-    for name, fn_name, helptext in EXTRA_COMMANDS:
-        sp = sub.add_parser(name, help=helptext)
-        _common(sp)
-        _extra_args(name, sp)
-        sp.set_defaults(fn=_lazy(fn_name))
+    from . import commands
+
+    commands.register(sub, _common)
+
+    dm = sub.add_parser("demo", help="run the whole loop on the embedded stack with the demo agent")
+    _common(dm)
+    dm.add_argument("--approve-as", help="approve proposals non-interactively as this person (recorded)")
+    dm.add_argument("--conversations", type=int, default=600, help="conversations per cycle (default 600)")
+    dm.add_argument("--seed", type=int, default=1)
+    dm.set_defaults(fn=_lazy("processors.demo:cmd_demo"))
     return p
-
-
-# Commands whose implementation lives with their layer (imported on use).
-EXTRA_COMMANDS: list[tuple[str, str, str]] = []
-
-
-def _extra_args(name: str, sp: argparse.ArgumentParser) -> None:
-    return None
 
 
 def _lazy(fn_name: str) -> Any:

@@ -60,8 +60,8 @@ class IntentSummary:
 class IntentModel:
     """Online intent clusterer with stable ids (``learn_one`` / ``predict_one``)."""
 
-    def __init__(self, threshold: float = 0.6, *, micro_threshold: float = 0.85, merge_threshold: float = 0.9,
-                 min_size: int = 20,
+    def __init__(self, threshold: float = 0.6, *, micro_threshold: float = 0.85,
+                 merge_threshold: float = 0.9, min_size: int = 20,
                  grace: int = 2000, refine_every: int = 500, refine_iters: int = 3,
                  max_micro_per_intent: int = 32, examples: int = 10, seed: int = 0) -> None:
         if not -1.0 < threshold < micro_threshold < 1.0:

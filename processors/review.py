@@ -365,3 +365,75 @@ def verify(store: Store, review: ReviewRecord | Mapping[str, Any], cfg: Config, 
     log.info("review: %s verified: %s (p=%.3g)%s", rec.proposal_id, target.verdict, target.p_value,
              f" — {v5[4]}" if v5[4] else "")
     return result
+
+
+# -- decisions taken through closeloop (CLI and review page) ----------------------------------
+
+def load_proposal(store: Store, proposal_id: str) -> Proposal | None:
+    rows = store.query("SELECT * FROM proposals FINAL WHERE proposal_id = {p:String}", {"p": proposal_id})
+    return Proposal.from_dict(rows[0]) if rows else None
+
+
+def load_diagnosis(store: Store, diagnosis_id: str) -> Diagnosis | None:
+    rows = store.query("SELECT * EXCEPT updated_time FROM diagnoses FINAL WHERE diagnosis_id = {d:String}",
+                       {"d": diagnosis_id})
+    if not rows:
+        return None
+    row = dict(rows[0])
+    for key in ("component", "evidence"):
+        try:
+            row[key] = json.loads(row[key]) if row[key] else {}
+        except ValueError:
+            row[key] = {"raw": row[key]}
+    return Diagnosis.from_dict(row)
+
+
+class StaleProposal(ReviewError):
+    """The branch no longer merges (another change landed first); it was rebuilt on the new
+    base as ``proposal`` and needs a fresh look: an approval covers the diff the human saw."""
+
+    def __init__(self, proposal: Proposal) -> None:
+        self.proposal = proposal
+        super().__init__(f"proposal {proposal.proposal_id} conflicted with a change merged since; it was "
+                         f"rebuilt on the current base as version {proposal.version}: review the new diff")
+
+
+def decide(store: Store, backend: ChangeBackend, proposal_id: str, decision: str, reviewer: str,
+           comment: str, now_ns: int, *, cfg: Config | None = None) -> tuple[ReviewRecord, Proposal]:
+    """A human's decision on a proposal: applied to the backend, recorded in ``reviews``, and
+    the proposal row moved on. ``decision`` is ``approve`` or ``reject``; nothing else merges.
+
+    With ``cfg``, an approval whose branch no longer merges cleanly rebuilds the proposal on
+    the current base (:class:`StaleProposal`), so the reviewer approves what will land.
+    """
+    from .act.core import Actor, proposal_rows
+
+    proposal = load_proposal(store, proposal_id)
+    if proposal is None:
+        raise ReviewError(f"no proposal {proposal_id!r}; `closeloop proposals` lists them")
+    diagnosis = load_diagnosis(store, proposal.diagnosis_id)
+    if decision == "approve":
+        try:
+            record = approve(proposal, reviewer, comment, backend, now_ns, diagnosis=diagnosis)
+        except ReviewError as e:
+            if cfg is None or diagnosis is None or "merge cleanly" not in str(e):
+                raise
+            actor = Actor(cfg, backend)
+            refreshed = actor.propose(diagnosis, now_ns)
+            if refreshed is None:
+                raise ReviewError(f"{e}; rebuilding it failed: {actor.last_reason}") from e
+            store.insert_records("proposals", proposal_rows([refreshed]))
+            raise StaleProposal(refreshed) from e
+    elif decision == "reject":
+        record = reject(proposal, reviewer, comment, backend, now_ns, diagnosis=diagnosis)
+    else:
+        raise ReviewError(f"unknown decision {decision!r}; use approve or reject")
+    updated = apply(proposal, record, now_ns)
+    store.insert_records("reviews", review_rows([record]))
+    store.insert_records("proposals", proposal_rows([updated]))
+    return record, updated
+
+
+def merged_reviews(store: Store) -> list[dict[str, Any]]:
+    """Reviews whose change is merged: the ones verification measures."""
+    return store.query("SELECT * EXCEPT ts FROM reviews FINAL WHERE merged_commit != '' ORDER BY ts_ns")

@@ -108,6 +108,8 @@ class EmbeddedStack:
         self.children["gateway"] = Child("gateway", [sys.executable, "-m", "processors.gateway",
                                                      "--bootstrap", self.bootstrap], env,
                                          cfg.log_dir() / "gateway.log")
+        self.children["web"] = Child("web", [sys.executable, "-m", "processors.cli", "web"], env,
+                                     cfg.log_dir() / "web.log")
         try:
             self.children["worker"].start()
             if cfg.embedded_store and not wait_port("127.0.0.1", sql_port, READY_TIMEOUT_S):
@@ -115,6 +117,13 @@ class EmbeddedStack:
             self.children["gateway"].start()
             if not wait_port(cfg.otlp.host, cfg.otlp.http_port, READY_TIMEOUT_S):
                 raise CloseloopError(f"the OTLP gateway did not come up; see {cfg.log_dir() / 'gateway.log'}")
+            self.children["web"].start()
+            if not wait_port(cfg.web.host, cfg.web.port, READY_TIMEOUT_S):
+                raise CloseloopError(f"the review page did not come up; see {cfg.log_dir() / 'web.log'}")
+            web_file = cfg.run_dir() / "web.json"
+            deadline = time.monotonic() + 5
+            while not web_file.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
             self.sql_url = f"http://127.0.0.1:{sql_port}"
             self._write_stack_file()
         except BaseException:
@@ -174,7 +183,7 @@ class EmbeddedStack:
                 self._write_stack_file()
 
     def stop(self) -> None:
-        for name in ("gateway", "worker"):
+        for name in ("gateway", "web", "worker"):
             if name in self.children:
                 self.children[name].stop()
         if self.broker is not None:

@@ -84,7 +84,8 @@ class Understand:
                 taxonomy_version=self.taxonomy_version, signals=sorted(signals),
                 outcome=sig.outcome, outcome_turn=sig.outcome_turn, failed=sig.failed,
                 prompt_version=conv.prompt_version, model=conv.model, agent_version=conv.agent_version,
-                ts_ns=conv.end_ns or now_ns, conversation=conv))
+                # arrival time, not the agent's clock: verification splits before/after the merge on it
+                ts_ns=now_ns, conversation=conv))
         changed = self._apply_changes(out, now_ns)
         renamed = self._name(touched | changed, changed, out, now_ns)
         for tag in out.tags:   # names given in this batch apply to its own tags

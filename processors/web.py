@@ -9,8 +9,8 @@ the Content-Security-Policy forbids scripts, so even an escaping mistake cannot 
 * Forms: every POST needs the session cookie, a CSRF field (HMAC of the session, compared in
   constant time) and a same-origin ``Origin`` (or ``Referer``). GET never changes state.
 * A decision (approve / reject) is the only state change, and only a named human takes it:
-  :func:`_decide` calls :mod:`processors.review` with the backend from ``backend_factory`` —
-  on the local backend approving merges the proposal branch — then writes the
+  :func:`processors.review.decide` with the backend from ``backend_factory`` — on the local
+  backend approving merges the proposal branch — writes the
   :class:`~processors.records.ReviewRecord` and the proposal's new version.
 
 Data functions (:func:`overview`, :func:`intents`, ...) return plain dicts shared by the pages
@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from .act.core import ChangeBackend, open_backend, proposal_rows
+from .act.core import ChangeBackend, open_backend
 from .config import Config
 from .errors import ActError, CloseloopError, ReviewError, StoreError
-from .records import Diagnosis, Proposal, ReviewRecord
-from .review import apply, approve, reject, review_rows
+from .records import Proposal, ReviewRecord
+from .review import decide
 from .store import Store
 
 log = logging.getLogger("closeloop.web")
@@ -205,38 +205,6 @@ def outcomes(store: Store) -> list[dict[str, Any]]:
     return list(groups.values())
 
 
-# -- the one state change ---------------------------------------------------------------------
-
-def _load_proposal(store: Store, proposal_id: str) -> tuple[Proposal, Diagnosis | None]:
-    rows = store.query("SELECT * FROM proposals FINAL WHERE proposal_id = {p:String}", {"p": proposal_id})
-    if not rows:
-        raise ReviewError(f"no proposal {proposal_id!r}")
-    prop = Proposal.from_dict({**rows[0], "files": list(rows[0]["files"])})
-    drows = store.query("SELECT * FROM diagnoses FINAL WHERE diagnosis_id = {d:String}", {"d": prop.diagnosis_id})
-    diag = None
-    if drows:
-        d = drows[0]
-        diag = Diagnosis.from_dict({**d, "component": _json_field(d["component"]),
-                                    "evidence": _json_field(d["evidence"]), "trace_ids": list(d["trace_ids"])})
-    return prop, diag
-
-
-def _decide(store: Store, proposal_id: str, decision: str, reviewer: str, comment: str,
-            backend: ChangeBackend, now_ns: int) -> tuple[ReviewRecord, Proposal]:
-    """Take a named human's decision through :mod:`processors.review` and record it.
-
-    The one place the page calls review: approve (on the local backend this merges) or
-    reject, then the review row and the proposal's next version are written.
-    """
-    prop, diag = _load_proposal(store, proposal_id)
-    act = {"approve": approve, "reject": reject}[decision]
-    record = act(prop, reviewer, comment, backend, now_ns, diagnosis=diag)
-    updated = apply(prop, record, now_ns)
-    store.insert_records("reviews", review_rows([record]))
-    store.insert_records("proposals", proposal_rows([updated]))
-    return record, updated
-
-
 # -- HTML ---------------------------------------------------------------------------------------
 
 def h(value: Any) -> str:
@@ -341,8 +309,8 @@ table{border-collapse:collapse;width:100%;background:#fff;border:1px solid #e2e8
 th,td{text-align:left;padding:.35rem .55rem;border-bottom:1px solid #e2e8f0;vertical-align:top}
 th{background:#f1f5f9;font-weight:600;font-size:.85rem}td.num,th.num{text-align:right;white-space:nowrap}
 a{color:#1d4ed8}.muted{color:#64748b}.mono,code{font-family:ui-monospace,Menlo,monospace;font-size:.85em}
-.cards{display:flex;flex-wrap:wrap;gap:.8rem}.card{color:inherit;text-decoration:none;background:#fff;border:1px solid #e2e8f0;border-radius:6px;
-padding:.7rem 1rem;min-width:150px}.card b{display:block;font-size:1.6rem}
+.cards{display:flex;flex-wrap:wrap;gap:.8rem}.card{color:inherit;text-decoration:none;background:#fff;
+border:1px solid #e2e8f0;border-radius:6px;padding:.7rem 1rem;min-width:150px}.card b{display:block;font-size:1.6rem}
 .badge{display:inline-block;padding:.05rem .45rem;border-radius:9px;font-size:.78rem;font-weight:600;
 background:#e2e8f0;color:#334155;white-space:nowrap}.b-fixed,.b-merged,.b-resolved{background:#dcfce7;color:#166534}
 .b-regressed,.b-rejected{background:#fee2e2;color:#991b1b}.b-not_enough_data{background:#fef3c7;color:#92400e}
@@ -459,7 +427,8 @@ def render_diagnosis(d: Mapping[str, Any], trace_url: str) -> str:
             f"<dt>versions</dt><dd>prompt <code>{h(d['prompt_version'] or '—')}</code> agent "
             f"<code>{h(d['agent_version'] or '—')}</code></dd><dt>window</dt><dd>{when(d['window_from_ns'])} → "
             f"{when(d['window_to_ns'])}</dd><dt>traces</dt>"
-            f"<dd>{render_value(list(d['trace_ids']), trace_url, 'trace_ids')}</dd></dl></div><h2>Evidence</h2><div class=box>{render_value(d['evidence'], trace_url)}</div>"
+            f"<dd>{render_value(list(d['trace_ids']), trace_url, 'trace_ids')}</dd></dl></div>"
+            f"<h2>Evidence</h2><div class=box>{render_value(d['evidence'], trace_url)}</div>"
             f"<h2>Proposals</h2>" + (f"<ul>{props}</ul>" if props else '<p class="muted">None yet.</p>'))
     return page(d["summary"], body, "/diagnoses")
 
@@ -545,7 +514,8 @@ def render_outcomes(groups: Sequence[Mapping[str, Any]]) -> str:
         t = g["target"]
         target = _outcome_cells(t) if t else '<td colspan="5" class="muted">no measurement yet</td>'
         rows.append(f"<tr><td>{_plink(g['proposal_id'], g['title'])}</td>"
-                    f"<td><b>{h(t['intent_name'] if t else '') or h(g['intent_id'])}</b> <span class=muted>target</span>"
+                    f"<td><b>{h(t['intent_name'] if t else '') or h(g['intent_id'])}</b> "
+                    "<span class=muted>target</span>"
                     f"</td>{target}</tr>")
         rows.extend(f"<tr class=muted><td></td><td>{h(c['intent_name'] or c['intent_id'])} control</td>"
                     f"{_outcome_cells(c)}</tr>" for c in g["controls"])
@@ -819,15 +789,18 @@ class WebServer:
             except CloseloopError as e:
                 return 503, f"the change backend is not available: {e}"
             try:
-                record, updated = _decide(self.store, proposal_id, decision, reviewer, comment, backend,
-                                          time.time_ns())
+                record, updated = decide(self.store, backend, proposal_id, decision, reviewer, comment,
+                                         time.time_ns(), cfg=self.cfg)
             except (ReviewError, ActError) as e:
                 return 400, str(e)
             except StoreError as e:
                 return 500, f"the decision could not be recorded: {e}"
         log.info("web: %s %s by %s", proposal_id, record.decision, record.reviewer)
         if self.on_decision is not None:
-            self.on_decision(record, updated)
+            try:
+                self.on_decision(record, updated)
+            except Exception:  # the decision is recorded in the store; a missed notification is only logged
+                log.exception("web: on_decision failed for %s", proposal_id)
         return 200, ""
 
 

@@ -43,6 +43,7 @@ def serve_store(cfg: Config, store: Store) -> SQLServer | None:
 
 
 def run_worker(cfg: Config, bootstrap: str, stages: tuple[str, ...] = ALL_STAGES) -> None:
+    cfg.home_path.mkdir(parents=True, exist_ok=True)
     store = open_store(cfg, owner=True)
     applied = store.migrate()
     if applied:

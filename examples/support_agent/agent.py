@@ -34,6 +34,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .behaviour import Behaviour, behaviour_from
@@ -101,6 +102,7 @@ class SupportAgent:
         self.policy: Policy = LLMPolicy(self.behaviour, llm_client or _openai_client()) if use_llm \
             else ScriptedPolicy(self.behaviour)
         self.provider = TracerProvider(
+            sampler=ALWAYS_ON,       # every span, whatever OTEL_TRACES_SAMPLER says: no sampling
             resource=Resource.create({"service.name": self.behaviour.agent_name,
                                       "service.version": self.version}),
             # Seeded ids depend on the version too: a new version on the same traffic gets new ids.

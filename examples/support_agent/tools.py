@@ -90,6 +90,6 @@ def _result(name: str, args: dict[str, Any], data: dict[str, Any], rng: random.R
         rate = round(RATES[pair] * rng.uniform(0.995, 1.005), 4)
         return {"base": pair[0], "quote": pair[1], "rate": rate}
     if name == "escalate_to_human":
-        return {"ticket": f"ESC-{rng.randint(10000, 99999)}", "queue": "general-support",
+        return {"ticket": f"ESC-{rng.randint(10000, 99999)}", "queue": data.get("queue", "support"),
                 "expected_wait_minutes": rng.choice([5, 10, 15])}
     return dict(data)

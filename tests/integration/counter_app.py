@@ -14,6 +14,7 @@ from processors.app import faust_settings
 from processors.config import load_config
 
 cfg = load_config(None, env={}, overrides={"home": os.environ["COUNTER_HOME"]})
+cfg.home_path.mkdir(parents=True, exist_ok=True)
 settings = faust_settings(cfg, os.environ["COUNTER_BOOTSTRAP"])
 if os.environ.get("COUNTER_BATCHED") == "1":   # the setting the test proves necessary, undone
     settings.update(producer_max_batch_size=16384)

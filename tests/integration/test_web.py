@@ -183,6 +183,11 @@ def test_everything_needs_the_token(site: tuple[WebServer, Seeded]) -> None:
     assert call(server.url, path="/api/proposals", headers={"Authorization": "Bearer nope"}).status == 401
     assert call(server.url, path="/login?token=nope").status == 401
     assert call(server.url, path="/", cookie=f"{server.cookie_name}=1.forged.deadbeef").status == 401
+    week = 7 * 24 * 3600
+    stale = server.new_session(now_s=1_000_000)
+    assert server.check_session(stale, now_s=1_000_000 + week - 1)
+    assert server.check_session(stale, now_s=1_000_000 + week) is None
+    assert call(server.url, path="/", cookie=f"{server.cookie_name}={stale}").status == 401
 
 
 def test_login_sets_a_strict_httponly_cookie(site: tuple[WebServer, Seeded]) -> None:
@@ -277,6 +282,22 @@ def test_approval_without_a_reviewer_name_is_refused(site: tuple[WebServer, Seed
     assert git(s.repo, "rev-parse", "main") == base_before
 
 
+def test_unavailable_backend_changes_nothing(store: Store, config: Config, tmp_path: Path, unique: str) -> None:
+    s = seed(store, config, tmp_path, unique)
+    config.act.repo = ""                       # the default factory (open_backend) cannot open it
+    server = WebServer(config, store, host="127.0.0.1", port=0).start()
+    try:
+        cookie = login(server)
+        pid = s.proposal.proposal_id
+        csrf = csrf_of(call(server.url, path=f"/proposals/{pid}", cookie=cookie).body)
+        r = call(server.url, "POST", f"/proposals/{pid}/approve", cookie=cookie, headers=origin(server),
+                 form={"csrf": csrf, "reviewer": "Ada"})
+        assert r.status == 503 and "act.repo is empty" in r.body and 'value="Ada"' in r.body
+    finally:
+        server.stop()
+    assert review_rows(store, pid) == [] and proposal_row(store, pid)["status"] == "open"
+
+
 def test_reject_closes_the_branch_and_records_the_reviewer(site: tuple[WebServer, Seeded]) -> None:
     server, s = site
     cookie = login(server)
@@ -349,7 +370,7 @@ def test_api_json_shape(site: tuple[WebServer, Seeded]) -> None:
 def test_outcomes_page_shows_the_verdict_with_ci_and_p_value(site: tuple[WebServer, Seeded]) -> None:
     server, s = site
     body = call(server.url, path="/outcomes", cookie=login(server)).body
-    row = body[body.index(s.proposal.title):]
+    row = body[body.index(f'href="/proposals/{s.proposal.proposal_id}"'):]
     assert 'class="badge b-fixed">fixed' in row and "40.0%" in row and "10.0%" in row
     assert "-30.0%" in row and "[-41.0%, -19.0%]" in row and "2e-05" in row
     assert 'class="badge b-no_effect">no effect' in row

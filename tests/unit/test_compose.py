@@ -4,6 +4,7 @@ The compose file is read with PyYAML and interpolated the way docker compose doe
 ``${VAR:-default}``, ``${VAR:?error}``, ``$$``) with the values of .env.example, so these tests
 see what compose would run.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,6 +38,7 @@ class MissingVariable(Exception):
 
 def interpolate(text: str, env: dict[str, str]) -> str:
     """docker compose's variable substitution (the forms this project uses)."""
+
     def sub(m: re.Match[str]) -> str:
         if m.group(0) == "$$":
             return "$"
@@ -137,7 +139,7 @@ def published(service: dict[str, Any]) -> dict[int, int]:
     return out
 
 
-# -- shape --------------------------------------------------------------------------------------------
+# -- shape ----------------------------------------------------------------------------------------
 def test_services(raw: dict[str, Any]) -> None:
     assert set(services(raw)) == SERVICES
 
@@ -173,7 +175,9 @@ def test_images_are_pinned(raw: dict[str, Any]) -> None:
         if "build" in svc:
             continue
         image = svc["image"]
-        assert "$" not in image, f"{name}: the version of a third-party image is pinned in this file"
+        assert "$" not in image, (
+            f"{name}: the version of a third-party image is pinned in this file"
+        )
         repo, _, tag = image.rpartition(":")
         assert repo and "/" not in tag, f"{name}: {image} has no tag"
         assert tag != "latest" and re.search(r"\d", tag), f"{name}: {image} is not a version"
@@ -187,7 +191,9 @@ def test_no_container_names(raw: dict[str, Any]) -> None:
 
 def test_public_ports(raw: dict[str, Any]) -> None:
     s = services(raw)
-    assert {4317: 4317, 4318: 4318} == {k: v for k, v in published(s["collector"]).items() if k in (4317, 4318)}
+    assert {4317: 4317, 4318: 4318} == {
+        k: v for k, v in published(s["collector"]).items() if k in (4317, 4318)
+    }
     assert published(s["web"]) == {DEFAULT_WEB_PORT: DEFAULT_WEB_PORT}
     assert published(s["grafana"]) == {3000: 3000}
     # everything else listens on loopback unless the operator says otherwise
@@ -217,22 +223,28 @@ def test_dependents_wait_for_health_or_completion(raw: dict[str, Any]) -> None:
 
 
 def test_data_lives_in_named_volumes(raw: dict[str, Any]) -> None:
-    expected = {"kafka": ("kafka-data", "/var/lib/kafka/data"),
-                "clickhouse": ("clickhouse-data", "/var/lib/clickhouse"),
-                "grafana": ("grafana-data", "/var/lib/grafana")}
+    expected = {
+        "kafka": ("kafka-data", "/var/lib/kafka/data"),
+        "clickhouse": ("clickhouse-data", "/var/lib/clickhouse"),
+        "grafana": ("grafana-data", "/var/lib/grafana"),
+    }
     assert set(raw["volumes"]) == {v for v, _ in expected.values()}
     for svc, (vol, path) in expected.items():
         assert f"{vol}:{path}" in services(raw)[svc]["volumes"], svc
     assert services(raw)["kafka"]["environment"]["KAFKA_LOG_DIRS"] == "/var/lib/kafka/data"
 
 
-# -- secrets and .env.example ------------------------------------------------------------------------
+# -- secrets and .env.example ---------------------------------------------------------------------
 def test_no_literal_secrets(raw: dict[str, Any]) -> None:
     for name, svc in services(raw).items():
         for key, value in (svc.get("environment") or {}).items():
             if SECRET_NAME.search(key):
-                assert re.fullmatch(r"\$\{[A-Z_]+(:[-?][^}]*)?\}", str(value)), f"{name}.{key} = {value!r}"
-                assert ":-" not in str(value) or str(value).endswith(":-}"), f"{name}.{key} has a default"
+                assert re.fullmatch(r"\$\{[A-Z_]+(:[-?][^}]*)?\}", str(value)), (
+                    f"{name}.{key} = {value!r}"
+                )
+                assert ":-" not in str(value) or str(value).endswith(":-}"), (
+                    f"{name}.{key} has a default"
+                )
     for s in strings(raw):
         for password in re.findall(r"://[^:/@\s]+:([^@\s]+)@", s):
             assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]*\}", password), f"literal password in {s!r}"
@@ -243,20 +255,34 @@ def test_no_literal_secrets(raw: dict[str, Any]) -> None:
 
 
 def test_required_variables_are_exactly_the_empty_ones_in_env_example(
-        raw: dict[str, Any], example_env: dict[str, str]) -> None:
+    raw: dict[str, Any], example_env: dict[str, str]
+) -> None:
     required = {m.group(1) for s in strings(raw) for m in VAR.finditer(s) if m.group(2) == ":?"}
     empty = {k for k, v in example_env.items() if v == ""}
     optional_empty = {"OPENAI_BASE_URL", "OPENAI_API_KEY", "CLOSELOOP_WEB_TRACE_URL"}
     assert required == empty - optional_empty
-    assert {"CLICKHOUSE_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "GRAFANA_CLICKHOUSE_PASSWORD",
-            "CLOSELOOP_WEB_TOKEN", "GITHUB_TOKEN", "CLOSELOOP_REVIEW_WEBHOOK_SECRET"} <= required
+    assert {
+        "CLICKHOUSE_PASSWORD",
+        "GRAFANA_ADMIN_PASSWORD",
+        "GRAFANA_CLICKHOUSE_PASSWORD",
+        "CLOSELOOP_WEB_TOKEN",
+        "GITHUB_TOKEN",
+        "CLOSELOOP_REVIEW_WEBHOOK_SECRET",
+    } <= required
     # an operator who copies .env.example and fills nothing in is stopped, naming the variable
     with pytest.raises(MissingVariable, match="set it in .env"):
         walk(raw, lambda s: interpolate(s, example_env))
 
 
-def test_env_example_documents_every_variable(raw: dict[str, Any], example_env: dict[str, str]) -> None:
-    used = {m.group(1) or m.group(4) for s in strings(raw) for m in VAR.finditer(s) if m.group(0) != "$$"}
+def test_env_example_documents_every_variable(
+    raw: dict[str, Any], example_env: dict[str, str]
+) -> None:
+    used = {
+        m.group(1) or m.group(4)
+        for s in strings(raw)
+        for m in VAR.finditer(s)
+        if m.group(0) != "$$"
+    }
     # shell variables of the one-shot scripts are escaped ($$) and never reach compose
     assert used <= set(example_env), sorted(used - set(example_env))
     for key, value in example_env.items():
@@ -264,20 +290,23 @@ def test_env_example_documents_every_variable(raw: dict[str, Any], example_env: 
             assert value == "", f".env.example must not hold a value for {key}"
 
 
-def test_env_example_defaults_match_compose_defaults(raw: dict[str, Any], example_env: dict[str, str]) -> None:
+def test_env_example_defaults_match_compose_defaults(
+    raw: dict[str, Any], example_env: dict[str, str]
+) -> None:
     for s in strings(raw):
         for m in VAR.finditer(s):
             if m.group(2) == ":-" and m.group(1) in example_env:
                 assert example_env[m.group(1)] == m.group(3), m.group(1)
 
 
-# -- closeloop services -------------------------------------------------------------------------------
+# -- closeloop services ---------------------------------------------------------------------------
 @pytest.mark.parametrize("name", CLOSELOOP_SERVICES)
-def test_closeloop_environment_is_a_valid_config(compose: dict[str, Any], name: str,
-                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)            # no closeloop.yaml: only the service's environment counts
+def test_closeloop_environment_is_a_valid_config(
+    compose: dict[str, Any], name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no closeloop.yaml: only the service's environment counts
     env = {k: str(v) for k, v in services(compose)[name]["environment"].items()}
-    cfg = load_config(None, env=env)       # an unknown CLOSELOOP_* variable raises here
+    cfg = load_config(None, env=env)  # an unknown CLOSELOOP_* variable raises here
     assert cfg.clickhouse.dsn == "http://closeloop:test-clickhouse-password@clickhouse:8123/default"
     if name != "migrate":
         assert cfg.kafka.bootstrap == "kafka:9092"
@@ -286,8 +315,9 @@ def test_closeloop_environment_is_a_valid_config(compose: dict[str, Any], name: 
         assert (cfg.act.backend, cfg.act.repo) == ("github", "acme/agent")
 
 
-def test_web_listens_on_all_interfaces_at_the_published_port(compose: dict[str, Any], tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_web_listens_on_all_interfaces_at_the_published_port(
+    compose: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     web = services(compose)["web"]
     cfg = load_config(None, env={k: str(v) for k, v in web["environment"].items()})
@@ -311,16 +341,25 @@ def test_kafka_init_creates_every_topic(compose: dict[str, Any], raw: dict[str, 
     assert "create closeloop.checkpoints 1 --config cleanup.policy=compact" in script
     assert "--if-not-exists" in script
     # the topics get the partition count the workers are configured with
-    assert s["kafka-init"]["environment"]["PARTITIONS"] == s["worker"]["environment"]["CLOSELOOP_KAFKA_PARTITIONS"]
+    assert (
+        s["kafka-init"]["environment"]["PARTITIONS"]
+        == s["worker"]["environment"]["CLOSELOOP_KAFKA_PARTITIONS"]
+    )
     assert raw["services"]["kafka"]["environment"]["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
 
 
-def test_existing_kafka_cluster_needs_only_env(raw: dict[str, Any], example_env: dict[str, str]) -> None:
+def test_existing_kafka_cluster_needs_only_env(
+    raw: dict[str, Any], example_env: dict[str, str]
+) -> None:
     s = services(raw)
     assert s["kafka"]["profiles"] == ["kafka"] and example_env["COMPOSE_PROFILES"] == "kafka"
     assert all("profiles" not in svc for n, svc in s.items() if n != "kafka")
     assert s["kafka-init"]["depends_on"]["kafka"]["required"] is False
-    for name, key in (("collector", "KAFKA_BROKERS"), ("kafka-init", "BOOTSTRAP"), ("worker", "CLOSELOOP_KAFKA")):
+    for name, key in (
+        ("collector", "KAFKA_BROKERS"),
+        ("kafka-init", "BOOTSTRAP"),
+        ("worker", "CLOSELOOP_KAFKA"),
+    ):
         assert s[name]["environment"][key] == "${KAFKA_BROKERS:-kafka:9092}", name
 
 
@@ -333,20 +372,29 @@ def test_collector_reads_the_mounted_config(raw: dict[str, Any]) -> None:
     assert "KAFKA_BROKERS" in c["environment"]
 
 
-# -- grafana ------------------------------------------------------------------------------------------
+# -- grafana --------------------------------------------------------------------------------------
 def test_grafana_provisioning_is_mounted_and_names_existing_dashboards(raw: dict[str, Any]) -> None:
     g = services(raw)["grafana"]
     for kind in ("datasources", "dashboards"):
         assert host_path(g, f"/etc/grafana/provisioning/{kind}") == PROVISIONING / kind
-    providers = yaml.safe_load((PROVISIONING / "dashboards" / "closeloop.yaml").read_text())["providers"]
+    providers = yaml.safe_load((PROVISIONING / "dashboards" / "closeloop.yaml").read_text())[
+        "providers"
+    ]
     dashboards = []
     for p in providers:
         folder = host_path(g, p["options"]["path"])
         dashboards += sorted(folder.glob("*.json"))
-    assert {d.stem for d in dashboards} >= {"pipeline-health", "intents", "diagnoses-proposals", "outcomes"}
+    assert {d.stem for d in dashboards} >= {
+        "pipeline-health",
+        "intents",
+        "diagnoses-proposals",
+        "outcomes",
+    }
     assert host_path(g, g["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]).is_file()
 
-    (ds,) = yaml.safe_load((PROVISIONING / "datasources" / "clickhouse.yaml").read_text())["datasources"]
+    (ds,) = yaml.safe_load((PROVISIONING / "datasources" / "clickhouse.yaml").read_text())[
+        "datasources"
+    ]
     assert g["environment"]["GF_INSTALL_PLUGINS"].split()[0] == ds["type"]
     password_var = ds["secureJsonData"]["password"].strip("${}")
     assert password_var in g["environment"]
@@ -373,7 +421,9 @@ def test_clickhouse_creates_the_user_grafana_logs_in_with(raw: dict[str, Any]) -
     ch = services(raw)["clickhouse"]
     script = host_path(ch, "/docker-entrypoint-initdb.d/01-grafana-user.sh")
     assert script.stat().st_mode & 0o111, "init scripts run only when executable (else sourced)"
-    (ds,) = yaml.safe_load((PROVISIONING / "datasources" / "clickhouse.yaml").read_text())["datasources"]
+    (ds,) = yaml.safe_load((PROVISIONING / "datasources" / "clickhouse.yaml").read_text())[
+        "datasources"
+    ]
     text = script.read_text()
     assert f"CREATE USER IF NOT EXISTS {ds['jsonData']['username']}" in text
     assert "readonly = 1" in text and "GRANT SELECT ON default.*" in text
@@ -381,7 +431,7 @@ def test_clickhouse_creates_the_user_grafana_logs_in_with(raw: dict[str, Any]) -
     assert (ds["jsonData"]["host"], ds["jsonData"]["port"]) == ("clickhouse", 9000)
 
 
-# -- Dockerfile ---------------------------------------------------------------------------------------
+# -- Dockerfile -----------------------------------------------------------------------------------
 def dockerfile() -> list[tuple[str, str]]:
     # like docker: comment lines go first (also inside a continued RUN), then continuations join
     lines = [ln for ln in DOCKERFILE.read_text().splitlines() if not ln.strip().startswith("#")]

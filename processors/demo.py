@@ -1,0 +1,230 @@
+"""``closeloop demo``: the whole loop on the embedded stack, with the Bankly demo agent.
+
+Cycle 1: the agent (its prompt and config in a git repository closeloop targets) serves
+simulated customers whose goals and wording come from BANKING77; its spans go over OTLP to
+the gateway → capture → assemble → understand (intents learned, conversations tagged) →
+diagnose (root causes) → act (a proposal branch with a diff). A human reviews: interactively,
+or ``--approve-as NAME`` (still recorded as that person's approval). The agent picks up the
+merged files (a new version); cycle 2 runs; verification reports a verdict per intent.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .broker import free_port, port_in_use
+from .config import Config, load_config
+from .errors import CloseloopError
+from .stack import EmbeddedStack
+from .store import Store, connect_http
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_SETTINGS: dict[str, Any] = {
+    # abandoned conversations (the user just leaves) close after this much silence
+    "assemble": {"idle_timeout_s": 3.0},
+    # a few hundred conversations over ~13 intents: ~45 per intent per cycle
+    "diagnose": {"min_support": 15, "min_failures": 6},
+    "review": {"min_after": 15},
+}
+WAIT_PIPELINE_S = 300.0
+WAIT_LOOP_S = 120.0
+
+
+@dataclass
+class DemoResult:
+    repo: Path
+    proposals: list[dict[str, Any]]
+    approved: list[str]
+    outcomes: list[dict[str, Any]]
+    diagnoses: list[dict[str, Any]]
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def demo_config(home: Path, repo: Path, base: dict[str, Any] | None = None) -> Path:
+    """Write the demo's closeloop.yaml: act targets the agent's repository."""
+    data: dict[str, Any] = dict(base or {})
+    data.update({k: {**data.get(k, {}), **v} for k, v in DEMO_SETTINGS.items()})
+    data["home"] = str(home)
+    data["act"] = {**data.get("act", {}), "backend": "local", "repo": str(repo), "base": "main",
+                   "targets": [{"path": "prompts/system.md", "kind": "prompt"},
+                               {"path": "config/agent.yaml", "kind": "config"}]}
+    path = home / "demo" / "closeloop.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _free(port: int) -> int:
+    return port if not port_in_use(port) else free_port()
+
+
+def wait_until(what: str, fn: Any, timeout_s: float, interval_s: float = 1.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    value = None
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(interval_s)
+    _say(f"  (gave up waiting for {what} after {timeout_s:.0f}s)")
+    return value
+
+
+def _count(store: Store, sql: str, params: dict[str, Any] | None = None) -> int:
+    return int(store.scalar(sql, params) or 0)
+
+
+def run_cycle_and_wait(store: Store, repo: Path, endpoint: str, n: int, seed: int, label: str) -> Any:
+    from examples.support_agent import run_cycle
+
+    before = _count(store, "SELECT count() FROM conversation_tags FINAL")
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        if time.monotonic() - last[0] > 2 or done == total:
+            last[0] = time.monotonic()
+            print(f"\r  {label}: {done}/{total} conversations sent", end="", flush=True)
+
+    report = run_cycle(repo, endpoint, n=n, seed=seed, progress=progress, mode="scripted")
+    print(flush=True)
+    _say(f"  agent version {report.agent_version}: {len(report.conversations)} conversations exported")
+    tagged = wait_until("every conversation to be tagged",
+                        lambda: _count(store, "SELECT count() FROM conversation_tags FINAL") - before >= n,
+                        WAIT_PIPELINE_S)
+    got = _count(store, "SELECT count() FROM conversation_tags FINAL") - before
+    _say(f"  captured, assembled and tagged: {got}/{n} conversations" + ("" if tagged else " (partial)"))
+    return report
+
+
+def show_intents(store: Store) -> None:
+    rows = store.query("""
+        SELECT i.name AS name, t.n AS n, round(t.fail, 2) AS fail
+        FROM (SELECT * FROM intents FINAL WHERE status = 'active') AS i
+        INNER JOIN (SELECT intent_id, count() AS n, avg(failed) AS fail FROM conversation_tags FINAL
+                    GROUP BY intent_id) AS t ON t.intent_id = i.intent_id
+        ORDER BY n DESC LIMIT 20""")
+    _say(f"  {len(rows)} intents learned (largest first): name · conversations · failure rate")
+    for r in rows:
+        _say(f"    {r['name'][:50]:<50} {r['n']:>5}  {r['fail']:.0%}")
+
+
+def review_step(store: Store, cfg: Config, approve_as: str | None) -> list[str]:
+    from .act import open_backend
+    from .review import StaleProposal, decide
+
+    props = store.query("SELECT proposal_id, title, diff, branch FROM proposals FINAL WHERE status = 'open' "
+                        "ORDER BY created_ns")
+    approved = []
+    backend = open_backend(cfg)
+    for p in props:
+        _say(f"\n  proposal {p['proposal_id']}: {p['title']}\n  branch {p['branch']}\n")
+        _say("\n".join("    " + ln for ln in p["diff"].splitlines()))
+        who = approve_as
+        if who is None:
+            if not sys.stdin.isatty():
+                _say("  (no terminal: not approving; rerun with --approve-as NAME or use `closeloop review`)")
+                continue
+            answer = input("  approve this change? [y/N] ").strip().lower()
+            if answer != "y":
+                continue
+            who = input("  your name (recorded with the approval): ").strip()
+        try:
+            record, _ = decide(store, backend, p["proposal_id"], "approve", who, "approved in closeloop demo",
+                               time.time_ns(), cfg=cfg)
+        except StaleProposal as stale:
+            # another approved change touched the same lines: look at the rebuilt diff again
+            _say(f"  {stale}\n")
+            _say("\n".join("    " + ln for ln in stale.proposal.diff.splitlines()))
+            record, _ = decide(store, backend, p["proposal_id"], "approve", who, "approved in closeloop demo "
+                               "(rebuilt on the new base)", time.time_ns(), cfg=cfg)
+        _say(f"  approved by {record.reviewer}; merged {record.merged_commit[:10]} into {cfg.act.base}")
+        approved.append(p["proposal_id"])
+    return approved
+
+
+def run_demo(cfg: Config, config_file: Path, n: int, seed: int, approve_as: str | None) -> DemoResult:
+    from examples.support_agent import init_agent_repo
+
+    repo = Path(cfg.act.repo)
+    stack = EmbeddedStack(cfg, config_file=str(config_file)).start()
+    try:
+        store = connect_http(stack.sql_url)
+        endpoint = f"http://{cfg.otlp.host}:{cfg.otlp.http_port}"
+        _say(f"\n[1/5] the stack is up (OTLP {endpoint}, SQL {stack.sql_url}); agent repository {repo}")
+        _say(f"      agent version {init_agent_repo(repo)[:7]}")
+        _say("\n[2/5] cycle 1: simulated customers talk to the agent")
+        run_cycle_and_wait(store, repo, endpoint, n, seed, "cycle 1")
+        show_intents(store)
+        _say("\n[3/5] diagnose and act: waiting for root causes and proposals")
+        wait_until("proposals", lambda: _count(store, "SELECT count() FROM proposals FINAL") >= 1, WAIT_LOOP_S)
+        time.sleep(5)   # let the other intents' diagnoses arrive too
+        diagnoses = store.query("SELECT diagnosis_id, intent_name, rule, summary, trace_ids FROM diagnoses FINAL "
+                                "ORDER BY failure_rate DESC")
+        for d in diagnoses:
+            _say(f"  · [{d['rule']}] {d['summary']}\n      evidence: {', '.join(d['trace_ids'][:3])}")
+        _say("\n[4/5] review: a human decides")
+        approved = review_step(store, cfg, approve_as)
+        if not approved:
+            _say("  nothing approved: the loop stops here (nothing is ever applied without a human)")
+        _say("\n[5/5] cycle 2: the agent runs the merged prompt and config")
+        run_cycle_and_wait(store, repo, endpoint, n, seed + 1, "cycle 2")
+        outcomes: list[dict[str, Any]] = []
+        if approved:
+            def verdicts() -> list[dict[str, Any]]:
+                rows = store.query(
+                    "SELECT o.proposal_id AS proposal_id, o.intent_id AS intent_id, i.name AS intent, o.verdict "
+                    "AS verdict, o.rate_before AS rate_before, o.rate_after AS rate_after, o.p_value AS p_value, "
+                    "o.before_n AS before_n, o.after_n AS after_n, p.intent_id = o.intent_id AS target "
+                    "FROM (SELECT * FROM outcomes FINAL) AS o "
+                    "LEFT JOIN (SELECT * FROM intents FINAL) AS i ON i.intent_id = o.intent_id "
+                    "INNER JOIN (SELECT * FROM proposals FINAL) AS p ON p.proposal_id = o.proposal_id "
+                    "WHERE o.ts_ns > {t:UInt64}", {"t": cycle2_done})
+                done = [r for r in rows if r["target"] and r["verdict"] != "not_enough_data"]
+                return rows if len(done) >= len(approved) else []
+
+            cycle2_done = time.time_ns()
+            outcomes = wait_until("verdicts", verdicts, WAIT_LOOP_S) or []
+            _say("  verification (failure rate before → after, per intent):")
+            for r in sorted(outcomes, key=lambda r: (not r["target"], r["intent"] or "")):
+                mark = "target " if r["target"] else "control"
+                _say(f"    {mark} {str(r['intent'])[:40]:<40} {r['rate_before']:.0%} → {r['rate_after']:.0%}  "
+                     f"{r['verdict']:<15} p={r['p_value']:.2g}  (n {r['before_n']} → {r['after_n']})")
+        props = store.query("SELECT proposal_id, status, branch, title FROM proposals FINAL")
+        sql_url = stack.sql_url
+    finally:
+        stack.stop()
+    _say(f"\nDone. Look at:\n  the diff:     git -C {repo} log -p -1 main\n"
+         f"  the tables:   closeloop sql --home {cfg.home_path} \"SELECT * FROM outcomes FINAL\"\n"
+         f"  the page:     closeloop up --home {cfg.home_path}  (then open the review page)\n"
+         f"  (the store was served at {sql_url} while the demo ran)")
+    return DemoResult(repo, props, approved, outcomes, diagnoses)
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    base = load_config(getattr(a, "config", None), overrides={"home": getattr(a, "home", None)})
+    home = base.home_path
+    repo = home / "demo" / "bankly-agent"
+    cfg_file = demo_config(home, repo)
+    overrides = {"otlp.grpc_port": _free(base.otlp.grpc_port), "otlp.http_port": _free(base.otlp.http_port),
+                 "web.port": _free(base.web.port)}
+    cfg = load_config(cfg_file, overrides=overrides)
+    if REPO_ROOT.joinpath("examples").is_dir() and str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    try:
+        import examples.support_agent  # noqa: F401
+    except ImportError as e:
+        raise CloseloopError("the demo agent lives in the source checkout (examples/support_agent); "
+                             "run closeloop demo from a clone of the repository") from e
+    t0 = time.monotonic()
+    result = run_demo(cfg, cfg_file, a.conversations, a.seed, a.approve_as)
+    _say(f"(demo took {time.monotonic() - t0:.0f}s)")
+    return 0 if result.proposals else 1
