@@ -36,14 +36,11 @@ class KafkaConfig:
     bootstrap: str = ""            # empty: start the embedded tansu broker
     partitions: int = 4            # partitions of every topic closeloop creates
     broker_port: int = 0           # embedded broker port; 0 picks a free one
-    storage: str = "memory"        # embedded broker storage: memory (postgres: see RUNBOOK)
     client_id: str = "closeloop"
 
     def validate(self) -> None:
         if self.partitions < 1:
             raise ConfigError("kafka.partitions", f"must be >= 1, got {self.partitions}")
-        if self.storage not in ("memory",):
-            raise ConfigError("kafka.storage", f"unknown storage {self.storage!r}", "use 'memory'")
 
 
 @dataclass
@@ -150,7 +147,6 @@ class CaptureConfig:
 class AssembleConfig:
     idle_timeout_s: float = 30.0        # a conversation with no new span for this long is closed
     end_attribute: str = "closeloop.conversation.end"   # span attribute that closes a conversation
-    max_open: int = 200_000             # bound on open conversations kept in state
 
     def validate(self) -> None:
         if self.idle_timeout_s <= 0:

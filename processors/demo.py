@@ -151,6 +151,23 @@ def review_step(store: Store, cfg: Config, approve_as: str | None) -> list[str]:
     return approved
 
 
+def show_verdicts(outcomes: list[dict[str, Any]]) -> None:
+    """Each fixed intent's verdict, then the other intents (controls) once each."""
+    targets = [r for r in outcomes if r["target"]]
+    target_ids = {r["intent_id"] for r in targets}
+    controls: dict[str, dict[str, Any]] = {}
+    for r in outcomes:
+        if r["intent_id"] not in target_ids and r["verdict"] != "not_enough_data":
+            controls.setdefault(r["intent_id"], r)
+    _say("  verification, failure rate before → after (two-proportion z and Fisher's exact tests):")
+    for r in sorted(targets, key=lambda r: str(r["intent"])):
+        _say(f"    fixed intent  {str(r['intent'])[:36]:<36} {r['rate_before']:>4.0%} → {r['rate_after']:>4.0%}  "
+             f"{r['verdict']:<15} p={r['p_value']:.2g}  (n {r['before_n']} → {r['after_n']})")
+    for r in sorted(controls.values(), key=lambda r: str(r["intent"])):
+        _say(f"    control       {str(r['intent'])[:36]:<36} {r['rate_before']:>4.0%} → {r['rate_after']:>4.0%}  "
+             f"{r['verdict']:<15} p={r['p_value']:.2g}  (n {r['before_n']} → {r['after_n']})")
+
+
 def run_demo(cfg: Config, config_file: Path, n: int, seed: int, approve_as: str | None) -> DemoResult:
     from examples.support_agent import init_agent_repo
 
@@ -193,11 +210,7 @@ def run_demo(cfg: Config, config_file: Path, n: int, seed: int, approve_as: str 
 
             cycle2_done = time.time_ns()
             outcomes = wait_until("verdicts", verdicts, WAIT_LOOP_S) or []
-            _say("  verification (failure rate before → after, per intent):")
-            for r in sorted(outcomes, key=lambda r: (not r["target"], r["intent"] or "")):
-                mark = "target " if r["target"] else "control"
-                _say(f"    {mark} {str(r['intent'])[:40]:<40} {r['rate_before']:.0%} → {r['rate_after']:.0%}  "
-                     f"{r['verdict']:<15} p={r['p_value']:.2g}  (n {r['before_n']} → {r['after_n']})")
+            show_verdicts(outcomes)
         props = store.query("SELECT proposal_id, status, branch, title FROM proposals FINAL")
         sql_url = stack.sql_url
     finally:
