@@ -128,6 +128,7 @@ def dead_letter(stage: str, reason: str, event: Any, now_ns: int, detail: str = 
 def _tag_row(tag: Any) -> dict[str, Any]:
     d = tag.to_dict()
     d.pop("conversation", None)
+    d.pop("v", None)
     d["failed"] = int(bool(tag.failed))
     return d
 

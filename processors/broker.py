@@ -114,7 +114,9 @@ class EmbeddedBroker:
             raise
         return self
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def stop(self, timeout_s: float = 2.0) -> None:
+        # tansu may not exit on SIGTERM while clients are connected; memory storage has
+        # nothing to flush, so the wait is short before SIGKILL.
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:

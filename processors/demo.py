@@ -43,6 +43,7 @@ class DemoResult:
     approved: list[str]
     outcomes: list[dict[str, Any]]
     diagnoses: list[dict[str, Any]]
+    cycles: list[Any]            # the agent's own reports (true intent and outcome per conversation)
 
 
 def _say(msg: str) -> None:
@@ -179,7 +180,7 @@ def run_demo(cfg: Config, config_file: Path, n: int, seed: int, approve_as: str 
         _say(f"\n[1/5] the stack is up (OTLP {endpoint}, SQL {stack.sql_url}); agent repository {repo}")
         _say(f"      agent version {init_agent_repo(repo)[:7]}")
         _say("\n[2/5] cycle 1: simulated customers talk to the agent")
-        run_cycle_and_wait(store, repo, endpoint, n, seed, "cycle 1")
+        cycles = [run_cycle_and_wait(store, repo, endpoint, n, seed, "cycle 1")]
         show_intents(store)
         _say("\n[3/5] diagnose and act: waiting for root causes and proposals")
         wait_until("proposals", lambda: _count(store, "SELECT count() FROM proposals FINAL") >= 1, WAIT_LOOP_S)
@@ -193,7 +194,7 @@ def run_demo(cfg: Config, config_file: Path, n: int, seed: int, approve_as: str 
         if not approved:
             _say("  nothing approved: the loop stops here (nothing is ever applied without a human)")
         _say("\n[5/5] cycle 2: the agent runs the merged prompt and config")
-        run_cycle_and_wait(store, repo, endpoint, n, seed + 1, "cycle 2")
+        cycles.append(run_cycle_and_wait(store, repo, endpoint, n, seed + 1, "cycle 2"))
         outcomes: list[dict[str, Any]] = []
         if approved:
             def verdicts() -> list[dict[str, Any]]:
@@ -219,7 +220,7 @@ def run_demo(cfg: Config, config_file: Path, n: int, seed: int, approve_as: str 
          f"  the tables:   closeloop sql --home {cfg.home_path} \"SELECT * FROM outcomes FINAL\"\n"
          f"  the page:     closeloop up --home {cfg.home_path}  (then open the review page)\n"
          f"  (the store was served at {sql_url} while the demo ran)")
-    return DemoResult(repo, props, approved, outcomes, diagnoses)
+    return DemoResult(repo, props, approved, outcomes, diagnoses, cycles)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:

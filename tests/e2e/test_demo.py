@@ -1,0 +1,128 @@
+"""The whole loop on the real embedded stack: the demo, smaller, with every layer's output checked.
+
+Ground truth comes from the demo agent itself (the BANKING77 category and planted failure of
+each conversation), never from closeloop's own output.
+"""
+from __future__ import annotations
+
+import subprocess
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+import yaml
+
+from examples.support_agent.intents import INTENTS
+from processors.broker import free_port
+from processors.config import load_config
+from processors.demo import demo_config, run_demo
+from processors.store import connect
+
+N = 500
+REVIEWER = "E2E Reviewer"
+RULE_OF_KIND = {"card": "repeated_ask", "transfer": "tool_argument", "fx": "latency"}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory):
+    home = tmp_path_factory.mktemp("demo") / "home"
+    repo = home / "demo" / "bankly-agent"
+    cfg_file = demo_config(home, repo)
+    cfg = load_config(cfg_file, env={}, overrides={"otlp.grpc_port": free_port(), "otlp.http_port": free_port(),
+                                                   "web.port": free_port(), "clickhouse.sql_port": free_port()})
+    result = run_demo(cfg, cfg_file, N, seed=1, approve_as=REVIEWER)
+    store = connect(cfg.clickhouse_dsn)      # the stack has stopped: open the store directly
+    yield result, store, cfg
+    store.close()
+
+
+def _intent_of(store, cycle) -> dict[str, str]:
+    """closeloop's intent id for each of the cycle's conversations."""
+    ids = [c.conversation_id for c in cycle.conversations]
+    rows = store.query("SELECT conversation_id, intent_id FROM conversation_tags FINAL "
+                       "WHERE conversation_id IN {ids:Array(String)}", {"ids": ids})
+    return {r["conversation_id"]: r["intent_id"] for r in rows}
+
+
+def _majority(store, result) -> dict[str, str]:
+    """The BANKING77 category most of each closeloop intent's conversations came from."""
+    votes: dict[str, Counter] = defaultdict(Counter)
+    for cycle in result.cycles:
+        got = _intent_of(store, cycle)
+        for c in cycle.conversations:
+            if c.conversation_id in got:
+                votes[got[c.conversation_id]][c.intent] += 1
+    return {i: v.most_common(1)[0][0] for i, v in votes.items()}
+
+
+def test_capture_and_understand(demo) -> None:
+    result, store, _ = demo
+    sent = sum(len(c.conversations) for c in result.cycles)
+    assert store.scalar("SELECT count() FROM conversation_tags FINAL") == sent
+    spans = store.scalar("SELECT count() FROM spans FINAL")
+    assert spans >= 3 * sent                     # invoke_agent, chat and tool spans per conversation
+    assert store.scalar("SELECT count() FROM turns FINAL WHERE span_kind = 'llm'") > sent
+    assert store.scalar("SELECT count() FROM tool_calls FINAL WHERE error_type != ''") > 0
+    # each planted category is found: most of its conversations land in one intent
+    got = _intent_of(store, result.cycles[0])
+    for name, intent in INTENTS.items():
+        if intent.kind == "healthy":
+            continue
+        ids = Counter(got[c.conversation_id] for c in result.cycles[0].conversations if c.intent == name)
+        top, n = ids.most_common(1)[0]
+        assert n >= 0.5 * sum(ids.values()), (name, ids)
+
+
+def test_diagnoses_name_the_planted_causes(demo) -> None:
+    result, store, _ = demo
+    majority = _majority(store, result)
+    diags = store.query("SELECT intent_id, rule, trace_ids FROM diagnoses FINAL")
+    found = {(INTENTS[majority[d["intent_id"]]].kind, d["rule"]) for d in diags if d["intent_id"] in majority}
+    for kind, rule in RULE_OF_KIND.items():
+        assert (kind, rule) in found, f"no {rule} diagnosis on a {kind} intent: {found}"
+    kinds = {d["intent_id"]: INTENTS[majority[d["intent_id"]]].kind for d in diags if d["intent_id"] in majority}
+    assert "healthy" not in kinds.values(), f"a healthy intent was diagnosed: {diags}"
+    # the cited traces really contain the failure: an error or an idle (abandoned) close
+    for d in diags:
+        traces = d["trace_ids"]
+        bad = store.scalar(
+            "SELECT count() FROM conversations FINAL WHERE hasAny(trace_ids, {t:Array(String)}) "
+            "AND (errors > 0 OR closed_reason = 'idle')", {"t": traces})
+        assert bad >= 1, d
+
+
+def test_review_merges_attributed_valid_diffs(demo) -> None:
+    result, store, _ = demo
+    assert result.approved
+    reviews = store.query("SELECT proposal_id, reviewer, merged_commit FROM reviews FINAL WHERE decision = 'approved'")
+    assert {r["proposal_id"] for r in reviews} == set(result.approved)
+    assert all(r["reviewer"] == REVIEWER and r["merged_commit"] for r in reviews)
+    log = subprocess.run(["git", "-C", str(result.repo), "log", "--format=%B%x00", "main"],
+                         capture_output=True, text=True, check=True).stdout
+    merges = [m for m in log.split("\0") if m.strip().startswith("Merge")]
+    assert len(merges) == len(result.approved)
+    assert all(f"Approved-by: {REVIEWER}" in m for m in merges)
+    show = lambda p: subprocess.run(["git", "-C", str(result.repo), "show", f"main:{p}"],  # noqa: E731
+                                    capture_output=True, text=True, check=True).stdout
+    assert yaml.safe_load(show("config/agent.yaml"))["tools"]["get_exchange_rate"]["timeout_s"] >= 1.0
+    changed = subprocess.run(["git", "-C", str(result.repo), "diff", "--name-only", f"{_root(result.repo)}", "main"],
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert set(changed) <= {"prompts/system.md", "config/agent.yaml"}
+
+
+def _root(repo: Path) -> str:
+    return subprocess.run(["git", "-C", str(repo), "rev-list", "--max-parents=0", "main"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_verification_fixed_for_planted_and_nothing_else(demo) -> None:
+    result, store, _ = demo
+    majority = _majority(store, result)
+    rows = store.query("SELECT o.intent_id AS intent_id, o.verdict AS verdict, p.intent_id = o.intent_id AS target "
+                       "FROM (SELECT * FROM outcomes FINAL) AS o "
+                       "INNER JOIN (SELECT * FROM proposals FINAL) AS p ON p.proposal_id = o.proposal_id")
+    targets = [r for r in rows if r["target"]]
+    assert targets and all(r["verdict"] == "fixed" for r in targets), targets
+    healthy = {i for i, name in majority.items() if INTENTS[name].kind == "healthy"}
+    false_fixed = [r for r in rows if r["verdict"] == "fixed" and r["intent_id"] in healthy]
+    assert not false_fixed, false_fixed

@@ -1,0 +1,75 @@
+"""Config: one case per validation rule, environment overrides, the annotated example file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from processors.config import load_config
+from processors.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"kafka.partitions": 0}, "kafka.partitions"),
+    ({"topics.turns": ""}, "topics.turns"),
+    ({"clickhouse.dsn": "mysql://x"}, "clickhouse.dsn"),
+    ({"otlp.grpc_port": 70000}, "otlp.grpc_port"),
+    ({"otlp.max_request_bytes": 0}, "otlp.max_request_bytes"),
+    ({"web.port": -1}, "web.port"),
+    ({"llm.judge_rate": 1.5}, "llm.judge_rate"),
+    ({"capture.redact": ["passwords"]}, "capture.redact"),
+    ({"assemble.idle_timeout_s": 0}, "assemble.idle_timeout_s"),
+    ({"understand.embedder": "bert"}, "understand.embedder"),
+    ({"diagnose.min_support": 0}, "diagnose.min_support"),
+    ({"act.backend": "gitlab"}, "act.backend"),
+    ({"review.alpha": 1.0}, "review.alpha"),
+])
+def test_each_rule_names_its_key(overrides: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, env={}, overrides=overrides)
+    assert e.value.key == key
+    assert key in str(e.value)
+
+
+def test_act_target_outside_repo_is_refused(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("act:\n  targets:\n    - {path: ../../etc/passwd, kind: prompt}\n")
+    with pytest.raises(ConfigError, match=r"act.targets\[0\].path"):
+        load_config(f, env={})
+
+
+def test_unknown_key_and_wrong_type_name_the_key(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("otlp:\n  grpc_prot: 1\n")
+    with pytest.raises(ConfigError, match="otlp.grpc_prot.*unknown key"):
+        load_config(f, env={})
+    f.write_text("otlp:\n  grpc_port: lots\n")
+    with pytest.raises(ConfigError, match="otlp.grpc_port.*expected int"):
+        load_config(f, env={})
+
+
+def test_environment_overrides_file_and_flags_override_environment(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("otlp:\n  grpc_port: 1000\n  http_port: 1001\nkafka:\n  bootstrap: a:1\n")
+    env = {"CLOSELOOP_OTLP_GRPC_PORT": "2000", "CLOSELOOP_KAFKA": "b:2", "CLOSELOOP_CAPTURE_REDACT": "emails,cards"}
+    cfg = load_config(f, env=env, overrides={"otlp.http_port": 3001})
+    assert (cfg.otlp.grpc_port, cfg.otlp.http_port, cfg.kafka.bootstrap) == (2000, 3001, "b:2")
+    assert cfg.capture.redact == ["emails", "cards"]
+
+
+def test_unknown_environment_variable_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="CLOSELOOP_OTLP_GRPC"):
+        load_config(None, env={"CLOSELOOP_OTLP_GRPC": "1"})
+
+
+def test_example_file_holds_every_default() -> None:
+    example = load_config(REPO / "closeloop.example.yaml", env={})
+    assert example == load_config(None, env={})
+
+
+def test_default_store_is_embedded_under_home(tmp_path: Path) -> None:
+    cfg = load_config(None, env={}, overrides={"home": str(tmp_path)})
+    assert cfg.clickhouse_dsn == f"chdb://{tmp_path.resolve() / 'clickhouse'}"
+    assert cfg.embedded_store
