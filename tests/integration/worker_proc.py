@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from processors.stack import wait_port
+from processors.stack import wait_for, wait_port  # noqa: F401 (wait_for: used by the tests)
 from processors.store import Store, connect_http
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,15 +61,3 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-
-
-def wait_for(fn, timeout_s: float = 60.0, interval_s: float = 0.5):  # noqa: ANN001, ANN201
-    """Poll ``fn`` until it returns a truthy value (returned) or the time is up (last value)."""
-    deadline = time.monotonic() + timeout_s
-    value = None
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(interval_s)
-    return value
