@@ -26,6 +26,7 @@ import argparse
 import http.client
 import itertools
 import os
+import sys
 import random
 import shutil
 import subprocess
@@ -35,6 +36,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
@@ -264,7 +266,7 @@ def process_ids(stack: EmbeddedStack) -> dict[str, int]:
 def profile_worker(stack: EmbeddedStack, seconds: float, threads: int, spans: int, bodies: list[bytes],
                    nonce: int, level_no: int, out: Path) -> list[tuple[str, float, float]]:
     """py-spy the worker under unpaced load; top frames as (frame, self %, total %)."""
-    spy = shutil.which("py-spy") or str(Path(os.sys.executable).parent / "py-spy")
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
         return []
     pid = stack.children["worker"].proc.pid
@@ -322,7 +324,7 @@ def start_stack(home: Path) -> EmbeddedStack:
 
 
 def run(rates: list[int], seconds: float, threads: int, spans: int, profile: bool = True,
-        log: callable = print) -> dict:
+        log: Callable[[str], None] = print) -> dict:
     bodies = [request_template(spans, seed) for seed in range(TEMPLATES)]
     span_bytes = len(bodies[0]) / spans
     nonce = random.Random().getrandbits(24)

@@ -406,9 +406,12 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
 
     # -- verify (review layer) ---------------------------------------------------------------
     if "verify" in pipe.stages:
-        from .review import load_proposal, merged_reviews, outcome_rows, verify
+        from .review import load_proposal, merged_reviews, outcome_rows, poll_open, verify
 
         def verify_all(now: int) -> list[Any]:
+            if backend is not None and backend.name == "github":
+                # decisions taken on GitHub (webhooks deliver them too; polling catches missed ones)
+                poll_open(pipe.store, backend, now)
             outcomes = []
             for row in merged_reviews(pipe.store):
                 prop = load_proposal(pipe.store, row["proposal_id"])

@@ -437,3 +437,45 @@ def decide(store: Store, backend: ChangeBackend, proposal_id: str, decision: str
 def merged_reviews(store: Store) -> list[dict[str, Any]]:
     """Reviews whose change is merged: the ones verification measures."""
     return store.query("SELECT * EXCEPT ts FROM reviews FINAL WHERE merged_commit != '' ORDER BY ts_ns")
+
+
+def _record_all(store: Store, proposal: Proposal, records: list[ReviewRecord], now_ns: int) -> None:
+    from .act.core import proposal_rows
+
+    for rec in records:
+        proposal = apply(proposal, rec, now_ns)
+    if records:
+        store.insert_records("reviews", review_rows(records))
+        store.insert_records("proposals", proposal_rows([proposal]))
+
+
+def ingest_webhook(store: Store, headers: Mapping[str, str], body: bytes, secret: str,
+                   now_ns: int) -> list[ReviewRecord]:
+    """A signed GitHub delivery → the decisions it records on closeloop's pull requests."""
+    out: list[ReviewRecord] = []
+    for event in handle_webhook(headers, body, secret):
+        rows = store.query("SELECT proposal_id FROM proposals FINAL WHERE branch = {b:String} "
+                           "AND backend = 'github'", {"b": event.branch})
+        proposal = load_proposal(store, rows[0]["proposal_id"]) if rows else None
+        if proposal is None:
+            log.info("review: webhook for unknown branch %s ignored", event.branch)
+            continue
+        records = records_from_event(proposal, event, now_ns, load_diagnosis(store, proposal.diagnosis_id))
+        _record_all(store, proposal, records, now_ns)
+        out += records
+    return out
+
+
+def poll_open(store: Store, backend: ChangeBackend, now_ns: int) -> list[ReviewRecord]:
+    """Read every open pull request of the backend and record what humans did on GitHub."""
+    out: list[ReviewRecord] = []
+    rows = store.query("SELECT proposal_id FROM proposals FINAL WHERE backend = {b:String} "
+                       "AND status IN ('open', 'approved')", {"b": backend.name})
+    for r in rows:
+        proposal = load_proposal(store, r["proposal_id"])
+        if proposal is None:
+            continue
+        records = poll(proposal, backend, now_ns, diagnosis=load_diagnosis(store, proposal.diagnosis_id))
+        _record_all(store, proposal, records, now_ns)
+        out += records
+    return out

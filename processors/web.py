@@ -40,7 +40,7 @@ from .act.core import ChangeBackend, open_backend
 from .config import Config
 from .errors import ActError, CloseloopError, ReviewError, StoreError
 from .records import Proposal, ReviewRecord
-from .review import decide
+from .review import decide, ingest_webhook
 from .store import Store
 
 log = logging.getLogger("closeloop.web")
@@ -48,6 +48,8 @@ log = logging.getLogger("closeloop.web")
 TOKEN_FILE = "web-token"
 SESSION_MAX_AGE_S = 7 * 24 * 3600
 MAX_FORM_BYTES = 64 * 1024
+MAX_WEBHOOK_BYTES = 5 * 1024 * 1024     # GitHub caps deliveries at 25 MB; PR events are far smaller
+WEBHOOK_PATH = "/webhooks/github"
 MAX_REVIEWER_CHARS = 200
 MAX_COMMENT_CHARS = 4000
 SPARK_BUCKETS = 24
@@ -666,8 +668,28 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(404, {"error": f"nothing at {path}"})
 
     # -- POST -----------------------------------------------------------------------------
+    def _github_webhook(self) -> None:
+        """GitHub deliveries: authenticated by their HMAC signature, not by the session."""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_WEBHOOK_BYTES:
+            return self._json(413, {"error": f"body must be at most {MAX_WEBHOOK_BYTES} bytes"})
+        body = self.rfile.read(length)
+        try:
+            records = ingest_webhook(self.app.store, dict(self.headers.items()), body,
+                                     self.app.cfg.review.webhook_secret, time.time_ns())
+        except ReviewError as e:
+            return self._json(401, {"error": str(e)})
+        except StoreError as e:
+            return self._json(503, {"error": f"not recorded, redeliver: {e}"})
+        self._json(200, {"recorded": [r.decision for r in records]})
+
     def do_POST(self) -> None:
         path = urlsplit(self.path).path
+        if path == WEBHOOK_PATH:
+            return self._github_webhook()
         session = self._session()
         if session is None:
             return self._unauthorized(api=False)

@@ -381,3 +381,48 @@ def test_sparkline_scales_volume_and_failure_rate() -> None:
     assert re.findall(r'<rect x="([\d.]+)" y="([\d.]+)"', svg) == [("0.0", "0.0"), ("10.0", "15.0"), ("30.0", "0.0")]
     assert '<polyline points="5.0,29.0 15.0,1.0 35.0,22.0"' in svg     # 0%, 100%, 25%; the empty bucket skipped
     assert "no data" in sparkline([[0, 0], [0, 0]])
+
+
+def test_github_webhook_is_authenticated_by_signature_and_recorded(store, config, unique) -> None:  # noqa: F811
+    """POST /webhooks/github: no session needed, the HMAC signature is; a merge is recorded with its merger."""
+    import hashlib
+    import hmac
+    import json as _json
+    import urllib.error
+    import urllib.request
+
+    from processors.act import proposal_rows
+    from processors.records import Proposal
+    from processors.web import WebServer
+
+    config.review.webhook_secret = "s3cret-" + unique
+    p = Proposal(proposal_id=f"gh-{unique}", diagnosis_id=f"d-{unique}", intent_id="i", backend="github",
+                 repo="acme/agent", base="main", branch=f"closeloop/{unique}", title="t", body="b", diff="d",
+                 pr_number=7, status="open")
+    store.insert_records("proposals", proposal_rows([p]))
+    payload = _json.dumps({"action": "closed", "number": 7, "repository": {"full_name": "acme/agent"},
+                           "pull_request": {"number": 7, "merged": True, "merged_by": {"login": "grace"},
+                                            "merge_commit_sha": "abc123", "head": {"ref": p.branch}}}).encode()
+    server = WebServer(config, store, port=0).start()
+    try:
+        def deliver(sig: str) -> tuple[int, bytes]:
+            req = urllib.request.Request(f"{server.url}/webhooks/github", data=payload, method="POST", headers={
+                "Content-Type": "application/json", "X-GitHub-Event": "pull_request", "X-Hub-Signature-256": sig})
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    return r.status, r.read()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read()
+
+        assert deliver("sha256=" + "0" * 64)[0] == 401
+        assert deliver("")[0] == 401
+        assert store.scalar("SELECT count() FROM reviews FINAL WHERE proposal_id = {p:String}", {"p": p.proposal_id}) == 0
+        good = "sha256=" + hmac.new(config.review.webhook_secret.encode(), payload, hashlib.sha256).hexdigest()
+        status, body = deliver(good)
+        assert status == 200, body
+    finally:
+        server.stop()
+    (row,) = store.query("SELECT decision, reviewer, merged_commit FROM reviews FINAL WHERE proposal_id = {p:String}",
+                         {"p": p.proposal_id})
+    assert row == {"decision": "merged", "reviewer": "grace", "merged_commit": "abc123"}
+    assert store.scalar("SELECT status FROM proposals FINAL WHERE proposal_id = {p:String}", {"p": p.proposal_id}) == "merged"
