@@ -30,7 +30,7 @@ import faust
 
 from . import assemble
 from .config import Config
-from .errors import InputError, StoreError
+from .errors import InputError, ReviewError, StoreError
 from .records import DeadLetter, TurnRecord
 from .store import Store
 
@@ -411,7 +411,10 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
         def verify_all(now: int) -> list[Any]:
             if backend is not None and backend.name == "github":
                 # decisions taken on GitHub (webhooks deliver them too; polling catches missed ones)
-                poll_open(pipe.store, backend, now)
+                try:
+                    poll_open(pipe.store, backend, now)
+                except ReviewError as e:   # GitHub away: the next tick polls again
+                    log.warning("verify: polling GitHub failed: %s", e)
             outcomes = []
             for row in merged_reviews(pipe.store):
                 prop = load_proposal(pipe.store, row["proposal_id"])
