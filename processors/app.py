@@ -44,6 +44,7 @@ TICK_INTERVAL_S = 1.0
 STATS_INTERVAL_S = 5.0
 VERIFY_INTERVAL_S = 5.0
 DEADLETTER_MAX_BYTES = 64 * 1024
+REFUSALS_BEFORE_SPLIT = 3
 
 
 def faust_settings(cfg: Config, bootstrap: str) -> dict[str, Any]:
@@ -92,10 +93,13 @@ class Pipeline:
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "store"))
 
     async def write(self, stage: str, table: str, rows: list[dict[str, Any]]) -> None:
-        """Insert rows, retrying with backoff while ClickHouse fails (never drops, never skips)."""
+        """Insert rows, retrying with backoff while ClickHouse is unreachable (never drops, never
+        skips). When ClickHouse itself refuses the rows (it answered with an error code) a few
+        times, they are written one by one and the ones it refuses become dead letters, so one
+        bad row cannot stall the stage."""
         if not rows:
             return
-        delay = 0.5
+        delay, refused = 0.5, 0
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -103,16 +107,49 @@ class Pipeline:
                 return
             except StoreError as e:
                 self.counters[stage].write_errors += 1
+                refused = refused + 1 if _refused_by_server(e) else 0
+                if refused >= REFUSALS_BEFORE_SPLIT:
+                    await self._write_one_by_one(stage, table, rows)
+                    return
                 log.warning("%s: writing %d rows to %s failed, retrying in %.1fs: %s",
                             stage, len(rows), table, delay, e)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
+
+    async def _write_one_by_one(self, stage: str, table: str, rows: list[dict[str, Any]]) -> None:
+        loop = asyncio.get_running_loop()
+        bad: list[dict[str, Any]] = []
+        for i, row in enumerate(rows):
+            try:
+                await loop.run_in_executor(self.pool, self.store.insert_records, table, [row])
+            except StoreError as e:
+                if not _refused_by_server(e):     # unreachable again: back to retrying the rest
+                    await self.write(stage, table, rows[i:])
+                    break
+                now = time.time_ns()
+                original = json.dumps(row, default=str, ensure_ascii=False).encode()[:DEADLETTER_MAX_BYTES]
+                bad.append(DeadLetter(stage=stage, reason=f"ClickHouse refused a {table} row", detail=str(e)[:2000],
+                                      topic=table, key=str(next(iter(row.values()), ""))[:200],
+                                      offset=now, original_b64=base64.b64encode(original).decode(),
+                                      ts_ns=now).to_dict())
+        if bad:
+            self.counters[stage].deadletters += len(bad)
+            log.error("%s: %d %s rows refused by ClickHouse, dead-lettered", stage, len(bad), table)
+            await self.write(stage, "deadletter", bad)
 
     async def write_rows(self, stage: str, table: str, columns: tuple[str, ...], rows: list[list[Any]]) -> None:
         await self.write(stage, table, [dict(zip(columns, r)) for r in rows])
 
     async def run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+
+def _refused_by_server(e: StoreError) -> bool:
+    """The rows were refused (by ClickHouse or the client's encoder), rather than ClickHouse
+    not answering at all: retrying the same rows cannot help."""
+    from clickhouse_connect.driver.exceptions import OperationalError
+
+    return not isinstance(e.__cause__, (OperationalError, ConnectionError, TimeoutError))
 
 
 def dead_letter(stage: str, reason: str, event: Any, now_ns: int, detail: str = "") -> DeadLetter:

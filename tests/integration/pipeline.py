@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import Consumer, TopicPartition
 
 from processors.broker import EmbeddedBroker, ensure_topics
 from processors.config import Config, load_config
@@ -29,6 +28,7 @@ from processors.store import Store
 from .worker_proc import WorkerProcess, wait_for
 
 GROUP = "closeloop"            # the faust app id, which is the worker's consumer group
+GROUP_JOIN_TIMEOUT_S = 60.0
 ROWS_TIMEOUT_S = 90.0          # bound on waiting for rows to arrive (a busy 2-core machine)
 
 
@@ -65,13 +65,23 @@ class Pipeline:
         self.store = self.worker.store()
 
     def rewind_consumer_group(self, topics: list[str]) -> None:
-        """Set the worker group's committed offsets of ``topics`` to 0 (the worker must be stopped)."""
-        admin = AdminClient({"bootstrap.servers": self.broker.bootstrap})
-        md = admin.list_topics(timeout=10)
-        parts = [TopicPartition(t, p, 0) for t in topics for p in md.topics[t].partitions]
-        futures = admin.alter_consumer_group_offsets([ConsumerGroupTopicPartitions(GROUP, parts)])
-        for fut in futures.values():
-            fut.result(30)
+        """Commit offset 0 for every partition of ``topics`` in the worker's group.
+
+        Call it with the worker stopped. tansu refuses commits from outside the group
+        (UNKNOWN_MEMBER_ID), so this joins the group as its only member first.
+        """
+        assigned: list[TopicPartition] = []
+        c = Consumer({"bootstrap.servers": self.broker.bootstrap, "group.id": GROUP,
+                      "enable.auto.commit": False, "session.timeout.ms": 6000,
+                      "max.poll.interval.ms": 7000})
+        try:
+            c.subscribe(topics, on_assign=lambda _c, parts: assigned.extend(parts))
+            wait_for(lambda: c.poll(0.2) is None and assigned, GROUP_JOIN_TIMEOUT_S, 0)
+            assert assigned, f"could not join consumer group {GROUP} in {GROUP_JOIN_TIMEOUT_S}s"
+            c.commit(offsets=[TopicPartition(tp.topic, tp.partition, 0) for tp in assigned],
+                     asynchronous=False)
+        finally:
+            c.close()
 
     def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         return self.store.query(sql, parameters)
