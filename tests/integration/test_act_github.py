@@ -24,7 +24,7 @@ def diagnosis(**changes: object) -> Diagnosis:
         summary="users abandon at turn 3: the agent asks again for the API key they gave at turn 1",
         root_cause="the prompt does not carry the API key forward", confidence=0.8,
         component={"type": "prompt", "target": "prompts/system.md"},
-        evidence={"item": "API key", "turn": 3}, trace_ids=["0af7651916cd43dd8448eb211c80319c"],
+        evidence={"thing_name": "API key", "asked_turn": 3}, trace_ids=["0af7651916cd43dd8448eb211c80319c"],
         support=100, failures=40, failure_rate=0.4, baseline_rate=0.05, prompt_version="p-7",
         agent_version="1.2.0", window_from_ns=T0, window_to_ns=T0 + 3600 * 10**9, updated_ns=T0)
     return dataclasses.replace(d, **changes)

@@ -59,7 +59,7 @@ def diagnosis(**changes: object) -> Diagnosis:
     d = Diagnosis(
         diagnosis_id="d-77", intent_id="i-setup", intent_name="API setup", rule="repeated_ask",
         summary="the agent asks again for the API key", root_cause="no carry-forward instruction",
-        component={"type": "prompt", "target": "prompts/system.md"}, evidence={"item": "API key"},
+        component={"type": "prompt", "target": "prompts/system.md"}, evidence={"thing_name": "API key"},
         trace_ids=["t1"], support=100, failures=40, failure_rate=0.4, baseline_rate=0.05,
         prompt_version="p-2", agent_version="1.0", window_from_ns=T0, window_to_ns=T0 + 10, updated_ns=T0)
     return dataclasses.replace(d, **changes)
@@ -143,10 +143,10 @@ def test_reject_leaves_base_untouched_and_is_final(repo: Path) -> None:
 
 def test_latency_config_fix_and_prompt_regression_revert(repo: Path) -> None:
     actor = Actor(config(repo), LocalGit(repo))
-    lat = actor.propose(diagnosis(diagnosis_id="d-lat", rule="latency", evidence={"p99_ms": 4200},
-                                  component={"type": "config", "target": "tools.refund.timeout_s"}), T0)
+    lat = actor.propose(diagnosis(diagnosis_id="d-lat", rule="latency", evidence={}, component={
+        "type": "config", "target": "tools.refund.timeout_s", "detail": {"tool_duration_ms_max": 2000}}), T0)
     assert lat is not None, actor.last_reason
-    assert git(repo, "show", "closeloop/d-lat:config/agent.yaml") == AGENT_YAML.replace("timeout_s: 2", "timeout_s: 7").strip()
+    assert git(repo, "show", "closeloop/d-lat:config/agent.yaml") == AGENT_YAML.replace("timeout_s: 2", "timeout_s: 4").strip()
     reg = actor.propose(diagnosis(diagnosis_id="d-reg", rule="prompt_regression"), T0)
     assert reg is not None, actor.last_reason
     assert git(repo, "show", "closeloop/d-reg:prompts/system.md") == PROMPT_V1.strip()
