@@ -1312,9 +1312,23 @@ class Diagnoser:
     def _enough(self, st: IntentStats) -> bool:
         return st.n >= self.cfg.min_support and st.failures >= self.cfg.min_failures
 
+    def _baseline_counts(self, st: IntentStats) -> tuple[int, int]:
+        """Window counts of the other intents that are healthy (rate under ``min_failure_rate``).
+
+        Intents that fail themselves are left out: several broken intents would otherwise
+        lift the norm and hide each other.
+        """
+        n = f = 0
+        for other in self._s.intents.values():
+            if other is st or not other.n or other.rate >= self.cfg.min_failure_rate:
+                continue
+            n += other.n
+            f += other.failures
+        return n, f
+
     def baseline(self, st: IntentStats) -> float | None:
-        """The pooled window failure rate of the other intents (``None``: too few of them)."""
-        n, f = self._s.total_n - st.n, self._s.total_f - st.failures
+        """The pooled window failure rate of the other, healthy intents (``None``: too few of them)."""
+        n, f = self._baseline_counts(st)
         return f / n if n >= self.cfg.min_support else None
 
     def triggers(self, st: IntentStats) -> list[str]:
@@ -1325,15 +1339,10 @@ class Diagnoser:
         reasons = []
         high = st.rate >= cfg.min_failure_rate
         base = self.baseline(st)
+        base_n, base_f = self._baseline_counts(st)
         if high and (
             base is None
-            or (
-                st.rate - base >= cfg.min_lift
-                and p_greater(
-                    st.n, st.failures, self._s.total_n - st.n, self._s.total_f - st.failures
-                )
-                < cfg.alpha
-            )
+            or (st.rate - base >= cfg.min_lift and p_greater(st.n, st.failures, base_n, base_f) < cfg.alpha)
         ):
             reasons.append("high_vs_baseline")
         if st.drift_up and st.adwin.estimation >= cfg.min_failure_rate:
