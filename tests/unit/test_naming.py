@@ -20,7 +20,7 @@ from processors.naming import (
 )
 from tests.llm_server import FakeLLMServer
 
-BANKING = Path("/work/shared/data/banking77/train.csv")
+BANKING = Path(__file__).resolve().parents[2] / "examples" / "data" / "banking77" / "train.csv"
 CLASSES = ["card_arrival", "exchange_rate", "change_pin", "request_refund", "lost_or_stolen_phone",
            "top_up_failed", "terminate_account", "apple_pay_or_google_pay"]
 
