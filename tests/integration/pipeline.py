@@ -17,11 +17,11 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from processors.broker import EmbeddedBroker, ensure_topics
 from processors.config import Config, load_config
@@ -33,6 +33,8 @@ from .worker_proc import WorkerProcess, wait_for
 GROUP = "closeloop"             # the faust app id, which is the worker's consumer group
 GROUP_JOIN_TIMEOUT_S = 60.0     # joining the worker's group to rewind it
 ROWS_TIMEOUT_S = 90.0           # bound on waiting for rows to arrive (a busy 2-core machine)
+FIRST_READ_S = 2.0              # a new topic reader waits this long for its first messages;
+QUIET_READ_S = 0.3              # a read stops at the first poll this long that brings nothing
 
 
 @dataclass
@@ -42,6 +44,8 @@ class Pipeline:
     gateway: Gateway
     worker: WorkerProcess
     store: Store
+    _turns_reader: Consumer | None = None
+    _turns: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def grpc_endpoint(self) -> str:
@@ -50,12 +54,8 @@ class Pipeline:
     def http_url(self, path: str = "/v1/traces") -> str:
         return f"http://127.0.0.1:{self.gateway.http_port}{path}"
 
-    def restart_worker(self, *, kill: bool = False) -> None:
-        """Stop the worker (SIGTERM, or SIGKILL with ``kill``) and start a new one on the same home."""
-        self.stop_worker(kill=kill)
-        self.start_worker()
-
     def stop_worker(self, *, kill: bool = False) -> None:
+        """SIGTERM the worker (it commits its offsets), or SIGKILL it with ``kill``."""
         self.store.close()
         if kill:
             self.worker.kill()
@@ -63,6 +63,7 @@ class Pipeline:
             self.worker.stop()
 
     def start_worker(self) -> None:
+        """A new worker process on the same home (store, consumer group)."""
         self.worker = WorkerProcess(self.worker.home, self.worker.bootstrap, self.worker.stages,
                                     self.worker.env).start()
         self.store = self.worker.store()
@@ -124,13 +125,33 @@ class Pipeline:
                          for t in tables)
 
     def turn_records(self) -> list[dict[str, Any]]:
-        """Every turn record the capture stage sent on, read back from the turns topic."""
-        out: list[dict[str, Any]] = []
-        for value in topic_values(self.broker.bootstrap, self.cfg.topics.turns):
-            body = json.loads(value)
-            if isinstance(body, list):      # not the assemble stage's {"tick": ...} messages
-                out += body
-        return out
+        """The turn records the capture stage sent on so far, read from the turns topic.
+
+        One reader for the pipeline's life, so each call reads only what is new; it stops at
+        the first quiet poll rather than at the end offset, which tansu misreports.
+        """
+        timeout = QUIET_READ_S
+        if self._turns_reader is None:
+            timeout = FIRST_READ_S
+            self._turns_reader = Consumer({"bootstrap.servers": self.broker.bootstrap,
+                                           "group.id": f"read-{uuid.uuid4().hex}",
+                                           "enable.auto.commit": False})
+            topic = self.cfg.topics.turns
+            parts = self._turns_reader.list_topics(topic, timeout=10).topics[topic].partitions
+            self._turns_reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        while batch := self._turns_reader.consume(1000, timeout):
+            timeout = QUIET_READ_S
+            for m in batch:
+                assert m.error() is None, m.error()
+                body = json.loads(m.value())
+                if isinstance(body, list):      # not the assemble stage's {"tick": ...} messages
+                    self._turns.extend(body)
+        return list(self._turns)
+
+    def close(self) -> None:
+        if self._turns_reader is not None:
+            self._turns_reader.close()
+            self._turns_reader = None
 
     def worker_log(self) -> str:
         return self.worker.log.read_text(errors="replace")
@@ -154,31 +175,5 @@ def running_pipeline(tmp: Path, stages: str = "capture",
         finally:
             gateway.stop()
             pipe.stop_worker()
+            pipe.close()
 
-
-def topic_values(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[bytes]:
-    """Every message value in ``topic``, all partitions from the start, up to its end."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"read-{uuid.uuid4().hex}",
-                  "enable.auto.commit": False, "enable.partition.eof": True})
-    try:
-        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
-        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
-        out: list[bytes] = []
-        at_end: set[int] = set()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            batch = c.consume(1000, 0.5)
-            for m in batch:
-                if m.error() is None:
-                    out.append(m.value())
-                    at_end.discard(m.partition())
-                elif m.error().code() == KafkaError._PARTITION_EOF:
-                    at_end.add(m.partition())
-                else:
-                    raise AssertionError(f"reading {topic}: {m.error()}")
-            # tansu may report the end early (see DESIGN.md): stop only once a poll brings nothing
-            if not batch and len(at_end) == len(parts):
-                break
-        return out
-    finally:
-        c.close()

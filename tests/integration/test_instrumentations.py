@@ -48,16 +48,17 @@ TOOLS = [{"type": "function", "function": {
                    "required": ["order_id"]}}}]
 USAGE = [(50, 7), (80, 9)]          # (prompt, completion) tokens of the two model answers
 AGENT_TIMEOUT_S = 120
+CONTENT_MODE = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 SKIP_EXIT = 3                       # the agent's exit code when its library cannot be imported
 
 # lib -> (instrumentor module, whether it takes a logger provider, extra environment)
 LIBS: dict[str, tuple[str, bool, dict[str, str]]] = {
     "openai-v2": ("opentelemetry.instrumentation.openai_v2", True, {
         "OTEL_SEMCONV_STABILITY_OPT_IN": "gen_ai_latest_experimental",
-        "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "EVENT_ONLY"}),
+        CONTENT_MODE: "EVENT_ONLY"}),
     "openai-v2-span": ("opentelemetry.instrumentation.openai_v2", True, {
         "OTEL_SEMCONV_STABILITY_OPT_IN": "gen_ai_latest_experimental",
-        "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "SPAN_ONLY"}),
+        CONTENT_MODE: "SPAN_ONLY"}),
     "openinference": ("openinference.instrumentation.openai", False, {}),
     "openllmetry": ("opentelemetry.instrumentation.openai", False, {"TRACELOOP_TRACE_CONTENT": "true"}),
 }
@@ -224,6 +225,9 @@ def test_turns_are_the_same_in_every_dialect(pipe: Pipeline, traces: dict[str, t
     trace_id = trace_of(traces, lib)
     wait_for(lambda: model_calls(pipe, trace_id) == EXPECTED_CALLS, 60)
     assert model_calls(pipe, trace_id) == EXPECTED_CALLS
+    via_logs = {r["span_id"] for r in pipe.turn_records()
+                if r["trace_id"] == trace_id and r["span_kind"] == "content"}
+    assert len(via_logs) == (2 if LIBS[lib][2].get(CONTENT_MODE) == "EVENT_ONLY" else 0)
     rows = pipe.wait_rows("SELECT span_kind, operation, provider, request_model, input_tokens, "
                           "output_tokens FROM turns FINAL WHERE trace_id = {t:String} "
                           "AND span_kind = 'llm' ORDER BY start_ns", 2, {"t": trace_id})
