@@ -96,6 +96,10 @@ def close(conversation_id: str, state: dict[str, Any], reason: str, now_ns: int)
     return conv
 
 
+def _key(m: Message) -> tuple[str, str]:
+    return (m.role, m.content if m.role != "tool" else f"{m.tool_call_id}\0{m.content}")
+
+
 def build_conversation(conversation_id: str, turns: list[dict[str, Any]], reason: str) -> Conversation:
     """Order the spans and derive the transcript: messages de-duplicated across LLM calls
     (agents resend the history on every call), tool executions placed where they ran."""
@@ -106,6 +110,9 @@ def build_conversation(conversation_id: str, turns: list[dict[str, Any]], reason
     prompt_versions: Counter[str] = Counter()
     conv = Conversation(conversation_id=conversation_id, closed_reason=reason, version=len(recs))
     trace_order: dict[str, None] = {}
+    # Instrumentations that trace only model calls carry tool results in the next call's
+    # input; those are kept unless an executed tool span already covers the call.
+    executed = {t.tool.call_id for t in recs if t.span_kind == "tool" and t.tool is not None and t.tool.call_id}
     for t in recs:
         trace_order.setdefault(t.trace_id, None)
         if t.status == "error" and t.span_kind in ("llm", "tool"):
@@ -134,15 +141,18 @@ def build_conversation(conversation_id: str, turns: list[dict[str, Any]], reason
         if t.prompt_version:
             prompt_versions[t.prompt_version] += 1
         # Append only the occurrences of each (role, content) this call adds to the transcript.
-        inputs = [m for m in t.input_messages if m.role in ("user", "assistant") and m.content]
-        need: Counter[tuple[str, str]] = Counter((m.role, m.content) for m in inputs)
+        inputs = [m for m in t.input_messages
+                  if (m.role in ("user", "assistant") and m.content)
+                  or (m.role == "tool" and m.tool_call_id not in executed)]
+        need: Counter[tuple[str, str]] = Counter(_key(m) for m in inputs)
         for m in inputs:
-            key = (m.role, m.content)
+            key = _key(m)
             if need[key] > seen[key]:
                 seen[key] += 1
                 need[key] -= 1
                 transcript.append(Message(role=m.role, content=m.content, trace_id=t.trace_id,
-                                          span_id=t.span_id, ts_ns=t.start_ns))
+                                          span_id=t.span_id, ts_ns=t.start_ns, tool_name=m.tool_name,
+                                          tool_call_id=m.tool_call_id, error=m.error))
             else:
                 need[key] -= 1
         for m in t.output_messages:

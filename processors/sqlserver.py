@@ -33,6 +33,8 @@ _INSERT = re.compile(r"^\s*INSERT\s+INTO\s+(?P<table>[\w.`\"]+)\s*(?:\((?P<cols>
                      r"(?:SETTINGS\s+[^F]*?)?FORMAT\s+(?P<fmt>\w+)\s*$", re.I | re.S)
 _FORMAT = re.compile(r"\bFORMAT\s+\w+\s*;?\s*$", re.I)
 _CODE = re.compile(r"Code:\s*(\d+)")
+_PLACEHOLDER = re.compile(r"\{(\w+):([^{}]+)\}")
+_ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "0": "\0", "b": "\b", "f": "\f"}   # else \x is x
 MAX_BODY = 512 * 1024 * 1024
 
 
@@ -114,8 +116,10 @@ class _Handler(BaseHTTPRequestHandler):
             out_fmt, ask_fmt = fmt, fmt
             if (m2 := _FORMAT.search(sql)) is not None:  # the query's own FORMAT clause wins
                 out_fmt, ask_fmt = m2.group(0).split()[1].rstrip(";"), None
+            if params:
+                sql = bind_parameters(sql, params)
             with store._lock:
-                data = store.client.raw_query(sql, parameters=params or None, fmt=ask_fmt)
+                data = store.client.raw_query(sql, fmt=ask_fmt)
             self._send(200, data, _content_type(out_fmt), qid, out_fmt)
         except Exception as e:  # every ClickHouse error is reported to the client, the server stays up
             msg = str(e)
@@ -145,6 +149,25 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("X-ClickHouse-Exception-Code", str(code))
         self.end_headers()
         self.wfile.write(data)
+
+
+def bind_parameters(sql: str, params: dict[str, str]) -> str:
+    """Bind ``{name:Type}`` placeholders server-side, as ClickHouse's HTTP interface does:
+    the ``param_name`` value is the text form of the value (TSV-escaped), parsed as ``Type``."""
+    def literal(m: re.Match[str]) -> str:
+        name, typ = m.group(1), m.group(2).strip()
+        if name not in params:
+            return m.group(0)          # ClickHouse reports the missing parameter itself
+        text = params[name]
+        if re.fullmatch(r"(?:Nullable\(|LowCardinality\()?(?:String|FixedString\(\d+\))\)?", typ):
+            # a bare string arrives TSV-escaped; compound values keep their quoted text form
+            text = re.sub(r"\\(.)", lambda e: _ESCAPES.get(e.group(1), e.group(1)), text, flags=re.DOTALL)
+        if typ == "Identifier":
+            return "`" + text.replace("\\", "\\\\").replace("`", "\\`") + "`"
+        quoted = "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        return f"CAST({quoted} AS {typ})"
+
+    return _PLACEHOLDER.sub(literal, sql)
 
 
 def _content_type(fmt: str) -> str:

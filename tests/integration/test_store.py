@@ -77,6 +77,11 @@ def test_sql_endpoint_serves_clickhouse_clients(store: Store, unique: str) -> No
         assert got == [{"reviewer": "Ada"}]
         q = urllib.parse.quote("SELECT 1 + 1 AS two FORMAT JSONEachRow")
         assert urllib.request.urlopen(f"{server.url}/?query={q}").read() == b'{"two":2}\n'
+        # parameters bound as ClickHouse binds them: arrays, quotes and backslashes survive
+        tricky = "it's a \\ path\tand tab"
+        got = client.query("SELECT {s:String} AS s, length({a:Array(String)}) AS n, {u:UInt64} + 1 AS u",
+                           {"s": tricky, "a": ["x", "y'z", ""], "u": 41})
+        assert got == [{"s": tricky, "n": 3, "u": 42}]
         with pytest.raises(StoreError, match="Unknown"):
             client.query("SELECT no_such_column FROM reviews")
         assert urllib.request.urlopen(f"{server.url}/ping").read() == b"Ok.\n"   # still serving
