@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import heapq
 import json
 import logging
 import os
@@ -278,6 +279,10 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
         # that keyed closeloop.turns), so writes work from batches taken off the stream.
         open_conversations = app.Table("open_conversations", default=None, key_type=str,
                                        partitions=cfg.kafka.partitions, use_partitioner=True)
+        # Deadlines per partition (a heap with stale entries skipped on pop), so a tick looks
+        # only at conversations that are due. Rebuilt from the table after a restart.
+        deadlines: dict[int, list[tuple[int, str]]] = defaultdict(list)
+        indexed: set[int] = set()
 
         @app.agent(turns_topic, name="assemble")
         async def assemble_agent(stream: faust.StreamT) -> None:
@@ -301,6 +306,7 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
                     state = assemble.add_turns(open_conversations.get(cid), turns, now)
                     state["p"] = e.message.partition
                     open_conversations[cid] = state
+                    heapq.heappush(deadlines[state["p"]], (assemble.next_deadline(state, cfg.assemble), cid))
                     pipe.counters["assemble"].records_in += len(turns)
                 if closed:
                     await pipe.write_rows("assemble", "conversations", assemble.CONVERSATION_COLUMNS,
@@ -310,10 +316,18 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
                 await send_deadletters("assemble", dls)
 
         def _close_due(partition: int, now: int) -> list[Any]:
+            heap = deadlines[partition]
+            if partition not in indexed:          # after a (re)start: index the restored table once
+                for cid, state in list(open_conversations.items()):
+                    if state is not None and state.get("p") == partition:
+                        heapq.heappush(heap, (assemble.next_deadline(state, cfg.assemble), cid))
+                indexed.add(partition)
             out = []
-            for cid, state in list(open_conversations.items()):
-                if state is None or state.get("p") != partition:
-                    continue
+            while heap and heap[0][0] <= now:
+                _, cid = heapq.heappop(heap)
+                state = open_conversations.get(cid)
+                if state is None or assemble.next_deadline(state, cfg.assemble) > now:
+                    continue                      # deleted, or updated since: a later entry exists
                 reason = assemble.is_due(state, now, cfg.assemble)
                 if reason:
                     try:
@@ -323,6 +337,7 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
                         log.error("assemble: cannot build conversation %s: %r", cid, err)
                         state["closed_ns"] = now
                     open_conversations[cid] = state
+                    heapq.heappush(heap, (assemble.next_deadline(state, cfg.assemble), cid))
                 elif assemble.is_expired(state, now):
                     del open_conversations[cid]
             return out

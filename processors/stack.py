@@ -2,7 +2,8 @@
 
 ``closeloop up`` runs it in the foreground; ``closeloop demo`` and the e2e tests start it too.
 Children are supervised: one that dies unexpectedly is restarted (with a back-off), and
-stopping goes gateway → worker → broker, so nothing is accepted that cannot be written.
+stopping goes gateway → worker → broker → the broker's storage, so nothing is accepted that
+cannot be written.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import IO, Any
 from .broker import EmbeddedBroker, ensure_topics, free_port, port_in_use
 from .config import Config
 from .errors import BrokerError, CloseloopError
-from .pgserver import EmbeddedPostgres, start_broker_database
+from .s3store import LocalS3
 
 log = logging.getLogger("closeloop.stack")
 
@@ -89,7 +90,7 @@ class EmbeddedStack:
     cfg: Config
     config_file: str | None = None
     broker: EmbeddedBroker | None = None
-    broker_db: EmbeddedPostgres | None = None   # the broker's storage when kafka.storage is postgres
+    broker_store: LocalS3 | None = None   # the broker's storage when kafka.storage is s3
     bootstrap: str = ""
     children: dict[str, Child] = field(default_factory=dict)
 
@@ -109,13 +110,14 @@ class EmbeddedStack:
         if cfg.kafka.bootstrap:
             self.bootstrap = cfg.kafka.bootstrap
         else:
-            storage = "memory://tansu/"
-            if cfg.kafka.storage == "postgres":
-                self.broker_db = start_broker_database(home / "broker-pg", cfg.log_dir())
-                storage = self.broker_db.url("tansu")
             try:
-                self.broker = EmbeddedBroker(port=cfg.kafka.broker_port, storage=storage,
-                                             log_dir=cfg.log_dir()).start()
+                self.broker = EmbeddedBroker(port=cfg.kafka.broker_port, log_dir=cfg.log_dir())
+                if cfg.kafka.storage == "s3":
+                    self.broker_store = LocalS3(home / "broker-s3", log_dir=cfg.log_dir(),
+                                                fsync=cfg.kafka.storage_fsync).start()
+                    self.broker.storage = self.broker_store.storage_url
+                    self.broker.env = self.broker_store.client_env()
+                self.broker.start()
             except BaseException:
                 self.stop()
                 raise
@@ -179,7 +181,7 @@ class EmbeddedStack:
             "supervisor_pid": os.getpid(),
             "bootstrap": self.bootstrap,
             "broker_pid": self.broker.proc.pid if self.broker and self.broker.proc else None,
-            "broker_db_pid": self.broker_db.pid if self.broker_db else None,
+            "broker_store_pid": self.broker_store.pid if self.broker_store else None,
             "children": {n: c.proc.pid for n, c in self.children.items() if c.proc},
             "otlp_grpc": f"{cfg.otlp.host}:{cfg.otlp.grpc_port}",
             "otlp_http": f"http://{cfg.otlp.host}:{cfg.otlp.http_port}",
@@ -192,6 +194,11 @@ class EmbeddedStack:
 
     def supervise_once(self) -> None:
         """Restart children that died (called in the supervisor's loop)."""
+        if self.broker_store is not None and not self.broker_store.alive():
+            # its data is on disk and tansu retries its requests: a restart on the same port loses nothing
+            log.warning("the broker's S3 server exited; restarting it")
+            self.broker_store.start()
+            self._write_stack_file()
         if self.broker is not None and self.broker.proc is not None and self.broker.proc.poll() is not None:
             raise BrokerError(f"the embedded broker exited (code {self.broker.proc.returncode}); "
                               f"see {self.cfg.log_dir() / 'broker.log'}")
@@ -213,9 +220,9 @@ class EmbeddedStack:
         if self.broker is not None:
             self.broker.stop()
             self.broker = None
-        if self.broker_db is not None:   # after the broker, which writes to it until it stops
-            self.broker_db.stop()
-            self.broker_db = None
+        if self.broker_store is not None:   # after the broker, which writes to it until it stops
+            self.broker_store.stop()
+            self.broker_store = None
         for f in ("stack.json", "sql.json"):
             (self.cfg.run_dir() / f).unlink(missing_ok=True)
 
