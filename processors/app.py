@@ -32,7 +32,7 @@ import faust
 from . import assemble
 from .config import Config
 from .errors import InputError, ReviewError, StoreError
-from .records import DeadLetter, TurnRecord
+from .records import DeadLetter
 from .store import Store
 
 log = logging.getLogger("closeloop.worker")
@@ -296,18 +296,17 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
                         if isinstance(body, dict) and "tick" in body:
                             closed += _close_due(e.message.partition, int(body["tick"]))
                             continue
-                        if not isinstance(body, list):
+                        if not isinstance(body, list) or not all(isinstance(d, dict) for d in body):
                             raise InputError("turn message is not a JSON list of turn records")
-                        turns = [TurnRecord.from_dict(d) for d in body]
                         cid = e.key.decode() if isinstance(e.key, bytes) else str(e.key)
+                        state = assemble.add_turns(open_conversations.get(cid), body, now)
                     except (ValueError, TypeError, KeyError, InputError) as err:
                         dls.append(dead_letter("assemble", "undecodable turn record", e, now, str(err)))
                         continue
-                    state = assemble.add_turns(open_conversations.get(cid), turns, now)
                     state["p"] = e.message.partition
                     open_conversations[cid] = state
                     heapq.heappush(deadlines[state["p"]], (assemble.next_deadline(state, cfg.assemble), cid))
-                    pipe.counters["assemble"].records_in += len(turns)
+                    pipe.counters["assemble"].records_in += len(body)
                 if closed:
                     await pipe.write_rows("assemble", "conversations", assemble.CONVERSATION_COLUMNS,
                                           [assemble.conversation_row(c) for c in closed])

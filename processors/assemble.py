@@ -33,17 +33,19 @@ def new_state(now_ns: int) -> dict[str, Any]:
             "closed_ns": 0, "emitted_version": 0}
 
 
-def add_turns(state: dict[str, Any] | None, turns: list[TurnRecord], now_ns: int) -> dict[str, Any]:
-    """Fold turn records into a conversation's state (idempotent: keyed by span id)."""
+def add_turns(state: dict[str, Any] | None, turns: list[TurnRecord | dict[str, Any]],
+              now_ns: int) -> dict[str, Any]:
+    """Fold turn records (records, or their dicts as they come off the topic) into a
+    conversation's state (idempotent: keyed by span id)."""
+    dicts = [t.to_dict() if isinstance(t, TurnRecord) else t for t in turns]
+    if not all(isinstance(d.get("span_id"), str) and d["span_id"] for d in dicts):
+        raise ValueError("a turn record needs a span_id")   # checked before the state changes
     st = new_state(now_ns) if state is None else state
-    for t in turns:
-        d = t.to_dict()
-        prev = st["turns"].get(t.span_id)
-        if prev is None:
-            st["turns"][t.span_id] = d
-        else:
-            st["turns"][t.span_id] = _merge_turn(prev, d)
-        if t.end_of_conversation:
+    for d in dicts:
+        span_id = d["span_id"]
+        prev = st["turns"].get(span_id)
+        st["turns"][span_id] = d if prev is None else _merge_turn(prev, d)
+        if d.get("end_of_conversation"):
             st["ended_ns"] = now_ns
     st["last_seen_ns"] = now_ns
     if st["closed_ns"]:

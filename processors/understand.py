@@ -65,6 +65,7 @@ class Understand:
         texts = [goal_text(c, self.cfg.understand.goal_user_turns) for c in convs]
         vectors = self.embedder.embed(texts)
         touched: set[str] = set()
+        sizes = {i.intent_id: i.size for i in self.model.intents()}   # once per batch: long-tail test
         for conv, text, x in zip(convs, texts, vectors):
             key = (conv.conversation_id, conv.version)
             if key in self._seen:
@@ -76,7 +77,7 @@ class Understand:
             touched.add(intent_id)
             sig = self.tagger.tag(conv, now_ns)
             signals = list(sig.tags)
-            if self._is_long_tail(intent_id):
+            if self._is_long_tail(sizes.get(intent_id, 1)):
                 signals.append("long_tail")
             out.tags.append(TagRecord(
                 conversation_id=conv.conversation_id, conversation_version=conv.version,
@@ -101,12 +102,10 @@ class Understand:
                 del self._seen[k]
         self._seen[key] = (intent_id, self.model.n_seen)
 
-    def _is_long_tail(self, intent_id: str) -> bool:
+    def _is_long_tail(self, size: int) -> bool:
+        """An intent holding under LONG_TAIL_SHARE of the conversations (its size at the batch start)."""
         n = self.model.n_seen
-        if n < LONG_TAIL_WARMUP:
-            return False
-        size = next((i.size for i in self.model.intents() if i.intent_id == intent_id), 0)
-        return size < LONG_TAIL_SHARE * n
+        return n >= LONG_TAIL_WARMUP and size < LONG_TAIL_SHARE * n
 
     def _apply_changes(self, out: UnderstandBatch, now_ns: int) -> set[str]:
         """Turn the model's taxonomy changes into rows; fold merged intents' keyphrases."""
