@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faust
+from aiokafka.partitioner import murmur2
 
 from . import assemble
 from .config import Config
@@ -163,6 +164,12 @@ def dead_letter(stage: str, reason: str, event: Any, now_ns: int, detail: str = 
                       ts_ns=now_ns)
 
 
+def partition_of(key: str, partitions: int) -> int:
+    """The partition the producer's default partitioner (murmur2, as Kafka's Java client and
+    aiokafka) gives ``key``: bundles sent to it keep every conversation where its table lives."""
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
 def _tag_row(tag: Any) -> dict[str, Any]:
     d = tag.to_dict()
     d.pop("conversation", None)
@@ -232,9 +239,11 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
     proposals_topic = topic(t.proposals)
     deadletter_topic = topic(t.deadletter)
 
-    async def send_all(sends: list[tuple[faust.TopicT, str | None, bytes]]) -> None:
-        """Send and wait for every acknowledgement (at-least-once towards the next stage)."""
-        futs = [await tp.send(key=k.encode() if k is not None else None, value=v) for tp, k, v in sends]
+    async def send_all(sends: list[tuple[Any, ...]]) -> None:
+        """Send ``(topic, key, value[, partition])`` and wait for every acknowledgement
+        (at-least-once towards the next stage)."""
+        futs = [await s[0].send(key=s[1].encode() if s[1] is not None else None, value=s[2],
+                                partition=s[3] if len(s) > 3 else None) for s in sends]
         for f in futs:
             await f
 
@@ -265,11 +274,13 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
                 await pipe.write("capture", "spans", batch.span_rows)
                 await pipe.write("capture", "turns", batch.turn_rows)
                 await pipe.write("capture", "tool_calls", batch.tool_rows)
-                by_conv: dict[str, list[dict[str, Any]]] = defaultdict(list)
+                # One message per partition, bundling its conversations: one message per
+                # conversation would cost a produce round trip each (changelog-safe settings).
+                bundles: dict[int, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
                 for tr in batch.turns:
-                    by_conv[tr.conversation_id].append(tr.to_dict())
-                await send_all([(turns_topic, cid, json.dumps(v, ensure_ascii=False).encode())
-                                for cid, v in by_conv.items()])
+                    bundles[partition_of(tr.conversation_id, cfg.kafka.partitions)][tr.conversation_id].append(tr.to_dict())
+                await send_all([(turns_topic, None, json.dumps({"conversations": b}, ensure_ascii=False).encode(), p)
+                                for p, b in bundles.items()])
                 pipe.counters["capture"].records_out += len(batch.turns)
                 await send_deadletters("capture", batch.deadletters)
 
@@ -296,17 +307,29 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
                         if isinstance(body, dict) and "tick" in body:
                             closed += _close_due(e.message.partition, int(body["tick"]))
                             continue
-                        if not isinstance(body, list) or not all(isinstance(d, dict) for d in body):
-                            raise InputError("turn message is not a JSON list of turn records")
-                        cid = e.key.decode() if isinstance(e.key, bytes) else str(e.key)
-                        state = assemble.add_turns(open_conversations.get(cid), body, now)
+                        if isinstance(body, dict) and isinstance(body.get("conversations"), dict):
+                            groups = body["conversations"]          # a bundle: {conversation id: turns}
+                        elif isinstance(body, list):                # one conversation, keyed by its id
+                            groups = {e.key.decode() if isinstance(e.key, bytes) else str(e.key): body}
+                        else:
+                            raise InputError("turn message is neither a bundle nor a list of turn records")
+                        for turns in groups.values():
+                            if not isinstance(turns, list) or not all(isinstance(d, dict) for d in turns):
+                                raise InputError("turn records must be JSON objects in a list")
                     except (ValueError, TypeError, KeyError, InputError) as err:
                         dls.append(dead_letter("assemble", "undecodable turn record", e, now, str(err)))
                         continue
-                    state["p"] = e.message.partition
-                    open_conversations[cid] = state
-                    heapq.heappush(deadlines[state["p"]], (assemble.next_deadline(state, cfg.assemble), cid))
-                    pipe.counters["assemble"].records_in += len(body)
+                    for cid, turns in groups.items():
+                        try:
+                            state = assemble.add_turns(open_conversations.get(cid), turns, now)
+                        except (ValueError, TypeError, KeyError) as err:
+                            dls.append(dead_letter("assemble", f"unusable turn record of {cid[:100]}", e, now,
+                                                   str(err)))
+                            continue
+                        state["p"] = partition_of(cid, cfg.kafka.partitions)
+                        open_conversations[cid] = state
+                        heapq.heappush(deadlines[state["p"]], (assemble.next_deadline(state, cfg.assemble), cid))
+                        pipe.counters["assemble"].records_in += len(turns)
                 if closed:
                     await pipe.write_rows("assemble", "conversations", assemble.CONVERSATION_COLUMNS,
                                           [assemble.conversation_row(c) for c in closed])
