@@ -331,13 +331,23 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
                         heapq.heappush(deadlines[state["p"]], (assemble.next_deadline(state, cfg.assemble), cid))
                         pipe.counters["assemble"].records_in += len(turns)
                 if closed:
+                    convs = [c for _, _, c in closed if c is not None]
                     await pipe.write_rows("assemble", "conversations", assemble.CONVERSATION_COLUMNS,
-                                          [assemble.conversation_row(c) for c in closed])
-                    await send_all([(conversations_topic, c.conversation_id, c.to_json()) for c in closed])
-                    pipe.counters["assemble"].records_out += len(closed)
+                                          [assemble.conversation_row(c) for c in convs])
+                    await send_all([(conversations_topic, c.conversation_id, c.to_json()) for c in convs])
+                    # Only now is the closing recorded in the table (and its changelog): a crash
+                    # before this point closes and publishes the same version again, harmlessly.
+                    for cid, state, _ in closed:
+                        current = open_conversations.get(cid)
+                        if current is not None and len(current["turns"]) > len(state["turns"]):
+                            continue          # a span arrived meanwhile: it stays open, closes later
+                        open_conversations[cid] = state
+                        heapq.heappush(deadlines[state["p"]], (assemble.next_deadline(state, cfg.assemble), cid))
+                    pipe.counters["assemble"].records_out += len(convs)
                 await send_deadletters("assemble", dls)
 
-        def _close_due(partition: int, now: int) -> list[Any]:
+        def _close_due(partition: int, now: int) -> list[tuple[str, dict[str, Any], Any]]:
+            """``(conversation id, its closed state, the conversation)`` for each one due now."""
             heap = deadlines[partition]
             if partition not in indexed:          # after a (re)start: index the restored table once
                 for cid, state in list(open_conversations.items()):
@@ -352,14 +362,15 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
                     continue                      # deleted, or updated since: a later entry exists
                 reason = assemble.is_due(state, now, cfg.assemble)
                 if reason:
+                    # the table keeps the open state until the conversation is published
+                    closed_state = {**state, "turns": dict(state["turns"])}
                     try:
-                        out.append(assemble.close(cid, state, reason, now))
+                        out.append((cid, closed_state, assemble.close(cid, closed_state, reason, now)))
                     except (ValueError, TypeError, KeyError, AttributeError) as err:
                         # a state the core cannot build: keep the pipeline going, keep the turns
                         log.error("assemble: cannot build conversation %s: %r", cid, err)
-                        state["closed_ns"] = now
-                    open_conversations[cid] = state
-                    heapq.heappush(heap, (assemble.next_deadline(state, cfg.assemble), cid))
+                        closed_state["closed_ns"] = now
+                        out.append((cid, closed_state, None))
                 elif assemble.is_expired(state, now):
                     del open_conversations[cid]
             return out
@@ -452,12 +463,16 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
         from .llm import make_llm
 
         actor = Actor(cfg, backend, make_llm(cfg.llm))
+        # Offsets only (no model): a restart must not replay older diagnosis versions onto
+        # their branches (each replay would re-version the proposal, a force-push on GitHub).
+        act_ckpt = Checkpoint("act", pipe)
 
         @app.agent(diagnoses_topic, name="act")
         async def act_agent(stream: faust.StreamT) -> None:
+            await act_ckpt.restore_into(lambda data: None)
             async for events in stream.take_events(50, within=TAKE_WITHIN_S):
                 props, dls = [], []
-                for e in events:
+                for e in act_ckpt.fresh(events):
                     now = time.time_ns()
                     try:
                         diag = Diagnosis.from_json(e.message.value)
@@ -477,6 +492,7 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
                         await pipe.run(notify, p, cfg)
                     pipe.counters["act"].records_out += len(props)
                 await send_deadletters("act", dls)
+                await act_ckpt.save(events, lambda: b"")
 
     # -- verify (review layer) ---------------------------------------------------------------
     if "verify" in pipe.stages:
