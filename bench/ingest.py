@@ -1,13 +1,14 @@
 """End-to-end ingest: OTLP/HTTP spans into the embedded stack until they are queryable.
 
-    python -m bench.ingest [--rates 5000,10000,20000,40000] [--seconds 10] [--threads 4]
+    python -m bench.ingest [--rates 1000,2000,5000,10000,20000,40000] [--seconds 10] [--threads 4]
                            [--spans 500] [--no-profile]
 
 Starts ``EmbeddedStack`` (broker, worker, gateway, web) in a temp home and sends realistic
 GenAI conversations (8 spans each, one trace: llm, llm, tool, http spans with semconv
 attributes and message content, ~1.1 KB/span) as OTLP/HTTP protobuf requests of ``--spans``
 spans from ``--threads`` keep-alive connections, at each offered rate, then unpaced ("max"),
-then at half the max stored rate. Per level: spans/s acknowledged by the gateway, spans/s
+then at half the best stored rate; the ramp stops at the first level whose backlog is not
+queryable within max(30 s, 3 × the level's length). Per level: spans/s acknowledged by the gateway, spans/s
 stored (all of the level's spans queryable in ``spans`` through the SQL endpoint), and the
 export→queryable latency of each request: every request's trace ids carry its sequence
 number, and a poller counts the stored spans per request every ``POLL_S``; a request is
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import itertools
+import json
 import os
 import sys
 import random
@@ -36,7 +38,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import yaml
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -51,9 +53,11 @@ from processors.store import Store, connect_http
 SPANS_PER_CONVERSATION = 8
 KINDS = ("llm", "llm", "tool", "other")
 PLACEHOLDER = bytes.fromhex("5a17c0de9e3b61f4")   # first 8 trace-id bytes of a template, replaced per request
+SPAN_PLACEHOLDER = bytes.fromhex("c3a95e7d21")     # first 5 span-id bytes, replaced by the level and sequence
 TEMPLATES = 4
 POLL_S = 0.25
 DRAIN_MIN_S = 30.0             # a level's backlog must be queryable within max(this, 3 x its length)
+BACKLOG_TIMEOUT_S = 240.0      # before the half-load level, the ramp's backlog must be stored
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -75,7 +79,8 @@ def request_template(spans: int, seed: int) -> bytes:
         if "gen_ai.conversation.id" in attrs:
             attrs["gen_ai.conversation.id"] = f"{PLACEHOLDER.hex()}-{conv}"
         start = t0 + i * 50_000_000
-        ss.spans.append(Span(trace_id=PLACEHOLDER + conv.to_bytes(8, "big"), span_id=rng.randbytes(8),
+        ss.spans.append(Span(trace_id=PLACEHOLDER + conv.to_bytes(8, "big"),
+                             span_id=SPAN_PLACEHOLDER + (i + 1).to_bytes(3, "big"),   # never all zero
                              name=f"{kind} span", kind=Span.SPAN_KIND_CLIENT,
                              start_time_unix_nano=start, end_time_unix_nano=start + 40_000_000,
                              attributes=[_kv(k, v) for k, v in attrs.items()]))
@@ -88,8 +93,12 @@ def request_prefix(nonce: int, level: int, seq: int) -> bytes:
 
 
 def stamp(template: bytes, prefix: bytes) -> bytes:
-    """The template with its trace ids and conversation ids made unique to one request."""
-    return template.replace(PLACEHOLDER, prefix).replace(PLACEHOLDER.hex().encode(), prefix.hex().encode())
+    """The template with its trace, span and conversation ids made unique to one request.
+
+    Span ids too: some stores (Phoenix) keep one row per span id across traces.
+    """
+    return (template.replace(PLACEHOLDER, prefix).replace(SPAN_PLACEHOLDER, prefix[3:])
+            .replace(PLACEHOLDER.hex().encode(), prefix.hex().encode()))
 
 
 @dataclass
@@ -213,7 +222,7 @@ def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     s = sorted(values)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
 
 
 @dataclass
@@ -253,6 +262,16 @@ def run_level(stack: EmbeddedStack, store: Store, name: str, level_no: int, nonc
     lat = [poller.done[s.seq] - s.t_send for s in ok if s.seq in poller.done]
     lv.p50_s, lv.p99_s = percentile(lat, 0.5), percentile(lat, 0.99)
     return lv
+
+
+def wait_stored(store: Store, n: int, timeout_s: float) -> bool:
+    """Wait until the spans table holds ``n`` rows (a saturated level's backlog drains first)."""
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        if int(store.scalar("SELECT count() FROM spans") or 0) >= n:
+            return True
+        time.sleep(1.0)
+    return False
 
 
 def process_ids(stack: EmbeddedStack) -> dict[str, int]:
@@ -339,7 +358,7 @@ def run(rates: list[int], seconds: float, threads: int, spans: int, profile: boo
         try:
             store = connect_http(stack.sql_url)
             # warm-up: connections, topic metadata, the first inserts
-            run_level(stack, store, "warm-up", 0, nonce, 2000, 2, 2, spans, bodies)
+            warm = run_level(stack, store, "warm-up", 0, nonce, 2000, 2, 2, spans, bodies)
             plan: list[tuple[str, float | None]] = [(f"{r:,}/s", float(r)) for r in rates] + [("max", None)]
             for no, (name, rate) in enumerate(plan, 1):
                 lv = run_level(stack, store, name, no, nonce, rate, seconds, threads, spans, bodies)
@@ -349,7 +368,8 @@ def run(rates: list[int], seconds: float, threads: int, spans: int, profile: boo
                     log("  backlog not drained; stopping the ramp")
                     break
             best = max((lv.stored_rate for lv in levels), default=0.0)
-            if best and levels[-1].drained:
+            acked = sum((lv.requests - lv.rejected) * spans for lv in levels) + warm.requests * spans
+            if best and wait_stored(store, acked, BACKLOG_TIMEOUT_S):
                 half = run_level(stack, store, "half of max", len(plan) + 1, nonce, best / 2, seconds,
                                  threads, spans, bodies)
                 levels.append(half)
@@ -401,16 +421,36 @@ def markdown(res: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def figures(res: dict) -> dict:
+    """The numbers the goals table needs."""
+    levels = [lv for lv in res["levels"] if lv.name != "half of max"]
+    best = max(levels, key=lambda lv: lv.stored_rate) if levels else Level("none", None)
+    half = next((lv for lv in res["levels"] if lv.name == "half of max"), None)
+    own = [f for f, _, _ in res["frames"] if "processors/" in f]
+    return {"best_stored": best.stored_rate, "best_acked": max((lv.acked_rate for lv in levels), default=0.0),
+            "worker_cores_at_best": best.cpu.get("worker", 0.0), "gateway_cores_at_best": best.cpu.get("gateway", 0.0),
+            "broker_cores_at_best": best.cpu.get("broker", 0.0),
+            "half_p50": half.p50_s if half else None, "half_p99": half.p99_s if half else None,
+            "half_rate": half.offered if half else None, "half_worker_cores": half.cpu.get("worker") if half else None, "top_frame": f"`{own[0]}`" if own else "not profiled"}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rates", default="5000,10000,20000,40000")
+    p.add_argument("--rates", default="1000,2000,5000,10000,20000,40000")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--spans", type=int, default=500)
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--out", type=Path, help="also write the markdown section here")
+    p.add_argument("--json", type=Path, help="write the goal figures here")
     a = p.parse_args()
     res = run([int(r) for r in a.rates.split(",") if r], a.seconds, a.threads, a.spans, not a.no_profile)
-    print(markdown(res, "python -m bench.ingest"))
+    text = markdown(res, f"python -m bench.ingest --rates {a.rates} --seconds {a.seconds:g}")
+    print(text)
+    if a.out:
+        a.out.write_text(text)
+    if a.json:
+        a.json.write_text(json.dumps(figures(res)))
 
 
 if __name__ == "__main__":
