@@ -20,7 +20,7 @@ import yaml
 
 from .broker import free_port, port_in_use
 from .config import Config, load_config
-from .errors import CloseloopError
+from .errors import CloseloopError, StoreError
 from .stack import EmbeddedStack, wait_for
 from .store import Store, connect_http
 
@@ -76,7 +76,12 @@ def wait_until(what: str, fn: Any, timeout_s: float) -> Any:
 
 
 def _count(store: Store, sql: str, params: dict[str, Any] | None = None) -> int:
-    return int(store.scalar(sql, params) or 0)
+    """A count for progress polling; a failed poll counts as nothing yet (the next one retries)."""
+    try:
+        return int(store.scalar(sql, params) or 0)
+    except StoreError as e:
+        _say(f"  (store busy: {e}; retrying)")
+        return 0
 
 
 def run_cycle_and_wait(store: Store, repo: Path, endpoint: str, n: int, seed: int, label: str) -> Any:

@@ -144,7 +144,10 @@ class Pipeline:
             for m in batch:
                 assert m.error() is None, m.error()
                 body = json.loads(m.value())
-                if isinstance(body, list):      # not the assemble stage's {"tick": ...} messages
+                if isinstance(body, dict) and "conversations" in body:   # a bundle per partition
+                    for turns in body["conversations"].values():
+                        self._turns.extend(turns)
+                elif isinstance(body, list):    # not the assemble stage's {"tick": ...} messages
                     self._turns.extend(body)
         return list(self._turns)
 

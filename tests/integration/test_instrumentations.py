@@ -248,7 +248,7 @@ def conversation(pipe: Pipeline, trace_id: str) -> dict[str, Any] | None:
     return row
 
 
-EXPECTED_CONVERSATION = {"messages": [USER, ASK, FINAL], "llm_calls": 2, "prompt_version": PROMPT_VERSION,
+EXPECTED_CONVERSATION = {"messages": [USER, ASK, TOOL_RESULT, FINAL], "llm_calls": 2, "prompt_version": PROMPT_VERSION,
                          "model": MODEL, "input_tokens": USAGE[0][0] + USAGE[1][0],
                          "output_tokens": USAGE[0][1] + USAGE[1][1]}
 
