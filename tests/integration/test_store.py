@@ -15,19 +15,16 @@ from processors.errors import StoreError
 from processors.records import Conversation, Diagnosis, Message, Outcome, Proposal, ReviewRecord, TagRecord
 from processors.review import outcome_rows, review_rows
 from processors.sqlserver import SQLServer
-from processors.store import Store, connect, connect_http, migrations
+from processors.store import Store, connect_http, migrations
 
 
-def test_migrations_apply_once(tmp_path) -> None:
-    s = connect(f"chdb://{tmp_path / 'ch'}")
-    try:
-        first = s.migrate()
-        assert first == [name for _, name, _ in migrations()]
-        assert s.migrate() == []
-        assert {"spans", "turns", "tool_calls", "conversations", "intents", "conversation_tags", "diagnoses",
-                "proposals", "reviews", "outcomes"} <= set(s.table_counts())
-    finally:
-        s.close()
+def test_migrations_apply_once(store: Store) -> None:
+    """The session store was migrated at start; migrating again applies nothing."""
+    assert store.migrate() == []
+    applied = [r["name"] for r in store.query("SELECT name FROM schema_migrations FINAL ORDER BY version")]
+    assert applied == [name for _, name, _ in migrations()]
+    assert {"spans", "turns", "tool_calls", "conversations", "intents", "conversation_tags", "diagnoses",
+            "proposals", "reviews", "outcomes"} <= set(store.table_counts())
 
 
 def _rows(unique: str) -> dict[str, list[dict]]:
