@@ -173,7 +173,7 @@ class Capture:
             except RecursionError:
                 batch.deadletters.append(_dead(m, _TOO_DEEP, "", now_ns))
                 continue
-            except Exception as e:      # noqa: BLE001 — bad input must never stop the stage
+            except Exception as e:
                 batch.deadletters.append(_dead(m, f"capture failed: {type(e).__name__}", str(e)[:300], now_ns))
                 continue
             by_reason: dict[str, list[str]] = {}

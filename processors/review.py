@@ -333,7 +333,11 @@ def verify(store: Store, review: ReviewRecord | Mapping[str, Any], cfg: Config, 
     before_version = rec.before_prompt_version or rec.before_agent_version
     empty = {"before_n": 0, "before_fail": 0, "after_n": 0, "after_fail": 0, "after_version": ""}
     target_row = rows.get(rec.intent_id, empty)
-    others = {k: r for k, r in rows.items() if k != rec.intent_id}
+    # Controls are the intents no merged change targets: several fixes merged together would
+    # otherwise make each other's improvements look like a traffic-wide shift.
+    fixed_elsewhere = {r["intent_id"] for r in store.query(
+        "SELECT DISTINCT intent_id FROM reviews FINAL WHERE merged_commit != ''")}
+    others = {k: r for k, r in rows.items() if k != rec.intent_id and k not in fixed_elsewhere}
 
     def counts(r: Mapping[str, Any]) -> Counts:
         return Counts(int(r["before_n"]), int(r["before_fail"]), int(r["after_n"]), int(r["after_fail"]))
