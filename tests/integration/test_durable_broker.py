@@ -26,18 +26,7 @@ from processors.errors import ConfigError
 from processors.s3store import LocalS3
 from processors.stack import wait_for
 
-from .worker_proc import REPO
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    try:   # a zombie is not alive
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
+from .worker_proc import REPO, alive
 
 
 class DurableBroker:
@@ -278,7 +267,7 @@ def test_whole_stack_kill_9_and_restart_loses_and_doubles_nothing(tmp_path: Path
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     up.wait()
-    assert wait_for(lambda: not any(_alive(p) for p in pids), 10), "a process survived SIGKILL"
+    assert wait_for(lambda: not any(alive(p) for p in pids), 10), "a process survived SIGKILL"
 
     up = _up(home, env)
     try:

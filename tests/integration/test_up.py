@@ -11,18 +11,7 @@ from pathlib import Path
 
 from processors.broker import free_port
 
-from .worker_proc import REPO, wait_for
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    try:   # a zombie is not alive
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
+from .worker_proc import REPO, alive, wait_for
 
 
 def test_up_status_and_clean_stop(tmp_path: Path) -> None:
@@ -68,5 +57,5 @@ def test_up_status_and_clean_stop(tmp_path: Path) -> None:
         up.send_signal(signal.SIGTERM)
         up.wait(60)
     assert up.returncode == 0
-    assert wait_for(lambda: not any(_alive(p) for p in pids), 10), "orphan processes left"
+    assert wait_for(lambda: not any(alive(p) for p in pids), 10), "orphan processes left"
     assert not (home / "run" / "stack.json").exists()
