@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO
 
 from .errors import BrokerError
+from .procs import stop_process
 
 READY_TIMEOUT_S = 15.0
 
@@ -126,13 +127,7 @@ class EmbeddedBroker:
         # tansu may not exit on SIGTERM while clients are connected; it holds nothing unwritten
         # (memory storage loses everything anyway, s3 has written what it acknowledged),
         # so the wait is short before SIGKILL.
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout_s)
         self.proc = None
         if self._log is not None:
             self._log.close()

@@ -41,6 +41,7 @@ from xml.sax.saxutils import escape
 
 from .broker import free_port
 from .errors import BrokerError
+from .procs import stop_process
 
 log = logging.getLogger("closeloop.s3store")
 
@@ -665,13 +666,7 @@ class LocalS3:
                           + (f" (exit code {code})" if code is not None else "") + where)
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout_s)
         self.proc = None
         if self._log is not None:
             self._log.close()

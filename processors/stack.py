@@ -21,6 +21,7 @@ from typing import IO, Any
 from .broker import EmbeddedBroker, ensure_topics, free_port, port_in_use
 from .config import Config
 from .errors import BrokerError, CloseloopError
+from .procs import stop_process
 from .s3store import LocalS3
 
 log = logging.getLogger("closeloop.stack")
@@ -72,14 +73,8 @@ class Child:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop within %.0fs; killing it", self.name, timeout_s)
-                self.proc.kill()
-                self.proc.wait()
+        if stop_process(self.proc, timeout_s):
+            log.warning("%s did not stop within %.0fs; it was killed", self.name, timeout_s)
         if self._log is not None:
             self._log.close()
             self._log = None
