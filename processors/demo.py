@@ -147,7 +147,9 @@ def review_step(store: Store, cfg: Config, approve_as: str | None) -> list[str]:
             _say("\n".join("    " + ln for ln in stale.proposal.diff.splitlines()))
             record, _ = decide(store, backend, p["proposal_id"], "approve", who, "approved in closeloop demo "
                                "(rebuilt on the new base)", time.time_ns(), cfg=cfg)
-        _say(f"  approved by {record.reviewer}; merged {record.merged_commit[:10]} into {cfg.act.base}")
+        where = (f"already in {cfg.act.base} at" if "already holds" in record.comment
+                 else f"merged into {cfg.act.base} as")
+        _say(f"  approved by {record.reviewer}; {where} {record.merged_commit[:10]}")
         approved.append(p["proposal_id"])
     return approved
 

@@ -54,5 +54,9 @@ class ActError(CloseloopError):
     """A proposed change was refused (outside the allowlist, does not apply, too large...)."""
 
 
+class AlreadyApplied(ActError):
+    """The base already holds the change a diagnosis calls for (an earlier merge made it)."""
+
+
 class ReviewError(CloseloopError):
     """A review action is not allowed (unknown proposal, already decided, bad signature...)."""

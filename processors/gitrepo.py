@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ActError
+from .errors import ActError, AlreadyApplied
 
 if TYPE_CHECKING:
     from .act.change import Change
@@ -216,6 +216,13 @@ class LocalGit:
         return {"state": info["state"], "merged": info["state"] == "merged", "head": info["commit"],
                 "merge_commit_sha": merge_sha, "merged_by": merged_by, "reviews": []}
 
+    def base_commit(self) -> str:
+        """The commit the base branch is at."""
+        sha = self._rev(f"refs/heads/{self.base}")
+        if sha is None:
+            raise ActError(f"the base branch {self.base!r} does not exist in {self.path}")
+        return sha
+
     def merge(self, proposal: Proposal, reviewer: str, comment: str) -> str:
         """Merge the reviewed proposal commit into the base (``--no-ff``); the merge commit id.
 
@@ -237,6 +244,8 @@ class LocalGit:
             raise ActError(f"{proposal.branch} does not merge cleanly into {self.base}: "
                            f"{res.stdout.decode(errors='replace').strip()}")
         tree = res.stdout.decode().split("\n", 1)[0].strip()
+        if tree == self._git("rev-parse", f"{base_sha}^{{tree}}").strip():
+            raise AlreadyApplied(f"{self.base} already holds every change of {proposal.branch}")
         message = (f"Merge {proposal.branch}: {proposal.title}\n\n"
                    + (f"{comment.strip()}\n\n" if comment.strip() else "")
                    + f"Closeloop-Proposal: {proposal.proposal_id}\n"

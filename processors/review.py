@@ -25,7 +25,8 @@ from typing import Any
 
 from .act.core import ChangeBackend
 from .config import Config
-from .errors import ActError, ReviewError
+from .errors import ActError, AlreadyApplied, ReviewError
+from .gitrepo import LocalGit
 from .records import Diagnosis, Outcome, Proposal, ReviewRecord
 from .stats import NOT_ENOUGH_DATA, REGRESSED, Counts, guarded_verdict, verdict
 from .store import Store
@@ -89,10 +90,27 @@ def approve(proposal: Proposal, reviewer: str, comment: str, backend: ChangeBack
             merged = backend.merge(proposal, who, comment)
         else:
             backend.comment(proposal, f"Approved by {who} in closeloop review. {comment}".strip())
+    except AlreadyApplied as e:
+        return approve_applied(proposal, who, comment, backend, now_ns, str(e), diagnosis=diagnosis)
     except ActError as e:
         raise ReviewError(f"approval of {proposal.proposal_id} not applied: {e}") from e
     log.info("review: %s approved by %s%s", proposal.proposal_id, who, f", merged {merged}" if merged else "")
     return _record(proposal, "approved", who, now_ns, diagnosis, comment, merged)
+
+
+def approve_applied(proposal: Proposal, reviewer: str, comment: str, backend: ChangeBackend, now_ns: int,
+                    reason: str, *, diagnosis: Diagnosis | None = None) -> ReviewRecord:
+    """An approval of a change the local base already holds (another intent's proposal made
+    the very same edit): nothing is merged twice; the approval is recorded against the base
+    commit that holds the change, so verification still measures this intent from now on."""
+    if not isinstance(backend, LocalGit):
+        raise ReviewError(f"approval of {proposal.proposal_id} not applied: {reason}")
+    who = _person(reviewer)
+    base = backend.base_commit()
+    note = f"not merged: {backend.base} already holds this change at {base[:12]} ({reason})"
+    backend.comment(proposal, f"Approved by {who}; {note}")
+    log.info("review: %s approved by %s, %s", proposal.proposal_id, who, note)
+    return _record(proposal, "approved", who, now_ns, diagnosis, f"{comment.strip()} — {note}".lstrip(" —"), base)
 
 
 def reject(proposal: Proposal, reviewer: str, comment: str, backend: ChangeBackend, now_ns: int, *,
@@ -408,7 +426,9 @@ def decide(store: Store, backend: ChangeBackend, proposal_id: str, decision: str
     the proposal row moved on. ``decision`` is ``approve`` or ``reject``; nothing else merges.
 
     With ``cfg``, an approval whose branch no longer merges cleanly rebuilds the proposal on
-    the current base (:class:`StaleProposal`), so the reviewer approves what will land.
+    the current base (:class:`StaleProposal`), so the reviewer approves what will land; if
+    the base already holds the very change (another intent's proposal made it), the approval
+    is recorded against the base commit that holds it, and nothing is merged twice.
     """
     from .act.core import Actor, proposal_rows
 
@@ -424,10 +444,14 @@ def decide(store: Store, backend: ChangeBackend, proposal_id: str, decision: str
                 raise
             actor = Actor(cfg, backend)
             refreshed = actor.propose(diagnosis, now_ns)
-            if refreshed is None:
+            if refreshed is None and actor.already_applied:
+                record = approve_applied(proposal, reviewer, comment, backend, now_ns, actor.last_reason,
+                                         diagnosis=diagnosis)
+            elif refreshed is None:
                 raise ReviewError(f"{e}; rebuilding it failed: {actor.last_reason}") from e
-            store.insert_records("proposals", proposal_rows([refreshed]))
-            raise StaleProposal(refreshed) from e
+            else:
+                store.insert_records("proposals", proposal_rows([refreshed]))
+                raise StaleProposal(refreshed) from e
     elif decision == "reject":
         record = reject(proposal, reviewer, comment, backend, now_ns, diagnosis=diagnosis)
     else:

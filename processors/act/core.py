@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from ..config import Config
-from ..errors import ActError
+from ..errors import ActError, AlreadyApplied
 from ..github import GitHubBackend
 from ..gitrepo import LocalGit
 from ..records import Diagnosis, Proposal
@@ -191,7 +191,8 @@ def update_comment(diag: Diagnosis, version: int, cfg: Config, redactor: Redacto
 # -- the actor -----------------------------------------------------------------------------
 
 class Actor:
-    """Diagnoses in, proposals out. ``last_reason`` says why the last diagnosis got none."""
+    """Diagnoses in, proposals out. ``last_reason`` says why the last diagnosis got none, and
+    ``already_applied`` whether that was because the base already holds its fix."""
 
     def __init__(self, cfg: Config, backend: ChangeBackend, llm: Any = None) -> None:
         self.cfg = cfg
@@ -199,6 +200,7 @@ class Actor:
         self.llm = llm
         self.redactor = Redactor(cfg.capture.redact, cfg.capture.extra_patterns)
         self.last_reason = ""
+        self.already_applied = False
 
     def _drop(self, diag: Diagnosis, reason: str) -> None:
         self.last_reason = reason
@@ -211,7 +213,7 @@ class Actor:
         a newer version of the diagnosis updates the branch and bumps the proposal version.
         A proposal that was merged or closed by a reviewer is never reopened.
         """
-        self.last_reason = ""
+        self.last_reason, self.already_applied = "", False
         act = self.cfg.act
         if diag.status in ("resolved", "rejected"):
             return self._drop(diag, f"the diagnosis is {diag.status}")
@@ -230,9 +232,13 @@ class Actor:
                            for t in act.targets if t.kind == "prompt"}
         except ActError as e:
             return self._drop(diag, str(e))
-        change, reason = propose_change(diag, files, act.targets, self.llm,
-                                        max_changed_lines=act.max_changed_lines, history=history,
-                                        redactor=self.redactor)
+        try:
+            change, reason = propose_change(diag, files, act.targets, self.llm,
+                                            max_changed_lines=act.max_changed_lines, history=history,
+                                            redactor=self.redactor)
+        except AlreadyApplied as e:
+            self.already_applied = True
+            return self._drop(diag, str(e))
         if change is None:
             return self._drop(diag, reason)
         pid = proposal_id(diag.diagnosis_id)

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..config import ActTarget
-from ..errors import ActError, LLMError
+from ..errors import ActError, AlreadyApplied, LLMError
 from ..llm import UNTRUSTED_RULE, untrusted_block
 from ..records import Diagnosis
 from ..redact import Redactor
@@ -260,11 +260,11 @@ def add_instruction(files: dict[str, str], comp: Component, text: str) -> FileEd
         if not isinstance(value, str):
             raise ActError(f"{comp.path}:{comp.key} does not hold text")
         if text in value:
-            raise ActError(f"{comp.path}:{comp.key} already holds this instruction")
+            raise AlreadyApplied(f"{comp.path}:{comp.key} already holds this instruction")
         tail = "\n" if value.endswith("\n") else ""
         return FileEdit(comp.path, old, set_value(old, fmt, comp.key, value.rstrip("\n") + "\n\n" + text + tail))
     if text in old:
-        raise ActError(f"{comp.path} already holds this instruction")
+        raise AlreadyApplied(f"{comp.path} already holds this instruction")
     return FileEdit(comp.path, old, old.rstrip("\n") + "\n\n" + text + "\n")
 
 
@@ -302,7 +302,7 @@ def raised_timeout(key: str, old: Any, hit_s: float) -> int | float:
     else:
         new = _ceil_to(want, 0.1 if want < 1 else 1)
     if new <= old:
-        raise ActError(f"{key} = {old} already covers {TIMEOUT_FACTOR:g} x the {hit_s:g}s timeout the "
+        raise AlreadyApplied(f"{key} = {old} already covers {TIMEOUT_FACTOR:g} x the {hit_s:g}s timeout the "
                        "failing calls hit")
     return float(new) if isinstance(old, float) else new
 
@@ -458,6 +458,7 @@ def propose_change(diag: Diagnosis, files: dict[str, str], targets: Sequence[Act
 
     ``files`` maps allowlisted paths to their content on the base branch; ``history`` maps a
     path to its previous committed contents, newest first (for ``prompt_regression``).
+    Raises :class:`AlreadyApplied` when the base already holds the fix (nothing to propose).
     """
     redactor = redactor or Redactor()
     try:
@@ -465,6 +466,8 @@ def propose_change(diag: Diagnosis, files: dict[str, str], targets: Sequence[Act
             comp = resolve_component(diag, files, targets)
             return llm_change(diag, files, targets, llm, comp, redactor, max_changed_lines)
         candidates = templated_changes(diag, files, targets, redactor, history)
+    except AlreadyApplied:
+        raise
     except ActError as e:
         log.info("act: no change for diagnosis %s: %s", diag.diagnosis_id, e)
         return None, str(e)

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import itertools
+import json
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from processors.act import Actor, proposal_rows
 from processors.config import Config
 from processors.gitrepo import LocalGit
-from processors.review import approve, review_rows, verify
+from processors.review import StaleProposal, approve, decide, review_rows, verify
 from processors.store import Store
 from tests.integration.test_act_local import config, diagnosis, repo  # noqa: F401 (repo is a fixture)
 
@@ -100,3 +104,41 @@ def test_verify_waits_for_enough_conversations(store: Store, repo: Path, unique:
     result = verify(store, rec, Config(), now, backend=backend, proposal=p)
     assert result.target.verdict == "not_enough_data" and result.target.after_n == 12
     assert not result.commented and backend.comments(p) == []
+
+
+def _open(store: Store, repo: Path, unique: str, tag: str, thing: str):  # noqa: F811
+    d = diagnosis(diagnosis_id=f"d-{tag}-{unique}", intent_id=f"{tag}-{unique}", evidence={"thing_name": thing})
+    store.insert_records("diagnoses", [{**d.to_dict(), "component": json.dumps(d.component),
+                                        "evidence": json.dumps(d.evidence)}])
+    actor = Actor(config(repo), LocalGit(repo))
+    p = actor.propose(d, BASE)
+    assert p is not None, actor.last_reason
+    store.insert_records("proposals", proposal_rows([p]))
+    return p
+
+
+def test_conflicting_approval_is_rebuilt_for_a_fresh_look(store: Store, repo: Path, unique: str) -> None:  # noqa: F811
+    cfg, backend = config(repo), LocalGit(repo)
+    first, second = _open(store, repo, unique, "a", "API key"), _open(store, repo, unique, "b", "order id")
+    decide(store, backend, first.proposal_id, "approve", "Ada", "ok", BASE + 1, cfg=cfg)
+    # both append to the end of the prompt: the second no longer merges, and is never merged blind
+    with pytest.raises(StaleProposal) as stale:
+        decide(store, backend, second.proposal_id, "approve", "Ada", "ok", BASE + 2, cfg=cfg)
+    assert stale.value.proposal.version == second.version + 1 and stale.value.proposal.commit != second.commit
+    record, updated = decide(store, backend, second.proposal_id, "approve", "Ada", "ok", BASE + 3, cfg=cfg)
+    prompt = subprocess.run(["git", "-C", str(repo), "show", "main:prompts/system.md"], capture_output=True,
+                            text=True, check=True).stdout
+    assert "API key" in prompt and "order id" in prompt and updated.status == "merged" and record.merged_commit
+
+
+def test_approval_of_a_change_the_base_already_holds_is_recorded_not_merged(store: Store, repo: Path,  # noqa: F811
+                                                                             unique: str) -> None:
+    cfg, backend = config(repo), LocalGit(repo)
+    first, same = _open(store, repo, unique, "a", "API key"), _open(store, repo, unique, "b", "API key")
+    rec1, _ = decide(store, backend, first.proposal_id, "approve", "Ada", "ok", BASE + 1, cfg=cfg)
+    rec2, updated = decide(store, backend, same.proposal_id, "approve", "Grace", "ok", BASE + 2, cfg=cfg)
+    assert rec2.merged_commit == rec1.merged_commit == backend.base_commit()
+    assert rec2.reviewer == "Grace" and "already holds this change" in rec2.comment and updated.status == "merged"
+    merges = subprocess.run(["git", "-C", str(repo), "rev-list", "--merges", "main"], capture_output=True,
+                            text=True, check=True).stdout.split()
+    assert merges == [rec1.merged_commit]

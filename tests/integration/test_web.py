@@ -383,7 +383,7 @@ def test_sparkline_scales_volume_and_failure_rate() -> None:
     assert "no data" in sparkline([[0, 0], [0, 0]])
 
 
-def test_github_webhook_is_authenticated_by_signature_and_recorded(store, config, unique) -> None:  # noqa: F811
+def test_github_webhook_is_authenticated_by_signature_and_recorded(store, config, unique) -> None:
     """POST /webhooks/github: no session needed, the HMAC signature is; a merge is recorded with its merger."""
     import hashlib
     import hmac

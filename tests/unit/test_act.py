@@ -19,7 +19,7 @@ from processors.act import (
 from processors.act.change import apply_find_replace, set_value
 from processors.act.core import proposal_id, proposal_rows, render_body, render_title
 from processors.config import ActTarget, Config, LLMConfig
-from processors.errors import ActError
+from processors.errors import ActError, AlreadyApplied
 from processors.llm import LLM
 from processors.records import Diagnosis, Proposal
 from processors.redact import Redactor
@@ -189,10 +189,17 @@ def test_latency_key_without_unit_suffix_is_milliseconds_from_100() -> None:
     assert added_lines(change) == ["read_timeout: 4000"]
 
 
-def test_latency_already_raised_since_the_failures_is_dropped_with_reason() -> None:
+def test_latency_already_raised_since_the_failures_is_already_applied() -> None:
     # the calls hit 1 s, and the config already holds 2 s (an earlier fix was merged)
-    change, reason = propose_change(latency("tools.refund.timeout_s", 1000.0), FILES, TARGETS)
-    assert change is None and "already covers 2 x the 1s timeout" in reason
+    with pytest.raises(AlreadyApplied, match="already covers 2 x the 1s timeout"):
+        propose_change(latency("tools.refund.timeout_s", 1000.0), FILES, TARGETS)
+
+
+def test_an_instruction_the_prompt_already_holds_is_already_applied() -> None:
+    change, reason = propose_change(diag("repeated_ask", thing_name="API key"), FILES, TARGETS)
+    assert change is not None, reason
+    with pytest.raises(AlreadyApplied, match="already holds this instruction"):
+        propose_change(diag("repeated_ask", thing_name="API key"), {**FILES, **{e.path: e.new for e in change.edits}}, TARGETS)
 
 
 def test_latency_without_timed_out_durations_is_dropped_with_reason() -> None:

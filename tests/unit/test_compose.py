@@ -191,9 +191,9 @@ def test_no_container_names(raw: dict[str, Any]) -> None:
 
 def test_public_ports(raw: dict[str, Any]) -> None:
     s = services(raw)
-    assert {4317: 4317, 4318: 4318} == {
+    assert {
         k: v for k, v in published(s["collector"]).items() if k in (4317, 4318)
-    }
+    } == {4317: 4317, 4318: 4318}
     assert published(s["web"]) == {DEFAULT_WEB_PORT: DEFAULT_WEB_PORT}
     assert published(s["grafana"]) == {3000: 3000}
     # everything else listens on loopback unless the operator says otherwise
