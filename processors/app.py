@@ -154,6 +154,28 @@ def _refused_by_server(e: StoreError) -> bool:
     return not isinstance(e.__cause__, (OperationalError, ConnectionError, TimeoutError))
 
 
+EXIT_STAGE_CRASHED = 70      # EX_SOFTWARE: the supervisor restarts the worker
+
+
+async def exit_on_crash(agent: Any, exc: BaseException) -> None:
+    """End the worker when a stage raises. faust would restart just the agent, without the
+    batch it held: those events are never acknowledged nor redelivered, and the next
+    checkpoint would cover them — lost. A restarted worker resumes from the committed
+    offsets instead, and every write is idempotent, so the redelivery is harmless."""
+    log.critical("stage %s crashed, exiting so the supervisor restarts the worker and the "
+                 "unacknowledged batch is redelivered: %r", getattr(agent, "name", agent), exc, exc_info=exc)
+    logging.shutdown()
+    os._exit(EXIT_STAGE_CRASHED)
+
+
+class WorkerApp(faust.App):
+    """The faust app of the worker: a stage that raises ends the worker (:func:`exit_on_crash`)."""
+
+    async def _on_agent_error(self, agent: Any, exc: BaseException) -> None:
+        # faust's hook for every agent's error (agent(on_error=...) is taken by faust itself)
+        await exit_on_crash(agent, exc)
+
+
 def dead_letter(stage: str, reason: str, event: Any, now_ns: int, detail: str = "") -> DeadLetter:
     msg = event.message
     value = msg.value or b""
@@ -226,7 +248,7 @@ class Checkpoint:
 
 def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
     cfg, t = pipe.cfg, pipe.cfg.topics
-    app = faust.App("closeloop", **faust_settings(cfg, bootstrap))
+    app = WorkerApp("closeloop", **faust_settings(cfg, bootstrap))
 
     def topic(*names: str) -> faust.TopicT:
         return app.topic(*names, key_type=bytes, value_type=bytes,

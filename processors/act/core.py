@@ -242,8 +242,9 @@ class Actor:
         if change is None:
             return self._drop(diag, reason)
         pid = proposal_id(diag.diagnosis_id)
-        stamp = hashlib.sha256(json.dumps([diag.diagnosis_id, diag.version, diag.updated_ns,
-                                           change.diff()]).encode()).hexdigest()[:16]
+        # not updated_ns: diagnose re-emits the same version after a restart (replayed from its
+        # checkpoint) at a later time, and that must not count as a new proposal version
+        stamp = hashlib.sha256(json.dumps([diag.diagnosis_id, diag.version, change.diff()]).encode()).hexdigest()[:16]
         title = render_title(diag, self.redactor)
         version = prev["version"] + 1 if prev else 1
         created_ns = (prev["created_ns"] or now_ns) if prev else now_ns

@@ -89,8 +89,8 @@ def test_propose_update_replay_and_approve(repo: Path) -> None:
     assert git(repo, "branch", "--list", "closeloop/*").split() == ["closeloop/d-77"]
     assert git(repo, "rev-list", "--count", "main..closeloop/d-77") == "1"
     assert "Closeloop-Version: 2" in git(repo, "log", "-1", "--format=%B", "closeloop/d-77")
-    # an exact replay changes nothing
-    p3 = actor.propose(diagnosis(version=2, failures=50, failure_rate=0.5, updated_ns=T0 + 5), T0 + 7)
+    # a replay changes nothing, even when diagnose re-emitted the version later (after a restart)
+    p3 = actor.propose(diagnosis(version=2, failures=50, failure_rate=0.5, updated_ns=T0 + 6), T0 + 7)
     assert p3 is not None and p3.version == 2 and p3.commit == p2.commit == git(repo, "rev-parse", "closeloop/d-77")
 
     # a stale review (of version 1) cannot merge version 2

@@ -91,17 +91,22 @@ def conversation_intents(store: Store, ids: list[str]) -> dict[str, str]:
 
 def read_topic(bootstrap: str, topic: str, idle_s: float = 3.0) -> list[bytes]:
     """Every message of ``topic`` (partitions assigned, not subscribed: no group join to wait for)."""
+    return [value for _, _, value in read_positions(bootstrap, topic, idle_s)]
+
+
+def read_positions(bootstrap: str, topic: str, idle_s: float = 3.0) -> list[tuple[int, int, bytes]]:
+    """Every message of ``topic`` as ``(partition, offset, value)``."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "reliability-reader",
                          "enable.auto.commit": False})
     parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
-    out: list[bytes] = []
+    out: list[tuple[int, int, bytes]] = []
     idle_since = time.monotonic()
     try:
         while time.monotonic() - idle_since < idle_s:
             msg = consumer.poll(0.2)
             if msg is not None and not msg.error():
-                out.append(msg.value())
+                out.append((msg.partition(), msg.offset(), msg.value()))
                 idle_since = time.monotonic()
     finally:
         consumer.close()

@@ -4,6 +4,7 @@ supervisor restarts it; nothing is lost, nothing counts twice, the intent model 
 from its checkpoint."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -16,7 +17,7 @@ import pytest
 from examples.support_agent import run_cycle
 from processors.stack import wait_for
 
-from .harness import Loop, conversation_intents, running_loop
+from .harness import Loop, conversation_intents, read_positions, running_loop
 
 N = 300                 # conversations per cycle: enough for diagnoses and proposals
 SEED = int(os.environ.get("RELIABILITY_SEED", "7"))
@@ -44,9 +45,20 @@ def lost_after_capture(loop: Loop, conversations: list) -> None:
     captured = {r["conversation_id"] for r in loop.store.query("SELECT DISTINCT conversation_id FROM turns")}
     if missing and missing <= captured:
         assembled = {r["conversation_id"] for r in loop.store.query("SELECT conversation_id FROM conversations FINAL")}
-        pytest.fail(f"assemble lost conversations across kill -9: "
+        pytest.fail(f"conversations lost across kill -9: "
                      f"{len(missing)} captured conversations never reached understand "
-                     f"({len(missing & assembled)} of them assembled): {sorted(missing)[:3]}")
+                     f"({len(missing & assembled)} of them assembled): {sorted(missing)[:3]}\n"
+                     + where_they_are(loop, missing))
+
+
+def where_they_are(loop: Loop, missing: set[str]) -> str:
+    """Where the missing conversations sit on closeloop.conversations, against the offsets the
+    understand checkpoint covers: what a failure needs to be understood."""
+    ckpt = loop.store.query("SELECT seq, offsets FROM checkpoints FINAL WHERE name = 'understand'")
+    topic = loop.cfg.topics.conversations
+    at = [(p, o) for p, o, v in read_positions(loop.stack.bootstrap, topic)
+          if json.loads(v).get("conversation_id") in missing]
+    return f"on {topic} at (partition, offset) {sorted(at)[:20]}; understand checkpoint {ckpt}"
 
 
 def majority_by_category(loop: Loop, conversations: list) -> dict[str, str]:
