@@ -109,6 +109,42 @@ class IntentModel:
         if self._n_seen and self._n_seen % self.refine_every == 0:
             self._refine(now_ns)
         j, intent = self._route(x)
+        return self._learn_routed(x, j, intent, now_ns, text)[0]
+
+    def learn_many(self, xs: np.ndarray, now_ns: int, texts: list[str | None] | None = None) -> list[str]:
+        """:meth:`learn_one` for each row of ``xs`` in order, with the same result, faster: the
+        similarities to the micro-clusters come from one matrix product per stretch between
+        refinements, recomputed only for the micro-clusters the stretch itself changed."""
+        if len(xs) == 0:
+            return []
+        self._unit(xs[0])                               # sets the dimension on first use, checks it after
+        units = self._normalise(np.asarray(xs, dtype=np.float32).reshape(len(xs), self._dim))
+        texts = texts if texts is not None else [None] * len(units)
+        out: list[str] = []
+        i = 0
+        while i < len(units):
+            if self._n_seen and self._n_seen % self.refine_every == 0:
+                self._refine(now_ns)
+            # micro-clusters change only through learning and refinement: until the next
+            # refinement, a similarity computed now stays valid until its cluster moves, and a
+            # point moves (or opens) one cluster, whose column is then refreshed
+            stretch = min(len(units) - i, self.refine_every - self._n_seen % self.refine_every)
+            block = units[i:i + stretch]
+            sims = np.empty((stretch, self._m + stretch), dtype=np.float32)
+            sims[:, : self._m] = block @ self._m_cent[: self._m].T
+            for r in range(stretch):
+                j, intent = self._route_sims(sims[r, : self._m], block[r])
+                intent, j = self._learn_routed(block[r], j, intent, now_ns, texts[i + r])
+                out.append(intent)
+                if r + 1 < stretch:
+                    sims[r + 1:, j] = np.vecdot(block[r + 1:], self._m_cent[j])
+            i += stretch
+        return out
+
+    def _learn_routed(self, x: np.ndarray, j: int, intent: str | None, now_ns: int,
+                      text: str | None) -> tuple[str, int]:
+        """Learn ``x`` routed to micro-cluster ``j`` (-1: a new one) of ``intent`` (None: a new
+        one); the intent and the micro-cluster it joined."""
         if intent is None:
             intent = self._create(now_ns)
         if j < 0:
@@ -125,7 +161,7 @@ class IntentModel:
         meta["updated_ns"] = now_ns
         self._n_seen += 1
         self._offer_example(intent, j, text)
-        return intent
+        return intent, j
 
     def predict_one(self, x: np.ndarray) -> str | None:
         """The intent ``x`` would join, or None if it would open a new one."""
@@ -230,8 +266,11 @@ class IntentModel:
     def _route(self, x: np.ndarray) -> tuple[int, str | None]:
         """(micro-cluster index or -1, intent id or None) for a unit vector."""
         # np.vecdot, not @: a multithreaded BLAS gemv costs ~10x more per call on small matrices
-        if self._m:
-            sims = np.vecdot(self._m_cent[: self._m], x)
+        return self._route_sims(np.vecdot(self._m_cent[: self._m], x) if self._m else np.zeros(0), x)
+
+    def _route_sims(self, sims: np.ndarray, x: np.ndarray) -> tuple[int, str | None]:
+        """:meth:`_route` given the similarities of ``x`` to the micro-clusters."""
+        if len(sims):
             j = int(sims.argmax())
             if sims[j] >= self.micro_threshold:
                 return j, self._m_intent[j]

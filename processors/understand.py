@@ -66,14 +66,16 @@ class Understand:
         vectors = self.embedder.embed(texts)
         touched: set[str] = set()
         sizes = {i.intent_id: i.size for i in self.model.intents()}   # once per batch: long-tail test
-        for conv, text, x in zip(convs, texts, vectors):
-            key = (conv.conversation_id, conv.version)
-            if key in self._seen:
-                intent_id = self.model.resolve(self._seen[key][0])
-            else:
-                intent_id = self.model.learn_one(x, now_ns, text=text)
-                self.index.add(intent_id, text)
-                self._remember(key, intent_id)
+        # a conversation version seen before (a redelivery) is tagged again but not learned twice
+        keys = [(c.conversation_id, c.version) for c in convs]
+        firsts = {key: i for i, key in reversed(list(enumerate(keys)))}
+        fresh = [i for i, key in enumerate(keys) if key not in self._seen and firsts[key] == i]
+        learned = dict(zip(fresh, self.model.learn_many(vectors[fresh], now_ns, [texts[i] for i in fresh])))
+        for i in fresh:
+            self.index.add(learned[i], texts[i])
+            self._remember(keys[i], learned[i])
+        for i, conv in enumerate(convs):
+            intent_id = learned[i] if i in learned else self.model.resolve(self._seen[keys[i]][0])
             touched.add(intent_id)
             sig = self.tagger.tag(conv, now_ns)
             signals = list(sig.tags)
@@ -100,7 +102,7 @@ class Understand:
             # forget the oldest half: replays come soon after the original, not days later
             for k in list(self._seen)[: SEEN_CAP // 2]:
                 del self._seen[k]
-        self._seen[key] = (intent_id, self.model.n_seen)
+        self._seen[key] = (intent_id, self.model.n_seen)     # order: for debugging a replay
 
     def _is_long_tail(self, size: int) -> bool:
         """An intent holding under LONG_TAIL_SHARE of the conversations (its size at the batch start)."""

@@ -172,3 +172,19 @@ def test_dimension_mismatch_raises_and_empty_model_predicts_none() -> None:
     m.learn_one(np.ones(4, dtype=np.float32), now_ns=0)
     with pytest.raises(ValueError):
         m.learn_one(np.ones(5, dtype=np.float32), now_ns=1)
+
+
+def test_learn_many_learns_exactly_what_learn_one_does() -> None:
+    # 600 points with refinements every 100: the batches below straddle them
+    xs, _ = blobs_stream(k=6, per=100, seed=4)
+    one, many = model(refine_every=100), model(refine_every=100)
+    ids_one = [one.learn_one(x, 10**18 + i, text=f"t{i}") for i, x in enumerate(xs)]
+    ids_many: list[str] = []
+    for start, size in ((0, 1), (1, 130), (131, 250), (381, 219)):
+        ids_many += many.learn_many(xs[start:start + size], 10**18 + start, texts=[f"t{i}" for i in range(start, start + size)])
+    assert len(set(ids_one)) > 3
+    assert ids_many == ids_one
+    assert [(c.change, c.intent_id, c.other_id) for c in many.changes] == \
+        [(c.change, c.intent_id, c.other_id) for c in one.changes]
+    assert [(i.intent_id, i.size, i.examples) for i in many.intents()] == \
+        [(i.intent_id, i.size, i.examples) for i in one.intents()]
