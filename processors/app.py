@@ -39,6 +39,14 @@ from .store import Store
 log = logging.getLogger("closeloop.worker")
 
 ALL_STAGES = ("capture", "assemble", "understand", "diagnose", "act", "verify")
+CAPTURE_ONLY = ("capture",)      # a capture process: its own consumer group, scaled out by partition
+
+
+def app_id(stages: tuple[str, ...]) -> str:
+    """The faust app id (= consumer group) of a worker running ``stages``. Capture processes
+    form their own group, so any number of them split the OTLP partitions among themselves
+    while one worker runs the ordered stages."""
+    return "closeloop-capture" if tuple(stages) == CAPTURE_ONLY else "closeloop"
 CAPTURE_BATCH = 200          # OTLP requests per take (each holds many spans)
 RECORD_BATCH = 500
 TAKE_WITHIN_S = 0.2
@@ -248,7 +256,7 @@ class Checkpoint:
 
 def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
     cfg, t = pipe.cfg, pipe.cfg.topics
-    app = WorkerApp("closeloop", **faust_settings(cfg, bootstrap))
+    app = WorkerApp(app_id(pipe.stages), **faust_settings(cfg, bootstrap))
 
     def topic(*names: str) -> faust.TopicT:
         return app.topic(*names, key_type=bytes, value_type=bytes,

@@ -148,8 +148,12 @@ class CaptureConfig:
     max_attribute_bytes: int = 64 * 1024                       # longer values are truncated (and counted)
     max_spans_per_request: int = 100_000
     max_message_bytes: int = 64 * 1024 * 1024                  # larger Kafka messages are dead-lettered
+    processes: int = 0             # 0: capture runs in the worker; N: N capture processes beside it (more cores)
 
     def validate(self) -> None:
+        if self.processes < 0:
+            raise ConfigError("capture.processes", f"must be >= 0, got {self.processes}",
+                              "0 runs capture inside the worker; N starts N capture processes")
         known = {"secrets", "emails", "cards", "phones"}
         for r in self.redact:
             if r not in known:

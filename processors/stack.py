@@ -122,9 +122,17 @@ class EmbeddedStack:
         if cfg.embedded_store and port_in_use(sql_port):
             sql_port = free_port()
         env = self._child_env(sql_port)
-        self.children["worker"] = Child("worker", [sys.executable, "-m", "processors.worker",
-                                                   "--bootstrap", self.bootstrap], env,
-                                        cfg.log_dir() / "worker.log")
+        from .app import ALL_STAGES, CAPTURE_ONLY
+
+        worker_cmd = [sys.executable, "-m", "processors.worker", "--bootstrap", self.bootstrap]
+        captures = [f"capture-{i + 1}" for i in range(cfg.capture.processes)]
+        if captures:      # capture moves out of the worker into processes of its own
+            worker_cmd += ["--stages", ",".join(s for s in ALL_STAGES if s not in CAPTURE_ONLY)]
+        self.children["worker"] = Child("worker", worker_cmd, env, cfg.log_dir() / "worker.log")
+        for name in captures:
+            self.children[name] = Child(name, [sys.executable, "-m", "processors.worker", "--bootstrap",
+                                               self.bootstrap, "--stages", ",".join(CAPTURE_ONLY)], env,
+                                        cfg.log_dir() / f"{name}.log")
         self.children["gateway"] = Child("gateway", [sys.executable, "-m", "processors.gateway",
                                                      "--bootstrap", self.bootstrap], env,
                                          cfg.log_dir() / "gateway.log")
@@ -134,6 +142,8 @@ class EmbeddedStack:
             self.children["worker"].start()
             if cfg.embedded_store and not wait_port("127.0.0.1", sql_port, READY_TIMEOUT_S):
                 raise CloseloopError(f"the worker did not come up; see {cfg.log_dir() / 'worker.log'}")
+            for name in captures:
+                self.children[name].start()
             self.children["gateway"].start()
             if not wait_port(cfg.otlp.host, cfg.otlp.http_port, READY_TIMEOUT_S):
                 raise CloseloopError(f"the OTLP gateway did not come up; see {cfg.log_dir() / 'gateway.log'}")
@@ -209,7 +219,9 @@ class EmbeddedStack:
                 self._write_stack_file()
 
     def stop(self) -> None:
-        for name in ("gateway", "web", "worker"):
+        # the gateway first (nothing more is accepted), the store owner last
+        order = ["gateway", "web", *(n for n in self.children if n.startswith("capture-")), "worker"]
+        for name in order:
             if name in self.children:
                 self.children[name].stop()
         if self.broker is not None:

@@ -9,8 +9,6 @@ from .config import Config
 from .errors import CloseloopError
 from .store import open_store
 
-CONSUMER_GROUP = "closeloop"   # the faust app id
-
 
 def _alive(pid: Any) -> bool:
     try:
@@ -18,6 +16,18 @@ def _alive(pid: Any) -> bool:
         return True
     except (OSError, TypeError, ValueError):
         return False
+
+
+def consumer_offsets(cfg: Config, bootstrap: str, tps: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    """The committed offset of each partition, from the consumer group that reads it: the
+    capture processes' own group for the OTLP topics when they run, the worker's otherwise."""
+    from .app import ALL_STAGES, CAPTURE_ONLY, app_id
+
+    otlp = {cfg.topics.otlp_spans, cfg.topics.otlp_logs}
+    capture_group = app_id(CAPTURE_ONLY) if cfg.capture.processes else app_id(ALL_STAGES)
+    out = committed_offsets(bootstrap, app_id(ALL_STAGES), [tp for tp in tps if tp[0] not in otlp])
+    out.update(committed_offsets(bootstrap, capture_group, [tp for tp in tps if tp[0] in otlp]))
+    return out
 
 
 def collect_status(cfg: Config, info: dict[str, Any] | None) -> dict[str, Any]:
@@ -36,7 +46,7 @@ def collect_status(cfg: Config, info: dict[str, Any] | None) -> dict[str, Any]:
         try:
             topics = cfg.topics.all()
             ends = true_end_offsets(bootstrap, topics)
-            commits = committed_offsets(bootstrap, CONSUMER_GROUP, list(ends))
+            commits = consumer_offsets(cfg, bootstrap, list(ends))
             for (t, p), end in sorted(ends.items()):
                 row = st["topics"].setdefault(t, {"messages": 0, "lag": 0, "partitions": 0})
                 row["messages"] += end
@@ -70,7 +80,7 @@ def format_status(st: dict[str, Any]) -> str:
         out.append("processes:")
         out += [f"  {n:<11} pid {p['pid']:<8} {'up' if p['alive'] else 'DOWN'}" for n, p in st["processes"].items()]
     if st["topics"]:
-        out.append("topics (messages / consumer lag of group closeloop):")
+        out.append("topics (messages / consumer lag of the group that reads them):")
         out += [f"  {t:<28} {r['messages']:>9} msgs  lag {r['lag']:>7}  ({r['partitions']} partitions)"
                 for t, r in st["topics"].items()]
     if st["tables"]:

@@ -11,14 +11,16 @@ import argparse
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import faust
 
-from .app import ALL_STAGES, Pipeline, build_app
+from .app import ALL_STAGES, CAPTURE_ONLY, Pipeline, build_app
 from .config import Config, load_config
 from .sqlserver import SQLServer
-from .store import Store, open_store
+from .errors import StoreError
+from .store import Store, connect_http, open_store
 
 log = logging.getLogger("closeloop.worker")
 
@@ -42,13 +44,32 @@ def serve_store(cfg: Config, store: Store) -> SQLServer | None:
     return server
 
 
+def owner_endpoint(cfg: Config, timeout_s: float = 60.0) -> Store:
+    """The embedded store through its owner's SQL endpoint, waiting for the owner to come up
+    (never the chDB files themselves: only the owner may open them)."""
+    url = f"http://127.0.0.1:{cfg.clickhouse.sql_port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return connect_http(url)
+        except StoreError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def run_worker(cfg: Config, bootstrap: str, stages: tuple[str, ...] = ALL_STAGES) -> None:
     cfg.home_path.mkdir(parents=True, exist_ok=True)
-    store = open_store(cfg, owner=True)
-    applied = store.migrate()
-    if applied:
-        log.info("applied migrations: %s", ", ".join(applied))
-    sql = serve_store(cfg, store)
+    sql = None
+    if tuple(stages) == CAPTURE_ONLY and cfg.embedded_store:
+        # a capture process writes through the store owner (the worker) and serves nothing
+        store = owner_endpoint(cfg)
+    else:
+        store = open_store(cfg, owner=True)
+        applied = store.migrate()
+        if applied:
+            log.info("applied migrations: %s", ", ".join(applied))
+        sql = serve_store(cfg, store)
     pipe = Pipeline(cfg=cfg, store=store, stages=stages)
     app = build_app(pipe, bootstrap)
     worker = faust.Worker(app, loglevel="WARN", quiet=True, redirect_stdouts=False,

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from processors.app import ALL_STAGES
 from processors.config import DEFAULT_WEB_PORT, TopicsConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,8 +24,8 @@ ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILE = ROOT / "Dockerfile"
 PROVISIONING = ROOT / "ops" / "grafana" / "provisioning"
 
-SERVICES = {"collector", "kafka", "kafka-init", "clickhouse", "migrate", "worker", "web", "grafana"}
-CLOSELOOP_SERVICES = ("migrate", "worker", "web")
+SERVICES = {"collector", "kafka", "kafka-init", "clickhouse", "migrate", "capture", "worker", "web", "grafana"}
+CLOSELOOP_SERVICES = ("migrate", "capture", "worker", "web")
 ONE_SHOT = {"kafka-init", "migrate"}
 # The collector image is distroless (no shell, no HTTP client): it cannot probe itself.
 NO_HEALTHCHECK = {"collector"}
@@ -184,7 +185,7 @@ def test_images_are_pinned(raw: dict[str, Any]) -> None:
 
 
 def test_no_container_names(raw: dict[str, Any]) -> None:
-    # a fixed name makes `docker compose up --scale worker=N` fail on the second replica
+    # a fixed name makes `docker compose up --scale capture=N` fail on the second replica
     for name, svc in services(raw).items():
         assert "container_name" not in svc, name
 
@@ -328,7 +329,10 @@ def test_web_listens_on_all_interfaces_at_the_published_port(
 def test_closeloop_services_share_one_image_and_run_cli_commands(raw: dict[str, Any]) -> None:
     s = services(raw)
     assert {s[n]["image"] for n in CLOSELOOP_SERVICES} == {s["worker"]["image"]}
-    assert s["worker"]["command"] == ["worker"]
+    # capture scales out in its own group; the ordered stages run once, and between them every stage
+    stages = {st for n in ("capture", "worker") for st in s[n]["command"][2].split(",")}
+    assert s["capture"]["command"] == ["worker", "--stages", "capture"]
+    assert s["worker"]["command"][:2] == ["worker", "--stages"] and stages == set(ALL_STAGES)
     assert s["web"]["command"] == ["web"]
     assert "closeloop migrate" in s["migrate"]["command"][0]
 
