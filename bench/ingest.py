@@ -1,9 +1,10 @@
 """End-to-end ingest: OTLP/HTTP spans into the embedded stack until they are queryable.
 
     python -m bench.ingest [--rates 1000,2000,5000,10000,20000,40000] [--seconds 10] [--threads 4]
-                           [--spans 500] [--no-profile]
+                           [--spans 500] [--no-profile] [--capture-processes 0,2]
 
-Starts ``EmbeddedStack`` (broker, worker, gateway, web) in a temp home and sends realistic
+For each ``capture.processes`` setting (0: capture inside the worker; N: N capture processes
+beside it), starts ``EmbeddedStack`` (broker, worker, gateway, web) in a temp home and sends realistic
 GenAI conversations (8 spans each, one trace: llm, llm, tool, http spans with semconv
 attributes and message content, ~1.1 KB/span) as OTLP/HTTP protobuf requests of ``--spans``
 spans from ``--threads`` keep-alive connections, at each offered rate, then unpaced ("max"),
@@ -289,7 +290,7 @@ def profile_worker(stack: EmbeddedStack, seconds: float, threads: int, spans: in
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
         return []
-    pid = stack.children["worker"].proc.pid
+    pid = stack.children["capture-1" if "capture-1" in stack.children else "worker"].proc.pid
     prof = subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "50",
                              "--format", "raw", "--output", str(out), "--nonblocking"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -335,11 +336,12 @@ def _frame(f: str) -> str:
 
 
 # -- the run ----------------------------------------------------------------------------------
-def start_stack(home: Path) -> EmbeddedStack:
+def start_stack(home: Path, capture_processes: int = 0) -> EmbeddedStack:
     """The embedded stack on free ports; conversations stay open (see the module docstring)."""
     home.mkdir(parents=True)
     config_file = home / "closeloop.yaml"        # the children read the file, not our overrides
-    config_file.write_text(yaml.safe_dump({"assemble": {"idle_timeout_s": 3600.0}}))
+    config_file.write_text(yaml.safe_dump({"assemble": {"idle_timeout_s": 3600.0},
+                                           "capture": {"processes": capture_processes}}))
     cfg = load_config(config_file, env={}, overrides={
         "home": str(home), "otlp.grpc_port": free_port(), "otlp.http_port": free_port(),
         "web.port": free_port(), "clickhouse.sql_port": free_port()})
@@ -347,14 +349,14 @@ def start_stack(home: Path) -> EmbeddedStack:
 
 
 def run(rates: list[int], seconds: float, threads: int, spans: int, profile: bool = True,
-        log: Callable[[str], None] = print) -> dict:
+        log: Callable[[str], None] = print, capture_processes: int = 0) -> dict:
     bodies = [request_template(spans, seed) for seed in range(TEMPLATES)]
     span_bytes = len(bodies[0]) / spans
     nonce = random.Random().getrandbits(24)
     levels: list[Level] = []
     frames: list[tuple[str, float, float]] = []
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
-        stack = start_stack(Path(tmp) / "home")
+        stack = start_stack(Path(tmp) / "home", capture_processes)
         try:
             store = connect_http(stack.sql_url)
             # warm-up: connections, topic metadata, the first inserts
@@ -382,7 +384,7 @@ def run(rates: list[int], seconds: float, threads: int, spans: int, profile: boo
         finally:
             stack.stop()
     return {"levels": levels, "span_bytes": span_bytes, "stored_total": stored_total, "frames": frames,
-            "spans": spans, "threads": threads, "seconds": seconds}
+            "spans": spans, "threads": threads, "seconds": seconds, "capture_processes": capture_processes}
 
 
 def format_level(lv: Level) -> str:
@@ -391,10 +393,16 @@ def format_level(lv: Level) -> str:
             f"p50 {lv.p50_s:5.2f}s p99 {lv.p99_s:5.2f}s rejected {lv.rejected} cores: {cpu}")
 
 
+def setting(res: dict) -> str:
+    n = res["capture_processes"]
+    return (f"capture in {n} process{'es' if n > 1 else ''} of its own beside the worker" if n
+            else "capture inside the worker (the default)")
+
+
 def markdown(res: dict, command: str) -> str:
     procs = list(res["levels"][0].cpu) if res["levels"] else []
     lines = [
-        "## Ingest: OTLP/HTTP → gateway → broker → worker capture → ClickHouse",
+        f"### {setting(res)} (`capture.processes: {res['capture_processes']}`)",
         "",
         f"Command: `{command}`. Requests of {res['spans']} spans (~{res['span_bytes']:,.0f} bytes/span "
         f"on the wire), {res['threads']} client threads, {res['seconds']:.0f} s per level; "
@@ -415,9 +423,24 @@ def markdown(res: dict, command: str) -> str:
                      + " | ".join(f"{lv.cpu.get(p, 0):.2f}" for p in procs) + " |")
     lines += ["", f"Spans stored at the end: {res['stored_total']:,}."]
     if res["frames"]:
-        lines += ["", "Where the worker's time goes (py-spy, unpaced load, active threads; share of samples):", "",
+        who = "capture-1" if res["capture_processes"] else "the worker"
+        lines += ["", f"Where {who}'s time goes (py-spy, unpaced load, active threads; share of samples):", "",
                   "| frame | self % | total % |", "|---|---:|---:|"]
         lines += [f"| `{f}` | {s:.1f} | {t:.1f} |" for f, s, t in res["frames"]]
+    return "\n".join(lines) + "\n"
+
+
+def comparison(results: list[dict]) -> str:
+    """The settings side by side: best stored rate and its ratio to the first (the baseline)."""
+    base = max((lv.stored_rate for lv in results[0]["levels"] if lv.name != "half of max"), default=0.0)
+    lines = ["| setting | best stored spans/s | ratio to the first | cores used at that level |",
+             "|---|---:|---:|---|"]
+    for res in results:
+        levels = [lv for lv in res["levels"] if lv.name != "half of max"]
+        best = max(levels, key=lambda lv: lv.stored_rate) if levels else Level("none", None)
+        cores = ", ".join(f"{n} {c:.2f}" for n, c in best.cpu.items())
+        lines.append(f"| {setting(res)} | {best.stored_rate:,.0f} | {best.stored_rate / base if base else 0:.2f} | "
+                     f"{cores} |")
     return "\n".join(lines) + "\n"
 
 
@@ -428,6 +451,7 @@ def figures(res: dict) -> dict:
     half = next((lv for lv in res["levels"] if lv.name == "half of max"), None)
     own = [f for f, _, _ in res["frames"] if "processors/" in f]
     return {"best_stored": best.stored_rate, "best_acked": max((lv.acked_rate for lv in levels), default=0.0),
+            "cores_at_best": {n: round(c, 2) for n, c in best.cpu.items()},
             "worker_cores_at_best": best.cpu.get("worker", 0.0), "gateway_cores_at_best": best.cpu.get("gateway", 0.0),
             "broker_cores_at_best": best.cpu.get("broker", 0.0),
             "half_p50": half.p50_s if half else None, "half_p99": half.p99_s if half else None,
@@ -441,16 +465,27 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--spans", type=int, default=500)
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--capture-processes", default="0,2",
+                   help="capture.processes settings to run side by side (the first is the baseline)")
     p.add_argument("--out", type=Path, help="also write the markdown section here")
-    p.add_argument("--json", type=Path, help="write the goal figures here")
+    p.add_argument("--json", type=Path, help="write the goal figures (of the best setting) here")
     a = p.parse_args()
-    res = run([int(r) for r in a.rates.split(",") if r], a.seconds, a.threads, a.spans, not a.no_profile)
-    text = markdown(res, f"python -m bench.ingest --rates {a.rates} --seconds {a.seconds:g}")
+    command = (f"python -m bench.ingest --rates {a.rates} --seconds {a.seconds:g} "
+               f"--capture-processes {a.capture_processes}")
+    results = []
+    for n in (int(x) for x in a.capture_processes.split(",") if x):
+        print(f"-- capture.processes: {n}")
+        results.append(run([int(r) for r in a.rates.split(",") if r], a.seconds, a.threads, a.spans,
+                           not a.no_profile, capture_processes=n))
+    text = "\n".join(["## Ingest: OTLP/HTTP → gateway → broker → capture → ClickHouse", "",
+                      f"Command: `{command}`.", "", comparison(results), *(markdown(r, command) for r in results)])
     print(text)
     if a.out:
         a.out.write_text(text)
     if a.json:
-        a.json.write_text(json.dumps(figures(res)))
+        best = max(results, key=lambda r: figures(r)["best_stored"])
+        a.json.write_text(json.dumps({**figures(best), "capture_processes": best["capture_processes"],
+                                      "baseline_stored": figures(results[0])["best_stored"]}))
 
 
 if __name__ == "__main__":

@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faust
+import orjson
 from aiokafka.partitioner import murmur2
 
 from . import assemble
 from .config import Config
 from .errors import InputError, ReviewError, StoreError
-from .records import DeadLetter
+from .records import DeadLetter, dumps
 from .store import Store
 
 log = logging.getLogger("closeloop.worker")
@@ -309,7 +310,7 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
                 bundles: dict[int, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
                 for tr in batch.turns:
                     bundles[partition_of(tr.conversation_id, cfg.kafka.partitions)][tr.conversation_id].append(tr.to_dict())
-                await send_all([(turns_topic, None, json.dumps({"conversations": b}, ensure_ascii=False).encode(), p)
+                await send_all([(turns_topic, None, dumps({"conversations": b}), p)
                                 for p, b in bundles.items()])
                 pipe.counters["capture"].records_out += len(batch.turns)
                 await send_deadletters("capture", batch.deadletters)
@@ -333,7 +334,7 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
                 for e in events:
                     now = time.time_ns()
                     try:
-                        body = json.loads(e.message.value)
+                        body = orjson.loads(e.message.value)
                         if isinstance(body, dict) and "tick" in body:
                             closed += _close_due(e.message.partition, int(body["tick"]))
                             continue

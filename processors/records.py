@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
+
+import orjson
 
 SCHEMA_VERSION = 1
 
@@ -44,6 +45,18 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+def _jsonable(x: Any) -> Any:
+    """What orjson cannot serialize itself: numpy scalars and arrays."""
+    if hasattr(x, "item") and hasattr(x, "ndim"):
+        return x.tolist() if x.ndim else x.item()
+    raise TypeError(f"{type(x).__name__} is not JSON serializable")
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact UTF-8 JSON, the wire format between stages (orjson: records are the hot path)."""
+    return orjson.dumps(obj, default=_jsonable)
+
+
 class Record:
     """Mixin: JSON (de)serialisation that ignores unknown keys (forward compatible)."""
 
@@ -55,7 +68,7 @@ class Record:
         return d
 
     def to_json(self) -> bytes:
-        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":")).encode()
+        return dumps(self.to_dict())
 
     @classmethod
     def from_dict(cls: type[T], d: dict[str, Any]) -> T:
@@ -72,7 +85,7 @@ class Record:
 
     @classmethod
     def from_json(cls: type[T], raw: bytes | str) -> T:
-        return cls.from_dict(json.loads(raw))
+        return cls.from_dict(orjson.loads(raw))
 
 
 @dataclass
