@@ -383,8 +383,11 @@ class SignalLearner:
 
     def predict_proba_one(self, conv: Conversation) -> dict[str, float]:
         """P(tag) for every trusted tag."""
+        trusted = [t for t in self.tags if self.trusted(t)]
+        if not trusted:           # nothing learned yet (no LLM judge): skip the features
+            return {}
         x = conversation_features(conv, self.n_features)
-        return {t: m.predict_proba_one(x)[True] for t, m in self._models.items() if self.trusted(t)}
+        return {t: self._models[t].predict_proba_one(x)[True] for t in trusted}
 
     def predict_one(self, conv: Conversation) -> set[str]:
         return {t for t, p in self.predict_proba_one(conv).items() if p >= self.threshold}
