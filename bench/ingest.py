@@ -47,6 +47,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from bench.capture_core import _attrs, _kv
 from processors.broker import free_port
+from processors.app import STATS_INTERVAL_S
 from processors.config import load_config
 from processors.stack import EmbeddedStack
 from processors.store import Store, connect_http
@@ -275,6 +276,15 @@ def wait_stored(store: Store, n: int, timeout_s: float) -> bool:
     return False
 
 
+def stage_cpu_seconds(store: Store) -> dict[str, float]:
+    """CPU seconds each stage used so far (``stage_stats.cpu_s``, summed over processes), after
+    the next write of the counters."""
+    time.sleep(STATS_INTERVAL_S + 1)
+    rows = store.query("SELECT stage, sum(c) AS cpu FROM (SELECT stage, worker, max(cpu_s) AS c FROM stage_stats "
+                       "GROUP BY stage, worker) GROUP BY stage ORDER BY cpu DESC")
+    return {r["stage"]: float(r["cpu"]) for r in rows if r["cpu"] > 0}
+
+
 def process_ids(stack: EmbeddedStack) -> dict[str, int]:
     pids = {n: c.proc.pid for n, c in stack.children.items() if c.proc is not None and n != "web"}
     if stack.broker is not None and stack.broker.proc is not None:
@@ -377,6 +387,7 @@ def run(rates: list[int], seconds: float, threads: int, spans: int, profile: boo
                 levels.append(half)
                 log(format_level(half))
             stored_total = int(store.scalar("SELECT count() FROM spans") or 0)
+            stage_cpu = stage_cpu_seconds(store)
             if profile:
                 frames = profile_worker(stack, min(seconds, 10), threads, spans, bodies, nonce, len(plan) + 2,
                                         Path(tmp) / "worker.pyspy")
@@ -384,6 +395,7 @@ def run(rates: list[int], seconds: float, threads: int, spans: int, profile: boo
         finally:
             stack.stop()
     return {"levels": levels, "span_bytes": span_bytes, "stored_total": stored_total, "frames": frames,
+            "stage_cpu": stage_cpu,
             "spans": spans, "threads": threads, "seconds": seconds, "capture_processes": capture_processes}
 
 
@@ -422,6 +434,10 @@ def markdown(res: dict, command: str) -> str:
                      f"{lv.p50_s:.2f} | {lv.p99_s:.2f} | {lv.rejected} | "
                      + " | ".join(f"{lv.cpu.get(p, 0):.2f}" for p in procs) + " |")
     lines += ["", f"Spans stored at the end: {res['stored_total']:,}."]
+    if res["stage_cpu"]:
+        lines += ["", "CPU per stage over the whole run (the stage's own work and its inserts, measured in the "
+                  "worker processes; `stage_stats.cpu_s`):", "", "| stage | CPU s | µs per span stored |", "|---|---:|---:|"]
+        lines += [f"| {st} | {c:,.1f} | {1e6 * c / max(res['stored_total'], 1):,.0f} |" for st, c in res["stage_cpu"].items()]
     if res["frames"]:
         who = "capture-1" if res["capture_processes"] else "the worker"
         lines += ["", f"Where {who}'s time goes (py-spy, unpaced load, active threads; share of samples):", "",

@@ -23,6 +23,8 @@ import os
 import socket
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,6 +92,7 @@ class StageCounters:
     records_out: int = 0
     deadletters: int = 0
     write_errors: int = 0
+    cpu_s: float = 0.0          # CPU time of the stage's own work (its cores, its inserts)
 
 
 @dataclass
@@ -111,10 +114,9 @@ class Pipeline:
         if not rows:
             return
         delay, refused = 0.5, 0
-        loop = asyncio.get_running_loop()
         while True:
             try:
-                await loop.run_in_executor(self.pool, self.store.insert_records, table, rows)
+                await self.run(self.store.insert_records, table, rows, stage=stage)
                 return
             except StoreError as e:
                 self.counters[stage].write_errors += 1
@@ -151,8 +153,28 @@ class Pipeline:
     async def write_rows(self, stage: str, table: str, columns: tuple[str, ...], rows: list[list[Any]]) -> None:
         await self.write(stage, table, [dict(zip(columns, r)) for r in rows])
 
-    async def run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+    async def run(self, fn: Any, *args: Any, stage: str = "") -> Any:
+        """``fn(*args)`` on the store thread; its CPU time counts to ``stage`` when given."""
+        if not stage:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+        def timed() -> Any:
+            t = time.thread_time()
+            try:
+                return fn(*args)
+            finally:
+                self.counters[stage].cpu_s += time.thread_time() - t
+
+        return await asyncio.get_running_loop().run_in_executor(self.pool, timed)
+
+    @contextmanager
+    def busy(self, stage: str) -> Iterator[None]:
+        """Count the CPU time of a synchronous stretch on the event loop to ``stage``."""
+        t = time.thread_time()
+        try:
+            yield
+        finally:
+            self.counters[stage].cpu_s += time.thread_time() - t
 
 
 def _refused_by_server(e: StoreError) -> bool:
@@ -250,7 +272,7 @@ class Checkpoint:
             k = f"{m.topic}:{m.partition}"
             self.offsets[k] = max(self.offsets.get(k, 0), m.offset + 1)
         self.seq += 1
-        data = base64.b64encode(await self.pipe.run(snapshot)).decode()
+        data = base64.b64encode(await self.pipe.run(snapshot, stage=self.name)).decode()
         await self.pipe.write(self.name, "checkpoints", [dict(
             name=self.name, seq=self.seq, offsets=json.dumps(self.offsets), data=data, ts_ns=time.time_ns())])
 
@@ -300,18 +322,20 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
                 now = time.time_ns()
                 raw = [RawMessage(e.message.topic, e.message.partition, e.message.offset,
                                   e.message.key, e.message.value) for e in events]
-                batch = await pipe.run(capture_core.process, raw, now)
+                batch = await pipe.run(capture_core.process, raw, now, stage="capture")
                 pipe.counters["capture"].records_in += len(raw)
                 await pipe.write("capture", "spans", batch.span_rows)
                 await pipe.write("capture", "turns", batch.turn_rows)
                 await pipe.write("capture", "tool_calls", batch.tool_rows)
                 # One message per partition, bundling its conversations: one message per
                 # conversation would cost a produce round trip each (changelog-safe settings).
-                bundles: dict[int, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
-                for tr in batch.turns:
-                    bundles[partition_of(tr.conversation_id, cfg.kafka.partitions)][tr.conversation_id].append(tr.to_dict())
-                await send_all([(turns_topic, None, dumps({"conversations": b}), p)
-                                for p, b in bundles.items()])
+                with pipe.busy("capture"):
+                    bundles: dict[int, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+                    for tr in batch.turns:
+                        bundles[partition_of(tr.conversation_id, cfg.kafka.partitions)][tr.conversation_id].append(
+                            tr.to_dict())
+                    messages = [(turns_topic, None, dumps({"conversations": b}), p) for p, b in bundles.items()]
+                await send_all(messages)
                 pipe.counters["capture"].records_out += len(batch.turns)
                 await send_deadletters("capture", batch.deadletters)
 
@@ -331,41 +355,44 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
             async for events in stream.take_events(RECORD_BATCH, within=TAKE_WITHIN_S):
                 closed = []
                 dls: list[DeadLetter] = []
-                for e in events:
-                    now = time.time_ns()
-                    try:
-                        body = orjson.loads(e.message.value)
-                        if isinstance(body, dict) and "tick" in body:
-                            closed += _close_due(e.message.partition, int(body["tick"]))
-                            continue
-                        if isinstance(body, dict) and isinstance(body.get("conversations"), dict):
-                            groups = body["conversations"]          # a bundle: {conversation id: turns}
-                        elif isinstance(body, list):                # one conversation, keyed by its id
-                            groups = {e.key.decode() if isinstance(e.key, bytes) else str(e.key): body}
-                        else:
-                            raise InputError("turn message is neither a bundle nor a list of turn records")
-                        for turns in groups.values():
-                            if not isinstance(turns, list) or not all(isinstance(d, dict) for d in turns):
-                                raise InputError("turn records must be JSON objects in a list")
-                    except (ValueError, TypeError, KeyError, InputError) as err:
-                        dls.append(dead_letter("assemble", "undecodable turn record", e, now, str(err)))
-                        continue
-                    for cid, turns in groups.items():
+                with pipe.busy("assemble"):
+                    for e in events:
+                        now = time.time_ns()
                         try:
-                            state = assemble.add_turns(open_conversations.get(cid), turns, now)
-                        except (ValueError, TypeError, KeyError) as err:
-                            dls.append(dead_letter("assemble", f"unusable turn record of {cid[:100]}", e, now,
-                                                   str(err)))
+                            body = orjson.loads(e.message.value)
+                            if isinstance(body, dict) and "tick" in body:
+                                closed += _close_due(e.message.partition, int(body["tick"]))
+                                continue
+                            if isinstance(body, dict) and isinstance(body.get("conversations"), dict):
+                                groups = body["conversations"]          # a bundle: {conversation id: turns}
+                            elif isinstance(body, list):                # one conversation, keyed by its id
+                                groups = {e.key.decode() if isinstance(e.key, bytes) else str(e.key): body}
+                            else:
+                                raise InputError("turn message is neither a bundle nor a list of turn records")
+                            for turns in groups.values():
+                                if not isinstance(turns, list) or not all(isinstance(d, dict) for d in turns):
+                                    raise InputError("turn records must be JSON objects in a list")
+                        except (ValueError, TypeError, KeyError, InputError) as err:
+                            dls.append(dead_letter("assemble", "undecodable turn record", e, now, str(err)))
                             continue
-                        state["p"] = partition_of(cid, cfg.kafka.partitions)
-                        open_conversations[cid] = state
-                        heapq.heappush(deadlines[state["p"]], (assemble.next_deadline(state, cfg.assemble), cid))
-                        pipe.counters["assemble"].records_in += len(turns)
+                        for cid, turns in groups.items():
+                            try:
+                                state = assemble.add_turns(open_conversations.get(cid), turns, now)
+                            except (ValueError, TypeError, KeyError) as err:
+                                dls.append(dead_letter("assemble", f"unusable turn record of {cid[:100]}", e, now,
+                                                       str(err)))
+                                continue
+                            state["p"] = partition_of(cid, cfg.kafka.partitions)
+                            open_conversations[cid] = state
+                            heapq.heappush(deadlines[state["p"]], (assemble.next_deadline(state, cfg.assemble), cid))
+                            pipe.counters["assemble"].records_in += len(turns)
                 if closed:
-                    convs = [c for _, _, c in closed if c is not None]
-                    await pipe.write_rows("assemble", "conversations", assemble.CONVERSATION_COLUMNS,
-                                          [assemble.conversation_row(c) for c in convs])
-                    await send_all([(conversations_topic, c.conversation_id, c.to_json()) for c in convs])
+                    with pipe.busy("assemble"):
+                        convs = [c for _, _, c in closed if c is not None]
+                        rows = [assemble.conversation_row(c) for c in convs]
+                        messages = [(conversations_topic, c.conversation_id, c.to_json()) for c in convs]
+                    await pipe.write_rows("assemble", "conversations", assemble.CONVERSATION_COLUMNS, rows)
+                    await send_all(messages)
                     # Only now is the closing recorded in the table (and its changelog): a crash
                     # before this point closes and publishes the same version again, harmlessly.
                     for cid, state, _ in closed:
@@ -431,13 +458,14 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
             async for events in stream.take_events(RECORD_BATCH, within=TAKE_WITHIN_S):
                 now = time.time_ns()
                 convs, dls = [], []
-                for e in understand_ckpt.fresh(events):
-                    try:
-                        convs.append(Conversation.from_json(e.message.value))
-                    except (ValueError, TypeError, KeyError) as err:
-                        dls.append(dead_letter("understand", "undecodable conversation record", e, now, str(err)))
+                with pipe.busy("understand"):
+                    for e in understand_ckpt.fresh(events):
+                        try:
+                            convs.append(Conversation.from_json(e.message.value))
+                        except (ValueError, TypeError, KeyError) as err:
+                            dls.append(dead_letter("understand", "undecodable conversation record", e, now, str(err)))
                 if convs:
-                    batch = await pipe.run(understand_core.process, convs, now)
+                    batch = await pipe.run(understand_core.process, convs, now, stage="understand")
                     pipe.counters["understand"].records_in += len(convs)
                     await pipe.write("understand", "conversation_tags",
                                      [_tag_row(tg) for tg in batch.tags])
@@ -466,13 +494,14 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
             async for events in stream.take_events(RECORD_BATCH, within=TAKE_WITHIN_S):
                 core = diagnose_state["core"]
                 diags, dls = [], []
-                for e in diagnose_ckpt.fresh(events):
-                    now = time.time_ns()
-                    try:
-                        diags += core.observe(TagRecord.from_json(e.message.value), now)
-                    except (ValueError, TypeError, KeyError, InputError) as err:
-                        dls.append(dead_letter("diagnose", "unusable tag record", e, now, str(err)))
-                    pipe.counters["diagnose"].records_in += 1
+                with pipe.busy("diagnose"):
+                    for e in diagnose_ckpt.fresh(events):
+                        now = time.time_ns()
+                        try:
+                            diags += core.observe(TagRecord.from_json(e.message.value), now)
+                        except (ValueError, TypeError, KeyError, InputError) as err:
+                            dls.append(dead_letter("diagnose", "unusable tag record", e, now, str(err)))
+                        pipe.counters["diagnose"].records_in += 1
                 if diags:
                     await pipe.write("diagnose", "diagnoses", diagnosis_rows(diags))
                     await send_all([(diagnoses_topic, d.intent_id, d.to_json()) for d in diags])
@@ -511,7 +540,7 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
                         dls.append(dead_letter("act", "undecodable diagnosis record", e, now, str(err)))
                         continue
                     pipe.counters["act"].records_in += 1
-                    prop = await pipe.run(actor.propose, diag, now)
+                    prop = await pipe.run(actor.propose, diag, now, stage="act")
                     if prop is None:
                         log.info("act: no proposal for %s: %s", diag.diagnosis_id, actor.last_reason)
                         continue
@@ -549,7 +578,7 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
         @app.timer(VERIFY_INTERVAL_S)
         async def verify_tick() -> None:
             try:
-                outcomes = await pipe.run(verify_all, time.time_ns())
+                outcomes = await pipe.run(verify_all, time.time_ns(), stage="verify")
             except StoreError as e:   # ClickHouse away: the next tick tries again
                 log.warning("verify: %s", e)
                 return
@@ -561,7 +590,8 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
     async def write_stats() -> None:
         now = time.time_ns()
         rows = [dict(ts_ns=now, worker=pipe.worker_id, stage=s, records_in=c.records_in,
-                     records_out=c.records_out, deadletters=c.deadletters, write_errors=c.write_errors)
+                     records_out=c.records_out, deadletters=c.deadletters, write_errors=c.write_errors,
+                     cpu_s=c.cpu_s)
                 for s, c in list(pipe.counters.items())]
         try:
             await pipe.run(pipe.store.insert_records, "stage_stats", rows)
