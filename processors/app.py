@@ -78,6 +78,10 @@ def faust_settings(cfg: Config, bootstrap: str) -> dict[str, Any]:
         producer_max_batch_size=1,
         producer_linger=0.0,
         producer_acks=-1,
+        # faust's default is 20 min: an acknowledgement that never comes would stall the stage
+        # (and, through the shared consumer, every stage) that long. After 30 s the send fails,
+        # the stage raises, the worker exits and restarts, and the batch is redelivered.
+        producer_request_timeout=30.0,
         topic_partitions=cfg.kafka.partitions,
         topic_replication_factor=1,
         consumer_auto_offset_reset="earliest",
