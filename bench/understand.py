@@ -4,7 +4,7 @@
 
 Each conversation is one BANKING77 utterance as the user's message plus a canned assistant
 answer. First ``--embedded`` conversations go through ``Understand.process`` with the default
-embedder (``make_embedder``: MiniLM in numpy) in batches of ``--batch``, as the worker calls
+embedder (``make_embedder``: MiniLM, ONNX int8) in batches of ``--batch``, as the worker calls
 it: conversations/s tagged, embedding included. Then the same core keeps going to each of
 ``--sizes`` conversations with the vectors of the first pass reused (the 10k utterances cycle
 with fresh conversation ids), which measures the rest of the path and shows whether memory
