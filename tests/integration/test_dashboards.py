@@ -42,6 +42,7 @@ EXPECTED_COLUMNS: dict[str, list[str]] = {
     "pipeline-health/Records in per second, by stage/A": ["time", "stage", "records_in_per_s"],
     "pipeline-health/Records out per second, by stage/A": ["time", "stage", "records_out_per_s"],
     "pipeline-health/Dead letters per second, by stage/A": ["time", "stage", "deadletters_per_s"],
+    "pipeline-health/CPU per stage (cores)/A": ["time", "stage", "cores"],
     "pipeline-health/ClickHouse write errors per second, by stage/A": [
         "time",
         "stage",
