@@ -271,10 +271,15 @@ class Checkpoint:
         return out
 
     async def save(self, events: list[Any], snapshot: Any) -> None:
+        ranges: dict[str, list[int]] = {}
         for e in events:
             m = e.message
             k = f"{m.topic}:{m.partition}"
             self.offsets[k] = max(self.offsets.get(k, 0), m.offset + 1)
+            r = ranges.setdefault(k, [m.offset, m.offset, 0])
+            r[0], r[1], r[2] = min(r[0], m.offset), max(r[1], m.offset), r[2] + 1
+        log.debug("%s: checkpoint #%d after %s", self.name, self.seq + 1,
+                  ", ".join(f"{k} {a}..{b} ({n})" for k, (a, b, n) in sorted(ranges.items())))
         self.seq += 1
         data = base64.b64encode(await self.pipe.run(snapshot, stage=self.name)).decode()
         await self.pipe.write(self.name, "checkpoints", [dict(

@@ -131,7 +131,8 @@ class EmbeddedStack:
         self.children["worker"] = Child("worker", worker_cmd, env, cfg.log_dir() / "worker.log")
         for name in captures:
             self.children[name] = Child(name, [sys.executable, "-m", "processors.worker", "--bootstrap",
-                                               self.bootstrap, "--stages", ",".join(CAPTURE_ONLY)], env,
+                                               self.bootstrap, "--stages", ",".join(CAPTURE_ONLY),
+                                               "--through-owner"], env,
                                         cfg.log_dir() / f"{name}.log")
         self.children["gateway"] = Child("gateway", [sys.executable, "-m", "processors.gateway",
                                                      "--bootstrap", self.bootstrap], env,

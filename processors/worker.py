@@ -16,7 +16,7 @@ from pathlib import Path
 
 import faust
 
-from .app import ALL_STAGES, CAPTURE_ONLY, Pipeline, build_app
+from .app import ALL_STAGES, Pipeline, build_app
 from .config import Config, load_config
 from .sqlserver import SQLServer
 from .errors import StoreError
@@ -58,11 +58,13 @@ def owner_endpoint(cfg: Config, timeout_s: float = 60.0) -> Store:
             time.sleep(0.5)
 
 
-def run_worker(cfg: Config, bootstrap: str, stages: tuple[str, ...] = ALL_STAGES) -> None:
+def run_worker(cfg: Config, bootstrap: str, stages: tuple[str, ...] = ALL_STAGES, *,
+               through_owner: bool = False) -> None:
+    """Run ``stages``; with ``through_owner`` (the capture processes of `closeloop up`) write
+    through the embedded store's owner instead of owning and serving the store."""
     cfg.home_path.mkdir(parents=True, exist_ok=True)
     sql = None
-    if tuple(stages) == CAPTURE_ONLY and cfg.embedded_store:
-        # a capture process writes through the store owner (the worker) and serves nothing
+    if through_owner and cfg.embedded_store:
         store = owner_endpoint(cfg)
     else:
         store = open_store(cfg, owner=True)
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bootstrap", help="Kafka bootstrap servers (default: kafka.bootstrap)")
     p.add_argument("--stages", default=",".join(ALL_STAGES),
                    help=f"comma-separated stages to run (default: all: {','.join(ALL_STAGES)})")
+    p.add_argument("--through-owner", action="store_true",
+                   help="write through the running embedded store's owner (capture processes of `closeloop up`)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(a.config, overrides={"home": a.home})
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(stages) - set(ALL_STAGES)
     if unknown:
         raise SystemExit(f"closeloop worker: unknown stages {sorted(unknown)}; known: {', '.join(ALL_STAGES)}")
-    run_worker(cfg, bootstrap, stages)
+    run_worker(cfg, bootstrap, stages, through_owner=a.through_owner)
 
 
 if __name__ == "__main__":
