@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from examples.support_agent import run_cycle
+from processors.broker import committed_offsets
 from processors.stack import wait_for
 
 from .harness import Loop, conversation_intents, read_positions, running_loop
@@ -58,7 +59,10 @@ def where_they_are(loop: Loop, missing: set[str]) -> str:
     topic = loop.cfg.topics.conversations
     at = [(p, o) for p, o, v in read_positions(loop.stack.bootstrap, topic)
           if json.loads(v).get("conversation_id") in missing]
-    return f"on {topic} at (partition, offset) {sorted(at)[:20]}; understand checkpoint {ckpt}"
+    parts = [(topic, p) for p in range(loop.cfg.kafka.partitions)]
+    committed = committed_offsets(loop.stack.bootstrap, "closeloop", parts)
+    return (f"on {topic} at (partition, offset) {sorted(at)[:20]}; understand checkpoint {ckpt}; "
+            f"committed {committed}")
 
 
 def majority_by_category(loop: Loop, conversations: list) -> dict[str, str]:
