@@ -2,7 +2,7 @@
 
     OTel SDK / collector --OTLP--> Gateway (in process) --> tansu --> worker process --> chDB
 
-A broker of its own per pipeline, so the worker's consumer group ("closeloop") and its
+A broker of its own per pipeline, so the worker's consumer group (`app_id` of its stages) and its
 offsets start empty. Test modules hold one pipeline in a module-scoped fixture::
 
     @pytest.fixture(scope="module")
@@ -23,6 +23,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from processors.app import app_id
 from processors.broker import EmbeddedBroker, ensure_topics
 from processors.config import Config, load_config
 from processors.gateway import Gateway
@@ -30,7 +31,6 @@ from processors.store import Store
 
 from .worker_proc import WorkerProcess, wait_for
 
-GROUP = "closeloop"             # the faust app id, which is the worker's consumer group
 GROUP_JOIN_TIMEOUT_S = 60.0     # joining the worker's group to rewind it
 ROWS_TIMEOUT_S = 90.0           # bound on waiting for rows to arrive (a busy 2-core machine)
 FIRST_READ_S = 2.0              # a new topic reader waits this long for its first messages;
@@ -75,7 +75,8 @@ class Pipeline:
         (UNKNOWN_MEMBER_ID), so this joins the group as its only member first.
         """
         assigned: list[TopicPartition] = []
-        c = Consumer({"bootstrap.servers": self.broker.bootstrap, "group.id": GROUP,
+        group = app_id(tuple(self.worker.stages.split(",")))    # the worker's consumer group
+        c = Consumer({"bootstrap.servers": self.broker.bootstrap, "group.id": group,
                       "enable.auto.commit": False, "session.timeout.ms": 6000,
                       "max.poll.interval.ms": 7000})
         try:
@@ -83,7 +84,7 @@ class Pipeline:
             deadline = time.monotonic() + GROUP_JOIN_TIMEOUT_S
             while not assigned and time.monotonic() < deadline:
                 c.poll(0.2)
-            assert assigned, f"could not join consumer group {GROUP} in {GROUP_JOIN_TIMEOUT_S}s"
+            assert assigned, f"could not join consumer group {group} in {GROUP_JOIN_TIMEOUT_S}s"
             c.commit(offsets=[TopicPartition(tp.topic, tp.partition, 0) for tp in assigned],
                      asynchronous=False)
         finally:

@@ -24,6 +24,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from examples.support_agent import init_agent_repo, run_cycle
+from processors.app import app_id
 from processors.broker import EmbeddedBroker, committed_offsets, ensure_topics
 from processors.config import load_config
 from processors.gateway import Gateway
@@ -253,7 +254,7 @@ def test_clickhouse_outage_pauses_the_stage_and_every_row_arrives_once(tmp_path:
             assert wait_for(lambda: proxy.refused >= 3, 60)
             time.sleep(4)            # several retries and commit intervals while ClickHouse is away
             parts = [(cfg.topics.otlp_spans, p) for p in range(cfg.kafka.partitions)]
-            committed = sum(max(o, 0) for o in committed_offsets(broker.bootstrap, "closeloop", parts).values())
+            committed = sum(max(o, 0) for o in committed_offsets(broker.bootstrap, app_id(("capture",)), parts).values())
             assert store.scalar(count) == per_phase * spans      # nothing written while down
             assert committed <= per_phase, f"offsets committed past unwritten rows: {committed} > {per_phase}"
             assert worker.poll() is None, "the worker died instead of waiting for ClickHouse"
