@@ -261,12 +261,45 @@ class Checkpoint:
         self.seq = int(row["seq"])
         log.info("%s: restored checkpoint #%d covering %s", self.name, self.seq, self.offsets)
 
+    def _next(self, m: Any) -> int:
+        return self.offsets.get(f"{m.topic}:{m.partition}", 0)
+
+    async def rewind_gaps(self, consumer: Any, events: list[Any]) -> list[Any]:
+        """``events`` without the partitions that skip past what the checkpoint covers; those
+        are read again from the first offset not covered.
+
+        The checkpoint's offsets are the next offsets this stage must see. A consumer that
+        starts past them (on tansu, after a restart, a partition can jump from offset 0 to
+        near its end) would skip events for good: faust counts skipped offsets as
+        acknowledged, and the next checkpoint would cover them. So such a partition is
+        dropped from the batch and its consumer position set back; nothing past the gap is
+        processed or covered until the gap is read.
+        """
+        first: dict[Any, int] = {}
+        for e in events:
+            m = e.message
+            if m.offset >= self._next(m):
+                first[m.tp] = min(first.get(m.tp, m.offset), m.offset)
+        gaps = {tp: off for tp, off in first.items() if off > self.offsets.get(f"{tp.topic}:{tp.partition}", 0)}
+        if not gaps:
+            return events
+        earliest = await consumer.earliest_offsets(*gaps)
+        rewound = set()
+        for tp, got in gaps.items():
+            want = max(self.offsets.get(f"{tp.topic}:{tp.partition}", 0), earliest.get(tp) or 0)
+            if got > want:     # offsets the broker no longer holds are not a gap
+                log.warning("%s: %s:%d jumped to offset %d, %d not read yet; reading it again from there",
+                            self.name, tp.topic, tp.partition, got, want)
+                await consumer.seek(tp, want)
+                rewound.add(tp)
+        return [e for e in events if e.message.tp not in rewound]
+
     def fresh(self, events: list[Any]) -> list[Any]:
         """The events the checkpoint does not cover yet."""
         out = []
         for e in events:
             m = e.message
-            if m.offset >= self.offsets.get(f"{m.topic}:{m.partition}", 0):
+            if m.offset >= self._next(m):
                 out.append(e)
         return out
 
@@ -465,6 +498,7 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
         async def understand_agent(stream: faust.StreamT) -> None:
             await understand_ckpt.restore_into(understand_core.restore)
             async for events in stream.take_events(RECORD_BATCH, within=TAKE_WITHIN_S):
+                events = await understand_ckpt.rewind_gaps(app.consumer, events)
                 now = time.time_ns()
                 convs, dls = [], []
                 with pipe.busy("understand"):
@@ -501,6 +535,7 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
         async def diagnose_agent(stream: faust.StreamT) -> None:
             await diagnose_ckpt.restore_into(_restore_diagnoser)
             async for events in stream.take_events(RECORD_BATCH, within=TAKE_WITHIN_S):
+                events = await diagnose_ckpt.rewind_gaps(app.consumer, events)
                 core = diagnose_state["core"]
                 diags, dls = [], []
                 with pipe.busy("diagnose"):
@@ -540,6 +575,7 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
         async def act_agent(stream: faust.StreamT) -> None:
             await act_ckpt.restore_into(lambda data: None)
             async for events in stream.take_events(50, within=TAKE_WITHIN_S):
+                events = await act_ckpt.rewind_gaps(app.consumer, events)
                 props, dls = [], []
                 for e in act_ckpt.fresh(events):
                     now = time.time_ns()

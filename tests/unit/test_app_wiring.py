@@ -1,15 +1,18 @@
 """The worker's faust app: every stage ends the worker when it raises, rather than letting
-faust restart the stage without the batch it held (those events would never be redelivered)."""
+faust restart the stage without the batch it held (those events would never be redelivered);
+an ordered stage never lets its consumer skip past what its checkpoint covers."""
 from __future__ import annotations
 
 import asyncio
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from faust.types import TP
 
 from processors import app as app_module
-from processors.app import EXIT_STAGE_CRASHED, Pipeline, build_app, exit_on_crash
+from processors.app import EXIT_STAGE_CRASHED, Checkpoint, Pipeline, build_app, exit_on_crash
 from processors.config import Config
 
 
@@ -36,3 +39,45 @@ def test_exit_on_crash_ends_the_process_with_its_code(monkeypatch: pytest.Monkey
     monkeypatch.setattr(app_module.os, "_exit", codes.append)
     asyncio.run(exit_on_crash(object(), RuntimeError("boom")))
     assert codes == [EXIT_STAGE_CRASHED]
+
+
+class Consumer:
+    """The two calls rewind_gaps makes of faust's consumer, with a broker holding offsets
+    from ``earliest`` on."""
+
+    def __init__(self, earliest: int = 0) -> None:
+        self.earliest = earliest
+        self.seeks: list[tuple[TP, int]] = []
+
+    async def earliest_offsets(self, *tps: TP) -> dict[TP, int]:
+        return dict.fromkeys(tps, self.earliest)
+
+    async def seek(self, tp: TP, offset: int) -> None:
+        self.seeks.append((tp, offset))
+
+
+def events(partition: int, offsets: range) -> list[SimpleNamespace]:
+    tp = TP("closeloop.conversations", partition)
+    return [SimpleNamespace(message=SimpleNamespace(topic=tp.topic, partition=partition, offset=o, tp=tp))
+            for o in offsets]
+
+
+def test_a_partition_that_skips_past_the_checkpoint_is_read_again_from_the_gap() -> None:
+    ckpt = Checkpoint("understand", Pipeline(Config(), store=None))
+    ckpt.offsets = {"closeloop.conversations:0": 1, "closeloop.conversations:1": 40}
+    batch = events(0, range(135, 142)) + events(1, range(30, 45)) + events(2, range(0, 5))
+    consumer = Consumer()
+    kept = asyncio.run(ckpt.rewind_gaps(consumer, batch))
+    # partition 0 jumped from 1 to 135: dropped and rewound; 1 (covered, then contiguous) and 2 kept
+    assert consumer.seeks == [(TP("closeloop.conversations", 0), 1)]
+    assert [e.message.partition for e in kept] == [1] * 15 + [2] * 5
+    # the rewound partition, read again from 1, goes through
+    assert asyncio.run(ckpt.rewind_gaps(consumer, events(0, range(1, 142)))) != []
+    assert len(consumer.seeks) == 1
+
+
+def test_offsets_the_broker_no_longer_holds_are_not_a_gap() -> None:
+    ckpt = Checkpoint("understand", Pipeline(Config(), store=None))
+    consumer = Consumer(earliest=500)       # retention deleted 0..499
+    batch = events(0, range(500, 510))
+    assert asyncio.run(ckpt.rewind_gaps(consumer, batch)) == batch and consumer.seeks == []
