@@ -44,7 +44,7 @@ BRANCH_PREFIX = "closeloop/"
 CLOSED_PREFIX = "refs/closeloop/closed/"
 NOTES_REF = "refs/notes/closeloop"
 ZERO = "0" * 40
-_TRAILER = re.compile(r"^(Closeloop-[A-Za-z]+|Approved-by):\s*(.*)$", re.MULTILINE)
+_TRAILER = re.compile(r"^(Closeloop-[A-Za-z-]+|Approved-by):\s*(.*)$", re.MULTILINE)
 
 
 def trailers(message: str) -> dict[str, str]:
@@ -57,6 +57,7 @@ def proposal_state(message: str, state: str, commit: str, **extra: Any) -> dict[
     t = trailers(message)
     return {"commit": commit, "state": state, "version": int(t.get("Closeloop-Version", "0") or 0),
             "stamp": t.get("Closeloop-Stamp", ""), "created_ns": int(t.get("Closeloop-Created", "0") or 0),
+            "diagnosis_version": int(t.get("Closeloop-Diagnosis-Version", "0") or 0),
             "pr_number": 0, "pr_url": "", **extra}
 
 

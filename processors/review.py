@@ -443,7 +443,7 @@ def decide(store: Store, backend: ChangeBackend, proposal_id: str, decision: str
             if cfg is None or diagnosis is None or "merge cleanly" not in str(e):
                 raise
             actor = Actor(cfg, backend)
-            refreshed = actor.propose(diagnosis, now_ns)
+            refreshed = actor.propose(diagnosis, now_ns, rebuild=True)
             if refreshed is None and actor.already_applied:
                 record = approve_applied(proposal, reviewer, comment, backend, now_ns, actor.last_reason,
                                          diagnosis=diagnosis)

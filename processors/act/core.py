@@ -176,6 +176,7 @@ def commit_message(diag: Diagnosis, change: Change, *, title: str, pid: str, ver
             f"Diagnosis {diag.diagnosis_id} ({diag.rule}, intent {diag.intent_id}): "
             f"{quote(diag.summary, redactor, 300)}\n\n{quote(change.summary, redactor, 300)}\n\n"
             f"Closeloop-Proposal: {pid}\nCloseloop-Diagnosis: {diag.diagnosis_id}\n"
+            f"Closeloop-Diagnosis-Version: {diag.version}\n"
             f"Closeloop-Version: {version}\nCloseloop-Stamp: {stamp}\nCloseloop-Created: {created_ns}\n")
 
 
@@ -206,12 +207,15 @@ class Actor:
         self.last_reason = reason
         log.info("act: diagnosis %s gets no proposal: %s", diag.diagnosis_id, reason)
 
-    def propose(self, diag: Diagnosis, now_ns: int) -> Proposal | None:
+    def propose(self, diag: Diagnosis, now_ns: int, *, rebuild: bool = False) -> Proposal | None:
         """Open (or update) the proposal for ``diag``; ``None`` with ``last_reason`` if none.
 
         Replaying the same diagnosis version is a no-op that returns the existing proposal;
         a newer version of the diagnosis updates the branch and bumps the proposal version.
-        A proposal that was merged or closed by a reviewer is never reopened.
+        A version the proposal already answers, re-emitted with other evidence (diagnose
+        replays after a restart), changes nothing; ``rebuild`` (a reviewer's approval that
+        no longer merges) builds it again on the current base. A proposal that was merged or
+        closed by a reviewer is never reopened.
         """
         self.last_reason, self.already_applied = "", False
         act = self.cfg.act
@@ -245,6 +249,9 @@ class Actor:
         # not updated_ns: diagnose re-emits the same version after a restart (replayed from its
         # checkpoint) at a later time, and that must not count as a new proposal version
         stamp = hashlib.sha256(json.dumps([diag.diagnosis_id, diag.version, change.diff()]).encode()).hexdigest()[:16]
+        if (prev is not None and prev["stamp"] != stamp and not rebuild
+                and prev.get("diagnosis_version", 0) >= diag.version):
+            return self._drop(diag, f"its proposal already answers diagnosis version {prev['diagnosis_version']}")
         title = render_title(diag, self.redactor)
         version = prev["version"] + 1 if prev else 1
         created_ns = (prev["created_ns"] or now_ns) if prev else now_ns

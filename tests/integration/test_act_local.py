@@ -92,6 +92,10 @@ def test_propose_update_replay_and_approve(repo: Path) -> None:
     # a replay changes nothing, even when diagnose re-emitted the version later (after a restart)
     p3 = actor.propose(diagnosis(version=2, failures=50, failure_rate=0.5, updated_ns=T0 + 6), T0 + 7)
     assert p3 is not None and p3.version == 2 and p3.commit == p2.commit == git(repo, "rev-parse", "closeloop/d-77")
+    # the same version re-emitted with other evidence (diagnose replaying after a restart) changes nothing
+    other = diagnosis(version=2, failures=50, failure_rate=0.5, evidence={"thing_name": "order id"})
+    assert actor.propose(other, T0 + 7) is None and "already answers diagnosis version 2" in actor.last_reason
+    assert git(repo, "rev-parse", "closeloop/d-77") == p2.commit
 
     # a stale review (of version 1) cannot merge version 2
     with pytest.raises(ReviewError, match="not the reviewed commit"):
