@@ -235,6 +235,65 @@ def _tag_row(tag: Any) -> dict[str, Any]:
     return d
 
 
+def _key(m: Any) -> str:
+    return f"{m.topic}:{m.partition}"
+
+
+async def contiguous(consumer: Any, events: list[Any], expected: dict[str, int], stage: str, *,
+                     default: int | None) -> list[Any]:
+    """``events`` up to the first offset missing from each partition's sequence; the consumer
+    is set back to read the rest again from that offset.
+
+    ``expected`` holds the next offset each partition must bring (``default`` for one not in
+    it; None trusts wherever the partition starts). A hole means the consumer skipped records:
+    tansu can serve a fetch past a record it has not stored yet (concurrent produce), or a
+    restarted consumer can start past the committed offsets, and faust counts skipped offsets
+    as acknowledged. Read on, the records would be lost for good. Offsets the broker no
+    longer holds (retention) are not a hole.
+    """
+    by_tp: dict[Any, list[int]] = defaultdict(list)
+    for e in events:
+        by_tp[e.message.tp].append(e.message.offset)
+    holes: dict[Any, int] = {}
+    for tp, offsets in by_tp.items():
+        start = expected.get(f"{tp.topic}:{tp.partition}", default)
+        want = min(offsets) if start is None else start
+        for o in sorted(set(offsets)):
+            if o == want:
+                want += 1
+            elif o > want:
+                holes[tp] = want
+                break
+    if not holes:
+        return events
+    earliest = await consumer.earliest_offsets(*holes)
+    cut: dict[Any, int] = {}
+    for tp, want in holes.items():
+        if want < (earliest.get(tp) or 0):
+            continue            # retention removed them: nothing to read again
+        log.warning("%s: %s:%d skipped from offset %d; reading it again from there", stage, tp.topic,
+                    tp.partition, want)
+        await consumer.seek(tp, want)
+        cut[tp] = want
+    return [e for e in events if e.message.offset < cut.get(e.message.tp, e.message.offset + 1)]
+
+
+class ReadGuard:
+    """:func:`contiguous` for a stage without a checkpoint (capture, assemble): the offsets it
+    expects are the ones after what it processed since the worker started."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.expected: dict[str, int] = {}
+
+    async def contiguous(self, consumer: Any, events: list[Any]) -> list[Any]:
+        kept = await contiguous(consumer, events, self.expected, self.stage, default=None)
+        for e in kept:
+            k = _key(e.message)
+            self.expected[k] = max(self.expected.get(k, 0), e.message.offset + 1)
+        return kept
+
+
 class Checkpoint:
     """A stage's model state with the input offsets it covers, kept in ClickHouse.
 
@@ -262,37 +321,12 @@ class Checkpoint:
         log.info("%s: restored checkpoint #%d covering %s", self.name, self.seq, self.offsets)
 
     def _next(self, m: Any) -> int:
-        return self.offsets.get(f"{m.topic}:{m.partition}", 0)
+        return self.offsets.get(_key(m), 0)
 
     async def rewind_gaps(self, consumer: Any, events: list[Any]) -> list[Any]:
-        """``events`` without the partitions that skip past what the checkpoint covers; those
-        are read again from the first offset not covered.
-
-        The checkpoint's offsets are the next offsets this stage must see. A consumer that
-        starts past them (on tansu, after a restart, a partition can jump from offset 0 to
-        near its end) would skip events for good: faust counts skipped offsets as
-        acknowledged, and the next checkpoint would cover them. So such a partition is
-        dropped from the batch and its consumer position set back; nothing past the gap is
-        processed or covered until the gap is read.
-        """
-        first: dict[Any, int] = {}
-        for e in events:
-            m = e.message
-            if m.offset >= self._next(m):
-                first[m.tp] = min(first.get(m.tp, m.offset), m.offset)
-        gaps = {tp: off for tp, off in first.items() if off > self.offsets.get(f"{tp.topic}:{tp.partition}", 0)}
-        if not gaps:
-            return events
-        earliest = await consumer.earliest_offsets(*gaps)
-        rewound = set()
-        for tp, got in gaps.items():
-            want = max(self.offsets.get(f"{tp.topic}:{tp.partition}", 0), earliest.get(tp) or 0)
-            if got > want:     # offsets the broker no longer holds are not a gap
-                log.warning("%s: %s:%d jumped to offset %d, %d not read yet; reading it again from there",
-                            self.name, tp.topic, tp.partition, got, want)
-                await consumer.seek(tp, want)
-                rewound.add(tp)
-        return [e for e in events if e.message.tp not in rewound]
+        """:func:`contiguous` against the offsets the checkpoint covers (0 for a partition it
+        has never seen): nothing past a hole is processed or covered until the hole is read."""
+        return await contiguous(consumer, events, self.offsets, self.name, default=0)
 
     def fresh(self, events: list[Any]) -> list[Any]:
         """The events the checkpoint does not cover yet."""
@@ -358,9 +392,12 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
 
         capture_core = Capture(cfg.capture, logs_topic=t.otlp_logs, end_attribute=cfg.assemble.end_attribute)
 
+        capture_guard = ReadGuard("capture")
+
         @app.agent(topic(t.otlp_spans, t.otlp_logs), name="capture")
         async def capture_agent(stream: faust.StreamT) -> None:
             async for events in stream.take_events(CAPTURE_BATCH, within=TAKE_WITHIN_S):
+                events = await capture_guard.contiguous(app.consumer, events)
                 now = time.time_ns()
                 raw = [RawMessage(e.message.topic, e.message.partition, e.message.offset,
                                   e.message.key, e.message.value) for e in events]
@@ -392,9 +429,12 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
         deadlines: dict[int, list[tuple[int, str]]] = defaultdict(list)
         indexed: set[int] = set()
 
+        assemble_guard = ReadGuard("assemble")
+
         @app.agent(turns_topic, name="assemble")
         async def assemble_agent(stream: faust.StreamT) -> None:
             async for events in stream.take_events(RECORD_BATCH, within=TAKE_WITHIN_S):
+                events = await assemble_guard.contiguous(app.consumer, events)
                 closed = []
                 dls: list[DeadLetter] = []
                 with pipe.busy("assemble"):

@@ -12,7 +12,7 @@ import pytest
 from faust.types import TP
 
 from processors import app as app_module
-from processors.app import EXIT_STAGE_CRASHED, Checkpoint, Pipeline, build_app, exit_on_crash
+from processors.app import EXIT_STAGE_CRASHED, Checkpoint, Pipeline, ReadGuard, build_app, exit_on_crash
 from processors.config import Config
 
 
@@ -81,3 +81,17 @@ def test_offsets_the_broker_no_longer_holds_are_not_a_gap() -> None:
     consumer = Consumer(earliest=500)       # retention deleted 0..499
     batch = events(0, range(500, 510))
     assert asyncio.run(ckpt.rewind_gaps(consumer, batch)) == batch and consumer.seeks == []
+
+
+def test_a_hole_inside_a_batch_keeps_what_comes_before_it() -> None:
+    # offset 122 missing (a fetch served 123 before 122 was stored): keep up to 121, read again from 122
+    guard = ReadGuard("assemble")
+    consumer = Consumer()
+    batch = events(2, range(100, 122)) + events(2, range(123, 130))
+    kept = asyncio.run(guard.contiguous(consumer, batch))
+    assert [e.message.offset for e in kept] == list(range(100, 122))
+    assert consumer.seeks == [(TP("closeloop.conversations", 2), 122)]
+    # the stale rest arrives again before the re-read: rewound again, nothing processed twice
+    assert asyncio.run(guard.contiguous(consumer, events(2, range(123, 130)))) == []
+    kept = asyncio.run(guard.contiguous(consumer, events(2, range(122, 135))))
+    assert [e.message.offset for e in kept] == list(range(122, 135)) and len(consumer.seeks) == 2
