@@ -286,6 +286,12 @@ class ReadGuard:
         self.stage = stage
         self.expected: dict[str, int] = {}
 
+    def forget(self, tps: Any) -> None:
+        """Partitions this process no longer reads: another process may read them meanwhile,
+        so what is expected of them next is unknown when they come back."""
+        for tp in tps:
+            self.expected.pop(f"{tp.topic}:{tp.partition}", None)
+
     async def contiguous(self, consumer: Any, events: list[Any]) -> list[Any]:
         kept = await contiguous(consumer, events, self.expected, self.stage, default=None)
         for e in kept:
@@ -357,6 +363,13 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
     cfg, t = pipe.cfg, pipe.cfg.topics
     app = WorkerApp(app_id(pipe.stages), **faust_settings(cfg, bootstrap))
 
+    guards: list[ReadGuard] = []
+
+    @app.on_partitions_revoked.connect
+    async def forget_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
+        for guard in guards:
+            guard.forget(revoked)
+
     def topic(*names: str) -> faust.TopicT:
         return app.topic(*names, key_type=bytes, value_type=bytes,
                          key_serializer="raw", value_serializer="raw")
@@ -393,6 +406,7 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
         capture_core = Capture(cfg.capture, logs_topic=t.otlp_logs, end_attribute=cfg.assemble.end_attribute)
 
         capture_guard = ReadGuard("capture")
+        guards.append(capture_guard)
 
         @app.agent(topic(t.otlp_spans, t.otlp_logs), name="capture")
         async def capture_agent(stream: faust.StreamT) -> None:
@@ -430,6 +444,7 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
         indexed: set[int] = set()
 
         assemble_guard = ReadGuard("assemble")
+        guards.append(assemble_guard)
 
         @app.agent(turns_topic, name="assemble")
         async def assemble_agent(stream: faust.StreamT) -> None:
