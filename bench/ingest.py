@@ -468,6 +468,7 @@ def figures(res: dict) -> dict:
     own = [f for f, _, _ in res["frames"] if "processors/" in f]
     return {"best_stored": best.stored_rate, "best_acked": max((lv.acked_rate for lv in levels), default=0.0),
             "cores_at_best": {n: round(c, 2) for n, c in best.cpu.items()},
+            "capture_us_per_span": 1e6 * res["stage_cpu"].get("capture", 0.0) / max(res["stored_total"], 1),
             "worker_cores_at_best": best.cpu.get("worker", 0.0), "gateway_cores_at_best": best.cpu.get("gateway", 0.0),
             "broker_cores_at_best": best.cpu.get("broker", 0.0),
             "half_p50": half.p50_s if half else None, "half_p99": half.p99_s if half else None,
