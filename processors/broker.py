@@ -12,10 +12,10 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import ClassVar
 
 from .errors import BrokerError
-from .procs import stop_process
+from .procs import ManagedProcess
 
 READY_TIMEOUT_S = 15.0
 
@@ -73,7 +73,7 @@ def wait_ready(bootstrap: str, timeout_s: float = READY_TIMEOUT_S) -> None:
 
 
 @dataclass
-class EmbeddedBroker:
+class EmbeddedBroker(ManagedProcess):
     """A tansu broker process on a loopback port, its log under ``log_dir``.
 
     ``storage`` is tansu's ``--storage-engine``; ``env`` the settings that engine reads from the
@@ -86,8 +86,10 @@ class EmbeddedBroker:
     storage: str = "memory://tansu/"
     log_dir: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
-    _log: IO[bytes] | None = field(default=None, init=False)
+    # tansu may not exit on SIGTERM while clients are connected; it holds nothing unwritten
+    # (memory storage loses everything anyway, s3 has written what it acknowledged), so the
+    # wait is short before SIGKILL.
+    STOP_TIMEOUT_S: ClassVar[float] = 2.0
 
     @property
     def bootstrap(self) -> str:
@@ -101,11 +103,7 @@ class EmbeddedBroker:
             raise BrokerError(f"port {self.port} is taken; choose another with kafka.broker_port "
                               "(CLOSELOOP_KAFKA_BROKER_PORT) or 0 for a free one")
         url = f"tcp://{self.host}:{self.port}"
-        out: IO[bytes] | int = subprocess.DEVNULL
-        if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            self._log = open(self.log_dir / "broker.log", "ab")
-            out = self._log
+        out = self._output(self.log_dir / "broker.log" if self.log_dir is not None else None)
         self.proc = subprocess.Popen(
             [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
              "--storage-engine", self.storage],
@@ -122,29 +120,6 @@ class EmbeddedBroker:
                                   f"see {self.log_dir}/broker.log") from None
             raise
         return self
-
-    def stop(self, timeout_s: float = 2.0) -> None:
-        # tansu may not exit on SIGTERM while clients are connected; it holds nothing unwritten
-        # (memory storage loses everything anyway, s3 has written what it acknowledged),
-        # so the wait is short before SIGKILL.
-        stop_process(self.proc, timeout_s)
-        self.proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash would (tests)."""
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-    def __enter__(self) -> EmbeddedBroker:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def ensure_topics(bootstrap: str, topics: list[str], partitions: int, *,

@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -41,7 +41,7 @@ from xml.sax.saxutils import escape
 
 from .broker import free_port
 from .errors import BrokerError
-from .procs import stop_process
+from .procs import ManagedProcess
 
 log = logging.getLogger("closeloop.s3store")
 
@@ -597,7 +597,7 @@ def serve(root: Path, *, host: str = "127.0.0.1", port: int = 0, buckets: tuple[
 
 
 @dataclass
-class LocalS3:
+class LocalS3(ManagedProcess):
     """The S3 server as a child process on a loopback port, its data in ``root``."""
 
     root: Path
@@ -606,8 +606,6 @@ class LocalS3:
     bucket: str = BUCKET
     log_dir: Path | None = None
     fsync: bool = True
-    proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
-    _log: IO[bytes] | None = field(default=None, init=False)
 
     @property
     def endpoint(self) -> str:
@@ -626,22 +624,11 @@ class LocalS3:
                 "AWS_SECRET_ACCESS_KEY": "closeloop",
                 "NO_PROXY": self.host, "no_proxy": self.host}   # a proxy set for the web must not get these
 
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
     def start(self) -> LocalS3:
         """Start (or, after a crash, restart on the same port) and wait until the bucket answers."""
         if self.port == 0:
             self.port = free_port(self.host)
-        out: IO[bytes] | int = subprocess.DEVNULL
-        if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            self._log = self._log or open(self.log_dir / "broker-s3.log", "ab")
-            out = self._log
+        out = self._output(self.log_dir / "broker-s3.log" if self.log_dir is not None else None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "processors.s3store", "--root", str(self.root), "--host", self.host,
              "--port", str(self.port), "--bucket", self.bucket] + ([] if self.fsync else ["--no-fsync"]),
@@ -664,26 +651,6 @@ class LocalS3:
         where = f"; see {self.log_dir / 'broker-s3.log'}" if self.log_dir else ""
         raise BrokerError(f"the broker's S3 server on {self.endpoint} did not come up"
                           + (f" (exit code {code})" if code is not None else "") + where)
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        stop_process(self.proc, timeout_s)
-        self.proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash would (tests)."""
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-    def __enter__(self) -> LocalS3:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def main(argv: list[str] | None = None) -> None:

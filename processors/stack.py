@@ -16,12 +16,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, ClassVar
 
 from .broker import EmbeddedBroker, ensure_topics, free_port, port_in_use
 from .config import Config
 from .errors import BrokerError, CloseloopError
-from .procs import stop_process
+from .procs import ManagedProcess
 from .s3store import LocalS3
 
 log = logging.getLogger("closeloop.stack")
@@ -54,30 +54,25 @@ def wait_port(host: str, port: int, timeout_s: float) -> bool:
 
 
 @dataclass
-class Child:
+class Child(ManagedProcess):
     name: str
     argv: list[str]
     env: dict[str, str]
     log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
-    _log: IO[bytes] | None = field(default=None, repr=False)
+    STOP_TIMEOUT_S: ClassVar[float] = 20.0
 
-    def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=False)
+    def start(self) -> Child:
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self._output(self.log_path),
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=False)
+        return self
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout_s: float = 20.0) -> None:
-        if stop_process(self.proc, timeout_s):
-            log.warning("%s did not stop within %.0fs; it was killed", self.name, timeout_s)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+    def stop(self, timeout_s: float | None = None) -> bool:
+        killed = super().stop(timeout_s)
+        if killed:
+            log.warning("%s did not stop within %.0fs; it was killed", self.name,
+                        self.STOP_TIMEOUT_S if timeout_s is None else timeout_s)
+        return killed
 
 
 @dataclass
