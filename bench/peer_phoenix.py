@@ -39,6 +39,7 @@ from bench.understand import MemoEmbedder, conversation, utterances
 from processors.broker import free_port
 from processors.config import load_config
 from processors.embed import make_embedder
+from processors.procs import stop_process
 from processors.understand import Understand
 
 PHOENIX = Path("/work/venv-phoenix/bin/phoenix")
@@ -139,12 +140,7 @@ def phoenix_peer(phoenix: Path, n_requests: int, spans: int) -> Peer | None:
                 return measure(f"Arize Phoenix {phoenix_version(phoenix)} (SQLite)", f"http://127.0.0.1:{port}",
                                count, n_requests, spans, 2)
             finally:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                stop_process(proc, 30)
 
 
 def phoenix_version(phoenix: Path) -> str:

@@ -35,6 +35,7 @@ from opentelemetry.trace import Span as TraceSpan
 from opentelemetry.trace import Status, StatusCode, Tracer
 
 from processors.broker import free_port
+from processors.procs import stop_process
 
 from .pipeline import Pipeline, running_pipeline, wait_for
 from .test_rotel import ROTEL, wait_listening
@@ -264,12 +265,7 @@ def rotel_http_port(pipe: Pipeline, tmp_path: Path) -> Iterator[int]:
         wait_listening(http_port, proc, log)
         yield http_port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)
 
 
 _PER_ROUTE = {"trace_id", "span_id", "parent_span_id", "conversation_id", "start_ns", "end_ns",

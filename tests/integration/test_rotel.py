@@ -26,6 +26,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from processors.broker import EmbeddedBroker, free_port
 from processors.config import Config
 from processors.gateway import Gateway
+from processors.procs import stop_process
 from tests.integration.test_gateway import conversation, read_topic
 
 READY_TIMEOUT_S = 15.0
@@ -76,12 +77,7 @@ def rotel(kafka: EmbeddedBroker, topic_factory, tmp_path: Path) -> Iterator[tupl
         wait_listening(http_port, proc, log)
         yield http_port, topic
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)
 
 
 def test_rotel_and_the_gateway_write_the_same_spans(kafka: EmbeddedBroker, rotel: tuple[int, str],

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from processors.procs import stop_process
 from processors.stack import wait_for, wait_port  # noqa: F401 (wait_for: used by the tests)
 from processors.store import Store, connect_http
 
@@ -54,13 +55,7 @@ class WorkerProcess:
         self.proc.wait()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 30)
 
 
 def alive(pid: int) -> bool:
