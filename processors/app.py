@@ -43,13 +43,6 @@ log = logging.getLogger("closeloop.worker")
 
 ALL_STAGES = ("capture", "assemble", "understand", "diagnose", "act", "verify")
 CAPTURE_ONLY = ("capture",)      # a capture process: its own consumer group, scaled out by partition
-
-
-def app_id(stages: tuple[str, ...]) -> str:
-    """The faust app id (= consumer group) of a worker running ``stages``. Capture processes
-    form their own group, so any number of them split the OTLP partitions among themselves
-    while one worker runs the ordered stages."""
-    return "closeloop-capture" if tuple(stages) == CAPTURE_ONLY else "closeloop"
 CAPTURE_BATCH = 200          # OTLP requests per take (each holds many spans)
 RECORD_BATCH = 500
 TAKE_WITHIN_S = 0.2
@@ -58,6 +51,13 @@ STATS_INTERVAL_S = 5.0
 VERIFY_INTERVAL_S = 5.0
 DEADLETTER_MAX_BYTES = 64 * 1024
 REFUSALS_BEFORE_SPLIT = 3
+
+
+def app_id(stages: tuple[str, ...]) -> str:
+    """The faust app id (= consumer group) of a worker running ``stages``. Capture processes
+    form their own group, so any number of them split the OTLP partitions among themselves
+    while one worker runs the ordered stages."""
+    return "closeloop-capture" if tuple(stages) == CAPTURE_ONLY else "closeloop"
 
 
 def faust_settings(cfg: Config, bootstrap: str) -> dict[str, Any]:
@@ -236,7 +236,15 @@ def _tag_row(tag: Any) -> dict[str, Any]:
 
 
 def _key(m: Any) -> str:
+    """``topic:partition`` of a message or a TP: how expected offsets are kept."""
     return f"{m.topic}:{m.partition}"
+
+
+def _advance(expected: dict[str, int], events: list[Any]) -> None:
+    """Expect, of each partition, the offset after the newest of ``events``."""
+    for e in events:
+        k = _key(e.message)
+        expected[k] = max(expected.get(k, 0), e.message.offset + 1)
 
 
 async def contiguous(consumer: Any, events: list[Any], expected: dict[str, int], stage: str, *,
@@ -256,7 +264,7 @@ async def contiguous(consumer: Any, events: list[Any], expected: dict[str, int],
         by_tp[e.message.tp].append(e.message.offset)
     holes: dict[Any, int] = {}
     for tp, offsets in by_tp.items():
-        start = expected.get(f"{tp.topic}:{tp.partition}", default)
+        start = expected.get(_key(tp), default)
         want = min(offsets) if start is None else start
         for o in sorted(set(offsets)):
             if o == want:
@@ -290,13 +298,11 @@ class ReadGuard:
         """Partitions this process no longer reads: another process may read them meanwhile,
         so what is expected of them next is unknown when they come back."""
         for tp in tps:
-            self.expected.pop(f"{tp.topic}:{tp.partition}", None)
+            self.expected.pop(_key(tp), None)
 
     async def contiguous(self, consumer: Any, events: list[Any]) -> list[Any]:
         kept = await contiguous(consumer, events, self.expected, self.stage, default=None)
-        for e in kept:
-            k = _key(e.message)
-            self.expected[k] = max(self.expected.get(k, 0), e.message.offset + 1)
+        _advance(self.expected, kept)
         return kept
 
 
@@ -344,16 +350,14 @@ class Checkpoint:
         return out
 
     async def save(self, events: list[Any], snapshot: Any) -> None:
-        ranges: dict[str, list[int]] = {}
-        for e in events:
-            m = e.message
-            k = f"{m.topic}:{m.partition}"
-            self.offsets[k] = max(self.offsets.get(k, 0), m.offset + 1)
-            r = ranges.setdefault(k, [m.offset, m.offset, 0])
-            r[0], r[1], r[2] = min(r[0], m.offset), max(r[1], m.offset), r[2] + 1
-        log.debug("%s: checkpoint #%d after %s", self.name, self.seq + 1,
-                  ", ".join(f"{k} {a}..{b} ({n})" for k, (a, b, n) in sorted(ranges.items())))
+        _advance(self.offsets, events)
         self.seq += 1
+        if log.isEnabledFor(logging.DEBUG):
+            ranges: dict[str, list[int]] = defaultdict(list)
+            for e in events:
+                ranges[_key(e.message)].append(e.message.offset)
+            log.debug("%s: checkpoint #%d after %s", self.name, self.seq,
+                      ", ".join(f"{k} {min(o)}..{max(o)} ({len(o)})" for k, o in sorted(ranges.items())))
         data = base64.b64encode(await self.pipe.run(snapshot, stage=self.name)).decode()
         await self.pipe.write(self.name, "checkpoints", [dict(
             name=self.name, seq=self.seq, offsets=json.dumps(self.offsets), data=data, ts_ns=time.time_ns())])
