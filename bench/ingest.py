@@ -287,8 +287,8 @@ def stage_cpu_seconds(store: Store) -> dict[str, float]:
 
 def process_ids(stack: EmbeddedStack) -> dict[str, int]:
     pids = {n: c.proc.pid for n, c in stack.children.items() if c.proc is not None and n != "web"}
-    if stack.broker is not None and stack.broker.proc is not None:
-        pids["broker"] = stack.broker.proc.pid
+    if stack.broker is not None and stack.broker.pid is not None:
+        pids["broker"] = stack.broker.pid
     pids["client"] = os.getpid()
     return pids
 

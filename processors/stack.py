@@ -181,7 +181,7 @@ class EmbeddedStack:
         info = {
             "supervisor_pid": os.getpid(),
             "bootstrap": self.bootstrap,
-            "broker_pid": self.broker.proc.pid if self.broker and self.broker.proc else None,
+            "broker_pid": self.broker.pid if self.broker else None,
             "broker_store_pid": self.broker_store.pid if self.broker_store else None,
             "children": {n: c.proc.pid for n, c in self.children.items() if c.proc},
             "otlp_grpc": f"{cfg.otlp.host}:{cfg.otlp.grpc_port}",
