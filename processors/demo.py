@@ -238,8 +238,11 @@ def cmd_demo(a: argparse.Namespace) -> int:
     try:
         import examples.support_agent  # noqa: F401
     except ImportError as e:
-        raise CloseloopError("the demo agent lives in the source checkout (examples/support_agent); "
-                             "run closeloop demo from a clone of the repository") from e
+        if e.name and e.name.split(".")[0] == "examples":
+            raise CloseloopError("the demo agent lives in the source checkout (examples/support_agent); "
+                                 "run closeloop demo from a clone of the repository") from e
+        raise CloseloopError(f"the demo agent cannot be imported: {e}; reinstall closeloop "
+                             "(pip install -e .) to get its dependencies") from e
     t0 = time.monotonic()
     result = run_demo(cfg, cfg_file, a.conversations, a.seed, a.approve_as)
     _say(f"(demo took {time.monotonic() - t0:.0f}s)")
