@@ -208,8 +208,10 @@ def run_demo(cfg: Config, config_file: Path, n: int, seed: int, approve_as: str 
                     "LEFT JOIN (SELECT * FROM intents FINAL) AS i ON i.intent_id = o.intent_id "
                     "INNER JOIN (SELECT * FROM proposals FINAL) AS p ON p.proposal_id = o.proposal_id "
                     "WHERE o.ts_ns > {t:UInt64}", {"t": cycle2_done})
-                done = [r for r in rows if r["target"] and r["verdict"] != "not_enough_data"]
-                return rows if len(done) >= len(approved) else []
+                # every approved change measured on all of cycle 2 (its tags were in before
+                # cycle2_done); a small intent's verdict may be not_enough_data, and says so
+                measured = {r["proposal_id"] for r in rows if r["target"]}
+                return rows if measured >= set(approved) else []
 
             cycle2_done = time.time_ns()
             outcomes = wait_until("verdicts", verdicts, WAIT_LOOP_S) or []
