@@ -110,16 +110,14 @@ INTENTS: dict[str, Intent] = {i.name: i for i in (
     ),
     # -- healthy -------------------------------------------------------------------------------
     Intent(
-        "activate_my_card", "healthy",
-        questions=("Has the new card arrived in the post?",
-                   "Great. Do you have the letter that came with it?"),
-        replies=(("yes it came today", "yes, I have it here", "yeah, got it yesterday"),
-                 ("yes", "yes I do", "I think so, yes")),
-        optional_questions=1,
-        tool="get_card_status", args={"card": "newest"},
-        result={"status": "inactive", "activation": "in_app"},
-        answer=("Your new card is ready to activate. In the app, go to Cards → Activate card and "
-                "enter the 6-digit code printed on the letter; it works straight away."),
+        "terminate_account", "healthy",
+        questions=("I'm sorry to see you go. Is there still money in the account?",),
+        replies=(("yes, about 50 pounds", "no, it's empty", "a little, yes"),),
+        tool="search_help_center", args={"query": "close my account"},
+        result={"article": "Closing your account", "url": "https://help.bankly.example/close"},
+        answer=("You can close it yourself in Profile → Close account. Move any money left to "
+                "another account first; the account closes within one working day and we email "
+                "you a final statement."),
     ),
     Intent(
         "change_pin", "healthy",

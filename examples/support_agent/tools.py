@@ -22,8 +22,6 @@ _CARD = {"type": "object", "properties": {"card_last4": {"type": "string"}}, "re
 SCHEMAS: dict[str, tuple[dict[str, Any], tuple[int, int]]] = {
     "track_card_delivery": (_CARD, (120, 420)),
     "freeze_card": (_CARD, (150, 380)),
-    "get_card_status": ({"type": "object", "properties": {
-        "card_last4": {"type": "string"}, "card": {"type": "string", "enum": ["newest"]}}}, (90, 300)),
     "lookup_transfer": ({"type": "object", "properties": {"transfer_id": {"type": "string"}},
                          "required": ["transfer_id"]}, (140, 450)),
     "get_exchange_rate": ({"type": "object", "properties": {
@@ -78,7 +76,7 @@ def _result(name: str, args: dict[str, Any], data: dict[str, Any], rng: random.R
         if not TRANSFER_ID.fullmatch(tid):
             raise ValueError("invalid transfer_id format: expected TR-<digits>")
         return {"transfer_id": tid, **data}
-    if name in ("track_card_delivery", "freeze_card") or (name == "get_card_status" and "card" not in args):
+    if name in ("track_card_delivery", "freeze_card"):
         last4 = str(args.get("card_last4", ""))
         if not CARD_LAST4.fullmatch(last4):
             raise ValueError("invalid card_last4: expected the last four digits of the card")
