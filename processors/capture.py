@@ -58,6 +58,7 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import orjson
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
@@ -553,6 +554,11 @@ class Capture:
 
     def _json_text(self, s: str) -> tuple[str, Any]:
         """``(redacted text, redacted parsed value)`` for text that may be JSON."""
+        if self.redactor.json_is_clean(s):      # the common case, without a walk over its strings
+            try:
+                return s, orjson.loads(s)
+            except orjson.JSONDecodeError:      # not JSON, or JSON only the json module reads
+                pass
         try:
             obj = json.loads(s)
         except ValueError:

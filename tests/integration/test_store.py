@@ -1,6 +1,7 @@
 """The store: migrations apply once, the code's rows match the DDL, the SQL endpoint serves clients."""
 from __future__ import annotations
 
+import json
 import time
 import urllib.parse
 import urllib.request
@@ -63,6 +64,20 @@ def test_every_stage_row_matches_its_table(store: Store, unique: str) -> None:
         assert store.insert_records(table, rows) == 1
     assert store.scalar("SELECT failed FROM conversation_tags FINAL WHERE conversation_id = {c:String}",
                         {"c": f"c-{unique}"}) == 1
+
+
+def test_insert_records_of_mixed_shapes(store: Store, unique: str) -> None:
+    """Keys the table lacks are left out; dicts and lists in String columns become JSON."""
+    rows = [{"proposal_id": f"p1-{unique}", "reviewer": "Ada", "comment": {"why": ["ok"]}},
+            {"comment": "plain", "proposal_id": f"p2-{unique}", "reviewer": ""},
+            {"proposal_id": f"p3-{unique}", "reviewer": "Bo", "comment": [1, 2], "not_a_column": 5}]
+    for r in rows:
+        r["review_id"] = r["proposal_id"].replace("p", "r", 1)
+    assert store.insert_records("reviews", rows) == 3
+    got = store.query("SELECT proposal_id, reviewer, comment FROM reviews FINAL "
+                      "WHERE proposal_id LIKE {p:String} ORDER BY proposal_id", {"p": f"%-{unique}"})
+    assert [(r["reviewer"], json.loads(r["comment"]) if r["comment"][:1] in "{[" else r["comment"])
+            for r in got] == [("Ada", {"why": ["ok"]}), ("", "plain"), ("Bo", [1, 2])]
 
 
 def test_sql_endpoint_serves_clickhouse_clients(store: Store, unique: str) -> None:
