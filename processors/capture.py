@@ -18,7 +18,8 @@ protobuf or OTLP/JSON, and returns a :class:`CaptureBatch`:
 Redaction comes first: every attribute value, span name, event, status message,
 log body and every string inside JSON values goes through the :class:`Redactor`
 before any row or record is built, and JSON values are redacted leaf by leaf
-(redacting JSON text would miss secrets behind escapes like ``\\n``).
+(redacting JSON text would miss secrets behind escapes like ``\\n``); JSON text that
+:meth:`Redactor.json_is_clean` clears as a whole is parsed once and kept as it is.
 
 Conversation id: ``gen_ai.conversation.id``, else ``session.id``, else
 ``traceloop.association.properties.session_id`` (span first, then resource), else
