@@ -228,6 +228,10 @@ def run_demo(cfg: Config, config_file: Path, n: int, seed: int, approve_as: str 
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
+    if a.approve_as is not None and not a.approve_as.strip():
+        # before minutes of simulation, not at the review step (an unset $USER gives "")
+        raise CloseloopError("--approve-as needs the reviewer's name, and got an empty one "
+                             "(is $USER unset? try --approve-as \"$(whoami)\")")
     base = load_config(getattr(a, "config", None), overrides={"home": getattr(a, "home", None)})
     home = base.home_path
     repo = home / "demo" / "bankly-agent"
