@@ -55,6 +55,11 @@ def _majority(store, result) -> dict[str, str]:
     return {i: v.most_common(1)[0][0] for i, v in votes.items()}
 
 
+def _kind_of_conversation(result) -> dict[str, str]:
+    """The planted kind (card, transfer, fx, healthy) of every conversation the demo sent."""
+    return {c.conversation_id: INTENTS[c.intent].kind for cycle in result.cycles for c in cycle.conversations}
+
+
 def test_capture_and_understand(demo) -> None:
     result, store, _ = demo
     sent = sum(len(c.conversations) for c in result.cycles)
@@ -78,8 +83,6 @@ def test_capture_and_understand(demo) -> None:
         assert home >= 0.75 * len(mine), (kind, home, len(mine), {i: dict(v) for i, v in votes.items()})
 
 
-def _kind_of_conversation(result) -> dict[str, str]:
-    return {c.conversation_id: INTENTS[c.intent].kind for cycle in result.cycles for c in cycle.conversations}
 
 
 def test_diagnoses_name_the_planted_causes(demo) -> None:
