@@ -41,6 +41,8 @@ def sections(quick: bool) -> list[Section]:
     q = quick
     return [
         Section("Capture core", ["bench/capture_core.py", "--spans", "5000" if q else "20000"], fence=True),
+        Section("Capture floor", ["-m", "bench.floor", "--spans", "10000" if q else "40000", "--json", "{json}"],
+                fence=True),
         Section("Gateway", ["bench/gateway.py", "--requests", "60" if q else "200"], fence=True),
         Section("Ingest", ["-m", "bench.ingest", "--seconds", "5" if q else "10", "--rates",
                            "1000,2000,5000" if q else "1000,2000,5000,10000,20000,40000",
@@ -101,6 +103,16 @@ def intents_nmi(md: str) -> tuple[float, float] | None:
     return (float(km.group(1)), float(on.group(1))) if km and on else None
 
 
+def floor_limit(floor: dict) -> str:
+    """What the parts outside capture's code cost per span (bench.floor), when it ran."""
+    if not floor:
+        return ""
+    return (f". The parts no capture code can make cheaper (broker, Kafka clients, ClickHouse inserts) cost "
+            f"{floor['floor_us']:.0f} µs/span by themselves ({floor['insert_us']:.0f} of it the inserts): at most "
+            f"{floor['max_spans_s']:,.0f} spans/s on 2 cores before capture's own code, which takes "
+            f"{floor['capture_core_us']:.0f} µs/span (Capture floor)")
+
+
 def goals(figs: dict[str, dict], texts: dict[str, str]) -> list[tuple[str, str, str, str]]:
     """(goal, figure, met, what limits it)."""
     rows = []
@@ -116,7 +128,8 @@ def goals(figs: dict[str, dict], texts: dict[str, str]) -> list[tuple[str, str, 
                      + f" ({sum(ing.get('cores_at_best', {}).values()):.2f} of 2). Capture costs "
                      f"~{ing.get('capture_us_per_span', 0):.0f} µs of CPU per span with content (decode, redact, "
                      "rows, inserts); each capture process waits on its inserts through the store owner and on "
-                     f"broker acknowledgements between batches. Top capture frame: {ing['top_frame']}"))
+                     f"broker acknowledgements between batches. Top capture frame: {ing['top_frame']}"
+                     + floor_limit(figs.get("Capture floor", {}))))
         p99 = ing.get("half_p99")
         rows.append(("p99 export → queryable < 2 s at half of max load",
                      f"p99 {p99:.2f} s, p50 {ing['half_p50']:.2f} s at {ing['half_rate']:,.0f} spans/s offered"
