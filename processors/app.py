@@ -36,7 +36,7 @@ from aiokafka.partitioner import murmur2
 from . import assemble
 from .config import Config
 from .errors import InputError, ReviewError, StoreError
-from .records import DeadLetter, dumps
+from .records import SCHEMA_VERSION, DeadLetter, TurnRecord, dumps
 from .store import Store
 
 log = logging.getLogger("closeloop.worker")
@@ -426,12 +426,13 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
                 await pipe.write("capture", "tool_calls", batch.tool_rows)
                 # One message per partition, bundling its conversations: one message per
                 # conversation would cost a produce round trip each (changelog-safe settings).
+                # orjson serialises the records (dataclasses) itself, in C.
                 with pipe.busy("capture"):
-                    bundles: dict[int, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+                    bundles: dict[int, dict[str, list[TurnRecord]]] = defaultdict(lambda: defaultdict(list))
                     for tr in batch.turns:
-                        bundles[partition_of(tr.conversation_id, cfg.kafka.partitions)][tr.conversation_id].append(
-                            tr.to_dict())
-                    messages = [(turns_topic, None, dumps({"conversations": b}), p) for p, b in bundles.items()]
+                        bundles[partition_of(tr.conversation_id, cfg.kafka.partitions)][tr.conversation_id].append(tr)
+                    messages = [(turns_topic, None, dumps({"v": SCHEMA_VERSION, "conversations": b}), p)
+                                for p, b in bundles.items()]
                 await send_all(messages)
                 pipe.counters["capture"].records_out += len(batch.turns)
                 await send_deadletters("capture", batch.deadletters)

@@ -18,7 +18,8 @@ protobuf or OTLP/JSON, and returns a :class:`CaptureBatch`:
 Redaction comes first: every attribute value, span name, event, status message,
 log body and every string inside JSON values goes through the :class:`Redactor`
 before any row or record is built, and JSON values are redacted leaf by leaf
-(redacting JSON text would miss secrets behind escapes like ``\\n``).
+(redacting JSON text would miss secrets behind escapes like ``\\n``); JSON text that
+:meth:`Redactor.json_is_clean` clears as a whole is parsed once and kept as it is.
 
 Conversation id: ``gen_ai.conversation.id``, else ``session.id``, else
 ``traceloop.association.properties.session_id`` (span first, then resource), else
@@ -58,6 +59,7 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import orjson
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
@@ -553,6 +555,11 @@ class Capture:
 
     def _json_text(self, s: str) -> tuple[str, Any]:
         """``(redacted text, redacted parsed value)`` for text that may be JSON."""
+        if self.redactor.json_is_clean(s):      # the common case, without a walk over its strings
+            try:
+                return s, orjson.loads(s)
+            except orjson.JSONDecodeError:      # not JSON, or JSON only the json module reads
+                pass
         try:
             obj = json.loads(s)
         except ValueError:

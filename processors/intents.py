@@ -179,10 +179,11 @@ class IntentModel:
 
     def intents(self, *, include_merged: bool = False) -> list[IntentSummary]:
         out = []
+        position = {iid: k for k, iid in enumerate(self._order)}
         for iid, meta in self._meta.items():
             if meta["status"] != "active" and not include_merged:
                 continue
-            cent = self._i_cent[self._order.index(iid)] if iid in self._order else np.asarray(meta["centroid"])
+            cent = self._i_cent[position[iid]] if iid in position else np.asarray(meta["centroid"])
             out.append(IntentSummary(
                 intent_id=iid, size=int(meta["size"]), centroid=cent.astype(np.float32),
                 created_ns=int(meta["created_ns"]), updated_ns=int(meta["updated_ns"]),
@@ -333,9 +334,10 @@ class IntentModel:
         m = self._m
         w = self._m_n[:m].astype(np.float64)
         pts = self._m_cent[:m]
+        msum = self._m_sum[:m].astype(np.float64)       # once per refinement, not per regrouping
         cents = self._i_cent.copy()
         for _ in range(self.refine_iters):
-            sums, assign = self._recentre(self._dp_assign(pts, w, cents))
+            sums, assign = _recentre(msum, self._dp_assign(pts, w, cents))
             cents = self._normalise(sums)
         # DP-means never merges two centroids by itself: intents that became near-duplicates do here
         while len(cents) > 1:
@@ -346,16 +348,17 @@ class IntentModel:
                 break
             gw = np.bincount(assign, weights=w, minlength=len(cents))
             light, heavy = (a, b) if gw[a] < gw[b] else (b, a)
-            sums, assign = self._recentre(np.where(assign == light, heavy, assign))
+            sums, assign = _recentre(msum, np.where(assign == light, heavy, assign))
             cents = self._normalise(sums)
         # intents that stay small past their grace period are folded into their nearest neighbour
-        old_of = np.array([self._order.index(i) for i in self._m_intent[:m]])
+        position = {iid: k for k, iid in enumerate(self._order)}
+        old_of = np.array([position[i] for i in self._m_intent[:m]])
         born = np.array([self._meta[i]["born"] for i in self._order])
         grp_born = np.array([born[old_of[assign == g]].min() for g in range(len(cents))])
         grp_w = np.bincount(assign, weights=w, minlength=len(cents))
         keep = (grp_w >= self.min_size) | (self._n_seen - grp_born < self.grace)
         if keep.any() and not keep.all():
-            sums, assign = self._recentre((pts @ cents[keep].T).argmax(axis=1))
+            sums, assign = _recentre(msum, (pts @ cents[keep].T).argmax(axis=1))
         self._reconcile(assign, sums, w, now_ns)
 
     def _dp_assign(self, pts: np.ndarray, w: np.ndarray, cents: np.ndarray) -> np.ndarray:
@@ -367,31 +370,26 @@ class IntentModel:
         else:
             assign = np.zeros(len(pts), dtype=np.int64)
             far = np.arange(len(pts))
-        new: list[np.ndarray] = []
+        new = np.empty((len(far), pts.shape[1]), dtype=pts.dtype)     # the new centres so far
+        n_new = 0
         for j in far[np.argsort(-w[far], kind="stable")]:
-            if new:
-                s = np.stack(new) @ pts[j]
+            if n_new:
+                s = new[:n_new] @ pts[j]
                 k = int(s.argmax())
                 if s[k] >= self.threshold:
                     assign[j] = len(cents) + k
                     continue
-            new.append(pts[j])
-            assign[j] = len(cents) + len(new) - 1
+            new[n_new] = pts[j]
+            n_new += 1
+            assign[j] = len(cents) + n_new - 1
         return assign
-
-    def _recentre(self, assign: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(sum of the points of each non-empty group, assignment renumbered densely)."""
-        _, assign = np.unique(assign, return_inverse=True)
-        order = np.argsort(assign, kind="stable")
-        starts = np.flatnonzero(np.r_[True, np.diff(assign[order]) > 0])
-        sums = np.add.reduceat(self._m_sum[: self._m][order].astype(np.float64), starts, axis=0)
-        return sums, assign
 
     def _reconcile(self, assign: np.ndarray, sums: np.ndarray, w: np.ndarray, now_ns: int) -> None:
         """Give the new groups ids: inherit by shared weight, record merges and splits."""
         m = self._m
         old = list(self._order)
-        old_idx = np.array([old.index(i) for i in self._m_intent[:m]])
+        position = {iid: k for k, iid in enumerate(old)}
+        old_idx = np.array([position[i] for i in self._m_intent[:m]])
         overlap = np.bincount(assign * len(old) + old_idx, weights=w,
                               minlength=len(sums) * len(old)).reshape(len(sums), len(old))
         main = overlap.argmax(axis=1)
@@ -477,3 +475,11 @@ class IntentModel:
         for ex in self._examples.values():
             for e in ex:
                 e[0] = int(new_index[target[e[0]]])
+
+
+def _recentre(msum: np.ndarray, assign: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of the micro-cluster sums ``msum`` of each non-empty group, assignment renumbered densely)."""
+    _, assign = np.unique(assign, return_inverse=True)
+    order = np.argsort(assign, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(assign[order]) > 0])
+    return np.add.reduceat(msum[order], starts, axis=0), assign

@@ -1,8 +1,8 @@
 """Records exchanged between stages on Kafka topics (the contract between stages).
 
 Each record is a plain dataclass serialised as a versioned JSON document
-(``{"v": 1, ...}``); the JSON schemas in ``schemas/records/`` describe the same
-fields. Times are integer nanoseconds since the epoch (``*_ns``), as in OTLP.
+(``{"v": 1, ...}``; capture's bundles of turn records carry ``"v"`` once, for the bundle).
+Times are integer nanoseconds since the epoch (``*_ns``), as in OTLP.
 
 The stages:
 

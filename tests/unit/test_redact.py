@@ -1,12 +1,15 @@
 """Redactor: planted canaries are replaced, ordinary text is left alone."""
 from __future__ import annotations
 
+import json
 import random
 import string
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from processors.redact import Redactor, luhn_ok
+from processors.redact import _SECRETS, Redactor, _may_hold_secret, luhn_ok
 
 SECRETS = [
     "sk-9fK2mQ7xLp3RvT8wZ1nB4cY6dE5gH0jA",                       # OpenAI, legacy
@@ -142,3 +145,40 @@ def test_long_runs_are_linear() -> None:
     for text in ("a" * 1_000_000, "1" * 1_000_000, "a." * 500_000, "+1 " * 300_000, "x@" * 500_000):
         out, _ = r.redact(text)
         assert len(out) > 0
+
+
+# -- the shortcuts: they skip work only where the full redaction would find nothing -----------
+
+_PIECES = st.sampled_from(SECRETS + [s[:n] for s in SECRETS for n in (12, 15, 20)] + [
+    "Bearer abcDEF123456", "bearer  x", "password=hunter2!", "api_key", ": ", "=", "bob@example.com",
+    "4111 1111 1111 1111", "+44 20 7946 0958", "555-123-4567", "xoxb-1234567890", '"', "\n", " ", "\\n",
+    "AKIAIOSFODNN7EXAMPL", "eyJhbGciOi.eyJzdWIiOi.x"])
+_TEXTS = st.lists(st.one_of(_PIECES, st.text(alphabet=string.ascii_letters + string.digits + " .-_+/@:=\"'\n",
+                                             max_size=30)), max_size=8).map("".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_TEXTS)
+def test_secret_gate_never_skips_a_match(text: str) -> None:
+    assert _SECRETS.search(text) is None or _may_hold_secret(text)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_TEXTS, min_size=1, max_size=6), st.booleans(), st.booleans())
+def test_clean_json_means_every_string_is_clean(leaves: list[str], compact: bool, ascii_only: bool) -> None:
+    doc = [{"role": "user", "parts": [{"type": "text", "content": leaf}]} for leaf in leaves]
+    text = json.dumps(doc, separators=(",", ":") if compact else None, ensure_ascii=ascii_only)
+    r = Redactor()
+    if r.json_is_clean(text):
+        assert all(r.redact(leaf)[1] == 0 for leaf in leaves), text
+
+
+@pytest.mark.parametrize("leaf", SECRETS + ["password=hunter2!", "mail bob@example.com", "card 4111 1111 1111 1111",
+                                            "call +44 20 7946 0958", "line\\nsk-proj-9fK2mQ7xLp3RvT8wZ1nB4cY6"])
+def test_json_with_something_to_redact_is_not_clean(leaf: str) -> None:
+    assert not Redactor().json_is_clean(json.dumps({"k": leaf}))
+
+
+def test_json_is_never_clean_with_custom_patterns() -> None:
+    assert Redactor().json_is_clean('{"k": "plain words"}')
+    assert not Redactor(extra_patterns=[r"^plain"]).json_is_clean('{"k": "plain words"}')
