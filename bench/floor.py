@@ -103,9 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     n = args.spans
     raw = make_messages(n, content=True)
     cfg = CaptureConfig(redact=["secrets", "emails", "cards", "phones"])
-    t0 = time.process_time()
-    batch = Capture(cfg, Redactor(cfg.redact)).process(raw, 0)
-    capture_s = time.process_time() - t0
+    capture = Capture(cfg, Redactor(cfg.redact))
+    capture_s = float("inf")
+    for _ in range(3):          # the best of 3, as bench/capture_core.py
+        t0 = time.process_time()
+        batch = capture.process(raw, 0)
+        capture_s = min(capture_s, time.process_time() - t0)
     assert len(batch.span_rows) == n and not batch.deadletters
     with tempfile.TemporaryDirectory() as tmp:
         broker_s, produce_s, consume_s = broker_round_trip([m.value for m in raw], Path(tmp))
@@ -123,10 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'floor (sum of the above)':<46} {total * 1e6:>8.1f} {total * GOAL_SPANS_S:>15.2f}")
     print(f"{'capture core (decode, redact, rows; Python)':<46} {capture_s / n * 1e6:>8.1f} "
           f"{capture_s / n * GOAL_SPANS_S:>15.2f}")
-    print(f"\nmost spans/s on {CORES} cores with the floor alone: {CORES / total:,.0f}; "
-          f"left for capture's own code at {GOAL_SPANS_S:,}/s: "
-          f"{max(0.0, CORES / GOAL_SPANS_S - total) * 1e6:.1f} µs/span "
-          f"(its core takes {capture_s / n * 1e6:.0f}: {capture_s / n / max(1e-9, CORES / GOAL_SPANS_S - total):.1f}x that)")
+    left = CORES / GOAL_SPANS_S - total
+    print(f"\nmost spans/s on {CORES} cores with the floor alone: {CORES / total:,.0f}; left for capture's own "
+          f"code at {GOAL_SPANS_S:,}/s: "
+          + (f"{left * 1e6:.1f} µs/span (its core takes {capture_s / n * 1e6:.0f}, {capture_s / n / left:.0f}x that)"
+             if left > 0 else "nothing (the floor alone is over the 2 cores)"))
     if args.json:
         args.json.write_text(json.dumps({"floor_us": total * 1e6, "max_spans_s": CORES / total,
                                          "insert_us": insert_s / n * 1e6, "capture_core_us": capture_s / n * 1e6}))
