@@ -31,7 +31,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from bench.capture_core import make_messages
 from bench.ingest import cpu_seconds
 from processors.broker import EmbeddedBroker, ensure_topics
-from processors.capture import Capture
+from processors.capture import Capture, CaptureBatch
 from processors.config import CaptureConfig
 from processors.redact import Redactor
 from processors.store import connect
@@ -76,7 +76,7 @@ def broker_round_trip(messages: list[bytes], home: Path) -> tuple[float, float, 
         broker.stop()
 
 
-def insert_cpu(batch: object, home: Path) -> float:
+def insert_cpu(batch: CaptureBatch, home: Path) -> float:
     """CPU seconds of this process (chDB runs in it) to insert the batch's rows column by column."""
     store = connect(f"chdb://{home / 'store'}")
     store.migrate()
