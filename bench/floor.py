@@ -8,7 +8,7 @@ of the parts that stay whatever capture's Python does:
 
 - the broker (tansu, the embedded default ``memory`` storage): its process CPU while one
   idempotent producer (acks=all, as the gateway) writes the OTLP requests and one consumer reads
-  them back (as capture does);
+  them back (as capture does), both those of ``bench/broker_storage.py``;
 - the Kafka clients (confluent-kafka, C): the producer's and the consumer's CPU in this process;
 - ClickHouse (chDB) inserting capture's rows for those spans into ``spans``, ``turns`` and
   ``tool_calls``, handed over column by column (the cheapest way in: no per-row Python);
@@ -26,11 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from confluent_kafka import Consumer, Producer, TopicPartition
-
+from bench.broker_storage import Workload, broker_on, consume, produce
 from bench.capture_core import make_messages
 from bench.ingest import cpu_seconds
-from processors.broker import EmbeddedBroker, ensure_topics
+from processors.broker import ensure_topics
 from processors.capture import Capture, CaptureBatch
 from processors.config import CaptureConfig
 from processors.redact import Redactor
@@ -43,37 +42,17 @@ CORES = 2
 
 def broker_round_trip(messages: list[bytes], home: Path) -> tuple[float, float, float]:
     """CPU seconds of (broker, producer, consumer) to write ``messages`` and read them back."""
-    broker = EmbeddedBroker(log_dir=home).start()
-    try:
+    with broker_on("memory", home) as broker:
         ensure_topics(broker.bootstrap, [TOPIC], 1)
         pid = broker.proc.pid
-        b0 = cpu_seconds(pid)
-        c0 = time.process_time()
-        p = Producer({"bootstrap.servers": broker.bootstrap, "enable.idempotence": True, "acks": "all",
-                      "linger.ms": 5, "compression.type": "none"})
-        for m in messages:
-            while True:
-                try:
-                    p.produce(TOPIC, m, partition=0)
-                    break
-                except BufferError:
-                    p.poll(0.01)
-            p.poll(0)
-        assert p.flush(60) == 0, "the broker did not acknowledge every message"
+        b0, c0 = cpu_seconds(pid), time.process_time()
+        sent, _, _ = produce(broker.bootstrap, TOPIC, Workload("otlp", len(messages), messages.__getitem__))
         c1 = time.process_time()
-        consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "floor",
-                             "enable.auto.commit": False, "fetch.max.bytes": 64 << 20})
-        consumer.assign([TopicPartition(TOPIC, 0, 0)])
-        got = 0
-        deadline = time.monotonic() + 120
-        while got < len(messages) and time.monotonic() < deadline:
-            got += sum(1 for m in consumer.consume(1000, 1.0) if m.error() is None)
-        consumer.close()
-        assert got == len(messages), f"read back {got} of {len(messages)} messages"
+        got, _ = consume(broker.bootstrap, TOPIC, sent)
         c2 = time.process_time()
-        return cpu_seconds(pid) - b0, c1 - c0, c2 - c1
-    finally:
-        broker.stop()
+        broker_s = cpu_seconds(pid) - b0
+    assert sent == got == len(messages), f"{sent} of {len(messages)} messages acknowledged, {got} read back"
+    return broker_s, c1 - c0, c2 - c1
 
 
 def insert_cpu(batch: CaptureBatch, home: Path) -> float:
@@ -81,11 +60,7 @@ def insert_cpu(batch: CaptureBatch, home: Path) -> float:
     store = connect(f"chdb://{home / 'store'}")
     store.migrate()
     tables = {"spans": batch.span_rows, "turns": batch.turn_rows, "tool_calls": batch.tool_rows}
-    columnar = {}
-    for table, rows in tables.items():
-        types = store.column_types(table)
-        names = [c for c in rows[0] if c in types]
-        columnar[table] = {c: [r.get(c) for r in rows] for c in names}
+    columnar = {table: store.columns_of(table, rows) for table, rows in tables.items()}
     t0 = time.process_time()
     for table, cols in columnar.items():
         store.insert_columns(table, cols)

@@ -116,19 +116,23 @@ class Store:
         return n
 
     def insert_records(self, table: str, records: Iterable[dict[str, Any]]) -> int:
-        """Insert dicts; nested lists/dicts in String columns are stored as JSON.
+        """Insert dicts, column-oriented (:meth:`columns_of`)."""
+        return self.insert_columns(table, self.columns_of(table, list(records)))
+
+    def columns_of(self, table: str, records: list[dict[str, Any]]) -> dict[str, list[Any]]:
+        """``records`` as the columns :meth:`insert_columns` takes; nested lists/dicts in String
+        columns become JSON.
 
         The columns are those of the first record that the table has (a record without one
-        gives None there). Records are turned into columns in C (itemgetter, zip) and inserted
-        column-oriented: per-value Python here was most of an insert's cost.
+        gives None there). Records are turned into columns in C (itemgetter, zip): per-value
+        Python here was most of an insert's cost.
         """
-        records = list(records)
         if not records:
-            return 0
+            return {}
         types = self.column_types(table)
         cols = [c for c in records[0] if c in types]
         if not cols:
-            return 0
+            return {}
         try:
             rows = list(map(itemgetter(*cols), records))
         except KeyError:        # records of different shapes
@@ -140,7 +144,7 @@ class Store:
             if types[c] == "String" and any(issubclass(k, (dict, list)) for k in set(map(type, columns[i]))):
                 columns[i] = [json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v
                               for v in columns[i]]
-        return self.insert_columns(table, dict(zip(cols, columns)))
+        return dict(zip(cols, columns))
 
     _types_cache: dict[str, dict[str, str]]
 
