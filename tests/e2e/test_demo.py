@@ -83,8 +83,6 @@ def test_capture_and_understand(demo) -> None:
         assert home >= 0.75 * len(mine), (kind, home, len(mine), {i: dict(v) for i, v in votes.items()})
 
 
-
-
 def test_diagnoses_name_the_planted_causes(demo) -> None:
     """Each planted cause is diagnosed, judged by the conversations the diagnosis cites (an intent
     may mix two BANKING77 categories: its evidence, not its majority, says what was diagnosed)."""
