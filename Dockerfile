@@ -34,7 +34,7 @@ COPY . .
 # plain `pip install .` does not ship into site-packages. The check fails the build, not the
 # first `closeloop migrate`, when the DDL or the model weights cannot be found.
 RUN pip install --no-deps -e . \
-    && python -c "from processors.store import migrations; from processors.embed import minilm_model_dir; print(len(migrations()), 'migrations;', minilm_model_dir())"
+    && python -c "from processors.store import migrations; from processors.understand.embed import minilm_model_dir; print(len(migrations()), 'migrations;', minilm_model_dir())"
 
 RUN useradd --create-home --uid 10001 --user-group closeloop \
     && mkdir -p "$CLOSELOOP_HOME" \

@@ -1,6 +1,6 @@
 """Embedded broker throughput by storage: memory vs s3 (the local S3 server, files on disk), side by side.
 
-For each storage a fresh tansu broker is started (for s3, on a fresh :class:`processors.s3store.LocalS3`
+For each storage a fresh tansu broker is started (for s3, on a fresh :class:`processors.embedded.s3store.LocalS3`
 in a temp folder on the same disk as the home); for each workload a fresh topic (1 partition) is filled
 by one idempotent producer (acks=all, so every message counted was acknowledged as written) and read
 back from the start by one consumer. Workloads: small messages (100 B), OTLP
@@ -26,8 +26,8 @@ from pathlib import Path
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from bench.gateway import body
-from processors.broker import EmbeddedBroker, ensure_topics
-from processors.s3store import LocalS3
+from processors.embedded.broker import EmbeddedBroker, ensure_topics
+from processors.embedded.s3store import LocalS3
 
 TIME_CAP_S = 120.0
 

@@ -15,7 +15,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from processors.capture import Capture, RawMessage
+from processors.capture.core import Capture, RawMessage
 from processors.config import CaptureConfig
 from processors.redact import Redactor
 

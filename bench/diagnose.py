@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from processors.config import DiagnoseConfig
-from processors.diagnose import Diagnoser
+from processors.diagnose.core import Diagnoser
 from processors.records import Conversation, Message, TagRecord, ToolCall
 
 T0_NS = 1_790_000_000 * 10**9

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.intents import DEFAULT_DATA, cpu_model, stream
-from processors.embed import Embedder, MiniLMEmbedder, OnnxMiniLMEmbedder
+from processors.understand.embed import Embedder, MiniLMEmbedder, OnnxMiniLMEmbedder
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEED_DATA = ROOT / "examples" / "data" / "banking77" / "test.csv"

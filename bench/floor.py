@@ -29,8 +29,8 @@ from pathlib import Path
 from bench.broker_storage import Workload, broker_on, consume, produce
 from bench.capture_core import make_messages
 from bench.ingest import cpu_seconds
-from processors.broker import ensure_topics
-from processors.capture import Capture, CaptureBatch
+from processors.embedded.broker import ensure_topics
+from processors.capture.core import Capture, CaptureBatch
 from processors.config import CaptureConfig
 from processors.redact import Redactor
 from processors.store import connect

@@ -23,7 +23,7 @@ import yaml
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
-from processors.broker import EmbeddedBroker, ensure_topics
+from processors.embedded.broker import EmbeddedBroker, ensure_topics
 
 DISTINCT_BODIES = 8
 
@@ -84,7 +84,7 @@ def main() -> None:
         cfg = Path(tmp) / "closeloop.yaml"
         cfg.write_text(yaml.safe_dump({"kafka": {"partitions": 4}}))
         env = {k: v for k, v in os.environ.items() if not k.startswith("CLOSELOOP_")}
-        gw = subprocess.Popen([sys.executable, "-m", "processors.gateway", "--config", str(cfg),
+        gw = subprocess.Popen([sys.executable, "-m", "processors.capture.gateway", "--config", str(cfg),
                                "--bootstrap", broker.bootstrap, "--grpc-port", "0",
                                "--http-port", "0", "--log-level", "WARNING"],
                               cwd=tmp, env=env, stdout=subprocess.PIPE, text=True)

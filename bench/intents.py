@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from processors.embed import HashingEmbedder, MiniLMEmbedder, StaticEmbedder
-from processors.intents import IntentModel
+from processors.understand.embed import HashingEmbedder, MiniLMEmbedder, StaticEmbedder
+from processors.understand.intents import IntentModel
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT / "examples" / "data" / "banking77" / "train.csv"

@@ -36,11 +36,11 @@ import numpy as np
 
 from bench import ingest
 from bench.understand import MemoEmbedder, conversation, utterances
-from processors.broker import free_port
+from processors.embedded.broker import free_port
 from processors.config import load_config
-from processors.embed import make_embedder
-from processors.procs import stop_process
-from processors.understand import Understand
+from processors.understand.embed import make_embedder
+from processors.embedded.procs import stop_process
+from processors.understand.core import Understand
 
 PHOENIX = Path("/work/venv-phoenix/bin/phoenix")
 THREADS = 4

@@ -25,9 +25,9 @@ from collections.abc import Callable
 import numpy as np
 
 from processors.config import load_config
-from processors.embed import Embedder, make_embedder
+from processors.understand.embed import Embedder, make_embedder
 from processors.records import Conversation, Message
-from processors.understand import Understand
+from processors.understand.core import Understand
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "data" / "banking77" / "train.csv"

@@ -33,11 +33,11 @@ import faust
 import orjson
 from aiokafka.partitioner import murmur2
 
-from . import assemble
-from .config import Config
-from .errors import InputError, ReviewError, StoreError
-from .records import SCHEMA_VERSION, DeadLetter, TurnRecord, dumps
-from .store import Store
+from processors.understand import assemble
+from processors.config import Config
+from processors.errors import InputError, ReviewError, StoreError
+from processors.records import SCHEMA_VERSION, DeadLetter, TurnRecord, dumps
+from processors.store import Store
 
 log = logging.getLogger("closeloop.worker")
 
@@ -405,7 +405,7 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
 
     # -- capture ---------------------------------------------------------------------------
     if "capture" in pipe.stages:
-        from .capture import Capture, RawMessage
+        from processors.capture.core import Capture, RawMessage
 
         capture_core = Capture(cfg.capture, logs_topic=t.otlp_logs, end_attribute=cfg.assemble.end_attribute)
 
@@ -545,10 +545,10 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
 
     # -- understand ------------------------------------------------------------------------
     if "understand" in pipe.stages:
-        from .embed import make_embedder
-        from .llm import make_llm
-        from .records import Conversation
-        from .understand import Understand
+        from processors.understand.embed import make_embedder
+        from processors.llm import make_llm
+        from processors.records import Conversation
+        from processors.understand.core import Understand
 
         understand_core = Understand(cfg, make_embedder(cfg.understand, cfg.home_path / "models", cfg.llm),
                                      make_llm(cfg.llm))
@@ -581,9 +581,9 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
 
     # -- diagnose --------------------------------------------------------------------------
     if "diagnose" in pipe.stages:
-        from .diagnose import Diagnoser, diagnosis_rows
-        from .llm import make_llm
-        from .records import TagRecord
+        from processors.diagnose.core import Diagnoser, diagnosis_rows
+        from processors.llm import make_llm
+        from processors.records import TagRecord
 
         diagnose_state = {"core": Diagnoser(cfg.diagnose, make_llm(cfg.llm))}
         diagnose_ckpt = Checkpoint("diagnose", pipe)
@@ -615,8 +615,8 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
 
     # -- act -------------------------------------------------------------------------------
     if "act" in pipe.stages or "verify" in pipe.stages:
-        from .act import Actor, notify, open_backend, proposal_rows
-        from .records import Diagnosis
+        from processors.act import Actor, notify, open_backend, proposal_rows
+        from processors.records import Diagnosis
 
         backend = open_backend(cfg) if cfg.act.repo else None
         if backend is None:
@@ -624,7 +624,7 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
                         "no proposals are opened")
 
     if "act" in pipe.stages and backend is not None:
-        from .llm import make_llm
+        from processors.llm import make_llm
 
         actor = Actor(cfg, backend, make_llm(cfg.llm))
         # Offsets only (no model): a restart must not replay older diagnosis versions onto
@@ -661,7 +661,7 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
 
     # -- verify (review layer) ---------------------------------------------------------------
     if "verify" in pipe.stages:
-        from .review import load_proposal, merged_reviews, outcome_rows, poll_open, verify
+        from processors.review.core import load_proposal, merged_reviews, outcome_rows, poll_open, verify
 
         def verify_all(now: int) -> list[Any]:
             if backend is not None and backend.name == "github":

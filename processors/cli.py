@@ -9,8 +9,8 @@ import sys
 import time
 from typing import Any
 
-from .config import Config, load_config
-from .errors import CloseloopError
+from processors.config import Config, load_config
+from processors.errors import CloseloopError
 
 log = logging.getLogger("closeloop")
 
@@ -28,7 +28,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 # -- up --------------------------------------------------------------------------------------
 def cmd_up(a: argparse.Namespace) -> int:
-    from .stack import EmbeddedStack
+    from processors.embedded.stack import EmbeddedStack
 
     cfg = _config(a, **{"otlp.grpc_port": a.otlp_grpc_port, "otlp.http_port": a.otlp_http_port,
                         "web.port": a.web_port})
@@ -82,8 +82,8 @@ def print_endpoints(stack: Any) -> None:
 
 # -- status ----------------------------------------------------------------------------------
 def cmd_status(a: argparse.Namespace) -> int:
-    from .stack import read_stack_file
-    from .status import collect_status, format_status
+    from processors.embedded.stack import read_stack_file
+    from processors.status import collect_status, format_status
 
     cfg = _config(a)
     info = read_stack_file(cfg)
@@ -97,7 +97,7 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 # -- sql / migrate ---------------------------------------------------------------------------
 def cmd_sql(a: argparse.Namespace) -> int:
-    from .store import open_store
+    from processors.store import open_store
 
     cfg = _config(a)
     store = open_store(cfg)
@@ -111,7 +111,7 @@ def cmd_sql(a: argparse.Namespace) -> int:
 
 
 def cmd_migrate(a: argparse.Namespace) -> int:
-    from .store import open_store
+    from processors.store import open_store
 
     cfg = _config(a)
     store = open_store(cfg)
@@ -124,7 +124,7 @@ def cmd_migrate(a: argparse.Namespace) -> int:
 
 
 def cmd_worker(a: argparse.Namespace) -> int:
-    from . import worker
+    from processors import worker
 
     argv = []
     for flag in ("config", "home", "bootstrap", "stages"):
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--stages")
     wk.set_defaults(fn=cmd_worker)
 
-    from . import commands
+    from processors import commands
 
     commands.register(sub, _common)
 

@@ -7,10 +7,10 @@ import sys
 import time
 from typing import Any
 
-from .config import Config, load_config
-from .errors import CloseloopError, InputError
-from .records import Conversation, Message, TagRecord, ToolCall
-from .store import Store, open_store
+from processors.config import Config, load_config
+from processors.errors import CloseloopError, InputError
+from processors.records import Conversation, Message, TagRecord, ToolCall
+from processors.store import Store, open_store
 
 TAG_BATCH = 256
 
@@ -57,9 +57,9 @@ def conversation_from_json(d: dict[str, Any]) -> Conversation:
 
 def run_tag(cfg: Config, lines: list[str], now_ns: int) -> tuple[list[dict[str, Any]], list[str], Any]:
     """The understand cores over exported conversations, in arrival order, one pass."""
-    from .embed import make_embedder
-    from .llm import make_llm
-    from .understand import Understand
+    from processors.understand.embed import make_embedder
+    from processors.llm import make_llm
+    from processors.understand.core import Understand
 
     core = Understand(cfg, make_embedder(cfg.understand, cfg.home_path / "models", cfg.llm), make_llm(cfg.llm))
     convs: list[Conversation] = []
@@ -141,7 +141,7 @@ def cmd_diagnoses(a: argparse.Namespace) -> int:
 def cmd_diagnose(a: argparse.Namespace) -> int:
     """Force a diagnosis for one intent now: replay its tagged conversations through a fresh
     diagnoser (the worker's running one keeps its own state) and write what it finds."""
-    from .diagnose import Diagnoser, diagnosis_rows
+    from processors.diagnose.core import Diagnoser, diagnosis_rows
 
     cfg = _cfg(a)
     store = open_store(cfg)
@@ -187,8 +187,8 @@ def cmd_proposals(a: argparse.Namespace) -> int:
 
 
 def cmd_review(a: argparse.Namespace) -> int:
-    from .act import open_backend
-    from .review import decide, load_diagnosis, load_proposal
+    from processors.act import open_backend
+    from processors.review.core import decide, load_diagnosis, load_proposal
 
     cfg = _cfg(a)
     store = open_store(cfg)
@@ -267,7 +267,7 @@ def cmd_web(a: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from .web import WebServer
+    from processors.web.server import WebServer
 
     cfg = _cfg(a)
     store = open_store(cfg)

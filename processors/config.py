@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from processors.errors import ConfigError
 
 DEFAULT_HOME = ".closeloop"
 DEFAULT_OTLP_GRPC_PORT = 4317

@@ -18,11 +18,11 @@ from typing import Any
 
 import yaml
 
-from .broker import free_port, port_in_use
-from .config import Config, load_config
-from .errors import CloseloopError, StoreError
-from .stack import EmbeddedStack, wait_for
-from .store import Store, connect_http
+from processors.embedded.broker import free_port, port_in_use
+from processors.config import Config, load_config
+from processors.errors import CloseloopError, StoreError
+from processors.embedded.stack import EmbeddedStack, wait_for
+from processors.store import Store, connect_http
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_SETTINGS: dict[str, Any] = {
@@ -119,8 +119,8 @@ def show_intents(store: Store) -> None:
 
 
 def review_step(store: Store, cfg: Config, approve_as: str | None) -> list[str]:
-    from .act import open_backend
-    from .review import StaleProposal, decide
+    from processors.act import open_backend
+    from processors.review.core import StaleProposal, decide
 
     props = store.query("SELECT proposal_id, title, diff, branch FROM proposals FINAL WHERE status = 'open' "
                         "ORDER BY created_ns")

@@ -4,10 +4,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .broker import committed_offsets, true_end_offsets
-from .config import Config
-from .errors import CloseloopError
-from .store import open_store
+from processors.embedded.broker import committed_offsets, true_end_offsets
+from processors.config import Config
+from processors.errors import CloseloopError
+from processors.store import open_store
 
 
 def _alive(pid: Any) -> bool:
@@ -21,7 +21,7 @@ def _alive(pid: Any) -> bool:
 def consumer_offsets(cfg: Config, bootstrap: str, tps: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
     """The committed offset of each partition, from the consumer group that reads it: the
     capture processes' own group for the OTLP topics when they run, the worker's otherwise."""
-    from .app import ALL_STAGES, CAPTURE_ONLY, app_id
+    from processors.app import ALL_STAGES, CAPTURE_ONLY, app_id
 
     otlp = {cfg.topics.otlp_spans, cfg.topics.otlp_logs}
     capture_group = app_id(CAPTURE_ONLY) if cfg.capture.processes else app_id(ALL_STAGES)

@@ -1,7 +1,7 @@
 """The ClickHouse store: one surface over chDB (embedded) and a ClickHouse server.
 
 chDB lets one process own a store. In the embedded stack the worker owns it and
-serves it on a local ClickHouse-compatible HTTP endpoint (:mod:`processors.sqlserver`);
+serves it on a local ClickHouse-compatible HTTP endpoint (:mod:`processors.embedded.sqlserver`);
 :func:`open_store` uses that endpoint when the stack runs and opens the store
 directly when nothing does, so callers never care which.
 """
@@ -19,8 +19,8 @@ from typing import Any
 
 import clickhouse_connect
 
-from .config import Config
-from .errors import StoreError
+from processors.config import Config
+from processors.errors import StoreError
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 MIGRATIONS_TABLE = "schema_migrations"

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import faust
 
-from .app import ALL_STAGES, Pipeline, build_app
-from .config import Config, load_config
-from .sqlserver import SQLServer
-from .errors import StoreError
-from .store import Store, connect_http, open_store
+from processors.app import ALL_STAGES, Pipeline, build_app
+from processors.config import Config, load_config
+from processors.embedded.sqlserver import SQLServer
+from processors.errors import StoreError
+from processors.store import Store, connect_http, open_store
 
 log = logging.getLogger("closeloop.worker")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from processors.broker import EmbeddedBroker, ensure_topics
+from processors.embedded.broker import EmbeddedBroker, ensure_topics
 from processors.config import Config, load_config
 from processors.store import Store, connect
 

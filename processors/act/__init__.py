@@ -2,12 +2,12 @@
 
 ``change`` holds the edit model and the rules every change passes, ``fixes`` turns a
 diagnosis into a change (LLM or templates), ``core`` writes it through a backend
-(:mod:`processors.gitrepo` or :mod:`processors.github`) and notifies.
+(:mod:`processors.act.gitrepo` or :mod:`processors.act.github`) and notifies.
 """
 from __future__ import annotations
 
-from .change import Change, Component, FileEdit, normalize_path, validate_change
-from .core import (
+from processors.act.change import Change, Component, FileEdit, normalize_path, validate_change
+from processors.act.core import (
     Actor,
     ChangeBackend,
     branch_name,
@@ -17,7 +17,7 @@ from .core import (
     proposal_rows,
     render_body,
 )
-from .fixes import propose_change, resolve_component
+from processors.act.fixes import propose_change, resolve_component
 
 __all__ = [
     "Actor", "Change", "ChangeBackend", "Component", "FileEdit", "branch_name", "normalize_path",

@@ -27,8 +27,8 @@ from typing import Any
 
 import yaml
 
-from ..config import ActTarget
-from ..errors import ActError
+from processors.config import ActTarget
+from processors.errors import ActError
 
 FORBIDDEN_DIRS = (".git", ".github")
 KEY_SEPARATORS = ("#", ":")

@@ -17,14 +17,14 @@ import urllib.request
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from ..config import Config
-from ..errors import ActError, AlreadyApplied
-from ..github import GitHubBackend
-from ..gitrepo import LocalGit
-from ..records import Diagnosis, Proposal
-from ..redact import Redactor
-from .change import Change, normalize_path
-from .fixes import propose_change, quote, redact_value
+from processors.config import Config
+from processors.errors import ActError, AlreadyApplied
+from processors.act.github import GitHubBackend
+from processors.act.gitrepo import LocalGit
+from processors.records import Diagnosis, Proposal
+from processors.redact import Redactor
+from processors.act.change import Change, normalize_path
+from processors.act.fixes import propose_change, quote, redact_value
 
 log = logging.getLogger("closeloop.act")
 

@@ -31,12 +31,12 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from ..config import ActTarget
-from ..errors import ActError, AlreadyApplied, LLMError
-from ..llm import UNTRUSTED_RULE, untrusted_block
-from ..records import Diagnosis
-from ..redact import Redactor
-from .change import (
+from processors.config import ActTarget
+from processors.errors import ActError, AlreadyApplied, LLMError
+from processors.llm import UNTRUSTED_RULE, untrusted_block
+from processors.records import Diagnosis
+from processors.redact import Redactor
+from processors.act.change import (
     Change,
     Component,
     FileEdit,
@@ -136,7 +136,7 @@ def item_name(text: Any) -> str:
     return s if re.fullmatch(r"[A-Za-z][A-Za-z0-9 _\-/.]{0,39}", s) else ""
 
 
-# The argument-shape vocabulary of processors.diagnose (value_shape): safe to quote, as it is
+# The argument-shape vocabulary of processors.diagnose.core (value_shape): safe to quote, as it is
 # computed from values, never a value itself.
 _SHAPE_WORD = re.compile(
     r"email|uuid|date\((?:iso|slash)\)|digits(?:-with-(?:dash|space))?\(\d{1,3}\)|decimal|alpha"

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from examples.support_agent.intents import INTENTS
-from processors.broker import free_port
+from processors.embedded.broker import free_port
 from processors.config import load_config
 from processors.demo import demo_config, run_demo
 from processors.store import connect

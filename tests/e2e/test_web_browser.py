@@ -8,7 +8,7 @@ import pytest
 
 from processors.config import Config
 from processors.store import Store
-from processors.web import WebServer
+from processors.web.server import WebServer
 from tests.browser import chromium_page, unavailable
 from tests.integration.test_web import git, seed
 

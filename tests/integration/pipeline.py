@@ -24,9 +24,9 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from processors.app import app_id
-from processors.broker import EmbeddedBroker, ensure_topics
+from processors.embedded.broker import EmbeddedBroker, ensure_topics
 from processors.config import Config, load_config
-from processors.gateway import Gateway
+from processors.capture.gateway import Gateway
 from processors.store import Store
 
 from .worker_proc import WorkerProcess, wait_for

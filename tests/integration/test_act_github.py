@@ -8,9 +8,9 @@ import pytest
 from processors.act import Actor
 from processors.config import ActTarget, Config
 from processors.errors import ActError
-from processors.github import GitHubBackend
+from processors.act.github import GitHubBackend
 from processors.records import Diagnosis
-from processors.review import apply, approve, poll
+from processors.review.core import apply, approve, poll
 from tests.fake_github import FakeGitHub
 
 PROMPT = "You are the support agent of Acme.\n\nBe concise.\n"

@@ -34,8 +34,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import Span as TraceSpan
 from opentelemetry.trace import Status, StatusCode, Tracer
 
-from processors.broker import free_port
-from processors.procs import stop_process
+from processors.embedded.broker import free_port
+from processors.embedded.procs import stop_process
 
 from .pipeline import Pipeline, running_pipeline, wait_for
 from .test_rotel import ROTEL, wait_listening

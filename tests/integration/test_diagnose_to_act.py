@@ -20,15 +20,15 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from examples.support_agent.repo import CONFIG_PATH, PROMPT_PATH, git, init_agent_repo, read_main
 from examples.support_agent.run import CycleReport, run_cycle
-from processors import assemble
+from processors.understand import assemble
 from processors.act import Actor
-from processors.capture import Capture, RawMessage
+from processors.capture.core import Capture, RawMessage
 from processors.config import Config, load_config
-from processors.diagnose import Diagnoser
-from processors.gitrepo import LocalGit
+from processors.diagnose.core import Diagnoser
+from processors.act.gitrepo import LocalGit
 from processors.records import Diagnosis, Proposal, TagRecord
-from processors.review import approve
-from processors.signals import Tagger
+from processors.review.core import approve
+from processors.understand.signals import Tagger
 
 N = 600                       # ~45 conversations per intent
 SEED = 1

@@ -20,11 +20,11 @@ from confluent_kafka import Consumer, Producer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
-from processors.broker import EmbeddedBroker, committed_offsets, ensure_topics, free_port, true_end_offsets
+from processors.embedded.broker import EmbeddedBroker, committed_offsets, ensure_topics, free_port, true_end_offsets
 from processors.config import load_config
 from processors.errors import ConfigError
-from processors.s3store import LocalS3
-from processors.stack import wait_for
+from processors.embedded.s3store import LocalS3
+from processors.embedded.stack import wait_for
 
 from .worker_proc import REPO, alive
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from processors.broker import EmbeddedBroker, ensure_topics
+from processors.embedded.broker import EmbeddedBroker, ensure_topics
 
 from .worker_proc import REPO, wait_for
 

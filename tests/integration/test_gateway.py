@@ -37,10 +37,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from processors.broker import EmbeddedBroker, ensure_topics
+from processors.embedded.broker import EmbeddedBroker, ensure_topics
 from processors.config import Config
 from processors.errors import InputError, PayloadTooLarge
-from processors.gateway import (
+from processors.capture.gateway import (
     JSON,
     LOGS,
     PROTOBUF,
@@ -535,7 +535,7 @@ def test_runs_as_a_process_and_stops_on_sigterm(kafka: EmbeddedBroker, topics: t
                                                    "otlp_logs": topics[1]}}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLOSELOOP_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "processors.gateway", "--config", str(cfg_file),
+        [sys.executable, "-m", "processors.capture.gateway", "--config", str(cfg_file),
          "--bootstrap", kafka.bootstrap, "--grpc-port", "0", "--http-port", "0"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from processors import assemble
+from processors.understand import assemble
 from processors.app import Pipeline
 from processors.config import Config
 from processors.records import Conversation

@@ -10,8 +10,8 @@ import pytest
 
 from processors.act import Actor, proposal_rows
 from processors.config import Config
-from processors.gitrepo import LocalGit
-from processors.review import StaleProposal, approve, decide, review_rows, verify
+from processors.act.gitrepo import LocalGit
+from processors.review.core import StaleProposal, approve, decide, review_rows, verify
 from processors.store import Store
 from tests.integration.test_act_local import config, diagnosis, repo  # noqa: F401 (repo is a fixture)
 

@@ -23,10 +23,10 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-from processors.broker import EmbeddedBroker, free_port
+from processors.embedded.broker import EmbeddedBroker, free_port
 from processors.config import Config
-from processors.gateway import Gateway
-from processors.procs import stop_process
+from processors.capture.gateway import Gateway
+from processors.embedded.procs import stop_process
 from tests.integration.test_gateway import conversation, read_topic
 
 READY_TIMEOUT_S = 15.0

@@ -8,14 +8,14 @@ import urllib.request
 
 import pytest
 
-from processors import assemble
+from processors.understand import assemble
 from processors.act import proposal_rows
 from processors.app import _tag_row
-from processors.diagnose import diagnosis_rows
+from processors.diagnose.core import diagnosis_rows
 from processors.errors import StoreError
 from processors.records import Conversation, Diagnosis, Message, Outcome, Proposal, ReviewRecord, TagRecord
-from processors.review import outcome_rows, review_rows
-from processors.sqlserver import SQLServer
+from processors.review.core import outcome_rows, review_rows
+from processors.embedded.sqlserver import SQLServer
 from processors.store import Store, connect_http, migrations
 
 

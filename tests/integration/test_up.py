@@ -9,7 +9,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from processors.broker import free_port
+from processors.embedded.broker import free_port
 
 from .worker_proc import REPO, alive, wait_for
 

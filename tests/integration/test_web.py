@@ -18,11 +18,11 @@ import pytest
 
 from processors.act import Actor, proposal_rows
 from processors.config import ActTarget, Config
-from processors.gitrepo import LocalGit
+from processors.act.gitrepo import LocalGit
 from processors.records import Diagnosis, Outcome, Proposal
-from processors.review import outcome_rows
+from processors.review.core import outcome_rows
 from processors.store import Store
-from processors.web import WebServer, sparkline
+from processors.web.server import WebServer, sparkline
 
 T0 = 1_900_000_000 * 10**9
 HOUR = 3600 * 10**9
@@ -393,7 +393,7 @@ def test_github_webhook_is_authenticated_by_signature_and_recorded(store, config
 
     from processors.act import proposal_rows
     from processors.records import Proposal
-    from processors.web import WebServer
+    from processors.web.server import WebServer
 
     config.review.webhook_secret = "s3cret-" + unique
     p = Proposal(proposal_id=f"gh-{unique}", diagnosis_id=f"d-{unique}", intent_id="i", backend="github",

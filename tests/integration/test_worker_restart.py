@@ -11,7 +11,7 @@ import time
 
 from confluent_kafka import Producer
 
-from processors.broker import EmbeddedBroker, ensure_topics
+from processors.embedded.broker import EmbeddedBroker, ensure_topics
 from processors.config import load_config
 from processors.records import Message, TurnRecord
 

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from processors.procs import stop_process
-from processors.stack import wait_for, wait_port  # noqa: F401 (wait_for: used by the tests)
+from processors.embedded.procs import stop_process
+from processors.embedded.stack import wait_for, wait_port  # noqa: F401 (wait_for: used by the tests)
 from processors.store import Store, connect_http
 
 REPO = Path(__file__).resolve().parents[2]

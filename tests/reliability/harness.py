@@ -13,11 +13,11 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from examples.support_agent import init_agent_repo
-from processors.broker import free_port
+from processors.embedded.broker import free_port
 from processors.config import Config, load_config
 from processors.demo import demo_config
 from processors.errors import StoreError
-from processors.stack import EmbeddedStack
+from processors.embedded.stack import EmbeddedStack
 from processors.store import Store, connect_http
 
 WAIT_S = 150.0       # bound on waiting for the pipeline on a busy 2-core machine

@@ -22,9 +22,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from processors.capture import Capture, RawMessage
+from processors.capture.core import Capture, RawMessage
 from processors.status import collect_status
-from processors.web import WebServer
+from processors.web.server import WebServer
 from tests.integration.pipeline import Pipeline, running_pipeline
 
 from .harness import read_topic

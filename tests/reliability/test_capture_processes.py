@@ -10,8 +10,8 @@ from pathlib import Path
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from examples.support_agent import run_cycle
-from processors.broker import committed_offsets
-from processors.stack import wait_for
+from processors.embedded.broker import committed_offsets
+from processors.embedded.stack import wait_for
 
 from .harness import conversation_intents, read_topic, running_loop
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from examples.support_agent import run_cycle
-from processors.broker import committed_offsets
-from processors.stack import wait_for
+from processors.embedded.broker import committed_offsets
+from processors.embedded.stack import wait_for
 
 from .harness import Loop, conversation_intents, read_positions, running_loop
 

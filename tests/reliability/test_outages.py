@@ -25,11 +25,11 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 
 from examples.support_agent import init_agent_repo, run_cycle
 from processors.app import app_id
-from processors.broker import EmbeddedBroker, committed_offsets, ensure_topics
+from processors.embedded.broker import EmbeddedBroker, committed_offsets, ensure_topics
 from processors.config import load_config
-from processors.gateway import Gateway
-from processors.sqlserver import SQLServer
-from processors.stack import wait_for
+from processors.capture.gateway import Gateway
+from processors.embedded.sqlserver import SQLServer
+from processors.embedded.stack import wait_for
 from processors.store import Store
 from tests.integration.pipeline import running_pipeline
 from tests.llm_server import FakeLLMServer

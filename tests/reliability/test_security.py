@@ -32,7 +32,7 @@ from opentelemetry.trace import Status, StatusCode
 from examples.support_agent import INTENTS, SupportAgent, draw_user, init_agent_repo, load_utterances, run_cycle
 from examples.support_agent.run import run_conversation
 from processors.errors import ReviewError
-from processors.review import handle_webhook
+from processors.review.core import handle_webhook
 from tests.llm_server import FakeLLMServer
 
 from .harness import Loop, running_loop

@@ -144,7 +144,7 @@ def test_json_prompt_key_keeps_the_rest_of_the_file() -> None:
 
 
 def latency(target: str, max_ms: float) -> Diagnosis:
-    """A latency diagnosis as processors.diagnose writes it: the key, and the durations of the
+    """A latency diagnosis as processors.diagnose.core writes it: the key, and the durations of the
     timed-out tool's calls (timed-out calls last the timeout)."""
     return diag("latency", {"type": "config", "target": target, "detail": {
         "tool": "refund", "error": "TimeoutError refund timed out", "tool_duration_ms_p90": max_ms,
@@ -209,7 +209,7 @@ def test_latency_without_timed_out_durations_is_dropped_with_reason() -> None:
 
 
 def tool_argument(error: str = "", component: dict | None = None, **shapes: dict) -> Diagnosis:
-    """A tool_argument diagnosis as processors.diagnose writes it."""
+    """A tool_argument diagnosis as processors.diagnose.core writes it."""
     ev = {"tool": "lookup_order", "argument": "order_id", "failing_shape": {"order_id": "text"},
           "working_shape": {"order_id": "alnum-with-dash"}, "error": error, **shapes}
     return diag("tool_argument", component or {"type": "prompt", "target": "lookup_order"}, **ev)

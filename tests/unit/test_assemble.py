@@ -1,7 +1,7 @@
 """The assembler core: transcripts from spans, de-duplicated history, closing, late spans."""
 from __future__ import annotations
 
-from processors import assemble
+from processors.understand import assemble
 from processors.config import AssembleConfig
 from processors.records import Message, ToolCall, TurnRecord
 

@@ -14,7 +14,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from processors.capture import Capture, CaptureBatch, RawMessage, _hash_version
+from processors.capture.core import Capture, CaptureBatch, RawMessage, _hash_version
 from processors.config import CaptureConfig
 from processors.store import migrations, split_statements
 

@@ -10,7 +10,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from processors.capture import Capture, CaptureBatch, RawMessage
+from processors.capture.core import Capture, CaptureBatch, RawMessage
 from processors.config import CaptureConfig
 from tests.unit.test_capture import (
     any_value,

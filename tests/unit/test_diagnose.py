@@ -10,7 +10,7 @@ import pytest
 
 from bench.diagnose import HEALTHY, SyntheticStream, false_alarms, mixed
 from processors.config import DiagnoseConfig, LLMConfig
-from processors.diagnose import (
+from processors.diagnose.core import (
     DIAGNOSIS_COLUMNS,
     Diagnoser,
     IntentStats,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from processors.config import LLMConfig, UnderstandConfig
-from processors.embed import (
+from processors.understand.embed import (
     Embedder,
     HashingEmbedder,
     MiniLMEmbedder,

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from processors.intents import IntentModel
+from processors.understand.intents import IntentModel
 
 DIM = 32
 

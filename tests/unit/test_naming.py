@@ -9,7 +9,7 @@ import pytest
 
 from processors.config import LLMConfig
 from processors.llm import LLM
-from processors.naming import (
+from processors.understand.naming import (
     CorpusStats,
     KeyphraseIndex,
     Namer,

@@ -11,7 +11,7 @@ import pytest
 
 from processors.errors import ReviewError
 from processors.records import Diagnosis, Proposal
-from processors.review import (
+from processors.review.core import (
     apply,
     approve,
     counts_query,

@@ -16,7 +16,7 @@ from urllib.parse import quote
 import pytest
 
 from processors.errors import BrokerError
-from processors.s3store import BucketStore, LocalS3, S3Server, decode_segment, encode_segment, serve
+from processors.embedded.s3store import BucketStore, LocalS3, S3Server, decode_segment, encode_segment, serve
 
 NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 

@@ -10,7 +10,7 @@ from processors.config import Config, LLMConfig
 from processors.errors import LLMError
 from processors.llm import LLM
 from processors.records import Conversation, Message, ToolCall
-from processors.signals import (
+from processors.understand.signals import (
     JUDGE_BACKOFF_NS,
     SignalLearner,
     SignalResult,

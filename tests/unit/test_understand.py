@@ -6,10 +6,10 @@ import random
 from pathlib import Path
 
 from processors.config import load_config
-from processors.embed import HashingEmbedder
-from processors.intents import IntentModel
+from processors.understand.embed import HashingEmbedder
+from processors.understand.intents import IntentModel
 from processors.records import Conversation, Message
-from processors.understand import Understand, goal_text
+from processors.understand.core import Understand, goal_text
 
 REPO = Path(__file__).resolve().parents[2]
 

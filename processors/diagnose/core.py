@@ -39,11 +39,11 @@ from typing import Any, Protocol
 
 from river import drift
 
-from .config import DiagnoseConfig
-from .errors import InputError, LLMError
-from .llm import UNTRUSTED_RULE, untrusted_block
-from .records import Conversation, Diagnosis, TagRecord
-from .stats import fisher_exact, two_proportion_z
+from processors.config import DiagnoseConfig
+from processors.errors import InputError, LLMError
+from processors.llm import UNTRUSTED_RULE, untrusted_block
+from processors.records import Conversation, Diagnosis, TagRecord
+from processors.stats import fisher_exact, two_proportion_z
 
 STAGE = "diagnose"
 SNAPSHOT_FORMAT = 1

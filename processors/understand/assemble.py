@@ -21,8 +21,8 @@ import json
 from collections import Counter
 from typing import Any
 
-from .config import AssembleConfig
-from .records import Conversation, Message, ToolCall, TurnRecord
+from processors.config import AssembleConfig
+from processors.records import Conversation, Message, ToolCall, TurnRecord
 
 END_GRACE_NS = 1_000_000_000      # wait this long after an end marker for sibling spans
 LINGER_NS = 120_000_000_000       # keep a closed conversation this long for late spans

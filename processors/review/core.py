@@ -23,13 +23,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .act.core import ChangeBackend
-from .config import Config
-from .errors import ActError, AlreadyApplied, ReviewError
-from .gitrepo import LocalGit
-from .records import Diagnosis, Outcome, Proposal, ReviewRecord
-from .stats import NOT_ENOUGH_DATA, REGRESSED, Counts, guarded_verdict, verdict
-from .store import Store
+from processors.act.core import ChangeBackend
+from processors.config import Config
+from processors.errors import ActError, AlreadyApplied, ReviewError
+from processors.act.gitrepo import LocalGit
+from processors.records import Diagnosis, Outcome, Proposal, ReviewRecord
+from processors.stats import NOT_ENOUGH_DATA, REGRESSED, Counts, guarded_verdict, verdict
+from processors.store import Store
 
 log = logging.getLogger("closeloop.review")
 
@@ -430,7 +430,7 @@ def decide(store: Store, backend: ChangeBackend, proposal_id: str, decision: str
     the base already holds the very change (another intent's proposal made it), the approval
     is recorded against the base commit that holds it, and nothing is merged twice.
     """
-    from .act.core import Actor, proposal_rows
+    from processors.act.core import Actor, proposal_rows
 
     proposal = load_proposal(store, proposal_id)
     if proposal is None:
@@ -468,7 +468,7 @@ def merged_reviews(store: Store) -> list[dict[str, Any]]:
 
 
 def _record_all(store: Store, proposal: Proposal, records: list[ReviewRecord], now_ns: int) -> None:
-    from .act.core import proposal_rows
+    from processors.act.core import proposal_rows
 
     for rec in records:
         proposal = apply(proposal, rec, now_ns)

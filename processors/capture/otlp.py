@@ -20,7 +20,7 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
-from .errors import InputError
+from processors.errors import InputError
 
 _HEX_ID = re.compile(r"(?:[0-9a-fA-F]{16}){1,2}")
 _ID_KEYS = ("traceId", "spanId", "parentSpanId")

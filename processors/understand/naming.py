@@ -20,8 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import LLMError
-from .llm import LLM, UNTRUSTED_RULE, untrusted_block
+from processors.errors import LLMError
+from processors.llm import LLM, UNTRUSTED_RULE, untrusted_block
 
 # Redaction placeholders (capture's "[REDACTED:email]", or "[EMAIL]", "<CARD_NUMBER>") are not words.
 _PLACEHOLDER = re.compile(r"\[[A-Z][A-Za-z0-9_:]*\]|<[A-Z][A-Z0-9_]*>")

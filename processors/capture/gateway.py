@@ -17,7 +17,7 @@ the answer is gRPC ``UNAVAILABLE`` / HTTP 503 with a retry delay, so OTel SDKs r
 accepted and then dropped. A retried request whose first attempt was partly written is written
 twice (at least once); downstream stages are idempotent by span id.
 
-Run it as a process: ``python -m processors.gateway --bootstrap HOST:PORT [--config FILE]``.
+Run it as a process: ``python -m processors.capture.gateway --bootstrap HOST:PORT [--config FILE]``.
 """
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from .config import Config, load_config
-from .errors import BrokerError, ConfigError, InputError, PayloadTooLarge
+from processors.config import Config, load_config
+from processors.errors import BrokerError, ConfigError, InputError, PayloadTooLarge
 
 log = logging.getLogger("closeloop.gateway")
 
@@ -764,13 +764,13 @@ def _make_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
 # ---------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m processors.gateway --bootstrap HOST:PORT [--config F] [--grpc-port N] ...``.
+    """``python -m processors.capture.gateway --bootstrap HOST:PORT [--config F] [--grpc-port N] ...``.
 
     Prints ``gateway ready grpc=HOST:PORT http=HOST:PORT`` once listening; stops on SIGTERM/SIGINT.
     """
-    from .broker import ensure_topics
+    from processors.embedded.broker import ensure_topics
 
-    p = argparse.ArgumentParser(prog="python -m processors.gateway",
+    p = argparse.ArgumentParser(prog="python -m processors.capture.gateway",
                                 description="closeloop's OTLP gateway: OTLP in, Kafka out")
     p.add_argument("--config", help="closeloop.yaml (default: CLOSELOOP_CONFIG, ./closeloop.yaml)")
     p.add_argument("--bootstrap", help="Kafka bootstrap servers (default: kafka.bootstrap)")

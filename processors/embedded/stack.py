@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .broker import EmbeddedBroker, ensure_topics, free_port, port_in_use
-from .config import Config
-from .errors import BrokerError, CloseloopError
-from .procs import ManagedProcess
-from .s3store import LocalS3
+from processors.embedded.broker import EmbeddedBroker, ensure_topics, free_port, port_in_use
+from processors.config import Config
+from processors.errors import BrokerError, CloseloopError
+from processors.embedded.procs import ManagedProcess
+from processors.embedded.s3store import LocalS3
 
 log = logging.getLogger("closeloop.stack")
 
@@ -117,7 +117,7 @@ class EmbeddedStack:
         if cfg.embedded_store and port_in_use(sql_port):
             sql_port = free_port()
         env = self._child_env(sql_port)
-        from .app import ALL_STAGES, CAPTURE_ONLY
+        from processors.app import ALL_STAGES, CAPTURE_ONLY
 
         worker_cmd = [sys.executable, "-m", "processors.worker", "--bootstrap", self.bootstrap]
         captures = [f"capture-{i + 1}" for i in range(cfg.capture.processes)]
@@ -129,7 +129,7 @@ class EmbeddedStack:
                                                self.bootstrap, "--stages", ",".join(CAPTURE_ONLY),
                                                "--through-owner"], env,
                                         cfg.log_dir() / f"{name}.log")
-        self.children["gateway"] = Child("gateway", [sys.executable, "-m", "processors.gateway",
+        self.children["gateway"] = Child("gateway", [sys.executable, "-m", "processors.capture.gateway",
                                                      "--bootstrap", self.bootstrap], env,
                                          cfg.log_dir() / "gateway.log")
         self.children["web"] = Child("web", [sys.executable, "-m", "processors.cli", "web"], env,

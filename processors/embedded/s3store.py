@@ -10,7 +10,7 @@ An object is a file ``<root>/<bucket>/<key segments>~``, written to a temporary 
 and renamed over the old one, so a ``kill -9`` at any moment leaves the old object or the new
 one, never a torn one; leftovers of interrupted writes are removed at start. ETags are MD5
 content hashes (as S3's for single-part uploads). Authentication headers are ignored: the server
-listens on loopback only. Run it as ``python -m processors.s3store --root DIR --port N``.
+listens on loopback only. Run it as ``python -m processors.embedded.s3store --root DIR --port N``.
 """
 from __future__ import annotations
 
@@ -39,9 +39,9 @@ from typing import IO, BinaryIO
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 from xml.sax.saxutils import escape
 
-from .broker import free_port
-from .errors import BrokerError
-from .procs import ManagedProcess
+from processors.embedded.broker import free_port
+from processors.errors import BrokerError
+from processors.embedded.procs import ManagedProcess
 
 log = logging.getLogger("closeloop.s3store")
 
@@ -630,7 +630,7 @@ class LocalS3(ManagedProcess):
             self.port = free_port(self.host)
         out = self._output(self.log_dir / "broker-s3.log" if self.log_dir is not None else None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "processors.s3store", "--root", str(self.root), "--host", self.host,
+            [sys.executable, "-m", "processors.embedded.s3store", "--root", str(self.root), "--host", self.host,
              "--port", str(self.port), "--bucket", self.bucket] + ([] if self.fsync else ["--no-fsync"]),
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(

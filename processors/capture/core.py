@@ -63,11 +63,11 @@ import orjson
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from .config import CaptureConfig
-from .errors import ConfigError, InputError, PayloadTooLarge
-from .otlp import Problem, any_value, decode_logs, decode_traces
-from .records import DeadLetter, Message, ToolCall, TurnRecord
-from .redact import Redactor
+from processors.config import CaptureConfig
+from processors.errors import ConfigError, InputError, PayloadTooLarge
+from processors.capture.otlp import Problem, any_value, decode_logs, decode_traces
+from processors.records import DeadLetter, Message, ToolCall, TurnRecord
+from processors.redact import Redactor
 
 STAGE = "capture"
 DEFAULT_END_ATTRIBUTE = "closeloop.conversation.end"

@@ -23,13 +23,13 @@ from github import (
     UnknownObjectException,
 )
 
-from .config import ActConfig
-from .errors import ActError
-from .gitrepo import AUTHOR_EMAIL, AUTHOR_NAME, check_branch, proposal_state
+from processors.config import ActConfig
+from processors.errors import ActError
+from processors.act.gitrepo import AUTHOR_EMAIL, AUTHOR_NAME, check_branch, proposal_state
 
 if TYPE_CHECKING:
-    from .act.change import Change
-    from .records import Proposal
+    from processors.act.change import Change
+    from processors.records import Proposal
 
 TIMEOUT_S = 15
 

@@ -27,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from .store import Store
+from processors.store import Store
 
 _INSERT = re.compile(r"^\s*INSERT\s+INTO\s+(?P<table>[\w.`\"]+)\s*(?:\((?P<cols>[^)]*)\))?\s*"
                      r"(?:SETTINGS\s+[^F]*?)?FORMAT\s+(?P<fmt>\w+)\s*$", re.I | re.S)

@@ -17,13 +17,13 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import Config
-from .embed import Embedder
-from .intents import IntentModel
-from .llm import LLM
-from .naming import IntentName, KeyphraseIndex, Namer
-from .records import Conversation, TagRecord
-from .signals import Tagger
+from processors.config import Config
+from processors.understand.embed import Embedder
+from processors.understand.intents import IntentModel
+from processors.llm import LLM
+from processors.understand.naming import IntentName, KeyphraseIndex, Namer
+from processors.records import Conversation, TagRecord
+from processors.understand.signals import Tagger
 
 LONG_TAIL_SHARE = 0.01       # an intent holding under 1% of conversations (once warmed up) is long tail
 LONG_TAIL_WARMUP = 500

@@ -26,11 +26,11 @@ from typing import Any, NamedTuple
 
 from river import linear_model, optim
 
-from .config import Config
-from .errors import LLMError
-from .llm import LLM, UNTRUSTED_RULE, untrusted_block
-from .naming import words
-from .records import Conversation, Message
+from processors.config import Config
+from processors.errors import LLMError
+from processors.llm import LLM, UNTRUSTED_RULE, untrusted_block
+from processors.understand.naming import words
+from processors.records import Conversation, Message
 
 TAGS = ("bug_report", "feature_request", "churn_risk", "setup_friction", "confusion")
 OUTCOMES = ("resolved", "abandoned", "escalated", "errored")

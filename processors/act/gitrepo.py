@@ -32,11 +32,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ActError, AlreadyApplied
+from processors.errors import ActError, AlreadyApplied
 
 if TYPE_CHECKING:
-    from .act.change import Change
-    from .records import Proposal
+    from processors.act.change import Change
+    from processors.records import Proposal
 
 AUTHOR_NAME = "closeloop"
 AUTHOR_EMAIL = "closeloop@localhost"
