@@ -13,6 +13,7 @@ with closeloop's settings), where the per-request latency of the storage shows.
 ``s3`` fsyncs every object and its folder before acknowledging (survives power loss);
 ``--no-fsync`` adds ``s3-nofsync`` (survives kill -9 of any process, not an OS crash).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ class Workload:
     name: str
     count: int
     value: Callable[[int], bytes]
-    spans: int = 0        # spans per message, for the spans/s column
+    spans: int = 0  # spans per message, for the spans/s column
     batched: bool = True  # False: wait for each message's acknowledgement before sending the next
 
 
@@ -51,9 +52,18 @@ class Result:
 
 
 def produce(bootstrap: str, topic: str, w: Workload) -> tuple[int, float, int]:
-    p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
-                  "linger.ms": 5 if w.batched else 0, "compression.type": "none"})
-    values = [w.value(i) for i in range(min(w.count, 8))]   # a few distinct bodies, built before timing
+    p = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5 if w.batched else 0,
+            "compression.type": "none",
+        }
+    )
+    values = [
+        w.value(i) for i in range(min(w.count, 8))
+    ]  # a few distinct bodies, built before timing
     acked = [0, 0]
 
     def delivered(err: object, msg: object) -> None:
@@ -61,13 +71,15 @@ def produce(bootstrap: str, topic: str, w: Workload) -> tuple[int, float, int]:
             acked[0] += 1
             acked[1] += len(msg.value())  # type: ignore[attr-defined]
 
-    p.produce(topic, b"warm-up")   # connection and producer id set up before timing
+    p.produce(topic, b"warm-up")  # connection and producer id set up before timing
     p.flush(TIME_CAP_S)
     t0 = time.perf_counter()
     for i in range(w.count):
         while True:
             try:
-                p.produce(topic, values[i % len(values)], key=str(i).encode(), on_delivery=delivered)
+                p.produce(
+                    topic, values[i % len(values)], key=str(i).encode(), on_delivery=delivered
+                )
                 break
             except BufferError:
                 p.poll(0.05)
@@ -82,9 +94,16 @@ def produce(bootstrap: str, topic: str, w: Workload) -> tuple[int, float, int]:
 
 
 def consume(bootstrap: str, topic: str, n: int) -> tuple[int, float]:
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{topic}", "enable.auto.commit": False,
-                  "auto.offset.reset": "earliest", "fetch.max.bytes": 64 << 20})
-    c.assign([TopicPartition(topic, 0, 1)])   # after the warm-up message
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-{topic}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "fetch.max.bytes": 64 << 20,
+        }
+    )
+    c.assign([TopicPartition(topic, 0, 1)])  # after the warm-up message
     got = 0
     t0 = time.perf_counter()
     try:
@@ -114,7 +133,10 @@ def broker_on(storage: str, tmp: Path) -> Iterator[EmbeddedBroker]:
 
 
 def run(storage: str, workloads: list[Workload], home: Path) -> dict[str, Result]:
-    with tempfile.TemporaryDirectory(prefix=f"bench-{storage}-", dir=home) as d, broker_on(storage, Path(d)) as broker:
+    with (
+        tempfile.TemporaryDirectory(prefix=f"bench-{storage}-", dir=home) as d,
+        broker_on(storage, Path(d)) as broker,
+    ):
         out = {}
         for w in workloads:
             topic = f"{w.name}-{time.time_ns()}"
@@ -128,10 +150,19 @@ def run(storage: str, workloads: list[Workload], home: Path) -> dict[str, Result
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", type=int, default=20000, help="100-byte messages to produce")
-    ap.add_argument("--otlp", type=int, default=1000, help="~10 KB OTLP messages to produce (a quarter as many ~100 KB)")
-    ap.add_argument("--unbatched", type=int, default=200, help="~10 KB messages produced one request at a time")
+    ap.add_argument(
+        "--otlp",
+        type=int,
+        default=1000,
+        help="~10 KB OTLP messages to produce (a quarter as many ~100 KB)",
+    )
+    ap.add_argument(
+        "--unbatched", type=int, default=200, help="~10 KB messages produced one request at a time"
+    )
     ap.add_argument("--no-fsync", action="store_true", help="also measure s3 without fsync")
-    ap.add_argument("--dir", default=".", help="where the brokers' data goes (the disk a home would be on)")
+    ap.add_argument(
+        "--dir", default=".", help="where the brokers' data goes (the disk a home would be on)"
+    )
     args = ap.parse_args()
     workloads = [
         Workload("small-100B", args.small, lambda i: b"x" * 100),
@@ -142,17 +173,21 @@ def main() -> None:
     storages = ["memory", "s3"] + (["s3-nofsync"] if args.no_fsync else [])
     results = {s: run(s, workloads, Path(args.dir)) for s in storages}
     base = results["memory"]
-    print(f"{'workload':<11} {'storage':<10} {'msgs':>6} {'produce msg/s':>13} {'MB/s':>6} {'spans/s':>8} "
-          f"{'consume msg/s':>13} {'produce/mem':>11} {'consume/mem':>11}")
+    print(
+        f"{'workload':<11} {'storage':<10} {'msgs':>6} {'produce msg/s':>13} {'MB/s':>6} {'spans/s':>8} "
+        f"{'consume msg/s':>13} {'produce/mem':>11} {'consume/mem':>11}"
+    )
     for w in workloads:
         for s in storages:
             x, b = results[s][w.name], base[w.name]
             rate, crate = x.produced / x.produce_s, x.consumed / x.consume_s
             spans = f"{rate * w.spans:>8.0f}" if w.spans else f"{'':>8}"
-            print(f"{w.name:<11} {s:<10} {x.produced:>6} {rate:>13.0f} {x.nbytes / x.produce_s / 1e6:>6.1f} {spans} "
-                  f"{crate:>13.0f} {rate / (b.produced / b.produce_s):>11.2f} "
-                  f"{crate / (b.consumed / b.consume_s):>11.2f}"
-                  + ("" if x.consumed == x.produced else f"  (consumed {x.consumed} of {x.produced})"))
+            print(
+                f"{w.name:<11} {s:<10} {x.produced:>6} {rate:>13.0f} {x.nbytes / x.produce_s / 1e6:>6.1f} {spans} "
+                f"{crate:>13.0f} {rate / (b.produced / b.produce_s):>11.2f} "
+                f"{crate / (b.consumed / b.consume_s):>11.2f}"
+                + ("" if x.consumed == x.produced else f"  (consumed {x.consumed} of {x.produced})")
+            )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ of ``--repeats``, wall clock, all cores), cosine to the sentence-transformers ve
 ``IntentModel`` streaming ``train.csv`` (as ``bench.intents`` does), the first-use build time
 and the size of the cached graph. The graphs are built in a temporary models dir.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ def read_texts(path: Path) -> tuple[list[str], list[str]]:
 
 
 def speed(emb: Embedder, texts: list[str], repeats: int) -> list[float]:
-    emb.embed(texts[:64])                     # warm-up: first-run allocations
+    emb.embed(texts[:64])  # warm-up: first-run allocations
     out = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -49,14 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     from sklearn.metrics import adjusted_rand_score as ari
     from sklearn.metrics import normalized_mutual_info_score as nmi
 
-    ap = argparse.ArgumentParser(prog="python -m bench.embedders", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.embedders", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, help="also write the table (markdown) here")
     args = ap.parse_args(argv)
 
     speed_texts, _ = read_texts(SPEED_DATA)
     train_texts, train_labels = read_texts(DEFAULT_DATA)
-    order = np.random.default_rng(0).permutation(len(train_texts))    # bench.intents' stream order
+    order = np.random.default_rng(0).permutation(len(train_texts))  # bench.intents' stream order
     train_texts = [train_texts[i] for i in order]
     y = np.array([train_labels[i] for i in order])
     ref = np.load(REFERENCE)
@@ -66,10 +69,22 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as models:
         variants: dict[str, tuple] = {
             "minilm-numpy (reference)": (lambda: MiniLMEmbedder(), 1),
-            "minilm-fp32 (ONNX)": (lambda: OnnxMiniLMEmbedder(Path(models), precision="fp32"), args.repeats),
-            "minilm (ONNX int8, default)": (lambda: OnnxMiniLMEmbedder(Path(models), precision="int8"), args.repeats),
-            "minilm int8, max 64 tokens": (lambda: OnnxMiniLMEmbedder(Path(models), max_tokens=64), args.repeats),
-            "minilm int8, max 32 tokens": (lambda: OnnxMiniLMEmbedder(Path(models), max_tokens=32), args.repeats),
+            "minilm-fp32 (ONNX)": (
+                lambda: OnnxMiniLMEmbedder(Path(models), precision="fp32"),
+                args.repeats,
+            ),
+            "minilm (ONNX int8, default)": (
+                lambda: OnnxMiniLMEmbedder(Path(models), precision="int8"),
+                args.repeats,
+            ),
+            "minilm int8, max 64 tokens": (
+                lambda: OnnxMiniLMEmbedder(Path(models), max_tokens=64),
+                args.repeats,
+            ),
+            "minilm int8, max 32 tokens": (
+                lambda: OnnxMiniLMEmbedder(Path(models), max_tokens=32),
+                args.repeats,
+            ),
         }
         for name, (make, repeats) in variants.items():
             emb = make()
@@ -79,10 +94,25 @@ def main(argv: list[str] | None = None) -> int:
             sps = speed(emb, speed_texts, repeats)
             cos = (emb.embed(ref_texts) * ref_vectors).sum(axis=1)
             r = stream(emb.embed(train_texts), train_texts, {})
-            rows.append((name, max(sps), statistics.median(sps), cos.min(), cos.mean(), nmi(y, r["final"]),
-                         ari(y, r["final"]), r["k"], "-" if built is None else f"{built:.1f} s", size))
-            print(f"{name}: {max(sps):,.0f}/s cos {cos.min():.4f}/{cos.mean():.4f} NMI {rows[-1][5]:.4f} "
-                  f"ARI {rows[-1][6]:.4f} k {r['k']}", flush=True)
+            rows.append(
+                (
+                    name,
+                    max(sps),
+                    statistics.median(sps),
+                    cos.min(),
+                    cos.mean(),
+                    nmi(y, r["final"]),
+                    ari(y, r["final"]),
+                    r["k"],
+                    "-" if built is None else f"{built:.1f} s",
+                    size,
+                )
+            )
+            print(
+                f"{name}: {max(sps):,.0f}/s cos {cos.min():.4f}/{cos.mean():.4f} NMI {rows[-1][5]:.4f} "
+                f"ARI {rows[-1][6]:.4f} k {r['k']}",
+                flush=True,
+            )
 
     lines = [
         f"Embedders on {os.cpu_count()} cores, CPU: {cpu_model()}; `python -m bench.embedders "
@@ -95,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, best, med, cmin, cmean, n, a, k, built, size in rows:
-        lines.append(f"| {name} | {best:,.0f} | {med:,.0f} | {cmin:.4f} | {cmean:.4f} | {n:.4f} | {a:.4f} | {k} "
-                     f"| {built} | {size} |")
+        lines.append(
+            f"| {name} | {best:,.0f} | {med:,.0f} | {cmin:.4f} | {cmean:.4f} | {n:.4f} | {a:.4f} | {k} "
+            f"| {built} | {size} |"
+        )
     doc = "\n".join(lines) + "\n"
     print()
     print(doc)

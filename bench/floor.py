@@ -17,6 +17,7 @@ of the parts that stay whatever capture's Python does:
 The floor is the sum of the first three; ``2 cores / floor`` is the most any capture could store
 on this machine with these parts, before its own code runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,9 @@ from pathlib import Path
 from bench.broker_storage import Workload, broker_on, consume, produce
 from bench.capture_core import make_messages
 from bench.ingest import cpu_seconds
-from processors.embedded.broker import ensure_topics
 from processors.capture.core import Capture, CaptureBatch
 from processors.config import CaptureConfig
+from processors.embedded.broker import ensure_topics
 from processors.redact import Redactor
 from processors.store import connect
 
@@ -46,12 +47,16 @@ def broker_round_trip(messages: list[bytes], home: Path) -> tuple[float, float, 
         ensure_topics(broker.bootstrap, [TOPIC], 1)
         pid = broker.proc.pid
         b0, c0 = cpu_seconds(pid), time.process_time()
-        sent, _, _ = produce(broker.bootstrap, TOPIC, Workload("otlp", len(messages), messages.__getitem__))
+        sent, _, _ = produce(
+            broker.bootstrap, TOPIC, Workload("otlp", len(messages), messages.__getitem__)
+        )
         c1 = time.process_time()
         got, _ = consume(broker.bootstrap, TOPIC, sent)
         c2 = time.process_time()
         broker_s = cpu_seconds(pid) - b0
-    assert sent == got == len(messages), f"{sent} of {len(messages)} messages acknowledged, {got} read back"
+    assert sent == got == len(messages), (
+        f"{sent} of {len(messages)} messages acknowledged, {got} read back"
+    )
     return broker_s, c1 - c0, c2 - c1
 
 
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = CaptureConfig(redact=["secrets", "emails", "cards", "phones"])
     capture = Capture(cfg, Redactor(cfg.redact))
     capture_s = float("inf")
-    for _ in range(3):          # the best of 3, as bench/capture_core.py
+    for _ in range(3):  # the best of 3, as bench/capture_core.py
         t0 = time.process_time()
         batch = capture.process(raw, 0)
         capture_s = min(capture_s, time.process_time() - t0)
@@ -88,27 +93,46 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         broker_s, produce_s, consume_s = broker_round_trip([m.value for m in raw], Path(tmp))
         insert_s = insert_cpu(batch, Path(tmp))
-    floor = {"broker (tansu: write, then read back)": broker_s,
-             "producer (confluent-kafka, as the gateway)": produce_s,
-             "consumer (confluent-kafka, as capture)": consume_s,
-             "ClickHouse inserts (chDB, columnar)": insert_s}
-    print(f"{n:,} spans with message content, {sum(len(m.value) for m in raw) / n:,.0f} bytes/span on the wire, "
-          f"{os.cpu_count()} cores\n")
+    floor = {
+        "broker (tansu: write, then read back)": broker_s,
+        "producer (confluent-kafka, as the gateway)": produce_s,
+        "consumer (confluent-kafka, as capture)": consume_s,
+        "ClickHouse inserts (chDB, columnar)": insert_s,
+    }
+    print(
+        f"{n:,} spans with message content, {sum(len(m.value) for m in raw) / n:,.0f} bytes/span on the wire, "
+        f"{os.cpu_count()} cores\n"
+    )
     print(f"{'part':<46} {'µs/span':>8} {'cores at 50k/s':>15}")
     for name, s in floor.items():
         print(f"{name:<46} {s / n * 1e6:>8.1f} {s / n * GOAL_SPANS_S:>15.2f}")
     total = sum(floor.values()) / n
     print(f"{'floor (sum of the above)':<46} {total * 1e6:>8.1f} {total * GOAL_SPANS_S:>15.2f}")
-    print(f"{'capture core (decode, redact, rows; Python)':<46} {capture_s / n * 1e6:>8.1f} "
-          f"{capture_s / n * GOAL_SPANS_S:>15.2f}")
+    print(
+        f"{'capture core (decode, redact, rows; Python)':<46} {capture_s / n * 1e6:>8.1f} "
+        f"{capture_s / n * GOAL_SPANS_S:>15.2f}"
+    )
     left = CORES / GOAL_SPANS_S - total
-    print(f"\nmost spans/s on {CORES} cores with the floor alone: {CORES / total:,.0f}; left for capture's own "
-          f"code at {GOAL_SPANS_S:,}/s: "
-          + (f"{left * 1e6:.1f} µs/span (its core takes {capture_s / n * 1e6:.0f}, {capture_s / n / left:.0f}x that)"
-             if left > 0 else "nothing (the floor alone is over the 2 cores)"))
+    print(
+        f"\nmost spans/s on {CORES} cores with the floor alone: {CORES / total:,.0f}; left for capture's own "
+        f"code at {GOAL_SPANS_S:,}/s: "
+        + (
+            f"{left * 1e6:.1f} µs/span (its core takes {capture_s / n * 1e6:.0f}, {capture_s / n / left:.0f}x that)"
+            if left > 0
+            else "nothing (the floor alone is over the 2 cores)"
+        )
+    )
     if args.json:
-        args.json.write_text(json.dumps({"floor_us": total * 1e6, "max_spans_s": CORES / total,
-                                         "insert_us": insert_s / n * 1e6, "capture_core_us": capture_s / n * 1e6}))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "floor_us": total * 1e6,
+                    "max_spans_s": CORES / total,
+                    "insert_us": insert_s / n * 1e6,
+                    "capture_core_us": capture_s / n * 1e6,
+                }
+            )
+        )
     return 0
 
 

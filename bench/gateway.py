@@ -6,6 +6,7 @@ prints spans/s acknowledged (every 200 answer means every span is on the broker,
 
     python bench/gateway.py [--requests 200] [--spans 500] [--threads 4] [--spans-per-trace 10]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,23 +49,45 @@ def body(seed: int, spans: int, per_trace: int) -> bytes:
         s.kind = s.SPAN_KIND_CLIENT
         s.start_time_unix_nano = 1_700_000_000_000_000_000 + i
         s.end_time_unix_nano = s.start_time_unix_nano + 800_000_000
-        s.attributes.extend([
-            attr("gen_ai.operation.name", "chat"), attr("gen_ai.provider.name", "openai"),
-            attr("gen_ai.request.model", "gpt-4o-mini"), attr("gen_ai.usage.input_tokens", 420),
-            attr("gen_ai.usage.output_tokens", 80),
-            attr("gen_ai.conversation.id", f"c{i // per_trace}"),
-            attr("gen_ai.input.messages", json.dumps([{"role": "user", "parts": [
-                {"type": "text", "content": "My order #4412 has not arrived. Where is it? " * 12},
-            ]}])),
-        ])
+        s.attributes.extend(
+            [
+                attr("gen_ai.operation.name", "chat"),
+                attr("gen_ai.provider.name", "openai"),
+                attr("gen_ai.request.model", "gpt-4o-mini"),
+                attr("gen_ai.usage.input_tokens", 420),
+                attr("gen_ai.usage.output_tokens", 80),
+                attr("gen_ai.conversation.id", f"c{i // per_trace}"),
+                attr(
+                    "gen_ai.input.messages",
+                    json.dumps(
+                        [
+                            {
+                                "role": "user",
+                                "parts": [
+                                    {
+                                        "type": "text",
+                                        "content": "My order #4412 has not arrived. Where is it? "
+                                        * 12,
+                                    },
+                                ],
+                            }
+                        ]
+                    ),
+                ),
+            ]
+        )
     return req.SerializeToString()
 
 
 def fire(port: int, bodies: list[bytes], n: int, codes: list[int]) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     for i in range(n):
-        conn.request("POST", "/v1/traces", bodies[i % len(bodies)],
-                     {"Content-Type": "application/x-protobuf"})
+        conn.request(
+            "POST",
+            "/v1/traces",
+            bodies[i % len(bodies)],
+            {"Content-Type": "application/x-protobuf"},
+        )
         r = conn.getresponse()
         r.read()
         codes.append(r.status)
@@ -84,18 +107,37 @@ def main() -> None:
         cfg = Path(tmp) / "closeloop.yaml"
         cfg.write_text(yaml.safe_dump({"kafka": {"partitions": 4}}))
         env = {k: v for k, v in os.environ.items() if not k.startswith("CLOSELOOP_")}
-        gw = subprocess.Popen([sys.executable, "-m", "processors.capture.gateway", "--config", str(cfg),
-                               "--bootstrap", broker.bootstrap, "--grpc-port", "0",
-                               "--http-port", "0", "--log-level", "WARNING"],
-                              cwd=tmp, env=env, stdout=subprocess.PIPE, text=True)
+        gw = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "processors.capture.gateway",
+                "--config",
+                str(cfg),
+                "--bootstrap",
+                broker.bootstrap,
+                "--grpc-port",
+                "0",
+                "--http-port",
+                "0",
+                "--log-level",
+                "WARNING",
+            ],
+            cwd=tmp,
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             line = gw.stdout.readline()
             port = int(line.split("http=")[1].rsplit(":", 1)[1])
-            fire(port, bodies, 2, [])      # warm-up: connections, metadata
+            fire(port, bodies, 2, [])  # warm-up: connections, metadata
             codes: list[int] = []
             per = a.requests // a.threads
-            threads = [threading.Thread(target=fire, args=(port, bodies, per, codes))
-                       for _ in range(a.threads)]
+            threads = [
+                threading.Thread(target=fire, args=(port, bodies, per, codes))
+                for _ in range(a.threads)
+            ]
             t0 = time.perf_counter()
             for t in threads:
                 t.start()
@@ -107,10 +149,14 @@ def main() -> None:
             gw.wait(30)
     ok = codes.count(200)
     mb = len(bodies[0]) * len(codes) / 1e6
-    print(f"{'requests':>9} {'spans/req':>9} {'threads':>7} {'ok':>5} {'seconds':>8} "
-          f"{'req/s':>7} {'spans/s':>9} {'MB/s':>6}")
-    print(f"{len(codes):>9} {a.spans:>9} {a.threads:>7} {ok:>5} {dt:>8.2f} {len(codes) / dt:>7.1f} "
-          f"{ok * a.spans / dt:>9.0f} {mb / dt:>6.1f}")
+    print(
+        f"{'requests':>9} {'spans/req':>9} {'threads':>7} {'ok':>5} {'seconds':>8} "
+        f"{'req/s':>7} {'spans/s':>9} {'MB/s':>6}"
+    )
+    print(
+        f"{len(codes):>9} {a.spans:>9} {a.threads:>7} {ok:>5} {dt:>8.2f} {len(codes) / dt:>7.1f} "
+        f"{ok * a.spans / dt:>9.0f} {mb / dt:>6.1f}"
+    )
 
 
 if __name__ == "__main__":

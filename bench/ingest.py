@@ -22,6 +22,7 @@ Conversations are kept open during the run (``assemble.idle_timeout_s`` = 1 h), 
 understand stage (measured by ``bench.understand``) does not run: this is the capture path,
 gateway → broker → worker capture → ClickHouse, plus the assembler's per-turn state.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,37 +30,41 @@ import http.client
 import itertools
 import json
 import os
-import sys
 import random
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 
 import yaml
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from bench.capture_core import _attrs, _kv
-from processors.embedded.broker import free_port
 from processors.app import STATS_INTERVAL_S
 from processors.config import load_config
+from processors.embedded.broker import free_port
 from processors.embedded.stack import EmbeddedStack
 from processors.store import Store, connect_http
 
 SPANS_PER_CONVERSATION = 8
 KINDS = ("llm", "llm", "tool", "other")
-PLACEHOLDER = bytes.fromhex("5a17c0de9e3b61f4")   # first 8 trace-id bytes of a template, replaced per request
-SPAN_PLACEHOLDER = bytes.fromhex("c3a95e7d21")     # first 5 span-id bytes, replaced by the level and sequence
+PLACEHOLDER = bytes.fromhex(
+    "5a17c0de9e3b61f4"
+)  # first 8 trace-id bytes of a template, replaced per request
+SPAN_PLACEHOLDER = bytes.fromhex(
+    "c3a95e7d21"
+)  # first 5 span-id bytes, replaced by the level and sequence
 TEMPLATES = 4
 POLL_S = 0.25
-DRAIN_MIN_S = 30.0             # a level's backlog must be queryable within max(this, 3 x its length)
-BACKLOG_TIMEOUT_S = 240.0      # before the half-load level, the ramp's backlog must be stored
+DRAIN_MIN_S = 30.0  # a level's backlog must be queryable within max(this, 3 x its length)
+BACKLOG_TIMEOUT_S = 240.0  # before the half-load level, the ramp's backlog must be stored
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -69,8 +74,13 @@ def request_template(spans: int, seed: int) -> bytes:
     rng = random.Random(seed)
     req = ExportTraceServiceRequest()
     rs = req.resource_spans.add()
-    rs.resource.attributes.extend([_kv("service.name", "support-agent"), _kv("service.version", "1.4.2"),
-                                   _kv("telemetry.sdk.language", "python")])
+    rs.resource.attributes.extend(
+        [
+            _kv("service.name", "support-agent"),
+            _kv("service.version", "1.4.2"),
+            _kv("telemetry.sdk.language", "python"),
+        ]
+    )
     ss = rs.scope_spans.add()
     ss.scope.name = "opentelemetry.instrumentation.openai_v2"
     t0 = time.time_ns() - 60_000_000_000
@@ -81,11 +91,17 @@ def request_template(spans: int, seed: int) -> bytes:
         if "gen_ai.conversation.id" in attrs:
             attrs["gen_ai.conversation.id"] = f"{PLACEHOLDER.hex()}-{conv}"
         start = t0 + i * 50_000_000
-        ss.spans.append(Span(trace_id=PLACEHOLDER + conv.to_bytes(8, "big"),
-                             span_id=SPAN_PLACEHOLDER + (i + 1).to_bytes(3, "big"),   # never all zero
-                             name=f"{kind} span", kind=Span.SPAN_KIND_CLIENT,
-                             start_time_unix_nano=start, end_time_unix_nano=start + 40_000_000,
-                             attributes=[_kv(k, v) for k, v in attrs.items()]))
+        ss.spans.append(
+            Span(
+                trace_id=PLACEHOLDER + conv.to_bytes(8, "big"),
+                span_id=SPAN_PLACEHOLDER + (i + 1).to_bytes(3, "big"),  # never all zero
+                name=f"{kind} span",
+                kind=Span.SPAN_KIND_CLIENT,
+                start_time_unix_nano=start,
+                end_time_unix_nano=start + 40_000_000,
+                attributes=[_kv(k, v) for k, v in attrs.items()],
+            )
+        )
     return req.SerializeToString()
 
 
@@ -99,8 +115,11 @@ def stamp(template: bytes, prefix: bytes) -> bytes:
 
     Span ids too: some stores (Phoenix) keep one row per span id across traces.
     """
-    return (template.replace(PLACEHOLDER, prefix).replace(SPAN_PLACEHOLDER, prefix[3:])
-            .replace(PLACEHOLDER.hex().encode(), prefix.hex().encode()))
+    return (
+        template.replace(PLACEHOLDER, prefix)
+        .replace(SPAN_PLACEHOLDER, prefix[3:])
+        .replace(PLACEHOLDER.hex().encode(), prefix.hex().encode())
+    )
 
 
 @dataclass
@@ -111,8 +130,16 @@ class Sent:
     status: int
 
 
-def fire(url: str, bodies: list[bytes], prefixes: list[bytes], *, rate: float | None, seconds: float,
-         threads: int, spans: int) -> tuple[list[Sent], float, float]:
+def fire(
+    url: str,
+    bodies: list[bytes],
+    prefixes: list[bytes],
+    *,
+    rate: float | None,
+    seconds: float,
+    threads: int,
+    spans: int,
+) -> tuple[list[Sent], float, float]:
     """POST stamped requests, paced at ``rate`` spans/s (None: as fast as answered) for ``seconds``.
 
     Returns the requests sent, the start time and the time of the last answer.
@@ -130,7 +157,11 @@ def fire(url: str, bodies: list[bytes], prefixes: list[bytes], *, rate: float | 
             with lock:
                 k = next(seqs)
             slot = t0 + k * gap
-            if slot - t0 >= seconds or k >= len(prefixes) or (not rate and time.perf_counter() - t0 >= seconds):
+            if (
+                slot - t0 >= seconds
+                or k >= len(prefixes)
+                or (not rate and time.perf_counter() - t0 >= seconds)
+            ):
                 break
             delay = slot - time.perf_counter()
             if delay > 0:
@@ -167,7 +198,7 @@ class Poller:
         self.hexes = [p.hex() for p in prefixes]
         self.spans = spans
         self.done: dict[int, float] = {}
-        self.expected = 0          # requests acknowledged so far (set by the caller)
+        self.expected = 0  # requests acknowledged so far (set by the caller)
         self.queries = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -186,8 +217,10 @@ class Poller:
         while not self._stop.is_set():
             lo = self._lowest_open()
             if lo < len(self.hexes):
-                sql = ("SELECT substring(trace_id, 1, 16) AS r, count() AS c FROM spans "
-                       f"WHERE trace_id >= '{self.hexes[lo]}' AND trace_id < '{self.hexes[-1]}g' GROUP BY r")
+                sql = (
+                    "SELECT substring(trace_id, 1, 16) AS r, count() AS c FROM spans "
+                    f"WHERE trace_id >= '{self.hexes[lo]}' AND trace_id < '{self.hexes[-1]}g' GROUP BY r"
+                )
                 rows = self.store.query(sql)
                 now = time.perf_counter()
                 self.queries += 1
@@ -238,25 +271,44 @@ class Level:
     p50_s: float = float("nan")
     p99_s: float = float("nan")
     drained: bool = True
-    cpu: dict[str, float] = field(default_factory=dict)   # process -> cores used
+    cpu: dict[str, float] = field(default_factory=dict)  # process -> cores used
 
 
-def run_level(stack: EmbeddedStack, store: Store, name: str, level_no: int, nonce: int, rate: float | None,
-              seconds: float, threads: int, spans: int, bodies: list[bytes]) -> Level:
+def run_level(
+    stack: EmbeddedStack,
+    store: Store,
+    name: str,
+    level_no: int,
+    nonce: int,
+    rate: float | None,
+    seconds: float,
+    threads: int,
+    spans: int,
+    bodies: list[bytes],
+) -> Level:
     n_max = int((rate or 200_000) * seconds / spans) + threads + 1
     prefixes = [request_prefix(nonce, level_no, k) for k in range(n_max)]
     pids = process_ids(stack)
     cpu0 = {n: cpu_seconds(p) for n, p in pids.items()}
     poller = Poller(store, prefixes, spans).start()
     w0 = time.perf_counter()
-    sent, t0, t_last = fire(f"http://{stack.cfg.otlp.host}:{stack.cfg.otlp.http_port}", bodies, prefixes,
-                            rate=rate, seconds=seconds, threads=threads, spans=spans)
+    sent, t0, t_last = fire(
+        f"http://{stack.cfg.otlp.host}:{stack.cfg.otlp.http_port}",
+        bodies,
+        prefixes,
+        rate=rate,
+        seconds=seconds,
+        threads=threads,
+        spans=spans,
+    )
     ok = [s for s in sent if s.status == 200]
     drained = poller.wait_for([s.seq for s in ok], max(DRAIN_MIN_S, 3 * seconds))
     poller.stop()
     wall = time.perf_counter() - w0
     cpu = {n: (cpu_seconds(p) - cpu0[n]) / wall for n, p in pids.items()}
-    lv = Level(name, rate, requests=len(sent), rejected=len(sent) - len(ok), drained=drained, cpu=cpu)
+    lv = Level(
+        name, rate, requests=len(sent), rejected=len(sent) - len(ok), drained=drained, cpu=cpu
+    )
     lv.acked_rate = len(ok) * spans / max(t_last - t0, 1e-9)
     stored = [poller.done[s.seq] for s in ok if s.seq in poller.done]
     if stored:
@@ -280,8 +332,10 @@ def stage_cpu_seconds(store: Store) -> dict[str, float]:
     """CPU seconds each stage used so far (``stage_stats.cpu_s``, summed over processes), after
     the next write of the counters."""
     time.sleep(STATS_INTERVAL_S + 1)
-    rows = store.query("SELECT stage, sum(c) AS cpu FROM (SELECT stage, worker, max(cpu_s) AS c FROM stage_stats "
-                       "GROUP BY stage, worker) GROUP BY stage ORDER BY cpu DESC")
+    rows = store.query(
+        "SELECT stage, sum(c) AS cpu FROM (SELECT stage, worker, max(cpu_s) AS c FROM stage_stats "
+        "GROUP BY stage, worker) GROUP BY stage ORDER BY cpu DESC"
+    )
     return {r["stage"]: float(r["cpu"]) for r in rows if r["cpu"] > 0}
 
 
@@ -294,19 +348,50 @@ def process_ids(stack: EmbeddedStack) -> dict[str, int]:
 
 
 # -- where the time goes ----------------------------------------------------------------------
-def profile_worker(stack: EmbeddedStack, seconds: float, threads: int, spans: int, bodies: list[bytes],
-                   nonce: int, level_no: int, out: Path) -> list[tuple[str, float, float]]:
+def profile_worker(
+    stack: EmbeddedStack,
+    seconds: float,
+    threads: int,
+    spans: int,
+    bodies: list[bytes],
+    nonce: int,
+    level_no: int,
+    out: Path,
+) -> list[tuple[str, float, float]]:
     """py-spy the worker under unpaced load; top frames as (frame, self %, total %)."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
         return []
     pid = stack.children["capture-1" if "capture-1" in stack.children else "worker"].proc.pid
-    prof = subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "50",
-                             "--format", "raw", "--output", str(out), "--nonblocking"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    prof = subprocess.Popen(
+        [
+            spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(int(seconds)),
+            "--rate",
+            "50",
+            "--format",
+            "raw",
+            "--output",
+            str(out),
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     prefixes = [request_prefix(nonce, level_no, k) for k in range(int(200_000 * seconds / spans))]
-    fire(f"http://{stack.cfg.otlp.host}:{stack.cfg.otlp.http_port}", bodies, prefixes, rate=None,
-         seconds=seconds, threads=threads, spans=spans)
+    fire(
+        f"http://{stack.cfg.otlp.host}:{stack.cfg.otlp.http_port}",
+        bodies,
+        prefixes,
+        rate=None,
+        seconds=seconds,
+        threads=threads,
+        spans=spans,
+    )
     prof.wait(seconds + 30)
     return top_frames(out.read_text() if out.exists() else "")
 
@@ -323,7 +408,7 @@ def top_frames(raw: str, n: int = 12) -> list[tuple[str, float, float]]:
             continue
         c = int(count)
         total += c
-        frames = [_frame(f) for f in stack.split(";")[1:]]      # [0] is the process / thread
+        frames = [_frame(f) for f in stack.split(";")[1:]]  # [0] is the process / thread
         for f in set(frames):
             incl[f] += c
         if frames:
@@ -331,7 +416,9 @@ def top_frames(raw: str, n: int = 12) -> list[tuple[str, float, float]]:
     if not total:
         return []
     ours = [f for f, _ in incl.most_common() if "processors/" in f and "worker.py" not in f][:n]
-    ranked = [f for f, _ in self_c.most_common(n)] + [f for f in ours if f not in dict(self_c.most_common(n))]
+    ranked = [f for f, _ in self_c.most_common(n)] + [
+        f for f in ours if f not in dict(self_c.most_common(n))
+    ]
     return [(f, 100 * self_c[f] / total, 100 * incl[f] / total) for f in ranked]
 
 
@@ -349,17 +436,35 @@ def _frame(f: str) -> str:
 def start_stack(home: Path, capture_processes: int = 0) -> EmbeddedStack:
     """The embedded stack on free ports; conversations stay open (see the module docstring)."""
     home.mkdir(parents=True)
-    config_file = home / "closeloop.yaml"        # the children read the file, not our overrides
-    config_file.write_text(yaml.safe_dump({"assemble": {"idle_timeout_s": 3600.0},
-                                           "capture": {"processes": capture_processes}}))
-    cfg = load_config(config_file, env={}, overrides={
-        "home": str(home), "otlp.grpc_port": free_port(), "otlp.http_port": free_port(),
-        "web.port": free_port(), "clickhouse.sql_port": free_port()})
+    config_file = home / "closeloop.yaml"  # the children read the file, not our overrides
+    config_file.write_text(
+        yaml.safe_dump(
+            {"assemble": {"idle_timeout_s": 3600.0}, "capture": {"processes": capture_processes}}
+        )
+    )
+    cfg = load_config(
+        config_file,
+        env={},
+        overrides={
+            "home": str(home),
+            "otlp.grpc_port": free_port(),
+            "otlp.http_port": free_port(),
+            "web.port": free_port(),
+            "clickhouse.sql_port": free_port(),
+        },
+    )
     return EmbeddedStack(cfg, config_file=str(config_file)).start()
 
 
-def run(rates: list[int], seconds: float, threads: int, spans: int, profile: bool = True,
-        log: Callable[[str], None] = print, capture_processes: int = 0) -> dict:
+def run(
+    rates: list[int],
+    seconds: float,
+    threads: int,
+    spans: int,
+    profile: bool = True,
+    log: Callable[[str], None] = print,
+    capture_processes: int = 0,
+) -> dict:
     bodies = [request_template(spans, seed) for seed in range(TEMPLATES)]
     span_bytes = len(bodies[0]) / spans
     nonce = random.Random().getrandbits(24)
@@ -371,7 +476,9 @@ def run(rates: list[int], seconds: float, threads: int, spans: int, profile: boo
             store = connect_http(stack.sql_url)
             # warm-up: connections, topic metadata, the first inserts
             warm = run_level(stack, store, "warm-up", 0, nonce, 2000, 2, 2, spans, bodies)
-            plan: list[tuple[str, float | None]] = [(f"{r:,}/s", float(r)) for r in rates] + [("max", None)]
+            plan: list[tuple[str, float | None]] = [(f"{r:,}/s", float(r)) for r in rates] + [
+                ("max", None)
+            ]
             for no, (name, rate) in enumerate(plan, 1):
                 lv = run_level(stack, store, name, no, nonce, rate, seconds, threads, spans, bodies)
                 levels.append(lv)
@@ -380,35 +487,68 @@ def run(rates: list[int], seconds: float, threads: int, spans: int, profile: boo
                     log("  backlog not drained; stopping the ramp")
                     break
             best = max((lv.stored_rate for lv in levels), default=0.0)
-            acked = sum((lv.requests - lv.rejected) * spans for lv in levels) + warm.requests * spans
+            acked = (
+                sum((lv.requests - lv.rejected) * spans for lv in levels) + warm.requests * spans
+            )
             if best and wait_stored(store, acked, BACKLOG_TIMEOUT_S):
-                half = run_level(stack, store, "half of max", len(plan) + 1, nonce, best / 2, seconds,
-                                 threads, spans, bodies)
+                half = run_level(
+                    stack,
+                    store,
+                    "half of max",
+                    len(plan) + 1,
+                    nonce,
+                    best / 2,
+                    seconds,
+                    threads,
+                    spans,
+                    bodies,
+                )
                 levels.append(half)
                 log(format_level(half))
             stored_total = int(store.scalar("SELECT count() FROM spans") or 0)
             stage_cpu = stage_cpu_seconds(store)
             if profile:
-                frames = profile_worker(stack, min(seconds, 10), threads, spans, bodies, nonce, len(plan) + 2,
-                                        Path(tmp) / "worker.pyspy")
+                frames = profile_worker(
+                    stack,
+                    min(seconds, 10),
+                    threads,
+                    spans,
+                    bodies,
+                    nonce,
+                    len(plan) + 2,
+                    Path(tmp) / "worker.pyspy",
+                )
             store.close()
         finally:
             stack.stop()
-    return {"levels": levels, "span_bytes": span_bytes, "stored_total": stored_total, "frames": frames,
-            "stage_cpu": stage_cpu,
-            "spans": spans, "threads": threads, "seconds": seconds, "capture_processes": capture_processes}
+    return {
+        "levels": levels,
+        "span_bytes": span_bytes,
+        "stored_total": stored_total,
+        "frames": frames,
+        "stage_cpu": stage_cpu,
+        "spans": spans,
+        "threads": threads,
+        "seconds": seconds,
+        "capture_processes": capture_processes,
+    }
 
 
 def format_level(lv: Level) -> str:
     cpu = " ".join(f"{n}={c:.2f}" for n, c in lv.cpu.items())
-    return (f"{lv.name:>12} acked {lv.acked_rate:>8,.0f}/s stored {lv.stored_rate:>8,.0f}/s "
-            f"p50 {lv.p50_s:5.2f}s p99 {lv.p99_s:5.2f}s rejected {lv.rejected} cores: {cpu}")
+    return (
+        f"{lv.name:>12} acked {lv.acked_rate:>8,.0f}/s stored {lv.stored_rate:>8,.0f}/s "
+        f"p50 {lv.p50_s:5.2f}s p99 {lv.p99_s:5.2f}s rejected {lv.rejected} cores: {cpu}"
+    )
 
 
 def setting(res: dict) -> str:
     n = res["capture_processes"]
-    return (f"capture in {n} process{'es' if n > 1 else ''} of its own beside the worker" if n
-            else "capture inside the worker (the default)")
+    return (
+        f"capture in {n} process{'es' if n > 1 else ''} of its own beside the worker"
+        if n
+        else "capture inside the worker (the default)"
+    )
 
 
 def markdown(res: dict, command: str) -> str:
@@ -424,39 +564,63 @@ def markdown(res: dict, command: str) -> str:
         "benchmark (sender and poller) on the same 2 cores.",
         "",
         "| level | offered spans/s | acknowledged spans/s | stored spans/s | p50 s | p99 s | rejected | "
-        + " | ".join(f"cpu {p}" for p in procs) + " |",
+        + " | ".join(f"cpu {p}" for p in procs)
+        + " |",
         "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(procs),
     ]
     for lv in res["levels"]:
         offered = f"{lv.offered:,.0f}" if lv.offered else "unpaced"
         drained = "" if lv.drained else " (not drained)"
-        lines.append(f"| {lv.name} | {offered} | {lv.acked_rate:,.0f} | {lv.stored_rate:,.0f}{drained} | "
-                     f"{lv.p50_s:.2f} | {lv.p99_s:.2f} | {lv.rejected} | "
-                     + " | ".join(f"{lv.cpu.get(p, 0):.2f}" for p in procs) + " |")
+        lines.append(
+            f"| {lv.name} | {offered} | {lv.acked_rate:,.0f} | {lv.stored_rate:,.0f}{drained} | "
+            f"{lv.p50_s:.2f} | {lv.p99_s:.2f} | {lv.rejected} | "
+            + " | ".join(f"{lv.cpu.get(p, 0):.2f}" for p in procs)
+            + " |"
+        )
     lines += ["", f"Spans stored at the end: {res['stored_total']:,}."]
     if res["stage_cpu"]:
-        lines += ["", "CPU per stage over the whole run (the stage's own work and its inserts, measured in the "
-                  "worker processes; `stage_stats.cpu_s`):", "", "| stage | CPU s | µs per span stored |", "|---|---:|---:|"]
-        lines += [f"| {st} | {c:,.1f} | {1e6 * c / max(res['stored_total'], 1):,.0f} |" for st, c in res["stage_cpu"].items()]
+        lines += [
+            "",
+            "CPU per stage over the whole run (the stage's own work and its inserts, measured in the "
+            "worker processes; `stage_stats.cpu_s`):",
+            "",
+            "| stage | CPU s | µs per span stored |",
+            "|---|---:|---:|",
+        ]
+        lines += [
+            f"| {st} | {c:,.1f} | {1e6 * c / max(res['stored_total'], 1):,.0f} |"
+            for st, c in res["stage_cpu"].items()
+        ]
     if res["frames"]:
         who = "capture-1" if res["capture_processes"] else "the worker"
-        lines += ["", f"Where {who}'s time goes (py-spy, unpaced load, active threads; share of samples):", "",
-                  "| frame | self % | total % |", "|---|---:|---:|"]
+        lines += [
+            "",
+            f"Where {who}'s time goes (py-spy, unpaced load, active threads; share of samples):",
+            "",
+            "| frame | self % | total % |",
+            "|---|---:|---:|",
+        ]
         lines += [f"| `{f}` | {s:.1f} | {t:.1f} |" for f, s, t in res["frames"]]
     return "\n".join(lines) + "\n"
 
 
 def comparison(results: list[dict]) -> str:
     """The settings side by side: best stored rate and its ratio to the first (the baseline)."""
-    base = max((lv.stored_rate for lv in results[0]["levels"] if lv.name != "half of max"), default=0.0)
-    lines = ["| setting | best stored spans/s | ratio to the first | cores used at that level |",
-             "|---|---:|---:|---|"]
+    base = max(
+        (lv.stored_rate for lv in results[0]["levels"] if lv.name != "half of max"), default=0.0
+    )
+    lines = [
+        "| setting | best stored spans/s | ratio to the first | cores used at that level |",
+        "|---|---:|---:|---|",
+    ]
     for res in results:
         levels = [lv for lv in res["levels"] if lv.name != "half of max"]
         best = max(levels, key=lambda lv: lv.stored_rate) if levels else Level("none", None)
         cores = ", ".join(f"{n} {c:.2f}" for n, c in best.cpu.items())
-        lines.append(f"| {setting(res)} | {best.stored_rate:,.0f} | {best.stored_rate / base if base else 0:.2f} | "
-                     f"{cores} |")
+        lines.append(
+            f"| {setting(res)} | {best.stored_rate:,.0f} | {best.stored_rate / base if base else 0:.2f} | "
+            f"{cores} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -466,13 +630,22 @@ def figures(res: dict) -> dict:
     best = max(levels, key=lambda lv: lv.stored_rate) if levels else Level("none", None)
     half = next((lv for lv in res["levels"] if lv.name == "half of max"), None)
     own = [f for f, _, _ in res["frames"] if "processors/" in f]
-    return {"best_stored": best.stored_rate, "best_acked": max((lv.acked_rate for lv in levels), default=0.0),
-            "cores_at_best": {n: round(c, 2) for n, c in best.cpu.items()},
-            "capture_us_per_span": 1e6 * res["stage_cpu"].get("capture", 0.0) / max(res["stored_total"], 1),
-            "worker_cores_at_best": best.cpu.get("worker", 0.0), "gateway_cores_at_best": best.cpu.get("gateway", 0.0),
-            "broker_cores_at_best": best.cpu.get("broker", 0.0),
-            "half_p50": half.p50_s if half else None, "half_p99": half.p99_s if half else None,
-            "half_rate": half.offered if half else None, "half_worker_cores": half.cpu.get("worker") if half else None, "top_frame": f"`{own[0]}`" if own else "not profiled"}
+    return {
+        "best_stored": best.stored_rate,
+        "best_acked": max((lv.acked_rate for lv in levels), default=0.0),
+        "cores_at_best": {n: round(c, 2) for n, c in best.cpu.items()},
+        "capture_us_per_span": 1e6
+        * res["stage_cpu"].get("capture", 0.0)
+        / max(res["stored_total"], 1),
+        "worker_cores_at_best": best.cpu.get("worker", 0.0),
+        "gateway_cores_at_best": best.cpu.get("gateway", 0.0),
+        "broker_cores_at_best": best.cpu.get("broker", 0.0),
+        "half_p50": half.p50_s if half else None,
+        "half_p99": half.p99_s if half else None,
+        "half_rate": half.offered if half else None,
+        "half_worker_cores": half.cpu.get("worker") if half else None,
+        "top_frame": f"`{own[0]}`" if own else "not profiled",
+    }
 
 
 def main() -> None:
@@ -482,27 +655,55 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--spans", type=int, default=500)
     p.add_argument("--no-profile", action="store_true")
-    p.add_argument("--capture-processes", default="0,2",
-                   help="capture.processes settings to run side by side (the first is the baseline)")
+    p.add_argument(
+        "--capture-processes",
+        default="0,2",
+        help="capture.processes settings to run side by side (the first is the baseline)",
+    )
     p.add_argument("--out", type=Path, help="also write the markdown section here")
     p.add_argument("--json", type=Path, help="write the goal figures (of the best setting) here")
     a = p.parse_args()
-    command = (f"python -m bench.ingest --rates {a.rates} --seconds {a.seconds:g} "
-               f"--capture-processes {a.capture_processes}")
+    command = (
+        f"python -m bench.ingest --rates {a.rates} --seconds {a.seconds:g} "
+        f"--capture-processes {a.capture_processes}"
+    )
     results = []
     for n in (int(x) for x in a.capture_processes.split(",") if x):
         print(f"-- capture.processes: {n}")
-        results.append(run([int(r) for r in a.rates.split(",") if r], a.seconds, a.threads, a.spans,
-                           not a.no_profile, capture_processes=n))
-    text = "\n".join(["## Ingest: OTLP/HTTP → gateway → broker → capture → ClickHouse", "",
-                      f"Command: `{command}`.", "", comparison(results), *(markdown(r, command) for r in results)])
+        results.append(
+            run(
+                [int(r) for r in a.rates.split(",") if r],
+                a.seconds,
+                a.threads,
+                a.spans,
+                not a.no_profile,
+                capture_processes=n,
+            )
+        )
+    text = "\n".join(
+        [
+            "## Ingest: OTLP/HTTP → gateway → broker → capture → ClickHouse",
+            "",
+            f"Command: `{command}`.",
+            "",
+            comparison(results),
+            *(markdown(r, command) for r in results),
+        ]
+    )
     print(text)
     if a.out:
         a.out.write_text(text)
     if a.json:
         best = max(results, key=lambda r: figures(r)["best_stored"])
-        a.json.write_text(json.dumps({**figures(best), "capture_processes": best["capture_processes"],
-                                      "baseline_stored": figures(results[0])["best_stored"]}))
+        a.json.write_text(
+            json.dumps(
+                {
+                    **figures(best),
+                    "capture_processes": best["capture_processes"],
+                    "baseline_stored": figures(results[0])["best_stored"],
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

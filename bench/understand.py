@@ -10,6 +10,7 @@ it: conversations/s tagged, embedding included. Then the same core keeps going t
 with fresh conversation ids), which measures the rest of the path and shows whether memory
 (process RSS, the intent model's ``nbytes()``) stays flat as conversations accumulate.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,15 +20,15 @@ import json
 import resource
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
 from processors.config import load_config
-from processors.understand.embed import Embedder, make_embedder
 from processors.records import Conversation, Message
 from processors.understand.core import Understand
+from processors.understand.embed import Embedder, make_embedder
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "data" / "banking77" / "train.csv"
@@ -44,10 +45,21 @@ def utterances(limit: int = 0, seed: int = 0) -> list[str]:
 
 def conversation(i: int, text: str) -> Conversation:
     ts = T0 + i * 1_000_000_000
-    return Conversation(conversation_id=f"bench-{i}", start_ns=ts, end_ns=ts + 5_000_000_000, closed_reason="idle",
-                        prompt_version="p-1", model="gpt-4o-mini", agent_name="support", agent_version="1.0",
-                        messages=[Message("user", text, ts_ns=ts), Message("assistant", ANSWER, ts_ns=ts + 1)],
-                        llm_calls=1, input_tokens=120, output_tokens=30, latency_ms=800.0)
+    return Conversation(
+        conversation_id=f"bench-{i}",
+        start_ns=ts,
+        end_ns=ts + 5_000_000_000,
+        closed_reason="idle",
+        prompt_version="p-1",
+        model="gpt-4o-mini",
+        agent_name="support",
+        agent_version="1.0",
+        messages=[Message("user", text, ts_ns=ts), Message("assistant", ANSWER, ts_ns=ts + 1)],
+        llm_calls=1,
+        input_tokens=120,
+        output_tokens=30,
+        latency_ms=800.0,
+    )
 
 
 def rss_mb() -> float:
@@ -87,10 +99,14 @@ def run(embedded: int, sizes: list[int], batch: int, log: Callable[[str], None] 
         rss0 = rss_mb()
         t = time.perf_counter()
         for start in range(0, len(texts), batch):
-            core.process([conversation(start + j, s) for j, s in enumerate(texts[start:start + batch])],
-                         T0 + start * 1_000_000_000)
+            core.process(
+                [conversation(start + j, s) for j, s in enumerate(texts[start : start + batch])],
+                T0 + start * 1_000_000_000,
+            )
         embedded_rate = len(texts) / (time.perf_counter() - t)
-        log(f"{len(texts):,} conversations with {cfg.understand.embedder} embedding: {embedded_rate:,.0f}/s")
+        log(
+            f"{len(texts):,} conversations with {cfg.understand.embedder} embedding: {embedded_rate:,.0f}/s"
+        )
         points = [(len(texts), rss_mb(), core.model.nbytes(), len(core.model.intents()), None)]
         done = len(texts)
         cycle = itertools.cycle(texts)
@@ -99,14 +115,26 @@ def run(embedded: int, sizes: list[int], batch: int, log: Callable[[str], None] 
             n0 = done
             while done < size:
                 n = min(batch, size - done)
-                core.process([conversation(done + j, next(cycle)) for j in range(n)], T0 + done * 1_000_000_000)
+                core.process(
+                    [conversation(done + j, next(cycle)) for j in range(n)],
+                    T0 + done * 1_000_000_000,
+                )
                 done += n
             rate = (done - n0) / (time.perf_counter() - t)
             points.append((done, rss_mb(), core.model.nbytes(), len(core.model.intents()), rate))
-            log(f"{done:,} conversations: RSS {points[-1][1]:,.0f} MB, model {points[-1][2] / 1e6:.1f} MB, "
-                f"{points[-1][3]} intents, {rate:,.0f}/s without embedding")
-    return {"embedder": cfg.understand.embedder, "load_s": load_s, "embedded": len(texts),
-            "embedded_rate": embedded_rate, "rss_start": rss0, "points": points, "batch": batch}
+            log(
+                f"{done:,} conversations: RSS {points[-1][1]:,.0f} MB, model {points[-1][2] / 1e6:.1f} MB, "
+                f"{points[-1][3]} intents, {rate:,.0f}/s without embedding"
+            )
+    return {
+        "embedder": cfg.understand.embedder,
+        "load_s": load_s,
+        "embedded": len(texts),
+        "embedded_rate": embedded_rate,
+        "rss_start": rss0,
+        "points": points,
+        "batch": batch,
+    }
 
 
 def markdown(res: dict, command: str) -> str:
@@ -129,11 +157,17 @@ def markdown(res: dict, command: str) -> str:
     for n, rss, nbytes, k, rate in res["points"]:
         r = f"{rate:,.0f}" if rate else "(first pass, embedded)"
         lines.append(f"| {n:,} | {r} | {rss:,.0f} | {nbytes / 1e6:.1f} | {k} |")
-    lines += ["", f"RSS after loading the embedder, before the first conversation: {res['rss_start']:,.0f} MB."]
+    lines += [
+        "",
+        f"RSS after loading the embedder, before the first conversation: {res['rss_start']:,.0f} MB.",
+    ]
     last_n, _, _, _, last_rate = res["points"][-1]
     if last_n < 1_000_000 and last_rate:
-        lines += ["", f"1M conversations not run: at {last_rate:,.0f}/s (without embedding) it takes "
-                  f"~{1e6 / last_rate / 60:.0f} min; `--sizes 100000,1000000` runs it."]
+        lines += [
+            "",
+            f"1M conversations not run: at {last_rate:,.0f}/s (without embedding) it takes "
+            f"~{1e6 / last_rate / 60:.0f} min; `--sizes 100000,1000000` runs it.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -146,14 +180,23 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="write the goal figures here")
     a = p.parse_args()
     res = run(a.embedded, [int(s) for s in a.sizes.split(",") if s], a.batch)
-    text = markdown(res, "python -m bench.understand " + f"--embedded {a.embedded} --sizes {a.sizes}")
+    text = markdown(
+        res, "python -m bench.understand " + f"--embedded {a.embedded} --sizes {a.sizes}"
+    )
     print(text)
     if a.out:
         a.out.write_text(text)
     if a.json:
         rates = [pt[4] for pt in res["points"] if pt[4]]
-        a.json.write_text(json.dumps({"embedded_rate": res["embedded_rate"], "embedder": res["embedder"],
-                                      "rate_without_embedding": rates[-1] if rates else 0.0}))
+        a.json.write_text(
+            json.dumps(
+                {
+                    "embedded_rate": res["embedded_rate"],
+                    "embedder": res["embedder"],
+                    "rate_without_embedding": rates[-1] if rates else 0.0,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

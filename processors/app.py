@@ -12,6 +12,7 @@ ClickHouse is down, so offsets never pass unwritten rows), sends its outputs and
 their acknowledgement; only then are the input events acknowledged and their offsets
 committed. Every write is keyed by content, so the redelivery after a crash is harmless.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -24,8 +25,8 @@ import socket
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,17 +34,17 @@ import faust
 import orjson
 from aiokafka.partitioner import murmur2
 
-from processors.understand import assemble
 from processors.config import Config
 from processors.errors import InputError, ReviewError, StoreError
 from processors.records import SCHEMA_VERSION, DeadLetter, TurnRecord, dumps
 from processors.store import Store
+from processors.understand import assemble
 
 log = logging.getLogger("closeloop.worker")
 
 ALL_STAGES = ("capture", "assemble", "understand", "diagnose", "act", "verify")
-CAPTURE_ONLY = ("capture",)      # a capture process: its own consumer group, scaled out by partition
-CAPTURE_BATCH = 200          # OTLP requests per take (each holds many spans)
+CAPTURE_ONLY = ("capture",)  # a capture process: its own consumer group, scaled out by partition
+CAPTURE_BATCH = 200  # OTLP requests per take (each holds many spans)
 RECORD_BATCH = 500
 TAKE_WITHIN_S = 0.2
 TICK_INTERVAL_S = 1.0
@@ -96,7 +97,7 @@ class StageCounters:
     records_out: int = 0
     deadletters: int = 0
     write_errors: int = 0
-    cpu_s: float = 0.0          # CPU time of the stage's own work (its cores, its inserts)
+    cpu_s: float = 0.0  # CPU time of the stage's own work (its cores, its inserts)
 
 
 @dataclass
@@ -128,8 +129,14 @@ class Pipeline:
                 if refused >= REFUSALS_BEFORE_SPLIT:
                     await self._write_one_by_one(stage, table, rows)
                     return
-                log.warning("%s: writing %d rows to %s failed, retrying in %.1fs: %s",
-                            stage, len(rows), table, delay, e)
+                log.warning(
+                    "%s: writing %d rows to %s failed, retrying in %.1fs: %s",
+                    stage,
+                    len(rows),
+                    table,
+                    delay,
+                    e,
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
@@ -140,21 +147,33 @@ class Pipeline:
             try:
                 await loop.run_in_executor(self.pool, self.store.insert_records, table, [row])
             except StoreError as e:
-                if not _refused_by_server(e):     # unreachable again: back to retrying the rest
+                if not _refused_by_server(e):  # unreachable again: back to retrying the rest
                     await self.write(stage, table, rows[i:])
                     break
                 now = time.time_ns()
-                original = json.dumps(row, default=str, ensure_ascii=False).encode()[:DEADLETTER_MAX_BYTES]
-                bad.append(DeadLetter(stage=stage, reason=f"ClickHouse refused a {table} row", detail=str(e)[:2000],
-                                      topic=table, key=str(next(iter(row.values()), ""))[:200],
-                                      offset=now, original_b64=base64.b64encode(original).decode(),
-                                      ts_ns=now).to_dict())
+                original = json.dumps(row, default=str, ensure_ascii=False).encode()[
+                    :DEADLETTER_MAX_BYTES
+                ]
+                bad.append(
+                    DeadLetter(
+                        stage=stage,
+                        reason=f"ClickHouse refused a {table} row",
+                        detail=str(e)[:2000],
+                        topic=table,
+                        key=str(next(iter(row.values()), ""))[:200],
+                        offset=now,
+                        original_b64=base64.b64encode(original).decode(),
+                        ts_ns=now,
+                    ).to_dict()
+                )
         if bad:
             self.counters[stage].deadletters += len(bad)
             log.error("%s: %d %s rows refused by ClickHouse, dead-lettered", stage, len(bad), table)
             await self.write(stage, "deadletter", bad)
 
-    async def write_rows(self, stage: str, table: str, columns: tuple[str, ...], rows: list[list[Any]]) -> None:
+    async def write_rows(
+        self, stage: str, table: str, columns: tuple[str, ...], rows: list[list[Any]]
+    ) -> None:
         await self.write(stage, table, [dict(zip(columns, r)) for r in rows])
 
     async def run(self, fn: Any, *args: Any, stage: str = "") -> Any:
@@ -189,7 +208,7 @@ def _refused_by_server(e: StoreError) -> bool:
     return not isinstance(e.__cause__, (OperationalError, ConnectionError, TimeoutError))
 
 
-EXIT_STAGE_CRASHED = 70      # EX_SOFTWARE: the supervisor restarts the worker
+EXIT_STAGE_CRASHED = 70  # EX_SOFTWARE: the supervisor restarts the worker
 
 
 async def exit_on_crash(agent: Any, exc: BaseException) -> None:
@@ -197,8 +216,13 @@ async def exit_on_crash(agent: Any, exc: BaseException) -> None:
     batch it held: those events are never acknowledged nor redelivered, and the next
     checkpoint would cover them — lost. A restarted worker resumes from the committed
     offsets instead, and every write is idempotent, so the redelivery is harmless."""
-    log.critical("stage %s crashed, exiting so the supervisor restarts the worker and the "
-                 "unacknowledged batch is redelivered: %r", getattr(agent, "name", agent), exc, exc_info=exc)
+    log.critical(
+        "stage %s crashed, exiting so the supervisor restarts the worker and the "
+        "unacknowledged batch is redelivered: %r",
+        getattr(agent, "name", agent),
+        exc,
+        exc_info=exc,
+    )
     logging.shutdown()
     os._exit(EXIT_STAGE_CRASHED)
 
@@ -214,11 +238,17 @@ class WorkerApp(faust.App):
 def dead_letter(stage: str, reason: str, event: Any, now_ns: int, detail: str = "") -> DeadLetter:
     msg = event.message
     value = msg.value or b""
-    return DeadLetter(stage=stage, reason=reason, detail=detail[:2000], topic=msg.topic,
-                      partition=msg.partition, offset=msg.offset,
-                      key=(msg.key or b"").decode("utf-8", "replace")[:200],
-                      original_b64=base64.b64encode(value[:DEADLETTER_MAX_BYTES]).decode(),
-                      ts_ns=now_ns)
+    return DeadLetter(
+        stage=stage,
+        reason=reason,
+        detail=detail[:2000],
+        topic=msg.topic,
+        partition=msg.partition,
+        offset=msg.offset,
+        key=(msg.key or b"").decode("utf-8", "replace")[:200],
+        original_b64=base64.b64encode(value[:DEADLETTER_MAX_BYTES]).decode(),
+        ts_ns=now_ns,
+    )
 
 
 def partition_of(key: str, partitions: int) -> int:
@@ -247,8 +277,9 @@ def _advance(expected: dict[str, int], events: list[Any]) -> None:
         expected[k] = max(expected.get(k, 0), e.message.offset + 1)
 
 
-async def contiguous(consumer: Any, events: list[Any], expected: dict[str, int], stage: str, *,
-                     default: int | None) -> list[Any]:
+async def contiguous(
+    consumer: Any, events: list[Any], expected: dict[str, int], stage: str, *, default: int | None
+) -> list[Any]:
     """``events`` up to the first offset missing from each partition's sequence; the consumer
     is set back to read the rest again from that offset.
 
@@ -278,9 +309,14 @@ async def contiguous(consumer: Any, events: list[Any], expected: dict[str, int],
     cut: dict[Any, int] = {}
     for tp, want in holes.items():
         if want < (earliest.get(tp) or 0):
-            continue            # retention removed them: nothing to read again
-        log.warning("%s: %s:%d skipped from offset %d; reading it again from there", stage, tp.topic,
-                    tp.partition, want)
+            continue  # retention removed them: nothing to read again
+        log.warning(
+            "%s: %s:%d skipped from offset %d; reading it again from there",
+            stage,
+            tp.topic,
+            tp.partition,
+            want,
+        )
         await consumer.seek(tp, want)
         cut[tp] = want
     return [e for e in events if e.message.offset < cut.get(e.message.tp, e.message.offset + 1)]
@@ -321,9 +357,11 @@ class Checkpoint:
         self.seq = 0
 
     async def restore_into(self, apply: Any) -> None:
-        rows = await self.pipe.run(self.pipe.store.query,
-                                   "SELECT seq, offsets, data FROM checkpoints FINAL WHERE name = {n:String}",
-                                   {"n": self.name})
+        rows = await self.pipe.run(
+            self.pipe.store.query,
+            "SELECT seq, offsets, data FROM checkpoints FINAL WHERE name = {n:String}",
+            {"n": self.name},
+        )
         if not rows:
             return
         row = rows[0]
@@ -356,11 +394,26 @@ class Checkpoint:
             ranges: dict[str, list[int]] = defaultdict(list)
             for e in events:
                 ranges[_key(e.message)].append(e.message.offset)
-            log.debug("%s: checkpoint #%d after %s", self.name, self.seq,
-                      ", ".join(f"{k} {min(o)}..{max(o)} ({len(o)})" for k, o in sorted(ranges.items())))
+            log.debug(
+                "%s: checkpoint #%d after %s",
+                self.name,
+                self.seq,
+                ", ".join(f"{k} {min(o)}..{max(o)} ({len(o)})" for k, o in sorted(ranges.items())),
+            )
         data = base64.b64encode(await self.pipe.run(snapshot, stage=self.name)).decode()
-        await self.pipe.write(self.name, "checkpoints", [dict(
-            name=self.name, seq=self.seq, offsets=json.dumps(self.offsets), data=data, ts_ns=time.time_ns())])
+        await self.pipe.write(
+            self.name,
+            "checkpoints",
+            [
+                dict(
+                    name=self.name,
+                    seq=self.seq,
+                    offsets=json.dumps(self.offsets),
+                    data=data,
+                    ts_ns=time.time_ns(),
+                )
+            ],
+        )
 
 
 def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
@@ -375,8 +428,9 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
             guard.forget(revoked)
 
     def topic(*names: str) -> faust.TopicT:
-        return app.topic(*names, key_type=bytes, value_type=bytes,
-                         key_serializer="raw", value_serializer="raw")
+        return app.topic(
+            *names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+        )
 
     turns_topic = topic(t.turns)
     conversations_topic = topic(t.conversations)
@@ -388,8 +442,14 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
     async def send_all(sends: list[tuple[Any, ...]]) -> None:
         """Send ``(topic, key, value[, partition])`` and wait for every acknowledgement
         (at-least-once towards the next stage)."""
-        futs = [await s[0].send(key=s[1].encode() if s[1] is not None else None, value=s[2],
-                                partition=s[3] if len(s) > 3 else None) for s in sends]
+        futs = [
+            await s[0].send(
+                key=s[1].encode() if s[1] is not None else None,
+                value=s[2],
+                partition=s[3] if len(s) > 3 else None,
+            )
+            for s in sends
+        ]
         for f in futs:
             await f
 
@@ -398,8 +458,15 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
             return
         pipe.counters[stage].deadletters += len(dls)
         for d in dls:
-            log.warning("%s: dead letter %s/%s@%s: %s %s", stage, d.topic, d.partition, d.offset,
-                        d.reason, d.detail[:200])
+            log.warning(
+                "%s: dead letter %s/%s@%s: %s %s",
+                stage,
+                d.topic,
+                d.partition,
+                d.offset,
+                d.reason,
+                d.detail[:200],
+            )
         await pipe.write(stage, "deadletter", [d.to_dict() for d in dls])
         await send_all([(deadletter_topic, None, d.to_json()) for d in dls])
 
@@ -407,7 +474,9 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
     if "capture" in pipe.stages:
         from processors.capture.core import Capture, RawMessage
 
-        capture_core = Capture(cfg.capture, logs_topic=t.otlp_logs, end_attribute=cfg.assemble.end_attribute)
+        capture_core = Capture(
+            cfg.capture, logs_topic=t.otlp_logs, end_attribute=cfg.assemble.end_attribute
+        )
 
         capture_guard = ReadGuard("capture")
         guards.append(capture_guard)
@@ -417,8 +486,16 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
             async for events in stream.take_events(CAPTURE_BATCH, within=TAKE_WITHIN_S):
                 events = await capture_guard.contiguous(app.consumer, events)
                 now = time.time_ns()
-                raw = [RawMessage(e.message.topic, e.message.partition, e.message.offset,
-                                  e.message.key, e.message.value) for e in events]
+                raw = [
+                    RawMessage(
+                        e.message.topic,
+                        e.message.partition,
+                        e.message.offset,
+                        e.message.key,
+                        e.message.value,
+                    )
+                    for e in events
+                ]
                 batch = await pipe.run(capture_core.process, raw, now, stage="capture")
                 pipe.counters["capture"].records_in += len(raw)
                 await pipe.write("capture", "spans", batch.span_rows)
@@ -428,11 +505,17 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
                 # conversation would cost a produce round trip each (changelog-safe settings).
                 # orjson serialises the records (dataclasses) itself, in C.
                 with pipe.busy("capture"):
-                    bundles: dict[int, dict[str, list[TurnRecord]]] = defaultdict(lambda: defaultdict(list))
+                    bundles: dict[int, dict[str, list[TurnRecord]]] = defaultdict(
+                        lambda: defaultdict(list)
+                    )
                     for tr in batch.turns:
-                        bundles[partition_of(tr.conversation_id, cfg.kafka.partitions)][tr.conversation_id].append(tr)
-                    messages = [(turns_topic, None, dumps({"v": SCHEMA_VERSION, "conversations": b}), p)
-                                for p, b in bundles.items()]
+                        bundles[partition_of(tr.conversation_id, cfg.kafka.partitions)][
+                            tr.conversation_id
+                        ].append(tr)
+                    messages = [
+                        (turns_topic, None, dumps({"v": SCHEMA_VERSION, "conversations": b}), p)
+                        for p, b in bundles.items()
+                    ]
                 await send_all(messages)
                 pipe.counters["capture"].records_out += len(batch.turns)
                 await send_deadletters("capture", batch.deadletters)
@@ -441,8 +524,13 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
     if "assemble" in pipe.stages:
         # use_partitioner: the changelog partition comes from the key (the same partitioner
         # that keyed closeloop.turns), so writes work from batches taken off the stream.
-        open_conversations = app.Table("open_conversations", default=None, key_type=str,
-                                       partitions=cfg.kafka.partitions, use_partitioner=True)
+        open_conversations = app.Table(
+            "open_conversations",
+            default=None,
+            key_type=str,
+            partitions=cfg.kafka.partitions,
+            use_partitioner=True,
+        )
         # Deadlines per partition (a heap with stale entries skipped on pop), so a tick looks
         # only at conversations that are due. Rebuilt from the table after a restart.
         deadlines: dict[int, list[tuple[int, str]]] = defaultdict(list)
@@ -465,51 +553,78 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
                             if isinstance(body, dict) and "tick" in body:
                                 closed += _close_due(e.message.partition, int(body["tick"]))
                                 continue
-                            if isinstance(body, dict) and isinstance(body.get("conversations"), dict):
-                                groups = body["conversations"]          # a bundle: {conversation id: turns}
-                            elif isinstance(body, list):                # one conversation, keyed by its id
-                                groups = {e.key.decode() if isinstance(e.key, bytes) else str(e.key): body}
+                            if isinstance(body, dict) and isinstance(
+                                body.get("conversations"), dict
+                            ):
+                                groups = body["conversations"]  # a bundle: {conversation id: turns}
+                            elif isinstance(body, list):  # one conversation, keyed by its id
+                                groups = {
+                                    e.key.decode() if isinstance(e.key, bytes) else str(e.key): body
+                                }
                             else:
-                                raise InputError("turn message is neither a bundle nor a list of turn records")
+                                raise InputError(
+                                    "turn message is neither a bundle nor a list of turn records"
+                                )
                             for turns in groups.values():
-                                if not isinstance(turns, list) or not all(isinstance(d, dict) for d in turns):
+                                if not isinstance(turns, list) or not all(
+                                    isinstance(d, dict) for d in turns
+                                ):
                                     raise InputError("turn records must be JSON objects in a list")
                         except (ValueError, TypeError, KeyError, InputError) as err:
-                            dls.append(dead_letter("assemble", "undecodable turn record", e, now, str(err)))
+                            dls.append(
+                                dead_letter("assemble", "undecodable turn record", e, now, str(err))
+                            )
                             continue
                         for cid, turns in groups.items():
                             try:
                                 state = assemble.add_turns(open_conversations.get(cid), turns, now)
                             except (ValueError, TypeError, KeyError) as err:
-                                dls.append(dead_letter("assemble", f"unusable turn record of {cid[:100]}", e, now,
-                                                       str(err)))
+                                dls.append(
+                                    dead_letter(
+                                        "assemble",
+                                        f"unusable turn record of {cid[:100]}",
+                                        e,
+                                        now,
+                                        str(err),
+                                    )
+                                )
                                 continue
                             state["p"] = partition_of(cid, cfg.kafka.partitions)
                             open_conversations[cid] = state
-                            heapq.heappush(deadlines[state["p"]], (assemble.next_deadline(state, cfg.assemble), cid))
+                            heapq.heappush(
+                                deadlines[state["p"]],
+                                (assemble.next_deadline(state, cfg.assemble), cid),
+                            )
                             pipe.counters["assemble"].records_in += len(turns)
                 if closed:
                     with pipe.busy("assemble"):
                         convs = [c for _, _, c in closed if c is not None]
                         rows = [assemble.conversation_row(c) for c in convs]
-                        messages = [(conversations_topic, c.conversation_id, c.to_json()) for c in convs]
-                    await pipe.write_rows("assemble", "conversations", assemble.CONVERSATION_COLUMNS, rows)
+                        messages = [
+                            (conversations_topic, c.conversation_id, c.to_json()) for c in convs
+                        ]
+                    await pipe.write_rows(
+                        "assemble", "conversations", assemble.CONVERSATION_COLUMNS, rows
+                    )
                     await send_all(messages)
                     # Only now is the closing recorded in the table (and its changelog): a crash
                     # before this point closes and publishes the same version again, harmlessly.
                     for cid, state, _ in closed:
                         current = open_conversations.get(cid)
                         if current is not None and len(current["turns"]) > len(state["turns"]):
-                            continue          # a span arrived meanwhile: it stays open, closes later
+                            continue  # a span arrived meanwhile: it stays open, closes later
                         open_conversations[cid] = state
-                        heapq.heappush(deadlines[state["p"]], (assemble.next_deadline(state, cfg.assemble), cid))
+                        heapq.heappush(
+                            deadlines[state["p"]],
+                            (assemble.next_deadline(state, cfg.assemble), cid),
+                        )
                     pipe.counters["assemble"].records_out += len(convs)
                 await send_deadletters("assemble", dls)
 
         def _close_due(partition: int, now: int) -> list[tuple[str, dict[str, Any], Any]]:
             """``(conversation id, its closed state, the conversation)`` for each one due now."""
             heap = deadlines[partition]
-            if partition not in indexed:          # after a (re)start: index the restored table once
+            if partition not in indexed:  # after a (re)start: index the restored table once
                 for cid, state in list(open_conversations.items()):
                     if state is not None and state.get("p") == partition:
                         heapq.heappush(heap, (assemble.next_deadline(state, cfg.assemble), cid))
@@ -519,13 +634,15 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
                 _, cid = heapq.heappop(heap)
                 state = open_conversations.get(cid)
                 if state is None or assemble.next_deadline(state, cfg.assemble) > now:
-                    continue                      # deleted, or updated since: a later entry exists
+                    continue  # deleted, or updated since: a later entry exists
                 reason = assemble.is_due(state, now, cfg.assemble)
                 if reason:
                     # the table keeps the open state until the conversation is published
                     closed_state = {**state, "turns": dict(state["turns"])}
                     try:
-                        out.append((cid, closed_state, assemble.close(cid, closed_state, reason, now)))
+                        out.append(
+                            (cid, closed_state, assemble.close(cid, closed_state, reason, now))
+                        )
                     except (ValueError, TypeError, KeyError, AttributeError) as err:
                         # a state the core cannot build: keep the pipeline going, keep the turns
                         log.error("assemble: cannot build conversation %s: %r", cid, err)
@@ -545,13 +662,14 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
 
     # -- understand ------------------------------------------------------------------------
     if "understand" in pipe.stages:
-        from processors.understand.embed import make_embedder
         from processors.llm import make_llm
         from processors.records import Conversation
         from processors.understand.core import Understand
+        from processors.understand.embed import make_embedder
 
-        understand_core = Understand(cfg, make_embedder(cfg.understand, cfg.home_path / "models", cfg.llm),
-                                     make_llm(cfg.llm))
+        understand_core = Understand(
+            cfg, make_embedder(cfg.understand, cfg.home_path / "models", cfg.llm), make_llm(cfg.llm)
+        )
         understand_ckpt = Checkpoint("understand", pipe)
 
         @app.agent(conversations_topic, name="understand")
@@ -566,15 +684,26 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
                         try:
                             convs.append(Conversation.from_json(e.message.value))
                         except (ValueError, TypeError, KeyError) as err:
-                            dls.append(dead_letter("understand", "undecodable conversation record", e, now, str(err)))
+                            dls.append(
+                                dead_letter(
+                                    "understand",
+                                    "undecodable conversation record",
+                                    e,
+                                    now,
+                                    str(err),
+                                )
+                            )
                 if convs:
                     batch = await pipe.run(understand_core.process, convs, now, stage="understand")
                     pipe.counters["understand"].records_in += len(convs)
-                    await pipe.write("understand", "conversation_tags",
-                                     [_tag_row(tg) for tg in batch.tags])
+                    await pipe.write(
+                        "understand", "conversation_tags", [_tag_row(tg) for tg in batch.tags]
+                    )
                     await pipe.write("understand", "intents", batch.intent_rows)
                     await pipe.write("understand", "intent_changes", batch.change_rows)
-                    await send_all([(tags_topic, tg.conversation_id, tg.to_json()) for tg in batch.tags])
+                    await send_all(
+                        [(tags_topic, tg.conversation_id, tg.to_json()) for tg in batch.tags]
+                    )
                     pipe.counters["understand"].records_out += len(batch.tags)
                 await send_deadletters("understand", dls)
                 await understand_ckpt.save(events, understand_core.snapshot)
@@ -604,7 +733,9 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
                         try:
                             diags += core.observe(TagRecord.from_json(e.message.value), now)
                         except (ValueError, TypeError, KeyError, InputError) as err:
-                            dls.append(dead_letter("diagnose", "unusable tag record", e, now, str(err)))
+                            dls.append(
+                                dead_letter("diagnose", "unusable tag record", e, now, str(err))
+                            )
                         pipe.counters["diagnose"].records_in += 1
                 if diags:
                     await pipe.write("diagnose", "diagnoses", diagnosis_rows(diags))
@@ -620,8 +751,10 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
 
         backend = open_backend(cfg) if cfg.act.repo else None
         if backend is None:
-            log.warning("act: no target repository configured (act.repo); diagnoses are kept, "
-                        "no proposals are opened")
+            log.warning(
+                "act: no target repository configured (act.repo); diagnoses are kept, "
+                "no proposals are opened"
+            )
 
     if "act" in pipe.stages and backend is not None:
         from processors.llm import make_llm
@@ -642,12 +775,16 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
                     try:
                         diag = Diagnosis.from_json(e.message.value)
                     except (ValueError, TypeError, KeyError) as err:
-                        dls.append(dead_letter("act", "undecodable diagnosis record", e, now, str(err)))
+                        dls.append(
+                            dead_letter("act", "undecodable diagnosis record", e, now, str(err))
+                        )
                         continue
                     pipe.counters["act"].records_in += 1
                     prop = await pipe.run(actor.propose, diag, now, stage="act")
                     if prop is None:
-                        log.info("act: no proposal for %s: %s", diag.diagnosis_id, actor.last_reason)
+                        log.info(
+                            "act: no proposal for %s: %s", diag.diagnosis_id, actor.last_reason
+                        )
                         continue
                     props.append(prop)
                 if props:
@@ -661,14 +798,20 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
 
     # -- verify (review layer) ---------------------------------------------------------------
     if "verify" in pipe.stages:
-        from processors.review.core import load_proposal, merged_reviews, outcome_rows, poll_open, verify
+        from processors.review.core import (
+            load_proposal,
+            merged_reviews,
+            outcome_rows,
+            poll_open,
+            verify,
+        )
 
         def verify_all(now: int) -> list[Any]:
             if backend is not None and backend.name == "github":
                 # decisions taken on GitHub (webhooks deliver them too; polling catches missed ones)
                 try:
                     poll_open(pipe.store, backend, now)
-                except ReviewError as e:   # GitHub away: the next tick polls again
+                except ReviewError as e:  # GitHub away: the next tick polls again
                     log.warning("verify: polling GitHub failed: %s", e)
             outcomes = []
             for row in merged_reviews(pipe.store):
@@ -676,15 +819,18 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
                 result = verify(pipe.store, row, cfg, now, backend=backend, proposal=prop)
                 outcomes += result.outcomes
                 if result.regressed:
-                    log.warning("verify: %s made intent %s worse; diagnose will see the new rates",
-                                row["proposal_id"], row["intent_id"])
+                    log.warning(
+                        "verify: %s made intent %s worse; diagnose will see the new rates",
+                        row["proposal_id"],
+                        row["intent_id"],
+                    )
             return outcomes
 
         @app.timer(VERIFY_INTERVAL_S)
         async def verify_tick() -> None:
             try:
                 outcomes = await pipe.run(verify_all, time.time_ns(), stage="verify")
-            except StoreError as e:   # ClickHouse away: the next tick tries again
+            except StoreError as e:  # ClickHouse away: the next tick tries again
                 log.warning("verify: %s", e)
                 return
             await pipe.write("verify", "outcomes", outcome_rows(outcomes))
@@ -694,10 +840,19 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
     @app.timer(STATS_INTERVAL_S)
     async def write_stats() -> None:
         now = time.time_ns()
-        rows = [dict(ts_ns=now, worker=pipe.worker_id, stage=s, records_in=c.records_in,
-                     records_out=c.records_out, deadletters=c.deadletters, write_errors=c.write_errors,
-                     cpu_s=c.cpu_s)
-                for s, c in list(pipe.counters.items())]
+        rows = [
+            dict(
+                ts_ns=now,
+                worker=pipe.worker_id,
+                stage=s,
+                records_in=c.records_in,
+                records_out=c.records_out,
+                deadletters=c.deadletters,
+                write_errors=c.write_errors,
+                cpu_s=c.cpu_s,
+            )
+            for s, c in list(pipe.counters.items())
+        ]
         try:
             await pipe.run(pipe.store.insert_records, "stage_stats", rows)
         except StoreError as e:  # counters are best effort: the next tick writes them again

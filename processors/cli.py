@@ -1,4 +1,5 @@
 """The ``closeloop`` command line (the names are the user's interface: keep them)."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,10 @@ def _config(a: argparse.Namespace, **extra: Any) -> Config:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="closeloop.yaml (default: ./closeloop.yaml if present, or CLOSELOOP_CONFIG)")
+    p.add_argument(
+        "--config",
+        help="closeloop.yaml (default: ./closeloop.yaml if present, or CLOSELOOP_CONFIG)",
+    )
     p.add_argument("--home", help="state directory (default: ./.closeloop, or CLOSELOOP_HOME)")
 
 
@@ -30,8 +34,14 @@ def _common(p: argparse.ArgumentParser) -> None:
 def cmd_up(a: argparse.Namespace) -> int:
     from processors.embedded.stack import EmbeddedStack
 
-    cfg = _config(a, **{"otlp.grpc_port": a.otlp_grpc_port, "otlp.http_port": a.otlp_http_port,
-                        "web.port": a.web_port})
+    cfg = _config(
+        a,
+        **{
+            "otlp.grpc_port": a.otlp_grpc_port,
+            "otlp.http_port": a.otlp_http_port,
+            "web.port": a.web_port,
+        },
+    )
     stopping = False
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -76,8 +86,11 @@ def print_endpoints(stack: Any) -> None:
     print("closeloop is up:")
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
-    print(f"Point an OTel SDK at it: OTEL_EXPORTER_OTLP_ENDPOINT=http://{cfg.otlp.host}:{cfg.otlp.http_port}"
-          "   (Ctrl-C stops)", flush=True)
+    print(
+        f"Point an OTel SDK at it: OTEL_EXPORTER_OTLP_ENDPOINT=http://{cfg.otlp.host}:{cfg.otlp.http_port}"
+        "   (Ctrl-C stops)",
+        flush=True,
+    )
 
 
 # -- status ----------------------------------------------------------------------------------
@@ -136,18 +149,25 @@ def cmd_worker(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="closeloop", description="closeloop: capture, understand, diagnose, "
-                                "act and review — the loop under a self-improving agent.")
+    p = argparse.ArgumentParser(
+        prog="closeloop",
+        description="closeloop: capture, understand, diagnose, "
+        "act and review — the loop under a self-improving agent.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="start the embedded stack (broker, OTLP gateway, workers, store, page)")
+    up = sub.add_parser(
+        "up", help="start the embedded stack (broker, OTLP gateway, workers, store, page)"
+    )
     _common(up)
     up.add_argument("--otlp-grpc-port", type=int)
     up.add_argument("--otlp-http-port", type=int)
     up.add_argument("--web-port", type=int)
     up.set_defaults(fn=cmd_up)
 
-    st = sub.add_parser("status", help="what runs, topic offsets and lag, dead letters, rows per table")
+    st = sub.add_parser(
+        "status", help="what runs, topic offsets and lag, dead letters, rows per table"
+    )
     _common(st)
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(fn=cmd_status)
@@ -174,8 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo", help="run the whole loop on the embedded stack with the demo agent")
     _common(dm)
-    dm.add_argument("--approve-as", help="approve proposals non-interactively as this person (recorded)")
-    dm.add_argument("--conversations", type=int, default=600, help="conversations per cycle (default 600)")
+    dm.add_argument(
+        "--approve-as", help="approve proposals non-interactively as this person (recorded)"
+    )
+    dm.add_argument(
+        "--conversations", type=int, default=600, help="conversations per cycle (default 600)"
+    )
     dm.add_argument("--seed", type=int, default=1)
     dm.set_defaults(fn=_lazy("processors.demo:cmd_demo"))
     return p

@@ -1,4 +1,5 @@
 """The layer commands: ``tag``, ``intents``, ``diagnoses``, ``diagnose``, ``proposals``, ``review``."""
+
 from __future__ import annotations
 
 import argparse
@@ -45,23 +46,46 @@ def conversation_from_json(d: dict[str, Any]) -> Conversation:
         if not isinstance(content, str):
             raise InputError(f"turn {i}: content must be a string")
         ts = int(t.get("ts_ns") or t.get("timestamp_ns") or i)
-        msgs.append(Message(role=t["role"], content=content, ts_ns=ts, tool_name=str(t.get("tool_name", "")),
-                            tool_arguments=str(t.get("arguments", "")), error=str(t.get("error", ""))))
+        msgs.append(
+            Message(
+                role=t["role"],
+                content=content,
+                ts_ns=ts,
+                tool_name=str(t.get("tool_name", "")),
+                tool_arguments=str(t.get("arguments", "")),
+                error=str(t.get("error", "")),
+            )
+        )
         for tc in t.get("tool_calls") or []:
-            calls.append(ToolCall(name=str(tc.get("name", "")), arguments=json.dumps(tc.get("arguments", "")),
-                                  result=str(tc.get("result", "")), error_message=str(tc.get("error", ""))))
-    return Conversation(conversation_id=d["conversation_id"], messages=msgs, tool_calls=calls,
-                        prompt_version=str(d.get("prompt_version", "")), closed_reason=str(d.get("closed_reason", "end")),
-                        errors=sum(1 for m in msgs if m.error))
+            calls.append(
+                ToolCall(
+                    name=str(tc.get("name", "")),
+                    arguments=json.dumps(tc.get("arguments", "")),
+                    result=str(tc.get("result", "")),
+                    error_message=str(tc.get("error", "")),
+                )
+            )
+    return Conversation(
+        conversation_id=d["conversation_id"],
+        messages=msgs,
+        tool_calls=calls,
+        prompt_version=str(d.get("prompt_version", "")),
+        closed_reason=str(d.get("closed_reason", "end")),
+        errors=sum(1 for m in msgs if m.error),
+    )
 
 
-def run_tag(cfg: Config, lines: list[str], now_ns: int) -> tuple[list[dict[str, Any]], list[str], Any]:
+def run_tag(
+    cfg: Config, lines: list[str], now_ns: int
+) -> tuple[list[dict[str, Any]], list[str], Any]:
     """The understand cores over exported conversations, in arrival order, one pass."""
-    from processors.understand.embed import make_embedder
     from processors.llm import make_llm
     from processors.understand.core import Understand
+    from processors.understand.embed import make_embedder
 
-    core = Understand(cfg, make_embedder(cfg.understand, cfg.home_path / "models", cfg.llm), make_llm(cfg.llm))
+    core = Understand(
+        cfg, make_embedder(cfg.understand, cfg.home_path / "models", cfg.llm), make_llm(cfg.llm)
+    )
     convs: list[Conversation] = []
     errors: list[str] = []
     for n, line in enumerate(lines, 1):
@@ -73,12 +97,20 @@ def run_tag(cfg: Config, lines: list[str], now_ns: int) -> tuple[list[dict[str, 
             errors.append(f"line {n}: {e}")
     tags: list[TagRecord] = []
     for i in range(0, len(convs), TAG_BATCH):
-        tags += core.process(convs[i:i + TAG_BATCH], now_ns).tags
+        tags += core.process(convs[i : i + TAG_BATCH], now_ns).tags
     names = {i: core._name_of(i) for i in {t.intent_id for t in tags}}
-    out = [{"conversation_id": t.conversation_id, "intent_id": core.model.resolve(t.intent_id),
-            "intent_name": names.get(t.intent_id, t.intent_name), "signals": t.signals, "outcome": t.outcome,
-            "outcome_turn": t.outcome_turn} for t in tags]
-    for o in out:   # final names: intents named later in the pass name earlier lines too
+    out = [
+        {
+            "conversation_id": t.conversation_id,
+            "intent_id": core.model.resolve(t.intent_id),
+            "intent_name": names.get(t.intent_id, t.intent_name),
+            "signals": t.signals,
+            "outcome": t.outcome,
+            "outcome_turn": t.outcome_turn,
+        }
+        for t in tags
+    ]
+    for o in out:  # final names: intents named later in the pass name earlier lines too
         o["intent_name"] = core._name_of(o["intent_id"])
     return out, errors, core
 
@@ -95,8 +127,11 @@ def cmd_tag(a: argparse.Namespace) -> int:
             dst.write(json.dumps(o, ensure_ascii=False) + "\n")
     for e in errors:
         print(f"closeloop tag: skipped {e}", file=sys.stderr)
-    print(f"closeloop tag: {len(out)} conversations tagged into {len(core.model.intents())} intents"
-          f"{f', {len(errors)} lines skipped' if errors else ''}", file=sys.stderr)
+    print(
+        f"closeloop tag: {len(out)} conversations tagged into {len(core.model.intents())} intents"
+        f"{f', {len(errors)} lines skipped' if errors else ''}",
+        file=sys.stderr,
+    )
     return 1 if errors and not out else 0
 
 
@@ -122,15 +157,19 @@ def cmd_intents(a: argparse.Namespace) -> int:
 
 def cmd_diagnoses(a: argparse.Namespace) -> int:
     store = _store(a)
-    rows = store.query("SELECT diagnosis_id AS id, intent_name AS intent, rule, support, failures, "
-                       "round(failure_rate, 3) AS rate, status, summary, trace_ids FROM diagnoses FINAL "
-                       "ORDER BY updated_ns DESC")
+    rows = store.query(
+        "SELECT diagnosis_id AS id, intent_name AS intent, rule, support, failures, "
+        "round(failure_rate, 3) AS rate, status, summary, trace_ids FROM diagnoses FINAL "
+        "ORDER BY updated_ns DESC"
+    )
     if getattr(a, "json", False):
         print(json.dumps(rows, default=str, indent=2))
         return 0
     for r in rows:
-        print(f"{r['id']}  [{r['status']}] {r['rule']}  intent={r['intent']}  "
-              f"{r['failures']}/{r['support']} failing ({r['rate']:.0%})")
+        print(
+            f"{r['id']}  [{r['status']}] {r['rule']}  intent={r['intent']}  "
+            f"{r['failures']}/{r['support']} failing ({r['rate']:.0%})"
+        )
         print(f"    {r['summary']}")
         print(f"    traces: {', '.join(r['trace_ids'][:5])}")
     if not rows:
@@ -152,19 +191,38 @@ def cmd_diagnose(a: argparse.Namespace) -> int:
         INNER JOIN (SELECT * FROM conversations FINAL) AS c ON c.conversation_id = t.conversation_id
         ORDER BY t.ts_ns""")
     if not any(r["intent_id"] == a.intent for r in rows):
-        raise CloseloopError(f"no tagged conversations for intent {a.intent!r}; `closeloop intents` lists them")
+        raise CloseloopError(
+            f"no tagged conversations for intent {a.intent!r}; `closeloop intents` lists them"
+        )
     core = Diagnoser(cfg.diagnose)
     now = time.time_ns()
     for r in rows:
         msgs = [Message.from_dict(m) for m in json.loads(r.pop("messages_json") or "[]")]
-        conv = Conversation(conversation_id=r["conversation_id"], version=r["conversation_version"],
-                            messages=msgs, trace_ids=r.pop("trace_ids"), closed_reason=r.pop("closed_reason"),
-                            latency_ms=r.pop("latency_ms"), errors=r.pop("errors"),
-                            prompt_version=r["prompt_version"], agent_version=r["agent_version"], model=r["model"],
-                            tool_calls=[ToolCall(name=m.tool_name, call_id=m.tool_call_id, arguments=m.tool_arguments,
-                                                 result="" if m.error else m.content, error_message=m.error,
-                                                 trace_id=m.trace_id, span_id=m.span_id)
-                                        for m in msgs if m.role == "tool"])
+        conv = Conversation(
+            conversation_id=r["conversation_id"],
+            version=r["conversation_version"],
+            messages=msgs,
+            trace_ids=r.pop("trace_ids"),
+            closed_reason=r.pop("closed_reason"),
+            latency_ms=r.pop("latency_ms"),
+            errors=r.pop("errors"),
+            prompt_version=r["prompt_version"],
+            agent_version=r["agent_version"],
+            model=r["model"],
+            tool_calls=[
+                ToolCall(
+                    name=m.tool_name,
+                    call_id=m.tool_call_id,
+                    arguments=m.tool_arguments,
+                    result="" if m.error else m.content,
+                    error_message=m.error,
+                    trace_id=m.trace_id,
+                    span_id=m.span_id,
+                )
+                for m in msgs
+                if m.role == "tool"
+            ],
+        )
         r["failed"] = bool(r["failed"])
         core.observe(TagRecord.from_dict({**r, "conversation": conv.to_dict()}), now)
     found = core.diagnose_now(a.intent, now)
@@ -173,15 +231,19 @@ def cmd_diagnose(a: argparse.Namespace) -> int:
     for d in found:
         print(f"{d.diagnosis_id}  {d.rule}: {d.summary}")
     if not found:
-        print(f"no diagnosis for {a.intent}: its failure rate does not stand out "
-              f"(min_support={cfg.diagnose.min_support}, min_failures={cfg.diagnose.min_failures})")
+        print(
+            f"no diagnosis for {a.intent}: its failure rate does not stand out "
+            f"(min_support={cfg.diagnose.min_support}, min_failures={cfg.diagnose.min_failures})"
+        )
     return 0
 
 
 def cmd_proposals(a: argparse.Namespace) -> int:
     store = _store(a)
-    rows = store.query("SELECT proposal_id AS id, status, backend, branch, pr_url, title, version "
-                       "FROM proposals FINAL ORDER BY created_ns DESC")
+    rows = store.query(
+        "SELECT proposal_id AS id, status, backend, branch, pr_url, title, version "
+        "FROM proposals FINAL ORDER BY created_ns DESC"
+    )
     print(_table(rows, ["id", "status", "branch", "title", "version"]))
     return 0
 
@@ -193,19 +255,25 @@ def cmd_review(a: argparse.Namespace) -> int:
     cfg = _cfg(a)
     store = open_store(cfg)
     if a.action == "list":
-        rows = store.query("SELECT proposal_id AS id, status, title FROM proposals FINAL "
-                           "WHERE status IN ('open', 'approved') ORDER BY created_ns")
+        rows = store.query(
+            "SELECT proposal_id AS id, status, title FROM proposals FINAL "
+            "WHERE status IN ('open', 'approved') ORDER BY created_ns"
+        )
         print(_table(rows, ["id", "status", "title"]))
         return 0
     if not a.proposal:
-        raise CloseloopError(f"`closeloop review {a.action}` needs a proposal id; `closeloop review list` shows them")
+        raise CloseloopError(
+            f"`closeloop review {a.action}` needs a proposal id; `closeloop review list` shows them"
+        )
     prop = load_proposal(store, a.proposal)
     if prop is None:
         raise CloseloopError(f"no proposal {a.proposal!r}")
     if a.action == "show":
         diag = load_diagnosis(store, prop.diagnosis_id)
-        print(f"{prop.title}\n{'=' * len(prop.title)}\nstatus: {prop.status}   branch: {prop.branch}   "
-              f"{prop.pr_url}\n\n{prop.body}\n\n{prop.diff}")
+        print(
+            f"{prop.title}\n{'=' * len(prop.title)}\nstatus: {prop.status}   branch: {prop.branch}   "
+            f"{prop.pr_url}\n\n{prop.body}\n\n{prop.diff}"
+        )
         if diag:
             print(f"\nevidence traces: {', '.join(diag.trace_ids)}")
         return 0
@@ -213,11 +281,21 @@ def cmd_review(a: argparse.Namespace) -> int:
         raise CloseloopError("a decision needs the reviewer's name: --as NAME")
     if cfg.act.repo == "":
         raise CloseloopError("act.repo is not configured: nothing to merge into")
-    record, updated = decide(store, open_backend(cfg), prop.proposal_id, a.action, a.reviewer, a.comment or "",
-                             time.time_ns(), cfg=cfg)
-    print(f"{a.action}d {prop.proposal_id} as {record.reviewer}"
-          + (f"; merged {record.merged_commit[:12]} into {prop.base}" if record.merged_commit else "")
-          + f"; proposal is now {updated.status}")
+    record, updated = decide(
+        store,
+        open_backend(cfg),
+        prop.proposal_id,
+        a.action,
+        a.reviewer,
+        a.comment or "",
+        time.time_ns(),
+        cfg=cfg,
+    )
+    print(
+        f"{a.action}d {prop.proposal_id} as {record.reviewer}"
+        + (f"; merged {record.merged_commit[:12]} into {prop.base}" if record.merged_commit else "")
+        + f"; proposal is now {updated.status}"
+    )
     return 0
 
 
@@ -261,7 +339,6 @@ def register(sub: argparse._SubParsersAction, common: Any) -> None:
     p.set_defaults(fn=cmd_web)
 
 
-
 def cmd_web(a: argparse.Namespace) -> int:
     """Serve the review page until SIGTERM/SIGINT (``closeloop up`` runs it as a child)."""
     import signal
@@ -276,7 +353,10 @@ def cmd_web(a: argparse.Namespace) -> int:
     run.mkdir(parents=True, exist_ok=True)
     (run / "web.json").write_text(json.dumps({"url": server.url, "login_url": server.login_url}))
     (run / "web.json").chmod(0o600)
-    print(f"closeloop web: serving the review page at {server.url} (login: {server.token_path})", flush=True)
+    print(
+        f"closeloop web: serving the review page at {server.url} (login: {server.token_path})",
+        flush=True,
+    )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

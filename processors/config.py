@@ -6,6 +6,7 @@ from the environment as ``CLOSELOOP_<SECTION>_<KEY>``, e.g. ``CLOSELOOP_OTLP_GRP
 a few common ones have short names (``CLOSELOOP_KAFKA``, ``CLOSELOOP_CLICKHOUSE``,
 ``CLOSELOOP_HOME``). ``closeloop.example.yaml`` documents every key.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,16 +29,23 @@ DEFAULT_SQL_PORT = 8723
 BROKER_STORAGES = ("memory", "s3")
 
 TOPIC_NAMES = (
-    "otlp_spans", "otlp_logs", "turns", "conversations", "tags",
-    "diagnoses", "proposals", "reviews", "deadletter",
+    "otlp_spans",
+    "otlp_logs",
+    "turns",
+    "conversations",
+    "tags",
+    "diagnoses",
+    "proposals",
+    "reviews",
+    "deadletter",
 )
 
 
 @dataclass
 class KafkaConfig:
-    bootstrap: str = ""            # empty: start the embedded tansu broker
-    partitions: int = 4            # partitions of every topic closeloop creates
-    broker_port: int = 0           # embedded broker port; 0 picks a free one
+    bootstrap: str = ""  # empty: start the embedded tansu broker
+    partitions: int = 4  # partitions of every topic closeloop creates
+    broker_port: int = 0  # embedded broker port; 0 picks a free one
     client_id: str = "closeloop"
     # embedded broker storage: "memory" (lost when the broker dies) or "s3" (tansu's object-store
     # engine on a local S3-compatible server keeping files under <home>/broker-s3: survives kill -9).
@@ -52,8 +60,11 @@ class KafkaConfig:
         if self.partitions < 1:
             raise ConfigError("kafka.partitions", f"must be >= 1, got {self.partitions}")
         if self.storage not in BROKER_STORAGES:
-            raise ConfigError("kafka.storage", f"unknown storage {self.storage!r}",
-                              f"use one of: {', '.join(BROKER_STORAGES)}")
+            raise ConfigError(
+                "kafka.storage",
+                f"unknown storage {self.storage!r}",
+                f"use one of: {', '.join(BROKER_STORAGES)}",
+            )
 
 
 @dataclass
@@ -79,13 +90,20 @@ class TopicsConfig:
 
 @dataclass
 class ClickHouseConfig:
-    dsn: str = ""                  # empty: chdb://<home>/clickhouse ; or http(s)://user:pass@host:8123/db
-    sql_port: int = DEFAULT_SQL_PORT   # embedded: the ClickHouse-compatible HTTP endpoint of the store owner
+    dsn: str = ""  # empty: chdb://<home>/clickhouse ; or http(s)://user:pass@host:8123/db
+    sql_port: int = (
+        DEFAULT_SQL_PORT  # embedded: the ClickHouse-compatible HTTP endpoint of the store owner
+    )
 
     def validate(self) -> None:
-        if self.dsn and not self.dsn.startswith(("chdb://", "http://", "https://", "clickhouse://")):
-            raise ConfigError("clickhouse.dsn", f"unsupported scheme in {self.dsn!r}",
-                              "use chdb:///path or http(s)://user:pass@host:8123/db")
+        if self.dsn and not self.dsn.startswith(
+            ("chdb://", "http://", "https://", "clickhouse://")
+        ):
+            raise ConfigError(
+                "clickhouse.dsn",
+                f"unsupported scheme in {self.dsn!r}",
+                "use chdb:///path or http(s)://user:pass@host:8123/db",
+            )
 
 
 @dataclass
@@ -93,9 +111,9 @@ class OtlpConfig:
     grpc_port: int = DEFAULT_OTLP_GRPC_PORT
     http_port: int = DEFAULT_OTLP_HTTP_PORT
     host: str = "127.0.0.1"
-    max_request_bytes: int = 16 * 1024 * 1024     # larger requests get RESOURCE_EXHAUSTED / 413
-    max_inflight_bytes: int = 256 * 1024 * 1024   # bounded buffer towards the broker, then 503
-    ack_timeout_s: float = 10.0                   # broker acknowledgement wait before UNAVAILABLE/503
+    max_request_bytes: int = 16 * 1024 * 1024  # larger requests get RESOURCE_EXHAUSTED / 413
+    max_inflight_bytes: int = 256 * 1024 * 1024  # bounded buffer towards the broker, then 503
+    ack_timeout_s: float = 10.0  # broker acknowledgement wait before UNAVAILABLE/503
 
     def validate(self) -> None:
         for key in ("grpc_port", "http_port"):
@@ -110,8 +128,10 @@ class OtlpConfig:
 class WebConfig:
     port: int = DEFAULT_WEB_PORT
     host: str = "127.0.0.1"
-    token: str = ""                # empty: generated at start and written to <home>/run/web-token
-    trace_url: str = ""            # link template for trace ids in PRs and the page, e.g. https://grafana/.../{trace_id}
+    token: str = ""  # empty: generated at start and written to <home>/run/web-token
+    trace_url: str = (
+        ""  # link template for trace ids in PRs and the page, e.g. https://grafana/.../{trace_id}
+    )
 
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
@@ -120,12 +140,12 @@ class WebConfig:
 
 @dataclass
 class LLMConfig:
-    base_url: str = ""             # empty: OPENAI_BASE_URL, else no LLM (deterministic fallbacks)
-    api_key: str = ""              # empty: OPENAI_API_KEY
+    base_url: str = ""  # empty: OPENAI_BASE_URL, else no LLM (deterministic fallbacks)
+    api_key: str = ""  # empty: OPENAI_API_KEY
     model: str = "gpt-4o-mini"
     timeout_s: float = 20.0
     max_retries: int = 1
-    judge_rate: float = 0.05       # share of conversations judged by the LLM (signals)
+    judge_rate: float = 0.05  # share of conversations judged by the LLM (signals)
 
     def validate(self) -> None:
         if not 0.0 <= self.judge_rate <= 1.0:
@@ -144,26 +164,33 @@ class LLMConfig:
 @dataclass
 class CaptureConfig:
     redact: list[str] = field(default_factory=lambda: ["secrets", "emails", "cards", "phones"])
-    extra_patterns: list[str] = field(default_factory=list)   # additional regexes to redact
-    max_attribute_bytes: int = 64 * 1024                       # longer values are truncated (and counted)
+    extra_patterns: list[str] = field(default_factory=list)  # additional regexes to redact
+    max_attribute_bytes: int = 64 * 1024  # longer values are truncated (and counted)
     max_spans_per_request: int = 100_000
-    max_message_bytes: int = 64 * 1024 * 1024                  # larger Kafka messages are dead-lettered
-    processes: int = 0             # 0: capture runs in the worker; N: N capture processes beside it (more cores)
+    max_message_bytes: int = 64 * 1024 * 1024  # larger Kafka messages are dead-lettered
+    processes: int = (
+        0  # 0: capture runs in the worker; N: N capture processes beside it (more cores)
+    )
 
     def validate(self) -> None:
         if self.processes < 0:
-            raise ConfigError("capture.processes", f"must be >= 0, got {self.processes}",
-                              "0 runs capture inside the worker; N starts N capture processes")
+            raise ConfigError(
+                "capture.processes",
+                f"must be >= 0, got {self.processes}",
+                "0 runs capture inside the worker; N starts N capture processes",
+            )
         known = {"secrets", "emails", "cards", "phones"}
         for r in self.redact:
             if r not in known:
-                raise ConfigError("capture.redact", f"unknown redaction {r!r}", f"choose from {sorted(known)}")
+                raise ConfigError(
+                    "capture.redact", f"unknown redaction {r!r}", f"choose from {sorted(known)}"
+                )
 
 
 @dataclass
 class AssembleConfig:
-    idle_timeout_s: float = 30.0        # a conversation with no new span for this long is closed
-    end_attribute: str = "closeloop.conversation.end"   # span attribute that closes a conversation
+    idle_timeout_s: float = 30.0  # a conversation with no new span for this long is closed
+    end_attribute: str = "closeloop.conversation.end"  # span attribute that closes a conversation
 
     def validate(self) -> None:
         if self.idle_timeout_s <= 0:
@@ -175,32 +202,43 @@ class UnderstandConfig:
     # minilm: all-MiniLM-L6-v2, int8 weights on onnxruntime (fast) | minilm-fp32: same, exact
     # | minilm-numpy: the numpy reference (no onnxruntime) | openai | hashing
     embedder: str = "minilm"
-    embedding_model: str = "text-embedding-3-small"    # for embedder: openai
-    goal_user_turns: int = 2           # how many first user turns describe the goal
-    min_examples_shown: int = 5        # intents smaller than this never show raw examples
+    embedding_model: str = "text-embedding-3-small"  # for embedder: openai
+    goal_user_turns: int = 2  # how many first user turns describe the goal
+    min_examples_shown: int = 5  # intents smaller than this never show raw examples
 
     def validate(self) -> None:
         if self.embedder not in ("minilm", "minilm-fp32", "minilm-numpy", "openai", "hashing"):
-            raise ConfigError("understand.embedder", f"unknown embedder {self.embedder!r}",
-                              "use minilm, minilm-fp32, minilm-numpy, openai or hashing")
+            raise ConfigError(
+                "understand.embedder",
+                f"unknown embedder {self.embedder!r}",
+                "use minilm, minilm-fp32, minilm-numpy, openai or hashing",
+            )
 
 
 @dataclass
 class DiagnoseConfig:
-    min_support: int = 30              # no diagnosis from fewer conversations of an intent
+    min_support: int = 30  # no diagnosis from fewer conversations of an intent
     min_failures: int = 8
     min_failure_rate: float = 0.2
-    window: int = 500                  # conversations per intent kept for rates and evidence
-    alpha: float = 0.001               # one-sided two-proportion test level (rate vs baseline / previous version)
-    min_lift: float = 0.1              # rate - baseline below this is never a finding, however significant
-    min_version_support: int = 15      # conversations under a new prompt/model/agent version before comparing it
-    evidence_size: int = 50            # failing (and as many healthy) conversations kept per intent as evidence
-    min_evidence_share: float = 0.3    # share of failing conversations a pattern must explain
-    adwin_delta: float = 0.002         # river ADWIN confidence on each intent's failure stream
-    emergence_warmup: int = 200        # records seen before an intent counts as new
-    emergence_share: float = 0.05      # share of traffic since first seen that makes a new intent "emerging"
-    reemit_growth: float = 0.25        # re-emit a diagnosis only after failures grew by this fraction
-    latency_ratio: float = 1.5         # failing/healthy latency per model call that counts as a finding
+    window: int = 500  # conversations per intent kept for rates and evidence
+    alpha: float = (
+        0.001  # one-sided two-proportion test level (rate vs baseline / previous version)
+    )
+    min_lift: float = 0.1  # rate - baseline below this is never a finding, however significant
+    min_version_support: int = (
+        15  # conversations under a new prompt/model/agent version before comparing it
+    )
+    evidence_size: int = (
+        50  # failing (and as many healthy) conversations kept per intent as evidence
+    )
+    min_evidence_share: float = 0.3  # share of failing conversations a pattern must explain
+    adwin_delta: float = 0.002  # river ADWIN confidence on each intent's failure stream
+    emergence_warmup: int = 200  # records seen before an intent counts as new
+    emergence_share: float = (
+        0.05  # share of traffic since first seen that makes a new intent "emerging"
+    )
+    reemit_growth: float = 0.25  # re-emit a diagnosis only after failures grew by this fraction
+    latency_ratio: float = 1.5  # failing/healthy latency per model call that counts as a finding
     max_trace_ids: int = 10
 
     def validate(self) -> None:
@@ -210,8 +248,14 @@ class DiagnoseConfig:
             raise ConfigError("diagnose.min_failures", "must be >= 1")
         if self.window < self.min_support:
             raise ConfigError("diagnose.window", f"must be >= min_support ({self.min_support})")
-        for key in ("min_failure_rate", "alpha", "min_lift", "min_evidence_share", "emergence_share",
-                    "adwin_delta"):
+        for key in (
+            "min_failure_rate",
+            "alpha",
+            "min_lift",
+            "min_evidence_share",
+            "emergence_share",
+            "adwin_delta",
+        ):
             v = getattr(self, key)
             if not 0.0 < v < 1.0:
                 raise ConfigError(f"diagnose.{key}", f"must be within (0, 1), got {v}")
@@ -227,42 +271,48 @@ class DiagnoseConfig:
 @dataclass
 class ActTarget:
     path: str
-    kind: str = "prompt"               # prompt | config | harness
-    key: str = ""                      # for a prompt kept inside YAML/JSON: the dotted key
+    kind: str = "prompt"  # prompt | config | harness
+    key: str = ""  # for a prompt kept inside YAML/JSON: the dotted key
 
     def validate(self, where: str) -> None:
         if self.kind not in ("prompt", "config", "harness"):
-            raise ConfigError(f"{where}.kind", f"unknown kind {self.kind!r}", "use prompt, config or harness")
+            raise ConfigError(
+                f"{where}.kind", f"unknown kind {self.kind!r}", "use prompt, config or harness"
+            )
         if not self.path or self.path.startswith("/") or ".." in Path(self.path).parts:
-            raise ConfigError(f"{where}.path", f"{self.path!r} must be a relative path inside the repository")
+            raise ConfigError(
+                f"{where}.path", f"{self.path!r} must be a relative path inside the repository"
+            )
 
 
 @dataclass
 class ActConfig:
-    backend: str = "local"             # local | github
-    repo: str = ""                     # local path, or owner/name on GitHub
+    backend: str = "local"  # local | github
+    repo: str = ""  # local path, or owner/name on GitHub
     base: str = "main"
     github_url: str = "https://api.github.com"
     targets: list[ActTarget] = field(default_factory=list)
     max_changed_lines: int = 40
-    notify_webhook: str = ""           # Slack-compatible incoming webhook URL
+    notify_webhook: str = ""  # Slack-compatible incoming webhook URL
     labels: list[str] = field(default_factory=lambda: ["closeloop"])
-    github_throttle_s: float = 1.0     # pause between GitHub write requests (secondary rate limits)
+    github_throttle_s: float = 1.0  # pause between GitHub write requests (secondary rate limits)
 
     def validate(self) -> None:
         if self.github_throttle_s < 0:
             raise ConfigError("act.github_throttle_s", "must be >= 0")
         if self.backend not in ("local", "github"):
-            raise ConfigError("act.backend", f"unknown backend {self.backend!r}", "use local or github")
+            raise ConfigError(
+                "act.backend", f"unknown backend {self.backend!r}", "use local or github"
+            )
         for i, t in enumerate(self.targets):
             t.validate(f"act.targets[{i}]")
 
 
 @dataclass
 class ReviewConfig:
-    min_after: int = 30                # conversations of the intent under the new version before a verdict
+    min_after: int = 30  # conversations of the intent under the new version before a verdict
     alpha: float = 0.05
-    webhook_secret: str = ""           # GitHub webhook secret (X-Hub-Signature-256)
+    webhook_secret: str = ""  # GitHub webhook secret (X-Hub-Signature-256)
 
     def validate(self) -> None:
         if not 0 < self.alpha < 1:
@@ -391,19 +441,25 @@ def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
         if name in _SHORT_ENV:
             _set_dotted(out, _SHORT_ENV[name], value)
             continue
-        rest = name[len("CLOSELOOP_"):].lower()
+        rest = name[len("CLOSELOOP_") :].lower()
         for section in sorted(sections, key=len, reverse=True):
             typ = hints[section]
             if dataclasses.is_dataclass(typ) and rest.startswith(section + "_"):
-                key = rest[len(section) + 1:]
+                key = rest[len(section) + 1 :]
                 if key in {f.name for f in dataclasses.fields(typ)}:
                     _set_dotted(out, f"{section}.{key}", value)
                     break
-                raise ConfigError(name, f"no key {key!r} in section {section!r}",
-                                  f"known: {', '.join(f.name for f in dataclasses.fields(typ))}")
+                raise ConfigError(
+                    name,
+                    f"no key {key!r} in section {section!r}",
+                    f"known: {', '.join(f.name for f in dataclasses.fields(typ))}",
+                )
         else:
-            raise ConfigError(name, "unknown CLOSELOOP_ variable",
-                              "use CLOSELOOP_<SECTION>_<KEY>, e.g. CLOSELOOP_OTLP_GRPC_PORT")
+            raise ConfigError(
+                name,
+                "unknown CLOSELOOP_ variable",
+                "use CLOSELOOP_<SECTION>_<KEY>, e.g. CLOSELOOP_OTLP_GRPC_PORT",
+            )
     return out
 
 
@@ -417,8 +473,12 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | os.PathLike[str] | None = None, *, env: dict[str, str] | None = None,
-                overrides: dict[str, Any] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
     """Load the configuration: defaults, then the YAML file, then ``CLOSELOOP_*``, then ``overrides``.
 
     ``overrides`` uses dotted keys (``{"otlp.grpc_port": 14317}``), as the command line does.
@@ -431,7 +491,11 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: dict[str, st
     if file is not None:
         p = Path(file)
         if not p.exists():
-            raise ConfigError("config file", f"{p} does not exist", "pass an existing file or unset CLOSELOOP_CONFIG")
+            raise ConfigError(
+                "config file",
+                f"{p} does not exist",
+                "pass an existing file or unset CLOSELOOP_CONFIG",
+            )
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

@@ -7,6 +7,7 @@ diagnose (root causes) → act (a proposal branch with a diff). A human reviews:
 or ``--approve-as NAME`` (still recorded as that person's approval). The agent picks up the
 merged files (a new version); cycle 2 runs; verification reports a verdict per intent.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,10 +19,10 @@ from typing import Any
 
 import yaml
 
-from processors.embedded.broker import free_port, port_in_use
 from processors.config import Config, load_config
-from processors.errors import CloseloopError, StoreError
+from processors.embedded.broker import free_port, port_in_use
 from processors.embedded.stack import EmbeddedStack, wait_for
+from processors.errors import CloseloopError, StoreError
 from processors.store import Store, connect_http
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +44,7 @@ class DemoResult:
     approved: list[str]
     outcomes: list[dict[str, Any]]
     diagnoses: list[dict[str, Any]]
-    cycles: list[Any]            # the agent's own reports (true intent and outcome per conversation)
+    cycles: list[Any]  # the agent's own reports (true intent and outcome per conversation)
 
 
 def _say(msg: str) -> None:
@@ -55,9 +56,16 @@ def demo_config(home: Path, repo: Path, base: dict[str, Any] | None = None) -> P
     data: dict[str, Any] = dict(base or {})
     data.update({k: {**data.get(k, {}), **v} for k, v in DEMO_SETTINGS.items()})
     data["home"] = str(home)
-    data["act"] = {**data.get("act", {}), "backend": "local", "repo": str(repo), "base": "main",
-                   "targets": [{"path": "prompts/system.md", "kind": "prompt"},
-                               {"path": "config/agent.yaml", "kind": "config"}]}
+    data["act"] = {
+        **data.get("act", {}),
+        "backend": "local",
+        "repo": str(repo),
+        "base": "main",
+        "targets": [
+            {"path": "prompts/system.md", "kind": "prompt"},
+            {"path": "config/agent.yaml", "kind": "config"},
+        ],
+    }
     path = home / "demo" / "closeloop.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -84,7 +92,9 @@ def _count(store: Store, sql: str, params: dict[str, Any] | None = None) -> int:
         return 0
 
 
-def run_cycle_and_wait(store: Store, repo: Path, endpoint: str, n: int, seed: int, label: str) -> Any:
+def run_cycle_and_wait(
+    store: Store, repo: Path, endpoint: str, n: int, seed: int, label: str
+) -> Any:
     from examples.support_agent import run_cycle
 
     before = _count(store, "SELECT count() FROM conversation_tags FINAL")
@@ -97,12 +107,19 @@ def run_cycle_and_wait(store: Store, repo: Path, endpoint: str, n: int, seed: in
 
     report = run_cycle(repo, endpoint, n=n, seed=seed, progress=progress, mode="scripted")
     print(flush=True)
-    _say(f"  agent version {report.agent_version}: {len(report.conversations)} conversations exported")
-    tagged = wait_until("every conversation to be tagged",
-                        lambda: _count(store, "SELECT count() FROM conversation_tags FINAL") - before >= n,
-                        WAIT_PIPELINE_S)
+    _say(
+        f"  agent version {report.agent_version}: {len(report.conversations)} conversations exported"
+    )
+    tagged = wait_until(
+        "every conversation to be tagged",
+        lambda: _count(store, "SELECT count() FROM conversation_tags FINAL") - before >= n,
+        WAIT_PIPELINE_S,
+    )
     got = _count(store, "SELECT count() FROM conversation_tags FINAL") - before
-    _say(f"  captured, assembled and tagged: {got}/{n} conversations" + ("" if tagged else " (partial)"))
+    _say(
+        f"  captured, assembled and tagged: {got}/{n} conversations"
+        + ("" if tagged else " (partial)")
+    )
     return report
 
 
@@ -122,8 +139,10 @@ def review_step(store: Store, cfg: Config, approve_as: str | None) -> list[str]:
     from processors.act import open_backend
     from processors.review.core import StaleProposal, decide
 
-    props = store.query("SELECT proposal_id, title, diff, branch FROM proposals FINAL WHERE status = 'open' "
-                        "ORDER BY created_ns")
+    props = store.query(
+        "SELECT proposal_id, title, diff, branch FROM proposals FINAL WHERE status = 'open' "
+        "ORDER BY created_ns"
+    )
     approved = []
     backend = open_backend(cfg)
     for p in props:
@@ -132,23 +151,44 @@ def review_step(store: Store, cfg: Config, approve_as: str | None) -> list[str]:
         who = approve_as
         if who is None:
             if not sys.stdin.isatty():
-                _say("  (no terminal: not approving; rerun with --approve-as NAME or use `closeloop review`)")
+                _say(
+                    "  (no terminal: not approving; rerun with --approve-as NAME or use `closeloop review`)"
+                )
                 continue
             answer = input("  approve this change? [y/N] ").strip().lower()
             if answer != "y":
                 continue
             who = input("  your name (recorded with the approval): ").strip()
         try:
-            record, _ = decide(store, backend, p["proposal_id"], "approve", who, "approved in closeloop demo",
-                               time.time_ns(), cfg=cfg)
+            record, _ = decide(
+                store,
+                backend,
+                p["proposal_id"],
+                "approve",
+                who,
+                "approved in closeloop demo",
+                time.time_ns(),
+                cfg=cfg,
+            )
         except StaleProposal as stale:
             # another approved change touched the same lines: look at the rebuilt diff again
             _say(f"  {stale}\n")
             _say("\n".join("    " + ln for ln in stale.proposal.diff.splitlines()))
-            record, _ = decide(store, backend, p["proposal_id"], "approve", who, "approved in closeloop demo "
-                               "(rebuilt on the new base)", time.time_ns(), cfg=cfg)
-        where = (f"already in {cfg.act.base} at" if "already holds" in record.comment
-                 else f"merged into {cfg.act.base} as")
+            record, _ = decide(
+                store,
+                backend,
+                p["proposal_id"],
+                "approve",
+                who,
+                "approved in closeloop demo (rebuilt on the new base)",
+                time.time_ns(),
+                cfg=cfg,
+            )
+        where = (
+            f"already in {cfg.act.base} at"
+            if "already holds" in record.comment
+            else f"merged into {cfg.act.base} as"
+        )
         _say(f"  approved by {record.reviewer}; {where} {record.merged_commit[:10]}")
         approved.append(p["proposal_id"])
     return approved
@@ -164,14 +204,20 @@ def show_verdicts(outcomes: list[dict[str, Any]]) -> None:
             controls.setdefault(r["intent_id"], r)
     _say("  verification, failure rate before → after (two-proportion z and Fisher's exact tests):")
     for r in sorted(targets, key=lambda r: str(r["intent"])):
-        _say(f"    fixed intent  {str(r['intent'])[:36]:<36} {r['rate_before']:>4.0%} → {r['rate_after']:>4.0%}  "
-             f"{r['verdict']:<15} p={r['p_value']:.2g}  (n {r['before_n']} → {r['after_n']})")
+        _say(
+            f"    fixed intent  {str(r['intent'])[:36]:<36} {r['rate_before']:>4.0%} → {r['rate_after']:>4.0%}  "
+            f"{r['verdict']:<15} p={r['p_value']:.2g}  (n {r['before_n']} → {r['after_n']})"
+        )
     for r in sorted(controls.values(), key=lambda r: str(r["intent"])):
-        _say(f"    control       {str(r['intent'])[:36]:<36} {r['rate_before']:>4.0%} → {r['rate_after']:>4.0%}  "
-             f"{r['verdict']:<15} p={r['p_value']:.2g}  (n {r['before_n']} → {r['after_n']})")
+        _say(
+            f"    control       {str(r['intent'])[:36]:<36} {r['rate_before']:>4.0%} → {r['rate_after']:>4.0%}  "
+            f"{r['verdict']:<15} p={r['p_value']:.2g}  (n {r['before_n']} → {r['after_n']})"
+        )
 
 
-def run_demo(cfg: Config, config_file: Path, n: int, seed: int, approve_as: str | None) -> DemoResult:
+def run_demo(
+    cfg: Config, config_file: Path, n: int, seed: int, approve_as: str | None
+) -> DemoResult:
     from examples.support_agent import init_agent_repo
 
     repo = Path(cfg.act.repo)
@@ -179,26 +225,39 @@ def run_demo(cfg: Config, config_file: Path, n: int, seed: int, approve_as: str 
     try:
         store = connect_http(stack.sql_url)
         endpoint = f"http://{cfg.otlp.host}:{cfg.otlp.http_port}"
-        _say(f"\n[1/5] the stack is up (OTLP {endpoint}, SQL {stack.sql_url}); agent repository {repo}")
+        _say(
+            f"\n[1/5] the stack is up (OTLP {endpoint}, SQL {stack.sql_url}); agent repository {repo}"
+        )
         _say(f"      agent version {init_agent_repo(repo)[:7]}")
         _say("\n[2/5] cycle 1: simulated customers talk to the agent")
         cycles = [run_cycle_and_wait(store, repo, endpoint, n, seed, "cycle 1")]
         show_intents(store)
         _say("\n[3/5] diagnose and act: waiting for root causes and proposals")
-        wait_until("proposals", lambda: _count(store, "SELECT count() FROM proposals FINAL") >= 1, WAIT_LOOP_S)
-        time.sleep(5)   # let the other intents' diagnoses arrive too
-        diagnoses = store.query("SELECT diagnosis_id, intent_name, rule, summary, trace_ids FROM diagnoses FINAL "
-                                "ORDER BY failure_rate DESC")
+        wait_until(
+            "proposals",
+            lambda: _count(store, "SELECT count() FROM proposals FINAL") >= 1,
+            WAIT_LOOP_S,
+        )
+        time.sleep(5)  # let the other intents' diagnoses arrive too
+        diagnoses = store.query(
+            "SELECT diagnosis_id, intent_name, rule, summary, trace_ids FROM diagnoses FINAL "
+            "ORDER BY failure_rate DESC"
+        )
         for d in diagnoses:
-            _say(f"  · [{d['rule']}] {d['summary']}\n      evidence: {', '.join(d['trace_ids'][:3])}")
+            _say(
+                f"  · [{d['rule']}] {d['summary']}\n      evidence: {', '.join(d['trace_ids'][:3])}"
+            )
         _say("\n[4/5] review: a human decides")
         approved = review_step(store, cfg, approve_as)
         if not approved:
-            _say("  nothing approved: the loop stops here (nothing is ever applied without a human)")
+            _say(
+                "  nothing approved: the loop stops here (nothing is ever applied without a human)"
+            )
         _say("\n[5/5] cycle 2: the agent runs the merged prompt and config")
         cycles.append(run_cycle_and_wait(store, repo, endpoint, n, seed + 1, "cycle 2"))
         outcomes: list[dict[str, Any]] = []
         if approved:
+
             def verdicts() -> list[dict[str, Any]]:
                 rows = store.query(
                     "SELECT o.proposal_id AS proposal_id, o.intent_id AS intent_id, i.name AS intent, o.verdict "
@@ -207,7 +266,9 @@ def run_demo(cfg: Config, config_file: Path, n: int, seed: int, approve_as: str 
                     "FROM (SELECT * FROM outcomes FINAL) AS o "
                     "LEFT JOIN (SELECT * FROM intents FINAL) AS i ON i.intent_id = o.intent_id "
                     "INNER JOIN (SELECT * FROM proposals FINAL) AS p ON p.proposal_id = o.proposal_id "
-                    "WHERE o.ts_ns > {t:UInt64}", {"t": cycle2_done})
+                    "WHERE o.ts_ns > {t:UInt64}",
+                    {"t": cycle2_done},
+                )
                 # every approved change measured on all of cycle 2 (its tags were in before
                 # cycle2_done); a small intent's verdict may be not_enough_data, and says so
                 measured = {r["proposal_id"] for r in rows if r["target"]}
@@ -220,24 +281,31 @@ def run_demo(cfg: Config, config_file: Path, n: int, seed: int, approve_as: str 
         sql_url = stack.sql_url
     finally:
         stack.stop()
-    _say(f"\nDone. Look at:\n  the diff:     git -C {repo} log -p -1 main\n"
-         f"  the tables:   closeloop sql --home {cfg.home_path} \"SELECT * FROM outcomes FINAL\"\n"
-         f"  the page:     closeloop up --home {cfg.home_path}  (then open the review page)\n"
-         f"  (the store was served at {sql_url} while the demo ran)")
+    _say(
+        f"\nDone. Look at:\n  the diff:     git -C {repo} log -p -1 main\n"
+        f'  the tables:   closeloop sql --home {cfg.home_path} "SELECT * FROM outcomes FINAL"\n'
+        f"  the page:     closeloop up --home {cfg.home_path}  (then open the review page)\n"
+        f"  (the store was served at {sql_url} while the demo ran)"
+    )
     return DemoResult(repo, props, approved, outcomes, diagnoses, cycles)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
     if a.approve_as is not None and not a.approve_as.strip():
         # before minutes of simulation, not at the review step (an unset $USER gives "")
-        raise CloseloopError("--approve-as needs the reviewer's name, and got an empty one "
-                             "(is $USER unset? try --approve-as \"$(whoami)\")")
+        raise CloseloopError(
+            "--approve-as needs the reviewer's name, and got an empty one "
+            '(is $USER unset? try --approve-as "$(whoami)")'
+        )
     base = load_config(getattr(a, "config", None), overrides={"home": getattr(a, "home", None)})
     home = base.home_path
     repo = home / "demo" / "bankly-agent"
     cfg_file = demo_config(home, repo)
-    overrides = {"otlp.grpc_port": _free(base.otlp.grpc_port), "otlp.http_port": _free(base.otlp.http_port),
-                 "web.port": _free(base.web.port)}
+    overrides = {
+        "otlp.grpc_port": _free(base.otlp.grpc_port),
+        "otlp.http_port": _free(base.otlp.http_port),
+        "web.port": _free(base.web.port),
+    }
     cfg = load_config(cfg_file, overrides=overrides)
     if REPO_ROOT.joinpath("examples").is_dir() and str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
@@ -245,10 +313,14 @@ def cmd_demo(a: argparse.Namespace) -> int:
         import examples.support_agent  # noqa: F401
     except ImportError as e:
         if e.name and e.name.split(".")[0] == "examples":
-            raise CloseloopError("the demo agent lives in the source checkout (examples/support_agent); "
-                                 "run closeloop demo from a clone of the repository") from e
-        raise CloseloopError(f"the demo agent cannot be imported: {e}; reinstall closeloop "
-                             "(pip install -e .) to get its dependencies") from e
+            raise CloseloopError(
+                "the demo agent lives in the source checkout (examples/support_agent); "
+                "run closeloop demo from a clone of the repository"
+            ) from e
+        raise CloseloopError(
+            f"the demo agent cannot be imported: {e}; reinstall closeloop "
+            "(pip install -e .) to get its dependencies"
+        ) from e
     t0 = time.monotonic()
     result = run_demo(cfg, cfg_file, a.conversations, a.seed, a.approve_as)
     _say(f"(demo took {time.monotonic() - t0:.0f}s)")

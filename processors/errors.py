@@ -4,6 +4,7 @@ Every error says what is wrong and what to do about it. Errors about *input*
 (a record that cannot be processed) are not raised across stage boundaries:
 stages turn them into dead-letter records (see :class:`InputError`).
 """
+
 from __future__ import annotations
 
 
@@ -31,7 +32,9 @@ class InputError(CloseloopError):
         self.reason = reason
         self.stage = stage
         self.detail = detail
-        super().__init__(f"{stage + ': ' if stage else ''}{reason}{' (' + detail + ')' if detail else ''}")
+        super().__init__(
+            f"{stage + ': ' if stage else ''}{reason}{' (' + detail + ')' if detail else ''}"
+        )
 
 
 class PayloadTooLarge(InputError):

@@ -9,6 +9,7 @@ failure path to its deterministic fallback. Without a configured endpoint
 Conversation text is user input, hence untrusted: callers put it inside
 :func:`untrusted_block` and add :data:`UNTRUSTED_RULE` to their system prompt.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,8 @@ def untrusted_block(label: str, items: list[dict[str, Any]]) -> str:
     """
     lines = [
         json.dumps(it, ensure_ascii=False, separators=(",", ":"))
-        .replace("<", "\\u003c").replace(">", "\\u003e")
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
         for it in items
     ]
     return "\n".join([f'<data label="{label}">', *lines, "</data>"])
@@ -72,12 +74,15 @@ class LLM:
         self.calls = 0
         self.failures = 0
         self._client = openai.OpenAI(
-            base_url=cfg.resolved_base_url(), api_key=cfg.resolved_api_key(),
-            timeout=cfg.timeout_s, max_retries=cfg.max_retries,
+            base_url=cfg.resolved_base_url(),
+            api_key=cfg.resolved_api_key(),
+            timeout=cfg.timeout_s,
+            max_retries=cfg.max_retries,
         )
 
-    def chat_json(self, system: str, user: str, schema_hint: str, *,
-                  required: tuple[str, ...] = ()) -> dict[str, Any]:
+    def chat_json(
+        self, system: str, user: str, schema_hint: str, *, required: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
         """Ask for one JSON object shaped like ``schema_hint``; return it parsed.
 
         Raises :class:`LLMError` when the endpoint fails or the answer is not a JSON
@@ -89,8 +94,11 @@ class LLM:
             resp = self._client.chat.completions.create(
                 model=self.model,
                 messages=[
-                    {"role": "system", "content": f"{system}\n\nAnswer with exactly one JSON "
-                                                  f"object and nothing else, shaped like: {schema_hint}"},
+                    {
+                        "role": "system",
+                        "content": f"{system}\n\nAnswer with exactly one JSON "
+                        f"object and nothing else, shaped like: {schema_hint}",
+                    },
                     {"role": "user", "content": user},
                 ],
                 temperature=0,

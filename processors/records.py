@@ -14,6 +14,7 @@ The stages:
     human approve/reject --review---> ReviewRecord, Outcome (closeloop.reviews)
     any stage            ----------> DeadLetter             (closeloop.deadletter)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -94,8 +95,8 @@ class ToolCall(Record):
 
     name: str
     call_id: str = ""
-    arguments: str = ""          # JSON text as sent, redacted
-    result: str = ""             # redacted
+    arguments: str = ""  # JSON text as sent, redacted
+    result: str = ""  # redacted
     error_type: str = ""
     error_message: str = ""
     span_id: str = ""
@@ -113,10 +114,10 @@ class Message(Record):
     trace_id: str = ""
     span_id: str = ""
     ts_ns: int = 0
-    tool_name: str = ""          # role == "tool"
+    tool_name: str = ""  # role == "tool"
     tool_call_id: str = ""
     tool_arguments: str = ""
-    error: str = ""              # role == "tool" and the tool failed: error text
+    error: str = ""  # role == "tool" and the tool failed: error text
 
 
 @dataclass
@@ -135,9 +136,9 @@ class TurnRecord(Record):
     trace_id: str
     span_id: str
     parent_span_id: str = ""
-    span_kind: str = "other"     # llm | tool | agent | other
+    span_kind: str = "other"  # llm | tool | agent | other
     name: str = ""
-    operation: str = ""          # gen_ai.operation.name
+    operation: str = ""  # gen_ai.operation.name
     provider: str = ""
     request_model: str = ""
     response_model: str = ""
@@ -152,7 +153,7 @@ class TurnRecord(Record):
     output_tokens: int = 0
     start_ns: int = 0
     end_ns: int = 0
-    status: str = "ok"           # ok | error
+    status: str = "ok"  # ok | error
     error_type: str = ""
     error_message: str = ""
     end_of_conversation: bool = False
@@ -173,7 +174,7 @@ class Conversation(Record):
     version: int = 1
     start_ns: int = 0
     end_ns: int = 0
-    closed_reason: str = ""      # end | idle
+    closed_reason: str = ""  # end | idle
     prompt_version: str = ""
     model: str = ""
     agent_name: str = ""
@@ -185,7 +186,7 @@ class Conversation(Record):
     errors: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
-    latency_ms: float = 0.0      # sum of llm span durations
+    latency_ms: float = 0.0  # sum of llm span durations
 
     def user_messages(self) -> list[str]:
         return [m.content for m in self.messages if m.role == "user"]
@@ -203,10 +204,12 @@ class TagRecord(Record):
     intent_id: str
     intent_name: str
     taxonomy_version: int
-    signals: list[str] = field(default_factory=list)   # bug_report, feature_request, churn_risk, setup_friction, confusion, long_tail
-    outcome: str = "resolved"                          # resolved | abandoned | escalated | errored
+    signals: list[str] = field(
+        default_factory=list
+    )  # bug_report, feature_request, churn_risk, setup_friction, confusion, long_tail
+    outcome: str = "resolved"  # resolved | abandoned | escalated | errored
     outcome_turn: int = -1
-    failed: bool = False                               # outcome != resolved, the failure signal diagnose tracks
+    failed: bool = False  # outcome != resolved, the failure signal diagnose tracks
     prompt_version: str = ""
     model: str = ""
     agent_version: str = ""
@@ -225,25 +228,25 @@ class Diagnosis(Record):
 
     kind: ClassVar[str] = "diagnosis"
 
-    diagnosis_id: str            # hash of intent_id + rule + component: one per root cause
+    diagnosis_id: str  # hash of intent_id + rule + component: one per root cause
     intent_id: str
     intent_name: str
-    rule: str                    # repeated_ask | tool_argument | prompt_regression | abandon_after_question | latency | llm
+    rule: str  # repeated_ask | tool_argument | prompt_regression | abandon_after_question | latency | llm
     summary: str
     root_cause: str
     component: dict[str, Any] = field(default_factory=dict)
     confidence: float = 0.0
     evidence: dict[str, Any] = field(default_factory=dict)
     trace_ids: list[str] = field(default_factory=list)
-    support: int = 0             # conversations of the intent in the window
-    failures: int = 0            # failing conversations in the window
+    support: int = 0  # conversations of the intent in the window
+    failures: int = 0  # failing conversations in the window
     failure_rate: float = 0.0
     baseline_rate: float = 0.0
     prompt_version: str = ""
     agent_version: str = ""
     window_from_ns: int = 0
     window_to_ns: int = 0
-    status: str = "open"         # open | proposed | resolved | rejected
+    status: str = "open"  # open | proposed | resolved | rejected
     version: int = 1
     updated_ns: int = 0
 
@@ -257,7 +260,7 @@ class Proposal(Record):
     proposal_id: str
     diagnosis_id: str
     intent_id: str
-    backend: str                 # local | github
+    backend: str  # local | github
     repo: str
     base: str
     branch: str
@@ -268,7 +271,7 @@ class Proposal(Record):
     commit: str = ""
     pr_number: int = 0
     pr_url: str = ""
-    status: str = "open"         # open | approved | merged | rejected | closed
+    status: str = "open"  # open | approved | merged | rejected | closed
     version: int = 1
     created_ns: int = 0
     updated_ns: int = 0
@@ -284,7 +287,7 @@ class ReviewRecord(Record):
     proposal_id: str
     diagnosis_id: str
     intent_id: str
-    decision: str                # approved | rejected | merged | closed
+    decision: str  # approved | rejected | merged | closed
     reviewer: str
     comment: str = ""
     merged_commit: str = ""
@@ -312,10 +315,10 @@ class Outcome(Record):
     after_failures: int
     rate_before: float
     rate_after: float
-    diff_low: float              # 95% CI of rate_after - rate_before
+    diff_low: float  # 95% CI of rate_after - rate_before
     diff_high: float
     p_value: float
-    verdict: str                 # fixed | no_effect | regressed | not_enough_data
+    verdict: str  # fixed | no_effect | regressed | not_enough_data
     ts_ns: int = 0
 
 
@@ -332,7 +335,7 @@ class DeadLetter(Record):
     partition: int = -1
     offset: int = -1
     key: str = ""
-    original_b64: str = ""       # the original bytes, base64 (truncated to the dead-letter size limit)
+    original_b64: str = ""  # the original bytes, base64 (truncated to the dead-letter size limit)
     ts_ns: int = 0
 
 

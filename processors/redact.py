@@ -12,6 +12,7 @@ whose match callbacks reject false positives (Luhn for cards, digit counts for
 phones, character-class and entropy tests for generic tokens), each skipped when a
 cheap test shows the text cannot match. Redaction is linear in the size of the text.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,41 +34,50 @@ _PHONE = TOKEN.format("phone")
 # the character just read) so that a match only begins at the start of a run: with a
 # class first, the regex engine skips straight to candidate positions (3-5x faster
 # than a leading look-behind), and a long run without a match is scanned once.
-_NA = r"(?<![A-Za-z0-9].)"        # the character before the one just read is not alphanumeric
+_NA = r"(?<![A-Za-z0-9].)"  # the character before the one just read is not alphanumeric
 # Vendor formats and bearer tokens, dispatched on their first letter, then (group g)
 # any other run of token characters long enough to be a secret, judged by _looks_random.
-_VENDOR = "|".join([
-    (rf"s{_NA}k(?:-(?:ant-|proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{{20,}}"   # Anthropic, OpenAI
-     rf"|_(?:live|test)_[A-Za-z0-9]{{16,}})"),                              # Stripe secret
-    rf"[pr]{_NA}k_(?:live|test)_[A-Za-z0-9]{{16,}}",                        # Stripe
-    rf"g{_NA}(?:h[pousr]_[A-Za-z0-9]{{30,255}}|ithub_pat_[A-Za-z0-9_]{{22,255}})",   # GitHub
-    (rf"A{_NA}(?:(?:KIA|SIA)[A-Z0-9]{{16}}(?![A-Za-z0-9])"                 # AWS access key id
-     rf"|Iza[0-9A-Za-z_\-]{{35}})"),                                        # Google API key
-    rf"x{_NA}ox[bpasr]-[A-Za-z0-9\-]{{10,}}",                               # Slack
-    rf"e{_NA}yJ[A-Za-z0-9_\-]{{8,}}\.eyJ[A-Za-z0-9_\-]{{8,}}\.[A-Za-z0-9_\-]*",   # JWT
-    rf"[bB]{_NA}(?i:earer)\s+(?P<v>[A-Za-z0-9\-._~+/]{{8,}}=*)",       # "Bearer " stays
-])
+_VENDOR = "|".join(
+    [
+        (
+            rf"s{_NA}k(?:-(?:ant-|proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{{20,}}"  # Anthropic, OpenAI
+            rf"|_(?:live|test)_[A-Za-z0-9]{{16,}})"
+        ),  # Stripe secret
+        rf"[pr]{_NA}k_(?:live|test)_[A-Za-z0-9]{{16,}}",  # Stripe
+        rf"g{_NA}(?:h[pousr]_[A-Za-z0-9]{{30,255}}|ithub_pat_[A-Za-z0-9_]{{22,255}})",  # GitHub
+        (
+            rf"A{_NA}(?:(?:KIA|SIA)[A-Z0-9]{{16}}(?![A-Za-z0-9])"  # AWS access key id
+            rf"|Iza[0-9A-Za-z_\-]{{35}})"
+        ),  # Google API key
+        rf"x{_NA}ox[bpasr]-[A-Za-z0-9\-]{{10,}}",  # Slack
+        rf"e{_NA}yJ[A-Za-z0-9_\-]{{8,}}\.eyJ[A-Za-z0-9_\-]{{8,}}\.[A-Za-z0-9_\-]*",  # JWT
+        rf"[bB]{_NA}(?i:earer)\s+(?P<v>[A-Za-z0-9\-._~+/]{{8,}}=*)",  # "Bearer " stays
+    ]
+)
 _T = r"[A-Za-z0-9+/_\-]"
 _SECRETS = re.compile(rf"{_VENDOR}|(?P<g>{_T}(?<!{_T}.){_T}{{19,}}={{0,2}})")
 _VENDOR_ONLY = re.compile(_VENDOR)
-_SECRET_MIN_CHUNK = 15      # the shortest match of _SECRETS but a bearer token: "xoxb-" + 10
+_SECRET_MIN_CHUNK = 15  # the shortest match of _SECRETS but a bearer token: "xoxb-" + 10
 # key=value assignments: find the operator, then look for a key name just before it.
 # "password=", '"api_key": "' stay; the value (group w) is replaced.
 _ASSIGN_OP = re.compile(r"[:=]\s*[\"']?(?P<w>[^\s\"'`,;&<>(){}\[\]]{3,})")
 _KEY_BEFORE = re.compile(
     r"(?<![A-Za-z0-9])(?i:passw(?:or)?d|pwd|private[_\-]?key|secret|client[_\-]?secret|api[_\-]?key"
-    r"|apikey|(?:access|auth|session|refresh|id)[_\-]?token)[\"']?\s*$")
+    r"|apikey|(?:access|auth|session|refresh|id)[_\-]?token)[\"']?\s*$"
+)
 _KEY_WINDOW = 40
 # Parts of every key name of _KEY_BEFORE: JSON text without them holds no assignment to redact.
 _KEY_PARTS = ("passw", "pwd", "private", "secret", "api", "token")
 _L = r"[A-Za-z0-9._%+\-]"
 _EMAILS = re.compile(
-    rf"{_L}(?<!{_L}.){_L}{{0,63}}@[A-Za-z0-9](?:[A-Za-z0-9\-]{{0,62}}\.)+[A-Za-z]{{2,24}}(?![A-Za-z0-9\-])")
+    rf"{_L}(?<!{_L}.){_L}{{0,63}}@[A-Za-z0-9](?:[A-Za-z0-9\-]{{0,62}}\.)+[A-Za-z]{{2,24}}(?![A-Za-z0-9\-])"
+)
 # Card numbers: a 13-19 digit run, or the printed groupings (4-4-4-4[-3], Amex 4-6-5).
 # The first digit is 2-6 (the card networks), which keeps nanosecond timestamps out.
 _CARDS = re.compile(
     r"[2-6](?<![\w\-.].)(?:\d{12,18}|\d{3}(?:[ \-]\d{4}){3}(?:[ \-]\d{3})?"
-    r"|(?<=3)\d{3}[ \-]\d{6}[ \-]\d{5})(?![\w\-])")
+    r"|(?<=3)\d{3}[ \-]\d{6}[ \-]\d{5})(?![\w\-])"
+)
 # Phones: international (+CC ...), a parenthesised area code, North American 3-3-4, or
 # a national number with its trunk 0 and groups. A plain digit run is an amount or an
 # id, not a phone. Possessive repeats keep the scan linear.
@@ -77,13 +87,14 @@ _PHONES = re.compile(
     r"|(?<=\()\d{2,5}\)[ .\-]?\d{2,4}(?:[ .\-]?\d{2,4}){1,3}+"
     r"|(?<=\d)\d{2}(?P<s>[ .\-])\d{3}(?P=s)\d{4}"
     r"|(?<=0)\d{1,4}(?:[ \-]\d{2,8}){1,4}+"
-    r")(?![\w\-])")
+    r")(?![\w\-])"
+)
 
 _DIGITS = re.compile(r"\d")
 _HEX = re.compile(r"[0-9a-fA-F\-]+")
 _WORDS = re.compile(r"[a-z]{3,}")
 
-_CACHE_MAX_LEN = 256       # short values repeat (models, names, ids): cache them
+_CACHE_MAX_LEN = 256  # short values repeat (models, names, ids): cache them
 _CACHE_MAX_ENTRIES = 50_000
 
 
@@ -147,7 +158,7 @@ def _looks_random(tok: str) -> bool:
     n = lower + upper + digit
     if not (lower and upper and digit) or changes < 0.4 * n:
         return False
-    if sum(len(w) for w in _WORDS.findall(body)) >= 0.6 * n:     # mostly lowercase words
+    if sum(len(w) for w in _WORDS.findall(body)) >= 0.6 * n:  # mostly lowercase words
         return False
     return shannon_entropy(body) >= min(3.6, 0.8 * math.log2(len(body)))
 
@@ -159,7 +170,9 @@ class Redactor:
     ``extra_patterns``: further regexes; their matches become ``[REDACTED:custom]``.
     """
 
-    def __init__(self, kinds: list[str] | None = None, extra_patterns: list[str] | None = None) -> None:
+    def __init__(
+        self, kinds: list[str] | None = None, extra_patterns: list[str] | None = None
+    ) -> None:
         self.kinds = list(KINDS if kinds is None else kinds)
         self.extra_patterns = list(extra_patterns or [])
         for k in self.kinds:
@@ -198,7 +211,7 @@ class Redactor:
                 return hit
         self._count = 0
         out = text
-        if len(text) >= 6:      # nothing sensitive is shorter than "a@b.co"
+        if len(text) >= 6:  # nothing sensitive is shorter than "a@b.co"
             for needs, step in self._steps:
                 if needs is None or needs(out):
                     out = step(out)
@@ -242,16 +255,17 @@ class Redactor:
         def sub(m: Match[str]) -> str:
             self._count += 1
             return token
+
         return sub
 
     def _secret(self, m: Match[str]) -> str:
         g = m.lastgroup
         if g == "g":
             run = m.group(0)
-            if not _looks_random(run):      # but a vendor secret may start inside the run
+            if not _looks_random(run):  # but a vendor secret may start inside the run
                 return _VENDOR_ONLY.sub(self._secret, run)
         self._count += 1
-        if g == "v":        # keep "Bearer "
+        if g == "v":  # keep "Bearer "
             return m.group(0)[: m.start("v") - m.start()] + _SECRET
         return _SECRET
 
@@ -261,7 +275,7 @@ class Redactor:
         for m in _ASSIGN_OP.finditer(text):
             op = m.start()
             if _KEY_BEFORE.search(text, max(0, op - _KEY_WINDOW), op):
-                parts += (text[last:m.start("w")], _SECRET)
+                parts += (text[last : m.start("w")], _SECRET)
                 last = m.end()
                 self._count += 1
         return "".join(parts) + text[last:] if parts else text

@@ -15,6 +15,7 @@ change (``before_n`` conversations, ``before_fail`` of them failed) with its rat
 >>> verdict(200, 60, 200, 20, min_after=30, alpha=0.05)[0]
 'fixed'
 """
+
 from __future__ import annotations
 
 import math
@@ -71,7 +72,7 @@ def fisher_exact(n1: int, x1: int, n2: int, x2: int) -> float:
     """
     _check(n1, x1)
     _check(n2, x2)
-    k = x1 + x2                      # failures in total (column margin)
+    k = x1 + x2  # failures in total (column margin)
     n = n1 + n2
     if n == 0:
         return 1.0
@@ -130,8 +131,9 @@ def _check(n: int, x: int) -> None:
         raise ValueError(f"counts must satisfy 0 <= failures <= n, got failures={x}, n={n}")
 
 
-def verdict(before_n: int, before_fail: int, after_n: int, after_fail: int,
-            min_after: int, alpha: float) -> tuple[str, float, float, float]:
+def verdict(
+    before_n: int, before_fail: int, after_n: int, after_fail: int, min_after: int, alpha: float
+) -> tuple[str, float, float, float]:
     """``(verdict, p_value, ci_low, ci_high)``; the interval is for ``rate_after - rate_before``.
 
     >>> verdict(200, 60, 10, 0, min_after=30, alpha=0.05)[0]
@@ -167,8 +169,9 @@ class Counts:
         return self.after_fail / self.after_n - self.before_fail / self.before_n
 
 
-def confounding(target: Counts, controls: Sequence[Counts], *, total_before: int, total_after: int,
-                alpha: float) -> str:
+def confounding(
+    target: Counts, controls: Sequence[Counts], *, total_before: int, total_after: int, alpha: float
+) -> str:
     """A reason why the target's change cannot be attributed to the merge, or ``""``.
 
     Two rules, applied only when there is a difference to explain:
@@ -186,29 +189,47 @@ def confounding(target: Counts, controls: Sequence[Counts], *, total_before: int
         share_after = target.after_n / total_after
         ratio = max(share_before, share_after) / min(share_before, share_after)
         if ratio > SHARE_SHIFT_FACTOR:
-            return (f"the intent's share of traffic moved from {share_before:.1%} to "
-                    f"{share_after:.1%}; the population changed, not only the agent")
-    pooled = Counts(sum(c.before_n for c in controls), sum(c.before_fail for c in controls),
-                    sum(c.after_n for c in controls), sum(c.after_fail for c in controls))
+            return (
+                f"the intent's share of traffic moved from {share_before:.1%} to "
+                f"{share_after:.1%}; the population changed, not only the agent"
+            )
+    pooled = Counts(
+        sum(c.before_n for c in controls),
+        sum(c.before_fail for c in controls),
+        sum(c.after_n for c in controls),
+        sum(c.after_fail for c in controls),
+    )
     if pooled.before_n and pooled.after_n:
         same_way = pooled.diff * target.diff > 0
         large = abs(pooled.diff) >= CONTROL_SHIFT_FRACTION * abs(target.diff)
-        _, p = two_proportion_z(pooled.before_n, pooled.before_fail, pooled.after_n, pooled.after_fail)
+        _, p = two_proportion_z(
+            pooled.before_n, pooled.before_fail, pooled.after_n, pooled.after_fail
+        )
         if same_way and large and p < alpha:
-            return (f"control intents moved the same way ({pooled.diff:+.1%} vs {target.diff:+.1%} "
-                    f"for this intent, p={p:.3g}); the change cannot be attributed to the merge")
+            return (
+                f"control intents moved the same way ({pooled.diff:+.1%} vs {target.diff:+.1%} "
+                f"for this intent, p={p:.3g}); the change cannot be attributed to the merge"
+            )
     return ""
 
 
-def guarded_verdict(target: Counts, controls: Sequence[Counts], *, total_before: int,
-                    total_after: int, min_after: int, alpha: float
-                    ) -> tuple[str, float, float, float, str]:
+def guarded_verdict(
+    target: Counts,
+    controls: Sequence[Counts],
+    *,
+    total_before: int,
+    total_after: int,
+    min_after: int,
+    alpha: float,
+) -> tuple[str, float, float, float, str]:
     """:func:`verdict` for the target, downgraded to ``no_effect`` when :func:`confounding`
     objects; the fifth element is the objection (``""`` when none)."""
-    v, p, low, high = verdict(target.before_n, target.before_fail, target.after_n,
-                              target.after_fail, min_after, alpha)
+    v, p, low, high = verdict(
+        target.before_n, target.before_fail, target.after_n, target.after_fail, min_after, alpha
+    )
     if v not in (FIXED, REGRESSED):
         return v, p, low, high, ""
-    reason = confounding(target, controls, total_before=total_before, total_after=total_after,
-                         alpha=alpha)
+    reason = confounding(
+        target, controls, total_before=total_before, total_after=total_after, alpha=alpha
+    )
     return (NO_EFFECT if reason else v), p, low, high, reason

@@ -1,11 +1,12 @@
 """``closeloop status``: processes, topic offsets and consumer lag, dead letters, rows per table."""
+
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from processors.embedded.broker import committed_offsets, true_end_offsets
 from processors.config import Config
+from processors.embedded.broker import committed_offsets, true_end_offsets
 from processors.errors import CloseloopError
 from processors.store import open_store
 
@@ -18,7 +19,9 @@ def _alive(pid: Any) -> bool:
         return False
 
 
-def consumer_offsets(cfg: Config, bootstrap: str, tps: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+def consumer_offsets(
+    cfg: Config, bootstrap: str, tps: list[tuple[str, int]]
+) -> dict[tuple[str, int], int]:
     """The committed offset of each partition, from the consumer group that reads it: the
     capture processes' own group for the OTLP topics when they run, the worker's otherwise."""
     from processors.app import ALL_STAGES, CAPTURE_ONLY, app_id
@@ -31,15 +34,27 @@ def consumer_offsets(cfg: Config, bootstrap: str, tps: list[tuple[str, int]]) ->
 
 
 def collect_status(cfg: Config, info: dict[str, Any] | None) -> dict[str, Any]:
-    st: dict[str, Any] = {"home": str(cfg.home_path), "running": info is not None, "processes": {},
-                          "topics": {}, "tables": {}, "deadletters": None, "errors": []}
+    st: dict[str, Any] = {
+        "home": str(cfg.home_path),
+        "running": info is not None,
+        "processes": {},
+        "topics": {},
+        "tables": {},
+        "deadletters": None,
+        "errors": [],
+    }
     bootstrap = cfg.kafka.bootstrap
     if info:
         bootstrap = str(info.get("bootstrap") or bootstrap)
-        st["endpoints"] = {k: info.get(k) for k in ("otlp_grpc", "otlp_http", "sql", "web", "clickhouse")}
+        st["endpoints"] = {
+            k: info.get(k) for k in ("otlp_grpc", "otlp_http", "sql", "web", "clickhouse")
+        }
         st["processes"]["supervisor"] = {"pid": info.get("supervisor_pid"), "alive": True}
         if info.get("broker_pid"):
-            st["processes"]["broker"] = {"pid": info["broker_pid"], "alive": _alive(info["broker_pid"])}
+            st["processes"]["broker"] = {
+                "pid": info["broker_pid"],
+                "alive": _alive(info["broker_pid"]),
+            }
         for name, pid in dict(info.get("children") or {}).items():
             st["processes"][name] = {"pid": pid, "alive": _alive(pid)}
     if bootstrap:
@@ -63,7 +78,8 @@ def collect_status(cfg: Config, info: dict[str, Any] | None) -> dict[str, Any]:
             if st["deadletters"]:
                 st["deadletter_reasons"] = store.query(
                     "SELECT stage, reason, count() AS n FROM deadletter FINAL GROUP BY stage, reason "
-                    "ORDER BY n DESC LIMIT 10")
+                    "ORDER BY n DESC LIMIT 10"
+                )
         finally:
             store.close()
     except CloseloopError as e:
@@ -78,11 +94,16 @@ def format_status(st: dict[str, Any]) -> str:
         out += [f"  {k:<11} {v}" for k, v in st["endpoints"].items()]
     if st["processes"]:
         out.append("processes:")
-        out += [f"  {n:<11} pid {p['pid']:<8} {'up' if p['alive'] else 'DOWN'}" for n, p in st["processes"].items()]
+        out += [
+            f"  {n:<11} pid {p['pid']:<8} {'up' if p['alive'] else 'DOWN'}"
+            for n, p in st["processes"].items()
+        ]
     if st["topics"]:
         out.append("topics (messages / consumer lag of the group that reads them):")
-        out += [f"  {t:<28} {r['messages']:>9} msgs  lag {r['lag']:>7}  ({r['partitions']} partitions)"
-                for t, r in st["topics"].items()]
+        out += [
+            f"  {t:<28} {r['messages']:>9} msgs  lag {r['lag']:>7}  ({r['partitions']} partitions)"
+            for t, r in st["topics"].items()
+        ]
     if st["tables"]:
         out.append("tables (rows, FINAL):")
         out += [f"  {t:<20} {n:>10}" for t, n in st["tables"].items()]

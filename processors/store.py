@@ -5,6 +5,7 @@ serves it on a local ClickHouse-compatible HTTP endpoint (:mod:`processors.embed
 :func:`open_store` uses that endpoint when the stack runs and opens the store
 directly when nothing does, so callers never care which.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,7 +32,9 @@ def schema_dir() -> Path:
     """The DDL folder: ``schemas/`` beside the package (source checkout or installed data)."""
     if SCHEMA_DIR.is_dir():
         return SCHEMA_DIR
-    raise StoreError(f"schema folder not found at {SCHEMA_DIR}; install closeloop from its source tree")
+    raise StoreError(
+        f"schema folder not found at {SCHEMA_DIR}; install closeloop from its source tree"
+    )
 
 
 def split_statements(sql: str) -> list[str]:
@@ -109,8 +112,9 @@ class Store:
             return 0
         with self._lock:
             try:
-                self.client.insert(table, [columns[c] for c in names], column_names=names,
-                                   column_oriented=True)
+                self.client.insert(
+                    table, [columns[c] for c in names], column_names=names, column_oriented=True
+                )
             except Exception as e:
                 raise StoreError(f"insert into {table} failed: {e}") from e
         return n
@@ -135,15 +139,19 @@ class Store:
             return {}
         try:
             rows = list(map(itemgetter(*cols), records))
-        except KeyError:        # records of different shapes
+        except KeyError:  # records of different shapes
             rows = [tuple(r.get(c) for c in cols) for r in records]
         if len(cols) == 1:
             rows = [(v,) for v in rows]
         columns = [list(c) for c in zip(*rows)]
         for i, c in enumerate(cols):
-            if types[c] == "String" and any(issubclass(k, (dict, list)) for k in set(map(type, columns[i]))):
-                columns[i] = [json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v
-                              for v in columns[i]]
+            if types[c] == "String" and any(
+                issubclass(k, (dict, list)) for k in set(map(type, columns[i]))
+            ):
+                columns[i] = [
+                    json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v
+                    for v in columns[i]
+                ]
         return dict(zip(cols, columns))
 
     _types_cache: dict[str, dict[str, str]]
@@ -155,7 +163,8 @@ class Store:
             rows = self.query(
                 "SELECT name, type FROM system.columns WHERE database = currentDatabase() "
                 "AND table = {t:String} AND default_kind NOT IN ('MATERIALIZED', 'ALIAS')",
-                {"t": table})
+                {"t": table},
+            )
             if not rows:
                 raise StoreError(f"table {table!r} does not exist; run `closeloop migrate`")
             cache[table] = {r["name"]: r["type"] for r in rows}
@@ -166,7 +175,8 @@ class Store:
         """Apply ``schemas/*.sql`` not yet applied, in order; return the names applied."""
         self.command(
             f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (version UInt32, name String, "
-            "applied_ns UInt64) ENGINE = ReplacingMergeTree ORDER BY version")
+            "applied_ns UInt64) ENGINE = ReplacingMergeTree ORDER BY version"
+        )
         done = {r["version"] for r in self.query(f"SELECT version FROM {MIGRATIONS_TABLE} FINAL")}
         applied = []
         for version, name, sql in migrations():
@@ -174,8 +184,11 @@ class Store:
                 continue
             for stmt in split_statements(sql):
                 self.command(stmt)
-            self.insert(MIGRATIONS_TABLE, [[version, name, time.time_ns()]],
-                        ["version", "name", "applied_ns"])
+            self.insert(
+                MIGRATIONS_TABLE,
+                [[version, name, time.time_ns()]],
+                ["version", "name", "applied_ns"],
+            )
             applied.append(name)
         self.__dict__.pop("_types_cache", None)
         return applied
@@ -183,7 +196,8 @@ class Store:
     def table_counts(self) -> dict[str, int]:
         rows = self.query(
             "SELECT name FROM system.tables WHERE database = currentDatabase() "
-            "AND engine LIKE '%MergeTree' ORDER BY name")
+            "AND engine LIKE '%MergeTree' ORDER BY name"
+        )
         out = {}
         for r in rows:
             out[r["name"]] = int(self.scalar(f"SELECT count() FROM `{r['name']}` FINAL") or 0)
@@ -205,6 +219,7 @@ def _running_endpoint(cfg: Config) -> str | None:
     except (OSError, ValueError):
         return None
     import os
+
     pid = info.get("pid")
     if not pid:
         return None
@@ -235,10 +250,15 @@ def connect_http(url: str) -> Store:
     u = urlparse(url)
     try:
         client = clickhouse_connect.get_client(
-            host=u.hostname, port=u.port or 8123, username=u.username or "default",
-            password=u.password or "", secure=u.scheme == "https",
+            host=u.hostname,
+            port=u.port or 8123,
+            username=u.username or "default",
+            password=u.password or "",
+            secure=u.scheme == "https",
             database=(u.path or "/").strip("/") or "default",
-            autogenerate_session_id=False, compress=False)
+            autogenerate_session_id=False,
+            compress=False,
+        )
     except Exception as e:
         raise StoreError(f"cannot reach ClickHouse at {u.hostname}:{u.port}: {e}") from e
     return Store(client, url)
@@ -247,7 +267,7 @@ def connect_http(url: str) -> Store:
 def connect(dsn: str) -> Store:
     """A store for a DSN: ``chdb:///path`` (embedded) or ``http(s)://user:pass@host:port/db``."""
     if dsn.startswith("chdb://"):
-        path = dsn[len("chdb://"):]
+        path = dsn[len("chdb://") :]
         Path(path).mkdir(parents=True, exist_ok=True)
         try:
             client = clickhouse_connect.get_client(dsn=f"chdb://{path}")
@@ -256,7 +276,8 @@ def connect(dsn: str) -> Store:
             if "EmbeddedServer" in msg or "Code: 36" in msg:
                 raise StoreError(
                     f"the chDB store {path} is open in another process; only one process can own it. "
-                    "Use the running stack (`closeloop sql` goes through it) or stop it first.") from e
+                    "Use the running stack (`closeloop sql` goes through it) or stop it first."
+                ) from e
             raise StoreError(f"cannot open chDB store {path}: {e}") from e
         return Store(client, dsn)
     if dsn.startswith(("http://", "https://", "clickhouse://")):

@@ -5,6 +5,7 @@ the store on the local ClickHouse-compatible HTTP endpoint (so ``closeloop sql``
 and the other processes read the live data) and writes every stage's rows directly.
 Against a ClickHouse server, any number of workers run side by side.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,13 @@ def owner_endpoint(cfg: Config, timeout_s: float = 60.0) -> Store:
             time.sleep(0.5)
 
 
-def run_worker(cfg: Config, bootstrap: str, stages: tuple[str, ...] = ALL_STAGES, *,
-               through_owner: bool = False) -> None:
+def run_worker(
+    cfg: Config,
+    bootstrap: str,
+    stages: tuple[str, ...] = ALL_STAGES,
+    *,
+    through_owner: bool = False,
+) -> None:
     """Run ``stages``; with ``through_owner`` (the capture processes of `closeloop up`) write
     through the embedded store's owner instead of owning and serving the store."""
     cfg.home_path.mkdir(parents=True, exist_ok=True)
@@ -74,8 +80,9 @@ def run_worker(cfg: Config, bootstrap: str, stages: tuple[str, ...] = ALL_STAGES
         sql = serve_store(cfg, store)
     pipe = Pipeline(cfg=cfg, store=store, stages=stages)
     app = build_app(pipe, bootstrap)
-    worker = faust.Worker(app, loglevel="WARN", quiet=True, redirect_stdouts=False,
-                          override_logging=False)
+    worker = faust.Worker(
+        app, loglevel="WARN", quiet=True, redirect_stdouts=False, override_logging=False
+    )
     try:
         worker.execute_from_commandline()
     finally:
@@ -90,20 +97,32 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", help="closeloop.yaml (default: ./closeloop.yaml if present)")
     p.add_argument("--home", help="state directory (default ./.closeloop)")
     p.add_argument("--bootstrap", help="Kafka bootstrap servers (default: kafka.bootstrap)")
-    p.add_argument("--stages", default=",".join(ALL_STAGES),
-                   help=f"comma-separated stages to run (default: all: {','.join(ALL_STAGES)})")
-    p.add_argument("--through-owner", action="store_true",
-                   help="write through the running embedded store's owner (capture processes of `closeloop up`)")
+    p.add_argument(
+        "--stages",
+        default=",".join(ALL_STAGES),
+        help=f"comma-separated stages to run (default: all: {','.join(ALL_STAGES)})",
+    )
+    p.add_argument(
+        "--through-owner",
+        action="store_true",
+        help="write through the running embedded store's owner (capture processes of `closeloop up`)",
+    )
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     cfg = load_config(a.config, overrides={"home": a.home})
     bootstrap = a.bootstrap or cfg.kafka.bootstrap
     if not bootstrap:
-        raise SystemExit("closeloop worker: no Kafka to read from; pass --bootstrap HOST:PORT or set CLOSELOOP_KAFKA")
+        raise SystemExit(
+            "closeloop worker: no Kafka to read from; pass --bootstrap HOST:PORT or set CLOSELOOP_KAFKA"
+        )
     stages = tuple(s.strip() for s in a.stages.split(",") if s.strip())
     unknown = set(stages) - set(ALL_STAGES)
     if unknown:
-        raise SystemExit(f"closeloop worker: unknown stages {sorted(unknown)}; known: {', '.join(ALL_STAGES)}")
+        raise SystemExit(
+            f"closeloop worker: unknown stages {sorted(unknown)}; known: {', '.join(ALL_STAGES)}"
+        )
     run_worker(cfg, bootstrap, stages, through_owner=a.through_owner)
 
 

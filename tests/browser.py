@@ -3,6 +3,7 @@
 Playwright's own browser download is never used (``playwright install`` needs the network):
 the browser is ``/usr/bin/chromium`` through ``executable_path``, with a throw-away profile.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,15 @@ from typing import Any
 
 CHROMIUM = "/usr/bin/chromium"
 # Playwright adds --headless itself (headless=True) and --user-data-dir (persistent context).
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def unavailable() -> str:
@@ -37,8 +45,9 @@ def chromium_page(timeout_ms: int = 15_000) -> Iterator[Any]:
     profile = tempfile.mkdtemp(prefix="closeloop-chromium-")
     try:
         with sync_playwright() as pw:
-            context = pw.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True,
-                                                            args=ARGS)
+            context = pw.chromium.launch_persistent_context(
+                profile, executable_path=CHROMIUM, headless=True, args=ARGS
+            )
             try:
                 page = context.pages[0] if context.pages else context.new_page()
                 page.set_default_timeout(timeout_ms)

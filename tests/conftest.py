@@ -1,4 +1,5 @@
 """Shared fixtures: a real tansu broker and a real chDB store, one of each per test session."""
+
 from __future__ import annotations
 
 import os
@@ -8,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from processors.embedded.broker import EmbeddedBroker, ensure_topics
 from processors.config import Config, load_config
+from processors.embedded.broker import EmbeddedBroker, ensure_topics
 from processors.store import Store, connect
 
 # Tests never read the developer's closeloop.yaml or CLOSELOOP_* variables.

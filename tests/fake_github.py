@@ -14,6 +14,7 @@ repository, git refs (get/create/update), git commits (get/create), git trees (c
 contents, commits by path, pulls (list/create/get/update), pull reviews, issue comments
 and labels. Anything else answers 404, so an unexpected call fails the test.
 """
+
 from __future__ import annotations
 
 import base64
@@ -50,8 +51,13 @@ def _sha(kind: str, data: bytes) -> str:
 class FakeGitHub:
     """Serve one repository on ``127.0.0.1:<free port>`` while in the ``with`` block."""
 
-    def __init__(self, full_name: str, files: dict[str, str], base: str = "main",
-                 symlinks: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        full_name: str,
+        files: dict[str, str],
+        base: str = "main",
+        symlinks: dict[str, str] | None = None,
+    ) -> None:
         self.full_name = full_name
         self.owner = full_name.split("/")[0]
         self.requests: list[Request] = []
@@ -81,10 +87,16 @@ class FakeGitHub:
         self.trees[sha] = dict(entries)
         return sha
 
-    def _commit(self, message: str, tree: str, parents: list[str], author: dict[str, Any] | None = None) -> str:
+    def _commit(
+        self, message: str, tree: str, parents: list[str], author: dict[str, Any] | None = None
+    ) -> str:
         sha = _sha("commit", json.dumps([message, tree, parents, len(self.commits)]).encode())
-        self.commits[sha] = {"message": message, "tree": tree, "parents": parents,
-                             "author": author or {"name": "fake", "email": "fake@localhost"}}
+        self.commits[sha] = {
+            "message": message,
+            "tree": tree,
+            "parents": parents,
+            "author": author or {"name": "fake", "email": "fake@localhost"},
+        }
         return sha
 
     def file_at(self, ref: str, path: str) -> str | None:
@@ -105,18 +117,33 @@ class FakeGitHub:
             pr = self.pulls[number]
             base = self.refs[f"heads/{pr['base']}"]
             head = self.refs[f"heads/{pr['head']}"]
-            merge = self._commit(f"Merge pull request #{number}", self.commits[head]["tree"], [base, head])
+            merge = self._commit(
+                f"Merge pull request #{number}", self.commits[head]["tree"], [base, head]
+            )
             self.refs[f"heads/{pr['base']}"] = merge
-            pr.update(state="closed", merged=True, merged_by=by, merge_commit_sha=merge,
-                      merged_at="2030-01-02T03:04:05Z")
+            pr.update(
+                state="closed",
+                merged=True,
+                merged_by=by,
+                merge_commit_sha=merge,
+                merged_at="2030-01-02T03:04:05Z",
+            )
             return merge
 
-    def add_review(self, number: int, user: str, state: str = "APPROVED", commit_id: str | None = None) -> None:
+    def add_review(
+        self, number: int, user: str, state: str = "APPROVED", commit_id: str | None = None
+    ) -> None:
         with self._lock:
             pr = self.pulls[number]
-            self.reviews.setdefault(number, []).append({
-                "id": len(self.reviews.get(number, [])) + 1, "user": user, "state": state,
-                "commit_id": commit_id or self.refs[f"heads/{pr['head']}"], "body": ""})
+            self.reviews.setdefault(number, []).append(
+                {
+                    "id": len(self.reviews.get(number, [])) + 1,
+                    "user": user,
+                    "state": state,
+                    "commit_id": commit_id or self.refs[f"heads/{pr['head']}"],
+                    "body": "",
+                }
+            )
 
     # -- server ----------------------------------------------------------------------------
     @property
@@ -142,35 +169,59 @@ class FakeGitHub:
 
     def _repo_json(self) -> dict[str, Any]:
         name = self.full_name.split("/")[1]
-        return {"id": 1, "name": name, "full_name": self.full_name, "url": self._api,
-                "owner": {"login": self.owner, "id": 1, "url": f"{self.base_url}/users/{self.owner}"},
-                "default_branch": "main", "html_url": f"https://github.example/{self.full_name}"}
+        return {
+            "id": 1,
+            "name": name,
+            "full_name": self.full_name,
+            "url": self._api,
+            "owner": {"login": self.owner, "id": 1, "url": f"{self.base_url}/users/{self.owner}"},
+            "default_branch": "main",
+            "html_url": f"https://github.example/{self.full_name}",
+        }
 
     def _ref_json(self, ref: str) -> dict[str, Any]:
         sha = self.refs[ref]
-        return {"ref": f"refs/{ref}", "url": f"{self._api}/git/refs/{ref}", "node_id": ref,
-                "object": {"sha": sha, "type": "commit", "url": f"{self._api}/git/commits/{sha}"}}
+        return {
+            "ref": f"refs/{ref}",
+            "url": f"{self._api}/git/refs/{ref}",
+            "node_id": ref,
+            "object": {"sha": sha, "type": "commit", "url": f"{self._api}/git/commits/{sha}"},
+        }
 
     def _commit_json(self, sha: str) -> dict[str, Any]:
         c = self.commits[sha]
-        return {"sha": sha, "url": f"{self._api}/git/commits/{sha}", "message": c["message"],
-                "author": {**c["author"], "date": "2030-01-01T00:00:00Z"},
-                "committer": {**c["author"], "date": "2030-01-01T00:00:00Z"},
-                "tree": {"sha": c["tree"], "url": f"{self._api}/git/trees/{c['tree']}"},
-                "parents": [{"sha": p, "url": f"{self._api}/git/commits/{p}"} for p in c["parents"]]}
+        return {
+            "sha": sha,
+            "url": f"{self._api}/git/commits/{sha}",
+            "message": c["message"],
+            "author": {**c["author"], "date": "2030-01-01T00:00:00Z"},
+            "committer": {**c["author"], "date": "2030-01-01T00:00:00Z"},
+            "tree": {"sha": c["tree"], "url": f"{self._api}/git/trees/{c['tree']}"},
+            "parents": [{"sha": p, "url": f"{self._api}/git/commits/{p}"} for p in c["parents"]],
+        }
 
     def _pull_json(self, n: int) -> dict[str, Any]:
         pr = self.pulls[n]
         head_sha = self.refs.get(f"heads/{pr['head']}", pr.get("head_sha", ""))
         return {
-            "url": f"{self._api}/pulls/{n}", "id": n, "number": n, "state": pr["state"],
+            "url": f"{self._api}/pulls/{n}",
+            "id": n,
+            "number": n,
+            "state": pr["state"],
             "html_url": f"https://github.example/{self.full_name}/pull/{n}",
-            "issue_url": f"{self._api}/issues/{n}", "title": pr["title"], "body": pr["body"],
-            "merged": pr["merged"], "merge_commit_sha": pr.get("merge_commit_sha"),
+            "issue_url": f"{self._api}/issues/{n}",
+            "title": pr["title"],
+            "body": pr["body"],
+            "merged": pr["merged"],
+            "merge_commit_sha": pr.get("merge_commit_sha"),
             "merged_at": pr.get("merged_at"),
             "merged_by": {"login": pr["merged_by"], "id": 2} if pr.get("merged_by") else None,
             "head": {"ref": pr["head"], "sha": head_sha, "label": f"{self.owner}:{pr['head']}"},
-            "base": {"ref": pr["base"], "sha": self.refs[f"heads/{pr['base']}"], "label": f"{self.owner}:{pr['base']}"},
+            "base": {
+                "ref": pr["base"],
+                "sha": self.refs[f"heads/{pr['base']}"],
+                "label": f"{self.owner}:{pr['base']}",
+            },
             "labels": [{"name": x} for x in self.labels.get(n, [])],
         }
 
@@ -179,7 +230,7 @@ class FakeGitHub:
         prefix = f"/repos/{self.full_name}"
         if not path.startswith(prefix):
             raise NotFound(path)
-        rest = path[len(prefix):]
+        rest = path[len(prefix) :]
         if method == "GET" and rest == "":
             return 200, self._repo_json()
         if (m := re.fullmatch(r"/git/ref/(.+)", rest)) and method == "GET":
@@ -210,11 +261,15 @@ class FakeGitHub:
         if rest == "/git/trees" and method == "POST":
             entries = dict(self.trees[body["base_tree"]]) if body.get("base_tree") else {}
             for e in body["tree"]:
-                entries[e["path"]] = self._blob(e["content"].encode()) if "content" in e else e["sha"]
+                entries[e["path"]] = (
+                    self._blob(e["content"].encode()) if "content" in e else e["sha"]
+                )
             sha = self._tree(entries)
             return 201, {"sha": sha, "url": f"{self._api}/git/trees/{sha}", "tree": []}
         if rest == "/git/commits" and method == "POST":
-            if body["tree"] not in self.trees or any(p not in self.commits for p in body["parents"]):
+            if body["tree"] not in self.trees or any(
+                p not in self.commits for p in body["parents"]
+            ):
                 raise Unprocessable("tree or parent does not exist")
             sha = self._commit(body["message"], body["tree"], body["parents"], body.get("author"))
             return 201, self._commit_json(sha)
@@ -222,15 +277,29 @@ class FakeGitHub:
             p = m.group(1)
             sha = self._resolve(query.get("ref", "main"))
             if p in self.symlinks:
-                return 200, {"type": "symlink", "target": self.symlinks[p], "path": p, "name": p.split("/")[-1],
-                             "sha": "0" * 40, "size": 0, "url": f"{self._api}/contents/{p}"}
+                return 200, {
+                    "type": "symlink",
+                    "target": self.symlinks[p],
+                    "path": p,
+                    "name": p.split("/")[-1],
+                    "sha": "0" * 40,
+                    "size": 0,
+                    "url": f"{self._api}/contents/{p}",
+                }
             blob = self.trees[self.commits[sha]["tree"]].get(p)
             if blob is None:
                 raise NotFound(p)
             data = self.blobs[blob]
-            return 200, {"type": "file", "encoding": "base64", "content": base64.b64encode(data).decode(),
-                         "path": p, "name": p.split("/")[-1], "sha": blob, "size": len(data),
-                         "url": f"{self._api}/contents/{p}"}
+            return 200, {
+                "type": "file",
+                "encoding": "base64",
+                "content": base64.b64encode(data).decode(),
+                "path": p,
+                "name": p.split("/")[-1],
+                "sha": blob,
+                "size": len(data),
+                "url": f"{self._api}/contents/{p}",
+            }
         if rest == "/commits" and method == "GET":
             out = []
             sha: str | None = self._resolve(query.get("sha", "main"))
@@ -238,25 +307,48 @@ class FakeGitHub:
                 c = self.commits[sha]
                 parent = c["parents"][0] if c["parents"] else None
                 mine = self.trees[c["tree"]].get(query.get("path", ""))
-                theirs = self.trees[self.commits[parent]["tree"]].get(query.get("path", "")) if parent else None
+                theirs = (
+                    self.trees[self.commits[parent]["tree"]].get(query.get("path", ""))
+                    if parent
+                    else None
+                )
                 if "path" not in query or mine != theirs:
-                    out.append({"sha": sha, "url": f"{self._api}/commits/{sha}", "commit": self._commit_json(sha)})
+                    out.append(
+                        {
+                            "sha": sha,
+                            "url": f"{self._api}/commits/{sha}",
+                            "commit": self._commit_json(sha),
+                        }
+                    )
                 sha = parent
             return 200, out
         if rest == "/pulls" and method == "GET":
-            out = [self._pull_json(n) for n, pr in sorted(self.pulls.items())
-                   if ("head" not in query or query["head"] == f"{self.owner}:{pr['head']}")
-                   and ("base" not in query or query["base"] == pr["base"])
-                   and (query.get("state", "open") == "all" or query.get("state", "open") == pr["state"])]
+            out = [
+                self._pull_json(n)
+                for n, pr in sorted(self.pulls.items())
+                if ("head" not in query or query["head"] == f"{self.owner}:{pr['head']}")
+                and ("base" not in query or query["base"] == pr["base"])
+                and (
+                    query.get("state", "open") == "all" or query.get("state", "open") == pr["state"]
+                )
+            ]
             return 200, out
         if rest == "/pulls" and method == "POST":
             if f"heads/{body['head']}" not in self.refs:
                 raise Unprocessable("head branch does not exist")
-            if any(pr["head"] == body["head"] and pr["state"] == "open" for pr in self.pulls.values()):
+            if any(
+                pr["head"] == body["head"] and pr["state"] == "open" for pr in self.pulls.values()
+            ):
                 raise Unprocessable("A pull request already exists")
             n = len(self.pulls) + 1
-            self.pulls[n] = {"head": body["head"], "base": body["base"], "title": body.get("title", ""),
-                             "body": body.get("body", ""), "state": "open", "merged": False}
+            self.pulls[n] = {
+                "head": body["head"],
+                "base": body["base"],
+                "title": body.get("title", ""),
+                "body": body.get("body", ""),
+                "state": "open",
+                "merged": False,
+            }
             return 201, self._pull_json(n)
         if m := re.fullmatch(r"/pulls/(\d+)", rest):
             n = int(m.group(1))
@@ -269,19 +361,33 @@ class FakeGitHub:
             return 200, self._pull_json(n)
         if (m := re.fullmatch(r"/pulls/(\d+)/reviews", rest)) and method == "GET":
             n = int(m.group(1))
-            return 200, [{"id": r["id"], "user": {"login": r["user"], "id": 3}, "state": r["state"],
-                          "body": r["body"], "commit_id": r["commit_id"],
-                          "submitted_at": "2030-01-02T00:00:00Z",
-                          "pull_request_url": f"{self._api}/pulls/{n}"} for r in self.reviews.get(n, [])]
+            return 200, [
+                {
+                    "id": r["id"],
+                    "user": {"login": r["user"], "id": 3},
+                    "state": r["state"],
+                    "body": r["body"],
+                    "commit_id": r["commit_id"],
+                    "submitted_at": "2030-01-02T00:00:00Z",
+                    "pull_request_url": f"{self._api}/pulls/{n}",
+                }
+                for r in self.reviews.get(n, [])
+            ]
         if (m := re.fullmatch(r"/issues/(\d+)/comments", rest)) and method == "POST":
             n = int(m.group(1))
             self.comments.setdefault(n, []).append(body["body"])
             cid = sum(len(c) for c in self.comments.values())
-            return 201, {"id": cid, "body": body["body"], "url": f"{self._api}/issues/comments/{cid}"}
+            return 201, {
+                "id": cid,
+                "body": body["body"],
+                "url": f"{self._api}/issues/comments/{cid}",
+            }
         if (m := re.fullmatch(r"/issues/(\d+)/labels", rest)) and method == "POST":
             n = int(m.group(1))
             names = body if isinstance(body, list) else body.get("labels", [])
-            self.labels.setdefault(n, []).extend(x for x in names if x not in self.labels.get(n, []))
+            self.labels.setdefault(n, []).extend(
+                x for x in names if x not in self.labels.get(n, [])
+            )
             return 200, [{"name": x} for x in self.labels[n]]
         raise NotFound(f"{method} {rest}")
 

@@ -15,6 +15,7 @@ Endpoints: ``POST /v1/chat/completions`` (answered by ``responder``) and
 ``POST /v1/embeddings`` (answered by ``embedder(texts) -> list[vector]``; by default
 a deterministic 8-dimension vector per text, a hash of the text).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -47,9 +48,17 @@ def hash_embedder(texts: list[str]) -> list[list[float]]:
 def chat_completion(content: str, model: str = "fake") -> dict[str, Any]:
     """The JSON body of a chat completion whose only choice says ``content``."""
     return {
-        "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": model,
-        "choices": [{"index": 0, "finish_reason": "stop",
-                     "message": {"role": "assistant", "content": content}}],
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": 0,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": content},
+            }
+        ],
         "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
     }
 
@@ -63,7 +72,9 @@ class FakeLLMServer:
         self.requests: list[Received] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         # a short poll interval: shutdown() waits for it, and tests start many servers
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.02,), daemon=True
+        )
 
     @property
     def base_url(self) -> str:
@@ -85,14 +96,24 @@ class FakeLLMServer:
         self.requests.append(Received(path, body))
         if path.endswith("/chat/completions"):
             out = self.responder(body)
-            return out if isinstance(out, tuple) else (200, chat_completion(out, body.get("model", "fake")))
+            return (
+                out
+                if isinstance(out, tuple)
+                else (200, chat_completion(out, body.get("model", "fake")))
+            )
         if path.endswith("/embeddings"):
             inp = body.get("input", [])
             texts = [inp] if isinstance(inp, str) else list(inp)
-            data = [{"object": "embedding", "index": i, "embedding": v}
-                    for i, v in enumerate(self.embedder(texts))]
-            return 200, {"object": "list", "data": data, "model": body.get("model", "fake"),
-                         "usage": {"prompt_tokens": 0, "total_tokens": 0}}
+            data = [
+                {"object": "embedding", "index": i, "embedding": v}
+                for i, v in enumerate(self.embedder(texts))
+            ]
+            return 200, {
+                "object": "list",
+                "data": data,
+                "model": body.get("model", "fake"),
+                "usage": {"prompt_tokens": 0, "total_tokens": 0},
+            }
         return 404, {"error": {"message": f"no route {path}"}}
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:

@@ -19,6 +19,7 @@ Spans, one trace per user turn, all carrying ``gen_ai.conversation.id``:
 Time is simulated: each turn starts at a given time and spans get explicit start and end
 times (model and tool latencies), so hundreds of conversations take seconds to emit.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,7 +55,7 @@ DEFAULT_ENDPOINT = "http://127.0.0.1:4318"
 END_ATTRIBUTE = "closeloop.conversation.end"
 PROVIDER = "openai"
 MAX_CALLS_PER_TURN = 6
-OPTIONAL_QUESTION_RATE = 0.4   # how often the agent asks an intent's optional questions
+OPTIONAL_QUESTION_RATE = 0.4  # how often the agent asks an intent's optional questions
 MS = 1_000_000
 
 
@@ -76,7 +77,7 @@ class TurnResult:
     text: str
     end_ns: int
     final: bool
-    outcome: str        # set when final
+    outcome: str  # set when final
 
 
 class SupportAgent:
@@ -86,36 +87,55 @@ class SupportAgent:
     to ``{endpoint}/v1/traces``); :meth:`close` flushes and shuts it down.
     """
 
-    def __init__(self, repo_path: Path, endpoint: str = DEFAULT_ENDPOINT, *,
-                 exporter: SpanExporter | None = None, mode: Literal["auto", "scripted", "llm"] = "auto",
-                 llm_client: Any = None, id_seed: int | str | None = None,
-                 max_queue_size: int = 100_000) -> None:
+    def __init__(
+        self,
+        repo_path: Path,
+        endpoint: str = DEFAULT_ENDPOINT,
+        *,
+        exporter: SpanExporter | None = None,
+        mode: Literal["auto", "scripted", "llm"] = "auto",
+        llm_client: Any = None,
+        id_seed: int | str | None = None,
+        max_queue_size: int = 100_000,
+    ) -> None:
         if mode not in ("auto", "scripted", "llm"):
             raise ValueError(f"mode must be auto, scripted or llm, not {mode!r}")
         self.repo_path = Path(repo_path)
         self.version = short_sha(self.repo_path)
-        self.behaviour: Behaviour = behaviour_from(read_main(self.repo_path, PROMPT_PATH),
-                                                   read_main(self.repo_path, CONFIG_PATH))
-        use_llm = mode == "llm" or (mode == "auto" and (llm_client is not None
-                                                        or bool(os.environ.get("OPENAI_BASE_URL"))))
+        self.behaviour: Behaviour = behaviour_from(
+            read_main(self.repo_path, PROMPT_PATH), read_main(self.repo_path, CONFIG_PATH)
+        )
+        use_llm = mode == "llm" or (
+            mode == "auto" and (llm_client is not None or bool(os.environ.get("OPENAI_BASE_URL")))
+        )
         self.mode = "llm" if use_llm else "scripted"
-        self.policy: Policy = LLMPolicy(self.behaviour, llm_client or _openai_client()) if use_llm \
+        self.policy: Policy = (
+            LLMPolicy(self.behaviour, llm_client or _openai_client())
+            if use_llm
             else ScriptedPolicy(self.behaviour)
+        )
         self.provider = TracerProvider(
-            sampler=ALWAYS_ON,       # every span, whatever OTEL_TRACES_SAMPLER says: no sampling
-            resource=Resource.create({"service.name": self.behaviour.agent_name,
-                                      "service.version": self.version}),
+            sampler=ALWAYS_ON,  # every span, whatever OTEL_TRACES_SAMPLER says: no sampling
+            resource=Resource.create(
+                {"service.name": self.behaviour.agent_name, "service.version": self.version}
+            ),
             # Seeded ids depend on the version too: a new version on the same traffic gets new ids.
-            id_generator=SeededIdGenerator(f"{id_seed}:{self.version}") if id_seed is not None else None)
+            id_generator=SeededIdGenerator(f"{id_seed}:{self.version}")
+            if id_seed is not None
+            else None,
+        )
         exporter = exporter if exporter is not None else _otlp_exporter(endpoint)
         # A queue large enough for a whole cycle: the batch processor drops what does not fit.
-        self.provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=max_queue_size,
-                                                            schedule_delay_millis=200))
+        self.provider.add_span_processor(
+            BatchSpanProcessor(exporter, max_queue_size=max_queue_size, schedule_delay_millis=200)
+        )
         self.tracer = self.provider.get_tracer("examples.support_agent", self.version)
 
     # -- conversations ---------------------------------------------------------------------
 
-    def start(self, conversation_id: str, intent: Intent | None, rng: random.Random) -> ConversationState:
+    def start(
+        self, conversation_id: str, intent: Intent | None, rng: random.Random
+    ) -> ConversationState:
         """A new conversation; ``intent`` drives the scripted policy (the LLM ignores it)."""
         state = ConversationState(conversation_id=conversation_id, intent=intent, rng=rng)
         if intent is not None:
@@ -130,10 +150,19 @@ class SupportAgent:
         b = self.behaviour
         state.history.append({"role": "user", "content": user_text})
         root = self.tracer.start_span(
-            f"invoke_agent {b.agent_name}", context=Context(), kind=SpanKind.INTERNAL, start_time=at_ns,
-            attributes={"gen_ai.operation.name": "invoke_agent", "gen_ai.provider.name": PROVIDER,
-                        "gen_ai.agent.name": b.agent_name, "gen_ai.agent.version": self.version,
-                        "gen_ai.conversation.id": state.conversation_id, "gen_ai.request.model": b.model})
+            f"invoke_agent {b.agent_name}",
+            context=Context(),
+            kind=SpanKind.INTERNAL,
+            start_time=at_ns,
+            attributes={
+                "gen_ai.operation.name": "invoke_agent",
+                "gen_ai.provider.name": PROVIDER,
+                "gen_ai.agent.name": b.agent_name,
+                "gen_ai.agent.version": self.version,
+                "gen_ai.conversation.id": state.conversation_id,
+                "gen_ai.request.model": b.model,
+            },
+        )
         ctx = trace.set_span_in_context(root)
         t = at_ns + state.rng.randint(3, 15) * MS
         reply = ModelReply()
@@ -151,30 +180,40 @@ class SupportAgent:
         root.end(end_time=t)
         return TurnResult(reply.text, t, reply.final, reply.outcome)
 
-    def _chat_span(self, state: ConversationState, reply: ModelReply, ctx: Context, start: int) -> int:
+    def _chat_span(
+        self, state: ConversationState, reply: ModelReply, ctx: Context, start: int
+    ) -> int:
         b = self.behaviour
         end = start + int(reply.latency_ms * MS)
-        sent = state.history   # the reply is not in the history yet
+        sent = state.history  # the reply is not in the history yet
         out = {**semconv_message(reply.message()), "finish_reason": reply.finish_reason}
         attrs = {
-            "gen_ai.operation.name": "chat", "gen_ai.provider.name": PROVIDER,
-            "gen_ai.request.model": b.model, "gen_ai.response.model": reply.response_model,
-            "gen_ai.response.id": reply.response_id, "gen_ai.request.temperature": b.temperature,
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": PROVIDER,
+            "gen_ai.request.model": b.model,
+            "gen_ai.response.model": reply.response_model,
+            "gen_ai.response.id": reply.response_id,
+            "gen_ai.request.temperature": b.temperature,
             "gen_ai.request.max_tokens": b.max_output_tokens,
             "gen_ai.usage.input_tokens": reply.input_tokens,
             "gen_ai.usage.output_tokens": reply.output_tokens,
             "gen_ai.response.finish_reasons": [reply.finish_reason],
             "gen_ai.conversation.id": state.conversation_id,
-            "gen_ai.system_instructions": json.dumps([{"type": "text", "content": b.system_prompt}]),
+            "gen_ai.system_instructions": json.dumps(
+                [{"type": "text", "content": b.system_prompt}]
+            ),
             "gen_ai.input.messages": json.dumps([semconv_message(m) for m in sent]),
             "gen_ai.output.messages": json.dumps([out]),
         }
-        span = self.tracer.start_span(f"chat {b.model}", context=ctx, kind=SpanKind.CLIENT,
-                                      start_time=start, attributes=attrs)
+        span = self.tracer.start_span(
+            f"chat {b.model}", context=ctx, kind=SpanKind.CLIENT, start_time=start, attributes=attrs
+        )
         span.end(end_time=end)
         return end
 
-    def _tool_span(self, state: ConversationState, call: dict[str, Any], ctx: Context, start: int) -> int:
+    def _tool_span(
+        self, state: ConversationState, call: dict[str, Any], ctx: Context, start: int
+    ) -> int:
         """Run one tool call under the harness's timeout; record it; return its end time."""
         name, args = call["name"], call["arguments"]
         b = self.behaviour
@@ -184,12 +223,17 @@ class SupportAgent:
         duration_ms, error_type, error_message = run.latency_ms, run.error_type, run.error_message
         if run.latency_ms > timeout_s * 1000:
             duration_ms, error_type = timeout_s * 1000, "timeout"
-            error_message = f"{name} timed out after {timeout_s:g}s (tools.{name}.timeout_s={timeout_s:g})"
+            error_message = (
+                f"{name} timed out after {timeout_s:g}s (tools.{name}.timeout_s={timeout_s:g})"
+            )
         attrs: dict[str, Any] = {
-            "gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": name,
-            "gen_ai.tool.type": "function", "gen_ai.tool.call.id": call["id"],
+            "gen_ai.operation.name": "execute_tool",
+            "gen_ai.tool.name": name,
+            "gen_ai.tool.type": "function",
+            "gen_ai.tool.call.id": call["id"],
             "gen_ai.tool.call.arguments": json.dumps(args),
-            "gen_ai.conversation.id": state.conversation_id}
+            "gen_ai.conversation.id": state.conversation_id,
+        }
         if error_type:
             attrs["error.type"] = error_type
             content = json.dumps(f"error: {error_type}: {error_message}")
@@ -197,13 +241,25 @@ class SupportAgent:
             content = json.dumps(run.result)
             attrs["gen_ai.tool.call.result"] = content
         end = start + int(duration_ms * MS)
-        span = self.tracer.start_span(f"execute_tool {name}", context=ctx, kind=SpanKind.INTERNAL,
-                                      start_time=start, attributes=attrs)
+        span = self.tracer.start_span(
+            f"execute_tool {name}",
+            context=ctx,
+            kind=SpanKind.INTERNAL,
+            start_time=start,
+            attributes=attrs,
+        )
         if error_type:
             span.set_status(Status(StatusCode.ERROR, error_message))
         span.end(end_time=end)
-        state.history.append({"role": "tool", "tool_call_id": call["id"], "name": name,
-                              "content": content, "error": bool(error_type)})
+        state.history.append(
+            {
+                "role": "tool",
+                "tool_call_id": call["id"],
+                "name": name,
+                "content": content,
+                "error": bool(error_type),
+            }
+        )
         return end
 
     def close(self) -> None:
@@ -221,5 +277,7 @@ def _otlp_exporter(endpoint: str) -> SpanExporter:
 def _openai_client() -> Any:
     import openai
 
-    return openai.OpenAI(base_url=os.environ.get("OPENAI_BASE_URL"),
-                         api_key=os.environ.get("OPENAI_API_KEY") or "unused")
+    return openai.OpenAI(
+        base_url=os.environ.get("OPENAI_BASE_URL"),
+        api_key=os.environ.get("OPENAI_API_KEY") or "unused",
+    )

@@ -18,6 +18,7 @@ into the agent's repository really changes what the agent does:
   ``lookup_transfer`` tool, pass its arguments shaped exactly like ..." matches).
 * **timeouts** — ``tools.<name>.timeout_s``, else ``tool_defaults.timeout_s``.
 """
+
 from __future__ import annotations
 
 import re
@@ -30,10 +31,13 @@ CARRY_FORWARD = re.compile(
     r"\bcarry(?:ing)?[ -]forward\b"
     r"|\balready (?:gave|given|provided|shared|told|mentioned)\b"
     r"|\b(?:do not|don't|never) (?:re-?)?ask (?:for (?:it|them|that|[\w' ]{1,40}) )?(?:again|twice)\b",
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 TRANSFER_FORMAT = re.compile(
     r"\bTR-"
-    r"|\blookup_transfer\b[^.\n]{0,200}?\b(?:format(?:ted)?|shaped?)\b", re.IGNORECASE)
+    r"|\blookup_transfer\b[^.\n]{0,200}?\b(?:format(?:ted)?|shaped?)\b",
+    re.IGNORECASE,
+)
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_MODEL = "gpt-4o-mini"
 
@@ -84,8 +88,9 @@ def behaviour_from(system_prompt: str, config_yaml: str) -> Behaviour:
     agent, model, esc = _section(cfg, "agent"), _section(cfg, "model"), _section(cfg, "escalation")
     tools = {str(k): (v if isinstance(v, dict) else {}) for k, v in _section(cfg, "tools").items()}
     extra = str(agent.get("instructions", "") or "")
-    transfer_text = "\n".join((system_prompt, extra,
-                               str(tools.get("lookup_transfer", {}).get("description", ""))))
+    transfer_text = "\n".join(
+        (system_prompt, extra, str(tools.get("lookup_transfer", {}).get("description", "")))
+    )
     return Behaviour(
         system_prompt=system_prompt,
         model=str(model.get("name", DEFAULT_MODEL)),

@@ -4,6 +4,7 @@ closeloop proposes changes to this repository as branches and a person merges th
 agent reads ``git show main:<path>``, so a merge takes effect at the next cycle without
 touching anyone's working tree.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,13 @@ CONFIG_PATH = "config/agent.yaml"
 
 def git(repo: Path, *args: str, env: dict[str, str] | None = None, strip: bool = True) -> str:
     """Run ``git -C repo args`` and return its stdout; raise with git's stderr on failure."""
-    proc = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, check=False)
+    proc = subprocess.run(
+        ["git", "-C", str(repo), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"git {' '.join(args)} failed in {repo}: {proc.stderr.strip()}")
     return proc.stdout.strip() if strip else proc.stdout
@@ -40,11 +46,24 @@ def init_agent_repo(path: Path) -> str:
     shutil.copytree(TEMPLATE, path, dirs_exist_ok=True)
     git(path, "init", "-q", "-b", BRANCH)
     git(path, "add", "-A")
-    who = {"GIT_AUTHOR_NAME": AUTHOR_NAME, "GIT_AUTHOR_EMAIL": AUTHOR_EMAIL,
-           "GIT_COMMITTER_NAME": AUTHOR_NAME, "GIT_COMMITTER_EMAIL": AUTHOR_EMAIL,
-           "GIT_AUTHOR_DATE": INITIAL_DATE, "GIT_COMMITTER_DATE": INITIAL_DATE}
-    git(path, "-c", "commit.gpgsign=false", "commit", "-q", "-m",
-        "Bankly support agent: system prompt and config", env=who)
+    who = {
+        "GIT_AUTHOR_NAME": AUTHOR_NAME,
+        "GIT_AUTHOR_EMAIL": AUTHOR_EMAIL,
+        "GIT_COMMITTER_NAME": AUTHOR_NAME,
+        "GIT_COMMITTER_EMAIL": AUTHOR_EMAIL,
+        "GIT_AUTHOR_DATE": INITIAL_DATE,
+        "GIT_COMMITTER_DATE": INITIAL_DATE,
+    }
+    git(
+        path,
+        "-c",
+        "commit.gpgsign=false",
+        "commit",
+        "-q",
+        "-m",
+        "Bankly support agent: system prompt and config",
+        env=who,
+    )
     return git(path, "rev-parse", BRANCH)
 
 

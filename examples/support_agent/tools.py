@@ -3,6 +3,7 @@
 A tool returns its result or its error together with how long it took (simulated
 milliseconds); the agent's harness applies the timeout from ``config/agent.yaml``.
 """
+
 from __future__ import annotations
 
 import random
@@ -14,28 +15,61 @@ TRANSFER_ID = re.compile(r"TR-\d+")
 CARD_LAST4 = re.compile(r"\d{4}")
 
 # Interbank mid rates the simulated rates service quotes around.
-RATES = {("GBP", "EUR"): 1.168, ("GBP", "USD"): 1.271, ("EUR", "GBP"): 0.856,
-         ("USD", "GBP"): 0.787, ("EUR", "USD"): 1.088, ("USD", "EUR"): 0.919}
+RATES = {
+    ("GBP", "EUR"): 1.168,
+    ("GBP", "USD"): 1.271,
+    ("EUR", "GBP"): 0.856,
+    ("USD", "GBP"): 0.787,
+    ("EUR", "USD"): 1.088,
+    ("USD", "EUR"): 0.919,
+}
 
 # (parameters JSON schema, simulated latency range in ms)
-_CARD = {"type": "object", "properties": {"card_last4": {"type": "string"}}, "required": ["card_last4"]}
+_CARD = {
+    "type": "object",
+    "properties": {"card_last4": {"type": "string"}},
+    "required": ["card_last4"],
+}
 SCHEMAS: dict[str, tuple[dict[str, Any], tuple[int, int]]] = {
     "track_card_delivery": (_CARD, (120, 420)),
     "freeze_card": (_CARD, (150, 380)),
-    "lookup_transfer": ({"type": "object", "properties": {"transfer_id": {"type": "string"}},
-                         "required": ["transfer_id"]}, (140, 450)),
-    "get_exchange_rate": ({"type": "object", "properties": {
-        "base": {"type": "string"}, "quote": {"type": "string"}}, "required": ["base", "quote"]},
-        (650, 970)),
-    "get_top_up_status": ({"type": "object", "properties": {"top_up": {"type": "string"}}}, (100, 320)),
+    "lookup_transfer": (
+        {
+            "type": "object",
+            "properties": {"transfer_id": {"type": "string"}},
+            "required": ["transfer_id"],
+        },
+        (140, 450),
+    ),
+    "get_exchange_rate": (
+        {
+            "type": "object",
+            "properties": {"base": {"type": "string"}, "quote": {"type": "string"}},
+            "required": ["base", "quote"],
+        },
+        (650, 970),
+    ),
+    "get_top_up_status": (
+        {"type": "object", "properties": {"top_up": {"type": "string"}}},
+        (100, 320),
+    ),
     "get_fee_schedule": ({"type": "object", "properties": {"fee": {"type": "string"}}}, (60, 200)),
-    "start_identity_check": ({"type": "object", "properties": {"channel": {"type": "string"}}},
-                             (200, 600)),
-    "search_help_center": ({"type": "object", "properties": {"query": {"type": "string"}},
-                            "required": ["query"]}, (150, 500)),
-    "escalate_to_human": ({"type": "object", "properties": {
-        "reason": {"type": "string"}, "summary": {"type": "string"}}, "required": ["reason"]},
-        (80, 250)),
+    "start_identity_check": (
+        {"type": "object", "properties": {"channel": {"type": "string"}}},
+        (200, 600),
+    ),
+    "search_help_center": (
+        {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]},
+        (150, 500),
+    ),
+    "escalate_to_human": (
+        {
+            "type": "object",
+            "properties": {"reason": {"type": "string"}, "summary": {"type": "string"}},
+            "required": ["reason"],
+        },
+        (80, 250),
+    ),
 }
 # The rates service answers from its cache this often, well within any timeout.
 RATE_CACHE_HIT = 0.1
@@ -70,7 +104,9 @@ def call_tool(name: str, args: dict[str, Any], data: dict[str, Any], rng: random
         return ToolRun(latency, error_type=type(e).__name__, error_message=str(e).strip("'\""))
 
 
-def _result(name: str, args: dict[str, Any], data: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+def _result(
+    name: str, args: dict[str, Any], data: dict[str, Any], rng: random.Random
+) -> dict[str, Any]:
     if name == "lookup_transfer":
         tid = str(args.get("transfer_id", ""))
         if not TRANSFER_ID.fullmatch(tid):
@@ -88,6 +124,9 @@ def _result(name: str, args: dict[str, Any], data: dict[str, Any], rng: random.R
         rate = round(RATES[pair] * rng.uniform(0.995, 1.005), 4)
         return {"base": pair[0], "quote": pair[1], "rate": rate}
     if name == "escalate_to_human":
-        return {"ticket": f"ESC-{rng.randint(10000, 99999)}", "queue": data.get("queue", "support"),
-                "expected_wait_minutes": rng.choice([5, 10, 15])}
+        return {
+            "ticket": f"ESC-{rng.randint(10000, 99999)}",
+            "queue": data.get("queue", "support"),
+            "expected_wait_minutes": rng.choice([5, 10, 15]),
+        }
     return dict(data)

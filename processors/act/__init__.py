@@ -4,6 +4,7 @@
 diagnosis into a change (LLM or templates), ``core`` writes it through a backend
 (:mod:`processors.act.gitrepo` or :mod:`processors.act.github`) and notifies.
 """
+
 from __future__ import annotations
 
 from processors.act.change import Change, Component, FileEdit, normalize_path, validate_change
@@ -20,7 +21,19 @@ from processors.act.core import (
 from processors.act.fixes import propose_change, resolve_component
 
 __all__ = [
-    "Actor", "Change", "ChangeBackend", "Component", "FileEdit", "branch_name", "normalize_path",
-    "notify", "open_backend", "proposal_id", "proposal_rows", "propose_change", "render_body",
-    "resolve_component", "validate_change",
+    "Actor",
+    "Change",
+    "ChangeBackend",
+    "Component",
+    "FileEdit",
+    "branch_name",
+    "normalize_path",
+    "notify",
+    "open_backend",
+    "proposal_id",
+    "proposal_rows",
+    "propose_change",
+    "render_body",
+    "resolve_component",
+    "validate_change",
 ]

@@ -12,6 +12,7 @@ structured edit is checked by parsing both versions and comparing them with the 
 value set, so a formatting corner the line editor does not know becomes a refusal, never
 a silently wrong file.
 """
+
 from __future__ import annotations
 
 import ast
@@ -49,7 +50,7 @@ class Change:
 
     edits: list[FileEdit]
     summary: str = ""
-    source: str = "template"     # template | llm
+    source: str = "template"  # template | llm
     details: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -60,17 +61,26 @@ class Change:
         """A unified diff (``a/`` and ``b/`` prefixes, as git shows it)."""
         out: list[str] = []
         for e in self.edits:
-            out.extend(difflib.unified_diff(
-                e.old.splitlines(keepends=True), e.new.splitlines(keepends=True),
-                fromfile=f"a/{e.path}", tofile=f"b/{e.path}"))
-        return "".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n"
-                       for line in out)
+            out.extend(
+                difflib.unified_diff(
+                    e.old.splitlines(keepends=True),
+                    e.new.splitlines(keepends=True),
+                    fromfile=f"a/{e.path}",
+                    tofile=f"b/{e.path}",
+                )
+            )
+        return "".join(
+            line if line.endswith("\n") else line + "\n\\ No newline at end of file\n"
+            for line in out
+        )
 
     def changed_lines(self) -> int:
         """Lines added plus lines removed, over all files."""
         n = 0
         for e in self.edits:
-            for line in difflib.unified_diff(e.old.splitlines(), e.new.splitlines(), lineterm="", n=0):
+            for line in difflib.unified_diff(
+                e.old.splitlines(), e.new.splitlines(), lineterm="", n=0
+            ):
                 if line.startswith(("+", "-")) and not line.startswith(("+++", "---")):
                     n += 1
         return n
@@ -80,7 +90,9 @@ class Change:
         rows = []
         for e in self.edits:
             plus = minus = 0
-            for line in difflib.unified_diff(e.old.splitlines(), e.new.splitlines(), lineterm="", n=0):
+            for line in difflib.unified_diff(
+                e.old.splitlines(), e.new.splitlines(), lineterm="", n=0
+            ):
                 if line.startswith("+") and not line.startswith("+++"):
                     plus += 1
                 elif line.startswith("-") and not line.startswith("---"):
@@ -90,6 +102,7 @@ class Change:
 
 
 # -- paths -------------------------------------------------------------------------------
+
 
 def normalize_path(path: str) -> str:
     """The canonical repository-relative form of ``path``, or :class:`ActError`.
@@ -118,17 +131,21 @@ def allowed_path(path: str, targets: Sequence[ActTarget]) -> ActTarget:
     for t in targets:
         if normalize_path(t.path) == norm:
             return t
-    raise ActError(f"refused path {path!r}: not in act.targets (allowed: "
-                   f"{', '.join(t.path for t in targets) or 'none'})")
+    raise ActError(
+        f"refused path {path!r}: not in act.targets (allowed: "
+        f"{', '.join(t.path for t in targets) or 'none'})"
+    )
 
 
 # -- formats -----------------------------------------------------------------------------
 
+
 def file_format(path: str) -> str:
     """yaml | json | toml | python | text, from the file name."""
     ext = posixpath.splitext(path)[1].lower()
-    return {".yaml": "yaml", ".yml": "yaml", ".json": "json", ".toml": "toml",
-            ".py": "python"}.get(ext, "text")
+    return {".yaml": "yaml", ".yml": "yaml", ".json": "json", ".toml": "toml", ".py": "python"}.get(
+        ext, "text"
+    )
 
 
 def parse(text: str, fmt: str, path: str = "") -> Any:
@@ -205,6 +222,7 @@ def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 # -- in-place value editing ----------------------------------------------------------------
 
+
 def set_value(text: str, fmt: str, key: str, value: Any) -> str:
     """``text`` with the value at dotted ``key`` replaced by ``value``, formatting kept.
 
@@ -212,7 +230,9 @@ def set_value(text: str, fmt: str, key: str, value: Any) -> str:
     (tables, dotted keys, basic/literal/multi-line strings) and module-level Python
     constants. The result is verified by parsing; anything else raises :class:`ActError`.
     """
-    editor = {"yaml": _yaml_set, "json": _json_set, "toml": _toml_set, "python": _python_set}.get(fmt)
+    editor = {"yaml": _yaml_set, "json": _json_set, "toml": _toml_set, "python": _python_set}.get(
+        fmt
+    )
     if editor is None:
         raise ActError(f"cannot edit a key inside a {fmt} file")
     before = parse(text, fmt)
@@ -244,7 +264,7 @@ def _json_set(text: str, key: str, value: Any) -> str:
             if text[i] == "}":
                 raise ActError(f"key {key!r} not found")
             name, i = json.decoder.scanstring(text, i + 1)  # type: ignore[attr-defined]
-            i = ws(ws(i) + 1)                   # past ':'
+            i = ws(ws(i) + 1)  # past ':'
             if name == part:
                 break
             _, i = dec.raw_decode(text, i)
@@ -271,24 +291,26 @@ def _scalar_end(rest: str, comment: str) -> int:
         i = 1
         while i < len(rest):
             if rest[i] == "'":
-                if rest[i + 1:i + 2] == "'":
+                if rest[i + 1 : i + 2] == "'":
                     i += 2
                     continue
                 return i + 1
             i += 1
         raise ActError("unterminated quoted string")
     m = re.search(rf"\s{re.escape(comment)}", rest)
-    return len((rest[:m.start()] if m else rest).rstrip())
+    return len((rest[: m.start()] if m else rest).rstrip())
 
 
-_YAML_KEY = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z0-9_][A-Za-z0-9_.\- ]*?|\"[^\"]+\"|'[^']+')"
-                       r"\s*:(?=\s|$)(?P<rest>.*)$")
+_YAML_KEY = re.compile(
+    r"^(?P<indent> *)(?P<key>[A-Za-z0-9_][A-Za-z0-9_.\- ]*?|\"[^\"]+\"|'[^']+')"
+    r"\s*:(?=\s|$)(?P<rest>.*)$"
+)
 _BLOCK = re.compile(r"^\s*(?P<style>[|>])(?P<mods>[-+0-9]*)\s*(?:#.*)?$")
 
 
 def _yaml_render(value: Any) -> str:
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)   # a JSON string is a YAML double-quoted scalar
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a YAML double-quoted scalar
     if isinstance(value, bool):
         return "true" if value else "false"
     if value is None:
@@ -309,7 +331,7 @@ def _yaml_set(text: str, key: str, value: Any) -> str:
             continue
         indent = len(body) - len(body.lstrip(" "))
         if skip_deeper_than >= 0 and indent > skip_deeper_than:
-            continue                                # inside a block scalar
+            continue  # inside a block scalar
         skip_deeper_than = -1
         m = _YAML_KEY.match(body)
         if not m:
@@ -324,7 +346,7 @@ def _yaml_set(text: str, key: str, value: Any) -> str:
             skip_deeper_than = indent
         if [k for _, k in stack] != want:
             continue
-        eol = line[len(body):]
+        eol = line[len(body) :]
         if block:
             return _yaml_set_block(lines, n, indent, block, value, eol)
         stripped = rest.lstrip()
@@ -337,8 +359,9 @@ def _yaml_set(text: str, key: str, value: Any) -> str:
     raise ActError(f"key {key!r} not found in block-style YAML")
 
 
-def _yaml_set_block(lines: list[str], n: int, indent: int, block: re.Match[str], value: Any,
-                    eol: str) -> str:
+def _yaml_set_block(
+    lines: list[str], n: int, indent: int, block: re.Match[str], value: Any, eol: str
+) -> str:
     if not isinstance(value, str):
         raise ActError("a YAML block scalar can only hold text")
     end = n + 1
@@ -357,12 +380,12 @@ def _yaml_set_block(lines: list[str], n: int, indent: int, block: re.Match[str],
     header = lines[n].rstrip("\r\n")
     # A folded (>) scalar is re-rendered literal (|): its lines are then kept as written.
     mods = "-" if not value.endswith("\n") else ("+" if value.endswith("\n\n") else "")
-    header = header[:header.rindex(block.group("style"))] + "|" + mods
+    header = header[: header.rindex(block.group("style"))] + "|" + mods
     pad = " " * content_indent
     body_lines = [(pad + ln if ln else "") + eol for ln in value.rstrip("\n").split("\n")]
     if value.endswith("\n\n"):
         body_lines.extend(eol for _ in range(len(value) - len(value.rstrip("\n")) - 1))
-    return "".join(lines[:n] + [header + eol] + body_lines + lines[last + 1:])
+    return "".join(lines[:n] + [header + eol] + body_lines + lines[last + 1 :])
 
 
 _TOML_TABLE = re.compile(r"^\s*\[(?P<name>[^\[\]]+)\]\s*(?:#.*)?$")
@@ -381,7 +404,7 @@ def _toml_render(value: Any, old_literal: str) -> str:
             return "'''\n" + value + "'''"
         esc = value.replace("\\", "\\\\").replace('"""', '""\\"')
         return '"""\n' + esc + '"""'
-    return json.dumps(value, ensure_ascii=False)   # a JSON string is a TOML basic string
+    return json.dumps(value, ensure_ascii=False)  # a JSON string is a TOML basic string
 
 
 def _toml_set(text: str, key: str, value: Any) -> str:
@@ -411,41 +434,45 @@ def _toml_set(text: str, key: str, value: Any) -> str:
                 if close == -1:
                     raise ActError("unterminated multi-line string")
                 vend = close + 3
-                while rest[vend:vend + 1] == quote[0]:    # up to two quotes may end the content
+                while rest[vend : vend + 1] == quote[0]:  # up to two quotes may end the content
                     vend += 1
                 break
         else:
             vend = _scalar_end(rest.split("\n", 1)[0], "#")
-        return text[:vstart] + _toml_render(value, rest[:vend]) + text[vstart + vend:]
+        return text[:vstart] + _toml_render(value, rest[:vend]) + text[vstart + vend :]
     raise ActError(f"key {key!r} not found in TOML")
 
 
 def _python_set(text: str, key: str, value: Any) -> str:
     if "." in key:
         raise ActError(f"{key!r}: only module-level constants of a Python file are edited")
-    pattern = re.compile(rf"^(?P<head>{re.escape(key)}\s*(?::[^=]+)?=\s*)(?P<rest>.*)$", re.MULTILINE)
+    pattern = re.compile(
+        rf"^(?P<head>{re.escape(key)}\s*(?::[^=]+)?=\s*)(?P<rest>.*)$", re.MULTILINE
+    )
     m = pattern.search(text)
     if not m:
         raise ActError(f"constant {key!r} not found")
     rest = m.group("rest")
     end = _scalar_end(rest, "#")
     rendered = repr(value)
-    return text[:m.start("rest")] + rendered + rest[end:] + text[m.end("rest"):]
+    return text[: m.start("rest")] + rendered + rest[end:] + text[m.end("rest") :]
 
 
 # -- validation ----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Component:
     """Where a diagnosis says the fix belongs: an allowlisted file and, maybe, a key in it."""
 
-    type: str          # prompt | config | harness
+    type: str  # prompt | config | harness
     path: str
     key: str = ""
 
 
-def apply_find_replace(files: dict[str, str], edits: Sequence[dict[str, Any]],
-                       targets: Sequence[ActTarget]) -> list[FileEdit]:
+def apply_find_replace(
+    files: dict[str, str], edits: Sequence[dict[str, Any]], targets: Sequence[ActTarget]
+) -> list[FileEdit]:
     """Apply ``[{path, find, replace}, ...]`` to ``files``; each ``find`` must occur exactly once."""
     if not isinstance(edits, (list, tuple)) or not edits:
         raise ActError("expected a non-empty list of edits")
@@ -465,13 +492,20 @@ def apply_find_replace(files: dict[str, str], edits: Sequence[dict[str, Any]],
             raise ActError(f"edit {i}: 'find' is empty; quote the exact text to replace")
         count = text.count(find)
         if count != 1:
-            raise ActError(f"edit {i}: 'find' occurs {count} times in {norm}, it must occur exactly once")
+            raise ActError(
+                f"edit {i}: 'find' occurs {count} times in {norm}, it must occur exactly once"
+            )
         current[norm] = text.replace(find, repl, 1)
     return [FileEdit(p, files[p], new) for p, new in current.items() if new != files[p]]
 
 
-def validate_change(change: Change, files: dict[str, str], targets: Sequence[ActTarget],
-                    component: Component, max_changed_lines: int) -> None:
+def validate_change(
+    change: Change,
+    files: dict[str, str],
+    targets: Sequence[ActTarget],
+    component: Component,
+    max_changed_lines: int,
+) -> None:
     """Raise :class:`ActError` with the reason when ``change`` must not be written."""
     if not change.edits:
         raise ActError("the change is empty")
@@ -493,12 +527,15 @@ def validate_change(change: Change, files: dict[str, str], targets: Sequence[Act
         parse(e.new, fmt, norm)
     n = change.changed_lines()
     if n > max_changed_lines:
-        raise ActError(f"the change has {n} changed lines, more than act.max_changed_lines="
-                       f"{max_changed_lines}")
+        raise ActError(
+            f"the change has {n} changed lines, more than act.max_changed_lines={max_changed_lines}"
+        )
     touched = {e.path: e for e in change.edits}
     if component.path not in touched:
-        raise ActError(f"the change does not touch {component.path}, where the diagnosis "
-                       f"places the fault ({component.type})")
+        raise ActError(
+            f"the change does not touch {component.path}, where the diagnosis "
+            f"places the fault ({component.type})"
+        )
     if component.key:
         e = touched[component.path]
         fmt = file_format(e.path)

@@ -6,6 +6,7 @@
 place when the diagnosis comes back) and notifies. It never merges: that is layer 5's
 job, on a named human's decision.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -17,14 +18,14 @@ import urllib.request
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from processors.config import Config
-from processors.errors import ActError, AlreadyApplied
-from processors.act.github import GitHubBackend
-from processors.act.gitrepo import LocalGit
-from processors.records import Diagnosis, Proposal
-from processors.redact import Redactor
 from processors.act.change import Change, normalize_path
 from processors.act.fixes import propose_change, quote, redact_value
+from processors.act.github import GitHubBackend
+from processors.act.gitrepo import LocalGit
+from processors.config import Config
+from processors.errors import ActError, AlreadyApplied
+from processors.records import Diagnosis, Proposal
+from processors.redact import Redactor
 
 log = logging.getLogger("closeloop.act")
 
@@ -37,14 +38,16 @@ MAX_EVIDENCE_CHARS = 4000
 class ChangeBackend(Protocol):
     """Where proposals are written: a local repository or GitHub."""
 
-    name: str          # local | github
+    name: str  # local | github
     repo: str
     base: str
 
     def read_files(self, paths: Sequence[str], ref: str | None = None) -> dict[str, str]: ...
     def file_history(self, path: str, limit: int = 5) -> list[str]: ...
     def existing(self, branch: str) -> dict[str, Any] | None: ...
-    def open_or_update(self, fields: dict[str, Any], change: Change) -> tuple[str, str, int, str]: ...
+    def open_or_update(
+        self, fields: dict[str, Any], change: Change
+    ) -> tuple[str, str, int, str]: ...
     def status(self, proposal: Proposal) -> dict[str, Any]: ...
     def merge(self, proposal: Proposal, reviewer: str, comment: str) -> str: ...
     def close(self, proposal: Proposal, reviewer: str, comment: str) -> None: ...
@@ -66,10 +69,13 @@ def proposal_id(diagnosis_id: str) -> str:
 
 
 def branch_name(diagnosis_id: str) -> str:
-    return BRANCH_PREFIX + (re.sub(r"[^A-Za-z0-9._-]+", "-", diagnosis_id).strip(".-")[:80] or "diagnosis")
+    return BRANCH_PREFIX + (
+        re.sub(r"[^A-Za-z0-9._-]+", "-", diagnosis_id).strip(".-")[:80] or "diagnosis"
+    )
 
 
 # -- rendering ---------------------------------------------------------------------------
+
 
 def _fence(text: str, lang: str = "") -> str:
     """A code block whose fence is longer than any backtick run inside ``text``."""
@@ -99,8 +105,9 @@ def render_title(diag: Diagnosis, redactor: Redactor) -> str:
     return "closeloop: " + (quote(diag.summary, redactor, 90) or f"{diag.rule} in {diag.intent_id}")
 
 
-def render_body(diag: Diagnosis, change: Change, cfg: Config, *, version: int, pid: str,
-                redactor: Redactor) -> str:
+def render_body(
+    diag: Diagnosis, change: Change, cfg: Config, *, version: int, pid: str, redactor: Redactor
+) -> str:
     """The pull request description: what is wrong, the evidence, the change and how it will
     be verified. Every piece of conversation-derived text is redacted and neutralised, and the
     whole body is redacted once more before it leaves."""
@@ -109,8 +116,10 @@ def render_body(diag: Diagnosis, change: Change, cfg: Config, *, version: int, p
     lines = [
         f"## {_inline(diag.summary, redactor, 200) or diag.rule}",
         "",
-        (f"**Intent:** {name} (`{diag.intent_id}`) · **Rule:** `{diag.rule}` · "
-         f"**Confidence:** {diag.confidence:.2f}"),
+        (
+            f"**Intent:** {name} (`{diag.intent_id}`) · **Rule:** `{diag.rule}` · "
+            f"**Confidence:** {diag.confidence:.2f}"
+        ),
         "",
         f"**Root cause:** {_inline(diag.root_cause, redactor) or 'see evidence'}",
         "",
@@ -123,25 +132,44 @@ def render_body(diag: Diagnosis, change: Change, cfg: Config, *, version: int, p
         f"| window | {_when(diag.window_from_ns)} → {_when(diag.window_to_ns)} |",
         f"| prompt version | `{quote(diag.prompt_version, redactor, 64) or '-'}` |",
         f"| agent version | `{quote(diag.agent_version, redactor, 64) or '-'}` |",
-        (f"| component | {quote(comp.get('type', ''), redactor, 20)} "
-         f"`{quote(comp.get('target', ''), redactor, 120)}` |"),
+        (
+            f"| component | {quote(comp.get('type', ''), redactor, 20)} "
+            f"`{quote(comp.get('target', ''), redactor, 120)}` |"
+        ),
         "",
     ]
     traces = diag.trace_ids[:MAX_TRACE_LINKS]
     if traces:
-        more = f" (+{len(diag.trace_ids) - len(traces)} more)" if len(diag.trace_ids) > len(traces) else ""
-        lines += ["Conversations showing the failure: "
-                  + ", ".join(trace_link(t, cfg.web.trace_url) for t in traces) + more, ""]
+        more = (
+            f" (+{len(diag.trace_ids) - len(traces)} more)"
+            if len(diag.trace_ids) > len(traces)
+            else ""
+        )
+        lines += [
+            "Conversations showing the failure: "
+            + ", ".join(trace_link(t, cfg.web.trace_url) for t in traces)
+            + more,
+            "",
+        ]
     if diag.evidence:
-        ev = json.dumps(redact_value(diag.evidence, redactor), ensure_ascii=False, indent=2, default=str)
+        ev = json.dumps(
+            redact_value(diag.evidence, redactor), ensure_ascii=False, indent=2, default=str
+        )
         if len(ev) > MAX_EVIDENCE_CHARS:
             ev = ev[:MAX_EVIDENCE_CHARS] + "\n… (truncated)"
-        lines += ["<details><summary>Evidence details (redacted, from user conversations)</summary>",
-                  "", _fence(re.sub(r"@(?=\w)", "@\u200b", ev), "json"), "", "</details>", ""]
+        lines += [
+            "<details><summary>Evidence details (redacted, from user conversations)</summary>",
+            "",
+            _fence(re.sub(r"@(?=\w)", "@\u200b", ev), "json"),
+            "",
+            "</details>",
+            "",
+        ]
     lines += [
         "### The change",
         "",
-        _inline(change.summary, redactor, 400) + f" ({'LLM' if change.source == 'llm' else 'templated'} fix)",
+        _inline(change.summary, redactor, 400)
+        + f" ({'LLM' if change.source == 'llm' else 'templated'} fix)",
         "",
         _fence(change.diff_stat()),
         "",
@@ -153,43 +181,61 @@ def render_body(diag: Diagnosis, change: Change, cfg: Config, *, version: int, p
         "",
         "### What it should fix, and how closeloop will check",
         "",
-        (f"It should lower the failure rate of **{name}** from {diag.failure_rate:.1%} towards the "
-         f"baseline of {diag.baseline_rate:.1%}. Once this is merged, closeloop compares the intent's "
-         f"conversations under the new prompt/agent version with those under "
-         f"`{quote(diag.prompt_version or diag.agent_version, redactor, 64) or 'the current version'}`"
-         f" in the window above. It gives a verdict (fixed / no effect / regressed) after at least "
-         f"**{cfg.review.min_after}** conversations of the intent on the new version: a two-proportion "
-         f"z-test and Fisher's exact test must both hold at α = {cfg.review.alpha}, the other intents "
-         "serve as controls, and a regression raises a new diagnosis."),
+        (
+            f"It should lower the failure rate of **{name}** from {diag.failure_rate:.1%} towards the "
+            f"baseline of {diag.baseline_rate:.1%}. Once this is merged, closeloop compares the intent's "
+            f"conversations under the new prompt/agent version with those under "
+            f"`{quote(diag.prompt_version or diag.agent_version, redactor, 64) or 'the current version'}`"
+            f" in the window above. It gives a verdict (fixed / no effect / regressed) after at least "
+            f"**{cfg.review.min_after}** conversations of the intent on the new version: a two-proportion "
+            f"z-test and Fisher's exact test must both hold at α = {cfg.review.alpha}, the other intents "
+            "serve as controls, and a regression raises a new diagnosis."
+        ),
         "",
         "---",
-        (f"Proposal `{pid}` version {version} · diagnosis `{diag.diagnosis_id}`. closeloop never "
-         "merges: a human reviewer decides."),
+        (
+            f"Proposal `{pid}` version {version} · diagnosis `{diag.diagnosis_id}`. closeloop never "
+            "merges: a human reviewer decides."
+        ),
     ]
     text, _ = redactor.redact("\n".join(lines))
     return text
 
 
-def commit_message(diag: Diagnosis, change: Change, *, title: str, pid: str, version: int,
-                   stamp: str, created_ns: int, redactor: Redactor) -> str:
-    return (f"{title}\n\n"
-            f"Diagnosis {diag.diagnosis_id} ({diag.rule}, intent {diag.intent_id}): "
-            f"{quote(diag.summary, redactor, 300)}\n\n{quote(change.summary, redactor, 300)}\n\n"
-            f"Closeloop-Proposal: {pid}\nCloseloop-Diagnosis: {diag.diagnosis_id}\n"
-            f"Closeloop-Diagnosis-Version: {diag.version}\n"
-            f"Closeloop-Version: {version}\nCloseloop-Stamp: {stamp}\nCloseloop-Created: {created_ns}\n")
+def commit_message(
+    diag: Diagnosis,
+    change: Change,
+    *,
+    title: str,
+    pid: str,
+    version: int,
+    stamp: str,
+    created_ns: int,
+    redactor: Redactor,
+) -> str:
+    return (
+        f"{title}\n\n"
+        f"Diagnosis {diag.diagnosis_id} ({diag.rule}, intent {diag.intent_id}): "
+        f"{quote(diag.summary, redactor, 300)}\n\n{quote(change.summary, redactor, 300)}\n\n"
+        f"Closeloop-Proposal: {pid}\nCloseloop-Diagnosis: {diag.diagnosis_id}\n"
+        f"Closeloop-Diagnosis-Version: {diag.version}\n"
+        f"Closeloop-Version: {version}\nCloseloop-Stamp: {stamp}\nCloseloop-Created: {created_ns}\n"
+    )
 
 
 def update_comment(diag: Diagnosis, version: int, cfg: Config, redactor: Redactor) -> str:
     traces = ", ".join(trace_link(t, cfg.web.trace_url) for t in diag.trace_ids[:5])
-    text = (f"closeloop updated this proposal to version {version} with new evidence: "
-            f"{diag.failures}/{diag.support} conversations failing ({diag.failure_rate:.1%}, baseline "
-            f"{diag.baseline_rate:.1%}) between {_when(diag.window_from_ns)} and "
-            f"{_when(diag.window_to_ns)}." + (f" Examples: {traces}." if traces else ""))
+    text = (
+        f"closeloop updated this proposal to version {version} with new evidence: "
+        f"{diag.failures}/{diag.support} conversations failing ({diag.failure_rate:.1%}, baseline "
+        f"{diag.baseline_rate:.1%}) between {_when(diag.window_from_ns)} and "
+        f"{_when(diag.window_to_ns)}." + (f" Examples: {traces}." if traces else "")
+    )
     return redactor.redact(text)[0]
 
 
 # -- the actor -----------------------------------------------------------------------------
+
 
 class Actor:
     """Diagnoses in, proposals out. ``last_reason`` says why the last diagnosis got none, and
@@ -232,14 +278,23 @@ class Actor:
             files = self.backend.read_files(paths)
             history = None
             if diag.rule == "prompt_regression":
-                history = {normalize_path(t.path): self.backend.file_history(normalize_path(t.path))
-                           for t in act.targets if t.kind == "prompt"}
+                history = {
+                    normalize_path(t.path): self.backend.file_history(normalize_path(t.path))
+                    for t in act.targets
+                    if t.kind == "prompt"
+                }
         except ActError as e:
             return self._drop(diag, str(e))
         try:
-            change, reason = propose_change(diag, files, act.targets, self.llm,
-                                            max_changed_lines=act.max_changed_lines, history=history,
-                                            redactor=self.redactor)
+            change, reason = propose_change(
+                diag,
+                files,
+                act.targets,
+                self.llm,
+                max_changed_lines=act.max_changed_lines,
+                history=history,
+                redactor=self.redactor,
+            )
         except AlreadyApplied as e:
             self.already_applied = True
             return self._drop(diag, str(e))
@@ -248,33 +303,70 @@ class Actor:
         pid = proposal_id(diag.diagnosis_id)
         # not updated_ns: diagnose re-emits the same version after a restart (replayed from its
         # checkpoint) at a later time, and that must not count as a new proposal version
-        stamp = hashlib.sha256(json.dumps([diag.diagnosis_id, diag.version, change.diff()]).encode()).hexdigest()[:16]
-        if (prev is not None and prev["stamp"] != stamp and not rebuild
-                and prev.get("diagnosis_version", 0) >= diag.version):
-            return self._drop(diag, f"its proposal already answers diagnosis version {prev['diagnosis_version']}")
+        stamp = hashlib.sha256(
+            json.dumps([diag.diagnosis_id, diag.version, change.diff()]).encode()
+        ).hexdigest()[:16]
+        if (
+            prev is not None
+            and prev["stamp"] != stamp
+            and not rebuild
+            and prev.get("diagnosis_version", 0) >= diag.version
+        ):
+            return self._drop(
+                diag, f"its proposal already answers diagnosis version {prev['diagnosis_version']}"
+            )
         title = render_title(diag, self.redactor)
         version = prev["version"] + 1 if prev else 1
         created_ns = (prev["created_ns"] or now_ns) if prev else now_ns
         if prev is not None and prev["stamp"] == stamp:
-            version = prev["version"]        # a replay: the branch already holds exactly this
+            version = prev["version"]  # a replay: the branch already holds exactly this
         body = render_body(diag, change, self.cfg, version=version, pid=pid, redactor=self.redactor)
         proposal = Proposal(
-            proposal_id=pid, diagnosis_id=diag.diagnosis_id, intent_id=diag.intent_id,
-            backend=self.backend.name, repo=self.backend.repo, base=self.backend.base, branch=branch,
-            title=title, body=body, diff=self.redactor.redact(change.diff())[0], files=change.files,
-            version=version, created_ns=created_ns, updated_ns=now_ns)
+            proposal_id=pid,
+            diagnosis_id=diag.diagnosis_id,
+            intent_id=diag.intent_id,
+            backend=self.backend.name,
+            repo=self.backend.repo,
+            base=self.backend.base,
+            branch=branch,
+            title=title,
+            body=body,
+            diff=self.redactor.redact(change.diff())[0],
+            files=change.files,
+            version=version,
+            created_ns=created_ns,
+            updated_ns=now_ns,
+        )
         if prev is not None and prev["stamp"] == stamp:
-            proposal.commit, proposal.pr_number, proposal.pr_url = prev["commit"], prev["pr_number"], prev["pr_url"]
+            proposal.commit, proposal.pr_number, proposal.pr_url = (
+                prev["commit"],
+                prev["pr_number"],
+                prev["pr_url"],
+            )
             return proposal
         fields = {
-            "branch": branch, "title": title, "body": body, "version": version,
-            "proposal_id": pid, "diagnosis_id": diag.diagnosis_id,
-            "message": commit_message(diag, change, title=title, pid=pid, version=version, stamp=stamp,
-                                      created_ns=created_ns, redactor=self.redactor),
+            "branch": branch,
+            "title": title,
+            "body": body,
+            "version": version,
+            "proposal_id": pid,
+            "diagnosis_id": diag.diagnosis_id,
+            "message": commit_message(
+                diag,
+                change,
+                title=title,
+                pid=pid,
+                version=version,
+                stamp=stamp,
+                created_ns=created_ns,
+                redactor=self.redactor,
+            ),
             "update_comment": update_comment(diag, version, self.cfg, self.redactor),
         }
         try:
-            _, proposal.commit, proposal.pr_number, proposal.pr_url = self.backend.open_or_update(fields, change)
+            _, proposal.commit, proposal.pr_number, proposal.pr_url = self.backend.open_or_update(
+                fields, change
+            )
         except ActError as e:
             return self._drop(diag, str(e))
         notify(proposal, self.cfg)
@@ -299,8 +391,12 @@ def notify(proposal: Proposal, cfg: Config) -> bool:
     url = cfg.act.notify_webhook
     if not url:
         return False
-    req = urllib.request.Request(url, data=json.dumps({"text": text}).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+    req = urllib.request.Request(
+        url,
+        data=json.dumps({"text": text}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     try:
         with urllib.request.urlopen(req, timeout=NOTIFY_TIMEOUT_S) as resp:
             return 200 <= resp.status < 300

@@ -7,6 +7,7 @@ request is opened once and then edited (body) and commented on (what changed). N
 here writes the base branch or merges: merging is a human's act on GitHub, which layer 5
 records by polling :meth:`GitHubBackend.status` or from a webhook.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -23,9 +24,9 @@ from github import (
     UnknownObjectException,
 )
 
+from processors.act.gitrepo import AUTHOR_EMAIL, AUTHOR_NAME, check_branch, proposal_state
 from processors.config import ActConfig
 from processors.errors import ActError
-from processors.act.gitrepo import AUTHOR_EMAIL, AUTHOR_NAME, check_branch, proposal_state
 
 if TYPE_CHECKING:
     from processors.act.change import Change
@@ -42,17 +43,24 @@ class GitHubBackend:
     def __init__(self, cfg: ActConfig, token: str | None = None) -> None:
         token = token or os.environ.get("GITHUB_TOKEN", "")
         if not token:
-            raise ActError("GITHUB_TOKEN is not set; the github backend needs a token that may "
-                           "push branches and open pull requests")
+            raise ActError(
+                "GITHUB_TOKEN is not set; the github backend needs a token that may "
+                "push branches and open pull requests"
+            )
         if cfg.repo.count("/") != 1:
             raise ActError(f"act.repo {cfg.repo!r} must be owner/name for the github backend")
         self.repo = cfg.repo
         self.base = cfg.base
         self.labels = list(cfg.labels)
         self.owner = cfg.repo.split("/")[0]
-        self._gh = Github(base_url=cfg.github_url, auth=Auth.Token(token), timeout=TIMEOUT_S, retry=None,
-                          seconds_between_requests=cfg.github_throttle_s / 4,
-                          seconds_between_writes=cfg.github_throttle_s)
+        self._gh = Github(
+            base_url=cfg.github_url,
+            auth=Auth.Token(token),
+            timeout=TIMEOUT_S,
+            retry=None,
+            seconds_between_requests=cfg.github_throttle_s / 4,
+            seconds_between_writes=cfg.github_throttle_s,
+        )
         try:
             self._repo = self._gh.get_repo(cfg.repo)
         except GithubException as e:
@@ -87,7 +95,9 @@ class GitHubBackend:
 
     def file_history(self, path: str, limit: int = 5) -> list[str]:
         """Earlier committed contents of ``path`` on the base branch, newest first."""
-        commits = list(itertools.islice(self._repo.get_commits(sha=self.base, path=path), limit + 1))
+        commits = list(
+            itertools.islice(self._repo.get_commits(sha=self.base, path=path), limit + 1)
+        )
         out = []
         for c in commits[1:]:
             out.extend(self.read_files([path], c.sha).values())
@@ -109,8 +119,9 @@ class GitHubBackend:
             state = "merged"
         elif pr is not None and pr.state == "closed":
             state = "closed"
-        return proposal_state(message, state, sha, pr_number=pr.number if pr else 0,
-                              pr_url=pr.html_url if pr else "")
+        return proposal_state(
+            message, state, sha, pr_number=pr.number if pr else 0, pr_url=pr.html_url if pr else ""
+        )
 
     def open_or_update(self, fields: dict[str, Any], change: Change) -> tuple[str, str, int, str]:
         """Commit ``change`` on the base head as ``fields['branch']`` and open or update its PR."""
@@ -126,19 +137,25 @@ class GitHubBackend:
                     raise ActError(f"{e.path} changed on {self.base} since the change was computed")
             base_commit = self._repo.get_git_commit(base_sha)
             tree = self._repo.create_git_tree(
-                [InputGitTreeElement(e.path, "100644", "blob", content=e.new) for e in change.edits],
-                base_commit.tree)
+                [
+                    InputGitTreeElement(e.path, "100644", "blob", content=e.new)
+                    for e in change.edits
+                ],
+                base_commit.tree,
+            )
             who = InputGitAuthor(AUTHOR_NAME, AUTHOR_EMAIL)
-            commit = self._repo.create_git_commit(fields["message"], tree, [base_commit], author=who,
-                                                  committer=who)
+            commit = self._repo.create_git_commit(
+                fields["message"], tree, [base_commit], author=who, committer=who
+            )
             if self._head_sha(branch) is None:
                 self._repo.create_git_ref(f"refs/heads/{branch}", commit.sha)
             else:
                 self._repo.get_git_ref(f"heads/{branch}").edit(commit.sha, force=True)
             pr = self._pull(branch)
             if pr is None:
-                pr = self._repo.create_pull(base=self.base, head=branch, title=fields["title"],
-                                            body=fields["body"])
+                pr = self._repo.create_pull(
+                    base=self.base, head=branch, title=fields["title"], body=fields["body"]
+                )
                 if self.labels:
                     pr.add_to_labels(*self.labels)
             else:
@@ -152,26 +169,42 @@ class GitHubBackend:
         """The pull request's state, merge and reviews (what layer 5 records)."""
         try:
             pr = self._repo.get_pull(proposal.pr_number)
-            reviews = [{"user": r.user.login if r.user else "", "state": r.state, "body": r.body or "",
-                        "commit_id": r.commit_id or "",
-                        "submitted_ns": _ns(r.submitted_at)} for r in pr.get_reviews()]
+            reviews = [
+                {
+                    "user": r.user.login if r.user else "",
+                    "state": r.state,
+                    "body": r.body or "",
+                    "commit_id": r.commit_id or "",
+                    "submitted_ns": _ns(r.submitted_at),
+                }
+                for r in pr.get_reviews()
+            ]
             merged = bool(pr.merged)
-            return {"state": "merged" if merged else pr.state, "merged": merged,
-                    "head": pr.head.sha, "merge_commit_sha": (pr.merge_commit_sha or "") if merged else "",
-                    "merged_by": pr.merged_by.login if merged and pr.merged_by else "",
-                    "merged_ns": _ns(pr.merged_at) if merged else 0, "reviews": reviews}
+            return {
+                "state": "merged" if merged else pr.state,
+                "merged": merged,
+                "head": pr.head.sha,
+                "merge_commit_sha": (pr.merge_commit_sha or "") if merged else "",
+                "merged_by": pr.merged_by.login if merged and pr.merged_by else "",
+                "merged_ns": _ns(pr.merged_at) if merged else 0,
+                "reviews": reviews,
+            }
         except GithubException as e:
             raise ActError(f"cannot read pull request #{proposal.pr_number}: {_why(e)}") from e
 
     def merge(self, proposal: Proposal, reviewer: str, comment: str) -> str:
-        raise ActError("closeloop does not merge on GitHub: a reviewer merges the pull request there, "
-                       "and closeloop records it (poll or webhook)")
+        raise ActError(
+            "closeloop does not merge on GitHub: a reviewer merges the pull request there, "
+            "and closeloop records it (poll or webhook)"
+        )
 
     def close(self, proposal: Proposal, reviewer: str, comment: str) -> None:
         """Close the pull request on a reviewer's rejection (with their comment)."""
         try:
             pr = self._repo.get_pull(proposal.pr_number)
-            pr.create_issue_comment(f"Rejected by {reviewer} in closeloop review. {comment}".strip())
+            pr.create_issue_comment(
+                f"Rejected by {reviewer} in closeloop review. {comment}".strip()
+            )
             pr.edit(state="closed")
         except GithubException as e:
             raise ActError(f"cannot close pull request #{proposal.pr_number}: {_why(e)}") from e
@@ -180,7 +213,9 @@ class GitHubBackend:
         try:
             self._repo.get_pull(proposal.pr_number).create_issue_comment(text)
         except GithubException as e:
-            raise ActError(f"cannot comment on pull request #{proposal.pr_number}: {_why(e)}") from e
+            raise ActError(
+                f"cannot comment on pull request #{proposal.pr_number}: {_why(e)}"
+            ) from e
 
 
 def _ns(dt: Any) -> int:

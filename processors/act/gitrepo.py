@@ -22,6 +22,7 @@ the index or the working tree of the repository:
 Commit messages carry ``Closeloop-*`` trailers (proposal, diagnosis, version, stamp), which
 is how an update finds the version it replaces after a restart.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,17 +56,26 @@ def trailers(message: str) -> dict[str, str]:
 def proposal_state(message: str, state: str, commit: str, **extra: Any) -> dict[str, Any]:
     """The ``existing()`` answer of a backend, from a branch head's commit message."""
     t = trailers(message)
-    return {"commit": commit, "state": state, "version": int(t.get("Closeloop-Version", "0") or 0),
-            "stamp": t.get("Closeloop-Stamp", ""), "created_ns": int(t.get("Closeloop-Created", "0") or 0),
-            "diagnosis_version": int(t.get("Closeloop-Diagnosis-Version", "0") or 0),
-            "pr_number": 0, "pr_url": "", **extra}
+    return {
+        "commit": commit,
+        "state": state,
+        "version": int(t.get("Closeloop-Version", "0") or 0),
+        "stamp": t.get("Closeloop-Stamp", ""),
+        "created_ns": int(t.get("Closeloop-Created", "0") or 0),
+        "diagnosis_version": int(t.get("Closeloop-Diagnosis-Version", "0") or 0),
+        "pr_number": 0,
+        "pr_url": "",
+        **extra,
+    }
 
 
 def check_branch(branch: str, base: str) -> None:
     """Proposals live on ``closeloop/...`` branches only — never on the base branch."""
     if not branch.startswith(BRANCH_PREFIX) or branch == base or ".." in branch:
-        raise ActError(f"refused to write branch {branch!r}: proposals go to {BRANCH_PREFIX}<id>, "
-                       f"never to the base branch {base!r}")
+        raise ActError(
+            f"refused to write branch {branch!r}: proposals go to {BRANCH_PREFIX}<id>, "
+            f"never to the base branch {base!r}"
+        )
 
 
 class LocalGit:
@@ -81,32 +91,61 @@ class LocalGit:
             raise ActError(f"act.repo {self.repo} is not a directory; point it at a git repository")
         self._git("rev-parse", "--absolute-git-dir")
         if self._rev(f"refs/heads/{base}") is None:
-            raise ActError(f"{self.repo} has no branch {base!r}; set act.base to the branch to propose against")
+            raise ActError(
+                f"{self.repo} has no branch {base!r}; set act.base to the branch to propose against"
+            )
 
     # -- plumbing ------------------------------------------------------------------------
-    def _run(self, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None,
-             cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+    def _run(
+        self,
+        *args: str,
+        stdin: bytes | None = None,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> subprocess.CompletedProcess[bytes]:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-        full_env.update({"GIT_AUTHOR_NAME": AUTHOR_NAME, "GIT_AUTHOR_EMAIL": AUTHOR_EMAIL,
-                         "GIT_COMMITTER_NAME": AUTHOR_NAME, "GIT_COMMITTER_EMAIL": AUTHOR_EMAIL,
-                         "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"})
+        full_env.update(
+            {
+                "GIT_AUTHOR_NAME": AUTHOR_NAME,
+                "GIT_AUTHOR_EMAIL": AUTHOR_EMAIL,
+                "GIT_COMMITTER_NAME": AUTHOR_NAME,
+                "GIT_COMMITTER_EMAIL": AUTHOR_EMAIL,
+                "GIT_TERMINAL_PROMPT": "0",
+                "LC_ALL": "C",
+            }
+        )
         full_env.update(env or {})
         try:
-            return subprocess.run(["git", "-C", str(cwd or self.path), *args], input=stdin,
-                                  capture_output=True, env=full_env, check=False)
+            return subprocess.run(
+                ["git", "-C", str(cwd or self.path), *args],
+                input=stdin,
+                capture_output=True,
+                env=full_env,
+                check=False,
+            )
         except FileNotFoundError:
             raise ActError("the git command is not installed; the local backend needs it") from None
 
-    def _git(self, *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None,
-             cwd: Path | None = None, check: bool = True) -> str:
+    def _git(
+        self,
+        *args: str,
+        stdin: bytes | None = None,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        check: bool = True,
+    ) -> str:
         proc = self._run(*args, stdin=stdin, env=env, cwd=cwd)
         if check and proc.returncode != 0:
-            raise ActError(f"git {' '.join(args[:3])} failed in {cwd or self.path}: "
-                           f"{proc.stderr.decode(errors='replace').strip()}")
+            raise ActError(
+                f"git {' '.join(args[:3])} failed in {cwd or self.path}: "
+                f"{proc.stderr.decode(errors='replace').strip()}"
+            )
         return proc.stdout.decode(errors="surrogateescape")
 
     def _rev(self, ref: str) -> str | None:
-        out = self._git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", check=False).strip()
+        out = self._git(
+            "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", check=False
+        ).strip()
         return out or None
 
     def _entry(self, ref: str, path: str) -> tuple[str, str] | None:
@@ -131,9 +170,9 @@ class LocalGit:
         wt: Path | None = None
         for line in self._git("worktree", "list", "--porcelain").splitlines():
             if line.startswith("worktree "):
-                wt = Path(line[len("worktree "):])
+                wt = Path(line[len("worktree ") :])
             elif line.startswith("branch ") and wt is not None:
-                out[line[len("branch "):]] = wt
+                out[line[len("branch ") :]] = wt
         return out
 
     # -- ChangeBackend -------------------------------------------------------------------
@@ -149,8 +188,9 @@ class LocalGit:
 
     def file_history(self, path: str, limit: int = 5) -> list[str]:
         """Earlier committed contents of ``path`` on the base branch, newest first."""
-        commits = self._git("log", "--format=%H", f"-n{limit + 1}", f"refs/heads/{self.base}",
-                            "--", path).split()
+        commits = self._git(
+            "log", "--format=%H", f"-n{limit + 1}", f"refs/heads/{self.base}", "--", path
+        ).split()
         out = []
         for c in commits[1:]:
             try:
@@ -161,7 +201,7 @@ class LocalGit:
 
     def existing(self, branch: str) -> dict[str, Any] | None:
         """The proposal already on ``branch`` (state open/merged), or a closed one, or ``None``."""
-        did = branch[len(BRANCH_PREFIX):]
+        did = branch[len(BRANCH_PREFIX) :]
         head = self._rev(f"refs/heads/{branch}")
         state = "open"
         if head is None:
@@ -174,7 +214,10 @@ class LocalGit:
         return proposal_state(self._git("log", "-1", "--format=%B", head), state, head)
 
     def _is_merged(self, commit: str) -> bool:
-        return self._run("merge-base", "--is-ancestor", commit, f"refs/heads/{self.base}").returncode == 0
+        return (
+            self._run("merge-base", "--is-ancestor", commit, f"refs/heads/{self.base}").returncode
+            == 0
+        )
 
     def open_or_update(self, fields: dict[str, Any], change: Change) -> tuple[str, str, int, str]:
         """Commit ``change`` on top of the base as the head of ``fields['branch']``."""
@@ -182,8 +225,10 @@ class LocalGit:
         check_branch(branch, self.base)
         ref = f"refs/heads/{branch}"
         if ref in self._checked_out():
-            raise ActError(f"{branch} is checked out in a worktree; closeloop will not move it "
-                           "under someone's feet")
+            raise ActError(
+                f"{branch} is checked out in a worktree; closeloop will not move it "
+                "under someone's feet"
+            )
         base_sha = self._rev(f"refs/heads/{self.base}")
         old = self._rev(ref) or ZERO
         with tempfile.TemporaryDirectory(prefix="closeloop-index-") as tmp:
@@ -196,9 +241,13 @@ class LocalGit:
                     raise ActError(f"{e.path} changed on {self.base} since the change was computed")
                 blob = self._git("hash-object", "-w", "--stdin", stdin=e.new.encode()).strip()
                 mode = entry[0] if entry else "100644"
-                self._git("update-index", "--add", "--cacheinfo", f"{mode},{blob},{e.path}", env=env)
+                self._git(
+                    "update-index", "--add", "--cacheinfo", f"{mode},{blob},{e.path}", env=env
+                )
             tree = self._git("write-tree", env=env).strip()
-        commit = self._git("commit-tree", tree, "-p", base_sha, stdin=fields["message"].encode()).strip()
+        commit = self._git(
+            "commit-tree", tree, "-p", base_sha, stdin=fields["message"].encode()
+        ).strip()
         self._git("update-ref", "-m", "closeloop: proposal", ref, commit, old)
         return branch, commit, 0, ""
 
@@ -206,16 +255,34 @@ class LocalGit:
         """``{"state", "merged", "head", "merge_commit_sha", "merged_by"}`` for a proposal."""
         info = self.existing(proposal.branch)
         if info is None:
-            return {"state": "missing", "merged": False, "head": "", "merge_commit_sha": "", "merged_by": ""}
+            return {
+                "state": "missing",
+                "merged": False,
+                "head": "",
+                "merge_commit_sha": "",
+                "merged_by": "",
+            }
         merge_sha, merged_by = "", ""
         if info["state"] == "merged":
-            for line in self._git("log", "--merges", "--format=%H%x00%B%x01", f"refs/heads/{self.base}",
-                                  "--ancestry-path", f"{info['commit']}..refs/heads/{self.base}").split("\x01"):
+            for line in self._git(
+                "log",
+                "--merges",
+                "--format=%H%x00%B%x01",
+                f"refs/heads/{self.base}",
+                "--ancestry-path",
+                f"{info['commit']}..refs/heads/{self.base}",
+            ).split("\x01"):
                 sha, _, msg = line.strip().partition("\x00")
                 if sha and trailers(msg).get("Closeloop-Proposal") == proposal.proposal_id:
                     merge_sha, merged_by = sha, trailers(msg).get("Approved-by", "")
-        return {"state": info["state"], "merged": info["state"] == "merged", "head": info["commit"],
-                "merge_commit_sha": merge_sha, "merged_by": merged_by, "reviews": []}
+        return {
+            "state": info["state"],
+            "merged": info["state"] == "merged",
+            "head": info["commit"],
+            "merge_commit_sha": merge_sha,
+            "merged_by": merged_by,
+            "reviews": [],
+        }
 
     def base_commit(self) -> str:
         """The commit the base branch is at."""
@@ -236,28 +303,38 @@ class LocalGit:
         ref = f"refs/heads/{proposal.branch}"
         head = self._rev(ref)
         if head is None or head != proposal.commit:
-            raise ActError(f"{proposal.branch} is at {head or 'nothing'}, not the reviewed commit "
-                           f"{proposal.commit}; review the current version first")
+            raise ActError(
+                f"{proposal.branch} is at {head or 'nothing'}, not the reviewed commit "
+                f"{proposal.commit}; review the current version first"
+            )
         base_ref = f"refs/heads/{self.base}"
         base_sha = self._rev(base_ref)
         res = self._run("merge-tree", "--write-tree", base_sha, head)
         if res.returncode != 0:
-            raise ActError(f"{proposal.branch} does not merge cleanly into {self.base}: "
-                           f"{res.stdout.decode(errors='replace').strip()}")
+            raise ActError(
+                f"{proposal.branch} does not merge cleanly into {self.base}: "
+                f"{res.stdout.decode(errors='replace').strip()}"
+            )
         tree = res.stdout.decode().split("\n", 1)[0].strip()
         if tree == self._git("rev-parse", f"{base_sha}^{{tree}}").strip():
             raise AlreadyApplied(f"{self.base} already holds every change of {proposal.branch}")
-        message = (f"Merge {proposal.branch}: {proposal.title}\n\n"
-                   + (f"{comment.strip()}\n\n" if comment.strip() else "")
-                   + f"Closeloop-Proposal: {proposal.proposal_id}\n"
-                   f"Closeloop-Diagnosis: {proposal.diagnosis_id}\n"
-                   f"Approved-by: {' '.join(reviewer.split())}\n")
-        merge = self._git("commit-tree", tree, "-p", base_sha, "-p", head, stdin=message.encode()).strip()
+        message = (
+            f"Merge {proposal.branch}: {proposal.title}\n\n"
+            + (f"{comment.strip()}\n\n" if comment.strip() else "")
+            + f"Closeloop-Proposal: {proposal.proposal_id}\n"
+            f"Closeloop-Diagnosis: {proposal.diagnosis_id}\n"
+            f"Approved-by: {' '.join(reviewer.split())}\n"
+        )
+        merge = self._git(
+            "commit-tree", tree, "-p", base_sha, "-p", head, stdin=message.encode()
+        ).strip()
         worktree = self._checked_out().get(base_ref)
         if worktree is not None:
             self._git("merge", "--ff-only", "--quiet", merge, cwd=worktree)
         else:
-            self._git("update-ref", "-m", f"closeloop: merge {proposal.branch}", base_ref, merge, base_sha)
+            self._git(
+                "update-ref", "-m", f"closeloop: merge {proposal.branch}", base_ref, merge, base_sha
+            )
         return merge
 
     def close(self, proposal: Proposal, reviewer: str, comment: str) -> None:
@@ -270,7 +347,7 @@ class LocalGit:
         if ref in self._checked_out():
             raise ActError(f"{proposal.branch} is checked out; switch away before rejecting it")
         self.comment(proposal, f"Rejected by {reviewer}: {comment}".strip())
-        self._git("update-ref", CLOSED_PREFIX + proposal.branch[len(BRANCH_PREFIX):], head)
+        self._git("update-ref", CLOSED_PREFIX + proposal.branch[len(BRANCH_PREFIX) :], head)
         self._git("update-ref", "-d", ref, head)
 
     def comment(self, proposal: Proposal, text: str) -> None:

@@ -51,6 +51,7 @@ one dead letter per message and reason, the rest of the request goes through.
 Output is deterministic: the same messages give the same rows (``ingested_ns``
 is ``now_ns``), so a replay rewrites the same ReplacingMergeTree keys.
 """
+
 from __future__ import annotations
 
 import base64
@@ -63,9 +64,9 @@ import orjson
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
+from processors.capture.otlp import Problem, any_value, decode_logs, decode_traces
 from processors.config import CaptureConfig
 from processors.errors import ConfigError, InputError, PayloadTooLarge
-from processors.capture.otlp import Problem, any_value, decode_logs, decode_traces
 from processors.records import DeadLetter, Message, ToolCall, TurnRecord
 from processors.redact import Redactor
 
@@ -81,16 +82,37 @@ _JSON_OPEN = ("{", "[")
 _JSON_CLOSE = ("}", "]")
 _STATUS = {0: "UNSET", 1: "OK", 2: "ERROR"}
 
-_CONVERSATION_KEYS = ("gen_ai.conversation.id", "session.id", "traceloop.association.properties.session_id")
+_CONVERSATION_KEYS = (
+    "gen_ai.conversation.id",
+    "session.id",
+    "traceloop.association.properties.session_id",
+)
 _PROMPT_VERSION_KEYS = ("gen_ai.prompt.version", "closeloop.prompt.version")
 _LLM_OPS = {"chat", "text_completion", "generate_content", "embeddings", "completion"}
 _AGENT_OPS = {"invoke_agent", "create_agent", "invoke_workflow"}
-_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "ai": "assistant",
-          "model": "assistant", "bot": "assistant", "tool": "tool", "function": "tool",
-          "ipython": "tool", "system": "system", "developer": "system"}
-_CONTENT_EVENTS = {"gen_ai.client.inference.operation.details", "gen_ai.content.prompt",
-                   "gen_ai.content.completion", "gen_ai.system.message", "gen_ai.user.message",
-                   "gen_ai.assistant.message", "gen_ai.tool.message", "gen_ai.choice"}
+_ROLES = {
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "ai": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "tool": "tool",
+    "function": "tool",
+    "ipython": "tool",
+    "system": "system",
+    "developer": "system",
+}
+_CONTENT_EVENTS = {
+    "gen_ai.client.inference.operation.details",
+    "gen_ai.content.prompt",
+    "gen_ai.content.completion",
+    "gen_ai.system.message",
+    "gen_ai.user.message",
+    "gen_ai.assistant.message",
+    "gen_ai.tool.message",
+    "gen_ai.choice",
+}
 _MESSAGE_EXTRA = ("tool_name", "tool_call_id", "tool_arguments", "error")
 _INDEXED = ("gen_ai.prompt.", "gen_ai.completion.", "llm.input_messages.", "llm.output_messages.")
 
@@ -110,17 +132,17 @@ class RawMessage:
 class CaptureBatch:
     """What :meth:`Capture.process` produces from a list of messages."""
 
-    span_rows: list[dict[str, Any]] = field(default_factory=list)     # table spans
-    turn_rows: list[dict[str, Any]] = field(default_factory=list)     # table turns
-    tool_rows: list[dict[str, Any]] = field(default_factory=list)     # table tool_calls
-    turns: list[TurnRecord] = field(default_factory=list)             # topic closeloop.turns
-    deadletters: list[DeadLetter] = field(default_factory=list)       # topic closeloop.deadletter
+    span_rows: list[dict[str, Any]] = field(default_factory=list)  # table spans
+    turn_rows: list[dict[str, Any]] = field(default_factory=list)  # table turns
+    tool_rows: list[dict[str, Any]] = field(default_factory=list)  # table tool_calls
+    turns: list[TurnRecord] = field(default_factory=list)  # topic closeloop.turns
+    deadletters: list[DeadLetter] = field(default_factory=list)  # topic closeloop.deadletter
     messages_in: int = 0
     spans_in: int = 0
     log_records_in: int = 0
-    log_records_ignored: int = 0      # log records that are not GenAI content events
+    log_records_ignored: int = 0  # log records that are not GenAI content events
     redactions: int = 0
-    truncated: int = 0                # values cut at max_attribute_bytes
+    truncated: int = 0  # values cut at max_attribute_bytes
 
 
 @dataclass
@@ -137,8 +159,14 @@ class _Out(CaptureBatch):
 class Capture:
     """The capture core: ``process(messages, now_ns) -> CaptureBatch``. No I/O, no clock."""
 
-    def __init__(self, cfg: CaptureConfig, redactor: Redactor | None = None, *,
-                 end_attribute: str = DEFAULT_END_ATTRIBUTE, logs_topic: str = "otlp_logs") -> None:
+    def __init__(
+        self,
+        cfg: CaptureConfig,
+        redactor: Redactor | None = None,
+        *,
+        end_attribute: str = DEFAULT_END_ATTRIBUTE,
+        logs_topic: str = "otlp_logs",
+    ) -> None:
         self.cfg = cfg
         if redactor is None:
             try:
@@ -163,8 +191,10 @@ class Capture:
             out = _Out()
             try:
                 if len(m.value) > self.cfg.max_message_bytes:
-                    raise PayloadTooLarge("message too large",
-                                          detail=f"{len(m.value)} > {self.cfg.max_message_bytes} bytes")
+                    raise PayloadTooLarge(
+                        "message too large",
+                        detail=f"{len(m.value)} > {self.cfg.max_message_bytes} bytes",
+                    )
                 if m.topic == self.logs_topic:
                     self._logs(m, out)
                 else:
@@ -176,7 +206,9 @@ class Capture:
                 batch.deadletters.append(_dead(m, _TOO_DEEP, "", now_ns))
                 continue
             except Exception as e:
-                batch.deadletters.append(_dead(m, f"capture failed: {type(e).__name__}", str(e)[:300], now_ns))
+                batch.deadletters.append(
+                    _dead(m, f"capture failed: {type(e).__name__}", str(e)[:300], now_ns)
+                )
                 continue
             by_reason: dict[str, list[str]] = {}
             for where, reason in out.problems:
@@ -191,8 +223,9 @@ class Capture:
     def _check_count(self, n: int, what: str, problems: Any) -> None:
         """A request must hold something, and not more than the configured limit."""
         if n > self.cfg.max_spans_per_request:
-            raise PayloadTooLarge(f"too many {what} in one request",
-                                  detail=f"{n} > {self.cfg.max_spans_per_request}")
+            raise PayloadTooLarge(
+                f"too many {what} in one request", detail=f"{n} > {self.cfg.max_spans_per_request}"
+            )
         if n == 0 and not problems:
             raise InputError(f"request holds no {what}")
 
@@ -215,13 +248,18 @@ class Capture:
                 for k, sp in enumerate(ss.spans):
                     self._red, self._trunc = res_red, res_trunc
                     try:
-                        row, turn, tool_row, explicit = self._span(sp, res_row, res_vals, service, scope, now_ns)
+                        row, turn, tool_row, explicit = self._span(
+                            sp, res_row, res_vals, service, scope, now_ns
+                        )
                     except InputError as e:
-                        out.problems.append((f"resourceSpans[{i}].scopeSpans[{j}].spans[{k}]", e.reason))
+                        out.problems.append(
+                            (f"resourceSpans[{i}].scopeSpans[{j}].spans[{k}]", e.reason)
+                        )
                         continue
                     except RecursionError:
-                        out.problems.append((f"resourceSpans[{i}].scopeSpans[{j}].spans[{k}]",
-                                             _TOO_DEEP))
+                        out.problems.append(
+                            (f"resourceSpans[{i}].scopeSpans[{j}].spans[{k}]", _TOO_DEEP)
+                        )
                         continue
                     out.redactions += self._red
                     out.truncated += self._trunc
@@ -229,7 +267,7 @@ class Capture:
                         trace_conv.setdefault(row["trace_id"], row["conversation_id"])
                     done.append((row, turn, tool_row, explicit))
         for row, turn, tool_row, explicit in done:
-            if not explicit:        # borrow the trace's conversation id, else keep the trace id
+            if not explicit:  # borrow the trace's conversation id, else keep the trace id
                 row["conversation_id"] = trace_conv.get(row["trace_id"], row["trace_id"])
             out.span_rows.append(row)
             if turn is not None:
@@ -242,8 +280,15 @@ class Capture:
 
     # ------------------------------------------------------------------ spans
 
-    def _span(self, sp: Span, res_row: dict[str, str], res_vals: dict[str, Any], service: str,
-              scope: str, now_ns: int) -> tuple[dict[str, Any], TurnRecord | None, dict[str, Any] | None, bool]:
+    def _span(
+        self,
+        sp: Span,
+        res_row: dict[str, str],
+        res_vals: dict[str, Any],
+        service: str,
+        scope: str,
+        now_ns: int,
+    ) -> tuple[dict[str, Any], TurnRecord | None, dict[str, Any] | None, bool]:
         trace_id, span_id, parent_id = _ids(sp.trace_id, sp.span_id, sp.parent_span_id)
         strs, vals = self._attributes(sp.attributes)
         a = _Attrs(vals, res_vals)
@@ -255,22 +300,37 @@ class Capture:
         for ev in sp.events:
             ev_strs, ev_v = self._attributes(ev.attributes)
             ev_name = self._text(ev.name)
-            events.append({"name": ev_name, "time_ns": ev.time_unix_nano,
-                           "attributes": self._cap_all(ev_strs)})
+            events.append(
+                {
+                    "name": ev_name,
+                    "time_ns": ev.time_unix_nano,
+                    "attributes": self._cap_all(ev_strs),
+                }
+            )
             ev_vals.append((ev_name, ev_v))
         start_ns, end_ns = sp.start_time_unix_nano, sp.end_time_unix_nano
         duration_ms = max(0, end_ns - start_ns) / 1e6
         conv, explicit = a.conversation(trace_id)
         kind = _kind(a, parent_id)
         row = {
-            "trace_id": trace_id, "span_id": span_id, "parent_span_id": parent_id,
-            "conversation_id": conv, "name": name, "span_kind": kind, "service_name": service,
-            "scope_name": scope, "start_ns": start_ns, "end_ns": end_ns, "duration_ms": duration_ms,
-            "status_code": status_code, "status_message": status_message,
+            "trace_id": trace_id,
+            "span_id": span_id,
+            "parent_span_id": parent_id,
+            "conversation_id": conv,
+            "name": name,
+            "span_kind": kind,
+            "service_name": service,
+            "scope_name": scope,
+            "start_ns": start_ns,
+            "end_ns": end_ns,
+            "duration_ms": duration_ms,
+            "status_code": status_code,
+            "status_message": status_message,
             "resource_attributes": res_row,
             "attributes": self._cap_all(strs),
             "events": json.dumps(events, ensure_ascii=False) if events else "[]",
-            "redactions": 0, "ingested_ns": now_ns,
+            "redactions": 0,
+            "ingested_ns": now_ns,
         }
         if kind == "other":
             row["redactions"] = self._red
@@ -281,7 +341,9 @@ class Capture:
         for ev_name, ev_v in ev_vals:
             if ev_name == "exception":
                 error_type = error_type or _as_text(ev_v.get("exception.type", ""))
-                error_message = error_message or self._cap(_as_text(ev_v.get("exception.message", "")))
+                error_message = error_message or self._cap(
+                    _as_text(ev_v.get("exception.message", ""))
+                )
         failed = status_code == "ERROR" or bool(error_type)
         if failed and not error_type:
             error_type = "error"
@@ -291,8 +353,16 @@ class Capture:
         outputs: list[Message] = []
         tool = None
         if kind == "tool":
-            tool = self._tool(a, name, trace_id, span_id, start_ns, duration_ms,
-                              error_type if failed else "", error_message if failed else "")
+            tool = self._tool(
+                a,
+                name,
+                trace_id,
+                span_id,
+                start_ns,
+                duration_ms,
+                error_type if failed else "",
+                error_message if failed else "",
+            )
         else:
             system, inputs, outputs = self._span_messages(a, ev_vals, kind)
         for msg in inputs:
@@ -301,8 +371,13 @@ class Capture:
             msg.trace_id, msg.span_id, msg.ts_ns = trace_id, span_id, end_ns
         operation = a.str("gen_ai.operation.name") or _default_operation(kind, a)
         turn = TurnRecord(
-            conversation_id=conv, trace_id=trace_id, span_id=span_id, parent_span_id=parent_id,
-            span_kind=kind, name=name, operation=operation,
+            conversation_id=conv,
+            trace_id=trace_id,
+            span_id=span_id,
+            parent_span_id=parent_id,
+            span_kind=kind,
+            name=name,
+            operation=operation,
             provider=a.str("gen_ai.provider.name", "gen_ai.system", "llm.provider", "llm.system"),
             request_model=a.str("gen_ai.request.model", "llm.model_name"),
             response_model=a.str("gen_ai.response.model", "llm.model_name"),
@@ -310,45 +385,95 @@ class Capture:
             or (a.str("traceloop.entity.name") if kind == "agent" else ""),
             agent_version=a.str("gen_ai.agent.version"),
             prompt_version=a.prompt_version(system),
-            system_instructions=system, input_messages=inputs, output_messages=outputs, tool=tool,
-            input_tokens=a.int("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens",
-                               "llm.token_count.prompt", "llm.usage.prompt_tokens"),
-            output_tokens=a.int("gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens",
-                                "llm.token_count.completion", "llm.usage.completion_tokens"),
-            start_ns=start_ns, end_ns=end_ns, status="error" if failed else "ok",
-            error_type=error_type if failed else "", error_message=error_message if failed else "",
+            system_instructions=system,
+            input_messages=inputs,
+            output_messages=outputs,
+            tool=tool,
+            input_tokens=a.int(
+                "gen_ai.usage.input_tokens",
+                "gen_ai.usage.prompt_tokens",
+                "llm.token_count.prompt",
+                "llm.usage.prompt_tokens",
+            ),
+            output_tokens=a.int(
+                "gen_ai.usage.output_tokens",
+                "gen_ai.usage.completion_tokens",
+                "llm.token_count.completion",
+                "llm.usage.completion_tokens",
+            ),
+            start_ns=start_ns,
+            end_ns=end_ns,
+            status="error" if failed else "ok",
+            error_type=error_type if failed else "",
+            error_message=error_message if failed else "",
             end_of_conversation=_truthy(a.get(self.end_attribute)),
         )
         turn.redactions = row["redactions"] = self._red
         tool_row = None
         if tool is not None:
             tool_row = {
-                "conversation_id": conv, "trace_id": trace_id, "span_id": span_id,
-                "call_id": tool.call_id, "name": tool.name, "arguments": tool.arguments,
-                "result": tool.result, "error_type": tool.error_type, "error_message": tool.error_message,
-                "start_ns": start_ns, "duration_ms": duration_ms,
-                "agent_version": turn.agent_version, "prompt_version": turn.prompt_version,
+                "conversation_id": conv,
+                "trace_id": trace_id,
+                "span_id": span_id,
+                "call_id": tool.call_id,
+                "name": tool.name,
+                "arguments": tool.arguments,
+                "result": tool.result,
+                "error_type": tool.error_type,
+                "error_message": tool.error_message,
+                "start_ns": start_ns,
+                "duration_ms": duration_ms,
+                "agent_version": turn.agent_version,
+                "prompt_version": turn.prompt_version,
             }
         return row, turn, tool_row, explicit
 
-    def _tool(self, a: _Attrs, span_name: str, trace_id: str, span_id: str, start_ns: int,
-              duration_ms: float, error_type: str, error_message: str) -> ToolCall:
-        name = a.str("gen_ai.tool.name", "tool.name", "tool_call.function.name", "traceloop.entity.name")
+    def _tool(
+        self,
+        a: _Attrs,
+        span_name: str,
+        trace_id: str,
+        span_id: str,
+        start_ns: int,
+        duration_ms: float,
+        error_type: str,
+        error_message: str,
+    ) -> ToolCall:
+        name = a.str(
+            "gen_ai.tool.name", "tool.name", "tool_call.function.name", "traceloop.entity.name"
+        )
         if not name:
             name = span_name.removeprefix("execute_tool").strip()
         return ToolCall(
             name=name,
             call_id=a.str("gen_ai.tool.call.id", "tool_call.id"),
-            arguments=self._cap(_as_text(a.first("gen_ai.tool.call.arguments", "tool_call.function.arguments",
-                                                 "input.value", "tool.parameters", "traceloop.entity.input"))),
-            result=self._cap(_as_text(a.first("gen_ai.tool.call.result", "output.value",
-                                              "traceloop.entity.output"))),
-            error_type=error_type, error_message=error_message,
-            span_id=span_id, trace_id=trace_id, start_ns=start_ns, duration_ms=duration_ms,
+            arguments=self._cap(
+                _as_text(
+                    a.first(
+                        "gen_ai.tool.call.arguments",
+                        "tool_call.function.arguments",
+                        "input.value",
+                        "tool.parameters",
+                        "traceloop.entity.input",
+                    )
+                )
+            ),
+            result=self._cap(
+                _as_text(
+                    a.first("gen_ai.tool.call.result", "output.value", "traceloop.entity.output")
+                )
+            ),
+            error_type=error_type,
+            error_message=error_message,
+            span_id=span_id,
+            trace_id=trace_id,
+            start_ns=start_ns,
+            duration_ms=duration_ms,
         )
 
-    def _span_messages(self, a: _Attrs, ev_vals: list[tuple[str, dict[str, Any]]],
-                       kind: str) -> tuple[str, list[Message], list[Message]]:
+    def _span_messages(
+        self, a: _Attrs, ev_vals: list[tuple[str, dict[str, Any]]], kind: str
+    ) -> tuple[str, list[Message], list[Message]]:
         """Messages from the first dialect that has them: GenAI attributes, OpenLLMetry indexed
         attributes, OpenInference indexed attributes, span events, OpenInference input/output values."""
         v = a.vals
@@ -357,9 +482,11 @@ class Capture:
             ins, outs = v.get("gen_ai.input.messages"), v.get("gen_ai.output.messages")
         elif any(k.startswith(_INDEXED) for k in v):
             ins = _indexed(v, "gen_ai.prompt.", _traceloop_message) or _indexed(
-                v, "llm.input_messages.", _openinference_message)
+                v, "llm.input_messages.", _openinference_message
+            )
             outs = _indexed(v, "gen_ai.completion.", _traceloop_message) or _indexed(
-                v, "llm.output_messages.", _openinference_message)
+                v, "llm.output_messages.", _openinference_message
+            )
         else:
             ins, outs = [], []
             for name, ev in ev_vals:
@@ -390,7 +517,7 @@ class Capture:
                 m = {"role": default_role, "content": m}
             if not isinstance(m, dict):
                 continue
-            if isinstance(m.get("message"), dict):          # an OpenAI choice / gen_ai.choice body
+            if isinstance(m.get("message"), dict):  # an OpenAI choice / gen_ai.choice body
                 m = m["message"]
             role = _ROLES.get(str(m.get("role") or "").lower(), default_role)
             texts: list[str] = []
@@ -404,12 +531,22 @@ class Capture:
                     if t == "text":
                         texts.append(_as_text(p.get("content", p.get("text", ""))))
                     elif t == "tool_call":
-                        calls.append(Message(role="assistant", tool_name=_as_text(p.get("name", "")),
-                                             tool_call_id=_as_text(p.get("id", "")),
-                                             tool_arguments=self._cap(_as_text(p.get("arguments", "")))))
+                        calls.append(
+                            Message(
+                                role="assistant",
+                                tool_name=_as_text(p.get("name", "")),
+                                tool_call_id=_as_text(p.get("id", "")),
+                                tool_arguments=self._cap(_as_text(p.get("arguments", ""))),
+                            )
+                        )
                     elif t == "tool_call_response":
-                        calls.append(Message(role="tool", tool_call_id=_as_text(p.get("id", "")),
-                                             content=self._cap(_as_text(p.get("response", p.get("result", ""))))))
+                        calls.append(
+                            Message(
+                                role="tool",
+                                tool_call_id=_as_text(p.get("id", "")),
+                                content=self._cap(_as_text(p.get("response", p.get("result", "")))),
+                            )
+                        )
             else:
                 content = m.get("content")
                 if content is not None:
@@ -417,18 +554,28 @@ class Capture:
                 for c in m.get("tool_calls") or []:
                     if isinstance(c, dict):
                         fn = c.get("function") if isinstance(c.get("function"), dict) else c
-                        calls.append(Message(role="assistant", tool_name=_as_text(fn.get("name", "")),
-                                             tool_call_id=_as_text(c.get("id", "")),
-                                             tool_arguments=self._cap(_as_text(fn.get("arguments", "")))))
+                        calls.append(
+                            Message(
+                                role="assistant",
+                                tool_name=_as_text(fn.get("name", "")),
+                                tool_call_id=_as_text(c.get("id", "")),
+                                tool_arguments=self._cap(_as_text(fn.get("arguments", ""))),
+                            )
+                        )
             text = "\n".join(t for t in texts if t)
             if role == "system":
                 if text:
                     system.append(text)
                 continue
             if role == "tool" and not calls:
-                out.append(Message(role="tool", content=self._cap(text),
-                                   tool_call_id=_as_text(m.get("tool_call_id", m.get("id", ""))),
-                                   tool_name=_as_text(m.get("name", ""))))
+                out.append(
+                    Message(
+                        role="tool",
+                        content=self._cap(text),
+                        tool_call_id=_as_text(m.get("tool_call_id", m.get("id", ""))),
+                        tool_name=_as_text(m.get("name", "")),
+                    )
+                )
                 continue
             if text or not calls:
                 out.append(Message(role=role, content=self._cap(text)))
@@ -455,14 +602,19 @@ class Capture:
                         got = self._log_record(lr, res_vals, groups)
                     except (InputError, RecursionError) as e:
                         reason = e.reason if isinstance(e, InputError) else _TOO_DEEP
-                        out.problems.append((f"resourceLogs[{i}].scopeLogs[{j}].logRecords[{k}]", reason))
+                        out.problems.append(
+                            (f"resourceLogs[{i}].scopeLogs[{j}].logRecords[{k}]", reason)
+                        )
                         continue
                     if not got:
                         out.log_records_ignored += 1
                     out.redactions += self._red
                     out.truncated += self._trunc
-        trace_conv = {c.trace_id: c.conversation_id for c in reversed(groups.values())
-                      if c.conversation_id != c.trace_id}
+        trace_conv = {
+            c.trace_id: c.conversation_id
+            for c in reversed(groups.values())
+            if c.conversation_id != c.trace_id
+        }
         for c in groups.values():
             c.conversation_id = trace_conv.get(c.trace_id, c.conversation_id)
             system, inputs = self._messages(c.inputs, "user")
@@ -472,15 +624,25 @@ class Capture:
                 msg.trace_id, msg.span_id, msg.ts_ns = c.trace_id, c.span_id, c.start_ns
             for msg in outputs:
                 msg.trace_id, msg.span_id, msg.ts_ns = c.trace_id, c.span_id, c.end_ns
-            out.turns.append(TurnRecord(
-                conversation_id=c.conversation_id, trace_id=c.trace_id, span_id=c.span_id,
-                span_kind="content", system_instructions=system,
-                prompt_version=c.prompt_version or _hash_version(system),
-                input_messages=inputs, output_messages=outputs,
-                start_ns=c.start_ns, end_ns=c.end_ns, redactions=c.redactions,
-            ))
+            out.turns.append(
+                TurnRecord(
+                    conversation_id=c.conversation_id,
+                    trace_id=c.trace_id,
+                    span_id=c.span_id,
+                    span_kind="content",
+                    system_instructions=system,
+                    prompt_version=c.prompt_version or _hash_version(system),
+                    input_messages=inputs,
+                    output_messages=outputs,
+                    start_ns=c.start_ns,
+                    end_ns=c.end_ns,
+                    redactions=c.redactions,
+                )
+            )
 
-    def _log_record(self, lr: LogRecord, res_vals: dict[str, Any], groups: dict[tuple[str, str], _Content]) -> bool:
+    def _log_record(
+        self, lr: LogRecord, res_vals: dict[str, Any], groups: dict[tuple[str, str], _Content]
+    ) -> bool:
         """Fold one log record into its span's content group; False if it is not a GenAI content event."""
         _, vals = self._attributes(lr.attributes)
         name = lr.event_name or str(vals.get("event.name", ""))
@@ -535,7 +697,7 @@ class Capture:
                 strs[key] = "true" if x else "false"
             elif w == "double_value":
                 x = vals[key] = any_value(v)
-                strs[key] = repr(x) if isinstance(x, float) else x      # JSON text of a finite double
+                strs[key] = repr(x) if isinstance(x, float) else x  # JSON text of a finite double
             elif w is None:
                 vals[key] = None
                 strs[key] = ""
@@ -555,10 +717,10 @@ class Capture:
 
     def _json_text(self, s: str) -> tuple[str, Any]:
         """``(redacted text, redacted parsed value)`` for text that may be JSON."""
-        if self.redactor.json_is_clean(s):      # the common case, without a walk over its strings
+        if self.redactor.json_is_clean(s):  # the common case, without a walk over its strings
             try:
                 return s, orjson.loads(s)
-            except orjson.JSONDecodeError:      # not JSON, or JSON only the json module reads
+            except orjson.JSONDecodeError:  # not JSON, or JSON only the json module reads
                 pass
         try:
             obj = json.loads(s)
@@ -582,7 +744,7 @@ class Capture:
         return x
 
     def _cap_all(self, strs: dict[str, str]) -> dict[str, str]:
-        quick = self.cfg.max_attribute_bytes // 4      # no UTF-8 character is longer than 4 bytes
+        quick = self.cfg.max_attribute_bytes // 4  # no UTF-8 character is longer than 4 bytes
         return {k: v if len(v) <= quick else self._cap(v) for k, v in strs.items()}
 
     def _cap(self, s: str) -> str:
@@ -644,7 +806,9 @@ class _Attrs:
         if isinstance(v, str):
             return v
         if isinstance(v, (dict, list)):
-            raise InputError(f"attribute {_found(self, keys)}: expected a string, got {type(v).__name__}")
+            raise InputError(
+                f"attribute {_found(self, keys)}: expected a string, got {type(v).__name__}"
+            )
         return json.dumps(v)
 
     def int(self, *keys: str) -> int:
@@ -652,11 +816,15 @@ class _Attrs:
         if v is None:
             return 0
         if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-            raise InputError(f"attribute {_found(self, keys)}: expected an integer, got {type(v).__name__}")
+            raise InputError(
+                f"attribute {_found(self, keys)}: expected an integer, got {type(v).__name__}"
+            )
         try:
             n = int(float(v)) if isinstance(v, (float, str)) else v
         except (ValueError, OverflowError):
-            raise InputError(f"attribute {_found(self, keys)}: expected an integer, got {v!r:.40}") from None
+            raise InputError(
+                f"attribute {_found(self, keys)}: expected an integer, got {v!r:.40}"
+            ) from None
         return min(max(n, 0), _UINT32_MAX)
 
     def conversation(self, trace_id: str) -> tuple[str, bool]:
@@ -674,11 +842,20 @@ def _found(a: _Attrs, keys: tuple[str, ...]) -> str:
 
 # ------------------------------------------------------------------ helpers
 
+
 def _ids(trace: bytes, span: bytes, parent: bytes) -> tuple[str, str, str]:
     if len(trace) != 16 or trace == _ZERO_TRACE:
-        raise InputError(f"invalid trace_id ({len(trace)} bytes)" if trace != _ZERO_TRACE else "invalid trace_id (zero)")
+        raise InputError(
+            f"invalid trace_id ({len(trace)} bytes)"
+            if trace != _ZERO_TRACE
+            else "invalid trace_id (zero)"
+        )
     if len(span) != 8 or span == _ZERO_SPAN:
-        raise InputError(f"invalid span_id ({len(span)} bytes)" if span != _ZERO_SPAN else "invalid span_id (zero)")
+        raise InputError(
+            f"invalid span_id ({len(span)} bytes)"
+            if span != _ZERO_SPAN
+            else "invalid span_id (zero)"
+        )
     if parent and len(parent) != 8:
         raise InputError(f"invalid parent_span_id ({len(parent)} bytes)")
     return trace.hex(), span.hex(), parent.hex() if parent.strip(b"\0") else ""
@@ -687,8 +864,14 @@ def _ids(trace: bytes, span: bytes, parent: bytes) -> tuple[str, str, str]:
 def _kind(a: _Attrs, parent_id: str) -> str:
     """llm | tool | agent | other, from whichever dialect marks the span."""
     v = a.vals
-    op, oi, tl = (x if isinstance(x, str) else "" for x in (
-        v.get("gen_ai.operation.name"), v.get("openinference.span.kind"), v.get("traceloop.span.kind")))
+    op, oi, tl = (
+        x if isinstance(x, str) else ""
+        for x in (
+            v.get("gen_ai.operation.name"),
+            v.get("openinference.span.kind"),
+            v.get("traceloop.span.kind"),
+        )
+    )
     oi, tl = oi.upper(), tl.lower()
     if op == "execute_tool" or oi == "TOOL" or tl == "tool":
         return "tool"
@@ -729,22 +912,46 @@ def _indexed(v: dict[str, Any], prefix: str, build: Any) -> list[dict[str, Any]]
 
 
 def _traceloop_message(g: dict[str, Any]) -> dict[str, Any]:
-    calls = _indexed(g, "tool_calls.", lambda c: {"id": c.get("id", ""), "name": c.get("name", ""),
-                                                  "arguments": c.get("arguments", "")})
-    return {"role": g.get("role"), "content": g.get("content"), "tool_calls": calls,
-            "tool_call_id": g.get("tool_call_id", "")}
+    calls = _indexed(
+        g,
+        "tool_calls.",
+        lambda c: {
+            "id": c.get("id", ""),
+            "name": c.get("name", ""),
+            "arguments": c.get("arguments", ""),
+        },
+    )
+    return {
+        "role": g.get("role"),
+        "content": g.get("content"),
+        "tool_calls": calls,
+        "tool_call_id": g.get("tool_call_id", ""),
+    }
 
 
 def _openinference_message(g: dict[str, Any]) -> dict[str, Any]:
-    calls = _indexed(g, "message.tool_calls.", lambda c: {
-        "id": c.get("tool_call.id", ""), "name": c.get("tool_call.function.name", ""),
-        "arguments": c.get("tool_call.function.arguments", "")})
+    calls = _indexed(
+        g,
+        "message.tool_calls.",
+        lambda c: {
+            "id": c.get("tool_call.id", ""),
+            "name": c.get("tool_call.function.name", ""),
+            "arguments": c.get("tool_call.function.arguments", ""),
+        },
+    )
     content = g.get("message.content")
     if content is None:
-        content = [{"type": "text", "text": p.get("message_content.text", "")}
-                   for p in _indexed(g, "message.contents.", dict)]
-    return {"role": g.get("message.role"), "content": content, "tool_calls": calls,
-            "tool_call_id": g.get("message.tool_call_id", ""), "name": g.get("message.name", "")}
+        content = [
+            {"type": "text", "text": p.get("message_content.text", "")}
+            for p in _indexed(g, "message.contents.", dict)
+        ]
+    return {
+        "role": g.get("message.role"),
+        "content": content,
+        "tool_calls": calls,
+        "tool_call_id": g.get("message.tool_call_id", ""),
+        "name": g.get("message.name", ""),
+    }
 
 
 def _openinference_value(x: Any, list_key: str) -> Any:
@@ -758,8 +965,11 @@ def _openinference_value(x: Any, list_key: str) -> Any:
 def _event_content(name: str, attrs: dict[str, Any], body: Any) -> tuple[Any, list[Any], list[Any]]:
     """``(system, inputs, outputs)`` from one GenAI content event (log record or span event)."""
     if name == "gen_ai.client.inference.operation.details":
-        return (attrs.get("gen_ai.system_instructions"), _as_list(attrs.get("gen_ai.input.messages")),
-                _as_list(attrs.get("gen_ai.output.messages")))
+        return (
+            attrs.get("gen_ai.system_instructions"),
+            _as_list(attrs.get("gen_ai.input.messages")),
+            _as_list(attrs.get("gen_ai.output.messages")),
+        )
     if name == "gen_ai.content.prompt":
         return None, _as_list(attrs.get("gen_ai.prompt")), []
     if name == "gen_ai.content.completion":
@@ -797,8 +1007,11 @@ def _parts_text(x: Any) -> str:
     if isinstance(x, str):
         return x
     if isinstance(x, list) and all(isinstance(p, dict) for p in x):
-        return "\n".join(_as_text(p.get("content", p.get("text", ""))) for p in x
-                         if p.get("type", "text") == "text")
+        return "\n".join(
+            _as_text(p.get("content", p.get("text", "")))
+            for p in x
+            if p.get("type", "text") == "text"
+        )
     if isinstance(x, dict) and isinstance(x.get("content"), (str, list)):
         return _parts_text(x["content"])
     return _as_text(x)
@@ -820,7 +1033,9 @@ def _truthy(x: Any) -> bool:
 
 
 def _hash_version(system: str) -> str:
-    return hashlib.sha256(system.encode("utf-8", "surrogatepass")).hexdigest()[:12] if system else ""
+    return (
+        hashlib.sha256(system.encode("utf-8", "surrogatepass")).hexdigest()[:12] if system else ""
+    )
 
 
 def _message_json(messages: list[Message]) -> str:
@@ -838,23 +1053,42 @@ def _message_json(messages: list[Message]) -> str:
 
 def _turn_row(t: TurnRecord) -> dict[str, Any]:
     return {
-        "conversation_id": t.conversation_id, "trace_id": t.trace_id, "span_id": t.span_id,
-        "parent_span_id": t.parent_span_id, "span_kind": t.span_kind, "operation": t.operation,
-        "provider": t.provider, "request_model": t.request_model, "response_model": t.response_model,
-        "agent_name": t.agent_name, "agent_version": t.agent_version, "prompt_version": t.prompt_version,
+        "conversation_id": t.conversation_id,
+        "trace_id": t.trace_id,
+        "span_id": t.span_id,
+        "parent_span_id": t.parent_span_id,
+        "span_kind": t.span_kind,
+        "operation": t.operation,
+        "provider": t.provider,
+        "request_model": t.request_model,
+        "response_model": t.response_model,
+        "agent_name": t.agent_name,
+        "agent_version": t.agent_version,
+        "prompt_version": t.prompt_version,
         "system_instructions": t.system_instructions,
         "input_messages": _message_json(t.input_messages),
         "output_messages": _message_json(t.output_messages),
-        "input_tokens": t.input_tokens, "output_tokens": t.output_tokens,
-        "start_ns": t.start_ns, "end_ns": t.end_ns, "duration_ms": max(0, t.end_ns - t.start_ns) / 1e6,
-        "status": t.status, "error_type": t.error_type, "error_message": t.error_message,
+        "input_tokens": t.input_tokens,
+        "output_tokens": t.output_tokens,
+        "start_ns": t.start_ns,
+        "end_ns": t.end_ns,
+        "duration_ms": max(0, t.end_ns - t.start_ns) / 1e6,
+        "status": t.status,
+        "error_type": t.error_type,
+        "error_message": t.error_message,
         "redactions": t.redactions,
     }
 
 
 def _dead(m: RawMessage, reason: str, detail: str, now_ns: int) -> DeadLetter:
     return DeadLetter(
-        stage=STAGE, reason=reason, detail=detail, topic=m.topic, partition=m.partition, offset=m.offset,
+        stage=STAGE,
+        reason=reason,
+        detail=detail,
+        topic=m.topic,
+        partition=m.partition,
+        offset=m.offset,
         key=m.key.decode("utf-8", "backslashreplace") if m.key else "",
-        original_b64=base64.b64encode(m.value[:DEADLETTER_ORIGINAL_BYTES]).decode(), ts_ns=now_ns,
+        original_b64=base64.b64encode(m.value[:DEADLETTER_ORIGINAL_BYTES]).decode(),
+        ts_ns=now_ns,
     )

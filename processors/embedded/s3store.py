@@ -12,6 +12,7 @@ one, never a torn one; leftovers of interrupted writes are removed at start. ETa
 content hashes (as S3's for single-part uploads). Authentication headers are ignored: the server
 listens on loopback only. Run it as ``python -m processors.embedded.s3store --root DIR --port N``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,9 +20,9 @@ import base64
 import bisect
 import contextlib
 import email.utils
-import http.client
 import fcntl
 import hashlib
+import http.client
 import logging
 import os
 import re
@@ -40,8 +41,8 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 from xml.sax.saxutils import escape
 
 from processors.embedded.broker import free_port
-from processors.errors import BrokerError
 from processors.embedded.procs import ManagedProcess
+from processors.errors import BrokerError
 
 log = logging.getLogger("closeloop.s3store")
 
@@ -49,8 +50,8 @@ BUCKET = "tansu"
 READY_TIMEOUT_S = 15.0
 MAX_KEYS = 1000
 CHUNK = 1 << 20
-OBJECT_SUFFIX = "~"     # object files end with it; directories and segments never contain it (encoded)
-TMP_SUFFIX = ".tmp"     # <segment>~<random>.tmp: an unfinished write
+OBJECT_SUFFIX = "~"  # object files end with it; directories and segments never contain it (encoded)
+TMP_SUFFIX = ".tmp"  # <segment>~<random>.tmp: an unfinished write
 LOCK_STRIPES = 64
 S3_NS = "http://s3.amazonaws.com/doc/2006-03-01/"
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -67,13 +68,15 @@ class S3Error(Exception):
 
 
 def _precondition_failed() -> S3Error:
-    return S3Error(412, "PreconditionFailed", "At least one of the pre-conditions you specified did not hold")
+    return S3Error(
+        412, "PreconditionFailed", "At least one of the pre-conditions you specified did not hold"
+    )
 
 
 def encode_segment(segment: str) -> str:
     """A key segment as a file name: percent-encoded, with no ``~`` and never ``""``, ``.`` or ``..``."""
     if segment == "":
-        return "%"   # quote() never yields a lone %
+        return "%"  # quote() never yields a lone %
     name = quote(segment, safe="").replace("~", "%7E")
     return {".": "%2E", "..": "%2E%2E"}.get(name, name)
 
@@ -97,7 +100,9 @@ def etag_matches(header: str, etag: str | None) -> bool:
 class ObjectInfo:
     size: int
     mtime_ns: int
-    etag: str | None    # None until first needed after a restart (hashing every file at start is slow)
+    etag: (
+        str | None
+    )  # None until first needed after a restart (hashing every file at start is slow)
 
 
 @dataclass
@@ -149,11 +154,11 @@ class BucketStore:
                 if entry.is_dir(follow_symlinks=False):
                     walk(entry.path, prefix + decode_segment(entry.name) + "/")
                 elif entry.name.endswith(OBJECT_SUFFIX):
-                    key = prefix + decode_segment(entry.name[:-len(OBJECT_SUFFIX)])
+                    key = prefix + decode_segment(entry.name[: -len(OBJECT_SUFFIX)])
                     st = entry.stat()
                     keys.append(key)
                     self._info[(bucket, key)] = ObjectInfo(st.st_size, st.st_mtime_ns, None)
-                elif OBJECT_SUFFIX in entry.name:   # a write that never finished
+                elif OBJECT_SUFFIX in entry.name:  # a write that never finished
                     os.unlink(entry.path)
 
         walk(str(self.root / bucket), "")
@@ -164,7 +169,9 @@ class BucketStore:
         *dirs, name = key.split("/")
         parts = [encode_segment(s) for s in dirs] + [encode_segment(name) + OBJECT_SUFFIX]
         if any(len(p.encode()) > 250 for p in parts):
-            raise S3Error(400, "KeyTooLongError", "a segment of the key is too long for a file name")
+            raise S3Error(
+                400, "KeyTooLongError", "a segment of the key is too long for a file name"
+            )
         return self.root.joinpath(bucket, *parts)
 
     def _lock(self, bucket: str, key: str) -> threading.Lock:
@@ -192,8 +199,16 @@ class BucketStore:
             return True
 
     # -- objects ---------------------------------------------------------------------------
-    def put(self, bucket: str, key: str, body: BinaryIO, length: int, *,
-            if_match: str | None = None, if_none_match: str | None = None) -> str:
+    def put(
+        self,
+        bucket: str,
+        key: str,
+        body: BinaryIO,
+        length: int,
+        *,
+        if_match: str | None = None,
+        if_none_match: str | None = None,
+    ) -> str:
         """Store ``length`` bytes read from ``body`` as ``key``; its ETag. 412 when a condition fails."""
         keys = self._require_bucket(bucket)
         if not key:
@@ -210,7 +225,9 @@ class BucketStore:
                 while left:
                     chunk = body.read(min(left, CHUNK))
                     if not chunk:
-                        raise S3Error(400, "IncompleteBody", "the body ended before its Content-Length")
+                        raise S3Error(
+                            400, "IncompleteBody", "the body ended before its Content-Length"
+                        )
                     md5.update(chunk)
                     f.write(chunk)
                     left -= len(chunk)
@@ -262,8 +279,16 @@ class BucketStore:
                 del keys[bisect.bisect_left(keys, key)]
         self._sync_dir(path.parent)
 
-    def list_page(self, bucket: str, *, prefix: str = "", delimiter: str = "", max_keys: int = MAX_KEYS,
-             token: str | None = None, start_after: str = "") -> ListPage:
+    def list_page(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        delimiter: str = "",
+        max_keys: int = MAX_KEYS,
+        token: str | None = None,
+        start_after: str = "",
+    ) -> ListPage:
         """One page of ListObjectsV2: keys under ``prefix``, grouped at ``delimiter`` into prefixes."""
         keys = self._require_bucket(bucket)
         out: list[tuple[str, ObjectInfo]] = []
@@ -272,17 +297,24 @@ class BucketStore:
             i = bisect.bisect_left(keys, prefix)
             if token is not None:
                 kind, last = _decode_token(token)
-                i = max(i, bisect.bisect_right(keys, last) if kind == "k" else bisect.bisect_left(keys, _after(last)))
+                i = max(
+                    i,
+                    bisect.bisect_right(keys, last)
+                    if kind == "k"
+                    else bisect.bisect_left(keys, _after(last)),
+                )
             if start_after:
                 i = max(i, bisect.bisect_right(keys, start_after))
             last_kind, last_name = "", ""
             while i < len(keys) and keys[i].startswith(prefix):
                 if len(out) + len(prefixes) >= max_keys:
-                    return ListPage(self._with_etags(bucket, out), prefixes, _encode_token(last_kind, last_name))
+                    return ListPage(
+                        self._with_etags(bucket, out), prefixes, _encode_token(last_kind, last_name)
+                    )
                 key = keys[i]
                 cut = key.find(delimiter, len(prefix)) if delimiter else -1
                 if cut >= 0:
-                    group = key[:cut + len(delimiter)]
+                    group = key[: cut + len(delimiter)]
                     prefixes.append(group)
                     last_kind, last_name = "p", group
                     i = bisect.bisect_left(keys, _after(group), i)
@@ -297,13 +329,17 @@ class BucketStore:
         self._require_bucket(bucket)
 
     # -- helpers ---------------------------------------------------------------------------
-    def _with_etags(self, bucket: str, entries: list[tuple[str, ObjectInfo]]) -> list[tuple[str, ObjectInfo]]:
+    def _with_etags(
+        self, bucket: str, entries: list[tuple[str, ObjectInfo]]
+    ) -> list[tuple[str, ObjectInfo]]:
         """``entries`` with their ETags known (hashing files not hashed since the start)."""
         out = []
         for key, info in entries:
             if info.etag is None:
                 with self._lock(bucket, key):
-                    current = self._info.get((bucket, key))   # replaced or removed since it was listed?
+                    current = self._info.get(
+                        (bucket, key)
+                    )  # replaced or removed since it was listed?
                     if current is None:
                         continue
                     info = current
@@ -330,7 +366,7 @@ class BucketStore:
             return
         if not folder.is_dir():
             self._ensure_dir(folder.parent)
-            with contextlib.suppress(FileExistsError):   # a concurrent writer made it
+            with contextlib.suppress(FileExistsError):  # a concurrent writer made it
                 folder.mkdir()
             self._sync_dir(folder.parent)
         self._dirs.add(folder)
@@ -366,16 +402,29 @@ def _decode_token(token: str) -> tuple[str, str]:
 
 
 def _iso(mtime_ns: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(mtime_ns // 10**9)) + f".{mtime_ns // 10**6 % 1000:03d}Z"
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(mtime_ns // 10**9))
+        + f".{mtime_ns // 10**6 % 1000:03d}Z"
+    )
 
 
-def list_xml(bucket: str, page: ListPage, *, prefix: str, delimiter: str, max_keys: int,
-             token: str | None, start_after: str) -> bytes:
+def list_xml(
+    bucket: str,
+    page: ListPage,
+    *,
+    prefix: str,
+    delimiter: str,
+    max_keys: int,
+    token: str | None,
+    start_after: str,
+) -> bytes:
     """The ListObjectsV2 response document."""
-    parts = [f'<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult xmlns="{S3_NS}">',
-             f"<Name>{escape(bucket)}</Name><Prefix>{escape(prefix)}</Prefix>",
-             f"<KeyCount>{len(page.keys) + len(page.prefixes)}</KeyCount><MaxKeys>{max_keys}</MaxKeys>",
-             f"<IsTruncated>{'true' if page.next_token else 'false'}</IsTruncated>"]
+    parts = [
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult xmlns="{S3_NS}">',
+        f"<Name>{escape(bucket)}</Name><Prefix>{escape(prefix)}</Prefix>",
+        f"<KeyCount>{len(page.keys) + len(page.prefixes)}</KeyCount><MaxKeys>{max_keys}</MaxKeys>",
+        f"<IsTruncated>{'true' if page.next_token else 'false'}</IsTruncated>",
+    ]
     if delimiter:
         parts.append(f"<Delimiter>{escape(delimiter)}</Delimiter>")
     if token is not None:
@@ -385,9 +434,11 @@ def list_xml(bucket: str, page: ListPage, *, prefix: str, delimiter: str, max_ke
     if start_after:
         parts.append(f"<StartAfter>{escape(start_after)}</StartAfter>")
     for key, info in page.keys:
-        parts.append(f"<Contents><Key>{escape(key)}</Key><LastModified>{_iso(info.mtime_ns)}</LastModified>"
-                     f"<ETag>{escape(info.etag or '')}</ETag><Size>{info.size}</Size>"
-                     "<StorageClass>STANDARD</StorageClass></Contents>")
+        parts.append(
+            f"<Contents><Key>{escape(key)}</Key><LastModified>{_iso(info.mtime_ns)}</LastModified>"
+            f"<ETag>{escape(info.etag or '')}</ETag><Size>{info.size}</Size>"
+            "<StorageClass>STANDARD</StorageClass></Contents>"
+        )
     for p in page.prefixes:
         parts.append(f"<CommonPrefixes><Prefix>{escape(p)}</Prefix></CommonPrefixes>")
     parts.append("</ListBucketResult>")
@@ -395,9 +446,11 @@ def list_xml(bucket: str, page: ListPage, *, prefix: str, delimiter: str, max_ke
 
 
 def error_xml(e: S3Error, resource: str) -> bytes:
-    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{e.code}</Code>'
-            f"<Message>{escape(e.message)}</Message><Resource>{escape(resource)}</Resource>"
-            f"<RequestId>{uuid.uuid4().hex[:16]}</RequestId></Error>").encode()
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{e.code}</Code>'
+        f"<Message>{escape(e.message)}</Message><Resource>{escape(resource)}</Resource>"
+        f"<RequestId>{uuid.uuid4().hex[:16]}</RequestId></Error>"
+    ).encode()
 
 
 class _Body:
@@ -415,7 +468,7 @@ class _Body:
 
 class S3Server(ThreadingHTTPServer):
     daemon_threads = True
-    request_queue_size = 128   # the default backlog of 5 resets connections a burst of clients opens
+    request_queue_size = 128  # the default backlog of 5 resets connections a burst of clients opens
 
     def __init__(self, store: BucketStore, host: str = "127.0.0.1", port: int = 0) -> None:
         self.store = store
@@ -423,14 +476,14 @@ class S3Server(ThreadingHTTPServer):
 
 
 class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"   # keep-alive: tansu's client pools connections
+    protocol_version = "HTTP/1.1"  # keep-alive: tansu's client pools connections
     # Headers and body go out in two writes; with Nagle the body waits for the client's delayed
     # ACK of the headers (~40 ms a response).
     disable_nagle_algorithm = True
     server: S3Server
 
     def log_message(self, format: str, *args: object) -> None:
-        pass   # one line per request would dwarf the broker's own log; errors are logged below
+        pass  # one line per request would dwarf the broker's own log; errors are logged below
 
     def do_GET(self) -> None:
         self._dispatch()
@@ -470,7 +523,9 @@ class _Handler(BaseHTTPRequestHandler):
             elif not key and m == "POST" and "delete" in query:
                 self._delete_many(bucket)
             elif not key or query or "x-amz-copy-source" in self.headers:
-                raise S3Error(501, "NotImplemented", f"{m} {self.path} is not supported by this server")
+                raise S3Error(
+                    501, "NotImplemented", f"{m} {self.path} is not supported by this server"
+                )
             elif m == "PUT":
                 self._put(bucket, key)
             elif m in ("GET", "HEAD"):
@@ -483,7 +538,7 @@ class _Handler(BaseHTTPRequestHandler):
         except S3Error as e:
             self._error(e, path)
         except ConnectionError:
-            self.close_connection = True   # the client went away
+            self.close_connection = True  # the client went away
         except OSError as e:
             log.exception("%s %s failed", self.command, self.path)
             self._error(S3Error(500, "InternalError", f"{type(e).__name__}: {e}"), path)
@@ -491,7 +546,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _length(self) -> int:
         value = self.headers.get("Content-Length")
         if value is None:
-            raise S3Error(411, "MissingContentLength", "You must provide the Content-Length HTTP header.")
+            raise S3Error(
+                411, "MissingContentLength", "You must provide the Content-Length HTTP header."
+            )
         if not value.isdigit():
             raise S3Error(400, "InvalidArgument", f"bad Content-Length {value!r}")
         return int(value)
@@ -504,20 +561,32 @@ class _Handler(BaseHTTPRequestHandler):
     def _put(self, bucket: str, key: str) -> None:
         body = _Body(self.rfile, self._length())
         try:
-            etag = self.server.store.put(bucket, key, body, body.left, if_match=self.headers.get("If-Match"),
-                                         if_none_match=self.headers.get("If-None-Match"))
+            etag = self.server.store.put(
+                bucket,
+                key,
+                body,
+                body.left,
+                if_match=self.headers.get("If-Match"),
+                if_none_match=self.headers.get("If-None-Match"),
+            )
         finally:
-            self._body_read = body.left == 0   # else the connection closes after the error
+            self._body_read = body.left == 0  # else the connection closes after the error
         self._send(200, headers={"ETag": etag})
 
     def _get(self, bucket: str, key: str) -> None:
         info, f = self.server.store.open_object(bucket, key)
         with f:
-            if_match, if_none_match = self.headers.get("If-Match"), self.headers.get("If-None-Match")
+            if_match, if_none_match = (
+                self.headers.get("If-Match"),
+                self.headers.get("If-None-Match"),
+            )
             if if_match is not None and not etag_matches(if_match, info.etag):
                 raise _precondition_failed()
-            headers = {"ETag": str(info.etag), "Accept-Ranges": "bytes",
-                       "Last-Modified": email.utils.formatdate(info.mtime_ns / 1e9, usegmt=True)}
+            headers = {
+                "ETag": str(info.etag),
+                "Accept-Ranges": "bytes",
+                "Last-Modified": email.utils.formatdate(info.mtime_ns / 1e9, usegmt=True),
+            }
             if if_none_match is not None and etag_matches(if_none_match, info.etag):
                 self._send(304, headers=headers)
                 return
@@ -535,10 +604,27 @@ class _Handler(BaseHTTPRequestHandler):
             raise S3Error(400, "InvalidArgument", "max-keys must not be negative")
         prefix, delimiter = query.get("prefix", ""), query.get("delimiter", "")
         token, start_after = query.get("continuation-token"), query.get("start-after", "")
-        page = self.server.store.list_page(bucket, prefix=prefix, delimiter=delimiter, max_keys=max_keys,
-                                      token=token, start_after=start_after)
-        self._send(200, list_xml(bucket, page, prefix=prefix, delimiter=delimiter, max_keys=max_keys,
-                                 token=token, start_after=start_after), {"Content-Type": "application/xml"})
+        page = self.server.store.list_page(
+            bucket,
+            prefix=prefix,
+            delimiter=delimiter,
+            max_keys=max_keys,
+            token=token,
+            start_after=start_after,
+        )
+        self._send(
+            200,
+            list_xml(
+                bucket,
+                page,
+                prefix=prefix,
+                delimiter=delimiter,
+                max_keys=max_keys,
+                token=token,
+                start_after=start_after,
+            ),
+            {"Content-Type": "application/xml"},
+        )
 
     def _delete_many(self, bucket: str) -> None:
         try:
@@ -546,7 +632,9 @@ class _Handler(BaseHTTPRequestHandler):
         except ET.ParseError:
             raise S3Error(400, "MalformedXML", "The XML you provided was not well-formed") from None
         local = {el: el.tag.rsplit("}", 1)[-1] for el in doc.iter()}
-        quiet = any(name == "Quiet" and (el.text or "").strip() == "true" for el, name in local.items())
+        quiet = any(
+            name == "Quiet" and (el.text or "").strip() == "true" for el, name in local.items()
+        )
         keys = [(el.text or "") for el, name in local.items() if name == "Key"]
         out = [f'<?xml version="1.0" encoding="UTF-8"?>\n<DeleteResult xmlns="{S3_NS}">']
         for key in keys:
@@ -557,13 +645,20 @@ class _Handler(BaseHTTPRequestHandler):
             except S3Error as e:
                 if e.code == "NoSuchBucket":
                     raise
-                out.append(f"<Error><Key>{escape(key)}</Key><Code>{e.code}</Code>"
-                           f"<Message>{escape(e.message)}</Message></Error>")
+                out.append(
+                    f"<Error><Key>{escape(key)}</Key><Code>{e.code}</Code>"
+                    f"<Message>{escape(e.message)}</Message></Error>"
+                )
         out.append("</DeleteResult>")
         self._send(200, "".join(out).encode(), {"Content-Type": "application/xml"})
 
-    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
-              length: int | None = None) -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        length: int | None = None,
+    ) -> None:
         self.send_response(status)
         for k, v in (headers or {}).items():
             self.send_header(k, v)
@@ -578,13 +673,25 @@ class _Handler(BaseHTTPRequestHandler):
         if e.status >= 500:
             log.warning("%s %s: %s", self.command, self.path, e)
         if self.command in ("PUT", "POST") and not self._body_read:
-            self.close_connection = True   # the unread body would be taken for the next request
-        self._send(e.status, b"" if self.command == "HEAD" else error_xml(e, resource),
-                   {"Content-Type": "application/xml", **({"Connection": "close"} if self.close_connection else {})})
+            self.close_connection = True  # the unread body would be taken for the next request
+        self._send(
+            e.status,
+            b"" if self.command == "HEAD" else error_xml(e, resource),
+            {
+                "Content-Type": "application/xml",
+                **({"Connection": "close"} if self.close_connection else {}),
+            },
+        )
 
 
-def serve(root: Path, *, host: str = "127.0.0.1", port: int = 0, buckets: tuple[str, ...] = (BUCKET,),
-          fsync: bool = True) -> S3Server:
+def serve(
+    root: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    buckets: tuple[str, ...] = (BUCKET,),
+    fsync: bool = True,
+) -> S3Server:
     """A server on ``host:port`` over ``root`` with ``buckets`` created; call ``serve_forever()``."""
     store = BucketStore(root, fsync=fsync)
     for b in buckets:
@@ -618,11 +725,17 @@ class LocalS3(ManagedProcess):
 
     def client_env(self) -> dict[str, str]:
         """The settings tansu's object_store client reads from the environment to use this server."""
-        return {"AWS_ENDPOINT": self.endpoint, "AWS_ALLOW_HTTP": "true", "AWS_DEFAULT_REGION": "us-east-1",
-                # unsigned requests: nothing to sign for on loopback, and no payload hashing in tansu
-                "AWS_SKIP_SIGNATURE": "true", "AWS_ACCESS_KEY_ID": "closeloop",
-                "AWS_SECRET_ACCESS_KEY": "closeloop",
-                "NO_PROXY": self.host, "no_proxy": self.host}   # a proxy set for the web must not get these
+        return {
+            "AWS_ENDPOINT": self.endpoint,
+            "AWS_ALLOW_HTTP": "true",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            # unsigned requests: nothing to sign for on loopback, and no payload hashing in tansu
+            "AWS_SKIP_SIGNATURE": "true",
+            "AWS_ACCESS_KEY_ID": "closeloop",
+            "AWS_SECRET_ACCESS_KEY": "closeloop",
+            "NO_PROXY": self.host,
+            "no_proxy": self.host,
+        }  # a proxy set for the web must not get these
 
     def start(self) -> LocalS3:
         """Start (or, after a crash, restart on the same port) and wait until the bucket answers."""
@@ -630,11 +743,31 @@ class LocalS3(ManagedProcess):
             self.port = free_port(self.host)
         out = self._output(self.log_dir / "broker-s3.log" if self.log_dir is not None else None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "processors.embedded.s3store", "--root", str(self.root), "--host", self.host,
-             "--port", str(self.port), "--bucket", self.bucket] + ([] if self.fsync else ["--no-fsync"]),
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                [str(Path(__file__).resolve().parent.parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p])})
+            [
+                sys.executable,
+                "-m",
+                "processors.embedded.s3store",
+                "--root",
+                str(self.root),
+                "--host",
+                self.host,
+                "--port",
+                str(self.port),
+                "--bucket",
+                self.bucket,
+            ]
+            + ([] if self.fsync else ["--no-fsync"]),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(
+                    [str(Path(__file__).resolve().parent.parent)]
+                    + [p for p in [os.environ.get("PYTHONPATH")] if p]
+                ),
+            },
+        )
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline and self.proc.poll() is None:
             conn = http.client.HTTPConnection(self.host, self.port, timeout=1)
@@ -649,8 +782,11 @@ class LocalS3(ManagedProcess):
         code = self.proc.poll()
         self.stop()
         where = f"; see {self.log_dir / 'broker-s3.log'}" if self.log_dir else ""
-        raise BrokerError(f"the broker's S3 server on {self.endpoint} did not come up"
-                          + (f" (exit code {code})" if code is not None else "") + where)
+        raise BrokerError(
+            f"the broker's S3 server on {self.endpoint} did not come up"
+            + (f" (exit code {code})" if code is not None else "")
+            + where
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -659,7 +795,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--bucket", action="append", default=[], help="create this bucket (repeatable)")
-    ap.add_argument("--no-fsync", action="store_true", help="skip fsync (survives kill -9, not power loss)")
+    ap.add_argument(
+        "--no-fsync", action="store_true", help="skip fsync (survives kill -9, not power loss)"
+    )
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     server = serve(a.root, host=a.host, port=a.port, buckets=tuple(a.bucket), fsync=not a.no_fsync)

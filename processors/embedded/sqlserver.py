@@ -15,6 +15,7 @@ HTTP interface implemented:
 
 It listens on loopback only: it is a local window onto a local store, not a server.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -29,12 +30,15 @@ from urllib.parse import parse_qs, urlparse
 
 from processors.store import Store
 
-_INSERT = re.compile(r"^\s*INSERT\s+INTO\s+(?P<table>[\w.`\"]+)\s*(?:\((?P<cols>[^)]*)\))?\s*"
-                     r"(?:SETTINGS\s+[^F]*?)?FORMAT\s+(?P<fmt>\w+)\s*$", re.I | re.S)
+_INSERT = re.compile(
+    r"^\s*INSERT\s+INTO\s+(?P<table>[\w.`\"]+)\s*(?:\((?P<cols>[^)]*)\))?\s*"
+    r"(?:SETTINGS\s+[^F]*?)?FORMAT\s+(?P<fmt>\w+)\s*$",
+    re.I | re.S,
+)
 _FORMAT = re.compile(r"\bFORMAT\s+\w+\s*;?\s*$", re.I)
 _CODE = re.compile(r"Code:\s*(\d+)")
 _PLACEHOLDER = re.compile(r"\{(\w+):([^{}]+)\}")
-_ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "0": "\0", "b": "\b", "f": "\f"}   # else \x is x
+_ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "0": "\0", "b": "\b", "f": "\f"}  # else \x is x
 MAX_BODY = 512 * 1024 * 1024
 
 
@@ -94,7 +98,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _run(self, qs: dict[str, list[str]], body: bytes) -> None:
         store = self.server.store
         query = (qs.get("query") or [""])[0]
-        params = {k[len("param_"):]: v[0] for k, v in qs.items() if k.startswith("param_")}
+        params = {k[len("param_") :]: v[0] for k, v in qs.items() if k.startswith("param_")}
         fmt = (qs.get("default_format") or ["TabSeparated"])[0]
         qid = (qs.get("query_id") or [uuid.uuid4().hex])[0]
         if not query and body[:6].upper() == b"INSERT":
@@ -103,13 +107,21 @@ class _Handler(BaseHTTPRequestHandler):
             query, body = head.decode("utf-8", "replace"), rest
         try:
             if query and body and (m := _INSERT.match(query)):
-                cols = [c.strip().strip("`\"") for c in (m.group("cols") or "").split(",") if c.strip()]
+                cols = [
+                    c.strip().strip('`"') for c in (m.group("cols") or "").split(",") if c.strip()
+                ]
                 with store._lock:
-                    store.client.raw_insert(m.group("table").strip("`\""), cols or None,
-                                            insert_block=body, fmt=m.group("fmt"))
+                    store.client.raw_insert(
+                        m.group("table").strip('`"'),
+                        cols or None,
+                        insert_block=body,
+                        fmt=m.group("fmt"),
+                    )
                 self._send(200, b"", "text/plain; charset=UTF-8", qid)
                 return
-            sql = (query + ("\n" + body.decode() if body else "")).strip() if query else body.decode()
+            sql = (
+                (query + ("\n" + body.decode() if body else "")).strip() if query else body.decode()
+            )
             if not sql.strip():
                 self._error(400, 62, "Empty query")
                 return
@@ -121,7 +133,9 @@ class _Handler(BaseHTTPRequestHandler):
             with store._lock:
                 data = store.client.raw_query(sql, fmt=ask_fmt)
             self._send(200, data, _content_type(out_fmt), qid, out_fmt)
-        except Exception as e:  # every ClickHouse error is reported to the client, the server stays up
+        except (
+            Exception
+        ) as e:  # every ClickHouse error is reported to the client, the server stays up
             msg = str(e)
             code = int(m3.group(1)) if (m3 := _CODE.search(msg)) else 0
             self._error(500, code, msg)
@@ -136,7 +150,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("X-ClickHouse-Query-Id", qid)
         if fmt:
             self.send_header("X-ClickHouse-Format", fmt)
-        self.send_header("X-ClickHouse-Summary", json.dumps({"read_rows": "0", "written_rows": "0"}))
+        self.send_header(
+            "X-ClickHouse-Summary", json.dumps({"read_rows": "0", "written_rows": "0"})
+        )
         self.end_headers()
         self.wfile.write(data)
 
@@ -154,14 +170,17 @@ class _Handler(BaseHTTPRequestHandler):
 def bind_parameters(sql: str, params: dict[str, str]) -> str:
     """Bind ``{name:Type}`` placeholders server-side, as ClickHouse's HTTP interface does:
     the ``param_name`` value is the text form of the value (TSV-escaped), parsed as ``Type``."""
+
     def literal(m: re.Match[str]) -> str:
         name, typ = m.group(1), m.group(2).strip()
         if name not in params:
-            return m.group(0)          # ClickHouse reports the missing parameter itself
+            return m.group(0)  # ClickHouse reports the missing parameter itself
         text = params[name]
         if re.fullmatch(r"(?:Nullable\(|LowCardinality\()?(?:String|FixedString\(\d+\))\)?", typ):
             # a bare string arrives TSV-escaped; compound values keep their quoted text form
-            text = re.sub(r"\\(.)", lambda e: _ESCAPES.get(e.group(1), e.group(1)), text, flags=re.DOTALL)
+            text = re.sub(
+                r"\\(.)", lambda e: _ESCAPES.get(e.group(1), e.group(1)), text, flags=re.DOTALL
+            )
         if typ == "Identifier":
             return "`" + text.replace("\\", "\\\\").replace("`", "\\`") + "`"
         quoted = "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
@@ -194,7 +213,9 @@ class SQLServer:
     def __init__(self, store: Store, host: str = "127.0.0.1", port: int = 0) -> None:
         self._server = _Server((host, port), store)
         self.host, self.port = self._server.server_address[:2]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="sql-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="sql-http", daemon=True
+        )
 
     @property
     def url(self) -> str:

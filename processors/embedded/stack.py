@@ -5,6 +5,7 @@ Children are supervised: one that dies unexpectedly is restarted (with a back-of
 stopping goes gateway → worker → broker → the broker's storage, so nothing is accepted that
 cannot be written.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from processors.embedded.broker import EmbeddedBroker, ensure_topics, free_port, port_in_use
 from processors.config import Config
-from processors.errors import BrokerError, CloseloopError
+from processors.embedded.broker import EmbeddedBroker, ensure_topics, free_port, port_in_use
 from processors.embedded.procs import ManagedProcess
 from processors.embedded.s3store import LocalS3
+from processors.errors import BrokerError, CloseloopError
 
 log = logging.getLogger("closeloop.stack")
 
@@ -63,15 +64,24 @@ class Child(ManagedProcess):
     STOP_TIMEOUT_S: ClassVar[float] = 20.0
 
     def start(self) -> Child:
-        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self._output(self.log_path),
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=False)
+        self.proc = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            stdout=self._output(self.log_path),
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=False,
+        )
         return self
 
     def stop(self, timeout_s: float | None = None) -> bool:
         killed = super().stop(timeout_s)
         if killed:
-            log.warning("%s did not stop within %.0fs; it was killed", self.name,
-                        self.STOP_TIMEOUT_S if timeout_s is None else timeout_s)
+            log.warning(
+                "%s did not stop within %.0fs; it was killed",
+                self.name,
+                self.STOP_TIMEOUT_S if timeout_s is None else timeout_s,
+            )
         return killed
 
 
@@ -80,7 +90,7 @@ class EmbeddedStack:
     cfg: Config
     config_file: str | None = None
     broker: EmbeddedBroker | None = None
-    broker_store: LocalS3 | None = None   # the broker's storage when kafka.storage is s3
+    broker_store: LocalS3 | None = None  # the broker's storage when kafka.storage is s3
     bootstrap: str = ""
     children: dict[str, Child] = field(default_factory=dict)
 
@@ -93,8 +103,10 @@ class EmbeddedStack:
         for name in ("grpc_port", "http_port"):
             port = getattr(cfg.otlp, name)
             if port and port_in_use(port, cfg.otlp.host):
-                raise CloseloopError(f"OTLP port {port} is taken; pass --otlp-{name.split('_')[0]}-port "
-                                     "or stop what listens there")
+                raise CloseloopError(
+                    f"OTLP port {port} is taken; pass --otlp-{name.split('_')[0]}-port "
+                    "or stop what listens there"
+                )
         if port_in_use(cfg.web.port, cfg.web.host) and cfg.web.port:
             raise CloseloopError(f"web port {cfg.web.port} is taken; pass --web-port")
         if cfg.kafka.bootstrap:
@@ -103,8 +115,9 @@ class EmbeddedStack:
             try:
                 self.broker = EmbeddedBroker(port=cfg.kafka.broker_port, log_dir=cfg.log_dir())
                 if cfg.kafka.storage == "s3":
-                    self.broker_store = LocalS3(home / "broker-s3", log_dir=cfg.log_dir(),
-                                                fsync=cfg.kafka.storage_fsync).start()
+                    self.broker_store = LocalS3(
+                        home / "broker-s3", log_dir=cfg.log_dir(), fsync=cfg.kafka.storage_fsync
+                    ).start()
                     self.broker.storage = self.broker_store.storage_url
                     self.broker.env = self.broker_store.client_env()
                 self.broker.start()
@@ -121,31 +134,52 @@ class EmbeddedStack:
 
         worker_cmd = [sys.executable, "-m", "processors.worker", "--bootstrap", self.bootstrap]
         captures = [f"capture-{i + 1}" for i in range(cfg.capture.processes)]
-        if captures:      # capture moves out of the worker into processes of its own
+        if captures:  # capture moves out of the worker into processes of its own
             worker_cmd += ["--stages", ",".join(s for s in ALL_STAGES if s not in CAPTURE_ONLY)]
         self.children["worker"] = Child("worker", worker_cmd, env, cfg.log_dir() / "worker.log")
         for name in captures:
-            self.children[name] = Child(name, [sys.executable, "-m", "processors.worker", "--bootstrap",
-                                               self.bootstrap, "--stages", ",".join(CAPTURE_ONLY),
-                                               "--through-owner"], env,
-                                        cfg.log_dir() / f"{name}.log")
-        self.children["gateway"] = Child("gateway", [sys.executable, "-m", "processors.capture.gateway",
-                                                     "--bootstrap", self.bootstrap], env,
-                                         cfg.log_dir() / "gateway.log")
-        self.children["web"] = Child("web", [sys.executable, "-m", "processors.cli", "web"], env,
-                                     cfg.log_dir() / "web.log")
+            self.children[name] = Child(
+                name,
+                [
+                    sys.executable,
+                    "-m",
+                    "processors.worker",
+                    "--bootstrap",
+                    self.bootstrap,
+                    "--stages",
+                    ",".join(CAPTURE_ONLY),
+                    "--through-owner",
+                ],
+                env,
+                cfg.log_dir() / f"{name}.log",
+            )
+        self.children["gateway"] = Child(
+            "gateway",
+            [sys.executable, "-m", "processors.capture.gateway", "--bootstrap", self.bootstrap],
+            env,
+            cfg.log_dir() / "gateway.log",
+        )
+        self.children["web"] = Child(
+            "web", [sys.executable, "-m", "processors.cli", "web"], env, cfg.log_dir() / "web.log"
+        )
         try:
             self.children["worker"].start()
             if cfg.embedded_store and not wait_port("127.0.0.1", sql_port, READY_TIMEOUT_S):
-                raise CloseloopError(f"the worker did not come up; see {cfg.log_dir() / 'worker.log'}")
+                raise CloseloopError(
+                    f"the worker did not come up; see {cfg.log_dir() / 'worker.log'}"
+                )
             for name in captures:
                 self.children[name].start()
             self.children["gateway"].start()
             if not wait_port(cfg.otlp.host, cfg.otlp.http_port, READY_TIMEOUT_S):
-                raise CloseloopError(f"the OTLP gateway did not come up; see {cfg.log_dir() / 'gateway.log'}")
+                raise CloseloopError(
+                    f"the OTLP gateway did not come up; see {cfg.log_dir() / 'gateway.log'}"
+                )
             self.children["web"].start()
             if not wait_port(cfg.web.host, cfg.web.port, READY_TIMEOUT_S):
-                raise CloseloopError(f"the review page did not come up; see {cfg.log_dir() / 'web.log'}")
+                raise CloseloopError(
+                    f"the review page did not come up; see {cfg.log_dir() / 'web.log'}"
+                )
             web_file = cfg.run_dir() / "web.json"
             deadline = time.monotonic() + 5
             while not web_file.exists() and time.monotonic() < deadline:
@@ -160,20 +194,24 @@ class EmbeddedStack:
     def _child_env(self, sql_port: int) -> dict[str, str]:
         cfg = self.cfg
         env = {k: v for k, v in os.environ.items()}
-        env.update({
-            "CLOSELOOP_HOME": str(cfg.home_path),
-            "CLOSELOOP_KAFKA": self.bootstrap,
-            "CLOSELOOP_CLICKHOUSE_SQL_PORT": str(sql_port),
-            "CLOSELOOP_OTLP_GRPC_PORT": str(cfg.otlp.grpc_port),
-            "CLOSELOOP_OTLP_HTTP_PORT": str(cfg.otlp.http_port),
-            "CLOSELOOP_WEB_PORT": str(cfg.web.port),
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "CLOSELOOP_HOME": str(cfg.home_path),
+                "CLOSELOOP_KAFKA": self.bootstrap,
+                "CLOSELOOP_CLICKHOUSE_SQL_PORT": str(sql_port),
+                "CLOSELOOP_OTLP_GRPC_PORT": str(cfg.otlp.grpc_port),
+                "CLOSELOOP_OTLP_HTTP_PORT": str(cfg.otlp.http_port),
+                "CLOSELOOP_WEB_PORT": str(cfg.web.port),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         if self.config_file:
             env["CLOSELOOP_CONFIG"] = str(Path(self.config_file).resolve())
         # the package must be importable by the children exactly as by this process
-        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent)]
-                                            + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(Path(__file__).resolve().parent.parent)]
+            + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        )
         return env
 
     def _write_stack_file(self) -> None:
@@ -200,15 +238,25 @@ class EmbeddedStack:
             log.warning("the broker's S3 server exited; restarting it")
             self.broker_store.start()
             self._write_stack_file()
-        if self.broker is not None and self.broker.proc is not None and self.broker.proc.poll() is not None:
-            raise BrokerError(f"the embedded broker exited (code {self.broker.proc.returncode}); "
-                              f"see {self.cfg.log_dir() / 'broker.log'}")
+        if (
+            self.broker is not None
+            and self.broker.proc is not None
+            and self.broker.proc.poll() is not None
+        ):
+            raise BrokerError(
+                f"the embedded broker exited (code {self.broker.proc.returncode}); "
+                f"see {self.cfg.log_dir() / 'broker.log'}"
+            )
         for child in self.children.values():
             if child.proc is not None and child.proc.poll() is not None:
                 code = child.proc.returncode
                 child.restarts += 1
-                log.warning("%s exited with code %s; restarting it (restart #%d)", child.name, code,
-                            child.restarts)
+                log.warning(
+                    "%s exited with code %s; restarting it (restart #%d)",
+                    child.name,
+                    code,
+                    child.restarts,
+                )
                 child.stop()
                 time.sleep(min(RESTART_BACKOFF_S * child.restarts, 30.0))
                 child.start()
@@ -216,14 +264,19 @@ class EmbeddedStack:
 
     def stop(self) -> None:
         # the gateway first (nothing more is accepted), the store owner last
-        order = ["gateway", "web", *(n for n in self.children if n.startswith("capture-")), "worker"]
+        order = [
+            "gateway",
+            "web",
+            *(n for n in self.children if n.startswith("capture-")),
+            "worker",
+        ]
         for name in order:
             if name in self.children:
                 self.children[name].stop()
         if self.broker is not None:
             self.broker.stop()
             self.broker = None
-        if self.broker_store is not None:   # after the broker, which writes to it until it stops
+        if self.broker_store is not None:  # after the broker, which writes to it until it stops
             self.broker_store.stop()
             self.broker_store = None
         for f in ("stack.json", "sql.json"):

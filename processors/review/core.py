@@ -13,6 +13,7 @@ request and closeloop only *records* it (:func:`poll`, :func:`handle_webhook`).
 with every other intent as a control (:mod:`processors.stats`), writes ``outcomes`` rows and
 comments the verdict on the proposal once there is one.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from processors.act.core import ChangeBackend
+from processors.act.gitrepo import LocalGit
 from processors.config import Config
 from processors.errors import ActError, AlreadyApplied, ReviewError
-from processors.act.gitrepo import LocalGit
 from processors.records import Diagnosis, Outcome, Proposal, ReviewRecord
 from processors.stats import NOT_ENOUGH_DATA, REGRESSED, Counts, guarded_verdict, verdict
 from processors.store import Store
@@ -35,7 +36,12 @@ log = logging.getLogger("closeloop.review")
 
 # status -> decisions allowed from it, and the status each leads to
 TRANSITIONS: dict[str, dict[str, str]] = {
-    "open": {"approved": "approved", "rejected": "rejected", "merged": "merged", "closed": "closed"},
+    "open": {
+        "approved": "approved",
+        "rejected": "rejected",
+        "merged": "merged",
+        "closed": "closed",
+    },
     "approved": {"merged": "merged", "closed": "closed"},
     "rejected": {"closed": "closed"},
     "merged": {},
@@ -66,20 +72,43 @@ def _person(name: str) -> str:
     return who
 
 
-def _record(proposal: Proposal, decision: str, reviewer: str, now_ns: int, diagnosis: Diagnosis | None,
-            comment: str = "", merged_commit: str = "") -> ReviewRecord:
+def _record(
+    proposal: Proposal,
+    decision: str,
+    reviewer: str,
+    now_ns: int,
+    diagnosis: Diagnosis | None,
+    comment: str = "",
+    merged_commit: str = "",
+) -> ReviewRecord:
     d = diagnosis
     return ReviewRecord(
-        review_id=review_id(proposal.proposal_id, decision), proposal_id=proposal.proposal_id,
-        diagnosis_id=proposal.diagnosis_id, intent_id=proposal.intent_id, decision=decision,
-        reviewer=reviewer, comment=comment, merged_commit=merged_commit,
-        before_prompt_version=d.prompt_version if d else "", before_agent_version=d.agent_version if d else "",
-        evidence_trace_ids=list(d.trace_ids) if d else [], window_from_ns=d.window_from_ns if d else 0,
-        window_to_ns=d.window_to_ns if d else 0, ts_ns=now_ns)
+        review_id=review_id(proposal.proposal_id, decision),
+        proposal_id=proposal.proposal_id,
+        diagnosis_id=proposal.diagnosis_id,
+        intent_id=proposal.intent_id,
+        decision=decision,
+        reviewer=reviewer,
+        comment=comment,
+        merged_commit=merged_commit,
+        before_prompt_version=d.prompt_version if d else "",
+        before_agent_version=d.agent_version if d else "",
+        evidence_trace_ids=list(d.trace_ids) if d else [],
+        window_from_ns=d.window_from_ns if d else 0,
+        window_to_ns=d.window_to_ns if d else 0,
+        ts_ns=now_ns,
+    )
 
 
-def approve(proposal: Proposal, reviewer: str, comment: str, backend: ChangeBackend, now_ns: int, *,
-            diagnosis: Diagnosis | None = None) -> ReviewRecord:
+def approve(
+    proposal: Proposal,
+    reviewer: str,
+    comment: str,
+    backend: ChangeBackend,
+    now_ns: int,
+    *,
+    diagnosis: Diagnosis | None = None,
+) -> ReviewRecord:
     """A named human approves. On the local backend this merges (``merged_commit`` is set);
     on GitHub it is recorded and commented, and the merge stays the reviewer's act there."""
     who = _person(reviewer)
@@ -94,12 +123,25 @@ def approve(proposal: Proposal, reviewer: str, comment: str, backend: ChangeBack
         return approve_applied(proposal, who, comment, backend, now_ns, str(e), diagnosis=diagnosis)
     except ActError as e:
         raise ReviewError(f"approval of {proposal.proposal_id} not applied: {e}") from e
-    log.info("review: %s approved by %s%s", proposal.proposal_id, who, f", merged {merged}" if merged else "")
+    log.info(
+        "review: %s approved by %s%s",
+        proposal.proposal_id,
+        who,
+        f", merged {merged}" if merged else "",
+    )
     return _record(proposal, "approved", who, now_ns, diagnosis, comment, merged)
 
 
-def approve_applied(proposal: Proposal, reviewer: str, comment: str, backend: ChangeBackend, now_ns: int,
-                    reason: str, *, diagnosis: Diagnosis | None = None) -> ReviewRecord:
+def approve_applied(
+    proposal: Proposal,
+    reviewer: str,
+    comment: str,
+    backend: ChangeBackend,
+    now_ns: int,
+    reason: str,
+    *,
+    diagnosis: Diagnosis | None = None,
+) -> ReviewRecord:
     """An approval of a change the local base already holds (another intent's proposal made
     the very same edit): nothing is merged twice; the approval is recorded against the base
     commit that holds the change, so verification still measures this intent from now on."""
@@ -110,11 +152,26 @@ def approve_applied(proposal: Proposal, reviewer: str, comment: str, backend: Ch
     note = f"not merged: {backend.base} already holds this change at {base[:12]} ({reason})"
     backend.comment(proposal, f"Approved by {who}; {note}")
     log.info("review: %s approved by %s, %s", proposal.proposal_id, who, note)
-    return _record(proposal, "approved", who, now_ns, diagnosis, f"{comment.strip()} — {note}".lstrip(" —"), base)
+    return _record(
+        proposal,
+        "approved",
+        who,
+        now_ns,
+        diagnosis,
+        f"{comment.strip()} — {note}".lstrip(" —"),
+        base,
+    )
 
 
-def reject(proposal: Proposal, reviewer: str, comment: str, backend: ChangeBackend, now_ns: int, *,
-           diagnosis: Diagnosis | None = None) -> ReviewRecord:
+def reject(
+    proposal: Proposal,
+    reviewer: str,
+    comment: str,
+    backend: ChangeBackend,
+    now_ns: int,
+    *,
+    diagnosis: Diagnosis | None = None,
+) -> ReviewRecord:
     """A named human rejects: the branch is closed (local) or the pull request closed (GitHub)."""
     who = _person(reviewer)
     next_status(proposal.status, "rejected")
@@ -132,12 +189,19 @@ def apply(proposal: Proposal, record: ReviewRecord, now_ns: int) -> Proposal:
     status = next_status(proposal.status, record.decision)
     if decision == "merged" and status != "merged":
         status = next_status(status, "merged")
-    return Proposal.from_dict({**proposal.to_dict(), "status": status, "version": proposal.version + 1,
-                               "updated_ns": now_ns})
+    return Proposal.from_dict(
+        {
+            **proposal.to_dict(),
+            "status": status,
+            "version": proposal.version + 1,
+            "updated_ns": now_ns,
+        }
+    )
 
 
-def records_from_status(proposal: Proposal, status: Mapping[str, Any], now_ns: int,
-                        diagnosis: Diagnosis | None = None) -> list[ReviewRecord]:
+def records_from_status(
+    proposal: Proposal, status: Mapping[str, Any], now_ns: int, diagnosis: Diagnosis | None = None
+) -> list[ReviewRecord]:
     """New decisions visible in a backend's :meth:`status` (GitHub reviews, merge, close).
 
     Approvals count only for the commit under review; a merge is attributed to the login
@@ -145,26 +209,42 @@ def records_from_status(proposal: Proposal, status: Mapping[str, Any], now_ns: i
     """
     out: list[ReviewRecord] = []
     current = proposal.status
-    approvers = sorted({r["user"] for r in status.get("reviews", [])
-                        if str(r.get("state", "")).upper() == "APPROVED" and r.get("user")
-                        and r.get("commit_id", proposal.commit) in ("", proposal.commit)})
+    approvers = sorted(
+        {
+            r["user"]
+            for r in status.get("reviews", [])
+            if str(r.get("state", "")).upper() == "APPROVED"
+            and r.get("user")
+            and r.get("commit_id", proposal.commit) in ("", proposal.commit)
+        }
+    )
     if approvers and "approved" in TRANSITIONS[current]:
         out.append(_record(proposal, "approved", ", ".join(approvers), now_ns, diagnosis))
         current = "approved"
     if status.get("merged") and "merged" in TRANSITIONS[current]:
         merged_by = str(status.get("merged_by") or "")
         if not merged_by:
-            log.warning("review: %s merged without a known merger; recorded as such", proposal.proposal_id)
-        out.append(_record(proposal, "merged", merged_by or "unknown (merged outside closeloop)",
-                           status.get("merged_ns") or now_ns, diagnosis,
-                           merged_commit=str(status.get("merge_commit_sha") or "")))
+            log.warning(
+                "review: %s merged without a known merger; recorded as such", proposal.proposal_id
+            )
+        out.append(
+            _record(
+                proposal,
+                "merged",
+                merged_by or "unknown (merged outside closeloop)",
+                status.get("merged_ns") or now_ns,
+                diagnosis,
+                merged_commit=str(status.get("merge_commit_sha") or ""),
+            )
+        )
     elif status.get("state") == "closed" and "closed" in TRANSITIONS[current]:
         out.append(_record(proposal, "closed", "closed on GitHub", now_ns, diagnosis))
     return out
 
 
-def poll(proposal: Proposal, backend: ChangeBackend, now_ns: int, *,
-         diagnosis: Diagnosis | None = None) -> list[ReviewRecord]:
+def poll(
+    proposal: Proposal, backend: ChangeBackend, now_ns: int, *, diagnosis: Diagnosis | None = None
+) -> list[ReviewRecord]:
     """Read the pull request and record what humans did since the last poll."""
     try:
         status = backend.status(proposal)
@@ -175,16 +255,17 @@ def poll(proposal: Proposal, backend: ChangeBackend, now_ns: int, *,
 
 # -- webhooks ---------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class WebhookEvent:
     """A review-relevant GitHub event on a closeloop pull request."""
 
-    kind: str               # approved | merged | closed
-    repo: str               # owner/name
+    kind: str  # approved | merged | closed
+    repo: str  # owner/name
     pr_number: int
     branch: str
     reviewer: str
-    commit: str = ""        # approved: the reviewed commit; merged: the merge commit
+    commit: str = ""  # approved: the reviewed commit; merged: the merge commit
     ts: str = ""
 
 
@@ -198,7 +279,9 @@ def verify_signature(headers: Mapping[str, str], body: bytes, secret: str) -> No
         raise ReviewError("missing X-Hub-Signature-256 header; configure the webhook with a secret")
     expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
     if not hmac.compare_digest(expected.encode(), sig.strip().encode()):
-        raise ReviewError("X-Hub-Signature-256 does not match the body; check review.webhook_secret")
+        raise ReviewError(
+            "X-Hub-Signature-256 does not match the body; check review.webhook_secret"
+        )
 
 
 def handle_webhook(headers: Mapping[str, str], body: bytes, secret: str) -> list[WebhookEvent]:
@@ -220,23 +303,52 @@ def handle_webhook(headers: Mapping[str, str], body: bytes, secret: str) -> list
     action = payload.get("action")
     if kind == "pull_request" and action == "closed":
         if pr.get("merged"):
-            return [WebhookEvent("merged", repo, number, branch, str((pr.get("merged_by") or {}).get("login") or ""),
-                                 str(pr.get("merge_commit_sha") or ""), str(pr.get("merged_at") or ""))]
-        return [WebhookEvent("closed", repo, number, branch, "closed on GitHub", ts=str(pr.get("closed_at") or ""))]
+            return [
+                WebhookEvent(
+                    "merged",
+                    repo,
+                    number,
+                    branch,
+                    str((pr.get("merged_by") or {}).get("login") or ""),
+                    str(pr.get("merge_commit_sha") or ""),
+                    str(pr.get("merged_at") or ""),
+                )
+            ]
+        return [
+            WebhookEvent(
+                "closed",
+                repo,
+                number,
+                branch,
+                "closed on GitHub",
+                ts=str(pr.get("closed_at") or ""),
+            )
+        ]
     if kind == "pull_request_review" and action == "submitted":
         review = payload.get("review") or {}
         if str(review.get("state", "")).lower() == "approved":
-            return [WebhookEvent("approved", repo, number, branch, str((review.get("user") or {}).get("login") or ""),
-                                 str(review.get("commit_id") or ""), str(review.get("submitted_at") or ""))]
+            return [
+                WebhookEvent(
+                    "approved",
+                    repo,
+                    number,
+                    branch,
+                    str((review.get("user") or {}).get("login") or ""),
+                    str(review.get("commit_id") or ""),
+                    str(review.get("submitted_at") or ""),
+                )
+            ]
     return []
 
 
-def records_from_event(proposal: Proposal, event: WebhookEvent, now_ns: int,
-                       diagnosis: Diagnosis | None = None) -> list[ReviewRecord]:
+def records_from_event(
+    proposal: Proposal, event: WebhookEvent, now_ns: int, diagnosis: Diagnosis | None = None
+) -> list[ReviewRecord]:
     """The decision a webhook event means for its proposal (none if already reflected)."""
     if event.kind == "approved":
-        status: dict[str, Any] = {"reviews": [{"user": event.reviewer, "state": "APPROVED",
-                                               "commit_id": event.commit}]}
+        status: dict[str, Any] = {
+            "reviews": [{"user": event.reviewer, "state": "APPROVED", "commit_id": event.commit}]
+        }
     elif event.kind == "merged":
         status = {"merged": True, "merged_by": event.reviewer, "merge_commit_sha": event.commit}
     else:
@@ -250,6 +362,7 @@ def review_rows(records: Iterable[ReviewRecord]) -> list[dict[str, Any]]:
 
 
 # -- verification -----------------------------------------------------------------------------
+
 
 @dataclass
 class Verification:
@@ -296,21 +409,49 @@ def counts_query(review: ReviewRecord, now_ns: int) -> tuple[str, dict[str, Any]
     if ba:
         before.append("agent_version = {ba:String}")
         changed.append("agent_version != {ba:String}")
-    after = "ts_ns >= {merge_ns:UInt64} AND ts_ns <= {now_ns:UInt64}" + (f" AND ({' OR '.join(changed)})" if changed else "")
-    sql = _COUNTS_SQL.format(before=" AND ".join(before), after=after,
-                             version_col="prompt_version" if bp or not ba else "agent_version")
-    return sql, {"from_ns": review.window_from_ns, "merge_ns": review.ts_ns, "now_ns": now_ns,
-                 "bp": bp, "ba": ba}
+    after = "ts_ns >= {merge_ns:UInt64} AND ts_ns <= {now_ns:UInt64}" + (
+        f" AND ({' OR '.join(changed)})" if changed else ""
+    )
+    sql = _COUNTS_SQL.format(
+        before=" AND ".join(before),
+        after=after,
+        version_col="prompt_version" if bp or not ba else "agent_version",
+    )
+    return sql, {
+        "from_ns": review.window_from_ns,
+        "merge_ns": review.ts_ns,
+        "now_ns": now_ns,
+        "bp": bp,
+        "ba": ba,
+    }
 
 
-def _outcome(pid: str, intent: str, before_version: str, row: Mapping[str, Any], v: tuple[Any, ...],
-             now_ns: int) -> Outcome:
+def _outcome(
+    pid: str,
+    intent: str,
+    before_version: str,
+    row: Mapping[str, Any],
+    v: tuple[Any, ...],
+    now_ns: int,
+) -> Outcome:
     bn, bf, an, af = (int(row[k]) for k in ("before_n", "before_fail", "after_n", "after_fail"))
-    return Outcome(proposal_id=pid, intent_id=intent, before_version=before_version,
-                   after_version=str(row.get("after_version") or ""), before_n=bn, before_failures=bf,
-                   after_n=an, after_failures=af, rate_before=bf / bn if bn else 0.0,
-                   rate_after=af / an if an else 0.0, diff_low=v[2], diff_high=v[3], p_value=v[1],
-                   verdict=v[0], ts_ns=now_ns)
+    return Outcome(
+        proposal_id=pid,
+        intent_id=intent,
+        before_version=before_version,
+        after_version=str(row.get("after_version") or ""),
+        before_n=bn,
+        before_failures=bf,
+        after_n=an,
+        after_failures=af,
+        rate_before=bf / bn if bn else 0.0,
+        rate_after=af / an if an else 0.0,
+        diff_low=v[2],
+        diff_high=v[3],
+        p_value=v[1],
+        verdict=v[0],
+        ts_ns=now_ns,
+    )
 
 
 def outcome_rows(outcomes: Iterable[Outcome]) -> list[dict[str, Any]]:
@@ -320,13 +461,15 @@ def outcome_rows(outcomes: Iterable[Outcome]) -> list[dict[str, Any]]:
 
 def verdict_comment(target: Outcome, controls: list[Outcome], confounded: str) -> str:
     moved = [c for c in controls if c.verdict not in (NOT_ENOUGH_DATA, "no_effect")]
-    text = (f"**closeloop verification: {target.verdict.replace('_', ' ')}.** Failure rate of intent "
-            f"`{target.intent_id}` went from {target.rate_before:.1%} ({target.before_failures}/"
-            f"{target.before_n}, `{target.before_version or '-'}`) to {target.rate_after:.1%} "
-            f"({target.after_failures}/{target.after_n}, `{target.after_version or '-'}`); difference "
-            f"{target.rate_after - target.rate_before:+.1%}, 95% CI [{target.diff_low:+.1%}, "
-            f"{target.diff_high:+.1%}], p = {target.p_value:.3g}. Controls: {len(controls)} other intents, "
-            f"{len(moved)} of which changed significantly.")
+    text = (
+        f"**closeloop verification: {target.verdict.replace('_', ' ')}.** Failure rate of intent "
+        f"`{target.intent_id}` went from {target.rate_before:.1%} ({target.before_failures}/"
+        f"{target.before_n}, `{target.before_version or '-'}`) to {target.rate_after:.1%} "
+        f"({target.after_failures}/{target.after_n}, `{target.after_version or '-'}`); difference "
+        f"{target.rate_after - target.rate_before:+.1%}, 95% CI [{target.diff_low:+.1%}, "
+        f"{target.diff_high:+.1%}], p = {target.p_value:.3g}. Controls: {len(controls)} other intents, "
+        f"{len(moved)} of which changed significantly."
+    )
     if confounded:
         text += f" Not attributed to this change: {confounded}."
     if target.verdict == REGRESSED:
@@ -334,8 +477,15 @@ def verdict_comment(target: Outcome, controls: list[Outcome], confounded: str) -
     return text
 
 
-def verify(store: Store, review: ReviewRecord | Mapping[str, Any], cfg: Config, now_ns: int, *,
-           backend: ChangeBackend | None = None, proposal: Proposal | None = None) -> Verification:
+def verify(
+    store: Store,
+    review: ReviewRecord | Mapping[str, Any],
+    cfg: Config,
+    now_ns: int,
+    *,
+    backend: ChangeBackend | None = None,
+    proposal: Proposal | None = None,
+) -> Verification:
     """Measure the merged change of ``review`` on its intent, with the other intents as controls.
 
     Writes one ``outcomes`` row per intent (re-running later rewrites them with more data),
@@ -344,8 +494,10 @@ def verify(store: Store, review: ReviewRecord | Mapping[str, Any], cfg: Config, 
     """
     rec = review if isinstance(review, ReviewRecord) else ReviewRecord.from_dict(dict(review))
     if not rec.merged_commit:
-        raise ReviewError(f"proposal {rec.proposal_id} is not merged (decision {rec.decision!r}); "
-                          "nothing to verify yet")
+        raise ReviewError(
+            f"proposal {rec.proposal_id} is not merged (decision {rec.decision!r}); "
+            "nothing to verify yet"
+        )
     sql, params = counts_query(rec, now_ns)
     rows = {r["intent_id"]: r for r in store.query(sql, params)}
     before_version = rec.before_prompt_version or rec.before_agent_version
@@ -353,52 +505,90 @@ def verify(store: Store, review: ReviewRecord | Mapping[str, Any], cfg: Config, 
     target_row = rows.get(rec.intent_id, empty)
     # Controls are the intents no merged change targets: several fixes merged together would
     # otherwise make each other's improvements look like a traffic-wide shift.
-    fixed_elsewhere = {r["intent_id"] for r in store.query(
-        "SELECT DISTINCT intent_id FROM reviews FINAL WHERE merged_commit != ''")}
+    fixed_elsewhere = {
+        r["intent_id"]
+        for r in store.query(
+            "SELECT DISTINCT intent_id FROM reviews FINAL WHERE merged_commit != ''"
+        )
+    }
     others = {k: r for k, r in rows.items() if k != rec.intent_id and k not in fixed_elsewhere}
 
     def counts(r: Mapping[str, Any]) -> Counts:
-        return Counts(int(r["before_n"]), int(r["before_fail"]), int(r["after_n"]), int(r["after_fail"]))
+        return Counts(
+            int(r["before_n"]), int(r["before_fail"]), int(r["after_n"]), int(r["after_fail"])
+        )
 
     rv = cfg.review
-    v5 = guarded_verdict(counts(target_row), [counts(r) for r in others.values()],
-                         total_before=sum(int(r["before_n"]) for r in rows.values()),
-                         total_after=sum(int(r["after_n"]) for r in rows.values()),
-                         min_after=rv.min_after, alpha=rv.alpha)
+    v5 = guarded_verdict(
+        counts(target_row),
+        [counts(r) for r in others.values()],
+        total_before=sum(int(r["before_n"]) for r in rows.values()),
+        total_after=sum(int(r["after_n"]) for r in rows.values()),
+        min_after=rv.min_after,
+        alpha=rv.alpha,
+    )
     target = _outcome(rec.proposal_id, rec.intent_id, before_version, target_row, v5[:4], now_ns)
-    controls = [_outcome(rec.proposal_id, k, before_version, r,
-                         verdict(*(int(r[c]) for c in ("before_n", "before_fail", "after_n", "after_fail")),
-                                 rv.min_after, rv.alpha), now_ns)
-                for k, r in sorted(others.items())]
+    controls = [
+        _outcome(
+            rec.proposal_id,
+            k,
+            before_version,
+            r,
+            verdict(
+                *(int(r[c]) for c in ("before_n", "before_fail", "after_n", "after_fail")),
+                rv.min_after,
+                rv.alpha,
+            ),
+            now_ns,
+        )
+        for k, r in sorted(others.items())
+    ]
     previous = store.query(
         "SELECT verdict FROM outcomes FINAL WHERE proposal_id = {p:String} AND intent_id = {i:String}",
-        {"p": rec.proposal_id, "i": rec.intent_id})
+        {"p": rec.proposal_id, "i": rec.intent_id},
+    )
     already = any(r["verdict"] != NOT_ENOUGH_DATA for r in previous)
     outcomes = [target, *controls]
     store.insert_records("outcomes", outcome_rows(outcomes))
-    result = Verification(outcomes, target, regressed=target.verdict == REGRESSED, confounded=v5[4],
-                          controls=controls)
-    if target.verdict != NOT_ENOUGH_DATA and not already and backend is not None and proposal is not None:
+    result = Verification(
+        outcomes, target, regressed=target.verdict == REGRESSED, confounded=v5[4], controls=controls
+    )
+    if (
+        target.verdict != NOT_ENOUGH_DATA
+        and not already
+        and backend is not None
+        and proposal is not None
+    ):
         try:
             backend.comment(proposal, verdict_comment(target, controls, v5[4]))
             result.commented = True
-        except ActError as e:   # the verdict is stored; a missed comment is only logged
+        except ActError as e:  # the verdict is stored; a missed comment is only logged
             log.warning("review: verdict comment on %s failed: %s", rec.proposal_id, e)
-    log.info("review: %s verified: %s (p=%.3g)%s", rec.proposal_id, target.verdict, target.p_value,
-             f" — {v5[4]}" if v5[4] else "")
+    log.info(
+        "review: %s verified: %s (p=%.3g)%s",
+        rec.proposal_id,
+        target.verdict,
+        target.p_value,
+        f" — {v5[4]}" if v5[4] else "",
+    )
     return result
 
 
 # -- decisions taken through closeloop (CLI and review page) ----------------------------------
 
+
 def load_proposal(store: Store, proposal_id: str) -> Proposal | None:
-    rows = store.query("SELECT * FROM proposals FINAL WHERE proposal_id = {p:String}", {"p": proposal_id})
+    rows = store.query(
+        "SELECT * FROM proposals FINAL WHERE proposal_id = {p:String}", {"p": proposal_id}
+    )
     return Proposal.from_dict(rows[0]) if rows else None
 
 
 def load_diagnosis(store: Store, diagnosis_id: str) -> Diagnosis | None:
-    rows = store.query("SELECT * EXCEPT updated_time FROM diagnoses FINAL WHERE diagnosis_id = {d:String}",
-                       {"d": diagnosis_id})
+    rows = store.query(
+        "SELECT * EXCEPT updated_time FROM diagnoses FINAL WHERE diagnosis_id = {d:String}",
+        {"d": diagnosis_id},
+    )
     if not rows:
         return None
     row = dict(rows[0])
@@ -416,12 +606,23 @@ class StaleProposal(ReviewError):
 
     def __init__(self, proposal: Proposal) -> None:
         self.proposal = proposal
-        super().__init__(f"proposal {proposal.proposal_id} conflicted with a change merged since; it was "
-                         f"rebuilt on the current base as version {proposal.version}: review the new diff")
+        super().__init__(
+            f"proposal {proposal.proposal_id} conflicted with a change merged since; it was "
+            f"rebuilt on the current base as version {proposal.version}: review the new diff"
+        )
 
 
-def decide(store: Store, backend: ChangeBackend, proposal_id: str, decision: str, reviewer: str,
-           comment: str, now_ns: int, *, cfg: Config | None = None) -> tuple[ReviewRecord, Proposal]:
+def decide(
+    store: Store,
+    backend: ChangeBackend,
+    proposal_id: str,
+    decision: str,
+    reviewer: str,
+    comment: str,
+    now_ns: int,
+    *,
+    cfg: Config | None = None,
+) -> tuple[ReviewRecord, Proposal]:
     """A human's decision on a proposal: applied to the backend, recorded in ``reviews``, and
     the proposal row moved on. ``decision`` is ``approve`` or ``reject``; nothing else merges.
 
@@ -445,8 +646,15 @@ def decide(store: Store, backend: ChangeBackend, proposal_id: str, decision: str
             actor = Actor(cfg, backend)
             refreshed = actor.propose(diagnosis, now_ns, rebuild=True)
             if refreshed is None and actor.already_applied:
-                record = approve_applied(proposal, reviewer, comment, backend, now_ns, actor.last_reason,
-                                         diagnosis=diagnosis)
+                record = approve_applied(
+                    proposal,
+                    reviewer,
+                    comment,
+                    backend,
+                    now_ns,
+                    actor.last_reason,
+                    diagnosis=diagnosis,
+                )
             elif refreshed is None:
                 raise ReviewError(f"{e}; rebuilding it failed: {actor.last_reason}") from e
             else:
@@ -464,7 +672,9 @@ def decide(store: Store, backend: ChangeBackend, proposal_id: str, decision: str
 
 def merged_reviews(store: Store) -> list[dict[str, Any]]:
     """Reviews whose change is merged: the ones verification measures."""
-    return store.query("SELECT * EXCEPT ts FROM reviews FINAL WHERE merged_commit != '' ORDER BY ts_ns")
+    return store.query(
+        "SELECT * EXCEPT ts FROM reviews FINAL WHERE merged_commit != '' ORDER BY ts_ns"
+    )
 
 
 def _record_all(store: Store, proposal: Proposal, records: list[ReviewRecord], now_ns: int) -> None:
@@ -477,18 +687,24 @@ def _record_all(store: Store, proposal: Proposal, records: list[ReviewRecord], n
         store.insert_records("proposals", proposal_rows([proposal]))
 
 
-def ingest_webhook(store: Store, headers: Mapping[str, str], body: bytes, secret: str,
-                   now_ns: int) -> list[ReviewRecord]:
+def ingest_webhook(
+    store: Store, headers: Mapping[str, str], body: bytes, secret: str, now_ns: int
+) -> list[ReviewRecord]:
     """A signed GitHub delivery → the decisions it records on closeloop's pull requests."""
     out: list[ReviewRecord] = []
     for event in handle_webhook(headers, body, secret):
-        rows = store.query("SELECT proposal_id FROM proposals FINAL WHERE branch = {b:String} "
-                           "AND backend = 'github'", {"b": event.branch})
+        rows = store.query(
+            "SELECT proposal_id FROM proposals FINAL WHERE branch = {b:String} "
+            "AND backend = 'github'",
+            {"b": event.branch},
+        )
         proposal = load_proposal(store, rows[0]["proposal_id"]) if rows else None
         if proposal is None:
             log.info("review: webhook for unknown branch %s ignored", event.branch)
             continue
-        records = records_from_event(proposal, event, now_ns, load_diagnosis(store, proposal.diagnosis_id))
+        records = records_from_event(
+            proposal, event, now_ns, load_diagnosis(store, proposal.diagnosis_id)
+        )
         _record_all(store, proposal, records, now_ns)
         out += records
     return out
@@ -497,13 +713,18 @@ def ingest_webhook(store: Store, headers: Mapping[str, str], body: bytes, secret
 def poll_open(store: Store, backend: ChangeBackend, now_ns: int) -> list[ReviewRecord]:
     """Read every open pull request of the backend and record what humans did on GitHub."""
     out: list[ReviewRecord] = []
-    rows = store.query("SELECT proposal_id FROM proposals FINAL WHERE backend = {b:String} "
-                       "AND status IN ('open', 'approved')", {"b": backend.name})
+    rows = store.query(
+        "SELECT proposal_id FROM proposals FINAL WHERE backend = {b:String} "
+        "AND status IN ('open', 'approved')",
+        {"b": backend.name},
+    )
     for r in rows:
         proposal = load_proposal(store, r["proposal_id"])
         if proposal is None:
             continue
-        records = poll(proposal, backend, now_ns, diagnosis=load_diagnosis(store, proposal.diagnosis_id))
+        records = poll(
+            proposal, backend, now_ns, diagnosis=load_diagnosis(store, proposal.diagnosis_id)
+        )
         _record_all(store, proposal, records, now_ns)
         out += records
     return out

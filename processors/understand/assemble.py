@@ -15,6 +15,7 @@ it leaves the state, which keeps the state bounded by the open conversations.
 Content records (``span_kind == "content"``: message content from the logs signal) are
 merged into their span by span id, whichever arrives first.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,22 +25,29 @@ from typing import Any
 from processors.config import AssembleConfig
 from processors.records import Conversation, Message, ToolCall, TurnRecord
 
-END_GRACE_NS = 1_000_000_000      # wait this long after an end marker for sibling spans
-LINGER_NS = 120_000_000_000       # keep a closed conversation this long for late spans
+END_GRACE_NS = 1_000_000_000  # wait this long after an end marker for sibling spans
+LINGER_NS = 120_000_000_000  # keep a closed conversation this long for late spans
 
 
 def new_state(now_ns: int) -> dict[str, Any]:
-    return {"turns": {}, "first_ns": now_ns, "last_seen_ns": now_ns, "ended_ns": 0,
-            "closed_ns": 0, "emitted_version": 0}
+    return {
+        "turns": {},
+        "first_ns": now_ns,
+        "last_seen_ns": now_ns,
+        "ended_ns": 0,
+        "closed_ns": 0,
+        "emitted_version": 0,
+    }
 
 
-def add_turns(state: dict[str, Any] | None, turns: list[TurnRecord | dict[str, Any]],
-              now_ns: int) -> dict[str, Any]:
+def add_turns(
+    state: dict[str, Any] | None, turns: list[TurnRecord | dict[str, Any]], now_ns: int
+) -> dict[str, Any]:
     """Fold turn records (records, or their dicts as they come off the topic) into a
     conversation's state (idempotent: keyed by span id)."""
     dicts = [t.to_dict() if isinstance(t, TurnRecord) else t for t in turns]
     if not all(isinstance(d.get("span_id"), str) and d["span_id"] for d in dicts):
-        raise ValueError("a turn record needs a span_id")   # checked before the state changes
+        raise ValueError("a turn record needs a span_id")  # checked before the state changes
     st = new_state(now_ns) if state is None else state
     for d in dicts:
         span_id = d["span_id"]
@@ -111,7 +119,9 @@ def _key(m: Message) -> tuple[str, str]:
     return (m.role, m.content if m.role != "tool" else f"{m.tool_call_id}\0{m.content}")
 
 
-def build_conversation(conversation_id: str, turns: list[dict[str, Any]], reason: str) -> Conversation:
+def build_conversation(
+    conversation_id: str, turns: list[dict[str, Any]], reason: str
+) -> Conversation:
     """Order the spans and derive the transcript: messages de-duplicated across LLM calls
     (agents resend the history on every call), tool executions placed where they ran."""
     recs = sorted((TurnRecord.from_dict(t) for t in turns), key=lambda t: (t.start_ns, t.span_id))
@@ -123,7 +133,11 @@ def build_conversation(conversation_id: str, turns: list[dict[str, Any]], reason
     trace_order: dict[str, None] = {}
     # Instrumentations that trace only model calls carry tool results in the next call's
     # input; those are kept unless an executed tool span already covers the call.
-    executed = {t.tool.call_id for t in recs if t.span_kind == "tool" and t.tool is not None and t.tool.call_id}
+    executed = {
+        t.tool.call_id
+        for t in recs
+        if t.span_kind == "tool" and t.tool is not None and t.tool.call_id
+    }
     for t in recs:
         trace_order.setdefault(t.trace_id, None)
         if t.status == "error" and t.span_kind in ("llm", "tool"):
@@ -135,11 +149,19 @@ def build_conversation(conversation_id: str, turns: list[dict[str, Any]], reason
         if t.span_kind == "tool" and t.tool is not None:
             tc = t.tool
             tool_calls.append(tc)
-            transcript.append(Message(role="tool", content=tc.error_message or tc.result,
-                                      trace_id=t.trace_id, span_id=t.span_id, ts_ns=t.start_ns,
-                                      tool_name=tc.name, tool_call_id=tc.call_id,
-                                      tool_arguments=tc.arguments,
-                                      error=tc.error_message or tc.error_type))
+            transcript.append(
+                Message(
+                    role="tool",
+                    content=tc.error_message or tc.result,
+                    trace_id=t.trace_id,
+                    span_id=t.span_id,
+                    ts_ns=t.start_ns,
+                    tool_name=tc.name,
+                    tool_call_id=tc.call_id,
+                    tool_arguments=tc.arguments,
+                    error=tc.error_message or tc.error_type,
+                )
+            )
             continue
         if t.span_kind not in ("llm", "content"):
             continue
@@ -152,27 +174,48 @@ def build_conversation(conversation_id: str, turns: list[dict[str, Any]], reason
         if t.prompt_version:
             prompt_versions[t.prompt_version] += 1
         # Append only the occurrences of each (role, content) this call adds to the transcript.
-        inputs = [m for m in t.input_messages
-                  if (m.role in ("user", "assistant") and m.content)
-                  or (m.role == "tool" and m.tool_call_id not in executed)]
+        inputs = [
+            m
+            for m in t.input_messages
+            if (m.role in ("user", "assistant") and m.content)
+            or (m.role == "tool" and m.tool_call_id not in executed)
+        ]
         need: Counter[tuple[str, str]] = Counter(_key(m) for m in inputs)
         for m in inputs:
             key = _key(m)
             if need[key] > seen[key]:
                 seen[key] += 1
                 need[key] -= 1
-                transcript.append(Message(role=m.role, content=m.content, trace_id=t.trace_id,
-                                          span_id=t.span_id, ts_ns=t.start_ns, tool_name=m.tool_name,
-                                          tool_call_id=m.tool_call_id, error=m.error))
+                transcript.append(
+                    Message(
+                        role=m.role,
+                        content=m.content,
+                        trace_id=t.trace_id,
+                        span_id=t.span_id,
+                        ts_ns=t.start_ns,
+                        tool_name=m.tool_name,
+                        tool_call_id=m.tool_call_id,
+                        error=m.error,
+                    )
+                )
             else:
                 need[key] -= 1
         for m in t.output_messages:
             if m.role == "assistant" and (m.content or m.tool_name):
                 if m.content:
                     seen[(m.role, m.content)] += 1
-                transcript.append(Message(role="assistant", content=m.content, trace_id=t.trace_id,
-                                          span_id=t.span_id, ts_ns=t.end_ns, tool_name=m.tool_name,
-                                          tool_call_id=m.tool_call_id, tool_arguments=m.tool_arguments))
+                transcript.append(
+                    Message(
+                        role="assistant",
+                        content=m.content,
+                        trace_id=t.trace_id,
+                        span_id=t.span_id,
+                        ts_ns=t.end_ns,
+                        tool_name=m.tool_name,
+                        tool_call_id=m.tool_call_id,
+                        tool_arguments=m.tool_arguments,
+                    )
+                )
     transcript.sort(key=lambda m: m.ts_ns)  # stable: keeps call order within one span
     conv.messages = transcript
     conv.tool_calls = tool_calls
@@ -184,16 +227,49 @@ def build_conversation(conversation_id: str, turns: list[dict[str, Any]], reason
 
 
 CONVERSATION_COLUMNS = (
-    "conversation_id", "version", "start_ns", "end_ns", "closed_reason", "prompt_version", "model",
-    "agent_name", "agent_version", "trace_ids", "messages", "n_messages", "n_user_turns",
-    "n_tool_calls", "llm_calls", "errors", "input_tokens", "output_tokens", "latency_ms",
+    "conversation_id",
+    "version",
+    "start_ns",
+    "end_ns",
+    "closed_reason",
+    "prompt_version",
+    "model",
+    "agent_name",
+    "agent_version",
+    "trace_ids",
+    "messages",
+    "n_messages",
+    "n_user_turns",
+    "n_tool_calls",
+    "llm_calls",
+    "errors",
+    "input_tokens",
+    "output_tokens",
+    "latency_ms",
 )
 
 
 def conversation_row(c: Conversation) -> list[Any]:
     """A ``conversations`` row in :data:`CONVERSATION_COLUMNS` order."""
     msgs = json.dumps([m.to_dict() for m in c.messages], ensure_ascii=False)
-    return [c.conversation_id, c.version, c.start_ns, c.end_ns, c.closed_reason, c.prompt_version,
-            c.model, c.agent_name, c.agent_version, c.trace_ids, msgs, len(c.messages),
-            sum(1 for m in c.messages if m.role == "user"), len(c.tool_calls), c.llm_calls,
-            c.errors, c.input_tokens, c.output_tokens, c.latency_ms]
+    return [
+        c.conversation_id,
+        c.version,
+        c.start_ns,
+        c.end_ns,
+        c.closed_reason,
+        c.prompt_version,
+        c.model,
+        c.agent_name,
+        c.agent_version,
+        c.trace_ids,
+        msgs,
+        len(c.messages),
+        sum(1 for m in c.messages if m.role == "user"),
+        len(c.tool_calls),
+        c.llm_calls,
+        c.errors,
+        c.input_tokens,
+        c.output_tokens,
+        c.latency_ms,
+    ]

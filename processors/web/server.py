@@ -16,6 +16,7 @@ the Content-Security-Policy forbids scripts, so even an escaping mistake cannot 
 Data functions (:func:`overview`, :func:`intents`, ...) return plain dicts shared by the pages
 and the API, so both always show the same thing.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,7 +49,7 @@ log = logging.getLogger("closeloop.web")
 TOKEN_FILE = "web-token"
 SESSION_MAX_AGE_S = 7 * 24 * 3600
 MAX_FORM_BYTES = 64 * 1024
-MAX_WEBHOOK_BYTES = 5 * 1024 * 1024     # GitHub caps deliveries at 25 MB; PR events are far smaller
+MAX_WEBHOOK_BYTES = 5 * 1024 * 1024  # GitHub caps deliveries at 25 MB; PR events are far smaller
 WEBHOOK_PATH = "/webhooks/github"
 MAX_REVIEWER_CHARS = 200
 MAX_COMMENT_CHARS = 4000
@@ -56,11 +57,14 @@ SPARK_BUCKETS = 24
 LIST_LIMIT = 500
 _ID = r"([A-Za-z0-9._:-]{1,200})"
 _TRACE_ID = re.compile(r"[^A-Za-z0-9_-]")
-CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'; "
-       "frame-ancestors 'none'; base-uri 'none'")
+CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
 
 
 # -- data: plain dicts for the pages and the API ----------------------------------------------
+
 
 def _json_field(text: Any) -> Any:
     """A JSON column back as data; text that is not JSON stays text."""
@@ -80,13 +84,22 @@ def overview(store: Store) -> dict[str, Any]:
         "open_diagnoses": store.scalar("SELECT count() FROM diagnoses FINAL WHERE status = 'open'"),
         "open_proposals": store.scalar("SELECT count() FROM proposals FINAL WHERE status = 'open'"),
     }
-    verdicts = {r["verdict"]: int(r["n"]) for r in store.query(
-        "SELECT verdict, count() AS n FROM outcomes FINAL WHERE (proposal_id, intent_id) IN "
-        "(SELECT proposal_id, intent_id FROM proposals FINAL) GROUP BY verdict")}
+    verdicts = {
+        r["verdict"]: int(r["n"])
+        for r in store.query(
+            "SELECT verdict, count() AS n FROM outcomes FINAL WHERE (proposal_id, intent_id) IN "
+            "(SELECT proposal_id, intent_id FROM proposals FINAL) GROUP BY verdict"
+        )
+    }
     waiting = store.query(
         "SELECT proposal_id, title, intent_id, created_ns FROM proposals FINAL WHERE status = 'open' "
-        "ORDER BY created_ns DESC LIMIT 20")
-    return {"counts": {k: int(v or 0) for k, v in counts.items()}, "verdicts": verdicts, "waiting": waiting}
+        "ORDER BY created_ns DESC LIMIT 20"
+    )
+    return {
+        "counts": {k: int(v or 0) for k, v in counts.items()},
+        "verdicts": verdicts,
+        "waiting": waiting,
+    }
 
 
 def intents(store: Store, cfg: Config, buckets: int = SPARK_BUCKETS) -> dict[str, Any]:
@@ -98,27 +111,38 @@ def intents(store: Store, cfg: Config, buckets: int = SPARK_BUCKETS) -> dict[str
     rows = store.query(
         "SELECT intent_id, name, description, keywords, examples, size, status, parent_id, taxonomy_version, "
         "created_ns, updated_ns FROM intents FINAL ORDER BY size DESC, intent_id LIMIT {n:UInt32}",
-        {"n": LIST_LIMIT})
-    stats = {r["intent_id"]: r for r in store.query(
-        "SELECT intent_id, count() AS n, sum(failed) AS failures FROM conversation_tags FINAL GROUP BY intent_id")}
+        {"n": LIST_LIMIT},
+    )
+    stats = {
+        r["intent_id"]: r
+        for r in store.query(
+            "SELECT intent_id, count() AS n, sum(failed) AS failures FROM conversation_tags FINAL GROUP BY intent_id"
+        )
+    }
     signals: dict[str, dict[str, int]] = {}
-    for r in store.query("SELECT intent_id, s AS signal, count() AS n FROM conversation_tags FINAL "
-                         "ARRAY JOIN signals AS s GROUP BY intent_id, signal ORDER BY signal"):
+    for r in store.query(
+        "SELECT intent_id, s AS signal, count() AS n FROM conversation_tags FINAL "
+        "ARRAY JOIN signals AS s GROUP BY intent_id, signal ORDER BY signal"
+    ):
         signals.setdefault(r["intent_id"], {})[r["signal"]] = int(r["n"])
-    span = store.query("SELECT min(ts_ns) AS lo, max(ts_ns) AS hi, count() AS n FROM conversation_tags FINAL")[0]
+    span = store.query(
+        "SELECT min(ts_ns) AS lo, max(ts_ns) AS hi, count() AS n FROM conversation_tags FINAL"
+    )[0]
     lo, hi = int(span["lo"] or 0), int(span["hi"] or 0)
     width = max(1, math.ceil((hi - lo + 1) / buckets))
     series: dict[str, list[list[int]]] = {}
     if int(span["n"] or 0):
         for r in store.query(
-                "SELECT intent_id, toUInt32(intDiv(ts_ns - {lo:UInt64}, {w:UInt64})) AS b, count() AS n, "
-                "sum(failed) AS f FROM conversation_tags FINAL WHERE ts_ns >= {lo:UInt64} GROUP BY intent_id, b",
-                {"lo": lo, "w": width}):
+            "SELECT intent_id, toUInt32(intDiv(ts_ns - {lo:UInt64}, {w:UInt64})) AS b, count() AS n, "
+            "sum(failed) AS f FROM conversation_tags FINAL WHERE ts_ns >= {lo:UInt64} GROUP BY intent_id, b",
+            {"lo": lo, "w": width},
+        ):
             s = series.setdefault(r["intent_id"], [[0, 0] for _ in range(buckets)])
             s[min(int(r["b"]), buckets - 1)] = [int(r["n"]), int(r["f"])]
     changes = store.query(
         "SELECT taxonomy_version, intent_id, change, name, other_id, ts_ns FROM intent_changes FINAL "
-        "ORDER BY taxonomy_version DESC, ts_ns DESC, intent_id LIMIT 200")
+        "ORDER BY taxonomy_version DESC, ts_ns DESC, intent_id LIMIT 200"
+    )
     by_intent: dict[str, list[dict[str, Any]]] = {}
     for c in changes:
         by_intent.setdefault(c["intent_id"], []).append(c)
@@ -127,35 +151,56 @@ def intents(store: Store, cfg: Config, buckets: int = SPARK_BUCKETS) -> dict[str
         st = stats.get(r["intent_id"], {})
         n, fails = int(st.get("n", 0)), int(st.get("failures", 0))
         shown = int(r["size"]) >= cfg.understand.min_examples_shown
-        out.append({
-            **r, "examples": list(r["examples"]) if shown else [], "examples_withheld": not shown,
-            "conversations": n, "failures": fails, "failure_rate": fails / n if n else 0.0,
-            "signal_rates": {k: v / n for k, v in signals.get(r["intent_id"], {}).items()} if n else {},
-            "series": series.get(r["intent_id"], [[0, 0] for _ in range(buckets)]),
-            "changes": by_intent.get(r["intent_id"], []),
-        })
-    return {"intents": out, "changes": changes,
-            "buckets": {"from_ns": lo, "width_ns": width, "count": buckets}}
+        out.append(
+            {
+                **r,
+                "examples": list(r["examples"]) if shown else [],
+                "examples_withheld": not shown,
+                "conversations": n,
+                "failures": fails,
+                "failure_rate": fails / n if n else 0.0,
+                "signal_rates": {k: v / n for k, v in signals.get(r["intent_id"], {}).items()}
+                if n
+                else {},
+                "series": series.get(r["intent_id"], [[0, 0] for _ in range(buckets)]),
+                "changes": by_intent.get(r["intent_id"], []),
+            }
+        )
+    return {
+        "intents": out,
+        "changes": changes,
+        "buckets": {"from_ns": lo, "width_ns": width, "count": buckets},
+    }
 
 
-_DIAG_LIST = ("diagnosis_id, intent_id, intent_name, rule, summary, confidence, support, failures, failure_rate, "
-              "baseline_rate, status, version, updated_ns")
+_DIAG_LIST = (
+    "diagnosis_id, intent_id, intent_name, rule, summary, confidence, support, failures, failure_rate, "
+    "baseline_rate, status, version, updated_ns"
+)
 
 
 def diagnoses(store: Store) -> list[dict[str, Any]]:
-    return store.query(f"SELECT {_DIAG_LIST} FROM diagnoses FINAL ORDER BY status = 'open' DESC, updated_ns DESC "
-                       "LIMIT {n:UInt32}", {"n": LIST_LIMIT})
+    return store.query(
+        f"SELECT {_DIAG_LIST} FROM diagnoses FINAL ORDER BY status = 'open' DESC, updated_ns DESC "
+        "LIMIT {n:UInt32}",
+        {"n": LIST_LIMIT},
+    )
 
 
 def diagnosis(store: Store, diagnosis_id: str) -> dict[str, Any] | None:
     """One diagnosis with component and evidence as data, and the proposals made from it."""
-    rows = store.query("SELECT * FROM diagnoses FINAL WHERE diagnosis_id = {d:String}", {"d": diagnosis_id})
+    rows = store.query(
+        "SELECT * FROM diagnoses FINAL WHERE diagnosis_id = {d:String}", {"d": diagnosis_id}
+    )
     if not rows:
         return None
     d = rows[0]
     d["component"], d["evidence"] = _json_field(d["component"]), _json_field(d["evidence"])
-    d["proposals"] = store.query("SELECT proposal_id, title, status FROM proposals FINAL "
-                                 "WHERE diagnosis_id = {d:String} ORDER BY created_ns", {"d": diagnosis_id})
+    d["proposals"] = store.query(
+        "SELECT proposal_id, title, status FROM proposals FINAL "
+        "WHERE diagnosis_id = {d:String} ORDER BY created_ns",
+        {"d": diagnosis_id},
+    )
     return d
 
 
@@ -164,41 +209,73 @@ def proposals(store: Store) -> list[dict[str, Any]]:
     rows = store.query(
         "SELECT proposal_id, diagnosis_id, intent_id, backend, repo, branch, title, files, pr_number, pr_url, "
         "status, version, created_ns, updated_ns FROM proposals FINAL "
-        "ORDER BY status = 'open' DESC, updated_ns DESC LIMIT {n:UInt32}", {"n": LIST_LIMIT})
-    last = {r["proposal_id"]: r for r in store.query(
-        "SELECT proposal_id, argMax(decision, ts_ns) AS decision, argMax(reviewer, ts_ns) AS reviewer, "
-        "max(ts_ns) AS decided_ns FROM reviews FINAL GROUP BY proposal_id")}
+        "ORDER BY status = 'open' DESC, updated_ns DESC LIMIT {n:UInt32}",
+        {"n": LIST_LIMIT},
+    )
+    last = {
+        r["proposal_id"]: r
+        for r in store.query(
+            "SELECT proposal_id, argMax(decision, ts_ns) AS decision, argMax(reviewer, ts_ns) AS reviewer, "
+            "max(ts_ns) AS decided_ns FROM reviews FINAL GROUP BY proposal_id"
+        )
+    }
     return [{**r, "last_decision": last.get(r["proposal_id"])} for r in rows]
 
 
 def proposal(store: Store, proposal_id: str) -> dict[str, Any] | None:
     """One proposal with its reviews (oldest first), its diagnosis summary and its outcome."""
-    rows = store.query("SELECT * FROM proposals FINAL WHERE proposal_id = {p:String}", {"p": proposal_id})
+    rows = store.query(
+        "SELECT * FROM proposals FINAL WHERE proposal_id = {p:String}", {"p": proposal_id}
+    )
     if not rows:
         return None
     p = rows[0]
-    p["reviews"] = store.query("SELECT * FROM reviews FINAL WHERE proposal_id = {p:String} ORDER BY ts_ns",
-                               {"p": proposal_id})
-    diag = store.query("SELECT diagnosis_id, intent_name, summary, root_cause, status FROM diagnoses FINAL "
-                       "WHERE diagnosis_id = {d:String}", {"d": p["diagnosis_id"]})
+    p["reviews"] = store.query(
+        "SELECT * FROM reviews FINAL WHERE proposal_id = {p:String} ORDER BY ts_ns",
+        {"p": proposal_id},
+    )
+    diag = store.query(
+        "SELECT diagnosis_id, intent_name, summary, root_cause, status FROM diagnoses FINAL "
+        "WHERE diagnosis_id = {d:String}",
+        {"d": p["diagnosis_id"]},
+    )
     p["diagnosis"] = diag[0] if diag else None
-    p["outcome"] = next(iter(store.query(
-        "SELECT * FROM outcomes FINAL WHERE proposal_id = {p:String} AND intent_id = {i:String}",
-        {"p": proposal_id, "i": p["intent_id"]})), None)
+    p["outcome"] = next(
+        iter(
+            store.query(
+                "SELECT * FROM outcomes FINAL WHERE proposal_id = {p:String} AND intent_id = {i:String}",
+                {"p": proposal_id, "i": p["intent_id"]},
+            )
+        ),
+        None,
+    )
     return p
 
 
 def outcomes(store: Store) -> list[dict[str, Any]]:
     """Per proposal: the target intent's outcome and the control intents' outcomes."""
-    props = {r["proposal_id"]: r for r in store.query(
-        "SELECT proposal_id, intent_id, title, status FROM proposals FINAL")}
-    names = {r["intent_id"]: r["name"] for r in store.query("SELECT intent_id, name FROM intents FINAL")}
+    props = {
+        r["proposal_id"]: r
+        for r in store.query("SELECT proposal_id, intent_id, title, status FROM proposals FINAL")
+    }
+    names = {
+        r["intent_id"]: r["name"] for r in store.query("SELECT intent_id, name FROM intents FINAL")
+    }
     groups: dict[str, dict[str, Any]] = {}
-    for o in store.query("SELECT * FROM outcomes FINAL ORDER BY ts_ns DESC, proposal_id, intent_id"):
+    for o in store.query(
+        "SELECT * FROM outcomes FINAL ORDER BY ts_ns DESC, proposal_id, intent_id"
+    ):
         p = props.get(o["proposal_id"], {})
-        g = groups.setdefault(o["proposal_id"], {"proposal_id": o["proposal_id"], "title": p.get("title", ""),
-                                                 "intent_id": p.get("intent_id", ""), "target": None,
-                                                 "controls": []})
+        g = groups.setdefault(
+            o["proposal_id"],
+            {
+                "proposal_id": o["proposal_id"],
+                "title": p.get("title", ""),
+                "intent_id": p.get("intent_id", ""),
+                "target": None,
+                "controls": [],
+            },
+        )
         o = {**o, "intent_name": names.get(o["intent_id"], "")}
         if o["intent_id"] == g["intent_id"]:
             g["target"] = o
@@ -208,6 +285,7 @@ def outcomes(store: Store) -> list[dict[str, Any]]:
 
 
 # -- HTML ---------------------------------------------------------------------------------------
+
 
 def h(value: Any) -> str:
     """HTML-escape anything (conversation text and evidence are untrusted)."""
@@ -233,8 +311,10 @@ def trace_link(trace_id: str, template: str) -> str:
     """A trace id as a link through ``web.trace_url`` (``{trace_id}`` placeholder), else as code."""
     tid = _TRACE_ID.sub("", str(trace_id))[:64]
     if template and template.startswith(("http://", "https://")):
-        return f'<a class="mono" href="{h(template.replace("{trace_id}", quote(tid)))}">{h(tid)}</a>'
-    return f'<code>{h(tid)}</code>'
+        return (
+            f'<a class="mono" href="{h(template.replace("{trace_id}", quote(tid)))}">{h(tid)}</a>'
+        )
+    return f"<code>{h(tid)}</code>"
 
 
 def safe_href(url: str) -> str:
@@ -254,16 +334,24 @@ def sparkline(series: Sequence[Sequence[int]], width: int = 144, height: int = 3
         return '<span class="muted">no data</span>'
     top = max(v for v, _ in series)
     slot = width / n
-    bars = "".join(f'<rect x="{round(i * slot, 1)}" y="{round(height - v / top * height, 1)}" '
-                   f'width="{round(max(slot - 1, 1), 1)}" height="{round(v / top * height, 1)}"/>'
-                   for i, (v, _) in enumerate(series) if v)
-    fail = " ".join(f"{round((i + 0.5) * slot, 1)},{round((height - 1) - f / v * (height - 2), 1)}"
-                    for i, (v, f) in enumerate(series) if v)
+    bars = "".join(
+        f'<rect x="{round(i * slot, 1)}" y="{round(height - v / top * height, 1)}" '
+        f'width="{round(max(slot - 1, 1), 1)}" height="{round(v / top * height, 1)}"/>'
+        for i, (v, _) in enumerate(series)
+        if v
+    )
+    fail = " ".join(
+        f"{round((i + 0.5) * slot, 1)},{round((height - 1) - f / v * (height - 2), 1)}"
+        for i, (v, f) in enumerate(series)
+        if v
+    )
     total, fails = sum(v for v, _ in series), sum(f for _, f in series)
     title = f"{total} conversations, {fails} failed; busiest bucket {top}"
-    return (f'<svg class="spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
-            f'<title>{h(title)}</title><g fill="#cbd5e1">{bars}</g>'
-            f'<polyline points="{fail}" fill="none" stroke="#dc2626" stroke-width="1.5"/></svg>')
+    return (
+        f'<svg class="spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
+        f'<title>{h(title)}</title><g fill="#cbd5e1">{bars}</g>'
+        f'<polyline points="{fail}" fill="none" stroke="#dc2626" stroke-width="1.5"/></svg>'
+    )
 
 
 def render_value(value: Any, trace_url: str, key: str = "") -> str:
@@ -274,16 +362,23 @@ def render_value(value: Any, trace_url: str, key: str = "") -> str:
     if isinstance(value, dict):
         if not value:
             return '<span class="muted">—</span>'
-        items = "".join(f"<dt>{h(str(k).replace('_', ' '))}</dt><dd>{render_value(v, trace_url, str(k))}</dd>"
-                        for k, v in value.items())
+        items = "".join(
+            f"<dt>{h(str(k).replace('_', ' '))}</dt><dd>{render_value(v, trace_url, str(k))}</dd>"
+            for k, v in value.items()
+        )
         return f"<dl>{items}</dl>"
     if isinstance(value, list):
         if not value:
             return '<span class="muted">none</span>'
-        if all(isinstance(v, (int, float, bool)) or (isinstance(v, str) and len(v) < 40 and "\n" not in v)
-               for v in value):
+        if all(
+            isinstance(v, (int, float, bool))
+            or (isinstance(v, str) and len(v) < 40 and "\n" not in v)
+            for v in value
+        ):
             return ", ".join(f"<code>{h(v)}</code>" for v in value)
-        return "<ol>" + "".join(f"<li>{render_value(v, trace_url, key)}</li>" for v in value) + "</ol>"
+        return (
+            "<ol>" + "".join(f"<li>{render_value(v, trace_url, key)}</li>" for v in value) + "</ol>"
+        )
     if isinstance(value, float):
         return h(f"{value:.4g}")
     if isinstance(value, str) and (len(value) > 80 or "\n" in value):
@@ -294,9 +389,17 @@ def render_value(value: Any, trace_url: str, key: str = "") -> str:
 def render_diff(diff: str) -> str:
     lines = []
     for line in diff.splitlines():
-        cls = ("meta" if line.startswith(("+++", "---", "diff ", "index ")) else
-               "add" if line.startswith("+") else "del" if line.startswith("-") else
-               "hunk" if line.startswith("@@") else "")
+        cls = (
+            "meta"
+            if line.startswith(("+++", "---", "diff ", "index "))
+            else "add"
+            if line.startswith("+")
+            else "del"
+            if line.startswith("-")
+            else "hunk"
+            if line.startswith("@@")
+            else ""
+        )
         lines.append(f'<span class="{cls}">{h(line)}</span>' if cls else h(line))
     return '<pre class="diff">' + "\n".join(lines) + "</pre>"
 
@@ -333,22 +436,35 @@ border-color:#b91c1c}.chips span{display:inline-block;margin:0 .3rem .2rem 0;fon
 svg.spark{vertical-align:middle}details summary{cursor:pointer;color:#1d4ed8}
 """
 
-_NAV = (("/", "Overview"), ("/intents", "Intents"), ("/diagnoses", "Diagnoses"), ("/proposals", "Proposals"),
-        ("/outcomes", "Outcomes"))
+_NAV = (
+    ("/", "Overview"),
+    ("/intents", "Intents"),
+    ("/diagnoses", "Diagnoses"),
+    ("/proposals", "Proposals"),
+    ("/outcomes", "Outcomes"),
+)
 
 
 def page(title: str, body: str, active: str = "") -> str:
-    nav = "".join(f'<a href="{href}"{" class=on" if href == active else ""}>{label}</a>' for href, label in _NAV)
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{h(title)} · closeloop</title>'
-            f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{_CSS}</style></head>'
-            f'<body><header><span class="brand">closeloop</span>{nav}</header><main>{body}</main></body></html>')
+    nav = "".join(
+        f'<a href="{href}"{" class=on" if href == active else ""}>{label}</a>'
+        for href, label in _NAV
+    )
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{h(title)} · closeloop</title>'
+        f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{_CSS}</style></head>'
+        f'<body><header><span class="brand">closeloop</span>{nav}</header><main>{body}</main></body></html>'
+    )
 
 
 def _table(head: Iterable[str], rows: Iterable[str], empty: str) -> str:
     rows = list(rows)
     if not rows:
         return f'<p class="muted">{h(empty)}</p>'
-    ths = "".join(f'<th class="num">{h(c[1:])}</th>' if c.startswith("#") else f"<th>{h(c)}</th>" for c in head)
+    ths = "".join(
+        f'<th class="num">{h(c[1:])}</th>' if c.startswith("#") else f"<th>{h(c)}</th>"
+        for c in head
+    )
     return f"<table><thead><tr>{ths}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
@@ -362,76 +478,141 @@ def _dlink(did: str, text: str) -> str:
 
 def render_overview(data: Mapping[str, Any]) -> str:
     c = data["counts"]
-    cards = [("conversations", "/intents", "conversations"), ("intents", "/intents", "active intents"),
-             ("open_diagnoses", "/diagnoses", "open diagnoses"),
-             ("open_proposals", "/proposals", "proposals awaiting review")]
+    cards = [
+        ("conversations", "/intents", "conversations"),
+        ("intents", "/intents", "active intents"),
+        ("open_diagnoses", "/diagnoses", "open diagnoses"),
+        ("open_proposals", "/proposals", "proposals awaiting review"),
+    ]
     body = '<h1>Overview</h1><div class="cards">' + "".join(
-        f'<a class="card" href="{href}"><b>{c[k]}</b>{h(label)}</a>' for k, href, label in cards)
-    verdicts = " ".join(f"{badge(v)} {n}" for v, n in sorted(data["verdicts"].items())) or "none yet"
-    body += f'<div class="card"><b>{sum(data["verdicts"].values())}</b>verdicts: {verdicts}</div></div>'
-    rows = (f"<tr><td>{_plink(p['proposal_id'], p['title'])}</td><td><code>{h(p['intent_id'])}</code></td>"
-            f"<td>{when(p['created_ns'])}</td></tr>" for p in data["waiting"])
-    return page("Overview", body + "<h2>Awaiting your review</h2>"
-                + _table(["proposal", "intent", "proposed"], rows, "Nothing to review."), "/")
+        f'<a class="card" href="{href}"><b>{c[k]}</b>{h(label)}</a>' for k, href, label in cards
+    )
+    verdicts = (
+        " ".join(f"{badge(v)} {n}" for v, n in sorted(data["verdicts"].items())) or "none yet"
+    )
+    body += (
+        f'<div class="card"><b>{sum(data["verdicts"].values())}</b>verdicts: {verdicts}</div></div>'
+    )
+    rows = (
+        f"<tr><td>{_plink(p['proposal_id'], p['title'])}</td><td><code>{h(p['intent_id'])}</code></td>"
+        f"<td>{when(p['created_ns'])}</td></tr>"
+        for p in data["waiting"]
+    )
+    return page(
+        "Overview",
+        body
+        + "<h2>Awaiting your review</h2>"
+        + _table(["proposal", "intent", "proposed"], rows, "Nothing to review."),
+        "/",
+    )
 
 
 def render_intents(data: Mapping[str, Any], min_examples: int) -> str:
     rows = []
     for i in data["intents"]:
-        chips = "".join(f"<span>{h(k.replace('_', ' '))} {pct(v)}</span>" for k, v in i["signal_rates"].items())
+        chips = "".join(
+            f"<span>{h(k.replace('_', ' '))} {pct(v)}</span>" for k, v in i["signal_rates"].items()
+        )
         if i["examples_withheld"]:
             ex = f'<span class="muted">examples hidden below {min_examples} conversations</span>'
         elif i["examples"]:
-            ex = ("<details><summary>examples</summary>"
-                  + "".join(f'<pre class="quote">{h(x)}</pre>' for x in i["examples"][:5]) + "</details>")
+            ex = (
+                "<details><summary>examples</summary>"
+                + "".join(f'<pre class="quote">{h(x)}</pre>' for x in i["examples"][:5])
+                + "</details>"
+            )
         else:
             ex = ""
-        hist = ", ".join(f"{h(c['change'])} v{int(c['taxonomy_version'])}" for c in i["changes"][:4])
+        hist = ", ".join(
+            f"{h(c['change'])} v{int(c['taxonomy_version'])}" for c in i["changes"][:4]
+        )
         rows.append(
             f"<tr><td><b>{h(i['name'])}</b> {badge(i['status']) if i['status'] != 'active' else ''}"
             f"<div class=muted>{h(i['description'])}</div>{ex}</td>"
             f"<td class=num>{int(i['size'])}</td><td class=num>{i['conversations']}</td>"
             f"<td class=num>{pct(i['failure_rate'])}</td><td>{sparkline(i['series'])}</td>"
-            f'<td class="chips">{chips}</td><td class=muted>{hist}</td></tr>')
+            f'<td class="chips">{chips}</td><td class=muted>{hist}</td></tr>'
+        )
     b = data["buckets"]
-    note = (f"Sparklines: {b['count']} buckets of {b['width_ns'] / 3.6e12:.2f} h from {when(b['from_ns'])}; "
-            "grey = volume, red = failure rate (0–100%).") if b["from_ns"] else ""
-    changes = (f"<tr><td class=num>{int(c['taxonomy_version'])}</td><td>{badge(c['change'])}</td>"
-               f"<td>{h(c['name'])} <code>{h(c['intent_id'])}</code></td><td><code>{h(c['other_id'])}</code></td>"
-               f"<td>{when(c['ts_ns'])}</td></tr>" for c in data["changes"])
-    return page("Intents", "<h1>Intents</h1>" + f'<p class="muted">{h(note)}</p>'
-                + _table(["intent", "#size", "#conversations", "#failure rate", "volume / failures", "signals",
-                          "taxonomy"], rows, "No intents learned yet.")
-                + "<h2>Taxonomy changes</h2>"
-                + _table(["#version", "change", "intent", "other", "when"], changes, "No taxonomy changes yet."),
-                "/intents")
+    note = (
+        (
+            f"Sparklines: {b['count']} buckets of {b['width_ns'] / 3.6e12:.2f} h from {when(b['from_ns'])}; "
+            "grey = volume, red = failure rate (0–100%)."
+        )
+        if b["from_ns"]
+        else ""
+    )
+    changes = (
+        f"<tr><td class=num>{int(c['taxonomy_version'])}</td><td>{badge(c['change'])}</td>"
+        f"<td>{h(c['name'])} <code>{h(c['intent_id'])}</code></td><td><code>{h(c['other_id'])}</code></td>"
+        f"<td>{when(c['ts_ns'])}</td></tr>"
+        for c in data["changes"]
+    )
+    return page(
+        "Intents",
+        "<h1>Intents</h1>"
+        + f'<p class="muted">{h(note)}</p>'
+        + _table(
+            [
+                "intent",
+                "#size",
+                "#conversations",
+                "#failure rate",
+                "volume / failures",
+                "signals",
+                "taxonomy",
+            ],
+            rows,
+            "No intents learned yet.",
+        )
+        + "<h2>Taxonomy changes</h2>"
+        + _table(
+            ["#version", "change", "intent", "other", "when"], changes, "No taxonomy changes yet."
+        ),
+        "/intents",
+    )
 
 
 def render_diagnoses(rows_: Sequence[Mapping[str, Any]]) -> str:
-    rows = (f"<tr><td>{_dlink(d['diagnosis_id'], d['summary'])}</td><td>{h(d['intent_name'])}</td>"
-            f"<td><code>{h(d['rule'])}</code></td><td class=num>{pct(d['failure_rate'])} "
-            f"<span class=muted>vs {pct(d['baseline_rate'])}</span></td><td class=num>{int(d['support'])}</td>"
-            f"<td>{badge(d['status'])}</td><td>{when(d['updated_ns'])}</td></tr>" for d in rows_)
-    return page("Diagnoses", "<h1>Diagnoses</h1>" + _table(
-        ["summary", "intent", "rule", "#failure rate", "#support", "status", "updated"], rows,
-        "No diagnoses yet."), "/diagnoses")
+    rows = (
+        f"<tr><td>{_dlink(d['diagnosis_id'], d['summary'])}</td><td>{h(d['intent_name'])}</td>"
+        f"<td><code>{h(d['rule'])}</code></td><td class=num>{pct(d['failure_rate'])} "
+        f"<span class=muted>vs {pct(d['baseline_rate'])}</span></td><td class=num>{int(d['support'])}</td>"
+        f"<td>{badge(d['status'])}</td><td>{when(d['updated_ns'])}</td></tr>"
+        for d in rows_
+    )
+    return page(
+        "Diagnoses",
+        "<h1>Diagnoses</h1>"
+        + _table(
+            ["summary", "intent", "rule", "#failure rate", "#support", "status", "updated"],
+            rows,
+            "No diagnoses yet.",
+        ),
+        "/diagnoses",
+    )
 
 
 def render_diagnosis(d: Mapping[str, Any], trace_url: str) -> str:
     comp = d["component"] if isinstance(d["component"], dict) else {"detail": d["component"]}
-    props = "".join(f"<li>{_plink(p['proposal_id'], p['title'])} {badge(p['status'])}</li>" for p in d["proposals"])
-    body = (f"<h1>{h(d['summary'])}</h1><p>{badge(d['status'])} <code>{h(d['rule'])}</code> · intent "
-            f"<b>{h(d['intent_name'])}</b> <code>{h(d['intent_id'])}</code> · updated {when(d['updated_ns'])}</p>"
-            f'<div class="box"><dl><dt>root cause</dt><dd>{h(d["root_cause"])}</dd>'
-            f"<dt>component</dt><dd>{render_value(comp, trace_url)}</dd>"
-            f"<dt>failure rate</dt><dd>{pct(d['failure_rate'])} ({int(d['failures'])} of {int(d['support'])}) "
-            f"vs baseline {pct(d['baseline_rate'])}</dd><dt>confidence</dt><dd>{float(d['confidence']):.2f}</dd>"
-            f"<dt>versions</dt><dd>prompt <code>{h(d['prompt_version'] or '—')}</code> agent "
-            f"<code>{h(d['agent_version'] or '—')}</code></dd><dt>window</dt><dd>{when(d['window_from_ns'])} → "
-            f"{when(d['window_to_ns'])}</dd><dt>traces</dt>"
-            f"<dd>{render_value(list(d['trace_ids']), trace_url, 'trace_ids')}</dd></dl></div>"
-            f"<h2>Evidence</h2><div class=box>{render_value(d['evidence'], trace_url)}</div>"
-            f"<h2>Proposals</h2>" + (f"<ul>{props}</ul>" if props else '<p class="muted">None yet.</p>'))
+    props = "".join(
+        f"<li>{_plink(p['proposal_id'], p['title'])} {badge(p['status'])}</li>"
+        for p in d["proposals"]
+    )
+    body = (
+        f"<h1>{h(d['summary'])}</h1><p>{badge(d['status'])} <code>{h(d['rule'])}</code> · intent "
+        f"<b>{h(d['intent_name'])}</b> <code>{h(d['intent_id'])}</code> · updated {when(d['updated_ns'])}</p>"
+        f'<div class="box"><dl><dt>root cause</dt><dd>{h(d["root_cause"])}</dd>'
+        f"<dt>component</dt><dd>{render_value(comp, trace_url)}</dd>"
+        f"<dt>failure rate</dt><dd>{pct(d['failure_rate'])} ({int(d['failures'])} of {int(d['support'])}) "
+        f"vs baseline {pct(d['baseline_rate'])}</dd><dt>confidence</dt><dd>{float(d['confidence']):.2f}</dd>"
+        f"<dt>versions</dt><dd>prompt <code>{h(d['prompt_version'] or '—')}</code> agent "
+        f"<code>{h(d['agent_version'] or '—')}</code></dd><dt>window</dt><dd>{when(d['window_from_ns'])} → "
+        f"{when(d['window_to_ns'])}</dd><dt>traces</dt>"
+        f"<dd>{render_value(list(d['trace_ids']), trace_url, 'trace_ids')}</dd></dl></div>"
+        f"<h2>Evidence</h2><div class=box>{render_value(d['evidence'], trace_url)}</div>"
+        f"<h2>Proposals</h2>" + (f"<ul>{props}</ul>" if props else '<p class="muted">None yet.</p>')
+    )
     return page(d["summary"], body, "/diagnoses")
 
 
@@ -440,42 +621,72 @@ def render_proposals(rows_: Sequence[Mapping[str, Any]]) -> str:
         last = p["last_decision"]
         return f"{h(last['decision'])} by {h(last['reviewer'])}" if last else ""
 
-    rows = (f"<tr><td>{_plink(p['proposal_id'], p['title'])}</td><td>{badge(p['status'])}</td>"
-            f"<td><code>{h(p['intent_id'])}</code></td><td>{h(p['backend'])} <code>{h(p['branch'])}</code></td>"
-            f"<td>{decided(p)}</td><td>{when(p['updated_ns'])}</td></tr>" for p in rows_)
-    return page("Proposals", "<h1>Proposals</h1>" + _table(
-        ["proposal", "status", "intent", "where", "decision", "updated"], rows, "No proposals yet."), "/proposals")
+    rows = (
+        f"<tr><td>{_plink(p['proposal_id'], p['title'])}</td><td>{badge(p['status'])}</td>"
+        f"<td><code>{h(p['intent_id'])}</code></td><td>{h(p['backend'])} <code>{h(p['branch'])}</code></td>"
+        f"<td>{decided(p)}</td><td>{when(p['updated_ns'])}</td></tr>"
+        for p in rows_
+    )
+    return page(
+        "Proposals",
+        "<h1>Proposals</h1>"
+        + _table(
+            ["proposal", "status", "intent", "where", "decision", "updated"],
+            rows,
+            "No proposals yet.",
+        ),
+        "/proposals",
+    )
 
 
 def _review_line(r: Mapping[str, Any]) -> str:
-    merged = f" — merged as <code>{h(str(r['merged_commit'])[:12])}</code>" if r["merged_commit"] else ""
+    merged = (
+        f" — merged as <code>{h(str(r['merged_commit'])[:12])}</code>" if r["merged_commit"] else ""
+    )
     comment = f'<pre class="quote">{h(r["comment"])}</pre>' if r["comment"] else ""
-    return (f'<div class="box flash decision">{badge(r["decision"])} <b>{h(r["decision"].capitalize())} by '
-            f'<span class="reviewer">{h(r["reviewer"])}</span></b> · {when(r["ts_ns"])}{merged}{comment}</div>')
+    return (
+        f'<div class="box flash decision">{badge(r["decision"])} <b>{h(r["decision"].capitalize())} by '
+        f'<span class="reviewer">{h(r["reviewer"])}</span></b> · {when(r["ts_ns"])}{merged}{comment}</div>'
+    )
 
 
-def render_proposal(p: Mapping[str, Any], csrf: str, error: str = "", form: Mapping[str, str] | None = None) -> str:
+def render_proposal(
+    p: Mapping[str, Any], csrf: str, error: str = "", form: Mapping[str, str] | None = None
+) -> str:
     form = form or {}
     pid = quote(p["proposal_id"])
-    parts = [(f"<h1>{h(p['title'])}</h1><p>{badge(p['status'])} {h(p['backend'])} · <code>{h(p['repo'])}</code> "
-             f"<code>{h(p['branch'])}</code> → <code>{h(p['base'])}</code> · commit "
-             f"<code>{h(str(p['commit'])[:12])}</code> · version {int(p['version'])}")]
+    parts = [
+        (
+            f"<h1>{h(p['title'])}</h1><p>{badge(p['status'])} {h(p['backend'])} · <code>{h(p['repo'])}</code> "
+            f"<code>{h(p['branch'])}</code> → <code>{h(p['base'])}</code> · commit "
+            f"<code>{h(str(p['commit'])[:12])}</code> · version {int(p['version'])}"
+        )
+    ]
     if p["pr_url"] and safe_href(p["pr_url"]):
-        parts.append(f' · <a href="{safe_href(p["pr_url"])}">pull request #{int(p["pr_number"])}</a>')
+        parts.append(
+            f' · <a href="{safe_href(p["pr_url"])}">pull request #{int(p["pr_number"])}</a>'
+        )
     parts.append("</p>")
     d = p["diagnosis"]
     if d:
-        parts.append(f'<p>From diagnosis {_dlink(d["diagnosis_id"], d["summary"])} ({h(d["intent_name"])}): '
-                     f"{h(d['root_cause'])}</p>")
+        parts.append(
+            f"<p>From diagnosis {_dlink(d['diagnosis_id'], d['summary'])} ({h(d['intent_name'])}): "
+            f"{h(d['root_cause'])}</p>"
+        )
     parts.append('<div id="decision">' + "".join(_review_line(r) for r in p["reviews"]) + "</div>")
-    parts.append(f"<h2>Diff</h2><p>{', '.join(f'<code>{h(f)}</code>' for f in p['files']) or '—'}</p>"
-                 f"{render_diff(p['diff'])}")
+    parts.append(
+        f"<h2>Diff</h2><p>{', '.join(f'<code>{h(f)}</code>' for f in p['files']) or '—'}</p>"
+        f"{render_diff(p['diff'])}"
+    )
     if error:
         parts.append(f'<div class="box error" role="alert">{h(error)}</div>')
     if p["status"] == "open":
-        verb = ("Approving merges the branch into the base branch of the local repository."
-                if p["backend"] == "local" else "Approving records your approval on the pull request; "
-                "merging stays yours on GitHub.")
+        verb = (
+            "Approving merges the branch into the base branch of the local repository."
+            if p["backend"] == "local"
+            else "Approving records your approval on the pull request; "
+            "merging stays yours on GitHub."
+        )
         parts.append(
             f'<h2>Decision</h2><div class="box"><p class="muted">{h(verb)} Rejecting closes it.</p>'
             f'<form class="decide" method="post" action="/proposals/{pid}/approve">'
@@ -486,27 +697,38 @@ def render_proposal(p: Mapping[str, Any], csrf: str, error: str = "", form: Mapp
             f'maxlength="{MAX_COMMENT_CHARS}">{h(form.get("comment", ""))}</textarea><span></span><span>'
             f'<button class="approve" type="submit">Approve</button> '
             f'<button class="reject" type="submit" formaction="/proposals/{pid}/reject">Reject</button>'
-            f"</span></form></div>")
+            f"</span></form></div>"
+        )
     o = p["outcome"]
     if o:
         parts.append(f"<h2>Outcome</h2><div class=box>{_outcome_cells(o, inline=True)}</div>")
-    parts.append(f"<h2>Description</h2><details><summary>the proposal's full text (markdown, as on the pull "
-                 f"request)</summary><pre>{h(p['body'])}</pre></details>")
+    parts.append(
+        f"<h2>Description</h2><details><summary>the proposal's full text (markdown, as on the pull "
+        f"request)</summary><pre>{h(p['body'])}</pre></details>"
+    )
     return page(p["title"], "".join(parts), "/proposals")
 
 
 def _outcome_cells(o: Mapping[str, Any], inline: bool = False) -> str:
     diff = float(o["rate_after"]) - float(o["rate_before"])
-    cells = [badge(o["verdict"]),
-             (f"{pct(o['rate_before'])} <span class=muted>({int(o['before_failures'])}/{int(o['before_n'])}, "
-             f"<code>{h(o['before_version'] or '—')}</code>)</span>"),
-             (f"{pct(o['rate_after'])} <span class=muted>({int(o['after_failures'])}/{int(o['after_n'])}, "
-             f"<code>{h(o['after_version'] or '—')}</code>)</span>"),
-             f"{diff:+.1%} <span class=muted>[{float(o['diff_low']):+.1%}, {float(o['diff_high']):+.1%}]</span>",
-             f"{float(o['p_value']):.3g}"]
+    cells = [
+        badge(o["verdict"]),
+        (
+            f"{pct(o['rate_before'])} <span class=muted>({int(o['before_failures'])}/{int(o['before_n'])}, "
+            f"<code>{h(o['before_version'] or '—')}</code>)</span>"
+        ),
+        (
+            f"{pct(o['rate_after'])} <span class=muted>({int(o['after_failures'])}/{int(o['after_n'])}, "
+            f"<code>{h(o['after_version'] or '—')}</code>)</span>"
+        ),
+        f"{diff:+.1%} <span class=muted>[{float(o['diff_low']):+.1%}, {float(o['diff_high']):+.1%}]</span>",
+        f"{float(o['p_value']):.3g}",
+    ]
     if inline:
         labels = ["verdict", "before", "after", "difference (95% CI)", "p-value"]
-        return "<dl>" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in zip(labels, cells)) + "</dl>"
+        return (
+            "<dl>" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in zip(labels, cells)) + "</dl>"
+        )
     return "".join(f"<td{' class=num' if i == 4 else ''}>{c}</td>" for i, c in enumerate(cells))
 
 
@@ -515,16 +737,28 @@ def render_outcomes(groups: Sequence[Mapping[str, Any]]) -> str:
     for g in groups:
         t = g["target"]
         target = _outcome_cells(t) if t else '<td colspan="5" class="muted">no measurement yet</td>'
-        rows.append(f"<tr><td>{_plink(g['proposal_id'], g['title'])}</td>"
-                    f"<td><b>{h(t['intent_name'] if t else '') or h(g['intent_id'])}</b> "
-                    "<span class=muted>target</span>"
-                    f"</td>{target}</tr>")
-        rows.extend(f"<tr class=muted><td></td><td>{h(c['intent_name'] or c['intent_id'])} control</td>"
-                    f"{_outcome_cells(c)}</tr>" for c in g["controls"])
-    return page("Outcomes", "<h1>Outcomes</h1><p class=muted>Failure rate of the targeted intent before and after "
-                "the merged change; the other intents are controls.</p>"
-                + _table(["proposal", "intent", "verdict", "before", "after", "difference (95% CI)", "#p-value"],
-                         rows, "No verdicts yet: a change is measured after it is merged."), "/outcomes")
+        rows.append(
+            f"<tr><td>{_plink(g['proposal_id'], g['title'])}</td>"
+            f"<td><b>{h(t['intent_name'] if t else '') or h(g['intent_id'])}</b> "
+            "<span class=muted>target</span>"
+            f"</td>{target}</tr>"
+        )
+        rows.extend(
+            f"<tr class=muted><td></td><td>{h(c['intent_name'] or c['intent_id'])} control</td>"
+            f"{_outcome_cells(c)}</tr>"
+            for c in g["controls"]
+        )
+    return page(
+        "Outcomes",
+        "<h1>Outcomes</h1><p class=muted>Failure rate of the targeted intent before and after "
+        "the merged change; the other intents are controls.</p>"
+        + _table(
+            ["proposal", "intent", "verdict", "before", "after", "difference (95% CI)", "#p-value"],
+            rows,
+            "No verdicts yet: a change is measured after it is merged.",
+        ),
+        "/outcomes",
+    )
 
 
 def render_message(title: str, message: str, extra: str = "") -> str:
@@ -532,6 +766,7 @@ def render_message(title: str, message: str, extra: str = "") -> str:
 
 
 # -- HTTP -----------------------------------------------------------------------------------------
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
@@ -546,7 +781,9 @@ class _Handler(BaseHTTPRequestHandler):
         return self.server.app
 
     # -- responses ------------------------------------------------------------------------
-    def _send(self, status: int, body: bytes, ctype: str, headers: Mapping[str, str] | None = None) -> None:
+    def _send(
+        self, status: int, body: bytes, ctype: str, headers: Mapping[str, str] | None = None
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -565,7 +802,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, text.encode(), "text/html; charset=utf-8", headers)
 
     def _json(self, status: int, data: Any) -> None:
-        self._send(status, json.dumps(data, ensure_ascii=False, default=str).encode(), "application/json")
+        self._send(
+            status, json.dumps(data, ensure_ascii=False, default=str).encode(), "application/json"
+        )
 
     def _redirect(self, location: str, headers: Mapping[str, str] | None = None) -> None:
         self._send(303, b"", "text/plain", {"Location": location, **(headers or {})})
@@ -581,8 +820,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _bearer(self) -> bool:
         auth = self.headers.get("Authorization", "")
-        return auth.startswith("Bearer ") and hmac.compare_digest(auth[7:].strip().encode(),
-                                                                  self.app.token.encode())
+        return auth.startswith("Bearer ") and hmac.compare_digest(
+            auth[7:].strip().encode(), self.app.token.encode()
+        )
 
     def _same_origin(self) -> bool:
         host = self.headers.get("Host", "")
@@ -592,12 +832,23 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _unauthorized(self, api: bool) -> None:
         if api:
-            self._send(401, json.dumps({"error": "unauthorized: send Authorization: Bearer <token>"}).encode(),
-                       "application/json", {"WWW-Authenticate": "Bearer"})
+            self._send(
+                401,
+                json.dumps({"error": "unauthorized: send Authorization: Bearer <token>"}).encode(),
+                "application/json",
+                {"WWW-Authenticate": "Bearer"},
+            )
             return
-        self._html(401, render_message("Login needed", (
-            f"This page needs the closeloop web token. Open the login URL printed by `closeloop up`, "
-            f"or visit /login?token=<token> with the token from {self.app.token_hint}.")))
+        self._html(
+            401,
+            render_message(
+                "Login needed",
+                (
+                    f"This page needs the closeloop web token. Open the login URL printed by `closeloop up`, "
+                    f"or visit /login?token=<token> with the token from {self.app.token_hint}."
+                ),
+            ),
+        )
 
     # -- GET ------------------------------------------------------------------------------
     def do_HEAD(self) -> None:
@@ -624,10 +875,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _login(self, token: str) -> None:
         if not token or not hmac.compare_digest(token.encode(), self.app.token.encode()):
-            return self._html(401, render_message("Wrong token", (
-                f"That token is not this server's. Use the one from {self.app.token_hint}.")))
-        cookie = (f"{self.app.cookie_name}={self.app.new_session()}; Path=/; HttpOnly; SameSite=Strict; "
-                  f"Max-Age={SESSION_MAX_AGE_S}")
+            return self._html(
+                401,
+                render_message(
+                    "Wrong token",
+                    (f"That token is not this server's. Use the one from {self.app.token_hint}."),
+                ),
+            )
+        cookie = (
+            f"{self.app.cookie_name}={self.app.new_session()}; Path=/; HttpOnly; SameSite=Strict; "
+            f"Max-Age={SESSION_MAX_AGE_S}"
+        )
         self._redirect("/", {"Set-Cookie": cookie})
 
     def _page(self, path: str, session: str) -> None:
@@ -635,7 +893,9 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/":
             return self._html(200, render_overview(overview(store)))
         if path == "/intents":
-            return self._html(200, render_intents(intents(store, app.cfg), app.cfg.understand.min_examples_shown))
+            return self._html(
+                200, render_intents(intents(store, app.cfg), app.cfg.understand.min_examples_shown)
+            )
         if path == "/diagnoses":
             return self._html(200, render_diagnoses(diagnoses(store)))
         if path == "/proposals":
@@ -678,8 +938,13 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(413, {"error": f"body must be at most {MAX_WEBHOOK_BYTES} bytes"})
         body = self.rfile.read(length)
         try:
-            records = ingest_webhook(self.app.store, dict(self.headers.items()), body,
-                                     self.app.cfg.review.webhook_secret, time.time_ns())
+            records = ingest_webhook(
+                self.app.store,
+                dict(self.headers.items()),
+                body,
+                self.app.cfg.review.webhook_secret,
+                time.time_ns(),
+            )
         except ReviewError as e:
             return self._json(401, {"error": str(e)})
         except StoreError as e:
@@ -694,23 +959,38 @@ class _Handler(BaseHTTPRequestHandler):
         if session is None:
             return self._unauthorized(api=False)
         if not self._same_origin():
-            return self._html(403, render_message("Refused", "Cross-origin form posts are refused."))
+            return self._html(
+                403, render_message("Refused", "Cross-origin form posts are refused.")
+            )
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             length = -1
         if not 0 <= length <= MAX_FORM_BYTES:
             return self._html(413, render_message("Refused", "The form is too large."))
-        form = {k: v[0] for k, v in parse_qs(self.rfile.read(length).decode("utf-8", "replace"),
-                                            keep_blank_values=True).items()}
-        if not hmac.compare_digest(form.get("csrf", "").encode(), self.app.csrf_token(session).encode()):
-            return self._html(403, render_message("Refused", "The form's CSRF token is missing or stale; "
-                                                  "reload the page and try again."))
+        form = {
+            k: v[0]
+            for k, v in parse_qs(
+                self.rfile.read(length).decode("utf-8", "replace"), keep_blank_values=True
+            ).items()
+        }
+        if not hmac.compare_digest(
+            form.get("csrf", "").encode(), self.app.csrf_token(session).encode()
+        ):
+            return self._html(
+                403,
+                render_message(
+                    "Refused",
+                    "The form's CSRF token is missing or stale; reload the page and try again.",
+                ),
+            )
         m = re.fullmatch(r"/proposals/" + _ID + r"/(approve|reject)", unquote(path))
         if not m:
             return self._html(404, render_message("Not found", f"Nothing to post to at {path}."))
         pid, decision = m.group(1), m.group(2)
-        status, error = self.app.decide(pid, decision, form.get("reviewer", ""), form.get("comment", ""))
+        status, error = self.app.decide(
+            pid, decision, form.get("reviewer", ""), form.get("comment", "")
+        )
         if not error:
             return self._redirect(f"/proposals/{quote(pid)}#decision")
         p = proposal(self.app.store, pid)
@@ -736,21 +1016,33 @@ class WebServer:
     recorded review and the proposal's new version (e.g. to publish them on ``closeloop.reviews``).
     """
 
-    def __init__(self, cfg: Config, store: Store, backend_factory: Callable[[], ChangeBackend] | None = None,
-                 host: str | None = None, port: int | None = None, *,
-                 on_decision: Callable[[ReviewRecord, Proposal], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        store: Store,
+        backend_factory: Callable[[], ChangeBackend] | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        *,
+        on_decision: Callable[[ReviewRecord, Proposal], None] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.store = store
         self.backend_factory = backend_factory or (lambda: open_backend(cfg))
         self.on_decision = on_decision
         self.token = cfg.web.token
-        self._key = secrets.token_bytes(32)   # signs sessions; a restart logs everyone out
-        self._decide_lock = threading.Lock()  # one decision at a time: status read and write stay consistent
-        self._server = _HTTPServer((cfg.web.host if host is None else host,
-                                    cfg.web.port if port is None else port), self)
+        self._key = secrets.token_bytes(32)  # signs sessions; a restart logs everyone out
+        self._decide_lock = (
+            threading.Lock()
+        )  # one decision at a time: status read and write stay consistent
+        self._server = _HTTPServer(
+            (cfg.web.host if host is None else host, cfg.web.port if port is None else port), self
+        )
         self.host, self.port = self._server.server_address[:2]
-        self.cookie_name = f"closeloop_session_{self.port}"   # cookies ignore ports: one per server
-        self._thread = threading.Thread(target=self._server.serve_forever, name="web-http", daemon=True)
+        self.cookie_name = f"closeloop_session_{self.port}"  # cookies ignore ports: one per server
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="web-http", daemon=True
+        )
 
     @property
     def url(self) -> str:
@@ -767,7 +1059,11 @@ class WebServer:
 
     @property
     def token_hint(self) -> str:
-        return str(self.token_path) if not self.cfg.web.token else "web.token (closeloop.yaml or CLOSELOOP_WEB_TOKEN)"
+        return (
+            str(self.token_path)
+            if not self.cfg.web.token
+            else "web.token (closeloop.yaml or CLOSELOOP_WEB_TOKEN)"
+        )
 
     def start(self) -> WebServer:
         if not self.token:
@@ -795,24 +1091,39 @@ class WebServer:
         if not sid or not hmac.compare_digest(sig.encode(), self._sign("session", sid).encode()):
             return None
         issued = int(sid.split(".", 1)[0])
-        return sid if (time.time() if now_s is None else now_s) - issued < SESSION_MAX_AGE_S else None
+        return (
+            sid if (time.time() if now_s is None else now_s) - issued < SESSION_MAX_AGE_S else None
+        )
 
     def csrf_token(self, session: str) -> str:
         return self._sign("csrf", session)
 
     # -- decisions ------------------------------------------------------------------------------
-    def decide(self, proposal_id: str, decision: str, reviewer: str, comment: str) -> tuple[int, str]:
+    def decide(
+        self, proposal_id: str, decision: str, reviewer: str, comment: str
+    ) -> tuple[int, str]:
         """``(status, error)``: a decision taken (``error`` empty) or why not (nothing written)."""
         if len(reviewer) > MAX_REVIEWER_CHARS or len(comment) > MAX_COMMENT_CHARS:
-            return 400, f"name or comment too long (max {MAX_REVIEWER_CHARS} / {MAX_COMMENT_CHARS} characters)"
+            return (
+                400,
+                f"name or comment too long (max {MAX_REVIEWER_CHARS} / {MAX_COMMENT_CHARS} characters)",
+            )
         with self._decide_lock:
             try:
                 backend = self.backend_factory()
             except CloseloopError as e:
                 return 503, f"the change backend is not available: {e}"
             try:
-                record, updated = decide(self.store, backend, proposal_id, decision, reviewer, comment,
-                                         time.time_ns(), cfg=self.cfg)
+                record, updated = decide(
+                    self.store,
+                    backend,
+                    proposal_id,
+                    decision,
+                    reviewer,
+                    comment,
+                    time.time_ns(),
+                    cfg=self.cfg,
+                )
             except (ReviewError, ActError) as e:
                 return 400, str(e)
             except StoreError as e:
@@ -821,7 +1132,9 @@ class WebServer:
         if self.on_decision is not None:
             try:
                 self.on_decision(record, updated)
-            except Exception:  # the decision is recorded in the store; a missed notification is only logged
+            except (
+                Exception
+            ):  # the decision is recorded in the store; a missed notification is only logged
                 log.exception("web: on_decision failed for %s", proposal_id)
         return 200, ""
 

@@ -1,5 +1,6 @@
 """A reviewer in a real browser: log in with the printed URL, open the proposal, approve it under
 their name (the configured local git backend merges it), see the decision, then the verdicts."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,19 +16,23 @@ from tests.integration.test_web import git, seed
 pytestmark = pytest.mark.skipif(bool(unavailable()), reason=unavailable() or "browser available")
 
 
-def test_reviewer_approves_in_the_browser(store: Store, config: Config, tmp_path: Path, unique: str) -> None:
+def test_reviewer_approves_in_the_browser(
+    store: Store, config: Config, tmp_path: Path, unique: str
+) -> None:
     s = seed(store, config, tmp_path, unique)
     base_before = git(s.repo, "rev-parse", "main")
-    server = WebServer(config, store, host="127.0.0.1", port=0).start()   # default backend: act.repo, local
+    server = WebServer(
+        config, store, host="127.0.0.1", port=0
+    ).start()  # default backend: act.repo, local
     try:
         with chromium_page() as page:
             page.goto(server.login_url)
-            assert page.url == server.url + "/"                      # the token left the address bar
-            link = f'a[href="/proposals/{s.proposal.proposal_id}"]'    # the shared store holds other tests' too
+            assert page.url == server.url + "/"  # the token left the address bar
+            link = f'a[href="/proposals/{s.proposal.proposal_id}"]'  # the shared store holds other tests' too
             page.get_by_role("link", name="Proposals", exact=True).click()
             assert page.locator(link).inner_text() == s.proposal.title
             page.click(link)
-            assert page.locator("pre.diff .add").count() >= 1          # the diff, coloured
+            assert page.locator("pre.diff .add").count() >= 1  # the diff, coloured
             page.fill("#reviewer", "Ada Lovelace")
             page.fill("#comment", "carry the key forward")
             page.get_by_role("button", name="Approve").click()
@@ -43,8 +48,11 @@ def test_reviewer_approves_in_the_browser(store: Store, config: Config, tmp_path
             assert "[-41.0%, -19.0%]" in row.inner_text()
     finally:
         server.stop()
-    (review,) = store.query("SELECT reviewer, decision, merged_commit FROM reviews FINAL "
-                            "WHERE proposal_id = {p:String}", {"p": s.proposal.proposal_id})
+    (review,) = store.query(
+        "SELECT reviewer, decision, merged_commit FROM reviews FINAL "
+        "WHERE proposal_id = {p:String}",
+        {"p": s.proposal.proposal_id},
+    )
     merge = git(s.repo, "rev-parse", "main")
     assert review == {"reviewer": "Ada Lovelace", "decision": "approved", "merged_commit": merge}
     assert merge != base_before and git(s.repo, "rev-parse", f"{merge}^2") == s.proposal.commit

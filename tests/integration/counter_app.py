@@ -2,6 +2,7 @@
 
 Run as a process by test_faust_table_restore.py: counts messages per key, dumps the table.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,10 +17,12 @@ from processors.config import load_config
 cfg = load_config(None, env={}, overrides={"home": os.environ["COUNTER_HOME"]})
 cfg.home_path.mkdir(parents=True, exist_ok=True)
 settings = faust_settings(cfg, os.environ["COUNTER_BOOTSTRAP"])
-if os.environ.get("COUNTER_BATCHED") == "1":   # the setting the test proves necessary, undone
+if os.environ.get("COUNTER_BATCHED") == "1":  # the setting the test proves necessary, undone
     settings.update(producer_max_batch_size=16384)
 app = faust.App("counter", **settings)
-source = app.topic("counter-src", key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+source = app.topic(
+    "counter-src", key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+)
 counts = app.Table("counts", default=int, partitions=cfg.kafka.partitions)
 
 

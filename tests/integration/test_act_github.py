@@ -1,4 +1,5 @@
 """The GitHub backend through real PyGithub against the local fake GitHub REST server."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -6,9 +7,9 @@ import dataclasses
 import pytest
 
 from processors.act import Actor
+from processors.act.github import GitHubBackend
 from processors.config import ActTarget, Config
 from processors.errors import ActError
-from processors.act.github import GitHubBackend
 from processors.records import Diagnosis
 from processors.review.core import apply, approve, poll
 from tests.fake_github import FakeGitHub
@@ -20,13 +21,26 @@ T0 = 1_900_000_000 * 10**9
 
 def diagnosis(**changes: object) -> Diagnosis:
     d = Diagnosis(
-        diagnosis_id="diag-42", intent_id="i-setup", intent_name="API setup", rule="repeated_ask",
+        diagnosis_id="diag-42",
+        intent_id="i-setup",
+        intent_name="API setup",
+        rule="repeated_ask",
         summary="users abandon at turn 3: the agent asks again for the API key they gave at turn 1",
-        root_cause="the prompt does not carry the API key forward", confidence=0.8,
+        root_cause="the prompt does not carry the API key forward",
+        confidence=0.8,
         component={"type": "prompt", "target": "prompts/system.md"},
-        evidence={"thing_name": "API key", "asked_turn": 3}, trace_ids=["0af7651916cd43dd8448eb211c80319c"],
-        support=100, failures=40, failure_rate=0.4, baseline_rate=0.05, prompt_version="p-7",
-        agent_version="1.2.0", window_from_ns=T0, window_to_ns=T0 + 3600 * 10**9, updated_ns=T0)
+        evidence={"thing_name": "API key", "asked_turn": 3},
+        trace_ids=["0af7651916cd43dd8448eb211c80319c"],
+        support=100,
+        failures=40,
+        failure_rate=0.4,
+        baseline_rate=0.05,
+        prompt_version="p-7",
+        agent_version="1.2.0",
+        window_from_ns=T0,
+        window_to_ns=T0 + 3600 * 10**9,
+        updated_ns=T0,
+    )
     return dataclasses.replace(d, **changes)
 
 
@@ -46,30 +60,47 @@ def writes_to_base(gh: FakeGitHub) -> list:
     out = []
     for r in gh.writes():
         ref = (r.body or {}).get("ref", "") if isinstance(r.body, dict) else ""
-        if r.path.endswith("/git/refs/heads/main") or ref == "refs/heads/main" or "/merge" in r.path \
-                or "/contents/" in r.path:
+        if (
+            r.path.endswith("/git/refs/heads/main")
+            or ref == "refs/heads/main"
+            or "/merge" in r.path
+            or "/contents/" in r.path
+        ):
             out.append(r)
     return out
 
 
 def test_pull_request_opened_updated_and_recorded_without_closeloop_merging() -> None:
-    with FakeGitHub("acme/agent", {"prompts/system.md": PROMPT, ".github/workflows/ci.yml": CI}) as gh:
+    with FakeGitHub(
+        "acme/agent", {"prompts/system.md": PROMPT, ".github/workflows/ci.yml": CI}
+    ) as gh:
         cfg = config(gh)
         actor = Actor(cfg, GitHubBackend(cfg.act, token="test-token"))
         main_before = gh.refs["heads/main"]
 
         p1 = actor.propose(diagnosis(), T0 + 1)
         assert p1 is not None, actor.last_reason
-        assert (p1.backend, p1.branch, p1.pr_number, p1.version) == ("github", "closeloop/diag-42", 1, 1)
+        assert (p1.backend, p1.branch, p1.pr_number, p1.version) == (
+            "github",
+            "closeloop/diag-42",
+            1,
+            1,
+        )
         assert p1.pr_url.endswith("/acme/agent/pull/1") and p1.status == "open"
         created = [r for r in gh.writes() if r.path.endswith("/git/refs")]
         assert [r.body["ref"] for r in created] == ["refs/heads/closeloop/diag-42"]
         (opened,) = [r for r in gh.writes() if r.path.endswith("/pulls")]
         assert opened.body["base"] == "main" and opened.body["head"] == "closeloop/diag-42"
         body = opened.body["body"]
-        for expected in ("asks again for the API key", "40.0%", "baseline 5.0%", "`p-7`",
-                         "[`0af7651916cd43dd8448eb211c80319c`](https://traces.example/0af7651916cd43dd8448eb211c80319c)",
-                         "prompts/system.md | +2 -0", "at least **30** conversations"):
+        for expected in (
+            "asks again for the API key",
+            "40.0%",
+            "baseline 5.0%",
+            "`p-7`",
+            "[`0af7651916cd43dd8448eb211c80319c`](https://traces.example/0af7651916cd43dd8448eb211c80319c)",
+            "prompts/system.md | +2 -0",
+            "at least **30** conversations",
+        ):
             assert expected in body, expected
         assert gh.labels[1] == ["closeloop", "agent-fix"]
         assert "API key" in gh.file_at("closeloop/diag-42", "prompts/system.md")
@@ -80,19 +111,29 @@ def test_pull_request_opened_updated_and_recorded_without_closeloop_merging() ->
 
         # the diagnosis comes back with more evidence: same branch and PR, version 2
         n_requests = len(gh.requests)
-        p2 = actor.propose(diagnosis(version=2, failures=55, failure_rate=0.55, updated_ns=T0 + 50), T0 + 60)
+        p2 = actor.propose(
+            diagnosis(version=2, failures=55, failure_rate=0.55, updated_ns=T0 + 50), T0 + 60
+        )
         assert p2 is not None, actor.last_reason
         assert (p2.branch, p2.pr_number, p2.version, p2.created_ns) == (p1.branch, 1, 2, T0 + 1)
         assert len(gh.pulls) == 1
         new = gh.requests[n_requests:]
         (forced,) = [r for r in new if r.method == "PATCH" and "/git/refs/" in r.path]
-        assert forced.path.endswith("/git/refs/heads/closeloop/diag-42") and forced.body["force"] is True
-        assert any(r.method == "PATCH" and r.path.endswith("/pulls/1") and "55.0%" in r.body["body"] for r in new)
+        assert (
+            forced.path.endswith("/git/refs/heads/closeloop/diag-42")
+            and forced.body["force"] is True
+        )
+        assert any(
+            r.method == "PATCH" and r.path.endswith("/pulls/1") and "55.0%" in r.body["body"]
+            for r in new
+        )
         assert "version 2" in gh.comments[1][-1] and "55/100" in gh.comments[1][-1]
 
         # an exact replay writes nothing
         n_writes = len(gh.writes())
-        p3 = actor.propose(diagnosis(version=2, failures=55, failure_rate=0.55, updated_ns=T0 + 50), T0 + 70)
+        p3 = actor.propose(
+            diagnosis(version=2, failures=55, failure_rate=0.55, updated_ns=T0 + 50), T0 + 70
+        )
         assert p3 is not None and p3.version == 2 and p3.commit == p2.commit
         assert len(gh.writes()) == n_writes
 
@@ -102,7 +143,10 @@ def test_pull_request_opened_updated_and_recorded_without_closeloop_merging() ->
         gh.add_review(1, "dave")
         merge_sha = gh.merge_pr(1, by="carol")
         records = poll(p2, backend, T0 + 90, diagnosis=diagnosis())
-        assert [(r.decision, r.reviewer) for r in records] == [("approved", "dave"), ("merged", "carol")]
+        assert [(r.decision, r.reviewer) for r in records] == [
+            ("approved", "dave"),
+            ("merged", "carol"),
+        ]
         assert records[1].merged_commit == merge_sha and records[1].before_prompt_version == "p-7"
         merged = apply(apply(p2, records[0], T0 + 91), records[1], T0 + 92)
         assert merged.status == "merged"
@@ -127,8 +171,11 @@ def test_approving_in_closeloop_comments_and_never_merges() -> None:
 
 
 def test_symlinked_target_is_refused() -> None:
-    with FakeGitHub("acme/agent", {"prompts/system.md": PROMPT},
-                    symlinks={"prompts/system.md": "../../secrets.env"}) as gh:
+    with FakeGitHub(
+        "acme/agent",
+        {"prompts/system.md": PROMPT},
+        symlinks={"prompts/system.md": "../../secrets.env"},
+    ) as gh:
         cfg = config(gh)
         actor = Actor(cfg, GitHubBackend(cfg.act, token="t"))
         assert actor.propose(diagnosis(), T0) is None

@@ -1,4 +1,5 @@
 """The local git backend end to end: propose, update, replay, approve (merge), reject, refusals."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from processors.act import Actor, notify
+from processors.act.gitrepo import LocalGit
 from processors.config import ActTarget, Config
 from processors.errors import ActError, ReviewError
-from processors.act.gitrepo import LocalGit
 from processors.records import Diagnosis
 from processors.review.core import apply, approve, reject
 
@@ -22,13 +23,20 @@ PROMPT_V1 = "You are the support agent of Acme.\n\nAlways confirm the order id.\
 PROMPT_V2 = "You are the support agent of Acme.\n\nBe concise.\n"
 AGENT_YAML = "model: gpt-4o-mini\ntools:\n  refund:\n    timeout_s: 2   # seconds\n"
 T0 = 1_900_000_000 * 10**9
-ENV = {"GIT_AUTHOR_NAME": "dev", "GIT_AUTHOR_EMAIL": "dev@localhost", "GIT_COMMITTER_NAME": "dev",
-       "GIT_COMMITTER_EMAIL": "dev@localhost", "HOME": "/nonexistent", "PATH": os.environ["PATH"]}
+ENV = {
+    "GIT_AUTHOR_NAME": "dev",
+    "GIT_AUTHOR_EMAIL": "dev@localhost",
+    "GIT_COMMITTER_NAME": "dev",
+    "GIT_COMMITTER_EMAIL": "dev@localhost",
+    "HOME": "/nonexistent",
+    "PATH": os.environ["PATH"],
+}
 
 
 def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True,
-                          env=ENV).stdout.strip()
+    return subprocess.run(
+        ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True, env=ENV
+    ).stdout.strip()
 
 
 @pytest.fixture
@@ -51,17 +59,34 @@ def repo(tmp_path: Path) -> Path:
 def config(repo: Path) -> Config:
     cfg = Config()
     cfg.act.repo = str(repo)
-    cfg.act.targets = [ActTarget("prompts/system.md", "prompt"), ActTarget("config/agent.yaml", "config")]
+    cfg.act.targets = [
+        ActTarget("prompts/system.md", "prompt"),
+        ActTarget("config/agent.yaml", "config"),
+    ]
     return cfg
 
 
 def diagnosis(**changes: object) -> Diagnosis:
     d = Diagnosis(
-        diagnosis_id="d-77", intent_id="i-setup", intent_name="API setup", rule="repeated_ask",
-        summary="the agent asks again for the API key", root_cause="no carry-forward instruction",
-        component={"type": "prompt", "target": "prompts/system.md"}, evidence={"thing_name": "API key"},
-        trace_ids=["t1"], support=100, failures=40, failure_rate=0.4, baseline_rate=0.05,
-        prompt_version="p-2", agent_version="1.0", window_from_ns=T0, window_to_ns=T0 + 10, updated_ns=T0)
+        diagnosis_id="d-77",
+        intent_id="i-setup",
+        intent_name="API setup",
+        rule="repeated_ask",
+        summary="the agent asks again for the API key",
+        root_cause="no carry-forward instruction",
+        component={"type": "prompt", "target": "prompts/system.md"},
+        evidence={"thing_name": "API key"},
+        trace_ids=["t1"],
+        support=100,
+        failures=40,
+        failure_rate=0.4,
+        baseline_rate=0.05,
+        prompt_version="p-2",
+        agent_version="1.0",
+        window_from_ns=T0,
+        window_to_ns=T0 + 10,
+        updated_ns=T0,
+    )
     return dataclasses.replace(d, **changes)
 
 
@@ -70,31 +95,63 @@ def test_propose_update_replay_and_approve(repo: Path) -> None:
     actor = Actor(config(repo), LocalGit(repo))
     p1 = actor.propose(diagnosis(), T0 + 1)
     assert p1 is not None, actor.last_reason
-    assert (p1.branch, p1.version, p1.backend, p1.files) == ("closeloop/d-77", 1, "local", ["prompts/system.md"])
+    assert (p1.branch, p1.version, p1.backend, p1.files) == (
+        "closeloop/d-77",
+        1,
+        "local",
+        ["prompts/system.md"],
+    )
     # base untouched, working tree untouched, the branch holds exactly the diff
-    assert git(repo, "rev-parse", "main") == main_before and git(repo, "status", "--porcelain") == ""
+    assert (
+        git(repo, "rev-parse", "main") == main_before and git(repo, "status", "--porcelain") == ""
+    )
     assert git(repo, "symbolic-ref", "HEAD") == "refs/heads/main"
     assert git(repo, "rev-parse", "closeloop/d-77") == p1.commit
     assert git(repo, "rev-parse", f"{p1.commit}^") == main_before
     assert git(repo, "diff", "--name-only", "main", "closeloop/d-77") == "prompts/system.md"
-    added = [ln for ln in git(repo, "diff", "main", "closeloop/d-77").splitlines() if ln.startswith("+") and "API key" in ln]
+    added = [
+        ln
+        for ln in git(repo, "diff", "main", "closeloop/d-77").splitlines()
+        if ln.startswith("+") and "API key" in ln
+    ]
     assert len(added) == 1
-    assert git(repo, "log", "-1", "--format=%an <%ae>", p1.commit) == "closeloop <closeloop@localhost>"
+    assert (
+        git(repo, "log", "-1", "--format=%an <%ae>", p1.commit) == "closeloop <closeloop@localhost>"
+    )
     message = git(repo, "log", "-1", "--format=%B", p1.commit)
-    assert "d-77" in message and "asks again for the API key" in message and "Closeloop-Version: 1" in message
+    assert (
+        "d-77" in message
+        and "asks again for the API key" in message
+        and "Closeloop-Version: 1" in message
+    )
 
     # the diagnosis is updated: same branch, version 2, still one commit on main
-    p2 = actor.propose(diagnosis(version=2, failures=50, failure_rate=0.5, updated_ns=T0 + 5), T0 + 6)
-    assert p2 is not None and (p2.branch, p2.version, p2.proposal_id) == (p1.branch, 2, p1.proposal_id)
+    p2 = actor.propose(
+        diagnosis(version=2, failures=50, failure_rate=0.5, updated_ns=T0 + 5), T0 + 6
+    )
+    assert p2 is not None and (p2.branch, p2.version, p2.proposal_id) == (
+        p1.branch,
+        2,
+        p1.proposal_id,
+    )
     assert git(repo, "branch", "--list", "closeloop/*").split() == ["closeloop/d-77"]
     assert git(repo, "rev-list", "--count", "main..closeloop/d-77") == "1"
     assert "Closeloop-Version: 2" in git(repo, "log", "-1", "--format=%B", "closeloop/d-77")
     # a replay changes nothing, even when diagnose re-emitted the version later (after a restart)
-    p3 = actor.propose(diagnosis(version=2, failures=50, failure_rate=0.5, updated_ns=T0 + 6), T0 + 7)
-    assert p3 is not None and p3.version == 2 and p3.commit == p2.commit == git(repo, "rev-parse", "closeloop/d-77")
+    p3 = actor.propose(
+        diagnosis(version=2, failures=50, failure_rate=0.5, updated_ns=T0 + 6), T0 + 7
+    )
+    assert (
+        p3 is not None
+        and p3.version == 2
+        and p3.commit == p2.commit == git(repo, "rev-parse", "closeloop/d-77")
+    )
     # the same version re-emitted with other evidence (diagnose replaying after a restart) changes nothing
     other = diagnosis(version=2, failures=50, failure_rate=0.5, evidence={"thing_name": "order id"})
-    assert actor.propose(other, T0 + 7) is None and "already answers diagnosis version 2" in actor.last_reason
+    assert (
+        actor.propose(other, T0 + 7) is None
+        and "already answers diagnosis version 2" in actor.last_reason
+    )
     assert git(repo, "rev-parse", "closeloop/d-77") == p2.commit
 
     # a stale review (of version 1) cannot merge version 2
@@ -105,7 +162,7 @@ def test_propose_update_replay_and_approve(repo: Path) -> None:
     rec = approve(p2, "Ada Lovelace", "good catch", actor.backend, T0 + 9, diagnosis=diagnosis())
     merge = git(repo, "rev-parse", "main")
     assert rec.merged_commit == merge and git(repo, "rev-parse", f"{merge}^2") == p2.commit
-    assert git(repo, "rev-parse", f"{merge}^1") == main_before               # --no-ff: a real merge commit
+    assert git(repo, "rev-parse", f"{merge}^1") == main_before  # --no-ff: a real merge commit
     body = git(repo, "log", "-1", "--format=%B", merge)
     assert "Approved-by: Ada Lovelace" in body and p2.proposal_id in body and "d-77" in body
     # the checked-out main is consistent: files updated, nothing dirty
@@ -137,7 +194,9 @@ def test_reject_leaves_base_untouched_and_is_final(repo: Path) -> None:
     p = actor.propose(diagnosis(), T0)
     rec = reject(p, "Bob", "wrong place", actor.backend, T0 + 1)
     assert rec.decision == "rejected" and rec.reviewer == "Bob"
-    assert git(repo, "rev-parse", "main") == main_before and git(repo, "status", "--porcelain") == ""
+    assert (
+        git(repo, "rev-parse", "main") == main_before and git(repo, "status", "--porcelain") == ""
+    )
     assert git(repo, "branch", "--list", "closeloop/*") == ""
     assert git(repo, "rev-parse", "refs/closeloop/closed/d-77") == p.commit
     assert "Rejected by Bob" in git(repo, "notes", "--ref=refs/notes/closeloop", "show", p.commit)
@@ -147,10 +206,24 @@ def test_reject_leaves_base_untouched_and_is_final(repo: Path) -> None:
 
 def test_latency_config_fix_and_prompt_regression_revert(repo: Path) -> None:
     actor = Actor(config(repo), LocalGit(repo))
-    lat = actor.propose(diagnosis(diagnosis_id="d-lat", rule="latency", evidence={}, component={
-        "type": "config", "target": "tools.refund.timeout_s", "detail": {"tool_duration_ms_max": 2000}}), T0)
+    lat = actor.propose(
+        diagnosis(
+            diagnosis_id="d-lat",
+            rule="latency",
+            evidence={},
+            component={
+                "type": "config",
+                "target": "tools.refund.timeout_s",
+                "detail": {"tool_duration_ms_max": 2000},
+            },
+        ),
+        T0,
+    )
     assert lat is not None, actor.last_reason
-    assert git(repo, "show", "closeloop/d-lat:config/agent.yaml") == AGENT_YAML.replace("timeout_s: 2", "timeout_s: 4").strip()
+    assert (
+        git(repo, "show", "closeloop/d-lat:config/agent.yaml")
+        == AGENT_YAML.replace("timeout_s: 2", "timeout_s: 4").strip()
+    )
     reg = actor.propose(diagnosis(diagnosis_id="d-reg", rule="prompt_regression"), T0)
     assert reg is not None, actor.last_reason
     assert git(repo, "show", "closeloop/d-reg:prompts/system.md") == PROMPT_V1.strip()
@@ -202,12 +275,16 @@ def test_notify_posts_slack_json_and_survives_a_dead_webhook(repo: Path) -> None
         cfg.act.notify_webhook = f"http://127.0.0.1:{server.server_address[1]}/hook"
         p = Actor(cfg, LocalGit(repo)).propose(diagnosis(), T0)
         assert p is not None
-        assert len(got) == 1 and "opened a proposal" in got[0]["text"] and "closeloop/d-77" in got[0]["text"]
+        assert (
+            len(got) == 1
+            and "opened a proposal" in got[0]["text"]
+            and "closeloop/d-77" in got[0]["text"]
+        )
     finally:
         server.shutdown()
         server.server_close()
         thread.join()
-    cfg.act.notify_webhook = f"http://127.0.0.1:{server.server_address[1]}/hook"   # now closed
+    cfg.act.notify_webhook = f"http://127.0.0.1:{server.server_address[1]}/hook"  # now closed
     assert notify(p, cfg) is False
 
 

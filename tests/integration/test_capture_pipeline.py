@@ -4,6 +4,7 @@ One pipeline for the module (broker, worker process, in-process gateway). Each t
 its own conversations under its own ids, so the tests do not depend on each other; the
 replay and kill -9 tests restart the worker and go last.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,9 +21,13 @@ from typing import Any
 
 import pytest
 from opentelemetry._logs import LogRecord
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+    OTLPSpanExporter as GrpcSpanExporter,
+)
 from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+    OTLPSpanExporter as HttpSpanExporter,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
@@ -42,7 +47,7 @@ from .test_rotel import ROTEL, wait_listening
 
 SERVICE = "support-agent"
 EXPLICIT_VERSION = "support-v7"
-SPANS_PER_CONVERSATION = 5        # invoke_agent, chat, execute_tool x2, chat
+SPANS_PER_CONVERSATION = 5  # invoke_agent, chat, execute_tool x2, chat
 FLUSH_TIMEOUT_MS = 30_000
 
 
@@ -56,6 +61,7 @@ def pipe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
 # An instrumented support conversation, GenAI semantic conventions, made with the OTel SDK
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Script:
     """What the agent says and does in one conversation (the canary test plants secrets here)."""
@@ -64,7 +70,9 @@ class Script:
     user: str = "Where is my order A-17?"
     lookup_args: dict[str, Any] = field(default_factory=lambda: {"order_id": "A-17"})
     lookup_result: str = '{"status": "shipped", "carrier": "DHL"}'
-    refund_args: dict[str, Any] = field(default_factory=lambda: {"order_id": "A-17", "amount": 12.5})
+    refund_args: dict[str, Any] = field(
+        default_factory=lambda: {"order_id": "A-17", "amount": 12.5}
+    )
     refund_error: str = "refund service timed out"
     answer: str = "Order A-17 shipped with DHL; refunds are down, please retry later."
 
@@ -74,44 +82,66 @@ def _text(content: str) -> list[dict[str, str]]:
 
 
 def _calls(s: Script) -> list[dict[str, Any]]:
-    return [{"type": "tool_call", "id": "call_1", "name": "lookup_order", "arguments": s.lookup_args},
-            {"type": "tool_call", "id": "call_2", "name": "refund_order", "arguments": s.refund_args}]
+    return [
+        {"type": "tool_call", "id": "call_1", "name": "lookup_order", "arguments": s.lookup_args},
+        {"type": "tool_call", "id": "call_2", "name": "refund_order", "arguments": s.refund_args},
+    ]
 
 
-def support_conversation(tracer: Tracer, conv: str, s: Script = Script(), *,
-                         prompt_version: str | None = None) -> str:
+def support_conversation(
+    tracer: Tracer, conv: str, s: Script = Script(), *, prompt_version: str | None = None
+) -> str:
     """One agent invocation: a chat asking for two tools, the tools (one fails), a final chat.
     Returns the trace id (hex)."""
 
-    def chat(name: str, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]],
-             tokens: tuple[int, int]) -> None:
+    def chat(
+        name: str,
+        inputs: list[dict[str, Any]],
+        outputs: list[dict[str, Any]],
+        tokens: tuple[int, int],
+    ) -> None:
         with tracer.start_as_current_span(name) as sp:
-            sp.set_attributes({
-                "gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai",
-                "gen_ai.request.model": "gpt-4o-mini",
-                "gen_ai.response.model": "gpt-4o-mini-2024-07-18",
-                "gen_ai.conversation.id": conv,
-                "gen_ai.usage.input_tokens": tokens[0], "gen_ai.usage.output_tokens": tokens[1],
-                "gen_ai.system_instructions": json.dumps(_text(s.system)),
-                "gen_ai.input.messages": json.dumps(inputs),
-                "gen_ai.output.messages": json.dumps(outputs),
-            })
+            sp.set_attributes(
+                {
+                    "gen_ai.operation.name": "chat",
+                    "gen_ai.provider.name": "openai",
+                    "gen_ai.request.model": "gpt-4o-mini",
+                    "gen_ai.response.model": "gpt-4o-mini-2024-07-18",
+                    "gen_ai.conversation.id": conv,
+                    "gen_ai.usage.input_tokens": tokens[0],
+                    "gen_ai.usage.output_tokens": tokens[1],
+                    "gen_ai.system_instructions": json.dumps(_text(s.system)),
+                    "gen_ai.input.messages": json.dumps(inputs),
+                    "gen_ai.output.messages": json.dumps(outputs),
+                }
+            )
             if prompt_version:
                 sp.set_attribute("gen_ai.prompt.version", prompt_version)
 
     def tool(name: str, call_id: str, args: dict[str, Any]) -> TraceSpan:
         sp = tracer.start_span(f"execute_tool {name}")
-        sp.set_attributes({"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": name,
-                           "gen_ai.tool.call.id": call_id, "gen_ai.conversation.id": conv,
-                           "gen_ai.tool.call.arguments": json.dumps(args)})
+        sp.set_attributes(
+            {
+                "gen_ai.operation.name": "execute_tool",
+                "gen_ai.tool.name": name,
+                "gen_ai.tool.call.id": call_id,
+                "gen_ai.conversation.id": conv,
+                "gen_ai.tool.call.arguments": json.dumps(args),
+            }
+        )
         return sp
 
     user = {"role": "user", "parts": _text(s.user)}
     asks = {"role": "assistant", "parts": _calls(s)}
     with tracer.start_as_current_span("invoke_agent support-bot") as root:
-        root.set_attributes({"gen_ai.operation.name": "invoke_agent",
-                             "gen_ai.agent.name": "support-bot", "gen_ai.agent.version": "2.3.0",
-                             "gen_ai.conversation.id": conv})
+        root.set_attributes(
+            {
+                "gen_ai.operation.name": "invoke_agent",
+                "gen_ai.agent.name": "support-bot",
+                "gen_ai.agent.version": "2.3.0",
+                "gen_ai.conversation.id": conv,
+            }
+        )
         chat("chat gpt-4o-mini", [user], [asks], (120, 18))
         lookup = tool("lookup_order", "call_1", s.lookup_args)
         lookup.set_attribute("gen_ai.tool.call.result", s.lookup_result)
@@ -121,11 +151,19 @@ def support_conversation(tracer: Tracer, conv: str, s: Script = Script(), *,
         refund.record_exception(TimeoutError(s.refund_error))
         refund.set_status(Status(StatusCode.ERROR, s.refund_error))
         refund.end()
-        results = {"role": "tool", "parts": [
-            {"type": "tool_call_response", "id": "call_1", "response": s.lookup_result},
-            {"type": "tool_call_response", "id": "call_2", "response": s.refund_error}]}
-        chat("chat gpt-4o-mini", [user, asks, results],
-             [{"role": "assistant", "parts": _text(s.answer), "finish_reason": "stop"}], (260, 31))
+        results = {
+            "role": "tool",
+            "parts": [
+                {"type": "tool_call_response", "id": "call_1", "response": s.lookup_result},
+                {"type": "tool_call_response", "id": "call_2", "response": s.refund_error},
+            ],
+        }
+        chat(
+            "chat gpt-4o-mini",
+            [user, asks, results],
+            [{"role": "assistant", "parts": _text(s.answer), "finish_reason": "stop"}],
+            (260, 31),
+        )
         return format(root.get_span_context().trace_id, "032x")
 
 
@@ -144,50 +182,115 @@ def send(exporter: SpanExporter, conversations: list[tuple[str, str | None]]) ->
 # What capture must store for such a conversation
 # ---------------------------------------------------------------------------------------------
 
+
 def expected_turns(s: Script, prompt_version: str) -> list[dict[str, Any]]:
     """The ``turns`` rows in start order (messages without their timestamps)."""
     args = json.dumps(s.lookup_args), json.dumps(s.refund_args)
     user = {"role": "user", "content": s.user}
-    asks = [{"role": "assistant", "content": "", "tool_name": "lookup_order", "tool_call_id": "call_1",
-             "tool_arguments": args[0]},
-            {"role": "assistant", "content": "", "tool_name": "refund_order", "tool_call_id": "call_2",
-             "tool_arguments": args[1]}]
-    results = [{"role": "tool", "content": s.lookup_result, "tool_call_id": "call_1"},
-               {"role": "tool", "content": s.refund_error, "tool_call_id": "call_2"}]
-    llm = dict(span_kind="llm", operation="chat", provider="openai", request_model="gpt-4o-mini",
-               response_model="gpt-4o-mini-2024-07-18", agent_name="", agent_version="",
-               prompt_version=prompt_version, system_instructions=s.system, status="ok",
-               error_type="", error_message="")
-    tool = dict(llm, span_kind="tool", operation="execute_tool", provider="", request_model="",
-                response_model="", prompt_version="", system_instructions="",
-                input_messages=[], output_messages=[], input_tokens=0, output_tokens=0)
+    asks = [
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_name": "lookup_order",
+            "tool_call_id": "call_1",
+            "tool_arguments": args[0],
+        },
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_name": "refund_order",
+            "tool_call_id": "call_2",
+            "tool_arguments": args[1],
+        },
+    ]
+    results = [
+        {"role": "tool", "content": s.lookup_result, "tool_call_id": "call_1"},
+        {"role": "tool", "content": s.refund_error, "tool_call_id": "call_2"},
+    ]
+    llm = dict(
+        span_kind="llm",
+        operation="chat",
+        provider="openai",
+        request_model="gpt-4o-mini",
+        response_model="gpt-4o-mini-2024-07-18",
+        agent_name="",
+        agent_version="",
+        prompt_version=prompt_version,
+        system_instructions=s.system,
+        status="ok",
+        error_type="",
+        error_message="",
+    )
+    tool = dict(
+        llm,
+        span_kind="tool",
+        operation="execute_tool",
+        provider="",
+        request_model="",
+        response_model="",
+        prompt_version="",
+        system_instructions="",
+        input_messages=[],
+        output_messages=[],
+        input_tokens=0,
+        output_tokens=0,
+    )
     return [
-        dict(tool, span_kind="agent", operation="invoke_agent", agent_name="support-bot",
-             agent_version="2.3.0"),
+        dict(
+            tool,
+            span_kind="agent",
+            operation="invoke_agent",
+            agent_name="support-bot",
+            agent_version="2.3.0",
+        ),
         dict(llm, input_messages=[user], output_messages=asks, input_tokens=120, output_tokens=18),
         tool,
         dict(tool, status="error", error_type="TimeoutError", error_message=s.refund_error),
-        dict(llm, input_messages=[user, *asks, *results],
-             output_messages=[{"role": "assistant", "content": s.answer}],
-             input_tokens=260, output_tokens=31),
+        dict(
+            llm,
+            input_messages=[user, *asks, *results],
+            output_messages=[{"role": "assistant", "content": s.answer}],
+            input_tokens=260,
+            output_tokens=31,
+        ),
     ]
 
 
 def expected_tool_calls(s: Script) -> list[dict[str, Any]]:
-    return [dict(call_id="call_1", name="lookup_order", arguments=json.dumps(s.lookup_args),
-                 result=s.lookup_result, error_type="", error_message=""),
-            dict(call_id="call_2", name="refund_order", arguments=json.dumps(s.refund_args),
-                 result="", error_type="TimeoutError", error_message=s.refund_error)]
+    return [
+        dict(
+            call_id="call_1",
+            name="lookup_order",
+            arguments=json.dumps(s.lookup_args),
+            result=s.lookup_result,
+            error_type="",
+            error_message="",
+        ),
+        dict(
+            call_id="call_2",
+            name="refund_order",
+            arguments=json.dumps(s.refund_args),
+            result="",
+            error_type="TimeoutError",
+            error_message=s.refund_error,
+        ),
+    ]
 
 
-TURN_COLUMNS = ("span_kind, operation, provider, request_model, response_model, agent_name, "
-                "agent_version, prompt_version, system_instructions, input_messages, "
-                "output_messages, input_tokens, output_tokens, status, error_type, error_message")
+TURN_COLUMNS = (
+    "span_kind, operation, provider, request_model, response_model, agent_name, "
+    "agent_version, prompt_version, system_instructions, input_messages, "
+    "output_messages, input_tokens, output_tokens, status, error_type, error_message"
+)
 
 
 def stored_turns(pipe: Pipeline, conv: str) -> list[dict[str, Any]]:
-    rows = pipe.wait_rows(f"SELECT {TURN_COLUMNS} FROM turns FINAL WHERE conversation_id = {{c:String}} "
-                          "ORDER BY start_ns, span_id", SPANS_PER_CONVERSATION, {"c": conv})
+    rows = pipe.wait_rows(
+        f"SELECT {TURN_COLUMNS} FROM turns FINAL WHERE conversation_id = {{c:String}} "
+        "ORDER BY start_ns, span_id",
+        SPANS_PER_CONVERSATION,
+        {"c": conv},
+    )
     for r in rows:
         for k in ("input_messages", "output_messages"):
             r[k] = [{f: v for f, v in m.items() if f != "ts_ns"} for m in json.loads(r[k])]
@@ -195,14 +298,20 @@ def stored_turns(pipe: Pipeline, conv: str) -> list[dict[str, Any]]:
 
 
 def stored_tool_calls(pipe: Pipeline, conv: str) -> list[dict[str, Any]]:
-    return pipe.wait_rows("SELECT call_id, name, arguments, result, error_type, error_message "
-                          "FROM tool_calls FINAL WHERE conversation_id = {c:String} ORDER BY call_id",
-                          2, {"c": conv})
+    return pipe.wait_rows(
+        "SELECT call_id, name, arguments, result, error_type, error_message "
+        "FROM tool_calls FINAL WHERE conversation_id = {c:String} ORDER BY call_id",
+        2,
+        {"c": conv},
+    )
 
 
 def stored_spans(pipe: Pipeline, trace_id: str) -> list[dict[str, Any]]:
-    return pipe.wait_rows("SELECT * FROM spans FINAL WHERE trace_id = {t:String} ORDER BY start_ns, span_id",
-                          SPANS_PER_CONVERSATION, {"t": trace_id})
+    return pipe.wait_rows(
+        "SELECT * FROM spans FINAL WHERE trace_id = {t:String} ORDER BY start_ns, span_id",
+        SPANS_PER_CONVERSATION,
+        {"t": trace_id},
+    )
 
 
 def hash_version(system: str) -> str:
@@ -210,14 +319,19 @@ def hash_version(system: str) -> str:
     return hashlib.sha256(system.encode()).hexdigest()[:12]
 
 
-def assert_captured(pipe: Pipeline, conv: str, trace_id: str, prompt_version: str,
-                    s: Script = Script()) -> None:
+def assert_captured(
+    pipe: Pipeline, conv: str, trace_id: str, prompt_version: str, s: Script = Script()
+) -> None:
     spans = stored_spans(pipe, trace_id)
     assert len(spans) == SPANS_PER_CONVERSATION
     assert {r["conversation_id"] for r in spans} == {conv}
-    assert [r["name"] for r in spans] == ["invoke_agent support-bot", "chat gpt-4o-mini",
-                                          "execute_tool lookup_order", "execute_tool refund_order",
-                                          "chat gpt-4o-mini"]
+    assert [r["name"] for r in spans] == [
+        "invoke_agent support-bot",
+        "chat gpt-4o-mini",
+        "execute_tool lookup_order",
+        "execute_tool refund_order",
+        "chat gpt-4o-mini",
+    ]
     refund = spans[3]
     assert (refund["status_code"], refund["status_message"]) == ("ERROR", s.refund_error)
     assert [e["name"] for e in json.loads(refund["events"])] == ["exception"]
@@ -231,10 +345,14 @@ def assert_captured(pipe: Pipeline, conv: str, trace_id: str, prompt_version: st
 # 1. OTel SDK over OTLP/gRPC and OTLP/HTTP
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("transport", ["grpc", "http"])
 def test_sdk_conversations_are_captured(pipe: Pipeline, transport: str) -> None:
-    exporter = (GrpcSpanExporter(endpoint=pipe.grpc_endpoint, insecure=True) if transport == "grpc"
-                else HttpSpanExporter(endpoint=pipe.http_url()))
+    exporter = (
+        GrpcSpanExporter(endpoint=pipe.grpc_endpoint, insecure=True)
+        if transport == "grpc"
+        else HttpSpanExporter(endpoint=pipe.http_url())
+    )
     u = uuid.uuid4().hex[:8]
     explicit, hashed = f"conv-{transport}-explicit-{u}", f"conv-{transport}-hashed-{u}"
     traces = send(exporter, [(explicit, EXPLICIT_VERSION), (hashed, None)])
@@ -246,21 +364,40 @@ def test_sdk_conversations_are_captured(pipe: Pipeline, transport: str) -> None:
 # 2. rotel (a collector nobody here wrote) -> its Kafka exporter -> the same rows
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def rotel_http_port(pipe: Pipeline, tmp_path: Path) -> Iterator[int]:
     """rotel-agent exporting traces into the pipeline's ``otlp_spans`` topic."""
     if ROTEL is None:
-        pytest.skip("the rotel PyPI package (rotel-agent binary) is not installed: pip install rotel")
+        pytest.skip(
+            "the rotel PyPI package (rotel-agent binary) is not installed: pip install rotel"
+        )
     grpc_port, http_port = free_port(), free_port()
     log = tmp_path / "rotel.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [str(ROTEL), "start", "--otlp-grpc-endpoint", f"127.0.0.1:{grpc_port}",
-             "--otlp-http-endpoint", f"127.0.0.1:{http_port}",
-             "--exporter", "kafka", "--kafka-exporter-brokers", pipe.broker.bootstrap,
-             "--kafka-exporter-traces-topic", pipe.cfg.topics.otlp_spans,
-             "--kafka-exporter-format", "protobuf", "--pid-file", str(tmp_path / "rotel.pid")],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            [
+                str(ROTEL),
+                "start",
+                "--otlp-grpc-endpoint",
+                f"127.0.0.1:{grpc_port}",
+                "--otlp-http-endpoint",
+                f"127.0.0.1:{http_port}",
+                "--exporter",
+                "kafka",
+                "--kafka-exporter-brokers",
+                pipe.broker.bootstrap,
+                "--kafka-exporter-traces-topic",
+                pipe.cfg.topics.otlp_spans,
+                "--kafka-exporter-format",
+                "protobuf",
+                "--pid-file",
+                str(tmp_path / "rotel.pid"),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     try:
         wait_listening(http_port, proc, log)
         yield http_port
@@ -268,27 +405,42 @@ def rotel_http_port(pipe: Pipeline, tmp_path: Path) -> Iterator[int]:
         stop_process(proc, 10)
 
 
-_PER_ROUTE = {"trace_id", "span_id", "parent_span_id", "conversation_id", "start_ns", "end_ns",
-              "duration_ms", "ingested_ns"}
+_PER_ROUTE = {
+    "trace_id",
+    "span_id",
+    "parent_span_id",
+    "conversation_id",
+    "start_ns",
+    "end_ns",
+    "duration_ms",
+    "ingested_ns",
+}
 
 
 def _route_free(row: dict[str, Any]) -> dict[str, Any]:
     """A ``spans`` row without what differs between two sends of the same conversation."""
     out = {k: v for k, v in row.items() if k not in _PER_ROUTE}
-    out["attributes"] = {k: v for k, v in row["attributes"].items() if k != "gen_ai.conversation.id"}
-    out["events"] = [{k: v for k, v in e.items() if k != "time_ns"} for e in json.loads(row["events"])]
+    out["attributes"] = {
+        k: v for k, v in row["attributes"].items() if k != "gen_ai.conversation.id"
+    }
+    out["events"] = [
+        {k: v for k, v in e.items() if k != "time_ns"} for e in json.loads(row["events"])
+    ]
     return out
 
 
 def test_rotel_kafka_exporter_gives_the_same_rows(pipe: Pipeline, rotel_http_port: int) -> None:
     u = uuid.uuid4().hex[:8]
     via_rotel, via_gateway = f"conv-rotel-{u}", f"conv-gateway-{u}"
-    rotel = send(HttpSpanExporter(endpoint=f"http://127.0.0.1:{rotel_http_port}/v1/traces"),
-                 [(via_rotel, EXPLICIT_VERSION)])
+    rotel = send(
+        HttpSpanExporter(endpoint=f"http://127.0.0.1:{rotel_http_port}/v1/traces"),
+        [(via_rotel, EXPLICIT_VERSION)],
+    )
     gateway = send(HttpSpanExporter(endpoint=pipe.http_url()), [(via_gateway, EXPLICIT_VERSION)])
     assert_captured(pipe, via_rotel, rotel[via_rotel], EXPLICIT_VERSION)
-    assert [_route_free(r) for r in stored_spans(pipe, rotel[via_rotel])] == \
-        [_route_free(r) for r in stored_spans(pipe, gateway[via_gateway])]
+    assert [_route_free(r) for r in stored_spans(pipe, rotel[via_rotel])] == [
+        _route_free(r) for r in stored_spans(pipe, gateway[via_gateway])
+    ]
     assert stored_turns(pipe, via_rotel) == stored_turns(pipe, via_gateway)
     assert stored_tool_calls(pipe, via_rotel) == stored_tool_calls(pipe, via_gateway)
 
@@ -299,10 +451,19 @@ def test_rotel_kafka_exporter_gives_the_same_rows(pipe: Pipeline, rotel_http_por
 
 KEY = "sk-proj-Zq8vN3kT5wY1rB7mC2xL9pD4hF6jG0sA"
 EMAIL = "leak.canary@example.org"
-CARD = "5555 5555 5555 4444"          # Luhn-valid (a Mastercard test number)
+CARD = "5555 5555 5555 4444"  # Luhn-valid (a Mastercard test number)
 PHONE = "+1 415 555 0132"
-CANARIES = [KEY, KEY.removeprefix("sk-proj-"), EMAIL, "leak.canary", CARD, CARD.replace(" ", ""),
-            "5555-5555-5555-4444", PHONE, "415 555 0132"]
+CANARIES = [
+    KEY,
+    KEY.removeprefix("sk-proj-"),
+    EMAIL,
+    "leak.canary",
+    CARD,
+    CARD.replace(" ", ""),
+    "5555-5555-5555-4444",
+    PHONE,
+    "415 555 0132",
+]
 CANARY_SCRIPT = Script(
     system="You are Acme's support agent.",
     user=f"My key is {KEY}, mail {EMAIL} or call {PHONE}; card {CARD}.",
@@ -323,20 +484,30 @@ def test_canaries_never_stored_or_logged(pipe: Pipeline) -> None:
     s = CANARY_SCRIPT
     resource = Resource.create({"service.name": SERVICE, "enduser.email": EMAIL})
     tp = TracerProvider(resource=resource)
-    tp.add_span_processor(BatchSpanProcessor(HttpSpanExporter(endpoint=pipe.http_url()),
-                                             schedule_delay_millis=50))
+    tp.add_span_processor(
+        BatchSpanProcessor(HttpSpanExporter(endpoint=pipe.http_url()), schedule_delay_millis=50)
+    )
     lp = LoggerProvider(resource=resource)
-    lp.add_log_record_processor(BatchLogRecordProcessor(
-        OTLPLogExporter(endpoint=pipe.http_url("/v1/logs")), schedule_delay_millis=50))
+    lp.add_log_record_processor(
+        BatchLogRecordProcessor(
+            OTLPLogExporter(endpoint=pipe.http_url("/v1/logs")), schedule_delay_millis=50
+        )
+    )
     tracer = tp.get_tracer("acme.support", "1.0")
     with tracer.start_as_current_span("chat gpt-4o-mini") as content_span:
         # message content on the logs signal too, as instrumentations emit it
-        lp.get_logger("acme.support").emit(LogRecord(
-            event_name="gen_ai.client.inference.operation.details",
-            attributes={"gen_ai.conversation.id": conv,
-                        "gen_ai.input.messages": json.dumps([{"role": "user", "parts": _text(s.user)}]),
-                        "gen_ai.output.messages": json.dumps(
-                            [{"role": "assistant", "parts": _text(f"I mailed {EMAIL}")}])}))
+        lp.get_logger("acme.support").emit(
+            LogRecord(
+                event_name="gen_ai.client.inference.operation.details",
+                attributes={
+                    "gen_ai.conversation.id": conv,
+                    "gen_ai.input.messages": json.dumps([{"role": "user", "parts": _text(s.user)}]),
+                    "gen_ai.output.messages": json.dumps(
+                        [{"role": "assistant", "parts": _text(f"I mailed {EMAIL}")}]
+                    ),
+                },
+            )
+        )
     content_span_id = format(content_span.get_span_context().span_id, "016x")
     trace_id = support_conversation(tracer, conv, s)
     assert tp.force_flush(FLUSH_TIMEOUT_MS) and lp.force_flush(FLUSH_TIMEOUT_MS)
@@ -351,14 +522,21 @@ def test_canaries_never_stored_or_logged(pipe: Pipeline) -> None:
     assert "[REDACTED:email]" in turns[1]["input_messages"][0]["content"]
     assert "[REDACTED:card]" in tools[0]["arguments"] and "[REDACTED:phone]" in tools[0]["result"]
     assert "[REDACTED:card]" in tools[1]["error_message"]
-    assert pipe.store.scalar("SELECT sum(redactions) FROM spans FINAL WHERE conversation_id = {c:String}",
-                             {"c": conv}) > 0
+    assert (
+        pipe.store.scalar(
+            "SELECT sum(redactions) FROM spans FINAL WHERE conversation_id = {c:String}",
+            {"c": conv},
+        )
+        > 0
+    )
     # the log event's content record went on too (it has no row; it is on the turns topic)
-    records = wait_for(lambda: [r for r in pipe.turn_records() if r["span_id"] == content_span_id], 60)
+    records = wait_for(
+        lambda: [r for r in pipe.turn_records() if r["span_id"] == content_span_id], 60
+    )
     assert records and records[0]["span_kind"] == "content"
     assert "[REDACTED:email]" in records[0]["output_messages"][0]["content"]
 
-    assert pipe.store.scalar("SELECT count() FROM deadletter") == 0   # originals are kept there
+    assert pipe.store.scalar("SELECT count() FROM deadletter") == 0  # originals are kept there
     tables = pipe.all_rows_json()
     assert conv in tables and _leaks(tables) == []
     turn_topic = json.dumps(pipe.turn_records(), ensure_ascii=False)
@@ -418,12 +596,26 @@ def _chat_request(service: str, trace_id: bytes, n: int) -> bytes:
     ss.scope.name = "acme.load"
     now = time.time_ns()
     for i in range(n):
-        attrs = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o-mini",
-                 "gen_ai.input.messages": json.dumps([{"role": "user", "parts": _text(f"question {i}")}])}
-        ss.spans.append(Span(
-            trace_id=trace_id, span_id=(i + 1).to_bytes(8, "big"), name="chat gpt-4o-mini",
-            kind=Span.SPAN_KIND_CLIENT, start_time_unix_nano=now + i, end_time_unix_nano=now + i + 10**6,
-            attributes=[KeyValue(key=k, value=AnyValue(string_value=v)) for k, v in attrs.items()]))
+        attrs = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.request.model": "gpt-4o-mini",
+            "gen_ai.input.messages": json.dumps(
+                [{"role": "user", "parts": _text(f"question {i}")}]
+            ),
+        }
+        ss.spans.append(
+            Span(
+                trace_id=trace_id,
+                span_id=(i + 1).to_bytes(8, "big"),
+                name="chat gpt-4o-mini",
+                kind=Span.SPAN_KIND_CLIENT,
+                start_time_unix_nano=now + i,
+                end_time_unix_nano=now + i + 10**6,
+                attributes=[
+                    KeyValue(key=k, value=AnyValue(string_value=v)) for k, v in attrs.items()
+                ],
+            )
+        )
     return req.SerializeToString()
 
 
@@ -432,13 +624,13 @@ def _post(url: str, body: bytes) -> int:
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status
-    except OSError as e:            # HTTPError (a status) or no answer at all (0)
+    except OSError as e:  # HTTPError (a status) or no answer at all (0)
         return getattr(e, "code", 0)
 
 
 def test_kill9_mid_stream_loses_nothing(pipe: Pipeline) -> None:
     service = f"load-{uuid.uuid4().hex[:8]}"
-    acked: list[str] = []            # trace ids of requests answered 200
+    acked: list[str] = []  # trace ids of requests answered 200
     refused: list[int] = []
 
     def post_one() -> None:
@@ -455,7 +647,7 @@ def test_kill9_mid_stream_loses_nothing(pipe: Pipeline) -> None:
             time.sleep(0.05)
 
     by_service = "SELECT count() FROM spans FINAL WHERE service_name = {s:String}"
-    post_one()      # the worker is consuming before the stream starts (its group join is slow)
+    post_one()  # the worker is consuming before the stream starts (its group join is slow)
     pipe.wait_value(by_service, KILL_SPANS_PER_REQUEST, {"s": service})
     producer = threading.Thread(target=produce, daemon=True)
     producer.start()
@@ -467,7 +659,7 @@ def test_kill9_mid_stream_loses_nothing(pipe: Pipeline) -> None:
     producer.join(120)
     assert not producer.is_alive()
     assert acked_at_kill < KILL_REQUESTS, "the kill came after the producer had finished"
-    assert refused == []             # the gateway does not depend on the worker
+    assert refused == []  # the gateway does not depend on the worker
 
     want = len(acked) * KILL_SPANS_PER_REQUEST
     expected = {"stored": want, "ids": want, "turns": want}
@@ -477,7 +669,9 @@ def test_kill9_mid_stream_loses_nothing(pipe: Pipeline) -> None:
 
     wait_for(lambda: {k: v for k, v in counts().items() if k in expected} == expected, 90)
     got = counts()
-    print(f"kill -9: {KILL_REQUESTS * KILL_SPANS_PER_REQUEST} spans sent, {want} acknowledged, "
-          f"{got['stored']} stored (FINAL), {got['rows']} rows before deduplication; killed after "
-          f"{acked_at_kill} of {KILL_REQUESTS} requests with {stored_at_kill} spans stored")
+    print(
+        f"kill -9: {KILL_REQUESTS * KILL_SPANS_PER_REQUEST} spans sent, {want} acknowledged, "
+        f"{got['stored']} stored (FINAL), {got['rows']} rows before deduplication; killed after "
+        f"{acked_at_kill} of {KILL_REQUESTS} requests with {stored_at_kill} spans stored"
+    )
     assert {k: got[k] for k in expected} == expected

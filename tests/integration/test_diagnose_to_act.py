@@ -8,6 +8,7 @@ must turn each root cause into one templated change on a local branch of the age
 repository, a reviewer approves (a local merge), and the agent's next cycle on the same
 customers must fail far less on the planted intents and no differently on the others.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -20,25 +21,28 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from examples.support_agent.repo import CONFIG_PATH, PROMPT_PATH, git, init_agent_repo, read_main
 from examples.support_agent.run import CycleReport, run_cycle
-from processors.understand import assemble
 from processors.act import Actor
+from processors.act.gitrepo import LocalGit
 from processors.capture.core import Capture, RawMessage
 from processors.config import Config, load_config
 from processors.diagnose.core import Diagnoser
-from processors.act.gitrepo import LocalGit
 from processors.records import Diagnosis, Proposal, TagRecord
 from processors.review.core import approve
+from processors.understand import assemble
 from processors.understand.signals import Tagger
 
-N = 600                       # ~45 conversations per intent
+N = 600  # ~45 conversations per intent
 SEED = 1
 START_NS = 1_767_600_000_000_000_000
 NEXT_CYCLE_NS = START_NS + 7 * 24 * 3600 * 10**9
-SPANS_PER_REQUEST = 512       # the collector's batch processor sends requests of about this size
+SPANS_PER_REQUEST = 512  # the collector's batch processor sends requests of about this size
 PLANTED = {
-    "card_arrival": "repeated_ask", "lost_or_stolen_card": "repeated_ask",
-    "pending_transfer": "tool_argument", "transfer_not_received_by_recipient": "tool_argument",
-    "exchange_rate": "latency", "card_payment_wrong_exchange_rate": "latency",
+    "card_arrival": "repeated_ask",
+    "lost_or_stolen_card": "repeated_ask",
+    "pending_transfer": "tool_argument",
+    "transfer_not_received_by_recipient": "tool_argument",
+    "exchange_rate": "latency",
+    "card_payment_wrong_exchange_rate": "latency",
 }
 # As in processors.demo.DEMO_SETTINGS: ~45 conversations per intent per cycle, so an intent is
 # diagnosed from 15 of them on (the default 30 would wait for most of the cycle).
@@ -46,34 +50,50 @@ SETTINGS = {"diagnose.min_support": 15}
 
 
 def config(repo: Path) -> Config:
-    return load_config(None, env={}, overrides={
-        **SETTINGS,
-        "act.repo": str(repo),
-        "act.targets": [{"path": PROMPT_PATH, "kind": "prompt"}, {"path": CONFIG_PATH, "kind": "config"}],
-    })
+    return load_config(
+        None,
+        env={},
+        overrides={
+            **SETTINGS,
+            "act.repo": str(repo),
+            "act.targets": [
+                {"path": PROMPT_PATH, "kind": "prompt"},
+                {"path": CONFIG_PATH, "kind": "config"},
+            ],
+        },
+    )
 
 
 def run(repo: Path, start_ns: int) -> tuple[CycleReport, list[bytes]]:
     """One cycle of the agent at ``main``: its report and its spans as OTLP requests."""
     exporter = InMemorySpanExporter()
-    report = run_cycle(repo, "http://127.0.0.1:9", N, SEED, start_ns, exporter=exporter, mode="scripted")
+    report = run_cycle(
+        repo, "http://127.0.0.1:9", N, SEED, start_ns, exporter=exporter, mode="scripted"
+    )
     spans = list(exporter.get_finished_spans())
-    return report, [encode_spans(spans[i:i + SPANS_PER_REQUEST]).SerializeToString()
-                    for i in range(0, len(spans), SPANS_PER_REQUEST)]
+    return report, [
+        encode_spans(spans[i : i + SPANS_PER_REQUEST]).SerializeToString()
+        for i in range(0, len(spans), SPANS_PER_REQUEST)
+    ]
 
 
 def tag(cfg: Config, report: CycleReport, requests: list[bytes], now_ns: int) -> list[TagRecord]:
     """Capture, assemble and tag one cycle's spans; tags in conversation order."""
     batch = Capture(cfg.capture).process(
-        [RawMessage("otlp_spans", 0, i, None, value) for i, value in enumerate(requests)], now_ns)
+        [RawMessage("otlp_spans", 0, i, None, value) for i, value in enumerate(requests)], now_ns
+    )
     assert batch.deadletters == [] and batch.turns
     states: dict[str, dict] = {}
     for turn in batch.turns:
-        states[turn.conversation_id] = assemble.add_turns(states.get(turn.conversation_id), [turn], now_ns)
+        states[turn.conversation_id] = assemble.add_turns(
+            states.get(turn.conversation_id), [turn], now_ns
+        )
     # every conversation is over: closed by its end marker, or by the idle timer (users who left)
     later = now_ns + int(cfg.assemble.idle_timeout_s * 1e9)
-    convs = [assemble.close(cid, st, assemble.is_due(st, later, cfg.assemble), later)
-             for cid, st in states.items()]
+    convs = [
+        assemble.close(cid, st, assemble.is_due(st, later, cfg.assemble), later)
+        for cid, st in states.items()
+    ]
     intent = {c.conversation_id: c.intent for c in report.conversations}
     assert sorted(c.conversation_id for c in convs) == sorted(intent)
     tagger = Tagger(cfg)
@@ -81,11 +101,24 @@ def tag(cfg: Config, report: CycleReport, requests: list[bytes], now_ns: int) ->
     for conv in sorted(convs, key=lambda c: c.start_ns):
         sig = tagger.tag(conv, later)
         name = intent[conv.conversation_id]
-        tags.append(TagRecord(
-            conversation_id=conv.conversation_id, conversation_version=conv.version, intent_id=name,
-            intent_name=name.replace("_", " "), taxonomy_version=1, signals=sig.tags, outcome=sig.outcome,
-            outcome_turn=sig.outcome_turn, failed=sig.failed, prompt_version=conv.prompt_version,
-            model=conv.model, agent_version=conv.agent_version, ts_ns=conv.end_ns, conversation=conv))
+        tags.append(
+            TagRecord(
+                conversation_id=conv.conversation_id,
+                conversation_version=conv.version,
+                intent_id=name,
+                intent_name=name.replace("_", " "),
+                taxonomy_version=1,
+                signals=sig.tags,
+                outcome=sig.outcome,
+                outcome_turn=sig.outcome_turn,
+                failed=sig.failed,
+                prompt_version=conv.prompt_version,
+                model=conv.model,
+                agent_version=conv.agent_version,
+                ts_ns=conv.end_ns,
+                conversation=conv,
+            )
+        )
     return tags
 
 
@@ -100,7 +133,7 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> dict:
     repo = tmp_path_factory.mktemp("diagnose-to-act") / "bankly-agent"
     base = init_agent_repo(repo)
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(repo.parent)          # load_config(None) reads ./closeloop.yaml when there is one
+        mp.chdir(repo.parent)  # load_config(None) reads ./closeloop.yaml when there is one
         cfg = config(repo)
     report1, requests1 = run(repo, START_NS)
     tags1 = tag(cfg, report1, requests1, report1.end_ns)
@@ -112,19 +145,31 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> dict:
     merged: list[tuple[Diagnosis, Proposal]] = []
     skipped: dict[str, str] = {}
     now = report1.end_ns
-    for d in diagnoses:       # a reviewer works through them in turn: each reads the merged main
+    for d in diagnoses:  # a reviewer works through them in turn: each reads the merged main
         now += 60 * 10**9
         proposal = actor.propose(d, now)
         if proposal is None:
             skipped[d.intent_id] = actor.last_reason
             continue
-        record = approve(proposal, "test-reviewer", "approved in test", actor.backend, now + 1, diagnosis=d)
-        assert record.decision == "approved" and record.merged_commit == git(repo, "rev-parse", "main")
+        record = approve(
+            proposal, "test-reviewer", "approved in test", actor.backend, now + 1, diagnosis=d
+        )
+        assert record.decision == "approved" and record.merged_commit == git(
+            repo, "rev-parse", "main"
+        )
         merged.append((d, proposal))
     report2, requests2 = run(repo, NEXT_CYCLE_NS)
     tags2 = tag(cfg, report2, requests2, report2.end_ns)
-    return {"repo": repo, "base": base, "diagnoses": diagnoses, "merged": merged, "skipped": skipped,
-            "before": failure_rates(tags1), "after": failure_rates(tags2), "report2": report2}
+    return {
+        "repo": repo,
+        "base": base,
+        "diagnoses": diagnoses,
+        "merged": merged,
+        "skipped": skipped,
+        "before": failure_rates(tags1),
+        "after": failure_rates(tags2),
+        "report2": report2,
+    }
 
 
 def test_each_planted_failure_is_diagnosed_with_its_rule_and_nothing_else(loop: dict) -> None:
@@ -140,20 +185,27 @@ def test_each_planted_failure_is_diagnosed_with_its_rule_and_nothing_else(loop: 
 def test_one_change_per_root_cause_is_proposed_and_merged(loop: dict) -> None:
     merged = {d.rule: p for d, p in loop["merged"]}
     assert sorted(merged) == ["latency", "repeated_ask", "tool_argument"]
-    assert {merged["latency"].files[0], merged["repeated_ask"].files[0], merged["tool_argument"].files[0]} \
-        == {CONFIG_PATH, PROMPT_PATH}
+    assert {
+        merged["latency"].files[0],
+        merged["repeated_ask"].files[0],
+        merged["tool_argument"].files[0],
+    } == {CONFIG_PATH, PROMPT_PATH}
     # the second intent with the same root cause finds it fixed on main: no duplicate change
     assert len(loop["skipped"]) == 3 and all("already" in why for why in loop["skipped"].values())
     repo = loop["repo"]
     config_yaml = yaml.safe_load(read_main(repo, CONFIG_PATH))
     assert config_yaml["tools"]["get_exchange_rate"]["timeout_s"] == 1.0
-    assert config_yaml["tools"]["lookup_transfer"] == yaml.safe_load(
-        read_main(repo, CONFIG_PATH, loop["base"]))["tools"]["lookup_transfer"]
+    assert (
+        config_yaml["tools"]["lookup_transfer"]
+        == yaml.safe_load(read_main(repo, CONFIG_PATH, loop["base"]))["tools"]["lookup_transfer"]
+    )
     prompt = read_main(repo, PROMPT_PATH)
     assert "never ask for the card number again" in prompt
-    assert ("When you call the `lookup_transfer` tool, pass `transfer_id` in the format TR-<digits>, shaped "
-            '"alnum-with-dash" (letters and digits joined by a dash); calls with `transfer_id` shaped "text" '
-            "(free text) fail.") in prompt
+    assert (
+        "When you call the `lookup_transfer` tool, pass `transfer_id` in the format TR-<digits>, shaped "
+        '"alnum-with-dash" (letters and digits joined by a dash); calls with `transfer_id` shaped "text" '
+        "(free text) fail."
+    ) in prompt
 
 
 def test_planted_failures_drop_and_healthy_intents_hold_in_the_next_cycle(loop: dict) -> None:
@@ -167,7 +219,9 @@ def test_planted_failures_drop_and_healthy_intents_hold_in_the_next_cycle(loop: 
         assert abs(after[intent][1] - before[intent][1]) <= 0.1, table
     n = sum(before[i][0] for i in healthy)
     pooled_before = sum(before[i][0] * before[i][1] for i in healthy) / n
-    pooled_after = sum(after[i][0] * after[i][1] for i in healthy) / sum(after[i][0] for i in healthy)
+    pooled_after = sum(after[i][0] * after[i][1] for i in healthy) / sum(
+        after[i][0] for i in healthy
+    )
     assert abs(pooled_after - pooled_before) <= 0.03, table
     # closeloop's measured outcome agrees with what the agent itself saw
     for intent in PLANTED:

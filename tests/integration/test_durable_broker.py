@@ -3,6 +3,7 @@
 tansu reports the last batch's first offset + 1 as a partition's end (DESIGN.md): every check of
 an end here reads to the true end (``true_end_offsets``) or counts what a consumer got.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,11 +21,17 @@ from confluent_kafka import Consumer, Producer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
-from processors.embedded.broker import EmbeddedBroker, committed_offsets, ensure_topics, free_port, true_end_offsets
 from processors.config import load_config
-from processors.errors import ConfigError
+from processors.embedded.broker import (
+    EmbeddedBroker,
+    committed_offsets,
+    ensure_topics,
+    free_port,
+    true_end_offsets,
+)
 from processors.embedded.s3store import LocalS3
 from processors.embedded.stack import wait_for
+from processors.errors import ConfigError
 
 from .worker_proc import REPO, alive
 
@@ -38,10 +45,11 @@ class DurableBroker:
         self.logs = tmp_path / "logs"
 
     def start(self) -> str:
-        self.s3.port = 0   # a fresh port each time: nothing may depend on the old one
+        self.s3.port = 0  # a fresh port each time: nothing may depend on the old one
         self.s3.start()
-        self.broker = EmbeddedBroker(storage=self.s3.storage_url, env=self.s3.client_env(),
-                                     log_dir=self.logs).start()
+        self.broker = EmbeddedBroker(
+            storage=self.s3.storage_url, env=self.s3.client_env(), log_dir=self.logs
+        ).start()
         return self.broker.bootstrap
 
     def kill(self) -> None:
@@ -63,42 +71,71 @@ def durable(tmp_path: Path):
     b.stop()
 
 
-@pytest.mark.parametrize("storage, ok", [("memory", True), ("s3", True), ("postgres", False), ("disk", False),
-                                         ("", False)])
+@pytest.mark.parametrize(
+    "storage, ok",
+    [("memory", True), ("s3", True), ("postgres", False), ("disk", False), ("", False)],
+)
 def test_kafka_storage_setting(storage: str, ok: bool) -> None:
     if ok:
-        assert load_config(None, env={"CLOSELOOP_KAFKA_STORAGE": storage}, overrides={}).kafka.storage == storage
+        assert (
+            load_config(None, env={"CLOSELOOP_KAFKA_STORAGE": storage}, overrides={}).kafka.storage
+            == storage
+        )
     else:
         with pytest.raises(ConfigError, match="kafka.storage"):
             load_config(None, env={"CLOSELOOP_KAFKA_STORAGE": storage}, overrides={})
 
 
 def _consumer(bootstrap: str) -> Consumer:
-    return Consumer({"bootstrap.servers": bootstrap, "group.id": "durable-g", "auto.offset.reset": "earliest",
-                     "enable.auto.commit": False, "session.timeout.ms": 6000, "max.poll.interval.ms": 7000})
+    return Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "durable-g",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "session.timeout.ms": 6000,
+            "max.poll.interval.ms": 7000,
+        }
+    )
 
 
 def test_kill_9_keeps_acknowledged_messages_and_committed_offsets(durable: DurableBroker) -> None:
     n = 2000
     bootstrap = durable.start()
     ensure_topics(bootstrap, ["durable"], 2)
-    p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "linger.ms": 5})
+    p = Producer(
+        {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "linger.ms": 5}
+    )
     acked: list[tuple[int, bytes]] = []
     for i in range(n):
-        p.produce("durable", f"m{i}".encode(), key=str(i).encode(),
-                  on_delivery=lambda err, msg: acked.append((msg.partition(), msg.value())) if err is None else None)
+        p.produce(
+            "durable",
+            f"m{i}".encode(),
+            key=str(i).encode(),
+            on_delivery=lambda err, msg: (
+                acked.append((msg.partition(), msg.value())) if err is None else None
+            ),
+        )
         p.poll(0)
     assert p.flush(60) == 0
     assert len(acked) == n
     c = _consumer(bootstrap)
     c.subscribe(["durable"])
     first: list[bytes] = []
-    wait_for(lambda: first.extend(m.value() for m in c.consume(500, 0.5) if not m.error())
-             or len(first) >= n // 2, 60, 0)
+    wait_for(
+        lambda: (
+            first.extend(m.value() for m in c.consume(500, 0.5) if not m.error())
+            or len(first) >= n // 2
+        ),
+        60,
+        0,
+    )
     c.commit(asynchronous=False)
     c.close()
     before = committed_offsets(bootstrap, "durable-g", [("durable", 0), ("durable", 1)])
-    assert sum(max(o, 0) for o in before.values()) == len(first)   # negative: nothing committed there
+    assert sum(max(o, 0) for o in before.values()) == len(
+        first
+    )  # negative: nothing committed there
 
     durable.kill()
     bootstrap = durable.start()
@@ -108,8 +145,14 @@ def test_kill_9_keeps_acknowledged_messages_and_committed_offsets(durable: Durab
     c = _consumer(bootstrap)
     c.subscribe(["durable"])
     rest: list[bytes] = []
-    wait_for(lambda: rest.extend(m.value() for m in c.consume(500, 0.5) if not m.error())
-             or len(first) + len(rest) >= n, 60, 0)
+    wait_for(
+        lambda: (
+            rest.extend(m.value() for m in c.consume(500, 0.5) if not m.error())
+            or len(first) + len(rest) >= n
+        ),
+        60,
+        0,
+    )
     c.close()
     # resumed where the group had committed: every message once, none twice
     assert sorted(first + rest) == sorted(v for _, v in acked)
@@ -118,7 +161,10 @@ def test_kill_9_keeps_acknowledged_messages_and_committed_offsets(durable: Durab
     p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all"})
     p.produce("durable", b"after", partition=0)
     assert p.flush(30) == 0
-    assert true_end_offsets(bootstrap, ["durable"])[("durable", 0)] == sum(1 for part, _ in acked if part == 0) + 1
+    assert (
+        true_end_offsets(bootstrap, ["durable"])[("durable", 0)]
+        == sum(1 for part, _ in acked if part == 0) + 1
+    )
 
 
 N_COUNTED = 500
@@ -126,8 +172,9 @@ N_MORE = 100
 N_KEYS = 50
 
 
-def test_faust_table_and_group_offsets_survive_kill_9_of_broker_and_worker(durable: DurableBroker,
-                                                                           tmp_path: Path) -> None:
+def test_faust_table_and_group_offsets_survive_kill_9_of_broker_and_worker(
+    durable: DurableBroker, tmp_path: Path
+) -> None:
     """A faust worker (aiokafka consumer group, changelog-backed table) on the durable broker.
 
     After the worker, the broker and its S3 server are all SIGKILLed and restarted, the table is
@@ -139,7 +186,14 @@ def test_faust_table_and_group_offsets_survive_kill_9_of_broker_and_worker(durab
     out = tmp_path / "counts.json"
 
     def produce(start: int, count: int) -> None:
-        p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "linger.ms": 5})
+        p = Producer(
+            {
+                "bootstrap.servers": bootstrap,
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 5,
+            }
+        )
         for i in range(start, start + count):
             p.produce("counter-src", key=f"k{i % N_KEYS}".encode(), value=b"x")
         assert p.flush(60) == 0
@@ -151,20 +205,38 @@ def test_faust_table_and_group_offsets_survive_kill_9_of_broker_and_worker(durab
             return 0
 
     def committed() -> int:
-        return sum(max(o, 0) for o in committed_offsets(
-            bootstrap, "counter", [("counter-src", p) for p in range(4)]).values())
+        return sum(
+            max(o, 0)
+            for o in committed_offsets(
+                bootstrap, "counter", [("counter-src", p) for p in range(4)]
+            ).values()
+        )
 
     def worker() -> subprocess.Popen[bytes]:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "COUNTER_HOME": str(tmp_path / "home"),
-               "COUNTER_BOOTSTRAP": bootstrap, "COUNTER_OUT": str(out), "COUNTER_BATCHED": "0"}
-        return subprocess.Popen([sys.executable, str(Path(__file__).with_name("counter_app.py"))], env=env,
-                                cwd=tmp_path, stdout=open(tmp_path / "worker.log", "ab"), stderr=subprocess.STDOUT)
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "COUNTER_HOME": str(tmp_path / "home"),
+            "COUNTER_BOOTSTRAP": bootstrap,
+            "COUNTER_OUT": str(out),
+            "COUNTER_BATCHED": "0",
+        }
+        return subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("counter_app.py"))],
+            env=env,
+            cwd=tmp_path,
+            stdout=open(tmp_path / "worker.log", "ab"),
+            stderr=subprocess.STDOUT,
+        )
 
     produce(0, N_COUNTED)
     w = worker()
     try:
-        assert wait_for(lambda: total() == N_COUNTED and committed() == N_COUNTED, 180), \
-            (total(), committed(), (tmp_path / "worker.log").read_text()[-3000:])
+        assert wait_for(lambda: total() == N_COUNTED and committed() == N_COUNTED, 180), (
+            total(),
+            committed(),
+            (tmp_path / "worker.log").read_text()[-3000:],
+        )
     finally:
         w.kill()
         w.wait()
@@ -176,10 +248,14 @@ def test_faust_table_and_group_offsets_survive_kill_9_of_broker_and_worker(durab
     w = worker()
     try:
         # restored from the changelog, exactly: neither stale nor doubled (nothing new to process yet)
-        assert wait_for(lambda: total() == N_COUNTED, 180), (total(), (tmp_path / "worker.log").read_text()[-3000:])
+        assert wait_for(lambda: total() == N_COUNTED, 180), (
+            total(),
+            (tmp_path / "worker.log").read_text()[-3000:],
+        )
         produce(N_COUNTED, N_MORE)
-        assert wait_for(lambda: committed() == N_COUNTED + N_MORE and total() >= N_COUNTED + N_MORE, 180), \
-            (total(), committed(), (tmp_path / "worker.log").read_text()[-3000:])
+        assert wait_for(
+            lambda: committed() == N_COUNTED + N_MORE and total() >= N_COUNTED + N_MORE, 180
+        ), (total(), committed(), (tmp_path / "worker.log").read_text()[-3000:])
         # resumed at the committed offsets, not from the start (at-least-once: a rebalance under
         # load may count a message twice, so no exact equality here)
         assert N_COUNTED + N_MORE <= total() < 2 * N_COUNTED + N_MORE
@@ -191,7 +267,9 @@ def test_faust_table_and_group_offsets_survive_kill_9_of_broker_and_worker(durab
 def _spans_request(seed: int, spans: int) -> bytes:
     req = ExportTraceServiceRequest()
     rs = req.resource_spans.add()
-    rs.resource.attributes.append(KeyValue(key="service.name", value=AnyValue(string_value="durable-agent")))
+    rs.resource.attributes.append(
+        KeyValue(key="service.name", value=AnyValue(string_value="durable-agent"))
+    )
     ss = rs.scope_spans.add()
     for i in range(spans):
         s = ss.spans.add()
@@ -200,7 +278,9 @@ def _spans_request(seed: int, spans: int) -> bytes:
         s.name = "chat gpt-4o-mini"
         s.start_time_unix_nano = 1_700_000_000_000_000_000 + seed * 1000 + i
         s.end_time_unix_nano = s.start_time_unix_nano + 1_000_000
-        s.attributes.append(KeyValue(key="gen_ai.operation.name", value=AnyValue(string_value="chat")))
+        s.attributes.append(
+            KeyValue(key="gen_ai.operation.name", value=AnyValue(string_value="chat"))
+        )
     return req.SerializeToString()
 
 
@@ -208,28 +288,40 @@ def _send_spans(otlp_http: str, seeds: range, spans: int = 25) -> int:
     """OTLP/HTTP requests; the spans acknowledged (a 200 means every span is on the broker)."""
     acknowledged = 0
     for seed in seeds:
-        req = urllib.request.Request(f"{otlp_http}/v1/traces", data=_spans_request(seed, spans),
-                                     headers={"Content-Type": "application/x-protobuf"})
+        req = urllib.request.Request(
+            f"{otlp_http}/v1/traces",
+            data=_spans_request(seed, spans),
+            headers={"Content-Type": "application/x-protobuf"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
                 acknowledged += spans if r.status == 200 else 0
         except urllib.error.HTTPError:
-            pass   # refused: not acknowledged, not counted
+            pass  # refused: not acknowledged, not counted
     return acknowledged
 
 
 def _sql(url: str, query: str) -> str:
-    with urllib.request.urlopen(f"{url}/?query={urllib.parse.quote(query + ' FORMAT TSV')}", timeout=30) as r:
+    with urllib.request.urlopen(
+        f"{url}/?query={urllib.parse.quote(query + ' FORMAT TSV')}", timeout=30
+    ) as r:
         return r.read().decode().strip()
 
 
 def _up(home: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     """``closeloop up`` as a user runs it; returns once its stack file is written."""
     stack_file = home / "run" / "stack.json"
-    stack_file.unlink(missing_ok=True)   # a crashed stack leaves its file behind
-    up = subprocess.Popen([sys.executable, "-m", "processors.cli", "up", "--home", str(home)], env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=home.parent)
-    assert wait_for(lambda: stack_file.exists() or up.poll() is not None, 180), "closeloop up did not start"
+    stack_file.unlink(missing_ok=True)  # a crashed stack leaves its file behind
+    up = subprocess.Popen(
+        [sys.executable, "-m", "processors.cli", "up", "--home", str(home)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=home.parent,
+    )
+    assert wait_for(lambda: stack_file.exists() or up.poll() is not None, 180), (
+        "closeloop up did not start"
+    )
     assert up.poll() is None, f"closeloop up exited with {up.returncode}; see {home / 'logs'}"
     return up
 
@@ -240,30 +332,48 @@ def _stack(home: Path) -> dict:
 
 def test_whole_stack_kill_9_and_restart_loses_and_doubles_nothing(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CLOSELOOP_KAFKA_STORAGE": "s3",
-           "CLOSELOOP_OTLP_GRPC_PORT": str(free_port()), "CLOSELOOP_OTLP_HTTP_PORT": str(free_port()),
-           "CLOSELOOP_WEB_PORT": str(free_port()), "CLOSELOOP_CLICKHOUSE_SQL_PORT": "0"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "CLOSELOOP_KAFKA_STORAGE": "s3",
+        "CLOSELOOP_OTLP_GRPC_PORT": str(free_port()),
+        "CLOSELOOP_OTLP_HTTP_PORT": str(free_port()),
+        "CLOSELOOP_WEB_PORT": str(free_port()),
+        "CLOSELOOP_CLICKHOUSE_SQL_PORT": "0",
+    }
     up = _up(home, env)
     info = _stack(home)
     acknowledged = _send_spans(info["otlp_http"], range(20))
 
     # The S3 server alone crashes: the supervisor starts it again on its data, and the stack goes on.
     os.kill(info["broker_store_pid"], signal.SIGKILL)
-    assert wait_for(lambda: _stack(home)["broker_store_pid"] != info["broker_store_pid"], 30), \
+    assert wait_for(lambda: _stack(home)["broker_store_pid"] != info["broker_store_pid"], 30), (
         "the supervisor did not restart the S3 server"
+    )
     after_restart = _send_spans(info["otlp_http"], range(20, 40))
     assert after_restart > 0, "nothing was accepted after the S3 server restarted"
     acknowledged += after_restart
 
     # the crash lands mid-stream, once the worker has committed some offsets
     groups = [("otlp_spans", p) for p in range(4)]
-    before = wait_for(lambda: {tp: o for tp, o in committed_offsets(info["bootstrap"], "closeloop", groups).items()
-                               if o >= 0}, 60)
+    before = wait_for(
+        lambda: {
+            tp: o
+            for tp, o in committed_offsets(info["bootstrap"], "closeloop", groups).items()
+            if o >= 0
+        },
+        60,
+    )
     assert before, "the worker committed no offset"
 
     # Whole-stack crash: SIGKILL the supervisor and every process it started, the S3 server included.
     info = _stack(home)
-    pids = [info["supervisor_pid"], info["broker_pid"], info["broker_store_pid"], *info["children"].values()]
+    pids = [
+        info["supervisor_pid"],
+        info["broker_pid"],
+        info["broker_store_pid"],
+        *info["children"].values(),
+    ]
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     up.wait()
@@ -273,8 +383,13 @@ def test_whole_stack_kill_9_and_restart_loses_and_doubles_nothing(tmp_path: Path
     try:
         info = _stack(home)
         after = committed_offsets(info["bootstrap"], "closeloop", list(before))
-        assert all(after[tp] >= o for tp, o in before.items()), (before, after)   # resumed, not restarted
-        assert wait_for(lambda: int(_sql(info["sql"], "SELECT count() FROM spans FINAL")) >= acknowledged, 120)
+        assert all(after[tp] >= o for tp, o in before.items()), (
+            before,
+            after,
+        )  # resumed, not restarted
+        assert wait_for(
+            lambda: int(_sql(info["sql"], "SELECT count() FROM spans FINAL")) >= acknowledged, 120
+        )
         assert int(_sql(info["sql"], "SELECT count() FROM spans FINAL")) == acknowledged
     finally:
         up.send_signal(signal.SIGTERM)

@@ -6,6 +6,7 @@ stale, silently (4,999 of 5,000 in a trial). closeloop's faust settings write on
 per batch. This test runs a counting table under those settings, kills the worker, restarts
 it and compares; ``test_batched_changelog_is_caught`` shows the check fails without them.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,9 +35,14 @@ def _run(tmp_path: Path, batched: bool) -> tuple[int, int]:
         for i in range(N_MESSAGES):
             p.produce("counter-src", key=f"k{i % N_KEYS}".encode(), value=b"x")
         p.flush()
-        env = {**os.environ, "PYTHONPATH": str(REPO), "COUNTER_HOME": str(tmp_path / "home"),
-               "COUNTER_BOOTSTRAP": broker.bootstrap, "COUNTER_OUT": str(out),
-               "COUNTER_BATCHED": "1" if batched else "0"}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "COUNTER_HOME": str(tmp_path / "home"),
+            "COUNTER_BOOTSTRAP": broker.bootstrap,
+            "COUNTER_OUT": str(out),
+            "COUNTER_BATCHED": "1" if batched else "0",
+        }
         argv = [sys.executable, str(Path(__file__).with_name("counter_app.py"))]
 
         def total() -> int:
@@ -49,7 +55,7 @@ def _run(tmp_path: Path, batched: bool) -> tuple[int, int]:
         w = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
         try:
             before = wait_for(lambda: total() == N_MESSAGES and total(), 120) or total()
-            time.sleep(3)            # offsets committed, changelog written
+            time.sleep(3)  # offsets committed, changelog written
         finally:
             w.kill()
             w.wait()

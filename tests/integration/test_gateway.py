@@ -1,4 +1,5 @@
 """The embedded OTLP gateway: OTel SDK exporters and raw HTTP in, a real tansu broker out."""
+
 from __future__ import annotations
 
 import gzip
@@ -37,9 +38,6 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from processors.embedded.broker import EmbeddedBroker, ensure_topics
-from processors.config import Config
-from processors.errors import InputError, PayloadTooLarge
 from processors.capture.gateway import (
     JSON,
     LOGS,
@@ -51,15 +49,19 @@ from processors.capture.gateway import (
     parse_json,
     split_request,
 )
+from processors.config import Config
+from processors.embedded.broker import EmbeddedBroker, ensure_topics
+from processors.errors import InputError, PayloadTooLarge
 
 TraceRequest = trace_service_pb2.ExportTraceServiceRequest
 LogsRequest = logs_service_pb2.ExportLogsServiceRequest
-READ_TIMEOUT_S = 20.0     # bound on reading back what was acknowledged (not a speed check)
+READ_TIMEOUT_S = 20.0  # bound on reading back what was acknowledged (not a speed check)
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+
 
 def tid(n: int) -> bytes:
     return n.to_bytes(16, "big")
@@ -76,8 +78,14 @@ def key(n: int) -> bytes:
 
 def span(trace: int, span_: int, name: str = "chat", parent: int = 0) -> Span:
     attr = KeyValue(key="gen_ai.operation.name", value=AnyValue(string_value=name))
-    return Span(trace_id=tid(trace), span_id=sid(span_), name=name, kind=Span.SPAN_KIND_CLIENT,
-                parent_span_id=sid(parent) if parent else b"", attributes=[attr])
+    return Span(
+        trace_id=tid(trace),
+        span_id=sid(span_),
+        name=name,
+        kind=Span.SPAN_KIND_CLIENT,
+        parent_span_id=sid(parent) if parent else b"",
+        attributes=[attr],
+    )
 
 
 def trace_request(*scopes: list[Span], service: str = "agent") -> TraceRequest:
@@ -93,11 +101,21 @@ def trace_request(*scopes: list[Span], service: str = "agent") -> TraceRequest:
     return req
 
 
-def post(port: int, path: str, body: bytes, ctype: str = PROTOBUF, *, method: str = "POST",
-         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
-                                 data=body if method == "POST" else None,
-                                 headers={"Content-Type": ctype, **(headers or {})})
+def post(
+    port: int,
+    path: str,
+    body: bytes,
+    ctype: str = PROTOBUF,
+    *,
+    method: str = "POST",
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        method=method,
+        data=body if method == "POST" else None,
+        headers={"Content-Type": ctype, **(headers or {})},
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, dict(r.headers), r.read()
@@ -131,8 +149,13 @@ def count_items(value: bytes, signal_: str) -> int:
 
 def read_topic(bootstrap: str, topic: str, *, items: int, signal_: str = "traces") -> list[Message]:
     """Read every partition from the start until ``items`` spans (or log records) arrived."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4().hex}",
-                  "enable.auto.commit": False})
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"t-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+        }
+    )
     parts = c.list_topics(topic, timeout=10).topics[topic].partitions
     c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
     out: list[Message] = []
@@ -168,9 +191,19 @@ def conversation(tracer, conv: str, turns: int) -> None:
                 chat.set_attribute("gen_ai.usage.input_tokens", 120 + t)
                 chat.set_attribute("gen_ai.usage.output_tokens", 30)
                 chat.set_attribute("gen_ai.conversation.id", conv)
-                chat.set_attribute("gen_ai.input.messages", json.dumps([{
-                    "role": "user",
-                    "parts": [{"type": "text", "content": f"turn {t}: where is my order?"}]}]))
+                chat.set_attribute(
+                    "gen_ai.input.messages",
+                    json.dumps(
+                        [
+                            {
+                                "role": "user",
+                                "parts": [
+                                    {"type": "text", "content": f"turn {t}: where is my order?"}
+                                ],
+                            }
+                        ]
+                    ),
+                )
             with tracer.start_as_current_span("execute_tool lookup_order") as tool:
                 tool.set_attribute("gen_ai.operation.name", "execute_tool")
                 tool.set_attribute("gen_ai.tool.name", "lookup_order")
@@ -201,8 +234,9 @@ def gateway_config(config: Config, spans: str, logs: str, **otlp: object) -> Con
 
 def tracer_provider(exporter: SpanExporter, service: str) -> TracerProvider:
     tp = TracerProvider(resource=Resource.create({"service.name": service}))
-    tp.add_span_processor(BatchSpanProcessor(exporter, max_export_batch_size=64,
-                                             schedule_delay_millis=100))
+    tp.add_span_processor(
+        BatchSpanProcessor(exporter, max_export_batch_size=64, schedule_delay_millis=100)
+    )
     return tp
 
 
@@ -221,6 +255,7 @@ def gateway(kafka: EmbeddedBroker, config: Config, topics: tuple[str, str]) -> I
 # the pure core
 # ---------------------------------------------------------------------------------------------
 
+
 def test_split_is_one_message_per_resource_scope_and_trace() -> None:
     req = trace_request([span(1, 1), span(2, 2), span(1, 3, parent=1)], [span(1, 4)])
     split = split_request(req, TRACES)
@@ -235,12 +270,15 @@ def test_split_is_one_message_per_resource_scope_and_trace() -> None:
     assert not split.response(TRACES).HasField("partial_success")
 
 
-@pytest.mark.parametrize("bad", [
-    Span(trace_id=b"\x01" * 3, span_id=sid(9)),
-    Span(trace_id=bytes(16), span_id=sid(9)),
-    Span(trace_id=tid(1), span_id=b"\x01"),
-    Span(trace_id=tid(1), span_id=sid(9), parent_span_id=b"\x01\x02"),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        Span(trace_id=b"\x01" * 3, span_id=sid(9)),
+        Span(trace_id=bytes(16), span_id=sid(9)),
+        Span(trace_id=tid(1), span_id=b"\x01"),
+        Span(trace_id=tid(1), span_id=sid(9), parent_span_id=b"\x01\x02"),
+    ],
+)
 def test_split_rejects_spans_with_invalid_ids(bad: Span) -> None:
     split = split_request(trace_request([span(1, 1), bad]), TRACES)
     assert (split.accepted, split.rejected) == (1, 1)
@@ -252,8 +290,9 @@ def test_split_rejects_spans_with_invalid_ids(bad: Span) -> None:
 def test_split_logs_keys_by_trace_id_and_leaves_records_without_one_unkeyed() -> None:
     req = LogsRequest()
     sl = req.resource_logs.add().scope_logs.add()
-    sl.log_records.extend([LogRecord(trace_id=tid(7), span_id=sid(1)), LogRecord(),
-                           LogRecord(trace_id=b"\x01\x02")])
+    sl.log_records.extend(
+        [LogRecord(trace_id=tid(7), span_id=sid(1)), LogRecord(), LogRecord(trace_id=b"\x01\x02")]
+    )
     split = split_request(req, LOGS)
     assert [k for k, _ in split.messages] == [key(7), None]
     assert (split.accepted, split.rejected) == (2, 1)
@@ -265,7 +304,7 @@ def test_decode_body_limits_the_decompressed_size() -> None:
     assert decode_body(gzip.compress(data), "gzip", 5000) == data
     assert decode_body(data, "", 5000) == data
     with pytest.raises(PayloadTooLarge):
-        decode_body(gzip.compress(b"\0" * 10_000_000), "gzip", 1_000_000)   # a 10 KB gzip bomb
+        decode_body(gzip.compress(b"\0" * 10_000_000), "gzip", 1_000_000)  # a 10 KB gzip bomb
     with pytest.raises(PayloadTooLarge):
         decode_body(data, "identity", 4999)
     with pytest.raises(InputError, match="truncated"):
@@ -280,17 +319,40 @@ def test_json_ids_are_hex_and_give_the_same_protobuf() -> None:
     req = trace_request([span(1, 1), span(1, 2, parent=1)])
     req.resource_spans[0].scope_spans[0].spans[1].links.add(trace_id=tid(5), span_id=sid(6))
     attrs = [{"key": "gen_ai.operation.name", "value": {"stringValue": "chat"}}]
-    doc = {"resourceSpans": [{
-        "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "agent"}}]},
-        "schemaUrl": "https://opentelemetry.io/schemas/1.30.0",
-        "scopeSpans": [{"scope": {"name": "scope-0"}, "spans": [
-            {"traceId": tid(1).hex(), "spanId": sid(1).hex(), "name": "chat", "kind": 3,
-             "attributes": attrs},
-            {"traceId": tid(1).hex(), "spanId": sid(2).hex(), "parentSpanId": sid(1).hex(),
-             "name": "chat", "kind": "SPAN_KIND_CLIENT", "unknownField": 1, "attributes": attrs,
-             "links": [{"traceId": tid(5).hex(), "spanId": sid(6).hex()}]},
-        ]}],
-    }]}
+    doc = {
+        "resourceSpans": [
+            {
+                "resource": {
+                    "attributes": [{"key": "service.name", "value": {"stringValue": "agent"}}]
+                },
+                "schemaUrl": "https://opentelemetry.io/schemas/1.30.0",
+                "scopeSpans": [
+                    {
+                        "scope": {"name": "scope-0"},
+                        "spans": [
+                            {
+                                "traceId": tid(1).hex(),
+                                "spanId": sid(1).hex(),
+                                "name": "chat",
+                                "kind": 3,
+                                "attributes": attrs,
+                            },
+                            {
+                                "traceId": tid(1).hex(),
+                                "spanId": sid(2).hex(),
+                                "parentSpanId": sid(1).hex(),
+                                "name": "chat",
+                                "kind": "SPAN_KIND_CLIENT",
+                                "unknownField": 1,
+                                "attributes": attrs,
+                                "links": [{"traceId": tid(5).hex(), "spanId": sid(6).hex()}],
+                            },
+                        ],
+                    }
+                ],
+            }
+        ]
+    }
     assert parse_json(json.dumps(doc).encode(), TRACES) == req
     doc["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["traceId"] = "zz" * 16
     with pytest.raises(InputError, match=r"spans\[0\]\.traceId is not hex"):
@@ -311,25 +373,35 @@ def test_sdk_request_bytes_split_losslessly() -> None:
     split = split_request(TraceRequest.FromString(req.SerializeToString()), TRACES)
     assert len(split.messages) == 1 and split.accepted == 3
     assert spans_in(split.messages[0][1]) == [
-        s for rs in req.resource_spans for ss in rs.scope_spans for s in ss.spans]
+        s for rs in req.resource_spans for ss in rs.scope_spans for s in ss.spans
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
 # real SDK exporters and raw requests -> gateway -> tansu
 # ---------------------------------------------------------------------------------------------
 
-def test_sdk_grpc_and_http_exporters_deliver_every_span(kafka: EmbeddedBroker, gateway: Gateway,
-                                                        topics: tuple[str, str]) -> None:
+
+def test_sdk_grpc_and_http_exporters_deliver_every_span(
+    kafka: EmbeddedBroker, gateway: Gateway, topics: tuple[str, str]
+) -> None:
     providers = [
-        tracer_provider(GrpcSpanExporter(endpoint=f"127.0.0.1:{gateway.grpc_port}", insecure=True,
-                                         compression=grpc.Compression.Gzip), "agent-grpc"),
+        tracer_provider(
+            GrpcSpanExporter(
+                endpoint=f"127.0.0.1:{gateway.grpc_port}",
+                insecure=True,
+                compression=grpc.Compression.Gzip,
+            ),
+            "agent-grpc",
+        ),
         tracer_provider(
             HttpSpanExporter(endpoint=f"http://127.0.0.1:{gateway.http_port}/v1/traces"),
-            "agent-http"),
+            "agent-http",
+        ),
     ]
     sent: set[bytes] = set()
     for i, tp in enumerate(providers):
-        memory = InMemorySpanExporter()      # what was sent, to compare with what arrived
+        memory = InMemorySpanExporter()  # what was sent, to compare with what arrived
         tp.add_span_processor(SimpleSpanProcessor(memory))
         for c in range(3):
             conversation(tp.get_tracer("closeloop.test.agent"), f"conv-{i}-{c}", turns=2 + c)
@@ -340,40 +412,79 @@ def test_sdk_grpc_and_http_exporters_deliver_every_span(kafka: EmbeddedBroker, g
 
     messages = read_topic(kafka.bootstrap, topics[0], items=len(sent))
     assert span_ids_one_trace_per_message(messages) == sent
-    assert sum(count_items(m.value(), "traces") for m in messages) == len(sent)   # no duplicate
-    services = {a.value.string_value for m in messages
-                for a in TraceRequest.FromString(m.value()).resource_spans[0].resource.attributes
-                if a.key == "service.name"}
+    assert sum(count_items(m.value(), "traces") for m in messages) == len(sent)  # no duplicate
+    services = {
+        a.value.string_value
+        for m in messages
+        for a in TraceRequest.FromString(m.value()).resource_spans[0].resource.attributes
+        if a.key == "service.name"
+    }
     assert services == {"agent-grpc", "agent-http"}
-    assert len({m.key() for m in messages}) == 6                        # six conversations
+    assert len({m.key() for m in messages}) == 6  # six conversations
     stats = gateway.stats()
     assert stats["spans"] == len(sent) and stats["rejected_spans"] == 0
     assert stats["messages"] == len(messages)
 
 
-def test_json_gzip_and_partial_success_over_http(kafka: EmbeddedBroker, gateway: Gateway,
-                                                 topics: tuple[str, str]) -> None:
-    doc = {"resourceSpans": [{"scopeSpans": [{"spans": [
-        {"traceId": tid(11).hex(), "spanId": sid(1).hex(), "name": "chat"},
-        {"traceId": "abcd", "spanId": sid(2).hex(), "name": "bad id"},
-    ]}]}]}
+def test_json_gzip_and_partial_success_over_http(
+    kafka: EmbeddedBroker, gateway: Gateway, topics: tuple[str, str]
+) -> None:
+    doc = {
+        "resourceSpans": [
+            {
+                "scopeSpans": [
+                    {
+                        "spans": [
+                            {"traceId": tid(11).hex(), "spanId": sid(1).hex(), "name": "chat"},
+                            {"traceId": "abcd", "spanId": sid(2).hex(), "name": "bad id"},
+                        ]
+                    }
+                ]
+            }
+        ]
+    }
     code, headers, body = post(gateway.http_port, "/v1/traces", json.dumps(doc).encode(), JSON)
     assert code == 200 and headers["Content-Type"] == JSON
     partial = json.loads(body)["partialSuccess"]
-    assert partial["rejectedSpans"] == "1"          # proto3 JSON: int64 as a string
+    assert partial["rejectedSpans"] == "1"  # proto3 JSON: int64 as a string
     assert "trace_id must be 16 bytes" in partial["errorMessage"]
 
     proto = trace_request([span(12, 1), span(12, 2, parent=1)]).SerializeToString()
-    code, headers, body = post(gateway.http_port, "/v1/traces", gzip.compress(proto),
-                               headers={"Content-Encoding": "gzip"})
+    code, headers, body = post(
+        gateway.http_port, "/v1/traces", gzip.compress(proto), headers={"Content-Encoding": "gzip"}
+    )
     assert code == 200 and headers["Content-Type"] == PROTOBUF
     resp = trace_service_pb2.ExportTraceServiceResponse.FromString(body)
     assert not resp.HasField("partial_success")
 
-    gz_json = gzip.compress(json.dumps({"resourceSpans": [{"scopeSpans": [{"spans": [
-        {"traceId": tid(13).hex(), "spanId": sid(3).hex(), "name": "tool"}]}]}]}).encode())
-    code, _, body = post(gateway.http_port, "/v1/traces", gz_json, f"{JSON}; charset=utf-8",
-                         headers={"Content-Encoding": "gzip"})
+    gz_json = gzip.compress(
+        json.dumps(
+            {
+                "resourceSpans": [
+                    {
+                        "scopeSpans": [
+                            {
+                                "spans": [
+                                    {
+                                        "traceId": tid(13).hex(),
+                                        "spanId": sid(3).hex(),
+                                        "name": "tool",
+                                    }
+                                ]
+                            }
+                        ]
+                    }
+                ]
+            }
+        ).encode()
+    )
+    code, _, body = post(
+        gateway.http_port,
+        "/v1/traces",
+        gz_json,
+        f"{JSON}; charset=utf-8",
+        headers={"Content-Encoding": "gzip"},
+    )
     assert code == 200 and json.loads(body) == {}
 
     messages = read_topic(kafka.bootstrap, topics[0], items=4)
@@ -383,17 +494,24 @@ def test_json_gzip_and_partial_success_over_http(kafka: EmbeddedBroker, gateway:
     assert [s.parent_span_id for s in by_key[key(12)]] == [b"", sid(1)]
 
 
-def test_logs_over_grpc_and_http(kafka: EmbeddedBroker, gateway: Gateway,
-                                 topics: tuple[str, str]) -> None:
+def test_logs_over_grpc_and_http(
+    kafka: EmbeddedBroker, gateway: Gateway, topics: tuple[str, str]
+) -> None:
     req = LogsRequest()
     sl = req.resource_logs.add().scope_logs.add()
-    sl.log_records.extend([
-        LogRecord(trace_id=tid(21), span_id=sid(1), body=AnyValue(string_value="hello"),
-                  event_name="gen_ai.client.inference.operation.details"),
-        LogRecord(trace_id=tid(22), span_id=sid(2), event_name="gen_ai.user.message"),
-        LogRecord(body=AnyValue(string_value="not tied to a span")),
-        LogRecord(trace_id=b"\x01", event_name="broken"),
-    ])
+    sl.log_records.extend(
+        [
+            LogRecord(
+                trace_id=tid(21),
+                span_id=sid(1),
+                body=AnyValue(string_value="hello"),
+                event_name="gen_ai.client.inference.operation.details",
+            ),
+            LogRecord(trace_id=tid(22), span_id=sid(2), event_name="gen_ai.user.message"),
+            LogRecord(body=AnyValue(string_value="not tied to a span")),
+            LogRecord(trace_id=b"\x01", event_name="broken"),
+        ]
+    )
     with grpc.insecure_channel(f"127.0.0.1:{gateway.grpc_port}") as ch:
         resp = logs_service_pb2_grpc.LogsServiceStub(ch).Export(req, timeout=30)
     assert resp.partial_success.rejected_log_records == 1
@@ -411,8 +529,9 @@ def test_logs_over_grpc_and_http(kafka: EmbeddedBroker, gateway: Gateway,
 
 
 def test_grpc_partial_success(gateway: Gateway) -> None:
-    resp = grpc_traces(gateway.grpc_port,
-                       trace_request([span(31, 1), Span(trace_id=tid(31), span_id=b"")]))
+    resp = grpc_traces(
+        gateway.grpc_port, trace_request([span(31, 1), Span(trace_id=tid(31), span_id=b"")])
+    )
     assert resp.partial_success.rejected_spans == 1
     assert "span_id must be 8 bytes" in resp.partial_success.error_message
 
@@ -455,8 +574,9 @@ def test_size_limits(kafka: EmbeddedBroker, config: Config, topics: tuple[str, s
 
         compressed = gzip.compress(big.SerializeToString())
         assert len(compressed) < limit
-        code, _, body = post(gw.http_port, "/v1/traces", compressed,
-                             headers={"Content-Encoding": "gzip"})
+        code, _, body = post(
+            gw.http_port, "/v1/traces", compressed, headers={"Content-Encoding": "gzip"}
+        )
         assert code == 413 and "decompressed" in status_of(body).message
 
         with pytest.raises(grpc.RpcError) as e:
@@ -470,6 +590,7 @@ def test_size_limits(kafka: EmbeddedBroker, config: Config, topics: tuple[str, s
 # ---------------------------------------------------------------------------------------------
 # broker slow or down: 503 / UNAVAILABLE, never accept-and-drop
 # ---------------------------------------------------------------------------------------------
+
 
 def test_broker_down_gives_retryable_errors_then_recovers(config: Config, tmp_path: Path) -> None:
     broker = EmbeddedBroker(log_dir=tmp_path / "broker").start()
@@ -485,8 +606,9 @@ def test_broker_down_gives_retryable_errors_then_recovers(config: Config, tmp_pa
             # one request waits for an ack that cannot come; meanwhile the budget is used up
             first: list[tuple[int, dict[str, str], bytes]] = []
             body = req.SerializeToString()
-            waiter = threading.Thread(target=lambda: first.append(post(gw.http_port, "/v1/traces",
-                                                                       body)))
+            waiter = threading.Thread(
+                target=lambda: first.append(post(gw.http_port, "/v1/traces", body))
+            )
             waiter.start()
             while gw.stats()["inflight_bytes"] == 0 and waiter.is_alive():
                 time.sleep(0.01)
@@ -505,15 +627,17 @@ def test_broker_down_gives_retryable_errors_then_recovers(config: Config, tmp_pa
             details = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
             retry = error_details_pb2.RetryInfo()
             assert details.details[0].Unpack(retry) and retry.retry_delay.seconds == 2
-            assert error_details_pb2.RetryInfo.FromString(trailers["google.rpc.retryinfo-bin"]) \
+            assert (
+                error_details_pb2.RetryInfo.FromString(trailers["google.rpc.retryinfo-bin"])
                 == retry
+            )
             assert gw.stats()["outcome_unavailable"] == 3
 
             # a new broker on the same port (memory storage: the old data is gone, that is fine)
             broker = EmbeddedBroker(port=broker.port, log_dir=tmp_path / "broker2").start()
             ensure_topics(broker.bootstrap, topics, 1)
             codes = []
-            for _ in range(20):           # what an SDK does: retry after Retry-After
+            for _ in range(20):  # what an SDK does: retry after Retry-After
                 codes.append(post_traces(gw.http_port, trace_request([span(63, 1)])))
                 if codes[-1] == 200:
                     break
@@ -528,16 +652,35 @@ def test_broker_down_gives_retryable_errors_then_recovers(config: Config, tmp_pa
 # as a process, the way `closeloop up` starts it
 # ---------------------------------------------------------------------------------------------
 
-def test_runs_as_a_process_and_stops_on_sigterm(kafka: EmbeddedBroker, topics: tuple[str, str],
-                                                tmp_path: Path) -> None:
+
+def test_runs_as_a_process_and_stops_on_sigterm(
+    kafka: EmbeddedBroker, topics: tuple[str, str], tmp_path: Path
+) -> None:
     cfg_file = tmp_path / "closeloop.yaml"
-    cfg_file.write_text(yaml.safe_dump({"topics": {"otlp_spans": topics[0],
-                                                   "otlp_logs": topics[1]}}))
+    cfg_file.write_text(
+        yaml.safe_dump({"topics": {"otlp_spans": topics[0], "otlp_logs": topics[1]}})
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLOSELOOP_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "processors.capture.gateway", "--config", str(cfg_file),
-         "--bootstrap", kafka.bootstrap, "--grpc-port", "0", "--http-port", "0"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "processors.capture.gateway",
+            "--config",
+            str(cfg_file),
+            "--bootstrap",
+            kafka.bootstrap,
+            "--grpc-port",
+            "0",
+            "--http-port",
+            "0",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         assert line.startswith("gateway ready "), line

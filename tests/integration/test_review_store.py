@@ -1,4 +1,5 @@
 """Review rows and verification through chDB: reviews/proposals round-trip, verdicts from conversation_tags."""
+
 from __future__ import annotations
 
 import itertools
@@ -9,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from processors.act import Actor, proposal_rows
-from processors.config import Config
 from processors.act.gitrepo import LocalGit
+from processors.config import Config
 from processors.review.core import StaleProposal, approve, decide, review_rows, verify
 from processors.store import Store
 from tests.integration.test_act_local import config, diagnosis, repo  # noqa: F401 (repo is a fixture)
@@ -29,17 +30,35 @@ def window() -> tuple[int, int, int]:
 
 
 def tags(unique: str, intent: str, n: int, failures: int, prompt: str, start_ns: int) -> list[dict]:
-    return [{"conversation_id": f"{unique}-{intent}-{prompt}-{start_ns}-{i}", "conversation_version": 1,
-             "intent_id": f"{intent}-{unique}", "intent_name": intent, "taxonomy_version": 1, "signals": [],
-             "outcome": "abandoned" if i < failures else "resolved", "outcome_turn": 3 if i < failures else -1,
-             "failed": int(i < failures), "prompt_version": prompt, "model": "m", "agent_version": "1.0",
-             "ts_ns": start_ns + i * 10**6} for i in range(n)]
+    return [
+        {
+            "conversation_id": f"{unique}-{intent}-{prompt}-{start_ns}-{i}",
+            "conversation_version": 1,
+            "intent_id": f"{intent}-{unique}",
+            "intent_name": intent,
+            "taxonomy_version": 1,
+            "signals": [],
+            "outcome": "abandoned" if i < failures else "resolved",
+            "outcome_turn": 3 if i < failures else -1,
+            "failed": int(i < failures),
+            "prompt_version": prompt,
+            "model": "m",
+            "agent_version": "1.0",
+            "ts_ns": start_ns + i * 10**6,
+        }
+        for i in range(n)
+    ]
 
 
-def merged_proposal(repo: Path, unique: str, w0: int, merge: int):  # noqa: F811
+def merged_proposal(repo: Path, unique: str, w0: int, merge: int):
     """A proposal for intent ``target-<unique>`` under prompt ``old-<unique>``, approved and merged at ``merge``."""
-    d = diagnosis(diagnosis_id=f"d-{unique}", intent_id=f"target-{unique}", prompt_version=f"old-{unique}",
-                  window_from_ns=w0, window_to_ns=w0 + 3600 * 10**9)
+    d = diagnosis(
+        diagnosis_id=f"d-{unique}",
+        intent_id=f"target-{unique}",
+        prompt_version=f"old-{unique}",
+        window_from_ns=w0,
+        window_to_ns=w0 + 3600 * 10**9,
+    )
     actor = Actor(config(repo), LocalGit(repo))
     p = actor.propose(d, w0)
     assert p is not None, actor.last_reason
@@ -47,69 +66,99 @@ def merged_proposal(repo: Path, unique: str, w0: int, merge: int):  # noqa: F811
     return p, rec, actor.backend
 
 
-def test_review_and_proposal_rows_round_trip(store: Store, repo: Path, unique: str) -> None:  # noqa: F811
+def test_review_and_proposal_rows_round_trip(store: Store, repo: Path, unique: str) -> None:
     p, rec, _ = merged_proposal(repo, unique, *window()[:2])
     store.insert_records("reviews", review_rows([rec]))
     store.insert_records("proposals", proposal_rows([p]))
-    (row,) = store.query("SELECT * EXCEPT ts FROM reviews FINAL WHERE review_id = {r:String}", {"r": rec.review_id})
+    (row,) = store.query(
+        "SELECT * EXCEPT ts FROM reviews FINAL WHERE review_id = {r:String}", {"r": rec.review_id}
+    )
     assert row == {k: v for k, v in rec.to_dict().items() if k != "v"}
-    (prow,) = store.query("SELECT * EXCEPT created_time FROM proposals FINAL WHERE proposal_id = {p:String}",
-                          {"p": p.proposal_id})
+    (prow,) = store.query(
+        "SELECT * EXCEPT created_time FROM proposals FINAL WHERE proposal_id = {p:String}",
+        {"p": p.proposal_id},
+    )
     assert prow == {k: v for k, v in p.to_dict().items() if k != "v"}
 
 
-def scenario(store: Store, repo: Path, unique: str, after_failures: int, after_n: int = 200):  # noqa: F811
+def scenario(store: Store, repo: Path, unique: str, after_failures: int, after_n: int = 200):
     """A merged proposal and its conversations: target 60/200 failing before; controls steady."""
     w0, merge, now = window()
     old, new = f"old-{unique}", f"new-{unique}"
-    rows = (tags(unique, "target", 200, 60, old, w0)
-            + tags(unique, "target", after_n, after_failures, new, merge + 10**9)
-            + tags(unique, "target", 50, 50, old, merge + 2 * 10**12)     # stragglers on the old version
-            + tags(unique, "target", 50, 50, new, now + 10**9)            # after the verification time
-            + tags(unique, "ctrl-a", 300, 60, old, w0) + tags(unique, "ctrl-a", 300, 61, new, merge + 10**9)
-            + tags(unique, "ctrl-b", 300, 30, old, w0) + tags(unique, "ctrl-b", 300, 29, new, merge + 10**9))
+    rows = (
+        tags(unique, "target", 200, 60, old, w0)
+        + tags(unique, "target", after_n, after_failures, new, merge + 10**9)
+        + tags(unique, "target", 50, 50, old, merge + 2 * 10**12)  # stragglers on the old version
+        + tags(unique, "target", 50, 50, new, now + 10**9)  # after the verification time
+        + tags(unique, "ctrl-a", 300, 60, old, w0)
+        + tags(unique, "ctrl-a", 300, 61, new, merge + 10**9)
+        + tags(unique, "ctrl-b", 300, 30, old, w0)
+        + tags(unique, "ctrl-b", 300, 29, new, merge + 10**9)
+    )
     store.insert_records("conversation_tags", rows)
     return (*merged_proposal(repo, unique, w0, merge), now)
 
 
-def test_verify_fixed_writes_outcomes_and_comments_once(store: Store, repo: Path, unique: str) -> None:  # noqa: F811
+def test_verify_fixed_writes_outcomes_and_comments_once(
+    store: Store, repo: Path, unique: str
+) -> None:
     p, rec, backend, now = scenario(store, repo, unique, after_failures=16)
     result = verify(store, review_rows([rec])[0], Config(), now, backend=backend, proposal=p)
     t = result.target
-    assert (t.verdict, t.before_n, t.before_failures, t.after_n, t.after_failures) == ("fixed", 200, 60, 200, 16)
+    assert (t.verdict, t.before_n, t.before_failures, t.after_n, t.after_failures) == (
+        "fixed",
+        200,
+        60,
+        200,
+        16,
+    )
     assert (t.before_version, t.after_version) == (f"old-{unique}", f"new-{unique}")
     assert t.diff_low < -0.22 + 0.001 < t.diff_high < 0 and t.p_value < 0.05
     assert not result.regressed and result.confounded == "" and result.commented
-    assert {(c.intent_id, c.verdict) for c in result.controls} == {(f"ctrl-a-{unique}", "no_effect"),
-                                                                   (f"ctrl-b-{unique}", "no_effect")}
-    stored = store.query("SELECT intent_id, verdict, after_n FROM outcomes FINAL WHERE proposal_id = {p:String} "
-                         "ORDER BY intent_id", {"p": p.proposal_id})
+    assert {(c.intent_id, c.verdict) for c in result.controls} == {
+        (f"ctrl-a-{unique}", "no_effect"),
+        (f"ctrl-b-{unique}", "no_effect"),
+    }
+    stored = store.query(
+        "SELECT intent_id, verdict, after_n FROM outcomes FINAL WHERE proposal_id = {p:String} "
+        "ORDER BY intent_id",
+        {"p": p.proposal_id},
+    )
     assert [(r["intent_id"], r["verdict"]) for r in stored] == [
-        (f"ctrl-a-{unique}", "no_effect"), (f"ctrl-b-{unique}", "no_effect"), (f"target-{unique}", "fixed")]
+        (f"ctrl-a-{unique}", "no_effect"),
+        (f"ctrl-b-{unique}", "no_effect"),
+        (f"target-{unique}", "fixed"),
+    ]
     notes = backend.comments(p)
     assert len(notes) == 1 and "closeloop verification: fixed" in notes[0] and "30.0%" in notes[0]
     again = verify(store, rec, Config(), now + 1, backend=backend, proposal=p)
     assert again.target.verdict == "fixed" and not again.commented and len(backend.comments(p)) == 1
 
 
-def test_verify_regression_flags_a_new_diagnosis(store: Store, repo: Path, unique: str) -> None:  # noqa: F811
+def test_verify_regression_flags_a_new_diagnosis(store: Store, repo: Path, unique: str) -> None:
     p, rec, backend, now = scenario(store, repo, unique, after_failures=110)
     result = verify(store, rec, Config(), now, backend=backend, proposal=p)
     assert (result.target.verdict, result.confounded) == ("regressed", "") and result.regressed
     assert "A regression" in backend.comments(p)[0]
 
 
-def test_verify_waits_for_enough_conversations(store: Store, repo: Path, unique: str) -> None:  # noqa: F811
+def test_verify_waits_for_enough_conversations(store: Store, repo: Path, unique: str) -> None:
     p, rec, backend, now = scenario(store, repo, unique, after_failures=0, after_n=12)
     result = verify(store, rec, Config(), now, backend=backend, proposal=p)
     assert result.target.verdict == "not_enough_data" and result.target.after_n == 12
     assert not result.commented and backend.comments(p) == []
 
 
-def _open(store: Store, repo: Path, unique: str, tag: str, thing: str):  # noqa: F811
-    d = diagnosis(diagnosis_id=f"d-{tag}-{unique}", intent_id=f"{tag}-{unique}", evidence={"thing_name": thing})
-    store.insert_records("diagnoses", [{**d.to_dict(), "component": json.dumps(d.component),
-                                        "evidence": json.dumps(d.evidence)}])
+def _open(store: Store, repo: Path, unique: str, tag: str, thing: str):
+    d = diagnosis(
+        diagnosis_id=f"d-{tag}-{unique}",
+        intent_id=f"{tag}-{unique}",
+        evidence={"thing_name": thing},
+    )
+    store.insert_records(
+        "diagnoses",
+        [{**d.to_dict(), "component": json.dumps(d.component), "evidence": json.dumps(d.evidence)}],
+    )
     actor = Actor(config(repo), LocalGit(repo))
     p = actor.propose(d, BASE)
     assert p is not None, actor.last_reason
@@ -117,28 +166,63 @@ def _open(store: Store, repo: Path, unique: str, tag: str, thing: str):  # noqa:
     return p
 
 
-def test_conflicting_approval_is_rebuilt_for_a_fresh_look(store: Store, repo: Path, unique: str) -> None:  # noqa: F811
+def test_conflicting_approval_is_rebuilt_for_a_fresh_look(
+    store: Store, repo: Path, unique: str
+) -> None:
     cfg, backend = config(repo), LocalGit(repo)
-    first, second = _open(store, repo, unique, "a", "API key"), _open(store, repo, unique, "b", "order id")
+    first, second = (
+        _open(store, repo, unique, "a", "API key"),
+        _open(store, repo, unique, "b", "order id"),
+    )
     decide(store, backend, first.proposal_id, "approve", "Ada", "ok", BASE + 1, cfg=cfg)
     # both append to the end of the prompt: the second no longer merges, and is never merged blind
     with pytest.raises(StaleProposal) as stale:
         decide(store, backend, second.proposal_id, "approve", "Ada", "ok", BASE + 2, cfg=cfg)
-    assert stale.value.proposal.version == second.version + 1 and stale.value.proposal.commit != second.commit
-    record, updated = decide(store, backend, second.proposal_id, "approve", "Ada", "ok", BASE + 3, cfg=cfg)
-    prompt = subprocess.run(["git", "-C", str(repo), "show", "main:prompts/system.md"], capture_output=True,
-                            text=True, check=True).stdout
-    assert "API key" in prompt and "order id" in prompt and updated.status == "merged" and record.merged_commit
+    assert (
+        stale.value.proposal.version == second.version + 1
+        and stale.value.proposal.commit != second.commit
+    )
+    record, updated = decide(
+        store, backend, second.proposal_id, "approve", "Ada", "ok", BASE + 3, cfg=cfg
+    )
+    prompt = subprocess.run(
+        ["git", "-C", str(repo), "show", "main:prompts/system.md"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert (
+        "API key" in prompt
+        and "order id" in prompt
+        and updated.status == "merged"
+        and record.merged_commit
+    )
 
 
-def test_approval_of_a_change_the_base_already_holds_is_recorded_not_merged(store: Store, repo: Path,  # noqa: F811
-                                                                             unique: str) -> None:
+def test_approval_of_a_change_the_base_already_holds_is_recorded_not_merged(
+    store: Store,
+    repo: Path,
+    unique: str,
+) -> None:
     cfg, backend = config(repo), LocalGit(repo)
-    first, same = _open(store, repo, unique, "a", "API key"), _open(store, repo, unique, "b", "API key")
+    first, same = (
+        _open(store, repo, unique, "a", "API key"),
+        _open(store, repo, unique, "b", "API key"),
+    )
     rec1, _ = decide(store, backend, first.proposal_id, "approve", "Ada", "ok", BASE + 1, cfg=cfg)
-    rec2, updated = decide(store, backend, same.proposal_id, "approve", "Grace", "ok", BASE + 2, cfg=cfg)
+    rec2, updated = decide(
+        store, backend, same.proposal_id, "approve", "Grace", "ok", BASE + 2, cfg=cfg
+    )
     assert rec2.merged_commit == rec1.merged_commit == backend.base_commit()
-    assert rec2.reviewer == "Grace" and "already holds this change" in rec2.comment and updated.status == "merged"
-    merges = subprocess.run(["git", "-C", str(repo), "rev-list", "--merges", "main"], capture_output=True,
-                            text=True, check=True).stdout.split()
+    assert (
+        rec2.reviewer == "Grace"
+        and "already holds this change" in rec2.comment
+        and updated.status == "merged"
+    )
+    merges = subprocess.run(
+        ["git", "-C", str(repo), "rev-list", "--merges", "main"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert merges == [rec1.merged_commit]

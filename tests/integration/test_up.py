@@ -1,4 +1,5 @@
 """`closeloop up` as a user runs it: starts, serves, reports status, stops with no orphans."""
+
 from __future__ import annotations
 
 import json
@@ -19,39 +20,73 @@ def test_up_status_and_clean_stop(tmp_path: Path) -> None:
     grpc, http, web = free_port(), free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "CLOSELOOP_CLICKHOUSE_SQL_PORT": "0"}
     cmd = [sys.executable, "-m", "processors.cli"]
-    up = subprocess.Popen(cmd + ["up", "--home", str(home), "--otlp-grpc-port", str(grpc),
-                                 "--otlp-http-port", str(http), "--web-port", str(web)],
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+    up = subprocess.Popen(
+        cmd
+        + [
+            "up",
+            "--home",
+            str(home),
+            "--otlp-grpc-port",
+            str(grpc),
+            "--otlp-http-port",
+            str(http),
+            "--web-port",
+            str(web),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
     out = []
     try:
+
         def printed_up() -> bool:
             line = up.stdout.readline().decode()
             out.append(line)
             return "closeloop is up" in line or up.poll() is not None
+
         assert wait_for(printed_up, 120, 0), "".join(out)
         assert up.poll() is None, "".join(out)
         stack = json.loads((home / "run" / "stack.json").read_text())
         pids = [stack["broker_pid"], *stack["children"].values()]
         assert set(stack["children"]) == {"worker", "gateway", "web"}
 
-        status = subprocess.run(cmd + ["status", "--home", str(home), "--json"], env=env, capture_output=True,
-                                timeout=120, cwd=tmp_path)
+        status = subprocess.run(
+            cmd + ["status", "--home", str(home), "--json"],
+            env=env,
+            capture_output=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
         st = json.loads(status.stdout)
         assert st["running"]
         assert all(p["alive"] for p in st["processes"].values()), st["processes"]
-        assert {"spans", "turns", "conversations", "intents", "diagnoses", "outcomes"} <= set(st["tables"])
+        assert {"spans", "turns", "conversations", "intents", "diagnoses", "outcomes"} <= set(
+            st["tables"]
+        )
         assert "otlp_spans" in st["topics"] and st["deadletters"] == 0
 
         # The endpoints answer: OTLP/HTTP (an empty request is a valid export) and the page.
-        req = urllib.request.Request(f"http://127.0.0.1:{http}/v1/traces", data=b"",
-                                     headers={"Content-Type": "application/x-protobuf"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{http}/v1/traces",
+            data=b"",
+            headers={"Content-Type": "application/x-protobuf"},
+        )
         assert urllib.request.urlopen(req, timeout=10).status == 200
         browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
-        page = browser.open(json.loads((home / "run" / "web.json").read_text())["login_url"], timeout=10)
+        page = browser.open(
+            json.loads((home / "run" / "web.json").read_text())["login_url"], timeout=10
+        )
         assert page.status == 200 and b"closeloop" in page.read()
 
-        sql = subprocess.run(cmd + ["sql", "--home", str(home), "SELECT count() FROM spans", "--format", "TSV"],
-                             env=env, capture_output=True, timeout=60, cwd=tmp_path)
+        sql = subprocess.run(
+            cmd + ["sql", "--home", str(home), "SELECT count() FROM spans", "--format", "TSV"],
+            env=env,
+            capture_output=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
         assert sql.stdout.strip() == b"0", sql.stderr
     finally:
         up.send_signal(signal.SIGTERM)

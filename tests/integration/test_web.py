@@ -1,5 +1,6 @@
 """The review page over a real chDB store and a real local git repository: auth, CSRF,
 same-origin, decisions (approve merges, reject closes) with attribution, escaping, the API."""
+
 from __future__ import annotations
 
 import http.client
@@ -17,8 +18,8 @@ from urllib.parse import urlencode, urlsplit
 import pytest
 
 from processors.act import Actor, proposal_rows
-from processors.config import ActTarget, Config
 from processors.act.gitrepo import LocalGit
+from processors.config import ActTarget, Config
 from processors.records import Diagnosis, Outcome, Proposal
 from processors.review.core import outcome_rows
 from processors.store import Store
@@ -27,13 +28,20 @@ from processors.web.server import WebServer, sparkline
 T0 = 1_900_000_000 * 10**9
 HOUR = 3600 * 10**9
 SCRIPT = "<script>alert('x')</script>"
-GIT_ENV = {"GIT_AUTHOR_NAME": "dev", "GIT_AUTHOR_EMAIL": "dev@localhost", "GIT_COMMITTER_NAME": "dev",
-           "GIT_COMMITTER_EMAIL": "dev@localhost", "HOME": "/nonexistent", "PATH": os.environ["PATH"]}
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "dev",
+    "GIT_AUTHOR_EMAIL": "dev@localhost",
+    "GIT_COMMITTER_NAME": "dev",
+    "GIT_COMMITTER_EMAIL": "dev@localhost",
+    "HOME": "/nonexistent",
+    "PATH": os.environ["PATH"],
+}
 
 
 def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True,
-                          env=GIT_ENV).stdout.strip()
+    return subprocess.run(
+        ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True, env=GIT_ENV
+    ).stdout.strip()
 
 
 @dataclass
@@ -51,59 +59,181 @@ def seed(store: Store, cfg: Config, root: Path, unique: str) -> Seeded:
     repo = root / "agent"
     (repo / "prompts").mkdir(parents=True)
     git(repo, "init", "-q", "-b", "main")
-    (repo / "prompts" / "system.md").write_text("You are the support agent of Acme.\n\nBe concise.\n")
+    (repo / "prompts" / "system.md").write_text(
+        "You are the support agent of Acme.\n\nBe concise.\n"
+    )
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", "v1")
     cfg.act.repo = str(repo)
     cfg.act.targets = [ActTarget("prompts/system.md", "prompt")]
     intent, small = f"i-{unique}", f"i-small-{unique}"
     diag = Diagnosis(
-        diagnosis_id=f"d-{unique}", intent_id=intent, intent_name="API setup", rule="repeated_ask",
-        summary="the agent asks again for the API key", root_cause="no carry-forward instruction",
+        diagnosis_id=f"d-{unique}",
+        intent_id=intent,
+        intent_name="API setup",
+        rule="repeated_ask",
+        summary="the agent asks again for the API key",
+        root_cause="no carry-forward instruction",
         component={"type": "prompt", "target": "prompts/system.md"},
-        evidence={"item": "API key", "turn": 3, "agent_message_before_abandon": f"Please paste your key {SCRIPT}",
-                  "trace_ids": ["4bf92f3577b34da6a3ce929d0e0e4736"]},
-        trace_ids=["4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7aaaaaaaaaaaaaaaa"], support=100,
-        failures=40, failure_rate=0.4, baseline_rate=0.05, prompt_version="p-1", agent_version="1.0",
-        window_from_ns=T0, window_to_ns=T0 + 10 * HOUR, updated_ns=T0 + 10 * HOUR)
+        evidence={
+            "item": "API key",
+            "turn": 3,
+            "agent_message_before_abandon": f"Please paste your key {SCRIPT}",
+            "trace_ids": ["4bf92f3577b34da6a3ce929d0e0e4736"],
+        },
+        trace_ids=["4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7aaaaaaaaaaaaaaaa"],
+        support=100,
+        failures=40,
+        failure_rate=0.4,
+        baseline_rate=0.05,
+        prompt_version="p-1",
+        agent_version="1.0",
+        window_from_ns=T0,
+        window_to_ns=T0 + 10 * HOUR,
+        updated_ns=T0 + 10 * HOUR,
+    )
     prop = Actor(cfg, LocalGit(repo)).propose(diag, T0 + 11 * HOUR)
     assert prop is not None
     store.insert_records("diagnoses", [{k: v for k, v in diag.to_dict().items() if k != "v"}])
     store.insert_records("proposals", proposal_rows([prop]))
-    store.insert_records("intents", [
-        {"intent_id": intent, "name": f"API setup {SCRIPT}", "description": "connecting the API",
-         "keywords": ["api", "key"], "examples": [f"how do I set my key {SCRIPT}"], "size": 40,
-         "status": "active", "parent_id": "", "taxonomy_version": 3, "created_ns": T0, "updated_ns": T0},
-        {"intent_id": small, "name": "rare thing", "description": "", "keywords": [],
-         "examples": ["my name is Jane Doe and my order is 555"], "size": 2, "status": "active",
-         "parent_id": "", "taxonomy_version": 3, "created_ns": T0, "updated_ns": T0}])
-    store.insert_records("intent_changes", [
-        {"taxonomy_version": 3, "intent_id": intent, "change": "renamed", "name": "API setup", "other_id": "",
-         "ts_ns": T0}])
-    store.insert_records("conversation_tags", [
-        {"conversation_id": f"c-{unique}-{i}", "conversation_version": 1, "intent_id": intent,
-         "intent_name": "API setup", "taxonomy_version": 3,
-         "signals": ["setup_friction"] if i % 2 else ["setup_friction", "churn_risk"],
-         "outcome": "abandoned" if i < 4 else "resolved", "outcome_turn": 3, "failed": int(i < 4),
-         "prompt_version": "p-1", "model": "m", "agent_version": "1.0", "ts_ns": T0 + i * HOUR}
-        for i in range(10)])
-    store.insert_records("conversations", [
-        {"conversation_id": f"c-{unique}-{i}", "version": 1, "start_ns": T0 + i * HOUR, "end_ns": T0 + i * HOUR,
-         "closed_reason": "end", "prompt_version": "p-1", "model": "m", "agent_name": "a", "agent_version": "1.0",
-         "trace_ids": [], "messages": "[]", "n_messages": 0, "n_user_turns": 0, "n_tool_calls": 0, "llm_calls": 0,
-         "errors": 0, "input_tokens": 0, "output_tokens": 0, "latency_ms": 0.0} for i in range(10)])
-    store.insert_records("outcomes", outcome_rows([
-        Outcome(proposal_id=prop.proposal_id, intent_id=intent, before_version="p-1", after_version="p-2",
-                before_n=100, before_failures=40, after_n=80, after_failures=8, rate_before=0.4, rate_after=0.1,
-                diff_low=-0.41, diff_high=-0.19, p_value=0.00002, verdict="fixed", ts_ns=T0 + 20 * HOUR),
-        Outcome(proposal_id=prop.proposal_id, intent_id=small, before_version="p-1", after_version="p-2",
-                before_n=50, before_failures=5, after_n=45, after_failures=5, rate_before=0.1,
-                rate_after=0.111, diff_low=-0.1, diff_high=0.12, p_value=0.8, verdict="no_effect",
-                ts_ns=T0 + 20 * HOUR)]))
+    store.insert_records(
+        "intents",
+        [
+            {
+                "intent_id": intent,
+                "name": f"API setup {SCRIPT}",
+                "description": "connecting the API",
+                "keywords": ["api", "key"],
+                "examples": [f"how do I set my key {SCRIPT}"],
+                "size": 40,
+                "status": "active",
+                "parent_id": "",
+                "taxonomy_version": 3,
+                "created_ns": T0,
+                "updated_ns": T0,
+            },
+            {
+                "intent_id": small,
+                "name": "rare thing",
+                "description": "",
+                "keywords": [],
+                "examples": ["my name is Jane Doe and my order is 555"],
+                "size": 2,
+                "status": "active",
+                "parent_id": "",
+                "taxonomy_version": 3,
+                "created_ns": T0,
+                "updated_ns": T0,
+            },
+        ],
+    )
+    store.insert_records(
+        "intent_changes",
+        [
+            {
+                "taxonomy_version": 3,
+                "intent_id": intent,
+                "change": "renamed",
+                "name": "API setup",
+                "other_id": "",
+                "ts_ns": T0,
+            }
+        ],
+    )
+    store.insert_records(
+        "conversation_tags",
+        [
+            {
+                "conversation_id": f"c-{unique}-{i}",
+                "conversation_version": 1,
+                "intent_id": intent,
+                "intent_name": "API setup",
+                "taxonomy_version": 3,
+                "signals": ["setup_friction"] if i % 2 else ["setup_friction", "churn_risk"],
+                "outcome": "abandoned" if i < 4 else "resolved",
+                "outcome_turn": 3,
+                "failed": int(i < 4),
+                "prompt_version": "p-1",
+                "model": "m",
+                "agent_version": "1.0",
+                "ts_ns": T0 + i * HOUR,
+            }
+            for i in range(10)
+        ],
+    )
+    store.insert_records(
+        "conversations",
+        [
+            {
+                "conversation_id": f"c-{unique}-{i}",
+                "version": 1,
+                "start_ns": T0 + i * HOUR,
+                "end_ns": T0 + i * HOUR,
+                "closed_reason": "end",
+                "prompt_version": "p-1",
+                "model": "m",
+                "agent_name": "a",
+                "agent_version": "1.0",
+                "trace_ids": [],
+                "messages": "[]",
+                "n_messages": 0,
+                "n_user_turns": 0,
+                "n_tool_calls": 0,
+                "llm_calls": 0,
+                "errors": 0,
+                "input_tokens": 0,
+                "output_tokens": 0,
+                "latency_ms": 0.0,
+            }
+            for i in range(10)
+        ],
+    )
+    store.insert_records(
+        "outcomes",
+        outcome_rows(
+            [
+                Outcome(
+                    proposal_id=prop.proposal_id,
+                    intent_id=intent,
+                    before_version="p-1",
+                    after_version="p-2",
+                    before_n=100,
+                    before_failures=40,
+                    after_n=80,
+                    after_failures=8,
+                    rate_before=0.4,
+                    rate_after=0.1,
+                    diff_low=-0.41,
+                    diff_high=-0.19,
+                    p_value=0.00002,
+                    verdict="fixed",
+                    ts_ns=T0 + 20 * HOUR,
+                ),
+                Outcome(
+                    proposal_id=prop.proposal_id,
+                    intent_id=small,
+                    before_version="p-1",
+                    after_version="p-2",
+                    before_n=50,
+                    before_failures=5,
+                    after_n=45,
+                    after_failures=5,
+                    rate_before=0.1,
+                    rate_after=0.111,
+                    diff_low=-0.1,
+                    diff_high=0.12,
+                    p_value=0.8,
+                    verdict="no_effect",
+                    ts_ns=T0 + 20 * HOUR,
+                ),
+            ]
+        ),
+    )
     return Seeded(repo, diag, prop, intent, small)
 
 
 # -- HTTP without a browser ------------------------------------------------------------------
+
 
 @dataclass
 class Response:
@@ -115,8 +245,15 @@ class Response:
         return json.loads(self.body)
 
 
-def call(url: str, method: str = "GET", path: str = "/", *, cookie: str = "", form: dict[str, str] | None = None,
-         headers: dict[str, str] | None = None) -> Response:
+def call(
+    url: str,
+    method: str = "GET",
+    path: str = "/",
+    *,
+    cookie: str = "",
+    form: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
     """One request, redirects not followed (so Set-Cookie and Location can be checked)."""
     u = urlsplit(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
@@ -135,17 +272,23 @@ def call(url: str, method: str = "GET", path: str = "/", *, cookie: str = "", fo
 
 
 @pytest.fixture
-def site(store: Store, config: Config, tmp_path: Path, unique: str) -> Iterator[tuple[WebServer, Seeded]]:
+def site(
+    store: Store, config: Config, tmp_path: Path, unique: str
+) -> Iterator[tuple[WebServer, Seeded]]:
     config.web.trace_url = "https://traces.example/trace/{trace_id}"
     seeded = seed(store, config, tmp_path, unique)
-    server = WebServer(config, store, backend_factory=lambda: LocalGit(seeded.repo), host="127.0.0.1", port=0)
+    server = WebServer(
+        config, store, backend_factory=lambda: LocalGit(seeded.repo), host="127.0.0.1", port=0
+    )
     server.start()
     yield server, seeded
     server.stop()
 
 
 def login(server: WebServer) -> str:
-    r = call(server.url, path=urlsplit(server.login_url).path + "?" + urlsplit(server.login_url).query)
+    r = call(
+        server.url, path=urlsplit(server.login_url).path + "?" + urlsplit(server.login_url).query
+    )
     assert r.status == 303 and r.headers["Location"] == "/"
     return r.headers["Set-Cookie"].split(";", 1)[0]
 
@@ -165,10 +308,13 @@ def review_rows(store: Store, pid: str) -> list[dict[str, Any]]:
 
 
 def proposal_row(store: Store, pid: str) -> dict[str, Any]:
-    return store.query("SELECT status, version FROM proposals FINAL WHERE proposal_id = {p:String}", {"p": pid})[0]
+    return store.query(
+        "SELECT status, version FROM proposals FINAL WHERE proposal_id = {p:String}", {"p": pid}
+    )[0]
 
 
 # -- tests ----------------------------------------------------------------------------------
+
 
 def test_everything_needs_the_token(site: tuple[WebServer, Seeded]) -> None:
     server, s = site
@@ -180,9 +326,14 @@ def test_everything_needs_the_token(site: tuple[WebServer, Seeded]) -> None:
         assert r.status == 401 and str(token_file) in r.body
     r = call(server.url, path="/api/proposals")
     assert r.status == 401 and r.headers["WWW-Authenticate"] == "Bearer" and "error" in r.json()
-    assert call(server.url, path="/api/proposals", headers={"Authorization": "Bearer nope"}).status == 401
+    assert (
+        call(server.url, path="/api/proposals", headers={"Authorization": "Bearer nope"}).status
+        == 401
+    )
     assert call(server.url, path="/login?token=nope").status == 401
-    assert call(server.url, path="/", cookie=f"{server.cookie_name}=1.forged.deadbeef").status == 401
+    assert (
+        call(server.url, path="/", cookie=f"{server.cookie_name}=1.forged.deadbeef").status == 401
+    )
     week = 7 * 24 * 3600
     stale = server.new_session(now_s=1_000_000)
     assert server.check_session(stale, now_s=1_000_000 + week - 1)
@@ -199,8 +350,16 @@ def test_login_sets_a_strict_httponly_cookie(site: tuple[WebServer, Seeded]) -> 
     cookie = attrs[0]
     page = call(server.url, path="/", cookie=cookie)
     assert page.status == 200 and s.proposal.title in page.body
-    assert "script-src" not in page.headers["Content-Security-Policy"]   # default-src 'none': no scripts at all
-    for path in ("/intents", "/diagnoses", "/proposals", "/outcomes", f"/diagnoses/{s.diagnosis.diagnosis_id}"):
+    assert (
+        "script-src" not in page.headers["Content-Security-Policy"]
+    )  # default-src 'none': no scripts at all
+    for path in (
+        "/intents",
+        "/diagnoses",
+        "/proposals",
+        "/outcomes",
+        f"/diagnoses/{s.diagnosis.diagnosis_id}",
+    ):
         r = call(server.url, path=path, cookie=cookie)
         assert r.status == 200 and "<h1>" in r.body, path
     assert s.proposal.title in call(server.url, path="/proposals", cookie=cookie).body
@@ -212,21 +371,52 @@ def test_post_without_csrf_token_is_refused(site: tuple[WebServer, Seeded]) -> N
     cookie = login(server)
     pid = s.proposal.proposal_id
     for form in ({"reviewer": "Mallory"}, {"reviewer": "Mallory", "csrf": "0" * 64}):
-        r = call(server.url, "POST", f"/proposals/{pid}/approve", cookie=cookie, form=form, headers=origin(server))
+        r = call(
+            server.url,
+            "POST",
+            f"/proposals/{pid}/approve",
+            cookie=cookie,
+            form=form,
+            headers=origin(server),
+        )
         assert r.status == 403
-    assert call(server.url, "POST", f"/proposals/{pid}/approve", form={"reviewer": "Mallory"},
-                headers=origin(server)).status == 401
-    assert review_rows(server.store, pid) == [] and proposal_row(server.store, pid)["status"] == "open"
+    assert (
+        call(
+            server.url,
+            "POST",
+            f"/proposals/{pid}/approve",
+            form={"reviewer": "Mallory"},
+            headers=origin(server),
+        ).status
+        == 401
+    )
+    assert (
+        review_rows(server.store, pid) == [] and proposal_row(server.store, pid)["status"] == "open"
+    )
 
 
 def test_post_from_another_origin_is_refused(site: tuple[WebServer, Seeded]) -> None:
     server, s = site
     cookie = login(server)
     pid = s.proposal.proposal_id
-    form = {"reviewer": "Mallory", "csrf": csrf_of(call(server.url, path=f"/proposals/{pid}", cookie=cookie).body)}
-    for headers in ({"Origin": "http://evil.example"}, {"Referer": "http://evil.example/x"}, {},
-                    {"Origin": server.url.replace("http:", "https:")}):
-        r = call(server.url, "POST", f"/proposals/{pid}/approve", cookie=cookie, form=form, headers=headers)
+    form = {
+        "reviewer": "Mallory",
+        "csrf": csrf_of(call(server.url, path=f"/proposals/{pid}", cookie=cookie).body),
+    }
+    for headers in (
+        {"Origin": "http://evil.example"},
+        {"Referer": "http://evil.example/x"},
+        {},
+        {"Origin": server.url.replace("http:", "https:")},
+    ):
+        r = call(
+            server.url,
+            "POST",
+            f"/proposals/{pid}/approve",
+            cookie=cookie,
+            form=form,
+            headers=headers,
+        )
         assert r.status == 403, headers
     assert review_rows(server.store, pid) == []
     assert git(s.repo, "rev-parse", "main") == git(s.repo, "rev-parse", f"{s.proposal.commit}^")
@@ -238,7 +428,9 @@ def test_get_never_changes_state(site: tuple[WebServer, Seeded]) -> None:
     pid = s.proposal.proposal_id
     r = call(server.url, path=f"/proposals/{pid}/approve?reviewer=Ada", cookie=cookie)
     assert r.status == 404
-    assert review_rows(server.store, pid) == [] and proposal_row(server.store, pid)["status"] == "open"
+    assert (
+        review_rows(server.store, pid) == [] and proposal_row(server.store, pid)["status"] == "open"
+    )
 
 
 def test_approve_merges_and_records_the_reviewer(site: tuple[WebServer, Seeded]) -> None:
@@ -247,23 +439,44 @@ def test_approve_merges_and_records_the_reviewer(site: tuple[WebServer, Seeded])
     pid = s.proposal.proposal_id
     base_before = git(s.repo, "rev-parse", "main")
     csrf = csrf_of(call(server.url, path=f"/proposals/{pid}", cookie=cookie).body)
-    r = call(server.url, "POST", f"/proposals/{pid}/approve", cookie=cookie, headers=origin(server),
-             form={"csrf": csrf, "reviewer": "Ada Lovelace", "comment": "carry the key forward"})
+    r = call(
+        server.url,
+        "POST",
+        f"/proposals/{pid}/approve",
+        cookie=cookie,
+        headers=origin(server),
+        form={"csrf": csrf, "reviewer": "Ada Lovelace", "comment": "carry the key forward"},
+    )
     assert r.status == 303 and r.headers["Location"] == f"/proposals/{pid}#decision"
     (row,) = review_rows(server.store, pid)
-    assert (row["decision"], row["reviewer"], row["comment"]) == ("approved", "Ada Lovelace", "carry the key forward")
-    assert row["before_prompt_version"] == "p-1" and row["evidence_trace_ids"] == s.diagnosis.trace_ids
-    assert proposal_row(server.store, pid) == {"status": "merged", "version": s.proposal.version + 1}
+    assert (row["decision"], row["reviewer"], row["comment"]) == (
+        "approved",
+        "Ada Lovelace",
+        "carry the key forward",
+    )
+    assert (
+        row["before_prompt_version"] == "p-1" and row["evidence_trace_ids"] == s.diagnosis.trace_ids
+    )
+    assert proposal_row(server.store, pid) == {
+        "status": "merged",
+        "version": s.proposal.version + 1,
+    }
     # the merge is in the repository, attributed to the reviewer, with the reviewed commit as second parent
     merge = git(s.repo, "rev-parse", "main")
     assert row["merged_commit"] == merge and git(s.repo, "rev-parse", f"{merge}^1") == base_before
     assert git(s.repo, "rev-parse", f"{merge}^2") == s.proposal.commit
     assert "Approved-by: Ada Lovelace" in git(s.repo, "log", "-1", "--format=%B", merge)
     page = call(server.url, path=f"/proposals/{pid}", cookie=cookie).body
-    assert "Approved by <span class=\"reviewer\">Ada Lovelace</span>" in page and merge[:12] in page
-    assert 'name="csrf"' not in page          # decided: no form any more
-    again = call(server.url, "POST", f"/proposals/{pid}/approve", cookie=cookie, headers=origin(server),
-                 form={"csrf": csrf, "reviewer": "Eve"})
+    assert 'Approved by <span class="reviewer">Ada Lovelace</span>' in page and merge[:12] in page
+    assert 'name="csrf"' not in page  # decided: no form any more
+    again = call(
+        server.url,
+        "POST",
+        f"/proposals/{pid}/approve",
+        cookie=cookie,
+        headers=origin(server),
+        form={"csrf": csrf, "reviewer": "Eve"},
+    )
     assert again.status == 400 and "already merged" in again.body
     assert len(review_rows(server.store, pid)) == 1 and git(s.repo, "rev-parse", "main") == merge
 
@@ -275,23 +488,39 @@ def test_approval_without_a_reviewer_name_is_refused(site: tuple[WebServer, Seed
     base_before = git(s.repo, "rev-parse", "main")
     csrf = csrf_of(call(server.url, path=f"/proposals/{pid}", cookie=cookie).body)
     for who in ("", "   "):
-        r = call(server.url, "POST", f"/proposals/{pid}/approve", cookie=cookie, headers=origin(server),
-                 form={"csrf": csrf, "reviewer": who, "comment": "ok"})
+        r = call(
+            server.url,
+            "POST",
+            f"/proposals/{pid}/approve",
+            cookie=cookie,
+            headers=origin(server),
+            form={"csrf": csrf, "reviewer": who, "comment": "ok"},
+        )
         assert r.status == 400 and "name of the human reviewer" in r.body
-    assert review_rows(server.store, pid) == [] and proposal_row(server.store, pid)["status"] == "open"
+    assert (
+        review_rows(server.store, pid) == [] and proposal_row(server.store, pid)["status"] == "open"
+    )
     assert git(s.repo, "rev-parse", "main") == base_before
 
 
-def test_unavailable_backend_changes_nothing(store: Store, config: Config, tmp_path: Path, unique: str) -> None:
+def test_unavailable_backend_changes_nothing(
+    store: Store, config: Config, tmp_path: Path, unique: str
+) -> None:
     s = seed(store, config, tmp_path, unique)
-    config.act.repo = ""                       # the default factory (open_backend) cannot open it
+    config.act.repo = ""  # the default factory (open_backend) cannot open it
     server = WebServer(config, store, host="127.0.0.1", port=0).start()
     try:
         cookie = login(server)
         pid = s.proposal.proposal_id
         csrf = csrf_of(call(server.url, path=f"/proposals/{pid}", cookie=cookie).body)
-        r = call(server.url, "POST", f"/proposals/{pid}/approve", cookie=cookie, headers=origin(server),
-                 form={"csrf": csrf, "reviewer": "Ada"})
+        r = call(
+            server.url,
+            "POST",
+            f"/proposals/{pid}/approve",
+            cookie=cookie,
+            headers=origin(server),
+            form={"csrf": csrf, "reviewer": "Ada"},
+        )
         assert r.status == 503 and "act.repo is empty" in r.body and 'value="Ada"' in r.body
     finally:
         server.stop()
@@ -304,11 +533,21 @@ def test_reject_closes_the_branch_and_records_the_reviewer(site: tuple[WebServer
     pid = s.proposal.proposal_id
     base_before = git(s.repo, "rev-parse", "main")
     csrf = csrf_of(call(server.url, path=f"/proposals/{pid}", cookie=cookie).body)
-    r = call(server.url, "POST", f"/proposals/{pid}/reject", cookie=cookie, headers=origin(server),
-             form={"csrf": csrf, "reviewer": "Grace Hopper", "comment": "wrong file"})
+    r = call(
+        server.url,
+        "POST",
+        f"/proposals/{pid}/reject",
+        cookie=cookie,
+        headers=origin(server),
+        form={"csrf": csrf, "reviewer": "Grace Hopper", "comment": "wrong file"},
+    )
     assert r.status == 303
     (row,) = review_rows(server.store, pid)
-    assert (row["decision"], row["reviewer"], row["merged_commit"]) == ("rejected", "Grace Hopper", "")
+    assert (row["decision"], row["reviewer"], row["merged_commit"]) == (
+        "rejected",
+        "Grace Hopper",
+        "",
+    )
     assert proposal_row(server.store, pid)["status"] == "rejected"
     assert git(s.repo, "rev-parse", "main") == base_before
     assert git(s.repo, "branch", "--list", s.proposal.branch) == ""
@@ -320,8 +559,10 @@ def test_reject_closes_the_branch_and_records_the_reviewer(site: tuple[WebServer
 def test_untrusted_text_is_escaped_everywhere(site: tuple[WebServer, Seeded]) -> None:
     server, s = site
     cookie = login(server)
-    pages = {p: call(server.url, path=p, cookie=cookie) for p in
-             ("/intents", f"/diagnoses/{s.diagnosis.diagnosis_id}", "/outcomes")}
+    pages = {
+        p: call(server.url, path=p, cookie=cookie)
+        for p in ("/intents", f"/diagnoses/{s.diagnosis.diagnosis_id}", "/outcomes")
+    }
     for path, r in pages.items():
         assert r.status == 200, path
         assert "<script" not in r.body, path
@@ -335,7 +576,7 @@ def test_intents_page_withholds_examples_of_small_intents(site: tuple[WebServer,
     server, _ = site
     body = call(server.url, path="/intents", cookie=login(server)).body
     assert "how do I set my key" in body and "Jane Doe" not in body
-    assert "<svg class=\"spark\"" in body and "renamed" in body
+    assert '<svg class="spark"' in body and "renamed" in body
 
 
 def test_api_json_shape(site: tuple[WebServer, Seeded]) -> None:
@@ -348,29 +589,49 @@ def test_api_json_shape(site: tuple[WebServer, Seeded]) -> None:
     assert (big["conversations"], big["failures"], big["failure_rate"]) == (10, 4, 0.4)
     assert big["signal_rates"] == {"churn_risk": 0.5, "setup_friction": 1.0}
     assert sum(n for n, _ in big["series"]) == 10 and sum(f for _, f in big["series"]) == 4
-    assert big["examples"] == [f"how do I set my key {SCRIPT}"] and big["changes"][0]["change"] == "renamed"
+    assert (
+        big["examples"] == [f"how do I set my key {SCRIPT}"]
+        and big["changes"][0]["change"] == "renamed"
+    )
     assert small["examples"] == [] and small["examples_withheld"] is True
-    props = {p["proposal_id"]: p for p in call(server.url, path="/api/proposals", headers=auth).json()["proposals"]}
+    props = {
+        p["proposal_id"]: p
+        for p in call(server.url, path="/api/proposals", headers=auth).json()["proposals"]
+    }
     p = props[s.proposal.proposal_id]
     assert (p["status"], p["files"], p["last_decision"]) == ("open", ["prompts/system.md"], None)
     one = call(server.url, path=f"/api/proposals/{s.proposal.proposal_id}", headers=auth).json()
-    assert one["diff"] == s.proposal.diff and one["reviews"] == [] and one["outcome"]["verdict"] == "fixed"
-    diags = {d["diagnosis_id"]: d for d in call(server.url, path="/api/diagnoses", headers=auth).json()["diagnoses"]}
+    assert (
+        one["diff"] == s.proposal.diff
+        and one["reviews"] == []
+        and one["outcome"]["verdict"] == "fixed"
+    )
+    diags = {
+        d["diagnosis_id"]: d
+        for d in call(server.url, path="/api/diagnoses", headers=auth).json()["diagnoses"]
+    }
     assert diags[s.diagnosis.diagnosis_id]["status"] == "open"
     d = call(server.url, path=f"/api/diagnoses/{s.diagnosis.diagnosis_id}", headers=auth).json()
     assert d["evidence"]["turn"] == 3 and d["component"]["target"] == "prompts/system.md"
-    groups = {g["proposal_id"]: g for g in call(server.url, path="/api/outcomes", headers=auth).json()["outcomes"]}
+    groups = {
+        g["proposal_id"]: g
+        for g in call(server.url, path="/api/outcomes", headers=auth).json()["outcomes"]
+    }
     g = groups[s.proposal.proposal_id]
-    assert g["target"]["verdict"] == "fixed" and [c["verdict"] for c in g["controls"]] == ["no_effect"]
+    assert g["target"]["verdict"] == "fixed" and [c["verdict"] for c in g["controls"]] == [
+        "no_effect"
+    ]
     over = call(server.url, path="/api/overview", headers=auth).json()
     assert over["counts"]["open_proposals"] >= 1 and over["verdicts"].get("fixed", 0) >= 1
     assert call(server.url, path="/api/proposals/nope", headers=auth).status == 404
 
 
-def test_outcomes_page_shows_the_verdict_with_ci_and_p_value(site: tuple[WebServer, Seeded]) -> None:
+def test_outcomes_page_shows_the_verdict_with_ci_and_p_value(
+    site: tuple[WebServer, Seeded],
+) -> None:
     server, s = site
     body = call(server.url, path="/outcomes", cookie=login(server)).body
-    row = body[body.index(f'href="/proposals/{s.proposal.proposal_id}"'):]
+    row = body[body.index(f'href="/proposals/{s.proposal.proposal_id}"') :]
     assert 'class="badge b-fixed">fixed' in row and "40.0%" in row and "10.0%" in row
     assert "-30.0%" in row and "[-41.0%, -19.0%]" in row and "2e-05" in row
     assert 'class="badge b-no_effect">no effect' in row
@@ -378,8 +639,14 @@ def test_outcomes_page_shows_the_verdict_with_ci_and_p_value(site: tuple[WebServ
 
 def test_sparkline_scales_volume_and_failure_rate() -> None:
     svg = sparkline([[4, 0], [2, 2], [0, 0], [4, 1]], width=40, height=30)
-    assert re.findall(r'<rect x="([\d.]+)" y="([\d.]+)"', svg) == [("0.0", "0.0"), ("10.0", "15.0"), ("30.0", "0.0")]
-    assert '<polyline points="5.0,29.0 15.0,1.0 35.0,22.0"' in svg     # 0%, 100%, 25%; the empty bucket skipped
+    assert re.findall(r'<rect x="([\d.]+)" y="([\d.]+)"', svg) == [
+        ("0.0", "0.0"),
+        ("10.0", "15.0"),
+        ("30.0", "0.0"),
+    ]
+    assert (
+        '<polyline points="5.0,29.0 15.0,1.0 35.0,22.0"' in svg
+    )  # 0%, 100%, 25%; the empty bucket skipped
     assert "no data" in sparkline([[0, 0], [0, 0]])
 
 
@@ -396,18 +663,49 @@ def test_github_webhook_is_authenticated_by_signature_and_recorded(store, config
     from processors.web.server import WebServer
 
     config.review.webhook_secret = "s3cret-" + unique
-    p = Proposal(proposal_id=f"gh-{unique}", diagnosis_id=f"d-{unique}", intent_id="i", backend="github",
-                 repo="acme/agent", base="main", branch=f"closeloop/{unique}", title="t", body="b", diff="d",
-                 pr_number=7, status="open")
+    p = Proposal(
+        proposal_id=f"gh-{unique}",
+        diagnosis_id=f"d-{unique}",
+        intent_id="i",
+        backend="github",
+        repo="acme/agent",
+        base="main",
+        branch=f"closeloop/{unique}",
+        title="t",
+        body="b",
+        diff="d",
+        pr_number=7,
+        status="open",
+    )
     store.insert_records("proposals", proposal_rows([p]))
-    payload = _json.dumps({"action": "closed", "number": 7, "repository": {"full_name": "acme/agent"},
-                           "pull_request": {"number": 7, "merged": True, "merged_by": {"login": "grace"},
-                                            "merge_commit_sha": "abc123", "head": {"ref": p.branch}}}).encode()
+    payload = _json.dumps(
+        {
+            "action": "closed",
+            "number": 7,
+            "repository": {"full_name": "acme/agent"},
+            "pull_request": {
+                "number": 7,
+                "merged": True,
+                "merged_by": {"login": "grace"},
+                "merge_commit_sha": "abc123",
+                "head": {"ref": p.branch},
+            },
+        }
+    ).encode()
     server = WebServer(config, store, port=0).start()
     try:
+
         def deliver(sig: str) -> tuple[int, bytes]:
-            req = urllib.request.Request(f"{server.url}/webhooks/github", data=payload, method="POST", headers={
-                "Content-Type": "application/json", "X-GitHub-Event": "pull_request", "X-Hub-Signature-256": sig})
+            req = urllib.request.Request(
+                f"{server.url}/webhooks/github",
+                data=payload,
+                method="POST",
+                headers={
+                    "Content-Type": "application/json",
+                    "X-GitHub-Event": "pull_request",
+                    "X-Hub-Signature-256": sig,
+                },
+            )
             try:
                 with urllib.request.urlopen(req, timeout=10) as r:
                     return r.status, r.read()
@@ -416,13 +714,30 @@ def test_github_webhook_is_authenticated_by_signature_and_recorded(store, config
 
         assert deliver("sha256=" + "0" * 64)[0] == 401
         assert deliver("")[0] == 401
-        assert store.scalar("SELECT count() FROM reviews FINAL WHERE proposal_id = {p:String}", {"p": p.proposal_id}) == 0
-        good = "sha256=" + hmac.new(config.review.webhook_secret.encode(), payload, hashlib.sha256).hexdigest()
+        assert (
+            store.scalar(
+                "SELECT count() FROM reviews FINAL WHERE proposal_id = {p:String}",
+                {"p": p.proposal_id},
+            )
+            == 0
+        )
+        good = (
+            "sha256="
+            + hmac.new(config.review.webhook_secret.encode(), payload, hashlib.sha256).hexdigest()
+        )
         status, body = deliver(good)
         assert status == 200, body
     finally:
         server.stop()
-    (row,) = store.query("SELECT decision, reviewer, merged_commit FROM reviews FINAL WHERE proposal_id = {p:String}",
-                         {"p": p.proposal_id})
+    (row,) = store.query(
+        "SELECT decision, reviewer, merged_commit FROM reviews FINAL WHERE proposal_id = {p:String}",
+        {"p": p.proposal_id},
+    )
     assert row == {"decision": "merged", "reviewer": "grace", "merged_commit": "abc123"}
-    assert store.scalar("SELECT status FROM proposals FINAL WHERE proposal_id = {p:String}", {"p": p.proposal_id}) == "merged"
+    assert (
+        store.scalar(
+            "SELECT status FROM proposals FINAL WHERE proposal_id = {p:String}",
+            {"p": p.proposal_id},
+        )
+        == "merged"
+    )

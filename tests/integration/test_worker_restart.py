@@ -4,6 +4,7 @@ tansu misreports a partition's end offset (the last batch's first offset + 1); a
 restored from a changelog written in multi-message batches came back stale in a trial. The
 worker writes changelogs one message per batch; this test catches a stale restore.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ import time
 
 from confluent_kafka import Producer
 
-from processors.embedded.broker import EmbeddedBroker, ensure_topics
 from processors.config import load_config
+from processors.embedded.broker import EmbeddedBroker, ensure_topics
 from processors.records import Message, TurnRecord
 
 from .worker_proc import WorkerProcess, wait_for
@@ -22,11 +23,17 @@ TURNS_BEFORE_KILL = 40
 
 
 def _turn(cid: str, k: int, t0: int, end: bool = False) -> dict:
-    return TurnRecord(conversation_id=cid, trace_id=f"{cid}-t{k}", span_id=f"{cid}-s{k}", span_kind="llm",
-                      start_ns=t0 + k * 10**9, end_ns=t0 + k * 10**9 + 10**8,
-                      input_messages=[Message(role="user", content=f"{cid} question {k}")],
-                      output_messages=[Message(role="assistant", content=f"answer {k}")],
-                      end_of_conversation=end).to_dict()
+    return TurnRecord(
+        conversation_id=cid,
+        trace_id=f"{cid}-t{k}",
+        span_id=f"{cid}-s{k}",
+        span_kind="llm",
+        start_ns=t0 + k * 10**9,
+        end_ns=t0 + k * 10**9 + 10**8,
+        input_messages=[Message(role="user", content=f"{cid} question {k}")],
+        output_messages=[Message(role="assistant", content=f"answer {k}")],
+        end_of_conversation=end,
+    ).to_dict()
 
 
 def test_assemble_table_survives_kill9(tmp_path) -> None:
@@ -42,9 +49,13 @@ def test_assemble_table_survives_kill9(tmp_path) -> None:
         for k in range(TURNS_BEFORE_KILL):
             for i in range(N_CONV):
                 cid = f"conv{i:04d}"
-                p.produce(cfg.topics.turns, key=cid.encode(), value=json.dumps([_turn(cid, k, t0)]).encode())
+                p.produce(
+                    cfg.topics.turns,
+                    key=cid.encode(),
+                    value=json.dumps([_turn(cid, k, t0)]).encode(),
+                )
             p.flush()
-        time.sleep(10)   # processed and changelogged; nothing is closed (idle timeout 600 s)
+        time.sleep(10)  # processed and changelogged; nothing is closed (idle timeout 600 s)
         store = w.store()
         assert store.scalar("SELECT count() FROM conversations") == 0
         w.kill()
@@ -54,7 +65,11 @@ def test_assemble_table_survives_kill9(tmp_path) -> None:
         last = TURNS_BEFORE_KILL
         for i in range(N_CONV):
             cid = f"conv{i:04d}"
-            p.produce(cfg.topics.turns, key=cid.encode(), value=json.dumps([_turn(cid, last, t0, end=True)]).encode())
+            p.produce(
+                cfg.topics.turns,
+                key=cid.encode(),
+                value=json.dumps([_turn(cid, last, t0, end=True)]).encode(),
+            )
         p.flush()
         store = w2.store()
         wait_for(lambda: store.scalar("SELECT count() FROM conversations FINAL") == N_CONV, 90)

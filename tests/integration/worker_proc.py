@@ -1,4 +1,5 @@
 """Run `closeloop worker` as a real process against the test broker (kill -9 included)."""
+
 from __future__ import annotations
 
 import json
@@ -17,12 +18,19 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class WorkerProcess:
-    def __init__(self, home: Path, bootstrap: str, stages: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, home: Path, bootstrap: str, stages: str, env: dict[str, str] | None = None
+    ) -> None:
         self.home = home
         self.bootstrap = bootstrap
         self.stages = stages
-        self.env = {**os.environ, "CLOSELOOP_HOME": str(home), "CLOSELOOP_CLICKHOUSE_SQL_PORT": "0",
-                    "PYTHONPATH": str(REPO), **(env or {})}
+        self.env = {
+            **os.environ,
+            "CLOSELOOP_HOME": str(home),
+            "CLOSELOOP_CLICKHOUSE_SQL_PORT": "0",
+            "PYTHONPATH": str(REPO),
+            **(env or {}),
+        }
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = home / "worker.log"
 
@@ -31,12 +39,26 @@ class WorkerProcess:
         sql = self.home / "run" / "sql.json"
         sql.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "processors.worker", "--bootstrap", self.bootstrap, "--stages", self.stages],
-            env=self.env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, cwd=str(REPO))
+            [
+                sys.executable,
+                "-m",
+                "processors.worker",
+                "--bootstrap",
+                self.bootstrap,
+                "--stages",
+                self.stages,
+            ],
+            env=self.env,
+            stdout=open(self.log, "ab"),
+            stderr=subprocess.STDOUT,
+            cwd=str(REPO),
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"worker exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
+                )
             if sql.exists():
                 url = json.loads(sql.read_text())["url"]
                 port = int(url.rsplit(":", 1)[1])
@@ -44,7 +66,9 @@ class WorkerProcess:
                     self.url = url
                     return self
             time.sleep(0.1)
-        raise RuntimeError("worker did not serve its store in time:\n" + self.log.read_text()[-3000:])
+        raise RuntimeError(
+            "worker did not serve its store in time:\n" + self.log.read_text()[-3000:]
+        )
 
     def store(self) -> Store:
         return connect_http(self.url)

@@ -1,4 +1,5 @@
 """Soak variants run only when asked for: ``pytest -m soak tests/reliability``."""
+
 from __future__ import annotations
 
 import pytest

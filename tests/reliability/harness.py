@@ -1,5 +1,6 @@
 """The whole embedded stack (broker, worker, gateway, review page) on free loopback ports,
 driven with the demo agent's traffic, for the reliability and security tests."""
+
 from __future__ import annotations
 
 import subprocess
@@ -13,14 +14,14 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from examples.support_agent import init_agent_repo
-from processors.embedded.broker import free_port
 from processors.config import Config, load_config
 from processors.demo import demo_config
-from processors.errors import StoreError
+from processors.embedded.broker import free_port
 from processors.embedded.stack import EmbeddedStack
+from processors.errors import StoreError
 from processors.store import Store, connect_http
 
-WAIT_S = 150.0       # bound on waiting for the pipeline on a busy 2-core machine
+WAIT_S = 150.0  # bound on waiting for the pipeline on a busy 2-core machine
 
 
 @dataclass
@@ -45,7 +46,9 @@ class Loop:
         except StoreError:
             return -1
 
-    def wait_count(self, sql: str, at_least: int, timeout_s: float = WAIT_S, stall_s: float = 45.0) -> int:
+    def wait_count(
+        self, sql: str, at_least: int, timeout_s: float = WAIT_S, stall_s: float = 45.0
+    ) -> int:
         """Poll until the count reaches ``at_least``, or stops moving for ``stall_s``; the last count."""
         deadline = time.monotonic() + timeout_s
         last, moved = -2, time.monotonic()
@@ -61,8 +64,9 @@ class Loop:
         return self.count(sql)
 
     def git(self, *args: str) -> str:
-        return subprocess.run(["git", "-C", str(self.repo), *args], capture_output=True, text=True,
-                              check=True).stdout
+        return subprocess.run(
+            ["git", "-C", str(self.repo), *args], capture_output=True, text=True, check=True
+        ).stdout
 
 
 @contextmanager
@@ -71,9 +75,16 @@ def running_loop(tmp: Path, settings: dict[str, Any] | None = None) -> Iterator[
     home = tmp / "home"
     repo = home / "demo" / "bankly-agent"
     cfg_file = demo_config(home, repo, settings)
-    cfg = load_config(cfg_file, env={}, overrides={
-        "otlp.grpc_port": free_port(), "otlp.http_port": free_port(), "web.port": free_port(),
-        "clickhouse.sql_port": free_port()})
+    cfg = load_config(
+        cfg_file,
+        env={},
+        overrides={
+            "otlp.grpc_port": free_port(),
+            "otlp.http_port": free_port(),
+            "web.port": free_port(),
+            "clickhouse.sql_port": free_port(),
+        },
+    )
     init_agent_repo(repo)
     stack = EmbeddedStack(cfg, config_file=str(cfg_file)).start()
     try:
@@ -96,8 +107,13 @@ def read_topic(bootstrap: str, topic: str, idle_s: float = 3.0) -> list[bytes]:
 
 def read_positions(bootstrap: str, topic: str, idle_s: float = 3.0) -> list[tuple[int, int, bytes]]:
     """Every message of ``topic`` as ``(partition, offset, value)``."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "reliability-reader",
-                         "enable.auto.commit": False})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "reliability-reader",
+            "enable.auto.commit": False,
+        }
+    )
     parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
     out: list[tuple[int, int, bytes]] = []

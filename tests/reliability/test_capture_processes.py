@@ -1,6 +1,7 @@
 """Capture scaled out: `capture.processes: 2` runs capture in two processes of their own (one
 consumer group splitting the OTLP partitions) beside the worker, writing through the store
 owner. Every conversation still arrives once, and a kill -9 of a capture process loses nothing."""
+
 from __future__ import annotations
 
 import os
@@ -26,9 +27,11 @@ def test_two_capture_processes_share_the_partitions_and_survive_kill9(tmp_path: 
         assert victim.proc is not None
         os.kill(victim.proc.pid, signal.SIGKILL)
         victim.proc.wait()
-        loop.stack.supervise_once()                 # what `closeloop up` does every second
+        loop.stack.supervise_once()  # what `closeloop up` does every second
         assert victim.alive()
-        report.conversations += run_cycle(loop.repo, loop.endpoint, n=N // 2, seed=4, mode="scripted").conversations
+        report.conversations += run_cycle(
+            loop.repo, loop.endpoint, n=N // 2, seed=4, mode="scripted"
+        ).conversations
 
         ids = [c.conversation_id for c in report.conversations]
         tags = "SELECT count() FROM conversation_tags FINAL"
@@ -38,12 +41,26 @@ def test_two_capture_processes_share_the_partitions_and_survive_kill9(tmp_path: 
         exported = set()
         for value in read_topic(loop.stack.bootstrap, loop.cfg.topics.otlp_spans):
             req = ExportTraceServiceRequest.FromString(value)
-            exported |= {(s.trace_id.hex(), s.span_id.hex()) for rs in req.resource_spans
-                         for ss in rs.scope_spans for s in ss.spans}
-        stored = {(r["trace_id"], r["span_id"]) for r in loop.store.query("SELECT trace_id, span_id FROM spans FINAL")}
+            exported |= {
+                (s.trace_id.hex(), s.span_id.hex())
+                for rs in req.resource_spans
+                for ss in rs.scope_spans
+                for s in ss.spans
+            }
+        stored = {
+            (r["trace_id"], r["span_id"])
+            for r in loop.store.query("SELECT trace_id, span_id FROM spans FINAL")
+        }
         assert len(exported) > N and stored == exported
         # capture ran in its own consumer group, and only there: the worker's group never read OTLP
         parts = [(loop.cfg.topics.otlp_spans, p) for p in range(loop.cfg.kafka.partitions)]
-        assert wait_for(lambda: sum(committed_offsets(loop.stack.bootstrap, "closeloop-capture", parts).values())
-                        > 0, 30)
-        assert all(o < 0 for o in committed_offsets(loop.stack.bootstrap, "closeloop", parts).values())
+        assert wait_for(
+            lambda: (
+                sum(committed_offsets(loop.stack.bootstrap, "closeloop-capture", parts).values())
+                > 0
+            ),
+            30,
+        )
+        assert all(
+            o < 0 for o in committed_offsets(loop.stack.bootstrap, "closeloop", parts).values()
+        )

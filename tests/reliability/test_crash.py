@@ -2,6 +2,7 @@
 demo agent's traffic flows through capture → assemble → understand → diagnose → act; the
 supervisor restarts it; nothing is lost, nothing counts twice, the intent model comes back
 from its checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ from processors.embedded.stack import wait_for
 
 from .harness import Loop, conversation_intents, read_positions, running_loop
 
-N = 300                 # conversations per cycle: enough for diagnoses and proposals
+N = 300  # conversations per cycle: enough for diagnoses and proposals
 SEED = int(os.environ.get("RELIABILITY_SEED", "7"))
 
 
@@ -32,7 +33,7 @@ def kill_worker_when(loop: Loop, ready: object, timeout_s: float = 150.0) -> int
     pid = worker.proc.pid
     os.kill(pid, signal.SIGKILL)
     worker.proc.wait()
-    loop.stack.supervise_once()          # what `closeloop up` does every second
+    loop.stack.supervise_once()  # what `closeloop up` does every second
     assert worker.alive() and worker.proc.pid != pid
     return pid
 
@@ -43,13 +44,20 @@ def lost_after_capture(loop: Loop, conversations: list) -> None:
     records a close only after the conversation is published)."""
     tagged = conversation_intents(loop.store, [c.conversation_id for c in conversations])
     missing = {c.conversation_id for c in conversations} - set(tagged)
-    captured = {r["conversation_id"] for r in loop.store.query("SELECT DISTINCT conversation_id FROM turns")}
+    captured = {
+        r["conversation_id"] for r in loop.store.query("SELECT DISTINCT conversation_id FROM turns")
+    }
     if missing and missing <= captured:
-        assembled = {r["conversation_id"] for r in loop.store.query("SELECT conversation_id FROM conversations FINAL")}
-        pytest.fail(f"conversations lost across kill -9: "
-                     f"{len(missing)} captured conversations never reached understand "
-                     f"({len(missing & assembled)} of them assembled): {sorted(missing)[:3]}\n"
-                     + where_they_are(loop, missing))
+        assembled = {
+            r["conversation_id"]
+            for r in loop.store.query("SELECT conversation_id FROM conversations FINAL")
+        }
+        pytest.fail(
+            f"conversations lost across kill -9: "
+            f"{len(missing)} captured conversations never reached understand "
+            f"({len(missing & assembled)} of them assembled): {sorted(missing)[:3]}\n"
+            + where_they_are(loop, missing)
+        )
 
 
 def where_they_are(loop: Loop, missing: set[str]) -> str:
@@ -57,12 +65,17 @@ def where_they_are(loop: Loop, missing: set[str]) -> str:
     understand checkpoint covers: what a failure needs to be understood."""
     ckpt = loop.store.query("SELECT seq, offsets FROM checkpoints FINAL WHERE name = 'understand'")
     topic = loop.cfg.topics.conversations
-    at = [(p, o) for p, o, v in read_positions(loop.stack.bootstrap, topic)
-          if json.loads(v).get("conversation_id") in missing]
+    at = [
+        (p, o)
+        for p, o, v in read_positions(loop.stack.bootstrap, topic)
+        if json.loads(v).get("conversation_id") in missing
+    ]
     parts = [(topic, p) for p in range(loop.cfg.kafka.partitions)]
     committed = committed_offsets(loop.stack.bootstrap, "closeloop", parts)
-    return (f"on {topic} at (partition, offset) {sorted(at)[:20]}; understand checkpoint {ckpt}; "
-            f"committed {committed}")
+    return (
+        f"on {topic} at (partition, offset) {sorted(at)[:20]}; understand checkpoint {ckpt}; "
+        f"committed {committed}"
+    )
 
 
 def majority_by_category(loop: Loop, conversations: list) -> dict[str, str]:
@@ -86,35 +99,51 @@ def run_with_kills(tmp: Path, cycles: int, rng: random.Random) -> dict:
             crashes += 1
             if k == 0:
                 # a second kill while diagnose and act write (the first proposal is in)
-                kill_worker_when(loop, lambda: loop.count("SELECT count() FROM proposals FINAL") >= 1)
+                kill_worker_when(
+                    loop, lambda: loop.count("SELECT count() FROM proposals FINAL") >= 1
+                )
                 crashes += 1
             got = loop.wait_count(tags, before + N)
             if got < before + N:
                 lost_after_capture(loop, reports[-1].conversations)
             assert got == before + N, f"cycle {k + 1}: {got - before} of {N} conversations tagged"
-        time.sleep(6)   # the last diagnoses and proposals of the last batch
-        branches = loop.git("for-each-ref", "--format=%(refname:short)", "refs/heads/closeloop/").split()
+        time.sleep(6)  # the last diagnoses and proposals of the last batch
+        branches = loop.git(
+            "for-each-ref", "--format=%(refname:short)", "refs/heads/closeloop/"
+        ).split()
         return {
-            "reports": reports, "crashes": crashes,
-            "tags": loop.count(tags), "conversations": loop.count("SELECT count() FROM conversations FINAL"),
+            "reports": reports,
+            "crashes": crashes,
+            "tags": loop.count(tags),
+            "conversations": loop.count("SELECT count() FROM conversations FINAL"),
             "majorities": [majority_by_category(loop, r.conversations) for r in reports],
             "dup_diagnoses": loop.store.query(
-                "SELECT diagnosis_id, count() AS n FROM diagnoses FINAL GROUP BY 1 HAVING n > 1"),
+                "SELECT diagnosis_id, count() AS n FROM diagnoses FINAL GROUP BY 1 HAVING n > 1"
+            ),
             "diagnoses": loop.store.query(
                 "SELECT diagnosis_id, intent_id, rule, JSONExtractString(component, 'target') AS target "
-                "FROM diagnoses FINAL"),
+                "FROM diagnoses FINAL"
+            ),
             "proposals": loop.store.query(
                 "SELECT p.proposal_id AS proposal_id, p.diagnosis_id AS diagnosis_id, p.branch AS branch, "
                 "p.version AS version, p.status AS status, d.version AS diagnosis_version "
                 "FROM (SELECT * FROM proposals FINAL) AS p "
-                "INNER JOIN (SELECT * FROM diagnoses FINAL) AS d USING diagnosis_id"),
+                "INNER JOIN (SELECT * FROM diagnoses FINAL) AS d USING diagnosis_id"
+            ),
             "dup_proposals": loop.store.query(
-                "SELECT diagnosis_id, count() AS n FROM proposals FINAL GROUP BY 1 HAVING n > 1"),
+                "SELECT diagnosis_id, count() AS n FROM proposals FINAL GROUP BY 1 HAVING n > 1"
+            ),
             "branches": branches,
             "commits": {b: int(loop.git("rev-list", "--count", f"main..{b}")) for b in branches},
-            "intent_ids": {r["intent_id"] for r in loop.store.query("SELECT intent_id FROM intents FINAL")},
-            "lineage": [(r["intent_id"], r["other_id"]) for r in loop.store.query(
-                "SELECT intent_id, other_id FROM intent_changes FINAL WHERE change IN ('split', 'merged')")],
+            "intent_ids": {
+                r["intent_id"] for r in loop.store.query("SELECT intent_id FROM intents FINAL")
+            },
+            "lineage": [
+                (r["intent_id"], r["other_id"])
+                for r in loop.store.query(
+                    "SELECT intent_id, other_id FROM intent_changes FINAL WHERE change IN ('split', 'merged')"
+                )
+            ],
         }
 
 
@@ -124,7 +153,7 @@ def related(a: str, b: str, edges: list[tuple[str, str]]) -> bool:
     while todo:
         x = todo.pop()
         for u, v in edges:
-            for y in ((v,) if u == x else (u,) if v == x else ()):
+            for y in (v,) if u == x else (u,) if v == x else ():
                 if y not in seen:
                     seen.add(y)
                     todo.append(y)
@@ -140,12 +169,16 @@ def check(run: dict) -> None:
     # rebuilt from scratch would hand out ids with no such lineage)
     first, *later = run["majorities"]
     for m in later:
-        moved = {cat: (first[cat], m[cat]) for cat in first.keys() & m.keys() if first[cat] != m[cat]}
+        moved = {
+            cat: (first[cat], m[cat]) for cat in first.keys() & m.keys() if first[cat] != m[cat]
+        }
         unexplained = {cat: ids for cat, ids in moved.items() if not related(*ids, run["lineage"])}
         # A learning model may move a borderline category to a neighbouring intent (int8
         # embeddings also vary slightly with batch composition); a model rebuilt from scratch
         # would move nearly all of them.
-        assert len(unexplained) <= max(1, len(first) // 8), f"intent ids changed after the restart: {unexplained}"
+        assert len(unexplained) <= max(1, len(first) // 8), (
+            f"intent ids changed after the restart: {unexplained}"
+        )
         assert len(moved) <= len(first) // 4, f"most intents moved: {moved}"
     # no duplicate diagnoses: one row per id, and one id per (intent, rule, component target)
     assert run["dup_diagnoses"] == []
@@ -165,13 +198,17 @@ def check(run: dict) -> None:
     assert sorted(run["branches"]) == sorted(p["branch"] for p in props)
     assert set(run["commits"].values()) == {1}
     assert all(p["status"] == "open" for p in props)
-    extra = {p["diagnosis_id"]: (p["version"], p["diagnosis_version"]) for p in props
-             if p["version"] > p["diagnosis_version"]}
+    extra = {
+        p["diagnosis_id"]: (p["version"], p["diagnosis_version"])
+        for p in props
+        if p["version"] > p["diagnosis_version"]
+    }
     assert not extra, f"replayed diagnoses re-versioned their proposals: {extra}"
 
 
-def test_kill9_of_the_ordered_stages_loses_nothing_and_counts_nothing_twice(tmp_path: Path,
-                                                                            record_property) -> None:
+def test_kill9_of_the_ordered_stages_loses_nothing_and_counts_nothing_twice(
+    tmp_path: Path, record_property
+) -> None:
     run = run_with_kills(tmp_path, cycles=2, rng=random.Random(SEED))
     record_property("crashes_survived", run["crashes"])
     check(run)

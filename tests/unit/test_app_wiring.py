@@ -1,6 +1,7 @@
 """The worker's faust app: every stage ends the worker when it raises, rather than letting
 faust restart the stage without the batch it held (those events would never be redelivered);
 an ordered stage never lets its consumer skip past what its checkpoint covers."""
+
 from __future__ import annotations
 
 import asyncio
@@ -12,21 +13,45 @@ import pytest
 from faust.types import TP
 
 from processors import app as app_module
-from processors.app import EXIT_STAGE_CRASHED, Checkpoint, Pipeline, ReadGuard, build_app, exit_on_crash
+from processors.app import (
+    EXIT_STAGE_CRASHED,
+    Checkpoint,
+    Pipeline,
+    ReadGuard,
+    build_app,
+    exit_on_crash,
+)
 from processors.config import Config
 
 
-def test_every_stage_exits_the_worker_when_it_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_stage_exits_the_worker_when_it_raises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = Config(home=str(tmp_path))
     cfg.understand.embedder = "hashing"
     agent = tmp_path / "agent"
     subprocess.run(["git", "init", "-q", "-b", "main", str(agent)], check=True)
-    subprocess.run(["git", "-C", str(agent), "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-q",
-                    "--allow-empty", "-m", "start"], check=True)
-    cfg.act.repo = str(agent)      # the act stage runs only with a target
+    subprocess.run(
+        [
+            "git",
+            "-C",
+            str(agent),
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@localhost",
+            "commit",
+            "-q",
+            "--allow-empty",
+            "-m",
+            "start",
+        ],
+        check=True,
+    )
+    cfg.act.repo = str(agent)  # the act stage runs only with a target
     codes: list[int] = []
     monkeypatch.setattr(app_module.os, "_exit", codes.append)
-    app = build_app(Pipeline(cfg, store=None), "127.0.0.1:1")   # nothing connects until started
+    app = build_app(Pipeline(cfg, store=None), "127.0.0.1:1")  # nothing connects until started
     assert len(app.agents) == 5
     for agent in app.agents.values():
         # the hook faust calls when an agent raises (faust/agents/agent.py, _execute_actor)
@@ -58,8 +83,12 @@ class Consumer:
 
 def events(partition: int, offsets: range) -> list[SimpleNamespace]:
     tp = TP("closeloop.conversations", partition)
-    return [SimpleNamespace(message=SimpleNamespace(topic=tp.topic, partition=partition, offset=o, tp=tp))
-            for o in offsets]
+    return [
+        SimpleNamespace(
+            message=SimpleNamespace(topic=tp.topic, partition=partition, offset=o, tp=tp)
+        )
+        for o in offsets
+    ]
 
 
 def test_a_partition_that_skips_past_the_checkpoint_is_read_again_from_the_gap() -> None:
@@ -78,7 +107,7 @@ def test_a_partition_that_skips_past_the_checkpoint_is_read_again_from_the_gap()
 
 def test_offsets_the_broker_no_longer_holds_are_not_a_gap() -> None:
     ckpt = Checkpoint("understand", Pipeline(Config(), store=None))
-    consumer = Consumer(earliest=500)       # retention deleted 0..499
+    consumer = Consumer(earliest=500)  # retention deleted 0..499
     batch = events(0, range(500, 510))
     assert asyncio.run(ckpt.rewind_gaps(consumer, batch)) == batch and consumer.seeks == []
 

@@ -1,4 +1,5 @@
 """collector-config.yaml: otelcol-contrib-valid, feeds what the processors read, never samples."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,17 +20,49 @@ CONFIG = Path(__file__).resolve().parents[2] / "collector-config.yaml"
 # Module -> type: otlpreceiver -> otlp, kafkaexporter -> kafka, memorylimiterprocessor ->
 # memory_limiter, healthcheckextension -> health_check, filestorage -> file_storage, ...
 OTELCOL_CONTRIB: dict[str, set[str]] = {
-    "receivers": {"otlp", "kafka", "filelog", "prometheus", "hostmetrics", "zipkin", "jaeger",
-                  "nop"},
-    "processors": {
-        "batch", "memory_limiter", "attributes", "resource", "resourcedetection", "filter",
-        "transform", "redaction", "groupbytrace", "k8sattributes", "span",
-        "probabilistic_sampler", "tail_sampling",
+    "receivers": {
+        "otlp",
+        "kafka",
+        "filelog",
+        "prometheus",
+        "hostmetrics",
+        "zipkin",
+        "jaeger",
+        "nop",
     },
-    "exporters": {"kafka", "otlp", "otlphttp", "debug", "nop", "file", "clickhouse",
-                  "loadbalancing"},
-    "extensions": {"health_check", "pprof", "zpages", "file_storage", "basicauth",
-                   "bearertokenauth"},
+    "processors": {
+        "batch",
+        "memory_limiter",
+        "attributes",
+        "resource",
+        "resourcedetection",
+        "filter",
+        "transform",
+        "redaction",
+        "groupbytrace",
+        "k8sattributes",
+        "span",
+        "probabilistic_sampler",
+        "tail_sampling",
+    },
+    "exporters": {
+        "kafka",
+        "otlp",
+        "otlphttp",
+        "debug",
+        "nop",
+        "file",
+        "clickhouse",
+        "loadbalancing",
+    },
+    "extensions": {
+        "health_check",
+        "pprof",
+        "zpages",
+        "file_storage",
+        "basicauth",
+        "bearertokenauth",
+    },
     "connectors": {"forward", "routing", "spanmetrics", "count"},
 }
 SAMPLERS = {"probabilistic_sampler", "tail_sampling"}
@@ -75,8 +108,9 @@ def test_every_reference_is_defined(doc: dict[str, Any], kind: str) -> None:
     assert used <= defined, f"{kind} used but not defined: {sorted(used - defined)}"
 
 
-@pytest.mark.parametrize("kind", ["receivers", "processors", "exporters", "extensions",
-                                  "connectors"])
+@pytest.mark.parametrize(
+    "kind", ["receivers", "processors", "exporters", "extensions", "connectors"]
+)
 def test_every_component_ships_with_otelcol_contrib(doc: dict[str, Any], kind: str) -> None:
     unknown = {_type(c) for c in doc.get(kind) or {}} - OTELCOL_CONTRIB[kind]
     assert not unknown, f"{kind} not in otelcol-contrib: {sorted(unknown)}"

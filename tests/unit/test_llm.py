@@ -36,12 +36,15 @@ def test_chat_json_sends_system_user_and_schema_and_parses() -> None:
     assert req.body["response_format"] == {"type": "json_object"}
 
 
-@pytest.mark.parametrize("answer, match", [
-    ("not json at all", "did not answer with JSON"),
-    ("[1, 2]", "expected an object"),
-    ('{"b": 1}', "lacks"),
-    ("", "empty answer"),
-])
+@pytest.mark.parametrize(
+    "answer, match",
+    [
+        ("not json at all", "did not answer with JSON"),
+        ("[1, 2]", "expected an object"),
+        ('{"b": 1}', "lacks"),
+        ("", "empty answer"),
+    ],
+)
 def test_chat_json_rejects_unusable_answers(answer: str, match: str) -> None:
     with FakeLLMServer(lambda body: answer) as srv:
         llm = LLM(_cfg(srv))
@@ -57,7 +60,7 @@ def test_http_error_becomes_llm_error_after_configured_retries() -> None:
         with pytest.raises(LLMError, match="failed") as ei:
             LLM(cfg).chat_json("s", "u", "{}")
     assert isinstance(ei.value.__cause__, openai.APIStatusError)
-    assert len(srv.chat_requests()) == 2          # the first try and one retry
+    assert len(srv.chat_requests()) == 2  # the first try and one retry
 
 
 def test_fenced_json_is_accepted() -> None:
@@ -70,7 +73,7 @@ def test_untrusted_block_cannot_be_closed_from_inside() -> None:
     lines = block.splitlines()
     assert lines[0] == '<data label="conversation">' and lines[-1] == "</data>"
     assert block.count("</data>") == 1 and len(lines) == 3
-    assert json.loads(lines[1])["text"] == evil      # the data survives intact once decoded
+    assert json.loads(lines[1])["text"] == evil  # the data survives intact once decoded
 
 
 def test_embeddings_endpoint_answers_for_the_real_client() -> None:

@@ -21,8 +21,16 @@ from processors.understand.naming import (
 from tests.llm_server import FakeLLMServer
 
 BANKING = Path(__file__).resolve().parents[2] / "examples" / "data" / "banking77" / "train.csv"
-CLASSES = ["card_arrival", "exchange_rate", "change_pin", "request_refund", "lost_or_stolen_phone",
-           "top_up_failed", "terminate_account", "apple_pay_or_google_pay"]
+CLASSES = [
+    "card_arrival",
+    "exchange_rate",
+    "change_pin",
+    "request_refund",
+    "lost_or_stolen_phone",
+    "top_up_failed",
+    "terminate_account",
+    "apple_pay_or_google_pay",
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,21 +57,31 @@ def index(clusters: dict[str, list[str]]) -> KeyphraseIndex:
 
 def test_terms_drop_stop_words_placeholders_and_cross_stopword_bigrams() -> None:
     assert terms("I am still waiting on my card, sent to [EMAIL]") == ["waiting", "card", "sent"]
-    assert terms("mail [REDACTED:email] card") == ["mail", "card"]      # capture's placeholder
-    assert terms("The new card arrived <CARD_NUMBER>") == ["new", "card", "arrived", "new card", "card arrived"]
+    assert terms("mail [REDACTED:email] card") == ["mail", "card"]  # capture's placeholder
+    assert terms("The new card arrived <CARD_NUMBER>") == [
+        "new",
+        "card",
+        "arrived",
+        "new card",
+        "card arrived",
+    ]
 
 
-@pytest.mark.parametrize("category, expected_word", [
-    ("card_arrival", "card"),
-    ("exchange_rate", "exchange"),
-    ("change_pin", "pin"),
-    ("request_refund", "refund"),
-    ("lost_or_stolen_phone", "phone"),
-    ("top_up_failed", "top"),
-    ("apple_pay_or_google_pay", "pay"),
-])
-def test_keyphrase_names_of_banking77_clusters(index: KeyphraseIndex, clusters: dict[str, list[str]],
-                                              category: str, expected_word: str) -> None:
+@pytest.mark.parametrize(
+    "category, expected_word",
+    [
+        ("card_arrival", "card"),
+        ("exchange_rate", "exchange"),
+        ("change_pin", "pin"),
+        ("request_refund", "refund"),
+        ("lost_or_stolen_phone", "phone"),
+        ("top_up_failed", "top"),
+        ("apple_pay_or_google_pay", "pay"),
+    ],
+)
+def test_keyphrase_names_of_banking77_clusters(
+    index: KeyphraseIndex, clusters: dict[str, list[str]], category: str, expected_word: str
+) -> None:
     named = name_intent(clusters[category], index.stats(), class_counts=index.counts(category))
     assert expected_word in named.name.split()
     assert 1 <= len(named.name.split()) <= 3 and named.source == "keyphrases"
@@ -72,7 +90,9 @@ def test_keyphrase_names_of_banking77_clusters(index: KeyphraseIndex, clusters: 
     assert name_intent(clusters[category], index.stats()).name == named.name
 
 
-def test_names_are_distinct_and_deterministic(index: KeyphraseIndex, clusters: dict[str, list[str]]) -> None:
+def test_names_are_distinct_and_deterministic(
+    index: KeyphraseIndex, clusters: dict[str, list[str]]
+) -> None:
     names = [name_intent(clusters[c], index.stats()).name for c in CLASSES]
     assert len(set(names)) == len(names)
     assert names == [name_intent(clusters[c], index.stats()).name for c in CLASSES]
@@ -85,7 +105,9 @@ def test_c_tf_idf_prefers_distinctive_over_frequent_terms() -> None:
 
 
 def test_keyphrase_name_avoids_inflections_and_merges_bigrams() -> None:
-    assert keyphrase_name([("activate", 3), ("activating", 2), ("new card", 1)]) == "activate new card"
+    assert (
+        keyphrase_name([("activate", 3), ("activating", 2), ("new card", 1)]) == "activate new card"
+    )
     assert keyphrase_name([("pin", 3), ("new pin", 2), ("blocked", 1)]) == "new pin blocked"
     assert keyphrase_name([]) == ""
 
@@ -95,7 +117,12 @@ def test_index_merge_drop_and_bound() -> None:
     ix.add("a", "card arrival delay")
     ix.add("b", "card pin blocked")
     ix.merge("a", "b")
-    assert ix.counts("a")["card"] == 2 and ix.docs("a") == 2 and ix.counts("b") == {} and ix.docs("b") == 0
+    assert (
+        ix.counts("a")["card"] == 2
+        and ix.docs("a") == 2
+        and ix.counts("b") == {}
+        and ix.docs("b") == 0
+    )
     assert ix.stats().n_classes == 1
     for k in range(30):
         ix.add("c", f"word{k}a word{k}b")
@@ -116,36 +143,50 @@ def test_index_round_trips_through_a_dict(index: KeyphraseIndex) -> None:
 
 # --- with an LLM (real openai client, fake server) ---
 
+
 def _llm(srv: FakeLLMServer) -> LLM:
     return LLM(LLMConfig(base_url=srv.base_url, api_key="k", timeout_s=5, max_retries=0))
 
 
-def test_llm_name_from_quoted_examples(index: KeyphraseIndex, clusters: dict[str, list[str]]) -> None:
-    answer = {"name": "card arrival delay", "description": "Users waiting for a new card to arrive.",
-              "keywords": ["card arrival", "delivery"]}
+def test_llm_name_from_quoted_examples(
+    index: KeyphraseIndex, clusters: dict[str, list[str]]
+) -> None:
+    answer = {
+        "name": "card arrival delay",
+        "description": "Users waiting for a new card to arrive.",
+        "keywords": ["card arrival", "delivery"],
+    }
     with FakeLLMServer(lambda body: json.dumps(answer)) as srv:
         named = name_intent(clusters["card_arrival"], index.stats(), _llm(srv))
     assert (named.name, named.description, named.keywords, named.source) == (
-        "card arrival delay", "Users waiting for a new card to arrive", ["card arrival", "delivery"], "llm")
+        "card arrival delay",
+        "Users waiting for a new card to arrive",
+        ["card arrival", "delivery"],
+        "llm",
+    )
     system, user = (m["content"] for m in srv.chat_requests()[0].body["messages"])
     first = clusters["card_arrival"][0]
     assert first not in system and "account issue" in system and "untrusted" in system
     examples = user.split('<data label="examples">\n', 1)[1].split("\n</data>", 1)[0]
     assert json.loads(examples.splitlines()[0]) == {"text": first}
-    assert len(examples.splitlines()) == 12                     # capped number of examples
+    assert len(examples.splitlines()) == 12  # capped number of examples
 
 
-@pytest.mark.parametrize("answer", [
-    "no json",
-    json.dumps({"name": "card\narrival", "description": "x"}),
-    json.dumps({"name": "a" * 80, "description": "x"}),
-    json.dumps({"name": "one two three four five six seven eight nine", "description": "x"}),
-    json.dumps({"name": "card arrival", "description": ""}),
-    json.dumps({"name": 7, "description": "x"}),
-    json.dumps({"description": "x"}),
-])
-def test_unusable_llm_names_fall_back_to_keyphrases(index: KeyphraseIndex, clusters: dict[str, list[str]],
-                                                     answer: str) -> None:
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "no json",
+        json.dumps({"name": "card\narrival", "description": "x"}),
+        json.dumps({"name": "a" * 80, "description": "x"}),
+        json.dumps({"name": "one two three four five six seven eight nine", "description": "x"}),
+        json.dumps({"name": "card arrival", "description": ""}),
+        json.dumps({"name": 7, "description": "x"}),
+        json.dumps({"description": "x"}),
+    ],
+)
+def test_unusable_llm_names_fall_back_to_keyphrases(
+    index: KeyphraseIndex, clusters: dict[str, list[str]], answer: str
+) -> None:
     with FakeLLMServer(lambda body: answer) as srv:
         named = name_intent(clusters["card_arrival"], index.stats(), _llm(srv))
     assert len(srv.chat_requests()) == 1
@@ -161,6 +202,7 @@ def test_llm_down_falls_back(index: KeyphraseIndex, clusters: dict[str, list[str
 
 # --- when to rename ---
 
+
 def test_namer_renames_only_on_material_change(clusters: dict[str, list[str]]) -> None:
     ix = KeyphraseIndex()
     for cat in ("exchange_rate", "change_pin", "request_refund"):
@@ -171,13 +213,13 @@ def test_namer_renames_only_on_material_change(clusters: dict[str, list[str]]) -
     namer = Namer(ix)
     first = namer.name("x", 10, [])
     assert first is not None and not first.renamed and first.previous == ""
-    assert namer.name("x", 19, []) is None                     # grew, but not doubled
-    for t in clusters["lost_or_stolen_phone"] * 2:             # the intent drifts to another topic
+    assert namer.name("x", 19, []) is None  # grew, but not doubled
+    for t in clusters["lost_or_stolen_phone"] * 2:  # the intent drifts to another topic
         ix.add("x", t)
     second = namer.name("x", 20, [])
     assert second is not None and second.renamed and second.previous == first.name.name
     assert "phone" in second.name.name.split()
-    same = namer.name("x", 21, [], changed=True)               # merged/split: recomputed, same words
+    same = namer.name("x", 21, [], changed=True)  # merged/split: recomputed, same words
     assert same is not None and not same.renamed
 
     copy = Namer(ix)

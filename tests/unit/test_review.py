@@ -1,4 +1,5 @@
 """Review core: state machine, human-only decisions, GitHub status and webhooks, rows."""
+
 from __future__ import annotations
 
 import hashlib
@@ -47,22 +48,48 @@ class RecordingBackend:
 
 
 def proposal(status: str = "open", backend: str = "local") -> Proposal:
-    return Proposal(proposal_id="p1", diagnosis_id="d1", intent_id="i1", backend=backend, repo="acme/agent",
-                    base="main", branch="closeloop/d1", title="closeloop: fix", body="", diff="",
-                    commit="c" * 40, pr_number=7, status=status)
+    return Proposal(
+        proposal_id="p1",
+        diagnosis_id="d1",
+        intent_id="i1",
+        backend=backend,
+        repo="acme/agent",
+        base="main",
+        branch="closeloop/d1",
+        title="closeloop: fix",
+        body="",
+        diff="",
+        commit="c" * 40,
+        pr_number=7,
+        status=status,
+    )
 
 
-DIAG = Diagnosis(diagnosis_id="d1", intent_id="i1", intent_name="billing", rule="repeated_ask", summary="s",
-                 root_cause="r", trace_ids=["t1", "t2"], prompt_version="p-old", agent_version="a-old",
-                 window_from_ns=100, window_to_ns=200)
+DIAG = Diagnosis(
+    diagnosis_id="d1",
+    intent_id="i1",
+    intent_name="billing",
+    rule="repeated_ask",
+    summary="s",
+    root_cause="r",
+    trace_ids=["t1", "t2"],
+    prompt_version="p-old",
+    agent_version="a-old",
+    window_from_ns=100,
+    window_to_ns=200,
+)
 
 
 def test_state_machine() -> None:
     assert next_status("open", "approved") == "approved"
     assert next_status("approved", "merged") == "merged"
-    assert next_status("open", "merged") == "merged"       # merged on GitHub without a formal review
-    for status, decision in [("merged", "approved"), ("rejected", "approved"), ("closed", "merged"),
-                             ("approved", "rejected")]:
+    assert next_status("open", "merged") == "merged"  # merged on GitHub without a formal review
+    for status, decision in [
+        ("merged", "approved"),
+        ("rejected", "approved"),
+        ("closed", "merged"),
+        ("approved", "rejected"),
+    ]:
         with pytest.raises(ReviewError, match="already"):
             next_status(status, decision)
 
@@ -71,9 +98,16 @@ def test_local_approve_merges_for_a_named_human_and_records_the_context() -> Non
     be = RecordingBackend("local")
     rec = approve(proposal(), "  Ada   Lovelace ", "looks right", be, 1_000, diagnosis=DIAG)
     assert be.calls == [("merge", "Ada Lovelace")]
-    assert rec.decision == "approved" and rec.reviewer == "Ada Lovelace" and rec.merged_commit == "f" * 40
+    assert (
+        rec.decision == "approved"
+        and rec.reviewer == "Ada Lovelace"
+        and rec.merged_commit == "f" * 40
+    )
     assert (rec.before_prompt_version, rec.before_agent_version) == ("p-old", "a-old")
-    assert rec.evidence_trace_ids == ["t1", "t2"] and (rec.window_from_ns, rec.window_to_ns) == (100, 200)
+    assert rec.evidence_trace_ids == ["t1", "t2"] and (rec.window_from_ns, rec.window_to_ns) == (
+        100,
+        200,
+    )
     assert rec.review_id == review_id("p1", "approved") != review_id("p1", "rejected")
     assert apply(proposal(), rec, 2_000).status == "merged"
 
@@ -108,17 +142,26 @@ def test_decided_proposals_are_refused() -> None:
 def test_reject_closes() -> None:
     be = RecordingBackend("local")
     rec = reject(proposal(), "bob", "wrong fix", be, 5)
-    assert be.calls == [("close", "bob")] and rec.decision == "rejected" and rec.comment == "wrong fix"
+    assert (
+        be.calls == [("close", "bob")] and rec.decision == "rejected" and rec.comment == "wrong fix"
+    )
     assert apply(proposal(), rec, 6).status == "rejected"
 
 
 def test_records_from_github_status() -> None:
     p = proposal(backend="github")
-    status = {"state": "closed", "merged": True, "merged_by": "carol", "merge_commit_sha": "m" * 40,
-              "merged_ns": 9_000, "reviews": [
-                  {"user": "dave", "state": "APPROVED", "commit_id": "c" * 40},
-                  {"user": "erin", "state": "APPROVED", "commit_id": "0" * 40},        # a stale version
-                  {"user": "frank", "state": "CHANGES_REQUESTED", "commit_id": "c" * 40}]}
+    status = {
+        "state": "closed",
+        "merged": True,
+        "merged_by": "carol",
+        "merge_commit_sha": "m" * 40,
+        "merged_ns": 9_000,
+        "reviews": [
+            {"user": "dave", "state": "APPROVED", "commit_id": "c" * 40},
+            {"user": "erin", "state": "APPROVED", "commit_id": "0" * 40},  # a stale version
+            {"user": "frank", "state": "CHANGES_REQUESTED", "commit_id": "c" * 40},
+        ],
+    }
     recs = records_from_status(p, status, 10_000, DIAG)
     assert [(r.decision, r.reviewer) for r in recs] == [("approved", "dave"), ("merged", "carol")]
     assert recs[1].merged_commit == "m" * 40 and recs[1].ts_ns == 9_000
@@ -133,9 +176,20 @@ def sign(body: bytes, secret: str = SECRET) -> str:
 
 
 def merged_event() -> bytes:
-    return json.dumps({"action": "closed", "number": 7, "repository": {"full_name": "acme/agent"},
-                       "pull_request": {"number": 7, "merged": True, "merged_by": {"login": "carol"},
-                                        "merge_commit_sha": "m" * 40, "head": {"ref": "closeloop/d1"}}}).encode()
+    return json.dumps(
+        {
+            "action": "closed",
+            "number": 7,
+            "repository": {"full_name": "acme/agent"},
+            "pull_request": {
+                "number": 7,
+                "merged": True,
+                "merged_by": {"login": "carol"},
+                "merge_commit_sha": "m" * 40,
+                "head": {"ref": "closeloop/d1"},
+            },
+        }
+    ).encode()
 
 
 def test_webhook_signature_is_required_and_checked() -> None:
@@ -143,35 +197,74 @@ def test_webhook_signature_is_required_and_checked() -> None:
     with pytest.raises(ReviewError, match="missing"):
         handle_webhook({"X-GitHub-Event": "pull_request"}, body, SECRET)
     with pytest.raises(ReviewError, match="does not match"):
-        handle_webhook({"X-GitHub-Event": "pull_request", "X-Hub-Signature-256": sign(body, "other")}, body, SECRET)
+        handle_webhook(
+            {"X-GitHub-Event": "pull_request", "X-Hub-Signature-256": sign(body, "other")},
+            body,
+            SECRET,
+        )
     with pytest.raises(ReviewError, match="does not match"):
-        handle_webhook({"X-GitHub-Event": "pull_request", "X-Hub-Signature-256": sign(body)}, body + b" ", SECRET)
+        handle_webhook(
+            {"X-GitHub-Event": "pull_request", "X-Hub-Signature-256": sign(body)},
+            body + b" ",
+            SECRET,
+        )
     with pytest.raises(ReviewError, match="webhook_secret is not set"):
-        handle_webhook({"X-GitHub-Event": "pull_request", "X-Hub-Signature-256": sign(body, "")}, body, "")
+        handle_webhook(
+            {"X-GitHub-Event": "pull_request", "X-Hub-Signature-256": sign(body, "")}, body, ""
+        )
 
 
 def test_webhook_merged_and_approved_events() -> None:
     body = merged_event()
-    (ev,) = handle_webhook({"x-github-event": "pull_request", "x-hub-signature-256": sign(body)}, body, SECRET)
-    assert (ev.kind, ev.pr_number, ev.branch, ev.reviewer, ev.commit) == ("merged", 7, "closeloop/d1", "carol", "m" * 40)
+    (ev,) = handle_webhook(
+        {"x-github-event": "pull_request", "x-hub-signature-256": sign(body)}, body, SECRET
+    )
+    assert (ev.kind, ev.pr_number, ev.branch, ev.reviewer, ev.commit) == (
+        "merged",
+        7,
+        "closeloop/d1",
+        "carol",
+        "m" * 40,
+    )
     (rec,) = records_from_event(proposal("approved", "github"), ev, 50, DIAG)
     assert rec.decision == "merged" and rec.reviewer == "carol" and rec.merged_commit == "m" * 40
 
-    review = json.dumps({"action": "submitted", "repository": {"full_name": "acme/agent"},
-                         "review": {"state": "approved", "user": {"login": "dave"}, "commit_id": "c" * 40},
-                         "pull_request": {"number": 7, "head": {"ref": "closeloop/d1"}}}).encode()
-    (ev,) = handle_webhook({"X-GitHub-Event": "pull_request_review", "X-Hub-Signature-256": sign(review)},
-                           review, SECRET)
+    review = json.dumps(
+        {
+            "action": "submitted",
+            "repository": {"full_name": "acme/agent"},
+            "review": {"state": "approved", "user": {"login": "dave"}, "commit_id": "c" * 40},
+            "pull_request": {"number": 7, "head": {"ref": "closeloop/d1"}},
+        }
+    ).encode()
+    (ev,) = handle_webhook(
+        {"X-GitHub-Event": "pull_request_review", "X-Hub-Signature-256": sign(review)},
+        review,
+        SECRET,
+    )
     assert (ev.kind, ev.reviewer) == ("approved", "dave")
-    other = json.dumps({"action": "closed", "pull_request": {"merged": True, "head": {"ref": "feature/x"}}}).encode()
-    assert handle_webhook({"X-GitHub-Event": "pull_request", "X-Hub-Signature-256": sign(other)}, other, SECRET) == []
+    other = json.dumps(
+        {"action": "closed", "pull_request": {"merged": True, "head": {"ref": "feature/x"}}}
+    ).encode()
+    assert (
+        handle_webhook(
+            {"X-GitHub-Event": "pull_request", "X-Hub-Signature-256": sign(other)}, other, SECRET
+        )
+        == []
+    )
 
 
 def test_counts_query_splits_by_version_and_merge_time() -> None:
     rec = approve(proposal(), "ada", "", RecordingBackend("local"), 5_000, diagnosis=DIAG)
     sql, params = counts_query(rec, 9_000)
     assert "conversation_tags FINAL" in sql and "prompt_version != {bp:String}" in sql
-    assert params == {"from_ns": 100, "merge_ns": 5_000, "now_ns": 9_000, "bp": "p-old", "ba": "a-old"}
+    assert params == {
+        "from_ns": 100,
+        "merge_ns": 5_000,
+        "now_ns": 9_000,
+        "bp": "p-old",
+        "ba": "a-old",
+    }
 
 
 def test_review_rows_match_the_reviews_columns() -> None:

@@ -1,4 +1,5 @@
 """Verification statistics against textbook values and scipy, and verdicts on synthetic streams."""
+
 from __future__ import annotations
 
 import random
@@ -32,7 +33,7 @@ def test_fisher_matches_the_tea_tasting_table_and_scipy() -> None:
 
 def test_two_proportion_z_matches_the_pooled_formula_and_scipy() -> None:
     z, p = two_proportion_z(200, 60, 200, 20)
-    assert z == pytest.approx(-5.0)                 # (0.1-0.3)/sqrt(0.2*0.8*(2/200)) = -5
+    assert z == pytest.approx(-5.0)  # (0.1-0.3)/sqrt(0.2*0.8*(2/200)) = -5
     assert p == pytest.approx(2 * sp.norm.sf(5.0), rel=1e-9)
     assert two_proportion_z(50, 0, 50, 0) == (0.0, 1.0)
 
@@ -63,7 +64,9 @@ def stream(rng: random.Random, n: int, rate: float) -> int:
     return sum(rng.random() < rate for _ in range(n))
 
 
-@pytest.mark.parametrize("after_rate,expected", [(0.10, "fixed"), (0.30, "no_effect"), (0.55, "regressed")])
+@pytest.mark.parametrize(
+    "after_rate,expected", [(0.10, "fixed"), (0.30, "no_effect"), (0.55, "regressed")]
+)
 def test_verdicts_on_synthetic_before_after_streams(after_rate: float, expected: str) -> None:
     rng = random.Random(42)
     before = stream(rng, 300, 0.30)
@@ -98,10 +101,14 @@ def test_traffic_share_shift_is_flagged_as_confounded() -> None:
 
 
 def test_controls_moving_the_same_way_are_flagged() -> None:
-    target = Counts(300, 90, 300, 30)                   # 30% -> 10%
-    controls = [Counts(1000, 300, 1000, 150), Counts(500, 150, 500, 80)]   # pooled 30% -> 15.3%
-    v = guarded_verdict(target, controls, total_before=1800, total_after=1800, min_after=30, alpha=0.05)
+    target = Counts(300, 90, 300, 30)  # 30% -> 10%
+    controls = [Counts(1000, 300, 1000, 150), Counts(500, 150, 500, 80)]  # pooled 30% -> 15.3%
+    v = guarded_verdict(
+        target, controls, total_before=1800, total_after=1800, min_after=30, alpha=0.05
+    )
     assert v[0] == "no_effect" and "control intents moved the same way" in v[4]
     steady = [Counts(1000, 300, 1000, 290), Counts(500, 150, 500, 155)]
-    v = guarded_verdict(target, steady, total_before=1800, total_after=1800, min_after=30, alpha=0.05)
+    v = guarded_verdict(
+        target, steady, total_before=1800, total_after=1800, min_after=30, alpha=0.05
+    )
     assert v[0] == "fixed" and v[4] == ""

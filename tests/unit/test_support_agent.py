@@ -3,6 +3,7 @@
 No closeloop stack: spans go to the SDK's InMemorySpanExporter; the agent's repository is a
 temporary git repository; the LLM mode talks to the local fake OpenAI server.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -47,6 +48,7 @@ KINDS = {name: i.kind for name, i in INTENTS.items()}
 
 # -- helpers ----------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     path = tmp_path / "bankly-agent"
@@ -56,7 +58,9 @@ def repo(tmp_path: Path) -> Path:
 
 def cycle(repo: Path, n: int = 300, seed: int = 1) -> tuple[CycleReport, list[ReadableSpan]]:
     exporter = InMemorySpanExporter()
-    report = run_cycle(repo, "http://127.0.0.1:9", n, seed, START_NS, exporter=exporter, mode="scripted")
+    report = run_cycle(
+        repo, "http://127.0.0.1:9", n, seed, START_NS, exporter=exporter, mode="scripted"
+    )
     return report, list(exporter.get_finished_spans())
 
 
@@ -64,8 +68,23 @@ def commit(repo: Path, edits: dict[str, str], message: str = "fix") -> None:
     """Apply ``{path: new content}`` and commit it on main, as a merge would land."""
     for rel, text in edits.items():
         (repo / rel).write_text(text)
-    subprocess.run(["git", "-C", str(repo), "-c", "user.name=Reviewer", "-c", "user.email=r@bankly.example",
-                    "-c", "commit.gpgsign=false", "commit", "-qam", message], check=True)
+    subprocess.run(
+        [
+            "git",
+            "-C",
+            str(repo),
+            "-c",
+            "user.name=Reviewer",
+            "-c",
+            "user.email=r@bankly.example",
+            "-c",
+            "commit.gpgsign=false",
+            "commit",
+            "-qam",
+            message,
+        ],
+        check=True,
+    )
 
 
 def appended(repo: Path, rel: str, paragraph: str) -> dict[str, str]:
@@ -74,8 +93,10 @@ def appended(repo: Path, rel: str, paragraph: str) -> dict[str, str]:
 
 def raised_timeout(repo: Path, value: str = "1.0") -> dict[str, str]:
     text = (repo / "config/agent.yaml").read_text()
-    assert "  get_exchange_rate:\n    description: The current interbank rate between two currencies.\n" \
-           "    timeout_s: 0.5\n" in text
+    assert (
+        "  get_exchange_rate:\n    description: The current interbank rate between two currencies.\n"
+        "    timeout_s: 0.5\n" in text
+    )
     return {"config/agent.yaml": text.replace("timeout_s: 0.5", f"timeout_s: {value}")}
 
 
@@ -85,9 +106,13 @@ def act_instruction(rule: str, evidence: dict) -> str:
     return instruction(diag, Redactor())
 
 
-CARRY_FORWARD_FIX = ("Carry forward information the user already gave (for example the card's last "
-                     "four digits) and never ask for it again.")
-TRANSFER_FIX = "Transfer references look like TR-55912: pass transfer_id to lookup_transfer in that form."
+CARRY_FORWARD_FIX = (
+    "Carry forward information the user already gave (for example the card's last "
+    "four digits) and never ask for it again."
+)
+TRANSFER_FIX = (
+    "Transfer references look like TR-55912: pass transfer_id to lookup_transfer in that form."
+)
 
 
 def rates(report: CycleReport, kind: str) -> float:
@@ -104,9 +129,14 @@ def by_conversation(spans: list[ReadableSpan]) -> dict[str, list[ReadableSpan]]:
 
 def outputs(spans: list[ReadableSpan]) -> list[str]:
     """The text the agent said, over all chat spans."""
-    return [p["content"] for s in spans if s.name.startswith("chat ")
-            for m in json.loads(s.attributes["gen_ai.output.messages"])
-            for p in m["parts"] if p["type"] == "text"]
+    return [
+        p["content"]
+        for s in spans
+        if s.name.startswith("chat ")
+        for m in json.loads(s.attributes["gen_ai.output.messages"])
+        for p in m["parts"]
+        if p["type"] == "text"
+    ]
 
 
 def tool_spans(spans: list[ReadableSpan], name: str) -> list[ReadableSpan]:
@@ -115,14 +145,18 @@ def tool_spans(spans: list[ReadableSpan], name: str) -> list[ReadableSpan]:
 
 # -- the agent repository ---------------------------------------------------------------------
 
+
 def test_init_agent_repo_creates_main_with_one_commit_and_is_idempotent(tmp_path: Path) -> None:
     path = tmp_path / "agent"
     sha = init_agent_repo(path)
     assert git(path, "rev-parse", "main") == sha
     assert git(path, "rev-list", "--count", "main") == "1"
     assert git(path, "log", "-1", "--format=%an <%ae>") == "Bankly Dev <dev@bankly.example>"
-    assert git(path, "ls-tree", "-r", "--name-only", "main").split() == \
-        ["README.md", "config/agent.yaml", "prompts/system.md"]
+    assert git(path, "ls-tree", "-r", "--name-only", "main").split() == [
+        "README.md",
+        "config/agent.yaml",
+        "prompts/system.md",
+    ]
     assert init_agent_repo(path) == sha
     assert git(path, "rev-list", "--count", "main") == "1"
     assert 20 <= len((path / "prompts/system.md").read_text().splitlines()) <= 35
@@ -130,7 +164,7 @@ def test_init_agent_repo_creates_main_with_one_commit_and_is_idempotent(tmp_path
 
 def test_agent_reads_main_not_the_working_tree(repo: Path) -> None:
     before = SupportAgent(repo, exporter=InMemorySpanExporter(), mode="scripted")
-    (repo / "prompts/system.md").write_text(CARRY_FORWARD_FIX + "\n")   # edited, not committed
+    (repo / "prompts/system.md").write_text(CARRY_FORWARD_FIX + "\n")  # edited, not committed
     unmerged = SupportAgent(repo, exporter=InMemorySpanExporter(), mode="scripted")
     assert unmerged.version == before.version == git(repo, "rev-parse", "--short=7", "main")
     assert unmerged.behaviour.system_prompt == before.behaviour.system_prompt
@@ -148,17 +182,20 @@ TEMPLATE = Path(__file__).parents[2] / "examples/support_agent/repo_template"
 TEMPLATE_PROMPT = (TEMPLATE / "prompts/system.md").read_text()
 
 
-@pytest.mark.parametrize("extra, carries, transfer_format", [
-    ("", False, False),                                               # the shipped prompt: both bugs
-    (CARRY_FORWARD_FIX, True, False),
-    ("Do not ask twice for details.", True, False),
-    ("If the customer has already provided their card number, use it.", True, False),
-    ("Never ask again for the card digits.", True, False),
-    ("Ask for the last four digits of the card again if unsure.", False, False),
-    (TRANSFER_FIX, False, True),
-    ("When you call lookup_transfer, use the exact format of its schema.", False, True),
-    ("lookup_transfer is useful. The format of answers is plain text.", False, False),
-])
+@pytest.mark.parametrize(
+    "extra, carries, transfer_format",
+    [
+        ("", False, False),  # the shipped prompt: both bugs
+        (CARRY_FORWARD_FIX, True, False),
+        ("Do not ask twice for details.", True, False),
+        ("If the customer has already provided their card number, use it.", True, False),
+        ("Never ask again for the card digits.", True, False),
+        ("Ask for the last four digits of the card again if unsure.", False, False),
+        (TRANSFER_FIX, False, True),
+        ("When you call lookup_transfer, use the exact format of its schema.", False, True),
+        ("lookup_transfer is useful. The format of answers is plain text.", False, False),
+    ],
+)
 def test_behaviour_rules(extra: str, carries: bool, transfer_format: bool) -> None:
     config = (TEMPLATE / "config/agent.yaml").read_text()
     b = behaviour_from(TEMPLATE_PROMPT + "\n" + extra, config)
@@ -168,11 +205,19 @@ def test_behaviour_rules(extra: str, carries: bool, transfer_format: bool) -> No
 
 
 def test_closeloop_act_templates_are_recognised() -> None:
-    carry = act_instruction("repeated_ask", {"thing": "card_last4", "thing_name": "card number",
-                                             "agent_message": DIGITS_QUESTION})
-    shape = act_instruction("tool_argument", {
-        "tool": "lookup_transfer", "argument": "transfer_id", "failing_shape": {"transfer_id": "text"},
-        "working_shape": {"transfer_id": "alnum-with-dash"}})
+    carry = act_instruction(
+        "repeated_ask",
+        {"thing": "card_last4", "thing_name": "card number", "agent_message": DIGITS_QUESTION},
+    )
+    shape = act_instruction(
+        "tool_argument",
+        {
+            "tool": "lookup_transfer",
+            "argument": "transfer_id",
+            "failing_shape": {"transfer_id": "text"},
+            "working_shape": {"transfer_id": "alnum-with-dash"},
+        },
+    )
     b = behaviour_from(TEMPLATE_PROMPT + "\n" + carry + "\n" + shape, "tools: {}")
     assert b.carries_forward and b.transfer_id_format
 
@@ -188,6 +233,7 @@ def test_bad_config_is_refused() -> None:
 
 
 # -- spans ------------------------------------------------------------------------------------
+
 
 def test_spans_follow_the_genai_semantic_conventions(repo: Path) -> None:
     report, spans = cycle(repo, n=60, seed=7)
@@ -205,7 +251,10 @@ def test_spans_follow_the_genai_semantic_conventions(repo: Path) -> None:
         for r in roots:
             a = r.attributes
             assert a["gen_ai.operation.name"] == "invoke_agent"
-            assert (a["gen_ai.agent.name"], a["gen_ai.agent.version"]) == ("bankly-support", version)
+            assert (a["gen_ai.agent.name"], a["gen_ai.agent.version"]) == (
+                "bankly-support",
+                version,
+            )
             kids = [s for s in own if s.context.trace_id == r.context.trace_id and s is not r]
             assert kids and all(s.parent.span_id == r.context.span_id for s in kids)
             assert all(r.start_time <= s.start_time <= s.end_time <= r.end_time for s in kids)
@@ -225,12 +274,17 @@ def test_spans_follow_the_genai_semantic_conventions(repo: Path) -> None:
         assert a["gen_ai.response.model"].startswith("gpt-4o-mini")
         assert a["gen_ai.usage.input_tokens"] > 100 and a["gen_ai.usage.output_tokens"] > 0
         assert json.loads(a["gen_ai.system_instructions"]) == [{"type": "text", "content": prompt}]
-        inputs, outs = json.loads(a["gen_ai.input.messages"]), json.loads(a["gen_ai.output.messages"])
+        inputs, outs = (
+            json.loads(a["gen_ai.input.messages"]),
+            json.loads(a["gen_ai.output.messages"]),
+        )
         assert inputs[0]["role"] == "user" and all(m["parts"] for m in inputs)
         assert len(outs) == 1 and outs[0]["role"] == "assistant"
         assert tuple(a["gen_ai.response.finish_reasons"]) == (outs[0]["finish_reason"],)
         part_types = {p["type"] for p in outs[0]["parts"]}
-        assert part_types == ({"tool_call"} if outs[0]["finish_reason"] == "tool_calls" else {"text"})
+        assert part_types == (
+            {"tool_call"} if outs[0]["finish_reason"] == "tool_calls" else {"text"}
+        )
         assert 300e6 <= s.end_time - s.start_time <= 1500e6
     for s in tools:
         a = s.attributes
@@ -241,20 +295,37 @@ def test_spans_follow_the_genai_semantic_conventions(repo: Path) -> None:
         if s.status.status_code is StatusCode.ERROR:
             assert a["error.type"] and s.status.description and "gen_ai.tool.call.result" not in a
         else:
-            assert "error.type" not in a and isinstance(json.loads(a["gen_ai.tool.call.result"]), dict)
+            assert "error.type" not in a and isinstance(
+                json.loads(a["gen_ai.tool.call.result"]), dict
+            )
     # every tool call a chat span asked for ran, with the same id and arguments
-    asked = {p["id"]: p["arguments"] for s in chats
-             for m in json.loads(s.attributes["gen_ai.output.messages"])
-             for p in m["parts"] if p["type"] == "tool_call"}
-    ran = {s.attributes["gen_ai.tool.call.id"]: json.loads(s.attributes["gen_ai.tool.call.arguments"])
-           for s in tools}
+    asked = {
+        p["id"]: p["arguments"]
+        for s in chats
+        for m in json.loads(s.attributes["gen_ai.output.messages"])
+        for p in m["parts"]
+        if p["type"] == "tool_call"
+    }
+    ran = {
+        s.attributes["gen_ai.tool.call.id"]: json.loads(s.attributes["gen_ai.tool.call.arguments"])
+        for s in tools
+    }
     assert asked == ran
 
 
 def test_same_seed_same_spans_and_new_ids_for_a_new_version(repo: Path) -> None:
     def fingerprint(spans: list[ReadableSpan]) -> list[tuple]:
-        return [(s.name, s.context.trace_id, s.context.span_id, s.start_time, s.end_time,
-                 tuple(sorted((k, str(v)) for k, v in s.attributes.items()))) for s in spans]
+        return [
+            (
+                s.name,
+                s.context.trace_id,
+                s.context.span_id,
+                s.start_time,
+                s.end_time,
+                tuple(sorted((k, str(v)) for k, v in s.attributes.items())),
+            )
+            for s in spans
+        ]
 
     r1, s1 = cycle(repo, n=40, seed=3)
     r2, s2 = cycle(repo, n=40, seed=3)
@@ -265,11 +336,14 @@ def test_same_seed_same_spans_and_new_ids_for_a_new_version(repo: Path) -> None:
     r4, s4 = cycle(repo, n=40, seed=3)
     # the same customers, but no id is reused by the new version
     assert [c.intent for c in r4.conversations] == [c.intent for c in r1.conversations]
-    assert not {c.conversation_id for c in r4.conversations} & {c.conversation_id for c in r1.conversations}
+    assert not {c.conversation_id for c in r4.conversations} & {
+        c.conversation_id for c in r1.conversations
+    }
     assert not {s.context.trace_id for s in s4} & {s.context.trace_id for s in s1}
 
 
 # -- planted failures and their fixes ---------------------------------------------------------
+
 
 def test_planted_failures_happen_with_the_shipped_files(repo: Path) -> None:
     report, spans = cycle(repo)
@@ -285,8 +359,10 @@ def test_planted_failures_happen_with_the_shipped_files(repo: Path) -> None:
             assert outputs(own)[-1] == DIGITS_QUESTION
             opening = _user_texts(own)[0]
             assert "last four digits" in opening or "card number" in opening
-    abandoned_at_ask = sum(KINDS[c.intent] == "card" and c.outcome == "abandoned" and c.turns == 3
-                           for c in report.conversations)
+    abandoned_at_ask = sum(
+        KINDS[c.intent] == "card" and c.outcome == "abandoned" and c.turns == 3
+        for c in report.conversations
+    )
     assert abandoned_at_ask >= 0.4 * sum(KINDS[c.intent] == "card" for c in report.conversations)
     lookups = tool_spans(spans, "lookup_transfer")
     failed = [s for s in lookups if s.status.status_code is StatusCode.ERROR]
@@ -294,36 +370,52 @@ def test_planted_failures_happen_with_the_shipped_files(repo: Path) -> None:
     for s in failed:
         assert s.attributes["error.type"] == "ValueError"
         assert s.status.description == "invalid transfer_id format: expected TR-<digits>"
-        assert json.loads(s.attributes["gen_ai.tool.call.arguments"])["transfer_id"].startswith("tr ")
+        assert json.loads(s.attributes["gen_ai.tool.call.arguments"])["transfer_id"].startswith(
+            "tr "
+        )
     # references the user wrote as TR-<digits> work: the contrast diagnose needs
     assert len(lookups) > len(failed)
     rate_calls = tool_spans(spans, "get_exchange_rate")
     timeouts = [s for s in rate_calls if s.attributes.get("error.type") == "timeout"]
     assert len(timeouts) >= 0.7 * len(rate_calls)
-    assert all(s.end_time - s.start_time == 500_000_000 and "timed out after 0.5s" in s.status.description
-               and "tools.get_exchange_rate.timeout_s" in s.status.description for s in timeouts)
+    assert all(
+        s.end_time - s.start_time == 500_000_000
+        and "timed out after 0.5s" in s.status.description
+        and "tools.get_exchange_rate.timeout_s" in s.status.description
+        for s in timeouts
+    )
     errored = {c.conversation_id for c in report.conversations if c.outcome == "errored"}
-    assert errored and all(outputs(convs[cid])[-1].startswith("I'm sorry, I couldn't") for cid in errored)
+    assert errored and all(
+        outputs(convs[cid])[-1].startswith("I'm sorry, I couldn't") for cid in errored
+    )
 
 
-@pytest.mark.parametrize("fix, kind", [
-    (lambda repo: appended(repo, "prompts/system.md", CARRY_FORWARD_FIX), "card"),
-    (lambda repo: appended(repo, "prompts/system.md", TRANSFER_FIX), "transfer"),
-    (lambda repo: raised_timeout(repo), "fx"),
-])
+@pytest.mark.parametrize(
+    "fix, kind",
+    [
+        (lambda repo: appended(repo, "prompts/system.md", CARRY_FORWARD_FIX), "card"),
+        (lambda repo: appended(repo, "prompts/system.md", TRANSFER_FIX), "transfer"),
+        (lambda repo: raised_timeout(repo), "fx"),
+    ],
+)
 def test_each_fix_removes_its_failure_and_nothing_else_changes(repo: Path, fix, kind: str) -> None:
     before, _ = cycle(repo)
     commit(repo, fix(repo))
     after, spans = cycle(repo)
     assert rates(before, kind) >= 0.4 and rates(after, kind) <= 0.12
     for b, a in zip(before.conversations, after.conversations, strict=True):
-        assert b.intent == a.intent     # the same customers
+        assert b.intent == a.intent  # the same customers
         if KINDS[b.intent] != kind:
             assert (b.outcome, b.turns) == (a.outcome, a.turns)
     if kind == "card":
-        assert all(DIGITS_QUESTION not in outputs(own) for cid, own in by_conversation(spans).items()
-                   if any("last four digits of my card" in t or "card number" in t.lower()
-                          for t in _user_texts(own)))
+        assert all(
+            DIGITS_QUESTION not in outputs(own)
+            for cid, own in by_conversation(spans).items()
+            if any(
+                "last four digits of my card" in t or "card number" in t.lower()
+                for t in _user_texts(own)
+            )
+        )
     if kind == "transfer":
         lookups = tool_spans(spans, "lookup_transfer")
         assert lookups and all(s.status.status_code is not StatusCode.ERROR for s in lookups)
@@ -332,19 +424,30 @@ def test_each_fix_removes_its_failure_and_nothing_else_changes(repo: Path, fix, 
 
 
 def _user_texts(spans: list[ReadableSpan]) -> list[str]:
-    return [p["content"] for s in spans if s.name.startswith("chat ")
-            for m in json.loads(s.attributes["gen_ai.input.messages"]) if m["role"] == "user"
-            for p in m["parts"]]
+    return [
+        p["content"]
+        for s in spans
+        if s.name.startswith("chat ")
+        for m in json.loads(s.attributes["gen_ai.input.messages"])
+        if m["role"] == "user"
+        for p in m["parts"]
+    ]
 
 
 def test_closeloop_templated_fixes_work_on_the_agent(repo: Path) -> None:
     before, _ = cycle(repo)
     carry = act_instruction("repeated_ask", {"thing": "card_last4", "thing_name": "card number"})
-    shape = act_instruction("tool_argument", {
-        "tool": "lookup_transfer", "argument": "transfer_id", "failing_shape": {"transfer_id": "text"},
-        "working_shape": {"transfer_id": "alnum-with-dash"}})
+    shape = act_instruction(
+        "tool_argument",
+        {
+            "tool": "lookup_transfer",
+            "argument": "transfer_id",
+            "failing_shape": {"transfer_id": "text"},
+            "working_shape": {"transfer_id": "alnum-with-dash"},
+        },
+    )
     commit(repo, appended(repo, "prompts/system.md", carry + "\n\n" + shape))
-    commit(repo, raised_timeout(repo, "1"))      # act's latency fix: p99 0.5 s x 1.5, rounded up
+    commit(repo, raised_timeout(repo, "1"))  # act's latency fix: p99 0.5 s x 1.5, rounded up
     after, _ = cycle(repo)
     for kind in ("card", "transfer", "fx"):
         assert rates(before, kind) >= 0.4 and rates(after, kind) <= 0.12, kind
@@ -352,6 +455,7 @@ def test_closeloop_templated_fixes_work_on_the_agent(repo: Path) -> None:
 
 
 # -- simulated users --------------------------------------------------------------------------
+
 
 def test_users_open_with_real_banking77_utterances_and_their_details(repo: Path) -> None:
     utterances = load_utterances()
@@ -364,29 +468,46 @@ def test_users_open_with_real_banking77_utterances_and_their_details(repo: Path)
         assert any(opening.startswith(u.rstrip(".")) for u in utterances[c.intent]), opening
         if KINDS[c.intent] == "transfer":
             assert "TR-" in opening or " tr " in opening
-    card_openings = [_user_texts(convs[c.conversation_id])[0] for c in report.conversations
-                     if KINDS[c.intent] == "card"]
+    card_openings = [
+        _user_texts(convs[c.conversation_id])[0]
+        for c in report.conversations
+        if KINDS[c.intent] == "card"
+    ]
     with_digits = [o for o in card_openings if "last four digits" in o or "card number" in o]
     assert 0.4 * len(card_openings) <= len(with_digits) < len(card_openings)
 
 
 def test_user_replies() -> None:
     intent = INTENTS["card_arrival"]
-    user = SimulatedUser(intent=intent, opening="Where is my card? My card number ends in 4821.",
-                         rng=random.Random(1), card_last4="4821", gave_card_last4=True)
+    user = SimulatedUser(
+        intent=intent,
+        opening="Where is my card? My card number ends in 4821.",
+        rng=random.Random(1),
+        card_last4="4821",
+        gave_card_last4=True,
+    )
     assert user.reply(intent.questions[0]) in intent.replies[0]
     assert user.reply(intent.questions[1]) in intent.replies[1]
-    assert user.reply(DIGITS_QUESTION) is None                 # asked again: leaves
-    patient = SimulatedUser(intent=intent, opening="x", rng=random.Random(1), card_last4="4821",
-                            gave_card_last4=True, answers_repeat_ask=True)
+    assert user.reply(DIGITS_QUESTION) is None  # asked again: leaves
+    patient = SimulatedUser(
+        intent=intent,
+        opening="x",
+        rng=random.Random(1),
+        card_last4="4821",
+        gave_card_last4=True,
+        answers_repeat_ask=True,
+    )
     assert "4821" in patient.reply(DIGITS_QUESTION)
     asked_once = SimulatedUser(intent=intent, opening="x", rng=random.Random(1), card_last4="4821")
     assert "4821" in asked_once.reply(DIGITS_QUESTION)
-    wants_human = SimulatedUser(intent=intent, opening="x", rng=random.Random(1), asks_for_human=True)
+    wants_human = SimulatedUser(
+        intent=intent, opening="x", rng=random.Random(1), asks_for_human=True
+    )
     assert wants_human.reply(intent.questions[0]) in HUMAN_REPLY
 
 
 # -- the LLM mode -----------------------------------------------------------------------------
+
 
 def test_llm_mode_uses_the_openai_client_and_records_the_same_spans(repo: Path) -> None:
     def responder(body: dict):
@@ -395,20 +516,36 @@ def test_llm_mode_uses_the_openai_client_and_records_the_same_spans(repo: Path) 
             return "Transfer TR-55912 completed yesterday; it should show for the recipient today."
         if sum(m["role"] == "user" for m in body["messages"]) == 1:
             return "When did you send it?"
-        call = {"id": "call_abc", "type": "function",
-                "function": {"name": "lookup_transfer", "arguments": '{"transfer_id": "TR-55912"}'}}
-        return 200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 0,
-                     "model": "gpt-4o-mini-x",
-                     "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
-                         "role": "assistant", "content": None, "tool_calls": [call]}}],
-                     "usage": {"prompt_tokens": 812, "completion_tokens": 17, "total_tokens": 829}}
+        call = {
+            "id": "call_abc",
+            "type": "function",
+            "function": {"name": "lookup_transfer", "arguments": '{"transfer_id": "TR-55912"}'},
+        }
+        return 200, {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "created": 0,
+            "model": "gpt-4o-mini-x",
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "tool_calls",
+                    "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                }
+            ],
+            "usage": {"prompt_tokens": 812, "completion_tokens": 17, "total_tokens": 829},
+        }
 
     exporter = InMemorySpanExporter()
     with FakeLLMServer(responder) as srv:
         client = openai.OpenAI(base_url=srv.base_url, api_key="test", max_retries=0)
         agent = SupportAgent(repo, exporter=exporter, mode="llm", llm_client=client)
-        user = SimulatedUser(intent=INTENTS["pending_transfer"], rng=random.Random(2),
-                             opening="My transfer is pending (ref TR-55912)", transfer_ref="TR-55912")
+        user = SimulatedUser(
+            intent=INTENTS["pending_transfer"],
+            rng=random.Random(2),
+            opening="My transfer is pending (ref TR-55912)",
+            transfer_ref="TR-55912",
+        )
         result = run_conversation(agent, user, "conv-llm-1", START_NS, random.Random(3))
         agent.close()
         sent = srv.chat_requests()
@@ -421,11 +558,19 @@ def test_llm_mode_uses_the_openai_client_and_records_the_same_spans(repo: Path) 
     assert tool_result["role"] == "tool" and "TR-55912" in tool_result["content"]
     spans = exporter.get_finished_spans()
     assert [s.name for s in sorted(spans, key=lambda s: (s.start_time, s.parent is not None))] == [
-        "invoke_agent bankly-support", "chat gpt-4o-mini",
-        "invoke_agent bankly-support", "chat gpt-4o-mini", "execute_tool lookup_transfer",
-        "chat gpt-4o-mini"]
-    tool_call = next(s for s in spans if s.name == "chat gpt-4o-mini" and "tool_calls" in
-                     s.attributes["gen_ai.response.finish_reasons"])
+        "invoke_agent bankly-support",
+        "chat gpt-4o-mini",
+        "invoke_agent bankly-support",
+        "chat gpt-4o-mini",
+        "execute_tool lookup_transfer",
+        "chat gpt-4o-mini",
+    ]
+    tool_call = next(
+        s
+        for s in spans
+        if s.name == "chat gpt-4o-mini"
+        and "tool_calls" in s.attributes["gen_ai.response.finish_reasons"]
+    )
     assert tool_call.attributes["gen_ai.usage.input_tokens"] == 812
     assert tool_call.attributes["gen_ai.response.model"] == "gpt-4o-mini-x"
     assert [s.attributes.get(END_ATTRIBUTE) for s in spans if s.parent is None] == [None, True]
@@ -433,11 +578,12 @@ def test_llm_mode_uses_the_openai_client_and_records_the_same_spans(repo: Path) 
 
 # -- export over OTLP/HTTP ----------------------------------------------------------------------
 
+
 class _Collector:
     """A loopback OTLP/HTTP receiver: keeps every span of every ``/v1/traces`` request."""
 
     def __init__(self) -> None:
-        self.spans: list[tuple[str, object]] = []      # (service.name, span)
+        self.spans: list[tuple[str, object]] = []  # (service.name, span)
         collector = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -445,8 +591,11 @@ class _Collector:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 req = ExportTraceServiceRequest.FromString(body)
                 for rs in req.resource_spans:
-                    service = next(a.value.string_value for a in rs.resource.attributes
-                                   if a.key == "service.name")
+                    service = next(
+                        a.value.string_value
+                        for a in rs.resource.attributes
+                        if a.key == "service.name"
+                    )
                     collector.spans += [(service, sp) for ss in rs.scope_spans for sp in ss.spans]
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
@@ -476,7 +625,11 @@ def test_run_cycle_exports_every_span_over_otlp_http_before_returning(repo: Path
     assert {service for service, _ in received} == {"bankly-support"}
     roots = [sp for _, sp in received if sp.name == "invoke_agent bankly-support"]
     assert len(roots) == sum(c.turns for c in report.conversations) > 600
-    conv_ids = {a.value.string_value for _, sp in received for a in sp.attributes
-                if a.key == "gen_ai.conversation.id"}
+    conv_ids = {
+        a.value.string_value
+        for _, sp in received
+        for a in sp.attributes
+        if a.key == "gen_ai.conversation.id"
+    }
     assert conv_ids == {c.conversation_id for c in report.conversations}
     assert len(received) == len({sp.span_id for _, sp in received})
