@@ -51,7 +51,7 @@ from processors.app import STATS_INTERVAL_S
 from processors.config import load_config
 from processors.embedded.broker import free_port
 from processors.embedded.stack import EmbeddedStack
-from processors.store import Store, connect_http
+from processors.store import Store
 
 SPANS_PER_CONVERSATION = 8
 KINDS = ("llm", "llm", "tool", "other")
@@ -473,7 +473,7 @@ def run(
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         stack = start_stack(Path(tmp) / "home", capture_processes)
         try:
-            store = connect_http(stack.sql_url)
+            store = stack.sql_store()
             # warm-up: connections, topic metadata, the first inserts
             warm = run_level(stack, store, "warm-up", 0, nonce, 2000, 2, 2, spans, bodies)
             plan: list[tuple[str, float | None]] = [(f"{r:,}/s", float(r)) for r in rates] + [

@@ -109,7 +109,7 @@ def closeloop_peer(n_requests: int, spans: int) -> Peer:
     with tempfile.TemporaryDirectory(prefix="bench-peer-") as tmp:
         stack = ingest.start_stack(Path(tmp) / "home")
         try:
-            store = ingest.connect_http(stack.sql_url)
+            store = stack.sql_store()
             return measure(
                 "closeloop (embedded stack)",
                 f"http://{stack.cfg.otlp.host}:{stack.cfg.otlp.http_port}",

@@ -113,7 +113,7 @@ def cmd_sql(a: argparse.Namespace) -> int:
     from processors.store import open_store
 
     cfg = _config(a)
-    store = open_store(cfg)
+    store = open_store(cfg, read_only=True)
     try:
         out = store.raw(a.query, fmt=a.format)
     finally:

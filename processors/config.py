@@ -94,6 +94,10 @@ class ClickHouseConfig:
     sql_port: int = (
         DEFAULT_SQL_PORT  # embedded: the ClickHouse-compatible HTTP endpoint of the store owner
     )
+    sql_max_body_bytes: int = 256 * 1024 * 1024  # request body after decompression, else 413
+    sql_max_query_bytes: int = 1024 * 1024  # a reader's query text, else 413
+    sql_max_execution_s: int = 60  # readers' queries (ClickHouse max_execution_time)
+    sql_max_memory_bytes: int = 4 * 1024 * 1024 * 1024  # readers' queries (max_memory_usage)
 
     def validate(self) -> None:
         if self.dsn and not self.dsn.startswith(
@@ -104,6 +108,9 @@ class ClickHouseConfig:
                 f"unsupported scheme in {self.dsn!r}",
                 "use chdb:///path or http(s)://user:pass@host:8123/db",
             )
+        for key in ("sql_max_body_bytes", "sql_max_query_bytes", "sql_max_execution_s"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"clickhouse.{key}", "must be positive")
 
 
 @dataclass

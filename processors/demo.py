@@ -23,7 +23,7 @@ from processors.config import Config, load_config
 from processors.embedded.broker import free_port, port_in_use
 from processors.embedded.stack import EmbeddedStack, wait_for
 from processors.errors import CloseloopError, StoreError
-from processors.store import Store, connect_http
+from processors.store import Store
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_SETTINGS: dict[str, Any] = {
@@ -223,7 +223,7 @@ def run_demo(
     repo = Path(cfg.act.repo)
     stack = EmbeddedStack(cfg, config_file=str(config_file)).start()
     try:
-        store = connect_http(stack.sql_url)
+        store = stack.sql_store()
         endpoint = f"http://{cfg.otlp.host}:{cfg.otlp.http_port}"
         _say(
             f"\n[1/5] the stack is up (OTLP {endpoint}, SQL {stack.sql_url}); agent repository {repo}"

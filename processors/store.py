@@ -21,6 +21,7 @@ from typing import Any
 import clickhouse_connect
 
 from processors.config import Config
+from processors.credentials import Credential, load_sql_credentials
 from processors.errors import StoreError
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
@@ -230,30 +231,35 @@ def _running_endpoint(cfg: Config) -> str | None:
     return info.get("url")
 
 
-def open_store(cfg: Config, *, owner: bool = False) -> Store:
+def open_store(cfg: Config, *, owner: bool = False, read_only: bool = False) -> Store:
     """Open the configured store.
 
     ``owner=True`` opens the chDB store directly (the process that serves it). Otherwise,
-    for the embedded store, the running stack's SQL endpoint is used when there is one.
+    for the embedded store, the running stack's SQL endpoint is used when there is one, as the
+    stages' writer or, with ``read_only``, as the reader (``closeloop sql``).
     """
     dsn = cfg.clickhouse_dsn
     if dsn.startswith("chdb://") and not owner:
         url = _running_endpoint(cfg)
         if url:
-            return connect_http(url)
+            creds = load_sql_credentials(cfg.run_dir())
+            return connect_http(url, creds.reader if read_only else creds.writer)
     return connect(dsn)
 
 
-def connect_http(url: str) -> Store:
-    from urllib.parse import urlparse
+def connect_http(url: str, credential: Credential | None = None) -> Store:
+    """A store over ClickHouse's HTTP interface; the user is ``credential``, else the URL's."""
+    from urllib.parse import unquote, urlparse
 
     u = urlparse(url)
+    user = credential.user if credential else unquote(u.username or "default")
+    password = credential.password if credential else unquote(u.password or "")
     try:
         client = clickhouse_connect.get_client(
             host=u.hostname,
             port=u.port or 8123,
-            username=u.username or "default",
-            password=u.password or "",
+            username=user,
+            password=password,
             secure=u.scheme == "https",
             database=(u.path or "/").strip("/") or "default",
             autogenerate_session_id=False,
@@ -261,7 +267,7 @@ def connect_http(url: str) -> Store:
         )
     except Exception as e:
         raise StoreError(f"cannot reach ClickHouse at {u.hostname}:{u.port}: {e}") from e
-    return Store(client, url)
+    return Store(client, u._replace(netloc=f"{u.hostname}:{u.port or 8123}").geturl())
 
 
 def connect(dsn: str) -> Store:

@@ -19,7 +19,8 @@ import faust
 
 from processors.app import ALL_STAGES, Pipeline, build_app
 from processors.config import Config, load_config
-from processors.embedded.sqlserver import SQLServer
+from processors.credentials import ensure_sql_credentials, load_sql_credentials
+from processors.embedded.sqlserver import SqlLimits, SQLServer
 from processors.errors import StoreError
 from processors.store import Store, connect_http, open_store
 
@@ -40,7 +41,15 @@ def serve_store(cfg: Config, store: Store) -> SQLServer | None:
     """Embedded store: serve it on loopback and say where (run/sql.json)."""
     if not cfg.embedded_store:
         return None
-    server = SQLServer(store, "127.0.0.1", cfg.clickhouse.sql_port).start()
+    ch = cfg.clickhouse
+    limits = SqlLimits(
+        ch.sql_max_body_bytes,
+        ch.sql_max_query_bytes,
+        ch.sql_max_execution_s,
+        ch.sql_max_memory_bytes,
+    )
+    creds = ensure_sql_credentials(cfg.run_dir())
+    server = SQLServer(store, creds, "127.0.0.1", ch.sql_port, limits).start()
     write_run_file(cfg, "sql.json", {"url": server.url})
     return server
 
@@ -52,7 +61,7 @@ def owner_endpoint(cfg: Config, timeout_s: float = 60.0) -> Store:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return connect_http(url)
+            return connect_http(url, load_sql_credentials(cfg.run_dir()).writer)
         except StoreError:
             if time.monotonic() > deadline:
                 raise

@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from processors.config import Config
+from processors.credentials import ensure_sql_credentials, load_sql_credentials
 from processors.embedded.broker import EmbeddedBroker, ensure_topics, free_port, port_in_use
 from processors.embedded.procs import ManagedProcess
 from processors.embedded.s3store import LocalS3
 from processors.errors import BrokerError, CloseloopError
+from processors.store import Store, connect_http
 
 log = logging.getLogger("closeloop.stack")
 
@@ -126,6 +128,7 @@ class EmbeddedStack:
                 raise
             self.bootstrap = self.broker.bootstrap
         ensure_topics(self.bootstrap, cfg.topics.all(), cfg.kafka.partitions)
+        ensure_sql_credentials(cfg.run_dir())  # the SQL endpoint's users, before anyone needs them
         sql_port = cfg.clickhouse.sql_port or free_port()
         if cfg.embedded_store and port_in_use(sql_port):
             sql_port = free_port()
@@ -281,6 +284,12 @@ class EmbeddedStack:
             self.broker_store = None
         for f in ("stack.json", "sql.json"):
             (self.cfg.run_dir() / f).unlink(missing_ok=True)
+
+    def sql_store(self, *, read_only: bool = False) -> Store:
+        """The store through the running stack's SQL endpoint, as the stages' writer or (with
+        ``read_only``) as the reader."""
+        creds = load_sql_credentials(self.cfg.run_dir())
+        return connect_http(self.sql_url, creds.reader if read_only else creds.writer)
 
     def __enter__(self) -> EmbeddedStack:
         return self.start()

@@ -6,11 +6,13 @@ import json
 import time
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 from processors.act import proposal_rows
 from processors.app import _tag_row
+from processors.credentials import ensure_sql_credentials
 from processors.diagnose.core import diagnosis_rows
 from processors.embedded.sqlserver import SQLServer
 from processors.errors import StoreError
@@ -174,17 +176,19 @@ def test_insert_records_of_mixed_shapes(store: Store, unique: str) -> None:
     ] == [("Ada", {"why": ["ok"]}), ("", "plain"), ("Bo", [1, 2])]
 
 
-def test_sql_endpoint_serves_clickhouse_clients(store: Store, unique: str) -> None:
-    server = SQLServer(store).start()
+def test_sql_endpoint_serves_clickhouse_clients(store: Store, unique: str, tmp_path: Path) -> None:
+    creds = ensure_sql_credentials(tmp_path)
+    server = SQLServer(store, creds).start()
     try:
-        client = connect_http(server.url)
+        client = connect_http(server.url, creds.writer)
         client.insert_records("reviews", _rows(unique)["reviews"])  # a Native insert over HTTP
         got = client.query(
             "SELECT reviewer FROM reviews FINAL WHERE review_id = {r:String}", {"r": f"r-{unique}"}
         )
         assert got == [{"reviewer": "Ada"}]
         q = urllib.parse.quote("SELECT 1 + 1 AS two FORMAT JSONEachRow")
-        assert urllib.request.urlopen(f"{server.url}/?query={q}").read() == b'{"two":2}\n'
+        auth = urllib.parse.urlencode(vars(creds.reader))
+        assert urllib.request.urlopen(f"{server.url}/?query={q}&{auth}").read() == b'{"two":2}\n'
         # parameters bound as ClickHouse binds them: arrays, quotes and backslashes survive
         tricky = "it's a \\ path\tand tab"
         got = client.query(

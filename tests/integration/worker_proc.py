@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from processors.credentials import load_sql_credentials
 from processors.embedded.procs import stop_process
 from processors.embedded.stack import wait_for, wait_port  # noqa: F401 (wait_for: used by the tests)
 from processors.store import Store, connect_http
@@ -71,7 +72,7 @@ class WorkerProcess:
         )
 
     def store(self) -> Store:
-        return connect_http(self.url)
+        return connect_http(self.url, load_sql_credentials(self.home / "run").writer)
 
     def kill(self) -> None:
         assert self.proc is not None

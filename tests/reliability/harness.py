@@ -19,7 +19,7 @@ from processors.demo import demo_config
 from processors.embedded.broker import free_port
 from processors.embedded.stack import EmbeddedStack
 from processors.errors import StoreError
-from processors.store import Store, connect_http
+from processors.store import Store
 
 WAIT_S = 150.0  # bound on waiting for the pipeline on a busy 2-core machine
 
@@ -88,7 +88,7 @@ def running_loop(tmp: Path, settings: dict[str, Any] | None = None) -> Iterator[
     init_agent_repo(repo)
     stack = EmbeddedStack(cfg, config_file=str(cfg_file)).start()
     try:
-        yield Loop(stack, cfg, connect_http(stack.sql_url), repo)
+        yield Loop(stack, cfg, stack.sql_store(), repo)
     finally:
         stack.stop()
 
