@@ -170,7 +170,9 @@ class LLMConfig:
 
 @dataclass
 class CaptureConfig:
-    redact: list[str] = field(default_factory=lambda: ["secrets", "emails", "cards", "phones"])
+    redact: list[str] = field(
+        default_factory=lambda: ["secrets", "emails", "cards", "ibans", "phones"]
+    )
     extra_patterns: list[str] = field(default_factory=list)  # additional regexes to redact
     max_attribute_bytes: int = 64 * 1024  # longer values are truncated (and counted)
     max_spans_per_request: int = 100_000
@@ -186,7 +188,7 @@ class CaptureConfig:
                 f"must be >= 0, got {self.processes}",
                 "0 runs capture inside the worker; N starts N capture processes",
             )
-        known = {"secrets", "emails", "cards", "phones"}
+        known = {"secrets", "emails", "cards", "ibans", "phones"}
         for r in self.redact:
             if r not in known:
                 raise ConfigError(

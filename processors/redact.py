@@ -1,4 +1,4 @@
-"""Redaction of secrets, emails, card numbers and phone numbers in free text.
+"""Redaction of secrets, emails, card numbers, IBANs and phone numbers in free text.
 
 Capture runs every attribute value, message, tool argument/result, error message
 and event through :meth:`Redactor.redact` before anything is stored or sent on,
@@ -8,9 +8,11 @@ so the original text never leaves the capture stage.
 ('mail [REDACTED:email], key [REDACTED:secret]', 2)
 
 Each kind is a few compiled regexes (vendor formats joined into one alternation)
-whose match callbacks reject false positives (Luhn for cards, digit counts for
-phones, character-class and entropy tests for generic tokens), each skipped when a
-cheap test shows the text cannot match. Redaction is linear in the size of the text.
+whose match callbacks reject false positives (Luhn for cards, mod-97 for IBANs, digit
+counts for phones, character-class and entropy tests for generic tokens, provider ids
+such as ``call_…``/``toolu_…`` kept), each skipped when a cheap test shows the text cannot
+match. Redaction is linear in the size of the text. In JSON, a key naming a secret
+(:meth:`Redactor.is_secret_key`) has its value replaced whatever it looks like.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from functools import partial
+from itertools import pairwise
 from re import Match
 from typing import Any
 
-KINDS = ("secrets", "emails", "cards", "phones")
+KINDS = ("secrets", "emails", "cards", "ibans", "phones")
 
 TOKEN = "[REDACTED:{}]"
 _SECRET = TOKEN.format("secret")
 _CARD = TOKEN.format("card")
+_IBAN = TOKEN.format("iban")
 _PHONE = TOKEN.format("phone")
 
 # Every pattern starts with a character class and then looks behind it (the "." is
@@ -51,7 +55,7 @@ _VENDOR = "|".join(
         ),  # Google API key
         rf"x{_NA}ox[bpasr]-[A-Za-z0-9\-]{{10,}}",  # Slack
         rf"e{_NA}yJ[A-Za-z0-9_\-]{{8,}}\.eyJ[A-Za-z0-9_\-]{{8,}}\.[A-Za-z0-9_\-]*",  # JWT
-        rf"[bB]{_NA}(?i:earer)\s+(?P<v>[A-Za-z0-9\-._~+/]{{8,}}=*)",  # "Bearer " stays
+        rf"[bB]{_NA}(?i:earer|asic)\s+(?P<v>[A-Za-z0-9\-._~+/]{{8,}}=*)",  # "Bearer " stays
     ]
 )
 _T = r"[A-Za-z0-9+/_\-]"
@@ -62,12 +66,157 @@ _SECRET_MIN_CHUNK = 15  # the shortest match of _SECRETS but a bearer token: "xo
 # "password=", '"api_key": "' stay; the value (group w) is replaced.
 _ASSIGN_OP = re.compile(r"[:=]\s*[\"']?(?P<w>[^\s\"'`,;&<>(){}\[\]]{3,})")
 _KEY_BEFORE = re.compile(
-    r"(?<![A-Za-z0-9])(?i:passw(?:or)?d|pwd|private[_\-]?key|secret|client[_\-]?secret|api[_\-]?key"
-    r"|apikey|(?:access|auth|session|refresh|id)[_\-]?token)[\"']?\s*$"
+    r"(?<![A-Za-z0-9])(?i:passw(?:or)?d|passphrase|passcode|pwd|private[_\-]?key|secret"
+    r"|client[_\-]?secret|(?:api|access|secret)[_\-]?key|apikey|token|authorization|cookie"
+    r"|credentials?|(?:access|auth|session|refresh|id|bearer)[_\-]?token)[\"']?\s*$"
 )
 _KEY_WINDOW = 40
+_AUTH_SCHEMES = frozenset({"bearer", "basic", "token", "digest"})  # the value follows them
 # Parts of every key name of _KEY_BEFORE: JSON text without them holds no assignment to redact.
-_KEY_PARTS = ("passw", "pwd", "private", "secret", "api", "token")
+_KEY_PARTS = ("passw", "passphrase", "passcode", "pwd", "private", "secret", "api", "token")
+_KEY_PARTS += ("access", "authorization", "cookie", "credential")
+# Keys whose value is a secret wherever they sit in a JSON document: a word of the key (split
+# at separators and case changes) names a secret, and no word says the value is about one
+# (``max_tokens``, ``token_count``, ``password_policy`` hold no secret).
+_KEY_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
+_SECRET_KEY_WORDS = frozenset(
+    [
+        "password",
+        "passwd",
+        "passphrase",
+        "passcode",
+        "pwd",
+        "secret",
+        "token",
+        "apikey",
+        "authorization",
+        "cookie",
+        "credential",
+        "credentials",
+        "pin",
+        "cvv",
+        "cvc",
+    ]
+)
+_SECRET_KEY_PAIRS = frozenset({("api", "key"), ("private", "key"), ("access", "key")})
+# Secret key words too common as substrings to test JSON text for (``shipping``): its keys are
+# checked one by one when one occurs.
+_SHORT_KEY_WORDS = ("pin", "cvv", "cvc")
+_JSON_KEY = re.compile(r'"([^"\\]{1,64})"\s*:')
+_NOT_SECRET_KEY_WORDS = frozenset(
+    [
+        "tokens",
+        "count",
+        "type",
+        "kind",
+        "limit",
+        "usage",
+        "length",
+        "len",
+        "max",
+        "min",
+        "expires",
+        "expiry",
+        "expiration",
+        "ttl",
+        "url",
+        "uri",
+        "endpoint",
+        "name",
+        "hint",
+        "policy",
+        "reset",
+        "required",
+        "field",
+        "label",
+        "id",
+        "ids",
+        "file",
+        "path",
+        "env",
+        "var",
+    ]
+)
+# "my password is X", "the PIN was X": a value said in words (not a common word after "is").
+_PHRASE = re.compile(
+    r"(?i:\b(?:password|passwd|passcode|passphrase|pin|secret|api key|access key|token))"
+    r"(?:\s+(?:is|was|=|:)|\s*[:=])\s*[\"'`]?(?P<w>[^\s\"'`,;]{3,})"
+)
+_PHRASE_NEEDS = ("pass", "pin", "secret", "key", "token")
+_PHRASE_STOPWORDS = frozenset(
+    [
+        "not",
+        "wrong",
+        "incorrect",
+        "invalid",
+        "expired",
+        "correct",
+        "working",
+        "missing",
+        "empty",
+        "too",
+        "the",
+        "a",
+        "an",
+        "still",
+        "being",
+        "required",
+        "and",
+        "or",
+        "set",
+        "reset",
+        "changed",
+        "locked",
+        "case",
+        "same",
+        "different",
+        "weak",
+        "strong",
+        "long",
+        "short",
+        "valid",
+        "ok",
+        "fine",
+        "blank",
+        "null",
+        "none",
+        "no",
+        "yes",
+        "now",
+        "here",
+        "there",
+        "below",
+        "above",
+        "attached",
+    ]
+)
+# AWS secret access keys: 40 characters of base64 without padding, near "aws" or "secret".
+_AWS_SECRET = re.compile(r"[A-Za-z0-9/+](?<![A-Za-z0-9/+].)[A-Za-z0-9/+]{39}(?![A-Za-z0-9/+=])")
+_AWS_CONTEXT = 80
+# Vendor tokens that do not look random to _looks_random (hex bodies, letters only): a run
+# of token characters that is one of them is a secret.
+_KNOWN_RUN = re.compile(
+    r"[0-9a-f]{32}-us\d{1,2}"  # Mailchimp
+    r"|do[por]_v1_[a-f0-9]{64}"  # DigitalOcean
+    r"|shp(?:at|ca|pa|ss)_[a-fA-F0-9]{32}"  # Shopify
+    r"|dapi[a-f0-9]{32}(?:-\d+)?"  # Databricks
+    r"|hf_[A-Za-z]{34}"  # Hugging Face
+    r"|(?:SK|AC)[0-9a-fA-F]{32}"  # Twilio
+    r"|npm_[A-Za-z0-9]{36}"  # npm
+    r"|glpat-[A-Za-z0-9_\-]{20,}"  # GitLab
+    r"|AKCp[A-Za-z0-9]{69}"  # Artifactory
+)
+# Private keys in PEM, and the password in a URL's user info (scheme://user:password@host).
+_PEM = re.compile(
+    r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY( BLOCK)?-----.*?(?:-----END [A-Z0-9 ]*-----|$)", re.S
+)
+_URL_PASSWORD = re.compile(r"://[^\s:/@\"']{1,128}:(?P<w>[^\s/@\"']{1,256})@")
+# Ids that providers give calls, messages and responses: random-looking but not secrets, and
+# the ids that join a tool call to its result.
+_PROVIDER_ID = re.compile(
+    r"(?:call|toolu|srvtoolu|msg|resp|run|thread|asst|req|fc|rs|batch|step|chatcmpl|cmpl|file"
+    r"|ft|evt|span|trace|conv|item)[_\-][A-Za-z0-9]"
+)
 _L = r"[A-Za-z0-9._%+\-]"
 _EMAILS = re.compile(
     rf"{_L}(?<!{_L}.){_L}{{0,63}}@[A-Za-z0-9](?:[A-Za-z0-9\-]{{0,62}}\.)+[A-Za-z]{{2,24}}(?![A-Za-z0-9\-])"
@@ -75,9 +224,15 @@ _EMAILS = re.compile(
 # Card numbers: a 13-19 digit run, or the printed groupings (4-4-4-4[-3], Amex 4-6-5).
 # The first digit is 2-6 (the card networks), which keeps nanosecond timestamps out.
 _CARDS = re.compile(
-    r"[2-6](?<![\w\-.].)(?:\d{12,18}|\d{3}(?:[ \-]\d{4}){3}(?:[ \-]\d{3})?"
-    r"|(?<=3)\d{3}[ \-]\d{6}[ \-]\d{5})(?![\w\-])"
+    r"[2-6](?<![\w\-.].)(?:\d{12,18}|\d{3}(?:[ \-./]\d{4}){3}(?:[ \-./]\d{3})?"
+    r"|(?<=3)\d{3}[ \-./]\d{6}[ \-./]\d{5})(?![\w\-]|[./]\d)"
 )
+_NOT_DIGIT = re.compile(r"\D")
+# IBANs: country, check digits, then 11-30 letters/digits, in groups of four or not.
+_IBANS = re.compile(
+    r"[A-Z](?<![A-Za-z0-9].)[A-Z]\d{2}(?:[ ]?[A-Z0-9]{4}){2,7}(?:[ ]?[A-Z0-9]{1,3})?(?![A-Za-z0-9])"
+)
+_IBAN_START = re.compile(r"[A-Z]{2}\d{2}")
 # Phones: international (+CC ...), a parenthesised area code, North American 3-3-4, or
 # a national number with its trunk 0 and groups. A plain digit run is an amount or an
 # id, not a phone. Possessive repeats keep the scan linear.
@@ -102,9 +257,29 @@ def _may_hold_secret(text: str) -> bool:
     """False when no pattern of _SECRETS can match: none but "Bearer <token>" matches across
     whitespace or a quote, and every other match is at least _SECRET_MIN_CHUNK long. Plain
     prose and short values are settled by this C-speed test instead of the regex (~15 MB/s)."""
-    if "earer" in text.lower():
+    lower = text.lower()
+    if "earer" in lower or "basic" in lower:
         return True
     return max(map(len, text.replace('"', " ").split()), default=0) >= _SECRET_MIN_CHUNK
+
+
+def _may_say_secret(text: str) -> bool:
+    """False when no word of _PHRASE is in ``text`` (the phrase regex then cannot match)."""
+    lower = text.lower()
+    return any(w in lower for w in _PHRASE_NEEDS)
+
+
+def _may_hold_aws_secret(text: str) -> bool:
+    lower = text.lower()
+    return len(text) >= 40 and ("aws" in lower or "secret" in lower)
+
+
+def iban_ok(iban: str) -> bool:
+    """True when ``iban`` (no spaces) passes the ISO 13616 mod-97 check."""
+    if not 15 <= len(iban) <= 34:
+        return False
+    moved = iban[4:] + iban[:4]
+    return int("".join(str(int(ch, 36)) for ch in moved)) % 97 == 1
 
 
 def luhn_ok(digits: str) -> bool:
@@ -188,10 +363,16 @@ class Redactor:
         if "secrets" in self.kinds:
             steps.append((_may_hold_secret, partial(_SECRETS.sub, self._secret)))
             steps.append((lambda t: ":" in t or "=" in t, self._assignments))
+            steps.append((_may_say_secret, partial(_PHRASE.sub, self._phrase)))
+            steps.append((_may_hold_aws_secret, self._aws_secrets))
+            steps.append((lambda t: "PRIVATE KEY" in t, partial(_PEM.sub, self._fixed("secret"))))
+            steps.append((lambda t: "://" in t and "@" in t, self._url_passwords))
         if "emails" in self.kinds:
             steps.append((lambda t: "@" in t, partial(_EMAILS.sub, self._fixed("email"))))
         if "cards" in self.kinds:
             steps.append((_DIGITS.search, partial(_CARDS.sub, self._card)))
+        if "ibans" in self.kinds:
+            steps.append((_IBAN_START.search, partial(_IBANS.sub, self._iban)))
         if "phones" in self.kinds:
             steps.append((_DIGITS.search, partial(_PHONES.sub, self._phone)))
         # what json_is_clean runs over whole JSON text (see there)
@@ -201,6 +382,33 @@ class Redactor:
         self._steps = steps
         self._count = 0
         self._cache: dict[str, tuple[str, int]] = {}
+        self._secret_keys: dict[str, bool] = {}
+
+    def is_secret_key(self, key: str) -> bool:
+        """Whether a JSON key or attribute name holds a secret whatever its value looks like
+        (``password``, ``apiKey``, ``Authorization``, ``session_token``; not ``max_tokens``)."""
+        if "secrets" not in self.kinds:
+            return False
+        hit = self._secret_keys.get(key)
+        if hit is None:
+            words = [w.lower() for w in _KEY_WORD.findall(key)]
+            hit = not _NOT_SECRET_KEY_WORDS.intersection(words) and (
+                bool(_SECRET_KEY_WORDS.intersection(words))
+                or any(pair in _SECRET_KEY_PAIRS for pair in pairwise(words))
+            )
+            if len(self._secret_keys) < _CACHE_MAX_ENTRIES:
+                self._secret_keys[key] = hit
+        return hit
+
+    @staticmethod
+    def redact_secret_value(value: Any) -> tuple[Any, int]:
+        """``(value, redactions)`` for the value of a secret key: a string or number is
+        replaced whole; booleans, empties and containers (the caller walks them) stay."""
+        if isinstance(value, bool) or value is None or value == "":
+            return value, 0
+        if isinstance(value, (str, int, float)):
+            return _SECRET, 1
+        return value, 0
 
     def redact(self, text: str) -> tuple[str, int]:
         """Return ``(redacted text, number of redactions)``."""
@@ -239,6 +447,10 @@ class Redactor:
             lower = text.lower()
             if any(k in lower for k in _KEY_PARTS):
                 return False
+            if any(k in lower for k in _SHORT_KEY_WORDS) and any(
+                map(self.is_secret_key, _JSON_KEY.findall(text))
+            ):
+                return False
         self._count = 0
         for needs, step in self._json_steps:
             if needs is None or needs(text):
@@ -262,7 +474,9 @@ class Redactor:
         g = m.lastgroup
         if g == "g":
             run = m.group(0)
-            if not _looks_random(run):  # but a vendor secret may start inside the run
+            known = _KNOWN_RUN.fullmatch(run)
+            if not known and (_PROVIDER_ID.match(run) or not _looks_random(run)):
+                # but a vendor secret may start inside the run
                 return _VENDOR_ONLY.sub(self._secret, run)
         self._count += 1
         if g == "v":  # keep "Bearer "
@@ -274,19 +488,61 @@ class Redactor:
         last = 0
         for m in _ASSIGN_OP.finditer(text):
             op = m.start()
+            if m.group("w").lower() in _AUTH_SCHEMES:  # "Authorization: Bearer <token>"
+                continue
             if _KEY_BEFORE.search(text, max(0, op - _KEY_WINDOW), op):
                 parts += (text[last : m.start("w")], _SECRET)
                 last = m.end()
                 self._count += 1
         return "".join(parts) + text[last:] if parts else text
 
+    def _phrase(self, m: Match[str]) -> str:
+        word = m.group("w")
+        if word.lower().rstrip(".!?") in _PHRASE_STOPWORDS or word.startswith("[REDACTED"):
+            return m.group(0)
+        self._count += 1
+        return m.group(0)[: m.start("w") - m.start()] + _SECRET
+
+    def _url_passwords(self, text: str) -> str:
+        return _URL_PASSWORD.sub(self._keep_all_but_w, text)
+
+    def _keep_all_but_w(self, m: Match[str]) -> str:
+        if m.group("w").startswith("[REDACTED"):
+            return m.group(0)
+        self._count += 1
+        return m.group(0)[: m.start("w") - m.start()] + _SECRET + "@"
+
+    def _aws_secrets(self, text: str) -> str:
+        parts: list[str] = []
+        last = 0
+        for m in _AWS_SECRET.finditer(text):
+            key = m.group(0)
+            context = text[max(0, m.start() - _AWS_CONTEXT) : m.start()].lower()
+            mixed = not key.isalnum() or not (key.isupper() or key.islower() or key.isdigit())
+            if (
+                mixed
+                and any(c.isdigit() for c in key)
+                and ("aws" in context or "secret" in context)
+            ):
+                parts += (text[last : m.start()], _SECRET)
+                last = m.end()
+                self._count += 1
+        return "".join(parts) + text[last:] if parts else text
+
     def _card(self, m: Match[str]) -> str:
         s = m.group(0)
-        digits = s.replace(" ", "").replace("-", "")
+        digits = _NOT_DIGIT.sub("", s)
         if not 13 <= len(digits) <= 19 or not luhn_ok(digits):
             return s
         self._count += 1
         return _CARD
+
+    def _iban(self, m: Match[str]) -> str:
+        s = m.group(0)
+        if not iban_ok(s.replace(" ", "")):
+            return s
+        self._count += 1
+        return _IBAN
 
     def _phone(self, m: Match[str]) -> str:
         s = m.group(0)
