@@ -209,7 +209,7 @@ class _Handler(BaseHTTPRequestHandler):
         """Only local programs may talk to the store: not a web page (any ``Origin``, or a
         browser's ``Sec-Fetch-Site``), not a name that resolves here (``Host``)."""
         host = self.headers.get("Host") or ""
-        if host not in self.server.hosts:
+        if _hostname(host) not in self.server.hosts:
             raise Refused(403, ACCESS_DENIED, f"Host {host!r} is not this endpoint's address")
         if self.headers.get("Origin") is not None:
             raise Refused(403, ACCESS_DENIED, "requests from web pages (Origin) are refused")
@@ -247,7 +247,7 @@ class _Handler(BaseHTTPRequestHandler):
         if (self.headers.get("Transfer-Encoding") or "").lower() == "chunked":
             chunks, total = [], 0
             while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                size = _int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
                 if size == 0:
                     self.rfile.readline()
                     body = b"".join(chunks)
@@ -259,7 +259,7 @@ class _Handler(BaseHTTPRequestHandler):
                 chunks.append(self.rfile.read(size))
                 self.rfile.readline()
         else:
-            length = int(self.headers.get("Content-Length") or 0)
+            length = _int(self.headers.get("Content-Length") or "0", 10)
             if length > cap:
                 self.close_connection = True
                 raise Refused(413, 0, f"request body of {length} bytes exceeds {cap}")
@@ -351,6 +351,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
+def _hostname(host: str) -> str:
+    """``Host`` without its port: ``127.0.0.1:8723`` → ``127.0.0.1``, ``[::1]:80`` → ``::1``."""
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _int(text: str | bytes, base: int) -> int:
+    try:
+        return int(text, base)
+    except ValueError:
+        raise Refused(400, 0, f"malformed length {text[:20]!r}") from None
+
+
 def _decode(body: bytes, encoding: str, cap: int) -> bytes:
     """The body decompressed, never beyond ``cap`` bytes (a small bomb is refused with 413
     before it grows): gzip and deflate as ClickHouse takes them."""
@@ -417,9 +431,10 @@ class _Server(ThreadingHTTPServer):
         self.limits = limits
         self.reader = ReaderSession(store.dsn[len("chdb://") :], limits, store._lock)
         super().__init__(addr, _Handler)
-        host, port = self.server_address[:2]
-        names = {host, "localhost"} if host in ("127.0.0.1", "::1") else {host}
-        self.hosts = frozenset({f"{n}:{port}" for n in names} | names)
+        # the names this endpoint answers to (any port: a local proxy may sit in front)
+        host = self.server_address[0]
+        loopback = host in ("127.0.0.1", "::1")
+        self.hosts = frozenset({host, "localhost"} if loopback else {host})
 
 
 class SQLServer:

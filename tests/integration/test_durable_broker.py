@@ -22,6 +22,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from processors.config import load_config
+from processors.credentials import load_sql_credentials
 from processors.embedded.broker import (
     EmbeddedBroker,
     committed_offsets,
@@ -301,10 +302,13 @@ def _send_spans(otlp_http: str, seeds: range, spans: int = 25) -> int:
     return acknowledged
 
 
-def _sql(url: str, query: str) -> str:
-    with urllib.request.urlopen(
-        f"{url}/?query={urllib.parse.quote(query + ' FORMAT TSV')}", timeout=30
-    ) as r:
+def _sql(url: str, query: str, home: Path) -> str:
+    reader = load_sql_credentials(home / "run").reader
+    req = urllib.request.Request(
+        f"{url}/?query={urllib.parse.quote(query + ' FORMAT TSV')}",
+        headers={"X-ClickHouse-User": reader.user, "X-ClickHouse-Key": reader.password},
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
         return r.read().decode().strip()
 
 
@@ -388,9 +392,10 @@ def test_whole_stack_kill_9_and_restart_loses_and_doubles_nothing(tmp_path: Path
             after,
         )  # resumed, not restarted
         assert wait_for(
-            lambda: int(_sql(info["sql"], "SELECT count() FROM spans FINAL")) >= acknowledged, 120
+            lambda: int(_sql(info["sql"], "SELECT count() FROM spans FINAL", home)) >= acknowledged,
+            120,
         )
-        assert int(_sql(info["sql"], "SELECT count() FROM spans FINAL")) == acknowledged
+        assert int(_sql(info["sql"], "SELECT count() FROM spans FINAL", home)) == acknowledged
     finally:
         up.send_signal(signal.SIGTERM)
         up.wait(60)

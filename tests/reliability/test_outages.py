@@ -28,6 +28,7 @@ from examples.support_agent import init_agent_repo, run_cycle
 from processors.app import app_id
 from processors.capture.gateway import Gateway
 from processors.config import load_config
+from processors.credentials import ensure_sql_credentials
 from processors.embedded.broker import EmbeddedBroker, committed_offsets, ensure_topics
 from processors.embedded.sqlserver import SQLServer
 from processors.embedded.stack import wait_for
@@ -251,9 +252,12 @@ def otlp_message(trace: int, spans: int, tag: str) -> bytes:
 
 
 @pytest.fixture
-def proxied_store(store: Store) -> Iterator[SwitchableProxy]:
-    server = SQLServer(store).start()
+def proxied_store(store: Store, tmp_path: Path) -> Iterator[SwitchableProxy]:
+    creds = ensure_sql_credentials(tmp_path / "sql-run")
+    server = SQLServer(store, creds).start()
     proxy = SwitchableProxy(server.port)
+    writer = creds.writer
+    proxy.url = proxy.url.replace("://", f"://{writer.user}:{writer.password}@", 1)
     yield proxy
     proxy.close()
     server.stop()
