@@ -61,10 +61,14 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import orjson
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from processors.capture.otlp import Problem, any_value, decode_logs, decode_traces
+from processors.capture.otlp import Problem, any_value, decode_logs, decode_traces, is_json
 from processors.config import CaptureConfig
 from processors.errors import ConfigError, InputError, PayloadTooLarge
 from processors.records import DeadLetter, Message, ToolCall, TurnRecord
@@ -200,14 +204,14 @@ class Capture:
                 else:
                     self._traces(m, out, now_ns)
             except InputError as e:
-                batch.deadletters.append(_dead(m, e.reason, e.detail, now_ns))
+                batch.deadletters.append(self._dead(m, e.reason, e.detail, now_ns))
                 continue
             except RecursionError:
-                batch.deadletters.append(_dead(m, _TOO_DEEP, "", now_ns))
+                batch.deadletters.append(self._dead(m, _TOO_DEEP, "", now_ns))
                 continue
             except Exception as e:
                 batch.deadletters.append(
-                    _dead(m, f"capture failed: {type(e).__name__}", str(e)[:300], now_ns)
+                    self._dead(m, f"capture failed: {type(e).__name__}", str(e)[:300], now_ns)
                 )
                 continue
             by_reason: dict[str, list[str]] = {}
@@ -216,7 +220,7 @@ class Capture:
             # one dead letter per (message, reason): that is the deadletter table's key
             for reason, wheres in by_reason.items():
                 detail = f"{len(wheres)} item(s): {', '.join(wheres[:20])}"
-                out.deadletters.append(_dead(m, reason, detail, now_ns))
+                out.deadletters.append(self._dead(m, reason, detail, now_ns))
             out.merge_into(batch)
         return batch
 
@@ -667,6 +671,54 @@ class Capture:
         c.redactions += self._red
         return True
 
+    # ------------------------------------------------------ dead letters
+
+    def _dead(self, m: RawMessage, reason: str, detail: str, now_ns: int) -> DeadLetter:
+        return DeadLetter(
+            stage=STAGE,
+            reason=reason,
+            detail=self.redactor.redact(detail)[0],
+            topic=m.topic,
+            partition=m.partition,
+            offset=m.offset,
+            key=m.key.decode("utf-8", "backslashreplace") if m.key else "",
+            original_b64=base64.b64encode(self._redacted_original(m)).decode(),
+            ts_ns=now_ns,
+        )
+
+    def _redacted_original(self, m: RawMessage) -> bytes:
+        """The message as OTLP/JSON, redacted like every stored value (attribute keys naming a
+        secret included), cut to the dead-letter limit; empty when it does not decode as an
+        OTLP request at all: its bytes are then only at ``topic``/``partition``/``offset``, as
+        raw bytes can hide a secret from the patterns (a length byte reads as a letter)."""
+        cls = ExportLogsServiceRequest if m.topic == self.logs_topic else ExportTraceServiceRequest
+        red = self._red
+        try:
+            doc = (
+                json.loads(m.value) if is_json(m.value) else MessageToDict(cls.FromString(m.value))
+            )
+            text = json.dumps(self._walk_otlp(doc), ensure_ascii=False)
+        except (ValueError, RecursionError, DecodeError, RuntimeError):
+            return b""
+        finally:
+            self._red = red  # the counts are the stored rows'; a dead letter is not one
+        return text.encode()[:DEADLETTER_ORIGINAL_BYTES]
+
+    def _walk_otlp(self, x: Any) -> Any:
+        """:meth:`_walk` that also reads OTLP's attribute lists: ``{"key": k, "value": v}``
+        with ``k`` naming a secret has its value replaced."""
+        if isinstance(x, list):
+            return [self._walk_otlp(y) for y in x]
+        if isinstance(x, dict):
+            k = x.get("key")
+            if isinstance(k, str) and "value" in x and self.redactor.is_secret_key(k):
+                return {**x, "value": {"stringValue": "[REDACTED:secret]"}}
+            secret_key = self.redactor.is_secret_key
+            return {
+                k: self._secret(y) if secret_key(k) else self._walk_otlp(y) for k, y in x.items()
+            }
+        return self._walk(x)
+
     # ------------------------------------------------------ values, redaction
 
     def _attributes(self, kvs: Any) -> tuple[dict[str, str], dict[str, Any]]:
@@ -683,7 +735,9 @@ class Capture:
             w = v.WhichOneof("value")
             if w == "string_value":
                 s = v.string_value
-                if s[:1] in _JSON_OPEN and s[-1:] in _JSON_CLOSE:
+                if self.redactor.is_secret_key(key):  # e.g. http.request.header.authorization
+                    strs[key] = vals[key] = self._secret(s)
+                elif s[:1] in _JSON_OPEN and s[-1:] in _JSON_CLOSE:
                     strs[key], vals[key] = self._json_text(s)
                 else:
                     s, n = self._redact(s)
@@ -740,8 +794,17 @@ class Capture:
         if isinstance(x, list):
             return [self._walk(y) for y in x]
         if isinstance(x, dict):
-            return {k: self._walk(y) for k, y in x.items()}
+            secret_key = self.redactor.is_secret_key
+            return {k: self._secret(y) if secret_key(k) else self._walk(y) for k, y in x.items()}
         return x
+
+    def _secret(self, x: Any) -> Any:
+        """The value of a key naming a secret: replaced whole, or walked if a container."""
+        if isinstance(x, (dict, list)):
+            return self._walk(x)
+        out, n = self.redactor.redact_secret_value(x)
+        self._red += n
+        return out
 
     def _cap_all(self, strs: dict[str, str]) -> dict[str, str]:
         quick = self.cfg.max_attribute_bytes // 4  # no UTF-8 character is longer than 4 bytes
@@ -1078,17 +1141,3 @@ def _turn_row(t: TurnRecord) -> dict[str, Any]:
         "error_message": t.error_message,
         "redactions": t.redactions,
     }
-
-
-def _dead(m: RawMessage, reason: str, detail: str, now_ns: int) -> DeadLetter:
-    return DeadLetter(
-        stage=STAGE,
-        reason=reason,
-        detail=detail,
-        topic=m.topic,
-        partition=m.partition,
-        offset=m.offset,
-        key=m.key.decode("utf-8", "backslashreplace") if m.key else "",
-        original_b64=base64.b64encode(m.value[:DEADLETTER_ORIGINAL_BYTES]).decode(),
-        ts_ns=now_ns,
-    )

@@ -7,6 +7,7 @@ replay and kill -9 tests restart the worker and go last.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import Producer
 from opentelemetry._logs import LogRecord
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
     OTLPSpanExporter as GrpcSpanExporter,
@@ -41,6 +43,7 @@ from opentelemetry.trace import Status, StatusCode, Tracer
 
 from processors.embedded.broker import free_port
 from processors.embedded.procs import stop_process
+from tests.reliability.harness import read_topic as read_topic_values
 
 from .pipeline import Pipeline, running_pipeline, wait_for
 from .test_rotel import ROTEL, wait_listening
@@ -542,6 +545,86 @@ def test_canaries_never_stored_or_logged(pipe: Pipeline) -> None:
     turn_topic = json.dumps(pipe.turn_records(), ensure_ascii=False)
     assert conv in turn_topic and _leaks(turn_topic) == []
     assert _leaks(pipe.worker_log()) == []
+
+
+JWT = (
+    "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJsZWFrLWNhbmFyeSJ9.Qm3XkZ9pL2vR8tY4wB7nC1dF5gH0jA6sE2uI8oP4kL0"
+)
+PASSWORD = "hunter2single"
+DEAD_CANARIES = [*CANARIES, JWT, JWT.rsplit(".", 1)[1], PASSWORD]
+
+
+def test_a_dead_letter_keeps_no_secret_of_its_request(pipe: Pipeline) -> None:
+    """One malformed span in a request whose other spans carry an API key, an email, a card, a
+    JWT and a password: the request is dead-lettered (for the bad span) without any of them,
+    the good spans are stored redacted."""
+    conv = f"conv-dead-{uuid.uuid4().hex[:8]}"
+    trace = uuid.uuid4().bytes
+    attrs = {
+        "gen_ai.conversation.id": conv,
+        "gen_ai.operation.name": "execute_tool",
+        "gen_ai.tool.name": "lookup",
+        "gen_ai.tool.call.arguments": json.dumps(
+            {"email": EMAIL, "card": CARD, "auth": {"password": PASSWORD}, "key": KEY}
+        ),
+        "gen_ai.tool.call.result": f"token {JWT} for {EMAIL}",
+        "http.request.header.authorization": PASSWORD,
+    }
+    spans = []
+    for i in range(4):
+        sp = Span(
+            trace_id=trace if i < 3 else trace[:15],  # the last span's trace id is malformed
+            span_id=(i + 1).to_bytes(8, "big"),
+            name="execute_tool lookup",
+            start_time_unix_nano=time.time_ns(),
+            end_time_unix_nano=time.time_ns() + 1000,
+        )
+        sp.attributes.extend(
+            KeyValue(key=k, value=AnyValue(string_value=v)) for k, v in attrs.items()
+        )
+        spans.append(sp)
+    req = ExportTraceServiceRequest()
+    rs = req.resource_spans.add()
+    rs.resource.attributes.append(
+        KeyValue(key="service.name", value=AnyValue(string_value=SERVICE))
+    )
+    rs.scope_spans.add().spans.extend(spans)
+    # straight onto the span topic, as a collector's kafka exporter writes it (the gateway
+    # would refuse the bad span itself, with a partial success)
+    producer = Producer({"bootstrap.servers": pipe.broker.bootstrap})
+    producer.produce(
+        pipe.cfg.topics.otlp_spans, key=trace.hex().encode(), value=req.SerializeToString()
+    )
+    assert producer.flush(30) == 0
+
+    rows = pipe.wait_rows(
+        "SELECT reason, original_b64 FROM deadletter FINAL WHERE stage = 'capture' "
+        "AND position(base64Decode(original_b64), {c:String}) > 0",
+        1,
+        {"c": conv},
+    )
+    assert [r["reason"] for r in rows] == ["invalid trace_id (15 bytes)"]
+    original = base64.b64decode(rows[0]["original_b64"]).decode()
+    doc = json.loads(original)  # the request as OTLP/JSON, whole but redacted
+    assert len(doc["resourceSpans"][0]["scopeSpans"][0]["spans"]) == 4
+    assert "[REDACTED:email]" in original and "[REDACTED:card]" in original
+    assert [c for c in DEAD_CANARIES if c in original] == []
+    # the good spans went on, as redacted as the dead letter
+    assert (
+        len(
+            pipe.wait_rows(
+                "SELECT span_id FROM spans FINAL WHERE conversation_id = {c:String}", 3, {"c": conv}
+            )
+        )
+        == 3
+    )
+    tables = pipe.all_rows_json()
+    assert conv in tables and [c for c in DEAD_CANARIES if c in tables] == []
+    letters = [
+        json.loads(v) for v in read_topic_values(pipe.broker.bootstrap, pipe.cfg.topics.deadletter)
+    ]
+    mine = [d for d in letters if conv in base64.b64decode(d["original_b64"]).decode()]
+    assert mine and [c for c in DEAD_CANARIES if c in json.dumps(mine)] == []
 
 
 # ---------------------------------------------------------------------------------------------
