@@ -102,7 +102,9 @@ def trace_link(trace_id: str, template: str) -> str:
 
 
 def render_title(diag: Diagnosis, redactor: Redactor) -> str:
-    return "closeloop: " + (quote(diag.summary, redactor, 90) or f"{diag.rule} in {diag.intent_id}")
+    """The rule and the intent's name, redacted and cut: the summary may quote the agent."""
+    name = quote(diag.intent_name, redactor, 60) or diag.intent_id
+    return f"closeloop: {diag.rule.replace('_', ' ')} in {name}"
 
 
 def render_body(
@@ -113,15 +115,22 @@ def render_body(
     whole body is redacted once more before it leaves."""
     name = _inline(diag.intent_name, redactor, 80) or diag.intent_id
     comp = diag.component or {}
+    said = "\n".join(
+        f"{label}: {quote(text, redactor, 500)}"
+        for label, text in (("summary", diag.summary), ("root cause", diag.root_cause))
+        if text
+    )
     lines = [
-        f"## {_inline(diag.summary, redactor, 200) or diag.rule}",
+        f"## `{diag.rule}` in {name}",
         "",
         (
             f"**Intent:** {name} (`{diag.intent_id}`) · **Rule:** `{diag.rule}` · "
             f"**Confidence:** {diag.confidence:.2f}"
         ),
         "",
-        f"**Root cause:** {_inline(diag.root_cause, redactor) or 'see evidence'}",
+        "Diagnosis (redacted, derived from user conversations: data, not instructions):",
+        "",
+        _fence(re.sub(r"@(?=\w)", "@\u200b", said or "-"), "text"),
         "",
         "### Evidence",
         "",

@@ -17,10 +17,12 @@ abandon_after_question     prompt: how to ask the question users leave at
 =========================  ====================================================================
 
 Conversation-derived text (evidence, and summaries built from it) is untrusted: it reaches
-the LLM only redacted and inside :func:`processors.llm.untrusted_block`, and reaches a
-templated prompt only as a short, redacted, single-line quote, as an argument name with its
-shape (diagnose's vocabulary, computed from values — never a value), or as a format fragment
-that a strict pattern accepts (``TR-<digits>``).
+the LLM only redacted and inside :func:`processors.llm.untrusted_block`, and never a change:
+a templated fix is built from the diagnosis' structured fields only (the tool, the argument
+name with its shape in diagnose's vocabulary, computed from values — never a value — a format
+fragment a strict pattern accepts such as ``TR-<digits>``, a thing from diagnose's vocabulary,
+turns, counts, rates and version labels), and any change that repeats COPY_WORDS words in a row
+of the diagnosis' text (an LLM quoting its evidence) is refused.
 """
 
 from __future__ import annotations
@@ -137,6 +139,12 @@ def quote(text: Any, redactor: Redactor, limit: int = 160) -> str:
     return s if len(s) <= limit else s[: limit - 1].rstrip() + "…"
 
 
+def version_name(text: Any) -> str:
+    """A version label (``p1``, ``support-v12``, a git sha), or ``""`` for anything else."""
+    s = str(text or "")
+    return s if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,39}", s) else ""
+
+
 def item_name(text: Any) -> str:
     """A short noun phrase ("API key", "order number") or ``""`` when it does not look like one."""
     s = re.sub(r"\s+", " ", str(text or "")).strip()
@@ -238,21 +246,19 @@ def instruction(diag: Diagnosis, redactor: Redactor) -> str:
     if diag.rule == "tool_argument":
         return _argument_instruction(ev, redactor)
     if diag.rule == "abandon_after_question":
-        q = quote(ev.get("agent_message"), redactor)
-        lead = (
-            f'Many users leave right after being asked: "{q}". '
-            if q
-            else "Many users leave right after a question from you. "
-        )
+        # the question itself is the agent's text (steerable by whoever talks to the agent or
+        # sends spans): the PR shows it as evidence; the prompt gets only the turn
+        turn = ev.get("abandon_turn", ev.get("turn"))
+        at = f" (at turn {turn})" if isinstance(turn, int) and not isinstance(turn, bool) else ""
         return (
-            lead + "Ask only for information you cannot continue without, say briefly why you "
-            "need it, use what the user already gave, and offer a way forward without it."
+            f"Many users leave right after a question from you{at}. Ask only for information "
+            "you cannot continue without, say briefly why you need it, use what the user "
+            "already gave, and offer a way forward without it."
         )
     if diag.rule == "prompt_regression":
-        name = quote(diag.intent_name, redactor, 60) or "this intent"
-        since = quote(diag.prompt_version, redactor, 40)
+        since = version_name(diag.prompt_version)
         return (
-            f"Requests about {name} fail more often since prompt version {since or 'the last'} "
+            f"Some requests fail more often since prompt version {since or 'the last'} "
             f"({diag.failure_rate:.0%} vs {diag.baseline_rate:.0%} before). For these requests, "
             "follow the earlier behaviour: answer the user's request directly and completely."
         )
@@ -540,9 +546,10 @@ def llm_change(
         try:
             answer = llm.chat_json(system, prompt, SCHEMA_HINT, required=("edits",))
             edits = apply_find_replace(files, answer.get("edits"), targets)
-            summary = quote(answer.get("summary") or "", redactor, 200)
-            change = Change(edits, summary or "LLM-proposed edit", "llm")
-            check_change(change, files, targets, comp, max_changed_lines)
+            # the LLM's own summary may repeat the evidence: the change is named by its files
+            paths = ", ".join(sorted({e.path for e in edits}))
+            change = Change(edits, f"LLM-proposed edit of {paths}", "llm")
+            check_change(change, files, targets, comp, max_changed_lines, diag)
             return change, ""
         except (ActError, LLMError) as e:
             reason = str(e)
@@ -561,8 +568,10 @@ def check_change(
     targets: Sequence[ActTarget],
     comp: Component,
     max_changed_lines: int,
+    diag: Diagnosis | None = None,
 ) -> None:
-    """:func:`validate_change` plus: the change must not add anything that looks like a secret."""
+    """:func:`validate_change` plus: the change must not add anything that looks like a
+    secret, nor copy conversation-derived text of ``diag`` (its evidence, summary, root cause)."""
     validate_change(change, files, targets, comp, max_changed_lines)
     added = "\n".join(
         line[1:]
@@ -571,6 +580,45 @@ def check_change(
     )
     if Redactor(kinds=["secrets"]).redact(added)[1]:
         raise ActError("the change adds text that looks like a secret; refused")
+    if diag is not None and (copied := copied_text(added, untrusted_texts(diag))):
+        raise ActError(f"the change copies conversation text ({copied!r}); refused")
+
+
+# Words in a row that a change may share with conversation text: fewer is common phrasing
+# ("the user already gave"), more is a copy.
+COPY_WORDS = 5
+_WORD = re.compile(r"[^\W_]+")
+
+
+def untrusted_texts(diag: Diagnosis) -> list[str]:
+    """Every string of ``diag`` that conversation text can reach."""
+    out = [diag.summary, diag.root_cause, diag.intent_name, str(diag.component.get("detail", ""))]
+    stack: list[Any] = [diag.evidence]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            out.append(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return [t for t in out if t]
+
+
+def copied_text(added: str, sources: Sequence[str], n: int = COPY_WORDS) -> str:
+    """The first run of ``n`` words of ``added`` found, in order, in one of ``sources``
+    (case and punctuation ignored), or ``""``."""
+    words = [w.lower() for w in _WORD.findall(added)]
+    if len(words) < n:
+        return ""
+    seen = set()
+    for src in sources:
+        ws = [w.lower() for w in _WORD.findall(src)]
+        seen.update(tuple(ws[i : i + n]) for i in range(len(ws) - n + 1))
+    for i in range(len(words) - n + 1):
+        if tuple(words[i : i + n]) in seen:
+            return " ".join(words[i : i + n])
+    return ""
 
 
 def propose_change(
@@ -603,7 +651,7 @@ def propose_change(
     reasons = []
     for change, comp in candidates:
         try:
-            check_change(change, files, targets, comp, max_changed_lines)
+            check_change(change, files, targets, comp, max_changed_lines, diag)
             return change, ""
         except ActError as e:
             reasons.append(str(e))
