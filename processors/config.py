@@ -10,6 +10,7 @@ a few common ones have short names (``CLOSELOOP_KAFKA``, ``CLOSELOOP_CLICKHOUSE`
 from __future__ import annotations
 
 import dataclasses
+import getpass
 import os
 import typing
 from dataclasses import dataclass, field
@@ -136,6 +137,9 @@ class WebConfig:
     port: int = DEFAULT_WEB_PORT
     host: str = "127.0.0.1"
     token: str = ""  # empty: generated at start and written to <home>/run/web-token
+    # who decides on the page: the person holding web.token, recorded as the reviewer and the
+    # merge's Approved-by; empty: the account that runs the page
+    reviewer: str = ""
     trace_url: str = (
         ""  # link template for trace ids in PRs and the page, e.g. https://grafana/.../{trace_id}
     )
@@ -143,6 +147,15 @@ class WebConfig:
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
             raise ConfigError("web.port", f"{self.port} is not a port number")
+        if self.reviewer and (
+            len(self.reviewer) > 100 or any(ord(c) < 32 or ord(c) == 127 for c in self.reviewer)
+        ):
+            raise ConfigError(
+                "web.reviewer", "must be one line of at most 100 characters, no control characters"
+            )
+
+    def resolved_reviewer(self) -> str:
+        return self.reviewer or getpass.getuser()
 
 
 @dataclass

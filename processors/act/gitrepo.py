@@ -49,8 +49,18 @@ _TRAILER = re.compile(r"^(Closeloop-[A-Za-z-]+|Approved-by):\s*(.*)$", re.MULTIL
 
 
 def trailers(message: str) -> dict[str, str]:
-    """``Closeloop-*`` and ``Approved-by`` trailers of a commit message (last one wins)."""
-    return {k: v.strip() for k, v in _TRAILER.findall(message)}
+    """``Closeloop-*`` and ``Approved-by`` trailers of a commit message (last one wins), read as
+    git reads trailers: from the message's last paragraph only, so a line in a reviewer's
+    comment is never one."""
+    last = message.strip().rsplit("\n\n", 1)[-1]
+    return {k: v.strip() for k, v in _TRAILER.findall(last)}
+
+
+def quoted(comment: str) -> str:
+    """A reviewer's comment for a commit message: each line quoted (``> ``), so no line of it
+    reads as a trailer (``Approved-by: ...``) to git or to :func:`trailers`."""
+    lines = comment.strip().splitlines()
+    return "\n".join("> " + line if line.strip() else ">" for line in lines)
 
 
 def proposal_state(message: str, state: str, commit: str, **extra: Any) -> dict[str, Any]:
@@ -67,6 +77,24 @@ def proposal_state(message: str, state: str, commit: str, **extra: Any) -> dict[
         "pr_url": "",
         **extra,
     }
+
+
+MAX_APPROVER_CHARS = 100
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def approver(name: str) -> str:
+    """The reviewer's name as a trailer value: one line of at most MAX_APPROVER_CHARS visible
+    characters, no control or direction characters (a newline would forge a second
+    ``Approved-by``); :class:`ActError` otherwise."""
+    name = str(name or "").strip()
+    if not name:
+        raise ActError("a merge needs the name of the human who approved it")
+    if _CONTROL.search(name):
+        raise ActError("the approver's name holds a control character or line break; refused")
+    if len(name) > MAX_APPROVER_CHARS:
+        raise ActError(f"the approver's name is longer than {MAX_APPROVER_CHARS} characters")
+    return " ".join(name.split())
 
 
 def check_branch(branch: str, base: str) -> None:
@@ -298,8 +326,7 @@ class LocalGit:
         conflicts, or when the checked-out base has local edits in the way — in each case
         nothing changes.
         """
-        if not reviewer.strip():
-            raise ActError("a merge needs the name of the human who approved it")
+        approver(reviewer)  # a merge needs a valid name before anything happens
         ref = f"refs/heads/{proposal.branch}"
         head = self._rev(ref)
         if head is None or head != proposal.commit:
@@ -318,12 +345,14 @@ class LocalGit:
         tree = res.stdout.decode().split("\n", 1)[0].strip()
         if tree == self._git("rev-parse", f"{base_sha}^{{tree}}").strip():
             raise AlreadyApplied(f"{self.base} already holds every change of {proposal.branch}")
-        message = (
+        message = self.with_trailers(
             f"Merge {proposal.branch}: {proposal.title}\n\n"
-            + (f"{comment.strip()}\n\n" if comment.strip() else "")
-            + f"Closeloop-Proposal: {proposal.proposal_id}\n"
-            f"Closeloop-Diagnosis: {proposal.diagnosis_id}\n"
-            f"Approved-by: {' '.join(reviewer.split())}\n"
+            + (f"{quoted(comment)}\n" if comment.strip() else ""),
+            {
+                "Closeloop-Proposal": proposal.proposal_id,
+                "Closeloop-Diagnosis": proposal.diagnosis_id,
+                "Approved-by": approver(reviewer),
+            },
         )
         merge = self._git(
             "commit-tree", tree, "-p", base_sha, "-p", head, stdin=message.encode()
@@ -336,6 +365,13 @@ class LocalGit:
                 "update-ref", "-m", f"closeloop: merge {proposal.branch}", base_ref, merge, base_sha
             )
         return merge
+
+    def with_trailers(self, message: str, values: dict[str, str]) -> str:
+        """``message`` with ``values`` added as trailers by git itself (``interpret-trailers``)."""
+        args = ["interpret-trailers", "--no-divider"]
+        for key, value in values.items():
+            args += ["--trailer", f"{key}: {value}"]
+        return self._git(*args, stdin=message.encode(), check=True)
 
     def close(self, proposal: Proposal, reviewer: str, comment: str) -> None:
         """Delete the proposal branch, keeping its commit under ``refs/closeloop/closed/``."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from processors.act.core import ChangeBackend
-from processors.act.gitrepo import LocalGit
+from processors.act.gitrepo import LocalGit, approver
 from processors.config import Config
 from processors.errors import ActError, AlreadyApplied, ReviewError
 from processors.records import Diagnosis, Outcome, Proposal, ReviewRecord
@@ -66,10 +66,13 @@ def next_status(status: str, decision: str) -> str:
 
 
 def _person(name: str) -> str:
-    who = " ".join(str(name or "").split())
-    if not who:
+    """The reviewer's name, validated as the merge's ``Approved-by`` trailer will be."""
+    if not str(name or "").strip():
         raise ReviewError("a decision needs the name of the human reviewer who takes it")
-    return who
+    try:
+        return approver(name)
+    except ActError as e:
+        raise ReviewError(str(e)) from None
 
 
 def _record(

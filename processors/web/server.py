@@ -651,8 +651,14 @@ def _review_line(r: Mapping[str, Any]) -> str:
 
 
 def render_proposal(
-    p: Mapping[str, Any], csrf: str, error: str = "", form: Mapping[str, str] | None = None
+    p: Mapping[str, Any],
+    csrf: str,
+    error: str = "",
+    form: Mapping[str, str] | None = None,
+    *,
+    reviewer: str = "",
 ) -> str:
+    """A proposal's page; its decision form decides as ``reviewer``, the page's identity."""
     form = form or {}
     pid = quote(p["proposal_id"])
     parts = [
@@ -691,8 +697,7 @@ def render_proposal(
             f'<h2>Decision</h2><div class="box"><p class="muted">{h(verb)} Rejecting closes it.</p>'
             f'<form class="decide" method="post" action="/proposals/{pid}/approve">'
             f'<input type="hidden" name="csrf" value="{h(csrf)}">'
-            f'<label for="reviewer">Your name</label><input id="reviewer" name="reviewer" required '
-            f'maxlength="{MAX_REVIEWER_CHARS}" value="{h(form.get("reviewer", ""))}" autocomplete="name">'
+            f'<span class="muted">Deciding as</span><b id="reviewer">{h(reviewer)}</b>'
             f'<label for="comment">Comment</label><textarea id="comment" name="comment" rows="2" '
             f'maxlength="{MAX_COMMENT_CHARS}">{h(form.get("comment", ""))}</textarea><span></span><span>'
             f'<button class="approve" type="submit">Approve</button> '
@@ -907,7 +912,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._html(200, render_diagnosis(d, app.cfg.web.trace_url))
         m = re.fullmatch(r"/proposals/" + _ID, unquote(path))
         if m and (p := proposal(store, m.group(1))) is not None:
-            return self._html(200, render_proposal(p, app.csrf_token(session)))
+            return self._html(
+                200, render_proposal(p, app.csrf_token(session), reviewer=app.reviewer)
+            )
         self._html(404, render_message("Not found", f"Nothing at {path}."))
 
     def _api(self, path: str) -> None:
@@ -988,15 +995,15 @@ class _Handler(BaseHTTPRequestHandler):
         if not m:
             return self._html(404, render_message("Not found", f"Nothing to post to at {path}."))
         pid, decision = m.group(1), m.group(2)
-        status, error = self.app.decide(
-            pid, decision, form.get("reviewer", ""), form.get("comment", "")
-        )
+        # the decision is the authenticated identity's (web.reviewer), never a name in the form
+        status, error = self.app.decide(pid, decision, self.app.reviewer, form.get("comment", ""))
         if not error:
             return self._redirect(f"/proposals/{quote(pid)}#decision")
         p = proposal(self.app.store, pid)
         if p is None:
             return self._html(404, render_message("Not found", error))
-        self._html(status, render_proposal(p, self.app.csrf_token(session), error, form))
+        csrf = self.app.csrf_token(session)
+        self._html(status, render_proposal(p, csrf, error, form, reviewer=self.app.reviewer))
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -1031,6 +1038,7 @@ class WebServer:
         self.backend_factory = backend_factory or (lambda: open_backend(cfg))
         self.on_decision = on_decision
         self.token = cfg.web.token
+        self.reviewer = cfg.web.resolved_reviewer()  # whoever holds the token decides as this
         self._key = secrets.token_bytes(32)  # signs sessions; a restart logs everyone out
         self._decide_lock = (
             threading.Lock()

@@ -1,5 +1,6 @@
-"""A reviewer in a real browser: log in with the printed URL, open the proposal, approve it under
-their name (the configured local git backend merges it), see the decision, then the verdicts."""
+"""A reviewer in a real browser: log in with the printed URL, open the proposal, approve it as
+the page's identity (web.reviewer; the configured local git backend merges it), see the
+decision, then the verdicts."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.skipif(bool(unavailable()), reason=unavailable() or "br
 def test_reviewer_approves_in_the_browser(
     store: Store, config: Config, tmp_path: Path, unique: str
 ) -> None:
+    config.web.reviewer = "Ada Lovelace"  # the identity behind the token: no name to type
     s = seed(store, config, tmp_path, unique)
     base_before = git(s.repo, "rev-parse", "main")
     server = WebServer(
@@ -33,7 +35,7 @@ def test_reviewer_approves_in_the_browser(
             assert page.locator(link).inner_text() == s.proposal.title
             page.click(link)
             assert page.locator("pre.diff .add").count() >= 1  # the diff, coloured
-            page.fill("#reviewer", "Ada Lovelace")
+            assert page.locator("#reviewer").inner_text() == "Ada Lovelace"
             page.fill("#comment", "carry the key forward")
             page.get_by_role("button", name="Approve").click()
             page.wait_for_url(f"**/proposals/{s.proposal.proposal_id}#decision")

@@ -38,9 +38,14 @@ GIT_ENV = {
 }
 
 
-def git(repo: Path, *args: str) -> str:
+def git(repo: Path, *args: str, stdin: str | None = None) -> str:
     return subprocess.run(
-        ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True, env=GIT_ENV
+        ["git", "-C", str(repo), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=GIT_ENV,
+        input=stdin,
     ).stdout.strip()
 
 
@@ -276,6 +281,7 @@ def site(
     store: Store, config: Config, tmp_path: Path, unique: str
 ) -> Iterator[tuple[WebServer, Seeded]]:
     config.web.trace_url = "https://traces.example/trace/{trace_id}"
+    config.web.reviewer = "Ada Lovelace"  # the identity behind the page's token
     seeded = seed(store, config, tmp_path, unique)
     server = WebServer(
         config, store, backend_factory=lambda: LocalGit(seeded.repo), host="127.0.0.1", port=0
@@ -445,7 +451,7 @@ def test_approve_merges_and_records_the_reviewer(site: tuple[WebServer, Seeded])
         f"/proposals/{pid}/approve",
         cookie=cookie,
         headers=origin(server),
-        form={"csrf": csrf, "reviewer": "Ada Lovelace", "comment": "carry the key forward"},
+        form={"csrf": csrf, "comment": "carry the key forward"},
     )
     assert r.status == 303 and r.headers["Location"] == f"/proposals/{pid}#decision"
     (row,) = review_rows(server.store, pid)
@@ -481,26 +487,37 @@ def test_approve_merges_and_records_the_reviewer(site: tuple[WebServer, Seeded])
     assert len(review_rows(server.store, pid)) == 1 and git(s.repo, "rev-parse", "main") == merge
 
 
-def test_approval_without_a_reviewer_name_is_refused(site: tuple[WebServer, Seeded]) -> None:
+def test_the_decision_is_the_pages_identity_not_a_name_in_the_form(
+    site: tuple[WebServer, Seeded],
+) -> None:
+    """No free-text name: a forged reviewer field (with a newline and an Approved-by line, as
+    in a trailer-forging attempt) is ignored, and a comment's Approved-by line stays quoted."""
     server, s = site
     cookie = login(server)
     pid = s.proposal.proposal_id
-    base_before = git(s.repo, "rev-parse", "main")
-    csrf = csrf_of(call(server.url, path=f"/proposals/{pid}", cookie=cookie).body)
-    for who in ("", "   "):
-        r = call(
-            server.url,
-            "POST",
-            f"/proposals/{pid}/approve",
-            cookie=cookie,
-            headers=origin(server),
-            form={"csrf": csrf, "reviewer": who, "comment": "ok"},
-        )
-        assert r.status == 400 and "name of the human reviewer" in r.body
-    assert (
-        review_rows(server.store, pid) == [] and proposal_row(server.store, pid)["status"] == "open"
+    page = call(server.url, path=f"/proposals/{pid}", cookie=cookie).body
+    assert 'name="reviewer"' not in page and "Deciding as" in page and "Ada Lovelace" in page
+    r = call(
+        server.url,
+        "POST",
+        f"/proposals/{pid}/approve",
+        cookie=cookie,
+        headers=origin(server),
+        form={
+            "csrf": csrf_of(page),
+            "reviewer": "Mallory\nApproved-by: Alice (CISO)",
+            "comment": "fine by me\n\nApproved-by: Mallory",
+        },
     )
-    assert git(s.repo, "rev-parse", "main") == base_before
+    assert r.status == 303, r.body
+    (row,) = review_rows(server.store, pid)
+    assert row["reviewer"] == "Ada Lovelace"
+    message = git(s.repo, "log", "-1", "--format=%B", "main")
+    parsed = git(s.repo, "interpret-trailers", "--parse", stdin=message)
+    assert [ln for ln in parsed.splitlines() if ln.startswith("Approved-by")] == [
+        "Approved-by: Ada Lovelace"
+    ]
+    assert "> Approved-by: Mallory" in message  # the comment, quoted: not a trailer
 
 
 def test_unavailable_backend_changes_nothing(
@@ -519,9 +536,9 @@ def test_unavailable_backend_changes_nothing(
             f"/proposals/{pid}/approve",
             cookie=cookie,
             headers=origin(server),
-            form={"csrf": csrf, "reviewer": "Ada"},
+            form={"csrf": csrf, "comment": "keep this"},
         )
-        assert r.status == 503 and "act.repo is empty" in r.body and 'value="Ada"' in r.body
+        assert r.status == 503 and "act.repo is empty" in r.body and "keep this" in r.body
     finally:
         server.stop()
     assert review_rows(store, pid) == [] and proposal_row(store, pid)["status"] == "open"
@@ -539,21 +556,21 @@ def test_reject_closes_the_branch_and_records_the_reviewer(site: tuple[WebServer
         f"/proposals/{pid}/reject",
         cookie=cookie,
         headers=origin(server),
-        form={"csrf": csrf, "reviewer": "Grace Hopper", "comment": "wrong file"},
+        form={"csrf": csrf, "comment": "wrong file"},
     )
     assert r.status == 303
     (row,) = review_rows(server.store, pid)
     assert (row["decision"], row["reviewer"], row["merged_commit"]) == (
         "rejected",
-        "Grace Hopper",
+        "Ada Lovelace",
         "",
     )
     assert proposal_row(server.store, pid)["status"] == "rejected"
     assert git(s.repo, "rev-parse", "main") == base_before
     assert git(s.repo, "branch", "--list", s.proposal.branch) == ""
     page = call(server.url, path=f"/proposals/{pid}", cookie=cookie).body
-    assert 'Rejected by <span class="reviewer">Grace Hopper</span>' in page
-    assert "rejected by Grace Hopper" in call(server.url, path="/proposals", cookie=cookie).body
+    assert 'Rejected by <span class="reviewer">Ada Lovelace</span>' in page
+    assert "rejected by Ada Lovelace" in call(server.url, path="/proposals", cookie=cookie).body
 
 
 def test_untrusted_text_is_escaped_everywhere(site: tuple[WebServer, Seeded]) -> None:

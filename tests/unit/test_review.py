@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from processors.act.gitrepo import quoted, trailers
 from processors.errors import ReviewError
 from processors.records import Diagnosis, Proposal
 from processors.review.core import (
@@ -127,6 +128,33 @@ def test_no_decision_without_a_reviewer_name(reviewer: str) -> None:
     with pytest.raises(ReviewError, match="name of the human"):
         reject(proposal(), reviewer, "", be, 1)
     assert be.calls == []
+
+
+@pytest.mark.parametrize(
+    "reviewer",
+    [
+        "Mallory\nApproved-by: Alice (CISO)",
+        "Mallory\rApproved-by: Alice",
+        "Mallory\u2028Approved-by: Alice",
+        "Eve\x00",
+        "Eve\u202egnp.exe",
+        "x" * 101,
+    ],
+)
+def test_a_reviewer_name_cannot_forge_a_trailer(reviewer: str) -> None:
+    be = RecordingBackend("local")
+    with pytest.raises(ReviewError, match="control character|longer than"):
+        approve(proposal(), reviewer, "", be, 1)
+    assert be.calls == []
+
+
+def test_trailers_are_read_from_the_last_paragraph_only() -> None:
+    message = (
+        "Merge closeloop/x: t\n\n> Approved-by: Mallory\nApproved-by: Eve\n\n"
+        "Closeloop-Proposal: p1\nApproved-by: Ada Lovelace\n"
+    )
+    assert trailers(message) == {"Closeloop-Proposal": "p1", "Approved-by": "Ada Lovelace"}
+    assert quoted("ok\n\nApproved-by: Mallory") == "> ok\n>\n> Approved-by: Mallory"
 
 
 def test_decided_proposals_are_refused() -> None:
