@@ -138,11 +138,13 @@ _NOT_SECRET_KEY_WORDS = frozenset(
     ]
 )
 # "my password is X", "the PIN was X": a value said in words (not a common word after "is").
+# The regex is tried only where str.find sees one of the words (a scan with an alternation of
+# case-insensitive words at every position costs more than all other patterns together).
+_PHRASE_WORDS = ("pass", "pin", "secret", "api key", "access key", "token")
 _PHRASE = re.compile(
-    r"(?i:\b(?:password|passwd|passcode|passphrase|pin|secret|api key|access key|token))"
-    r"(?:\s+(?:is|was|=|:)|\s*[:=])\s*[\"'`]?(?P<w>[^\s\"'`,;]{3,})"
+    r"(?<![A-Za-z0-9])(?i:password|passwd|passcode|passphrase|pin|secret|api key|access key|token)"
+    r"(?:\s+(?:is|was|=|:)|\s*[:=])\s*[\"'`]?(?P<w>[^\s\"'`,;&<>(){}\[\]]{3,})"
 )
-_PHRASE_NEEDS = ("pass", "pin", "secret", "key", "token")
 _PHRASE_STOPWORDS = frozenset(
     [
         "not",
@@ -232,7 +234,6 @@ _NOT_DIGIT = re.compile(r"\D")
 _IBANS = re.compile(
     r"[A-Z](?<![A-Za-z0-9].)[A-Z]\d{2}(?:[ ]?[A-Z0-9]{4}){2,7}(?:[ ]?[A-Z0-9]{1,3})?(?![A-Za-z0-9])"
 )
-_IBAN_START = re.compile(r"[A-Z]{2}\d{2}")
 # Phones: international (+CC ...), a parenthesised area code, North American 3-3-4, or
 # a national number with its trunk 0 and groups. A plain digit run is an amount or an
 # id, not a phone. Possessive repeats keep the scan linear.
@@ -253,25 +254,20 @@ _CACHE_MAX_LEN = 256  # short values repeat (models, names, ids): cache them
 _CACHE_MAX_ENTRIES = 50_000
 
 
-def _may_hold_secret(text: str) -> bool:
+def _may_hold_secret(text: str, lower: str | None = None) -> bool:
     """False when no pattern of _SECRETS can match: none but "Bearer <token>" matches across
     whitespace or a quote, and every other match is at least _SECRET_MIN_CHUNK long. Plain
     prose and short values are settled by this C-speed test instead of the regex (~15 MB/s)."""
-    lower = text.lower()
+    lower = text.lower() if lower is None else lower
     if "earer" in lower or "basic" in lower:
         return True
     return max(map(len, text.replace('"', " ").split()), default=0) >= _SECRET_MIN_CHUNK
 
 
-def _may_say_secret(text: str) -> bool:
-    """False when no word of _PHRASE is in ``text`` (the phrase regex then cannot match)."""
-    lower = text.lower()
-    return any(w in lower for w in _PHRASE_NEEDS)
-
-
-def _may_hold_aws_secret(text: str) -> bool:
-    lower = text.lower()
-    return len(text) >= 40 and ("aws" in lower or "secret" in lower)
+def _apply(steps: list[Callable[[str], str]], text: str) -> str:
+    for step in steps:
+        text = step(text)
+    return text
 
 
 def iban_ok(iban: str) -> bool:
@@ -361,20 +357,22 @@ class Redactor:
         # cannot match (no '@' means no email).
         steps: list[tuple[Callable[[str], Any] | None, Callable[[str], str]]] = []
         if "secrets" in self.kinds:
-            steps.append((_may_hold_secret, partial(_SECRETS.sub, self._secret)))
+            steps.append((None, self._secrets))
             steps.append((lambda t: ":" in t or "=" in t, self._assignments))
-            steps.append((_may_say_secret, partial(_PHRASE.sub, self._phrase)))
-            steps.append((_may_hold_aws_secret, self._aws_secrets))
-            steps.append((lambda t: "PRIVATE KEY" in t, partial(_PEM.sub, self._fixed("secret"))))
-            steps.append((lambda t: "://" in t and "@" in t, self._url_passwords))
         if "emails" in self.kinds:
             steps.append((lambda t: "@" in t, partial(_EMAILS.sub, self._fixed("email"))))
-        if "cards" in self.kinds:
-            steps.append((_DIGITS.search, partial(_CARDS.sub, self._card)))
-        if "ibans" in self.kinds:
-            steps.append((_IBAN_START.search, partial(_IBANS.sub, self._iban)))
-        if "phones" in self.kinds:
-            steps.append((_DIGITS.search, partial(_PHONES.sub, self._phone)))
+        # numbers: one test for a digit settles all three
+        numbers = [
+            partial(rx.sub, fn)
+            for kind, rx, fn in (
+                ("cards", _CARDS, self._card),
+                ("ibans", _IBANS, self._iban),
+                ("phones", _PHONES, self._phone),
+            )
+            if kind in self.kinds
+        ]
+        if numbers:
+            steps.append((_DIGITS.search, partial(_apply, numbers)))
         # what json_is_clean runs over whole JSON text (see there)
         self._json_steps = None if extra else [st for st in steps if st[1] != self._assignments]
         for rx in extra:
@@ -387,14 +385,16 @@ class Redactor:
     def is_secret_key(self, key: str) -> bool:
         """Whether a JSON key or attribute name holds a secret whatever its value looks like
         (``password``, ``apiKey``, ``Authorization``, ``session_token``; not ``max_tokens``)."""
-        if "secrets" not in self.kinds:
-            return False
         hit = self._secret_keys.get(key)
         if hit is None:
             words = [w.lower() for w in _KEY_WORD.findall(key)]
-            hit = not _NOT_SECRET_KEY_WORDS.intersection(words) and (
-                bool(_SECRET_KEY_WORDS.intersection(words))
-                or any(pair in _SECRET_KEY_PAIRS for pair in pairwise(words))
+            hit = (
+                "secrets" in self.kinds
+                and not _NOT_SECRET_KEY_WORDS.intersection(words)
+                and (
+                    bool(_SECRET_KEY_WORDS.intersection(words))
+                    or any(pair in _SECRET_KEY_PAIRS for pair in pairwise(words))
+                )
             )
             if len(self._secret_keys) < _CACHE_MAX_ENTRIES:
                 self._secret_keys[key] = hit
@@ -445,9 +445,9 @@ class Redactor:
             return False
         if "secrets" in self.kinds:
             lower = text.lower()
-            if any(k in lower for k in _KEY_PARTS):
+            if any(map(lower.__contains__, _KEY_PARTS)):
                 return False
-            if any(k in lower for k in _SHORT_KEY_WORDS) and any(
+            if any(map(lower.__contains__, _SHORT_KEY_WORDS)) and any(
                 map(self.is_secret_key, _JSON_KEY.findall(text))
             ):
                 return False
@@ -496,12 +496,45 @@ class Redactor:
                 self._count += 1
         return "".join(parts) + text[last:] if parts else text
 
-    def _phrase(self, m: Match[str]) -> str:
-        word = m.group("w")
-        if word.lower().rstrip(".!?") in _PHRASE_STOPWORDS or word.startswith("[REDACTED"):
-            return m.group(0)
-        self._count += 1
-        return m.group(0)[: m.start("w") - m.start()] + _SECRET
+    def _secrets(self, text: str) -> str:
+        """Secrets found by the words around them (phrases, AWS secret keys, PEM private keys,
+        URL passwords), then by their shape (_SECRETS); one lowercase copy decides which to
+        try. The worded ones go first: what they replace says "secret", which must not open
+        the AWS test again."""
+        lower = text.lower()
+        if any(map(lower.__contains__, _PHRASE_WORDS)):
+            text = self._phrases(text, lower)
+            lower = text.lower()
+        if len(text) >= 40 and ("aws" in lower or lower.count("secret") > lower.count(":secret]")):
+            text = self._aws_secrets(text)
+        if "private key" in lower:
+            text = _PEM.sub(self._fixed("secret"), text)
+        if "://" in text and "@" in text:
+            text = self._url_passwords(text)
+        if _may_hold_secret(text, lower):
+            text = _SECRETS.sub(self._secret, text)
+        return text
+
+    def _phrases(self, text: str, lower: str) -> str:
+        starts: list[int] = []
+        for word in _PHRASE_WORDS:
+            i = lower.find(word)
+            while i >= 0:
+                starts.append(i)
+                i = lower.find(word, i + 1)
+        parts: list[str] = []
+        last = 0
+        for i in sorted(starts):
+            m = _PHRASE.match(text, i) if i >= last else None
+            if m is None:
+                continue
+            word = m.group("w")
+            if word.lower().rstrip(".!?") in _PHRASE_STOPWORDS or word.startswith("[REDACTED"):
+                continue
+            parts += (text[last : m.start("w")], _SECRET)
+            last = m.end()
+            self._count += 1
+        return "".join(parts) + text[last:] if parts else text
 
     def _url_passwords(self, text: str) -> str:
         return _URL_PASSWORD.sub(self._keep_all_but_w, text)

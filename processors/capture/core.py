@@ -181,6 +181,7 @@ class Capture:
         self.end_attribute = end_attribute
         self.logs_topic = logs_topic
         self._redact = self.redactor.redact
+        self._is_secret_key = self.redactor.is_secret_key
         # per-span counters, reset by the span/log loops
         self._red = 0
         self._trunc = 0
@@ -713,7 +714,7 @@ class Capture:
             k = x.get("key")
             if isinstance(k, str) and "value" in x and self.redactor.is_secret_key(k):
                 return {**x, "value": {"stringValue": "[REDACTED:secret]"}}
-            secret_key = self.redactor.is_secret_key
+            secret_key = self._is_secret_key
             return {
                 k: self._secret(y) if secret_key(k) else self._walk_otlp(y) for k, y in x.items()
             }
@@ -735,7 +736,7 @@ class Capture:
             w = v.WhichOneof("value")
             if w == "string_value":
                 s = v.string_value
-                if self.redactor.is_secret_key(key):  # e.g. http.request.header.authorization
+                if self._is_secret_key(key):  # e.g. http.request.header.authorization
                     strs[key] = vals[key] = self._secret(s)
                 elif s[:1] in _JSON_OPEN and s[-1:] in _JSON_CLOSE:
                     strs[key], vals[key] = self._json_text(s)
@@ -794,7 +795,7 @@ class Capture:
         if isinstance(x, list):
             return [self._walk(y) for y in x]
         if isinstance(x, dict):
-            secret_key = self.redactor.is_secret_key
+            secret_key = self._is_secret_key
             return {k: self._secret(y) if secret_key(k) else self._walk(y) for k, y in x.items()}
         return x
 
