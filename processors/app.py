@@ -798,13 +798,8 @@ def build_app(pipe: Pipeline, bootstrap: str) -> faust.App:
 
     # -- verify (review layer) ---------------------------------------------------------------
     if "verify" in pipe.stages:
-        from processors.review.core import (
-            load_proposal,
-            merged_reviews,
-            outcome_rows,
-            poll_open,
-            verify,
-        )
+        from processors.review.core import outcome_rows
+        from processors.review.loop import load_proposal, merged_reviews, poll_open, verify
 
         def verify_all(now: int) -> list[Any]:
             if backend is not None and backend.name == "github":

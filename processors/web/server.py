@@ -9,7 +9,7 @@ the Content-Security-Policy forbids scripts, so even an escaping mistake cannot 
 * Forms: every POST needs the session cookie, a CSRF field (HMAC of the session, compared in
   constant time) and a same-origin ``Origin`` (or ``Referer``). GET never changes state.
 * A decision (approve / reject) is the only state change, and only a named human takes it:
-  :func:`processors.review.core.decide` with the backend from ``backend_factory`` — on the local
+  :func:`processors.review.loop.decide` with the backend from ``backend_factory`` — on the local
   backend approving merges the proposal branch — writes the
   :class:`~processors.records.ReviewRecord` and the proposal's new version.
 
@@ -37,11 +37,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from processors.act.core import ChangeBackend, open_backend
+from processors.act import ChangeBackend, open_backend
 from processors.config import Config
 from processors.errors import ActError, CloseloopError, ReviewError, StoreError
 from processors.records import Proposal, ReviewRecord
-from processors.review.core import decide, ingest_webhook
+from processors.review.loop import decide, ingest_webhook
 from processors.store import Store
 
 log = logging.getLogger("closeloop.web")
