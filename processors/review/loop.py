@@ -249,11 +249,17 @@ def verify(
 # -- decisions taken through closeloop (CLI and review page) ----------------------------------
 
 
-def load_proposal(store: Store, proposal_id: str) -> Proposal | None:
+def proposal_row(store: Store, proposal_id: str) -> dict[str, Any] | None:
+    """The row of one proposal (the only query for it: the CLI, the page and review share it)."""
     rows = store.query(
         "SELECT * FROM proposals FINAL WHERE proposal_id = {p:String}", {"p": proposal_id}
     )
-    return Proposal.from_dict(rows[0]) if rows else None
+    return rows[0] if rows else None
+
+
+def load_proposal(store: Store, proposal_id: str) -> Proposal | None:
+    row = proposal_row(store, proposal_id)
+    return Proposal.from_dict(row) if row else None
 
 
 def load_diagnosis(store: Store, diagnosis_id: str) -> Diagnosis | None:
