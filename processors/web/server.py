@@ -29,13 +29,14 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from processors.act import ChangeBackend, open_backend
 from processors.config import Config
+from processors.embedded.httpd import Server, reply
 from processors.errors import ActError, CloseloopError, ReviewError, StoreError
 from processors.records import Proposal, ReviewRecord
 from processors.review.loop import decide, ingest_webhook
@@ -74,6 +75,13 @@ CSP = (
     "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'; "
     "frame-ancestors 'none'; base-uri 'none'"
 )
+SECURITY_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": CSP,
+}
 
 
 # -- HTTP -----------------------------------------------------------------------------------------
@@ -95,19 +103,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(
         self, status: int, body: bytes, ctype: str, headers: Mapping[str, str] | None = None
     ) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Referrer-Policy", "same-origin")
-        self.send_header("X-Frame-Options", "DENY")
-        self.send_header("Content-Security-Policy", CSP)
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        reply(self, status, body, {"Content-Type": ctype, **SECURITY_HEADERS, **(headers or {})})
 
     def _html(self, status: int, text: str, headers: Mapping[str, str] | None = None) -> None:
         self._send(status, text.encode(), "text/html; charset=utf-8", headers)
@@ -310,10 +306,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._html(status, render_proposal(p, self.app.csrf_token(session), error, form))
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
+class _HTTPServer(Server):
     def __init__(self, addr: tuple[str, int], app: WebServer) -> None:
         self.app = app
         super().__init__(addr, _Handler)
@@ -351,9 +344,6 @@ class WebServer:
         )
         self.host, self.port = self._server.server_address[:2]
         self.cookie_name = f"closeloop_session_{self.port}"  # cookies ignore ports: one per server
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="web-http", daemon=True
-        )
 
     @property
     def url(self) -> str:
@@ -380,13 +370,12 @@ class WebServer:
         if not self.token:
             self.token = secrets.token_urlsafe(24)
             write_token(self.token_path, self.token)
-        self._thread.start()
+        self._server.start("web-http")
         log.info("review page on %s", self.url)
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.stop()
 
     # -- sessions -----------------------------------------------------------------------------
     def _sign(self, purpose: str, value: str) -> str:
