@@ -69,8 +69,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # -- the traffic ------------------------------------------------------------------------------
-def request_template(spans: int, seed: int) -> bytes:
-    """One OTLP request of ``spans`` spans in conversations of 8; trace ids start with PLACEHOLDER."""
+def request_template(spans: int, seed: int, per_trace: int = SPANS_PER_CONVERSATION) -> bytes:
+    """One OTLP request of ``spans`` GenAI spans in conversations (traces) of ``per_trace``
+    spans; trace ids start with PLACEHOLDER (:func:`stamp` makes them unique)."""
     rng = random.Random(seed)
     req = ExportTraceServiceRequest()
     rs = req.resource_spans.add()
@@ -85,7 +86,7 @@ def request_template(spans: int, seed: int) -> bytes:
     ss.scope.name = "opentelemetry.instrumentation.openai_v2"
     t0 = time.time_ns() - 60_000_000_000
     for i in range(spans):
-        conv = i // SPANS_PER_CONVERSATION
+        conv = i // per_trace
         kind = KINDS[i % len(KINDS)]
         attrs = _attrs(kind, i, rng, content=True)
         if "gen_ai.conversation.id" in attrs:

@@ -32,7 +32,6 @@ from processors.config import ActTarget
 from processors.errors import ActError
 
 FORBIDDEN_DIRS = (".git", ".github")
-KEY_SEPARATORS = ("#", ":")
 
 
 @dataclass(frozen=True)

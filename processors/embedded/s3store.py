@@ -185,9 +185,6 @@ class BucketStore:
         return keys
 
     # -- buckets ---------------------------------------------------------------------------
-    def has_bucket(self, bucket: str) -> bool:
-        return bucket in self._keys
-
     def create_bucket(self, bucket: str) -> bool:
         """Create ``bucket``; False if it was there already."""
         if not BUCKET_NAME.match(bucket):
