@@ -3,7 +3,7 @@
 Starts a tansu broker and the gateway as a separate process (as ``closeloop up`` does), then
 fires ``--requests`` requests of ``--spans`` spans from ``--threads`` keep-alive connections and
 prints spans/s acknowledged (every 200 answer means every span is on the broker, acks=all).
-The requests are ``bench.ingest``'s GenAI traffic (:func:`bench.ingest.request_template`).
+The requests are ``bench.ingest``'s GenAI traffic (:func:`bench.ingest.request`).
 
     python bench/gateway.py [--requests 200] [--spans 500] [--threads 4] [--spans-per-trace 10]
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.ingest import request_prefix, request_template, stamp
+from bench.ingest import request
 from processors.embedded.broker import EmbeddedBroker, ensure_topics
 
 DISTINCT_BODIES = 8
@@ -50,10 +50,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--spans-per-trace", type=int, default=10)
     a = p.parse_args()
-    bodies = [
-        stamp(request_template(a.spans, k, a.spans_per_trace), request_prefix(0, 0, k))
-        for k in range(DISTINCT_BODIES)
-    ]
+    bodies = [request(k, a.spans, a.spans_per_trace) for k in range(DISTINCT_BODIES)]
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
         ensure_topics(broker.bootstrap, ["otlp_spans", "otlp_logs"], 4)
         cfg = Path(tmp) / "closeloop.yaml"

@@ -53,6 +53,7 @@ from processors.embedded.broker import free_port
 from processors.embedded.stack import EmbeddedStack
 from processors.store import Store, connect_http
 
+ROOT = Path(__file__).resolve().parent.parent  # frames under it are named relative to it
 SPANS_PER_CONVERSATION = 8
 KINDS = ("llm", "llm", "tool", "other")
 PLACEHOLDER = bytes.fromhex(
@@ -104,6 +105,11 @@ def request_template(spans: int, seed: int, per_trace: int = SPANS_PER_CONVERSAT
             )
         )
     return req.SerializeToString()
+
+
+def request(seed: int, spans: int, per_trace: int = SPANS_PER_CONVERSATION) -> bytes:
+    """One request of ``spans`` spans whose ids are its own (``seed`` tells requests apart)."""
+    return stamp(request_template(spans, seed, per_trace), request_prefix(0, 0, seed))
 
 
 def request_prefix(nonce: int, level: int, seq: int) -> bytes:
@@ -427,7 +433,7 @@ def _frame(f: str) -> str:
     """'insert_records (processors/store.py:123)' → 'insert_records (processors/store.py)'."""
     name, _, where = f.partition(" (")
     where = where.rstrip(")").rsplit(":", 1)[0]
-    for marker in ("site-packages/", "/work/main/", "lib/python3"):
+    for marker in ("site-packages/", f"{ROOT}/", "lib/python3"):
         if marker in where:
             where = where.split(marker, 1)[1]
     return f"{name} ({where})"

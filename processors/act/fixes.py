@@ -410,11 +410,13 @@ def templated_changes(
         fmt = file_format(comp.path)
         value = get_key(parse(files[comp.path], fmt, comp.path), comp.key)
         if isinstance(value, str):
-            new = set_value(files[comp.path], fmt, comp.key, (value.rstrip() + " " + text).strip())
+            described = set_value(
+                files[comp.path], fmt, comp.key, (value.rstrip() + " " + text).strip()
+            )
             out.append(
                 (
                     Change(
-                        [FileEdit(comp.path, files[comp.path], new)],
+                        [FileEdit(comp.path, files[comp.path], described)],
                         f"describe the argument format in {comp.key}",
                         "template",
                     ),

@@ -332,6 +332,10 @@ def _counts(row: Mapping[str, Any]) -> Counts:
     )
 
 
+def _verdict(c: Counts, cfg: ReviewConfig) -> tuple[str, float, float, float]:
+    return verdict(c.before_n, c.before_fail, c.after_n, c.after_fail, cfg.min_after, cfg.alpha)
+
+
 def measure(
     review: ReviewRecord,
     rows: Mapping[str, Mapping[str, Any]],
@@ -366,11 +370,7 @@ def measure(
             k,
             before_version,
             r,
-            verdict(
-                *(int(r[c]) for c in ("before_n", "before_fail", "after_n", "after_fail")),
-                cfg.min_after,
-                cfg.alpha,
-            ),
+            _verdict(_counts(r), cfg),
             now_ns,
         )
         for k, r in sorted(others.items())
