@@ -10,18 +10,10 @@ import pytest
 
 from bench.diagnose import HEALTHY, SyntheticStream, false_alarms, mixed
 from processors.config import DiagnoseConfig, LLMConfig
-from processors.diagnose.core import (
-    DIAGNOSIS_COLUMNS,
-    Diagnoser,
-    IntentStats,
-    argument_shape,
-    diagnosis_id,
-    diagnosis_rows,
-    given_things,
-    info_requests,
-    repeated_asks,
-    value_shape,
-)
+from processors.diagnose.asks import given_things, info_requests, repeated_asks
+from processors.diagnose.core import DIAGNOSIS_COLUMNS, Diagnoser, diagnosis_id, diagnosis_rows
+from processors.diagnose.shapes import argument_shape, value_shape
+from processors.diagnose.window import IntentStats
 from processors.errors import ConfigError, InputError
 from processors.llm import LLM, UNTRUSTED_RULE
 from processors.records import Conversation, Diagnosis, Message, TagRecord
