@@ -38,6 +38,15 @@ class UnderstandBatch:
     change_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
+def tag_row(tag: TagRecord) -> dict[str, Any]:
+    """A ``conversation_tags`` row: the tag without its conversation."""
+    d = tag.to_dict()
+    d.pop("conversation", None)
+    d.pop("v", None)
+    d["failed"] = int(bool(tag.failed))
+    return d
+
+
 def goal_text(conv: Conversation, turns: int) -> str:
     users = [m.content for m in conv.messages if m.role == "user" and m.content]
     return " ".join(users[: max(1, turns)]) or " ".join(m.content for m in conv.messages[:1])
