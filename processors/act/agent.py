@@ -7,7 +7,7 @@ import time
 
 import faust
 
-from processors.act import Actor, ChangeBackend, notify, proposal_rows
+from processors.act import Actor, ChangeBackend, proposal_rows
 from processors.llm import make_llm
 from processors.records import Diagnosis
 from processors.runtime import TAKE_WITHIN_S, Checkpoint, Wiring, dead_letter
@@ -45,9 +45,8 @@ def register(w: Wiring, backend: ChangeBackend) -> None:
                 props.append(prop)
             if props:
                 await pipe.write("act", "proposals", proposal_rows(props))
+                # announced once, by Actor.propose when it writes the branch (never on a replay)
                 await w.send_all([(w.proposals, p.diagnosis_id, p.to_json()) for p in props])
-                for p in props:
-                    await pipe.run(notify, p, cfg)
                 pipe.counters["act"].records_out += len(props)
             await w.send_deadletters("act", dls)
             await ckpt.save(events, lambda: b"")

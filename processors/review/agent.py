@@ -8,7 +8,7 @@ from typing import Any
 
 from processors.act import ChangeBackend
 from processors.errors import ReviewError, StoreError
-from processors.review.core import load_proposal, merged_reviews, outcome_rows, poll_open, verify
+from processors.review.core import load_proposal, merged_reviews, poll_open, verify
 from processors.runtime import Pipeline, Wiring
 
 log = logging.getLogger("closeloop.worker")
@@ -38,15 +38,19 @@ def verify_all(pipe: Pipeline, backend: ChangeBackend | None, now: int) -> list[
     return outcomes
 
 
-def register(w: Wiring, backend: ChangeBackend | None) -> None:
-    pipe = w.pipe
+async def verify_once(pipe: Pipeline, backend: ChangeBackend | None, now: int) -> int:
+    """One verification pass; the number of outcomes. :func:`processors.review.core.verify`
+    writes the outcomes rows itself, so they are not written again here."""
+    try:
+        outcomes = await pipe.run(verify_all, pipe, backend, now, stage="verify")
+    except StoreError as e:  # ClickHouse away: the next tick tries again
+        log.warning("verify: %s", e)
+        return 0
+    pipe.counters["verify"].records_out += len(outcomes)
+    return len(outcomes)
 
+
+def register(w: Wiring, backend: ChangeBackend | None) -> None:
     @w.app.timer(VERIFY_INTERVAL_S)
     async def verify_tick() -> None:
-        try:
-            outcomes = await pipe.run(verify_all, pipe, backend, time.time_ns(), stage="verify")
-        except StoreError as e:  # ClickHouse away: the next tick tries again
-            log.warning("verify: %s", e)
-            return
-        await pipe.write("verify", "outcomes", outcome_rows(outcomes))
-        pipe.counters["verify"].records_out += len(outcomes)
+        await verify_once(w.pipe, backend, time.time_ns())
