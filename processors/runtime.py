@@ -330,6 +330,8 @@ class Checkpoint:
         self.seq = 0
 
     async def restore_into(self, apply: Any) -> None:
+        """Put the newest checkpoint into the stage: ``apply(data)`` is its core's in-place
+        ``restore``; no checkpoint leaves the core as built."""
         rows = await self.pipe.run(
             self.pipe.store.query,
             "SELECT seq, offsets, data FROM checkpoints FINAL WHERE name = {n:String}",

@@ -47,7 +47,7 @@ from processors.act.change import (
 from processors.config import ActTarget
 from processors.diagnose.shapes import SHAPE_WORD
 from processors.errors import ActError, AlreadyApplied, LLMError
-from processors.llm import UNTRUSTED_RULE, untrusted_block
+from processors.llm import UNTRUSTED_RULE, ChatJSON, untrusted_block
 from processors.records import Diagnosis
 from processors.redact import Redactor
 
@@ -517,7 +517,7 @@ def llm_change(
     diag: Diagnosis,
     files: dict[str, str],
     targets: Sequence[ActTarget],
-    llm: Any,
+    llm: ChatJSON,
     comp: Component,
     redactor: Redactor,
     max_changed_lines: int,
@@ -574,7 +574,7 @@ def propose_change(
     diag: Diagnosis,
     files: dict[str, str],
     targets: Sequence[ActTarget],
-    llm: Any = None,
+    llm: ChatJSON | None = None,
     *,
     max_changed_lines: int = 40,
     history: dict[str, list[str]] | None = None,

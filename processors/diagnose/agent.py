@@ -15,18 +15,14 @@ from processors.runtime import RECORD_BATCH, TAKE_WITHIN_S, Checkpoint, Wiring, 
 
 def register(w: Wiring) -> None:
     cfg, pipe = w.pipe.cfg, w.pipe
-    state = {"core": Diagnoser(cfg.diagnose, make_llm(cfg.llm))}
+    core = Diagnoser(cfg.diagnose, make_llm(cfg.llm))
     ckpt = Checkpoint("diagnose", pipe)
-
-    def restore(data: bytes) -> None:
-        state["core"] = Diagnoser.restore(data, make_llm(cfg.llm))
 
     @w.app.agent(w.tags, name="diagnose")
     async def diagnose_agent(stream: faust.StreamT) -> None:
-        await ckpt.restore_into(restore)
+        await ckpt.restore_into(core.restore)
         async for events in stream.take_events(RECORD_BATCH, within=TAKE_WITHIN_S):
             events = await ckpt.rewind_gaps(w.app.consumer, events)
-            core = state["core"]
             diags, dls = [], []
             with pipe.busy("diagnose"):
                 for e in ckpt.fresh(events):
@@ -41,4 +37,4 @@ def register(w: Wiring) -> None:
                 await w.send_all([(w.diagnoses, d.intent_id, d.to_json()) for d in diags])
                 pipe.counters["diagnose"].records_out += len(diags)
             await w.send_deadletters("diagnose", dls)
-            await ckpt.save(events, lambda: state["core"].snapshot())
+            await ckpt.save(events, core.snapshot)

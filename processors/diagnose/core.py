@@ -35,10 +35,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from processors.config import DiagnoseConfig
-from processors.diagnose.llm import ChatJSON, llm_candidate
+from processors.diagnose.llm import llm_candidate
 from processors.diagnose.rules import Candidate, common_evidence, run_rules, version_shift
 from processors.diagnose.window import IntentStats, p_greater
 from processors.errors import InputError
+from processors.llm import ChatJSON
 from processors.records import Diagnosis, TagRecord
 
 STAGE = "diagnose"
@@ -278,9 +279,9 @@ class Diagnoser:
             pickle.dumps((SNAPSHOT_FORMAT, self.cfg, self._s), protocol=pickle.HIGHEST_PROTOCOL)
         )
 
-    @classmethod
-    def restore(cls, data: bytes, llm: ChatJSON | None = None) -> Diagnoser:
-        """A diagnoser in the state of :meth:`snapshot`."""
+    def restore(self, data: bytes) -> None:
+        """Put the diagnoser in the state of :meth:`snapshot`, its config included (the LLM
+        client stays the one it was built with)."""
         try:
             fmt, cfg, state = pickle.loads(zlib.decompress(data))
         except (zlib.error, pickle.UnpicklingError, ValueError, EOFError) as e:
@@ -289,9 +290,9 @@ class Diagnoser:
             raise InputError(
                 f"diagnoser snapshot format {fmt}, expected {SNAPSHOT_FORMAT}", stage=STAGE
             )
-        d = cls(cfg, llm)
-        d._s = state
-        return d
+        cfg.validate()
+        self.cfg = cfg
+        self._s = state
 
 
 def diagnosis_rows(diags: Iterable[Diagnosis]) -> list[dict[str, Any]]:

@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from processors.diagnose.rules import Candidate, first_unique
 from processors.diagnose.shapes import MAX_TEXT
 from processors.diagnose.window import IntentStats
 from processors.errors import LLMError
-from processors.llm import UNTRUSTED_RULE, untrusted_block
-
-
-class ChatJSON(Protocol):
-    """What the diagnoser needs of :class:`processors.llm.LLM`."""
-
-    def chat_json(
-        self, system: str, user: str, schema_hint: str, *, required: tuple[str, ...] = ()
-    ) -> dict[str, Any]: ...
-
+from processors.llm import UNTRUSTED_RULE, ChatJSON, untrusted_block
 
 LLM_SYSTEM = (
     "You diagnose why users of an AI agent fail at one intent. You get statistics and rule "

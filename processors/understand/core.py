@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from processors.config import Config
-from processors.llm import LLM
+from processors.llm import ChatJSON
 from processors.records import Conversation, TagRecord
 from processors.understand.embed import Embedder
 from processors.understand.intents import IntentModel
@@ -57,7 +57,7 @@ class Understand:
         self,
         cfg: Config,
         embedder: Embedder,
-        llm: LLM | None = None,
+        llm: ChatJSON | None = None,
         model: IntentModel | None = None,
     ) -> None:
         self.cfg = cfg
@@ -240,7 +240,7 @@ class Understand:
     def restore(self, data: bytes) -> None:
         # Only closeloop's own checkpoints (ClickHouse `checkpoints`) are restored: trusted state.
         state = pickle.loads(zlib.decompress(data))
-        self.model = IntentModel.restore(state["model"])
+        self.model.restore(state["model"])
         self.tagger.restore(state["tagger"])
         self.index = KeyphraseIndex.from_dict(state["index"])
         self.namer = Namer(self.index, self.llm)

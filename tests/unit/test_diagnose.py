@@ -312,12 +312,13 @@ def test_snapshot_restore_round_trip() -> None:
     )
     a = Diagnoser(CFG)
     feed(a, first)
-    b = Diagnoser.restore(a.snapshot())
+    b = Diagnoser(CFG)
+    b.restore(a.snapshot())
     out_a, out_b = feed(a, rest), feed(b, rest)
     assert out_a and [x.to_dict() for x in out_a] == [x.to_dict() for x in out_b]
     assert a.open_diagnoses() == b.open_diagnoses()
     with pytest.raises(InputError, match="snapshot"):
-        Diagnoser.restore(b"garbage")
+        Diagnoser(CFG).restore(b"garbage")
 
 
 def test_tag_without_intent_is_an_input_error() -> None:
