@@ -46,10 +46,10 @@ import yaml
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from bench.capture_core import KINDS, _attrs, _kv, export_request
-from processors.app import STATS_INTERVAL_S
 from processors.config import load_config
 from processors.embedded.broker import free_port
 from processors.embedded.stack import EmbeddedStack
+from processors.runtime import STATS_INTERVAL_S
 from processors.store import Store, connect_http
 
 ROOT = Path(__file__).resolve().parent.parent  # frames under it are named relative to it

@@ -471,9 +471,10 @@ class Component:
 
 
 def apply_find_replace(
-    files: dict[str, str], edits: Sequence[dict[str, Any]], targets: Sequence[ActTarget]
+    files: dict[str, str], edits: object, targets: Sequence[ActTarget]
 ) -> list[FileEdit]:
-    """Apply ``[{path, find, replace}, ...]`` to ``files``; each ``find`` must occur exactly once."""
+    """Apply ``[{path, find, replace}, ...]`` to ``files``; each ``find`` must occur exactly once.
+    ``edits`` is untrusted (an LLM's answer): anything else is an :class:`ActError`."""
     if not isinstance(edits, (list, tuple)) or not edits:
         raise ActError("expected a non-empty list of edits")
     current: dict[str, str] = {}
