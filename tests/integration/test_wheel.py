@@ -9,15 +9,20 @@ the path, so a DDL file read from the source tree instead of the package would f
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from processors.embedded.broker import free_port
 from processors.store import connect
+
+from .worker_proc import alive, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,13 +56,22 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
-def _run(installed: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _env(installed: Path, cwd: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLOSELOOP_")}
     env["PYTHONPATH"] = str(installed)  # replaces the developer's PYTHONPATH=<repo>
     env["CLOSELOOP_HOME"] = str(cwd / "home")
     env["CLOSELOOP_CLICKHOUSE"] = f"chdb://{cwd / 'store'}"
+    return env
+
+
+def _run(installed: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, *args],
+        cwd=cwd,
+        env=_env(installed, cwd),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -96,3 +110,37 @@ def test_migrate_from_the_wheel_against_chdb(installed: Path, tmp_path: Path) ->
     finally:
         store.close()
     assert names == set(shipped)
+
+
+def test_up_from_the_wheel(installed: Path, tmp_path: Path) -> None:
+    """`closeloop up` from the wheel: its broker, gateway, worker and page processes start from
+    the installed package too, and it stops cleanly."""
+    env = {**_env(installed, tmp_path), "CLOSELOOP_CLICKHOUSE_SQL_PORT": "0"}
+    del env["CLOSELOOP_CLICKHOUSE"]  # the embedded store under home, as a new user has it
+    ports = [str(free_port()) for _ in range(3)]
+    up = subprocess.Popen(
+        [str(installed / "bin" / "closeloop"), "up", "--otlp-grpc-port", ports[0]]
+        + ["--otlp-http-port", ports[1], "--web-port", ports[2]],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    out: list[str] = []
+    try:
+
+        def printed_up() -> bool:
+            out.append(up.stdout.readline().decode() if up.stdout else "")
+            return "closeloop is up" in out[-1] or up.poll() is not None
+
+        assert wait_for(printed_up, 120, 0), "".join(out)
+        assert up.poll() is None, "".join(out)
+        stack = json.loads((tmp_path / "home" / "run" / "stack.json").read_text())
+        pids = [stack["broker_pid"], *stack["children"].values()]
+        assert set(stack["children"]) == {"worker", "gateway", "web"}
+        assert all(alive(pid) for pid in pids)
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(60)
+    assert up.returncode == 0, "".join(out)
+    assert wait_for(lambda: not any(alive(p) for p in pids), 10), "orphan processes left"
