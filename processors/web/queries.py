@@ -54,6 +54,31 @@ def overview(store: Store) -> dict[str, Any]:
     }
 
 
+def _failure_series(
+    store: Store, buckets: int, intent_id: str | None = None
+) -> tuple[dict[str, list[list[int]]], int, int]:
+    """``([conversations, failures] per bucket, per intent; first ns; bucket width ns)``: the
+    tagged conversations' time span (of one intent, or of all) cut into ``buckets``."""
+    where, params = ("WHERE intent_id = {i:String}", {"i": intent_id}) if intent_id else ("", {})
+    span = store.query(
+        f"SELECT min(ts_ns) AS lo, max(ts_ns) AS hi, count() AS n FROM conversation_tags FINAL {where}",
+        params,
+    )[0]
+    lo, hi = int(span["lo"] or 0), int(span["hi"] or 0)
+    width = max(1, math.ceil((hi - lo + 1) / buckets))
+    series: dict[str, list[list[int]]] = {}
+    if int(span["n"] or 0):
+        for r in store.query(
+            "SELECT intent_id, toUInt32(intDiv(ts_ns - {lo:UInt64}, {w:UInt64})) AS b, count() AS n, "
+            f"sum(failed) AS f FROM conversation_tags FINAL {where or 'WHERE 1'} "
+            "AND ts_ns >= {lo:UInt64} GROUP BY intent_id, b",
+            {**params, "lo": lo, "w": width},
+        ):
+            s = series.setdefault(r["intent_id"], [[0, 0] for _ in range(buckets)])
+            s[min(int(r["b"]), buckets - 1)] = [int(r["n"]), int(r["f"])]
+    return series, lo, width
+
+
 def intents(store: Store, cfg: Config, buckets: int = SPARK_BUCKETS) -> dict[str, Any]:
     """Intents with size, failure and signal rates, a volume/failure series and their changes.
 
@@ -77,20 +102,7 @@ def intents(store: Store, cfg: Config, buckets: int = SPARK_BUCKETS) -> dict[str
         "ARRAY JOIN signals AS s GROUP BY intent_id, signal ORDER BY signal"
     ):
         signals.setdefault(r["intent_id"], {})[r["signal"]] = int(r["n"])
-    span = store.query(
-        "SELECT min(ts_ns) AS lo, max(ts_ns) AS hi, count() AS n FROM conversation_tags FINAL"
-    )[0]
-    lo, hi = int(span["lo"] or 0), int(span["hi"] or 0)
-    width = max(1, math.ceil((hi - lo + 1) / buckets))
-    series: dict[str, list[list[int]]] = {}
-    if int(span["n"] or 0):
-        for r in store.query(
-            "SELECT intent_id, toUInt32(intDiv(ts_ns - {lo:UInt64}, {w:UInt64})) AS b, count() AS n, "
-            "sum(failed) AS f FROM conversation_tags FINAL WHERE ts_ns >= {lo:UInt64} GROUP BY intent_id, b",
-            {"lo": lo, "w": width},
-        ):
-            s = series.setdefault(r["intent_id"], [[0, 0] for _ in range(buckets)])
-            s[min(int(r["b"]), buckets - 1)] = [int(r["n"]), int(r["f"])]
+    series, lo, width = _failure_series(store, buckets)
     changes = store.query(
         "SELECT taxonomy_version, intent_id, change, name, other_id, ts_ns FROM intent_changes FINAL "
         "ORDER BY taxonomy_version DESC, ts_ns DESC, intent_id LIMIT 200"
@@ -293,21 +305,8 @@ def intent_detail(
     )
     if not rows:
         return None
-    span = store.query(
-        "SELECT min(ts_ns) AS lo, max(ts_ns) AS hi, count() AS n FROM conversation_tags FINAL "
-        "WHERE intent_id = {i:String}",
-        p,
-    )[0]
-    lo, hi = int(span["lo"] or 0), int(span["hi"] or 0)
-    width = max(1, math.ceil((hi - lo + 1) / buckets))
-    series = [[0, 0] for _ in range(buckets)]
-    for r in store.query(
-        "SELECT toUInt32(intDiv(ts_ns - {lo:UInt64}, {w:UInt64})) AS b, count() AS n, "
-        "sum(failed) AS f FROM conversation_tags FINAL WHERE intent_id = {i:String} "
-        "AND ts_ns >= {lo:UInt64} GROUP BY b",
-        {**p, "lo": lo, "w": width},
-    ):
-        series[min(int(r["b"]), buckets - 1)] = [int(r["n"]), int(r["f"])]
+    by_intent, lo, width = _failure_series(store, buckets, intent_id)
+    series = by_intent.get(intent_id, [[0, 0] for _ in range(buckets)])
     versions = store.query(
         "SELECT prompt_version AS version, min(ts_ns) AS first_ns FROM conversation_tags FINAL "
         "WHERE intent_id = {i:String} AND prompt_version != '' GROUP BY prompt_version "
@@ -329,5 +328,5 @@ def intent_detail(
         "buckets": {"from_ns": lo, "width_ns": width, "count": buckets},
         "version_changes": [(int(v["first_ns"]), v["version"]) for v in versions[1:]],
         "conversations": convs,
-        "tagged": int(span["n"] or 0),
+        "tagged": sum(n for n, _ in series),
     }
