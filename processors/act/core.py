@@ -15,9 +15,11 @@ import json
 import logging
 import re
 import urllib.request
-from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
+from processors.act.backend import ChangeBackend, branch_name
 from processors.act.change import Change, normalize_path
 from processors.act.fixes import propose_change, quote, redact_value
 from processors.act.github import GitHubBackend
@@ -30,29 +32,9 @@ from processors.redact import Redactor
 
 log = logging.getLogger("closeloop.act")
 
-BRANCH_PREFIX = "closeloop/"
 NOTIFY_TIMEOUT_S = 5.0
 MAX_TRACE_LINKS = 20
 MAX_EVIDENCE_CHARS = 4000
-
-
-class ChangeBackend(Protocol):
-    """Where proposals are written: a local repository or GitHub."""
-
-    name: str  # local | github
-    repo: str
-    base: str
-
-    def read_files(self, paths: Sequence[str], ref: str | None = None) -> dict[str, str]: ...
-    def file_history(self, path: str, limit: int = 5) -> list[str]: ...
-    def existing(self, branch: str) -> dict[str, Any] | None: ...
-    def open_or_update(
-        self, fields: dict[str, Any], change: Change
-    ) -> tuple[str, str, int, str]: ...
-    def status(self, proposal: Proposal) -> dict[str, Any]: ...
-    def merge(self, proposal: Proposal, reviewer: str, comment: str) -> str: ...
-    def close(self, proposal: Proposal, reviewer: str, comment: str) -> None: ...
-    def comment(self, proposal: Proposal, text: str) -> None: ...
 
 
 def open_backend(cfg: Config) -> ChangeBackend:
@@ -67,12 +49,6 @@ def open_backend(cfg: Config) -> ChangeBackend:
 def proposal_id(diagnosis_id: str) -> str:
     """One proposal per diagnosis: a stable hash of its id."""
     return hashlib.sha256(f"proposal\x00{diagnosis_id}".encode()).hexdigest()[:16]
-
-
-def branch_name(diagnosis_id: str) -> str:
-    return BRANCH_PREFIX + (
-        re.sub(r"[^A-Za-z0-9._-]+", "-", diagnosis_id).strip(".-")[:80] or "diagnosis"
-    )
 
 
 # -- rendering ---------------------------------------------------------------------------
@@ -460,3 +436,23 @@ def notify(proposal: Proposal, cfg: Config) -> bool:
     except OSError as e:
         log.warning("act: notification to %s failed: %s", re.sub(r"//[^/]*@", "//", url), e)
         return False
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    """A proposal built again on the current base, or why there is none: ``already_applied``
+    when the base already holds its change (another proposal made the very same edit)."""
+
+    proposal: Proposal | None
+    reason: str = ""
+    already_applied: bool = False
+
+
+def rebuild_proposal(
+    cfg: Config, backend: ChangeBackend, diagnosis: Diagnosis, now_ns: int
+) -> Rebuilt:
+    """Build the proposal of ``diagnosis`` again on the current base: what review asks of act
+    when an approved branch no longer merges, so the reviewer sees the diff that will land."""
+    actor = Actor(cfg, backend)
+    proposal = actor.propose(diagnosis, now_ns, rebuild=True)
+    return Rebuilt(proposal, actor.last_reason, actor.already_applied)

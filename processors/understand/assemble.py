@@ -83,11 +83,6 @@ def _merge_turn(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def version_of(state: dict[str, Any]) -> int:
-    """Monotonic version: the number of distinct spans folded in."""
-    return len(state["turns"])
-
-
 def is_due(state: dict[str, Any], now_ns: int, cfg: AssembleConfig) -> str:
     """'' if the conversation stays open, else why it closes now: 'end' or 'idle'."""
     if state["closed_ns"] or not state["turns"]:
