@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from itertools import pairwise
 from re import Match
@@ -73,8 +73,10 @@ _KEY_BEFORE = re.compile(
 _KEY_WINDOW = 40
 _AUTH_SCHEMES = frozenset({"bearer", "basic", "token", "digest"})  # the value follows them
 # Parts of every key name of _KEY_BEFORE: JSON text without them holds no assignment to redact.
-_KEY_PARTS = ("passw", "passphrase", "passcode", "pwd", "private", "secret", "api", "token")
-_KEY_PARTS += ("access", "authorization", "cookie", "credential")
+_KEY_PARTS = (
+    *("passw", "passphrase", "passcode", "pwd", "private", "secret", "api", "token"),
+    *("access", "authorization", "cookie", "credential"),
+)
 # Keys whose value is a secret wherever they sit in a JSON document: a word of the key (split
 # at separators and case changes) names a secret, and no word says the value is about one
 # (``max_tokens``, ``token_count``, ``password_policy`` hold no secret).
@@ -264,7 +266,7 @@ def _may_hold_secret(text: str, lower: str | None = None) -> bool:
     return max(map(len, text.replace('"', " ").split()), default=0) >= _SECRET_MIN_CHUNK
 
 
-def _apply(steps: list[Callable[[str], str]], text: str) -> str:
+def _apply(steps: Sequence[Callable[[str], str]], text: str) -> str:
     for step in steps:
         text = step(text)
     return text

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from processors.act.backend import approver, check_branch, diagnosis_of_branch
 from processors.errors import ActError, AlreadyApplied
 
 if TYPE_CHECKING:
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 
 AUTHOR_NAME = "closeloop"
 AUTHOR_EMAIL = "closeloop@localhost"
-BRANCH_PREFIX = "closeloop/"
 CLOSED_PREFIX = "refs/closeloop/closed/"
 NOTES_REF = "refs/notes/closeloop"
 ZERO = "0" * 40
@@ -77,33 +77,6 @@ def proposal_state(message: str, state: str, commit: str, **extra: Any) -> dict[
         "pr_url": "",
         **extra,
     }
-
-
-MAX_APPROVER_CHARS = 100
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
-
-
-def approver(name: str) -> str:
-    """The reviewer's name as a trailer value: one line of at most MAX_APPROVER_CHARS visible
-    characters, no control or direction characters (a newline would forge a second
-    ``Approved-by``); :class:`ActError` otherwise."""
-    name = str(name or "").strip()
-    if not name:
-        raise ActError("a merge needs the name of the human who approved it")
-    if _CONTROL.search(name):
-        raise ActError("the approver's name holds a control character or line break; refused")
-    if len(name) > MAX_APPROVER_CHARS:
-        raise ActError(f"the approver's name is longer than {MAX_APPROVER_CHARS} characters")
-    return " ".join(name.split())
-
-
-def check_branch(branch: str, base: str) -> None:
-    """Proposals live on ``closeloop/...`` branches only — never on the base branch."""
-    if not branch.startswith(BRANCH_PREFIX) or branch == base or ".." in branch:
-        raise ActError(
-            f"refused to write branch {branch!r}: proposals go to {BRANCH_PREFIX}<id>, "
-            f"never to the base branch {base!r}"
-        )
 
 
 class LocalGit:
@@ -229,7 +202,7 @@ class LocalGit:
 
     def existing(self, branch: str) -> dict[str, Any] | None:
         """The proposal already on ``branch`` (state open/merged), or a closed one, or ``None``."""
-        did = branch[len(BRANCH_PREFIX) :]
+        did = diagnosis_of_branch(branch)
         head = self._rev(f"refs/heads/{branch}")
         state = "open"
         if head is None:
@@ -383,7 +356,7 @@ class LocalGit:
         if ref in self._checked_out():
             raise ActError(f"{proposal.branch} is checked out; switch away before rejecting it")
         self.comment(proposal, f"Rejected by {reviewer}: {comment}".strip())
-        self._git("update-ref", CLOSED_PREFIX + proposal.branch[len(BRANCH_PREFIX) :], head)
+        self._git("update-ref", CLOSED_PREFIX + diagnosis_of_branch(proposal.branch), head)
         self._git("update-ref", "-d", ref, head)
 
     def comment(self, proposal: Proposal, text: str) -> None:

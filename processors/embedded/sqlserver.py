@@ -41,13 +41,14 @@ import threading
 import uuid
 import zlib
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import chdb
 
 from processors.credentials import SqlCredentials
+from processors.embedded.httpd import Server, reply
 from processors.store import Store
 
 _INSERT = re.compile(
@@ -321,34 +322,26 @@ class _Handler(BaseHTTPRequestHandler):
             return store.client.raw_query(sql, fmt=fmt)
 
     def _send(self, status: int, data: bytes, ctype: str, qid: str = "", fmt: str = "") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("X-ClickHouse-Server-Display-Name", "closeloop-chdb")
-        self.send_header("X-ClickHouse-Timezone", "UTC")
-        if qid:
-            self.send_header("X-ClickHouse-Query-Id", qid)
-        if fmt:
-            self.send_header("X-ClickHouse-Format", fmt)
-        self.send_header(
-            "X-ClickHouse-Summary", json.dumps({"read_rows": "0", "written_rows": "0"})
-        )
-        self.end_headers()
-        self.wfile.write(data)
+        headers = {
+            "Content-Type": ctype,
+            "X-ClickHouse-Server-Display-Name": "closeloop-chdb",
+            "X-ClickHouse-Timezone": "UTC",
+            **({"X-ClickHouse-Query-Id": qid} if qid else {}),
+            **({"X-ClickHouse-Format": fmt} if fmt else {}),
+            "X-ClickHouse-Summary": json.dumps({"read_rows": "0", "written_rows": "0"}),
+        }
+        reply(self, status, data, headers)
 
     def _error(self, status: int, code: int, msg: str) -> None:
         text = msg if msg.startswith("Code:") else f"Code: {code}. DB::Exception: {msg}"
         data = (text.rstrip() + "\n").encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "text/plain; charset=UTF-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("X-ClickHouse-Exception-Code", str(code))
-        if status == 401:
-            self.send_header("WWW-Authenticate", 'Basic realm="closeloop"')
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
+        headers = {
+            "Content-Type": "text/plain; charset=UTF-8",
+            "X-ClickHouse-Exception-Code": str(code),
+            **({"WWW-Authenticate": 'Basic realm="closeloop"'} if status == 401 else {}),
+            **({"Connection": "close"} if self.close_connection else {}),
+        }
+        reply(self, status, data, headers)
 
 
 def _hostname(host: str) -> str:
@@ -415,10 +408,7 @@ def _content_type(fmt: str) -> str:
     return "text/plain; charset=UTF-8"
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
+class _Server(Server):
     def __init__(
         self,
         addr: tuple[str, int],
@@ -450,19 +440,15 @@ class SQLServer:
     ) -> None:
         self._server = _Server((host, port), store, credentials, limits or SqlLimits())
         self.host, self.port = self._server.server_address[:2]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="sql-http", daemon=True
-        )
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> SQLServer:
-        self._thread.start()
+        self._server.start("sql-http")
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.stop()
         self._server.reader.close()

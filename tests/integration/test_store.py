@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from processors.act import proposal_rows
-from processors.app import _tag_row
 from processors.credentials import ensure_sql_credentials
 from processors.diagnose.core import diagnosis_rows
 from processors.embedded.sqlserver import SQLServer
@@ -28,6 +27,7 @@ from processors.records import (
 from processors.review.core import outcome_rows, review_rows
 from processors.store import Store, connect_http, migrations
 from processors.understand import assemble
+from processors.understand.core import tag_row
 
 
 def test_migrations_apply_once(store: Store) -> None:
@@ -133,7 +133,7 @@ def _rows(unique: str) -> dict[str, list[dict]]:
         "conversations": [
             dict(zip(assemble.CONVERSATION_COLUMNS, assemble.conversation_row(conv)))
         ],
-        "conversation_tags": [_tag_row(tag)],
+        "conversation_tags": [tag_row(tag)],
         "diagnoses": diagnosis_rows([diag]),
         "proposals": proposal_rows([prop]),
         "reviews": review_rows([rev]),
