@@ -127,6 +127,9 @@ class OtlpConfig:
     max_request_bytes: int = 16 * 1024 * 1024  # larger requests get RESOURCE_EXHAUSTED / 413
     max_inflight_bytes: int = 256 * 1024 * 1024  # bounded buffer towards the broker, then 503
     ack_timeout_s: float = 10.0  # broker acknowledgement wait before UNAVAILABLE/503
+    # empty: no authentication (the loopback default); set, every export must carry
+    # "authorization: Bearer <token>" (OTEL_EXPORTER_OTLP_HEADERS) or gets 401 / UNAUTHENTICATED
+    bearer_token: str = ""
 
     def validate(self) -> None:
         for key in ("grpc_port", "http_port"):

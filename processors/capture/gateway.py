@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hmac
 import json
 import logging
+import re
 import signal
 import threading
 import time
@@ -43,9 +45,9 @@ from google.protobuf import json_format
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
-from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
-from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from processors.capture.otlp import hex_ids_to_b64
 from processors.config import Config, load_config
@@ -63,6 +65,10 @@ GRPC_WORKERS = 16  # concurrent Export calls; each may wait up to ack_timeout_s
 GRPC_MAX_RPCS = 4 * GRPC_WORKERS  # more concurrent calls get RESOURCE_EXHAUSTED (bounds memory)
 HTTP_MAX_REQUESTS = 64  # more concurrent HTTP requests get 503 (bounds memory)
 HTTP_TIMEOUT_S = 120.0  # socket timeout: a stalled client or idle keep-alive is dropped
+# OTLP/JSON nested deeper than this is refused with a 400 before it is parsed (the parsers
+# recurse; a kvlist attribute 20 levels deep is about 90 levels of JSON)
+MAX_JSON_DEPTH = 128
+ENCODINGS = ("", "identity", "gzip")
 POLL_INTERVAL_S = 0.05  # producer poll loop: delivery callbacks run on this thread
 MESSAGE_OVERHEAD_BYTES = 1 << 20  # producer message.max.bytes = max_request_bytes + this
 LIBRDKAFKA_LOG_PERIOD_S = 60.0  # one librdkafka line per facility per period (see _OncePerFacility)
@@ -86,6 +92,7 @@ class Signal:
     items: str  # spans | log_records
     partial: str  # partial_success field holding the rejected count
     ids_required: bool  # spans must have ids; log records may have none
+    service: str  # the gRPC service the signal is exported to
 
 
 TRACES = Signal(
@@ -98,6 +105,7 @@ TRACES = Signal(
     items="spans",
     partial="rejected_spans",
     ids_required=True,
+    service="opentelemetry.proto.collector.trace.v1.TraceService",
 )
 LOGS = Signal(
     name="logs",
@@ -109,6 +117,7 @@ LOGS = Signal(
     items="log_records",
     partial="rejected_log_records",
     ids_required=False,
+    service="opentelemetry.proto.collector.logs.v1.LogsService",
 )
 # Metrics: SDKs (``opentelemetry-instrument`` among them) export them by default. closeloop reads
 # traces and logs only, so metrics are accepted, counted and dropped: a success answer keeps the
@@ -123,6 +132,7 @@ METRICS = Signal(
     items="metrics",
     partial="rejected_data_points",
     ids_required=False,
+    service="opentelemetry.proto.collector.metrics.v1.MetricsService",
 )
 SIGNALS = {s.path: s for s in (TRACES, LOGS, METRICS)}
 
@@ -255,11 +265,29 @@ def _each(node: dict[str, Any], snake: str) -> Iterator[Any]:
             return
 
 
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_depth(body: bytes) -> int:
+    """How deep arrays and objects nest in JSON ``body`` (brackets inside strings ignored);
+    counted without recursion, so any input gets an answer."""
+    depth = deepest = 0
+    for b in _JSON_STRING.sub(b'""', body).translate(None, _NOT_BRACKET):
+        depth += 1 if b in b"[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
 def parse_json(body: bytes, sig: Signal) -> Message:
     """Parse OTLP/JSON: ids are hex (not proto3-JSON base64), unknown fields are ignored."""
+    if (depth := json_depth(body)) > MAX_JSON_DEPTH:
+        raise InputError(
+            f"JSON nested {depth} levels deep; at most {MAX_JSON_DEPTH}", stage="gateway"
+        )
     try:
         doc = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise InputError(f"body is not JSON: {e}", stage="gateway") from None
     if not isinstance(doc, dict):
         raise InputError(
@@ -272,7 +300,7 @@ def parse_json(body: bytes, sig: Signal) -> Message:
                     hex_ids_to_b64(item, f"{_camel(sig.items)}[{i}]")
     try:
         return json_format.ParseDict(doc, sig.request(), ignore_unknown_fields=True)
-    except json_format.ParseError as e:
+    except (json_format.ParseError, RecursionError) as e:
         raise InputError(
             f"body is not an OTLP/JSON {sig.request.__name__}: {e}", stage="gateway"
         ) from None
@@ -513,13 +541,18 @@ class KafkaSink:
 # The two front doors, and the Gateway that owns them.
 # ---------------------------------------------------------------------------------------------
 
-OK, BAD_REQUEST, TOO_LARGE, UNAVAILABLE, FAILED = (
+OK, BAD_REQUEST, TOO_LARGE, UNAVAILABLE, FAILED, UNAUTHORIZED = (
     "ok",
     "bad_request",
     "too_large",
     "unavailable",
     "failed",
+    "unauthorized",
 )  # outcome_* counters
+UNAUTHORIZED_MESSAGE = (
+    "missing or wrong bearer token (otlp.bearer_token): send the header "
+    "authorization: Bearer <token>, e.g. OTEL_EXPORTER_OTLP_HEADERS='authorization=Bearer <token>'"
+)
 
 
 class Gateway:
@@ -556,9 +589,7 @@ class Gateway:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), server)
-        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_LogsService(self), server)
-        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_MetricsService(self), server)
+        server.add_generic_rpc_handlers([_grpc_service(self, sig) for sig in SIGNALS.values()])
         try:
             grpc_port = server.add_insecure_port(f"{o.host}:{o.grpc_port}")
         except RuntimeError:  # recent grpcio raises instead of returning 0
@@ -637,6 +668,17 @@ class Gateway:
     def outcome(self, kind: str) -> None:
         self._count({f"outcome_{kind}": 1})
 
+    def authorized(self, authorization: str) -> bool:
+        """Whether an ``Authorization`` value carries the configured bearer token (always
+        true when none is configured); compared in constant time."""
+        token = self.cfg.otlp.bearer_token
+        if not token:
+            return True
+        scheme, _, value = authorization.strip().partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            value.strip().encode(), token.encode()
+        )
+
     def export(self, req: Message, sig: Signal) -> Message:
         """Split, write, wait for the acks; return the Export response (partial success inside)."""
         if self._sink is None:
@@ -686,19 +728,29 @@ def _grpc_export(
     return resp
 
 
-class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self, gw: Gateway) -> None:
-        self.Export = functools.partial(_grpc_export, gw, TRACES)
+def _grpc_service(gw: Gateway, sig: Signal) -> grpc.GenericRpcHandler:
+    """The signal's ``Export`` method, taking the request as bytes: an undecodable request is
+    the client's error (INVALID_ARGUMENT), which grpc's own deserializer would report as
+    INTERNAL; and the bearer token, when one is set, is checked before the body is read."""
 
+    def export(raw: bytes, context: grpc.ServicerContext) -> Message:
+        if not gw.authorized(dict(context.invocation_metadata()).get("authorization", "")):
+            gw.outcome(UNAUTHORIZED)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHORIZED_MESSAGE)
+        request = sig.request()
+        try:
+            request.ParseFromString(raw)
+        except DecodeError as e:
+            gw.outcome(BAD_REQUEST)
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"not a protobuf {sig.request.__name__}: {e}"
+            )
+        return _grpc_export(gw, sig, request, context)
 
-class _LogsService(logs_service_pb2_grpc.LogsServiceServicer):
-    def __init__(self, gw: Gateway) -> None:
-        self.Export = functools.partial(_grpc_export, gw, LOGS)
-
-
-class _MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
-    def __init__(self, gw: Gateway) -> None:
-        self.Export = functools.partial(_grpc_export, gw, METRICS)
+    method = grpc.unary_unary_rpc_method_handler(
+        export, response_serializer=lambda m: m.SerializeToString()
+    )
+    return grpc.method_handlers_generic_handler(sig.service, {"Export": method})
 
 
 NO_SUCH_PATH = "no such path {}; use /v1/traces or /v1/logs (/v1/metrics is accepted and dropped)"
@@ -759,6 +811,27 @@ def _make_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
             ctype = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
             reply_ctype = JSON if ctype == JSON else PROTOBUF
             length = self.headers.get("Content-Length") or ""
+            if not gw.authorized(self.headers.get("Authorization") or ""):
+                self.close_connection = True  # the body is not read
+                gw.outcome(UNAUTHORIZED)
+                return self._status(
+                    401,
+                    code_pb2.UNAUTHENTICATED,
+                    UNAUTHORIZED_MESSAGE,
+                    reply_ctype,
+                    {"WWW-Authenticate": "Bearer"},
+                )
+            encoding = (self.headers.get("Content-Encoding") or "").strip().lower()
+            if sig is not None and encoding not in ENCODINGS:
+                self.close_connection = True
+                gw.outcome(BAD_REQUEST)
+                return self._status(
+                    415,
+                    code_pb2.INVALID_ARGUMENT,
+                    f"unsupported Content-Encoding {encoding!r}; use gzip or none",
+                    reply_ctype,
+                    {"Accept-Encoding": "gzip"},
+                )
             if sig is None or ctype not in (PROTOBUF, JSON) or not length.isdigit():
                 self.close_connection = True  # the body is not read
                 if sig is None:

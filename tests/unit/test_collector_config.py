@@ -159,7 +159,15 @@ def test_receivers_listen_on_the_standard_ports(doc: dict[str, Any]) -> None:
     protocols = doc["receivers"]["otlp"]["protocols"]
     assert protocols["grpc"]["endpoint"] == "0.0.0.0:4317"
     assert protocols["http"]["endpoint"] == "0.0.0.0:4318"
-    assert doc["service"]["extensions"] == ["health_check"]
+    assert doc["service"]["extensions"] == ["health_check", "bearertokenauth"]
+
+
+def test_receivers_require_the_bearer_token(doc: dict[str, Any]) -> None:
+    """The compose ports are published on every interface: no write without the token."""
+    protocols = doc["receivers"]["otlp"]["protocols"]
+    for proto in ("grpc", "http"):
+        assert protocols[proto]["auth"] == {"authenticator": "bearertokenauth"}
+    assert doc["extensions"]["bearertokenauth"]["token"] == "${env:OTLP_BEARER_TOKEN}"
 
 
 def _unknown_keys(config: Any, known: Any, where: str) -> list[str]:

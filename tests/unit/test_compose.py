@@ -333,6 +333,7 @@ def test_required_variables_are_exactly_the_empty_ones_in_env_example(
         "CLOSELOOP_WEB_TOKEN",
         "GITHUB_TOKEN",
         "CLOSELOOP_REVIEW_WEBHOOK_SECRET",
+        "OTLP_BEARER_TOKEN",
     } <= required
     # an operator who copies .env.example and fills nothing in is stopped, naming the variable
     with pytest.raises(MissingVariable, match="set it in .env"):
