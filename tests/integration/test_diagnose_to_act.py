@@ -79,6 +79,15 @@ def run(repo: Path, start_ns: int) -> tuple[CycleReport, list[bytes]]:
 
 def tag(cfg: Config, report: CycleReport, requests: list[bytes], now_ns: int) -> list[TagRecord]:
     """Capture, assemble and tag one cycle's spans; tags in conversation order."""
+    intent = {c.conversation_id: c.intent for c in report.conversations}
+    return tags_of(cfg, requests, intent, now_ns)
+
+
+def tags_of(
+    cfg: Config, requests: list[bytes], intent: dict[str, str], now_ns: int
+) -> list[TagRecord]:
+    """OTLP requests through capture, assemble (every conversation closed, by its end marker or
+    the idle timer) and the structural tagger; ``intent`` names each conversation's intent."""
     batch = Capture(cfg.capture).process(
         [RawMessage("otlp_spans", 0, i, None, value) for i, value in enumerate(requests)], now_ns
     )
@@ -88,13 +97,11 @@ def tag(cfg: Config, report: CycleReport, requests: list[bytes], now_ns: int) ->
         states[turn.conversation_id] = assemble.add_turns(
             states.get(turn.conversation_id), [turn], now_ns
         )
-    # every conversation is over: closed by its end marker, or by the idle timer (users who left)
     later = now_ns + int(cfg.assemble.idle_timeout_s * 1e9)
     convs = [
         assemble.close(cid, st, assemble.is_due(st, later, cfg.assemble), later)
         for cid, st in states.items()
     ]
-    intent = {c.conversation_id: c.intent for c in report.conversations}
     assert sorted(c.conversation_id for c in convs) == sorted(intent)
     tagger = Tagger(cfg)
     tags = []
