@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from processors.config import Config, load_config
+from processors.credentials import sql_credentials_path
 from processors.errors import CloseloopError
 
 log = logging.getLogger("closeloop")
@@ -79,7 +80,11 @@ def print_endpoints(stack: Any) -> None:
         ("OTLP HTTP", f"http://{cfg.otlp.host}:{cfg.otlp.http_port}  (/v1/traces, /v1/logs)"),
         ("Kafka", stack.bootstrap + ("  (embedded tansu)" if stack.broker else "")),
         ("ClickHouse", cfg.clickhouse_dsn),
-        ("SQL (HTTP)", stack.sql_url + "  (ClickHouse HTTP interface; `closeloop sql` uses it)"),
+        (
+            "SQL (HTTP)",
+            stack.sql_url + "  (ClickHouse HTTP interface; `closeloop sql` uses it; "
+            f"users in {sql_credentials_path(cfg.run_dir())})",
+        ),
         ("Review page", _login_url(cfg)),
         ("Logs", str(cfg.log_dir())),
     ]
