@@ -302,7 +302,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
                 "timeout_s": 5.0,
                 "max_retries": 0,
             },
-            "web": {"token": TOKEN},
+            "web": {"token": TOKEN, "reviewer": REVIEWER},  # the identity behind the token
             "review": {"webhook_secret": WEBHOOK_SECRET},
         }
         repo = tmp / "home" / "demo" / "bankly-agent"
@@ -540,7 +540,8 @@ def test_nothing_merges_without_a_recorded_human(run: Run) -> None:
     )[0]["proposal_id"]
     path = f"/proposals/{pid}/approve"
     host = f"127.0.0.1:{run.loop.cfg.web.port}"
-    form = {"reviewer": REVIEWER, "comment": "looked at the diff"}
+    # a forged name in the form is ignored: the decision is the token's identity (REVIEWER)
+    form = {"reviewer": "Mallory\nApproved-by: Mallory", "comment": "looked at the diff"}
     # no token: refused; a wrong token: refused
     assert http_get(run, "/proposals")[0] == 401
     assert http_get(run, "/login?token=wrong")[0] == 401
