@@ -82,6 +82,53 @@ def render_title(diag: Diagnosis, redactor: Redactor) -> str:
     return "closeloop: " + (quote(diag.summary, redactor, 90) or f"{diag.rule} in {diag.intent_id}")
 
 
+def _evidence_links(diag: Diagnosis, cfg: Config, redactor: Redactor) -> list[str]:
+    """The conversations showing the failure (as links) and the evidence details, redacted."""
+    lines: list[str] = []
+    traces = diag.trace_ids[:MAX_TRACE_LINKS]
+    if traces:
+        more = (
+            f" (+{len(diag.trace_ids) - len(traces)} more)"
+            if len(diag.trace_ids) > len(traces)
+            else ""
+        )
+        lines += [
+            "Conversations showing the failure: "
+            + ", ".join(trace_link(t, cfg.web.trace_url) for t in traces)
+            + more,
+            "",
+        ]
+    if diag.evidence:
+        ev = json.dumps(
+            redact_value(diag.evidence, redactor), ensure_ascii=False, indent=2, default=str
+        )
+        if len(ev) > MAX_EVIDENCE_CHARS:
+            ev = ev[:MAX_EVIDENCE_CHARS] + "\n… (truncated)"
+        lines += [
+            "<details><summary>Evidence details (redacted, from user conversations)</summary>",
+            "",
+            _fence(re.sub(r"@(?=\w)", "@\u200b", ev), "json"),
+            "",
+            "</details>",
+            "",
+        ]
+    return lines
+
+
+def _verification_text(diag: Diagnosis, name: str, cfg: Config, redactor: Redactor) -> str:
+    """What the change should fix, and how closeloop will check it."""
+    return (
+        f"It should lower the failure rate of **{name}** from {diag.failure_rate:.1%} towards the "
+        f"baseline of {diag.baseline_rate:.1%}. Once this is merged, closeloop compares the intent's "
+        f"conversations under the new prompt/agent version with those under "
+        f"`{quote(diag.prompt_version or diag.agent_version, redactor, 64) or 'the current version'}`"
+        f" in the window above. It gives a verdict (fixed / no effect / regressed) after at least "
+        f"**{cfg.review.min_after}** conversations of the intent on the new version: a two-proportion "
+        f"z-test and Fisher's exact test must both hold at α = {cfg.review.alpha}, the other intents "
+        "serve as controls, and a regression raises a new diagnosis."
+    )
+
+
 def render_body(
     diag: Diagnosis, change: Change, cfg: Config, *, version: int, pid: str, redactor: Redactor
 ) -> str:
@@ -115,33 +162,7 @@ def render_body(
         ),
         "",
     ]
-    traces = diag.trace_ids[:MAX_TRACE_LINKS]
-    if traces:
-        more = (
-            f" (+{len(diag.trace_ids) - len(traces)} more)"
-            if len(diag.trace_ids) > len(traces)
-            else ""
-        )
-        lines += [
-            "Conversations showing the failure: "
-            + ", ".join(trace_link(t, cfg.web.trace_url) for t in traces)
-            + more,
-            "",
-        ]
-    if diag.evidence:
-        ev = json.dumps(
-            redact_value(diag.evidence, redactor), ensure_ascii=False, indent=2, default=str
-        )
-        if len(ev) > MAX_EVIDENCE_CHARS:
-            ev = ev[:MAX_EVIDENCE_CHARS] + "\n… (truncated)"
-        lines += [
-            "<details><summary>Evidence details (redacted, from user conversations)</summary>",
-            "",
-            _fence(re.sub(r"@(?=\w)", "@\u200b", ev), "json"),
-            "",
-            "</details>",
-            "",
-        ]
+    lines += _evidence_links(diag, cfg, redactor)
     lines += [
         "### The change",
         "",
@@ -158,16 +179,7 @@ def render_body(
         "",
         "### What it should fix, and how closeloop will check",
         "",
-        (
-            f"It should lower the failure rate of **{name}** from {diag.failure_rate:.1%} towards the "
-            f"baseline of {diag.baseline_rate:.1%}. Once this is merged, closeloop compares the intent's "
-            f"conversations under the new prompt/agent version with those under "
-            f"`{quote(diag.prompt_version or diag.agent_version, redactor, 64) or 'the current version'}`"
-            f" in the window above. It gives a verdict (fixed / no effect / regressed) after at least "
-            f"**{cfg.review.min_after}** conversations of the intent on the new version: a two-proportion "
-            f"z-test and Fisher's exact test must both hold at α = {cfg.review.alpha}, the other intents "
-            "serve as controls, and a regression raises a new diagnosis."
-        ),
+        _verification_text(diag, name, cfg, redactor),
         "",
         "---",
         (
@@ -252,14 +264,7 @@ class Actor:
             prev = self.backend.existing(branch)
             if prev is not None and prev["state"] in ("merged", "closed"):
                 return self._drop(diag, f"its proposal was already {prev['state']} by a reviewer")
-            files = self.backend.read_files(paths)
-            history = None
-            if diag.rule == "prompt_regression":
-                history = {
-                    normalize_path(t.path): self.backend.file_history(normalize_path(t.path))
-                    for t in act.targets
-                    if t.kind == "prompt"
-                }
+            files, history = self._read_base(diag, paths)
         except ActError as e:
             return self._drop(diag, str(e))
         try:
@@ -277,7 +282,6 @@ class Actor:
             return self._drop(diag, str(e))
         if change is None:
             return self._drop(diag, reason)
-        pid = proposal_id(diag.diagnosis_id)
         # not updated_ns: diagnose re-emits the same version after a restart (replayed from its
         # checkpoint) at a later time, and that must not count as a new proposal version
         stamp = hashlib.sha256(
@@ -292,13 +296,47 @@ class Actor:
             return self._drop(
                 diag, f"its proposal already answers diagnosis version {prev['diagnosis_version']}"
             )
-        title = render_title(diag, self.redactor)
+        proposal = self._proposal(diag, change, branch, prev, stamp, now_ns)
+        if prev is not None and prev["stamp"] == stamp:  # a replay: the branch holds exactly this
+            proposal.commit, proposal.pr_number, proposal.pr_url = (
+                prev["commit"],
+                prev["pr_number"],
+                prev["pr_url"],
+            )
+            return proposal
+        return self._write(diag, change, proposal, stamp)
+
+    def _read_base(
+        self, diag: Diagnosis, paths: list[str]
+    ) -> tuple[dict[str, str], dict[str, list[str]] | None]:
+        """The allowlisted files on the base branch, and for a prompt regression the earlier
+        versions of the prompt files (what a revert goes back to)."""
+        targets = self.cfg.act.targets
+        files = self.backend.read_files(paths)
+        history = None
+        if diag.rule == "prompt_regression":
+            history = {
+                normalize_path(t.path): self.backend.file_history(normalize_path(t.path))
+                for t in targets
+                if t.kind == "prompt"
+            }
+        return files, history
+
+    def _proposal(
+        self,
+        diag: Diagnosis,
+        change: Change,
+        branch: str,
+        prev: dict[str, Any] | None,
+        stamp: str,
+        now_ns: int,
+    ) -> Proposal:
+        """The proposal record for ``change``: a new version unless ``prev`` holds this stamp."""
+        pid = proposal_id(diag.diagnosis_id)
         version = prev["version"] + 1 if prev else 1
-        created_ns = (prev["created_ns"] or now_ns) if prev else now_ns
         if prev is not None and prev["stamp"] == stamp:
-            version = prev["version"]  # a replay: the branch already holds exactly this
-        body = render_body(diag, change, self.cfg, version=version, pid=pid, redactor=self.redactor)
-        proposal = Proposal(
+            version = prev["version"]
+        return Proposal(
             proposal_id=pid,
             diagnosis_id=diag.diagnosis_id,
             intent_id=diag.intent_id,
@@ -306,39 +344,39 @@ class Actor:
             repo=self.backend.repo,
             base=self.backend.base,
             branch=branch,
-            title=title,
-            body=body,
+            title=render_title(diag, self.redactor),
+            body=render_body(
+                diag, change, self.cfg, version=version, pid=pid, redactor=self.redactor
+            ),
             diff=self.redactor.redact(change.diff())[0],
             files=change.files,
             version=version,
-            created_ns=created_ns,
+            created_ns=(prev["created_ns"] or now_ns) if prev else now_ns,
             updated_ns=now_ns,
         )
-        if prev is not None and prev["stamp"] == stamp:
-            proposal.commit, proposal.pr_number, proposal.pr_url = (
-                prev["commit"],
-                prev["pr_number"],
-                prev["pr_url"],
-            )
-            return proposal
+
+    def _write(
+        self, diag: Diagnosis, change: Change, proposal: Proposal, stamp: str
+    ) -> Proposal | None:
+        """Write ``proposal`` through the backend (branch, and pull request) and announce it."""
         fields = {
-            "branch": branch,
-            "title": title,
-            "body": body,
-            "version": version,
-            "proposal_id": pid,
+            "branch": proposal.branch,
+            "title": proposal.title,
+            "body": proposal.body,
+            "version": proposal.version,
+            "proposal_id": proposal.proposal_id,
             "diagnosis_id": diag.diagnosis_id,
             "message": commit_message(
                 diag,
                 change,
-                title=title,
-                pid=pid,
-                version=version,
+                title=proposal.title,
+                pid=proposal.proposal_id,
+                version=proposal.version,
                 stamp=stamp,
-                created_ns=created_ns,
+                created_ns=proposal.created_ns,
                 redactor=self.redactor,
             ),
-            "update_comment": update_comment(diag, version, self.cfg, self.redactor),
+            "update_comment": update_comment(diag, proposal.version, self.cfg, self.redactor),
         }
         try:
             _, proposal.commit, proposal.pr_number, proposal.pr_url = self.backend.open_or_update(
