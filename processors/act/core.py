@@ -82,9 +82,61 @@ def render_title(diag: Diagnosis, redactor: Redactor) -> str:
     return "closeloop: " + (quote(diag.summary, redactor, 90) or f"{diag.rule} in {diag.intent_id}")
 
 
-def _evidence_links(diag: Diagnosis, cfg: Config, redactor: Redactor) -> list[str]:
-    """The conversations showing the failure (as links) and the evidence details, redacted."""
-    lines: list[str] = []
+def render_body(
+    diag: Diagnosis, change: Change, cfg: Config, *, version: int, pid: str, redactor: Redactor
+) -> str:
+    """The pull request description: what is wrong, the evidence, the change and how it will
+    be verified. Every piece of conversation-derived text is redacted and neutralised, and the
+    whole body is redacted once more before it leaves."""
+    name = _inline(diag.intent_name, redactor, 80) or diag.intent_id
+    lines = [
+        *_summary_lines(diag, name, redactor),
+        *_evidence_lines(diag, cfg, redactor),
+        *_change_lines(change, redactor),
+        *_verification_lines(diag, cfg, name, redactor),
+        "---",
+        (
+            f"Proposal `{pid}` version {version} · diagnosis `{diag.diagnosis_id}`. closeloop never "
+            "merges: a human reviewer decides."
+        ),
+    ]
+    text, _ = redactor.redact("\n".join(lines))
+    return text
+
+
+def _summary_lines(diag: Diagnosis, name: str, redactor: Redactor) -> list[str]:
+    return [
+        f"## {_inline(diag.summary, redactor, 200) or diag.rule}",
+        "",
+        (
+            f"**Intent:** {name} (`{diag.intent_id}`) · **Rule:** `{diag.rule}` · "
+            f"**Confidence:** {diag.confidence:.2f}"
+        ),
+        "",
+        f"**Root cause:** {_inline(diag.root_cause, redactor) or 'see evidence'}",
+        "",
+    ]
+
+
+def _evidence_lines(diag: Diagnosis, cfg: Config, redactor: Redactor) -> list[str]:
+    """The evidence table, links to the conversations and the evidence itself (redacted)."""
+    comp = diag.component or {}
+    lines = [
+        "### Evidence",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| conversations of the intent in the window | {diag.support} |",
+        f"| failing | {diag.failures} ({diag.failure_rate:.1%}; baseline {diag.baseline_rate:.1%}) |",
+        f"| window | {_when(diag.window_from_ns)} → {_when(diag.window_to_ns)} |",
+        f"| prompt version | `{quote(diag.prompt_version, redactor, 64) or '-'}` |",
+        f"| agent version | `{quote(diag.agent_version, redactor, 64) or '-'}` |",
+        (
+            f"| component | {quote(comp.get('type', ''), redactor, 20)} "
+            f"`{quote(comp.get('target', ''), redactor, 120)}` |"
+        ),
+        "",
+    ]
     traces = diag.trace_ids[:MAX_TRACE_LINKS]
     if traces:
         more = (
@@ -115,55 +167,8 @@ def _evidence_links(diag: Diagnosis, cfg: Config, redactor: Redactor) -> list[st
     return lines
 
 
-def _verification_text(diag: Diagnosis, name: str, cfg: Config, redactor: Redactor) -> str:
-    """What the change should fix, and how closeloop will check it."""
-    return (
-        f"It should lower the failure rate of **{name}** from {diag.failure_rate:.1%} towards the "
-        f"baseline of {diag.baseline_rate:.1%}. Once this is merged, closeloop compares the intent's "
-        f"conversations under the new prompt/agent version with those under "
-        f"`{quote(diag.prompt_version or diag.agent_version, redactor, 64) or 'the current version'}`"
-        f" in the window above. It gives a verdict (fixed / no effect / regressed) after at least "
-        f"**{cfg.review.min_after}** conversations of the intent on the new version: a two-proportion "
-        f"z-test and Fisher's exact test must both hold at α = {cfg.review.alpha}, the other intents "
-        "serve as controls, and a regression raises a new diagnosis."
-    )
-
-
-def render_body(
-    diag: Diagnosis, change: Change, cfg: Config, *, version: int, pid: str, redactor: Redactor
-) -> str:
-    """The pull request description: what is wrong, the evidence, the change and how it will
-    be verified. Every piece of conversation-derived text is redacted and neutralised, and the
-    whole body is redacted once more before it leaves."""
-    name = _inline(diag.intent_name, redactor, 80) or diag.intent_id
-    comp = diag.component or {}
-    lines = [
-        f"## {_inline(diag.summary, redactor, 200) or diag.rule}",
-        "",
-        (
-            f"**Intent:** {name} (`{diag.intent_id}`) · **Rule:** `{diag.rule}` · "
-            f"**Confidence:** {diag.confidence:.2f}"
-        ),
-        "",
-        f"**Root cause:** {_inline(diag.root_cause, redactor) or 'see evidence'}",
-        "",
-        "### Evidence",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| conversations of the intent in the window | {diag.support} |",
-        f"| failing | {diag.failures} ({diag.failure_rate:.1%}; baseline {diag.baseline_rate:.1%}) |",
-        f"| window | {_when(diag.window_from_ns)} → {_when(diag.window_to_ns)} |",
-        f"| prompt version | `{quote(diag.prompt_version, redactor, 64) or '-'}` |",
-        f"| agent version | `{quote(diag.agent_version, redactor, 64) or '-'}` |",
-        (
-            f"| component | {quote(comp.get('type', ''), redactor, 20)} "
-            f"`{quote(comp.get('target', ''), redactor, 120)}` |"
-        ),
-        "",
-    ]
-    lines += _evidence_links(diag, cfg, redactor)
-    lines += [
+def _change_lines(change: Change, redactor: Redactor) -> list[str]:
+    return [
         "### The change",
         "",
         _inline(change.summary, redactor, 400)
@@ -177,18 +182,25 @@ def render_body(
         "",
         "</details>",
         "",
+    ]
+
+
+def _verification_lines(diag: Diagnosis, cfg: Config, name: str, redactor: Redactor) -> list[str]:
+    return [
         "### What it should fix, and how closeloop will check",
         "",
-        _verification_text(diag, name, cfg, redactor),
-        "",
-        "---",
         (
-            f"Proposal `{pid}` version {version} · diagnosis `{diag.diagnosis_id}`. closeloop never "
-            "merges: a human reviewer decides."
+            f"It should lower the failure rate of **{name}** from {diag.failure_rate:.1%} towards the "
+            f"baseline of {diag.baseline_rate:.1%}. Once this is merged, closeloop compares the intent's "
+            f"conversations under the new prompt/agent version with those under "
+            f"`{quote(diag.prompt_version or diag.agent_version, redactor, 64) or 'the current version'}`"
+            f" in the window above. It gives a verdict (fixed / no effect / regressed) after at least "
+            f"**{cfg.review.min_after}** conversations of the intent on the new version: a two-proportion "
+            f"z-test and Fisher's exact test must both hold at α = {cfg.review.alpha}, the other intents "
+            "serve as controls, and a regression raises a new diagnosis."
         ),
+        "",
     ]
-    text, _ = redactor.redact("\n".join(lines))
-    return text
 
 
 def commit_message(
@@ -253,35 +265,21 @@ class Actor:
         closed by a reviewer is never reopened.
         """
         self.last_reason, self.already_applied = "", False
-        act = self.cfg.act
         if diag.status in ("resolved", "rejected"):
             return self._drop(diag, f"the diagnosis is {diag.status}")
-        if not act.targets:
+        if not self.cfg.act.targets:
             return self._drop(diag, "act.targets is empty: closeloop may not write any file")
-        paths = list(dict.fromkeys(normalize_path(t.path) for t in act.targets))
         branch = branch_name(diag.diagnosis_id)
         try:
             prev = self.backend.existing(branch)
             if prev is not None and prev["state"] in ("merged", "closed"):
                 return self._drop(diag, f"its proposal was already {prev['state']} by a reviewer")
-            files, history = self._read_base(diag, paths)
+            files, history = self._read_targets(diag)
         except ActError as e:
             return self._drop(diag, str(e))
-        try:
-            change, reason = propose_change(
-                diag,
-                files,
-                act.targets,
-                self.llm,
-                max_changed_lines=act.max_changed_lines,
-                history=history,
-                redactor=self.redactor,
-            )
-        except AlreadyApplied as e:
-            self.already_applied = True
-            return self._drop(diag, str(e))
+        change = self._change(diag, files, history)
         if change is None:
-            return self._drop(diag, reason)
+            return None
         # not updated_ns: diagnose re-emits the same version after a restart (replayed from its
         # checkpoint) at a later time, and that must not count as a new proposal version
         stamp = hashlib.sha256(
@@ -297,22 +295,28 @@ class Actor:
                 diag, f"its proposal already answers diagnosis version {prev['diagnosis_version']}"
             )
         proposal = self._proposal(diag, change, branch, prev, stamp, now_ns)
-        if prev is not None and prev["stamp"] == stamp:  # a replay: the branch holds exactly this
+        if prev is not None and prev["stamp"] == stamp:
             proposal.commit, proposal.pr_number, proposal.pr_url = (
                 prev["commit"],
                 prev["pr_number"],
                 prev["pr_url"],
             )
             return proposal
-        return self._write(diag, change, proposal, stamp)
+        try:
+            _, proposal.commit, proposal.pr_number, proposal.pr_url = self.backend.open_or_update(
+                self._fields(diag, change, proposal, stamp), change
+            )
+        except ActError as e:
+            return self._drop(diag, str(e))
+        notify(proposal, self.cfg)
+        return proposal
 
-    def _read_base(
-        self, diag: Diagnosis, paths: list[str]
-    ) -> tuple[dict[str, str], dict[str, list[str]] | None]:
-        """The allowlisted files on the base branch, and for a prompt regression the earlier
-        versions of the prompt files (what a revert goes back to)."""
+    def _read_targets(self, diag: Diagnosis) -> tuple[dict[str, str], dict[str, list[str]] | None]:
+        """The target files on the base branch, and the prompts' history for a regression."""
         targets = self.cfg.act.targets
-        files = self.backend.read_files(paths)
+        files = self.backend.read_files(
+            list(dict.fromkeys(normalize_path(t.path) for t in targets))
+        )
         history = None
         if diag.rule == "prompt_regression":
             history = {
@@ -321,6 +325,28 @@ class Actor:
                 if t.kind == "prompt"
             }
         return files, history
+
+    def _change(
+        self, diag: Diagnosis, files: dict[str, str], history: dict[str, list[str]] | None
+    ) -> Change | None:
+        """The validated change for ``diag``, or ``None`` (dropped, with the reason)."""
+        act = self.cfg.act
+        try:
+            change, reason = propose_change(
+                diag,
+                files,
+                act.targets,
+                self.llm,
+                max_changed_lines=act.max_changed_lines,
+                history=history,
+                redactor=self.redactor,
+            )
+        except AlreadyApplied as e:
+            self.already_applied = True
+            return self._drop(diag, str(e))
+        if change is None:
+            return self._drop(diag, reason)
+        return change
 
     def _proposal(
         self,
@@ -331,11 +357,13 @@ class Actor:
         stamp: str,
         now_ns: int,
     ) -> Proposal:
-        """The proposal record for ``change``: a new version unless ``prev`` holds this stamp."""
+        """The proposal record: the next version, or the same one for a replay of ``prev``."""
         pid = proposal_id(diag.diagnosis_id)
         version = prev["version"] + 1 if prev else 1
+        created_ns = (prev["created_ns"] or now_ns) if prev else now_ns
         if prev is not None and prev["stamp"] == stamp:
-            version = prev["version"]
+            version = prev["version"]  # a replay: the branch already holds exactly this
+        body = render_body(diag, change, self.cfg, version=version, pid=pid, redactor=self.redactor)
         return Proposal(
             proposal_id=pid,
             diagnosis_id=diag.diagnosis_id,
@@ -345,21 +373,19 @@ class Actor:
             base=self.backend.base,
             branch=branch,
             title=render_title(diag, self.redactor),
-            body=render_body(
-                diag, change, self.cfg, version=version, pid=pid, redactor=self.redactor
-            ),
+            body=body,
             diff=self.redactor.redact(change.diff())[0],
             files=change.files,
             version=version,
-            created_ns=(prev["created_ns"] or now_ns) if prev else now_ns,
+            created_ns=created_ns,
             updated_ns=now_ns,
         )
 
-    def _write(
+    def _fields(
         self, diag: Diagnosis, change: Change, proposal: Proposal, stamp: str
-    ) -> Proposal | None:
-        """Write ``proposal`` through the backend (branch, and pull request) and announce it."""
-        fields = {
+    ) -> dict[str, Any]:
+        """What the backend writes: the branch, its commit message, the pull request text."""
+        return {
             "branch": proposal.branch,
             "title": proposal.title,
             "body": proposal.body,
@@ -378,14 +404,6 @@ class Actor:
             ),
             "update_comment": update_comment(diag, proposal.version, self.cfg, self.redactor),
         }
-        try:
-            _, proposal.commit, proposal.pr_number, proposal.pr_url = self.backend.open_or_update(
-                fields, change
-            )
-        except ActError as e:
-            return self._drop(diag, str(e))
-        notify(proposal, self.cfg)
-        return proposal
 
 
 def proposal_rows(props: Iterable[Proposal]) -> list[dict[str, Any]]:

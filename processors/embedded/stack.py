@@ -101,28 +101,21 @@ class EmbeddedStack:
         (cfg.home_path / "logs").mkdir(parents=True, exist_ok=True)
         cfg.run_dir().mkdir(parents=True, exist_ok=True)
         self._check_ports()
-        self.bootstrap = cfg.kafka.bootstrap or self._start_broker()
+        self._start_broker()
         ensure_topics(self.bootstrap, cfg.topics.all(), cfg.kafka.partitions)
         sql_port = cfg.clickhouse.sql_port or free_port()
         if cfg.embedded_store and port_in_use(sql_port):
             sql_port = free_port()
-        captures = [f"capture-{i + 1}" for i in range(cfg.capture.processes)]
-        self._plan_children(self._child_env(sql_port), captures)
+        captures = self._define_children(self._child_env(sql_port))
         try:
             self._start_children(sql_port, captures)
-            web_file = cfg.run_dir() / "web.json"
-            deadline = time.monotonic() + 5
-            while not web_file.exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            self.sql_url = f"http://127.0.0.1:{sql_port}"
-            self._write_stack_file()
         except BaseException:
             self.stop()
             raise
         return self
 
     def _check_ports(self) -> None:
-        """Refuse to start when a fixed OTLP or web port is taken (port 0 picks a free one)."""
+        """Refuse to start over a service that already listens on a configured port."""
         cfg = self.cfg
         for name in ("grpc_port", "http_port"):
             port = getattr(cfg.otlp, name)
@@ -134,48 +127,66 @@ class EmbeddedStack:
         if port_in_use(cfg.web.port, cfg.web.host) and cfg.web.port:
             raise CloseloopError(f"web port {cfg.web.port} is taken; pass --web-port")
 
-    def _start_broker(self) -> str:
-        """Start the embedded broker (on the local S3 store with ``kafka.storage: s3``); its
-        bootstrap address."""
+    def _start_broker(self) -> None:
+        """The embedded broker (on local or S3-compatible storage), or the configured Kafka."""
         cfg = self.cfg
-        try:
-            self.broker = EmbeddedBroker(port=cfg.kafka.broker_port, log_dir=cfg.log_dir())
-            if cfg.kafka.storage == "s3":
-                self.broker_store = LocalS3(
-                    cfg.home_path / "broker-s3",
-                    log_dir=cfg.log_dir(),
-                    fsync=cfg.kafka.storage_fsync,
-                ).start()
-                self.broker.storage = self.broker_store.storage_url
-                self.broker.env = self.broker_store.client_env()
-            self.broker.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self.broker.bootstrap
+        home = cfg.home_path
+        if cfg.kafka.bootstrap:
+            self.bootstrap = cfg.kafka.bootstrap
+        else:
+            try:
+                self.broker = EmbeddedBroker(
+                    port=cfg.kafka.broker_port, log_dir=cfg.log_dir(), binary=cfg.kafka.tansu_binary
+                )
+                if cfg.kafka.storage == "s3":
+                    self.broker_store = LocalS3(
+                        home / "broker-s3", log_dir=cfg.log_dir(), fsync=cfg.kafka.storage_fsync
+                    ).start()
+                    self.broker.storage = self.broker_store.storage_url
+                    self.broker.env = self.broker_store.client_env()
+                self.broker.start()
+            except BaseException:
+                self.stop()
+                raise
+            self.bootstrap = self.broker.bootstrap
 
-    def _plan_children(self, env: dict[str, str], captures: list[str]) -> None:
-        """The worker, the capture processes (if any), the gateway and the review page."""
-        logs = self.cfg.log_dir()
-        worker = [sys.executable, "-m", "processors.worker", "--bootstrap", self.bootstrap]
+    def _define_children(self, env: dict[str, str]) -> list[str]:
+        """The worker, capture processes, gateway and web page; the capture processes' names."""
+        cfg = self.cfg
+        worker_cmd = [sys.executable, "-m", "processors.worker", "--bootstrap", self.bootstrap]
+        captures = [f"capture-{i + 1}" for i in range(cfg.capture.processes)]
         if captures:  # capture moves out of the worker into processes of its own
-            worker += ["--stages", ",".join(s for s in ALL_STAGES if s not in CAPTURE_ONLY)]
-        self.children["worker"] = Child("worker", worker, env, logs / "worker.log")
-        capture = [*worker[:5], "--stages", ",".join(CAPTURE_ONLY), "--through-owner"]
+            worker_cmd += ["--stages", ",".join(s for s in ALL_STAGES if s not in CAPTURE_ONLY)]
+        self.children["worker"] = Child("worker", worker_cmd, env, cfg.log_dir() / "worker.log")
         for name in captures:
-            self.children[name] = Child(name, capture, env, logs / f"{name}.log")
+            self.children[name] = Child(
+                name,
+                [
+                    sys.executable,
+                    "-m",
+                    "processors.worker",
+                    "--bootstrap",
+                    self.bootstrap,
+                    "--stages",
+                    ",".join(CAPTURE_ONLY),
+                    "--through-owner",
+                ],
+                env,
+                cfg.log_dir() / f"{name}.log",
+            )
         self.children["gateway"] = Child(
             "gateway",
             [sys.executable, "-m", "processors.capture.gateway", "--bootstrap", self.bootstrap],
             env,
-            logs / "gateway.log",
+            cfg.log_dir() / "gateway.log",
         )
         self.children["web"] = Child(
-            "web", [sys.executable, "-m", "processors.cli", "web"], env, logs / "web.log"
+            "web", [sys.executable, "-m", "processors.cli", "web"], env, cfg.log_dir() / "web.log"
         )
+        return captures
 
     def _start_children(self, sql_port: int, captures: list[str]) -> None:
-        """Start the children in order, each once the one it needs answers on its port."""
+        """Start the children in order, each once the one it needs answers."""
         cfg = self.cfg
         self.children["worker"].start()
         if cfg.embedded_store and not wait_port("127.0.0.1", sql_port, READY_TIMEOUT_S):
@@ -192,6 +203,12 @@ class EmbeddedStack:
             raise CloseloopError(
                 f"the review page did not come up; see {cfg.log_dir() / 'web.log'}"
             )
+        web_file = cfg.run_dir() / "web.json"
+        deadline = time.monotonic() + 5
+        while not web_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.sql_url = f"http://127.0.0.1:{sql_port}"
+        self._write_stack_file()
 
     def _child_env(self, sql_port: int) -> dict[str, str]:
         cfg = self.cfg
