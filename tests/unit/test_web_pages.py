@@ -47,7 +47,10 @@ def assert_inert(page: str) -> None:
     assert all(a.get("class") in ("spark", "chart") for t, a in tags if t == "svg")
     assert not [(t, a) for t, a in tags if any(k.startswith("on") for k in a)]
     links = [
-        v or "" for _, a in tags for k, v in a.items() if k in ("href", "action", "formaction")
+        v or ""
+        for t, a in tags
+        for k, v in a.items()
+        if t in ("a", "form", "button") and k in ("href", "action", "formaction")
     ]
     assert links and all(v.startswith(("/", "http://", "https://")) for v in links), links
 
