@@ -44,6 +44,11 @@ def short(value: Any) -> bool:
     )
 
 
+def strings(value: Any) -> bool:
+    """A list of strings (ids in evidence)."""
+    return isinstance(value, list) and all(isinstance(x, str) for x in value)
+
+
 def duration_text(ns: float) -> str:
     """A duration a person reads: ``40 s``, ``12 min``, ``2.5 h``, ``3 d``.
 
@@ -141,7 +146,7 @@ env.filters.update(
     badge_class=badge_class,
     diff_class=diff_class,
 )
-env.tests.update(short=short)
+env.tests.update(short=short, strings=strings)
 env.globals.update(trace_tool_url=trace_tool_url)
 
 
