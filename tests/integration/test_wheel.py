@@ -89,6 +89,21 @@ def test_the_installed_package_is_the_one_imported(installed: Path, tmp_path: Pa
     assert not Path(package_file).is_relative_to(ROOT)
 
 
+def test_review_page_templates_ship_in_the_wheel(installed: Path, tmp_path: Path) -> None:
+    r = _run(
+        installed,
+        tmp_path,
+        "-c",
+        "from processors.web.pages import render_message; import processors.web.templating as t;"
+        " print(t.__file__); print(render_message('Not found', '<x>'))",
+    )
+    assert r.returncode == 0, r.stderr
+    module, page = r.stdout.split("\n", 1)
+    assert Path(module).is_relative_to(installed)
+    assert "<h1>Not found</h1><p>&lt;x&gt;</p>" in page
+    assert '<a href="/proposals">Proposals</a>' in page  # the base layout, from the package
+
+
 def test_version_from_the_wheel(installed: Path, tmp_path: Path) -> None:
     r = _run(installed, tmp_path, str(installed / "bin" / "closeloop"), "--version")
     assert r.returncode == 0, r.stderr
