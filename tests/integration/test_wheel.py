@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from processors.embedded.broker import free_port
-from processors.store import connect
 
 from .worker_proc import alive, wait_for
 
@@ -119,12 +118,18 @@ def test_migrate_from_the_wheel_against_chdb(installed: Path, tmp_path: Path) ->
     again = _run(installed, tmp_path, closeloop, "migrate")
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == "applied: nothing (schema is current)"
-    store = connect(f"chdb://{tmp_path / 'store'}")
-    try:
-        names = {r["name"] for r in store.query("SELECT name FROM schema_migrations")}
-    finally:
-        store.close()
-    assert names == set(shipped)
+    # read back in a process of its own: chDB opens one store per process, and this pytest
+    # process may already hold another test's
+    listed = _run(
+        installed,
+        tmp_path,
+        "-c",
+        "from processors.store import connect; import os;"
+        "s = connect(os.environ['CLOSELOOP_CLICKHOUSE']);"
+        "print('\\n'.join(r['name'] for r in s.query('SELECT name FROM schema_migrations')))",
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert set(listed.stdout.split()) == set(shipped)
 
 
 def test_up_from_the_wheel(installed: Path, tmp_path: Path) -> None:
