@@ -199,7 +199,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, b"Ok.\n", "text/plain; charset=UTF-8")
                 return
             writer = self._authenticate(qs)
-            body = self._read_body() if post else b""
+            # a reader only ever sends a query: its body is capped at the query size, so a
+            # compressed bomb stops after a megabyte, not after the writer's limit
+            cap = (
+                self.server.limits.max_body_bytes if writer else self.server.limits.max_query_bytes
+            )
+            body = self._read_body(cap) if post else b""
             self._run(qs, body, writer=writer and post)
         except Refused as e:
             if body is None:  # refused before its body was read: the connection cannot go on
@@ -243,8 +248,7 @@ class _Handler(BaseHTTPRequestHandler):
             "(HTTP Basic auth or X-ClickHouse-User/X-ClickHouse-Key)",
         )
 
-    def _read_body(self) -> bytes:
-        cap = self.server.limits.max_body_bytes
+    def _read_body(self, cap: int) -> bytes:
         if (self.headers.get("Transfer-Encoding") or "").lower() == "chunked":
             chunks, total = [], 0
             while True:

@@ -320,6 +320,12 @@ def test_gzip_bomb_gets_413_and_the_server_lives(server: SQLServer, creds: SqlCr
     assert request(server, "POST", "/", small, headers) == (200, b"7\n")
     status, _ = request(server, "POST", "/", b"SELECT 1", {**headers, "Content-Encoding": "br"})
     assert status == 415
+    # a reader's body is a query: capped at the query size while it decompresses
+    reader = {**basic(creds.reader.user, creds.reader.password), "Content-Encoding": "gzip"}
+    small_bomb = gzip.compress(b"SELECT 1 -- " + b" " * (2 * LIMITS.max_query_bytes))
+    status, body = request(server, "POST", "/", small_bomb, reader)
+    assert status == 413 and b"decompresses beyond" in body
+    assert request(server, "POST", "/", small, reader) == (200, b"7\n")
 
 
 def test_body_and_query_size_limits(server: SQLServer, creds: SqlCredentials) -> None:
