@@ -130,6 +130,8 @@ class IntentModel:
         self.examples = examples
         self.seed = seed
         self._rng = np.random.default_rng(seed)
+        # the re-clustering's sample has its own stream: examples given or not, the same cuts
+        self._cut_rng = np.random.default_rng([seed, 1])
         self._dim = 0
         self._n_seen = 0
         self._next_id = 1
@@ -313,6 +315,7 @@ class IntentModel:
                 )
             },
             "rng": self._rng.bit_generator.state,
+            "cut_rng": self._cut_rng.bit_generator.state,
             "dim": self._dim,
             "n_seen": self._n_seen,
             "next_id": self._next_id,
@@ -348,6 +351,7 @@ class IntentModel:
             raise ValueError(f"snapshot version {state['version']} is not {SNAPSHOT_VERSION}")
         m = cls(**state["settings"])
         m._rng.bit_generator.state = state["rng"]
+        m._cut_rng.bit_generator.state = state["cut_rng"]
         m._dim, m._n_seen, m._next_id = state["dim"], state["n_seen"], state["next_id"]
         m.taxonomy_version = state["taxonomy_version"]
         m._reclustered_at, m._novelty = state["reclustered_at"], state["novelty"]
@@ -525,7 +529,7 @@ class IntentModel:
     def _cut(self, pts: np.ndarray, w: np.ndarray) -> np.ndarray:
         """Centroids of the Ward cut of a weight-proportional sample of the micro-clusters with
         the highest weighted silhouette (see the module's docstring)."""
-        draws = self._rng.choice(len(w), self.recluster_sample, p=w / w.sum())
+        draws = self._cut_rng.choice(len(w), self.recluster_sample, p=w / w.sum())
         idx, counts = np.unique(draws, return_counts=True)
         sample, cw = pts[idx].astype(np.float64), counts.astype(np.float64)
         if len(idx) < 3:  # Ward's tree needs three points to offer a choice
