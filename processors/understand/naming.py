@@ -51,6 +51,7 @@ STOP_WORDS = frozenset(_STOP_TEXT.split())
 
 NAME_MAX_WORDS = 3  # a keyphrase name: the top phrases up to this many words
 PHRASE_MAX_WORDS = 5  # a phrase name: at most this many words, stop-words included
+PHRASE_WORD_COST = 0.15  # a phrase's score: its keywords' weights (best 1) less this per word
 NAME_MIN_DOCS = 3  # a name's words appear in at least this many of the intent's conversations
 NAME_MIN_DOC_SHARE = 0.1  # ... and in at least this share of them
 NAME_MAX_CHARS = 60
@@ -228,8 +229,9 @@ def phrase_name(examples: list[str], ranked: list[tuple[str, float]], allowed: s
     >>> phrase_name(["Why has my card not arrived yet?"], ranked, {"card", "arrived"})
     'card not arrived'
     """
-    weight = {t: sc for t, sc in ranked if t in allowed}
-    best: tuple[float, int, int, str] = (0.0, 0, 0, "")  # (score, -length, -rank, phrase)
+    top = max((sc for t, sc in ranked if t in allowed), default=1.0)
+    weight = {t: sc / top for t, sc in ranked if t in allowed}  # the best word weighs 1
+    best: tuple[float, int, int, str] = (-1.0, 0, 0, "")  # (score, -length, -rank, phrase)
     for rank, example in enumerate(examples):
         for clause in _CLAUSE_BREAK.split(_PLACEHOLDER.sub(",", example)):
             ws = words(clause)
@@ -243,7 +245,10 @@ def phrase_name(examples: list[str], ranked: list[tuple[str, float]], allowed: s
                     if w not in weight and w not in _PARTICLES:
                         continue  # a stretch ends on a distinctive word or a particle
                     span = ws[i : j + 2 if ws[j + 1 : j + 2] == ["up"] else j + 1]
-                    score = sum(weight.get(t, 0.0) for t in set(span))
+                    # each word costs a little: a keyword only joins the name if it says more
+                    score = sum(weight.get(t, 0.0) for t in set(span)) - PHRASE_WORD_COST * len(
+                        span
+                    )
                     key = (round(score, 9), -len(span), -rank, " ".join(span))
                     if key[:3] > best[:3]:
                         best = key
