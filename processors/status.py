@@ -24,7 +24,7 @@ def consumer_offsets(
 ) -> dict[tuple[str, int], int]:
     """The committed offset of each partition, from the consumer group that reads it: the
     capture processes' own group for the OTLP topics when they run, the worker's otherwise."""
-    from processors.app import ALL_STAGES, CAPTURE_ONLY, app_id
+    from processors.stages import ALL_STAGES, CAPTURE_ONLY, app_id
 
     otlp = {cfg.topics.otlp_spans, cfg.topics.otlp_logs}
     capture_group = app_id(CAPTURE_ONLY) if cfg.capture.processes else app_id(ALL_STAGES)
@@ -44,6 +44,8 @@ def collect_status(cfg: Config, info: dict[str, Any] | None) -> dict[str, Any]:
         "errors": [],
     }
     bootstrap = cfg.kafka.bootstrap
+    if info is None and not bootstrap:
+        st["hint"] = "nothing is running here: start the embedded stack with `closeloop up`"
     if info:
         bootstrap = str(info.get("bootstrap") or bootstrap)
         st["endpoints"] = {
@@ -112,4 +114,6 @@ def format_status(st: dict[str, Any]) -> str:
         out.append(f"  {r['stage']:<10} {r['n']:>6}  {r['reason']}")
     for e in st["errors"]:
         out.append(f"error: {e}")
+    if st.get("hint"):
+        out.append(st["hint"])
     return "\n".join(out)

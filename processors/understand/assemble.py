@@ -18,11 +18,17 @@ merged into their span by span id, whichever arrives first.
 
 from __future__ import annotations
 
+import heapq
 import json
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from processors.config import AssembleConfig
+from processors.errors import InputError
 from processors.records import Conversation, Message, ToolCall, TurnRecord
 
 END_GRACE_NS = 1_000_000_000  # wait this long after an end marker for sibling spans
@@ -77,11 +83,6 @@ def _merge_turn(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def version_of(state: dict[str, Any]) -> int:
-    """Monotonic version: the number of distinct spans folded in."""
-    return len(state["turns"])
-
-
 def is_due(state: dict[str, Any], now_ns: int, cfg: AssembleConfig) -> str:
     """'' if the conversation stays open, else why it closes now: 'end' or 'idle'."""
     if state["closed_ns"] or not state["turns"]:
@@ -115,6 +116,94 @@ def close(conversation_id: str, state: dict[str, Any], reason: str, now_ns: int)
     return conv
 
 
+def parse_turn_message(value: bytes, key: Any) -> tuple[int | None, dict[str, list[Any]]]:
+    """A message of the turns topic: ``(tick ns, {})`` for a tick, else ``(None, groups)``:
+    ``{conversation id: turn dicts}`` from a bundle, or one conversation's list keyed by ``key``.
+
+    Raises :class:`InputError` (or ``ValueError`` for bad JSON) for anything else.
+
+    >>> parse_turn_message(b'{"tick": 5}', None)
+    (5, {})
+    >>> parse_turn_message(b'[{"span_id": "s"}]', b"c1")
+    (None, {'c1': [{'span_id': 's'}]})
+    """
+    body = orjson.loads(value)
+    if isinstance(body, dict) and "tick" in body:
+        return int(body["tick"]), {}
+    if isinstance(body, dict) and isinstance(body.get("conversations"), dict):
+        groups = body["conversations"]  # a bundle: {conversation id: turns}
+    elif isinstance(body, list):  # one conversation, keyed by its id
+        groups = {key.decode() if isinstance(key, bytes) else str(key): body}
+    else:
+        raise InputError("turn message is neither a bundle nor a list of turn records")
+    for turns in groups.values():
+        if not isinstance(turns, list) or not all(isinstance(d, dict) for d in turns):
+            raise InputError("turn records must be JSON objects in a list")
+    return None, groups
+
+
+@dataclass
+class Closed:
+    """A conversation closed by a tick: its closed state, and the conversation (``None`` when
+    the state could not be built into one; ``error`` says why, and the turns are kept)."""
+
+    conversation_id: str
+    state: dict[str, Any]
+    conversation: Conversation | None
+    error: str = ""
+
+
+OpenConversations = MutableMapping[str, Any]  # conversation id -> state (``"p"``: its partition)
+
+
+class Deadlines:
+    """When each open conversation next needs a look, per partition: a heap with stale
+    entries skipped on pop, so a tick looks only at conversations that are due. After a
+    (re)start each partition's heap is rebuilt once from the restored table.
+    """
+
+    def __init__(self, cfg: AssembleConfig) -> None:
+        self.cfg = cfg
+        self._heaps: dict[int, list[tuple[int, str]]] = defaultdict(list)
+        self._indexed: set[int] = set()
+
+    def push(self, conversation_id: str, state: dict[str, Any]) -> None:
+        """Look at ``state`` (of partition ``state["p"]``) again at its next deadline."""
+        heapq.heappush(self._heaps[state["p"]], (next_deadline(state, self.cfg), conversation_id))
+
+    def close_due(self, table: OpenConversations, partition: int, now_ns: int) -> list[Closed]:
+        """The conversations of ``partition`` due at ``now_ns``, closed; expired ones leave
+        ``table``. The table keeps the open state until the conversation is published."""
+        heap = self._heaps[partition]
+        if partition not in self._indexed:
+            for cid, state in list(table.items()):
+                if state is not None and state.get("p") == partition:
+                    heapq.heappush(heap, (next_deadline(state, self.cfg), cid))
+            self._indexed.add(partition)
+        out = []
+        while heap and heap[0][0] <= now_ns:
+            _, cid = heapq.heappop(heap)
+            state = table.get(cid)
+            if state is None or next_deadline(state, self.cfg) > now_ns:
+                continue  # deleted, or updated since: a later entry exists
+            reason = is_due(state, now_ns, self.cfg)
+            if reason:
+                out.append(_closed(cid, state, reason, now_ns))
+            elif is_expired(state, now_ns):
+                del table[cid]
+        return out
+
+
+def _closed(cid: str, state: dict[str, Any], reason: str, now_ns: int) -> Closed:
+    closed_state = {**state, "turns": dict(state["turns"])}
+    try:
+        return Closed(cid, closed_state, close(cid, closed_state, reason, now_ns))
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        # a state the core cannot build: keep the pipeline going, keep the turns
+        closed_state["closed_ns"] = now_ns
+        return Closed(cid, closed_state, None, repr(err))
+
+
 def _key(m: Message) -> tuple[str, str]:
     return (m.role, m.content if m.role != "tool" else f"{m.tool_call_id}\0{m.content}")
 
@@ -140,82 +229,19 @@ def build_conversation(
     }
     for t in recs:
         trace_order.setdefault(t.trace_id, None)
-        if t.status == "error" and t.span_kind in ("llm", "tool"):
-            conv.errors += 1
-        if t.agent_name and not conv.agent_name:
-            conv.agent_name = t.agent_name
-        if t.agent_version:
-            conv.agent_version = t.agent_version
+        _count_span(conv, t)
         if t.span_kind == "tool" and t.tool is not None:
-            tc = t.tool
-            tool_calls.append(tc)
-            transcript.append(
-                Message(
-                    role="tool",
-                    content=tc.error_message or tc.result,
-                    trace_id=t.trace_id,
-                    span_id=t.span_id,
-                    ts_ns=t.start_ns,
-                    tool_name=tc.name,
-                    tool_call_id=tc.call_id,
-                    tool_arguments=tc.arguments,
-                    error=tc.error_message or tc.error_type,
-                )
-            )
+            tool_calls.append(t.tool)
+            transcript.append(_tool_message(t, t.tool))
             continue
         if t.span_kind not in ("llm", "content"):
             continue
         if t.span_kind == "llm":
-            conv.llm_calls += 1
-            conv.input_tokens += t.input_tokens
-            conv.output_tokens += t.output_tokens
-            conv.latency_ms += max(0.0, (t.end_ns - t.start_ns) / 1e6)
-            conv.model = t.response_model or t.request_model or conv.model
+            _count_llm_call(conv, t)
         if t.prompt_version:
             prompt_versions[t.prompt_version] += 1
-        # Append only the occurrences of each (role, content) this call adds to the transcript.
-        inputs = [
-            m
-            for m in t.input_messages
-            if (m.role in ("user", "assistant") and m.content)
-            or (m.role == "tool" and m.tool_call_id not in executed)
-        ]
-        need: Counter[tuple[str, str]] = Counter(_key(m) for m in inputs)
-        for m in inputs:
-            key = _key(m)
-            if need[key] > seen[key]:
-                seen[key] += 1
-                need[key] -= 1
-                transcript.append(
-                    Message(
-                        role=m.role,
-                        content=m.content,
-                        trace_id=t.trace_id,
-                        span_id=t.span_id,
-                        ts_ns=t.start_ns,
-                        tool_name=m.tool_name,
-                        tool_call_id=m.tool_call_id,
-                        error=m.error,
-                    )
-                )
-            else:
-                need[key] -= 1
-        for m in t.output_messages:
-            if m.role == "assistant" and (m.content or m.tool_name):
-                if m.content:
-                    seen[(m.role, m.content)] += 1
-                transcript.append(
-                    Message(
-                        role="assistant",
-                        content=m.content,
-                        trace_id=t.trace_id,
-                        span_id=t.span_id,
-                        ts_ns=t.end_ns,
-                        tool_name=m.tool_name,
-                        tool_call_id=m.tool_call_id,
-                        tool_arguments=m.tool_arguments,
-                    )
-                )
+        transcript += _new_inputs(t, executed, seen)
+        transcript += _outputs(t, seen)
     transcript.sort(key=lambda m: m.ts_ns)  # stable: keeps call order within one span
     conv.messages = transcript
     conv.tool_calls = tool_calls
@@ -224,6 +250,92 @@ def build_conversation(
     conv.end_ns = max((t.end_ns for t in recs), default=0)
     conv.prompt_version = prompt_versions.most_common(1)[0][0] if prompt_versions else ""
     return conv
+
+
+def _count_span(conv: Conversation, t: TurnRecord) -> None:
+    if t.status == "error" and t.span_kind in ("llm", "tool"):
+        conv.errors += 1
+    if t.agent_name and not conv.agent_name:
+        conv.agent_name = t.agent_name
+    if t.agent_version:
+        conv.agent_version = t.agent_version
+
+
+def _count_llm_call(conv: Conversation, t: TurnRecord) -> None:
+    conv.llm_calls += 1
+    conv.input_tokens += t.input_tokens
+    conv.output_tokens += t.output_tokens
+    conv.latency_ms += max(0.0, (t.end_ns - t.start_ns) / 1e6)
+    conv.model = t.response_model or t.request_model or conv.model
+
+
+def _tool_message(t: TurnRecord, tc: ToolCall) -> Message:
+    """An executed tool call, where it ran."""
+    return Message(
+        role="tool",
+        content=tc.error_message or tc.result,
+        trace_id=t.trace_id,
+        span_id=t.span_id,
+        ts_ns=t.start_ns,
+        tool_name=tc.name,
+        tool_call_id=tc.call_id,
+        tool_arguments=tc.arguments,
+        error=tc.error_message or tc.error_type,
+    )
+
+
+def _new_inputs(t: TurnRecord, executed: set[str], seen: Counter[tuple[str, str]]) -> list[Message]:
+    """The occurrences of each (role, content) this call's input adds to the transcript."""
+    inputs = [
+        m
+        for m in t.input_messages
+        if (m.role in ("user", "assistant") and m.content)
+        or (m.role == "tool" and m.tool_call_id not in executed)
+    ]
+    need: Counter[tuple[str, str]] = Counter(_key(m) for m in inputs)
+    out = []
+    for m in inputs:
+        key = _key(m)
+        if need[key] > seen[key]:
+            seen[key] += 1
+            need[key] -= 1
+            out.append(
+                Message(
+                    role=m.role,
+                    content=m.content,
+                    trace_id=t.trace_id,
+                    span_id=t.span_id,
+                    ts_ns=t.start_ns,
+                    tool_name=m.tool_name,
+                    tool_call_id=m.tool_call_id,
+                    error=m.error,
+                )
+            )
+        else:
+            need[key] -= 1
+    return out
+
+
+def _outputs(t: TurnRecord, seen: Counter[tuple[str, str]]) -> list[Message]:
+    """The assistant's answers and tool requests of this call."""
+    out = []
+    for m in t.output_messages:
+        if m.role == "assistant" and (m.content or m.tool_name):
+            if m.content:
+                seen[(m.role, m.content)] += 1
+            out.append(
+                Message(
+                    role="assistant",
+                    content=m.content,
+                    trace_id=t.trace_id,
+                    span_id=t.span_id,
+                    ts_ns=t.end_ns,
+                    tool_name=m.tool_name,
+                    tool_call_id=m.tool_call_id,
+                    tool_arguments=m.tool_arguments,
+                )
+            )
+    return out
 
 
 CONVERSATION_COLUMNS = (

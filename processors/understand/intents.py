@@ -36,6 +36,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
@@ -150,11 +151,12 @@ class IntentModel:
         self._m_n = np.zeros(0, dtype=np.int64)
         self._m_intent: list[str] = []
         # intents: metadata by id, plus the active ones' centroids in _order
-        self._meta: dict[str, dict] = {}
+        self._meta: dict[str, dict[str, Any]] = {}
         self._order: list[str] = []
         self._i_sum = np.zeros((0, 0), dtype=np.float64)
         self._i_cent = np.zeros((0, 0), dtype=np.float32)
-        self._examples: dict[str, list[list]] = {}  # id -> [[micro index, point index, text], ...]
+        # id -> [[micro index, point index, text], ...]
+        self._examples: dict[str, list[list[Any]]] = {}
         self._ex_seen: dict[str, int] = {}  # id -> points offered to the reservoir
 
     # ---- public protocol -------------------------------------------------------------
@@ -343,32 +345,34 @@ class IntentModel:
         )
         return buf.getvalue()
 
-    @classmethod
-    def restore(cls, data: bytes) -> IntentModel:
+    def restore(self, data: bytes) -> None:
+        """Put the model in the state of :meth:`snapshot`, its settings included."""
         z = np.load(io.BytesIO(data), allow_pickle=False)
         state = json.loads(z["state"].tobytes().decode())
         if state["version"] != SNAPSHOT_VERSION:
             raise ValueError(f"snapshot version {state['version']} is not {SNAPSHOT_VERSION}")
-        m = cls(**state["settings"])
-        m._rng.bit_generator.state = state["rng"]
-        m._cut_rng.bit_generator.state = state["cut_rng"]
-        m._dim, m._n_seen, m._next_id = state["dim"], state["n_seen"], state["next_id"]
-        m.taxonomy_version = state["taxonomy_version"]
-        m._reclustered_at, m._novelty = state["reclustered_at"], state["novelty"]
-        m._near_arrivals, m._far_sims = state["near_arrivals"], state["far_sims"]
-        m.changes = [IntentChange(**c) for c in state["changes"]]
-        m._m_sum = z["m_sum"].copy()
-        m._m_n = z["m_n"].copy()
-        m._m = len(m._m_n)
-        m._m_cent = m._normalise(m._m_sum)
-        m._m_intent = list(state["m_intent"])
-        m._order = list(state["order"])
-        m._i_sum = z["i_sum"].copy()
-        m._i_cent = m._normalise(m._i_sum)
-        m._meta = state["meta"]
-        m._examples = state["examples"]
-        m._ex_seen = state["ex_seen"]
-        return m
+        for name, value in state["settings"].items():
+            setattr(self, name, value)
+        self._rng = np.random.default_rng(self.seed)
+        self._rng.bit_generator.state = state["rng"]
+        self._cut_rng = np.random.default_rng([self.seed, 1])
+        self._cut_rng.bit_generator.state = state["cut_rng"]
+        self._dim, self._n_seen, self._next_id = state["dim"], state["n_seen"], state["next_id"]
+        self.taxonomy_version = state["taxonomy_version"]
+        self._reclustered_at, self._novelty = state["reclustered_at"], state["novelty"]
+        self._near_arrivals, self._far_sims = state["near_arrivals"], state["far_sims"]
+        self.changes = [IntentChange(**c) for c in state["changes"]]
+        self._m_sum = z["m_sum"].copy()
+        self._m_n = z["m_n"].copy()
+        self._m = len(self._m_n)
+        self._m_cent = self._normalise(self._m_sum)
+        self._m_intent = list(state["m_intent"])
+        self._order = list(state["order"])
+        self._i_sum = z["i_sum"].copy()
+        self._i_cent = self._normalise(self._i_sum)
+        self._meta = state["meta"]
+        self._examples = state["examples"]
+        self._ex_seen = state["ex_seen"]
 
     # ---- internals -------------------------------------------------------------------
 
