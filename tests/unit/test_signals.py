@@ -48,7 +48,11 @@ def conv(*messages: Message, closed: str = "end", cid: str = "c", **kw: object) 
 TAG_CASES = [
     ("bug_report", [U("The export button is broken since yesterday"), A("Let me check.")], 0),
     ("bug_report", [U("hi"), A("Hello!"), U("sync doesn't work on my laptop")], 2),
-    ("feature_request", [U("hello"), A("Hi! How can I help?"), U("can you add an option to export CSV?")], 2),
+    (
+        "feature_request",
+        [U("hello"), A("Hi! How can I help?"), U("can you add an option to export CSV?")],
+        2,
+    ),
     ("feature_request", [U("Is there any support for SAML?"), A("Not yet.")], 0),
     ("churn_risk", [U("I want to close my account today")], 0),
     ("churn_risk", [U("I'm switching to a competitor")], 0),
