@@ -79,7 +79,7 @@ class IntentModel:
         min_size: int = 20,
         grace: int = 500,
         refine_every: int = 500,
-        refine_iters: int = 3,
+        refine_iters: int = 10,
         max_micro_per_intent: int = 32,
         recluster_growth: float = 2.0,
         recluster_sample: int = 3000,
