@@ -413,12 +413,13 @@ class Namer:
         """Name ``intent_id`` if :meth:`due`, else ``None``."""
         if not self.due(intent_id, size, changed=changed):
             return None
-        named = name_intent(
+        docs = self.index.docs(intent_id)
+        named = name_intent(  # a split child has no counts of its own yet: its examples speak
             examples,
             self.index.stats(),
             self.llm,
-            class_counts=self.index.counts(intent_id),
-            n_docs=self.index.docs(intent_id),
+            class_counts=self.index.counts(intent_id) if docs else None,
+            n_docs=docs or None,
         )
         previous = self._named.get(intent_id, ("", 0))[0]
         self._named[intent_id] = (named.name, size)
