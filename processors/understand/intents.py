@@ -14,7 +14,9 @@ Two levels, in the spirit of DBSTREAM/CluStream but with numpy vector math:
   the granularity from the data — Ward's hierarchy over a weight-proportional sample of the
   micro-clusters, cut where the weighted silhouette is highest (groups holding less than
   ``min_share`` of the points count as unclustered, so a cut cannot win by cutting the data into
-  crumbs) — and k-means iterations polish that cut. Refinements run every ``refine_every``
+  crumbs; of the cuts within ``cut_tolerance`` of the best score the finest, as the silhouette is
+  flat near its top and favours the coarsest split of nested groups) — and k-means iterations
+  polish that cut. Refinements run every ``refine_every``
   points and, before the first of those, at doublings from ``2 * min_size``; re-clusterings at
   the first of them and then whenever the stream has doubled. Between refinements a point joins
   its micro-cluster's intent, or the nearest intent, or opens a new one when its similarity to
@@ -90,6 +92,7 @@ class IntentModel:
         recluster_sample: int = 3000,
         novelty_quantile: float = 0.002,
         min_share: float = 0.003,
+        cut_tolerance: float = 0.1,
         examples: int = 10,
         seed: int = 0,
     ) -> None:
@@ -116,10 +119,11 @@ class IntentModel:
             or recluster_sample < 10
             or not 0 <= novelty_quantile < 1
             or not 0 <= min_share < 1
+            or not 0 <= cut_tolerance < 1
         ):
             raise ValueError(
                 "need recluster_growth > 1, recluster_sample >= 10, "
-                "0 <= novelty_quantile < 1, 0 <= min_share < 1"
+                "0 <= novelty_quantile < 1, 0 <= min_share < 1, 0 <= cut_tolerance < 1"
             )
         self.threshold = threshold
         self.micro_threshold = micro_threshold
@@ -133,6 +137,7 @@ class IntentModel:
         self.recluster_sample = recluster_sample
         self.novelty_quantile = novelty_quantile
         self.min_share = min_share
+        self.cut_tolerance = cut_tolerance
         self.examples = examples
         self.seed = seed
         self._rng = np.random.default_rng(seed)
@@ -317,6 +322,7 @@ class IntentModel:
                     "recluster_sample",
                     "novelty_quantile",
                     "min_share",
+                    "cut_tolerance",
                     "examples",
                     "seed",
                 )
@@ -546,14 +552,17 @@ class IntentModel:
             return self._normalise(sums)
         tree = linkage(sample, "ward")
         small = self.min_share * self.recluster_sample  # min_share of the points, in sample weight
-        best, best_labels = -2.0, np.zeros(len(idx), dtype=np.int64)
         # past 2 / min_share groups most must be smaller than min_share: no better cut lies there
         top = max(2.0, min(len(idx) / 2, 2 / max(self.min_share, 1e-9)))
-        for k in np.unique(np.geomspace(2, top, 24).astype(int)):
-            labels = fcluster(tree, k, "maxclust") - 1
-            score = _silhouette(sample, cw, labels, small)
-            if score > best:
-                best, best_labels = score, labels
+        cuts = [
+            fcluster(tree, k, "maxclust") - 1
+            for k in np.unique(np.geomspace(2, top, 24).astype(int))
+        ]
+        scores = [_silhouette(sample, cw, labels, small) for labels in cuts]
+        # the silhouette is flat near its top and favours the coarsest split of nested groups:
+        # of the cuts within ``cut_tolerance`` (relative) of the best, the finest
+        near = [k for k, sc in enumerate(scores) if sc >= max(scores) * (1 - self.cut_tolerance)]
+        best_labels = cuts[max(near, key=lambda k: int(cuts[k].max()))]
         sums = np.zeros((best_labels.max() + 1, sample.shape[1]))
         np.add.at(sums, best_labels, sample * cw[:, None])
         return self._normalise(sums)

@@ -142,7 +142,7 @@ def test_the_default_finds_the_number_of_groups_within_2x_at_every_granularity(
     X, y = nested_stream(groups, per, noise, seed=groups)
     m = IntentModel()  # the one default, never told the number of groups
     arrival = np.array([m.resolve(a) for a in m.learn_many(X, now_ns=1)])
-    final = np.array([m.predict_one(x) for x in X])
+    final = np.array([m.predict_one(x) or "new" for x in X])  # None: would open an intent
     assert groups / 2 <= len(m.intents()) <= 2 * groups
     assert purity(final, y) >= 0.95
     # once warmed up (the second half of the stream), the tags given on arrival agree too
@@ -211,6 +211,7 @@ def test_state_is_bounded_by_intents_not_points() -> None:
         {"recluster_growth": 1.0},
         {"novelty_quantile": 1.0},
         {"min_share": -0.1},
+        {"cut_tolerance": 1.0},
     ],
 )
 def test_bad_settings_raise(kw: dict) -> None:
