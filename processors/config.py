@@ -205,8 +205,32 @@ class UnderstandConfig:
     embedding_model: str = "text-embedding-3-small"  # for embedder: openai
     goal_user_turns: int = 2  # how many first user turns describe the goal
     min_examples_shown: int = 5  # intents smaller than this never show raw examples
+    # Stated outcomes (evaluation events, late feedback): which ones mean failure. A label in
+    # outcome_fail_labels fails, one in outcome_pass_labels passes, else a score below
+    # outcome_fail_below fails. The defaults read pass/fail labels and 0/1 scores.
+    outcome_fail_below: float = 0.5
+    outcome_fail_labels: list[str] = field(
+        default_factory=lambda: [
+            "fail", "failed", "failure", "incorrect", "wrong", "bad", "negative",
+            "thumbs_down", "unresolved", "false", "no",
+        ]
+    )  # fmt: skip
+    outcome_pass_labels: list[str] = field(
+        default_factory=lambda: [
+            "pass", "passed", "success", "correct", "good", "positive", "thumbs_up",
+            "resolved", "true", "yes",
+        ]
+    )  # fmt: skip
+    outcome_evaluations: list[str] = field(
+        default_factory=list
+    )  # evaluation names read; empty: all
+    escalation_is_failure: bool = False  # a hand-off to a human counts as a failure
 
     def validate(self) -> None:
+        if set(map(str.lower, self.outcome_fail_labels)) & set(
+            map(str.lower, self.outcome_pass_labels)
+        ):
+            raise ConfigError("understand.outcome_fail_labels", "a label cannot both pass and fail")
         if self.embedder not in ("minilm", "minilm-fp32", "minilm-numpy", "openai", "hashing"):
             raise ConfigError(
                 "understand.embedder",

@@ -67,8 +67,13 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from processors.capture.otlp import Problem, any_value, decode_logs, decode_traces
 from processors.config import CaptureConfig
 from processors.errors import ConfigError, InputError, PayloadTooLarge
-from processors.records import DeadLetter, Message, ToolCall, TurnRecord
+from processors.records import DeadLetter, Evaluation, Message, ToolCall, TurnRecord
 from processors.redact import Redactor
+from processors.understand.outcomes import (
+    EVALUATION_EVENT,
+    OUTCOME_ATTRIBUTE,
+    OUTCOME_REASON_ATTRIBUTE,
+)
 
 STAGE = "capture"
 DEFAULT_END_ATTRIBUTE = "closeloop.conversation.end"
@@ -312,6 +317,9 @@ class Capture:
         duration_ms = max(0, end_ns - start_ns) / 1e6
         conv, explicit = a.conversation(trace_id)
         kind = _kind(a, parent_id)
+        evaluations = self._span_evaluations(a, ev_vals, trace_id, span_id, end_ns)
+        if kind == "other" and evaluations:
+            kind = "content"  # a span of no GenAI kind that states an outcome: keep the outcome
         row = {
             "trace_id": trace_id,
             "span_id": span_id,
@@ -335,6 +343,20 @@ class Capture:
         if kind == "other":
             row["redactions"] = self._red
             return row, None, None, explicit
+        if kind == "content":
+            turn = TurnRecord(
+                conversation_id=conv,
+                trace_id=trace_id,
+                span_id=span_id,
+                parent_span_id=parent_id,
+                span_kind="content",
+                name=name,
+                start_ns=start_ns,
+                end_ns=end_ns,
+                evaluations=evaluations,
+            )
+            turn.redactions = row["redactions"] = self._red
+            return row, turn, None, explicit
 
         error_type = a.str("error.type")
         error_message = status_message
@@ -407,6 +429,7 @@ class Capture:
             error_type=error_type if failed else "",
             error_message=error_message if failed else "",
             end_of_conversation=_truthy(a.get(self.end_attribute)),
+            evaluations=evaluations,
         )
         turn.redactions = row["redactions"] = self._red
         tool_row = None
@@ -427,6 +450,36 @@ class Capture:
                 "prompt_version": turn.prompt_version,
             }
         return row, turn, tool_row, explicit
+
+    def _span_evaluations(
+        self,
+        a: _Attrs,
+        ev_vals: list[tuple[str, dict[str, Any]]],
+        trace_id: str,
+        span_id: str,
+        end_ns: int,
+    ) -> list[Evaluation]:
+        """Outcomes the span states: ``gen_ai.evaluation.result`` span events and the
+        ``closeloop.outcome`` attribute."""
+        out = [
+            _evaluation(ev, "event", trace_id, span_id, end_ns)
+            for name, ev in ev_vals
+            if name == EVALUATION_EVENT
+        ]
+        stated = a.vals.get(OUTCOME_ATTRIBUTE)
+        if isinstance(stated, str) and stated:
+            out.append(
+                Evaluation(
+                    name=OUTCOME_ATTRIBUTE,
+                    label=stated.strip().lower(),
+                    explanation=self._cap(_as_text(a.vals.get(OUTCOME_REASON_ATTRIBUTE) or "")),
+                    source="attribute",
+                    span_id=span_id,
+                    trace_id=trace_id,
+                    ts_ns=end_ns,
+                )
+            )
+        return out
 
     def _tool(
         self,
@@ -637,6 +690,7 @@ class Capture:
                     start_ns=c.start_ns,
                     end_ns=c.end_ns,
                     redactions=c.redactions,
+                    evaluations=c.evaluations,
                 )
             )
 
@@ -646,13 +700,16 @@ class Capture:
         """Fold one log record into its span's content group; False if it is not a GenAI content event."""
         _, vals = self._attributes(lr.attributes)
         name = lr.event_name or str(vals.get("event.name", ""))
-        if name not in _CONTENT_EVENTS:
+        if name not in _CONTENT_EVENTS and name != EVALUATION_EVENT:
             return False
-        trace_id, span_id, _ = _ids(lr.trace_id, lr.span_id, b"")
-        body = self._walk(any_value(lr.body)) if lr.HasField("body") else None
-        system, ins, outs = _event_content(name, vals, body)
         a = _Attrs(vals, res_vals)
         ts = lr.time_unix_nano or lr.observed_time_unix_nano
+        trace_id, span_id = _log_ids(lr, a, name, ts)
+        if name == EVALUATION_EVENT:
+            system, ins, outs = None, [], []
+        else:
+            body = self._walk(any_value(lr.body)) if lr.HasField("body") else None
+            system, ins, outs = _event_content(name, vals, body)
         conv, explicit = a.conversation(trace_id)
         c = groups.get((trace_id, span_id))
         if c is None:
@@ -663,6 +720,8 @@ class Capture:
         c.system = c.system or system
         c.inputs += ins
         c.outputs += outs
+        if name == EVALUATION_EVENT:
+            c.evaluations.append(_evaluation(vals, "log", trace_id, span_id, ts))
         c.start_ns, c.end_ns = min(c.start_ns, ts), max(c.end_ns, ts)
         c.redactions += self._red
         return True
@@ -773,6 +832,7 @@ class _Content:
     inputs: list[Any] = field(default_factory=list)
     outputs: list[Any] = field(default_factory=list)
     redactions: int = 0
+    evaluations: list[Evaluation] = field(default_factory=list)
 
 
 class _Attrs:
@@ -986,6 +1046,45 @@ def _event_content(name: str, attrs: dict[str, Any], body: Any) -> tuple[Any, li
     if role == "tool" and "tool_call_id" not in msg:
         msg["tool_call_id"] = body.get("id", "")
     return None, [msg], []
+
+
+def _log_ids(lr: LogRecord, a: _Attrs, name: str, ts: int) -> tuple[str, str]:
+    """``(trace id, span id)`` of a log record. An evaluation sent without trace context but
+    with a conversation id (a grader's reward, a user's rating) gets a span id of its own
+    and the conversation id as its trace id, which the assembler maps to the conversation."""
+    if name == EVALUATION_EVENT and not any(lr.trace_id) and not any(lr.span_id):
+        conv, explicit = a.conversation("")
+        if not explicit:
+            raise InputError("evaluation event without trace context or gen_ai.conversation.id")
+        key = f"{conv}\0{a.str('gen_ai.evaluation.name')}\0{ts}".encode()
+        return conv, "eval-" + hashlib.sha256(key).hexdigest()[:16]
+    trace_id, span_id, _ = _ids(lr.trace_id, lr.span_id, b"")
+    return trace_id, span_id
+
+
+def _evaluation(
+    vals: dict[str, Any], source: str, trace_id: str, span_id: str, ts_ns: int
+) -> Evaluation:
+    """An :class:`Evaluation` from the (already redacted) attributes of an evaluation event."""
+    score = vals.get("gen_ai.evaluation.score.value")
+    if isinstance(score, str):
+        try:
+            score = float(score)
+        except ValueError:
+            score = None
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or score != score:
+        score = None
+    return Evaluation(
+        name=_as_text(vals.get("gen_ai.evaluation.name") or ""),
+        score=None if score is None else float(score),
+        label=_as_text(vals.get("gen_ai.evaluation.score.label") or "").strip().lower(),
+        explanation=_as_text(vals.get("gen_ai.evaluation.explanation") or "")[:2000],
+        response_id=_as_text(vals.get("gen_ai.response.id") or ""),
+        source=source,
+        span_id=span_id,
+        trace_id=trace_id,
+        ts_ns=ts_ns,
+    )
 
 
 def _as_list(x: Any) -> list[Any]:

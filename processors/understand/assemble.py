@@ -74,6 +74,8 @@ def _merge_turn(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         if not out.get(key) and b.get(key):
             out[key] = b[key]
     out["redactions"] = int(a.get("redactions", 0)) + int(b.get("redactions", 0))
+    evs = [*(a.get("evaluations") or []), *(b.get("evaluations") or [])]
+    out["evaluations"] = [e for i, e in enumerate(evs) if e not in evs[:i]]
     return out
 
 
@@ -124,7 +126,12 @@ def build_conversation(
 ) -> Conversation:
     """Order the spans and derive the transcript: messages de-duplicated across LLM calls
     (agents resend the history on every call), tool executions placed where they ran."""
-    recs = sorted((TurnRecord.from_dict(t) for t in turns), key=lambda t: (t.start_ns, t.span_id))
+    # Agent spans last: their messages (the user's input, the final answer) fill in only what
+    # no model call carried, so they are de-duplicated against everything else.
+    recs = sorted(
+        (TurnRecord.from_dict(t) for t in turns),
+        key=lambda t: (t.span_kind == "agent", t.start_ns, t.span_id),
+    )
     transcript: list[Message] = []
     seen: Counter[tuple[str, str]] = Counter()
     tool_calls: list[ToolCall] = []
@@ -139,6 +146,7 @@ def build_conversation(
         if t.span_kind == "tool" and t.tool is not None and t.tool.call_id
     }
     for t in recs:
+        conv.evaluations += t.evaluations
         trace_order.setdefault(t.trace_id, None)
         if t.status == "error" and t.span_kind in ("llm", "tool"):
             conv.errors += 1
@@ -163,7 +171,7 @@ def build_conversation(
                 )
             )
             continue
-        if t.span_kind not in ("llm", "content"):
+        if t.span_kind not in ("llm", "content", "agent"):
             continue
         if t.span_kind == "llm":
             conv.llm_calls += 1
@@ -180,6 +188,8 @@ def build_conversation(
             if (m.role in ("user", "assistant") and m.content)
             or (m.role == "tool" and m.tool_call_id not in executed)
         ]
+        if t.span_kind == "agent":
+            inputs += [m for m in t.output_messages if m.role == "assistant" and m.content]
         need: Counter[tuple[str, str]] = Counter(_key(m) for m in inputs)
         for m in inputs:
             key = _key(m)
@@ -192,7 +202,7 @@ def build_conversation(
                         content=m.content,
                         trace_id=t.trace_id,
                         span_id=t.span_id,
-                        ts_ns=t.start_ns,
+                        ts_ns=m.ts_ns or t.start_ns,
                         tool_name=m.tool_name,
                         tool_call_id=m.tool_call_id,
                         error=m.error,
@@ -200,7 +210,7 @@ def build_conversation(
                 )
             else:
                 need[key] -= 1
-        for m in t.output_messages:
+        for m in t.output_messages if t.span_kind != "agent" else ():
             if m.role == "assistant" and (m.content or m.tool_name):
                 if m.content:
                     seen[(m.role, m.content)] += 1
@@ -217,6 +227,7 @@ def build_conversation(
                     )
                 )
     transcript.sort(key=lambda m: m.ts_ns)  # stable: keeps call order within one span
+    conv.evaluations.sort(key=lambda e: e.ts_ns)
     conv.messages = transcript
     conv.tool_calls = tool_calls
     conv.trace_ids = list(trace_order)
