@@ -264,8 +264,26 @@ class DiagnoseConfig:
     reemit_growth: float = 0.25  # re-emit a diagnosis only after failures grew by this fraction
     latency_ratio: float = 1.5  # failing/healthy latency per model call that counts as a finding
     max_trace_ids: int = 10
+    # contrastive analysis (diagnose/contrast.py): failed vs successful conversations per intent
+    contrast_min_failures: int = 5  # failed conversations an intent needs before it is analysed
+    contrast_min_successes: int = 3  # and successful ones to contrast them with
+    contrast_min_count: int = 3  # failed conversations a pattern must hold in
+    contrast_min_lift: float = 0.25  # share among failed - share among successful, at least
+    contrast_alpha: float = 0.05  # Fisher's exact test, Benjamini-Hochberg adjusted per intent
+    contrast_max_per_intent: int = 5  # findings kept per intent, strongest first
 
     def validate(self) -> None:
+        for key in (
+            "contrast_min_failures",
+            "contrast_min_successes",
+            "contrast_min_count",
+            "contrast_max_per_intent",
+        ):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"diagnose.{key}", "must be >= 1")
+        for key in ("contrast_min_lift", "contrast_alpha"):
+            if not 0.0 < getattr(self, key) < 1.0:
+                raise ConfigError(f"diagnose.{key}", "must be within (0, 1)")
         if self.min_support < 1:
             raise ConfigError("diagnose.min_support", "must be >= 1")
         if self.min_failures < 1:

@@ -1,0 +1,133 @@
+"""The contrastive rule on a synthetic agent (not any data set): it finds planted patterns,
+with every conversation they explain, and nothing on a control where failures are random."""
+
+from __future__ import annotations
+
+import json
+import random
+
+from processors.config import DiagnoseConfig
+from processors.diagnose.contrast import analyse, changes_state, conversation_rows, patterns
+from processors.records import Conversation, Message, TagRecord
+
+CFG = DiagnoseConfig()
+
+
+def U(text: str) -> Message:
+    return Message("user", text)
+
+
+def A(text: str) -> Message:
+    return Message("assistant", text)
+
+
+def T(name: str, args: dict, result: str = "ok", error: str = "") -> Message:
+    return Message(
+        "tool", result, tool_name=name, tool_arguments=json.dumps(args), error=error, trace_id="t"
+    )
+
+
+def conv(cid: str, msgs: list[Message], version: str = "p1") -> Conversation:
+    return Conversation(cid, messages=msgs, trace_ids=[f"trace-{cid}"], prompt_version=version)
+
+
+def tag(c: Conversation, failed: bool, intent: str = "i1") -> TagRecord:
+    return TagRecord(
+        c.conversation_id, 1, intent, "close a ticket", 1, failed=failed, conversation=c
+    )
+
+
+def confirmed_close(cid: str, ticket: str) -> Conversation:
+    return conv(
+        cid,
+        [
+            U(f"please close ticket {ticket}"),
+            T("lookup_ticket", {"id": ticket}, result=f"ticket {ticket} open"),
+            A(f"Ticket {ticket} is open. Shall I close it?"),
+            U("yes please"),
+            T("close_ticket", {"id": ticket}),
+            A("Closed."),
+        ],
+    )
+
+
+def unconfirmed_close(cid: str, ticket: str) -> Conversation:
+    return conv(
+        cid,
+        [
+            U(f"what is the state of ticket {ticket}, I may close it later"),
+            T("lookup_ticket", {"id": ticket}, result=f"ticket {ticket} open"),
+            T("close_ticket", {"id": ticket}),
+            A("I closed it for you."),
+        ],
+    )
+
+
+def test_state_changing_tools_are_inferred_from_their_names() -> None:
+    assert [changes_state(t) for t in ("lookup_ticket", "close_ticket", "getUser", "sendMail")] == [
+        False,
+        True,
+        False,
+        True,
+    ]
+    assert not changes_state("transfer_to_human")  # a hand-off is its own pattern
+
+
+def test_patterns_of_one_conversation() -> None:
+    p = patterns(unconfirmed_close("c", "T-1"))
+    assert {"calls:close_ticket", "unconfirmed:close_ticket"} <= set(p)
+    assert p["unconfirmed:close_ticket"].turn == 2
+    assert p["unconfirmed:close_ticket"].trace_id == "t"
+    assert "unconfirmed:close_ticket" not in patterns(confirmed_close("c", "T-1"))
+    ungrounded = conv("u", [U("close my ticket"), T("close_ticket", {"id": "T-999"})])
+    assert "ungrounded:close_ticket.id" in patterns(ungrounded)
+
+
+def test_planted_unconfirmed_write_is_found_with_every_conversation() -> None:
+    rng = random.Random(7)
+    tags = []
+    for i in range(30):  # 30 failed: 24 close without asking, 6 fail otherwise
+        if i < 24:
+            tags.append(tag(unconfirmed_close(f"f{i}", f"T-{i}"), True))
+        else:
+            tags.append(tag(conv(f"f{i}", [U("close ticket"), A("Sorry, I cannot.")]), True))
+    for i in range(30):  # 30 successful: confirmed first (2 skip the confirmation)
+        c = unconfirmed_close(f"s{i}", f"S-{i}") if i < 2 else confirmed_close(f"s{i}", f"S-{i}")
+        tags.append(tag(c, False))
+    rng.shuffle(tags)
+    found = analyse(tags, CFG, now_ns=1)
+    kinds = {d.failure_kind: (d, hits) for d, hits in found}
+    assert "unauthorized_action" in kinds
+    d, hits = kinds["unauthorized_action"]
+    assert d.evidence["pattern"] == "unconfirmed" and d.evidence["tool"] == "close_ticket"
+    assert (d.evidence["failed_with"], d.evidence["ok_with"]) == (24, 2)
+    assert sorted(hits) == sorted(f"f{i}" for i in range(24))  # every one, not a sample
+    assert "24 of 30 failed" in d.summary and "2 of 30 successful" in d.summary
+    rows = conversation_rows(d, hits)
+    assert len(rows) == 24 and {r["turn"] for r in rows} == {2}
+    assert {r["trace_id"] for r in rows} == {"t"}
+    assert all(r["failure_kind"] == "unauthorized_action" for r in rows)
+
+
+def test_control_with_random_failures_finds_nothing() -> None:
+    rng = random.Random(11)
+    tags = []
+    for i in range(80):
+        c = (
+            unconfirmed_close(f"c{i}", f"T-{i}")
+            if rng.random() < 0.4
+            else confirmed_close(f"c{i}", f"T-{i}")
+        )
+        tags.append(tag(c, rng.random() < 0.4))
+    assert analyse(tags, CFG, now_ns=1) == []
+
+
+def test_missing_action_and_too_few_successes() -> None:
+    tags = [
+        tag(conv(f"f{i}", [U("close it"), T("lookup_ticket", {"id": "1"}), A("ok")]), True)
+        for i in range(12)
+    ]
+    tags += [tag(confirmed_close(f"s{i}", f"S-{i}"), False) for i in range(10)]
+    kinds = {d.failure_kind for d, _ in analyse(tags, CFG, now_ns=1)}
+    assert "missing_action" in kinds
+    assert analyse(tags[:14], CFG, now_ns=1) == []  # 12 failed, 2 successful: not analysed
