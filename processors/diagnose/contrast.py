@@ -355,7 +355,7 @@ def diagnosis_of(
     f: Finding, intent_id: str, intent_name: str, conv_traces: dict[str, list[str]], now_ns: int
 ) -> Diagnosis:
     summary, root = _describe(f, intent_name or intent_id)
-    head, _, rest = f.pattern.partition(":")
+    head = f.pattern.partition(":")[0]
     comp = _component(f)
     evidence = {
         "pattern": head,
