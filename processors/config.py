@@ -550,3 +550,12 @@ def load_config(
         if value is not None:
             _set_dotted(data, dotted, value)
     return _build(Config, data, "").validate()
+
+
+def config_for(config: str | os.PathLike[str] | None, home: str | None, **overrides: Any) -> Config:
+    """The configuration of a command: ``--config``, else ``closeloop.yaml`` inside ``--home``
+    (a home made with its own file needs no ``--config`` on every command), else the usual
+    search (``CLOSELOOP_CONFIG``, ``./closeloop.yaml``)."""
+    if config is None and home is not None and (Path(home) / "closeloop.yaml").is_file():
+        config = Path(home) / "closeloop.yaml"
+    return load_config(config, overrides={"home": home, **overrides})

@@ -58,7 +58,44 @@ from processors.stats import fisher_exact
 RULE = "contrast"
 
 READ_VERBS = frozenset(
-    ["get", "list", "search", "find", "lookup", "look", "query", "read", "fetch", "retrieve", "view", "show", "describe", "check", "count", "calculate", "calc", "compute", "estimate", "validate", "verify", "think", "reason", "plan", "summarize", "summarise", "browse", "inspect", "preview", "explain", "lookup", "load", "see", "scan", "match", "compare"]
+    [
+        "get",
+        "list",
+        "search",
+        "find",
+        "lookup",
+        "look",
+        "query",
+        "read",
+        "fetch",
+        "retrieve",
+        "view",
+        "show",
+        "describe",
+        "check",
+        "count",
+        "calculate",
+        "calc",
+        "compute",
+        "estimate",
+        "validate",
+        "verify",
+        "think",
+        "reason",
+        "plan",
+        "summarize",
+        "summarise",
+        "browse",
+        "inspect",
+        "preview",
+        "explain",
+        "lookup",
+        "load",
+        "see",
+        "scan",
+        "match",
+        "compare",
+    ]
 )
 _HANDOFF_NAME = re.compile(r"escalat|hand_?off|transfer_to|human|live_?agent|operator")
 _AFFIRM = re.compile(

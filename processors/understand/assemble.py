@@ -231,7 +231,7 @@ def build_conversation(
     conv.messages = transcript
     conv.tool_calls = tool_calls
     conv.trace_ids = list(trace_order)
-    conv.start_ns = recs[0].start_ns if recs else 0
+    conv.start_ns = min((t.start_ns for t in recs), default=0)
     conv.end_ns = max((t.end_ns for t in recs), default=0)
     conv.prompt_version = prompt_versions.most_common(1)[0][0] if prompt_versions else ""
     return conv
