@@ -4,7 +4,7 @@
 
 Each section runs in its own process (so memory figures are its own), one after the other:
 capture core, gateway, end-to-end ingest, understand core, intent quality (BANKING77),
-diagnose delay, and the side-by-side with Arize Phoenix and offline k-means. ``--quick``
+diagnose delay, the loop on real agent runs (tau-bench), and the side-by-side with Arize Phoenix and offline k-means. ``--quick``
 uses smaller sizes (a few minutes instead of ~15).
 """
 
@@ -90,6 +90,7 @@ def sections(quick: bool) -> list[Section]:
         Section(
             "Diagnose", ["-m", "bench.diagnose", "--seeds", "3" if q else "10", "--out", "{out}"]
         ),
+        Section("Real agents", ["-m", "bench.real_agents", "--out", "{out}", "--json", "{json}"]),
         Section(
             "Side by side",
             [

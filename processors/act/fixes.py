@@ -290,6 +290,14 @@ def contrast_instruction(diag: Diagnosis) -> str:
         fw, f, ow, o = counts
         why = f" ({fw} of {f} failed conversations did; {ow} of {o} successful ones did)"
     kind = diag.failure_kind
+    if kind == "unauthorized_action" and pattern == "acts":
+        return (
+            "Before any tool call that changes something for the user (creates, changes, "
+            "cancels or sends), check that the rules in this prompt allow exactly that action "
+            "for this user and this request; when they do not, explain why and make no such "
+            "call. Conversations that made a state-changing call where successful ones "
+            f"refrained failed far more often{why}."
+        )
     if kind == "unauthorized_action" and tool:
         if pattern == "unconfirmed":
             return (

@@ -14,6 +14,8 @@ pattern                the conversation ...                                failu
 ``never:T``            never calls state-changing ``T`` (that successful   missing_action
                        conversations of the intent call)
 ``no_action``          makes no state-changing call at all                 missing_action
+``acts``               makes a state-changing call (where successful       unauthorized_action
+                       conversations of the intent more often refrain)
 ``arg:T.k=v``          calls ``T`` with argument ``k`` set to ``v``         wrong_tool_arguments
 ``ungrounded:T.k``     calls ``T`` with a value of ``k`` that appears      wrong_tool_arguments
                        nowhere in what the user said or a tool returned
@@ -115,6 +117,7 @@ KIND_OF = {
     "unconfirmed": "unauthorized_action",
     "never": "missing_action",
     "no_action": "missing_action",
+    "acts": "unauthorized_action",
     "arg": "wrong_tool_arguments",
     "ungrounded": "wrong_tool_arguments",
     "repeats": "wrong_tool_arguments",
@@ -255,6 +258,11 @@ def patterns(conv: Conversation) -> dict[str, Hit]:
                 out.setdefault(f"ungrounded:{c.tool}.{key}", hit)
     if calls and not any_write:
         out["no_action"] = Hit(len(msgs) - 1, conv.trace_ids[-1] if conv.trace_ids else "")
+    first_write = next((c for c in calls if changes_state(c.tool)), None)
+    if first_write is not None:
+        out["acts"] = Hit(
+            first_write.turn, first_write.trace_id, first_write.tool, first_write.arguments[:500]
+        )
     first = Hit(0, conv.trace_ids[0] if conv.trace_ids else "")
     if conv.prompt_version:
         out[f"version:{conv.prompt_version}"] = first
@@ -365,6 +373,7 @@ def _describe(f: Finding, intent: str) -> tuple[str, str]:
         "unconfirmed": f"call `{tool}` without an explicit confirmation from the user just before",
         "never": f"never call `{tool}`",
         "no_action": "end without any state-changing tool call",
+        "acts": "make a state-changing tool call",
         "arg": f"call `{tool}` with `{rest.split('.', 1)[-1]}`",
         "ungrounded": f"call `{tool}` with a `{rest.split('.', 1)[-1]}` that appears nowhere in "
         "what the user said or a tool returned",
