@@ -47,6 +47,9 @@ class KafkaConfig:
     partitions: int = 4  # partitions of every topic closeloop creates
     broker_port: int = 0  # embedded broker port; 0 picks a free one
     client_id: str = "closeloop"
+    # the largest message a stage produces (Kafka's default limit is ~1 MB): bundles of
+    # records are split under it, a single larger record is cut with a marker or dead-lettered
+    max_message_bytes: int = 1_000_000
     # embedded broker storage: "memory" (lost when the broker dies) or "s3" (tansu's object-store
     # engine on a local S3-compatible server keeping files under <home>/broker-s3: survives kill -9).
     # memory stays the default: on s3, OTLP-sized messages are produced 3-10x slower and
@@ -59,6 +62,8 @@ class KafkaConfig:
     def validate(self) -> None:
         if self.partitions < 1:
             raise ConfigError("kafka.partitions", f"must be >= 1, got {self.partitions}")
+        if self.max_message_bytes < 64 * 1024:
+            raise ConfigError("kafka.max_message_bytes", "must be at least 65536")
         if self.storage not in BROKER_STORAGES:
             raise ConfigError(
                 "kafka.storage",

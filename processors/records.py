@@ -257,6 +257,18 @@ FAILURE_KINDS = (
 )
 
 
+# The existing rules filed under the taxonomy (contrast diagnoses carry their own kind; an
+# LLM's diagnosis names one, else "other").
+RULE_KINDS = {
+    "repeated_ask": "repeated_ask",
+    "tool_argument": "wrong_tool_arguments",
+    "prompt_regression": "prompt_regression",
+    "version_regression": "prompt_regression",
+    "abandon_after_question": "abandonment",
+    "latency": "latency",
+}
+
+
 @dataclass
 class Diagnosis(Record):
     """A root cause for a failing intent, specific enough to write code against.
@@ -290,6 +302,10 @@ class Diagnosis(Record):
     version: int = 1
     updated_ns: int = 0
     failure_kind: str = "other"  # one of FAILURE_KINDS
+
+    def __post_init__(self) -> None:
+        if self.failure_kind == "other":
+            self.failure_kind = RULE_KINDS.get(self.rule, "other")
 
 
 @dataclass
