@@ -17,10 +17,12 @@ from pathlib import Path
 
 import faust
 
-from processors.app import ALL_STAGES, Pipeline, build_app
+from processors.app import build_app
 from processors.config import Config, config_for
 from processors.embedded.sqlserver import SQLServer
 from processors.errors import StoreError
+from processors.runtime import Pipeline
+from processors.stages import ALL_STAGES
 from processors.store import Store, connect_http, open_store
 
 log = logging.getLogger("closeloop.worker")

@@ -24,6 +24,7 @@ from processors.embedded.broker import EmbeddedBroker, ensure_topics, free_port,
 from processors.embedded.procs import ManagedProcess
 from processors.embedded.s3store import LocalS3
 from processors.errors import BrokerError, CloseloopError
+from processors.stages import ALL_STAGES, CAPTURE_ONLY
 
 log = logging.getLogger("closeloop.stack")
 
@@ -130,8 +131,6 @@ class EmbeddedStack:
         if cfg.embedded_store and port_in_use(sql_port):
             sql_port = free_port()
         env = self._child_env(sql_port)
-        from processors.app import ALL_STAGES, CAPTURE_ONLY
-
         worker_cmd = [sys.executable, "-m", "processors.worker", "--bootstrap", self.bootstrap]
         captures = [f"capture-{i + 1}" for i in range(cfg.capture.processes)]
         if captures:  # capture moves out of the worker into processes of its own
