@@ -50,6 +50,9 @@ class KafkaConfig:
     # the largest message a stage produces (Kafka's default limit is ~1 MB): bundles of
     # records are split under it, a single larger record is cut with a marker or dead-lettered
     max_message_bytes: int = 1_000_000
+    # the largest state record (one open conversation in assemble's changelog): the producer
+    # allows it, and the changelog topic is created with max.message.bytes at this size
+    max_state_bytes: int = 16 * 1024 * 1024
     # embedded broker storage: "memory" (lost when the broker dies) or "s3" (tansu's object-store
     # engine on a local S3-compatible server keeping files under <home>/broker-s3: survives kill -9).
     # memory stays the default: on s3, OTLP-sized messages are produced 3-10x slower and
@@ -64,6 +67,8 @@ class KafkaConfig:
             raise ConfigError("kafka.partitions", f"must be >= 1, got {self.partitions}")
         if self.max_message_bytes < 64 * 1024:
             raise ConfigError("kafka.max_message_bytes", "must be at least 65536")
+        if self.max_state_bytes < self.max_message_bytes:
+            raise ConfigError("kafka.max_state_bytes", "must be >= kafka.max_message_bytes")
         if self.storage not in BROKER_STORAGES:
             raise ConfigError(
                 "kafka.storage",

@@ -10,24 +10,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
 
 from processors.config import Config
 from processors.errors import InputError
 from processors.records import Conversation, Evaluation, Message, TagRecord, ToolCall
 from processors.store import Store
+from processors.understand.core import tag_row
 from processors.understand.feedback import retag, stated_evaluations
-
-TAG_COLUMNS_SKIPPED = ("conversation", "v")
-
-
-def tag_row(tag: TagRecord) -> dict[str, Any]:
-    """A ``conversation_tags`` row of ``tag``."""
-    d = tag.to_dict()
-    for k in TAG_COLUMNS_SKIPPED:
-        d.pop(k, None)
-    d["failed"] = int(bool(tag.failed))
-    return d
 
 
 def load_tagged(

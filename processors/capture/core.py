@@ -38,8 +38,11 @@ Log events: message content recorded on the logs signal
 version, under the trace and span id of the span it belongs to (one record per
 span and Kafka message). The assembler merges records by span id, whichever
 comes first. Its conversation id comes from the log record's attributes when
-present, else it is the trace id; ``trace_id`` is always set so that the
-assembler can map it to the trace's conversation. Content records have no
+present, else from a span of the same trace seen earlier by this capture process
+(the last ``TRACES_REMEMBERED`` traces; both topics are keyed by trace id, so a trace's
+spans and logs reach the same process), else it is the trace id. A log record exported
+before any span of its trace therefore needs ``gen_ai.conversation.id`` when the spans
+carry an explicit conversation id. Content records have no
 ``turns`` row. Content kept elsewhere and referenced (``gen_ai.input.messages.ref``
 and the like, or a messages attribute that is a URI rather than JSON) stays in
 the ``spans`` row's attributes as the reference string; no message is invented.
@@ -83,6 +86,7 @@ _UINT32_MAX = 2**32 - 1
 _ZERO_TRACE = bytes(16)
 _ZERO_SPAN = bytes(8)
 _TOO_DEEP = "values nested too deeply"
+TRACES_REMEMBERED = 100_000  # trace -> conversation ids kept for log records (oldest dropped)
 _JSON_OPEN = ("{", "[")
 _JSON_CLOSE = ("}", "]")
 _STATUS = {0: "UNSET", 1: "OK", 2: "ERROR"}
@@ -185,6 +189,9 @@ class Capture:
         # per-span counters, reset by the span/log loops
         self._red = 0
         self._trunc = 0
+        # conversation ids spans gave their traces, for log records that carry only trace
+        # context (a GenAI content or evaluation event emitted under the span); bounded
+        self._trace_conv: dict[str, str] = {}
 
     # ---------------------------------------------------------------- messages
 
@@ -224,6 +231,13 @@ class Capture:
                 out.deadletters.append(_dead(m, reason, detail, now_ns))
             out.merge_into(batch)
         return batch
+
+    def _learn_traces(self, trace_conv: dict[str, str]) -> None:
+        for trace_id, conv in trace_conv.items():
+            self._trace_conv.pop(trace_id, None)
+            self._trace_conv[trace_id] = conv
+        while len(self._trace_conv) > TRACES_REMEMBERED:
+            del self._trace_conv[next(iter(self._trace_conv))]
 
     def _check_count(self, n: int, what: str, problems: Any) -> None:
         """A request must hold something, and not more than the configured limit."""
@@ -271,6 +285,7 @@ class Capture:
                     if explicit:
                         trace_conv.setdefault(row["trace_id"], row["conversation_id"])
                     done.append((row, turn, tool_row, explicit))
+        self._learn_traces(trace_conv)
         for row, turn, tool_row, explicit in done:
             if not explicit:  # borrow the trace's conversation id, else keep the trace id
                 row["conversation_id"] = trace_conv.get(row["trace_id"], row["trace_id"])
@@ -669,7 +684,12 @@ class Capture:
             if c.conversation_id != c.trace_id
         }
         for c in groups.values():
-            c.conversation_id = trace_conv.get(c.trace_id, c.conversation_id)
+            c.conversation_id = trace_conv.get(
+                c.trace_id,
+                self._trace_conv.get(c.trace_id, c.conversation_id)
+                if c.conversation_id == c.trace_id
+                else c.conversation_id,
+            )
             system, inputs = self._messages(c.inputs, "user")
             _, outputs = self._messages(c.outputs, "assistant")
             system = self._cap(_parts_text(c.system)) if c.system else system

@@ -14,6 +14,7 @@ from processors.errors import InputError
 from processors.llm import make_llm
 from processors.records import Conversation, DeadLetter
 from processors.runtime import (
+    FRAMING_BYTES,
     RECORD_BATCH,
     TAKE_WITHIN_S,
     Checkpoint,
@@ -45,6 +46,10 @@ class Assembler:
             key_type=str,
             partitions=cfg.kafka.partitions,
             use_partitioner=True,
+            # one open conversation is one changelog record: a long one passes 1 MB
+            extra_topic_configs={
+                "max.message.bytes": str(cfg.kafka.max_state_bytes + FRAMING_BYTES)
+            },
         )
         self.deadlines = assemble.Deadlines(cfg.assemble)
 

@@ -161,7 +161,9 @@ def test_evaluation_log_record_sets_the_outcome(pipe: Pipeline) -> None:
             _kv("gen_ai.evaluation.score.label", "fail"),
         ]
     )
-    for path, body in (("/v1/logs", logs), ("/v1/traces", req)):
+    # the spans first (a log record that comes before any span of its trace needs
+    # gen_ai.conversation.id: docs/agent-authors.md)
+    for path, body in (("/v1/traces", req), ("/v1/logs", logs)):
         urllib.request.urlopen(
             urllib.request.Request(
                 pipe.http_url(path),

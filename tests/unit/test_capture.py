@@ -1144,3 +1144,17 @@ def test_messages_on_agent_spans_reach_the_transcript() -> None:
     conv = _assembled(run(request(genai_spans()).SerializeToString()))
     assert [m.content for m in conv.messages if m.role == "user"] == [USER]
     assert [m.content for m in conv.messages if m.role == "assistant" and m.content][-1] == ANSWER
+
+
+def test_log_records_borrow_the_conversation_id_of_their_trace_seen_earlier() -> None:
+    cap = Capture(CaptureConfig())
+    cap.process([msg(request(genai_spans()).SerializeToString())], NOW)
+    ev = log("gen_ai.evaluation.result", attrs={"gen_ai.evaluation.name": "r",
+                                                "gen_ai.evaluation.score.value": 0.0})  # fmt: skip
+    b = cap.process([msg(logs_request([ev]).SerializeToString(), "otlp_logs", 1)], NOW)
+    (t,) = b.turns
+    conv_ids = {tr.conversation_id for tr in run(request(genai_spans()).SerializeToString()).turns}
+    assert {t.conversation_id} == conv_ids and t.conversation_id != TRACE.hex()
+    # a fresh capture process has not seen the trace: the record keeps the trace id
+    (alone,) = run(msg(logs_request([ev]).SerializeToString(), "otlp_logs")).turns
+    assert alone.conversation_id == TRACE.hex()
