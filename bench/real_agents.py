@@ -3,8 +3,8 @@
     python -m bench.real_agents [--data DIR] [--out F.md] [--json F.json]
 
 Imports the development set's runs as `closeloop import` would (transcripts -> GenAI OTLP
-spans -> capture -> assemble -> understand -> contrastive diagnosis -> proposals, the cores
-in one process, no LLM), twice: with the runs' rewards attached as evaluation events, and
+spans -> capture -> assemble -> understand -> diagnose (its rules and the contrastive
+analysis) -> proposals, the cores in one process, no LLM), twice: with the runs' rewards attached as evaluation events, and
 without them (the outcome heuristic alone). It reports
 
 * outcome agreement: the share of runs whose ``failed`` tag matches reward == 0;
@@ -41,7 +41,8 @@ from processors.act import propose_change
 from processors.capture.core import Capture, RawMessage
 from processors.capture.transcripts import parse_line, to_request
 from processors.config import ActTarget, Config, load_config
-from processors.diagnose.contrast import analyse
+from processors.diagnose.core import Diagnoser
+from processors.records import Diagnosis
 from processors.understand.assemble import build_conversation
 from processors.understand.core import Understand
 from processors.understand.embed import make_embedder
@@ -107,13 +108,20 @@ def run_loop(cfg: Config, runs: list[dict[str, Any]], rewards: bool) -> dict[str
         )
     embedder = make_embedder(cfg.understand, cfg.home_path / "models", cfg.llm)
     tags = Understand(cfg, embedder).process(convs, now).tags
-    found = analyse(tags, cfg.diagnose, now)
-    first_diagnosis_s = time.perf_counter() - t0 if found else float("nan")
+    diagnoser = Diagnoser(cfg.diagnose)
+    latest: dict[str, Diagnosis] = {}
+    first_diagnosis_s = float("nan")
+    for t in tags:  # the diagnose stage's stream, as the worker feeds it
+        for d in diagnoser.observe(t, now):
+            latest[d.diagnosis_id] = d
+            if first_diagnosis_s != first_diagnosis_s:  # nan: the first one
+                first_diagnosis_s = time.perf_counter() - t0
+    found = list(latest.values())
     system = next(m["content"] for m in runs[0]["traj"] if m["role"] == "system")
     files = {"prompts/system.md": system}
     targets = [ActTarget("prompts/system.md", "prompt")]
     proposals = defaultdict(int)
-    for d, _ in found:
+    for d in found:
         change, _why = propose_change(d, files, targets)
         proposals[d.intent_id] += change is not None
     return {"tags": tags, "found": found, "proposals": proposals, "first_s": first_diagnosis_s}
@@ -127,13 +135,13 @@ def measure(runs: list[dict[str, Any]], out: dict[str, Any]) -> dict[str, Any]:
     kinds = {cid: right_kinds(r, writes) for cid, r in by_id.items() if r["reward"] == 0}
     explained: dict[str, set[str]] = defaultdict(set)
     pairs = right_pairs = 0
-    for d, hits in out["found"]:
-        for cid in hits:
+    for d in out["found"]:
+        for cid in {c["conversation_id"] for c in d.evidence.get("conversations", [])}:
             explained[cid].add(d.failure_kind)
             pairs += 1
             right_pairs += d.failure_kind in kinds.get(cid, set())
     covered = sum(bool(explained.get(cid, set()) & k) for cid, k in kinds.items())
-    diagnosed = {d.intent_id for d, _ in out["found"]}
+    diagnosed = {d.intent_id for d in out["found"]}
     return {
         "runs": len(runs),
         "failed_runs": len(kinds),
@@ -142,7 +150,7 @@ def measure(runs: list[dict[str, Any]], out: dict[str, Any]) -> dict[str, Any]:
         "precision": right_pairs / pairs if pairs else float("nan"),
         "explained_runs": len(explained),
         "diagnoses": len(out["found"]),
-        "kinds": dict(Counter(d.failure_kind for d, _ in out["found"])),
+        "kinds": dict(Counter(d.failure_kind for d in out["found"])),
         "diagnosed_intents": len(diagnosed),
         "intents_with_proposal": sum(1 for i in diagnosed if out["proposals"].get(i)),
         "proposals": sum(out["proposals"].values()),

@@ -163,7 +163,7 @@ def cmd_intents(a: argparse.Namespace) -> int:
 def cmd_diagnoses(a: argparse.Namespace) -> int:
     store = _store(a)
     rows = store.query(
-        "SELECT diagnosis_id AS id, intent_name AS intent, rule, support, failures, "
+        "SELECT diagnosis_id AS id, intent_name AS intent, rule, failure_kind, support, failures, "
         "round(failure_rate, 3) AS rate, status, summary, trace_ids FROM diagnoses FINAL "
         "ORDER BY updated_ns DESC"
     )
@@ -172,7 +172,7 @@ def cmd_diagnoses(a: argparse.Namespace) -> int:
         return 0
     for r in rows:
         print(
-            f"{r['id']}  [{r['status']}] {r['rule']}  intent={r['intent']}  "
+            f"{r['id']}  [{r['status']}] {r['failure_kind']} ({r['rule']})  intent={r['intent']}  "
             f"{r['failures']}/{r['support']} failing ({r['rate']:.0%})"
         )
         print(f"    {r['summary']}")
@@ -185,6 +185,7 @@ def cmd_diagnoses(a: argparse.Namespace) -> int:
 def cmd_diagnose(a: argparse.Namespace) -> int:
     """Force a diagnosis for one intent now: replay its tagged conversations through a fresh
     diagnoser (the worker's running one keeps its own state) and write what it finds."""
+    from processors.diagnose.contrast import conversation_rows
     from processors.diagnose.core import Diagnoser, diagnosis_rows
 
     cfg = _cfg(a)
@@ -201,12 +202,16 @@ def cmd_diagnose(a: argparse.Namespace) -> int:
     found = core.diagnose_now(a.intent, now)
     if found:
         store.insert_records("diagnoses", diagnosis_rows(found))
+        store.insert_records("diagnosis_conversations", conversation_rows(found))
     for d in found:
-        print(f"{d.diagnosis_id}  {d.rule}: {d.summary}")
+        print(f"{d.diagnosis_id}  {d.failure_kind} ({d.rule}): {d.summary}")
     if not found:
         print(
             f"no diagnosis for {a.intent}: its failure rate does not stand out "
-            f"(min_support={cfg.diagnose.min_support}, min_failures={cfg.diagnose.min_failures})"
+            f"(min_support={cfg.diagnose.min_support}, min_failures={cfg.diagnose.min_failures}) "
+            "and no pattern sets its failed conversations apart from its successful ones "
+            f"(contrast_min_failures={cfg.diagnose.contrast_min_failures}, "
+            f"contrast_min_successes={cfg.diagnose.contrast_min_successes})"
         )
     return 0
 

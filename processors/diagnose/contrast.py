@@ -22,9 +22,10 @@ pattern                the conversation ...                                failu
 ``repeats:T``          calls state-changing ``T`` more than once           wrong_tool_arguments
 ``error:T``            gets an error from ``T``                            tool_error
 ``handoff``            is handed to a human                                unnecessary_escalation
-``version:V``          runs under prompt/agent version ``V``               prompt_regression
-``model:M``            runs on model ``M``                                 prompt_regression
 =====================  ==================================================  ======================
+
+Prompt, model and agent versions are left to the version-shift rule (:mod:`.rules`), which
+compares cumulative counts per version; here they would be confounded with time.
 
 Each pattern is tested per intent: its share among failed conversations against its share
 among successful ones, with Fisher's exact test (:func:`processors.stats.fisher_exact`) and a
@@ -32,7 +33,8 @@ Benjamini–Hochberg correction over the patterns tried; a pattern is a finding 
 in at least ``contrast_min_count`` failed conversations, is more common among failures by
 ``contrast_min_lift`` and its adjusted p-value is under ``contrast_alpha``. Findings become
 :class:`~processors.records.Diagnosis` records (``rule="contrast"``) with every conversation
-they explain (:func:`conversation_rows`, table ``diagnosis_conversations``).
+they explain (in ``evidence["conversations"]``; :func:`conversation_rows` makes the
+``diagnosis_conversations`` rows).
 
 **State-changing tools** are inferred without knowing the agent: a tool is read-only when
 the first word of its name is a read verb (:data:`READ_VERBS`: get, list, search, find,
@@ -108,6 +110,7 @@ _AFFIRM = re.compile(
 _ASKS = re.compile(
     r"\?|\b(confirm|would you like|do you want|shall i|should i|proceed)\b", re.IGNORECASE
 )
+ARGUMENTS_KEPT = 300  # characters of a call's arguments kept as evidence
 _SCALAR_MAX = 40  # longer argument values are free text, not a categorical value
 _GROUND_MIN = 3  # shorter values (a "1", "no") are grounded anywhere: not tested
 _SAFE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
@@ -123,8 +126,6 @@ KIND_OF = {
     "repeats": "wrong_tool_arguments",
     "error": "tool_error",
     "handoff": "unnecessary_escalation",
-    "version": "prompt_regression",
-    "model": "prompt_regression",
 }
 
 
@@ -263,11 +264,6 @@ def patterns(conv: Conversation) -> dict[str, Hit]:
         out["acts"] = Hit(
             first_write.turn, first_write.trace_id, first_write.tool, first_write.arguments[:500]
         )
-    first = Hit(0, conv.trace_ids[0] if conv.trace_ids else "")
-    if conv.prompt_version:
-        out[f"version:{conv.prompt_version}"] = first
-    if conv.model:
-        out[f"model:{conv.model}"] = first
     return out
 
 
@@ -380,8 +376,6 @@ def _describe(f: Finding, intent: str) -> tuple[str, str]:
         "repeats": f"call `{tool}` more than once",
         "error": f"get an error from `{tool}`",
         "handoff": "hand the user to a human",
-        "version": f"run under prompt version {rest}",
-        "model": f"run on model {rest}",
     }[head]
     summary = f"in {intent}, {counts} {what}"
     root = f"{f.kind.replace('_', ' ')}: in {intent}, failed conversations {what} ({counts})"
@@ -390,7 +384,7 @@ def _describe(f: Finding, intent: str) -> tuple[str, str]:
 
 def _component(f: Finding) -> dict[str, Any]:
     head, _, rest = f.pattern.partition(":")
-    tool = rest.split(".", 1)[0].split("=", 1)[0] if head not in ("version", "model") else ""
+    tool = rest.split(".", 1)[0].split("=", 1)[0]
     argument = ""
     if head in ("arg", "ungrounded"):
         argument = rest.split(".", 1)[-1].split("=", 1)[0]
@@ -413,8 +407,14 @@ def diagnosis_of(
         "ok": f.ok,
         "lift": round(f.lift, 3),
         "p_value": f.p_value,
-        "conversations": [
-            {"conversation_id": cid, "turn": h.turn, "trace_id": h.trace_id, "tool": h.tool}
+        "conversations": [  # every conversation the finding explains (diagnosis_conversations)
+            {
+                "conversation_id": cid,
+                "turn": h.turn,
+                "trace_id": h.trace_id or (conv_traces.get(cid) or [""])[0],
+                "tool": h.tool,
+                "arguments": h.arguments[:ARGUMENTS_KEPT],
+            }
             for cid, h in f.hits.items()
         ],
     }
@@ -437,15 +437,14 @@ def diagnosis_of(
         failure_rate=f.failed / max(f.failed + f.ok, 1),
         baseline_rate=f.ok_with / max(f.ok, 1),
         updated_ns=now_ns,
-        version=f.failed_with,
     )
 
 
-def analyse(
-    tags: Sequence[TagRecord], cfg: DiagnoseConfig, now_ns: int
-) -> list[tuple[Diagnosis, dict[str, Hit]]]:
-    """Diagnoses for every intent with enough failed and successful conversations, each with
-    the conversations it explains (id -> where). The newest version of each conversation counts."""
+def intent_findings(
+    intent_id: str, intent_name: str, tags: Iterable[TagRecord], cfg: DiagnoseConfig, now_ns: int
+) -> list[Diagnosis]:
+    """The contrastive diagnoses of one intent's tagged conversations (the newest version of
+    each conversation counts; none without enough failed and successful ones)."""
     newest: dict[str, TagRecord] = {}
     for t in tags:
         if t.conversation is None:
@@ -453,37 +452,64 @@ def analyse(
         old = newest.get(t.conversation_id)
         if old is None or t.conversation_version >= old.conversation_version:
             newest[t.conversation_id] = t
+    # The failed and the successful conversations over the same span of time: reservoirs of
+    # the last N of each reach back unequally far, and behaviour that changed over time
+    # would otherwise look like a difference between them.
+    firsts = [
+        min((t.ts_ns for t in newest.values() if t.failed == side), default=None)
+        for side in (True, False)
+    ]
+    since = max((f for f in firsts if f is not None), default=0)
+    group = [t for t in newest.values() if t.ts_ns >= since]
+    failed = {t.conversation_id: patterns(t.conversation) for t in group if t.failed}
+    ok = {t.conversation_id: patterns(t.conversation) for t in group if not t.failed}
+    if len(failed) < cfg.contrast_min_failures or len(ok) < cfg.contrast_min_successes:
+        return []
+    traces = {t.conversation_id: t.conversation.trace_ids for t in group}
+    return [
+        diagnosis_of(f, intent_id, intent_name, traces, now_ns) for f in contrast(failed, ok, cfg)
+    ]
+
+
+def analyse(tags: Sequence[TagRecord], cfg: DiagnoseConfig, now_ns: int) -> list[Diagnosis]:
+    """:func:`intent_findings` for every intent of ``tags`` (a batch analysis: a backfill, a bench)."""
     by_intent: dict[str, list[TagRecord]] = {}
-    for t in newest.values():
+    for t in tags:
         by_intent.setdefault(t.intent_id, []).append(t)
     out = []
     for intent_id, group in sorted(by_intent.items()):
-        failed = {t.conversation_id: patterns(t.conversation) for t in group if t.failed}
-        ok = {t.conversation_id: patterns(t.conversation) for t in group if not t.failed}
-        if len(failed) < cfg.contrast_min_failures or len(ok) < cfg.contrast_min_successes:
-            continue
-        traces = {t.conversation_id: t.conversation.trace_ids for t in group}
         name = group[-1].intent_name
-        for f in contrast(failed, ok, cfg):
-            out.append((diagnosis_of(f, intent_id, name, traces, now_ns), f.hits))
+        out += intent_findings(intent_id, name, group, cfg, now_ns)
     return out
 
 
-def conversation_rows(diag: Diagnosis, hits: dict[str, Hit]) -> list[dict[str, Any]]:
-    """``diagnosis_conversations`` rows: every conversation ``diag`` explains."""
-    return [
-        {
-            "diagnosis_id": diag.diagnosis_id,
-            "conversation_id": cid,
-            "intent_id": diag.intent_id,
-            "failure_kind": diag.failure_kind,
-            "trace_id": h.trace_id,
-            "turn": h.turn,
-            "tool": h.tool,
-            "arguments": h.arguments,
-            "detail": diag.evidence.get("pattern", ""),
-            "version": diag.version,
-            "updated_ns": diag.updated_ns,
-        }
-        for cid, h in sorted(hits.items())
-    ]
+def conversation_rows(diags: Iterable[Diagnosis]) -> list[dict[str, Any]]:
+    """``diagnosis_conversations`` rows: every conversation each diagnosis explains (the
+    ``conversations`` of its evidence; a rule's diagnosis without them: its trace ids)."""
+    rows = []
+    for d in diags:
+        convs = d.evidence.get("conversations")
+        if not isinstance(convs, list):
+            convs = [
+                {"conversation_id": "", "turn": -1, "trace_id": t, "tool": "", "arguments": ""}
+                for t in d.trace_ids
+            ]
+        for c in convs:
+            if not isinstance(c, dict):
+                continue
+            rows.append(
+                {
+                    "diagnosis_id": d.diagnosis_id,
+                    "conversation_id": str(c.get("conversation_id") or c.get("trace_id") or ""),
+                    "intent_id": d.intent_id,
+                    "failure_kind": d.failure_kind,
+                    "trace_id": str(c.get("trace_id") or ""),
+                    "turn": int(c.get("turn", -1)),
+                    "tool": str(c.get("tool") or ""),
+                    "arguments": str(c.get("arguments") or ""),
+                    "detail": str(d.evidence.get("pattern") or d.rule),
+                    "version": d.version,
+                    "updated_ns": d.updated_ns,
+                }
+            )
+    return rows

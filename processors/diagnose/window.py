@@ -52,6 +52,7 @@ class _Row:
     latency_ms: float
     tokens: int
     tools: tuple[tuple[str, str, bool], ...]  # (tool, argument shape key, errored)
+    conversation_id: str = ""
 
 
 def _row(tag: TagRecord) -> _Row:
@@ -72,6 +73,7 @@ def _row(tag: TagRecord) -> _Row:
         latency_ms=conv.latency_ms if conv else 0.0,
         tokens=(conv.input_tokens + conv.output_tokens) if conv else 0,
         tools=tools,
+        conversation_id=tag.conversation_id,
     )
 
 
@@ -122,7 +124,12 @@ class IntentStats:
         return self.failures / self.n if self.n else 0.0
 
     def add(self, tag: TagRecord, seq: int) -> None:
-        """Fold one tagged conversation in (``seq``: its position in the whole stream)."""
+        """Fold one tagged conversation in (``seq``: its position in the whole stream).
+
+        A newer version of a conversation still in the window (late feedback, a late span)
+        replaces the older one instead of counting twice."""
+        if self._replace(tag):
+            return
         if not self.total:
             self.first_seq = seq
         self.intent_name = tag.intent_name or self.intent_name
@@ -143,6 +150,28 @@ class IntentStats:
         self.adwin.update(1.0 if row.failed else 0.0)
         if self.adwin.drift_detected:
             self.drift_up = self.adwin.estimation > before
+
+    def _replace(self, tag: TagRecord) -> bool:
+        cid = tag.conversation_id
+        at = next((i for i, r in enumerate(self.rows) if r.conversation_id == cid), -1)
+        if not cid or at < 0:
+            return False
+        old, new = self.rows[at], _row(tag)
+        self._count(old, -1)
+        self.rows[at] = new
+        self._count(new, +1)
+        self.total_failures += new.failed - old.failed
+        for row, sign in ((old, -1), (new, +1)):
+            for dim, value in zip(VERSION_DIMS, row.versions):
+                entry = self.versions.setdefault((dim, value), [0, 0, 0])
+                entry[0] += sign
+                entry[1] += sign * row.failed
+        for q in (self.failing, self.healthy):
+            for t in [t for t in q if t.conversation_id == cid]:
+                q.remove(t)
+        if tag.conversation is not None:
+            (self.failing if new.failed else self.healthy).append(tag)
+        return True
 
     def _count(self, row: _Row, sign: int) -> None:
         self.n += sign

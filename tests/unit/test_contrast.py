@@ -96,14 +96,15 @@ def test_planted_unconfirmed_write_is_found_with_every_conversation() -> None:
         tags.append(tag(c, False))
     rng.shuffle(tags)
     found = analyse(tags, CFG, now_ns=1)
-    kinds = {d.failure_kind: (d, hits) for d, hits in found}
+    kinds = {d.failure_kind: d for d in found}
     assert "unauthorized_action" in kinds
-    d, hits = kinds["unauthorized_action"]
+    d = kinds["unauthorized_action"]
     assert d.evidence["pattern"] == "unconfirmed" and d.evidence["tool"] == "close_ticket"
     assert (d.evidence["failed_with"], d.evidence["ok_with"]) == (24, 2)
-    assert sorted(hits) == sorted(f"f{i}" for i in range(24))  # every one, not a sample
+    explained = [c["conversation_id"] for c in d.evidence["conversations"]]
+    assert sorted(explained) == sorted(f"f{i}" for i in range(24))  # every one, not a sample
     assert "24 of 30 failed" in d.summary and "2 of 30 successful" in d.summary
-    rows = conversation_rows(d, hits)
+    rows = conversation_rows([d])
     assert len(rows) == 24 and {r["turn"] for r in rows} == {2}
     assert {r["trace_id"] for r in rows} == {"t"}
     assert all(r["failure_kind"] == "unauthorized_action" for r in rows)
@@ -128,7 +129,7 @@ def test_missing_action_and_too_few_successes() -> None:
         for i in range(12)
     ]
     tags += [tag(confirmed_close(f"s{i}", f"S-{i}"), False) for i in range(10)]
-    kinds = {d.failure_kind for d, _ in analyse(tags, CFG, now_ns=1)}
+    kinds = {d.failure_kind for d in analyse(tags, CFG, now_ns=1)}
     assert "missing_action" in kinds
     assert analyse(tags[:14], CFG, now_ns=1) == []  # 12 failed, 2 successful: not analysed
 
@@ -158,9 +159,9 @@ def test_proposals_name_the_tool_and_never_carry_conversation_text() -> None:
         tags.append(tag(c, True))
     tags += [tag(confirmed_close(f"s{i}", f"S-{i}"), False) for i in range(24)]
     found = analyse(tags, CFG, now_ns=1)
-    assert {d.failure_kind for d, _ in found} >= {"unauthorized_action"}
+    assert {d.failure_kind for d in found} >= {"unauthorized_action"}
     made = 0
-    for d, _ in found:
+    for d in found:
         change, _ = propose_change(d, files, targets)
         if change is None:
             continue
@@ -204,6 +205,49 @@ def test_acting_where_successful_conversations_refrain() -> None:
     refuse = [U("close ticket T-1"), T("lookup_ticket", {"id": "T-1"}), A("It cannot be closed.")]
     tags = [tag(unconfirmed_close(f"f{i}", f"T-{i}"), True) for i in range(12)]
     tags += [tag(conv(f"s{i}", refuse), False) for i in range(12)]
-    found = {d.evidence["pattern"]: d for d, _ in analyse(tags, CFG, now_ns=1)}
+    found = {d.evidence["pattern"]: d for d in analyse(tags, CFG, now_ns=1)}
     assert "acts" in found and found["acts"].failure_kind == "unauthorized_action"
     assert "state-changing" in contrast_instruction(found["acts"])
+
+
+# -- in the streaming diagnoser --------------------------------------------------------------
+
+
+def _stream(n_failed: int, n_ok: int) -> list[TagRecord]:
+    tags = [tag(unconfirmed_close(f"f{i}", f"T-{i}"), True) for i in range(n_failed)]
+    tags += [tag(confirmed_close(f"s{i}", f"S-{i}"), False) for i in range(n_ok)]
+    random.Random(3).shuffle(tags)
+    for k, t in enumerate(tags):
+        t.ts_ns = k
+    return tags
+
+
+def test_the_diagnoser_files_contrast_findings_with_their_kind_and_conversations() -> None:
+    from processors.diagnose.core import Diagnoser, diagnosis_rows
+
+    d = Diagnoser(CFG)
+    out = [x for t in _stream(24, 30) for x in d.observe(t, t.ts_ns)]
+    kinds = {x.failure_kind for x in out}
+    assert "unauthorized_action" in kinds and all(x.rule == "contrast" for x in out)
+    latest = {x.diagnosis_id: x for x in out}
+    assert all(r["failure_kind"] in kinds for r in diagnosis_rows(latest.values()))
+    rows = conversation_rows(latest.values())
+    assert {r["conversation_id"] for r in rows} >= {f"f{i}" for i in range(20)}
+    # forced on demand it finds the same root cause again
+    again = d.diagnose_now("i1", 10**6)
+    assert {x.diagnosis_id for x in again} <= set(latest)
+
+
+def test_a_new_version_of_a_conversation_replaces_the_old_one_in_the_window() -> None:
+    from processors.diagnose.window import IntentStats
+
+    st = IntentStats("i1", 500, 50, CFG.adwin_delta)
+    first = tag(confirmed_close("c1", "T-1"), False)
+    st.add(first, 1)
+    assert (st.n, st.failures, len(st.healthy), len(st.failing)) == (1, 0, 1, 0)
+    later = tag(confirmed_close("c1", "T-1"), True)  # late feedback: it failed after all
+    later.conversation_version = 2
+    st.add(later, 2)
+    assert (st.n, st.failures, st.total_failures) == (1, 1, 1)
+    assert (len(st.healthy), len(st.failing)) == (0, 1)
+    assert st.versions[("prompt_version", "")] == [1, 1, 1]

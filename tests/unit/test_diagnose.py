@@ -328,10 +328,28 @@ def test_tag_without_intent_is_an_input_error() -> None:
         Diagnoser(CFG).observe(tag, 0)
 
 
+def ddl_columns(table: str) -> list[str]:
+    """Columns of ``table`` after every schemas/ file: CREATE, then ALTER ... ADD ... AFTER."""
+    columns: list[str] = []
+    for f in sorted((Path(__file__).parents[2] / "schemas").glob("*.sql")):
+        ddl = f.read_text()
+        m = re.search(rf"CREATE TABLE IF NOT EXISTS {table}\s*\((.*?)\n\)", ddl, re.DOTALL)
+        if m:
+            columns = [
+                ln.split()[0]
+                for ln in m.group(1).strip().splitlines()
+                if "MATERIALIZED" not in ln and not ln.strip().startswith("--")
+            ]
+        for col, after in re.findall(
+            rf"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS (\w+) .*? AFTER (\w+);", ddl
+        ):
+            columns.insert(columns.index(after) + 1, col)
+    return columns
+
+
 def test_rows_match_the_diagnoses_table() -> None:
-    ddl = (Path(__file__).parents[2] / "schemas" / "003_loop.sql").read_text()
-    body = re.search(r"CREATE TABLE IF NOT EXISTS diagnoses\s*\((.*?)\n\)", ddl, re.DOTALL).group(1)
-    columns = [ln.split()[0] for ln in body.strip().splitlines() if "MATERIALIZED" not in ln]
+    columns = ddl_columns("diagnoses")
+    assert "failure_kind" in columns
     assert list(DIAGNOSIS_COLUMNS) == columns
     _, out, _ = planted("account_lookup", "tool_argument")
     (row,) = diagnosis_rows(out[:1])
