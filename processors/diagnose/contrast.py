@@ -377,8 +377,9 @@ def _describe(f: Finding, intent: str) -> tuple[str, str]:
         "error": f"get an error from `{tool}`",
         "handoff": "hand the user to a human",
     }[head]
-    summary = f"in {intent}, {counts} {what}"
-    root = f"{f.kind.replace('_', ' ')}: in {intent}, failed conversations {what} ({counts})"
+    counts = f"{f.failed_with} of {f.failed} failed conversations {what}; {f.ok_with} of {f.ok} successful ones do"
+    summary = f"in {intent}, {counts}"
+    root = f"{f.kind.replace('_', ' ')}: in {intent}, {counts}"
     return summary, root
 
 

@@ -103,7 +103,10 @@ def test_planted_unconfirmed_write_is_found_with_every_conversation() -> None:
     assert (d.evidence["failed_with"], d.evidence["ok_with"]) == (24, 2)
     explained = [c["conversation_id"] for c in d.evidence["conversations"]]
     assert sorted(explained) == sorted(f"f{i}" for i in range(24))  # every one, not a sample
-    assert "24 of 30 failed" in d.summary and "2 of 30 successful" in d.summary
+    assert d.summary == (
+        "in close a ticket, 24 of 30 failed conversations call `close_ticket` without an "
+        "explicit confirmation from the user just before; 2 of 30 successful ones do"
+    )
     rows = conversation_rows([d])
     assert len(rows) == 24 and {r["turn"] for r in rows} == {2}
     assert {r["trace_id"] for r in rows} == {"t"}
