@@ -228,7 +228,7 @@ def cmd_proposals(a: argparse.Namespace) -> int:
 
 def cmd_review(a: argparse.Namespace) -> int:
     from processors.act import open_backend
-    from processors.review.core import decide, load_diagnosis, load_proposal
+    from processors.review.loop import decide, load_diagnosis, load_proposal
 
     cfg = _cfg(a)
     store = open_store(cfg)

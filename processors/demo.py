@@ -137,7 +137,7 @@ def show_intents(store: Store) -> None:
 
 def review_step(store: Store, cfg: Config, approve_as: str | None) -> list[str]:
     from processors.act import open_backend
-    from processors.review.core import StaleProposal, decide
+    from processors.review.loop import StaleProposal, decide
 
     props = store.query(
         "SELECT proposal_id, title, diff, branch FROM proposals FINAL WHERE status = 'open' "

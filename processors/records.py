@@ -18,7 +18,6 @@ The stages:
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -29,9 +28,14 @@ SCHEMA_VERSION = 1
 T = TypeVar("T", bound="Record")
 
 
-@functools.cache
 def _field_names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
+    """The field names of a record class (cached: classes are hashed by identity)."""
+    return _FIELD_NAMES.get(cls) or _FIELD_NAMES.setdefault(
+        cls, tuple(f.name for f in dataclasses.fields(cls))
+    )
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 def _plain(obj: Any) -> Any:

@@ -444,35 +444,9 @@ def templated_changes(
     history: dict[str, list[str]] | None = None,
 ) -> list[tuple[Change, Component]]:
     """Candidate templated fixes, best first (the caller keeps the first that validates)."""
-    out: list[tuple[Change, Component]] = []
     if diag.rule == "latency":
-        comp = resolve_component(diag, files, targets)
-        if not comp.key:
-            raise ActError(
-                "a latency fix needs a config key in component.target (e.g. tools.refund.timeout_s)"
-            )
-        detail = diag.component.get("detail")
-        fmt = file_format(comp.path)
-        old = get_key(parse(files[comp.path], fmt, comp.path), comp.key)
-        hit_s = timeout_hit_s(detail if isinstance(detail, dict) else {}, comp.key, old)
-        new = raised_timeout(comp.key, old, hit_s)
-        edit = FileEdit(
-            comp.path, files[comp.path], set_value(files[comp.path], fmt, comp.key, new)
-        )
-        out.append(
-            (
-                Change(
-                    [edit],
-                    f"raise {comp.key} from {old} to {new}: calls time out at "
-                    f"{hit_s:g}s, so their real duration is longer; {TIMEOUT_FACTOR:g} x "
-                    "that timeout",
-                    "template",
-                    {"key": comp.key, "old": old, "new": new, "timeout_hit_s": hit_s},
-                ),
-                comp,
-            )
-        )
-        return out
+        return [_latency_change(diag, files, targets)]
+    out: list[tuple[Change, Component]] = []
     if diag.rule == "prompt_regression":
         comp = _prompt_or_component(diag, files, targets)
         previous = (history or {}).get(comp.path) or []
@@ -493,21 +467,9 @@ def templated_changes(
     text = instruction(diag, redactor)
     comp = _prompt_or_component(diag, files, targets)
     if comp.type != "prompt" and diag.rule == "tool_argument" and comp.key:
-        fmt = file_format(comp.path)
-        value = get_key(parse(files[comp.path], fmt, comp.path), comp.key)
-        if isinstance(value, str):
-            new = set_value(files[comp.path], fmt, comp.key, (value.rstrip() + " " + text).strip())
-            out.append(
-                (
-                    Change(
-                        [FileEdit(comp.path, files[comp.path], new)],
-                        f"describe the argument format in {comp.key}",
-                        "template",
-                    ),
-                    comp,
-                )
-            )
-            return out
+        described = _describe_in_config(files, comp, text)
+        if described is not None:
+            return [*out, described]
     if comp.type != "prompt":
         comp = prompt_component(files, targets)
     out.append(
@@ -521,6 +483,53 @@ def templated_changes(
         )
     )
     return out
+
+
+def _latency_change(
+    diag: Diagnosis, files: dict[str, str], targets: Sequence[ActTarget]
+) -> tuple[Change, Component]:
+    """Raise the timeout the calls hit (the config key of the diagnosis' component)."""
+    comp = resolve_component(diag, files, targets)
+    if not comp.key:
+        raise ActError(
+            "a latency fix needs a config key in component.target (e.g. tools.refund.timeout_s)"
+        )
+    detail = diag.component.get("detail")
+    fmt = file_format(comp.path)
+    old = get_key(parse(files[comp.path], fmt, comp.path), comp.key)
+    hit_s = timeout_hit_s(detail if isinstance(detail, dict) else {}, comp.key, old)
+    new = raised_timeout(comp.key, old, hit_s)
+    edit = FileEdit(comp.path, files[comp.path], set_value(files[comp.path], fmt, comp.key, new))
+    return (
+        Change(
+            [edit],
+            f"raise {comp.key} from {old} to {new}: calls time out at "
+            f"{hit_s:g}s, so their real duration is longer; {TIMEOUT_FACTOR:g} x "
+            "that timeout",
+            "template",
+            {"key": comp.key, "old": old, "new": new, "timeout_hit_s": hit_s},
+        ),
+        comp,
+    )
+
+
+def _describe_in_config(
+    files: dict[str, str], comp: Component, text: str
+) -> tuple[Change, Component] | None:
+    """The argument format described in the tool's config text (``None``: not a text key)."""
+    fmt = file_format(comp.path)
+    value = get_key(parse(files[comp.path], fmt, comp.path), comp.key)
+    if not isinstance(value, str):
+        return None
+    new = set_value(files[comp.path], fmt, comp.key, (value.rstrip() + " " + text).strip())
+    return (
+        Change(
+            [FileEdit(comp.path, files[comp.path], new)],
+            f"describe the argument format in {comp.key}",
+            "template",
+        ),
+        comp,
+    )
 
 
 def _prompt_or_component(

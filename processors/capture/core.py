@@ -621,7 +621,8 @@ class Capture:
                     texts.append(_parts_text(content))
                 for c in m.get("tool_calls") or []:
                     if isinstance(c, dict):
-                        fn = c.get("function") if isinstance(c.get("function"), dict) else c
+                        function = c.get("function")
+                        fn = function if isinstance(function, dict) else c
                         calls.append(
                             Message(
                                 role="assistant",
@@ -879,18 +880,6 @@ class _Attrs:
                 return v
         return None
 
-    def str(self, *keys: str) -> str:
-        v = self.first(*keys)
-        if v is None:
-            return ""
-        if isinstance(v, str):
-            return v
-        if isinstance(v, (dict, list)):
-            raise InputError(
-                f"attribute {_found(self, keys)}: expected a string, got {type(v).__name__}"
-            )
-        return json.dumps(v)
-
     def int(self, *keys: str) -> int:
         v = self.first(*keys)
         if v is None:
@@ -914,6 +903,19 @@ class _Attrs:
 
     def prompt_version(self, system: str) -> str:
         return self.str(*_PROMPT_VERSION_KEYS) or _hash_version(system)
+
+    # last in the class: after it, ``str`` in an annotation here would name this method
+    def str(self, *keys: str) -> str:
+        v = self.first(*keys)
+        if v is None:
+            return ""
+        if isinstance(v, str):
+            return v
+        if isinstance(v, (dict, list)):
+            raise InputError(
+                f"attribute {_found(self, keys)}: expected a string, got {type(v).__name__}"
+            )
+        return json.dumps(v)
 
 
 def _found(a: _Attrs, keys: tuple[str, ...]) -> str:

