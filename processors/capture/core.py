@@ -726,9 +726,10 @@ class Capture:
         a = _Attrs(vals, res_vals)
         ts = lr.time_unix_nano or lr.observed_time_unix_nano
         trace_id, span_id = _log_ids(lr, a, name, ts)
-        if name == EVALUATION_EVENT:
-            system, ins, outs = None, [], []
-        else:
+        system: Any = None
+        ins: list[Any] = []
+        outs: list[Any] = []
+        if name != EVALUATION_EVENT:
             body = self._walk(any_value(lr.body)) if lr.HasField("body") else None
             system, ins, outs = _event_content(name, vals, body)
         conv, explicit = a.conversation(trace_id)

@@ -270,7 +270,8 @@ def patterns(conv: Conversation) -> dict[str, Hit]:
 def _said_prefixes(msgs: list[Message]) -> list[str]:
     """For each message index, the lower-cased text of the user's messages and the tool
     results before it: what an argument value may be grounded in."""
-    out, acc = [], []
+    out: list[str] = []
+    acc: list[str] = []
     for m in msgs:
         out.append("\n".join(acc))
         if m.role == "user" or (m.role == "tool" and not m.error):
@@ -446,27 +447,27 @@ def intent_findings(
 ) -> list[Diagnosis]:
     """The contrastive diagnoses of one intent's tagged conversations (the newest version of
     each conversation counts; none without enough failed and successful ones)."""
-    newest: dict[str, TagRecord] = {}
+    newest: dict[str, tuple[TagRecord, Conversation]] = {}
     for t in tags:
         if t.conversation is None:
             continue
         old = newest.get(t.conversation_id)
-        if old is None or t.conversation_version >= old.conversation_version:
-            newest[t.conversation_id] = t
+        if old is None or t.conversation_version >= old[0].conversation_version:
+            newest[t.conversation_id] = (t, t.conversation)
     # The failed and the successful conversations over the same span of time: reservoirs of
     # the last N of each reach back unequally far, and behaviour that changed over time
     # would otherwise look like a difference between them.
     firsts = [
-        min((t.ts_ns for t in newest.values() if t.failed == side), default=None)
+        min((t.ts_ns for t, _ in newest.values() if t.failed == side), default=None)
         for side in (True, False)
     ]
     since = max((f for f in firsts if f is not None), default=0)
-    group = [t for t in newest.values() if t.ts_ns >= since]
-    failed = {t.conversation_id: patterns(t.conversation) for t in group if t.failed}
-    ok = {t.conversation_id: patterns(t.conversation) for t in group if not t.failed}
+    group = [(t, c) for t, c in newest.values() if t.ts_ns >= since]
+    failed = {t.conversation_id: patterns(c) for t, c in group if t.failed}
+    ok = {t.conversation_id: patterns(c) for t, c in group if not t.failed}
     if len(failed) < cfg.contrast_min_failures or len(ok) < cfg.contrast_min_successes:
         return []
-    traces = {t.conversation_id: t.conversation.trace_ids for t in group}
+    traces = {t.conversation_id: c.trace_ids for t, c in group}
     return [
         diagnosis_of(f, intent_id, intent_name, traces, now_ns) for f in contrast(failed, ok, cfg)
     ]
