@@ -198,7 +198,9 @@ class Capture:
     def process(self, messages: list[RawMessage], now_ns: int) -> CaptureBatch:
         """Turn raw Kafka messages into rows, turn records and dead letters. Never raises on input."""
         batch = CaptureBatch()
-        for m in messages:
+        # spans before log records: a log record tied only by trace context takes the
+        # conversation id its trace's spans give, whichever topic the consumer read first
+        for m in sorted(messages, key=lambda m: m.topic == self.logs_topic):
             batch.messages_in += 1
             out = _Out()
             try:

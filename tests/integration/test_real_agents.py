@@ -266,3 +266,18 @@ def test_feedback_endpoint_needs_the_token(
         ) == [{"failed": 1}]
     finally:
         server.stop()
+
+
+def test_diagnose_reads_conversations_back_with_their_per_call_data(
+    pipe: Pipeline, imported: subprocess.CompletedProcess
+) -> None:
+    from processors.feedback import load_tagged
+
+    pipe.wait_rows("SELECT 1 FROM conversation_tags FINAL WHERE conversation_id = 'big'", 1)
+    (tag,) = load_tagged(pipe.store, conversation_id="big")
+    conv = tag.conversation
+    assert conv is not None and conv.llm_calls == 41  # one model call per assistant message
+    assert len(conv.tool_calls) == 40
+    assert all(c.duration_ms > 0 and c.name == "archive_project" for c in conv.tool_calls)
+    # the latency rule's per-call figure is the span time per call, not the conversation's total
+    assert conv.latency_ms / conv.llm_calls < 1000

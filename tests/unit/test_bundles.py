@@ -62,3 +62,34 @@ def test_a_record_that_cannot_be_cut_is_returned_unfit() -> None:
     assert [cid for cid, _ in unfit] == ["c"]
     assert len(msgs) == 1 and list(orjson.loads(msgs[0])["conversations"]) == ["d"]
     assert fit({"a": "b"}, 1) is None
+
+
+def test_a_batch_failing_twice_the_same_way_is_known_across_restarts(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from processors.errors import StoreError
+    from processors.runtime import FailingBatches
+
+    def ev(p: int, o: int) -> SimpleNamespace:
+        return SimpleNamespace(message=SimpleNamespace(topic="otlp_spans", partition=p, offset=o))
+
+    path = tmp_path / "run" / "failing.json"
+    batch = [ev(0, 7), ev(0, 8), ev(1, 3)]
+    key = FailingBatches.key("capture", batch)
+    assert key == FailingBatches.key("capture", [ev(1, 3), ev(0, 7), ev(0, 9)])  # first offsets
+    first = FailingBatches(path)
+    err = ValueError("message too large")
+    assert not first.failed_before(key, err)
+    first.remember(key, err)
+    again = FailingBatches(path)  # the restarted worker
+    assert again.failed_before(key, ValueError("other text, same kind"))
+    assert not again.failed_before(key, KeyError("another kind"))
+    again.forget(key)
+    assert not FailingBatches(path).failed_before(key, err)
+    # an outage is never the batch's fault
+    assert FailingBatches.is_outage(StoreError("ClickHouse down"))
+    try:
+        raise RuntimeError("send failed") from ConnectionRefusedError()
+    except RuntimeError as e:
+        assert FailingBatches.is_outage(e)
+    assert not FailingBatches.is_outage(err)
