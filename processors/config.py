@@ -275,7 +275,9 @@ class DiagnoseConfig:
     latency_ratio: float = 1.5  # failing/healthy latency per model call that counts as a finding
     max_trace_ids: int = 10
     # contrastive analysis (diagnose/contrast.py): failed vs successful conversations per intent
-    contrast_min_failures: int = 5  # failed conversations an intent needs before it is analysed
+    # failed conversations an intent needs before it is analysed: many patterns are tested at
+    # once (Benjamini-Hochberg), which fewer failures rarely pass; the rules look first
+    contrast_min_failures: int = 15
     contrast_min_successes: int = 3  # and successful ones to contrast them with
     contrast_min_count: int = 3  # failed conversations a pattern must hold in
     contrast_min_lift: float = 0.25  # share among failed - share among successful, at least

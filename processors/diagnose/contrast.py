@@ -323,7 +323,7 @@ def contrast(
     for group in (failed, ok):
         for pats in group.values():
             for t in writes:
-                if f"calls:{t}" not in pats:
+                if f"calls:{t}" not in pats and "_abandoned" not in pats:
                     pats[f"never:{t}"] = Hit()
     candidates: list[Finding] = []
     counts_f: dict[str, int] = {}
@@ -331,7 +331,7 @@ def contrast(
         for p in pats:
             counts_f[p] = counts_f.get(p, 0) + 1
     for p, a in counts_f.items():
-        if a < cfg.contrast_min_count:
+        if a < cfg.contrast_min_count or p.startswith("_"):
             continue
         b = sum(1 for pats in ok.values() if p in pats)
         f = Finding(p, KIND_OF[p.split(":", 1)[0]], a, nf, b, no, fisher_exact(nf, a, no, b))
@@ -463,7 +463,7 @@ def intent_findings(
     ]
     since = max((f for f in firsts if f is not None), default=0)
     group = [(t, c) for t, c in newest.values() if t.ts_ns >= since]
-    failed = {t.conversation_id: patterns(c) for t, c in group if t.failed}
+    failed = {t.conversation_id: _failed_patterns(t, c) for t, c in group if t.failed}
     ok = {t.conversation_id: patterns(c) for t, c in group if not t.failed}
     if len(failed) < cfg.contrast_min_failures or len(ok) < cfg.contrast_min_successes:
         return []
@@ -471,6 +471,19 @@ def intent_findings(
     return [
         diagnosis_of(f, intent_id, intent_name, traces, now_ns) for f in contrast(failed, ok, cfg)
     ]
+
+
+_MISSING = ("never:", "no_action")
+
+
+def _failed_patterns(tag: TagRecord, conv: Conversation) -> dict[str, Hit]:
+    """A failed conversation's patterns. The user left (``abandoned``): an action never taken
+    is a consequence of leaving, not a cause, so the missing-action patterns are left out."""
+    pats = patterns(conv)
+    if tag.outcome == "abandoned":
+        pats = {p: h for p, h in pats.items() if not p.startswith(_MISSING)}
+        pats["_abandoned"] = Hit()  # never:T is not added to it either (see contrast)
+    return pats
 
 
 def analyse(tags: Sequence[TagRecord], cfg: DiagnoseConfig, now_ns: int) -> list[Diagnosis]:

@@ -129,12 +129,12 @@ def test_control_with_random_failures_finds_nothing() -> None:
 def test_missing_action_and_too_few_successes() -> None:
     tags = [
         tag(conv(f"f{i}", [U("close it"), T("lookup_ticket", {"id": "1"}), A("ok")]), True)
-        for i in range(12)
+        for i in range(20)
     ]
     tags += [tag(confirmed_close(f"s{i}", f"S-{i}"), False) for i in range(10)]
     kinds = {d.failure_kind for d in analyse(tags, CFG, now_ns=1)}
     assert "missing_action" in kinds
-    assert analyse(tags[:14], CFG, now_ns=1) == []  # 12 failed, 2 successful: not analysed
+    assert analyse(tags[:22], CFG, now_ns=1) == []  # 20 failed, 2 successful: not analysed
 
 
 # -- from a contrastive diagnosis to a proposal ----------------------------------------------
@@ -206,8 +206,8 @@ def test_acting_where_successful_conversations_refrain() -> None:
     from processors.act.fixes import contrast_instruction
 
     refuse = [U("close ticket T-1"), T("lookup_ticket", {"id": "T-1"}), A("It cannot be closed.")]
-    tags = [tag(unconfirmed_close(f"f{i}", f"T-{i}"), True) for i in range(12)]
-    tags += [tag(conv(f"s{i}", refuse), False) for i in range(12)]
+    tags = [tag(unconfirmed_close(f"f{i}", f"T-{i}"), True) for i in range(20)]
+    tags += [tag(conv(f"s{i}", refuse), False) for i in range(20)]
     found = {d.evidence["pattern"]: d for d in analyse(tags, CFG, now_ns=1)}
     assert "acts" in found and found["acts"].failure_kind == "unauthorized_action"
     assert "state-changing" in contrast_instruction(found["acts"])
@@ -254,3 +254,15 @@ def test_a_new_version_of_a_conversation_replaces_the_old_one_in_the_window() ->
     assert (st.n, st.failures, st.total_failures) == (1, 1, 1)
     assert (len(st.healthy), len(st.failing)) == (0, 1)
     assert st.versions[("prompt_version", "")] == [1, 1, 1]
+
+
+def test_a_missing_action_of_users_who_left_is_not_a_cause() -> None:
+    left = [U("close it"), T("lookup_ticket", {"id": "1"}), A("Which ticket number exactly?")]
+    tags = []
+    for i in range(20):
+        t = tag(conv(f"f{i}", left), True)
+        t.outcome = "abandoned"
+        tags.append(t)
+    tags += [tag(confirmed_close(f"s{i}", f"S-{i}"), False) for i in range(10)]
+    assert {d.failure_kind for d in analyse(tags, CFG, now_ns=1)} <= {"unauthorized_action"}
+    assert not any(d.failure_kind == "missing_action" for d in analyse(tags, CFG, now_ns=1))
