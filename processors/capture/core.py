@@ -86,6 +86,7 @@ _UINT32_MAX = 2**32 - 1
 _ZERO_TRACE = bytes(16)
 _ZERO_SPAN = bytes(8)
 _TOO_DEEP = "values nested too deeply"
+_DETACHED = "eval-"  # span id prefix of an evaluation sent without trace context
 TRACES_REMEMBERED = 100_000  # trace -> conversation ids kept for log records (oldest dropped)
 _JSON_OPEN = ("{", "[")
 _JSON_CLOSE = ("}", "]")
@@ -192,6 +193,7 @@ class Capture:
         # conversation ids spans gave their traces, for log records that carry only trace
         # context (a GenAI content or evaluation event emitted under the span); bounded
         self._trace_conv: dict[str, str] = {}
+        self._responses: dict[str, str] = {}  # gen_ai.response.id -> conversation id
 
     # ---------------------------------------------------------------- messages
 
@@ -235,11 +237,17 @@ class Capture:
         return batch
 
     def _learn_traces(self, trace_conv: dict[str, str]) -> None:
-        for trace_id, conv in trace_conv.items():
-            self._trace_conv.pop(trace_id, None)
-            self._trace_conv[trace_id] = conv
-        while len(self._trace_conv) > TRACES_REMEMBERED:
-            del self._trace_conv[next(iter(self._trace_conv))]
+        _remember(self._trace_conv, trace_conv)
+
+    def _learn_responses(self, rows: list[dict[str, Any]]) -> None:
+        _remember(
+            self._responses,
+            {
+                r["attributes"]["gen_ai.response.id"]: r["conversation_id"]
+                for r in rows
+                if r["attributes"].get("gen_ai.response.id")
+            },
+        )
 
     def _check_count(self, n: int, what: str, problems: Any) -> None:
         """A request must hold something, and not more than the configured limit."""
@@ -299,6 +307,7 @@ class Capture:
                 if tool_row is not None:
                     tool_row["conversation_id"] = turn.conversation_id
                     out.tool_rows.append(tool_row)
+        self._learn_responses(out.span_rows)
 
     # ------------------------------------------------------------------ spans
 
@@ -703,7 +712,8 @@ class Capture:
             out.turns.append(
                 TurnRecord(
                     conversation_id=c.conversation_id,
-                    trace_id=c.trace_id,
+                    # an evaluation sent without trace context belongs to no trace
+                    trace_id="" if c.span_id.startswith(_DETACHED) else c.trace_id,
                     span_id=c.span_id,
                     span_kind="content",
                     system_instructions=system,
@@ -727,7 +737,7 @@ class Capture:
             return False
         a = _Attrs(vals, res_vals)
         ts = lr.time_unix_nano or lr.observed_time_unix_nano
-        trace_id, span_id = _log_ids(lr, a, name, ts)
+        trace_id, span_id = _log_ids(lr, a, name, ts, self._responses)
         system: Any = None
         ins: list[Any] = []
         outs: list[Any] = []
@@ -1073,16 +1083,33 @@ def _event_content(name: str, attrs: dict[str, Any], body: Any) -> tuple[Any, li
     return None, [msg], []
 
 
-def _log_ids(lr: LogRecord, a: _Attrs, name: str, ts: int) -> tuple[str, str]:
+def _remember(memory: dict[str, str], new: dict[str, str]) -> None:
+    """Add ``new`` to a bounded memory, forgetting the oldest entries past TRACES_REMEMBERED."""
+    for k, v in new.items():
+        memory.pop(k, None)
+        memory[k] = v
+    while len(memory) > TRACES_REMEMBERED:
+        del memory[next(iter(memory))]
+
+
+def _log_ids(
+    lr: LogRecord, a: _Attrs, name: str, ts: int, responses: dict[str, str]
+) -> tuple[str, str]:
     """``(trace id, span id)`` of a log record. An evaluation sent without trace context but
-    with a conversation id (a grader's reward, a user's rating) gets a span id of its own
-    and the conversation id as its trace id, which the assembler maps to the conversation."""
+    with a conversation id (a grader's reward, a user's rating), or with the
+    ``gen_ai.response.id`` of an answer this process captured (``responses``), gets a span id
+    of its own and the conversation id as its trace id."""
     if name == EVALUATION_EVENT and not any(lr.trace_id) and not any(lr.span_id):
         conv, explicit = a.conversation("")
         if not explicit:
-            raise InputError("evaluation event without trace context or gen_ai.conversation.id")
+            conv = responses.get(a.str("gen_ai.response.id"), "")
+        if not conv:
+            raise InputError(
+                "evaluation event without trace context, gen_ai.conversation.id or a known "
+                "gen_ai.response.id"
+            )
         key = f"{conv}\0{a.str('gen_ai.evaluation.name')}\0{ts}".encode()
-        return conv, "eval-" + hashlib.sha256(key).hexdigest()[:16]
+        return conv, _DETACHED + hashlib.sha256(key).hexdigest()[:16]
     trace_id, span_id, _ = _ids(lr.trace_id, lr.span_id, b"")
     return trace_id, span_id
 

@@ -236,7 +236,8 @@ def build_conversation(
     }
     for t in recs:
         conv.evaluations += t.evaluations
-        trace_order.setdefault(t.trace_id, None)
+        if t.trace_id:  # an evaluation sent later without trace context has none
+            trace_order.setdefault(t.trace_id, None)
         _count_span(conv, t)
         if t.span_kind == "tool" and t.tool is not None:
             tool_calls.append(t.tool)

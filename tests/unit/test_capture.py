@@ -1113,7 +1113,8 @@ def test_evaluation_log_records_join_their_span_or_their_conversation() -> None:
     )
     logs = run(msg(logs_request([on_span, no_context, orphan]).SerializeToString(), "otlp_logs"))
     assert [d.reason for d in logs.deadletters] == [
-        "evaluation event without trace context or gen_ai.conversation.id"
+        "evaluation event without trace context, gen_ai.conversation.id or a known "
+        "gen_ai.response.id"
     ]
     spans = run(request(genai_spans()).SerializeToString())
     conv = _assembled(spans, logs)
@@ -1158,3 +1159,26 @@ def test_log_records_borrow_the_conversation_id_of_their_trace_seen_earlier() ->
     # a fresh capture process has not seen the trace: the record keeps the trace id
     (alone,) = run(msg(logs_request([ev]).SerializeToString(), "otlp_logs")).turns
     assert alone.conversation_id == TRACE.hex()
+
+
+def test_an_evaluation_finds_its_conversation_by_the_response_id_it_judges() -> None:
+    cap = Capture(CaptureConfig())
+    spans = genai_spans()
+    llm = next(sp for sp in spans if any(kv.key == "gen_ai.request.model" for kv in sp.attributes))
+    llm.attributes.extend(kvs({"gen_ai.response.id": "chatcmpl-42"}))
+    (conv_id,) = {
+        t.conversation_id for t in cap.process([msg(request(spans).SerializeToString())], NOW).turns
+    }
+    grade = LogRecord(
+        time_unix_nano=T0 + 5,
+        event_name="gen_ai.evaluation.result",
+        attributes=kvs({"gen_ai.response.id": "chatcmpl-42", "gen_ai.evaluation.name": "judge",
+                        "gen_ai.evaluation.score.label": "incorrect"}),
+    )  # fmt: skip
+    b = cap.process([msg(logs_request([grade]).SerializeToString(), "otlp_logs", 1)], NOW)
+    assert b.deadletters == []
+    (t,) = b.turns
+    assert t.conversation_id == conv_id and t.trace_id == ""  # no trace of its own
+    assert [(e.name, e.label, e.response_id) for e in t.evaluations] == [
+        ("judge", "incorrect", "chatcmpl-42")
+    ]
