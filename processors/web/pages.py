@@ -39,14 +39,51 @@ def badge(text: str) -> str:
     return f'<span class="badge b-{h(re.sub(r"[^a-z_]", "", text.lower()))}">{h(text.replace("_", " "))}</span>'
 
 
+def duration_text(ns: float) -> str:
+    """A duration a person reads: ``40 s``, ``12 min``, ``2.5 h``, ``3 d``.
+
+    >>> [duration_text(x) for x in (0, 4e10, 7.2e11, 9e12, 2.6e14)]
+    ['<1 s', '40 s', '12 min', '2.5 h', '3 d']
+    """
+    s = ns / 1e9
+    if s < 1:
+        return "<1 s"
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.0f} min"
+    if s < 129600:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.0f} d"
+
+
 def trace_link(trace_id: str, template: str) -> str:
-    """A trace id as a link through ``web.trace_url`` (``{trace_id}`` placeholder), else as code."""
+    """A trace id as a link to its conversation on this page, plus a link (↗) to the trace in
+    the tracing tool of ``web.trace_url`` (``{trace_id}`` placeholder) when one is set."""
     tid = _TRACE_ID.sub("", str(trace_id))[:64]
+    out = f'<a class="mono trace" href="/traces/{quote(tid)}">{h(tid)}</a>'
     if template and template.startswith(("http://", "https://")):
-        return (
-            f'<a class="mono" href="{h(template.replace("{trace_id}", quote(tid)))}">{h(tid)}</a>'
-        )
-    return f"<code>{h(tid)}</code>"
+        ext = h(template.replace("{trace_id}", quote(tid)))
+        out += f' <a class="ext" href="{ext}" title="open in the tracing tool">↗</a>'
+    return out
+
+
+def conv_link(conversation_id: str) -> str:
+    """A conversation id as a link to its page."""
+    return (
+        f'<a class="mono conv" href="/conversations/{quote(str(conversation_id), safe="")}">'
+        f"{h(conversation_id)}</a>"
+    )
+
+
+_HEX_TRACE_ID = re.compile(r"\b[0-9a-f]{32}\b")
+
+
+def link_trace_ids(escaped: str) -> str:
+    """Link every 32-hex trace id in already escaped text to its conversation page."""
+    return _HEX_TRACE_ID.sub(
+        lambda m: f'<a class="mono trace" href="/traces/{m[0]}">{m[0]}</a>', escaped
+    )
 
 
 def safe_href(url: str) -> str:
@@ -91,6 +128,8 @@ def render_value(value: Any, trace_url: str, key: str = "") -> str:
     ids = [value] if isinstance(value, str) else value
     if "trace_id" in key and isinstance(ids, list) and all(isinstance(t, str) for t in ids):
         return " ".join(trace_link(t, trace_url) for t in ids) or "—"
+    if "conversation" in key and isinstance(ids, list) and all(isinstance(c, str) for c in ids):
+        return " ".join(conv_link(c) for c in ids) or "—"
     if isinstance(value, dict):
         if not value:
             return '<span class="muted">—</span>'
@@ -166,6 +205,13 @@ button{font:inherit;padding:.35rem .9rem;border-radius:4px;border:1px solid #0f1
 button.approve{background:#15803d;color:#fff;border-color:#15803d}button.reject{background:#fff;color:#b91c1c;
 border-color:#b91c1c}.chips span{display:inline-block;margin:0 .3rem .2rem 0;font-size:.8rem;color:#334155}
 svg.spark{vertical-align:middle}details summary{cursor:pointer;color:#1d4ed8}
+svg.chart{background:#fff;border:1px solid #e2e8f0;border-radius:6px;max-width:100%;height:auto}
+.msg{background:#fff;border:1px solid #e2e8f0;border-left:4px solid #94a3b8;border-radius:4px;
+padding:.4rem .7rem;margin:.4rem 0}.msg .role{font-weight:600;text-transform:capitalize}
+.m-user{border-left-color:#2563eb}.m-assistant{border-left-color:#16a34a}.m-tool{border-left-color:#d97706;
+margin-left:1.5rem}.m-system{border-left-color:#64748b}.b-failed,.b-abandoned,.b-errored{background:#fee2e2;
+color:#991b1b}.b-succeeded{background:#dcfce7;color:#166534}a.ext{text-decoration:none}
+table.tools td{max-width:28rem}tr.controls>td{background:#f8fafc}
 """
 
 _NAV = (
@@ -259,7 +305,8 @@ def render_intents(data: Mapping[str, Any], min_examples: int) -> str:
             f"{h(c['change'])} v{int(c['taxonomy_version'])}" for c in i["changes"][:4]
         )
         rows.append(
-            f"<tr><td><b>{h(i['name'])}</b> {badge(i['status']) if i['status'] != 'active' else ''}"
+            f'<tr><td><b><a href="/intents/{quote(i["intent_id"], safe="")}">{h(i["name"])}</a></b> '
+            f"{badge(i['status']) if i['status'] != 'active' else ''}"
             f"<div class=muted>{h(i['description'])}</div>{ex}</td>"
             f"<td class=num>{int(i['size'])}</td><td class=num>{i['conversations']}</td>"
             f"<td class=num>{pct(i['failure_rate'])}</td><td>{sparkline(i['series'])}</td>"
@@ -268,8 +315,9 @@ def render_intents(data: Mapping[str, Any], min_examples: int) -> str:
     b = data["buckets"]
     note = (
         (
-            f"Sparklines: {b['count']} buckets of {b['width_ns'] / 3.6e12:.2f} h from {when(b['from_ns'])}; "
-            "grey = volume, red = failure rate (0–100%)."
+            f"Sparklines: {b['count']} buckets of {duration_text(b['width_ns'])} from "
+            f"{when(b['from_ns'])}; grey = volume, red = failure rate (0–100%). An intent's name "
+            "opens its failure rate over time and its conversations."
         )
         if b["from_ns"]
         else ""
@@ -436,7 +484,7 @@ def render_proposal(
         parts.append(f"<h2>Outcome</h2><div class=box>{_outcome_cells(o, inline=True)}</div>")
     parts.append(
         f"<h2>Description</h2><details><summary>the proposal's full text (markdown, as on the pull "
-        f"request)</summary><pre>{h(p['body'])}</pre></details>"
+        f"request)</summary><pre>{link_trace_ids(h(p['body']))}</pre></details>"
     )
     return page(p["title"], "".join(parts), "/proposals")
 
@@ -464,6 +512,28 @@ def _outcome_cells(o: Mapping[str, Any], inline: bool = False) -> str:
     return "".join(f"<td{' class=num' if i == 4 else ''}>{c}</td>" for i, c in enumerate(cells))
 
 
+def _ilink(intent_id: str, text: str) -> str:
+    return f'<a href="/intents/{quote(intent_id, safe="")}">{h(text or intent_id)}</a>'
+
+
+def _control_rows(controls: Sequence[Mapping[str, Any]]) -> str:
+    """The control intents of one change, folded: most are "not enough data" and would bury the
+    target rows; the summary says how many moved."""
+    measured = [c for c in controls if c["verdict"] != "not_enough_data"]
+    moved = [c for c in measured if c["verdict"] in ("fixed", "regressed")]
+    rows = "".join(
+        f"<tr><td>{_ilink(c['intent_id'], c['intent_name'])}</td>{_outcome_cells(c)}</tr>"
+        for c in sorted(controls, key=lambda c: (c["verdict"] == "not_enough_data", c["intent_id"]))
+    )
+    return (
+        f'<tr class="controls"><td></td><td colspan="6"><details><summary>{len(controls)} control '
+        f"intent{'s' if len(controls) != 1 else ''}: {len(measured)} with enough data, "
+        f"{len(moved)} moved</summary><table><thead><tr><th>intent</th><th>verdict</th>"
+        "<th>before</th><th>after</th><th>difference (95% CI)</th><th class=num>p-value</th>"
+        f"</tr></thead><tbody>{rows}</tbody></table></details></td></tr>"
+    )
+
+
 def render_outcomes(groups: Sequence[Mapping[str, Any]]) -> str:
     rows = []
     for g in groups:
@@ -471,19 +541,16 @@ def render_outcomes(groups: Sequence[Mapping[str, Any]]) -> str:
         target = _outcome_cells(t) if t else '<td colspan="5" class="muted">no measurement yet</td>'
         rows.append(
             f"<tr><td>{_plink(g['proposal_id'], g['title'])}</td>"
-            f"<td><b>{h(t['intent_name'] if t else '') or h(g['intent_id'])}</b> "
+            f"<td><b>{_ilink(g['intent_id'], (t['intent_name'] if t else '') or g['intent_id'])}</b> "
             "<span class=muted>target</span>"
             f"</td>{target}</tr>"
         )
-        rows.extend(
-            f"<tr class=muted><td></td><td>{h(c['intent_name'] or c['intent_id'])} control</td>"
-            f"{_outcome_cells(c)}</tr>"
-            for c in g["controls"]
-        )
+        if g["controls"]:
+            rows.append(_control_rows(g["controls"]))
     return page(
         "Outcomes",
         "<h1>Outcomes</h1><p class=muted>Failure rate of the targeted intent before and after "
-        "the merged change; the other intents are controls.</p>"
+        "the merged change; the other intents are controls (folded under each change).</p>"
         + _table(
             ["proposal", "intent", "verdict", "before", "after", "difference (95% CI)", "#p-value"],
             rows,

@@ -44,6 +44,7 @@ from processors.errors import ActError, CloseloopError, InputError, ReviewError,
 from processors.records import Proposal, ReviewRecord, TagRecord
 from processors.review.loop import decide, ingest_webhook
 from processors.store import Store
+from processors.web.drilldown import render_conversation, render_intent
 from processors.web.pages import (
     MAX_COMMENT_CHARS,
     MAX_REVIEWER_CHARS,
@@ -57,8 +58,11 @@ from processors.web.pages import (
     render_proposals,
 )
 from processors.web.queries import (
+    conversation,
+    conversation_of_trace,
     diagnoses,
     diagnosis,
+    intent_detail,
     intents,
     outcomes,
     overview,
@@ -265,6 +269,24 @@ class _Handler(BaseHTTPRequestHandler):
         m = re.fullmatch(r"/diagnoses/" + _ID, unquote(path))
         if m and (d := diagnosis(store, m.group(1))) is not None:
             return self._html(200, render_diagnosis(d, app.cfg.web.trace_url))
+        m = re.fullmatch(r"/conversations/" + _ID, unquote(path))
+        if m and (c := conversation(store, m.group(1))) is not None:
+            return self._html(200, render_conversation(c, app.cfg.web.trace_url))
+        m = re.fullmatch(r"/traces/" + _ID, unquote(path))
+        if m and (cid := conversation_of_trace(store, m.group(1))) is not None:
+            return self._redirect(f"/conversations/{quote(cid, safe='')}")
+        if m:
+            return self._html(
+                404,
+                render_message(
+                    "Not captured",
+                    f"No stored conversation holds trace {m.group(1)}: it was not captured here, "
+                    "or its spans have not been processed yet.",
+                ),
+            )
+        m = re.fullmatch(r"/intents/" + _ID, unquote(path))
+        if m and (i := intent_detail(store, m.group(1))) is not None:
+            return self._html(200, render_intent(i))
         m = re.fullmatch(r"/proposals/" + _ID, unquote(path))
         if m and (p := proposal(store, m.group(1))) is not None:
             return self._html(200, render_proposal(p, app.csrf_token(session)))
@@ -281,8 +303,13 @@ class _Handler(BaseHTTPRequestHandler):
         }
         if path in lists:
             return self._json(200, lists[path]())
-        m = re.fullmatch(r"/api/(diagnoses|proposals)/" + _ID, unquote(path))
-        one = m and (diagnosis if m.group(1) == "diagnoses" else proposal)(store, m.group(2))
+        m = re.fullmatch(r"/api/(diagnoses|proposals|conversations|intents)/" + _ID, unquote(path))
+        one = m and {
+            "diagnoses": diagnosis,
+            "proposals": proposal,
+            "conversations": conversation,
+            "intents": intent_detail,
+        }[m.group(1)](store, m.group(2))
         if one:
             return self._json(200, one)
         self._json(404, {"error": f"nothing at {path}"})
