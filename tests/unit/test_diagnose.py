@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 import re
 from itertools import pairwise
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +16,7 @@ from processors.diagnose.window import IntentStats
 from processors.errors import ConfigError, InputError
 from processors.llm import LLM, UNTRUSTED_RULE
 from processors.records import Conversation, Diagnosis, Message, TagRecord
+from processors.store import SCHEMA_DIR
 from tests.llm_server import FakeLLMServer
 
 CFG = DiagnoseConfig()
@@ -331,7 +331,7 @@ def test_tag_without_intent_is_an_input_error() -> None:
 def ddl_columns(table: str) -> list[str]:
     """Columns of ``table`` after every schemas/ file: CREATE, then ALTER ... ADD ... AFTER."""
     columns: list[str] = []
-    for f in sorted((Path(__file__).parents[2] / "schemas").glob("*.sql")):
+    for f in sorted(SCHEMA_DIR.glob("*.sql")):
         ddl = f.read_text()
         m = re.search(rf"CREATE TABLE IF NOT EXISTS {table}\s*\((.*?)\n\)", ddl, re.DOTALL)
         if m:
