@@ -1,6 +1,8 @@
 """Tagged conversations read back from the store, and late feedback recorded against them.
 
-Used by ``closeloop feedback``, ``POST /api/feedback`` (the review page's server) and
+Used by ``closeloop feedback``, ``POST /api/feedback`` (the review page's server), the
+understand stage (an evaluation event that arrives over OTLP after its conversation left
+assemble's state becomes a conversation of evaluations only: it is late feedback) and
 ``closeloop diagnose``. The decisions are the pure core's (:mod:`processors.understand.feedback`);
 this module reads and writes the store and hands the new tags to a ``publish`` callback
 (the ``closeloop.tags`` topic when a stack runs, so diagnose and verification take them in).
@@ -98,11 +100,12 @@ def record_feedback(
     store: Store,
     cfg: Config,
     conversation_id: str,
-    evaluation: Evaluation,
+    evaluation: Evaluation | list[Evaluation],
     publish: Callable[[TagRecord], None] | None = None,
 ) -> TagRecord:
-    """Store ``evaluation`` for the conversation and write its re-versioned tags; the new
+    """Store the evaluation(s) for the conversation and write its re-versioned tags; the new
     :class:`TagRecord` goes to ``publish`` too. :class:`InputError` if the conversation is unknown."""
+    evaluations = evaluation if isinstance(evaluation, list) else [evaluation]
     found = load_tagged(store, conversation_id=conversation_id)
     if not found:
         raise InputError(
@@ -114,13 +117,14 @@ def record_feedback(
         [
             {
                 "conversation_id": conversation_id,
-                "name": evaluation.name,
-                "score": evaluation.score,
-                "label": evaluation.label,
-                "explanation": evaluation.explanation,
-                "source": evaluation.source,
-                "ts_ns": evaluation.ts_ns,
+                "name": ev.name,
+                "score": ev.score,
+                "label": ev.label,
+                "explanation": ev.explanation,
+                "source": ev.source,
+                "ts_ns": ev.ts_ns,
             }
+            for ev in evaluations
         ],
     )
     spans = store.query(

@@ -281,3 +281,54 @@ def test_diagnose_reads_conversations_back_with_their_per_call_data(
     assert all(c.duration_ms > 0 and c.name == "archive_project" for c in conv.tool_calls)
     # the latency rule's per-call figure is the span time per call, not the conversation's total
     assert conv.latency_ms / conv.llm_calls < 1000
+
+
+def test_an_evaluation_after_its_conversation_left_assemble_is_late_feedback(
+    pipe: Pipeline,
+) -> None:
+    from processors.understand.core import tag_row
+
+    # a conversation tagged long ago (no longer in assemble's state): rows as the stages wrote them
+    ghost = TagRecord("ghost", 7, "i-old", "old intent", 1, outcome="resolved", ts_ns=5)
+    pipe.store.insert_records("conversation_tags", [tag_row(ghost)])
+    pipe.store.insert_records(
+        "conversations",
+        [{"conversation_id": "ghost", "version": 7, "messages": json.dumps(
+            [{"role": "user", "content": "archive it"}, {"role": "assistant", "content": "Done."}]
+        ), "trace_ids": ["ab" * 16]}],
+    )  # fmt: skip
+    logs = ExportLogsServiceRequest()
+    sl = logs.resource_logs.add().scope_logs.add()
+    for cid in ("ghost", "never-seen"):
+        lr = sl.log_records.add()
+        lr.time_unix_nano = time.time_ns()
+        lr.event_name = "gen_ai.evaluation.result"
+        lr.attributes.extend(
+            [
+                _kv("gen_ai.conversation.id", cid),
+                _kv("gen_ai.evaluation.name", "nightly_grader"),
+                _kv("gen_ai.evaluation.score.value", 0.0),
+            ]
+        )
+    urllib.request.urlopen(
+        urllib.request.Request(
+            pipe.http_url("/v1/logs"),
+            data=logs.SerializeToString(),
+            headers={"Content-Type": "application/x-protobuf"},
+        ),
+        timeout=10,
+    ).read()
+    (r,) = pipe.wait_rows(
+        "SELECT conversation_version AS v, failed, outcome_source, intent_id "
+        "FROM conversation_tags FINAL WHERE conversation_id = 'ghost' AND conversation_version > 7",
+        1,
+    )
+    assert (r["v"], r["failed"], r["outcome_source"], r["intent_id"]) == (8, 1, "stated", "i-old")
+    dead = pipe.wait_rows("SELECT reason, key FROM deadletter FINAL WHERE stage = 'understand'", 1)
+    assert {(d["reason"], d["key"]) for d in dead} == {
+        ("evaluation for a conversation never tagged", "never-seen")
+    }
+    # neither became a conversation of its own for the intent model
+    assert pipe.rows(
+        "SELECT count() AS n FROM conversation_tags FINAL WHERE conversation_id = 'never-seen'"
+    ) == [{"n": 0}]
