@@ -201,66 +201,83 @@ def to_request(tr: Transcript) -> ExportTraceServiceRequest:
     spans: list[Span] = []
     pending: list[dict[str, Any]] = []  # messages since the previous model call
     conv_attr = _kv("gen_ai.conversation.id", tr.conversation_id)
-    version = [_kv("gen_ai.prompt.version", tr.prompt_version)] if tr.prompt_version else []
-    first_user: str = ""
-    last_answer: str = ""
     for i, m in enumerate(tr.messages):
         t = clock.at(m)
-        if m["role"] == "user":
-            first_user = first_user or _content_text(m.get("content"))
         if m["role"] in ("user", "tool"):
             pending.append(_openai_message(m))
         if m["role"] == "tool":
             spans.append(_tool_span(tr, m, i, trace_id, root_id, t, conv_attr))
         if m["role"] == "assistant":
             out = _openai_message(m)
-            last_answer = out["content"] or last_answer
-            attrs = [
-                _kv("gen_ai.operation.name", "chat"),
-                conv_attr,
-                _kv("gen_ai.input.messages", json.dumps(pending)),
-                _kv("gen_ai.output.messages", json.dumps([out])),
-                *version,
-            ]
-            if tr.system:
-                attrs.append(_kv("gen_ai.system_instructions", tr.system))
-            if tr.model:
-                attrs += [
-                    _kv("gen_ai.request.model", tr.model),
-                    _kv("gen_ai.response.model", tr.model),
-                ]
-            spans.append(
-                Span(
-                    trace_id=trace_id,
-                    span_id=_id(tr.conversation_id, f"chat{i}", 8),
-                    parent_span_id=root_id,
-                    name=f"chat {tr.model}".strip(),
-                    kind=Span.SPAN_KIND_CLIENT,
-                    start_time_unix_nano=max(tr.start_ns, t - STEP_NS // 2),
-                    end_time_unix_nano=t,
-                    attributes=attrs,
-                )
-            )
+            spans.append(_chat_span(tr, i, trace_id, root_id, t, pending, out))
             pending = [out]
+    req = ExportTraceServiceRequest()
+    rs = req.resource_spans.add()
+    rs.resource.attributes.append(_kv("service.name", tr.agent_name or SERVICE))
+    ss = rs.scope_spans.add()
+    ss.scope.name = "closeloop.import"
+    ss.spans.extend([_root_span(tr, trace_id, root_id, clock.t + 1), *spans])
+    return req
+
+
+def _version(tr: Transcript) -> list[KeyValue]:
+    return [_kv("gen_ai.prompt.version", tr.prompt_version)] if tr.prompt_version else []
+
+
+def _chat_span(
+    tr: Transcript,
+    i: int,
+    trace_id: bytes,
+    root_id: bytes,
+    t: int,
+    inputs: list[dict[str, Any]],
+    output: dict[str, Any],
+) -> Span:
+    """The model call that produced assistant message ``i`` from the messages since the last."""
+    attrs = [
+        _kv("gen_ai.operation.name", "chat"),
+        _kv("gen_ai.conversation.id", tr.conversation_id),
+        _kv("gen_ai.input.messages", json.dumps(inputs)),
+        _kv("gen_ai.output.messages", json.dumps([output])),
+        *_version(tr),
+    ]
+    if tr.system:
+        attrs.append(_kv("gen_ai.system_instructions", tr.system))
+    if tr.model:
+        attrs += [_kv("gen_ai.request.model", tr.model), _kv("gen_ai.response.model", tr.model)]
+    return Span(
+        trace_id=trace_id,
+        span_id=_id(tr.conversation_id, f"chat{i}", 8),
+        parent_span_id=root_id,
+        name=f"chat {tr.model}".strip(),
+        kind=Span.SPAN_KIND_CLIENT,
+        start_time_unix_nano=max(tr.start_ns, t - STEP_NS // 2),
+        end_time_unix_nano=t,
+        attributes=attrs,
+    )
+
+
+def _root_span(tr: Transcript, trace_id: bytes, root_id: bytes, end_ns: int) -> Span:
+    """``invoke_agent``: the conversation's ids, its end, and what was stated about it."""
     root = Span(
         trace_id=trace_id,
         span_id=root_id,
         name=f"invoke_agent {tr.agent_name}".strip(),
         kind=Span.SPAN_KIND_INTERNAL,
         start_time_unix_nano=tr.start_ns,
-        end_time_unix_nano=clock.t + 1,
+        end_time_unix_nano=end_ns,
         attributes=[
             _kv("gen_ai.operation.name", "invoke_agent"),
-            conv_attr,
+            _kv("gen_ai.conversation.id", tr.conversation_id),
             _kv(END_ATTRIBUTE, True),
-            *version,
+            *_version(tr),
             *([_kv("gen_ai.agent.name", tr.agent_name)] if tr.agent_name else []),
             *([_kv(OUTCOME_ATTRIBUTE, tr.outcome)] if tr.outcome else []),
             *([_kv(OUTCOME_REASON_ATTRIBUTE, tr.outcome_reason)] if tr.outcome_reason else []),
         ],
     )
     if tr.score is not None or tr.label:
-        ev = root.events.add(name=EVALUATION_EVENT, time_unix_nano=clock.t + 1)
+        ev = root.events.add(name=EVALUATION_EVENT, time_unix_nano=end_ns)
         ev.attributes.append(_kv("gen_ai.evaluation.name", tr.evaluation_name))
         if tr.score is not None:
             ev.attributes.append(_kv("gen_ai.evaluation.score.value", tr.score))
@@ -268,13 +285,7 @@ def to_request(tr: Transcript) -> ExportTraceServiceRequest:
             ev.attributes.append(_kv("gen_ai.evaluation.score.label", tr.label))
         if tr.explanation:
             ev.attributes.append(_kv("gen_ai.evaluation.explanation", tr.explanation))
-    req = ExportTraceServiceRequest()
-    rs = req.resource_spans.add()
-    rs.resource.attributes.append(_kv("service.name", tr.agent_name or SERVICE))
-    ss = rs.scope_spans.add()
-    ss.scope.name = "closeloop.import"
-    ss.spans.extend([root, *spans])
-    return req
+    return root
 
 
 def _tool_span(
