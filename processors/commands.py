@@ -450,9 +450,11 @@ def register(sub: argparse._SubParsersAction, common: Any) -> None:
 
     p = sub.add_parser("feedback", help="record late feedback or a reward for a conversation")
     common(p)
-    p.add_argument("conversation_id")
+    p.add_argument("conversation_id", help="the conversation the feedback is about")
     g = p.add_argument_group("what was stated (one at least)")
-    g.add_argument("--score", type=float)
+    g.add_argument(
+        "--score", type=float, help="e.g. 0 or 1 (failure below understand.outcome_fail_below)"
+    )
     g.add_argument("--label", help="e.g. pass, fail, thumbs_down (understand.outcome_*_labels)")
     p.add_argument("--comment", help="why (redacted before storage)")
     p.add_argument("--name", help="the evaluation's name (default: feedback)")

@@ -246,6 +246,15 @@ class TagRecord(Record):
     conversation: Conversation | None = None
 
 
+# Outcomes stated about a conversation (the contract with agents: docs/agent-authors.md).
+# resolved: the need was met; failed: a stated failure; abandoned: the user left after a
+# question; escalated: handed to a human; errored: errors prevented an answer; unknown: the
+# conversation holds no evidence either way (no answer to the user's last message).
+OUTCOMES = ("resolved", "failed", "abandoned", "escalated", "errored", "unknown")
+OUTCOME_ATTRIBUTE = "closeloop.outcome"
+OUTCOME_REASON_ATTRIBUTE = "closeloop.outcome.reason"
+EVALUATION_EVENT = "gen_ai.evaluation.result"
+
 # The taxonomy every diagnosis is filed under (docs/architecture.md, "Failure kinds"):
 FAILURE_KINDS = (
     "tool_error",  # a tool fails or is retried in a loop

@@ -70,13 +70,17 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from processors.capture.otlp import Problem, any_value, decode_logs, decode_traces
 from processors.config import CaptureConfig
 from processors.errors import ConfigError, InputError, PayloadTooLarge
-from processors.records import DeadLetter, Evaluation, Message, ToolCall, TurnRecord
-from processors.redact import Redactor
-from processors.understand.outcomes import (
+from processors.records import (
     EVALUATION_EVENT,
     OUTCOME_ATTRIBUTE,
     OUTCOME_REASON_ATTRIBUTE,
+    DeadLetter,
+    Evaluation,
+    Message,
+    ToolCall,
+    TurnRecord,
 )
+from processors.redact import Redactor
 
 STAGE = "capture"
 DEFAULT_END_ATTRIBUTE = "closeloop.conversation.end"

@@ -42,7 +42,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from processors.errors import InputError
-from processors.understand.outcomes import (
+from processors.records import (
     EVALUATION_EVENT,
     OUTCOME_ATTRIBUTE,
     OUTCOME_REASON_ATTRIBUTE,

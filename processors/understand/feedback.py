@@ -18,14 +18,15 @@ from typing import Any
 
 from processors.config import UnderstandConfig
 from processors.errors import InputError
-from processors.records import Evaluation, TagRecord
-from processors.redact import Redactor
-from processors.understand.outcomes import (
+from processors.records import (
     EVALUATION_EVENT,
     OUTCOME_ATTRIBUTE,
     OUTCOME_REASON_ATTRIBUTE,
-    decide,
+    Evaluation,
+    TagRecord,
 )
+from processors.redact import Redactor
+from processors.understand.outcomes import decide
 from processors.understand.signals import structural_signals
 
 FEEDBACK_NAME = "feedback"

@@ -22,16 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from processors.config import UnderstandConfig
-from processors.records import Evaluation
+from processors.records import OUTCOME_ATTRIBUTE, OUTCOMES, Evaluation
 
-OUTCOME_ATTRIBUTE = "closeloop.outcome"
-OUTCOME_REASON_ATTRIBUTE = "closeloop.outcome.reason"
-EVALUATION_EVENT = "gen_ai.evaluation.result"
-
-# resolved: the need was met; failed: a stated failure; abandoned: the user left after a
-# question; escalated: handed to a human; errored: errors prevented an answer; unknown: the
-# conversation holds no evidence either way (no answer to the user's last message).
-OUTCOMES = ("resolved", "failed", "abandoned", "escalated", "errored", "unknown")
 FAILED_OUTCOMES = frozenset({"failed", "abandoned", "errored"})
 
 

@@ -31,9 +31,9 @@ from river import linear_model, optim
 from processors.config import Config
 from processors.errors import LLMError
 from processors.llm import UNTRUSTED_RULE, ChatJSON, untrusted_block
-from processors.records import Conversation, Message
+from processors.records import OUTCOMES, Conversation, Message
 from processors.understand.naming import words
-from processors.understand.outcomes import FAILED_OUTCOMES, OUTCOMES
+from processors.understand.outcomes import FAILED_OUTCOMES
 
 TAGS = ("bug_report", "feature_request", "churn_risk", "setup_friction", "confusion")
 
