@@ -110,6 +110,7 @@ class IntentStats:
         self.window_versions: Counter[tuple[str, str, bool]] = Counter()  # (dim, value, failed)
         self.tool_calls: Counter[tuple[str, str]] = Counter()  # (tool, shape)
         self.tool_errors: Counter[tuple[str, str]] = Counter()
+        self._ids: Counter[str] = Counter()  # conversation ids in the window (for replacement)
         # (dim, value) -> [n, failures, first_seq], cumulative
         self.versions: dict[tuple[str, str], list[int]] = {}
         self.total = 0
@@ -138,8 +139,12 @@ class IntentStats:
         row = _row(tag)
         self.rows.append(row)
         self._count(row, +1)
+        in_window = self._in_window()
+        in_window[row.conversation_id] += 1
         if len(self.rows) > self.window:
-            self._count(self.rows.popleft(), -1)
+            old = self.rows.popleft()
+            self._count(old, -1)
+            _bump(in_window, old.conversation_id, -1)
         for dim, value in zip(VERSION_DIMS, row.versions):
             entry = self.versions.setdefault((dim, value), [0, 0, seq])
             entry[0] += 1
@@ -151,11 +156,18 @@ class IntentStats:
         if self.adwin.drift_detected:
             self.drift_up = self.adwin.estimation > before
 
+    def _in_window(self) -> Counter[str]:
+        """Conversation ids in the window (absent from snapshots of older releases: rebuilt)."""
+        ids: Counter[str] | None = self.__dict__.get("_ids")
+        if ids is None:
+            ids = self._ids = Counter(r.conversation_id for r in self.rows)
+        return ids
+
     def _replace(self, tag: TagRecord) -> bool:
         cid = tag.conversation_id
-        at = next((i for i, r in enumerate(self.rows) if r.conversation_id == cid), -1)
-        if not cid or at < 0:
+        if not cid or not self._in_window()[cid]:
             return False
+        at = next(i for i, r in enumerate(self.rows) if r.conversation_id == cid)
         old, new = self.rows[at], _row(tag)
         self._count(old, -1)
         self.rows[at] = new
