@@ -11,16 +11,14 @@ import sys
 import time
 from typing import Any
 
-from processors.config import Config, load_config
+from processors.config import Config, config_for
 from processors.errors import CloseloopError
 
 log = logging.getLogger("closeloop")
 
 
 def _config(a: argparse.Namespace, **extra: Any) -> Config:
-    overrides = {"home": getattr(a, "home", None)}
-    overrides.update(extra)
-    return load_config(getattr(a, "config", None), overrides=overrides)
+    return config_for(getattr(a, "config", None), getattr(a, "home", None), **extra)
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -95,3 +95,33 @@ def test_reader_goes_from_a_diagnosis_to_the_failed_conversation(
             assert "no effect" in controls.locator("table").inner_text()
     finally:
         server.stop()
+
+
+def test_every_page_renders_under_the_csp(
+    store: Store, config: Config, tmp_path: Path, unique: str
+) -> None:
+    """Each view from the templates, in the browser under the page's Content-Security-Policy:
+    the shared layout's stylesheet applies (nothing refused), no script, untrusted text inert."""
+    s = seed(store, config, tmp_path, unique)
+    server = WebServer(config, store, host="127.0.0.1", port=0).start()
+    paths = ["/", "/intents", "/diagnoses", "/proposals", "/outcomes"] + [
+        f"/diagnoses/{s.diagnosis.diagnosis_id}",
+        f"/proposals/{s.proposal.proposal_id}",
+        f"/conversations/{s.conversation_id}",
+        f"/intents/{s.intent_id}",
+    ]
+    try:
+        with chromium_page() as page:
+            errors: list[str] = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("dialog", lambda d: errors.append(f"a dialog opened: {d.message}"))
+            page.goto(server.login_url)
+            for path in paths:
+                assert page.goto(server.url + path).status == 200, path
+                header = page.locator("header").evaluate("e => getComputedStyle(e).display")
+                assert header == "flex", path  # the inline stylesheet was applied
+                assert page.locator("header a").count() == 5, path  # the shared nav
+                assert page.evaluate("document.querySelectorAll('script').length") == 0, path
+            assert errors == []  # no CSP refusal, no alert() from planted text
+    finally:
+        server.stop()

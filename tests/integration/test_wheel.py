@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from processors.embedded.broker import free_port
-from processors.store import connect
 
 from .worker_proc import alive, wait_for
 
@@ -89,6 +88,21 @@ def test_the_installed_package_is_the_one_imported(installed: Path, tmp_path: Pa
     assert not Path(package_file).is_relative_to(ROOT)
 
 
+def test_review_page_templates_ship_in_the_wheel(installed: Path, tmp_path: Path) -> None:
+    r = _run(
+        installed,
+        tmp_path,
+        "-c",
+        "from processors.web.pages import render_message; import processors.web.templating as t;"
+        " print(t.__file__); print(render_message('Not found', '<x>'))",
+    )
+    assert r.returncode == 0, r.stderr
+    module, page = r.stdout.split("\n", 1)
+    assert Path(module).is_relative_to(installed)
+    assert "<h1>Not found</h1><p>&lt;x&gt;</p>" in page
+    assert '<a href="/proposals">Proposals</a>' in page  # the base layout, from the package
+
+
 def test_version_from_the_wheel(installed: Path, tmp_path: Path) -> None:
     r = _run(installed, tmp_path, str(installed / "bin" / "closeloop"), "--version")
     assert r.returncode == 0, r.stderr
@@ -104,12 +118,18 @@ def test_migrate_from_the_wheel_against_chdb(installed: Path, tmp_path: Path) ->
     again = _run(installed, tmp_path, closeloop, "migrate")
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == "applied: nothing (schema is current)"
-    store = connect(f"chdb://{tmp_path / 'store'}")
-    try:
-        names = {r["name"] for r in store.query("SELECT name FROM schema_migrations")}
-    finally:
-        store.close()
-    assert names == set(shipped)
+    # read back in a process of its own: chDB opens one store per process, and this pytest
+    # process may already hold another test's
+    listed = _run(
+        installed,
+        tmp_path,
+        "-c",
+        "from processors.store import connect; import os;"
+        "s = connect(os.environ['CLOSELOOP_CLICKHOUSE']);"
+        "print('\\n'.join(r['name'] for r in s.query('SELECT name FROM schema_migrations')))",
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert set(listed.stdout.split()) == set(shipped)
 
 
 def test_up_from_the_wheel(installed: Path, tmp_path: Path) -> None:
