@@ -24,7 +24,7 @@ Two levels, in the spirit of DBSTREAM/CluStream but with numpy vector math:
   arrivals' similarity to their nearest intent (``threshold`` until enough have arrived).
 
 No threshold sets the granularity: on BANKING77, HWU64 and SNIPS (77, 64 and 7 intents) the
-defaults find 94, 65 and 7 (``python -m bench.intents``).
+defaults find 93, 77 and 7 (``python -m bench.intents``).
 
 A refinement maps the new partition onto the old ids by shared weight: each new group inherits
 the id that gave it most weight; when several groups share a parent, the largest keeps the id
