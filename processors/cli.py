@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from processors.config import Config, load_config
+from processors.config import Config, config_for
 from processors.credentials import sql_credentials_path
 from processors.errors import CloseloopError
 
@@ -19,9 +19,7 @@ log = logging.getLogger("closeloop")
 
 
 def _config(a: argparse.Namespace, **extra: Any) -> Config:
-    overrides = {"home": getattr(a, "home", None)}
-    overrides.update(extra)
-    return load_config(getattr(a, "config", None), overrides=overrides)
+    return config_for(getattr(a, "config", None), getattr(a, "home", None), **extra)
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -50,6 +50,12 @@ class KafkaConfig:
     partitions: int = 4  # partitions of every topic closeloop creates
     broker_port: int = 0  # embedded broker port; 0 picks a free one
     client_id: str = "closeloop"
+    # the largest message a stage produces (Kafka's default limit is ~1 MB): bundles of
+    # records are split under it, a single larger record is cut with a marker or dead-lettered
+    max_message_bytes: int = 1_000_000
+    # the largest state record (one open conversation in assemble's changelog): the producer
+    # allows it, and the changelog topic is created with max.message.bytes at this size
+    max_state_bytes: int = 16 * 1024 * 1024
     # embedded broker storage: "memory" (lost when the broker dies) or "s3" (tansu's object-store
     # engine on a local S3-compatible server keeping files under <home>/broker-s3: survives kill -9).
     # memory stays the default: on s3, OTLP-sized messages are produced 3-10x slower and
@@ -65,6 +71,10 @@ class KafkaConfig:
     def validate(self) -> None:
         if self.partitions < 1:
             raise ConfigError("kafka.partitions", f"must be >= 1, got {self.partitions}")
+        if self.max_message_bytes < 64 * 1024:
+            raise ConfigError("kafka.max_message_bytes", "must be at least 65536")
+        if self.max_state_bytes < self.max_message_bytes:
+            raise ConfigError("kafka.max_state_bytes", "must be >= kafka.max_message_bytes")
         if self.storage not in BROKER_STORAGES:
             raise ConfigError(
                 "kafka.storage",
@@ -235,8 +245,32 @@ class UnderstandConfig:
     embedding_model: str = "text-embedding-3-small"  # for embedder: openai
     goal_user_turns: int = 2  # how many first user turns describe the goal
     min_examples_shown: int = 5  # intents smaller than this never show raw examples
+    # Stated outcomes (evaluation events, late feedback): which ones mean failure. A label in
+    # outcome_fail_labels fails, one in outcome_pass_labels passes, else a score below
+    # outcome_fail_below fails. The defaults read pass/fail labels and 0/1 scores.
+    outcome_fail_below: float = 0.5
+    outcome_fail_labels: list[str] = field(
+        default_factory=lambda: [
+            "fail", "failed", "failure", "incorrect", "wrong", "bad", "negative",
+            "thumbs_down", "unresolved", "false", "no",
+        ]
+    )  # fmt: skip
+    outcome_pass_labels: list[str] = field(
+        default_factory=lambda: [
+            "pass", "passed", "success", "correct", "good", "positive", "thumbs_up",
+            "resolved", "true", "yes",
+        ]
+    )  # fmt: skip
+    outcome_evaluations: list[str] = field(
+        default_factory=list
+    )  # evaluation names read; empty: all
+    escalation_is_failure: bool = False  # a hand-off to a human counts as a failure
 
     def validate(self) -> None:
+        if set(map(str.lower, self.outcome_fail_labels)) & set(
+            map(str.lower, self.outcome_pass_labels)
+        ):
+            raise ConfigError("understand.outcome_fail_labels", "a label cannot both pass and fail")
         if self.embedder not in ("minilm", "minilm-fp32", "minilm-numpy", "openai", "hashing"):
             raise ConfigError(
                 "understand.embedder",
@@ -270,8 +304,28 @@ class DiagnoseConfig:
     reemit_growth: float = 0.25  # re-emit a diagnosis only after failures grew by this fraction
     latency_ratio: float = 1.5  # failing/healthy latency per model call that counts as a finding
     max_trace_ids: int = 10
+    # contrastive analysis (diagnose/contrast.py): failed vs successful conversations per intent
+    # failed conversations an intent needs before it is analysed: many patterns are tested at
+    # once (Benjamini-Hochberg), which fewer failures rarely pass; the rules look first
+    contrast_min_failures: int = 15
+    contrast_min_successes: int = 3  # and successful ones to contrast them with
+    contrast_min_count: int = 3  # failed conversations a pattern must hold in
+    contrast_min_lift: float = 0.25  # share among failed - share among successful, at least
+    contrast_alpha: float = 0.05  # Fisher's exact test, Benjamini-Hochberg adjusted per intent
+    contrast_max_per_intent: int = 5  # findings kept per intent, strongest first
 
     def validate(self) -> None:
+        for key in (
+            "contrast_min_failures",
+            "contrast_min_successes",
+            "contrast_min_count",
+            "contrast_max_per_intent",
+        ):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"diagnose.{key}", "must be >= 1")
+        for key in ("contrast_min_lift", "contrast_alpha"):
+            if not 0.0 < getattr(self, key) < 1.0:
+                raise ConfigError(f"diagnose.{key}", "must be within (0, 1)")
         if self.min_support < 1:
             raise ConfigError("diagnose.min_support", "must be >= 1")
         if self.min_failures < 1:
@@ -563,3 +617,12 @@ def load_config(
         if value is not None:
             _set_dotted(data, dotted, value)
     return _build(Config, data, "").validate()
+
+
+def config_for(config: str | os.PathLike[str] | None, home: str | None, **overrides: Any) -> Config:
+    """The configuration of a command: ``--config``, else ``closeloop.yaml`` inside ``--home``
+    (a home made with its own file needs no ``--config`` on every command), else the usual
+    search (``CLOSELOOP_CONFIG``, ``./closeloop.yaml``)."""
+    if config is None and home is not None and (Path(home) / "closeloop.yaml").is_file():
+        config = Path(home) / "closeloop.yaml"
+    return load_config(config, overrides={"home": home, **overrides})

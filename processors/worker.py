@@ -18,7 +18,7 @@ from pathlib import Path
 import faust
 
 from processors.app import build_app
-from processors.config import Config, load_config
+from processors.config import Config, config_for
 from processors.credentials import ensure_sql_credentials, load_sql_credentials
 from processors.embedded.sqlserver import SqlLimits, SQLServer
 from processors.errors import StoreError
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    cfg = load_config(a.config, overrides={"home": a.home})
+    cfg = config_for(a.config, a.home)
     bootstrap = a.bootstrap or cfg.kafka.bootstrap
     if not bootstrap:
         raise SystemExit(

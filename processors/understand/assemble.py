@@ -80,6 +80,8 @@ def _merge_turn(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         if not out.get(key) and b.get(key):
             out[key] = b[key]
     out["redactions"] = int(a.get("redactions", 0)) + int(b.get("redactions", 0))
+    evs = [*(a.get("evaluations") or []), *(b.get("evaluations") or [])]
+    out["evaluations"] = [e for i, e in enumerate(evs) if e not in evs[:i]]
     return out
 
 
@@ -213,7 +215,12 @@ def build_conversation(
 ) -> Conversation:
     """Order the spans and derive the transcript: messages de-duplicated across LLM calls
     (agents resend the history on every call), tool executions placed where they ran."""
-    recs = sorted((TurnRecord.from_dict(t) for t in turns), key=lambda t: (t.start_ns, t.span_id))
+    # Agent spans last: their messages (the user's input, the final answer) fill in only what
+    # no model call carried, so they are de-duplicated against everything else.
+    recs = sorted(
+        (TurnRecord.from_dict(t) for t in turns),
+        key=lambda t: (t.span_kind == "agent", t.start_ns, t.span_id),
+    )
     transcript: list[Message] = []
     seen: Counter[tuple[str, str]] = Counter()
     tool_calls: list[ToolCall] = []
@@ -228,25 +235,29 @@ def build_conversation(
         if t.span_kind == "tool" and t.tool is not None and t.tool.call_id
     }
     for t in recs:
-        trace_order.setdefault(t.trace_id, None)
+        conv.evaluations += t.evaluations
+        if t.trace_id:  # an evaluation sent later without trace context has none
+            trace_order.setdefault(t.trace_id, None)
         _count_span(conv, t)
         if t.span_kind == "tool" and t.tool is not None:
             tool_calls.append(t.tool)
             transcript.append(_tool_message(t, t.tool))
             continue
-        if t.span_kind not in ("llm", "content"):
+        if t.span_kind not in ("llm", "content", "agent"):
             continue
         if t.span_kind == "llm":
             _count_llm_call(conv, t)
         if t.prompt_version:
             prompt_versions[t.prompt_version] += 1
         transcript += _new_inputs(t, executed, seen)
-        transcript += _outputs(t, seen)
+        if t.span_kind != "agent":  # an agent span's answer joins as an input: de-duplicated
+            transcript += _outputs(t, seen)
     transcript.sort(key=lambda m: m.ts_ns)  # stable: keeps call order within one span
+    conv.evaluations.sort(key=lambda e: e.ts_ns)
     conv.messages = transcript
     conv.tool_calls = tool_calls
     conv.trace_ids = list(trace_order)
-    conv.start_ns = recs[0].start_ns if recs else 0
+    conv.start_ns = min((t.start_ns for t in recs), default=0)
     conv.end_ns = max((t.end_ns for t in recs), default=0)
     conv.prompt_version = prompt_versions.most_common(1)[0][0] if prompt_versions else ""
     return conv
@@ -292,6 +303,8 @@ def _new_inputs(t: TurnRecord, executed: set[str], seen: Counter[tuple[str, str]
         if (m.role in ("user", "assistant") and m.content)
         or (m.role == "tool" and m.tool_call_id not in executed)
     ]
+    if t.span_kind == "agent":  # its final answer too, where no model call carried it
+        inputs += [m for m in t.output_messages if m.role == "assistant" and m.content]
     need: Counter[tuple[str, str]] = Counter(_key(m) for m in inputs)
     out = []
     for m in inputs:
@@ -305,7 +318,7 @@ def _new_inputs(t: TurnRecord, executed: set[str], seen: Counter[tuple[str, str]
                     content=m.content,
                     trace_id=t.trace_id,
                     span_id=t.span_id,
-                    ts_ns=t.start_ns,
+                    ts_ns=m.ts_ns or t.start_ns,
                     tool_name=m.tool_name,
                     tool_call_id=m.tool_call_id,
                     error=m.error,

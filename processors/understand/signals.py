@@ -1,10 +1,11 @@
 """Per-conversation signals (bug report, feature request, churn risk, setup friction,
-confusion) and the outcome (resolved | abandoned | escalated | errored).
+confusion) and the heuristic outcome (:data:`~processors.understand.outcomes.OUTCOMES`),
+which applies only where no outcome was stated (:mod:`.outcomes`).
 
 Three sources, combined by :class:`Tagger`:
 
 * :func:`structural_signals` — deterministic rules over the conversation's structure
-  (tool errors, retries, repeats, idle close after a question, hand-offs) and lexical
+  (tool errors, retries, idle close after a question, hand-offs) and lexical
   cues in user messages. Runs on every conversation; it alone decides the outcome.
 * :func:`judge` — an LLM reads the conversation (as quoted, untrusted data) and tags it.
   Only a deterministic sample is judged (``llm.judge_rate``, by hash of the conversation id).
@@ -30,15 +31,15 @@ from river import linear_model, optim
 from processors.config import Config
 from processors.errors import LLMError
 from processors.llm import UNTRUSTED_RULE, ChatJSON, untrusted_block
-from processors.records import Conversation, Message
-from processors.understand.naming import words
+from processors.records import OUTCOMES, Conversation, Message
+from processors.understand.naming import STOP_WORDS, words
+from processors.understand.outcomes import FAILED_OUTCOMES
 
 TAGS = ("bug_report", "feature_request", "churn_risk", "setup_friction", "confusion")
-OUTCOMES = ("resolved", "abandoned", "escalated", "errored")
 
 RETRY_LOOP = 3  # the same tool call this many times is a retry loop, not a fix
 REPEAT_JACCARD = 0.7  # word-set overlap at which a user message repeats an earlier one
-REPEAT_MIN_WORDS = 3  # "yes" / "ok thanks" said twice is not a repeat
+REPEAT_MIN_WORDS = 4  # content words: "yes, please proceed" said twice is not a repeat
 JUDGE_BACKOFF_NS = (
     60 * 10**9
 )  # after a judge failure, skip the LLM this long (an outage costs no latency)
@@ -66,7 +67,8 @@ class SignalResult:
 
     @property
     def failed(self) -> bool:
-        return self.outcome != "resolved"
+        """With the default configuration (an escalation alone is not a failure)."""
+        return self.outcome in FAILED_OUTCOMES
 
 
 # --- lexical cues (user messages only: the agent saying "error" is not a user's bug report) ---
@@ -76,60 +78,93 @@ def _rx(*alternatives: str) -> re.Pattern[str]:
     return re.compile("|".join(f"(?:{a})" for a in alternatives))
 
 
+# Precision first: each cue is evidence on its own (measured on a hand-labelled sample,
+# tests/data/signals_labelled.jsonl, by bench/signals.py). A word that also names an ordinary
+# request is not a cue: "please add a checked bag" asks for a service, not a feature; "the
+# current setup" is not a set-up problem; "an error on the account number" is the user's own.
+_NOT = r"(does ?n'?t|does not|do ?n'?t|is ?n'?t|are ?n'?t|not|stopped|never|wo ?n'?t|will not|did ?n'?t|did not|can'?t)"
+_CANT = r"(can'?t|cannot|can not|could ?n'?t|could not|unable to|not able to)"
 _CUES: dict[str, re.Pattern[str]] = {
     # The user says the product misbehaves.
     "bug_report": _rx(
-        r"\b(does ?n'?t|does not|do ?n'?t|is ?n'?t|not|stopped|never) work(s|ing|ed)?\b",
-        r"\berrors?\b",
+        rf"\b{_NOT} (seem to )?work(s|ing|ed)?\b",
+        r"\b(won'?t|wont|will not) let me\b",
+        r"\b(get|gets|getting|got|receive|received|see|seeing|shows?|showing|throws?|keep getting) "
+        r"(an |this |the |that |a weird |an unknown )?error\b",
+        r"\berror (message|code)s?\b",
         r"\bbroken\b",
         r"\bcrash(es|ed|ing)?\b",
         r"\bbugs?\b",
         r"\bbuggy\b",
         r"\bglitch",
+        r"\b(top ?-?up|upload|download|sync|export|import|login|payment) (has |have )?failed\b",
     ),
-    # The user asks for something the product does not do yet.
+    # The user asks for something the product does not do yet: "add" names a feature only with
+    # a word for one ("add a dark mode option"), never alone ("add a checked bag").
     "feature_request": _rx(
-        r"\b(can|could) you (please )?add\b",
-        r"\bplease add\b",
-        r"\bwould be (nice|great|cool)\b",
+        r"\b(can|could) you (please )?add (a |an |the )?(new )?(feature|option|setting|support|"
+        r"integration|way to|button|mode)\b",
+        r"\bplease add (a |an |the )?(new )?(feature|option|setting|support|integration|way to|"
+        r"button|mode)\b",
+        r"\bwould be (nice|great|cool|helpful) if (you|it|the app|there)\b",
         r"\bfeature (request|idea)\b",
-        r"\b(new|a|missing) feature\b",
+        r"\b(new|missing) feature\b",
         r"\b(add|adding|any|no|there|have|need|want)\s+(\w+\s+)?support for\b",
-        r"\bi wish (it|you|there)\b",
+        r"\bi wish (it|you|there|the app)\b",
+        r"\b(please|you should) (support|allow|let us)\b",
     ),
     # The user is at the door. Refunds and plain "cancel" are ordinary requests (cancel a
     # transfer, refund a fee); they signal churn only with frustration (see _WEAK_CHURN).
     "churn_risk": _rx(
-        r"\b(close|delete|terminate|cancel) (my|the|our) (account|subscription|plan|membership)\b",
+        r"\b(close|delete|terminate|cancel|shut down|stop|deactivate) (my|the|our) "
+        r"(\w+ )?(account|subscription|plan|membership)\b",
         r"\bunsubscribe\b",
         r"\b(switch|switching|move|moving|go|going)\s+(over\s+)?to\s+(another|a different|a competitor|your competitor)\b",
         r"\bswitch(ing)? to \w+ instead\b",
-        r"\b(leave|leaving|quit|quitting) (your|this) (service|app|product|bank)\b",
+        r"\b(leave|leaving|quit|quitting) (your|this) (service|app|product|bank|company)\b",
+        r"\bnever (do business|bank|shop|use \w+|come back)\b",
     ),
     # The user is stuck before getting value: installing, configuring, authenticating.
     "setup_friction": _rx(
-        r"\binstall",
-        r"\bset ?up\b",
-        r"\bconfigur",
+        r"\binstall(ing|ation|er|ed)?\b",
+        rf"\b({_CANT}|trying to|help me|how (do|can) i|fail(s|ed)? to) set ?up\b",
+        r"\bconfigur(e|ing|ation)\b",
         r"\bapi[ _-]?keys?\b",
-        r"\btokens?\b",
-        r"\b(can'?t|cannot|can not|unable to|not able to) (log|sign) ?in\b",
+        r"\b(api|access|auth|bearer) tokens?\b",
+        r"\btokens? (expired|is invalid|invalid)\b",
+        rf"\b{_CANT} (\w+ )?(log|sign) ?in(to)?\b",
+        rf"\b{_CANT} (seem to |figure out how to )?(verify|activate) my\b",
+        rf"\b{_CANT} (seem to )?(access|get into) my (account|profile|app)\b",
+        r"\b(forgot|forgotten|do ?n'?t know|can'?t remember|cannot remember|lost) my "
+        r"(password|passcode|login|username)\b",
+        r"\b(identity|id|account) (is |was )?(not|has ?n'?t|has not|is ?n'?t)( yet)? (been |being )?verified\b",
+        r"\bnot recogni[sz]ed by the app\b",
         r"\bonboarding\b",
         r"\blog ?in (fails|failed|loop)\b",
     ),
-    # The user does not follow the agent (the repeat rule below adds the structural case).
+    # The user does not follow the agent, or says the agent did not follow them. A message said
+    # again is no evidence by itself: on the labelled sample every repeat was an answer given
+    # twice to a question asked twice, or a goal restated ("Yes, please proceed" twice).
     "confusion": _rx(
         r"\bi (do ?n'?t|do not) (understand|get it|follow)\b",
         r"\bwhat do you mean\b",
-        r"\bconfus(ed|ing)\b",
+        r"\bi'?m (confused|lost)\b",
+        r"\b(this|that|it)('s| is) confusing\b",
         r"\bmakes? no sense\b",
-        r"\bnot what i (asked|meant)\b",
+        r"\bnot what i (asked|meant|said)\b",
         r"\bthat'?s not what\b",
+        r"\bmisunderst",
+        r"\b(there|we) (is|are|might be|may be|seems to be|must be|'re)( \w+)? (some |a )?confusion\b",
+        r"\bfor (any|the) confusion, but\b",
+        r"\b(a|some) mix-?up\b",
+        r"\bgoing (round |around )?in circles\b",
+        r"\b(like|as) i (said|mentioned|told you)\b",
+        r"\bi (already|just) (told|said|gave|mentioned|sent)\b",
         r"^\s*huh\b",
     ),
 }
 _WEAK_CHURN = _rx(r"\brefund", r"\bcancel", r"\bmoney back\b")
-_FRUSTRATION = _rx(
+_FRUSTRATION = _rx(  # strong words only: "I'm frustrated about the delay" is not leaving
     r"\bridiculous\b",
     r"\bterrible\b",
     r"\bawful\b",
@@ -139,11 +174,7 @@ _FRUSTRATION = _rx(
     r"\bsick of\b",
     r"\bwaste of\b",
     r"\bunacceptable\b",
-    r"\bfrustrat",
-    r"\bannoy",
-    r"!!",
     r"\bwtf\b",
-    r"\bjoke\b",
 )
 # Tool errors that mean credentials/configuration are missing: setup friction, not a bug.
 _AUTH_ERROR = _rx(
@@ -182,6 +213,17 @@ _HANDOFF_TEXT = _rx(
     r"\b(transfer|connect|hand|pass)\w*\b[^.?!]{0,40}\b(human|live agent|real person|specialist|"
     r"representative|support team|colleague|operator)\b",
 )
+# ... unless the agent only offers it: an offer the user may decline is not a hand-off.
+_OFFER = _rx(
+    r"\bwould you (like|prefer|want)\b",
+    r"\bdo you (want|wish)\b",
+    r"\bshall i\b",
+    r"\bshould i\b",
+    r"\bi can\b",
+    r"\bif you('d| would)? (like|prefer|want|wish)\b",
+    r"\b(can|could|may) (i|we)\b",
+    r"\boption\b",
+)
 _HANDOFF_TOOL = re.compile(r"escalat|hand_?off|transfer_to|human|live_agent")
 _NEGATED = re.compile(
     r"\b(can'?t|cannot|can not|unable to|not able to|do ?n'?t|do not|won'?t)\b[^.?!]{0,30}$"
@@ -201,11 +243,12 @@ def _first_cue(msgs: list[tuple[int, str]], rx: re.Pattern[str]) -> Evidence | N
 
 
 def _repeats(user: list[tuple[int, str]]) -> list[int]:
-    """Indices of user messages that nearly repeat an earlier one: the user was not understood."""
+    """Indices of user messages that nearly repeat an earlier one (a feature for the learner,
+    not a tag by itself). Only content words count: a confirmation said again is no repeat."""
     seen: list[set[str]] = []
     out = []
     for i, text in user:
-        ws = set(words(text))
+        ws = {w for w in words(text) if w not in STOP_WORDS and not w.isdigit()}
         if len(ws) >= REPEAT_MIN_WORDS:
             if any(len(ws & s) / len(ws | s) >= REPEAT_JACCARD for s in seen):
                 out.append(i)
@@ -231,7 +274,11 @@ def _handoff(conv: Conversation) -> Evidence | None:
         if m.role == "assistant":
             text = _norm(m.content)
             hit = _HANDOFF_TEXT.search(text)
-            if hit and not _NEGATED.search(text[: hit.start()]):
+            if (
+                hit
+                and not _NEGATED.search(text[: hit.start()])
+                and not _is_offer(text, hit.start())
+            ):
                 return Evidence(i, f"agent says {hit.group(0)!r}")
     # a hand-off tool seen only in the tool-call list: place it at the last message
     if any(
@@ -240,6 +287,15 @@ def _handoff(conv: Conversation) -> Evidence | None:
     ):
         return Evidence(len(conv.messages) - 1, "hand-off tool call")
     return None
+
+
+def _is_offer(text: str, at: int) -> bool:
+    """The hand-off phrase at ``at`` sits in a question or an offer the user can decline."""
+    start = max(text.rfind(c, 0, at) for c in ".!?\n") + 1
+    ends = [i for i in (text.find(c, at) for c in ".!?\n") if i >= 0]
+    end = min(ends) if ends else len(text)
+    sentence = text[start : end + 1]
+    return sentence.rstrip().endswith("?") or bool(_OFFER.search(sentence))
 
 
 def _last_failure(conv: Conversation) -> Evidence | None:
@@ -288,8 +344,25 @@ def _outcome(conv: Conversation) -> tuple[str, int, str]:
         )
         if last >= 0 and _asks(msgs[last]):
             return "abandoned", last, "closed idle after the agent asked"
+    # "Resolved" needs evidence: an answer to the user's last message.
+    users = [i for i, m in enumerate(msgs) if m.role == "user" and m.content.strip()]
     answers = [i for i, m in enumerate(msgs) if _is_answer(m)]
-    return "resolved", answers[-1] if answers else -1, "answered"
+    if answers and (not users or answers[-1] > users[-1] or _closing(msgs[users[-1]])):
+        return "resolved", answers[-1], "answered"
+    return "unknown", users[-1] if users else -1, "no answer to the last user message"
+
+
+# A last user message that only closes the conversation needs no answer of its own.
+_CLOSING = _rx(
+    r"^\W*(thanks?|thank you|ok(ay)?|great|perfect|bye|goodbye|cheers|got it|that'?s all)\b",
+    r"\bthat'?s all\b",
+    r"\bno(thing)? (more|else)\b",
+)
+
+
+def _closing(m: Message) -> bool:
+    text = _norm(m.content).strip()
+    return bool(_CLOSING.search(text)) or not words(text)
 
 
 def structural_signals(conv: Conversation) -> SignalResult:
@@ -323,10 +396,6 @@ def structural_signals(conv: Conversation) -> SignalResult:
                     i, f"tool {m.tool_name!r} auth/config error {hit.group(0)!r}"
                 )
                 break
-    if "confusion" not in evidence:
-        rep = _repeats(user)
-        if rep:
-            evidence["confusion"] = Evidence(rep[0], "user repeats an earlier message")
     outcome, turn, why = _outcome(conv)
     return SignalResult(sorted(evidence), outcome, turn, why, evidence)
 

@@ -104,3 +104,18 @@ def test_default_store_is_embedded_under_home(tmp_path: Path) -> None:
     cfg = load_config(None, env={}, overrides={"home": str(tmp_path)})
     assert cfg.clickhouse_dsn == f"chdb://{tmp_path.resolve() / 'clickhouse'}"
     assert cfg.embedded_store
+
+
+def test_closeloop_yaml_inside_home_is_found_without_config(tmp_path: Path, monkeypatch) -> None:
+    from processors.config import config_for
+
+    monkeypatch.delenv("CLOSELOOP_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    home = tmp_path / "h"
+    home.mkdir()
+    (home / "closeloop.yaml").write_text("web:\n  port: 18123\n")
+    assert config_for(None, str(home)).web.port == 18123
+    other = tmp_path / "other.yaml"
+    other.write_text("web:\n  port: 18124\n")
+    assert config_for(str(other), str(home)).web.port == 18124  # --config still wins
+    assert config_for(None, str(tmp_path / "empty")).web.port != 18123
