@@ -30,8 +30,8 @@ the LLM only redacted and inside :func:`processors.llm.untrusted_block`, and nev
 a templated fix is built from the diagnosis' structured fields only (the tool, the argument
 name with its shape in diagnose's vocabulary, computed from values — never a value — a format
 fragment a strict pattern accepts such as ``TR-<digits>``, a thing from diagnose's vocabulary,
-turns, counts, rates and version labels), and any change that repeats COPY_WORDS words in a row
-of the diagnosis' text (an LLM quoting its evidence) is refused.
+turns, counts, rates and version labels), and an LLM's change that repeats COPY_WORDS words in
+a row of the diagnosis' text (quoting its evidence) is refused.
 """
 
 from __future__ import annotations
@@ -666,7 +666,9 @@ def check_change(
     diag: Diagnosis | None = None,
 ) -> None:
     """:func:`validate_change` plus: the change must not add anything that looks like a
-    secret, nor copy conversation-derived text of ``diag`` (its evidence, summary, root cause)."""
+    secret, nor — given ``diag``, as for an LLM's edit — copy the diagnosis' text (its evidence,
+    summary, root cause). Templated changes are built from structured fields only and may
+    share diagnose's own phrasing ("24 of 24 failed conversations"), so they pass no ``diag``."""
     validate_change(change, files, targets, comp, max_changed_lines)
     added = "\n".join(
         line[1:]
@@ -746,7 +748,7 @@ def propose_change(
     reasons = []
     for change, comp in candidates:
         try:
-            check_change(change, files, targets, comp, max_changed_lines, diag)
+            check_change(change, files, targets, comp, max_changed_lines)
             return change, ""
         except ActError as e:
             reasons.append(str(e))
