@@ -83,8 +83,11 @@ def run_tag(
     from processors.understand.core import Understand
     from processors.understand.embed import make_embedder
 
+    llm = make_llm(cfg.llm)
     core = Understand(
-        cfg, make_embedder(cfg.understand, cfg.home_path / "models", cfg.llm), make_llm(cfg.llm)
+        cfg,
+        make_embedder(cfg.understand, cfg.home_path / "models", cfg.llm),
+        llm_enabled=llm is not None,
     )
     convs: list[Conversation] = []
     errors: list[str] = []
@@ -97,7 +100,8 @@ def run_tag(
             errors.append(f"line {n}: {e}")
     tags: list[TagRecord] = []
     for i in range(0, len(convs), TAG_BATCH):
-        tags += core.process(convs[i : i + TAG_BATCH], now_ns).tags
+        batch = core.process(convs[i : i + TAG_BATCH], now_ns)
+        tags += core.improve(batch, llm, now_ns).tags if llm is not None else batch.tags
     names = {i: core._name_of(i) for i in {t.intent_id for t in tags}}
     out = [
         {

@@ -139,17 +139,65 @@ class WebConfig:
 
 
 @dataclass
+class LLMStepConfig:
+    """Bounds of one LLM step (naming, judge, diagnose, act): calls run beside the stream,
+    at most ``concurrency`` at once, ``calls_per_min`` and ``tokens_per_hour`` (0: no bound)."""
+
+    concurrency: int = 2
+    calls_per_min: float = 60.0
+    tokens_per_hour: int = 2_000_000
+
+    def validate(self, where: str) -> None:
+        if self.concurrency < 1:
+            raise ConfigError(f"{where}.concurrency", f"must be >= 1, got {self.concurrency}")
+        if self.calls_per_min < 0 or self.tokens_per_hour < 0:
+            raise ConfigError(where, "calls_per_min and tokens_per_hour must be >= 0 (0: no bound)")
+
+
+LLM_STEPS = ("naming", "judge", "diagnose", "act")
+
+
+@dataclass
 class LLMConfig:
     base_url: str = ""  # empty: OPENAI_BASE_URL, else no LLM (deterministic fallbacks)
     api_key: str = ""  # empty: OPENAI_API_KEY
     model: str = "gpt-4o-mini"
-    timeout_s: float = 20.0
-    max_retries: int = 1
+    # One attempt, well under the stream's own waits (30 s send acknowledgement): the stream
+    # never waits on an LLM anyway, and a retry is the next work item, not a stacked timeout.
+    timeout_s: float = 15.0
+    max_retries: int = 0
     judge_rate: float = 0.05  # share of conversations judged by the LLM (signals)
+    queue_max: int = 500  # waiting work items per step; beyond, the deterministic result stands
+    breaker_failures: int = 5  # consecutive failures that pause a step ...
+    breaker_pause_s: float = 60.0  # ... this long (then one call tries again)
+    naming_batch: int = 8  # intents named in one call
+    naming_max: int = 3  # LLM namings per intent (first name, then only after a merge or split)
+    max_file_chars: int = 12_000  # of each target file shown to act's LLM (the rest elided)
+    naming: LLMStepConfig = field(default_factory=LLMStepConfig)
+    judge: LLMStepConfig = field(default_factory=LLMStepConfig)
+    diagnose: LLMStepConfig = field(default_factory=LLMStepConfig)
+    act: LLMStepConfig = field(default_factory=lambda: LLMStepConfig(concurrency=1))
 
     def validate(self) -> None:
         if not 0.0 <= self.judge_rate <= 1.0:
             raise ConfigError("llm.judge_rate", f"must be within [0, 1], got {self.judge_rate}")
+        if self.timeout_s <= 0 or self.max_retries < 0:
+            raise ConfigError("llm.timeout_s", "timeout_s must be > 0 and max_retries >= 0")
+        if self.queue_max < 1 or self.breaker_failures < 1 or self.breaker_pause_s <= 0:
+            raise ConfigError(
+                "llm", "queue_max and breaker_failures must be >= 1, breaker_pause_s > 0"
+            )
+        if self.naming_batch < 1 or self.naming_max < 1 or self.max_file_chars < 200:
+            raise ConfigError(
+                "llm", "naming_batch and naming_max must be >= 1, max_file_chars >= 200"
+            )
+        for name in LLM_STEPS:
+            self.step(name).validate(f"llm.{name}")
+
+    def step(self, name: str) -> LLMStepConfig:
+        """The bounds of step ``name`` (one of :data:`LLM_STEPS`)."""
+        cfg: LLMStepConfig = getattr(self, name)
+        return cfg
 
     def enabled(self) -> bool:
         return bool(self.resolved_base_url())

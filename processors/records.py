@@ -218,6 +218,7 @@ class TagRecord(Record):
     model: str = ""
     agent_version: str = ""
     ts_ns: int = 0
+    source: str = "structural"  # structural | llm (the signals include an LLM judgement)
     conversation: Conversation | None = None
 
 
@@ -253,6 +254,7 @@ class Diagnosis(Record):
     status: str = "open"  # open | proposed | resolved | rejected
     version: int = 1
     updated_ns: int = 0
+    source: str = "rules"  # rules | llm (an LLM reworded the rule's finding)
 
 
 @dataclass
@@ -279,6 +281,7 @@ class Proposal(Record):
     version: int = 1
     created_ns: int = 0
     updated_ns: int = 0
+    source: str = "template"  # template | llm (the change is the LLM's edit)
 
 
 @dataclass

@@ -28,7 +28,8 @@ import faust
 from aiokafka.partitioner import murmur2
 
 from processors.config import Config
-from processors.errors import StoreError
+from processors.errors import LLMError, StoreError
+from processors.llm_work import LLMWork
 from processors.records import DeadLetter
 from processors.stages import ALL_STAGES
 from processors.store import Store
@@ -83,7 +84,12 @@ class StageCounters:
 
 @dataclass
 class Pipeline:
-    """The worker's shared parts: config, store, cores, counters."""
+    """The worker's shared parts: config, store, cores, counters, LLM steps.
+
+    Threads: one for the store (inserts and queries), one per stage for its core
+    (:meth:`run_core`: a stage's state changes in order, and a stage's long core step does
+    not hold up another stage's inserts), and the LLM steps' own (:mod:`processors.llm_work`).
+    """
 
     cfg: Config
     store: Store
@@ -91,6 +97,12 @@ class Pipeline:
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     counters: dict[str, StageCounters] = field(default_factory=lambda: defaultdict(StageCounters))
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "store"))
+    core_pools: dict[str, ThreadPoolExecutor] = field(default_factory=dict)
+    llm: LLMWork | None = None
+
+    def __post_init__(self) -> None:
+        if self.llm is None:
+            self.llm = LLMWork(self.cfg.llm)
 
     async def write(self, stage: str, table: str, rows: list[dict[str, Any]]) -> None:
         """Insert rows, retrying with backoff while ClickHouse is unreachable (never drops, never
@@ -170,6 +182,21 @@ class Pipeline:
                 self.counters[stage].cpu_s += time.thread_time() - t
 
         return await asyncio.get_running_loop().run_in_executor(self.pool, timed)
+
+    async def run_core(self, stage: str, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on ``stage``'s own core thread, its CPU time counted to ``stage``."""
+        pool = self.core_pools.get(stage)
+        if pool is None:
+            pool = self.core_pools[stage] = ThreadPoolExecutor(1, f"core-{stage}")
+
+        def timed() -> Any:
+            t = time.thread_time()
+            try:
+                return fn(*args)
+            finally:
+                self.counters[stage].cpu_s += time.thread_time() - t
+
+        return await asyncio.get_running_loop().run_in_executor(pool, timed)
 
     @contextmanager
     def busy(self, stage: str) -> Iterator[None]:
@@ -375,7 +402,7 @@ class Checkpoint:
                 self.seq,
                 ", ".join(f"{k} {min(o)}..{max(o)} ({len(o)})" for k, o in sorted(ranges.items())),
             )
-        data = base64.b64encode(await self.pipe.run(snapshot, stage=self.name)).decode()
+        data = base64.b64encode(await self.pipe.run_core(self.name, snapshot)).decode()
         await self.pipe.write(
             self.name,
             "checkpoints",
@@ -399,6 +426,8 @@ class Wiring:
     app: faust.App
     pipe: Pipeline
     guards: list[ReadGuard] = field(default_factory=list)
+    llm_tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _answers_loaded: asyncio.Lock | None = None
 
     def __post_init__(self) -> None:
         t = self.pipe.cfg.topics
@@ -456,9 +485,79 @@ class Wiring:
         await self.pipe.write(stage, "deadletter", [d.to_dict() for d in dls])
         await self.send_all([(self.deadletter, None, d.to_json()) for d in dls])
 
+    async def load_llm_answers(self) -> None:
+        """Put the stored LLM answers into the cache (once per process, before any stage asks):
+        a redelivery or a restart finds the answers it already paid for."""
+        work = self.pipe.llm
+        if work is None or not work.steps:
+            return
+        if self._answers_loaded is None:
+            self._answers_loaded = asyncio.Lock()
+        async with self._answers_loaded:
+            if len(work.cache):
+                return
+            rows = await self.pipe.run(
+                self.pipe.store.query,
+                "SELECT key, answer FROM (SELECT key, answer, ts_ns FROM llm_answers FINAL "
+                "ORDER BY ts_ns DESC LIMIT {n:UInt32}) ORDER BY ts_ns",
+                {"n": work.cache.cap},
+            )
+            work.cache.load(rows)
+            log.info("llm: %d stored answers loaded", len(rows))
+
+    def llm_job(self, step: str, job: Any, apply: Any, *, failed: Any = None) -> bool:
+        """Run ``job(chat)`` on LLM step ``step`` beside the stream; when it answers,
+        ``await apply(result)`` writes the improved rows (``await failed()`` when it fails).
+        False: no LLM, or the step skipped the item (queue full, breaker open), and the
+        deterministic result stands alone."""
+        work = self.pipe.llm
+        llm_step = work.step(step) if work is not None else None
+        fut = llm_step.submit(job) if llm_step is not None else None
+        if fut is None:
+            return False
+        task = asyncio.ensure_future(self._finish_llm_job(step, fut, apply, failed))
+        self.llm_tasks.add(task)
+        task.add_done_callback(self.llm_tasks.discard)
+        return True
+
+    async def _finish_llm_job(self, step: str, fut: Any, apply: Any, failed: Any) -> None:
+        try:
+            result = await asyncio.wrap_future(fut)
+        except Exception as e:  # LLMError, or a job's own fault: the item only, never the worker
+            if isinstance(e, LLMError):
+                log.warning("llm %s: no answer, the deterministic result stands: %s", step, e)
+            else:
+                log.exception("llm %s: the job failed; the deterministic result stands", step)
+            if failed is not None:
+                await failed()
+            return
+        try:
+            await apply(result)
+        except Exception:  # an improvement lost must not end the worker: its rows stand as written
+            log.exception(
+                "llm %s: applying the answer failed; the deterministic result stands", step
+            )
+
     def write_stats_every(self, interval_s: float) -> None:
         """A timer writing the stage counters (best effort: a failed write waits for the next)."""
         pipe = self.pipe
+
+        @self.app.timer(interval_s)
+        async def write_llm_stats() -> None:
+            work = pipe.llm
+            if work is None or not work.steps:
+                return
+            answers = work.cache.drain()
+            try:
+                await pipe.run(
+                    pipe.store.insert_records,
+                    "llm_stats",
+                    work.rows(pipe.worker_id, time.time_ns()),
+                )
+                if answers:
+                    await pipe.run(pipe.store.insert_records, "llm_answers", answers)
+            except StoreError as e:  # best effort; answers not kept are asked again after a restart
+                log.warning("llm stats or answers not written: %s", e)
 
         @self.app.timer(interval_s)
         async def write_stats() -> None:

@@ -328,4 +328,5 @@ DIAGNOSIS_COLUMNS = (
     "status",
     "version",
     "updated_ns",
+    "source",
 )
