@@ -74,6 +74,7 @@ def collect_status(cfg: Config, info: dict[str, Any] | None) -> dict[str, Any]:
         store = open_store(cfg)
         try:
             st["tables"] = store.table_counts()
+            st["llm"] = llm_steps(store) if st["tables"].get("llm_stats") else []
             st["deadletters"] = st["tables"].get("deadletter")
             if st["deadletters"]:
                 st["deadletter_reasons"] = store.query(
@@ -85,6 +86,17 @@ def collect_status(cfg: Config, info: dict[str, Any] | None) -> dict[str, Any]:
     except CloseloopError as e:
         st["errors"].append(str(e))
     return st
+
+
+def llm_steps(store: Any) -> list[dict[str, Any]]:
+    """Per LLM step, the newest counters of each worker process summed (queue and breaker:
+    of the newest process)."""
+    return store.query(
+        "SELECT step, sum(calls) AS calls, sum(failures) AS failures, sum(cached) AS cached, "
+        "sum(skipped) AS skipped, sum(tokens) AS tokens, "
+        "argMax(median_latency_s, ts_ns) AS median_latency_s, argMax(queued, ts_ns) AS queued, "
+        "argMax(breaker, ts_ns) AS breaker FROM llm_stats FINAL GROUP BY step ORDER BY step"
+    )
 
 
 def format_status(st: dict[str, Any]) -> str:
@@ -107,6 +119,16 @@ def format_status(st: dict[str, Any]) -> str:
     if st["tables"]:
         out.append("tables (rows, FINAL):")
         out += [f"  {t:<20} {n:>10}" for t, n in st["tables"].items()]
+    if st.get("llm"):
+        out.append(
+            "llm steps (calls / failures / cached / skipped, median latency, queue, tokens):"
+        )
+        out += [
+            f"  {r['step']:<9} {r['calls']:>6} calls {r['failures']:>5} failed {r['cached']:>5} "
+            f"cached {r['skipped']:>5} skipped  {r['median_latency_s']:>6.2f}s  queue "
+            f"{r['queued']:>4}  {r['tokens']:>8} tokens  breaker {r['breaker']}"
+            for r in st["llm"]
+        ]
     out.append(f"dead letters: {st['deadletters'] if st['deadletters'] is not None else 'unknown'}")
     for r in st.get("deadletter_reasons", []):
         out.append(f"  {r['stage']:<10} {r['n']:>6}  {r['reason']}")

@@ -1,7 +1,8 @@
 """From a diagnosis to a validated :class:`~processors.act.change.Change`.
 
-Two sources: an LLM asked for a minimal ``{path, find, replace}`` edit (retried once with
-the refusal reason, then dropped), or — without an LLM — a templated fix per rule:
+Two sources: a templated fix per rule (:func:`propose_change`, always first), and, beside the
+stream, an LLM asked for a minimal ``{path, find, replace}`` edit (:func:`llm_change`, retried
+once with the refusal reason, then dropped: the templated fix stands). The templated fixes:
 
 =========================  ====================================================================
 rule                       templated fix
@@ -480,7 +481,26 @@ SCHEMA_HINT = (
 )
 
 
-def _llm_user(diag: Diagnosis, files: dict[str, str], comp: Component, redactor: Redactor) -> str:
+def capped(text: str, max_chars: int) -> str:
+    """``text`` cut to about ``max_chars`` (its head and tail, the middle elided), so a prompt
+    stays bounded whatever the size of a target file. Elided text cannot be a ``find``.
+
+    >>> capped("a" * 10 + "b" * 10, 8)
+    'aaaa\n[... 12 characters elided ...]\nbbbb'
+    """
+    if len(text) <= max_chars:
+        return text
+    half = max_chars // 2
+    return f"{text[:half]}\n[... {len(text) - 2 * half} characters elided ...]\n{text[-half:]}"
+
+
+def _llm_user(
+    diag: Diagnosis,
+    files: dict[str, str],
+    comp: Component,
+    redactor: Redactor,
+    max_file_chars: int,
+) -> str:
     facts = {
         "rule": diag.rule,
         "intent_id": diag.intent_id,
@@ -511,7 +531,7 @@ def _llm_user(diag: Diagnosis, files: dict[str, str], comp: Component, redactor:
         "FILES:",
     ]
     for path, text in files.items():
-        parts.append(f"--- {path} ---\n{text}\n--- end of {path} ---")
+        parts.append(f"--- {path} ---\n{capped(text, max_file_chars)}\n--- end of {path} ---")
     return "\n".join(parts)
 
 
@@ -520,13 +540,18 @@ def llm_change(
     files: dict[str, str],
     targets: Sequence[ActTarget],
     llm: ChatJSON,
-    comp: Component,
     redactor: Redactor,
+    *,
     max_changed_lines: int,
+    max_file_chars: int,
 ) -> tuple[Change | None, str]:
     """Ask the LLM for an edit, validate it, retry once with the refusal; ``(None, reason)`` if it fails."""
+    try:
+        comp = resolve_component(diag, files, targets)
+    except ActError as e:
+        return None, str(e)
     system = SYSTEM.replace("{max_lines}", str(max_changed_lines))
-    user = _llm_user(diag, files, comp, redactor)
+    user = _llm_user(diag, files, comp, redactor, max_file_chars)
     reason = ""
     for attempt in (1, 2):
         prompt = (
@@ -576,13 +601,12 @@ def propose_change(
     diag: Diagnosis,
     files: dict[str, str],
     targets: Sequence[ActTarget],
-    llm: ChatJSON | None = None,
     *,
     max_changed_lines: int = 40,
     history: dict[str, list[str]] | None = None,
     redactor: Redactor | None = None,
 ) -> tuple[Change | None, str]:
-    """A validated change for ``diag``, or ``(None, reason)``.
+    """A validated templated change for ``diag``, or ``(None, reason)``.
 
     ``files`` maps allowlisted paths to their content on the base branch; ``history`` maps a
     path to its previous committed contents, newest first (for ``prompt_regression``).
@@ -590,9 +614,6 @@ def propose_change(
     """
     redactor = redactor or Redactor()
     try:
-        if llm is not None:
-            comp = resolve_component(diag, files, targets)
-            return llm_change(diag, files, targets, llm, comp, redactor, max_changed_lines)
         candidates = templated_changes(diag, files, targets, redactor, history)
     except AlreadyApplied:
         raise

@@ -216,7 +216,7 @@ class Understand:
     # -- the LLM's improvements, when they come ---------------------------------------------
     def apply_names(self, names: dict[str, IntentName], now_ns: int) -> UnderstandBatch:
         """The LLM's names (from :func:`~.naming.llm_names`): new versions of the intents' rows.
-        An intent merged away meanwhile keeps the name of the one it joined."""
+        An intent merged away meanwhile is left as it is."""
         out = UnderstandBatch()
         sizes = {i.intent_id: i.size for i in self.model.intents()}
         done, version = set(), self.naming_version
@@ -228,6 +228,7 @@ class Understand:
             done.add(iid)
         if done and self.naming_version == version:
             self.naming_version += 1  # a new version of the rows even when the name is the same
+        if done:
             out.intent_rows = self.intent_rows(done, now_ns)
         return out
 

@@ -1,0 +1,28 @@
+"""The columns a table has once every schemas/ migration ran: what rows must match."""
+
+from __future__ import annotations
+
+import re
+
+from processors.store import migrations, split_statements
+
+
+def ddl_columns(table: str) -> list[str]:
+    """Insertable columns of ``table`` over all schemas/*.sql, in order (CREATE, then each
+    ALTER ... ADD COLUMN), MATERIALIZED ones left out."""
+    cols: list[str] = []
+    for _, _, sql in migrations():
+        for stmt in split_statements(sql):
+            m = re.match(
+                rf"CREATE TABLE IF NOT EXISTS {table}\s*\((.*)\)\s*ENGINE", stmt, re.DOTALL
+            )
+            if m:
+                cols += [
+                    ln.split()[0]
+                    for ln in m.group(1).splitlines()
+                    if ln.strip() and "MATERIALIZED" not in ln
+                ]
+            cols += re.findall(
+                rf"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS (\w+) (?!.*MATERIALIZED)", stmt
+            )
+    return cols
