@@ -13,6 +13,7 @@ from processors.errors import LLMError
 from processors.llm import LLM, ChatJSON
 from processors.llm_work import LLM_STATS_COLUMNS, AnswerCache, Limits, LLMWork
 from processors.records import TagRecord
+from processors.status import format_status
 from processors.understand.core import tag_row
 from tests.ddl import ddl_columns
 from tests.llm_server import FakeLLMServer
@@ -113,3 +114,32 @@ def test_no_endpoint_no_steps() -> None:
 def test_rows_with_a_source_match_their_tables() -> None:
     tag = TagRecord("c", 1, "i", "n", 1, source="llm")
     assert list(tag_row(tag)) == ddl_columns("conversation_tags")
+
+
+def test_status_shows_each_step() -> None:
+    st = {
+        "home": "h",
+        "running": True,
+        "processes": {},
+        "topics": {},
+        "tables": {},
+        "deadletters": 0,
+        "errors": [],
+        "llm": [
+            dict(
+                step="judge",
+                calls=7,
+                failures=5,
+                cached=2,
+                skipped=9,
+                tokens=1234,
+                median_latency_s=2.5,
+                queued=3,
+                breaker="open",
+            ),
+        ],
+    }
+    text = format_status(st)
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("judge"))
+    assert "7 calls" in line and "5 failed" in line and "2.50s" in line
+    assert "queue    3" in line and "1234 tokens" in line and "breaker open" in line
