@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from processors.config import Config, load_config
+from processors.config import Config, config_for, load_config
 from processors.embedded.broker import free_port, port_in_use
 from processors.embedded.stack import EmbeddedStack, wait_for
 from processors.errors import CloseloopError, StoreError
@@ -297,7 +297,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
             "--approve-as needs the reviewer's name, and got an empty one "
             '(is $USER unset? try --approve-as "$(whoami)")'
         )
-    base = load_config(getattr(a, "config", None), overrides={"home": getattr(a, "home", None)})
+    base = config_for(getattr(a, "config", None), getattr(a, "home", None))
     home = base.home_path
     repo = home / "demo" / "bankly-agent"
     cfg_file = demo_config(home, repo)

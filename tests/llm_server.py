@@ -24,6 +24,7 @@ a deterministic 8-dimension vector per text, a hash of the text).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -161,10 +162,9 @@ class FakeLLMServer:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                try:
+                # the client may have given up waiting (its timeout): nothing to answer then
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up waiting (its timeout): nothing to answer
 
             def log_message(self, *args: object) -> None:
                 pass  # keep test output clean

@@ -29,7 +29,7 @@ def register(w: Wiring, backend: ChangeBackend) -> None:
     async def publish(props: list[Proposal]) -> None:
         await pipe.write("act", "proposals", proposal_rows(props))
         # announced once, by Actor.propose when it writes the branch (never on a replay)
-        await w.send_all([(w.proposals, p.diagnosis_id, p.to_json()) for p in props])
+        await w.send_all([(w.proposals, p.diagnosis_id, p.to_json()) for p in props], stage="act")
         pipe.counters["act"].records_out += len(props)
 
     async def ask_llm(diag: Diagnosis) -> None:

@@ -89,8 +89,23 @@ def render_body(
     be verified. Every piece of conversation-derived text is redacted and neutralised, and the
     whole body is redacted once more before it leaves."""
     name = _inline(diag.intent_name, redactor, 80) or diag.intent_id
-    comp = diag.component or {}
     lines = [
+        *_summary_lines(diag, name, redactor),
+        *_evidence_lines(diag, cfg, redactor),
+        *_change_lines(change, redactor),
+        *_verification_lines(diag, cfg, name, redactor),
+        "---",
+        (
+            f"Proposal `{pid}` version {version} · diagnosis `{diag.diagnosis_id}`. closeloop never "
+            "merges: a human reviewer decides."
+        ),
+    ]
+    text, _ = redactor.redact("\n".join(lines))
+    return text
+
+
+def _summary_lines(diag: Diagnosis, name: str, redactor: Redactor) -> list[str]:
+    return [
         f"## {_inline(diag.summary, redactor, 200) or diag.rule}",
         "",
         (
@@ -100,6 +115,13 @@ def render_body(
         "",
         f"**Root cause:** {_inline(diag.root_cause, redactor) or 'see evidence'}",
         "",
+    ]
+
+
+def _evidence_lines(diag: Diagnosis, cfg: Config, redactor: Redactor) -> list[str]:
+    """The evidence table, links to the conversations and the evidence itself (redacted)."""
+    comp = diag.component or {}
+    lines = [
         "### Evidence",
         "",
         "| | |",
@@ -142,7 +164,11 @@ def render_body(
             "</details>",
             "",
         ]
-    lines += [
+    return lines
+
+
+def _change_lines(change: Change, redactor: Redactor) -> list[str]:
+    return [
         "### The change",
         "",
         _inline(change.summary, redactor, 400)
@@ -156,6 +182,11 @@ def render_body(
         "",
         "</details>",
         "",
+    ]
+
+
+def _verification_lines(diag: Diagnosis, cfg: Config, name: str, redactor: Redactor) -> list[str]:
+    return [
         "### What it should fix, and how closeloop will check",
         "",
         (
@@ -169,14 +200,7 @@ def render_body(
             "serve as controls, and a regression raises a new diagnosis."
         ),
         "",
-        "---",
-        (
-            f"Proposal `{pid}` version {version} · diagnosis `{diag.diagnosis_id}`. closeloop never "
-            "merges: a human reviewer decides."
-        ),
     ]
-    text, _ = redactor.redact("\n".join(lines))
-    return text
 
 
 def commit_message(
@@ -250,44 +274,22 @@ class Actor:
         closed by a reviewer is never reopened.
         """
         self.last_reason, self.already_applied = "", False
-        act = self.cfg.act
         if diag.status in ("resolved", "rejected"):
             return self._drop(diag, f"the diagnosis is {diag.status}")
-        if not act.targets:
+        if not self.cfg.act.targets:
             return self._drop(diag, "act.targets is empty: closeloop may not write any file")
-        paths = list(dict.fromkeys(normalize_path(t.path) for t in act.targets))
         branch = branch_name(diag.diagnosis_id)
         try:
             prev = self.backend.existing(branch)
             if prev is not None and prev["state"] in ("merged", "closed"):
                 return self._drop(diag, f"its proposal was already {prev['state']} by a reviewer")
-            files = self.backend.read_files(paths)
-            history = None
-            if diag.rule == "prompt_regression":
-                history = {
-                    normalize_path(t.path): self.backend.file_history(normalize_path(t.path))
-                    for t in act.targets
-                    if t.kind == "prompt"
-                }
+            files, history = self._read_targets(diag)
         except ActError as e:
             return self._drop(diag, str(e))
-        reason = ""
         if change is None:
-            try:
-                change, reason = propose_change(
-                    diag,
-                    files,
-                    act.targets,
-                    max_changed_lines=act.max_changed_lines,
-                    history=history,
-                    redactor=self.redactor,
-                )
-            except AlreadyApplied as e:
-                self.already_applied = True
-                return self._drop(diag, str(e))
+            change = self._change(diag, files, history)
         if change is None:
-            return self._drop(diag, reason)
-        pid = proposal_id(diag.diagnosis_id)
+            return None
         # not updated_ns: diagnose re-emits the same version after a restart (replayed from its
         # checkpoint) at a later time, and that must not count as a new proposal version
         stamp = hashlib.sha256(
@@ -303,13 +305,76 @@ class Actor:
             return self._drop(
                 diag, f"its proposal already answers diagnosis version {prev['diagnosis_version']}"
             )
-        title = render_title(diag, self.redactor)
+        proposal = self._proposal(diag, change, branch, prev, stamp, now_ns)
+        if prev is not None and prev["stamp"] == stamp:
+            proposal.commit, proposal.pr_number, proposal.pr_url = (
+                prev["commit"],
+                prev["pr_number"],
+                prev["pr_url"],
+            )
+            return proposal
+        try:
+            _, proposal.commit, proposal.pr_number, proposal.pr_url = self.backend.open_or_update(
+                self._fields(diag, change, proposal, stamp), change
+            )
+        except ActError as e:
+            return self._drop(diag, str(e))
+        notify(proposal, self.cfg)
+        return proposal
+
+    def _read_targets(self, diag: Diagnosis) -> tuple[dict[str, str], dict[str, list[str]] | None]:
+        """The target files on the base branch, and the prompts' history for a regression."""
+        targets = self.cfg.act.targets
+        files = self.backend.read_files(
+            list(dict.fromkeys(normalize_path(t.path) for t in targets))
+        )
+        history = None
+        if diag.rule == "prompt_regression":
+            history = {
+                normalize_path(t.path): self.backend.file_history(normalize_path(t.path))
+                for t in targets
+                if t.kind == "prompt"
+            }
+        return files, history
+
+    def _change(
+        self, diag: Diagnosis, files: dict[str, str], history: dict[str, list[str]] | None
+    ) -> Change | None:
+        """The validated change for ``diag``, or ``None`` (dropped, with the reason)."""
+        act = self.cfg.act
+        try:
+            change, reason = propose_change(
+                diag,
+                files,
+                act.targets,
+                max_changed_lines=act.max_changed_lines,
+                history=history,
+                redactor=self.redactor,
+            )
+        except AlreadyApplied as e:
+            self.already_applied = True
+            return self._drop(diag, str(e))
+        if change is None:
+            return self._drop(diag, reason)
+        return change
+
+    def _proposal(
+        self,
+        diag: Diagnosis,
+        change: Change,
+        branch: str,
+        prev: dict[str, Any] | None,
+        stamp: str,
+        now_ns: int,
+    ) -> Proposal:
+        """The proposal record: the next version, or the same one for a replay of ``prev``."""
+        pid = proposal_id(diag.diagnosis_id)
         version = prev["version"] + 1 if prev else 1
         created_ns = (prev["created_ns"] or now_ns) if prev else now_ns
         if prev is not None and prev["stamp"] == stamp:
             version = prev["version"]  # a replay: the branch already holds exactly this
         body = render_body(diag, change, self.cfg, version=version, pid=pid, redactor=self.redactor)
-        proposal = Proposal(
+        return Proposal(
             proposal_id=pid,
             diagnosis_id=diag.diagnosis_id,
             intent_id=diag.intent_id,
@@ -317,7 +382,7 @@ class Actor:
             repo=self.backend.repo,
             base=self.backend.base,
             branch=branch,
-            title=title,
+            title=render_title(diag, self.redactor),
             body=body,
             diff=self.redactor.redact(change.diff())[0],
             files=change.files,
@@ -326,40 +391,6 @@ class Actor:
             updated_ns=now_ns,
             source="llm" if change.source == "llm" else "template",
         )
-        if prev is not None and prev["stamp"] == stamp:
-            proposal.commit, proposal.pr_number, proposal.pr_url = (
-                prev["commit"],
-                prev["pr_number"],
-                prev["pr_url"],
-            )
-            return proposal
-        fields = {
-            "branch": branch,
-            "title": title,
-            "body": body,
-            "version": version,
-            "proposal_id": pid,
-            "diagnosis_id": diag.diagnosis_id,
-            "message": commit_message(
-                diag,
-                change,
-                title=title,
-                pid=pid,
-                version=version,
-                stamp=stamp,
-                created_ns=created_ns,
-                redactor=self.redactor,
-            ),
-            "update_comment": update_comment(diag, version, self.cfg, self.redactor),
-        }
-        try:
-            _, proposal.commit, proposal.pr_number, proposal.pr_url = self.backend.open_or_update(
-                fields, change
-            )
-        except ActError as e:
-            return self._drop(diag, str(e))
-        notify(proposal, self.cfg)
-        return proposal
 
     def llm_files(self, diag: Diagnosis) -> dict[str, str] | None:
         """The target files an LLM edit for ``diag`` starts from (``None``: nothing to ask,
@@ -370,8 +401,7 @@ class Actor:
             prev = self.backend.existing(branch_name(diag.diagnosis_id))
             if prev is not None and prev["state"] in ("merged", "closed"):
                 return None
-            paths = list(dict.fromkeys(normalize_path(t.path) for t in self.cfg.act.targets))
-            return self.backend.read_files(paths)
+            return self._read_targets(diag)[0]
         except ActError:
             return None
 
@@ -391,6 +421,30 @@ class Actor:
         if change is None:
             raise LLMError(f"LLM edit for diagnosis {diag.diagnosis_id} refused: {reason}")
         return change
+
+    def _fields(
+        self, diag: Diagnosis, change: Change, proposal: Proposal, stamp: str
+    ) -> dict[str, Any]:
+        """What the backend writes: the branch, its commit message, the pull request text."""
+        return {
+            "branch": proposal.branch,
+            "title": proposal.title,
+            "body": proposal.body,
+            "version": proposal.version,
+            "proposal_id": proposal.proposal_id,
+            "diagnosis_id": diag.diagnosis_id,
+            "message": commit_message(
+                diag,
+                change,
+                title=proposal.title,
+                pid=proposal.proposal_id,
+                version=proposal.version,
+                stamp=stamp,
+                created_ns=proposal.created_ns,
+                redactor=self.redactor,
+            ),
+            "update_comment": update_comment(diag, proposal.version, self.cfg, self.redactor),
+        }
 
 
 def proposal_rows(props: Iterable[Proposal]) -> list[dict[str, Any]]:

@@ -44,6 +44,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from processors.capture.otlp import hex_ids_to_b64
@@ -109,7 +110,21 @@ LOGS = Signal(
     partial="rejected_log_records",
     ids_required=False,
 )
-SIGNALS = {s.path: s for s in (TRACES, LOGS)}
+# Metrics: SDKs (``opentelemetry-instrument`` among them) export them by default. closeloop reads
+# traces and logs only, so metrics are accepted, counted and dropped: a success answer keeps the
+# SDK from logging an export error every few seconds. No ids are read (nothing is written).
+METRICS = Signal(
+    name="metrics",
+    path="/v1/metrics",
+    request=metrics_service_pb2.ExportMetricsServiceRequest,
+    response=metrics_service_pb2.ExportMetricsServiceResponse,
+    resources="resource_metrics",
+    scopes="scope_metrics",
+    items="metrics",
+    partial="rejected_data_points",
+    ids_required=False,
+)
+SIGNALS = {s.path: s for s in (TRACES, LOGS, METRICS)}
 
 
 @dataclass(frozen=True)
@@ -543,6 +558,7 @@ class Gateway:
         )
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), server)
         logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_LogsService(self), server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_MetricsService(self), server)
         try:
             grpc_port = server.add_insecure_port(f"{o.host}:{o.grpc_port}")
         except RuntimeError:  # recent grpcio raises instead of returning 0
@@ -604,8 +620,9 @@ class Gateway:
         self.stop()
 
     def stats(self) -> dict[str, int]:
-        """Counters: ``{traces,logs}_requests``, ``spans``, ``log_records``, ``rejected_*``,
-        ``messages``, ``outcome_*`` per answer kind; and the ``inflight_bytes`` gauge."""
+        """Counters: ``{traces,logs,metrics}_requests``, ``spans``, ``log_records``,
+        ``rejected_*``, ``messages``, ``metrics_dropped``, ``outcome_*`` per answer kind; and the
+        ``inflight_bytes`` gauge."""
         with self._stats_lock:
             out = dict(self._stats)
         out["inflight_bytes"] = self._sink.inflight_bytes if self._sink is not None else 0
@@ -624,6 +641,10 @@ class Gateway:
         """Split, write, wait for the acks; return the Export response (partial success inside)."""
         if self._sink is None:
             raise BrokerError("the gateway is not started")
+        if sig is METRICS:  # accepted, counted, dropped (see METRICS)
+            n = sum(len(sm.metrics) for rm in req.resource_metrics for sm in rm.scope_metrics)
+            self._count({"metrics_requests": 1, "metrics_dropped": n})
+            return sig.response()
         split = split_request(req, sig)
         if split.rejected:
             log.info("%s: %s", sig.name, split.error)
@@ -675,7 +696,12 @@ class _LogsService(logs_service_pb2_grpc.LogsServiceServicer):
         self.Export = functools.partial(_grpc_export, gw, LOGS)
 
 
-NO_SUCH_PATH = "no such path {}; use /v1/traces or /v1/logs"
+class _MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
+    def __init__(self, gw: Gateway) -> None:
+        self.Export = functools.partial(_grpc_export, gw, METRICS)
+
+
+NO_SUCH_PATH = "no such path {}; use /v1/traces or /v1/logs (/v1/metrics is accepted and dropped)"
 
 
 def _make_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:

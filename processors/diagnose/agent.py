@@ -8,6 +8,7 @@ from typing import Any
 
 import faust
 
+from processors.diagnose.contrast import conversation_rows
 from processors.diagnose.core import Diagnoser, diagnosis_rows
 from processors.diagnose.llm import Refinement, ask_refinement
 from processors.errors import InputError
@@ -35,7 +36,8 @@ def register(w: Wiring) -> None:
 
     async def publish(diags: list[Diagnosis]) -> None:
         await pipe.write("diagnose", "diagnoses", diagnosis_rows(diags))
-        await w.send_all([(w.diagnoses, d.intent_id, d.to_json()) for d in diags])
+        await pipe.write("diagnose", "diagnosis_conversations", conversation_rows(diags))
+        await w.send_all([(w.diagnoses, d.intent_id, d.to_json()) for d in diags], stage="diagnose")
         pipe.counters["diagnose"].records_out += len(diags)
 
     def ask_llm(req: Refinement) -> None:

@@ -98,9 +98,25 @@ class EmbeddedStack:
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> EmbeddedStack:
         cfg = self.cfg
-        home = cfg.home_path
-        (home / "logs").mkdir(parents=True, exist_ok=True)
+        (cfg.home_path / "logs").mkdir(parents=True, exist_ok=True)
         cfg.run_dir().mkdir(parents=True, exist_ok=True)
+        self._check_ports()
+        self._start_broker()
+        ensure_topics(self.bootstrap, cfg.topics.all(), cfg.kafka.partitions)
+        sql_port = cfg.clickhouse.sql_port or free_port()
+        if cfg.embedded_store and port_in_use(sql_port):
+            sql_port = free_port()
+        captures = self._define_children(self._child_env(sql_port))
+        try:
+            self._start_children(sql_port, captures)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _check_ports(self) -> None:
+        """Refuse to start over a service that already listens on a configured port."""
+        cfg = self.cfg
         for name in ("grpc_port", "http_port"):
             port = getattr(cfg.otlp, name)
             if port and port_in_use(port, cfg.otlp.host):
@@ -110,11 +126,18 @@ class EmbeddedStack:
                 )
         if port_in_use(cfg.web.port, cfg.web.host) and cfg.web.port:
             raise CloseloopError(f"web port {cfg.web.port} is taken; pass --web-port")
+
+    def _start_broker(self) -> None:
+        """The embedded broker (on local or S3-compatible storage), or the configured Kafka."""
+        cfg = self.cfg
+        home = cfg.home_path
         if cfg.kafka.bootstrap:
             self.bootstrap = cfg.kafka.bootstrap
         else:
             try:
-                self.broker = EmbeddedBroker(port=cfg.kafka.broker_port, log_dir=cfg.log_dir())
+                self.broker = EmbeddedBroker(
+                    port=cfg.kafka.broker_port, log_dir=cfg.log_dir(), binary=cfg.kafka.tansu_binary
+                )
                 if cfg.kafka.storage == "s3":
                     self.broker_store = LocalS3(
                         home / "broker-s3", log_dir=cfg.log_dir(), fsync=cfg.kafka.storage_fsync
@@ -126,11 +149,10 @@ class EmbeddedStack:
                 self.stop()
                 raise
             self.bootstrap = self.broker.bootstrap
-        ensure_topics(self.bootstrap, cfg.topics.all(), cfg.kafka.partitions)
-        sql_port = cfg.clickhouse.sql_port or free_port()
-        if cfg.embedded_store and port_in_use(sql_port):
-            sql_port = free_port()
-        env = self._child_env(sql_port)
+
+    def _define_children(self, env: dict[str, str]) -> list[str]:
+        """The worker, capture processes, gateway and web page; the capture processes' names."""
+        cfg = self.cfg
         worker_cmd = [sys.executable, "-m", "processors.worker", "--bootstrap", self.bootstrap]
         captures = [f"capture-{i + 1}" for i in range(cfg.capture.processes)]
         if captures:  # capture moves out of the worker into processes of its own
@@ -161,34 +183,32 @@ class EmbeddedStack:
         self.children["web"] = Child(
             "web", [sys.executable, "-m", "processors.cli", "web"], env, cfg.log_dir() / "web.log"
         )
-        try:
-            self.children["worker"].start()
-            if cfg.embedded_store and not wait_port("127.0.0.1", sql_port, READY_TIMEOUT_S):
-                raise CloseloopError(
-                    f"the worker did not come up; see {cfg.log_dir() / 'worker.log'}"
-                )
-            for name in captures:
-                self.children[name].start()
-            self.children["gateway"].start()
-            if not wait_port(cfg.otlp.host, cfg.otlp.http_port, READY_TIMEOUT_S):
-                raise CloseloopError(
-                    f"the OTLP gateway did not come up; see {cfg.log_dir() / 'gateway.log'}"
-                )
-            self.children["web"].start()
-            if not wait_port(cfg.web.host, cfg.web.port, READY_TIMEOUT_S):
-                raise CloseloopError(
-                    f"the review page did not come up; see {cfg.log_dir() / 'web.log'}"
-                )
-            web_file = cfg.run_dir() / "web.json"
-            deadline = time.monotonic() + 5
-            while not web_file.exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            self.sql_url = f"http://127.0.0.1:{sql_port}"
-            self._write_stack_file()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        return captures
+
+    def _start_children(self, sql_port: int, captures: list[str]) -> None:
+        """Start the children in order, each once the one it needs answers."""
+        cfg = self.cfg
+        self.children["worker"].start()
+        if cfg.embedded_store and not wait_port("127.0.0.1", sql_port, READY_TIMEOUT_S):
+            raise CloseloopError(f"the worker did not come up; see {cfg.log_dir() / 'worker.log'}")
+        for name in captures:
+            self.children[name].start()
+        self.children["gateway"].start()
+        if not wait_port(cfg.otlp.host, cfg.otlp.http_port, READY_TIMEOUT_S):
+            raise CloseloopError(
+                f"the OTLP gateway did not come up; see {cfg.log_dir() / 'gateway.log'}"
+            )
+        self.children["web"].start()
+        if not wait_port(cfg.web.host, cfg.web.port, READY_TIMEOUT_S):
+            raise CloseloopError(
+                f"the review page did not come up; see {cfg.log_dir() / 'web.log'}"
+            )
+        web_file = cfg.run_dir() / "web.json"
+        deadline = time.monotonic() + 5
+        while not web_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.sql_url = f"http://127.0.0.1:{sql_port}"
+        self._write_stack_file()
 
     def _child_env(self, sql_port: int) -> dict[str, str]:
         cfg = self.cfg

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import logging
@@ -12,8 +13,11 @@ from typing import Any
 import faust
 
 from processors.errors import InputError
+from processors.feedback import record_feedback
 from processors.records import Conversation, DeadLetter, TagRecord
 from processors.runtime import (
+    DEADLETTER_MAX_BYTES,
+    FRAMING_BYTES,
     RECORD_BATCH,
     TAKE_WITHIN_S,
     Checkpoint,
@@ -47,6 +51,10 @@ class Assembler:
             key_type=str,
             partitions=cfg.kafka.partitions,
             use_partitioner=True,
+            # one open conversation is one changelog record: a long one passes 1 MB
+            extra_topic_configs={
+                "max.message.bytes": str(cfg.kafka.max_state_bytes + FRAMING_BYTES)
+            },
         )
         self.deadlines = assemble.Deadlines(cfg.assemble)
 
@@ -171,6 +179,38 @@ async def ask_llm(w: Wiring, core: Understand, batch: UnderstandBatch) -> None:
             await unanswered()
 
 
+async def late_feedback(w: Wiring, late: list[Conversation], now: int) -> list[DeadLetter]:
+    """Evaluations that reached assemble after their conversation had left its state: they
+    re-version the stored conversation's tags (as ``closeloop feedback`` does), not a new one."""
+    dls = []
+    for conv in late:
+        try:
+            tag = await w.pipe.run(
+                record_feedback,
+                w.pipe.store,
+                w.pipe.cfg,
+                conv.conversation_id,
+                conv.evaluations,
+                stage="understand",
+            )
+        except InputError as e:
+            dls.append(
+                DeadLetter(
+                    stage="understand",
+                    reason="evaluation for a conversation never tagged",
+                    detail=e.reason,
+                    topic=w.pipe.cfg.topics.conversations,
+                    key=conv.conversation_id[:200],
+                    original_b64=base64.b64encode(conv.to_json()[:DEADLETTER_MAX_BYTES]).decode(),
+                    ts_ns=now,
+                )
+            )
+            continue
+        await w.send_all([(w.tags, tag.conversation_id, tag.to_json())], stage="understand")
+        w.pipe.counters["understand"].records_out += 1
+    return dls
+
+
 def register_understand(w: Wiring) -> None:
     cfg, pipe = w.pipe.cfg, w.pipe
     core = Understand(
@@ -198,6 +238,10 @@ def register_understand(w: Wiring) -> None:
                                 "understand", "undecodable conversation record", e, now, str(err)
                             )
                         )
+            late = [c for c in convs if not c.messages and c.evaluations]
+            if late:
+                convs = [c for c in convs if c.messages or not c.evaluations]
+                dls += await late_feedback(w, late, now)
             if convs:
                 batch = await pipe.run_core("understand", core.process, convs, now)
                 pipe.counters["understand"].records_in += len(convs)

@@ -54,6 +54,31 @@ def overview(store: Store) -> dict[str, Any]:
     }
 
 
+def _failure_series(
+    store: Store, buckets: int, intent_id: str | None = None
+) -> tuple[dict[str, list[list[int]]], int, int]:
+    """``([conversations, failures] per bucket, per intent; first ns; bucket width ns)``: the
+    tagged conversations' time span (of one intent, or of all) cut into ``buckets``."""
+    where, params = ("WHERE intent_id = {i:String}", {"i": intent_id}) if intent_id else ("", {})
+    span = store.query(
+        f"SELECT min(ts_ns) AS lo, max(ts_ns) AS hi, count() AS n FROM conversation_tags FINAL {where}",
+        params,
+    )[0]
+    lo, hi = int(span["lo"] or 0), int(span["hi"] or 0)
+    width = max(1, math.ceil((hi - lo + 1) / buckets))
+    series: dict[str, list[list[int]]] = {}
+    if int(span["n"] or 0):
+        for r in store.query(
+            "SELECT intent_id, toUInt32(intDiv(ts_ns - {lo:UInt64}, {w:UInt64})) AS b, count() AS n, "
+            f"sum(failed) AS f FROM conversation_tags FINAL {where or 'WHERE 1'} "
+            "AND ts_ns >= {lo:UInt64} GROUP BY intent_id, b",
+            {**params, "lo": lo, "w": width},
+        ):
+            s = series.setdefault(r["intent_id"], [[0, 0] for _ in range(buckets)])
+            s[min(int(r["b"]), buckets - 1)] = [int(r["n"]), int(r["f"])]
+    return series, lo, width
+
+
 def intents(store: Store, cfg: Config, buckets: int = SPARK_BUCKETS) -> dict[str, Any]:
     """Intents with size, failure and signal rates, a volume/failure series and their changes.
 
@@ -77,20 +102,7 @@ def intents(store: Store, cfg: Config, buckets: int = SPARK_BUCKETS) -> dict[str
         "ARRAY JOIN signals AS s GROUP BY intent_id, signal ORDER BY signal"
     ):
         signals.setdefault(r["intent_id"], {})[r["signal"]] = int(r["n"])
-    span = store.query(
-        "SELECT min(ts_ns) AS lo, max(ts_ns) AS hi, count() AS n FROM conversation_tags FINAL"
-    )[0]
-    lo, hi = int(span["lo"] or 0), int(span["hi"] or 0)
-    width = max(1, math.ceil((hi - lo + 1) / buckets))
-    series: dict[str, list[list[int]]] = {}
-    if int(span["n"] or 0):
-        for r in store.query(
-            "SELECT intent_id, toUInt32(intDiv(ts_ns - {lo:UInt64}, {w:UInt64})) AS b, count() AS n, "
-            "sum(failed) AS f FROM conversation_tags FINAL WHERE ts_ns >= {lo:UInt64} GROUP BY intent_id, b",
-            {"lo": lo, "w": width},
-        ):
-            s = series.setdefault(r["intent_id"], [[0, 0] for _ in range(buckets)])
-            s[min(int(r["b"]), buckets - 1)] = [int(r["n"]), int(r["f"])]
+    series, lo, width = _failure_series(store, buckets)
     changes = store.query(
         "SELECT taxonomy_version, intent_id, change, name, other_id, ts_ns FROM intent_changes FINAL "
         "ORDER BY taxonomy_version DESC, ts_ns DESC, intent_id LIMIT 200"
@@ -231,3 +243,90 @@ def outcomes(store: Store) -> list[dict[str, Any]]:
         else:
             g["controls"].append(o)
     return list(groups.values())
+
+
+CONVERSATION_LIST_LIMIT = 100
+CHART_BUCKETS = 48
+
+
+def conversation(store: Store, conversation_id: str) -> dict[str, Any] | None:
+    """One conversation as stored (redacted in capture): the assembled transcript, its tag
+    (intent, outcome, signals), its model calls and its tool calls with arguments and results.
+    ``None`` when nothing of it is stored."""
+    p = {"c": conversation_id}
+    rows = store.query("SELECT * FROM conversations FINAL WHERE conversation_id = {c:String}", p)
+    tags = store.query(
+        "SELECT intent_id, intent_name, outcome, failed, signals, outcome_turn FROM "
+        "conversation_tags FINAL WHERE conversation_id = {c:String}",
+        p,
+    )
+    turns = store.query(
+        "SELECT trace_id, span_id, span_kind, operation, request_model, response_model, agent_name, "
+        "input_tokens, output_tokens, start_ns, duration_ms, status, error_type, error_message "
+        "FROM turns FINAL WHERE conversation_id = {c:String} ORDER BY start_ns, span_id",
+        p,
+    )
+    tools = store.query(
+        "SELECT call_id, name, arguments, result, error_type, error_message, start_ns, duration_ms "
+        "FROM tool_calls FINAL WHERE conversation_id = {c:String} ORDER BY start_ns, call_id",
+        p,
+    )
+    if not (rows or turns):
+        return None
+    conv = rows[0] if rows else {"conversation_id": conversation_id}
+    conv["messages"] = _json_field(conv.get("messages")) or []
+    conv["trace_ids"] = list(conv.get("trace_ids") or sorted({t["trace_id"] for t in turns}))
+    return {**conv, "tag": tags[0] if tags else None, "turns": turns, "tool_calls": tools}
+
+
+def conversation_of_trace(store: Store, trace_id: str) -> str | None:
+    """The conversation a trace belongs to (an assembled one first, else its captured turns)."""
+    for sql in (
+        "SELECT conversation_id FROM conversations FINAL WHERE has(trace_ids, {t:String}) "
+        "OR conversation_id = {t:String} ORDER BY version DESC LIMIT 1",
+        "SELECT conversation_id FROM turns FINAL WHERE trace_id = {t:String} LIMIT 1",
+    ):
+        rows = store.query(sql, {"t": trace_id})
+        if rows:
+            return str(rows[0]["conversation_id"])
+    return None
+
+
+def intent_detail(
+    store: Store, intent_id: str, buckets: int = CHART_BUCKETS
+) -> dict[str, Any] | None:
+    """One intent: its failure rate over time (``buckets`` over its own time span), the moments
+    each later prompt version first answered it, and its conversations, failed ones first."""
+    p: dict[str, Any] = {"i": intent_id}
+    rows = store.query(
+        "SELECT intent_id, name, description, size, status FROM intents FINAL "
+        "WHERE intent_id = {i:String}",
+        p,
+    )
+    if not rows:
+        return None
+    by_intent, lo, width = _failure_series(store, buckets, intent_id)
+    series = by_intent.get(intent_id, [[0, 0] for _ in range(buckets)])
+    versions = store.query(
+        "SELECT prompt_version AS version, min(ts_ns) AS first_ns FROM conversation_tags FINAL "
+        "WHERE intent_id = {i:String} AND prompt_version != '' GROUP BY prompt_version "
+        "ORDER BY first_ns",
+        p,
+    )
+    convs = store.query(
+        "SELECT t.conversation_id AS conversation_id, t.failed AS failed, t.outcome AS outcome, "
+        "t.signals AS signals, t.prompt_version AS prompt_version, t.ts_ns AS ts_ns, "
+        "c.n_user_turns AS user_turns, c.n_tool_calls AS tool_calls, c.errors AS errors "
+        "FROM (SELECT * FROM conversation_tags FINAL WHERE intent_id = {i:String}) AS t "
+        "LEFT JOIN (SELECT * FROM conversations FINAL) AS c ON c.conversation_id = t.conversation_id "
+        "ORDER BY t.failed DESC, t.ts_ns DESC LIMIT {n:UInt32}",
+        {**p, "n": CONVERSATION_LIST_LIMIT},
+    )
+    return {
+        **rows[0],
+        "series": series,
+        "buckets": {"from_ns": lo, "width_ns": width, "count": buckets},
+        "version_changes": [(int(v["first_ns"]), v["version"]) for v in versions[1:]],
+        "conversations": convs,
+        "tagged": sum(n for n, _ in series),
+    }

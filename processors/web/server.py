@@ -8,7 +8,10 @@ the Content-Security-Policy forbids scripts, so even an escaping mistake cannot 
   scripts use ``Authorization: Bearer <token>``.
 * Forms: every POST needs the session cookie, a CSRF field (HMAC of the session, compared in
   constant time) and a same-origin ``Origin`` (or ``Referer``). GET never changes state.
-* A decision (approve / reject) is the only state change, and only a named human takes it:
+* ``POST /api/feedback`` (``Authorization: Bearer <token>``, JSON ``{"conversation_id", "score"
+  | "label", "comment", "name"}``) records late feedback: the conversation's tags are
+  re-versioned (:func:`processors.feedback.record_feedback`) and sent to ``publish_tags``.
+* A decision (approve / reject) is the only other state change, and only a named human takes it:
   :func:`processors.review.loop.decide` with the backend from ``backend_factory`` — on the local
   backend approving merges the proposal branch — writes the
   :class:`~processors.records.ReviewRecord` and the proposal's new version.
@@ -37,10 +40,11 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 from processors.act import ChangeBackend, open_backend
 from processors.config import Config
 from processors.embedded.httpd import Server, reply
-from processors.errors import ActError, CloseloopError, ReviewError, StoreError
-from processors.records import Proposal, ReviewRecord
+from processors.errors import ActError, CloseloopError, InputError, ReviewError, StoreError
+from processors.records import Proposal, ReviewRecord, TagRecord
 from processors.review.loop import decide, ingest_webhook
 from processors.store import Store
+from processors.web.drilldown import render_conversation, render_intent
 from processors.web.pages import (
     MAX_COMMENT_CHARS,
     MAX_REVIEWER_CHARS,
@@ -54,8 +58,11 @@ from processors.web.pages import (
     render_proposals,
 )
 from processors.web.queries import (
+    conversation,
+    conversation_of_trace,
     diagnoses,
     diagnosis,
+    intent_detail,
     intents,
     outcomes,
     overview,
@@ -70,6 +77,7 @@ SESSION_MAX_AGE_S = 7 * 24 * 3600
 MAX_FORM_BYTES = 64 * 1024
 MAX_WEBHOOK_BYTES = 5 * 1024 * 1024  # GitHub caps deliveries at 25 MB; PR events are far smaller
 WEBHOOK_PATH = "/webhooks/github"
+FEEDBACK_PATH = "/api/feedback"
 _ID = r"([A-Za-z0-9._:-]{1,200})"
 CSP = (
     "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'; "
@@ -157,6 +165,55 @@ class _Handler(BaseHTTPRequestHandler):
             ),
         )
 
+    def _feedback(self) -> None:
+        """Late feedback from a script or another service (a bearer token, no session)."""
+        from processors.feedback import record_feedback
+        from processors.redact import Redactor
+        from processors.understand.feedback import feedback_evaluation
+
+        if not self._bearer():
+            return self._unauthorized(api=True)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_FORM_BYTES:
+            return self._json(413, {"error": f"the body must be at most {MAX_FORM_BYTES} bytes"})
+        try:
+            body = json.loads(self.rfile.read(length) or b"{}")
+            if not isinstance(body, dict):
+                raise InputError("the body must be a JSON object")
+            cid = body.get("conversation_id")
+            if not isinstance(cid, str) or not cid:
+                raise InputError("conversation_id (a string) is missing")
+            cfg = self.app.cfg
+            ev = feedback_evaluation(
+                score=body.get("score"),
+                label=body.get("label"),
+                comment=body.get("comment"),
+                name=body.get("name"),
+                redactor=Redactor(cfg.capture.redact, cfg.capture.extra_patterns),
+                now_ns=time.time_ns(),
+            )
+            tag = record_feedback(self.app.store, cfg, cid, ev, self.app.publish_tags)
+        except ValueError:
+            return self._json(400, {"error": "the body is not JSON"})
+        except InputError as e:
+            return self._json(
+                404 if "no tagged conversation" in e.reason else 400, {"error": e.reason}
+            )
+        except (StoreError, CloseloopError) as e:
+            return self._json(503, {"error": f"not recorded, retry: {e}"})
+        self._json(
+            200,
+            {
+                "conversation_id": cid,
+                "outcome": tag.outcome,
+                "failed": tag.failed,
+                "version": tag.conversation_version,
+            },
+        )
+
     # -- GET ------------------------------------------------------------------------------
     def do_HEAD(self) -> None:
         self.do_GET()
@@ -212,6 +269,24 @@ class _Handler(BaseHTTPRequestHandler):
         m = re.fullmatch(r"/diagnoses/" + _ID, unquote(path))
         if m and (d := diagnosis(store, m.group(1))) is not None:
             return self._html(200, render_diagnosis(d, app.cfg.web.trace_url))
+        m = re.fullmatch(r"/conversations/" + _ID, unquote(path))
+        if m and (c := conversation(store, m.group(1))) is not None:
+            return self._html(200, render_conversation(c, app.cfg.web.trace_url))
+        m = re.fullmatch(r"/traces/" + _ID, unquote(path))
+        if m and (cid := conversation_of_trace(store, m.group(1))) is not None:
+            return self._redirect(f"/conversations/{quote(cid, safe='')}")
+        if m:
+            return self._html(
+                404,
+                render_message(
+                    "Not captured",
+                    f"No stored conversation holds trace {m.group(1)}: it was not captured here, "
+                    "or its spans have not been processed yet.",
+                ),
+            )
+        m = re.fullmatch(r"/intents/" + _ID, unquote(path))
+        if m and (i := intent_detail(store, m.group(1))) is not None:
+            return self._html(200, render_intent(i))
         m = re.fullmatch(r"/proposals/" + _ID, unquote(path))
         if m and (p := proposal(store, m.group(1))) is not None:
             return self._html(200, render_proposal(p, app.csrf_token(session)))
@@ -228,8 +303,13 @@ class _Handler(BaseHTTPRequestHandler):
         }
         if path in lists:
             return self._json(200, lists[path]())
-        m = re.fullmatch(r"/api/(diagnoses|proposals)/" + _ID, unquote(path))
-        one = m and (diagnosis if m.group(1) == "diagnoses" else proposal)(store, m.group(2))
+        m = re.fullmatch(r"/api/(diagnoses|proposals|conversations|intents)/" + _ID, unquote(path))
+        one = m and {
+            "diagnoses": diagnosis,
+            "proposals": proposal,
+            "conversations": conversation,
+            "intents": intent_detail,
+        }[m.group(1)](store, m.group(2))
         if one:
             return self._json(200, one)
         self._json(404, {"error": f"nothing at {path}"})
@@ -262,6 +342,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         if path == WEBHOOK_PATH:
             return self._github_webhook()
+        if path == FEEDBACK_PATH:
+            return self._feedback()
         session = self._session()
         if session is None:
             return self._unauthorized(api=False)
@@ -329,11 +411,13 @@ class WebServer:
         port: int | None = None,
         *,
         on_decision: Callable[[ReviewRecord, Proposal], None] | None = None,
+        publish_tags: Callable[[TagRecord], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
         self.backend_factory = backend_factory or (lambda: open_backend(cfg))
         self.on_decision = on_decision
+        self.publish_tags = publish_tags
         self.token = cfg.web.token
         self._key = secrets.token_bytes(32)  # signs sessions; a restart logs everyone out
         self._decide_lock = (

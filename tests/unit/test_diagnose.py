@@ -329,6 +329,7 @@ def test_tag_without_intent_is_an_input_error() -> None:
 
 def test_rows_match_the_diagnoses_table() -> None:
     columns = ddl_columns("diagnoses")
+    assert "failure_kind" in columns
     assert list(DIAGNOSIS_COLUMNS) == columns
     _, out, _ = planted("account_lookup", "tool_argument")
     (row,) = diagnosis_rows(out[:1])
