@@ -88,6 +88,8 @@ def run_worker(
     try:
         worker.execute_from_commandline()
     finally:
+        if pipe.llm is not None:  # waiting LLM items are dropped (their deterministic rows stand)
+            pipe.llm.close()
         if sql is not None:
             sql.stop()
             (cfg.run_dir() / "sql.json").unlink(missing_ok=True)
