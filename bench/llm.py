@@ -251,7 +251,8 @@ def markdown(runs: list[Run], n_conv: int, n_spans: int, command: str) -> str:
         "## LLM steps beside the stream",
         "",
         f"`{command}`: {n_conv} example conversations ({n_spans} spans exported), all stages, "
-        "the model tests/llm_server.py; ratios against the run without an LLM (first row).",
+        "the model tests/llm_server.py; ratios against the run without an LLM (first row); "
+        "the last row repeats that run: the spread between the two is the machine's noise.",
         "",
         "| run | ingest spans/s | ratio | tagging conv/s | ratio | lag s | restarts | lost "
         "| judged | named | reworded | LLM calls (failed) | queues drained |",
@@ -290,6 +291,7 @@ def main() -> None:
     if a.error_rate:
         lat = min(latencies, default=0.1)
         plan.append((f"{lat:g} s, {a.error_rate:.0%} errors", lat, a.error_rate))
+    plan.append(("no LLM, again", None, 0.0))  # how far the machine alone moves the figures
     with tempfile.TemporaryDirectory(prefix="bench-llm-") as tmp:
         bodies, n_spans, n_conv = requests(a.conversations, a.seed, Path(tmp))
         runs = []
@@ -306,7 +308,8 @@ def main() -> None:
             )
             print(json.dumps(asdict(r)), file=sys.stderr, flush=True)
             runs.append(r)
-    command = "python -m bench.llm " + " ".join(sys.argv[1:])
+    shown = [x for x in sys.argv[1:] if x not in (a.out, a.json, "--out", "--json")]
+    command = "python -m bench.llm " + " ".join(shown)
     text = markdown(runs, n_conv, n_spans, command.strip())
     print(text)
     if a.out:
