@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 from processors.config import LLM_STEPS, LLMConfig, LLMStepConfig
 from processors.errors import LLMError
 from processors.llm import LLM, ChatJSON, make_llm
+from processors.redact import Redactor, redact_value
 
 R = TypeVar("R")
 
@@ -107,10 +108,12 @@ class Limits:
 
 
 class AnswerCache:
-    """Valid-JSON answers by a hash of everything the model was sent. New answers wait in
-    :meth:`drain` to be written to ``llm_answers``; :meth:`load` puts stored ones back."""
+    """Valid-JSON answers by a hash of everything the model was sent, redacted (a model may
+    repeat what it read, and the answers are stored). New answers wait in :meth:`drain` to be
+    written to ``llm_answers``; :meth:`load` puts stored ones back."""
 
-    def __init__(self, cap: int = CACHE_CAP) -> None:
+    def __init__(self, redactor: Redactor, cap: int = CACHE_CAP) -> None:
+        self.redactor = redactor
         self.cap = cap
         self._answers: OrderedDict[str, str] = OrderedDict()
         self._new: list[dict[str, Any]] = []
@@ -133,7 +136,7 @@ class AnswerCache:
         return value
 
     def put(self, step: str, key: str, value: dict[str, Any], now_ns: int) -> None:
-        raw = json.dumps(value, ensure_ascii=False, sort_keys=True)
+        raw = json.dumps(redact_value(value, self.redactor), ensure_ascii=False, sort_keys=True)
         with self._lock:
             self._remember(key, raw)
             self._new.append(dict(key=key, step=step, answer=raw, ts_ns=now_ns))
@@ -272,10 +275,10 @@ class LLMStep:
 class LLMWork:
     """The worker's LLM steps (none without a configured endpoint) and their answer cache."""
 
-    def __init__(self, cfg: LLMConfig, llm: LLM | None = None) -> None:
+    def __init__(self, cfg: LLMConfig, redactor: Redactor, llm: LLM | None = None) -> None:
         self.llm = llm if llm is not None else make_llm(cfg)
         self.cfg = cfg
-        self.cache = AnswerCache()
+        self.cache = AnswerCache(redactor)
         self.steps: dict[str, LLMStep] = (
             {n: LLMStep(n, cfg, self.llm, self.cache) for n in LLM_STEPS} if self.llm else {}
         )

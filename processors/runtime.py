@@ -33,6 +33,7 @@ from processors.config import Config
 from processors.errors import LLMError, StoreError
 from processors.llm_work import LLMWork
 from processors.records import DeadLetter
+from processors.redact import Redactor
 from processors.stages import ALL_STAGES
 from processors.store import Store
 
@@ -117,7 +118,8 @@ class Pipeline:
 
     def __post_init__(self) -> None:
         if self.llm is None:
-            self.llm = LLMWork(self.cfg.llm)
+            cap = self.cfg.capture
+            self.llm = LLMWork(self.cfg.llm, Redactor(cap.redact, cap.extra_patterns))
 
     async def write(self, stage: str, table: str, rows: list[dict[str, Any]]) -> None:
         """Insert rows, retrying with backoff while ClickHouse is unreachable (never drops, never

@@ -21,14 +21,14 @@ from typing import Any
 
 from processors.act.backend import ChangeBackend, branch_name
 from processors.act.change import Change, normalize_path
-from processors.act.fixes import llm_change, propose_change, quote, redact_value
+from processors.act.fixes import llm_change, propose_change, quote
 from processors.act.github import GitHubBackend
 from processors.act.gitrepo import LocalGit
 from processors.config import Config
 from processors.errors import ActError, AlreadyApplied, LLMError
 from processors.llm import ChatJSON
 from processors.records import Diagnosis, Proposal
-from processors.redact import Redactor
+from processors.redact import Redactor, redact_value
 
 log = logging.getLogger("closeloop.act")
 

@@ -59,7 +59,7 @@ from processors.diagnose.shapes import SHAPE_WORD
 from processors.errors import ActError, AlreadyApplied, LLMError
 from processors.llm import UNTRUSTED_RULE, ChatJSON, untrusted_block
 from processors.records import Diagnosis
-from processors.redact import Redactor
+from processors.redact import Redactor, redact_value
 
 log = logging.getLogger("closeloop.act")
 
@@ -215,17 +215,6 @@ def expected_format(error: Any, redactor: Redactor) -> str:
         if _FORMAT.fullmatch(token) and redactor.redact(token)[0] == token:
             return token
     return ""
-
-
-def redact_value(value: Any, redactor: Redactor) -> Any:
-    """``value`` with every string in it redacted (dicts and lists walked)."""
-    if isinstance(value, str):
-        return redactor.redact(value)[0]
-    if isinstance(value, dict):
-        return {str(k): redact_value(v, redactor) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redact_value(v, redactor) for v in value]
-    return value
 
 
 # -- templated fixes --------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from processors.errors import LLMError
 from processors.llm import LLM, ChatJSON
 from processors.llm_work import LLM_STATS_COLUMNS, AnswerCache, Limits, LLMWork
 from processors.records import TagRecord
+from processors.redact import Redactor
 from processors.status import format_status
 from processors.understand.core import tag_row
 from tests.ddl import ddl_columns
@@ -21,7 +22,7 @@ from tests.llm_server import FakeLLMServer
 
 def _work(srv: FakeLLMServer, **over: Any) -> LLMWork:
     cfg = LLMConfig(base_url=srv.base_url, timeout_s=5, **over)
-    return LLMWork(cfg, LLM(cfg))
+    return LLMWork(cfg, Redactor(), LLM(cfg))
 
 
 def _ask(text: str) -> Any:
@@ -77,7 +78,7 @@ def test_a_slow_endpoint_times_out_once_and_the_queue_is_bounded() -> None:
     with FakeLLMServer(lambda body: json.dumps({"ok": 1}), latency_s=30) as srv:
         cfg = LLMConfig(base_url=srv.base_url, timeout_s=0.5, queue_max=2)
         cfg.act = LLMStepConfig(concurrency=1)
-        work = LLMWork(cfg, LLM(cfg))
+        work = LLMWork(cfg, Redactor(), LLM(cfg))
         step = work.step("act")
         assert step is not None
         first, second = step.submit(_ask("x")), step.submit(_ask("y"))
@@ -108,7 +109,15 @@ def test_cache_keys_cover_everything_sent() -> None:
 
 
 def test_no_endpoint_no_steps() -> None:
-    assert LLMWork(LLMConfig()).steps == {}
+    assert LLMWork(LLMConfig(), Redactor()).steps == {}
+
+
+def test_stored_answers_are_redacted() -> None:
+    cache = AnswerCache(Redactor())
+    cache.put("act", "k", {"edits": [{"replace": "key sk-proj-9fK2mQ7xLp3RvT8wZ1nB4cY6"}]}, 1)
+    (row,) = cache.drain()
+    assert "sk-proj" not in row["answer"] and "REDACTED" in row["answer"]
+    assert "sk-proj" not in json.dumps(cache.get("k"))
 
 
 def test_rows_with_a_source_match_their_tables() -> None:
