@@ -344,6 +344,12 @@ class Understand:
         self.index = KeyphraseIndex.from_dict(state["index"])
         self.namer = Namer(self.index, llm_max=self.cfg.llm.naming_max)
         self.namer.restore(state["namer"])
+        # LLM work in flight is not checkpointed: an intent asked but not LLM-named yet is
+        # asked again on its next conversation
+        for iid in self.namer.asked():
+            name = state["names"].get(iid)
+            if name is None or name.source != "llm":
+                self.namer.unanswered(iid)
         self.names = state["names"]
         self._seen = state["seen"]
         self._emitted_changes = state["emitted"]

@@ -490,6 +490,10 @@ class Namer:
         if self._asked.get(intent_id, 0) > 0:
             self._asked[intent_id] -= 1
 
+    def asked(self) -> list[str]:
+        """The intents the LLM was asked to name at least once."""
+        return [i for i, n in self._asked.items() if n > 0]
+
     def forget(self, intent_id: str) -> None:
         self._named.pop(intent_id, None)
         self._asked.pop(intent_id, None)

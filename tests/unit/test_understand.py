@@ -164,3 +164,14 @@ def test_goal_is_the_first_user_turns() -> None:
         ],
     )
     assert goal_text(conv, 2) == "card lost the blue one"
+
+
+def test_a_restart_asks_again_for_names_that_never_came() -> None:
+    core = _core(llm_enabled=True)
+    batch = core.process([c for _, c in _conversations(100)], now_ns=1)
+    asked = {r.intent_id for r in batch.name_requests}
+    assert asked
+    copy = _core(llm_enabled=True)
+    copy.restore(core.snapshot())  # the answers were lost with the process
+    again = copy.process([c for _, c in _conversations(60, seed=4)], now_ns=2)
+    assert {r.intent_id for r in again.name_requests} & asked
