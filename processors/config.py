@@ -291,7 +291,7 @@ class DiagnoseConfig:
     # each conversation's reference set: its nearest successful conversations by goal
     contrast_reference_size: int = 3
     # TF-IDF cosine of the goals, at least: on BANKING77 intents mixing 3 related categories,
-    # 76% of utterances have such neighbours and 92% of those share their category
+    # 80% of utterances have such neighbours, 95% of them of their category (bench.goal_similarity)
     contrast_reference_similarity: float = 0.4
 
     def validate(self) -> None:
