@@ -615,6 +615,21 @@ def _slowness(st: IntentStats, cfg: DiagnoseConfig) -> _Slowness:
     return _Slowness(hit, share_fail, share_ok, slow_fail, slow_ok, by_timeouts, by_latency)
 
 
+def _slow_conversations(
+    st: IntentStats, cfg: DiagnoseConfig, sl: _Slowness
+) -> list[dict[str, Any]]:
+    """The failing conversations the latency finding explains: those with a timeout, else
+    those ``latency_ratio`` times slower per model call than the healthy median."""
+    return explained(
+        [(t, t.outcome_turn, h[0][2], h[0][0]) for t, h in sl.hit]
+        or [
+            (t, t.outcome_turn, trace_of("", t.conversation), "")
+            for t in st.failing
+            if _per_call_ms(t) >= cfg.latency_ratio * sl.slow_ok
+        ]
+    )
+
+
 def rule_latency(st: IntentStats, cfg: DiagnoseConfig) -> list[Candidate]:
     """Failing conversations hit timeouts, or are much slower than healthy ones."""
     sl = _slowness(st, cfg)
@@ -685,14 +700,7 @@ def rule_latency(st: IntentStats, cfg: DiagnoseConfig) -> list[Candidate]:
             or first_unique(
                 (trace_of("", t.conversation) for t in reversed(st.failing)), cfg.max_trace_ids
             ),
-            explains=explained(
-                [(t, t.outcome_turn, h[0][2], h[0][0]) for t, h in sl.hit]
-                or [
-                    (t, t.outcome_turn, trace_of("", t.conversation), "")
-                    for t in st.failing
-                    if _per_call_ms(t) >= cfg.latency_ratio * sl.slow_ok
-                ]
-            ),
+            explains=_slow_conversations(st, cfg, sl),
             prompt_version=pv,
             agent_version=av,
         )
