@@ -140,6 +140,8 @@ KIND_OF = {
     "differs": "wrong_tool_arguments",
     "extra_handoff": "unnecessary_escalation",
 }
+DEPARTURES = frozenset(["misses", "extra", "differs", "extra_handoff"])  # see .reference
+REFERENCED = "_referenced"  # the conversation has a reference set
 
 
 def name_words(name: str) -> list[str]:
@@ -346,11 +348,16 @@ def contrast(
     for pats in failed.values():
         for p in pats:
             counts_f[p] = counts_f.get(p, 0) + 1
+    # a departure from the nearest successes can only show where there are some: it is
+    # tested among the conversations that have a reference set
+    nf_ref = sum(1 for pats in failed.values() if REFERENCED in pats)
+    no_ref = sum(1 for pats in ok.values() if REFERENCED in pats)
     for p, a in counts_f.items():
         if a < cfg.contrast_min_count or p.startswith("_"):
             continue
         b = sum(1 for pats in ok.values() if p in pats)
-        f = Finding(p, KIND_OF[p.split(":", 1)[0]], a, nf, b, no, fisher_exact(nf, a, no, b))
+        n_f, n_o = (nf_ref, no_ref) if p.split(":", 1)[0] in DEPARTURES else (nf, no)
+        f = Finding(p, KIND_OF[p.split(":", 1)[0]], a, n_f, b, n_o, fisher_exact(n_f, a, n_o, b))
         if f.lift >= cfg.contrast_min_lift:
             candidates.append(f)
     adjusted = _bh([f.p_value for f in candidates])
@@ -409,9 +416,6 @@ def holds_here(pattern: str, pats: dict[str, Hit]) -> bool:
 def _describe(f: Finding, intent: str) -> tuple[str, str]:
     head, _, rest = f.pattern.partition(":")
     tool = rest.split(".", 1)[0].split("=", 1)[0]
-    counts = (
-        f"{f.failed_with} of {f.failed} failed conversations; {f.ok_with} of {f.ok} successful ones"
-    )
     what_ungrounded = (
         f"call `{tool}` with a `{rest.split('.', 1)[-1]}` that appears nowhere in what the user "
         "said or a tool returned"
@@ -451,7 +455,11 @@ def _describe(f: Finding, intent: str) -> tuple[str, str]:
         else "make a state-changing call without an explicit confirmation from the user just "
         "before",
     }[head]
-    counts = f"{f.failed_with} of {f.failed} failed conversations {what}; {f.ok_with} of {f.ok} successful ones do"
+    among = " with successful ones of a similar goal" if head in DEPARTURES else ""
+    counts = (
+        f"{f.failed_with} of {f.failed} failed conversations{among} {what}; "
+        f"{f.ok_with} of {f.ok} successful ones{among and ' with such neighbours'} do"
+    )
     summary = f"in {intent}, {counts}"
     root = f"{f.kind.replace('_', ' ')}: in {intent}, {counts}"
     return summary, root
@@ -461,7 +469,7 @@ def _component(f: Finding) -> dict[str, Any]:
     head, _, rest = f.pattern.partition(":")
     tool = rest.split(".", 1)[0].split("=", 1)[0]
     argument = ""
-    if head in ("arg", "ungrounded"):
+    if head in ("arg", "ungrounded", "differs"):
         argument = rest.split(".", 1)[-1].split("=", 1)[0]
     return {"type": "prompt", "target": "", "detail": {"tool": tool, "argument": argument}}
 
@@ -576,6 +584,7 @@ def add_departures(
     )
     for cid, found in reference.departures(writes, is_handoff, refs).items():
         conv, mine = convs[cid], pats[cid]
+        mine[REFERENCED] = Hit()
         if "_abandoned" in mine:
             found = {p for p in found if not p.startswith(_MISSING)}
         end = Hit(len(conv.messages) - 1, conv.trace_ids[-1] if conv.trace_ids else "")

@@ -286,6 +286,22 @@ def test_a_missing_action_is_found_against_the_successes_of_the_same_goal() -> N
     assert not _explained(found, "unauthorized_action")
 
 
+def test_a_departure_is_tested_among_conversations_with_similar_successes() -> None:
+    from processors.diagnose.contrast import REFERENCED, Hit, contrast
+
+    # 12 of the 20 failed conversations with a reference set depart from it ("misses"), none
+    # of the 20 successful ones with one; 30 failed and 10 successful ones have none
+    failed = {
+        f"f{i}": {REFERENCED: Hit(), **({"misses": Hit()} if i < 12 else {})} for i in range(20)
+    }
+    failed |= {f"n{i}": {} for i in range(30)}
+    ok = {f"s{i}": {REFERENCED: Hit()} for i in range(20)} | {f"m{i}": {} for i in range(10)}
+    (f,) = contrast(failed, ok, CFG)
+    assert (f.pattern, f.failed_with, f.failed, f.ok_with, f.ok) == ("misses", 12, 20, 0, 20)
+    # over all conversations the share among failed ones (12 of 50) would be under the lift
+    assert CFG.contrast_min_lift > 12 / 50
+
+
 def test_an_argument_other_than_the_one_successes_of_the_same_goal_give() -> None:
     failed = {f"fc{i}": ("close", "close_ticket", {"reason": "duplicate"}) for i in range(15)}
     failed |= {f"fr{i}": ("reopen", "", {}) for i in range(2)}
