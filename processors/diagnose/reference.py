@@ -15,8 +15,8 @@ pattern              the conversation ...                                       
 ``misses:T``         never calls state-changing or hand-off ``T``; most of its     missing_action
                      references do
 ``extra:T``          calls state-changing ``T``; none of its references does      unauthorized_action
-``differs:T.k``      calls ``T`` with a ``k`` other than the value most of its    wrong_tool_arguments
-                     references that call ``T`` agree on
+``differs:T.k``      calls ``T`` with none of the values of ``k`` most of its      wrong_tool_arguments
+                     references give
 ``extra_handoff:T``  hands the user to a human with ``T``; none of its references  unnecessary_escalation
                      does
 ===================  ==========================================================  ===================
@@ -116,8 +116,8 @@ def _departures(
             pats |= {f"extra_handoff:{tool}"} if is_handoff(tool) else {f"extra:{tool}", "extra"}
             continue
         for key, values in args.items():
-            agreed = Counter(v for r in refs for v in r.get(tool, {}).get(key, ()))
-            top = agreed.most_common(1)
-            if top and most(top[0][1]) and top[0][0] not in values:
+            given = Counter(v for r in refs for v in r.get(tool, {}).get(key, ()))
+            agreed = {v for v, n in given.items() if most(n)}
+            if agreed and not agreed & values:
                 pats |= {f"differs:{tool}.{key}", "differs"}
     return pats
