@@ -28,7 +28,9 @@ pattern                the conversation ...                                failu
 spread over several tools). Against each conversation's **reference set**, its nearest
 successful conversations by goal (:mod:`.reference`), it also shows ``misses:T``,
 ``extra:T``, ``differs:T.k`` and ``extra_handoff:T`` (and ``misses``, ``extra``,
-``differs``): what it does where the successes with a goal like its own do not.
+``differs``): what it does where the successes with a goal like its own do not. These
+departures are tested among the conversations that have a reference set (elsewhere they
+cannot show).
 
 Prompt, model and agent versions are left to the version-shift rule (:mod:`.rules`), which
 compares cumulative counts per version; here they would be confounded with time.
