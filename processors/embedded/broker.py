@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import socket
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from processors.embedded.procs import ManagedProcess
+from processors.embedded.procs import ManagedProcess, spawn
 from processors.errors import BrokerError
 
 READY_TIMEOUT_S = 15.0
@@ -113,7 +113,7 @@ class EmbeddedBroker(ManagedProcess):
             )
         url = f"tcp://{self.host}:{self.port}"
         out = self._output(self.log_dir / "broker.log" if self.log_dir is not None else None)
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             [
                 str(binary),
                 "broker",
@@ -125,13 +125,13 @@ class EmbeddedBroker(ManagedProcess):
                 self.storage,
             ],
             stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
             env={
                 **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
                 "RUST_LOG": os.environ.get("RUST_LOG", "warn"),
                 **self.env,
             },
+            # tansu may not exit on SIGTERM while clients are connected (see STOP_TIMEOUT_S)
+            death_signal=signal.SIGKILL,
         )
         try:
             wait_ready(self.bootstrap)

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from typing import Any, ClassVar
 
 from processors.config import Config
 from processors.embedded.broker import EmbeddedBroker, ensure_topics, free_port, port_in_use
-from processors.embedded.procs import ManagedProcess
+from processors.embedded.procs import ManagedProcess, spawn
 from processors.embedded.s3store import LocalS3
 from processors.errors import BrokerError, CloseloopError
 
@@ -64,14 +63,7 @@ class Child(ManagedProcess):
     STOP_TIMEOUT_S: ClassVar[float] = 20.0
 
     def start(self) -> Child:
-        self.proc = subprocess.Popen(
-            self.argv,
-            env=self.env,
-            stdout=self._output(self.log_path),
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=False,
-        )
+        self.proc = spawn(self.argv, env=self.env, stdout=self._output(self.log_path))
         return self
 
     def stop(self, timeout_s: float | None = None) -> bool:
