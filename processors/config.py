@@ -362,6 +362,9 @@ class Config:
         return self.home_path / "logs"
 
 
+# CLOSELOOP_ variables that are not settings: the config file, the broker binary, and the
+# supervisor's pid that the stack gives its children
+_NOT_SETTINGS = ("CLOSELOOP_CONFIG", "CLOSELOOP_TANSU_BINARY", "CLOSELOOP_SUPERVISOR_PID")
 _SHORT_ENV = {
     "CLOSELOOP_HOME": "home",
     "CLOSELOOP_KAFKA": "kafka.bootstrap",
@@ -436,7 +439,7 @@ def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
     sections = {f.name: f.type for f in dataclasses.fields(Config)}
     hints = typing.get_type_hints(Config)
     for name, value in env.items():
-        if not name.startswith("CLOSELOOP_") or name == "CLOSELOOP_CONFIG":
+        if not name.startswith("CLOSELOOP_") or name in _NOT_SETTINGS:
             continue
         if name in _SHORT_ENV:
             _set_dotted(out, _SHORT_ENV[name], value)

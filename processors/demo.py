@@ -218,67 +218,12 @@ def show_verdicts(outcomes: list[dict[str, Any]]) -> None:
 def run_demo(
     cfg: Config, config_file: Path, n: int, seed: int, approve_as: str | None
 ) -> DemoResult:
-    from examples.support_agent import init_agent_repo
-
     repo = Path(cfg.act.repo)
     stack = EmbeddedStack(cfg, config_file=str(config_file)).start()
+    sql_url = stack.sql_url
     try:
-        store = connect_http(stack.sql_url)
-        endpoint = f"http://{cfg.otlp.host}:{cfg.otlp.http_port}"
-        _say(
-            f"\n[1/5] the stack is up (OTLP {endpoint}, SQL {stack.sql_url}); agent repository {repo}"
-        )
-        _say(f"      agent version {init_agent_repo(repo)[:7]}")
-        _say("\n[2/5] cycle 1: simulated customers talk to the agent")
-        cycles = [run_cycle_and_wait(store, repo, endpoint, n, seed, "cycle 1")]
-        show_intents(store)
-        _say("\n[3/5] diagnose and act: waiting for root causes and proposals")
-        wait_until(
-            "proposals",
-            lambda: _count(store, "SELECT count() FROM proposals FINAL") >= 1,
-            WAIT_LOOP_S,
-        )
-        time.sleep(5)  # let the other intents' diagnoses arrive too
-        diagnoses = store.query(
-            "SELECT diagnosis_id, intent_name, rule, summary, trace_ids FROM diagnoses FINAL "
-            "ORDER BY failure_rate DESC"
-        )
-        for d in diagnoses:
-            _say(
-                f"  · [{d['rule']}] {d['summary']}\n      evidence: {', '.join(d['trace_ids'][:3])}"
-            )
-        _say("\n[4/5] review: a human decides")
-        approved = review_step(store, cfg, approve_as)
-        if not approved:
-            _say(
-                "  nothing approved: the loop stops here (nothing is ever applied without a human)"
-            )
-        _say("\n[5/5] cycle 2: the agent runs the merged prompt and config")
-        cycles.append(run_cycle_and_wait(store, repo, endpoint, n, seed + 1, "cycle 2"))
-        outcomes: list[dict[str, Any]] = []
-        if approved:
-
-            def verdicts() -> list[dict[str, Any]]:
-                rows = store.query(
-                    "SELECT o.proposal_id AS proposal_id, o.intent_id AS intent_id, i.name AS intent, o.verdict "
-                    "AS verdict, o.rate_before AS rate_before, o.rate_after AS rate_after, o.p_value AS p_value, "
-                    "o.before_n AS before_n, o.after_n AS after_n, p.intent_id = o.intent_id AS target "
-                    "FROM (SELECT * FROM outcomes FINAL) AS o "
-                    "LEFT JOIN (SELECT * FROM intents FINAL) AS i ON i.intent_id = o.intent_id "
-                    "INNER JOIN (SELECT * FROM proposals FINAL) AS p ON p.proposal_id = o.proposal_id "
-                    "WHERE o.ts_ns > {t:UInt64}",
-                    {"t": cycle2_done},
-                )
-                # every approved change measured on all of cycle 2 (its tags were in before
-                # cycle2_done); a small intent's verdict may be not_enough_data, and says so
-                measured = {r["proposal_id"] for r in rows if r["target"]}
-                return rows if measured >= set(approved) else []
-
-            cycle2_done = time.time_ns()
-            outcomes = wait_until("verdicts", verdicts, WAIT_LOOP_S) or []
-            show_verdicts(outcomes)
-        props = store.query("SELECT proposal_id, status, branch, title FROM proposals FINAL")
-        sql_url = stack.sql_url
+        with stack.supervised():  # a child that dies is restarted, as under `closeloop up`
+            result = _demo_on(stack, cfg, repo, n, seed, approve_as)
     finally:
         stack.stop()
     _say(
@@ -287,6 +232,63 @@ def run_demo(
         f"  the page:     closeloop up --home {cfg.home_path}  (then open the review page)\n"
         f"  (the store was served at {sql_url} while the demo ran)"
     )
+    return result
+
+
+def _demo_on(
+    stack: EmbeddedStack, cfg: Config, repo: Path, n: int, seed: int, approve_as: str | None
+) -> DemoResult:
+    from examples.support_agent import init_agent_repo
+
+    store = connect_http(stack.sql_url)
+    endpoint = f"http://{cfg.otlp.host}:{cfg.otlp.http_port}"
+    _say(f"\n[1/5] the stack is up (OTLP {endpoint}, SQL {stack.sql_url}); agent repository {repo}")
+    _say(f"      agent version {init_agent_repo(repo)[:7]}")
+    _say("\n[2/5] cycle 1: simulated customers talk to the agent")
+    cycles = [run_cycle_and_wait(store, repo, endpoint, n, seed, "cycle 1")]
+    show_intents(store)
+    _say("\n[3/5] diagnose and act: waiting for root causes and proposals")
+    wait_until(
+        "proposals",
+        lambda: _count(store, "SELECT count() FROM proposals FINAL") >= 1,
+        WAIT_LOOP_S,
+    )
+    time.sleep(5)  # let the other intents' diagnoses arrive too
+    diagnoses = store.query(
+        "SELECT diagnosis_id, intent_name, rule, summary, trace_ids FROM diagnoses FINAL "
+        "ORDER BY failure_rate DESC"
+    )
+    for d in diagnoses:
+        _say(f"  · [{d['rule']}] {d['summary']}\n      evidence: {', '.join(d['trace_ids'][:3])}")
+    _say("\n[4/5] review: a human decides")
+    approved = review_step(store, cfg, approve_as)
+    if not approved:
+        _say("  nothing approved: the loop stops here (nothing is ever applied without a human)")
+    _say("\n[5/5] cycle 2: the agent runs the merged prompt and config")
+    cycles.append(run_cycle_and_wait(store, repo, endpoint, n, seed + 1, "cycle 2"))
+    outcomes: list[dict[str, Any]] = []
+    if approved:
+
+        def verdicts() -> list[dict[str, Any]]:
+            rows = store.query(
+                "SELECT o.proposal_id AS proposal_id, o.intent_id AS intent_id, i.name AS intent, o.verdict "
+                "AS verdict, o.rate_before AS rate_before, o.rate_after AS rate_after, o.p_value AS p_value, "
+                "o.before_n AS before_n, o.after_n AS after_n, p.intent_id = o.intent_id AS target "
+                "FROM (SELECT * FROM outcomes FINAL) AS o "
+                "LEFT JOIN (SELECT * FROM intents FINAL) AS i ON i.intent_id = o.intent_id "
+                "INNER JOIN (SELECT * FROM proposals FINAL) AS p ON p.proposal_id = o.proposal_id "
+                "WHERE o.ts_ns > {t:UInt64}",
+                {"t": cycle2_done},
+            )
+            # every approved change measured on all of cycle 2 (its tags were in before
+            # cycle2_done); a small intent's verdict may be not_enough_data, and says so
+            measured = {r["proposal_id"] for r in rows if r["target"]}
+            return rows if measured >= set(approved) else []
+
+        cycle2_done = time.time_ns()
+        outcomes = wait_until("verdicts", verdicts, WAIT_LOOP_S) or []
+        show_verdicts(outcomes)
+    props = store.query("SELECT proposal_id, status, branch, title FROM proposals FINAL")
     return DemoResult(repo, props, approved, outcomes, diagnoses, cycles)
 
 

@@ -19,11 +19,14 @@ import faust
 
 from processors.app import ALL_STAGES, Pipeline, build_app
 from processors.config import Config, load_config
+from processors.embedded.procs import exit_when_orphaned
 from processors.embedded.sqlserver import SQLServer
 from processors.errors import StoreError
 from processors.store import Store, connect_http, open_store
 
 log = logging.getLogger("closeloop.worker")
+# after the stack's supervisor died: time for a clean stop (SIGTERM from the parent-death signal)
+ORPHAN_GRACE_S = 30.0
 
 
 def write_run_file(cfg: Config, name: str, info: dict[str, object]) -> Path:
@@ -117,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             "closeloop worker: no Kafka to read from; pass --bootstrap HOST:PORT or set CLOSELOOP_KAFKA"
         )
+    exit_when_orphaned(ORPHAN_GRACE_S)
     stages = tuple(s.strip() for s in a.stages.split(",") if s.strip())
     unknown = set(stages) - set(ALL_STAGES)
     if unknown:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +22,11 @@ def _die_with_parent(sig: int) -> Callable[[], None] | None:
     """A ``preexec_fn`` asking Linux to send ``sig`` to the child when its parent dies
     (PR_SET_PDEATHSIG), so a parent killed with SIGKILL leaves no orphan holding ports.
 
-    Only from the main thread: the signal fires when the *thread* that forked exits, and the
-    main thread lives as long as the process. Elsewhere (and off Linux) the child is stopped
-    by the parent's own stop path only.
+    The signal fires when the *thread* that started the child exits: start children from the
+    main thread or from a thread that outlives them (the stack's supervisor loop). Off Linux,
+    children are stopped by the parent's own stop path only.
     """
-    if (
-        not sys.platform.startswith("linux")
-        or threading.current_thread() is not threading.main_thread()
-    ):
+    if not sys.platform.startswith("linux"):
         return None
     libc = ctypes.CDLL(None, use_errno=True)
     parent = os.getpid()
@@ -125,3 +123,20 @@ class ManagedProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def exit_when_orphaned(grace_s: float) -> None:
+    """Backstop for a child whose clean stop can hang (a faust worker whose broker died with
+    the parent): once the parent is gone, exit ``grace_s`` later whatever the stop is doing.
+    Only in a child of the stack (``CLOSELOOP_SUPERVISOR_PID`` names the parent)."""
+    parent = os.environ.get("CLOSELOOP_SUPERVISOR_PID")
+    if not parent or not parent.isdigit():
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(1.0)
+        time.sleep(grace_s)
+        os._exit(75)  # EX_TEMPFAIL: stopped from outside, not by its own error
+
+    threading.Thread(target=watch, name="exit-when-orphaned", daemon=True).start()

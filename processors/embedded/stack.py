@@ -11,9 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,7 +26,7 @@ from processors.config import Config
 from processors.embedded.broker import EmbeddedBroker, ensure_topics, free_port, port_in_use
 from processors.embedded.procs import ManagedProcess, spawn
 from processors.embedded.s3store import LocalS3
-from processors.errors import BrokerError, CloseloopError
+from processors.errors import CloseloopError
 
 log = logging.getLogger("closeloop.stack")
 
@@ -53,13 +57,82 @@ def wait_port(host: str, port: int, timeout_s: float) -> bool:
     return False
 
 
+CRASH_LOOP_RESTARTS = 3  # this many restarts of one process ...
+CRASH_LOOP_WINDOW_S = 300.0  # ... within this window is a crash loop (named by `closeloop status`)
+MAX_BACKOFF_S = 30.0
+ERROR_WORDS = re.compile(r"error|exception|fatal|panic|refused|denied|cannot", re.IGNORECASE)
+
+
+def last_error_line(log_path: Path, tail_bytes: int = 16_384) -> str:
+    """The last line of a log that reads like an error (else its last line), for status."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
+            lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").splitlines()]
+    except OSError:
+        return ""
+    lines = [ln for ln in lines if ln]
+    errors = [ln for ln in lines if ERROR_WORDS.search(ln)]
+    return (errors or lines or [""])[-1][:300]
+
+
+@dataclass
+class Health:
+    """What the supervisor knows of one process's exits and restarts (in the stack file)."""
+
+    restarts: int = 0
+    restart_ns: list[int] = field(default_factory=list)  # within CRASH_LOOP_WINDOW_S
+    last_code: int | None = None
+    last_error: str = ""
+    last_exit_ns: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+    next_start: float = 0.0
+
+    def recent(self, now_ns: int) -> int:
+        self.restart_ns = [t for t in self.restart_ns if now_ns - t < CRASH_LOOP_WINDOW_S * 1e9]
+        return len(self.restart_ns)
+
+    def exited(self, code: int | None, error: str) -> None:
+        """It died (or could not start): restart at once if it had run for longer than its
+        back-off, else when the back-off (2 s doubling per recent restart) has passed."""
+        self.last_code, self.last_error, self.last_exit_ns = code, error, time.time_ns()
+        n = self.recent(time.time_ns())
+        backoff = 0.0 if n == 0 else min(RESTART_BACKOFF_S * 2 ** (n - 1), MAX_BACKOFF_S)
+        self.next_start = (
+            self.started_at + backoff if code is not None else time.monotonic() + backoff
+        )
+
+    def delay_s(self) -> float:
+        return max(0.0, self.next_start - time.monotonic())
+
+    def due(self) -> bool:
+        return time.monotonic() >= self.next_start
+
+    def started(self) -> None:
+        self.restarts += 1
+        self.restart_ns.append(time.time_ns())
+        self.started_at = time.monotonic()
+
+    def restarted_for(self, reason: str) -> None:
+        self.last_code, self.last_error, self.last_exit_ns = None, reason, time.time_ns()
+        self.started()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "restarts": self.restarts,
+            "restart_ns": self.restart_ns,
+            "last_exit_code": self.last_code,
+            "last_error": self.last_error,
+            "last_exit_ns": self.last_exit_ns,
+        }
+
+
 @dataclass
 class Child(ManagedProcess):
     name: str
     argv: list[str]
     env: dict[str, str]
     log_path: Path
-    restarts: int = 0
     STOP_TIMEOUT_S: ClassVar[float] = 20.0
 
     def start(self) -> Child:
@@ -85,6 +158,7 @@ class EmbeddedStack:
     broker_store: LocalS3 | None = None  # the broker's storage when kafka.storage is s3
     bootstrap: str = ""
     children: dict[str, Child] = field(default_factory=dict)
+    health: dict[str, Health] = field(default_factory=dict)  # restarts and last exit per process
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> EmbeddedStack:
@@ -195,6 +269,7 @@ class EmbeddedStack:
                 "CLOSELOOP_OTLP_HTTP_PORT": str(cfg.otlp.http_port),
                 "CLOSELOOP_WEB_PORT": str(cfg.web.port),
                 "PYTHONUNBUFFERED": "1",
+                "CLOSELOOP_SUPERVISOR_PID": str(os.getpid()),
             }
         )
         if self.config_file:
@@ -214,6 +289,7 @@ class EmbeddedStack:
             "broker_pid": self.broker.pid if self.broker else None,
             "broker_store_pid": self.broker_store.pid if self.broker_store else None,
             "children": {n: c.proc.pid for n, c in self.children.items() if c.proc},
+            "processes": self._processes(),
             "otlp_grpc": f"{cfg.otlp.host}:{cfg.otlp.grpc_port}",
             "otlp_http": f"http://{cfg.otlp.host}:{cfg.otlp.http_port}",
             "sql": self.sql_url,
@@ -223,36 +299,100 @@ class EmbeddedStack:
         }
         (cfg.run_dir() / "stack.json").write_text(json.dumps(info, indent=2))
 
+    def _processes(self) -> dict[str, dict[str, Any]]:
+        """Per process: pid, restarts, the last exit code and error line (`closeloop status`)."""
+        procs: dict[str, ManagedProcess | None] = {
+            "broker-s3": self.broker_store,
+            "broker": self.broker,
+            **self.children,
+        }
+        return {
+            name: {"pid": p.pid, **self.health.get(name, Health()).to_json()}
+            for name, p in procs.items()
+            if p is not None
+        }
+
+    @contextmanager
+    def supervised(self, interval_s: float = 0.5) -> Iterator[None]:
+        """Run :meth:`supervise_once` in a thread while the block runs (`closeloop demo`, whose
+        main thread drives the agent); the thread outlives every child it restarts."""
+        done = threading.Event()
+
+        def loop() -> None:
+            while not done.wait(interval_s):
+                try:
+                    self.supervise_once()
+                except Exception:  # one failed round must not end supervision
+                    log.exception("supervising the stack failed; trying again")
+
+        thread = threading.Thread(target=loop, name="stack-supervisor", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
     def supervise_once(self) -> None:
-        """Restart children that died (called in the supervisor's loop)."""
+        """Restart what died (called in the supervisor's loop): the broker's S3 server, the
+        broker, then the children; each after a back-off that grows while it keeps crashing."""
+        changed = False
         if self.broker_store is not None and not self.broker_store.alive():
             # its data is on disk and tansu retries its requests: a restart on the same port loses nothing
-            log.warning("the broker's S3 server exited; restarting it")
-            self.broker_store.start()
-            self._write_stack_file()
-        if (
-            self.broker is not None
-            and self.broker.proc is not None
-            and self.broker.proc.poll() is not None
-        ):
-            raise BrokerError(
-                f"the embedded broker exited (code {self.broker.proc.returncode}); "
-                f"see {self.cfg.log_dir() / 'broker.log'}"
-            )
+            changed |= self._restart("broker-s3", self.broker_store, "broker-s3.log")
+        if self.broker is not None and not self.broker.alive():
+            changed |= self._restart("broker", self.broker, "broker.log")
+            if self.broker.alive():
+                self._after_broker_restart()
         for child in self.children.values():
-            if child.proc is not None and child.proc.poll() is not None:
-                code = child.proc.returncode
-                child.restarts += 1
+            if not child.alive():
+                changed |= self._restart(child.name, child, child.log_path.name)
+        if changed:
+            self._write_stack_file()
+
+    def _restart(self, name: str, proc: ManagedProcess, log_name: str) -> bool:
+        """Record the exit of ``proc`` (if it just died) and start it again once its back-off
+        has passed; True if anything changed."""
+        health = self.health.setdefault(name, Health())
+        log_path = self.cfg.log_dir() / log_name
+        if proc.proc is not None:  # it just died
+            health.exited(proc.proc.returncode, last_error_line(log_path))
+            log.warning(
+                "%s exited with code %s (%s); restarting it%s",
+                name,
+                health.last_code,
+                health.last_error or "no error in its log",
+                f" in {health.delay_s():.0f}s" if health.delay_s() >= 1 else "",
+            )
+            proc.stop()
+        if not health.due():
+            return False
+        try:
+            proc.start()
+        except CloseloopError as e:  # e.g. the broker's port was taken meanwhile: try again later
+            health.exited(None, str(e))
+            log.error("%s could not be restarted: %s", name, e)
+            return True
+        health.started()
+        return True
+
+    def _after_broker_restart(self) -> None:
+        """A broker restarted on memory storage has lost its topics, their changelogs and the
+        consumer groups: create the topics again and restart the stages, which rebuild their
+        state from the store of record (their checkpoints) rather than from a broker that
+        forgot it. On s3 storage the broker kept everything: clients reconnect by themselves."""
+        assert self.broker is not None
+        ensure_topics(self.bootstrap, self.cfg.topics.all(), self.cfg.kafka.partitions)
+        if not self.broker.storage.startswith("memory"):
+            return
+        for child in self.children.values():
+            if child.name == "worker" or child.name.startswith("capture-"):
                 log.warning(
-                    "%s exited with code %s; restarting it (restart #%d)",
-                    child.name,
-                    code,
-                    child.restarts,
+                    "restarting %s: the broker lost its topics (memory storage)", child.name
                 )
                 child.stop()
-                time.sleep(min(RESTART_BACKOFF_S * child.restarts, 30.0))
                 child.start()
-                self._write_stack_file()
+                self.health.setdefault(child.name, Health()).restarted_for("the broker restarted")
 
     def stop(self) -> None:
         # the gateway first (nothing more is accepted), the store owner last
