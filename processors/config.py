@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -334,6 +335,12 @@ class Config:
     diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
     act: ActConfig = field(default_factory=ActConfig)
     review: ReviewConfig = field(default_factory=ReviewConfig)
+    # the dotted keys set by the file, the environment or the command line (not defaults):
+    # a port the user asked for is an error when taken, a default one is replaced by a free one
+    asked: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
+
+    def asked_for(self, dotted: str) -> bool:
+        return dotted in self.asked
 
     def validate(self) -> Config:
         for f in dataclasses.fields(self):
@@ -415,7 +422,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
 
 def _build(cls: Any, data: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
     for k in data:
         if k not in names:
             where = f"{prefix}.{k}" if prefix else k
@@ -510,4 +517,13 @@ def load_config(
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(data, dotted, value)
-    return _build(Config, data, "").validate()
+    cfg = _build(Config, data, "").validate()
+    cfg.asked = frozenset(_dotted_keys(data))
+    return cfg
+
+
+def _dotted_keys(data: dict[str, Any], prefix: str = "") -> Iterator[str]:
+    for k, v in data.items():
+        yield prefix + k
+        if isinstance(v, dict):
+            yield from _dotted_keys(v, f"{prefix}{k}.")

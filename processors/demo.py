@@ -20,7 +20,6 @@ from typing import Any
 import yaml
 
 from processors.config import Config, load_config
-from processors.embedded.broker import free_port, port_in_use
 from processors.embedded.stack import EmbeddedStack, wait_for
 from processors.errors import CloseloopError, StoreError
 from processors.store import Store, connect_http
@@ -70,10 +69,6 @@ def demo_config(home: Path, repo: Path, base: dict[str, Any] | None = None) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
-
-
-def _free(port: int) -> int:
-    return port if not port_in_use(port) else free_port()
 
 
 def wait_until(what: str, fn: Any, timeout_s: float) -> Any:
@@ -303,12 +298,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
     home = base.home_path
     repo = home / "demo" / "bankly-agent"
     cfg_file = demo_config(home, repo)
-    overrides = {
-        "otlp.grpc_port": _free(base.otlp.grpc_port),
-        "otlp.http_port": _free(base.otlp.http_port),
-        "web.port": _free(base.web.port),
-    }
-    cfg = load_config(cfg_file, overrides=overrides)
+    # ports: the stack replaces a taken default port by a free one and says which it bound
+    cfg = load_config(cfg_file, overrides={"home": str(home)})
     if REPO_ROOT.joinpath("examples").is_dir() and str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
     try:

@@ -9,17 +9,14 @@ Against a ClickHouse server, any number of workers run side by side.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import time
-from pathlib import Path
 
 import faust
 
 from processors.app import ALL_STAGES, Pipeline, build_app
 from processors.config import Config, load_config
-from processors.embedded.procs import exit_when_orphaned
+from processors.embedded.procs import exit_when_orphaned, write_run_file
 from processors.embedded.sqlserver import SQLServer
 from processors.errors import StoreError
 from processors.store import Store, connect_http, open_store
@@ -29,22 +26,12 @@ log = logging.getLogger("closeloop.worker")
 ORPHAN_GRACE_S = 30.0
 
 
-def write_run_file(cfg: Config, name: str, info: dict[str, object]) -> Path:
-    run = cfg.run_dir()
-    run.mkdir(parents=True, exist_ok=True)
-    path = run / name
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**info, "pid": os.getpid()}))
-    tmp.replace(path)
-    return path
-
-
 def serve_store(cfg: Config, store: Store) -> SQLServer | None:
     """Embedded store: serve it on loopback and say where (run/sql.json)."""
     if not cfg.embedded_store:
         return None
     server = SQLServer(store, "127.0.0.1", cfg.clickhouse.sql_port).start()
-    write_run_file(cfg, "sql.json", {"url": server.url})
+    write_run_file(cfg.run_dir(), "sql.json", {"url": server.url})
     return server
 
 

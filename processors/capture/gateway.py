@@ -878,6 +878,7 @@ def main(argv: list[str] | None = None) -> None:
     Prints ``gateway ready grpc=HOST:PORT http=HOST:PORT`` once listening; stops on SIGTERM/SIGINT.
     """
     from processors.embedded.broker import ensure_topics
+    from processors.embedded.procs import write_run_file
 
     p = argparse.ArgumentParser(
         prog="python -m processors.capture.gateway",
@@ -907,6 +908,10 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signum, lambda *_: stop.set())
     gw = Gateway(cfg, bootstrap)
     gw.start()
+    # the ports bound, for the stack's supervisor (it publishes these, not the ones asked for)
+    write_run_file(
+        cfg.run_dir(), "gateway.json", {"grpc_port": gw.grpc_port, "http_port": gw.http_port}
+    )
     # one parseable line for the supervisor (the ports matter when 0 was asked for)
     print(
         f"gateway ready grpc={cfg.otlp.host}:{gw.grpc_port} http={cfg.otlp.host}:{gw.http_port}",
@@ -914,6 +919,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     stop.wait()
     gw.stop()
+    (cfg.run_dir() / "gateway.json").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -58,14 +59,16 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
-def wait_ready(bootstrap: str, timeout_s: float = READY_TIMEOUT_S) -> None:
-    """Wait until the broker answers a metadata request."""
+def wait_ready(
+    bootstrap: str, timeout_s: float = READY_TIMEOUT_S, alive: Callable[[], bool] | None = None
+) -> None:
+    """Wait until the broker answers a metadata request (giving up once ``alive()`` is False)."""
     from confluent_kafka.admin import AdminClient
 
     deadline = time.monotonic() + timeout_s
     admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 1000})
     last: Exception | None = None
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (alive is None or alive()):
         try:
             md = admin.list_topics(timeout=1.0)
             if md.brokers:
@@ -103,14 +106,26 @@ class EmbeddedBroker(ManagedProcess):
         return f"{self.host}:{self.port}"
 
     def start(self) -> EmbeddedBroker:
+        """Start on ``port`` (exactly: a restart keeps its port), or with ``port`` 0 on a free
+        port, trying another one when it was taken between the choice and tansu's bind."""
+        if self.port:
+            if port_in_use(self.port, self.host):
+                raise BrokerError(
+                    f"port {self.port} is taken; choose another with kafka.broker_port "
+                    "(CLOSELOOP_KAFKA_BROKER_PORT) or 0 for a free one"
+                )
+            return self._start_on(self.port)
+        for attempt in range(3):
+            try:
+                return self._start_on(free_port(self.host))
+            except BrokerError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_on(self, port: int) -> EmbeddedBroker:
         binary = tansu_binary()
-        if self.port == 0:
-            self.port = free_port(self.host)
-        elif port_in_use(self.port, self.host):
-            raise BrokerError(
-                f"port {self.port} is taken; choose another with kafka.broker_port "
-                "(CLOSELOOP_KAFKA_BROKER_PORT) or 0 for a free one"
-            )
+        self.port = port
         url = f"tcp://{self.host}:{self.port}"
         out = self._output(self.log_dir / "broker.log" if self.log_dir is not None else None)
         self.proc = spawn(
@@ -134,14 +149,14 @@ class EmbeddedBroker(ManagedProcess):
             death_signal=signal.SIGKILL,
         )
         try:
-            wait_ready(self.bootstrap)
+            wait_ready(self.bootstrap, alive=self.alive)
         except BrokerError:
             code = self.proc.poll()
             self.stop()
             if code is not None:
                 raise BrokerError(
-                    f"tansu exited with code {code} at start (storage {self.storage}); "
-                    f"see {self.log_dir}/broker.log"
+                    f"tansu exited with code {code} at start on port {port} (storage "
+                    f"{self.storage}); see {self.log_dir}/broker.log"
                 ) from None
             raise
         return self

@@ -4,6 +4,7 @@ so that they die with their parent, their log file, and stopping them."""
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, ClassVar, Self
+from typing import IO, TYPE_CHECKING, Any, ClassVar, Self
+
+if TYPE_CHECKING:
+    from processors.config import Config
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -140,3 +144,23 @@ def exit_when_orphaned(grace_s: float) -> None:
         os._exit(75)  # EX_TEMPFAIL: stopped from outside, not by its own error
 
     threading.Thread(target=watch, name="exit-when-orphaned", daemon=True).start()
+
+
+def write_run_file(run_dir: Path, name: str, info: dict[str, object]) -> Path:
+    """Publish what a process bound (``run/<name>``, with its pid), atomically."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / name
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**info, "pid": os.getpid()}))
+    tmp.replace(path)
+    return path
+
+
+def read_run_file(cfg: Config, name: str) -> dict[str, Any] | None:
+    """What a live process published in ``run/<name>``; None if absent or its writer is gone."""
+    try:
+        info = json.loads((cfg.run_dir() / name).read_text())
+        os.kill(int(info["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return info if isinstance(info, dict) else None

@@ -16,21 +16,23 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from processors.config import Config
-from processors.embedded.broker import EmbeddedBroker, ensure_topics, free_port, port_in_use
-from processors.embedded.procs import ManagedProcess, spawn
+from processors.embedded.broker import EmbeddedBroker, ensure_topics, port_in_use
+from processors.embedded.procs import ManagedProcess, read_run_file, spawn
 from processors.embedded.s3store import LocalS3
 from processors.errors import CloseloopError
+from processors.store import running_endpoint
 
 log = logging.getLogger("closeloop.stack")
 
 READY_TIMEOUT_S = 90.0
+EXITED = "exited"  # what waiting for a child's ports returns when it exited instead
 RESTART_BACKOFF_S = 2.0
 
 
@@ -61,6 +63,41 @@ CRASH_LOOP_RESTARTS = 3  # this many restarts of one process ...
 CRASH_LOOP_WINDOW_S = 300.0  # ... within this window is a crash loop (named by `closeloop status`)
 MAX_BACKOFF_S = 30.0
 ERROR_WORDS = re.compile(r"error|exception|fatal|panic|refused|denied|cannot", re.IGNORECASE)
+
+
+# the ports the stack's children bind, and the variable that hands each to them
+PORT_VARIABLES = {
+    "clickhouse.sql_port": "CLOSELOOP_CLICKHOUSE_SQL_PORT",
+    "otlp.grpc_port": "CLOSELOOP_OTLP_GRPC_PORT",
+    "otlp.http_port": "CLOSELOOP_OTLP_HTTP_PORT",
+    "web.port": "CLOSELOOP_WEB_PORT",
+}
+PORT_FLAGS = {
+    "otlp.grpc_port": "--otlp-grpc-port",
+    "otlp.http_port": "--otlp-http-port",
+    "web.port": "--web-port",
+}
+
+
+def _get(cfg: Config, dotted: str) -> int:
+    section, key = dotted.split(".")
+    return int(getattr(getattr(cfg, section), key))
+
+
+def _set(cfg: Config, dotted: str, port: int) -> None:
+    section, key = dotted.split(".")
+    setattr(getattr(cfg, section), key, port)
+
+
+def _host(cfg: Config, dotted: str) -> str:
+    section = getattr(cfg, dotted.split(".")[0])
+    return str(getattr(section, "host", "127.0.0.1"))
+
+
+def _where(dotted: str) -> str:
+    """Where a user chooses this port: the flag of `closeloop up`, the variable, the key."""
+    flag = PORT_FLAGS.get(dotted)
+    return " or ".join(([flag] if flag else []) + [PORT_VARIABLES[dotted], dotted])
 
 
 def last_error_line(log_path: Path, tail_bytes: int = 16_384) -> str:
@@ -162,112 +199,137 @@ class EmbeddedStack:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> EmbeddedStack:
+        """Start broker, worker (store owner), capture processes, gateway and page, each child
+        binding its ports itself and publishing what it got (``run/*.json``); the stack file
+        and the printed endpoints say the ports bound, never the ports hoped for."""
         cfg = self.cfg
-        home = cfg.home_path
-        (home / "logs").mkdir(parents=True, exist_ok=True)
+        (cfg.home_path / "logs").mkdir(parents=True, exist_ok=True)
         cfg.run_dir().mkdir(parents=True, exist_ok=True)
-        for name in ("grpc_port", "http_port"):
-            port = getattr(cfg.otlp, name)
-            if port and port_in_use(port, cfg.otlp.host):
-                raise CloseloopError(
-                    f"OTLP port {port} is taken; pass --otlp-{name.split('_')[0]}-port "
-                    "or stop what listens there"
-                )
-        if port_in_use(cfg.web.port, cfg.web.host) and cfg.web.port:
-            raise CloseloopError(f"web port {cfg.web.port} is taken; pass --web-port")
-        if cfg.kafka.bootstrap:
-            self.bootstrap = cfg.kafka.bootstrap
-        else:
-            try:
-                self.broker = EmbeddedBroker(port=cfg.kafka.broker_port, log_dir=cfg.log_dir())
-                if cfg.kafka.storage == "s3":
-                    self.broker_store = LocalS3(
-                        home / "broker-s3", log_dir=cfg.log_dir(), fsync=cfg.kafka.storage_fsync
-                    ).start()
-                    self.broker.storage = self.broker_store.storage_url
-                    self.broker.env = self.broker_store.client_env()
-                self.broker.start()
-            except BaseException:
-                self.stop()
-                raise
-            self.bootstrap = self.broker.bootstrap
-        ensure_topics(self.bootstrap, cfg.topics.all(), cfg.kafka.partitions)
-        sql_port = cfg.clickhouse.sql_port or free_port()
-        if cfg.embedded_store and port_in_use(sql_port):
-            sql_port = free_port()
-        env = self._child_env(sql_port)
-        from processors.app import ALL_STAGES, CAPTURE_ONLY
-
-        worker_cmd = [sys.executable, "-m", "processors.worker", "--bootstrap", self.bootstrap]
-        captures = [f"capture-{i + 1}" for i in range(cfg.capture.processes)]
-        if captures:  # capture moves out of the worker into processes of its own
-            worker_cmd += ["--stages", ",".join(s for s in ALL_STAGES if s not in CAPTURE_ONLY)]
-        self.children["worker"] = Child("worker", worker_cmd, env, cfg.log_dir() / "worker.log")
-        for name in captures:
-            self.children[name] = Child(
-                name,
-                [
-                    sys.executable,
-                    "-m",
-                    "processors.worker",
-                    "--bootstrap",
-                    self.bootstrap,
-                    "--stages",
-                    ",".join(CAPTURE_ONLY),
-                    "--through-owner",
-                ],
-                env,
-                cfg.log_dir() / f"{name}.log",
-            )
-        self.children["gateway"] = Child(
-            "gateway",
-            [sys.executable, "-m", "processors.capture.gateway", "--bootstrap", self.bootstrap],
-            env,
-            cfg.log_dir() / "gateway.log",
-        )
-        self.children["web"] = Child(
-            "web", [sys.executable, "-m", "processors.cli", "web"], env, cfg.log_dir() / "web.log"
-        )
         try:
-            self.children["worker"].start()
-            if cfg.embedded_store and not wait_port("127.0.0.1", sql_port, READY_TIMEOUT_S):
-                raise CloseloopError(
-                    f"the worker did not come up; see {cfg.log_dir() / 'worker.log'}"
-                )
-            for name in captures:
-                self.children[name].start()
-            self.children["gateway"].start()
-            if not wait_port(cfg.otlp.host, cfg.otlp.http_port, READY_TIMEOUT_S):
-                raise CloseloopError(
-                    f"the OTLP gateway did not come up; see {cfg.log_dir() / 'gateway.log'}"
-                )
-            self.children["web"].start()
-            if not wait_port(cfg.web.host, cfg.web.port, READY_TIMEOUT_S):
-                raise CloseloopError(
-                    f"the review page did not come up; see {cfg.log_dir() / 'web.log'}"
-                )
-            web_file = cfg.run_dir() / "web.json"
-            deadline = time.monotonic() + 5
-            while not web_file.exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            self.sql_url = f"http://127.0.0.1:{sql_port}"
+            self._start_broker()
+            ensure_topics(self.bootstrap, cfg.topics.all(), cfg.kafka.partitions)
+            self._make_children()
+            if cfg.embedded_store:
+                self._start_bound("worker", ("clickhouse.sql_port",), self._sql_port)
+            else:
+                self.children["worker"].start()
+            for name in self.children:
+                if name.startswith("capture-"):
+                    self.children[name].start()
+            self._start_bound("gateway", ("otlp.grpc_port", "otlp.http_port"), self._otlp_ports)
+            self._start_bound("web", ("web.port",), self._web_port)
+            self.sql_url = f"http://127.0.0.1:{cfg.clickhouse.sql_port}"
             self._write_stack_file()
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _child_env(self, sql_port: int) -> dict[str, str]:
+    def _start_broker(self) -> None:
+        cfg = self.cfg
+        if cfg.kafka.bootstrap:
+            self.bootstrap = cfg.kafka.bootstrap
+            return
+        self.broker = EmbeddedBroker(port=cfg.kafka.broker_port, log_dir=cfg.log_dir())
+        if cfg.kafka.storage == "s3":
+            self.broker_store = LocalS3(
+                cfg.home_path / "broker-s3", log_dir=cfg.log_dir(), fsync=cfg.kafka.storage_fsync
+            ).start()
+            self.broker.storage = self.broker_store.storage_url
+            self.broker.env = self.broker_store.client_env()
+        self.broker.start()
+        self.bootstrap = self.broker.bootstrap
+
+    def _make_children(self) -> None:
+        from processors.app import ALL_STAGES, CAPTURE_ONLY
+
+        cfg = self.cfg
+        logs = cfg.log_dir()
+        stages = [sys.executable, "-m", "processors.worker", "--bootstrap", self.bootstrap]
+        captures = [f"capture-{i + 1}" for i in range(cfg.capture.processes)]
+        worker = stages.copy()
+        if captures:  # capture moves out of the worker into processes of its own
+            worker += ["--stages", ",".join(s for s in ALL_STAGES if s not in CAPTURE_ONLY)]
+        self.children["worker"] = Child("worker", worker, self._child_env(), logs / "worker.log")
+        for name in captures:
+            argv = stages + ["--stages", ",".join(CAPTURE_ONLY), "--through-owner"]
+            self.children[name] = Child(name, argv, self._child_env(), logs / f"{name}.log")
+        gateway = [
+            sys.executable,
+            "-m",
+            "processors.capture.gateway",
+            "--bootstrap",
+            self.bootstrap,
+        ]
+        self.children["gateway"] = Child(
+            "gateway", gateway, self._child_env(), logs / "gateway.log"
+        )
+        web = [sys.executable, "-m", "processors.cli", "web"]
+        self.children["web"] = Child("web", web, self._child_env(), logs / "web.log")
+
+    def _start_bound(
+        self, name: str, keys: tuple[str, ...], bound: Callable[[], dict[str, int] | None]
+    ) -> None:
+        """Start child ``name``, which binds the ports ``keys`` (dotted config keys) and
+        publishes them (``bound()`` reads them, None until then). A default port that is taken
+        is replaced by a free one (0: the child's kernel picks); a port the user asked for is
+        an error naming it and where to change it. Then every child (and a restart of this
+        one) gets the ports bound."""
+        cfg, child = self.cfg, self.children[name]
+        wanted = {k: _get(cfg, k) for k in keys}
+        for k, port in wanted.items():
+            if port and not cfg.asked_for(k) and port_in_use(port, _host(cfg, k)):
+                log.warning("%s port %d is taken; using a free one (%s)", k, port, _where(k))
+                wanted[k] = 0
+        for attempt in range(2):
+            for k, port in wanted.items():
+                child.env[PORT_VARIABLES[k]] = str(port)
+            child.start()
+            got = wait_for(lambda: bound() or (not child.alive() and EXITED), READY_TIMEOUT_S, 0.1)
+            if isinstance(got, dict):
+                break
+            error = last_error_line(child.log_path)
+            child.stop()
+            if attempt == 0 and got is EXITED and not any(cfg.asked_for(k) for k in keys):
+                # a default port was taken between our check and its bind: any free port will do
+                log.warning("%s could not bind %s (%s); trying free ports", name, wanted, error)
+                wanted = dict.fromkeys(keys, 0)
+                continue
+            asked = [f"{_get(cfg, k)} ({_where(k)})" for k in keys if cfg.asked_for(k)]
+            raise CloseloopError(
+                f"{name} did not come up"
+                + (f" on the port(s) asked for: {', '.join(asked)}" if asked else "")
+                + (f": {error}" if error else "")
+                + f"; see {child.log_path}"
+            )
+        assert isinstance(got, dict)
+        for k, port in got.items():
+            _set(cfg, k, port)
+            for c in self.children.values():
+                c.env[PORT_VARIABLES[k]] = str(port)
+
+    def _sql_port(self) -> dict[str, int] | None:
+        url = running_endpoint(self.cfg)
+        return {"clickhouse.sql_port": int(url.rsplit(":", 1)[1])} if url else None
+
+    def _otlp_ports(self) -> dict[str, int] | None:
+        info = read_run_file(self.cfg, "gateway.json")
+        if info is None:
+            return None
+        return {"otlp.grpc_port": int(info["grpc_port"]), "otlp.http_port": int(info["http_port"])}
+
+    def _web_port(self) -> dict[str, int] | None:
+        info = read_run_file(self.cfg, "web.json")
+        return {"web.port": int(str(info["url"]).rsplit(":", 1)[1])} if info else None
+
+    def _child_env(self) -> dict[str, str]:
         cfg = self.cfg
         env = {k: v for k, v in os.environ.items()}
         env.update(
             {
                 "CLOSELOOP_HOME": str(cfg.home_path),
                 "CLOSELOOP_KAFKA": self.bootstrap,
-                "CLOSELOOP_CLICKHOUSE_SQL_PORT": str(sql_port),
-                "CLOSELOOP_OTLP_GRPC_PORT": str(cfg.otlp.grpc_port),
-                "CLOSELOOP_OTLP_HTTP_PORT": str(cfg.otlp.http_port),
-                "CLOSELOOP_WEB_PORT": str(cfg.web.port),
+                **{var: str(_get(cfg, key)) for key, var in PORT_VARIABLES.items()},
                 "PYTHONUNBUFFERED": "1",
                 "CLOSELOOP_SUPERVISOR_PID": str(os.getpid()),
             }
@@ -411,7 +473,7 @@ class EmbeddedStack:
         if self.broker_store is not None:  # after the broker, which writes to it until it stops
             self.broker_store.stop()
             self.broker_store = None
-        for f in ("stack.json", "sql.json"):
+        for f in ("stack.json", "sql.json", "gateway.json", "web.json"):
             (self.cfg.run_dir() / f).unlink(missing_ok=True)
 
     def __enter__(self) -> EmbeddedStack:

@@ -88,7 +88,7 @@ def test_a_crash_loop_is_named_in_status_with_its_error(tmp_path: Path) -> None:
         web_port = int(info["web"].rsplit(":", 1)[1])
         os.kill(info["children"]["web"], signal.SIGKILL)
         # hold the review page's port: every restart of it fails the same way
-        assert wait_for(lambda: _bind(blocker, web_port), 30), "the port was not released"
+        assert wait_for(lambda: hold_port(blocker, web_port), 30), "the port was not released"
         assert wait_for(lambda: status(home)["processes"]["web"]["crash_loop"], 180), status(home)
         st = status(home)
         web = st["processes"]["web"]
@@ -112,7 +112,7 @@ def test_a_crash_loop_is_named_in_status_with_its_error(tmp_path: Path) -> None:
         up.wait(90)
 
 
-def _bind(sock: socket.socket, port: int) -> bool:
+def hold_port(sock: socket.socket, port: int) -> bool:
     try:
         sock.bind(("127.0.0.1", port))
         sock.listen()
