@@ -47,10 +47,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from bench.capture_core import _attrs, _kv
-from processors.app import STATS_INTERVAL_S
 from processors.config import load_config
 from processors.embedded.broker import free_port
 from processors.embedded.stack import EmbeddedStack
+from processors.runtime import STATS_INTERVAL_S
 from processors.store import Store, connect_http
 
 SPANS_PER_CONVERSATION = 8

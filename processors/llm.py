@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Protocol
 
 import openai
 
@@ -62,6 +62,14 @@ def parse_json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise LLMError(f"the model answered JSON {type(value).__name__}, expected an object")
     return value
+
+
+class ChatJSON(Protocol):
+    """What every LLM step needs: :meth:`LLM.chat_json` (tests may pass their own)."""
+
+    def chat_json(
+        self, system: str, user: str, schema_hint: str, *, required: tuple[str, ...] = ()
+    ) -> dict[str, Any]: ...
 
 
 class LLM:

@@ -26,7 +26,7 @@ def consumer_offsets(
 ) -> dict[tuple[str, int], int]:
     """The committed offset of each partition, from the consumer group that reads it: the
     capture processes' own group for the OTLP topics when they run, the worker's otherwise."""
-    from processors.app import ALL_STAGES, CAPTURE_ONLY, app_id
+    from processors.stages import ALL_STAGES, CAPTURE_ONLY, app_id
 
     otlp = {cfg.topics.otlp_spans, cfg.topics.otlp_logs}
     capture_group = app_id(CAPTURE_ONLY) if cfg.capture.processes else app_id(ALL_STAGES)

@@ -14,11 +14,13 @@ import time
 
 import faust
 
-from processors.app import ALL_STAGES, Pipeline, build_app
+from processors.app import build_app
 from processors.config import Config, load_config
 from processors.embedded.procs import exit_when_orphaned, write_run_file
 from processors.embedded.sqlserver import SQLServer
 from processors.errors import StoreError
+from processors.runtime import Pipeline
+from processors.stages import ALL_STAGES
 from processors.store import Store, connect_http, open_store
 
 log = logging.getLogger("closeloop.worker")

@@ -24,6 +24,7 @@ from processors.act.github import GitHubBackend
 from processors.act.gitrepo import LocalGit
 from processors.config import Config
 from processors.errors import ActError, AlreadyApplied
+from processors.llm import ChatJSON
 from processors.records import Diagnosis, Proposal
 from processors.redact import Redactor
 
@@ -241,7 +242,7 @@ class Actor:
     """Diagnoses in, proposals out. ``last_reason`` says why the last diagnosis got none, and
     ``already_applied`` whether that was because the base already holds its fix."""
 
-    def __init__(self, cfg: Config, backend: ChangeBackend, llm: Any = None) -> None:
+    def __init__(self, cfg: Config, backend: ChangeBackend, llm: ChatJSON | None = None) -> None:
         self.cfg = cfg
         self.backend = backend
         self.llm = llm

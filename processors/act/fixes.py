@@ -45,8 +45,9 @@ from processors.act.change import (
     validate_change,
 )
 from processors.config import ActTarget
+from processors.diagnose.shapes import SHAPE_WORD
 from processors.errors import ActError, AlreadyApplied, LLMError
-from processors.llm import UNTRUSTED_RULE, untrusted_block
+from processors.llm import UNTRUSTED_RULE, ChatJSON, untrusted_block
 from processors.records import Diagnosis
 from processors.redact import Redactor
 
@@ -143,12 +144,8 @@ def item_name(text: Any) -> str:
     return s if re.fullmatch(r"[A-Za-z][A-Za-z0-9 _\-/.]{0,39}", s) else ""
 
 
-# The argument-shape vocabulary of processors.diagnose.core (value_shape): safe to quote, as it is
-# computed from values, never a value itself.
-_SHAPE_WORD = re.compile(
-    r"email|uuid|date\((?:iso|slash)\)|digits(?:-with-(?:dash|space))?\(\d{1,3}\)|decimal|alpha"
-    r"|alnum(?:-with-dash)?|redacted\([A-Za-z0-9_.\-]{1,20}\)|null|bool|int|float|list|object|empty|text"
-)
+# Plain words for the shape vocabulary of processors.diagnose.shapes (SHAPE_WORD), which is safe to
+# quote: a shape is computed from a value, never a value itself.
 _SHAPE_PLAIN = {
     "email": "an email address",
     "uuid": "a UUID",
@@ -173,7 +170,7 @@ _DIGITS = re.compile(r"digits(?:-with-(dash|space))?\((\d{1,3})\)")
 def describe_shape(word: Any) -> str:
     """A shape word of diagnose's vocabulary, quoted, with its meaning in plain words
     (``'"digits(8)" (8 digits)'``); ``""`` for anything outside the vocabulary."""
-    if not isinstance(word, str) or not _SHAPE_WORD.fullmatch(word):
+    if not isinstance(word, str) or not SHAPE_WORD.fullmatch(word):
         return ""
     m = _DIGITS.fullmatch(word)
     if m:
@@ -520,7 +517,7 @@ def llm_change(
     diag: Diagnosis,
     files: dict[str, str],
     targets: Sequence[ActTarget],
-    llm: Any,
+    llm: ChatJSON,
     comp: Component,
     redactor: Redactor,
     max_changed_lines: int,
@@ -577,7 +574,7 @@ def propose_change(
     diag: Diagnosis,
     files: dict[str, str],
     targets: Sequence[ActTarget],
-    llm: Any = None,
+    llm: ChatJSON | None = None,
     *,
     max_changed_lines: int = 40,
     history: dict[str, list[str]] | None = None,

@@ -27,6 +27,7 @@ from processors.embedded.broker import EmbeddedBroker, ensure_topics, port_in_us
 from processors.embedded.procs import ManagedProcess, read_run_file, spawn
 from processors.embedded.s3store import LocalS3
 from processors.errors import CloseloopError
+from processors.stages import ALL_STAGES, CAPTURE_ONLY
 from processors.store import running_endpoint
 
 log = logging.getLogger("closeloop.stack")
@@ -241,8 +242,6 @@ class EmbeddedStack:
         self.bootstrap = self.broker.bootstrap
 
     def _make_children(self) -> None:
-        from processors.app import ALL_STAGES, CAPTURE_ONLY
-
         cfg = self.cfg
         logs = cfg.log_dir()
         stages = [sys.executable, "-m", "processors.worker", "--bootstrap", self.bootstrap]

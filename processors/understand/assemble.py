@@ -18,11 +18,17 @@ merged into their span by span id, whichever arrives first.
 
 from __future__ import annotations
 
+import heapq
 import json
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from processors.config import AssembleConfig
+from processors.errors import InputError
 from processors.records import Conversation, Message, ToolCall, TurnRecord
 
 END_GRACE_NS = 1_000_000_000  # wait this long after an end marker for sibling spans
@@ -113,6 +119,94 @@ def close(conversation_id: str, state: dict[str, Any], reason: str, now_ns: int)
     state["closed_ns"] = now_ns
     state["emitted_version"] = conv.version
     return conv
+
+
+def parse_turn_message(value: bytes, key: Any) -> tuple[int | None, dict[str, list[Any]]]:
+    """A message of the turns topic: ``(tick ns, {})`` for a tick, else ``(None, groups)``:
+    ``{conversation id: turn dicts}`` from a bundle, or one conversation's list keyed by ``key``.
+
+    Raises :class:`InputError` (or ``ValueError`` for bad JSON) for anything else.
+
+    >>> parse_turn_message(b'{"tick": 5}', None)
+    (5, {})
+    >>> parse_turn_message(b'[{"span_id": "s"}]', b"c1")
+    (None, {'c1': [{'span_id': 's'}]})
+    """
+    body = orjson.loads(value)
+    if isinstance(body, dict) and "tick" in body:
+        return int(body["tick"]), {}
+    if isinstance(body, dict) and isinstance(body.get("conversations"), dict):
+        groups = body["conversations"]  # a bundle: {conversation id: turns}
+    elif isinstance(body, list):  # one conversation, keyed by its id
+        groups = {key.decode() if isinstance(key, bytes) else str(key): body}
+    else:
+        raise InputError("turn message is neither a bundle nor a list of turn records")
+    for turns in groups.values():
+        if not isinstance(turns, list) or not all(isinstance(d, dict) for d in turns):
+            raise InputError("turn records must be JSON objects in a list")
+    return None, groups
+
+
+@dataclass
+class Closed:
+    """A conversation closed by a tick: its closed state, and the conversation (``None`` when
+    the state could not be built into one; ``error`` says why, and the turns are kept)."""
+
+    conversation_id: str
+    state: dict[str, Any]
+    conversation: Conversation | None
+    error: str = ""
+
+
+OpenConversations = MutableMapping[str, Any]  # conversation id -> state (``"p"``: its partition)
+
+
+class Deadlines:
+    """When each open conversation next needs a look, per partition: a heap with stale
+    entries skipped on pop, so a tick looks only at conversations that are due. After a
+    (re)start each partition's heap is rebuilt once from the restored table.
+    """
+
+    def __init__(self, cfg: AssembleConfig) -> None:
+        self.cfg = cfg
+        self._heaps: dict[int, list[tuple[int, str]]] = defaultdict(list)
+        self._indexed: set[int] = set()
+
+    def push(self, conversation_id: str, state: dict[str, Any]) -> None:
+        """Look at ``state`` (of partition ``state["p"]``) again at its next deadline."""
+        heapq.heappush(self._heaps[state["p"]], (next_deadline(state, self.cfg), conversation_id))
+
+    def close_due(self, table: OpenConversations, partition: int, now_ns: int) -> list[Closed]:
+        """The conversations of ``partition`` due at ``now_ns``, closed; expired ones leave
+        ``table``. The table keeps the open state until the conversation is published."""
+        heap = self._heaps[partition]
+        if partition not in self._indexed:
+            for cid, state in list(table.items()):
+                if state is not None and state.get("p") == partition:
+                    heapq.heappush(heap, (next_deadline(state, self.cfg), cid))
+            self._indexed.add(partition)
+        out = []
+        while heap and heap[0][0] <= now_ns:
+            _, cid = heapq.heappop(heap)
+            state = table.get(cid)
+            if state is None or next_deadline(state, self.cfg) > now_ns:
+                continue  # deleted, or updated since: a later entry exists
+            reason = is_due(state, now_ns, self.cfg)
+            if reason:
+                out.append(_closed(cid, state, reason, now_ns))
+            elif is_expired(state, now_ns):
+                del table[cid]
+        return out
+
+
+def _closed(cid: str, state: dict[str, Any], reason: str, now_ns: int) -> Closed:
+    closed_state = {**state, "turns": dict(state["turns"])}
+    try:
+        return Closed(cid, closed_state, close(cid, closed_state, reason, now_ns))
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        # a state the core cannot build: keep the pipeline going, keep the turns
+        closed_state["closed_ns"] = now_ns
+        return Closed(cid, closed_state, None, repr(err))
 
 
 def _key(m: Message) -> tuple[str, str]:

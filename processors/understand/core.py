@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from processors.config import Config
-from processors.llm import LLM
+from processors.llm import ChatJSON
 from processors.records import Conversation, TagRecord
 from processors.understand.embed import Embedder
 from processors.understand.intents import IntentModel
@@ -38,6 +38,15 @@ class UnderstandBatch:
     change_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
+def tag_row(tag: TagRecord) -> dict[str, Any]:
+    """A ``conversation_tags`` row: the tag without its conversation."""
+    d = tag.to_dict()
+    d.pop("conversation", None)
+    d.pop("v", None)
+    d["failed"] = int(bool(tag.failed))
+    return d
+
+
 def goal_text(conv: Conversation, turns: int) -> str:
     users = [m.content for m in conv.messages if m.role == "user" and m.content]
     return " ".join(users[: max(1, turns)]) or " ".join(m.content for m in conv.messages[:1])
@@ -48,7 +57,7 @@ class Understand:
         self,
         cfg: Config,
         embedder: Embedder,
-        llm: LLM | None = None,
+        llm: ChatJSON | None = None,
         model: IntentModel | None = None,
     ) -> None:
         self.cfg = cfg
@@ -231,7 +240,7 @@ class Understand:
     def restore(self, data: bytes) -> None:
         # Only closeloop's own checkpoints (ClickHouse `checkpoints`) are restored: trusted state.
         state = pickle.loads(zlib.decompress(data))
-        self.model = IntentModel.restore(state["model"])
+        self.model.restore(state["model"])
         self.tagger.restore(state["tagger"])
         self.index = KeyphraseIndex.from_dict(state["index"])
         self.namer = Namer(self.index, self.llm)

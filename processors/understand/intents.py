@@ -282,29 +282,30 @@ class IntentModel:
         )
         return buf.getvalue()
 
-    @classmethod
-    def restore(cls, data: bytes) -> IntentModel:
+    def restore(self, data: bytes) -> None:
+        """Put the model in the state of :meth:`snapshot`, its settings included."""
         z = np.load(io.BytesIO(data), allow_pickle=False)
         state = json.loads(z["state"].tobytes().decode())
         if state["version"] != SNAPSHOT_VERSION:
             raise ValueError(f"snapshot version {state['version']} is not {SNAPSHOT_VERSION}")
-        m = cls(**state["settings"])
-        m._rng.bit_generator.state = state["rng"]
-        m._dim, m._n_seen, m._next_id = state["dim"], state["n_seen"], state["next_id"]
-        m.taxonomy_version = state["taxonomy_version"]
-        m.changes = [IntentChange(**c) for c in state["changes"]]
-        m._m_sum = z["m_sum"].copy()
-        m._m_n = z["m_n"].copy()
-        m._m = len(m._m_n)
-        m._m_cent = m._normalise(m._m_sum)
-        m._m_intent = list(state["m_intent"])
-        m._order = list(state["order"])
-        m._i_sum = z["i_sum"].copy()
-        m._i_cent = m._normalise(m._i_sum)
-        m._meta = state["meta"]
-        m._examples = state["examples"]
-        m._ex_seen = state["ex_seen"]
-        return m
+        for name, value in state["settings"].items():
+            setattr(self, name, value)
+        self._rng = np.random.default_rng(self.seed)
+        self._rng.bit_generator.state = state["rng"]
+        self._dim, self._n_seen, self._next_id = state["dim"], state["n_seen"], state["next_id"]
+        self.taxonomy_version = state["taxonomy_version"]
+        self.changes = [IntentChange(**c) for c in state["changes"]]
+        self._m_sum = z["m_sum"].copy()
+        self._m_n = z["m_n"].copy()
+        self._m = len(self._m_n)
+        self._m_cent = self._normalise(self._m_sum)
+        self._m_intent = list(state["m_intent"])
+        self._order = list(state["order"])
+        self._i_sum = z["i_sum"].copy()
+        self._i_cent = self._normalise(self._i_sum)
+        self._meta = state["meta"]
+        self._examples = state["examples"]
+        self._ex_seen = state["ex_seen"]
 
     # ---- internals -------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from processors.errors import LLMError
-from processors.llm import LLM, UNTRUSTED_RULE, untrusted_block
+from processors.llm import UNTRUSTED_RULE, ChatJSON, untrusted_block
 
 # Redaction placeholders (capture's "[REDACTED:email]", or "[EMAIL]", "<CARD_NUMBER>") are not words.
 _PLACEHOLDER = re.compile(r"\[[A-Z][A-Za-z0-9_:]*\]|<[A-Z][A-Z0-9_]*>")
@@ -179,7 +179,7 @@ def _one_line(value: Any, max_chars: int) -> str:
     return text
 
 
-def _llm_name(examples: list[str], ranked: list[tuple[str, float]], llm: LLM) -> IntentName:
+def _llm_name(examples: list[str], ranked: list[tuple[str, float]], llm: ChatJSON) -> IntentName:
     user = (
         "Name the intent of these user messages.\n"
         + untrusted_block("keyphrases", [{"phrase": p} for p, _ in ranked[:8]])
@@ -204,7 +204,7 @@ def _llm_name(examples: list[str], ranked: list[tuple[str, float]], llm: LLM) ->
 def name_intent(
     examples: list[str],
     all_docs_stats: CorpusStats,
-    llm: LLM | None = None,
+    llm: ChatJSON | None = None,
     *,
     class_counts: Mapping[str, int] | None = None,
 ) -> IntentName:
@@ -332,7 +332,7 @@ class Namer:
     since the last naming, or merged/split (``changed=True``)."""
 
     def __init__(
-        self, index: KeyphraseIndex, llm: LLM | None = None, *, growth: float = 2.0
+        self, index: KeyphraseIndex, llm: ChatJSON | None = None, *, growth: float = 2.0
     ) -> None:
         if growth <= 1:
             raise ValueError(f"growth must be > 1, got {growth}")

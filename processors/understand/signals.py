@@ -29,7 +29,7 @@ from river import linear_model, optim
 
 from processors.config import Config
 from processors.errors import LLMError
-from processors.llm import LLM, UNTRUSTED_RULE, untrusted_block
+from processors.llm import UNTRUSTED_RULE, ChatJSON, untrusted_block
 from processors.records import Conversation, Message
 from processors.understand.naming import words
 
@@ -368,7 +368,7 @@ def render_conversation(conv: Conversation) -> list[dict[str, Any]]:
     return items
 
 
-def judge(conv: Conversation, llm: LLM) -> SignalResult:
+def judge(conv: Conversation, llm: ChatJSON) -> SignalResult:
     """Ask the LLM to tag ``conv``. Raises :class:`LLMError` on any unusable answer."""
     user = "Classify this conversation.\n" + untrusted_block(
         "conversation", render_conversation(conv)
@@ -516,7 +516,7 @@ class Tagger:
     """
 
     def __init__(
-        self, cfg: Config, llm: LLM | None = None, learner: SignalLearner | None = None
+        self, cfg: Config, llm: ChatJSON | None = None, learner: SignalLearner | None = None
     ) -> None:
         self.judge_rate = cfg.llm.judge_rate
         self.llm = llm

@@ -11,8 +11,8 @@ import sys
 
 import faust
 
-from processors.app import faust_settings
 from processors.config import load_config
+from processors.runtime import faust_settings
 
 cfg = load_config(None, env={}, overrides={"home": os.environ["COUNTER_HOME"]})
 cfg.home_path.mkdir(parents=True, exist_ok=True)

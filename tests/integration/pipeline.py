@@ -24,10 +24,10 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from processors.app import app_id
 from processors.capture.gateway import Gateway
 from processors.config import Config, load_config
 from processors.embedded.broker import EmbeddedBroker, ensure_topics
+from processors.stages import app_id
 from processors.store import Store
 
 from .worker_proc import WorkerProcess, wait_for

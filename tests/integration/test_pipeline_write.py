@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from processors.app import Pipeline
 from processors.config import Config
 from processors.records import Conversation
+from processors.runtime import Pipeline
 from processors.store import Store
 from processors.understand import assemble
 

@@ -10,7 +10,6 @@ import urllib.request
 import pytest
 
 from processors.act import proposal_rows
-from processors.app import _tag_row
 from processors.diagnose.core import diagnosis_rows
 from processors.embedded.sqlserver import SQLServer
 from processors.errors import StoreError
@@ -26,6 +25,7 @@ from processors.records import (
 from processors.review.core import outcome_rows, review_rows
 from processors.store import Store, connect_http, migrations
 from processors.understand import assemble
+from processors.understand.core import tag_row
 
 
 def test_migrations_apply_once(store: Store) -> None:
@@ -131,7 +131,7 @@ def _rows(unique: str) -> dict[str, list[dict]]:
         "conversations": [
             dict(zip(assemble.CONVERSATION_COLUMNS, assemble.conversation_row(conv)))
         ],
-        "conversation_tags": [_tag_row(tag)],
+        "conversation_tags": [tag_row(tag)],
         "diagnoses": diagnosis_rows([diag]),
         "proposals": proposal_rows([prop]),
         "reviews": review_rows([rev]),

@@ -25,12 +25,12 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from examples.support_agent import init_agent_repo, run_cycle
-from processors.app import app_id
 from processors.capture.gateway import Gateway
 from processors.config import load_config
 from processors.embedded.broker import EmbeddedBroker, committed_offsets, ensure_topics
 from processors.embedded.sqlserver import SQLServer
 from processors.embedded.stack import wait_for
+from processors.stages import app_id
 from processors.store import Store
 from tests.integration.pipeline import running_pipeline
 from tests.llm_server import FakeLLMServer

@@ -12,16 +12,10 @@ from types import SimpleNamespace
 import pytest
 from faust.types import TP
 
-from processors import app as app_module
-from processors.app import (
-    EXIT_STAGE_CRASHED,
-    Checkpoint,
-    Pipeline,
-    ReadGuard,
-    build_app,
-    exit_on_crash,
-)
+from processors import runtime as runtime_module
+from processors.app import build_app
 from processors.config import Config
+from processors.runtime import EXIT_STAGE_CRASHED, Checkpoint, Pipeline, ReadGuard, exit_on_crash
 
 
 def test_every_stage_exits_the_worker_when_it_raises(
@@ -50,7 +44,7 @@ def test_every_stage_exits_the_worker_when_it_raises(
     )
     cfg.act.repo = str(agent)  # the act stage runs only with a target
     codes: list[int] = []
-    monkeypatch.setattr(app_module.os, "_exit", codes.append)
+    monkeypatch.setattr(runtime_module.os, "_exit", codes.append)
     app = build_app(Pipeline(cfg, store=None), "127.0.0.1:1")  # nothing connects until started
     assert len(app.agents) == 5
     for agent in app.agents.values():
@@ -61,7 +55,7 @@ def test_every_stage_exits_the_worker_when_it_raises(
 
 def test_exit_on_crash_ends_the_process_with_its_code(monkeypatch: pytest.MonkeyPatch) -> None:
     codes: list[int] = []
-    monkeypatch.setattr(app_module.os, "_exit", codes.append)
+    monkeypatch.setattr(runtime_module.os, "_exit", codes.append)
     asyncio.run(exit_on_crash(object(), RuntimeError("boom")))
     assert codes == [EXIT_STAGE_CRASHED]
 

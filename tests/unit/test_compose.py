@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from processors.app import ALL_STAGES
 from processors.config import DEFAULT_WEB_PORT, TopicsConfig, load_config
+from processors.stages import ALL_STAGES
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"

@@ -10,18 +10,10 @@ import pytest
 
 from bench.diagnose import HEALTHY, SyntheticStream, false_alarms, mixed
 from processors.config import DiagnoseConfig, LLMConfig
-from processors.diagnose.core import (
-    DIAGNOSIS_COLUMNS,
-    Diagnoser,
-    IntentStats,
-    argument_shape,
-    diagnosis_id,
-    diagnosis_rows,
-    given_things,
-    info_requests,
-    repeated_asks,
-    value_shape,
-)
+from processors.diagnose.asks import given_things, info_requests, repeated_asks
+from processors.diagnose.core import DIAGNOSIS_COLUMNS, Diagnoser, diagnosis_id, diagnosis_rows
+from processors.diagnose.shapes import argument_shape, value_shape
+from processors.diagnose.window import IntentStats
 from processors.errors import ConfigError, InputError
 from processors.llm import LLM, UNTRUSTED_RULE
 from processors.records import Conversation, Diagnosis, Message, TagRecord
@@ -320,12 +312,13 @@ def test_snapshot_restore_round_trip() -> None:
     )
     a = Diagnoser(CFG)
     feed(a, first)
-    b = Diagnoser.restore(a.snapshot())
+    b = Diagnoser(CFG)
+    b.restore(a.snapshot())
     out_a, out_b = feed(a, rest), feed(b, rest)
     assert out_a and [x.to_dict() for x in out_a] == [x.to_dict() for x in out_b]
     assert a.open_diagnoses() == b.open_diagnoses()
     with pytest.raises(InputError, match="snapshot"):
-        Diagnoser.restore(b"garbage")
+        Diagnoser(CFG).restore(b"garbage")
 
 
 def test_tag_without_intent_is_an_input_error() -> None:

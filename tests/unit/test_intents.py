@@ -128,7 +128,8 @@ def test_snapshot_restore_gives_identical_predictions_and_learning() -> None:
     m = model(examples=3)
     for i, x in enumerate(X[:400]):
         m.learn_one(x, now_ns=i, text=f"utterance {i}")
-    r = IntentModel.restore(m.snapshot())
+    r = IntentModel()
+    r.restore(m.snapshot())
     assert [r.predict_one(x) for x in X] == [m.predict_one(x) for x in X]
     assert r.changes == m.changes and r.taxonomy_version == m.taxonomy_version
     # both go on identically, reservoir sampling included

@@ -1,0 +1,482 @@
+"""What every layer's thin agent runs on: the pipeline (store writes with retry, counters),
+the checkpoint and read guard that keep offsets honest, dead letters, and sending with
+acknowledgement (:class:`Wiring`).
+
+Delivery: an agent takes a batch of events, writes ClickHouse (retrying with backoff while
+ClickHouse is down, so offsets never pass unwritten rows), sends its outputs and waits for
+their acknowledgement; only then are the input events acknowledged and their offsets
+committed. Every write is keyed by content, so the redelivery after a crash is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import socket
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+from aiokafka.partitioner import murmur2
+
+from processors.config import Config
+from processors.errors import StoreError
+from processors.records import DeadLetter
+from processors.stages import ALL_STAGES
+from processors.store import Store
+
+log = logging.getLogger("closeloop.worker")
+
+RECORD_BATCH = 500  # records per take of a stage after capture
+TAKE_WITHIN_S = 0.2
+STATS_INTERVAL_S = 5.0
+DEADLETTER_MAX_BYTES = 64 * 1024
+REFUSALS_BEFORE_SPLIT = 3
+
+
+def faust_settings(cfg: Config, bootstrap: str) -> dict[str, Any]:
+    """faust settings that work on tansu and on Kafka (see docs/architecture.md, "tansu")."""
+    return dict(
+        broker=f"kafka://{bootstrap}",
+        store="memory://",
+        web_enabled=False,
+        datadir=str(cfg.home_path / "faust"),
+        # group joins in ~3 s instead of ~23 s
+        broker_session_timeout=6.0,
+        broker_rebalance_timeout=7.0,
+        broker_heartbeat_interval=1.0,
+        broker_commit_interval=1.0,
+        # tansu reports the last batch's first offset + 1 as the end offset; a changelog
+        # written in multi-message batches then restores stale. One message per batch
+        # makes the reported end true. Stages carry many records per message, so the cost is small.
+        producer_max_batch_size=1,
+        producer_linger=0.0,
+        producer_acks=-1,
+        # faust's default is 20 min: an acknowledgement that never comes would stall the stage
+        # (and, through the shared consumer, every stage) that long. After 30 s the send fails,
+        # the stage raises, the worker exits and restarts, and the batch is redelivered.
+        producer_request_timeout=30.0,
+        topic_partitions=cfg.kafka.partitions,
+        topic_replication_factor=1,
+        consumer_auto_offset_reset="earliest",
+        table_standby_replicas=0,
+        stream_wait_empty=False,
+    )
+
+
+@dataclass
+class StageCounters:
+    records_in: int = 0
+    records_out: int = 0
+    deadletters: int = 0
+    write_errors: int = 0
+    cpu_s: float = 0.0  # CPU time of the stage's own work (its cores, its inserts)
+
+
+@dataclass
+class Pipeline:
+    """The worker's shared parts: config, store, cores, counters."""
+
+    cfg: Config
+    store: Store
+    stages: tuple[str, ...] = ALL_STAGES
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    counters: dict[str, StageCounters] = field(default_factory=lambda: defaultdict(StageCounters))
+    pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "store"))
+
+    async def write(self, stage: str, table: str, rows: list[dict[str, Any]]) -> None:
+        """Insert rows, retrying with backoff while ClickHouse is unreachable (never drops, never
+        skips). When ClickHouse itself refuses the rows (it answered with an error code) a few
+        times, they are written one by one and the ones it refuses become dead letters, so one
+        bad row cannot stall the stage."""
+        if not rows:
+            return
+        delay, refused = 0.5, 0
+        while True:
+            try:
+                await self.run(self.store.insert_records, table, rows, stage=stage)
+                return
+            except StoreError as e:
+                self.counters[stage].write_errors += 1
+                refused = refused + 1 if _refused_by_server(e) else 0
+                if refused >= REFUSALS_BEFORE_SPLIT:
+                    await self._write_one_by_one(stage, table, rows)
+                    return
+                log.warning(
+                    "%s: writing %d rows to %s failed, retrying in %.1fs: %s",
+                    stage,
+                    len(rows),
+                    table,
+                    delay,
+                    e,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def _write_one_by_one(self, stage: str, table: str, rows: list[dict[str, Any]]) -> None:
+        loop = asyncio.get_running_loop()
+        bad: list[dict[str, Any]] = []
+        for i, row in enumerate(rows):
+            try:
+                await loop.run_in_executor(self.pool, self.store.insert_records, table, [row])
+            except StoreError as e:
+                if not _refused_by_server(e):  # unreachable again: back to retrying the rest
+                    await self.write(stage, table, rows[i:])
+                    break
+                now = time.time_ns()
+                original = json.dumps(row, default=str, ensure_ascii=False).encode()[
+                    :DEADLETTER_MAX_BYTES
+                ]
+                bad.append(
+                    DeadLetter(
+                        stage=stage,
+                        reason=f"ClickHouse refused a {table} row",
+                        detail=str(e)[:2000],
+                        topic=table,
+                        key=str(next(iter(row.values()), ""))[:200],
+                        offset=now,
+                        original_b64=base64.b64encode(original).decode(),
+                        ts_ns=now,
+                    ).to_dict()
+                )
+        if bad:
+            self.counters[stage].deadletters += len(bad)
+            log.error("%s: %d %s rows refused by ClickHouse, dead-lettered", stage, len(bad), table)
+            await self.write(stage, "deadletter", bad)
+
+    async def write_rows(
+        self, stage: str, table: str, columns: tuple[str, ...], rows: list[list[Any]]
+    ) -> None:
+        await self.write(stage, table, [dict(zip(columns, r)) for r in rows])
+
+    async def run(self, fn: Any, *args: Any, stage: str = "") -> Any:
+        """``fn(*args)`` on the store thread; its CPU time counts to ``stage`` when given."""
+        if not stage:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+        def timed() -> Any:
+            t = time.thread_time()
+            try:
+                return fn(*args)
+            finally:
+                self.counters[stage].cpu_s += time.thread_time() - t
+
+        return await asyncio.get_running_loop().run_in_executor(self.pool, timed)
+
+    @contextmanager
+    def busy(self, stage: str) -> Iterator[None]:
+        """Count the CPU time of a synchronous stretch on the event loop to ``stage``."""
+        t = time.thread_time()
+        try:
+            yield
+        finally:
+            self.counters[stage].cpu_s += time.thread_time() - t
+
+
+def _refused_by_server(e: StoreError) -> bool:
+    """The rows were refused (by ClickHouse or the client's encoder), rather than ClickHouse
+    not answering at all: retrying the same rows cannot help."""
+    from clickhouse_connect.driver.exceptions import OperationalError
+
+    return not isinstance(e.__cause__, (OperationalError, ConnectionError, TimeoutError))
+
+
+EXIT_STAGE_CRASHED = 70  # EX_SOFTWARE: the supervisor restarts the worker
+
+
+async def exit_on_crash(agent: Any, exc: BaseException) -> None:
+    """End the worker when a stage raises. faust would restart just the agent, without the
+    batch it held: those events are never acknowledged nor redelivered, and the next
+    checkpoint would cover them — lost. A restarted worker resumes from the committed
+    offsets instead, and every write is idempotent, so the redelivery is harmless."""
+    log.critical(
+        "stage %s crashed, exiting so the supervisor restarts the worker and the "
+        "unacknowledged batch is redelivered: %r",
+        getattr(agent, "name", agent),
+        exc,
+        exc_info=exc,
+    )
+    logging.shutdown()
+    os._exit(EXIT_STAGE_CRASHED)
+
+
+class WorkerApp(faust.App):
+    """The faust app of the worker: a stage that raises ends the worker (:func:`exit_on_crash`)."""
+
+    async def _on_agent_error(self, agent: Any, exc: BaseException) -> None:
+        # faust's hook for every agent's error (agent(on_error=...) is taken by faust itself)
+        await exit_on_crash(agent, exc)
+
+
+def dead_letter(stage: str, reason: str, event: Any, now_ns: int, detail: str = "") -> DeadLetter:
+    msg = event.message
+    value = msg.value or b""
+    return DeadLetter(
+        stage=stage,
+        reason=reason,
+        detail=detail[:2000],
+        topic=msg.topic,
+        partition=msg.partition,
+        offset=msg.offset,
+        key=(msg.key or b"").decode("utf-8", "replace")[:200],
+        original_b64=base64.b64encode(value[:DEADLETTER_MAX_BYTES]).decode(),
+        ts_ns=now_ns,
+    )
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """The partition the producer's default partitioner (murmur2, as Kafka's Java client and
+    aiokafka) gives ``key``: bundles sent to it keep every conversation where its table lives."""
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
+def _key(m: Any) -> str:
+    """``topic:partition`` of a message or a TP: how expected offsets are kept."""
+    return f"{m.topic}:{m.partition}"
+
+
+def _advance(expected: dict[str, int], events: list[Any]) -> None:
+    """Expect, of each partition, the offset after the newest of ``events``."""
+    for e in events:
+        k = _key(e.message)
+        expected[k] = max(expected.get(k, 0), e.message.offset + 1)
+
+
+async def contiguous(
+    consumer: Any, events: list[Any], expected: dict[str, int], stage: str, *, default: int | None
+) -> list[Any]:
+    """``events`` up to the first offset missing from each partition's sequence; the consumer
+    is set back to read the rest again from that offset.
+
+    ``expected`` holds the next offset each partition must bring (``default`` for one not in
+    it; None trusts wherever the partition starts). A hole means the consumer skipped records:
+    tansu can serve a fetch past a record it has not stored yet (concurrent produce), or a
+    restarted consumer can start past the committed offsets, and faust counts skipped offsets
+    as acknowledged. Read on, the records would be lost for good. Offsets the broker no
+    longer holds (retention) are not a hole.
+    """
+    by_tp: dict[Any, list[int]] = defaultdict(list)
+    for e in events:
+        by_tp[e.message.tp].append(e.message.offset)
+    holes: dict[Any, int] = {}
+    for tp, offsets in by_tp.items():
+        start = expected.get(_key(tp), default)
+        want = min(offsets) if start is None else start
+        for o in sorted(set(offsets)):
+            if o == want:
+                want += 1
+            elif o > want:
+                holes[tp] = want
+                break
+    if not holes:
+        return events
+    earliest = await consumer.earliest_offsets(*holes)
+    cut: dict[Any, int] = {}
+    for tp, want in holes.items():
+        if want < (earliest.get(tp) or 0):
+            continue  # retention removed them: nothing to read again
+        log.warning(
+            "%s: %s:%d skipped from offset %d; reading it again from there",
+            stage,
+            tp.topic,
+            tp.partition,
+            want,
+        )
+        await consumer.seek(tp, want)
+        cut[tp] = want
+    return [e for e in events if e.message.offset < cut.get(e.message.tp, e.message.offset + 1)]
+
+
+class ReadGuard:
+    """:func:`contiguous` for a stage without a checkpoint (capture, assemble): the offsets it
+    expects are the ones after what it processed since the worker started."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.expected: dict[str, int] = {}
+
+    def forget(self, tps: Any) -> None:
+        """Partitions this process no longer reads: another process may read them meanwhile,
+        so what is expected of them next is unknown when they come back."""
+        for tp in tps:
+            self.expected.pop(_key(tp), None)
+
+    async def contiguous(self, consumer: Any, events: list[Any]) -> list[Any]:
+        kept = await contiguous(consumer, events, self.expected, self.stage, default=None)
+        _advance(self.expected, kept)
+        return kept
+
+
+class Checkpoint:
+    """A stage's model state with the input offsets it covers, kept in ClickHouse.
+
+    Saved after every batch, before the batch is acknowledged: on restart the newest
+    checkpoint is restored and the events it already covers are skipped, so a redelivery
+    is neither lost nor learned twice. (Not a Kafka changelog: tansu misreports end offsets.)
+    """
+
+    def __init__(self, name: str, pipe: Pipeline) -> None:
+        self.name = name
+        self.pipe = pipe
+        self.offsets: dict[str, int] = {}
+        self.seq = 0
+
+    async def restore_into(self, apply: Any) -> None:
+        """Put the newest checkpoint into the stage: ``apply(data)`` is its core's in-place
+        ``restore``; no checkpoint leaves the core as built."""
+        rows = await self.pipe.run(
+            self.pipe.store.query,
+            "SELECT seq, offsets, data FROM checkpoints FINAL WHERE name = {n:String}",
+            {"n": self.name},
+        )
+        if not rows:
+            return
+        row = rows[0]
+        apply(base64.b64decode(row["data"]))
+        self.offsets = json.loads(row["offsets"])
+        self.seq = int(row["seq"])
+        log.info("%s: restored checkpoint #%d covering %s", self.name, self.seq, self.offsets)
+
+    def _next(self, m: Any) -> int:
+        return self.offsets.get(_key(m), 0)
+
+    async def rewind_gaps(self, consumer: Any, events: list[Any]) -> list[Any]:
+        """:func:`contiguous` against the offsets the checkpoint covers (0 for a partition it
+        has never seen): nothing past a hole is processed or covered until the hole is read."""
+        return await contiguous(consumer, events, self.offsets, self.name, default=0)
+
+    def fresh(self, events: list[Any]) -> list[Any]:
+        """The events the checkpoint does not cover yet."""
+        out = []
+        for e in events:
+            m = e.message
+            if m.offset >= self._next(m):
+                out.append(e)
+        return out
+
+    async def save(self, events: list[Any], snapshot: Any) -> None:
+        _advance(self.offsets, events)
+        self.seq += 1
+        if log.isEnabledFor(logging.DEBUG):
+            ranges: dict[str, list[int]] = defaultdict(list)
+            for e in events:
+                ranges[_key(e.message)].append(e.message.offset)
+            log.debug(
+                "%s: checkpoint #%d after %s",
+                self.name,
+                self.seq,
+                ", ".join(f"{k} {min(o)}..{max(o)} ({len(o)})" for k, o in sorted(ranges.items())),
+            )
+        data = base64.b64encode(await self.pipe.run(snapshot, stage=self.name)).decode()
+        await self.pipe.write(
+            self.name,
+            "checkpoints",
+            [
+                dict(
+                    name=self.name,
+                    seq=self.seq,
+                    offsets=json.dumps(self.offsets),
+                    data=data,
+                    ts_ns=time.time_ns(),
+                )
+            ],
+        )
+
+
+@dataclass
+class Wiring:
+    """What a layer's agent registers with: the app, the pipeline, the shared topics, and
+    sending with acknowledgement. Each layer's ``agent.register(wiring)`` adds its agents."""
+
+    app: faust.App
+    pipe: Pipeline
+    guards: list[ReadGuard] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        t = self.pipe.cfg.topics
+        self.turns = self.topic(t.turns)
+        self.conversations = self.topic(t.conversations)
+        self.tags = self.topic(t.tags)
+        self.diagnoses = self.topic(t.diagnoses)
+        self.proposals = self.topic(t.proposals)
+        self.deadletter = self.topic(t.deadletter)
+
+        @self.app.on_partitions_revoked.connect
+        async def forget_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
+            for guard in self.guards:
+                guard.forget(revoked)
+
+    def topic(self, *names: str) -> faust.TopicT:
+        return self.app.topic(
+            *names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+        )
+
+    def read_guard(self, stage: str) -> ReadGuard:
+        """A :class:`ReadGuard` that forgets the partitions this process loses."""
+        guard = ReadGuard(stage)
+        self.guards.append(guard)
+        return guard
+
+    async def send_all(self, sends: list[tuple[Any, ...]]) -> None:
+        """Send ``(topic, key, value[, partition])`` and wait for every acknowledgement
+        (at-least-once towards the next stage)."""
+        futs = [
+            await s[0].send(
+                key=s[1].encode() if s[1] is not None else None,
+                value=s[2],
+                partition=s[3] if len(s) > 3 else None,
+            )
+            for s in sends
+        ]
+        for f in futs:
+            await f
+
+    async def send_deadletters(self, stage: str, dls: list[DeadLetter]) -> None:
+        if not dls:
+            return
+        self.pipe.counters[stage].deadletters += len(dls)
+        for d in dls:
+            log.warning(
+                "%s: dead letter %s/%s@%s: %s %s",
+                stage,
+                d.topic,
+                d.partition,
+                d.offset,
+                d.reason,
+                d.detail[:200],
+            )
+        await self.pipe.write(stage, "deadletter", [d.to_dict() for d in dls])
+        await self.send_all([(self.deadletter, None, d.to_json()) for d in dls])
+
+    def write_stats_every(self, interval_s: float) -> None:
+        """A timer writing the stage counters (best effort: a failed write waits for the next)."""
+        pipe = self.pipe
+
+        @self.app.timer(interval_s)
+        async def write_stats() -> None:
+            now = time.time_ns()
+            rows = [
+                dict(
+                    ts_ns=now,
+                    worker=pipe.worker_id,
+                    stage=s,
+                    records_in=c.records_in,
+                    records_out=c.records_out,
+                    deadletters=c.deadletters,
+                    write_errors=c.write_errors,
+                    cpu_s=c.cpu_s,
+                )
+                for s, c in list(pipe.counters.items())
+            ]
+            try:
+                await pipe.run(pipe.store.insert_records, "stage_stats", rows)
+            except StoreError as e:  # counters are best effort: the next tick writes them again
+                log.warning("stage stats not written: %s", e)

@@ -1,0 +1,166 @@
+"""Layer 2's thin agents: assemble (turn bundles in, conversations out) and understand
+(conversations in, tags and intents out)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import faust
+
+from processors.errors import InputError
+from processors.llm import make_llm
+from processors.records import Conversation, DeadLetter
+from processors.runtime import (
+    RECORD_BATCH,
+    TAKE_WITHIN_S,
+    Checkpoint,
+    Wiring,
+    dead_letter,
+    partition_of,
+)
+from processors.understand import assemble
+from processors.understand.core import Understand, tag_row
+from processors.understand.embed import make_embedder
+
+log = logging.getLogger("closeloop.worker")
+
+TICK_INTERVAL_S = 1.0
+
+
+class Assembler:
+    """The assemble stage's state: the open conversations (a faust table, so a restart
+    restores them) and their deadlines."""
+
+    def __init__(self, w: Wiring) -> None:
+        self.w = w
+        cfg = w.pipe.cfg
+        # use_partitioner: the changelog partition comes from the key (the same partitioner
+        # that keyed closeloop.turns), so writes work from batches taken off the stream.
+        self.table = w.app.Table(
+            "open_conversations",
+            default=None,
+            key_type=str,
+            partitions=cfg.kafka.partitions,
+            use_partitioner=True,
+        )
+        self.deadlines = assemble.Deadlines(cfg.assemble)
+
+    def fold(self, events: list[Any]) -> tuple[list[assemble.Closed], list[DeadLetter]]:
+        """Fold a batch of turn messages into the table; the conversations its ticks close."""
+        closed: list[assemble.Closed] = []
+        dls: list[DeadLetter] = []
+        for e in events:
+            now = time.time_ns()
+            try:
+                tick, groups = assemble.parse_turn_message(e.message.value, e.key)
+            except (ValueError, TypeError, KeyError, InputError) as err:
+                dls.append(dead_letter("assemble", "undecodable turn record", e, now, str(err)))
+                continue
+            if tick is not None:
+                closed += self.close_due(e.message.partition, tick)
+                continue
+            for cid, turns in groups.items():
+                try:
+                    state = assemble.add_turns(self.table.get(cid), turns, now)
+                except (ValueError, TypeError, KeyError) as err:
+                    dls.append(
+                        dead_letter(
+                            "assemble", f"unusable turn record of {cid[:100]}", e, now, str(err)
+                        )
+                    )
+                    continue
+                state["p"] = partition_of(cid, self.w.pipe.cfg.kafka.partitions)
+                self.table[cid] = state
+                self.deadlines.push(cid, state)
+                self.w.pipe.counters["assemble"].records_in += len(turns)
+        return closed, dls
+
+    def close_due(self, partition: int, now: int) -> list[assemble.Closed]:
+        closed = self.deadlines.close_due(self.table, partition, now)
+        for c in closed:
+            if c.conversation is None:
+                log.error("assemble: cannot build conversation %s: %s", c.conversation_id, c.error)
+        return closed
+
+    async def publish(self, closed: list[assemble.Closed]) -> None:
+        """Write and send the closed conversations, then record the closing in the table."""
+        pipe = self.w.pipe
+        with pipe.busy("assemble"):
+            convs = [c.conversation for c in closed if c.conversation is not None]
+            rows = [assemble.conversation_row(c) for c in convs]
+            messages = [(self.w.conversations, c.conversation_id, c.to_json()) for c in convs]
+        await pipe.write_rows("assemble", "conversations", assemble.CONVERSATION_COLUMNS, rows)
+        await self.w.send_all(messages)
+        # Only now is the closing recorded in the table (and its changelog): a crash before
+        # this point closes and publishes the same version again, harmlessly.
+        for c in closed:
+            current = self.table.get(c.conversation_id)
+            if current is not None and len(current["turns"]) > len(c.state["turns"]):
+                continue  # a span arrived meanwhile: it stays open, closes later
+            self.table[c.conversation_id] = c.state
+            self.deadlines.push(c.conversation_id, c.state)
+        pipe.counters["assemble"].records_out += len(convs)
+
+
+def register_assemble(w: Wiring) -> None:
+    assembler = Assembler(w)
+    guard = w.read_guard("assemble")
+
+    @w.app.agent(w.turns, name="assemble")
+    async def assemble_agent(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(RECORD_BATCH, within=TAKE_WITHIN_S):
+            events = await guard.contiguous(w.app.consumer, events)
+            with w.pipe.busy("assemble"):
+                closed, dls = assembler.fold(events)
+            if closed:
+                await assembler.publish(closed)
+            await w.send_deadletters("assemble", dls)
+
+    @w.app.timer(TICK_INTERVAL_S)
+    async def assemble_tick() -> None:
+        # Closing happens inside the stream (table writes need the event's partition):
+        # a tick per partition drives it.
+        value = json.dumps({"tick": time.time_ns()}).encode()
+        for p in range(w.pipe.cfg.kafka.partitions):
+            await w.turns.send(key=None, value=value, partition=p)
+
+
+def register_understand(w: Wiring) -> None:
+    cfg, pipe = w.pipe.cfg, w.pipe
+    core = Understand(
+        cfg, make_embedder(cfg.understand, cfg.home_path / "models", cfg.llm), make_llm(cfg.llm)
+    )
+    ckpt = Checkpoint("understand", pipe)
+
+    @w.app.agent(w.conversations, name="understand")
+    async def understand_agent(stream: faust.StreamT) -> None:
+        await ckpt.restore_into(core.restore)
+        async for events in stream.take_events(RECORD_BATCH, within=TAKE_WITHIN_S):
+            events = await ckpt.rewind_gaps(w.app.consumer, events)
+            now = time.time_ns()
+            convs, dls = [], []
+            with pipe.busy("understand"):
+                for e in ckpt.fresh(events):
+                    try:
+                        convs.append(Conversation.from_json(e.message.value))
+                    except (ValueError, TypeError, KeyError) as err:
+                        dls.append(
+                            dead_letter(
+                                "understand", "undecodable conversation record", e, now, str(err)
+                            )
+                        )
+            if convs:
+                batch = await pipe.run(core.process, convs, now, stage="understand")
+                pipe.counters["understand"].records_in += len(convs)
+                await pipe.write(
+                    "understand", "conversation_tags", [tag_row(t) for t in batch.tags]
+                )
+                await pipe.write("understand", "intents", batch.intent_rows)
+                await pipe.write("understand", "intent_changes", batch.change_rows)
+                await w.send_all([(w.tags, t.conversation_id, t.to_json()) for t in batch.tags])
+                pipe.counters["understand"].records_out += len(batch.tags)
+            await w.send_deadletters("understand", dls)
+            await ckpt.save(events, core.snapshot)
