@@ -114,7 +114,9 @@ class OtlpConfig:
     host: str = "127.0.0.1"
     max_request_bytes: int = 16 * 1024 * 1024  # larger requests get RESOURCE_EXHAUSTED / 413
     max_inflight_bytes: int = 256 * 1024 * 1024  # bounded buffer towards the broker, then 503
-    ack_timeout_s: float = 10.0  # broker acknowledgement wait before UNAVAILABLE/503
+    # broker acknowledgement wait before UNAVAILABLE/503: well inside the OTel SDKs' 10 s export
+    # timeout, so they get the 503 and back off instead of timing out
+    ack_timeout_s: float = 4.0
 
     def validate(self) -> None:
         for key in ("grpc_port", "http_port"):
