@@ -25,7 +25,8 @@ def _config(a: argparse.Namespace, **extra: Any) -> Config:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
-        help="closeloop.yaml (default: ./closeloop.yaml if present, or CLOSELOOP_CONFIG)",
+        help="closeloop.yaml (default: CLOSELOOP_CONFIG, else <home>/closeloop.yaml, "
+        "else ./closeloop.yaml, if present)",
     )
     p.add_argument("--home", help="state directory (default: ./.closeloop, or CLOSELOOP_HOME)")
 

@@ -1,7 +1,8 @@
 """One typed configuration, read from ``closeloop.yaml`` and ``CLOSELOOP_*`` variables.
 
-Precedence (last wins): defaults < ``closeloop.yaml`` (or ``--config`` / ``CLOSELOOP_CONFIG``)
-< environment variables < command-line flags. Every key of every section can be set
+Precedence (last wins): defaults < the file (``--config``, else ``CLOSELOOP_CONFIG``, else
+``<home>/closeloop.yaml`` of the home named by ``--home`` / ``CLOSELOOP_HOME``, else
+``./closeloop.yaml``) < environment variables < command-line flags. Every key of every section can be set
 from the environment as ``CLOSELOOP_<SECTION>_<KEY>``, e.g. ``CLOSELOOP_OTLP_GRPC_PORT=14317``;
 a few common ones have short names (``CLOSELOOP_KAFKA``, ``CLOSELOOP_CLICKHOUSE``,
 ``CLOSELOOP_HOME``). ``closeloop.example.yaml`` documents every key.
@@ -374,6 +375,7 @@ class Config:
 # CLOSELOOP_ variables that are not settings: the config file, the broker binary, and the
 # supervisor's pid that the stack gives its children
 _NOT_SETTINGS = ("CLOSELOOP_CONFIG", "CLOSELOOP_TANSU_BINARY", "CLOSELOOP_SUPERVISOR_PID")
+HOME_CONFIG = "closeloop.yaml"  # read from the home when no file is given
 _SHORT_ENV = {
     "CLOSELOOP_HOME": "home",
     "CLOSELOOP_KAFKA": "kafka.bootstrap",
@@ -496,7 +498,7 @@ def load_config(
     ``overrides`` uses dotted keys (``{"otlp.grpc_port": 14317}``), as the command line does.
     """
     env = dict(os.environ) if env is None else env
-    file = path or env.get("CLOSELOOP_CONFIG")
+    file = path or env.get("CLOSELOOP_CONFIG") or _home_file(overrides, env)
     data: dict[str, Any] = {}
     if file is None and Path("closeloop.yaml").exists():
         file = "closeloop.yaml"
@@ -522,6 +524,15 @@ def load_config(
     cfg = _build(Config, data, "").validate()
     cfg.asked = frozenset(_dotted_keys(data))
     return cfg
+
+
+def _home_file(overrides: dict[str, Any] | None, env: dict[str, str]) -> str | None:
+    """``<home>/closeloop.yaml`` when a home is named (``--home``, ``CLOSELOOP_HOME``) and
+    holds one: a home carries its settings (the demo writes its own there)."""
+    home = (overrides or {}).get("home") or env.get("CLOSELOOP_HOME")
+    if home and (Path(home) / HOME_CONFIG).is_file():
+        return str(Path(home) / HOME_CONFIG)
+    return None
 
 
 def _dotted_keys(data: dict[str, Any], prefix: str = "") -> Iterator[str]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from processors.config import Config, load_config
+from processors.config import HOME_CONFIG, Config, load_config
 from processors.embedded.stack import EmbeddedStack, wait_for
 from processors.errors import CloseloopError, StoreError
 from processors.store import Store, connect_http
@@ -51,7 +51,11 @@ def _say(msg: str) -> None:
 
 
 def demo_config(home: Path, repo: Path, base: dict[str, Any] | None = None) -> Path:
-    """Write the demo's closeloop.yaml: act targets the agent's repository."""
+    """Write the demo's closeloop.yaml into the home (over the settings already there): act
+    targets the agent's repository."""
+    path = home / HOME_CONFIG  # where every command with --home finds it
+    if base is None and path.is_file():
+        base = yaml.safe_load(path.read_text()) or {}
     data: dict[str, Any] = dict(base or {})
     data.update({k: {**data.get(k, {}), **v} for k, v in DEMO_SETTINGS.items()})
     data["home"] = str(home)
@@ -65,7 +69,6 @@ def demo_config(home: Path, repo: Path, base: dict[str, Any] | None = None) -> P
             {"path": "config/agent.yaml", "kind": "config"},
         ],
     }
-    path = home / "demo" / "closeloop.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
