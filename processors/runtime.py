@@ -28,6 +28,7 @@ import faust
 from aiokafka.partitioner import murmur2
 
 from processors.config import Config
+from processors.embedded.broker import TopicState, topic_state
 from processors.errors import StoreError
 from processors.records import DeadLetter
 from processors.stages import ALL_STAGES
@@ -88,6 +89,7 @@ class Pipeline:
     cfg: Config
     store: Store
     stages: tuple[str, ...] = ALL_STAGES
+    bootstrap: str = ""  # the broker, for checkpoints to check which topics they cover
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     counters: dict[str, StageCounters] = field(default_factory=lambda: defaultdict(StageCounters))
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "store"))
@@ -315,26 +317,52 @@ class ReadGuard:
         return kept
 
 
+def stale_offsets(
+    offsets: dict[str, int], topic_ids: dict[str, str], now: TopicState
+) -> dict[str, tuple[int, str]]:
+    """The partitions whose checkpointed offset belongs to another incarnation of the topic,
+    with the offset to read from instead (the topic's start) and why: the topic id changed,
+    or the offset lies beyond the topic's end (a broker that forgot its topics)."""
+    out = {}
+    for key, next_offset in offsets.items():
+        topic = key.rsplit(":", 1)[0]
+        low, high = now.bounds.get(key, (0, 0))
+        old, new = topic_ids.get(topic), now.topic_ids.get(topic)
+        if old and new and old != new:
+            out[key] = (low, f"{topic} is a new topic (id {old}, now {new})")
+        elif next_offset > high:
+            out[key] = (
+                low,
+                f"the checkpoint covers {key} up to {next_offset}, the topic ends at {high}",
+            )
+    return out
+
+
 class Checkpoint:
     """A stage's model state with the input offsets it covers, kept in ClickHouse.
 
     Saved after every batch, before the batch is acknowledged: on restart the newest
     checkpoint is restored and the events it already covers are skipped, so a redelivery
     is neither lost nor learned twice. (Not a Kafka changelog: tansu misreports end offsets.)
+    It records which incarnation of each topic it covers (:func:`stale_offsets`).
     """
+
+    MAX_RESETS_KEPT = 10
 
     def __init__(self, name: str, pipe: Pipeline) -> None:
         self.name = name
         self.pipe = pipe
         self.offsets: dict[str, int] = {}
         self.seq = 0
+        self.incarnation: dict[str, Any] = {"topic_ids": {}, "seen": {}, "resets": []}
 
     async def restore_into(self, apply: Any) -> None:
         """Put the newest checkpoint into the stage: ``apply(data)`` is its core's in-place
-        ``restore``; no checkpoint leaves the core as built."""
+        ``restore``; no checkpoint leaves the core as built. Offsets of another incarnation
+        of their topic are reset to its start, with a warning."""
         rows = await self.pipe.run(
             self.pipe.store.query,
-            "SELECT seq, offsets, data FROM checkpoints FINAL WHERE name = {n:String}",
+            "SELECT seq, offsets, data, incarnation FROM checkpoints FINAL WHERE name = {n:String}",
             {"n": self.name},
         )
         if not rows:
@@ -343,7 +371,40 @@ class Checkpoint:
         apply(base64.b64decode(row["data"]))
         self.offsets = json.loads(row["offsets"])
         self.seq = int(row["seq"])
+        self.incarnation.update(json.loads(row["incarnation"] or "{}"))
         log.info("%s: restored checkpoint #%d covering %s", self.name, self.seq, self.offsets)
+        if await self._reset_stale_offsets():
+            await self._write(row["data"])
+
+    async def _reset_stale_offsets(self) -> bool:
+        if not self.pipe.bootstrap or not self.offsets:
+            return False
+        topics = sorted({k.rsplit(":", 1)[0] for k in self.offsets})
+        now = await self.pipe.run(topic_state, self.pipe.bootstrap, topics)
+        stale = stale_offsets(self.offsets, self.incarnation["topic_ids"], now)
+        for key, (start, why) in sorted(stale.items()):
+            log.warning(
+                "%s: checkpoint offset %d of %s is not of this topic (%s); reading it from %d",
+                self.name,
+                self.offsets[key],
+                key,
+                why,
+                start,
+            )
+            self.offsets[key] = start
+            self.incarnation["seen"].pop(key, None)
+        if stale:
+            resets = self.incarnation["resets"] + [
+                {
+                    "at_ns": time.time_ns(),
+                    "partitions": sorted(stale),
+                    "why": "; ".join(sorted({why for _, why in stale.values()})),
+                }
+            ]
+            self.incarnation["resets"] = resets[-self.MAX_RESETS_KEPT :]
+        self.incarnation["topic_ids"].update(now.topic_ids)
+        self.incarnation["cluster_id"] = now.cluster_id
+        return bool(stale)
 
     def _next(self, m: Any) -> int:
         return self.offsets.get(_key(m), 0)
@@ -364,7 +425,12 @@ class Checkpoint:
 
     async def save(self, events: list[Any], snapshot: Any) -> None:
         _advance(self.offsets, events)
-        self.seq += 1
+        seen = self.incarnation["seen"]
+        for e in events:
+            k = _key(e.message)
+            first = seen.get(k, [e.message.offset])[0]
+            seen[k] = [min(first, e.message.offset), self.offsets[k]]
+        await self._learn_topic_ids()
         if log.isEnabledFor(logging.DEBUG):
             ranges: dict[str, list[int]] = defaultdict(list)
             for e in events:
@@ -372,10 +438,27 @@ class Checkpoint:
             log.debug(
                 "%s: checkpoint #%d after %s",
                 self.name,
-                self.seq,
+                self.seq + 1,
                 ", ".join(f"{k} {min(o)}..{max(o)} ({len(o)})" for k, o in sorted(ranges.items())),
             )
-        data = base64.b64encode(await self.pipe.run(snapshot, stage=self.name)).decode()
+        await self._write(base64.b64encode(await self.pipe.run(snapshot, stage=self.name)).decode())
+
+    async def _learn_topic_ids(self) -> None:
+        """The ids of topics first read since the worker started (a first checkpoint)."""
+        known = self.incarnation["topic_ids"]
+        missing = sorted({k.rsplit(":", 1)[0] for k in self.offsets} - set(known))
+        if not missing or not self.pipe.bootstrap:
+            return
+        try:
+            now = await self.pipe.run(topic_state, self.pipe.bootstrap, missing)
+        except Exception as e:  # the next checkpoint asks again
+            log.warning("%s: cannot read the ids of %s: %s", self.name, missing, e)
+            return
+        known.update(now.topic_ids)
+        self.incarnation["cluster_id"] = now.cluster_id
+
+    async def _write(self, data_b64: str) -> None:
+        self.seq += 1
         await self.pipe.write(
             self.name,
             "checkpoints",
@@ -384,7 +467,8 @@ class Checkpoint:
                     name=self.name,
                     seq=self.seq,
                     offsets=json.dumps(self.offsets),
-                    data=data,
+                    data=data_b64,
+                    incarnation=json.dumps(self.incarnation),
                     ts_ns=time.time_ns(),
                 )
             ],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -118,10 +119,22 @@ def store_status(cfg: Config, *, running: bool) -> dict[str, Any]:
                 "ORDER BY n DESC LIMIT 10"
             )
         out["tables"] = store.table_counts()
+        out["checkpoint_resets"] = checkpoint_resets(store)
     except CloseloopError as e:
         out["errors"].append(str(e))
     finally:
         store.close()
+    return out
+
+
+def checkpoint_resets(store: Any) -> list[dict[str, Any]]:
+    """The last reset of each checkpoint whose offsets belonged to another incarnation of its
+    topic (a restarted memory broker): those records were read again, not skipped."""
+    out = []
+    for r in store.query("SELECT name, incarnation FROM checkpoints FINAL ORDER BY name"):
+        resets = json.loads(r["incarnation"] or "{}").get("resets") or []
+        if resets:
+            out.append({"name": r["name"], **resets[-1]})
     return out
 
 
@@ -176,6 +189,11 @@ def format_status(st: dict[str, Any]) -> str:
     if st["tables"]:
         out.append("tables (rows, FINAL):")
         out += [f"  {t:<20} {n:>10}" for t, n in st["tables"].items()]
+    for r in st.get("checkpoint_resets", []):
+        out.append(
+            f"checkpoint {r['name']} reset to the start of {', '.join(r['partitions'])} "
+            f"{_when(r['at_ns'], time.time_ns())}: {r['why']}"
+        )
     out.append(f"dead letters: {st['deadletters'] if st['deadletters'] is not None else 'unknown'}")
     for r in st.get("deadletter_reasons", []):
         out.append(f"  {r['stage']:<10} {r['n']:>6}  {r['reason']}")

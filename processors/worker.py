@@ -70,7 +70,7 @@ def run_worker(
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
         sql = serve_store(cfg, store)
-    pipe = Pipeline(cfg=cfg, store=store, stages=stages)
+    pipe = Pipeline(cfg=cfg, store=store, stages=stages, bootstrap=bootstrap)
     app = build_app(pipe, bootstrap)
     worker = faust.Worker(
         app, loglevel="WARN", quiet=True, redirect_stdouts=False, override_logging=False

@@ -260,3 +260,38 @@ def committed_offsets(
     finally:
         c.close()
     return {(tp.topic, tp.partition): tp.offset for tp in got}
+
+
+@dataclass
+class TopicState:
+    """Which incarnation of each topic the broker holds now: its topic id (new on every
+    creation: a memory broker restarted, a topic deleted and made again) and, per
+    ``topic:partition``, the offsets it holds (low, true end)."""
+
+    cluster_id: str
+    topic_ids: dict[str, str]
+    bounds: dict[str, tuple[int, int]]
+
+
+def topic_state(bootstrap: str, topics: list[str], timeout_s: float = 10.0) -> TopicState:
+    from confluent_kafka import Consumer, TopicCollection, TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    cluster = admin.describe_cluster(request_timeout=timeout_s).result(timeout_s).cluster_id
+    ids = {}
+    for name, fut in admin.describe_topics(TopicCollection(topics)).items():
+        try:
+            ids[name] = str(fut.result(timeout_s).topic_id)
+        except Exception:  # does not exist (yet): no incarnation to compare
+            continue
+    ends = true_end_offsets(bootstrap, list(ids), timeout_s)
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "closeloop-status"})
+    try:
+        bounds = {
+            f"{t}:{p}": (c.get_watermark_offsets(TopicPartition(t, p), timeout=timeout_s)[0], end)
+            for (t, p), end in ends.items()
+        }
+    finally:
+        c.close()
+    return TopicState(str(cluster or ""), ids, bounds)
