@@ -15,6 +15,7 @@ import base64
 import json
 import logging
 import os
+import re
 import socket
 import time
 from collections import defaultdict
@@ -29,6 +30,7 @@ from aiokafka.partitioner import murmur2
 
 from processors.config import Config
 from processors.embedded.broker import TopicState, topic_state
+from processors.embedded.procs import write_run_file
 from processors.errors import StoreError
 from processors.records import DeadLetter
 from processors.stages import ALL_STAGES
@@ -92,26 +94,33 @@ class Pipeline:
     bootstrap: str = ""  # the broker, for checkpoints to check which topics they cover
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     counters: dict[str, StageCounters] = field(default_factory=lambda: defaultdict(StageCounters))
+    waiting: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> store wait
+    sources: dict[str, list[tuple[str, int, int, int]]] = field(default_factory=dict)
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "store"))
 
     async def write(self, stage: str, table: str, rows: list[dict[str, Any]]) -> None:
-        """Insert rows, retrying with backoff while ClickHouse is unreachable (never drops, never
-        skips). When ClickHouse itself refuses the rows (it answered with an error code) a few
-        times, they are written one by one and the ones it refuses become dead letters, so one
-        bad row cannot stall the stage."""
+        """Insert rows, retrying with backoff while the store cannot take them — unreachable,
+        disk full, read-only, a timeout: its state, not the rows' fault — so offsets never pass
+        unwritten rows; the wait and its cause are published for `closeloop status`. When
+        ClickHouse refuses the rows for their content (a parse or type error) a few times,
+        they are written one by one and the ones it refuses become dead letters, so one bad
+        row cannot stall the stage."""
         if not rows:
             return
         delay, refused = 0.5, 0
         while True:
             try:
                 await self.run(self.store.insert_records, table, rows, stage=stage)
+                self._resumed(stage)
                 return
             except StoreError as e:
                 self.counters[stage].write_errors += 1
-                refused = refused + 1 if _refused_by_server(e) else 0
+                refused = refused + 1 if refused_for_content(e) else 0
                 if refused >= REFUSALS_BEFORE_SPLIT:
                     await self._write_one_by_one(stage, table, rows)
                     return
+                if not refused:
+                    self._waiting(stage, table, e)
                 log.warning(
                     "%s: writing %d rows to %s failed, retrying in %.1fs: %s",
                     stage,
@@ -123,6 +132,44 @@ class Pipeline:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
+    def reading(self, stage: str, events: list[Any]) -> None:
+        """The input batch ``stage`` works on: a row refused for its content is dead-lettered
+        with this batch's topic, partition and first offset, where re-inject finds it."""
+        ranges: dict[tuple[str, int], list[int]] = {}
+        for e in events:
+            m = e.message
+            lo_hi = ranges.setdefault((m.topic, m.partition), [m.offset, m.offset])
+            lo_hi[0], lo_hi[1] = min(lo_hi[0], m.offset), max(lo_hi[1], m.offset)
+        self.sources[stage] = [(t, p, lo, hi) for (t, p), (lo, hi) in sorted(ranges.items())]
+
+    def _waiting(self, stage: str, table: str, e: StoreError) -> None:
+        first = stage not in self.waiting
+        self.waiting[stage] = {
+            "stage": stage,
+            "table": table,
+            "since_ns": self.waiting.get(stage, {}).get("since_ns", time.time_ns()),
+            "why": str(e)[:500],
+        }
+        if first:
+            self._publish_waiting()
+
+    def _resumed(self, stage: str) -> None:
+        if self.waiting.pop(stage, None) is not None:
+            log.info("%s: the store takes writes again", stage)
+            self._publish_waiting()
+
+    def _publish_waiting(self) -> None:
+        """``run/waiting-<pid>.json``: the stages of this process waiting on the store, and
+        why (a file, not a table: the store is what cannot be written)."""
+        name = f"waiting-{os.getpid()}.json"
+        try:
+            if self.waiting:
+                write_run_file(self.cfg.run_dir(), name, {"stages": list(self.waiting.values())})
+            else:
+                (self.cfg.run_dir() / name).unlink(missing_ok=True)
+        except OSError as e:  # the disk that is full may be this one: the log says it anyway
+            log.warning("cannot publish the store wait in %s: %s", self.cfg.run_dir(), e)
+
     async def _write_one_by_one(self, stage: str, table: str, rows: list[dict[str, Any]]) -> None:
         loop = asyncio.get_running_loop()
         bad: list[dict[str, Any]] = []
@@ -130,21 +177,25 @@ class Pipeline:
             try:
                 await loop.run_in_executor(self.pool, self.store.insert_records, table, [row])
             except StoreError as e:
-                if not _refused_by_server(e):  # unreachable again: back to retrying the rest
+                if not refused_for_content(e):  # unreachable again: back to retrying the rest
                     await self.write(stage, table, rows[i:])
                     break
                 now = time.time_ns()
                 original = json.dumps(row, default=str, ensure_ascii=False).encode()[
                     :DEADLETTER_MAX_BYTES
                 ]
+                sources = self.sources.get(stage) or [("", 0, 0, 0)]
+                topic, partition, first, _ = sources[0]
+                batch = ", ".join(f"{t}:{p} {lo}..{hi}" for t, p, lo, hi in sources)
                 bad.append(
                     DeadLetter(
                         stage=stage,
                         reason=f"ClickHouse refused a {table} row",
-                        detail=str(e)[:2000],
-                        topic=table,
+                        detail=f"{e}"[:1800] + f" (input batch: {batch})",
+                        topic=topic,
+                        partition=partition,
                         key=str(next(iter(row.values()), ""))[:200],
-                        offset=now,
+                        offset=first,
                         original_b64=base64.b64encode(original).decode(),
                         ts_ns=now,
                     ).to_dict()
@@ -183,12 +234,25 @@ class Pipeline:
             self.counters[stage].cpu_s += time.thread_time() - t
 
 
-def _refused_by_server(e: StoreError) -> bool:
-    """The rows were refused (by ClickHouse or the client's encoder), rather than ClickHouse
-    not answering at all: retrying the same rows cannot help."""
+# ClickHouse error codes that blame the rows themselves (parse and type errors): retrying the
+# same rows cannot help. Every other code (NOT_ENOUGH_SPACE 243, TABLE_IS_READ_ONLY 242,
+# TIMEOUT_EXCEEDED 159, TOO_MANY_PARTS 252, MEMORY_LIMIT_EXCEEDED 241, a file that cannot be
+# opened or locked, a missing column: a migration not applied) is the store's state.
+CONTENT_ERROR_CODES = frozenset(
+    {6, 26, 27, 38, 41, 43, 53, 69, 70, 72, 117, 128, 131, 190, 321, 349, 376, 467}
+)
+_CODE = re.compile(r"\bCode: (\d+)")
+
+
+def refused_for_content(e: StoreError) -> bool:
+    """The rows were refused for their content (by ClickHouse, with a parse or type error
+    code, or by the client's encoder), rather than the store being unable to take any rows."""
     from clickhouse_connect.driver.exceptions import OperationalError
 
-    return not isinstance(e.__cause__, (OperationalError, ConnectionError, TimeoutError))
+    code = _CODE.search(str(e))
+    if code:
+        return int(code.group(1)) in CONTENT_ERROR_CODES
+    return not isinstance(e.__cause__, (OperationalError, ConnectionError, TimeoutError, OSError))
 
 
 EXIT_STAGE_CRASHED = 70  # EX_SOFTWARE: the supervisor restarts the worker
@@ -301,8 +365,9 @@ class ReadGuard:
     """:func:`contiguous` for a stage without a checkpoint (capture, assemble): the offsets it
     expects are the ones after what it processed since the worker started."""
 
-    def __init__(self, stage: str) -> None:
+    def __init__(self, stage: str, pipe: Pipeline | None = None) -> None:
         self.stage = stage
+        self.pipe = pipe
         self.expected: dict[str, int] = {}
 
     def forget(self, tps: Any) -> None:
@@ -314,6 +379,8 @@ class ReadGuard:
     async def contiguous(self, consumer: Any, events: list[Any]) -> list[Any]:
         kept = await contiguous(consumer, events, self.expected, self.stage, default=None)
         _advance(self.expected, kept)
+        if self.pipe is not None:
+            self.pipe.reading(self.stage, kept)
         return kept
 
 
@@ -412,7 +479,9 @@ class Checkpoint:
     async def rewind_gaps(self, consumer: Any, events: list[Any]) -> list[Any]:
         """:func:`contiguous` against the offsets the checkpoint covers (0 for a partition it
         has never seen): nothing past a hole is processed or covered until the hole is read."""
-        return await contiguous(consumer, events, self.offsets, self.name, default=0)
+        kept = await contiguous(consumer, events, self.offsets, self.name, default=0)
+        self.pipe.reading(self.name, kept)
+        return kept
 
     def fresh(self, events: list[Any]) -> list[Any]:
         """The events the checkpoint does not cover yet."""
@@ -505,7 +574,7 @@ class Wiring:
 
     def read_guard(self, stage: str) -> ReadGuard:
         """A :class:`ReadGuard` that forgets the partitions this process loses."""
-        guard = ReadGuard(stage)
+        guard = ReadGuard(stage, self.pipe)
         self.guards.append(guard)
         return guard
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from processors.config import Config
 from processors.embedded.broker import committed_offsets, true_end_offsets
+from processors.embedded.procs import read_run_file
 from processors.embedded.stack import CRASH_LOOP_RESTARTS, CRASH_LOOP_WINDOW_S
 from processors.errors import CloseloopError
 from processors.store import open_store, running_endpoint
@@ -53,6 +54,7 @@ def collect_status(cfg: Config, info: dict[str, Any] | None) -> dict[str, Any]:
             k: info.get(k) for k in ("otlp_grpc", "otlp_http", "sql", "web", "clickhouse")
         }
         st["processes"] = process_health(info, time.time_ns())
+    st["store_waits"] = store_waits(cfg)
     if bootstrap:
         try:
             topics = cfg.topics.all()
@@ -127,6 +129,17 @@ def store_status(cfg: Config, *, running: bool) -> dict[str, Any]:
     return out
 
 
+def store_waits(cfg: Config) -> list[dict[str, Any]]:
+    """The stages waiting on the store right now, and why (``run/waiting-<pid>.json`` of
+    live worker processes)."""
+    out = []
+    for f in sorted(cfg.run_dir().glob("waiting-*.json")):
+        info = read_run_file(cfg, f.name)
+        if info is not None:
+            out += [{**w, "pid": info["pid"]} for w in info.get("stages", [])]
+    return out
+
+
 def checkpoint_resets(store: Any) -> list[dict[str, Any]]:
     """The last reset of each checkpoint whose offsets belonged to another incarnation of its
     topic (a restarted memory broker): those records were read again, not skipped."""
@@ -189,6 +202,11 @@ def format_status(st: dict[str, Any]) -> str:
     if st["tables"]:
         out.append("tables (rows, FINAL):")
         out += [f"  {t:<20} {n:>10}" for t, n in st["tables"].items()]
+    for w in st.get("store_waits", []):
+        out.append(
+            f"stage {w['stage']} WAITING for the store since {_when(w['since_ns'], time.time_ns())} "
+            f"(writing {w['table']}; its input offsets stay until written): {w['why']}"
+        )
     for r in st.get("checkpoint_resets", []):
         out.append(
             f"checkpoint {r['name']} reset to the start of {', '.join(r['partitions'])} "
