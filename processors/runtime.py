@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import faust
@@ -32,6 +32,7 @@ from processors.config import Config
 from processors.embedded.broker import TopicState, topic_state
 from processors.embedded.procs import write_run_file
 from processors.errors import StoreError
+from processors.poison import PoisonLog, failure_reason
 from processors.records import DeadLetter
 from processors.stages import ALL_STAGES
 from processors.store import Store
@@ -96,6 +97,7 @@ class Pipeline:
     counters: dict[str, StageCounters] = field(default_factory=lambda: defaultdict(StageCounters))
     waiting: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> store wait
     sources: dict[str, list[tuple[str, int, int, int]]] = field(default_factory=dict)
+    _poison: dict[str, PoisonLog] = field(default_factory=dict, repr=False)
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "store"))
 
     async def write(self, stage: str, table: str, rows: list[dict[str, Any]]) -> None:
@@ -141,6 +143,33 @@ class Pipeline:
             lo_hi = ranges.setdefault((m.topic, m.partition), [m.offset, m.offset])
             lo_hi[0], lo_hi[1] = min(lo_hi[0], m.offset), max(lo_hi[1], m.offset)
         self.sources[stage] = [(t, p, lo, hi) for (t, p), (lo, hi) in sorted(ranges.items())]
+
+    async def drop_poison(self, stage: str, events: list[Any]) -> list[Any]:
+        """``events`` without the records found to be poison for ``stage``; those are
+        dead-lettered (where they are and why; their content stays in the topic), counted
+        and logged."""
+        poison_log = self._poison.setdefault(stage, PoisonLog.of(self.cfg.run_dir(), stage))
+        if not poison_log.poison:
+            return events
+        kept, dls, now = [], [], time.time_ns()
+        for e in events:
+            m = e.message
+            why = poison_log.why(m.topic, m.partition, m.offset)
+            if why is None:
+                kept.append(e)
+                continue
+            dl = dead_letter(stage, "poison: the stage failed on it twice", e, now, why)
+            dls.append(replace(dl, original_b64=""))  # unredacted input: it stays in its topic
+        if dls:
+            self.counters[stage].deadletters += len(dls)
+            log.error(
+                "%s: %d poison records dead-lettered and skipped (%s)",
+                stage,
+                len(dls),
+                dls[0].detail,
+            )
+            await self.write(stage, "deadletter", [d.to_dict() for d in dls])
+        return kept
 
     def _waiting(self, stage: str, table: str, e: StoreError) -> None:
         first = stage not in self.waiting
@@ -258,11 +287,25 @@ def refused_for_content(e: StoreError) -> bool:
 EXIT_STAGE_CRASHED = 70  # EX_SOFTWARE: the supervisor restarts the worker
 
 
-async def exit_on_crash(agent: Any, exc: BaseException) -> None:
+async def exit_on_crash(agent: Any, exc: BaseException, pipe: Pipeline | None = None) -> None:
     """End the worker when a stage raises. faust would restart just the agent, without the
     batch it held: those events are never acknowledged nor redelivered, and the next
     checkpoint would cover them — lost. A restarted worker resumes from the committed
-    offsets instead, and every write is idempotent, so the redelivery is harmless."""
+    offsets instead, and every write is idempotent, so the redelivery is harmless. The crash
+    is remembered: the same failure twice on the same input makes it poison
+    (:mod:`processors.poison`), dead-lettered by the next worker instead of a crash loop."""
+    stage = str(getattr(agent, "name", agent)).rsplit(".", 1)[-1]
+    if pipe is not None and pipe.sources.get(stage):
+        try:
+            poison = PoisonLog.of(pipe.cfg.run_dir(), stage).record_crash(
+                failure_reason(exc), pipe.sources[stage]
+            )
+            if poison:
+                log.error(
+                    "%s: the same failure twice on %s: poison, dead-lettered next", stage, poison
+                )
+        except OSError as e:
+            log.error("%s: cannot remember the crash: %s", stage, e)
     log.critical(
         "stage %s crashed, exiting so the supervisor restarts the worker and the "
         "unacknowledged batch is redelivered: %r",
@@ -279,7 +322,7 @@ class WorkerApp(faust.App):
 
     async def _on_agent_error(self, agent: Any, exc: BaseException) -> None:
         # faust's hook for every agent's error (agent(on_error=...) is taken by faust itself)
-        await exit_on_crash(agent, exc)
+        await exit_on_crash(agent, exc, getattr(self, "closeloop_pipeline", None))
 
 
 def dead_letter(stage: str, reason: str, event: Any, now_ns: int, detail: str = "") -> DeadLetter:
@@ -379,9 +422,10 @@ class ReadGuard:
     async def contiguous(self, consumer: Any, events: list[Any]) -> list[Any]:
         kept = await contiguous(consumer, events, self.expected, self.stage, default=None)
         _advance(self.expected, kept)
-        if self.pipe is not None:
-            self.pipe.reading(self.stage, kept)
-        return kept
+        if self.pipe is None:
+            return kept
+        self.pipe.reading(self.stage, kept)
+        return await self.pipe.drop_poison(self.stage, kept)
 
 
 def stale_offsets(
@@ -422,6 +466,7 @@ class Checkpoint:
         self.offsets: dict[str, int] = {}
         self.seq = 0
         self.incarnation: dict[str, Any] = {"topic_ids": {}, "seen": {}, "resets": []}
+        self._poisoned: set[int] = set()  # ids of the events of this batch found to be poison
 
     async def restore_into(self, apply: Any) -> None:
         """Put the newest checkpoint into the stage: ``apply(data)`` is its core's in-place
@@ -481,6 +526,10 @@ class Checkpoint:
         has never seen): nothing past a hole is processed or covered until the hole is read."""
         kept = await contiguous(consumer, events, self.offsets, self.name, default=0)
         self.pipe.reading(self.name, kept)
+        # poison is dead-lettered here and left out of fresh(); save() still covers it
+        self._poisoned = {id(e) for e in kept} - {
+            id(e) for e in await self.pipe.drop_poison(self.name, kept)
+        }
         return kept
 
     def fresh(self, events: list[Any]) -> list[Any]:
@@ -488,7 +537,7 @@ class Checkpoint:
         out = []
         for e in events:
             m = e.message
-            if m.offset >= self._next(m):
+            if m.offset >= self._next(m) and id(e) not in self._poisoned:
                 out.append(e)
         return out
 
