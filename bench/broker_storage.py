@@ -4,7 +4,8 @@ For each storage a fresh tansu broker is started (for s3, on a fresh :class:`pro
 in a temp folder on the same disk as the home); for each workload a fresh topic (1 partition) is filled
 by one idempotent producer (acks=all, so every message counted was acknowledged as written) and read
 back from the start by one consumer. Workloads: small messages (100 B), OTLP
-``ExportTraceServiceRequest`` protobufs of GenAI spans (~10 KB and ~100 KB, ~1 KB a span), and
+``ExportTraceServiceRequest`` protobufs of ``bench.ingest``'s GenAI spans (~10 KB and ~100 KB,
+~1.1 KB a span), and
 ``unbatched``: one message per produce request, awaited before the next (what faust's changelogs do
 with closeloop's settings), where the per-request latency of the storage shows.
 
@@ -26,11 +27,13 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from bench.gateway import body
+from bench.ingest import request
 from processors.embedded.broker import EmbeddedBroker, ensure_topics
 from processors.embedded.s3store import LocalS3
 
 TIME_CAP_S = 120.0
+
+SPANS_10KB, SPANS_100KB = 9, 88  # requests of ~10 KB and ~100 KB of bench.ingest traffic
 
 
 @dataclass
@@ -166,9 +169,20 @@ def main() -> None:
     args = ap.parse_args()
     workloads = [
         Workload("small-100B", args.small, lambda i: b"x" * 100),
-        Workload("otlp-10KB", args.otlp, lambda i: body(i, 10, 10), spans=10),
-        Workload("otlp-100KB", max(args.otlp // 4, 1), lambda i: body(i, 100, 10), spans=100),
-        Workload("unbatched", args.unbatched, lambda i: body(i, 10, 10), spans=10, batched=False),
+        Workload("otlp-10KB", args.otlp, lambda i: request(i, SPANS_10KB, 10), spans=SPANS_10KB),
+        Workload(
+            "otlp-100KB",
+            max(args.otlp // 4, 1),
+            lambda i: request(i, SPANS_100KB, 10),
+            spans=SPANS_100KB,
+        ),
+        Workload(
+            "unbatched",
+            args.unbatched,
+            lambda i: request(i, SPANS_10KB, 10),
+            spans=SPANS_10KB,
+            batched=False,
+        ),
     ]
     storages = ["memory", "s3"] + (["s3-nofsync"] if args.no_fsync else [])
     results = {s: run(s, workloads, Path(args.dir)) for s in storages}

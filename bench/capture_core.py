@@ -11,6 +11,7 @@ import argparse
 import json
 import random
 import time
+from collections.abc import Iterable
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import KeyValue
@@ -21,6 +22,7 @@ from processors.config import CaptureConfig
 from processors.redact import Redactor
 
 SPANS_PER_REQUEST = 200
+KINDS = ("llm", "llm", "tool", "other")  # the spans of an agent turn, in proportion
 T0 = 1_731_000_000_000_000_000
 WORDS = [
     "the",
@@ -136,25 +138,32 @@ def _attrs(kind: str, i: int, rng: random.Random, content: bool) -> dict[str, ob
     }
 
 
+def export_request(spans: Iterable[Span]) -> bytes:
+    """An OTLP export request of ``spans`` from the benchmarks' support agent, as its OpenAI
+    instrumentation sends them (the one request builder of bench/)."""
+    req = ExportTraceServiceRequest()
+    rs = req.resource_spans.add()
+    rs.resource.attributes.extend(
+        [
+            _kv("service.name", "support-agent"),
+            _kv("service.version", "1.4.2"),
+            _kv("telemetry.sdk.language", "python"),
+        ]
+    )
+    ss = rs.scope_spans.add()
+    ss.scope.name = "opentelemetry.instrumentation.openai_v2"
+    ss.spans.extend(spans)
+    return req.SerializeToString()
+
+
 def make_messages(n_spans: int, content: bool, seed: int = 7) -> list[RawMessage]:
     rng = random.Random(seed)
-    kinds = ["llm", "llm", "tool", "other"]
     out = []
     for m in range(0, n_spans, SPANS_PER_REQUEST):
-        req = ExportTraceServiceRequest()
-        rs = req.resource_spans.add()
-        rs.resource.attributes.extend(
-            [
-                _kv("service.name", "support-agent"),
-                _kv("service.version", "1.4.2"),
-                _kv("telemetry.sdk.language", "python"),
-            ]
-        )
-        ss = rs.scope_spans.add()
-        ss.scope.name = "opentelemetry.instrumentation.openai_v2"
+        spans = []
         for i in range(m, min(m + SPANS_PER_REQUEST, n_spans)):
-            kind = kinds[i % 4]
-            ss.spans.append(
+            kind = KINDS[i % len(KINDS)]
+            spans.append(
                 Span(
                     trace_id=rng.randbytes(16),
                     span_id=rng.randbytes(8),
@@ -165,7 +174,7 @@ def make_messages(n_spans: int, content: bool, seed: int = 7) -> list[RawMessage
                     attributes=[_kv(k, v) for k, v in _attrs(kind, i, rng, content).items()],
                 )
             )
-        out.append(RawMessage("otlp_spans", 0, m, None, req.SerializeToString()))
+        out.append(RawMessage("otlp_spans", 0, m, None, export_request(spans)))
     return out
 
 

@@ -3,6 +3,7 @@
 Starts a tansu broker and the gateway as a separate process (as ``closeloop up`` does), then
 fires ``--requests`` requests of ``--spans`` spans from ``--threads`` keep-alive connections and
 prints spans/s acknowledged (every 200 answer means every span is on the broker, acks=all).
+The requests are ``bench.ingest``'s GenAI traffic (:func:`bench.ingest.request`).
 
     python bench/gateway.py [--requests 200] [--spans 500] [--threads 4] [--spans-per-trace 10]
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import os
 import subprocess
 import sys
@@ -21,62 +21,11 @@ import time
 from pathlib import Path
 
 import yaml
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
+from bench.ingest import request
 from processors.embedded.broker import EmbeddedBroker, ensure_topics
 
 DISTINCT_BODIES = 8
-
-
-def attr(k: str, v: str | int) -> KeyValue:
-    val = AnyValue(int_value=v) if isinstance(v, int) else AnyValue(string_value=v)
-    return KeyValue(key=k, value=val)
-
-
-def body(seed: int, spans: int, per_trace: int) -> bytes:
-    """One request: ``spans`` GenAI chat spans, ``per_trace`` spans per trace, ~1 KB each."""
-    req = ExportTraceServiceRequest()
-    rs = req.resource_spans.add()
-    rs.resource.attributes.append(attr("service.name", "bench-agent"))
-    ss = rs.scope_spans.add()
-    ss.scope.name = "openai.instrumentation"
-    for i in range(spans):
-        s = ss.spans.add()
-        s.trace_id = (seed * 1_000_000 + i // per_trace + 1).to_bytes(16, "big")
-        s.span_id = (seed * 1_000_000 + i + 1).to_bytes(8, "big")
-        s.name = "chat gpt-4o-mini"
-        s.kind = s.SPAN_KIND_CLIENT
-        s.start_time_unix_nano = 1_700_000_000_000_000_000 + i
-        s.end_time_unix_nano = s.start_time_unix_nano + 800_000_000
-        s.attributes.extend(
-            [
-                attr("gen_ai.operation.name", "chat"),
-                attr("gen_ai.provider.name", "openai"),
-                attr("gen_ai.request.model", "gpt-4o-mini"),
-                attr("gen_ai.usage.input_tokens", 420),
-                attr("gen_ai.usage.output_tokens", 80),
-                attr("gen_ai.conversation.id", f"c{i // per_trace}"),
-                attr(
-                    "gen_ai.input.messages",
-                    json.dumps(
-                        [
-                            {
-                                "role": "user",
-                                "parts": [
-                                    {
-                                        "type": "text",
-                                        "content": "My order #4412 has not arrived. Where is it? "
-                                        * 12,
-                                    },
-                                ],
-                            }
-                        ]
-                    ),
-                ),
-            ]
-        )
-    return req.SerializeToString()
 
 
 def fire(port: int, bodies: list[bytes], n: int, codes: list[int]) -> None:
@@ -101,7 +50,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--spans-per-trace", type=int, default=10)
     a = p.parse_args()
-    bodies = [body(k, a.spans, a.spans_per_trace) for k in range(DISTINCT_BODIES)]
+    bodies = [request(k, a.spans, a.spans_per_trace) for k in range(DISTINCT_BODIES)]
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker:
         ensure_topics(broker.bootstrap, ["otlp_spans", "otlp_logs"], 4)
         cfg = Path(tmp) / "closeloop.yaml"

@@ -43,18 +43,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from bench.capture_core import _attrs, _kv
+from bench.capture_core import KINDS, _attrs, _kv, export_request
 from processors.config import load_config
 from processors.embedded.broker import free_port
 from processors.embedded.stack import EmbeddedStack
 from processors.runtime import STATS_INTERVAL_S
 from processors.store import Store, connect_http
 
+ROOT = Path(__file__).resolve().parent.parent  # frames under it are named relative to it
 SPANS_PER_CONVERSATION = 8
-KINDS = ("llm", "llm", "tool", "other")
 PLACEHOLDER = bytes.fromhex(
     "5a17c0de9e3b61f4"
 )  # first 8 trace-id bytes of a template, replaced per request
@@ -69,29 +68,20 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # -- the traffic ------------------------------------------------------------------------------
-def request_template(spans: int, seed: int) -> bytes:
-    """One OTLP request of ``spans`` spans in conversations of 8; trace ids start with PLACEHOLDER."""
+def request_template(spans: int, seed: int, per_trace: int = SPANS_PER_CONVERSATION) -> bytes:
+    """One OTLP request of ``spans`` GenAI spans in conversations (traces) of ``per_trace``
+    spans; trace ids start with PLACEHOLDER (:func:`stamp` makes them unique)."""
     rng = random.Random(seed)
-    req = ExportTraceServiceRequest()
-    rs = req.resource_spans.add()
-    rs.resource.attributes.extend(
-        [
-            _kv("service.name", "support-agent"),
-            _kv("service.version", "1.4.2"),
-            _kv("telemetry.sdk.language", "python"),
-        ]
-    )
-    ss = rs.scope_spans.add()
-    ss.scope.name = "opentelemetry.instrumentation.openai_v2"
+    built: list[Span] = []
     t0 = time.time_ns() - 60_000_000_000
     for i in range(spans):
-        conv = i // SPANS_PER_CONVERSATION
+        conv = i // per_trace
         kind = KINDS[i % len(KINDS)]
         attrs = _attrs(kind, i, rng, content=True)
         if "gen_ai.conversation.id" in attrs:
             attrs["gen_ai.conversation.id"] = f"{PLACEHOLDER.hex()}-{conv}"
         start = t0 + i * 50_000_000
-        ss.spans.append(
+        built.append(
             Span(
                 trace_id=PLACEHOLDER + conv.to_bytes(8, "big"),
                 span_id=SPAN_PLACEHOLDER + (i + 1).to_bytes(3, "big"),  # never all zero
@@ -102,7 +92,12 @@ def request_template(spans: int, seed: int) -> bytes:
                 attributes=[_kv(k, v) for k, v in attrs.items()],
             )
         )
-    return req.SerializeToString()
+    return export_request(built)
+
+
+def request(seed: int, spans: int, per_trace: int = SPANS_PER_CONVERSATION) -> bytes:
+    """One request of ``spans`` spans whose ids are its own (``seed`` tells requests apart)."""
+    return stamp(request_template(spans, seed, per_trace), request_prefix(0, 0, seed))
 
 
 def request_prefix(nonce: int, level: int, seq: int) -> bytes:
@@ -426,7 +421,7 @@ def _frame(f: str) -> str:
     """'insert_records (processors/store.py:123)' → 'insert_records (processors/store.py)'."""
     name, _, where = f.partition(" (")
     where = where.rstrip(")").rsplit(":", 1)[0]
-    for marker in ("site-packages/", "/work/main/", "lib/python3"):
+    for marker in ("site-packages/", f"{ROOT}/", "lib/python3"):
         if marker in where:
             where = where.split(marker, 1)[1]
     return f"{name} ({where})"

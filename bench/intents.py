@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from processors.understand.embed import HashingEmbedder, MiniLMEmbedder, StaticEmbedder
+from bench.static_embedder import StaticEmbedder
+from processors.understand.embed import HashingEmbedder, MiniLMEmbedder
 from processors.understand.intents import IntentModel
 
 ROOT = Path(__file__).resolve().parent.parent

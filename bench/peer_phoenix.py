@@ -1,7 +1,7 @@
 """Side by side with Arize Phoenix: the same OTLP requests into both; offline vs online intents.
 
     python -m bench.peer_phoenix [--requests 100] [--spans 500] [--conversations 10000]
-                                 [--phoenix /work/venv-phoenix/bin/phoenix]
+                                 [--phoenix .venv-phoenix/bin/phoenix]
 
 Ingest: the same stamped OTLP/HTTP protobuf requests as ``bench.ingest`` (GenAI conversations,
 ~1.1 KB/span) go, unpaced from 4 connections, first to closeloop's embedded stack and then to
@@ -9,7 +9,8 @@ Ingest: the same stamped OTLP/HTTP protobuf requests as ``bench.ingest`` (GenAI 
 system: spans/s accepted (answered 2xx) and the time from the first request until every span
 is queryable (closeloop: ``spans`` via the SQL endpoint; Phoenix: ``count(*)`` of its
 ``spans`` table, read-only). Phoenix is installed in its own venv
-(``python -m venv /work/venv-phoenix && /work/venv-phoenix/bin/pip install arize-phoenix``);
+(``python -m venv .venv-phoenix && .venv-phoenix/bin/pip install arize-phoenix`` in the
+repository);
 without it that part is skipped.
 
 Intents: the tool a user would pick instead of an online model is a batch job (embed every
@@ -43,7 +44,7 @@ from processors.embedded.procs import stop_process
 from processors.understand.core import Understand
 from processors.understand.embed import make_embedder
 
-PHOENIX = Path("/work/venv-phoenix/bin/phoenix")
+PHOENIX = Path(__file__).resolve().parent.parent / ".venv-phoenix" / "bin" / "phoenix"
 THREADS = 4
 QUERYABLE_TIMEOUT_S = 600.0
 STALL_S = 30.0  # no new span queryable for this long: the rest is not coming

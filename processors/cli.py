@@ -5,21 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import signal
 import sys
 import time
 from typing import Any
 
-from processors.config import Config, load_config
+from processors.config import Config, config_for
 from processors.errors import CloseloopError
 
 log = logging.getLogger("closeloop")
 
 
 def _config(a: argparse.Namespace, **extra: Any) -> Config:
-    overrides = {"home": getattr(a, "home", None)}
-    overrides.update(extra)
-    return load_config(getattr(a, "config", None), overrides=overrides)
+    return config_for(getattr(a, "config", None), getattr(a, "home", None), **extra)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -111,13 +110,32 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 
 # -- sql / migrate ---------------------------------------------------------------------------
+DEFAULT_SQL_FORMAT = "PrettyCompactMonoBlock"
+# A trailing ``FORMAT <name>`` clause (the driver names the format itself, so it is taken out
+# of the query and passed on).
+_FORMAT_CLAUSE = re.compile(r"\s+FORMAT\s+([A-Za-z][A-Za-z0-9]*)\s*;?\s*$", re.IGNORECASE)
+
+
+def split_format(query: str, option: str | None) -> tuple[str, str]:
+    """``(query without its FORMAT clause, output format)``; the clause or ``--format``."""
+    m = _FORMAT_CLAUSE.search(query)
+    if not m:
+        return query, option or DEFAULT_SQL_FORMAT
+    if option and option.lower() != m.group(1).lower():
+        raise CloseloopError(
+            f"the query says FORMAT {m.group(1)} and --format says {option}: give one"
+        )
+    return query[: m.start()], m.group(1)
+
+
 def cmd_sql(a: argparse.Namespace) -> int:
     from processors.store import open_store
 
     cfg = _config(a)
+    query, fmt = split_format(a.query, a.format)
     store = open_store(cfg)
     try:
-        out = store.raw(a.query, fmt=a.format)
+        out = store.raw(query, fmt=fmt)
     finally:
         store.close()
     sys.stdout.buffer.write(out)
@@ -129,7 +147,7 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     from processors.store import open_store
 
     cfg = _config(a)
-    store = open_store(cfg)
+    store = open_store(cfg, migrate=False)
     try:
         applied = store.migrate()
     finally:
@@ -150,21 +168,31 @@ def cmd_worker(a: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("closeloop")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="closeloop",
         description="closeloop: capture, understand, diagnose, "
         "act and review — the loop under a self-improving agent.",
     )
+    p.add_argument("--version", action="version", version=f"closeloop {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser(
         "up", help="start the embedded stack (broker, OTLP gateway, workers, store, page)"
     )
     _common(up)
-    up.add_argument("--otlp-grpc-port", type=int)
-    up.add_argument("--otlp-http-port", type=int)
-    up.add_argument("--web-port", type=int)
+    up.add_argument("--otlp-grpc-port", type=int, help="OTLP gRPC port (default: otlp.grpc_port)")
+    up.add_argument("--otlp-http-port", type=int, help="OTLP HTTP port (default: otlp.http_port)")
+    up.add_argument("--web-port", type=int, help="review page port (default: web.port)")
     up.set_defaults(fn=cmd_up)
 
     st = sub.add_parser(
@@ -176,8 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sq = sub.add_parser("sql", help="run a query on the store (through the running stack if any)")
     _common(sq)
-    sq.add_argument("query")
-    sq.add_argument("--format", default="PrettyCompactMonoBlock", help="ClickHouse output format")
+    sq.add_argument("query", help="SQL; a trailing FORMAT clause chooses the output format")
+    sq.add_argument("--format", help=f"ClickHouse output format (default: {DEFAULT_SQL_FORMAT})")
     sq.set_defaults(fn=cmd_sql)
 
     mg = sub.add_parser("migrate", help="apply schemas/*.sql to the configured ClickHouse")
@@ -186,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     wk = sub.add_parser("worker", help="run the stage processors (one faust worker)")
     _common(wk)
-    wk.add_argument("--bootstrap")
-    wk.add_argument("--stages")
+    wk.add_argument("--bootstrap", help="Kafka bootstrap servers (default: kafka.bootstrap)")
+    wk.add_argument("--stages", help="comma-separated stages to run (default: all; e.g. capture)")
     wk.set_defaults(fn=cmd_worker)
 
     from processors import commands
@@ -202,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument(
         "--conversations", type=int, default=600, help="conversations per cycle (default 600)"
     )
-    dm.add_argument("--seed", type=int, default=1)
+    dm.add_argument(
+        "--seed", type=int, default=1, help="seed of the demo's simulated users (default 1)"
+    )
     dm.set_defaults(fn=_lazy("processors.demo:cmd_demo"))
     return p
 

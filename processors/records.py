@@ -18,7 +18,6 @@ The stages:
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -29,9 +28,14 @@ SCHEMA_VERSION = 1
 T = TypeVar("T", bound="Record")
 
 
-@functools.cache
 def _field_names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
+    """The field names of a record class (cached: classes are hashed by identity)."""
+    return _FIELD_NAMES.get(cls) or _FIELD_NAMES.setdefault(
+        cls, tuple(f.name for f in dataclasses.fields(cls))
+    )
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 def _plain(obj: Any) -> Any:
@@ -106,6 +110,27 @@ class ToolCall(Record):
 
 
 @dataclass
+class Evaluation(Record):
+    """An outcome stated about a conversation rather than guessed from it.
+
+    From an OTel GenAI evaluation event (``gen_ai.evaluation.result``: a span event or a
+    log record), from the ``closeloop.outcome`` span attribute (``name`` is then
+    ``closeloop.outcome`` and ``label`` the outcome), or from late feedback
+    (``closeloop feedback``, the feedback endpoint). ``score`` is None when none was given.
+    """
+
+    name: str = ""
+    score: float | None = None
+    label: str = ""
+    explanation: str = ""  # redacted
+    response_id: str = ""  # gen_ai.response.id of the answer judged, if given
+    source: str = "event"  # event | log | attribute | feedback
+    span_id: str = ""
+    trace_id: str = ""
+    ts_ns: int = 0
+
+
+@dataclass
 class Message(Record):
     """One message of a conversation, in order. ``role``: user | assistant | tool | system."""
 
@@ -158,6 +183,7 @@ class TurnRecord(Record):
     error_message: str = ""
     end_of_conversation: bool = False
     redactions: int = 0
+    evaluations: list[Evaluation] = field(default_factory=list)
 
 
 @dataclass
@@ -187,6 +213,7 @@ class Conversation(Record):
     input_tokens: int = 0
     output_tokens: int = 0
     latency_ms: float = 0.0  # sum of llm span durations
+    evaluations: list[Evaluation] = field(default_factory=list)  # stated outcomes, in time order
 
     def user_messages(self) -> list[str]:
         return [m.content for m in self.messages if m.role == "user"]
@@ -207,14 +234,52 @@ class TagRecord(Record):
     signals: list[str] = field(
         default_factory=list
     )  # bug_report, feature_request, churn_risk, setup_friction, confusion, long_tail
-    outcome: str = "resolved"  # resolved | abandoned | escalated | errored
+    outcome: str = "resolved"  # see processors.understand.outcomes.OUTCOMES
     outcome_turn: int = -1
-    failed: bool = False  # outcome != resolved, the failure signal diagnose tracks
+    failed: bool = False  # the failure signal diagnose tracks (see understand.outcomes)
+    outcome_source: str = "heuristic"  # heuristic | stated (an evaluation, attribute or feedback)
+    outcome_reason: str = ""  # why: the evaluation / feedback, or the heuristic's rule (redacted)
     prompt_version: str = ""
     model: str = ""
     agent_version: str = ""
     ts_ns: int = 0
     conversation: Conversation | None = None
+
+
+# Outcomes stated about a conversation (the contract with agents: docs/agent-authors.md).
+# resolved: the need was met; failed: a stated failure; abandoned: the user left after a
+# question; escalated: handed to a human; errored: errors prevented an answer; unknown: the
+# conversation holds no evidence either way (no answer to the user's last message).
+OUTCOMES = ("resolved", "failed", "abandoned", "escalated", "errored", "unknown")
+OUTCOME_ATTRIBUTE = "closeloop.outcome"
+OUTCOME_REASON_ATTRIBUTE = "closeloop.outcome.reason"
+EVALUATION_EVENT = "gen_ai.evaluation.result"
+
+# The taxonomy every diagnosis is filed under (docs/architecture.md, "Failure kinds"):
+FAILURE_KINDS = (
+    "tool_error",  # a tool fails or is retried in a loop
+    "wrong_tool_arguments",  # the right tool, arguments not grounded in what the user or a tool said
+    "missing_action",  # the action the failed conversations needed is never taken
+    "unauthorized_action",  # a state-changing action taken without the user's confirmation / allowance
+    "unnecessary_escalation",  # handed to a human where successful conversations are not
+    "repeated_ask",  # the agent asks again for what the user already gave
+    "latency",  # slow model or tool calls
+    "prompt_regression",  # a new prompt / model / agent version fails more
+    "abandonment",  # users leave after a question of the agent
+    "other",
+)
+
+
+# The existing rules filed under the taxonomy (contrast diagnoses carry their own kind; an
+# LLM's diagnosis names one, else "other").
+RULE_KINDS = {
+    "repeated_ask": "repeated_ask",
+    "tool_argument": "wrong_tool_arguments",
+    "prompt_regression": "prompt_regression",
+    "version_regression": "prompt_regression",
+    "abandon_after_question": "abandonment",
+    "latency": "latency",
+}
 
 
 @dataclass
@@ -249,6 +314,11 @@ class Diagnosis(Record):
     status: str = "open"  # open | proposed | resolved | rejected
     version: int = 1
     updated_ns: int = 0
+    failure_kind: str = "other"  # one of FAILURE_KINDS
+
+    def __post_init__(self) -> None:
+        if self.failure_kind == "other":
+            self.failure_kind = RULE_KINDS.get(self.rule, "other")
 
 
 @dataclass
@@ -343,6 +413,8 @@ _nested: dict[tuple[str, str], type[Record]] = {
     ("TurnRecord", "input_messages"): Message,
     ("TurnRecord", "output_messages"): Message,
     ("TurnRecord", "tool"): ToolCall,
+    ("TurnRecord", "evaluations"): Evaluation,
+    ("Conversation", "evaluations"): Evaluation,
     ("Conversation", "messages"): Message,
     ("Conversation", "tool_calls"): ToolCall,
     ("TagRecord", "conversation"): Conversation,

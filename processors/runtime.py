@@ -26,8 +26,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import faust
+import orjson
 from aiokafka.partitioner import murmur2
 
+from processors.bundles import fit
 from processors.config import Config
 from processors.embedded.broker import TopicState, topic_state
 from processors.embedded.procs import write_run_file
@@ -43,6 +45,15 @@ RECORD_BATCH = 500  # records per take of a stage after capture
 TAKE_WITHIN_S = 0.2
 STATS_INTERVAL_S = 5.0
 DEADLETTER_MAX_BYTES = 64 * 1024
+FRAMING_BYTES = 64 * 1024
+_OUTAGE_WORDS = (
+    "Timeout",
+    "TimedOut",
+    "Connection",
+    "NotAvailable",
+    "NotReady",
+    "NotLeader",
+)  # a Kafka record's key, headers and batch framing beyond its value
 REFUSALS_BEFORE_SPLIT = 3
 
 
@@ -68,6 +79,10 @@ def faust_settings(cfg: Config, bootstrap: str) -> dict[str, Any]:
         # (and, through the shared consumer, every stage) that long. After 30 s the send fails,
         # the stage raises, the worker exits and restarts, and the batch is redelivered.
         producer_request_timeout=30.0,
+        # stages split and cut what they send under kafka.max_message_bytes (Wiring.send_all);
+        # the producer's own limit is the state's (a changelog record holds one open
+        # conversation whole), with room for the record's framing
+        producer_max_request_size=cfg.kafka.max_state_bytes + FRAMING_BYTES,
         topic_partitions=cfg.kafka.partitions,
         topic_replication_factor=1,
         consumer_auto_offset_reset="earliest",
@@ -341,6 +356,59 @@ def dead_letter(stage: str, reason: str, event: Any, now_ns: int, detail: str = 
     )
 
 
+class FailingBatches:
+    """Batches that crashed the worker, remembered across its restarts (a small JSON file
+    under ``<home>/run``). A stage raises on a batch, the worker restarts and the batch is
+    redelivered; if it fails again with the same kind of error it is dead-lettered rather
+    than crash-looping forever. A batch is known by its stage and the first offset of each
+    partition it holds (a redelivery starts at the committed offsets)."""
+
+    def __init__(self, path: Any) -> None:
+        self.path = path
+        try:
+            self._failed: dict[str, str] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self._failed = {}
+
+    @staticmethod
+    def key(stage: str, events: list[Any]) -> str:
+        first: dict[str, int] = {}
+        for e in events:
+            k = _key(e.message)
+            first[k] = min(first.get(k, e.message.offset), e.message.offset)
+        return stage + "|" + ",".join(f"{k}:{o}" for k, o in sorted(first.items()))
+
+    def failed_before(self, key: str, exc: BaseException) -> bool:
+        return self._failed.get(key) == type(exc).__name__
+
+    @staticmethod
+    def is_outage(exc: BaseException) -> bool:
+        """An error of the infrastructure (the store, the broker, the network): the batch is
+        not at fault, the worker must keep restarting until the outage ends."""
+        e: BaseException | None = exc
+        while e is not None:
+            if isinstance(e, (StoreError, OSError, asyncio.TimeoutError)) or any(
+                w in type(e).__name__ for w in _OUTAGE_WORDS
+            ):
+                return True
+            e = e.__cause__ or e.__context__
+        return False
+
+    def remember(self, key: str, exc: BaseException) -> None:
+        self._failed[key] = type(exc).__name__
+        self._save()
+
+    def forget(self, key: str) -> None:
+        if self._failed.pop(key, None) is not None:
+            self._save()
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._failed))
+        tmp.replace(self.path)
+
+
 def partition_of(key: str, partitions: int) -> int:
     """The partition the producer's default partitioner (murmur2, as Kafka's Java client and
     aiokafka) gives ``key``: bundles sent to it keep every conversation where its table lives."""
@@ -480,7 +548,20 @@ class Checkpoint:
         if not rows:
             return
         row = rows[0]
-        apply(base64.b64decode(row["data"]))
+        try:
+            apply(base64.b64decode(row["data"]))
+        except Exception as e:
+            # A snapshot of an older release (its classes moved or its format changed) must not
+            # keep the stage from starting: it starts over from the start of its topics, and the
+            # tables' content keys make the replay harmless.
+            log.warning(
+                "%s: checkpoint #%s cannot be restored (%s: %s); starting from the beginning",
+                self.name,
+                row["seq"],
+                type(e).__name__,
+                e,
+            )
+            return
         self.offsets = json.loads(row["offsets"])
         self.seq = int(row["seq"])
         self.incarnation.update(json.loads(row["incarnation"] or "{}"))
@@ -627,9 +708,13 @@ class Wiring:
         self.guards.append(guard)
         return guard
 
-    async def send_all(self, sends: list[tuple[Any, ...]]) -> None:
+    async def send_all(self, sends: list[tuple[Any, ...]], stage: str = "") -> None:
         """Send ``(topic, key, value[, partition])`` and wait for every acknowledgement
-        (at-least-once towards the next stage)."""
+        (at-least-once towards the next stage). A value over ``kafka.max_message_bytes`` is
+        cut to fit (:func:`processors.bundles.fit`); one that cannot fit is dead-lettered."""
+        sends, unfit = self._fitted(sends, stage or "send")
+        if unfit:
+            await self.send_deadletters(stage or "send", unfit)
         futs = [
             await s[0].send(
                 key=s[1].encode() if s[1] is not None else None,
@@ -640,6 +725,33 @@ class Wiring:
         ]
         for f in futs:
             await f
+
+    def _fitted(
+        self, sends: list[tuple[Any, ...]], stage: str
+    ) -> tuple[list[tuple[Any, ...]], list[DeadLetter]]:
+        limit = self.pipe.cfg.kafka.max_message_bytes
+        if all(len(s[2]) <= limit for s in sends):
+            return sends, []
+        out, unfit = [], []
+        for s in sends:
+            value = s[2] if len(s[2]) <= limit else fit(orjson.loads(s[2]), limit)
+            if value is None:
+                unfit.append(
+                    DeadLetter(
+                        stage=stage,
+                        reason="record over kafka.max_message_bytes",
+                        detail=f"{len(s[2])} bytes > {limit}; nothing left to cut",
+                        topic=s[0].get_topic_name(),
+                        key=str(s[1] or "")[:200],
+                        original_b64=base64.b64encode(s[2][:DEADLETTER_MAX_BYTES]).decode(),
+                        ts_ns=time.time_ns(),
+                    )
+                )
+            else:
+                if value is not s[2]:
+                    log.warning("%s: a %d-byte record was cut to fit %d", stage, len(s[2]), limit)
+                out.append((s[0], s[1], value, *s[3:]))
+        return out, unfit
 
     async def send_deadletters(self, stage: str, dls: list[DeadLetter]) -> None:
         if not dls:

@@ -22,23 +22,22 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from scipy.stats import binomtest, norm
+from scipy.stats import fisher_exact as _scipy_fisher_exact
+
 FIXED = "fixed"
 NO_EFFECT = "no_effect"
 REGRESSED = "regressed"
 NOT_ENOUGH_DATA = "not_enough_data"
 VERDICTS = (FIXED, NO_EFFECT, REGRESSED, NOT_ENOUGH_DATA)
 
-Z_95 = 1.959963984540054
+CONFIDENCE = 0.95
+Z_95 = float(norm.ppf(0.5 + CONFIDENCE / 2))
 # An intent whose share of all traffic grew or shrank by more than this factor between the two
 # windows is a different population: users (or the taxonomy) moved, not only the agent.
 SHARE_SHIFT_FACTOR = 2.0
 # Controls explain the change when they moved the same way by at least this fraction of it.
 CONTROL_SHIFT_FRACTION = 0.5
-
-
-def _norm_sf(z: float) -> float:
-    """Upper tail of the standard normal distribution."""
-    return 0.5 * math.erfc(z / math.sqrt(2.0))
 
 
 def two_proportion_z(n1: int, x1: int, n2: int, x2: int) -> tuple[float, float]:
@@ -56,59 +55,39 @@ def two_proportion_z(n1: int, x1: int, n2: int, x2: int) -> tuple[float, float]:
     if se == 0:
         return 0.0, 1.0
     z = (x2 / n2 - x1 / n1) / se
-    return z, min(1.0, 2 * _norm_sf(abs(z)))
-
-
-def _log_comb(n: int, k: int) -> float:
-    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+    return z, min(1.0, float(2 * norm.sf(abs(z))))
 
 
 def fisher_exact(n1: int, x1: int, n2: int, x2: int) -> float:
-    """Two-sided p-value of Fisher's exact test on the 2x2 table [[x1, n1-x1], [x2, n2-x2]].
-
-    Sums the hypergeometric probabilities of every table with the same margins that is at
-    most as likely as the observed one (the convention of R and scipy), with the same
-    relative tolerance scipy uses so that ties are counted.
-    """
+    """Two-sided p-value of Fisher's exact test on the 2x2 table [[x1, n1-x1], [x2, n2-x2]]
+    (scipy's: the tables with the same margins at most as likely as the observed one)."""
     _check(n1, x1)
     _check(n2, x2)
-    k = x1 + x2  # failures in total (column margin)
-    n = n1 + n2
-    if n == 0:
+    if n1 + n2 == 0:
         return 1.0
-    lo, hi = max(0, k - n2), min(k, n1)
-    log_total = _log_comb(n, k)
-
-    def logp(a: int) -> float:
-        return _log_comb(n1, a) + _log_comb(n2, k - a) - log_total
-
-    observed = logp(x1)
-    cutoff = observed + math.log1p(1e-7)
-    p = sum(math.exp(logp(a)) for a in range(lo, hi + 1) if logp(a) <= cutoff)
-    return min(1.0, p)
+    return min(1.0, float(_scipy_fisher_exact([[x1, n1 - x1], [x2, n2 - x2]])[1]))
 
 
-def wilson_interval(n: int, x: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval of a proportion ``x/n``."""
+def wilson_interval(n: int, x: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``x/n`` (scipy's ``binomtest(...).proportion_ci``)."""
     _check(n, x)
     if n == 0:
         return 0.0, 1.0
-    p = x / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    ci = binomtest(x, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return max(0.0, float(ci.low)), min(1.0, float(ci.high))
 
 
-def newcombe_interval(n1: int, x1: int, n2: int, x2: int, z: float = Z_95) -> tuple[float, float]:
+def newcombe_interval(
+    n1: int, x1: int, n2: int, x2: int, confidence: float = CONFIDENCE
+) -> tuple[float, float]:
     """Newcombe's hybrid score interval (his method 10) for ``x2/n2 - x1/n1``.
 
     Good coverage down to small samples and never outside [-1, 1], unlike Wald.
     """
     p1 = x1 / n1 if n1 else 0.0
     p2 = x2 / n2 if n2 else 0.0
-    l1, u1 = wilson_interval(n1, x1, z)
-    l2, u2 = wilson_interval(n2, x2, z)
+    l1, u1 = wilson_interval(n1, x1, confidence)
+    l2, u2 = wilson_interval(n2, x2, confidence)
     d = p2 - p1
     low = d - math.sqrt((p2 - l2) ** 2 + (u1 - p1) ** 2)
     high = d + math.sqrt((u2 - p2) ** 2 + (p1 - l1) ** 2)

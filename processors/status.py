@@ -48,6 +48,8 @@ def collect_status(cfg: Config, info: dict[str, Any] | None) -> dict[str, Any]:
         "errors": [],
     }
     bootstrap = cfg.kafka.bootstrap
+    if info is None and not bootstrap:
+        st["hint"] = "nothing is running here: start the embedded stack with `closeloop up`"
     if info:
         bootstrap = str(info.get("bootstrap") or bootstrap)
         st["endpoints"] = {
@@ -217,4 +219,6 @@ def format_status(st: dict[str, Any]) -> str:
         out.append(f"  {r['stage']:<10} {r['n']:>6}  {r['reason']}")
     for e in st["errors"]:
         out.append(f"error: {e}")
+    if st.get("hint"):
+        out.append(st["hint"])
     return "\n".join(out)

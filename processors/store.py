@@ -23,18 +23,18 @@ import clickhouse_connect
 from processors.config import Config
 from processors.errors import StoreError
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+# Inside the package, so a wheel carries it (package data); the repository's top-level
+# ``schemas`` is a symlink to it.
+SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
 MIGRATIONS_TABLE = "schema_migrations"
 _MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 
 
 def schema_dir() -> Path:
-    """The DDL folder: ``schemas/`` beside the package (source checkout or installed data)."""
+    """The DDL folder shipped in the package (``processors/schemas``)."""
     if SCHEMA_DIR.is_dir():
         return SCHEMA_DIR
-    raise StoreError(
-        f"schema folder not found at {SCHEMA_DIR}; install closeloop from its source tree"
-    )
+    raise StoreError(f"schema folder not found at {SCHEMA_DIR}: a broken closeloop install")
 
 
 def split_statements(sql: str) -> list[str]:
@@ -55,6 +55,17 @@ def migrations() -> list[tuple[int, str, str]]:
     return out
 
 
+def _store_error(what: str, e: Exception) -> StoreError:
+    """The ClickHouse error, with the fix when closeloop's tables are missing."""
+    text = str(e)
+    if "UNKNOWN_TABLE" in text or "Code: 60." in text:
+        return StoreError(
+            f"closeloop's tables are not there (ClickHouse: {text.splitlines()[0]}) — "
+            "run `closeloop migrate` (a ClickHouse server) or `closeloop up` (the embedded store)"
+        )
+    return StoreError(f"ClickHouse {what} failed: {text}")
+
+
 class Store:
     """A ClickHouse client plus closeloop's conveniences. Thread-safe for the chDB backend."""
 
@@ -69,7 +80,7 @@ class Store:
             try:
                 return self.client.command(sql, parameters=parameters)
             except Exception as e:  # clickhouse-connect raises its own hierarchy
-                raise StoreError(f"ClickHouse command failed: {e}") from e
+                raise _store_error("command", e) from e
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """Rows as dicts (small results: pages, CLI, tests)."""
@@ -77,7 +88,7 @@ class Store:
             try:
                 res = self.client.query(sql, parameters=parameters)
             except Exception as e:
-                raise StoreError(f"ClickHouse query failed: {e}") from e
+                raise _store_error("query", e) from e
         names = res.column_names
         return [dict(zip(names, row)) for row in res.result_rows]
 
@@ -91,7 +102,7 @@ class Store:
             try:
                 return self.client.raw_query(sql, fmt=fmt)
             except Exception as e:
-                raise StoreError(f"ClickHouse query failed: {e}") from e
+                raise _store_error("query", e) from e
 
     def insert(self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> int:
         """Insert rows (row-major). Returns the number written."""
@@ -230,17 +241,27 @@ def running_endpoint(cfg: Config) -> str | None:
     return info.get("url")
 
 
-def open_store(cfg: Config, *, owner: bool = False) -> Store:
+def open_store(cfg: Config, *, owner: bool = False, migrate: bool = True) -> Store:
     """Open the configured store.
 
     ``owner=True`` opens the chDB store directly (the process that serves it). Otherwise,
-    for the embedded store, the running stack's SQL endpoint is used when there is one.
+    for the embedded store, the running stack's SQL endpoint is used when there is one; when
+    there is none the chDB store is opened here and, unless ``migrate=False``, migrated first
+    (idempotent), so a command run before `closeloop up` finds empty tables, not missing ones.
     """
     dsn = cfg.clickhouse_dsn
     if dsn.startswith("chdb://") and not owner:
         url = running_endpoint(cfg)
         if url:
             return connect_http(url)
+        store = connect(dsn)
+        if migrate:
+            try:
+                store.migrate()
+            except StoreError:
+                store.close()
+                raise
+        return store
     return connect(dsn)
 
 

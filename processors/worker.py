@@ -15,7 +15,7 @@ import time
 import faust
 
 from processors.app import build_app
-from processors.config import Config, load_config
+from processors.config import Config, config_for
 from processors.embedded.procs import exit_when_orphaned, write_run_file
 from processors.embedded.sqlserver import SQLServer
 from processors.errors import StoreError
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    cfg = load_config(a.config, overrides={"home": a.home})
+    cfg = config_for(a.config, a.home)
     bootstrap = a.bootstrap or cfg.kafka.bootstrap
     if not bootstrap:
         raise SystemExit(

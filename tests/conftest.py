@@ -13,6 +13,10 @@ from processors.config import Config, load_config
 from processors.embedded.broker import EmbeddedBroker, ensure_topics
 from processors.store import Store, connect
 
+# A program the integration tests start as a faust worker: it reads its setup from the
+# environment when imported, so the doctest collector (--doctest-modules) must not import it.
+collect_ignore = ["integration/counter_app.py"]
+
 # Tests never read the developer's closeloop.yaml or CLOSELOOP_* variables.
 for _name in [n for n in os.environ if n.startswith("CLOSELOOP_")]:
     del os.environ[_name]

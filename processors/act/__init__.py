@@ -2,37 +2,46 @@
 
 ``change`` holds the edit model and the rules every change passes, ``fixes`` turns a
 diagnosis into a change (LLM or templates), ``core`` writes it through a backend
-(:mod:`processors.act.gitrepo` or :mod:`processors.act.github`) and notifies.
+(:mod:`processors.act.gitrepo` or :mod:`processors.act.github`, behind the protocol of
+:mod:`processors.act.backend`) and notifies.
+
+What this package exports is act's public surface: the review layer uses nothing else (it
+rebuilds a stale proposal with :func:`rebuild_proposal`).
 """
 
 from __future__ import annotations
 
+from processors.act.backend import BRANCH_PREFIX, ChangeBackend, branch_name, is_proposal_branch
 from processors.act.change import Change, Component, FileEdit, normalize_path, validate_change
 from processors.act.core import (
     Actor,
-    ChangeBackend,
-    branch_name,
+    Rebuilt,
     notify,
     open_backend,
     proposal_id,
     proposal_rows,
+    rebuild_proposal,
     render_body,
 )
 from processors.act.fixes import propose_change, resolve_component
 
 __all__ = [
+    "BRANCH_PREFIX",
     "Actor",
     "Change",
     "ChangeBackend",
     "Component",
     "FileEdit",
+    "Rebuilt",
     "branch_name",
+    "is_proposal_branch",
     "normalize_path",
     "notify",
     "open_backend",
     "proposal_id",
     "proposal_rows",
     "propose_change",
+    "rebuild_proposal",
     "render_body",
     "resolve_component",
     "validate_change",

@@ -32,7 +32,6 @@ from processors.config import ActTarget
 from processors.errors import ActError
 
 FORBIDDEN_DIRS = (".git", ".github")
-KEY_SEPARATORS = ("#", ":")
 
 
 @dataclass(frozen=True)
@@ -173,14 +172,15 @@ def parse(text: str, fmt: str, path: str = "") -> Any:
 def _python_constants(text: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for node in ast.parse(text).body:
-        target = None
+        target: ast.expr | None = None
+        value: ast.expr | None = None
         if isinstance(node, ast.Assign) and len(node.targets) == 1:
-            target = node.targets[0]
+            target, value = node.targets[0], node.value
         elif isinstance(node, ast.AnnAssign) and node.value is not None:
-            target = node.target
-        if isinstance(target, ast.Name):
+            target, value = node.target, node.value
+        if isinstance(target, ast.Name) and value is not None:
             try:
-                out[target.id] = ast.literal_eval(node.value)  # type: ignore[arg-type]
+                out[target.id] = ast.literal_eval(value)
             except ValueError:
                 continue
     return out
@@ -471,9 +471,10 @@ class Component:
 
 
 def apply_find_replace(
-    files: dict[str, str], edits: Sequence[dict[str, Any]], targets: Sequence[ActTarget]
+    files: dict[str, str], edits: object, targets: Sequence[ActTarget]
 ) -> list[FileEdit]:
-    """Apply ``[{path, find, replace}, ...]`` to ``files``; each ``find`` must occur exactly once."""
+    """Apply ``[{path, find, replace}, ...]`` to ``files``; each ``find`` must occur exactly once.
+    ``edits`` is untrusted (an LLM's answer): anything else is an :class:`ActError`."""
     if not isinstance(edits, (list, tuple)) or not edits:
         raise ActError("expected a non-empty list of edits")
     current: dict[str, str] = {}
@@ -481,7 +482,7 @@ def apply_find_replace(
         if not isinstance(e, dict):
             raise ActError(f"edit {i} is not an object")
         path, find, repl = e.get("path"), e.get("find"), e.get("replace")
-        if not all(isinstance(v, str) for v in (path, find, repl)):
+        if not (isinstance(path, str) and isinstance(find, str) and isinstance(repl, str)):
             raise ActError(f"edit {i} needs string fields path, find and replace")
         norm = normalize_path(path)
         allowed_path(norm, targets)

@@ -15,9 +15,11 @@ import json
 import logging
 import re
 import urllib.request
-from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
+from processors.act.backend import ChangeBackend, branch_name
 from processors.act.change import Change, normalize_path
 from processors.act.fixes import propose_change, quote, redact_value
 from processors.act.github import GitHubBackend
@@ -30,29 +32,9 @@ from processors.redact import Redactor
 
 log = logging.getLogger("closeloop.act")
 
-BRANCH_PREFIX = "closeloop/"
 NOTIFY_TIMEOUT_S = 5.0
 MAX_TRACE_LINKS = 20
 MAX_EVIDENCE_CHARS = 4000
-
-
-class ChangeBackend(Protocol):
-    """Where proposals are written: a local repository or GitHub."""
-
-    name: str  # local | github
-    repo: str
-    base: str
-
-    def read_files(self, paths: Sequence[str], ref: str | None = None) -> dict[str, str]: ...
-    def file_history(self, path: str, limit: int = 5) -> list[str]: ...
-    def existing(self, branch: str) -> dict[str, Any] | None: ...
-    def open_or_update(
-        self, fields: dict[str, Any], change: Change
-    ) -> tuple[str, str, int, str]: ...
-    def status(self, proposal: Proposal) -> dict[str, Any]: ...
-    def merge(self, proposal: Proposal, reviewer: str, comment: str) -> str: ...
-    def close(self, proposal: Proposal, reviewer: str, comment: str) -> None: ...
-    def comment(self, proposal: Proposal, text: str) -> None: ...
 
 
 def open_backend(cfg: Config) -> ChangeBackend:
@@ -67,12 +49,6 @@ def open_backend(cfg: Config) -> ChangeBackend:
 def proposal_id(diagnosis_id: str) -> str:
     """One proposal per diagnosis: a stable hash of its id."""
     return hashlib.sha256(f"proposal\x00{diagnosis_id}".encode()).hexdigest()[:16]
-
-
-def branch_name(diagnosis_id: str) -> str:
-    return BRANCH_PREFIX + (
-        re.sub(r"[^A-Za-z0-9._-]+", "-", diagnosis_id).strip(".-")[:80] or "diagnosis"
-    )
 
 
 # -- rendering ---------------------------------------------------------------------------
@@ -113,8 +89,23 @@ def render_body(
     be verified. Every piece of conversation-derived text is redacted and neutralised, and the
     whole body is redacted once more before it leaves."""
     name = _inline(diag.intent_name, redactor, 80) or diag.intent_id
-    comp = diag.component or {}
     lines = [
+        *_summary_lines(diag, name, redactor),
+        *_evidence_lines(diag, cfg, redactor),
+        *_change_lines(change, redactor),
+        *_verification_lines(diag, cfg, name, redactor),
+        "---",
+        (
+            f"Proposal `{pid}` version {version} · diagnosis `{diag.diagnosis_id}`. closeloop never "
+            "merges: a human reviewer decides."
+        ),
+    ]
+    text, _ = redactor.redact("\n".join(lines))
+    return text
+
+
+def _summary_lines(diag: Diagnosis, name: str, redactor: Redactor) -> list[str]:
+    return [
         f"## {_inline(diag.summary, redactor, 200) or diag.rule}",
         "",
         (
@@ -124,6 +115,13 @@ def render_body(
         "",
         f"**Root cause:** {_inline(diag.root_cause, redactor) or 'see evidence'}",
         "",
+    ]
+
+
+def _evidence_lines(diag: Diagnosis, cfg: Config, redactor: Redactor) -> list[str]:
+    """The evidence table, links to the conversations and the evidence itself (redacted)."""
+    comp = diag.component or {}
+    lines = [
         "### Evidence",
         "",
         "| | |",
@@ -166,7 +164,11 @@ def render_body(
             "</details>",
             "",
         ]
-    lines += [
+    return lines
+
+
+def _change_lines(change: Change, redactor: Redactor) -> list[str]:
+    return [
         "### The change",
         "",
         _inline(change.summary, redactor, 400)
@@ -180,6 +182,11 @@ def render_body(
         "",
         "</details>",
         "",
+    ]
+
+
+def _verification_lines(diag: Diagnosis, cfg: Config, name: str, redactor: Redactor) -> list[str]:
+    return [
         "### What it should fix, and how closeloop will check",
         "",
         (
@@ -193,14 +200,7 @@ def render_body(
             "serve as controls, and a regression raises a new diagnosis."
         ),
         "",
-        "---",
-        (
-            f"Proposal `{pid}` version {version} · diagnosis `{diag.diagnosis_id}`. closeloop never "
-            "merges: a human reviewer decides."
-        ),
     ]
-    text, _ = redactor.redact("\n".join(lines))
-    return text
 
 
 def commit_message(
@@ -265,27 +265,72 @@ class Actor:
         closed by a reviewer is never reopened.
         """
         self.last_reason, self.already_applied = "", False
-        act = self.cfg.act
         if diag.status in ("resolved", "rejected"):
             return self._drop(diag, f"the diagnosis is {diag.status}")
-        if not act.targets:
+        if not self.cfg.act.targets:
             return self._drop(diag, "act.targets is empty: closeloop may not write any file")
-        paths = list(dict.fromkeys(normalize_path(t.path) for t in act.targets))
         branch = branch_name(diag.diagnosis_id)
         try:
             prev = self.backend.existing(branch)
             if prev is not None and prev["state"] in ("merged", "closed"):
                 return self._drop(diag, f"its proposal was already {prev['state']} by a reviewer")
-            files = self.backend.read_files(paths)
-            history = None
-            if diag.rule == "prompt_regression":
-                history = {
-                    normalize_path(t.path): self.backend.file_history(normalize_path(t.path))
-                    for t in act.targets
-                    if t.kind == "prompt"
-                }
+            files, history = self._read_targets(diag)
         except ActError as e:
             return self._drop(diag, str(e))
+        change = self._change(diag, files, history)
+        if change is None:
+            return None
+        # not updated_ns: diagnose re-emits the same version after a restart (replayed from its
+        # checkpoint) at a later time, and that must not count as a new proposal version
+        stamp = hashlib.sha256(
+            json.dumps([diag.diagnosis_id, diag.version, change.diff()]).encode()
+        ).hexdigest()[:16]
+        if (
+            prev is not None
+            and prev["stamp"] != stamp
+            and not rebuild
+            and prev.get("diagnosis_version", 0) >= diag.version
+        ):
+            return self._drop(
+                diag, f"its proposal already answers diagnosis version {prev['diagnosis_version']}"
+            )
+        proposal = self._proposal(diag, change, branch, prev, stamp, now_ns)
+        if prev is not None and prev["stamp"] == stamp:
+            proposal.commit, proposal.pr_number, proposal.pr_url = (
+                prev["commit"],
+                prev["pr_number"],
+                prev["pr_url"],
+            )
+            return proposal
+        try:
+            _, proposal.commit, proposal.pr_number, proposal.pr_url = self.backend.open_or_update(
+                self._fields(diag, change, proposal, stamp), change
+            )
+        except ActError as e:
+            return self._drop(diag, str(e))
+        notify(proposal, self.cfg)
+        return proposal
+
+    def _read_targets(self, diag: Diagnosis) -> tuple[dict[str, str], dict[str, list[str]] | None]:
+        """The target files on the base branch, and the prompts' history for a regression."""
+        targets = self.cfg.act.targets
+        files = self.backend.read_files(
+            list(dict.fromkeys(normalize_path(t.path) for t in targets))
+        )
+        history = None
+        if diag.rule == "prompt_regression":
+            history = {
+                normalize_path(t.path): self.backend.file_history(normalize_path(t.path))
+                for t in targets
+                if t.kind == "prompt"
+            }
+        return files, history
+
+    def _change(
+        self, diag: Diagnosis, files: dict[str, str], history: dict[str, list[str]] | None
+    ) -> Change | None:
+        """The validated change for ``diag``, or ``None`` (dropped, with the reason)."""
+        act = self.cfg.act
         try:
             change, reason = propose_change(
                 diag,
@@ -301,28 +346,25 @@ class Actor:
             return self._drop(diag, str(e))
         if change is None:
             return self._drop(diag, reason)
+        return change
+
+    def _proposal(
+        self,
+        diag: Diagnosis,
+        change: Change,
+        branch: str,
+        prev: dict[str, Any] | None,
+        stamp: str,
+        now_ns: int,
+    ) -> Proposal:
+        """The proposal record: the next version, or the same one for a replay of ``prev``."""
         pid = proposal_id(diag.diagnosis_id)
-        # not updated_ns: diagnose re-emits the same version after a restart (replayed from its
-        # checkpoint) at a later time, and that must not count as a new proposal version
-        stamp = hashlib.sha256(
-            json.dumps([diag.diagnosis_id, diag.version, change.diff()]).encode()
-        ).hexdigest()[:16]
-        if (
-            prev is not None
-            and prev["stamp"] != stamp
-            and not rebuild
-            and prev.get("diagnosis_version", 0) >= diag.version
-        ):
-            return self._drop(
-                diag, f"its proposal already answers diagnosis version {prev['diagnosis_version']}"
-            )
-        title = render_title(diag, self.redactor)
         version = prev["version"] + 1 if prev else 1
         created_ns = (prev["created_ns"] or now_ns) if prev else now_ns
         if prev is not None and prev["stamp"] == stamp:
             version = prev["version"]  # a replay: the branch already holds exactly this
         body = render_body(diag, change, self.cfg, version=version, pid=pid, redactor=self.redactor)
-        proposal = Proposal(
+        return Proposal(
             proposal_id=pid,
             diagnosis_id=diag.diagnosis_id,
             intent_id=diag.intent_id,
@@ -330,7 +372,7 @@ class Actor:
             repo=self.backend.repo,
             base=self.backend.base,
             branch=branch,
-            title=title,
+            title=render_title(diag, self.redactor),
             body=body,
             diff=self.redactor.redact(change.diff())[0],
             files=change.files,
@@ -338,40 +380,30 @@ class Actor:
             created_ns=created_ns,
             updated_ns=now_ns,
         )
-        if prev is not None and prev["stamp"] == stamp:
-            proposal.commit, proposal.pr_number, proposal.pr_url = (
-                prev["commit"],
-                prev["pr_number"],
-                prev["pr_url"],
-            )
-            return proposal
-        fields = {
-            "branch": branch,
-            "title": title,
-            "body": body,
-            "version": version,
-            "proposal_id": pid,
+
+    def _fields(
+        self, diag: Diagnosis, change: Change, proposal: Proposal, stamp: str
+    ) -> dict[str, Any]:
+        """What the backend writes: the branch, its commit message, the pull request text."""
+        return {
+            "branch": proposal.branch,
+            "title": proposal.title,
+            "body": proposal.body,
+            "version": proposal.version,
+            "proposal_id": proposal.proposal_id,
             "diagnosis_id": diag.diagnosis_id,
             "message": commit_message(
                 diag,
                 change,
-                title=title,
-                pid=pid,
-                version=version,
+                title=proposal.title,
+                pid=proposal.proposal_id,
+                version=proposal.version,
                 stamp=stamp,
-                created_ns=created_ns,
+                created_ns=proposal.created_ns,
                 redactor=self.redactor,
             ),
-            "update_comment": update_comment(diag, version, self.cfg, self.redactor),
+            "update_comment": update_comment(diag, proposal.version, self.cfg, self.redactor),
         }
-        try:
-            _, proposal.commit, proposal.pr_number, proposal.pr_url = self.backend.open_or_update(
-                fields, change
-            )
-        except ActError as e:
-            return self._drop(diag, str(e))
-        notify(proposal, self.cfg)
-        return proposal
 
 
 def proposal_rows(props: Iterable[Proposal]) -> list[dict[str, Any]]:
@@ -404,3 +436,23 @@ def notify(proposal: Proposal, cfg: Config) -> bool:
     except OSError as e:
         log.warning("act: notification to %s failed: %s", re.sub(r"//[^/]*@", "//", url), e)
         return False
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    """A proposal built again on the current base, or why there is none: ``already_applied``
+    when the base already holds its change (another proposal made the very same edit)."""
+
+    proposal: Proposal | None
+    reason: str = ""
+    already_applied: bool = False
+
+
+def rebuild_proposal(
+    cfg: Config, backend: ChangeBackend, diagnosis: Diagnosis, now_ns: int
+) -> Rebuilt:
+    """Build the proposal of ``diagnosis`` again on the current base: what review asks of act
+    when an approved branch no longer merges, so the reviewer sees the diff that will land."""
+    actor = Actor(cfg, backend)
+    proposal = actor.propose(diagnosis, now_ns, rebuild=True)
+    return Rebuilt(proposal, actor.last_reason, actor.already_applied)

@@ -14,7 +14,16 @@ latency                    config/harness: raise the timeout key to twice the ti
                            calls hit (rounded up)
 prompt_regression          prompt: revert to the previous committed version, else an instruction
 abandon_after_question     prompt: how to ask the question users leave at
+contrast                   prompt: by failure_kind — unauthorized_action: confirm and check the
+                           policy before calling <tool>; missing_action: complete the request with
+                           <tool>; wrong_tool_arguments: take <argument> of <tool> only from what
+                           the user said or a tool returned; unnecessary_escalation, tool_error
 =========================  ====================================================================
+
+A ``contrast`` instruction is built only from the diagnosis' structured fields: its
+``failure_kind``, its ``evidence.pattern`` (a fixed vocabulary), the tool and argument names
+(accepted only as identifiers, ``[A-Za-z0-9_.-]``) and counts — never a value or any text of
+a conversation.
 
 Conversation-derived text (evidence, and summaries built from it) is untrusted: it reaches
 the LLM only redacted and inside :func:`processors.llm.untrusted_block`, and reaches a
@@ -245,6 +254,8 @@ def instruction(diag: Diagnosis, redactor: Redactor) -> str:
             lead + "Ask only for information you cannot continue without, say briefly why you "
             "need it, use what the user already gave, and offer a way forward without it."
         )
+    if diag.rule == "contrast":
+        return contrast_instruction(diag)
     if diag.rule == "prompt_regression":
         name = quote(diag.intent_name, redactor, 60) or "this intent"
         since = quote(diag.prompt_version, redactor, 40)
@@ -254,6 +265,84 @@ def instruction(diag: Diagnosis, redactor: Redactor) -> str:
             "follow the earlier behaviour: answer the user's request directly and completely."
         )
     raise ActError(f"no templated fix for rule {diag.rule!r}; an LLM is needed")
+
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
+
+
+def _ident(x: Any) -> str:
+    """A tool or argument name as it may appear in a prompt: an identifier, else ``""``."""
+    s = str(x or "")
+    return s if _IDENT.fullmatch(s) else ""
+
+
+def contrast_instruction(diag: Diagnosis) -> str:
+    """The instruction for a contrastive diagnosis (:mod:`processors.diagnose.contrast`)."""
+    ev = diag.evidence or {}
+    pattern = str(ev.get("pattern") or "")
+    tool, arg = _ident(ev.get("tool")), _ident(ev.get("argument"))
+    counts = [ev.get(k) for k in ("failed_with", "failed", "ok_with", "ok")]
+    why = ""
+    if all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+        fw, f, ow, o = counts
+        why = f" ({fw} of {f} failed conversations did; {ow} of {o} successful ones did)"
+    kind = diag.failure_kind
+    if kind == "unauthorized_action" and pattern == "acts":
+        return (
+            "Before any tool call that changes something for the user (creates, changes, "
+            "cancels or sends), check that the rules in this prompt allow exactly that action "
+            "for this user and this request; when they do not, explain why and make no such "
+            "call. Conversations that made a state-changing call where successful ones "
+            f"refrained failed far more often{why}."
+        )
+    if kind == "unauthorized_action" and tool:
+        if pattern == "unconfirmed":
+            return (
+                f"Never call the `{tool}` tool without first stating exactly what it will do and "
+                f"getting the user's explicit confirmation (yes) in the message just before. "
+                f"Conversations that called `{tool}` without that confirmation failed{why}."
+            )
+        return (
+            f"Before you call the `{tool}` tool, check that the rules in this prompt allow that "
+            f"action for this user and this request; if they do not, explain why and do not "
+            f"call it. When they do, state what `{tool}` will do and get the user's explicit "
+            f"confirmation first. Conversations that called `{tool}` failed far more often{why}."
+        )
+    if kind == "missing_action":
+        if pattern == "never" and tool:
+            return (
+                f"When the user's request needs it and the rules in this prompt allow it, "
+                f"complete the request by calling the `{tool}` tool before you end the "
+                f"conversation; do not only describe what you would do. Failed conversations "
+                f"ended without calling `{tool}`{why}."
+            )
+        return (
+            "When the user asks for a change and the rules in this prompt allow it, carry it out "
+            "with the corresponding tool before you end the conversation; do not end with only "
+            f"an explanation or a plan. Failed conversations ended without any such call{why}."
+        )
+    if kind == "wrong_tool_arguments" and tool:
+        what = f"`{arg}`" if arg else "every argument"
+        return (
+            f"When you call the `{tool}` tool, take {what} only from what the user said or what "
+            f"a tool returned in this conversation; never guess or carry a value over from "
+            f"another request. Before calling, restate the exact values to the user and get "
+            f"their confirmation. Conversations whose `{tool}` calls did not follow this "
+            f"failed{why}."
+        )
+    if kind == "unnecessary_escalation":
+        return (
+            "Hand the user to a human only when the rules in this prompt require it or the user "
+            "insists after you offered what you can do yourself; first try to resolve the "
+            f"request with your tools. Conversations handed to a human failed more often{why}."
+        )
+    if kind == "tool_error" and tool:
+        return (
+            f"When the `{tool}` tool returns an error, read it, correct the arguments it "
+            f"complains about and try once more, or tell the user plainly what is blocking; "
+            f"do not repeat the same call. Conversations with `{tool}` errors failed{why}."
+        )
+    raise ActError(f"no templated fix for a {kind} contrast diagnosis; an LLM is needed")
 
 
 def _argument_instruction(ev: dict[str, Any], redactor: Redactor) -> str:
@@ -355,35 +444,9 @@ def templated_changes(
     history: dict[str, list[str]] | None = None,
 ) -> list[tuple[Change, Component]]:
     """Candidate templated fixes, best first (the caller keeps the first that validates)."""
-    out: list[tuple[Change, Component]] = []
     if diag.rule == "latency":
-        comp = resolve_component(diag, files, targets)
-        if not comp.key:
-            raise ActError(
-                "a latency fix needs a config key in component.target (e.g. tools.refund.timeout_s)"
-            )
-        detail = diag.component.get("detail")
-        fmt = file_format(comp.path)
-        old = get_key(parse(files[comp.path], fmt, comp.path), comp.key)
-        hit_s = timeout_hit_s(detail if isinstance(detail, dict) else {}, comp.key, old)
-        new = raised_timeout(comp.key, old, hit_s)
-        edit = FileEdit(
-            comp.path, files[comp.path], set_value(files[comp.path], fmt, comp.key, new)
-        )
-        out.append(
-            (
-                Change(
-                    [edit],
-                    f"raise {comp.key} from {old} to {new}: calls time out at "
-                    f"{hit_s:g}s, so their real duration is longer; {TIMEOUT_FACTOR:g} x "
-                    "that timeout",
-                    "template",
-                    {"key": comp.key, "old": old, "new": new, "timeout_hit_s": hit_s},
-                ),
-                comp,
-            )
-        )
-        return out
+        return [_latency_change(diag, files, targets)]
+    out: list[tuple[Change, Component]] = []
     if diag.rule == "prompt_regression":
         comp = _prompt_or_component(diag, files, targets)
         previous = (history or {}).get(comp.path) or []
@@ -404,21 +467,9 @@ def templated_changes(
     text = instruction(diag, redactor)
     comp = _prompt_or_component(diag, files, targets)
     if comp.type != "prompt" and diag.rule == "tool_argument" and comp.key:
-        fmt = file_format(comp.path)
-        value = get_key(parse(files[comp.path], fmt, comp.path), comp.key)
-        if isinstance(value, str):
-            new = set_value(files[comp.path], fmt, comp.key, (value.rstrip() + " " + text).strip())
-            out.append(
-                (
-                    Change(
-                        [FileEdit(comp.path, files[comp.path], new)],
-                        f"describe the argument format in {comp.key}",
-                        "template",
-                    ),
-                    comp,
-                )
-            )
-            return out
+        described = _describe_in_config(files, comp, text)
+        if described is not None:
+            return [*out, described]
     if comp.type != "prompt":
         comp = prompt_component(files, targets)
     out.append(
@@ -432,6 +483,53 @@ def templated_changes(
         )
     )
     return out
+
+
+def _latency_change(
+    diag: Diagnosis, files: dict[str, str], targets: Sequence[ActTarget]
+) -> tuple[Change, Component]:
+    """Raise the timeout the calls hit (the config key of the diagnosis' component)."""
+    comp = resolve_component(diag, files, targets)
+    if not comp.key:
+        raise ActError(
+            "a latency fix needs a config key in component.target (e.g. tools.refund.timeout_s)"
+        )
+    detail = diag.component.get("detail")
+    fmt = file_format(comp.path)
+    old = get_key(parse(files[comp.path], fmt, comp.path), comp.key)
+    hit_s = timeout_hit_s(detail if isinstance(detail, dict) else {}, comp.key, old)
+    new = raised_timeout(comp.key, old, hit_s)
+    edit = FileEdit(comp.path, files[comp.path], set_value(files[comp.path], fmt, comp.key, new))
+    return (
+        Change(
+            [edit],
+            f"raise {comp.key} from {old} to {new}: calls time out at "
+            f"{hit_s:g}s, so their real duration is longer; {TIMEOUT_FACTOR:g} x "
+            "that timeout",
+            "template",
+            {"key": comp.key, "old": old, "new": new, "timeout_hit_s": hit_s},
+        ),
+        comp,
+    )
+
+
+def _describe_in_config(
+    files: dict[str, str], comp: Component, text: str
+) -> tuple[Change, Component] | None:
+    """The argument format described in the tool's config text (``None``: not a text key)."""
+    fmt = file_format(comp.path)
+    value = get_key(parse(files[comp.path], fmt, comp.path), comp.key)
+    if not isinstance(value, str):
+        return None
+    new = set_value(files[comp.path], fmt, comp.key, (value.rstrip() + " " + text).strip())
+    return (
+        Change(
+            [FileEdit(comp.path, files[comp.path], new)],
+            f"describe the argument format in {comp.key}",
+            "template",
+        ),
+        comp,
+    )
 
 
 def _prompt_or_component(

@@ -24,7 +24,8 @@ from github import (
     UnknownObjectException,
 )
 
-from processors.act.gitrepo import AUTHOR_EMAIL, AUTHOR_NAME, check_branch, proposal_state
+from processors.act.backend import check_branch
+from processors.act.gitrepo import AUTHOR_EMAIL, AUTHOR_NAME, proposal_state
 from processors.config import ActConfig
 from processors.errors import ActError
 
@@ -77,6 +78,13 @@ class GitHubBackend:
         return next(iter(pulls), None)
 
     # -- ChangeBackend -------------------------------------------------------------------
+    def base_commit(self) -> str:
+        """The commit the base branch is at."""
+        sha = self._head_sha(self.base)
+        if sha is None:
+            raise ActError(f"the base branch {self.base!r} does not exist in {self.repo}")
+        return sha
+
     def read_files(self, paths: Sequence[str], ref: str | None = None) -> dict[str, str]:
         """Contents of ``paths`` at ``ref`` (the base branch by default); absent files omitted."""
         out = {}

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from processors.act.backend import check_branch, diagnosis_of_branch
 from processors.errors import ActError, AlreadyApplied
 
 if TYPE_CHECKING:
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 
 AUTHOR_NAME = "closeloop"
 AUTHOR_EMAIL = "closeloop@localhost"
-BRANCH_PREFIX = "closeloop/"
 CLOSED_PREFIX = "refs/closeloop/closed/"
 NOTES_REF = "refs/notes/closeloop"
 ZERO = "0" * 40
@@ -67,15 +67,6 @@ def proposal_state(message: str, state: str, commit: str, **extra: Any) -> dict[
         "pr_url": "",
         **extra,
     }
-
-
-def check_branch(branch: str, base: str) -> None:
-    """Proposals live on ``closeloop/...`` branches only — never on the base branch."""
-    if not branch.startswith(BRANCH_PREFIX) or branch == base or ".." in branch:
-        raise ActError(
-            f"refused to write branch {branch!r}: proposals go to {BRANCH_PREFIX}<id>, "
-            f"never to the base branch {base!r}"
-        )
 
 
 class LocalGit:
@@ -201,7 +192,7 @@ class LocalGit:
 
     def existing(self, branch: str) -> dict[str, Any] | None:
         """The proposal already on ``branch`` (state open/merged), or a closed one, or ``None``."""
-        did = branch[len(BRANCH_PREFIX) :]
+        did = diagnosis_of_branch(branch)
         head = self._rev(f"refs/heads/{branch}")
         state = "open"
         if head is None:
@@ -347,7 +338,7 @@ class LocalGit:
         if ref in self._checked_out():
             raise ActError(f"{proposal.branch} is checked out; switch away before rejecting it")
         self.comment(proposal, f"Rejected by {reviewer}: {comment}".strip())
-        self._git("update-ref", CLOSED_PREFIX + proposal.branch[len(BRANCH_PREFIX) :], head)
+        self._git("update-ref", CLOSED_PREFIX + diagnosis_of_branch(proposal.branch), head)
         self._git("update-ref", "-d", ref, head)
 
     def comment(self, proposal: Proposal, text: str) -> None:

@@ -7,9 +7,10 @@ from collections import defaultdict
 
 import faust
 
+from processors.bundles import bundles
 from processors.capture.core import Capture, CaptureBatch, RawMessage
-from processors.records import SCHEMA_VERSION, TurnRecord, dumps
-from processors.runtime import TAKE_WITHIN_S, Wiring, partition_of
+from processors.records import DeadLetter, TurnRecord
+from processors.runtime import TAKE_WITHIN_S, FailingBatches, Wiring, dead_letter, partition_of
 
 CAPTURE_BATCH = 200  # OTLP requests per take (each holds many spans)
 
@@ -20,6 +21,7 @@ def register(w: Wiring) -> None:
         cfg.capture, logs_topic=cfg.topics.otlp_logs, end_attribute=cfg.assemble.end_attribute
     )
     guard = w.read_guard("capture")
+    failing = FailingBatches(cfg.run_dir() / "failing-batches-capture.json")
 
     @w.app.agent(w.topic(cfg.topics.otlp_spans, cfg.topics.otlp_logs), name="capture")
     async def capture_agent(stream: faust.StreamT) -> None:
@@ -36,27 +38,65 @@ def register(w: Wiring) -> None:
                 )
                 for e in events
             ]
-            batch = await pipe.run(core.process, raw, now, stage="capture")
-            pipe.counters["capture"].records_in += len(raw)
-            await pipe.write("capture", "spans", batch.span_rows)
-            await pipe.write("capture", "turns", batch.turn_rows)
-            await pipe.write("capture", "tool_calls", batch.tool_rows)
-            with pipe.busy("capture"):
-                messages = bundle_messages(w, batch)
-            await w.send_all(messages)
-            pipe.counters["capture"].records_out += len(batch.turns)
-            await w.send_deadletters("capture", batch.deadletters)
+            key = failing.key("capture", events)
+            try:
+                await handle(raw, now)
+            except Exception as e:
+                if failing.is_outage(e) or not failing.failed_before(key, e):
+                    failing.remember(key, e)
+                    raise  # the worker restarts and the batch comes again
+                # the same batch failed the same way twice: dead-letter it, move on
+                await w.send_deadletters(
+                    "capture",
+                    [
+                        dead_letter(
+                            "capture", f"batch failed twice: {type(e).__name__}", ev, now, str(e)
+                        )
+                        for ev in events
+                    ],
+                )
+            failing.forget(key)
+
+    async def handle(raw: list[RawMessage], now: int) -> None:
+        batch = await pipe.run(core.process, raw, now, stage="capture")
+        pipe.counters["capture"].records_in += len(raw)
+        await pipe.write("capture", "spans", batch.span_rows)
+        await pipe.write("capture", "turns", batch.turn_rows)
+        await pipe.write("capture", "tool_calls", batch.tool_rows)
+        with pipe.busy("capture"):
+            messages, unfit = bundle_messages(w, batch)
+        await w.send_all(messages, stage="capture")
+        pipe.counters["capture"].records_out += len(batch.turns)
+        await w.send_deadletters("capture", batch.deadletters + unfit)
 
 
-def bundle_messages(w: Wiring, batch: CaptureBatch) -> list[tuple[object, ...]]:
-    """One message per partition, bundling its conversations: one message per conversation
-    would cost a produce round trip each (changelog-safe settings). orjson serialises the
-    records (dataclasses) itself, in C."""
-    partitions = w.pipe.cfg.kafka.partitions
-    bundles: dict[int, dict[str, list[TurnRecord]]] = defaultdict(lambda: defaultdict(list))
+def bundle_messages(
+    w: Wiring, batch: CaptureBatch
+) -> tuple[list[tuple[object, ...]], list[DeadLetter]]:
+    """Messages per partition bundling its conversations (one message per conversation would
+    cost a produce round trip each), split under ``kafka.max_message_bytes``; a turn record
+    too large even when cut is dead-lettered."""
+    cfg = w.pipe.cfg
+    groups: dict[int, dict[str, list[TurnRecord]]] = defaultdict(lambda: defaultdict(list))
     for tr in batch.turns:
-        bundles[partition_of(tr.conversation_id, partitions)][tr.conversation_id].append(tr)
-    return [
-        (w.turns, None, dumps({"v": SCHEMA_VERSION, "conversations": b}), p)
-        for p, b in bundles.items()
-    ]
+        groups[partition_of(tr.conversation_id, cfg.kafka.partitions)][tr.conversation_id].append(
+            tr
+        )
+    messages: list[tuple[object, ...]] = []
+    dls: list[DeadLetter] = []
+    now = time.time_ns()
+    for p, group in groups.items():
+        bodies, unfit = bundles(group, cfg.kafka.max_message_bytes)
+        messages += [(w.turns, None, body, p) for body in bodies]
+        dls += [
+            DeadLetter(
+                stage="capture",
+                reason="turn record over kafka.max_message_bytes",
+                detail=f"conversation {cid[:100]}, span {tr.span_id}: nothing left to cut",
+                topic=cfg.topics.turns,
+                key=cid[:200],
+                ts_ns=now,
+            )
+            for cid, tr in unfit
+        ]
+    return messages, dls

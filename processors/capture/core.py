@@ -38,8 +38,11 @@ Log events: message content recorded on the logs signal
 version, under the trace and span id of the span it belongs to (one record per
 span and Kafka message). The assembler merges records by span id, whichever
 comes first. Its conversation id comes from the log record's attributes when
-present, else it is the trace id; ``trace_id`` is always set so that the
-assembler can map it to the trace's conversation. Content records have no
+present, else from a span of the same trace seen earlier by this capture process
+(the last ``TRACES_REMEMBERED`` traces; both topics are keyed by trace id, so a trace's
+spans and logs reach the same process), else it is the trace id. A log record exported
+before any span of its trace therefore needs ``gen_ai.conversation.id`` when the spans
+carry an explicit conversation id. Content records have no
 ``turns`` row. Content kept elsewhere and referenced (``gen_ai.input.messages.ref``
 and the like, or a messages attribute that is a URI rather than JSON) stays in
 the ``spans`` row's attributes as the reference string; no message is invented.
@@ -67,7 +70,16 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from processors.capture.otlp import Problem, any_value, decode_logs, decode_traces
 from processors.config import CaptureConfig
 from processors.errors import ConfigError, InputError, PayloadTooLarge
-from processors.records import DeadLetter, Message, ToolCall, TurnRecord
+from processors.records import (
+    EVALUATION_EVENT,
+    OUTCOME_ATTRIBUTE,
+    OUTCOME_REASON_ATTRIBUTE,
+    DeadLetter,
+    Evaluation,
+    Message,
+    ToolCall,
+    TurnRecord,
+)
 from processors.redact import Redactor
 
 STAGE = "capture"
@@ -78,6 +90,8 @@ _UINT32_MAX = 2**32 - 1
 _ZERO_TRACE = bytes(16)
 _ZERO_SPAN = bytes(8)
 _TOO_DEEP = "values nested too deeply"
+_DETACHED = "eval-"  # span id prefix of an evaluation sent without trace context
+TRACES_REMEMBERED = 100_000  # trace -> conversation ids kept for log records (oldest dropped)
 _JSON_OPEN = ("{", "[")
 _JSON_CLOSE = ("}", "]")
 _STATUS = {0: "UNSET", 1: "OK", 2: "ERROR"}
@@ -180,13 +194,19 @@ class Capture:
         # per-span counters, reset by the span/log loops
         self._red = 0
         self._trunc = 0
+        # conversation ids spans gave their traces, for log records that carry only trace
+        # context (a GenAI content or evaluation event emitted under the span); bounded
+        self._trace_conv: dict[str, str] = {}
+        self._responses: dict[str, str] = {}  # gen_ai.response.id -> conversation id
 
     # ---------------------------------------------------------------- messages
 
     def process(self, messages: list[RawMessage], now_ns: int) -> CaptureBatch:
         """Turn raw Kafka messages into rows, turn records and dead letters. Never raises on input."""
         batch = CaptureBatch()
-        for m in messages:
+        # spans before log records: a log record tied only by trace context takes the
+        # conversation id its trace's spans give, whichever topic the consumer read first
+        for m in sorted(messages, key=lambda m: m.topic == self.logs_topic):
             batch.messages_in += 1
             out = _Out()
             try:
@@ -219,6 +239,19 @@ class Capture:
                 out.deadletters.append(_dead(m, reason, detail, now_ns))
             out.merge_into(batch)
         return batch
+
+    def _learn_traces(self, trace_conv: dict[str, str]) -> None:
+        _remember(self._trace_conv, trace_conv)
+
+    def _learn_responses(self, rows: list[dict[str, Any]]) -> None:
+        _remember(
+            self._responses,
+            {
+                r["attributes"]["gen_ai.response.id"]: r["conversation_id"]
+                for r in rows
+                if r["attributes"].get("gen_ai.response.id")
+            },
+        )
 
     def _check_count(self, n: int, what: str, problems: Any) -> None:
         """A request must hold something, and not more than the configured limit."""
@@ -266,6 +299,7 @@ class Capture:
                     if explicit:
                         trace_conv.setdefault(row["trace_id"], row["conversation_id"])
                     done.append((row, turn, tool_row, explicit))
+        self._learn_traces(trace_conv)
         for row, turn, tool_row, explicit in done:
             if not explicit:  # borrow the trace's conversation id, else keep the trace id
                 row["conversation_id"] = trace_conv.get(row["trace_id"], row["trace_id"])
@@ -277,6 +311,7 @@ class Capture:
                 if tool_row is not None:
                     tool_row["conversation_id"] = turn.conversation_id
                     out.tool_rows.append(tool_row)
+        self._learn_responses(out.span_rows)
 
     # ------------------------------------------------------------------ spans
 
@@ -312,6 +347,9 @@ class Capture:
         duration_ms = max(0, end_ns - start_ns) / 1e6
         conv, explicit = a.conversation(trace_id)
         kind = _kind(a, parent_id)
+        evaluations = self._span_evaluations(a, ev_vals, trace_id, span_id, end_ns)
+        if kind == "other" and evaluations:
+            kind = "content"  # a span of no GenAI kind that states an outcome: keep the outcome
         row = {
             "trace_id": trace_id,
             "span_id": span_id,
@@ -335,6 +373,20 @@ class Capture:
         if kind == "other":
             row["redactions"] = self._red
             return row, None, None, explicit
+        if kind == "content":
+            turn = TurnRecord(
+                conversation_id=conv,
+                trace_id=trace_id,
+                span_id=span_id,
+                parent_span_id=parent_id,
+                span_kind="content",
+                name=name,
+                start_ns=start_ns,
+                end_ns=end_ns,
+                evaluations=evaluations,
+            )
+            turn.redactions = row["redactions"] = self._red
+            return row, turn, None, explicit
 
         error_type = a.str("error.type")
         error_message = status_message
@@ -407,6 +459,7 @@ class Capture:
             error_type=error_type if failed else "",
             error_message=error_message if failed else "",
             end_of_conversation=_truthy(a.get(self.end_attribute)),
+            evaluations=evaluations,
         )
         turn.redactions = row["redactions"] = self._red
         tool_row = None
@@ -427,6 +480,36 @@ class Capture:
                 "prompt_version": turn.prompt_version,
             }
         return row, turn, tool_row, explicit
+
+    def _span_evaluations(
+        self,
+        a: _Attrs,
+        ev_vals: list[tuple[str, dict[str, Any]]],
+        trace_id: str,
+        span_id: str,
+        end_ns: int,
+    ) -> list[Evaluation]:
+        """Outcomes the span states: ``gen_ai.evaluation.result`` span events and the
+        ``closeloop.outcome`` attribute."""
+        out = [
+            _evaluation(ev, "event", trace_id, span_id, end_ns)
+            for name, ev in ev_vals
+            if name == EVALUATION_EVENT
+        ]
+        stated = a.vals.get(OUTCOME_ATTRIBUTE)
+        if isinstance(stated, str) and stated:
+            out.append(
+                Evaluation(
+                    name=OUTCOME_ATTRIBUTE,
+                    label=stated.strip().lower(),
+                    explanation=self._cap(_as_text(a.vals.get(OUTCOME_REASON_ATTRIBUTE) or "")),
+                    source="attribute",
+                    span_id=span_id,
+                    trace_id=trace_id,
+                    ts_ns=end_ns,
+                )
+            )
+        return out
 
     def _tool(
         self,
@@ -553,7 +636,8 @@ class Capture:
                     texts.append(_parts_text(content))
                 for c in m.get("tool_calls") or []:
                     if isinstance(c, dict):
-                        fn = c.get("function") if isinstance(c.get("function"), dict) else c
+                        function = c.get("function")
+                        fn = function if isinstance(function, dict) else c
                         calls.append(
                             Message(
                                 role="assistant",
@@ -616,7 +700,12 @@ class Capture:
             if c.conversation_id != c.trace_id
         }
         for c in groups.values():
-            c.conversation_id = trace_conv.get(c.trace_id, c.conversation_id)
+            c.conversation_id = trace_conv.get(
+                c.trace_id,
+                self._trace_conv.get(c.trace_id, c.conversation_id)
+                if c.conversation_id == c.trace_id
+                else c.conversation_id,
+            )
             system, inputs = self._messages(c.inputs, "user")
             _, outputs = self._messages(c.outputs, "assistant")
             system = self._cap(_parts_text(c.system)) if c.system else system
@@ -627,7 +716,8 @@ class Capture:
             out.turns.append(
                 TurnRecord(
                     conversation_id=c.conversation_id,
-                    trace_id=c.trace_id,
+                    # an evaluation sent without trace context belongs to no trace
+                    trace_id="" if c.span_id.startswith(_DETACHED) else c.trace_id,
                     span_id=c.span_id,
                     span_kind="content",
                     system_instructions=system,
@@ -637,6 +727,7 @@ class Capture:
                     start_ns=c.start_ns,
                     end_ns=c.end_ns,
                     redactions=c.redactions,
+                    evaluations=c.evaluations,
                 )
             )
 
@@ -646,13 +737,17 @@ class Capture:
         """Fold one log record into its span's content group; False if it is not a GenAI content event."""
         _, vals = self._attributes(lr.attributes)
         name = lr.event_name or str(vals.get("event.name", ""))
-        if name not in _CONTENT_EVENTS:
+        if name not in _CONTENT_EVENTS and name != EVALUATION_EVENT:
             return False
-        trace_id, span_id, _ = _ids(lr.trace_id, lr.span_id, b"")
-        body = self._walk(any_value(lr.body)) if lr.HasField("body") else None
-        system, ins, outs = _event_content(name, vals, body)
         a = _Attrs(vals, res_vals)
         ts = lr.time_unix_nano or lr.observed_time_unix_nano
+        trace_id, span_id = _log_ids(lr, a, name, ts, self._responses)
+        system: Any = None
+        ins: list[Any] = []
+        outs: list[Any] = []
+        if name != EVALUATION_EVENT:
+            body = self._walk(any_value(lr.body)) if lr.HasField("body") else None
+            system, ins, outs = _event_content(name, vals, body)
         conv, explicit = a.conversation(trace_id)
         c = groups.get((trace_id, span_id))
         if c is None:
@@ -663,6 +758,8 @@ class Capture:
         c.system = c.system or system
         c.inputs += ins
         c.outputs += outs
+        if name == EVALUATION_EVENT:
+            c.evaluations.append(_evaluation(vals, "log", trace_id, span_id, ts))
         c.start_ns, c.end_ns = min(c.start_ns, ts), max(c.end_ns, ts)
         c.redactions += self._red
         return True
@@ -773,6 +870,7 @@ class _Content:
     inputs: list[Any] = field(default_factory=list)
     outputs: list[Any] = field(default_factory=list)
     redactions: int = 0
+    evaluations: list[Evaluation] = field(default_factory=list)
 
 
 class _Attrs:
@@ -799,18 +897,6 @@ class _Attrs:
                 return v
         return None
 
-    def str(self, *keys: str) -> str:
-        v = self.first(*keys)
-        if v is None:
-            return ""
-        if isinstance(v, str):
-            return v
-        if isinstance(v, (dict, list)):
-            raise InputError(
-                f"attribute {_found(self, keys)}: expected a string, got {type(v).__name__}"
-            )
-        return json.dumps(v)
-
     def int(self, *keys: str) -> int:
         v = self.first(*keys)
         if v is None:
@@ -834,6 +920,19 @@ class _Attrs:
 
     def prompt_version(self, system: str) -> str:
         return self.str(*_PROMPT_VERSION_KEYS) or _hash_version(system)
+
+    # last in the class: after it, ``str`` in an annotation here would name this method
+    def str(self, *keys: str) -> str:
+        v = self.first(*keys)
+        if v is None:
+            return ""
+        if isinstance(v, str):
+            return v
+        if isinstance(v, (dict, list)):
+            raise InputError(
+                f"attribute {_found(self, keys)}: expected a string, got {type(v).__name__}"
+            )
+        return json.dumps(v)
 
 
 def _found(a: _Attrs, keys: tuple[str, ...]) -> str:
@@ -986,6 +1085,62 @@ def _event_content(name: str, attrs: dict[str, Any], body: Any) -> tuple[Any, li
     if role == "tool" and "tool_call_id" not in msg:
         msg["tool_call_id"] = body.get("id", "")
     return None, [msg], []
+
+
+def _remember(memory: dict[str, str], new: dict[str, str]) -> None:
+    """Add ``new`` to a bounded memory, forgetting the oldest entries past TRACES_REMEMBERED."""
+    for k, v in new.items():
+        memory.pop(k, None)
+        memory[k] = v
+    while len(memory) > TRACES_REMEMBERED:
+        del memory[next(iter(memory))]
+
+
+def _log_ids(
+    lr: LogRecord, a: _Attrs, name: str, ts: int, responses: dict[str, str]
+) -> tuple[str, str]:
+    """``(trace id, span id)`` of a log record. An evaluation sent without trace context but
+    with a conversation id (a grader's reward, a user's rating), or with the
+    ``gen_ai.response.id`` of an answer this process captured (``responses``), gets a span id
+    of its own and the conversation id as its trace id."""
+    if name == EVALUATION_EVENT and not any(lr.trace_id) and not any(lr.span_id):
+        conv, explicit = a.conversation("")
+        if not explicit:
+            conv = responses.get(a.str("gen_ai.response.id"), "")
+        if not conv:
+            raise InputError(
+                "evaluation event without trace context, gen_ai.conversation.id or a known "
+                "gen_ai.response.id"
+            )
+        key = f"{conv}\0{a.str('gen_ai.evaluation.name')}\0{ts}".encode()
+        return conv, _DETACHED + hashlib.sha256(key).hexdigest()[:16]
+    trace_id, span_id, _ = _ids(lr.trace_id, lr.span_id, b"")
+    return trace_id, span_id
+
+
+def _evaluation(
+    vals: dict[str, Any], source: str, trace_id: str, span_id: str, ts_ns: int
+) -> Evaluation:
+    """An :class:`Evaluation` from the (already redacted) attributes of an evaluation event."""
+    score = vals.get("gen_ai.evaluation.score.value")
+    if isinstance(score, str):
+        try:
+            score = float(score)
+        except ValueError:
+            score = None
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or score != score:
+        score = None
+    return Evaluation(
+        name=_as_text(vals.get("gen_ai.evaluation.name") or ""),
+        score=None if score is None else float(score),
+        label=_as_text(vals.get("gen_ai.evaluation.score.label") or "").strip().lower(),
+        explanation=_as_text(vals.get("gen_ai.evaluation.explanation") or "")[:2000],
+        response_id=_as_text(vals.get("gen_ai.response.id") or ""),
+        source=source,
+        span_id=span_id,
+        trace_id=trace_id,
+        ts_ns=ts_ns,
+    )
 
 
 def _as_list(x: Any) -> list[Any]:

@@ -23,7 +23,6 @@ Run it as a process: ``python -m processors.capture.gateway --bootstrap HOST:POR
 from __future__ import annotations
 
 import argparse
-import base64
 import functools
 import json
 import logging
@@ -35,7 +34,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Self
 
 import grpc
@@ -45,9 +44,12 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
+from processors.capture.otlp import hex_ids_to_b64
 from processors.config import Config, load_config
+from processors.embedded.httpd import Server, reply
 from processors.errors import BrokerError, ConfigError, InputError, PayloadTooLarge
 
 log = logging.getLogger("closeloop.gateway")
@@ -84,7 +86,6 @@ class Signal:
     items: str  # spans | log_records
     partial: str  # partial_success field holding the rejected count
     ids_required: bool  # spans must have ids; log records may have none
-    id_fields: tuple[tuple[str, ...], ...]  # item fields holding ids (hex in OTLP/JSON)
 
 
 TRACES = Signal(
@@ -97,13 +98,6 @@ TRACES = Signal(
     items="spans",
     partial="rejected_spans",
     ids_required=True,
-    id_fields=(
-        ("trace_id",),
-        ("span_id",),
-        ("parent_span_id",),
-        ("links", "trace_id"),
-        ("links", "span_id"),
-    ),
 )
 LOGS = Signal(
     name="logs",
@@ -115,9 +109,22 @@ LOGS = Signal(
     items="log_records",
     partial="rejected_log_records",
     ids_required=False,
-    id_fields=(("trace_id",), ("span_id",)),
 )
-SIGNALS = {s.path: s for s in (TRACES, LOGS)}
+# Metrics: SDKs (``opentelemetry-instrument`` among them) export them by default. closeloop reads
+# traces and logs only, so metrics are accepted, counted and dropped: a success answer keeps the
+# SDK from logging an export error every few seconds. No ids are read (nothing is written).
+METRICS = Signal(
+    name="metrics",
+    path="/v1/metrics",
+    request=metrics_service_pb2.ExportMetricsServiceRequest,
+    response=metrics_service_pb2.ExportMetricsServiceResponse,
+    resources="resource_metrics",
+    scopes="scope_metrics",
+    items="metrics",
+    partial="rejected_data_points",
+    ids_required=False,
+)
+SIGNALS = {s.path: s for s in (TRACES, LOGS, METRICS)}
 
 
 @dataclass(frozen=True)
@@ -248,33 +255,6 @@ def _each(node: dict[str, Any], snake: str) -> Iterator[Any]:
             return
 
 
-def _hex_to_b64(value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        raise InputError(
-            f"{where} must be a hex string, got {type(value).__name__}", stage="gateway"
-        )
-    try:
-        return base64.b64encode(bytes.fromhex(value)).decode()
-    except ValueError:
-        raise InputError(f"{where} is not hex: {value[:40]!r}", stage="gateway") from None
-
-
-def _ids_to_b64(item: dict[str, Any], sig: Signal, where: str) -> None:
-    """OTLP/JSON ids are hex; proto3 JSON (json_format) wants base64 for bytes fields."""
-    for *parents, leaf in sig.id_fields:
-        nodes = [(item, where)]
-        if parents:  # e.g. links[].trace_id
-            nodes = [
-                (c, f"{where}.{parents[0]}[{j}]")
-                for j, c in enumerate(_each(item, parents[0]))
-                if isinstance(c, dict)
-            ]
-        for node, at in nodes:
-            for key in (_camel(leaf), leaf):
-                if key in node:
-                    node[key] = _hex_to_b64(node[key], f"{at}.{key}")
-
-
 def parse_json(body: bytes, sig: Signal) -> Message:
     """Parse OTLP/JSON: ids are hex (not proto3-JSON base64), unknown fields are ignored."""
     try:
@@ -289,7 +269,7 @@ def parse_json(body: bytes, sig: Signal) -> Message:
         for ss in _each(rs, sig.scopes) if isinstance(rs, dict) else ():
             for i, item in enumerate(_each(ss, sig.items) if isinstance(ss, dict) else ()):
                 if isinstance(item, dict):
-                    _ids_to_b64(item, sig, f"{_camel(sig.items)}[{i}]")
+                    hex_ids_to_b64(item, f"{_camel(sig.items)}[{i}]")
     try:
         return json_format.ParseDict(doc, sig.request(), ignore_unknown_fields=True)
     except json_format.ParseError as e:
@@ -585,7 +565,7 @@ class Gateway:
         self._stats_lock = threading.Lock()
         self._sink: KafkaSink | None = None
         self._grpc: grpc.Server | None = None
-        self._http: ThreadingHTTPServer | None = None
+        self._http: Server | None = None
 
     # -- lifecycle --
 
@@ -604,6 +584,7 @@ class Gateway:
         )
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), server)
         logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_LogsService(self), server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_MetricsService(self), server)
         try:
             grpc_port = server.add_insecure_port(f"{o.host}:{o.grpc_port}")
         except RuntimeError:  # recent grpcio raises instead of returning 0
@@ -615,7 +596,7 @@ class Gateway:
                 "choose a free port (CLOSELOOP_OTLP_GRPC_PORT), or 0 for any",
             )
         try:
-            http = _HTTPServer((o.host, o.http_port), _make_handler(self))
+            http = Server((o.host, o.http_port), _make_handler(self))
         except OSError as e:
             server.stop(0)
             raise ConfigError(
@@ -634,7 +615,7 @@ class Gateway:
         self._grpc, self._http = server, http
         self.grpc_port, self.http_port = grpc_port, http.server_address[1]
         server.start()
-        threading.Thread(target=http.serve_forever, name="gateway-http", daemon=True).start()
+        http.start("gateway-http")
         log.info(
             "OTLP gateway: gRPC %s:%d, HTTP http://%s:%d -> kafka %s (topics %s, %s)",
             o.host,
@@ -649,8 +630,7 @@ class Gateway:
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop accepting, let running requests finish (within ``grace_s``), flush the producer."""
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            self._http.stop()
         if self._grpc is not None:
             self._grpc.stop(grace_s).wait(grace_s)
         if self._sink is not None:
@@ -666,8 +646,9 @@ class Gateway:
         self.stop()
 
     def stats(self) -> dict[str, int]:
-        """Counters: ``{traces,logs}_requests``, ``spans``, ``log_records``, ``rejected_*``,
-        ``messages``, ``outcome_*`` per answer kind; and the ``inflight_bytes`` gauge."""
+        """Counters: ``{traces,logs,metrics}_requests``, ``spans``, ``log_records``,
+        ``rejected_*``, ``messages``, ``metrics_dropped``, ``outcome_*`` per answer kind; and the
+        ``inflight_bytes`` gauge."""
         with self._stats_lock:
             out = dict(self._stats)
         out["inflight_bytes"] = self._sink.inflight_bytes if self._sink is not None else 0
@@ -686,6 +667,10 @@ class Gateway:
         """Split, write, wait for the acks; return the Export response (partial success inside)."""
         if self._sink is None:
             raise BrokerError("the gateway is not started")
+        if sig is METRICS:  # accepted, counted, dropped (see METRICS)
+            n = sum(len(sm.metrics) for rm in req.resource_metrics for sm in rm.scope_metrics)
+            self._count({"metrics_requests": 1, "metrics_dropped": n})
+            return sig.response()
         split = split_request(req, sig)
         if split.rejected:
             log.info("%s: %s", sig.name, split.error)
@@ -737,12 +722,12 @@ class _LogsService(logs_service_pb2_grpc.LogsServiceServicer):
         self.Export = functools.partial(_grpc_export, gw, LOGS)
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128
+class _MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
+    def __init__(self, gw: Gateway) -> None:
+        self.Export = functools.partial(_grpc_export, gw, METRICS)
 
 
-NO_SUCH_PATH = "no such path {}; use /v1/traces or /v1/logs"
+NO_SUCH_PATH = "no such path {}; use /v1/traces or /v1/logs (/v1/metrics is accepted and dropped)"
 
 
 def _make_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
@@ -761,15 +746,8 @@ def _make_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
         def _reply(
             self, code: int, body: bytes, ctype: str, headers: dict[str, str] | None = None
         ) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(body)
+            close = {"Connection": "close"} if self.close_connection else {}
+            reply(self, code, body, {"Content-Type": ctype, **(headers or {}), **close})
 
         def _status(
             self,

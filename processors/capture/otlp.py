@@ -23,8 +23,8 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from processors.errors import InputError
 
-_HEX_ID = re.compile(r"(?:[0-9a-fA-F]{16}){1,2}")
-_ID_KEYS = ("traceId", "spanId", "parentSpanId")
+# the fields of a span, a link or a log record that hold ids, in both spellings json_format reads
+_ID_KEYS = ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id")
 
 # (where, reason) of an item that could not be decoded
 Problem = tuple[str, str]
@@ -97,7 +97,8 @@ def _from_json(
                 try:
                     if not isinstance(item, dict):
                         raise InputError("not an object")
-                    _parse(_hex_ids_to_b64(item), msg, where)
+                    hex_ids_to_b64(item, where)
+                    _parse(item, msg, where)
                 except InputError as e:
                     del items[-1]
                     problems.append((where, e.reason))
@@ -111,18 +112,33 @@ def _parse(d: Any, msg: Message, where: str) -> None:
         raise InputError(f"invalid OTLP/JSON at {where}", detail=str(e)[:300]) from None
 
 
-def _hex_ids_to_b64(item: dict[str, Any]) -> dict[str, Any]:
-    """OTLP/JSON ids are hex; protobuf's JSON mapping wants base64 (ids of other lengths are left
-    for the id checks downstream to reject)."""
-    out = dict(item)
-    for k in _ID_KEYS:
-        v = out.get(k)
-        if isinstance(v, str) and _HEX_ID.fullmatch(v):
-            out[k] = base64.b64encode(bytes.fromhex(v)).decode()
-    links = out.get("links")
-    if isinstance(links, list):
-        out["links"] = [_hex_ids_to_b64(x) if isinstance(x, dict) else x for x in links]
-    return out
+def hex_ids_to_b64(item: dict[str, Any], where: str) -> None:
+    """Rewrite, in place, the ids of an OTLP/JSON span or log record (and of its links) from
+    hex, as OTLP/JSON has them, to base64, as protobuf's JSON mapping reads bytes; an id that is
+    not hex raises :class:`InputError` naming it. Ids of a wrong length are left for the id
+    checks downstream to reject.
+
+    >>> span = {"traceId": "00" * 16, "links": [{"spanId": "ff" * 8}]}
+    >>> hex_ids_to_b64(span, "spans[0]")
+    >>> span
+    {'traceId': 'AAAAAAAAAAAAAAAAAAAAAA==', 'links': [{'spanId': '//////////8='}]}
+    """
+    for key in _ID_KEYS:
+        if key in item:
+            item[key] = _hex_to_b64(item[key], f"{where}.{key}")
+    links = item.get("links")
+    for j, link in enumerate(links if isinstance(links, list) else []):
+        if isinstance(link, dict):
+            hex_ids_to_b64(link, f"{where}.links[{j}]")
+
+
+def _hex_to_b64(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise InputError(f"{where} must be a hex string, got {type(value).__name__}")
+    try:
+        return base64.b64encode(bytes.fromhex(value)).decode()
+    except ValueError:
+        raise InputError(f"{where} is not hex: {value[:40]!r}") from None
 
 
 def _snake(name: str) -> str:

@@ -6,6 +6,7 @@ import time
 
 import faust
 
+from processors.diagnose.contrast import conversation_rows
 from processors.diagnose.core import Diagnoser, diagnosis_rows
 from processors.errors import InputError
 from processors.llm import make_llm
@@ -34,6 +35,7 @@ def register(w: Wiring) -> None:
                     pipe.counters["diagnose"].records_in += 1
             if diags:
                 await pipe.write("diagnose", "diagnoses", diagnosis_rows(diags))
+                await pipe.write("diagnose", "diagnosis_conversations", conversation_rows(diags))
                 await w.send_all([(w.diagnoses, d.intent_id, d.to_json()) for d in diags])
                 pipe.counters["diagnose"].records_out += len(diags)
             await w.send_deadletters("diagnose", dls)

@@ -70,7 +70,7 @@ def info_requests(text: str) -> set[str]:
     >>> sorted(info_requests("Thanks! Please provide your API key. What is your email?"))
     ['api_key', 'email']
     """
-    found = set()
+    found: set[str] = set()
     for sentence in _SENTENCE.split(text):
         if not (sentence.rstrip().endswith("?") or REQUEST_CUE.search(sentence)):
             continue

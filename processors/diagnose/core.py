@@ -12,7 +12,15 @@ deterministic rules:
 * ``prompt_regression`` (``version_regression`` for a model/agent version) — the failure
   rate jumped with the newest version;
 * ``abandon_after_question`` — users leave after one specific agent question;
-* ``latency`` — timeouts or rising latency in failing conversations.
+* ``latency`` — timeouts or rising latency in failing conversations;
+
+and, for failures no rule explains, the contrastive analysis (:mod:`.contrast`): what sets
+the intent's failed conversations apart from its successful ones (state-changing calls made
+or missing, unconfirmed calls, argument values, hand-offs), tested with Fisher's exact test.
+It runs on an intent without an open rule diagnosis once the rules could look at it too
+(``min_support``, ``min_failures``), whether or not its failure rate stands out against the other
+intents, each time ``contrast_min_count`` more have failed. Every diagnosis carries a ``failure_kind``
+(:data:`processors.records.FAILURE_KINDS`) and the conversations it explains.
 
 An optional LLM rewrites the strongest finding from the evidence alone; an answer that
 cites anything the evidence does not hold is rejected and the rule's result stands.
@@ -35,6 +43,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from processors.config import DiagnoseConfig
+from processors.diagnose.contrast import RULE as CONTRAST_RULE
+from processors.diagnose.contrast import intent_findings
 from processors.diagnose.llm import llm_candidate
 from processors.diagnose.rules import Candidate, common_evidence, run_rules, version_shift
 from processors.diagnose.window import IntentStats, p_greater
@@ -66,6 +76,7 @@ class _State:
     seq: int = 0
     total_n: int = 0  # window counts summed over intents (for the other-intents baseline)
     total_f: int = 0
+    contrasted: dict[str, int] = field(default_factory=dict)  # intent -> total_failures then
 
 
 class Diagnoser:
@@ -104,20 +115,70 @@ class Diagnoser:
         st.add(tag, s.seq)
         s.total_n += st.n - n0
         s.total_f += st.failures - f0
+        if not tag.failed:
+            return []
+        out: list[Diagnosis] = []
         # Evidence only grows with failures; after an emission wait until it grew materially.
-        if not tag.failed or (st.last_emit_failures and not self._grown(st, st.last_emit_failures)):
-            return []
-        reasons = self.triggers(st)
-        if not reasons:
-            return []
-        return self._evaluate(st, reasons, now_ns, force=False)
+        if not st.last_emit_failures or self._grown(st, st.last_emit_failures):
+            reasons = self.triggers(st)
+            if reasons:
+                out = self._evaluate(st, reasons, now_ns, force=False)
+        # The contrast is for failures the rules do not explain, and needs no trigger: a cause
+        # can hide in an intent whose failure rate does not stand out.
+        if not out and self._enough(st) and not self._explained_by_rules(st):
+            out = self._contrast(st, now_ns, force=False)
+        return out
 
     def diagnose_now(self, intent_id: str, now_ns: int) -> list[Diagnosis]:
         """Run the rules on one intent now, whatever the triggers say (minimum support holds)."""
         st = self._s.intents.get(intent_id)
-        if st is None or not self._enough(st):
+        if st is None:
             return []
-        return self._evaluate(st, self.triggers(st) or ["requested"], now_ns, force=True)
+        out = []
+        if self._enough(st):
+            out = self._evaluate(st, self.triggers(st) or ["requested"], now_ns, force=True)
+        if not out and not self._explained_by_rules(st):
+            out = self._contrast(st, now_ns, force=True)
+        return out
+
+    def _explained_by_rules(self, st: IntentStats) -> bool:
+        """An open diagnosis of a rule (not the contrast) stands for this intent."""
+        return any(
+            e.diagnosis.intent_id == st.intent_id
+            and e.diagnosis.rule != CONTRAST_RULE
+            and e.diagnosis.status in OPEN_STATUSES
+            for e in self._s.diagnoses.values()
+        )
+
+    def _contrast(self, st: IntentStats, now_ns: int, force: bool) -> list[Diagnosis]:
+        """Contrastive diagnoses of ``st``'s failed and healthy conversations, at most once per
+        ``contrast_min_count`` new failures (unless forced)."""
+        contrasted = self._s.__dict__.setdefault("contrasted", {})  # absent in older snapshots
+        then = contrasted.get(st.intent_id)
+        if (
+            not force
+            and then is not None
+            and st.total_failures < then + self.cfg.contrast_min_count
+        ):
+            return []
+        contrasted[st.intent_id] = st.total_failures
+        found = intent_findings(
+            st.intent_id, st.intent_name, [*st.failing, *st.healthy], self.cfg, now_ns
+        )
+        out = []
+        lo, hi = st.window_bounds()
+        for d in found:
+            prev = self._s.diagnoses.get(d.diagnosis_id)
+            if not self._should_emit(d.diagnosis_id, st, force):
+                continue
+            d.window_from_ns, d.window_to_ns = lo, hi
+            if prev is not None:
+                d.version = prev.diagnosis.version + 1
+                if prev.diagnosis.status != "resolved":
+                    d.status = prev.diagnosis.status
+            self._s.diagnoses[d.diagnosis_id] = _Emitted(d, st.total_failures)
+            out.append(d)
+        return out
 
     # -- triggers
 
@@ -243,6 +304,7 @@ class Diagnoser:
             version=1 if prev is None else prev.diagnosis.version + 1,
             updated_ns=now_ns,
         )
+        d.evidence.setdefault("conversations", _explained(st, d.trace_ids))
         self._s.diagnoses[did] = _Emitted(d, st.total_failures)
         return d
 
@@ -295,6 +357,21 @@ class Diagnoser:
         self._s = state
 
 
+def _explained(st: IntentStats, trace_ids: list[str]) -> list[dict[str, Any]]:
+    """The failing conversations of ``st`` holding one of ``trace_ids`` (a rule's evidence)."""
+    wanted = set(trace_ids)
+    out = []
+    for t in st.failing:
+        conv = t.conversation
+        hit = next((tr for tr in (conv.trace_ids if conv else []) if tr in wanted), "")
+        if hit:
+            out.append(
+                {"conversation_id": t.conversation_id, "trace_id": hit,
+                 "turn": t.outcome_turn, "tool": "", "arguments": ""}
+            )  # fmt: skip
+    return out
+
+
 def diagnosis_rows(diags: Iterable[Diagnosis]) -> list[dict[str, Any]]:
     """Rows for the ``diagnoses`` table (schemas/003_loop.sql), component and evidence as JSON."""
     rows = []
@@ -311,6 +388,7 @@ DIAGNOSIS_COLUMNS = (
     "intent_id",
     "intent_name",
     "rule",
+    "failure_kind",
     "summary",
     "root_cause",
     "component",

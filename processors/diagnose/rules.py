@@ -231,31 +231,49 @@ def _harness_fixable(failing: str, working: str) -> bool:
     return failing.startswith("digits-with-") and working.startswith("digits(")
 
 
+@dataclass(frozen=True)
+class _ShapeContrast:
+    """A tool's most failing argument shape against its most used working one."""
+
+    failing: str  # shape key
+    failing_calls: int
+    failing_errors: int
+    working: str
+    working_calls: int
+    working_errors: int
+
+
+def _shape_contrast(st: IntentStats, cfg: DiagnoseConfig, tool: str) -> _ShapeContrast | None:
+    """The contrast of ``tool``'s shapes when it is significant, else ``None``."""
+    shapes = {
+        s: (st.tool_calls[(t, s)], st.tool_errors[(t, s)]) for t, s in st.tool_calls if t == tool
+    }
+    failing = [
+        (e, n, s)
+        for s, (n, e) in shapes.items()
+        if e >= cfg.min_failures and e / n >= FAILING_SHAPE_RATE
+    ]
+    working = [
+        (n, s)
+        for s, (n, e) in shapes.items()
+        if n >= cfg.min_failures and e / n <= WORKING_SHAPE_RATE
+    ]
+    if not failing or not working:
+        return None
+    f_err, f_n, f_shape = max(failing)
+    w_n, w_shape = max(working)
+    w_err = shapes[w_shape][1]
+    if p_greater(f_n, f_err, w_n, w_err) >= cfg.alpha:
+        return None
+    return _ShapeContrast(f_shape, f_n, f_err, w_shape, w_n, w_err)
+
+
 def rule_tool_argument(st: IntentStats, cfg: DiagnoseConfig) -> list[Candidate]:
     """A tool fails on one argument shape and works on another, in the failing conversations."""
     out = []
     for tool in sorted({t for t, _ in st.tool_calls}):
-        shapes = {
-            s: (st.tool_calls[(t, s)], st.tool_errors[(t, s)])
-            for t, s in st.tool_calls
-            if t == tool
-        }
-        failing = [
-            (e, n, s)
-            for s, (n, e) in shapes.items()
-            if e >= cfg.min_failures and e / n >= FAILING_SHAPE_RATE
-        ]
-        working = [
-            (n, s)
-            for s, (n, e) in shapes.items()
-            if n >= cfg.min_failures and e / n <= WORKING_SHAPE_RATE
-        ]
-        if not failing or not working:
-            continue
-        f_err, f_n, f_shape = max(failing)
-        w_n, w_shape = max(working)
-        w_err = shapes[w_shape][1]
-        if p_greater(f_n, f_err, w_n, w_err) >= cfg.alpha:
+        sc = _shape_contrast(st, cfg, tool)
+        if sc is None:
             continue
         examples = [
             (t, c)
@@ -263,70 +281,80 @@ def rule_tool_argument(st: IntentStats, cfg: DiagnoseConfig) -> list[Candidate]:
             for c in t.conversation.tool_calls
             if c.name == tool
             and call_failed(c)
-            and shape_key(argument_shape(c.arguments)) == f_shape
+            and shape_key(argument_shape(c.arguments)) == sc.failing
         ]
-        convs = {id(t) for t, _ in examples}
-        share_fail = len(convs) / len(st.failing)
-        if share_fail < cfg.min_evidence_share:
-            continue
-        f_args, w_args = json.loads(f_shape), json.loads(w_shape)
-        diff = sorted(k for k in set(f_args) | set(w_args) if f_args.get(k) != w_args.get(k))
-        argument = diff[0] if diff else "_raw"
-        error, _ = most_common_text(call_error(c) for _, c in examples)
-        errors = Counter(normalize_text(call_error(c)) for _, c in examples)
-        f_val, w_val = f_args.get(argument, "absent"), w_args.get(argument, "absent")
-        kind = "harness" if _harness_fixable(f_val, w_val) else "prompt"
-        tags = [t for t, _ in examples]
-        pv, av = _versions_of(tags)
-        out.append(
-            Candidate(
-                rule="tool_argument",
-                target=tool,
-                summary=(
-                    f"{st.intent_name} fails because {tool} rejects {argument} given as {f_val} "
-                    f'(it works as {w_val}): "{error}"'
-                ),
-                root_cause=(
-                    f"the agent calls {tool} with {argument} formatted as {f_val}; "
-                    f"the tool fails on "
-                    f"{f_err}/{f_n} such calls and {w_err}/{w_n} calls with {w_val}"
-                ),
-                component={
-                    "type": kind,
-                    "target": tool,
-                    "detail": {
-                        "argument": argument,
-                        "failing_shape": f_val,
-                        "working_shape": w_val,
-                        "error": error,
-                    },
-                },
-                confidence=round(
-                    min(1.0, (f_err / f_n - w_err / w_n) * min(1.0, share_fail / 0.6)), 4
-                ),
-                evidence={
-                    "tool": tool,
-                    "argument": argument,
-                    "failing_shape": f_args,
-                    "working_shape": w_args,
-                    "failing_calls": f_n,
-                    "failing_errors": f_err,
-                    "working_calls": w_n,
-                    "working_errors": w_err,
-                    "error": error,
-                    "errors": dict(errors.most_common(3)),
-                    "conversations": len(convs),
-                    "share_failing": round(share_fail, 4),
-                },
-                trace_ids=first_unique(
-                    (c.trace_id or trace_of("", t.conversation) for t, c in reversed(examples)),
-                    cfg.max_trace_ids,
-                ),
-                prompt_version=pv,
-                agent_version=av,
-            )
-        )
+        share_fail = len({id(t) for t, _ in examples}) / len(st.failing)
+        if share_fail >= cfg.min_evidence_share:
+            out.append(_tool_argument_candidate(st, cfg, tool, sc, examples, share_fail))
     return out
+
+
+def _tool_argument_candidate(
+    st: IntentStats,
+    cfg: DiagnoseConfig,
+    tool: str,
+    sc: _ShapeContrast,
+    examples: list[tuple[TagRecord, Any]],
+    share_fail: float,
+) -> Candidate:
+    """The finding on ``tool``: the first argument whose shape differs, and the tool's error."""
+    f_args, w_args = json.loads(sc.failing), json.loads(sc.working)
+    diff = sorted(k for k in set(f_args) | set(w_args) if f_args.get(k) != w_args.get(k))
+    argument = diff[0] if diff else "_raw"
+    error, _ = most_common_text(call_error(c) for _, c in examples)
+    errors = Counter(normalize_text(call_error(c)) for _, c in examples)
+    f_val, w_val = f_args.get(argument, "absent"), w_args.get(argument, "absent")
+    f_err, f_n, w_err, w_n = (
+        sc.failing_errors,
+        sc.failing_calls,
+        sc.working_errors,
+        sc.working_calls,
+    )
+    pv, av = _versions_of([t for t, _ in examples])
+    return Candidate(
+        rule="tool_argument",
+        target=tool,
+        summary=(
+            f"{st.intent_name} fails because {tool} rejects {argument} given as {f_val} "
+            f'(it works as {w_val}): "{error}"'
+        ),
+        root_cause=(
+            f"the agent calls {tool} with {argument} formatted as {f_val}; "
+            f"the tool fails on "
+            f"{f_err}/{f_n} such calls and {w_err}/{w_n} calls with {w_val}"
+        ),
+        component={
+            "type": "harness" if _harness_fixable(f_val, w_val) else "prompt",
+            "target": tool,
+            "detail": {
+                "argument": argument,
+                "failing_shape": f_val,
+                "working_shape": w_val,
+                "error": error,
+            },
+        },
+        confidence=round(min(1.0, (f_err / f_n - w_err / w_n) * min(1.0, share_fail / 0.6)), 4),
+        evidence={
+            "tool": tool,
+            "argument": argument,
+            "failing_shape": f_args,
+            "working_shape": w_args,
+            "failing_calls": f_n,
+            "failing_errors": f_err,
+            "working_calls": w_n,
+            "working_errors": w_err,
+            "error": error,
+            "errors": dict(errors.most_common(3)),
+            "conversations": len({id(t) for t, _ in examples}),
+            "share_failing": round(share_fail, 4),
+        },
+        trace_ids=first_unique(
+            (c.trace_id or trace_of("", t.conversation) for t, c in reversed(examples)),
+            cfg.max_trace_ids,
+        ),
+        prompt_version=pv,
+        agent_version=av,
+    )
 
 
 def version_shift(st: IntentStats, cfg: DiagnoseConfig) -> list[dict[str, Any]]:
@@ -516,27 +544,39 @@ def _per_call_ms(t: TagRecord) -> float:
     return conv.latency_ms / max(1, conv.llm_calls)
 
 
-def rule_latency(st: IntentStats, cfg: DiagnoseConfig) -> list[Candidate]:
-    """Failing conversations hit timeouts, or are much slower than healthy ones."""
+def _timeouts(t: TagRecord) -> list[tuple[str, str, str]]:
+    """``(tool, error, trace id)`` of every timeout in ``t``'s conversation."""
+    conv = t.conversation
+    hits = [
+        (c.name, call_error(c), c.trace_id or trace_of("", conv))
+        for c in conv.tool_calls
+        if call_failed(c) and is_timeout(call_error(c))
+    ]
+    hits += [
+        (m.tool_name, m.error, trace_of(m.trace_id, conv))
+        for m in conv.messages
+        if m.error and is_timeout(m.error)
+    ]
+    return hits
 
-    def timeouts(t: TagRecord) -> list[tuple[str, str, str]]:
-        conv = t.conversation
-        hits = [
-            (c.name, call_error(c), c.trace_id or trace_of("", conv))
-            for c in conv.tool_calls
-            if call_failed(c) and is_timeout(call_error(c))
-        ]
-        hits += [
-            (m.tool_name, m.error, trace_of(m.trace_id, conv))
-            for m in conv.messages
-            if m.error and is_timeout(m.error)
-        ]
-        return hits
 
-    failing = [(t, timeouts(t)) for t in st.failing]
-    hit = [(t, h) for t, h in failing if h]
+@dataclass
+class _Slowness:
+    """Timeouts and latency per model call, failing against healthy conversations."""
+
+    hit: list[tuple[TagRecord, list[tuple[str, str, str]]]]  # failing conversations with timeouts
+    share_fail: float
+    share_ok: float
+    slow_fail: float
+    slow_ok: float
+    by_timeouts: bool
+    by_latency: bool
+
+
+def _slowness(st: IntentStats, cfg: DiagnoseConfig) -> _Slowness:
+    hit = [(t, h) for t, h in ((t, _timeouts(t)) for t in st.failing) if h]
     share_fail = len(hit) / len(st.failing)
-    share_ok = _share(sum(bool(timeouts(t)) for t in st.healthy), len(st.healthy))
+    share_ok = _share(sum(bool(_timeouts(t)) for t in st.healthy), len(st.healthy))
     slow_fail = percentile([_per_call_ms(t) for t in st.failing], 50)
     slow_ok = percentile([_per_call_ms(t) for t in st.healthy], 50)
     by_timeouts = (
@@ -549,9 +589,15 @@ def rule_latency(st: IntentStats, cfg: DiagnoseConfig) -> list[Candidate]:
         and slow_fail >= cfg.latency_ratio * slow_ok
         and len(st.healthy) >= cfg.min_failures
     )
-    if not (by_timeouts or by_latency):
+    return _Slowness(hit, share_fail, share_ok, slow_fail, slow_ok, by_timeouts, by_latency)
+
+
+def rule_latency(st: IntentStats, cfg: DiagnoseConfig) -> list[Candidate]:
+    """Failing conversations hit timeouts, or are much slower than healthy ones."""
+    sl = _slowness(st, cfg)
+    if not (sl.by_timeouts or sl.by_latency):
         return []
-    flat = [x for _, h in hit for x in h]
+    flat = [x for _, h in sl.hit for x in h]
     tool = Counter(name for name, _, _ in flat if name).most_common(1)
     tool_name = tool[0][0] if tool else ""
     error_text, _ = most_common_text(e for _, e, _ in flat)
@@ -559,24 +605,27 @@ def rule_latency(st: IntentStats, cfg: DiagnoseConfig) -> list[Candidate]:
         f"{tool_name}.timeout" if tool_name else "timeout"
     )
     durations = [
-        c.duration_ms for t, _ in hit for c in t.conversation.tool_calls if c.name == tool_name
+        c.duration_ms for t, _ in sl.hit for c in t.conversation.tool_calls if c.name == tool_name
     ]
-    tags = [t for t, _ in hit] or list(st.failing)
+    tags = [t for t, _ in sl.hit] or list(st.failing)
     pv, av = _versions_of(tags)
-    if by_timeouts:
+    if sl.by_timeouts:
         what = f"{tool_name or 'a tool'} times out" + (f' ("{error_text}")' if error_text else "")
     else:
-        what = f"model calls take {slow_fail:.0f} ms vs {slow_ok:.0f} ms in healthy conversations"
+        what = (
+            f"model calls take {sl.slow_fail:.0f} ms vs {sl.slow_ok:.0f} ms "
+            "in healthy conversations"
+        )
     return [
         Candidate(
             rule="latency",
             target=target,
             summary=f"users abandon {st.intent_name} when {what}",
             root_cause=(
-                f"{share_fail:.0%} of failing {st.intent_name} conversations hit a timeout "
-                f"({share_ok:.0%} of healthy ones); median latency per model call "
-                f"{slow_fail:.0f} ms failing vs "
-                f"{slow_ok:.0f} ms healthy"
+                f"{sl.share_fail:.0%} of failing {st.intent_name} conversations hit a timeout "
+                f"({sl.share_ok:.0%} of healthy ones); median latency per model call "
+                f"{sl.slow_fail:.0f} ms failing vs "
+                f"{sl.slow_ok:.0f} ms healthy"
             ),
             component={
                 "type": "config",
@@ -589,20 +638,26 @@ def rule_latency(st: IntentStats, cfg: DiagnoseConfig) -> list[Candidate]:
                 },
             },
             confidence=round(
-                min(1.0, max(share_fail - share_ok, 1 - slow_ok / slow_fail if slow_fail else 0.0)),
+                min(
+                    1.0,
+                    max(
+                        sl.share_fail - sl.share_ok,
+                        1 - sl.slow_ok / sl.slow_fail if sl.slow_fail else 0.0,
+                    ),
+                ),
                 4,
             ),
             evidence={
-                "timeout_conversations": len(hit),
-                "share_failing": round(share_fail, 4),
-                "share_healthy": share_ok,
+                "timeout_conversations": len(sl.hit),
+                "share_failing": round(sl.share_fail, 4),
+                "share_healthy": sl.share_ok,
                 "tool": tool_name,
                 "error": error_text,
-                "latency_p50_failing_ms": slow_fail,
-                "latency_p50_healthy_ms": slow_ok,
+                "latency_p50_failing_ms": sl.slow_fail,
+                "latency_p50_healthy_ms": sl.slow_ok,
             },
             trace_ids=first_unique(
-                (tr for _, h in reversed(hit) for _, _, tr in h), cfg.max_trace_ids
+                (tr for _, h in reversed(sl.hit) for _, _, tr in h), cfg.max_trace_ids
             )
             or first_unique(
                 (trace_of("", t.conversation) for t in reversed(st.failing)), cfg.max_trace_ids

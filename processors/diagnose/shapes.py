@@ -67,12 +67,12 @@ def value_shape(value: Any) -> str:
     s = str(value).strip()
     if not s:
         return "empty"
-    for pattern, shape in _SHAPES:
+    for pattern, word in _SHAPES:
         m = pattern.fullmatch(s)
         if m:
-            if shape is None:
+            if word is None:
                 return f"redacted({m.group(1) or 'any'})"
-            return shape.format(n=sum(c.isdigit() for c in s))
+            return word.format(n=sum(c.isdigit() for c in s))
     return "text"
 
 

@@ -52,6 +52,7 @@ class _Row:
     latency_ms: float
     tokens: int
     tools: tuple[tuple[str, str, bool], ...]  # (tool, argument shape key, errored)
+    conversation_id: str = ""
 
 
 def _row(tag: TagRecord) -> _Row:
@@ -72,6 +73,7 @@ def _row(tag: TagRecord) -> _Row:
         latency_ms=conv.latency_ms if conv else 0.0,
         tokens=(conv.input_tokens + conv.output_tokens) if conv else 0,
         tools=tools,
+        conversation_id=tag.conversation_id,
     )
 
 
@@ -108,6 +110,7 @@ class IntentStats:
         self.window_versions: Counter[tuple[str, str, bool]] = Counter()  # (dim, value, failed)
         self.tool_calls: Counter[tuple[str, str]] = Counter()  # (tool, shape)
         self.tool_errors: Counter[tuple[str, str]] = Counter()
+        self._ids: Counter[str] = Counter()  # conversation ids in the window (for replacement)
         # (dim, value) -> [n, failures, first_seq], cumulative
         self.versions: dict[tuple[str, str], list[int]] = {}
         self.total = 0
@@ -122,7 +125,12 @@ class IntentStats:
         return self.failures / self.n if self.n else 0.0
 
     def add(self, tag: TagRecord, seq: int) -> None:
-        """Fold one tagged conversation in (``seq``: its position in the whole stream)."""
+        """Fold one tagged conversation in (``seq``: its position in the whole stream).
+
+        A newer version of a conversation still in the window (late feedback, a late span)
+        replaces the older one instead of counting twice."""
+        if self._replace(tag):
+            return
         if not self.total:
             self.first_seq = seq
         self.intent_name = tag.intent_name or self.intent_name
@@ -131,8 +139,12 @@ class IntentStats:
         row = _row(tag)
         self.rows.append(row)
         self._count(row, +1)
+        in_window = self._in_window()
+        in_window[row.conversation_id] += 1
         if len(self.rows) > self.window:
-            self._count(self.rows.popleft(), -1)
+            old = self.rows.popleft()
+            self._count(old, -1)
+            _bump(in_window, old.conversation_id, -1)
         for dim, value in zip(VERSION_DIMS, row.versions):
             entry = self.versions.setdefault((dim, value), [0, 0, seq])
             entry[0] += 1
@@ -143,6 +155,35 @@ class IntentStats:
         self.adwin.update(1.0 if row.failed else 0.0)
         if self.adwin.drift_detected:
             self.drift_up = self.adwin.estimation > before
+
+    def _in_window(self) -> Counter[str]:
+        """Conversation ids in the window (absent from snapshots of older releases: rebuilt)."""
+        ids: Counter[str] | None = self.__dict__.get("_ids")
+        if ids is None:
+            ids = self._ids = Counter(r.conversation_id for r in self.rows)
+        return ids
+
+    def _replace(self, tag: TagRecord) -> bool:
+        cid = tag.conversation_id
+        if not cid or not self._in_window()[cid]:
+            return False
+        at = next(i for i, r in enumerate(self.rows) if r.conversation_id == cid)
+        old, new = self.rows[at], _row(tag)
+        self._count(old, -1)
+        self.rows[at] = new
+        self._count(new, +1)
+        self.total_failures += new.failed - old.failed
+        for row, sign in ((old, -1), (new, +1)):
+            for dim, value in zip(VERSION_DIMS, row.versions):
+                entry = self.versions.setdefault((dim, value), [0, 0, 0])
+                entry[0] += sign
+                entry[1] += sign * row.failed
+        for q in (self.failing, self.healthy):
+            for t in [t for t in q if t.conversation_id == cid]:
+                q.remove(t)
+        if tag.conversation is not None:
+            (self.failing if new.failed else self.healthy).append(tag)
+        return True
 
     def _count(self, row: _Row, sign: int) -> None:
         self.n += sign

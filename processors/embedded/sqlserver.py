@@ -21,13 +21,13 @@ from __future__ import annotations
 import gzip
 import json
 import re
-import threading
 import uuid
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from processors.embedded.httpd import Server, reply
 from processors.store import Store
 
 _INSERT = re.compile(
@@ -141,30 +141,24 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(500, code, msg)
 
     def _send(self, status: int, data: bytes, ctype: str, qid: str = "", fmt: str = "") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("X-ClickHouse-Server-Display-Name", "closeloop-chdb")
-        self.send_header("X-ClickHouse-Timezone", "UTC")
-        if qid:
-            self.send_header("X-ClickHouse-Query-Id", qid)
-        if fmt:
-            self.send_header("X-ClickHouse-Format", fmt)
-        self.send_header(
-            "X-ClickHouse-Summary", json.dumps({"read_rows": "0", "written_rows": "0"})
-        )
-        self.end_headers()
-        self.wfile.write(data)
+        headers = {
+            "Content-Type": ctype,
+            "X-ClickHouse-Server-Display-Name": "closeloop-chdb",
+            "X-ClickHouse-Timezone": "UTC",
+            **({"X-ClickHouse-Query-Id": qid} if qid else {}),
+            **({"X-ClickHouse-Format": fmt} if fmt else {}),
+            "X-ClickHouse-Summary": json.dumps({"read_rows": "0", "written_rows": "0"}),
+        }
+        reply(self, status, data, headers)
 
     def _error(self, status: int, code: int, msg: str) -> None:
         text = msg if msg.startswith("Code:") else f"Code: {code}. DB::Exception: {msg}"
         data = (text.rstrip() + "\n").encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "text/plain; charset=UTF-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("X-ClickHouse-Exception-Code", str(code))
-        self.end_headers()
-        self.wfile.write(data)
+        headers = {
+            "Content-Type": "text/plain; charset=UTF-8",
+            "X-ClickHouse-Exception-Code": str(code),
+        }
+        reply(self, status, data, headers)
 
 
 def bind_parameters(sql: str, params: dict[str, str]) -> str:
@@ -198,10 +192,7 @@ def _content_type(fmt: str) -> str:
     return "text/plain; charset=UTF-8"
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
+class _Server(Server):
     def __init__(self, addr: tuple[str, int], store: Store) -> None:
         self.store = store
         super().__init__(addr, _Handler)
@@ -213,18 +204,14 @@ class SQLServer:
     def __init__(self, store: Store, host: str = "127.0.0.1", port: int = 0) -> None:
         self._server = _Server((host, port), store)
         self.host, self.port = self._server.server_address[:2]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="sql-http", daemon=True
-        )
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> SQLServer:
-        self._thread.start()
+        self._server.start("sql-http")
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.stop()

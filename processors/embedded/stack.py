@@ -231,7 +231,9 @@ class EmbeddedStack:
         if cfg.kafka.bootstrap:
             self.bootstrap = cfg.kafka.bootstrap
             return
-        self.broker = EmbeddedBroker(port=cfg.kafka.broker_port, log_dir=cfg.log_dir())
+        self.broker = EmbeddedBroker(
+            port=cfg.kafka.broker_port, log_dir=cfg.log_dir(), binary=cfg.kafka.tansu_binary
+        )
         if cfg.kafka.storage == "s3":
             self.broker_store = LocalS3(
                 cfg.home_path / "broker-s3", log_dir=cfg.log_dir(), fsync=cfg.kafka.storage_fsync

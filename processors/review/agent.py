@@ -8,7 +8,7 @@ from typing import Any
 
 from processors.act import ChangeBackend
 from processors.errors import ReviewError, StoreError
-from processors.review.core import load_proposal, merged_reviews, poll_open, verify
+from processors.review.loop import load_proposal, merged_reviews, poll_open, verify
 from processors.runtime import Pipeline, Wiring
 
 log = logging.getLogger("closeloop.worker")
@@ -39,7 +39,7 @@ def verify_all(pipe: Pipeline, backend: ChangeBackend | None, now: int) -> list[
 
 
 async def verify_once(pipe: Pipeline, backend: ChangeBackend | None, now: int) -> int:
-    """One verification pass; the number of outcomes. :func:`processors.review.core.verify`
+    """One verification pass; the number of outcomes. :func:`processors.review.loop.verify`
     writes the outcomes rows itself, so they are not written again here."""
     try:
         outcomes = await pipe.run(verify_all, pipe, backend, now, stage="verify")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
@@ -11,9 +12,12 @@ from typing import Any
 import faust
 
 from processors.errors import InputError
+from processors.feedback import record_feedback
 from processors.llm import make_llm
 from processors.records import Conversation, DeadLetter
 from processors.runtime import (
+    DEADLETTER_MAX_BYTES,
+    FRAMING_BYTES,
     RECORD_BATCH,
     TAKE_WITHIN_S,
     Checkpoint,
@@ -45,6 +49,10 @@ class Assembler:
             key_type=str,
             partitions=cfg.kafka.partitions,
             use_partitioner=True,
+            # one open conversation is one changelog record: a long one passes 1 MB
+            extra_topic_configs={
+                "max.message.bytes": str(cfg.kafka.max_state_bytes + FRAMING_BYTES)
+            },
         )
         self.deadlines = assemble.Deadlines(cfg.assemble)
 
@@ -128,6 +136,38 @@ def register_assemble(w: Wiring) -> None:
             await w.turns.send(key=None, value=value, partition=p)
 
 
+async def late_feedback(w: Wiring, late: list[Conversation], now: int) -> list[DeadLetter]:
+    """Evaluations that reached assemble after their conversation had left its state: they
+    re-version the stored conversation's tags (as ``closeloop feedback`` does), not a new one."""
+    dls = []
+    for conv in late:
+        try:
+            tag = await w.pipe.run(
+                record_feedback,
+                w.pipe.store,
+                w.pipe.cfg,
+                conv.conversation_id,
+                conv.evaluations,
+                stage="understand",
+            )
+        except InputError as e:
+            dls.append(
+                DeadLetter(
+                    stage="understand",
+                    reason="evaluation for a conversation never tagged",
+                    detail=e.reason,
+                    topic=w.pipe.cfg.topics.conversations,
+                    key=conv.conversation_id[:200],
+                    original_b64=base64.b64encode(conv.to_json()[:DEADLETTER_MAX_BYTES]).decode(),
+                    ts_ns=now,
+                )
+            )
+            continue
+        await w.send_all([(w.tags, tag.conversation_id, tag.to_json())], stage="understand")
+        w.pipe.counters["understand"].records_out += 1
+    return dls
+
+
 def register_understand(w: Wiring) -> None:
     cfg, pipe = w.pipe.cfg, w.pipe
     core = Understand(
@@ -152,6 +192,10 @@ def register_understand(w: Wiring) -> None:
                                 "understand", "undecodable conversation record", e, now, str(err)
                             )
                         )
+            late = [c for c in convs if not c.messages and c.evaluations]
+            if late:
+                convs = [c for c in convs if c.messages or not c.evaluations]
+                dls += await late_feedback(w, late, now)
             if convs:
                 batch = await pipe.run(core.process, convs, now, stage="understand")
                 pipe.counters["understand"].records_in += len(convs)

@@ -80,12 +80,9 @@ def _merge_turn(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         if not out.get(key) and b.get(key):
             out[key] = b[key]
     out["redactions"] = int(a.get("redactions", 0)) + int(b.get("redactions", 0))
+    evs = [*(a.get("evaluations") or []), *(b.get("evaluations") or [])]
+    out["evaluations"] = [e for i, e in enumerate(evs) if e not in evs[:i]]
     return out
-
-
-def version_of(state: dict[str, Any]) -> int:
-    """Monotonic version: the number of distinct spans folded in."""
-    return len(state["turns"])
 
 
 def is_due(state: dict[str, Any], now_ns: int, cfg: AssembleConfig) -> str:
@@ -218,7 +215,12 @@ def build_conversation(
 ) -> Conversation:
     """Order the spans and derive the transcript: messages de-duplicated across LLM calls
     (agents resend the history on every call), tool executions placed where they ran."""
-    recs = sorted((TurnRecord.from_dict(t) for t in turns), key=lambda t: (t.start_ns, t.span_id))
+    # Agent spans last: their messages (the user's input, the final answer) fill in only what
+    # no model call carried, so they are de-duplicated against everything else.
+    recs = sorted(
+        (TurnRecord.from_dict(t) for t in turns),
+        key=lambda t: (t.span_kind == "agent", t.start_ns, t.span_id),
+    )
     transcript: list[Message] = []
     seen: Counter[tuple[str, str]] = Counter()
     tool_calls: list[ToolCall] = []
@@ -233,91 +235,120 @@ def build_conversation(
         if t.span_kind == "tool" and t.tool is not None and t.tool.call_id
     }
     for t in recs:
-        trace_order.setdefault(t.trace_id, None)
-        if t.status == "error" and t.span_kind in ("llm", "tool"):
-            conv.errors += 1
-        if t.agent_name and not conv.agent_name:
-            conv.agent_name = t.agent_name
-        if t.agent_version:
-            conv.agent_version = t.agent_version
+        conv.evaluations += t.evaluations
+        if t.trace_id:  # an evaluation sent later without trace context has none
+            trace_order.setdefault(t.trace_id, None)
+        _count_span(conv, t)
         if t.span_kind == "tool" and t.tool is not None:
-            tc = t.tool
-            tool_calls.append(tc)
-            transcript.append(
-                Message(
-                    role="tool",
-                    content=tc.error_message or tc.result,
-                    trace_id=t.trace_id,
-                    span_id=t.span_id,
-                    ts_ns=t.start_ns,
-                    tool_name=tc.name,
-                    tool_call_id=tc.call_id,
-                    tool_arguments=tc.arguments,
-                    error=tc.error_message or tc.error_type,
-                )
-            )
+            tool_calls.append(t.tool)
+            transcript.append(_tool_message(t, t.tool))
             continue
-        if t.span_kind not in ("llm", "content"):
+        if t.span_kind not in ("llm", "content", "agent"):
             continue
         if t.span_kind == "llm":
-            conv.llm_calls += 1
-            conv.input_tokens += t.input_tokens
-            conv.output_tokens += t.output_tokens
-            conv.latency_ms += max(0.0, (t.end_ns - t.start_ns) / 1e6)
-            conv.model = t.response_model or t.request_model or conv.model
+            _count_llm_call(conv, t)
         if t.prompt_version:
             prompt_versions[t.prompt_version] += 1
-        # Append only the occurrences of each (role, content) this call adds to the transcript.
-        inputs = [
-            m
-            for m in t.input_messages
-            if (m.role in ("user", "assistant") and m.content)
-            or (m.role == "tool" and m.tool_call_id not in executed)
-        ]
-        need: Counter[tuple[str, str]] = Counter(_key(m) for m in inputs)
-        for m in inputs:
-            key = _key(m)
-            if need[key] > seen[key]:
-                seen[key] += 1
-                need[key] -= 1
-                transcript.append(
-                    Message(
-                        role=m.role,
-                        content=m.content,
-                        trace_id=t.trace_id,
-                        span_id=t.span_id,
-                        ts_ns=t.start_ns,
-                        tool_name=m.tool_name,
-                        tool_call_id=m.tool_call_id,
-                        error=m.error,
-                    )
-                )
-            else:
-                need[key] -= 1
-        for m in t.output_messages:
-            if m.role == "assistant" and (m.content or m.tool_name):
-                if m.content:
-                    seen[(m.role, m.content)] += 1
-                transcript.append(
-                    Message(
-                        role="assistant",
-                        content=m.content,
-                        trace_id=t.trace_id,
-                        span_id=t.span_id,
-                        ts_ns=t.end_ns,
-                        tool_name=m.tool_name,
-                        tool_call_id=m.tool_call_id,
-                        tool_arguments=m.tool_arguments,
-                    )
-                )
+        transcript += _new_inputs(t, executed, seen)
+        if t.span_kind != "agent":  # an agent span's answer joins as an input: de-duplicated
+            transcript += _outputs(t, seen)
     transcript.sort(key=lambda m: m.ts_ns)  # stable: keeps call order within one span
+    conv.evaluations.sort(key=lambda e: e.ts_ns)
     conv.messages = transcript
     conv.tool_calls = tool_calls
     conv.trace_ids = list(trace_order)
-    conv.start_ns = recs[0].start_ns if recs else 0
+    conv.start_ns = min((t.start_ns for t in recs), default=0)
     conv.end_ns = max((t.end_ns for t in recs), default=0)
     conv.prompt_version = prompt_versions.most_common(1)[0][0] if prompt_versions else ""
     return conv
+
+
+def _count_span(conv: Conversation, t: TurnRecord) -> None:
+    if t.status == "error" and t.span_kind in ("llm", "tool"):
+        conv.errors += 1
+    if t.agent_name and not conv.agent_name:
+        conv.agent_name = t.agent_name
+    if t.agent_version:
+        conv.agent_version = t.agent_version
+
+
+def _count_llm_call(conv: Conversation, t: TurnRecord) -> None:
+    conv.llm_calls += 1
+    conv.input_tokens += t.input_tokens
+    conv.output_tokens += t.output_tokens
+    conv.latency_ms += max(0.0, (t.end_ns - t.start_ns) / 1e6)
+    conv.model = t.response_model or t.request_model or conv.model
+
+
+def _tool_message(t: TurnRecord, tc: ToolCall) -> Message:
+    """An executed tool call, where it ran."""
+    return Message(
+        role="tool",
+        content=tc.error_message or tc.result,
+        trace_id=t.trace_id,
+        span_id=t.span_id,
+        ts_ns=t.start_ns,
+        tool_name=tc.name,
+        tool_call_id=tc.call_id,
+        tool_arguments=tc.arguments,
+        error=tc.error_message or tc.error_type,
+    )
+
+
+def _new_inputs(t: TurnRecord, executed: set[str], seen: Counter[tuple[str, str]]) -> list[Message]:
+    """The occurrences of each (role, content) this call's input adds to the transcript."""
+    inputs = [
+        m
+        for m in t.input_messages
+        if (m.role in ("user", "assistant") and m.content)
+        or (m.role == "tool" and m.tool_call_id not in executed)
+    ]
+    if t.span_kind == "agent":  # its final answer too, where no model call carried it
+        inputs += [m for m in t.output_messages if m.role == "assistant" and m.content]
+    need: Counter[tuple[str, str]] = Counter(_key(m) for m in inputs)
+    out = []
+    for m in inputs:
+        key = _key(m)
+        if need[key] > seen[key]:
+            seen[key] += 1
+            need[key] -= 1
+            out.append(
+                Message(
+                    role=m.role,
+                    content=m.content,
+                    trace_id=t.trace_id,
+                    span_id=t.span_id,
+                    ts_ns=m.ts_ns or t.start_ns,
+                    tool_name=m.tool_name,
+                    tool_call_id=m.tool_call_id,
+                    error=m.error,
+                )
+            )
+        else:
+            need[key] -= 1
+    return out
+
+
+def _outputs(t: TurnRecord, seen: Counter[tuple[str, str]]) -> list[Message]:
+    """The assistant's answers and tool requests of this call."""
+    out = []
+    for m in t.output_messages:
+        if m.role == "assistant" and (m.content or m.tool_name):
+            if m.content:
+                seen[(m.role, m.content)] += 1
+            out.append(
+                Message(
+                    role="assistant",
+                    content=m.content,
+                    trace_id=t.trace_id,
+                    span_id=t.span_id,
+                    ts_ns=t.end_ns,
+                    tool_name=m.tool_name,
+                    tool_call_id=m.tool_call_id,
+                    tool_arguments=m.tool_arguments,
+                )
+            )
+    return out
 
 
 CONVERSATION_COLUMNS = (

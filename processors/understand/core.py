@@ -4,7 +4,8 @@ Pure core combining the parts of layer 2:
 
 - the user's goal (the first ``goal_user_turns`` user messages) is embedded (:mod:`.embed`),
 - the online intent model assigns it a stable intent id and learns it (:mod:`.intents`),
-- the tagger gives the signals and the outcome (:mod:`.signals`),
+- the tagger gives the signals and the heuristic outcome (:mod:`.signals`); an outcome the
+  conversation states wins (:mod:`.outcomes`),
 - the namer names new or materially changed intents (:mod:`.naming`); renames are versioned.
 
 A conversation replayed (same id and version) gets the same tags without being learned twice,
@@ -24,6 +25,7 @@ from processors.records import Conversation, TagRecord
 from processors.understand.embed import Embedder
 from processors.understand.intents import IntentModel
 from processors.understand.naming import IntentName, KeyphraseIndex, Namer
+from processors.understand.outcomes import decide
 from processors.understand.signals import Tagger
 
 LONG_TAIL_SHARE = 0.01  # an intent holding under 1% of conversations (once warmed up) is long tail
@@ -97,6 +99,11 @@ class Understand:
             intent_id = learned[i] if i in learned else self.model.resolve(self._seen[keys[i]][0])
             touched.add(intent_id)
             sig = self.tagger.tag(conv, now_ns)
+            verdict = decide(
+                conv.evaluations,
+                (sig.outcome, sig.outcome_turn, sig.outcome_why),
+                self.cfg.understand,
+            )
             signals = list(sig.tags)
             if self._is_long_tail(sizes.get(intent_id, 1)):
                 signals.append("long_tail")
@@ -108,9 +115,11 @@ class Understand:
                     intent_name=self._name_of(intent_id),
                     taxonomy_version=self.taxonomy_version,
                     signals=sorted(signals),
-                    outcome=sig.outcome,
-                    outcome_turn=sig.outcome_turn,
-                    failed=sig.failed,
+                    outcome=verdict.outcome,
+                    outcome_turn=verdict.turn,
+                    failed=verdict.failed,
+                    outcome_source=verdict.source,
+                    outcome_reason=verdict.reason,
                     prompt_version=conv.prompt_version,
                     model=conv.model,
                     agent_version=conv.agent_version,

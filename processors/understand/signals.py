@@ -1,5 +1,6 @@
 """Per-conversation signals (bug report, feature request, churn risk, setup friction,
-confusion) and the outcome (resolved | abandoned | escalated | errored).
+confusion) and the heuristic outcome (:data:`~processors.understand.outcomes.OUTCOMES`),
+which applies only where no outcome was stated (:mod:`.outcomes`).
 
 Three sources, combined by :class:`Tagger`:
 
@@ -30,11 +31,11 @@ from river import linear_model, optim
 from processors.config import Config
 from processors.errors import LLMError
 from processors.llm import UNTRUSTED_RULE, ChatJSON, untrusted_block
-from processors.records import Conversation, Message
+from processors.records import OUTCOMES, Conversation, Message
 from processors.understand.naming import words
+from processors.understand.outcomes import FAILED_OUTCOMES
 
 TAGS = ("bug_report", "feature_request", "churn_risk", "setup_friction", "confusion")
-OUTCOMES = ("resolved", "abandoned", "escalated", "errored")
 
 RETRY_LOOP = 3  # the same tool call this many times is a retry loop, not a fix
 REPEAT_JACCARD = 0.7  # word-set overlap at which a user message repeats an earlier one
@@ -66,7 +67,8 @@ class SignalResult:
 
     @property
     def failed(self) -> bool:
-        return self.outcome != "resolved"
+        """With the default configuration (an escalation alone is not a failure)."""
+        return self.outcome in FAILED_OUTCOMES
 
 
 # --- lexical cues (user messages only: the agent saying "error" is not a user's bug report) ---
@@ -182,6 +184,17 @@ _HANDOFF_TEXT = _rx(
     r"\b(transfer|connect|hand|pass)\w*\b[^.?!]{0,40}\b(human|live agent|real person|specialist|"
     r"representative|support team|colleague|operator)\b",
 )
+# ... unless the agent only offers it: an offer the user may decline is not a hand-off.
+_OFFER = _rx(
+    r"\bwould you (like|prefer|want)\b",
+    r"\bdo you (want|wish)\b",
+    r"\bshall i\b",
+    r"\bshould i\b",
+    r"\bi can\b",
+    r"\bif you('d| would)? (like|prefer|want|wish)\b",
+    r"\b(can|could|may) (i|we)\b",
+    r"\boption\b",
+)
 _HANDOFF_TOOL = re.compile(r"escalat|hand_?off|transfer_to|human|live_agent")
 _NEGATED = re.compile(
     r"\b(can'?t|cannot|can not|unable to|not able to|do ?n'?t|do not|won'?t)\b[^.?!]{0,30}$"
@@ -231,7 +244,11 @@ def _handoff(conv: Conversation) -> Evidence | None:
         if m.role == "assistant":
             text = _norm(m.content)
             hit = _HANDOFF_TEXT.search(text)
-            if hit and not _NEGATED.search(text[: hit.start()]):
+            if (
+                hit
+                and not _NEGATED.search(text[: hit.start()])
+                and not _is_offer(text, hit.start())
+            ):
                 return Evidence(i, f"agent says {hit.group(0)!r}")
     # a hand-off tool seen only in the tool-call list: place it at the last message
     if any(
@@ -240,6 +257,15 @@ def _handoff(conv: Conversation) -> Evidence | None:
     ):
         return Evidence(len(conv.messages) - 1, "hand-off tool call")
     return None
+
+
+def _is_offer(text: str, at: int) -> bool:
+    """The hand-off phrase at ``at`` sits in a question or an offer the user can decline."""
+    start = max(text.rfind(c, 0, at) for c in ".!?\n") + 1
+    ends = [i for i in (text.find(c, at) for c in ".!?\n") if i >= 0]
+    end = min(ends) if ends else len(text)
+    sentence = text[start : end + 1]
+    return sentence.rstrip().endswith("?") or bool(_OFFER.search(sentence))
 
 
 def _last_failure(conv: Conversation) -> Evidence | None:
@@ -288,8 +314,25 @@ def _outcome(conv: Conversation) -> tuple[str, int, str]:
         )
         if last >= 0 and _asks(msgs[last]):
             return "abandoned", last, "closed idle after the agent asked"
+    # "Resolved" needs evidence: an answer to the user's last message.
+    users = [i for i, m in enumerate(msgs) if m.role == "user" and m.content.strip()]
     answers = [i for i, m in enumerate(msgs) if _is_answer(m)]
-    return "resolved", answers[-1] if answers else -1, "answered"
+    if answers and (not users or answers[-1] > users[-1] or _closing(msgs[users[-1]])):
+        return "resolved", answers[-1], "answered"
+    return "unknown", users[-1] if users else -1, "no answer to the last user message"
+
+
+# A last user message that only closes the conversation needs no answer of its own.
+_CLOSING = _rx(
+    r"^\W*(thanks?|thank you|ok(ay)?|great|perfect|bye|goodbye|cheers|got it|that'?s all)\b",
+    r"\bthat'?s all\b",
+    r"\bno(thing)? (more|else)\b",
+)
+
+
+def _closing(m: Message) -> bool:
+    text = _norm(m.content).strip()
+    return bool(_CLOSING.search(text)) or not words(text)
 
 
 def structural_signals(conv: Conversation) -> SignalResult:
@@ -382,7 +425,8 @@ def judge(conv: Conversation, llm: ChatJSON) -> SignalResult:
     n = len(conv.messages)
     if not isinstance(turn, int) or isinstance(turn, bool) or not -1 <= turn < n:
         raise LLMError(f"judge outcome_turn {turn!r} is not a message index")
-    ev_in = out.get("evidence") if isinstance(out.get("evidence"), dict) else {}
+    evidence_in = out.get("evidence")
+    ev_in = evidence_in if isinstance(evidence_in, dict) else {}
     evidence = {}
     for t in set(tags):
         at = ev_in.get(t, -1)

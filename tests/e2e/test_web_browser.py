@@ -56,3 +56,72 @@ def test_reviewer_approves_in_the_browser(
     merge = git(s.repo, "rev-parse", "main")
     assert review == {"reviewer": "Ada Lovelace", "decision": "approved", "merged_commit": merge}
     assert merge != base_before and git(s.repo, "rev-parse", f"{merge}^2") == s.proposal.commit
+
+
+def test_reader_goes_from_a_diagnosis_to_the_failed_conversation(
+    store: Store, config: Config, tmp_path: Path, unique: str
+) -> None:
+    """Diagnoses → the diagnosis → its trace: the conversation, in two clicks from the diagnosis
+    list; then the intent's chart and the folded control rows of the outcomes."""
+    s = seed(store, config, tmp_path, unique)
+    server = WebServer(config, store, host="127.0.0.1", port=0).start()
+    try:
+        with chromium_page() as page:
+            page.goto(server.login_url)
+            page.get_by_role("link", name="Diagnoses", exact=True).click()
+            page.click(f'a[href="/diagnoses/{s.diagnosis.diagnosis_id}"]')  # click 1
+            page.locator(f'a.trace[href="/traces/{s.trace_id}"]').first.click()  # click 2
+            page.wait_for_url(f"**/conversations/{s.conversation_id}")
+            transcript = page.locator(".transcript")
+            assert transcript.locator(".msg").count() == 4
+            assert "My API key does not work" in transcript.locator(".m-user").inner_text()
+            assert "timeout after 30 s" in transcript.locator(".m-tool").inner_text()
+            assert page.locator("table.tools").inner_text().count("check_key") == 1
+            assert page.locator(".badge", has_text="failed").count() >= 1
+            assert page.evaluate("document.querySelectorAll('script').length") == 0
+
+            page.click(f'a[href="/intents/{s.intent_id}"]')
+            chart = page.locator("svg.chart")
+            assert chart.is_visible() and chart.bounding_box()["width"] > 300
+            assert chart.locator("g.version text").text_content() == "p-2"
+
+            page.get_by_role("link", name="Outcomes").click()
+            controls = page.locator(
+                "tr.controls", has=page.locator(f'a[href="/intents/{s.small_intent_id}"]')
+            )
+            assert not controls.locator("table").is_visible()  # folded
+            controls.locator("summary").click()
+            assert controls.locator("table").is_visible()
+            assert "no effect" in controls.locator("table").inner_text()
+    finally:
+        server.stop()
+
+
+def test_every_page_renders_under_the_csp(
+    store: Store, config: Config, tmp_path: Path, unique: str
+) -> None:
+    """Each view from the templates, in the browser under the page's Content-Security-Policy:
+    the shared layout's stylesheet applies (nothing refused), no script, untrusted text inert."""
+    s = seed(store, config, tmp_path, unique)
+    server = WebServer(config, store, host="127.0.0.1", port=0).start()
+    paths = ["/", "/intents", "/diagnoses", "/proposals", "/outcomes"] + [
+        f"/diagnoses/{s.diagnosis.diagnosis_id}",
+        f"/proposals/{s.proposal.proposal_id}",
+        f"/conversations/{s.conversation_id}",
+        f"/intents/{s.intent_id}",
+    ]
+    try:
+        with chromium_page() as page:
+            errors: list[str] = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("dialog", lambda d: errors.append(f"a dialog opened: {d.message}"))
+            page.goto(server.login_url)
+            for path in paths:
+                assert page.goto(server.url + path).status == 200, path
+                header = page.locator("header").evaluate("e => getComputedStyle(e).display")
+                assert header == "flex", path  # the inline stylesheet was applied
+                assert page.locator("header a").count() == 5, path  # the shared nav
+                assert page.evaluate("document.querySelectorAll('script').length") == 0, path
+            assert errors == []  # no CSP refusal, no alert() from planted text
+    finally:
+        server.stop()

@@ -11,7 +11,8 @@ from processors.act.github import GitHubBackend
 from processors.config import ActTarget, Config
 from processors.errors import ActError
 from processors.records import Diagnosis
-from processors.review.core import apply, approve, poll
+from processors.review.core import apply
+from processors.review.loop import approve, poll
 from tests.fake_github import FakeGitHub
 
 PROMPT = "You are the support agent of Acme.\n\nBe concise.\n"

@@ -17,7 +17,8 @@ from processors.act.gitrepo import LocalGit
 from processors.config import ActTarget, Config
 from processors.errors import ActError, ReviewError
 from processors.records import Diagnosis
-from processors.review.core import apply, approve, reject
+from processors.review.core import apply
+from processors.review.loop import approve, reject
 
 PROMPT_V1 = "You are the support agent of Acme.\n\nAlways confirm the order id.\n"
 PROMPT_V2 = "You are the support agent of Acme.\n\nBe concise.\n"

@@ -27,7 +27,7 @@ from processors.capture.core import Capture, RawMessage
 from processors.config import Config, load_config
 from processors.diagnose.core import Diagnoser
 from processors.records import Diagnosis, Proposal, TagRecord
-from processors.review.core import approve
+from processors.review.loop import approve
 from processors.understand import assemble
 from processors.understand.signals import Tagger
 

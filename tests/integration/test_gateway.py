@@ -528,6 +528,41 @@ def test_logs_over_grpc_and_http(
     assert gateway.stats()["log_records"] == 6
 
 
+def test_metrics_are_accepted_counted_and_dropped(gateway: Gateway) -> None:
+    """What `opentelemetry-instrument` sends by default: the SDK's own metric exporters, over
+    HTTP and gRPC, get success (no export errors logged); nothing reaches Kafka."""
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+        OTLPMetricExporter as GrpcMetricExporter,
+    )
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+        OTLPMetricExporter as HttpMetricExporter,
+    )
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricExportResult
+
+    reader = InMemoryMetricReader()
+    meter = MeterProvider(metric_readers=[reader]).get_meter("agent")
+    meter.create_counter("gen_ai.requests").add(3)
+    meter.create_histogram("gen_ai.client.operation.duration").record(0.4)
+    data = reader.get_metrics_data()
+    assert data is not None
+    exporters = [
+        HttpMetricExporter(endpoint=f"http://127.0.0.1:{gateway.http_port}/v1/metrics"),
+        GrpcMetricExporter(endpoint=f"127.0.0.1:{gateway.grpc_port}", insecure=True),
+    ]
+    for exporter in exporters:
+        assert exporter.export(data) == MetricExportResult.SUCCESS
+        exporter.shutdown()
+    code, headers, body = post(gateway.http_port, "/v1/metrics", b'{"resourceMetrics": []}', JSON)
+    assert code == 200 and headers["Content-Type"] == JSON
+    code, _, body = post(gateway.http_port, "/v1/metrics", b"\x0a\xff\xff\xff\x0f garbage")
+    assert code == 400 and "ExportMetricsServiceRequest" in status_of(body).message
+    stats = gateway.stats()
+    assert stats["metrics_requests"] == 3
+    assert stats["metrics_dropped"] == 4  # two metrics, from each exporter
+    assert stats.get("messages", 0) == 0
+
+
 def test_grpc_partial_success(gateway: Gateway) -> None:
     resp = grpc_traces(
         gateway.grpc_port, trace_request([span(31, 1), Span(trace_id=tid(31), span_id=b"")])
@@ -555,7 +590,7 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(gateway: Gat
     assert post(port, "/v1/traces", b"{}", "text/plain")[0] == 415
     code, headers, _ = post(port, "/v1/traces", b"", method="GET")
     assert code == 405 and headers["Allow"] == "POST"
-    assert post(port, "/v1/metrics", b"")[0] == 404
+    assert post(port, "/v1/profiles", b"")[0] == 404
     assert post(port, "/", b"", method="GET")[0] == 404
 
     assert post_traces(port, trace_request([span(41, 1)])) == 200

@@ -12,7 +12,8 @@ import pytest
 from processors.act import Actor, proposal_rows
 from processors.act.gitrepo import LocalGit
 from processors.config import Config
-from processors.review.core import StaleProposal, approve, decide, review_rows, verify
+from processors.review.core import review_rows
+from processors.review.loop import StaleProposal, approve, decide, verify
 from processors.store import Store
 from tests.integration.test_act_local import config, diagnosis, repo  # noqa: F401 (repo is a fixture)
 

@@ -3,6 +3,7 @@ same-origin, decisions (approve merges, reject closes) with attribution, escapin
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
@@ -23,7 +24,8 @@ from processors.config import ActTarget, Config
 from processors.records import Diagnosis, Outcome, Proposal
 from processors.review.core import outcome_rows
 from processors.store import Store
-from processors.web.server import WebServer, sparkline
+from processors.web.pages import sparkline
+from processors.web.server import WebServer
 
 T0 = 1_900_000_000 * 10**9
 HOUR = 3600 * 10**9
@@ -51,6 +53,118 @@ class Seeded:
     proposal: Proposal
     intent_id: str
     small_intent_id: str
+    conversation_id: (
+        str  # failed, with a transcript, tool calls and model calls; diagnosis evidence
+    )
+    trace_id: str  # its trace: the diagnosis' first trace id
+
+
+def trace_of(unique: str, n: int) -> str:
+    """A trace id of this seed's own (the store is shared with other tests)."""
+    return hashlib.sha256(f"{unique}-{n}".encode()).hexdigest()[:32]
+
+
+def seed_conversation(store: Store, conversation_id: str, trace_id: str) -> None:
+    """The failed conversation the diagnosis cites: a transcript with a tool call that failed and
+    untrusted text in it, its model calls and its tool calls, as the pipeline stores them."""
+    messages = [
+        {"role": "user", "content": "My API key does not work", "trace_id": trace_id, "ts_ns": T0},
+        {
+            "role": "assistant",
+            "tool_name": "check_key",
+            "tool_call_id": "call_1",
+            "tool_arguments": json.dumps({"key_prefix": "sk-live"}),
+            "trace_id": trace_id,
+            "ts_ns": T0 + 1,
+        },
+        {
+            "role": "tool",
+            "tool_name": "check_key",
+            "tool_call_id": "call_1",
+            "content": "",
+            "error": "timeout after 30 s",
+            "trace_id": trace_id,
+            "ts_ns": T0 + 2,
+        },
+        {"role": "assistant", "content": f"Please paste your key again {SCRIPT}", "ts_ns": T0 + 3},
+    ]
+    common = {"conversation_id": conversation_id, "trace_id": trace_id}
+    store.insert_records(
+        "turns",
+        [
+            {
+                **common,
+                "span_id": f"s{n}",
+                "parent_span_id": "",
+                "span_kind": "llm",
+                "operation": "chat",
+                "provider": "openai",
+                "request_model": "gpt-4o-mini",
+                "response_model": "gpt-4o-mini-2024",
+                "agent_name": "a",
+                "agent_version": "1.0",
+                "prompt_version": "p-1",
+                "system_instructions": "",
+                "input_messages": "[]",
+                "output_messages": "[]",
+                "input_tokens": 120 + n,
+                "output_tokens": 30 + n,
+                "start_ns": T0 + n,
+                "end_ns": T0 + n + 10**9,
+                "duration_ms": 850.0 + n,
+                "status": "OK",
+                "error_type": "",
+                "error_message": "",
+                "redactions": 0,
+            }
+            for n in (1, 3)
+        ],
+    )
+    store.insert_records(
+        "tool_calls",
+        [
+            {
+                **common,
+                "span_id": "s2",
+                "call_id": "call_1",
+                "name": "check_key",
+                "arguments": json.dumps({"key_prefix": "sk-live"}),
+                "result": "",
+                "error_type": "TimeoutError",
+                "error_message": "timeout after 30 s",
+                "start_ns": T0 + 2,
+                "duration_ms": 30000.0,
+                "agent_version": "1.0",
+                "prompt_version": "p-1",
+            }
+        ],
+    )
+    store.insert_records(
+        "conversations",
+        [
+            {
+                "conversation_id": conversation_id,
+                "version": 2,
+                "start_ns": T0,
+                "end_ns": T0 + 90 * 10**9,
+                "closed_reason": "idle",
+                "prompt_version": "p-1",
+                "model": "gpt-4o-mini",
+                "agent_name": "a",
+                "agent_version": "1.0",
+                "trace_ids": [trace_id],
+                "messages": json.dumps(messages),
+                "n_messages": 4,
+                "n_user_turns": 1,
+                "n_tool_calls": 1,
+                "llm_calls": 2,
+                "errors": 1,
+                "input_tokens": 244,
+                "output_tokens": 64,
+                "latency_ms": 1704.0,
+            }
+        ],
+    )
 
 
 def seed(store: Store, cfg: Config, root: Path, unique: str) -> Seeded:
@@ -79,9 +193,10 @@ def seed(store: Store, cfg: Config, root: Path, unique: str) -> Seeded:
             "item": "API key",
             "turn": 3,
             "agent_message_before_abandon": f"Please paste your key {SCRIPT}",
-            "trace_ids": ["4bf92f3577b34da6a3ce929d0e0e4736"],
+            "trace_ids": [trace_of(unique, 0)],
+            "conversation_ids": [f"c-{unique}-0"],
         },
-        trace_ids=["4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7aaaaaaaaaaaaaaaa"],
+        trace_ids=[trace_of(unique, 0), trace_of(unique, 1)],
         support=100,
         failures=40,
         failure_rate=0.4,
@@ -153,7 +268,7 @@ def seed(store: Store, cfg: Config, root: Path, unique: str) -> Seeded:
                 "outcome": "abandoned" if i < 4 else "resolved",
                 "outcome_turn": 3,
                 "failed": int(i < 4),
-                "prompt_version": "p-1",
+                "prompt_version": "p-1" if i < 6 else "p-2",
                 "model": "m",
                 "agent_version": "1.0",
                 "ts_ns": T0 + i * HOUR,
@@ -185,9 +300,10 @@ def seed(store: Store, cfg: Config, root: Path, unique: str) -> Seeded:
                 "output_tokens": 0,
                 "latency_ms": 0.0,
             }
-            for i in range(10)
+            for i in range(1, 10)
         ],
     )
+    seed_conversation(store, f"c-{unique}-0", trace_of(unique, 0))
     store.insert_records(
         "outcomes",
         outcome_rows(
@@ -229,7 +345,7 @@ def seed(store: Store, cfg: Config, root: Path, unique: str) -> Seeded:
             ]
         ),
     )
-    return Seeded(repo, diag, prop, intent, small)
+    return Seeded(repo, diag, prop, intent, small, f"c-{unique}-0", trace_of(unique, 0))
 
 
 # -- HTTP without a browser ------------------------------------------------------------------
@@ -566,9 +682,11 @@ def test_untrusted_text_is_escaped_everywhere(site: tuple[WebServer, Seeded]) ->
     for path, r in pages.items():
         assert r.status == 200, path
         assert "<script" not in r.body, path
-        assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in r.body, path
+        assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in r.body, path
     diag = pages[f"/diagnoses/{s.diagnosis.diagnosis_id}"].body
-    assert 'href="https://traces.example/trace/4bf92f3577b34da6a3ce929d0e0e4736"' in diag
+    assert f'href="https://traces.example/trace/{s.trace_id}"' in diag
+    assert f'href="/traces/{s.trace_id}"' in diag  # and to the conversation, on this page
+    assert f'href="/conversations/{s.conversation_id}"' in diag
     assert "Please paste your key" in diag and "carry-forward" in diag
 
 
@@ -635,6 +753,71 @@ def test_outcomes_page_shows_the_verdict_with_ci_and_p_value(
     assert 'class="badge b-fixed">fixed' in row and "40.0%" in row and "10.0%" in row
     assert "-30.0%" in row and "[-41.0%, -19.0%]" in row and "2e-05" in row
     assert 'class="badge b-no_effect">no effect' in row
+
+
+def test_conversation_page_shows_the_stored_conversation(site: tuple[WebServer, Seeded]) -> None:
+    server, s = site
+    cookie = login(server)
+    r = call(server.url, path=f"/conversations/{s.conversation_id}", cookie=cookie)
+    assert r.status == 200
+    body = r.body
+    assert "<script" not in body and "Please paste your key again &lt;script&gt;" in body
+    assert "My API key does not work" in body  # the transcript, in order
+    assert body.index("My API key does not work") < body.index("Please paste your key again")
+    assert "check_key" in body and "sk-live" in body and "timeout after 30 s" in body
+    assert "TimeoutError" in body and "30000 ms" in body  # the tool call with its error
+    assert "gpt-4o-mini-2024" in body and "851 ms" in body and "121" in body  # model calls
+    assert "244 in · 64 out" in body and "1.7 s" in body  # tokens, latency
+    assert 'class="badge b-failed">failed' in body and "abandoned" in body  # the outcome
+    assert f'href="/intents/{s.intent_id}"' in body
+    assert f'href="https://traces.example/trace/{s.trace_id}"' in body
+
+    # a trace id leads to its conversation; an unknown one says so
+    r = call(server.url, path=f"/traces/{s.trace_id}", cookie=cookie)
+    assert r.status == 303 and r.headers["Location"] == f"/conversations/{s.conversation_id}"
+    assert call(server.url, path=f"/traces/{'0' * 32}", cookie=cookie).status == 404
+    assert call(server.url, path="/conversations/nope", cookie=cookie).status == 404
+    auth = {"Authorization": f"Bearer {server.token}"}
+    api = call(server.url, path=f"/api/conversations/{s.conversation_id}", headers=auth).json()
+    assert [m["role"] for m in api["messages"]] == ["user", "assistant", "tool", "assistant"]
+    assert api["tool_calls"][0]["error_type"] == "TimeoutError" and api["tag"]["failed"] == 1
+
+
+def test_trace_ids_link_to_conversations_everywhere(site: tuple[WebServer, Seeded]) -> None:
+    server, s = site
+    cookie = login(server)
+    proposal = call(server.url, path=f"/proposals/{s.proposal.proposal_id}", cookie=cookie).body
+    assert f'href="/traces/{s.trace_id}"' in proposal  # the proposal's body cites the trace
+    intent = call(server.url, path=f"/intents/{s.intent_id}", cookie=cookie).body
+    assert f'href="/conversations/{s.conversation_id}"' in intent
+    intents = call(server.url, path="/intents", cookie=cookie).body
+    assert f'href="/intents/{s.intent_id}"' in intents and "0.00 h" not in intents
+
+
+def test_intent_page_charts_the_failure_rate_with_axes_and_versions(
+    site: tuple[WebServer, Seeded],
+) -> None:
+    server, s = site
+    body = call(server.url, path=f"/intents/{s.intent_id}", cookie=login(server)).body
+    svg = body[body.index('<svg class="chart"') : body.index("</svg>")]
+    for label in ("0%", "50%", "100%"):  # the failure-rate axis
+        assert f">{label}</text>" in svg
+    assert re.search(r">\d\d-\d\d \d\d:\d\d</text>", svg)  # time on the x axis
+    assert '<g class="version">' in svg and ">p-2</text>" in svg  # the prompt change, marked
+    assert svg.count("<circle") == 10  # one point per hour of conversations
+    assert "10 conversations tagged, 4 failed (40.0%)" in body
+    # failed conversations first
+    rows = re.findall(r'href="/conversations/([^"]+)"', body)
+    assert rows[:4] == [f"c-{s.diagnosis.diagnosis_id[2:]}-{i}" for i in (3, 2, 1, 0)]
+
+
+def test_control_rows_are_folded(site: tuple[WebServer, Seeded]) -> None:
+    server, s = site
+    body = call(server.url, path="/outcomes", cookie=login(server)).body
+    row = body[body.index(f'href="/proposals/{s.proposal.proposal_id}"') :]
+    folded = row[row.index('<tr class="controls">') :]
+    assert "<details><summary>1 control intent: 1 with enough data, 0 moved</summary>" in folded
+    assert f'href="/intents/{s.small_intent_id}"' in folded
 
 
 def test_sparkline_scales_volume_and_failure_rate() -> None:

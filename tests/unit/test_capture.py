@@ -1060,3 +1060,125 @@ def test_logs_without_span_ids_are_dead_lettered() -> None:
         )
     )
     assert len(b.turns) == 1 and [d.reason for d in b.deadletters] == ["invalid span_id (0 bytes)"]
+
+
+def _assembled(*batches: CaptureBatch) -> Any:
+    from processors.understand.assemble import build_conversation
+
+    turns = [t.to_dict() for b in batches for t in b.turns]
+    return build_conversation("c", turns, "end")
+
+
+def test_evaluation_span_events_and_outcome_attribute_become_evaluations() -> None:
+    spans = genai_spans()
+    root = span(
+        9,
+        0,
+        "grader",
+        {"gen_ai.conversation.id": "c", "closeloop.outcome": "Escalated",
+         "closeloop.outcome.reason": "customer asked for a manager"},
+        events=[(
+            "gen_ai.evaluation.result",
+            {"gen_ai.evaluation.name": "task_success", "gen_ai.evaluation.score.value": 0.0,
+             "gen_ai.evaluation.score.label": "FAIL",
+             "gen_ai.evaluation.explanation": "refund sent to jane@example.com"},
+        )],
+    )  # fmt: skip
+    b = run(request([*spans, root]).SerializeToString())
+    conv = _assembled(b)
+    evs = {(e.name, e.label, e.score, e.source) for e in conv.evaluations}
+    assert evs == {
+        ("task_success", "fail", 0.0, "event"),
+        ("closeloop.outcome", "escalated", None, "attribute"),
+    }
+    (task,) = [e for e in conv.evaluations if e.name == "task_success"]
+    assert "jane@example.com" not in task.explanation  # redacted like everything else
+    assert task.span_id == sid(9).hex() and task.trace_id == TRACE.hex()
+
+
+def test_evaluation_log_records_join_their_span_or_their_conversation() -> None:
+    on_span = log(
+        "gen_ai.evaluation.result",
+        attrs={"gen_ai.evaluation.name": "reward", "gen_ai.evaluation.score.value": 1,
+               "gen_ai.response.id": "chatcmpl-1"},
+    )  # fmt: skip
+    no_context = LogRecord(
+        time_unix_nano=T0 + 99,
+        event_name="gen_ai.evaluation.result",
+        attributes=kvs({"gen_ai.conversation.id": "c", "gen_ai.evaluation.name": "thumbs",
+                        "gen_ai.evaluation.score.label": "thumbs_down"}),
+    )  # fmt: skip
+    orphan = LogRecord(
+        event_name="gen_ai.evaluation.result", attributes=kvs({"gen_ai.evaluation.name": "x"})
+    )
+    logs = run(msg(logs_request([on_span, no_context, orphan]).SerializeToString(), "otlp_logs"))
+    assert [d.reason for d in logs.deadletters] == [
+        "evaluation event without trace context, gen_ai.conversation.id or a known "
+        "gen_ai.response.id"
+    ]
+    spans = run(request(genai_spans()).SerializeToString())
+    conv = _assembled(spans, logs)
+    got = sorted((e.name, e.score, e.label, e.response_id, e.source) for e in conv.evaluations)
+    assert got == [
+        ("reward", 1.0, "", "chatcmpl-1", "log"),
+        ("thumbs", None, "thumbs_down", "", "log"),
+    ]
+    # the span the reward is parented to keeps its content
+    assert [m.content for m in conv.messages if m.role == "user"] == [USER]
+
+
+def test_messages_on_agent_spans_reach_the_transcript() -> None:
+    agent_only = span(
+        1,
+        0,
+        "invoke_agent",
+        {"gen_ai.operation.name": "invoke_agent", "gen_ai.conversation.id": "c",
+         "gen_ai.input.messages": json.dumps([{"role": "user", "content": "where is my parcel"}]),
+         "gen_ai.output.messages": json.dumps([{"role": "assistant", "content": "On its way."}])},
+    )  # fmt: skip
+    conv = _assembled(run(request([agent_only]).SerializeToString()))
+    assert [(m.role, m.content) for m in conv.messages] == [
+        ("user", "where is my parcel"),
+        ("assistant", "On its way."),
+    ]
+    # beside model calls carrying the same messages, nothing is doubled
+    conv = _assembled(run(request(genai_spans()).SerializeToString()))
+    assert [m.content for m in conv.messages if m.role == "user"] == [USER]
+    assert [m.content for m in conv.messages if m.role == "assistant" and m.content][-1] == ANSWER
+
+
+def test_log_records_borrow_the_conversation_id_of_their_trace_seen_earlier() -> None:
+    cap = Capture(CaptureConfig())
+    cap.process([msg(request(genai_spans()).SerializeToString())], NOW)
+    ev = log("gen_ai.evaluation.result", attrs={"gen_ai.evaluation.name": "r",
+                                                "gen_ai.evaluation.score.value": 0.0})  # fmt: skip
+    b = cap.process([msg(logs_request([ev]).SerializeToString(), "otlp_logs", 1)], NOW)
+    (t,) = b.turns
+    conv_ids = {tr.conversation_id for tr in run(request(genai_spans()).SerializeToString()).turns}
+    assert {t.conversation_id} == conv_ids and t.conversation_id != TRACE.hex()
+    # a fresh capture process has not seen the trace: the record keeps the trace id
+    (alone,) = run(msg(logs_request([ev]).SerializeToString(), "otlp_logs")).turns
+    assert alone.conversation_id == TRACE.hex()
+
+
+def test_an_evaluation_finds_its_conversation_by_the_response_id_it_judges() -> None:
+    cap = Capture(CaptureConfig())
+    spans = genai_spans()
+    llm = next(sp for sp in spans if any(kv.key == "gen_ai.request.model" for kv in sp.attributes))
+    llm.attributes.extend(kvs({"gen_ai.response.id": "chatcmpl-42"}))
+    (conv_id,) = {
+        t.conversation_id for t in cap.process([msg(request(spans).SerializeToString())], NOW).turns
+    }
+    grade = LogRecord(
+        time_unix_nano=T0 + 5,
+        event_name="gen_ai.evaluation.result",
+        attributes=kvs({"gen_ai.response.id": "chatcmpl-42", "gen_ai.evaluation.name": "judge",
+                        "gen_ai.evaluation.score.label": "incorrect"}),
+    )  # fmt: skip
+    b = cap.process([msg(logs_request([grade]).SerializeToString(), "otlp_logs", 1)], NOW)
+    assert b.deadletters == []
+    (t,) = b.turns
+    assert t.conversation_id == conv_id and t.trace_id == ""  # no trace of its own
+    assert [(e.name, e.label, e.response_id) for e in t.evaluations] == [
+        ("judge", "incorrect", "chatcmpl-42")
+    ]

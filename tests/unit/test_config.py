@@ -72,6 +72,29 @@ def test_unknown_environment_variable_is_an_error() -> None:
         load_config(None, env={"CLOSELOOP_OTLP_GRPC": "1"})
 
 
+def test_near_misses_get_a_did_you_mean(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("otlp:\n  grpc_prot: 1\n")
+    with pytest.raises(ConfigError, match="did you mean grpc_port"):
+        load_config(f, env={})
+    with pytest.raises(ConfigError, match="did you mean CLOSELOOP_OTLP_GRPC_PORT"):
+        load_config(None, env={"CLOSELOOP_OTLP_GRPC_PROT": "1"})
+    with pytest.raises(ConfigError, match="did you mean CLOSELOOP_KAFKA"):
+        load_config(None, env={"CLOSELOOP_KAFAK": "a:1"})
+    # nothing close: the known keys are listed instead of a wild guess
+    f.write_text("otlp:\n  zzzzzz: 1\n")
+    with pytest.raises(ConfigError, match="known keys here: .*grpc_port") as e:
+        load_config(f, env={})
+    assert "did you mean" not in str(e.value)
+
+
+def test_tansu_binary_variable_is_a_config_key() -> None:
+    """CLOSELOOP_TANSU_BINARY (the embedded broker's executable) is read, not refused."""
+    cfg = load_config(None, env={"CLOSELOOP_TANSU_BINARY": "/opt/tansu/bin/tansu"})
+    assert cfg.kafka.tansu_binary == "/opt/tansu/bin/tansu"
+    assert load_config(None, env={}).kafka.tansu_binary == ""
+
+
 def test_example_file_holds_every_default() -> None:
     example = load_config(REPO / "closeloop.example.yaml", env={})
     assert example == load_config(None, env={})
@@ -103,3 +126,18 @@ def test_a_named_home_brings_its_closeloop_yaml(tmp_path: Path, monkeypatch) -> 
     # the port came from a file: asked for, not a default the stack may move
     assert load_config(None, env={}, overrides={"home": str(home)}).asked_for("web.port")
     assert not load_config(None, env={}, overrides={"home": str(home)}).asked_for("otlp.http_port")
+
+
+def test_closeloop_yaml_inside_home_is_found_without_config(tmp_path: Path, monkeypatch) -> None:
+    from processors.config import config_for
+
+    monkeypatch.delenv("CLOSELOOP_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    home = tmp_path / "h"
+    home.mkdir()
+    (home / "closeloop.yaml").write_text("web:\n  port: 18123\n")
+    assert config_for(None, str(home)).web.port == 18123
+    other = tmp_path / "other.yaml"
+    other.write_text("web:\n  port: 18124\n")
+    assert config_for(str(other), str(home)).web.port == 18124  # --config still wins
+    assert config_for(None, str(tmp_path / "empty")).web.port != 18123

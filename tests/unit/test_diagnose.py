@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 import re
 from itertools import pairwise
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +16,7 @@ from processors.diagnose.window import IntentStats
 from processors.errors import ConfigError, InputError
 from processors.llm import LLM, UNTRUSTED_RULE
 from processors.records import Conversation, Diagnosis, Message, TagRecord
+from processors.store import SCHEMA_DIR
 from tests.llm_server import FakeLLMServer
 
 CFG = DiagnoseConfig()
@@ -328,10 +328,28 @@ def test_tag_without_intent_is_an_input_error() -> None:
         Diagnoser(CFG).observe(tag, 0)
 
 
+def ddl_columns(table: str) -> list[str]:
+    """Columns of ``table`` after every schemas/ file: CREATE, then ALTER ... ADD ... AFTER."""
+    columns: list[str] = []
+    for f in sorted(SCHEMA_DIR.glob("*.sql")):
+        ddl = f.read_text()
+        m = re.search(rf"CREATE TABLE IF NOT EXISTS {table}\s*\((.*?)\n\)", ddl, re.DOTALL)
+        if m:
+            columns = [
+                ln.split()[0]
+                for ln in m.group(1).strip().splitlines()
+                if "MATERIALIZED" not in ln and not ln.strip().startswith("--")
+            ]
+        for col, after in re.findall(
+            rf"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS (\w+) .*? AFTER (\w+);", ddl
+        ):
+            columns.insert(columns.index(after) + 1, col)
+    return columns
+
+
 def test_rows_match_the_diagnoses_table() -> None:
-    ddl = (Path(__file__).parents[2] / "schemas" / "003_loop.sql").read_text()
-    body = re.search(r"CREATE TABLE IF NOT EXISTS diagnoses\s*\((.*?)\n\)", ddl, re.DOTALL).group(1)
-    columns = [ln.split()[0] for ln in body.strip().splitlines() if "MATERIALIZED" not in ln]
+    columns = ddl_columns("diagnoses")
+    assert "failure_kind" in columns
     assert list(DIAGNOSIS_COLUMNS) == columns
     _, out, _ = planted("account_lookup", "tool_argument")
     (row,) = diagnosis_rows(out[:1])

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.static_embedder import StaticEmbedder
 from processors.config import LLMConfig, UnderstandConfig
 from processors.errors import ConfigError, LLMError
 from processors.understand.embed import (
@@ -17,7 +18,6 @@ from processors.understand.embed import (
     MiniLMEmbedder,
     OnnxMiniLMEmbedder,
     OpenAIEmbedder,
-    StaticEmbedder,
     make_embedder,
     minilm_model_dir,
 )

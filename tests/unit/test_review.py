@@ -14,16 +14,14 @@ from processors.errors import ReviewError
 from processors.records import Diagnosis, Proposal
 from processors.review.core import (
     apply,
-    approve,
-    counts_query,
     handle_webhook,
     next_status,
     records_from_event,
     records_from_status,
-    reject,
     review_id,
     review_rows,
 )
+from processors.review.loop import approve, counts_query, reject
 
 SECRET = "whsec-test"
 

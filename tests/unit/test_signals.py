@@ -208,6 +208,25 @@ OUTCOME_CASES = [
         1,
         conv(U("human please"), A("I can't transfer you to a human agent, but here is the FAQ.")),
     ),
+    # an offer to transfer, which the user may decline, is not a hand-off
+    (
+        "resolved",
+        3,
+        conv(
+            U("the refund failed"),
+            A("Would you like me to transfer you to a human agent?"),
+            U("no, just retry it"),
+            A("Done, the refund went through."),
+        ),
+    ),
+    (
+        "resolved",
+        1,
+        conv(U("refund"), A("Done. If you prefer, I can connect you to a specialist.")),
+    ),
+    # "resolved" needs evidence: the user's last message got no answer
+    ("unknown", 2, conv(U("charged twice"), A("Refunded."), U("and the other card?"))),
+    ("resolved", 1, conv(U("charged twice"), A("Refunded the duplicate."), U("thanks!"))),
     (
         "errored",
         1,
@@ -224,7 +243,7 @@ OUTCOME_CASES = [
 def test_outcome_and_turn(outcome: str, turn: int, c: Conversation) -> None:
     r = structural_signals(c)
     assert (r.outcome, r.outcome_turn) == (outcome, turn), r.outcome_why
-    assert r.failed is (outcome != "resolved")
+    assert r.failed is (outcome in ("abandoned", "errored", "failed"))
 
 
 def test_errors_known_only_from_tool_call_list_count() -> None:

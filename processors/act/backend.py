@@ -1,0 +1,70 @@
+"""Where act writes proposals: the :class:`ChangeBackend` protocol and the proposal branch names.
+
+A proposal lives on one branch ``closeloop/<diagnosis_id>``; :data:`BRANCH_PREFIX` is the only
+place that prefix is spelt, and :func:`check_branch` keeps every backend off any other branch.
+The backends are :mod:`processors.act.gitrepo` (a local repository) and
+:mod:`processors.act.github` (pull requests).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from processors.errors import ActError
+
+if TYPE_CHECKING:
+    from processors.act.change import Change
+    from processors.records import Proposal
+
+BRANCH_PREFIX = "closeloop/"
+
+
+class ChangeBackend(Protocol):
+    """Where proposals are written: a local repository or GitHub."""
+
+    name: str  # local | github
+    repo: str
+    base: str
+
+    def read_files(self, paths: Sequence[str], ref: str | None = None) -> dict[str, str]: ...
+    def file_history(self, path: str, limit: int = 5) -> list[str]: ...
+    def existing(self, branch: str) -> dict[str, Any] | None: ...
+    def open_or_update(
+        self, fields: dict[str, Any], change: Change
+    ) -> tuple[str, str, int, str]: ...
+    def status(self, proposal: Proposal) -> dict[str, Any]: ...
+    def merge(self, proposal: Proposal, reviewer: str, comment: str) -> str: ...
+    def close(self, proposal: Proposal, reviewer: str, comment: str) -> None: ...
+    def comment(self, proposal: Proposal, text: str) -> None: ...
+    def base_commit(self) -> str: ...
+
+
+def branch_name(diagnosis_id: str) -> str:
+    """The proposal branch of a diagnosis.
+
+    >>> branch_name("repeated_ask/intent 7")
+    'closeloop/repeated_ask-intent-7'
+    """
+    return BRANCH_PREFIX + (
+        re.sub(r"[^A-Za-z0-9._-]+", "-", diagnosis_id).strip(".-")[:80] or "diagnosis"
+    )
+
+
+def diagnosis_of_branch(branch: str) -> str:
+    """The part of a proposal branch after the prefix (the sanitised diagnosis id)."""
+    return branch[len(BRANCH_PREFIX) :]
+
+
+def is_proposal_branch(branch: str) -> bool:
+    return branch.startswith(BRANCH_PREFIX)
+
+
+def check_branch(branch: str, base: str) -> None:
+    """Proposals live on ``closeloop/...`` branches only — never on the base branch."""
+    if not is_proposal_branch(branch) or branch == base or ".." in branch:
+        raise ActError(
+            f"refused to write branch {branch!r}: proposals go to {BRANCH_PREFIX}<id>, "
+            f"never to the base branch {base!r}"
+        )

@@ -1,0 +1,77 @@
+"""Late feedback's core: validation, redaction, stored evaluations read back, re-versioned tags."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from processors.config import UnderstandConfig
+from processors.errors import InputError
+from processors.records import Conversation, Evaluation, Message, TagRecord
+from processors.redact import Redactor
+from processors.understand.feedback import feedback_evaluation, retag, stated_evaluations
+
+R = Redactor(["secrets", "emails", "cards", "phones"])
+
+
+def _tag(**kw: object) -> TagRecord:
+    conv = Conversation("c", messages=[Message("user", "refund"), Message("assistant", "Done.")])
+    return TagRecord(
+        "c", 4, "i", "refunds", 1, outcome="resolved", ts_ns=111, conversation=conv, **kw
+    )
+
+
+def test_feedback_is_validated_and_redacted() -> None:
+    ev = feedback_evaluation(score="0", comment="call me at jane@example.com", redactor=R, now_ns=5)
+    assert (ev.name, ev.score, ev.source, ev.ts_ns) == ("feedback", 0.0, "feedback", 5)
+    assert "jane@example.com" not in ev.explanation
+    for bad in ({}, {"score": "x"}, {"score": float("nan")}, {"score": True}, {"label": 3}):
+        with pytest.raises(InputError):
+            feedback_evaluation(redactor=R, now_ns=1, **bad)
+
+
+def test_retag_reversions_and_keeps_arrival_time() -> None:
+    down = feedback_evaluation(label="thumbs_down", redactor=R, now_ns=9)
+    new = retag(_tag(), [down], UnderstandConfig())
+    assert (new.conversation_version, new.outcome, new.failed, new.outcome_source) == (
+        5,
+        "failed",
+        True,
+        "stated",
+    )
+    assert new.ts_ns == 111  # verification counts it where the conversation happened
+    up = feedback_evaluation(label="thumbs_up", redactor=R, now_ns=10)
+    again = retag(new, [down, up], UnderstandConfig())
+    assert (again.conversation_version, again.failed) == (6, False)
+
+
+def test_evaluations_read_back_from_span_rows() -> None:
+    rows = [
+        {
+            "span_id": "s1",
+            "trace_id": "t",
+            "end_ns": 3,
+            "attributes": {"closeloop.outcome": "Escalated"},
+            "events": json.dumps(
+                [
+                    {"name": "exception", "time_ns": 1, "attributes": {}},
+                    {
+                        "name": "gen_ai.evaluation.result",
+                        "time_ns": 2,
+                        "attributes": {
+                            "gen_ai.evaluation.name": "reward",
+                            "gen_ai.evaluation.score.value": "1.0",
+                        },
+                    },
+                ]
+            ),
+        },
+        {"span_id": "s2", "trace_id": "t", "end_ns": 4, "attributes": {}, "events": "not json"},
+    ]
+    got = stated_evaluations(rows)
+    assert [(e.name, e.label, e.score, e.source) for e in got] == [
+        ("closeloop.outcome", "escalated", None, "attribute"),
+        ("reward", "", 1.0, "event"),
+    ]
+    assert isinstance(got[0], Evaluation)
