@@ -430,9 +430,9 @@ class Config:
         return self.home_path / "logs"
 
 
-# CLOSELOOP_ variables that are not settings: the config file, the broker binary, and the
-# supervisor's pid that the stack gives its children
-_NOT_SETTINGS = ("CLOSELOOP_CONFIG", "CLOSELOOP_TANSU_BINARY", "CLOSELOOP_SUPERVISOR_PID")
+# CLOSELOOP_ variables that are not settings: the config file, and the supervisor's pid that
+# the stack gives its children
+_NOT_SETTINGS = ("CLOSELOOP_CONFIG", "CLOSELOOP_SUPERVISOR_PID")
 HOME_CONFIG = "closeloop.yaml"  # read from the home when no file is given
 _SHORT_ENV = {
     "CLOSELOOP_HOME": "home",
