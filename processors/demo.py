@@ -133,55 +133,29 @@ def show_intents(store: Store) -> None:
         _say(f"    {r['name'][:50]:<50} {r['n']:>5}  {r['fail']:.0%}")
 
 
+REVIEW_ATTEMPTS = 10  # a proposal that keeps moving is shown again at most this often
+
+
 def review_step(store: Store, cfg: Config, approve_as: str | None) -> list[str]:
     from processors.act import open_backend
-    from processors.review.loop import StaleProposal, decide
 
     props = store.query(
-        "SELECT proposal_id, title, diff, branch FROM proposals FINAL WHERE status = 'open' "
-        "ORDER BY created_ns"
+        "SELECT proposal_id, title, diff, branch, version FROM proposals FINAL "
+        "WHERE status = 'open' ORDER BY created_ns"
     )
     approved = []
     backend = open_backend(cfg)
     for p in props:
         _say(f"\n  proposal {p['proposal_id']}: {p['title']}\n  branch {p['branch']}\n")
         _say("\n".join("    " + ln for ln in p["diff"].splitlines()))
-        who = approve_as
+        who = approve_as if approve_as is not None else ask_approval()
         if who is None:
-            if not sys.stdin.isatty():
-                _say(
-                    "  (no terminal: not approving; rerun with --approve-as NAME or use `closeloop review`)"
-                )
-                continue
-            answer = input("  approve this change? [y/N] ").strip().lower()
-            if answer != "y":
-                continue
-            who = input("  your name (recorded with the approval): ").strip()
-        try:
-            record, _ = decide(
-                store,
-                backend,
-                p["proposal_id"],
-                "approve",
-                who,
-                "approved in closeloop demo",
-                time.time_ns(),
-                cfg=cfg,
-            )
-        except StaleProposal as stale:
-            # another approved change touched the same lines: look at the rebuilt diff again
-            _say(f"  {stale}\n")
-            _say("\n".join("    " + ln for ln in stale.proposal.diff.splitlines()))
-            record, _ = decide(
-                store,
-                backend,
-                p["proposal_id"],
-                "approve",
-                who,
-                "approved in closeloop demo (rebuilt on the new base)",
-                time.time_ns(),
-                cfg=cfg,
-            )
+            continue
+        record = approve_shown(
+            store, cfg, backend, p["proposal_id"], int(p["version"]), who, ask=approve_as is None
+        )
+        if record is None:
+            continue
         where = (
             f"already in {cfg.act.base} at"
             if "already holds" in record.comment
@@ -190,6 +164,58 @@ def review_step(store: Store, cfg: Config, approve_as: str | None) -> list[str]:
         _say(f"  approved by {record.reviewer}; {where} {record.merged_commit[:10]}")
         approved.append(p["proposal_id"])
     return approved
+
+
+def ask_approval() -> str | None:
+    """The reviewer's name if the human at the terminal approves, else None."""
+    if not sys.stdin.isatty():
+        _say(
+            "  (no terminal: not approving; rerun with --approve-as NAME or use `closeloop review`)"
+        )
+        return None
+    if input("  approve this change? [y/N] ").strip().lower() != "y":
+        return None
+    return input("  your name (recorded with the approval): ").strip()
+
+
+def approve_shown(
+    store: Store,
+    cfg: Config,
+    backend: Any,
+    proposal_id: str,
+    version: int,
+    who: str,
+    *,
+    ask: bool,
+) -> Any:
+    """Approve the version that was shown. A proposal that moved meanwhile (re-versioned by a
+    newer diagnosis, or rebuilt on a new base) is shown again and approved as shown (asking
+    the human again when ``ask``); the review record, or None if not approved."""
+    from processors.review.loop import MovedProposal, StaleProposal, decide
+
+    for _ in range(REVIEW_ATTEMPTS):
+        try:
+            record, _ = decide(
+                store,
+                backend,
+                proposal_id,
+                "approve",
+                who,
+                "approved in closeloop demo",
+                time.time_ns(),
+                cfg=cfg,
+                version=version,
+            )
+            return record
+        except (MovedProposal, StaleProposal) as moved:
+            _say(f"  {moved}\n")
+            _say("\n".join("    " + ln for ln in moved.proposal.diff.splitlines()))
+            version = moved.proposal.version
+            if ask and ask_approval() is None:
+                return None
+            time.sleep(1)  # a branch ahead of its row: the row follows within moments
+    _say(f"  proposal {proposal_id} kept moving; not approved (use `closeloop review` later)")
+    return None
 
 
 def show_verdicts(outcomes: list[dict[str, Any]]) -> None:
