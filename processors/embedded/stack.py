@@ -73,6 +73,7 @@ PORT_VARIABLES = {
     "otlp.http_port": "CLOSELOOP_OTLP_HTTP_PORT",
     "web.port": "CLOSELOOP_WEB_PORT",
 }
+PUBLISHED = ("sql.json", "gateway.json", "web.json")  # what the children bound, in run/
 PORT_FLAGS = {
     "otlp.grpc_port": "--otlp-grpc-port",
     "otlp.http_port": "--otlp-http-port",
@@ -206,6 +207,8 @@ class EmbeddedStack:
         cfg = self.cfg
         (cfg.home_path / "logs").mkdir(parents=True, exist_ok=True)
         cfg.run_dir().mkdir(parents=True, exist_ok=True)
+        for f in PUBLISHED:  # left by a stack that crashed: only what the new children bind counts
+            (cfg.run_dir() / f).unlink(missing_ok=True)
         try:
             self._start_broker()
             ensure_topics(self.bootstrap, cfg.topics.all(), cfg.kafka.partitions)
@@ -474,7 +477,7 @@ class EmbeddedStack:
         if self.broker_store is not None:  # after the broker, which writes to it until it stops
             self.broker_store.stop()
             self.broker_store = None
-        for f in ("stack.json", "sql.json", "gateway.json", "web.json"):
+        for f in ("stack.json", *PUBLISHED):
             (self.cfg.run_dir() / f).unlink(missing_ok=True)
 
     def __enter__(self) -> EmbeddedStack:
