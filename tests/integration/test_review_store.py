@@ -244,46 +244,30 @@ def test_a_proposal_re_versioned_during_approval_is_shown_again_not_merged_blind
         BASE + 5,
     )
     assert newer is not None and newer.version == shown.version + 1
-    with pytest.raises(MovedProposal):  # the branch is not the commit shown
-        decide(
+
+    def approve_version(version: int, now_ns: int):
+        return decide(
             store,
             backend,
             shown.proposal_id,
             "approve",
             "Ada",
             "ok",
-            BASE + 6,
+            now_ns,
             cfg=cfg,
-            version=shown.version,
+            version=version,
         )
+
+    with pytest.raises(MovedProposal):  # the branch is not the commit shown
+        approve_version(shown.version, BASE + 6)
     store.insert_records("proposals", proposal_rows([newer]))
     with pytest.raises(MovedProposal) as moved:  # the row moved too: the new diff is handed back
-        decide(
-            store,
-            backend,
-            shown.proposal_id,
-            "approve",
-            "Ada",
-            "ok",
-            BASE + 7,
-            cfg=cfg,
-            version=shown.version,
-        )
+        approve_version(shown.version, BASE + 7)
     assert (
         moved.value.proposal.version == newer.version and "account id" in moved.value.proposal.diff
     )
     assert git_show(repo, "main:prompts/system.md").count("account id") == 0  # nothing merged blind
-    record, updated = decide(
-        store,
-        backend,
-        shown.proposal_id,
-        "approve",
-        "Ada",
-        "ok",
-        BASE + 8,
-        cfg=cfg,
-        version=newer.version,
-    )
+    record, updated = approve_version(newer.version, BASE + 8)
     assert updated.status == "merged" and record.merged_commit
     assert "account id" in git_show(repo, "main:prompts/system.md")
 
