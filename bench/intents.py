@@ -1,14 +1,25 @@
-"""Intent-clustering quality and speed on BANKING77 (77 labelled banking intents).
+"""Intent-clustering quality and speed on several labelled intent data sets, with one default.
 
-    python -m bench.intents [--data examples/data/banking77/train.csv] [--limit N] [--seed 0]
+    python -m bench.intents [--data-dir DIR] [--sets banking77,hwu64,snips] [--limit 10000]
+                            [--seed 0] [--no-write]
 
-Streams the utterances once, shuffled with a fixed seed, through each embedder and the online
-``IntentModel`` (never told k), and compares with an offline baseline on the same embeddings:
-k-means with the true k (scikit-learn, bench only). Scores: NMI and ARI against the labels for
-the tags given on arrival (mapped through later merges) and for the final model's assignment;
-the number of intents (all active, and how many cover 95% of the points); id stability (the
-share of points whose arrival tag, mapped through merges, is the final model's answer);
-throughput and model memory. Writes ``bench/RESULTS_intents.md``.
+The data sets are read from ``--data-dir`` (or ``CLOSELOOP_BENCH_DATA``; default
+``../shared/data`` beside the repository), one folder each, as published:
+
+* ``banking77/train.csv`` — BANKING77 (PolyAI, CC-BY-4.0): 77 banking intents;
+* ``hwu64/trainset/*.csv`` — HWU64 (Liu et al. 2019, CC-BY-4.0): 64 intents over 21 home-assistant
+  scenarios;
+* ``snips/train_*_full.json`` — SNIPS 2017-06 custom intent engines (sonos/nlu-benchmark, CC0): 7
+  broad intents (music, weather, restaurants, books, films).
+
+Each set is shuffled with a fixed seed, cut to ``--limit`` utterances, embedded with the
+default embedder (``minilm``: all-MiniLM-L6-v2 on ONNX int8) and streamed once through the online
+``IntentModel`` with its defaults (never told k), in batches of 500 as the understand core does.
+Baseline: offline k-means told the true k on the same vectors (scikit-learn, bench only).
+Scores: NMI and ARI of the final model's assignment and of the tags given on arrival (mapped
+through later merges), the number of clusters of each, the speed with embedding, and the share
+of intents whose deterministic name shares a content word with the intent's majority label.
+Writes ``bench/RESULTS_intents.md`` unless ``--no-write``.
 """
 
 from __future__ import annotations
@@ -16,34 +27,29 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from bench.static_embedder import StaticEmbedder
-from processors.understand.embed import HashingEmbedder, MiniLMEmbedder
+from processors.understand.embed import OnnxMiniLMEmbedder
 from processors.understand.intents import IntentModel
+from processors.understand.naming import STOP_WORDS, KeyphraseIndex, _stem, name_intent, words
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = ROOT / "examples" / "data" / "banking77" / "train.csv"
+DEFAULT_DATA = ROOT.parent / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "RESULTS_intents.md"
-VARIANTS = {  # name -> IntentModel settings (the first is the default)
-    "default (threshold 0.6, micro 0.85)": {},
-    "threshold 0.65": {"threshold": 0.65},
-    "threshold 0.55": {"threshold": 0.55},
-    "micro 0.8": {"micro_threshold": 0.8},
-}
-
-
-def cover95(labels: np.ndarray) -> int:
-    """How many clusters, largest first, it takes to cover 95% of the points."""
-    sizes = np.sort(np.unique(labels, return_counts=True)[1])[::-1]
-    return int(np.searchsorted(np.cumsum(sizes), 0.95 * len(labels)) + 1)
+BATCH = 500  # conversations per understand batch
+NMI_SLACK, ARI_SLACK, ARRIVAL_SLACK, MAX_CLUSTER_RATIO = 0.01, 0.03, 0.03, 2.0
 
 
 def cpu_model() -> str:
@@ -56,157 +62,254 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def stream(X: np.ndarray, texts: list[str], settings: dict) -> dict:
-    model = IntentModel(**settings)
-    t = time.perf_counter()
-    arrival = [model.learn_one(x, now_ns=i, text=s) for i, (x, s) in enumerate(zip(X, texts))]
-    dt = time.perf_counter() - t
-    mapped = np.array([model.resolve(a) for a in arrival])
-    final = np.array([model.predict_one(x) or "-" for x in X])
-    kinds = [c.change for c in model.changes]
-    return {
-        "arrival": mapped,
-        "final": final,
-        "pps": len(X) / dt,
-        "k": len(model.intents()),
-        "stability": float((mapped == final).mean()),
-        "mem": model.nbytes(),
-        "changes": {k: kinds.count(k) for k in ("created", "merged", "split")},
-    }
+def banking77(d: Path) -> list[tuple[str, str]]:
+    with (d / "banking77" / "train.csv").open(newline="", encoding="utf-8") as f:
+        return [(r["text"], r["category"]) for r in csv.DictReader(f)]
 
 
-def main(argv: list[str] | None = None) -> int:
+def hwu64(d: Path) -> list[tuple[str, str]]:
+    out = []
+    for p in sorted((d / "hwu64" / "trainset").glob("*.csv")):
+        with p.open(newline="", encoding="utf-8") as f:
+            for r in csv.DictReader(f, delimiter=";"):
+                text = (r.get("answer_from_user") or r.get("answer_from_anno") or "").strip()
+                if text:
+                    out.append((text, f"{r['scenario']}_{r['intent']}"))
+    return out
+
+
+def snips(d: Path) -> list[tuple[str, str]]:
+    out = []
+    for p in sorted((d / "snips").glob("train_*_full.json")):
+        doc = json.loads(p.read_bytes().decode("utf-8", errors="replace"))
+        for label, rows in doc.items():
+            out += [("".join(c["text"] for c in r["data"]).strip(), label) for r in rows]
+    return out
+
+
+LOADERS: dict[str, Callable[[Path], list[tuple[str, str]]]] = {
+    "banking77": banking77,
+    "hwu64": hwu64,
+    "snips": snips,
+}
+
+
+def label_words(label: str) -> set[str]:
+    """Content-word stems of a label: "card_arrival", "AddToPlaylist", "alarm_query"."""
+    spaced = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", label)
+    return {_stem(w) for w in words(spaced.replace("_", " ")) if w not in STOP_WORDS}
+
+
+@dataclass
+class SetResult:
+    name: str
+    n: int
+    k_true: int
+    km: tuple[float, float, float]  # NMI, ARI, fit seconds
+    final: tuple[float, float, int]  # NMI, ARI, clusters
+    arrival: tuple[float, float, int]
+    arrival_late: float  # NMI on arrival over the second half of the stream (warmed up)
+    embed_s: float
+    cluster_s: float
+    names_hit: int
+    names_total: int
+    sample_names: list[tuple[str, str]]  # (majority label, name)
+
+
+def name_share(
+    model: IntentModel, final: np.ndarray, texts: list[str], y: np.ndarray
+) -> tuple[int, int, list[tuple[str, str]]]:
+    """How many intents' names share a content word with their majority label, of how many."""
+    index = KeyphraseIndex()
+    for f, t in zip(final, texts):
+        index.add(f, t)
+    stats = index.stats()
+    hit, total, shown = 0, 0, []
+    for s in sorted(model.intents(), key=lambda s: -s.size):
+        labels = Counter(y[final == s.intent_id])
+        if not labels:
+            continue
+        major = labels.most_common(1)[0][0]
+        named = name_intent(
+            [t for _, t in s.examples],
+            stats,
+            class_counts=index.counts(s.intent_id),
+            n_docs=index.docs(s.intent_id),
+        )
+        total += 1
+        hit += bool(label_words(major) & {_stem(w) for w in words(named.name)})
+        shown.append((major, named.name))
+    return hit, total, shown
+
+
+def run_set(
+    name: str, texts: list[str], y: np.ndarray, embedder: OnnxMiniLMEmbedder, seed: int
+) -> SetResult:
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score as ari
     from sklearn.metrics import normalized_mutual_info_score as nmi
 
-    ap = argparse.ArgumentParser(prog="python -m bench.intents", description=__doc__.split("\n")[0])
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--limit", type=int, default=0, help="use only the first N shuffled rows")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument(
-        "--no-write", action="store_true", help="print only; leave RESULTS_intents.md alone"
-    )
-    args = ap.parse_args(argv)
-
-    with args.data.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    order = np.random.default_rng(args.seed).permutation(len(rows))
-    if args.limit:
-        order = order[: args.limit]
-    texts = [rows[i]["text"] for i in order]
-    y = np.array([rows[i]["category"] for i in order])
     k_true = len(set(y))
-    print(
-        f"{len(texts)} utterances, {k_true} labelled intents, stream order seed {args.seed}",
-        flush=True,
+    t = time.perf_counter()
+    X = embedder.embed(texts)
+    embed_s = time.perf_counter() - t
+    t = time.perf_counter()
+    km = KMeans(k_true, n_init=3, random_state=seed).fit(X).labels_
+    km_s = time.perf_counter() - t
+    model = IntentModel()
+    t = time.perf_counter()
+    arrival_ids: list[str] = []
+    for i in range(0, len(X), BATCH):
+        arrival_ids += model.learn_many(X[i : i + BATCH], now_ns=i, texts=texts[i : i + BATCH])
+    cluster_s = time.perf_counter() - t
+    arrival = np.array([model.resolve(a) for a in arrival_ids])
+    final = np.array([model.predict_one(x) or "-" for x in X])
+    hit, total, shown = name_share(model, final, texts, y)
+    return SetResult(
+        name,
+        len(texts),
+        k_true,
+        (nmi(y, km), ari(y, km), km_s),
+        (nmi(y, final), ari(y, final), len(set(final))),
+        (nmi(y, arrival), ari(y, arrival), len(set(arrival))),
+        nmi(y[len(y) // 2 :], arrival[len(y) // 2 :]),
+        embed_s,
+        cluster_s,
+        hit,
+        total,
+        shown,
     )
 
-    embed_rows, cluster_rows = [], []
-    minilm = MiniLMEmbedder()
-    with tempfile.TemporaryDirectory() as models:
-        t = time.perf_counter()
-        static = StaticEmbedder.load_or_build(Path(models), minilm)
-        build_s = time.perf_counter() - t
-        embedders = {
-            "minilm (numpy)": minilm,
-            "static-256 (distilled)": static,
-            "hashing": HashingEmbedder(),
-        }
-        vectors = {}
-        for name, emb in embedders.items():
-            t = time.perf_counter()
-            vectors[name] = emb.embed(texts)
-            sps = len(texts) / (time.perf_counter() - t)
-            embed_rows.append((name, emb.dim, sps))
-            print(f"embedded with {name}: {sps:,.0f} sentences/s", flush=True)
 
-    for name, X in vectors.items():
-        t = time.perf_counter()
-        km = KMeans(k_true, n_init=3, random_state=args.seed).fit(X)
-        base_s = time.perf_counter() - t
-        lab = km.labels_
-        cluster_rows.append(
-            (
-                name,
-                f"k-means, true k={k_true} (offline)",
-                nmi(y, lab),
-                ari(y, lab),
-                "",
-                "",
-                k_true,
-                cover95(lab),
-                "",
-                f"{base_s:.1f} s fit",
-                "",
-                "",
-            )
-        )
-        variants = (
-            VARIANTS if name == "minilm (numpy)" else {"default (threshold 0.6, micro 0.85)": {}}
-        )
-        for vname, settings in variants.items():
-            r = stream(X, texts, settings)
-            cluster_rows.append(
-                (
-                    name,
-                    f"IntentModel {vname}",
-                    nmi(y, r["final"]),
-                    ari(y, r["final"]),
-                    nmi(y, r["arrival"]),
-                    ari(y, r["arrival"]),
-                    r["k"],
-                    cover95(r["final"]),
-                    f"{r['stability']:.3f}",
-                    f"{r['pps']:,.0f} pts/s",
-                    f"{r['mem'] / 1e6:.1f} MB",
-                    "/".join(str(r["changes"][c]) for c in ("created", "merged", "split")),
-                )
-            )
-            print(
-                f"{name} / {vname}: NMI {cluster_rows[-1][2]:.4f} ARI {cluster_rows[-1][3]:.4f} k {r['k']}",
-                flush=True,
-            )
+def verdicts(r: SetResult) -> list[tuple[str, str, bool]]:
+    """(goal, measured, met) for one set."""
+    km_nmi, km_ari, _ = r.km
+    f_nmi, f_ari, f_k = r.final
+    a_nmi = r.arrival[0]
+    return [
+        (
+            f"NMI ≥ k-means − {NMI_SLACK}",
+            f"{f_nmi:.3f} vs {km_nmi:.3f}",
+            f_nmi >= km_nmi - NMI_SLACK,
+        ),
+        (
+            f"ARI ≥ k-means − {ARI_SLACK}",
+            f"{f_ari:.3f} vs {km_ari:.3f}",
+            f_ari >= km_ari - ARI_SLACK,
+        ),
+        (
+            f"clusters ≤ {MAX_CLUSTER_RATIO:g} × true",
+            f"{f_k} vs {r.k_true}",
+            f_k <= MAX_CLUSTER_RATIO * r.k_true,
+        ),
+        (
+            f"NMI on arrival within {ARRIVAL_SLACK} of final",
+            f"{a_nmi:.3f} vs {f_nmi:.3f}",
+            a_nmi >= f_nmi - ARRIVAL_SLACK,
+        ),
+    ]
 
+
+def report(results: list[SetResult], cmd: str, limit: int, seed: int) -> str:
     head = (
-        "| embedding | clusterer | NMI | ARI | NMI on arrival | ARI on arrival | clusters | clusters "
-        "covering 95% | id stability | speed | model memory | created/merged/split |"
+        "| embedding · data set | clusterer | NMI | ARI | NMI on arrival | ARI on arrival | "
+        "NMI on arrival, 2nd half | clusters | clusters on arrival | true k | speed with "
+        "embedding | names sharing a word with the majority label |"
     )
-    lines = [head, "|" + "---|" * 12]
-    for r in cluster_rows:
-        cells = [f"{c:.4f}" if isinstance(c, float) else str(c) for c in r]
-        lines.append("| " + " | ".join(cells) + " |")
-    emb_lines = ["| embedder | dim | sentences/s |", "|---|---:|---:|"]
-    emb_lines += [f"| {n} | {d} | {s:,.0f} |" for n, d, s in embed_rows]
-    cmd = (
-        "python -m bench.intents"
-        + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-    )
-    doc = "\n".join(
+    rows = [head, "|" + "---|" * 12]
+    goal_rows = ["| data set | goal | measured | met |", "|---|---|---|---|"]
+    name_rows = ["| data set | majority label | name (no LLM) |", "|---|---|---|"]
+    for r in results:
+        rows.append(
+            f"| minilm · {r.name} | k-means, true k={r.k_true} (offline) | {r.km[0]:.4f} | "
+            f"{r.km[1]:.4f} |  |  |  | {r.k_true} |  | {r.k_true} | {r.km[2]:.1f} s fit |  |"
+        )
+        rate = r.n / (r.embed_s + r.cluster_s)
+        rows.append(
+            f"| minilm · {r.name} | IntentModel default | {r.final[0]:.4f} | {r.final[1]:.4f} | "
+            f"{r.arrival[0]:.4f} | {r.arrival[1]:.4f} | {r.arrival_late:.4f} | {r.final[2]} | "
+            f"{r.arrival[2]} | "
+            f"{r.k_true} | {rate:,.0f}/s ({r.n / r.embed_s:,.0f}/s embedding, "
+            f"{r.n / r.cluster_s:,.0f}/s clustering) | {r.names_hit}/{r.names_total} = "
+            f"{r.names_hit / max(r.names_total, 1):.2f} |"
+        )
+        goal_rows += [
+            f"| {r.name} | {g} | {m} | {'met' if ok else 'NOT met'} |" for g, m, ok in verdicts(r)
+        ]
+        name_rows += [f"| {r.name} | {lab} | {nm} |" for lab, nm in r.sample_names[:8]]
+    return "\n".join(
         [
-            "# Understand: intent clustering on BANKING77",
+            "# Understand: intent clustering on several data sets, one default",
             "",
             (
-                f"Command: `{cmd}` — run {datetime.date.today().isoformat()} on {os.cpu_count()} cores "
-                f"(nproc), CPU: {cpu_model()}."
+                f"Command: `{cmd}` — run {datetime.date.today().isoformat()} on {os.cpu_count()} "
+                f"cores (nproc), CPU: {cpu_model()}."
             ),
             "",
             (
-                f"Data: `{args.data.relative_to(ROOT) if args.data.is_relative_to(ROOT) else args.data}`, "
-                f"{len(texts)} utterances in one pass, shuffled with seed {args.seed}; {k_true} true intents. "
-                "NMI/ARI use the final model's assignment of every point; 'on arrival' uses the tag given when "
-                "the point arrived, mapped through later merges. Id stability: share of points whose mapped "
-                "arrival tag equals the final assignment. The online model is never told k."
+                f"Each set shuffled with seed {seed}, the first {limit:,} utterances, one pass in "
+                f"batches of {BATCH}. NMI/ARI: the final model's assignment of every utterance; "
+                "'on arrival': the tag given when it arrived, mapped through later merges ('2nd half': "
+                "the utterances after the first half, once the model has warmed up). The online "
+                "model is never told k; k-means is, on the same vectors. Speed: utterances per "
+                "second, embedding (ONNX int8 MiniLM on both cores) plus clustering."
             ),
             "",
-            f"Static model build (distilled from the numpy MiniLM, cached in `<home>/models`): {build_s:.1f} s.",
+            *rows,
             "",
-            *emb_lines,
+            *goal_rows,
             "",
-            *lines,
+            "Names of the largest intents (phrases from their central examples, no LLM):",
+            "",
+            *name_rows,
             "",
         ]
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.intents", description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("CLOSELOOP_BENCH_DATA", DEFAULT_DATA)),
+        help="folder holding banking77/, hwu64/, snips/ (env CLOSELOOP_BENCH_DATA)",
+    )
+    ap.add_argument("--sets", default=",".join(LOADERS), help="comma-separated data sets")
+    ap.add_argument("--limit", type=int, default=10_000, help="utterances per set (0: all)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    args = ap.parse_args(argv)
+
+    results = []
+    with tempfile.TemporaryDirectory() as models:
+        embedder = OnnxMiniLMEmbedder(Path(models))
+        for name in args.sets.split(","):
+            if name not in LOADERS:
+                ap.error(f"unknown data set {name!r}; known: {', '.join(LOADERS)}")
+            try:
+                rows = LOADERS[name](args.data_dir)
+            except OSError as e:
+                print(f"{name}: not found under {args.data_dir} ({e}); skipped", file=sys.stderr)
+                continue
+            order = np.random.default_rng(args.seed).permutation(len(rows))
+            if args.limit:
+                order = order[: args.limit]
+            texts = [rows[i][0] for i in order]
+            y = np.array([rows[i][1] for i in order])
+            r = run_set(name, texts, y, embedder, args.seed)
+            results.append(r)
+            print(
+                f"{name}: NMI {r.final[0]:.4f} (k-means {r.km[0]:.4f}) ARI {r.final[1]:.4f} "
+                f"(k-means {r.km[1]:.4f}) clusters {r.final[2]} (true {r.k_true}); arrival NMI "
+                f"{r.arrival[0]:.4f}; names {r.names_hit}/{r.names_total}",
+                flush=True,
+            )
+    if not results:
+        print(f"no data set found under {args.data_dir}", file=sys.stderr)
+        return 2
+    cmd = "python -m bench.intents" + (" " + " ".join(argv if argv is not None else sys.argv[1:]))
+    doc = report(results, cmd.rstrip(), args.limit, args.seed)
     print()
     print(doc)
     if not args.no_write:

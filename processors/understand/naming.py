@@ -1,13 +1,17 @@
-"""Intent names: distinctive keyphrases (class-based TF-IDF), or an LLM given examples.
+"""Intent names: a phrase from the intent's central examples, or an LLM given examples.
 
-* :class:`KeyphraseIndex` keeps per-intent term counts online (uni- and bigrams, stop-words
-  removed, bounded), so naming needs no stored corpus.
+* :class:`KeyphraseIndex` keeps per-intent document counts of terms online (uni- and bigrams,
+  stop-words removed, bounded), so naming needs no stored corpus.
 * :func:`keyphrases` scores a class's terms against the corpus, c-TF-IDF as in BERTopic:
   ``tf(t, c) * log(1 + A / f(t))`` with ``A`` the average number of terms per class and
   ``f(t)`` the term's frequency over all classes.
 * :func:`name_intent` names an intent: with an LLM, a product-specific name and one-sentence
-  description from representative examples; without one (or when its answer is unusable)
-  the top keyphrases, e.g. ``"card arrive"``.
+  description from representative examples; without one (or when its answer is unusable) the
+  shortest stretch of a central example that holds its most distinctive words, as the users
+  put it (:func:`phrase_name`: "card has not arrived", "cancel a transfer"), else the top
+  keyphrases. A word is used only if many of the intent's conversations hold it
+  (:data:`NAME_MIN_DOC_SHARE`), never a number or a word with digits: a customer's name, an
+  id or a code that one conversation carries never becomes a name.
 * :class:`Namer` decides when a name is due again (the intent doubled, merged or split) and
   flags renames so that the caller versions them.
 """
@@ -46,6 +50,10 @@ way well yes yet im ive dont cant
 STOP_WORDS = frozenset(_STOP_TEXT.split())
 
 NAME_MAX_WORDS = 3  # a keyphrase name: the top phrases up to this many words
+PHRASE_MAX_WORDS = 5  # a phrase name: at most this many words, stop-words included
+PHRASE_WORD_COST = 0.15  # a phrase's score: its keywords' weights (best 1) less this per word
+NAME_MIN_DOCS = 3  # a name's words appear in at least this many of the intent's conversations
+NAME_MIN_DOC_SHARE = 0.1  # ... and in at least this share of them
 NAME_MAX_CHARS = 60
 DESCRIPTION_MAX_CHARS = 240
 LLM_MAX_EXAMPLES = 12
@@ -201,29 +209,83 @@ def _llm_name(examples: list[str], ranked: list[tuple[str, float]], llm: ChatJSO
     return IntentName(name, description, keywords or [p for p, _ in ranked[:8]], source="llm")
 
 
+def allowed_words(class_counts: Mapping[str, int], n_docs: int) -> set[str]:
+    """Words that enough of the intent's ``n_docs`` conversations hold to go into its name:
+    a name, id, code or number one customer gave never does."""
+    floor = max(NAME_MIN_DOCS, NAME_MIN_DOC_SHARE * n_docs)
+    return {
+        t
+        for t, c in class_counts.items()
+        if c >= floor and " " not in t and t.isalpha() and t not in STOP_WORDS
+    }
+
+
+def phrase_name(examples: list[str], ranked: list[tuple[str, float]], allowed: set[str]) -> str:
+    """The shortest stretch of one example (a clause, up to :data:`PHRASE_MAX_WORDS` words) that
+    holds the most keyphrase weight, made of allowed words and the stop-words between them;
+    examples come most central first, which wins ties.
+
+    >>> ranked = [("arrived", 1.0), ("card", 0.8), ("yet", 0.1)]
+    >>> phrase_name(["Why has my card not arrived yet?"], ranked, {"card", "arrived"})
+    'card not arrived'
+    """
+    top = max((sc for t, sc in ranked if t in allowed), default=1.0)
+    weight = {t: sc / top for t, sc in ranked if t in allowed}  # the best word weighs 1
+    best: tuple[float, int, int, str] = (-1.0, 0, 0, "")  # (score, -length, -rank, phrase)
+    for rank, example in enumerate(examples):
+        for clause in _CLAUSE_BREAK.split(_PLACEHOLDER.sub(",", example)):
+            ws = words(clause)
+            for i, first in enumerate(ws):
+                if first not in weight:
+                    continue
+                for j in range(i, min(i + PHRASE_MAX_WORDS, len(ws))):
+                    w = ws[j]
+                    if w not in weight and (w not in STOP_WORDS or not w.isalpha()):
+                        break  # a word the name may not hold: no longer stretch either
+                    if w not in weight and w not in _PARTICLES:
+                        continue  # a stretch ends on a distinctive word or a particle
+                    span = ws[i : j + 2 if ws[j + 1 : j + 2] == ["up"] else j + 1]
+                    # each word costs a little: a keyword only joins the name if it says more
+                    score = sum(weight.get(t, 0.0) for t in set(span)) - PHRASE_WORD_COST * len(
+                        span
+                    )
+                    key = (round(score, 9), -len(span), -rank, " ".join(span))
+                    if key[:3] > best[:3]:
+                        best = key
+    return best[3]
+
+
 def name_intent(
     examples: list[str],
     all_docs_stats: CorpusStats,
     llm: ChatJSON | None = None,
     *,
     class_counts: Mapping[str, int] | None = None,
+    n_docs: int | None = None,
 ) -> IntentName:
-    """Name an intent from its ``examples`` (redacted user messages).
+    """Name an intent from its ``examples`` (redacted user messages, most central first).
 
-    ``class_counts`` (e.g. :meth:`KeyphraseIndex.counts`) are the intent's accumulated term
-    counts; without them they are counted from ``examples``. With an ``llm`` the examples are
-    sent as quoted data; any failure falls back to the keyphrase name.
+    ``class_counts`` (e.g. :meth:`KeyphraseIndex.counts`) are the intent's accumulated document
+    counts of terms over ``n_docs`` conversations; without them they are counted from
+    ``examples``. With an ``llm`` the examples are sent as quoted data; any failure falls back
+    to the phrase name.
     """
-    counts = (
-        class_counts if class_counts is not None else Counter(t for e in examples for t in terms(e))
-    )
-    ranked = keyphrases(counts, all_docs_stats)
+    if class_counts is None:
+        class_counts = Counter(t for e in examples for t in dict.fromkeys(terms(e)))
+        n_docs = len(examples)
+    allowed = allowed_words(class_counts, n_docs if n_docs is not None else len(examples))
+    ranked = keyphrases(class_counts, all_docs_stats, k=30)
+    # bigrams too, when both their words are allowed: they weigh phrases that keep them together
+    ranked = [(t, sc) for t, sc in ranked if all(w in allowed for w in t.split())]
     if llm is not None and examples:
         try:
             return _llm_name(examples, ranked, llm)
         except LLMError:
             pass  # the deterministic name below is the documented fallback
-    name = keyphrase_name(ranked) or "unnamed intent"
+    unigrams = [(t, sc) for t, sc in ranked if " " not in t]
+    name = phrase_name(examples, unigrams, allowed) or keyphrase_name(ranked) or "unnamed intent"
+    if len(name.split()) == 1 and len(unigrams) > 1:
+        name = keyphrase_name(ranked) or name  # one word says little: the top keyphrases say more
     top = [p for p, _ in ranked[:5]]
     desc = (
         f"Users asking about {', '.join(top[:3])}."
@@ -234,7 +296,7 @@ def name_intent(
 
 
 class KeyphraseIndex:
-    """Per-intent term counts, maintained online, bounded to ``max_terms`` terms per intent.
+    """Per-intent document counts of terms, maintained online, bounded to ``max_terms`` terms per intent.
 
     When an intent exceeds its bound its rarest terms are dropped (ties by term, so the
     result is deterministic); the corpus counts stay the sum of what is kept.
@@ -258,7 +320,7 @@ class KeyphraseIndex:
 
     def add(self, intent_id: str, text: str) -> None:
         c = self._counts.setdefault(intent_id, Counter())
-        ts = terms(text)
+        ts = list(dict.fromkeys(terms(text)))  # document counts: a word said twice counts once
         c.update(ts)
         self._corpus.update(ts)
         self._docs[intent_id] += 1
@@ -351,8 +413,13 @@ class Namer:
         """Name ``intent_id`` if :meth:`due`, else ``None``."""
         if not self.due(intent_id, size, changed=changed):
             return None
-        named = name_intent(
-            examples, self.index.stats(), self.llm, class_counts=self.index.counts(intent_id)
+        docs = self.index.docs(intent_id)
+        named = name_intent(  # a split child has no counts of its own yet: its examples speak
+            examples,
+            self.index.stats(),
+            self.llm,
+            class_counts=self.index.counts(intent_id) if docs else None,
+            n_docs=docs or None,
         )
         previous = self._named.get(intent_id, ("", 0))[0]
         self._named[intent_id] = (named.name, size)
