@@ -475,6 +475,7 @@ def cmd_web(a: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from processors.embedded.procs import write_run_file
     from processors.web.server import WebServer
 
     cfg = _cfg(a)
@@ -482,8 +483,8 @@ def cmd_web(a: argparse.Namespace) -> int:
     server = WebServer(cfg, store, port=a.port, publish_tags=lazy_tags_publisher(cfg)).start()
     run = cfg.run_dir()
     run.mkdir(parents=True, exist_ok=True)
-    (run / "web.json").write_text(json.dumps({"url": server.url, "login_url": server.login_url}))
-    (run / "web.json").chmod(0o600)
+    # the login url holds the token: the file is for its owner only
+    write_run_file(run, "web.json", {"url": server.url, "login_url": server.login_url}).chmod(0o600)
     print(
         f"closeloop web: serving the review page at {server.url} (login: {server.token_path})",
         flush=True,

@@ -1,7 +1,8 @@
 """One typed configuration, read from ``closeloop.yaml`` and ``CLOSELOOP_*`` variables.
 
-Precedence (last wins): defaults < ``closeloop.yaml`` (or ``--config`` / ``CLOSELOOP_CONFIG``)
-< environment variables < command-line flags. Every key of every section can be set
+Precedence (last wins): defaults < the file (``--config``, else ``CLOSELOOP_CONFIG``, else
+``<home>/closeloop.yaml`` of the home named by ``--home`` / ``CLOSELOOP_HOME``, else
+``./closeloop.yaml``) < environment variables < command-line flags. Every key of every section can be set
 from the environment as ``CLOSELOOP_<SECTION>_<KEY>``, e.g. ``CLOSELOOP_OTLP_GRPC_PORT=14317``;
 a few common ones have short names (``CLOSELOOP_KAFKA``, ``CLOSELOOP_CLICKHOUSE``,
 ``CLOSELOOP_HOME``). ``closeloop.example.yaml`` documents every key.
@@ -13,7 +14,7 @@ import dataclasses
 import difflib
 import os
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,9 @@ class OtlpConfig:
     host: str = "127.0.0.1"
     max_request_bytes: int = 16 * 1024 * 1024  # larger requests get RESOURCE_EXHAUSTED / 413
     max_inflight_bytes: int = 256 * 1024 * 1024  # bounded buffer towards the broker, then 503
-    ack_timeout_s: float = 10.0  # broker acknowledgement wait before UNAVAILABLE/503
+    # broker acknowledgement wait before UNAVAILABLE/503: well inside the OTel SDKs' 10 s export
+    # timeout, so they get the 503 and back off instead of timing out
+    ack_timeout_s: float = 4.0
 
     def validate(self) -> None:
         for key in ("grpc_port", "http_port"):
@@ -336,6 +339,11 @@ class DiagnoseConfig:
     contrast_min_lift: float = 0.25  # share among failed - share among successful, at least
     contrast_alpha: float = 0.05  # Fisher's exact test, Benjamini-Hochberg adjusted per intent
     contrast_max_per_intent: int = 5  # findings kept per intent, strongest first
+    # each conversation's reference set: its nearest successful conversations by goal
+    contrast_reference_size: int = 3
+    # TF-IDF cosine of the goals, at least: on BANKING77 intents mixing 3 related categories,
+    # 80% of utterances have such neighbours, 95% of them of their category (bench.goal_similarity)
+    contrast_reference_similarity: float = 0.4
 
     def validate(self) -> None:
         for key in (
@@ -343,10 +351,11 @@ class DiagnoseConfig:
             "contrast_min_successes",
             "contrast_min_count",
             "contrast_max_per_intent",
+            "contrast_reference_size",
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"diagnose.{key}", "must be >= 1")
-        for key in ("contrast_min_lift", "contrast_alpha"):
+        for key in ("contrast_min_lift", "contrast_alpha", "contrast_reference_similarity"):
             if not 0.0 < getattr(self, key) < 1.0:
                 raise ConfigError(f"diagnose.{key}", "must be within (0, 1)")
         if self.min_support < 1:
@@ -441,6 +450,12 @@ class Config:
     diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
     act: ActConfig = field(default_factory=ActConfig)
     review: ReviewConfig = field(default_factory=ReviewConfig)
+    # the dotted keys set by the file, the environment or the command line (not defaults):
+    # a port the user asked for is an error when taken, a default one is replaced by a free one
+    asked: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
+
+    def asked_for(self, dotted: str) -> bool:
+        return dotted in self.asked
 
     def validate(self) -> Config:
         for f in dataclasses.fields(self):
@@ -469,6 +484,10 @@ class Config:
         return self.home_path / "logs"
 
 
+# CLOSELOOP_ variables that are not settings: the config file, and the supervisor's pid that
+# the stack gives its children
+_NOT_SETTINGS = ("CLOSELOOP_CONFIG", "CLOSELOOP_SUPERVISOR_PID")
+HOME_CONFIG = "closeloop.yaml"  # read from the home when no file is given
 _SHORT_ENV = {
     "CLOSELOOP_HOME": "home",
     "CLOSELOOP_KAFKA": "kafka.bootstrap",
@@ -529,7 +548,7 @@ def _unknown_key_fix(key: str, known: Iterable[str], form: str = "{}") -> str:
 
 def _build(cls: Any, data: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
     for k in data:
         if k not in names:
             where = f"{prefix}.{k}" if prefix else k
@@ -563,7 +582,7 @@ def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
     sections = {f.name: f.type for f in dataclasses.fields(Config)}
     hints = typing.get_type_hints(Config)
     for name, value in env.items():
-        if not name.startswith("CLOSELOOP_") or name == "CLOSELOOP_CONFIG":
+        if not name.startswith("CLOSELOOP_") or name in _NOT_SETTINGS:
             continue
         if name in _SHORT_ENV:
             _set_dotted(out, _SHORT_ENV[name], value)
@@ -616,7 +635,7 @@ def load_config(
     ``overrides`` uses dotted keys (``{"otlp.grpc_port": 14317}``), as the command line does.
     """
     env = dict(os.environ) if env is None else env
-    file = path or env.get("CLOSELOOP_CONFIG")
+    file = path or env.get("CLOSELOOP_CONFIG") or _home_file(overrides, env)
     data: dict[str, Any] = {}
     if file is None and Path("closeloop.yaml").exists():
         file = "closeloop.yaml"
@@ -639,13 +658,31 @@ def load_config(
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(data, dotted, value)
-    return _build(Config, data, "").validate()
+    cfg = _build(Config, data, "").validate()
+    cfg.asked = frozenset(_dotted_keys(data))
+    return cfg
+
+
+def _home_file(overrides: dict[str, Any] | None, env: dict[str, str]) -> str | None:
+    """``<home>/closeloop.yaml`` when a home is named (``--home``, ``CLOSELOOP_HOME``) and
+    holds one: a home carries its settings (the demo writes its own there)."""
+    home = (overrides or {}).get("home") or env.get("CLOSELOOP_HOME")
+    if home and (Path(home) / HOME_CONFIG).is_file():
+        return str(Path(home) / HOME_CONFIG)
+    return None
+
+
+def _dotted_keys(data: dict[str, Any], prefix: str = "") -> Iterator[str]:
+    for k, v in data.items():
+        yield prefix + k
+        if isinstance(v, dict):
+            yield from _dotted_keys(v, f"{prefix}{k}.")
 
 
 def config_for(config: str | os.PathLike[str] | None, home: str | None, **overrides: Any) -> Config:
     """The configuration of a command: ``--config``, else ``closeloop.yaml`` inside ``--home``
     (a home made with its own file needs no ``--config`` on every command), else the usual
     search (``CLOSELOOP_CONFIG``, ``./closeloop.yaml``)."""
-    if config is None and home is not None and (Path(home) / "closeloop.yaml").is_file():
-        config = Path(home) / "closeloop.yaml"
+    if config is None and home is not None and (Path(home) / HOME_CONFIG).is_file():
+        config = Path(home) / HOME_CONFIG
     return load_config(config, overrides={"home": home, **overrides})

@@ -220,7 +220,7 @@ class Store:
             self.client.close()
 
 
-def _running_endpoint(cfg: Config) -> str | None:
+def running_endpoint(cfg: Config) -> str | None:
     """The SQL endpoint of a running embedded stack, if any (written by the store owner)."""
     f = cfg.run_dir() / "sql.json"
     if not f.exists():
@@ -251,7 +251,7 @@ def open_store(cfg: Config, *, owner: bool = False, migrate: bool = True) -> Sto
     """
     dsn = cfg.clickhouse_dsn
     if dsn.startswith("chdb://") and not owner:
-        url = _running_endpoint(cfg)
+        url = running_endpoint(cfg)
         if url:
             return connect_http(url)
         store = connect(dsn)

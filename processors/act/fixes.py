@@ -277,7 +277,7 @@ def contrast_instruction(diag: Diagnosis) -> str:
         fw, f, ow, o = counts
         why = f" ({fw} of {f} failed conversations did; {ow} of {o} successful ones did)"
     kind = diag.failure_kind
-    if kind == "unauthorized_action" and pattern == "acts":
+    if kind == "unauthorized_action" and (pattern == "acts" or not tool):
         return (
             "Before any tool call that changes something for the user (creates, changes, "
             "cancels or sends), check that the rules in this prompt allow exactly that action "
@@ -311,8 +311,16 @@ def contrast_instruction(diag: Diagnosis) -> str:
             "with the corresponding tool before you end the conversation; do not end with only "
             f"an explanation or a plan. Failed conversations ended without any such call{why}."
         )
-    if kind == "wrong_tool_arguments" and tool:
+    if kind == "wrong_tool_arguments":
         what = f"`{arg}`" if arg else "every argument"
+        if not tool:
+            return (
+                "When you call a tool that changes something for the user, take every argument "
+                "only from what the user said or what a tool returned in this conversation; "
+                "never guess or carry a value over from another request. Before calling, "
+                "restate the exact values to the user and get their confirmation. "
+                f"Conversations whose state-changing calls did not follow this failed{why}."
+            )
         return (
             f"When you call the `{tool}` tool, take {what} only from what the user said or what "
             f"a tool returned in this conversation; never guess or carry a value over from "

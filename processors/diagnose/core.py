@@ -304,7 +304,7 @@ class Diagnoser:
             version=1 if prev is None else prev.diagnosis.version + 1,
             updated_ns=now_ns,
         )
-        d.evidence.setdefault("conversations", _explained(st, d.trace_ids))
+        d.evidence["conversations"] = c.explains or _explained(st, d.trace_ids)
         self._s.diagnoses[did] = _Emitted(d, st.total_failures)
         return d
 

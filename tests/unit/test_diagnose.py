@@ -479,3 +479,35 @@ def test_agent_version_regression_points_at_the_harness() -> None:
     )
     assert diag.component["type"] == "harness" and diag.component["target"] == "agent_version"
     assert diag.component["detail"]["previous"] == ["1.0"]
+
+
+@pytest.mark.parametrize(
+    "intent, pattern, rule",
+    [
+        ("api_setup", "repeated_ask", "repeated_ask"),
+        ("account_lookup", "tool_argument", "tool_argument"),
+        ("cancel_subscription", "question", "abandon_after_question"),
+        ("docs_search", "timeout", "latency"),
+    ],
+)
+def test_a_rule_records_every_conversation_it_explains(
+    intent: str, pattern: str, rule: str
+) -> None:
+    from processors.diagnose.contrast import conversation_rows
+
+    _, out, by_trace = planted(intent, pattern)
+    d = only(out)
+    assert d.rule == rule
+    by_id = {t.conversation_id: t for t in by_trace.values()}
+    rows = conversation_rows([d])
+    ids = [r["conversation_id"] for r in rows]
+    assert len(ids) == len(set(ids)) > len(d.trace_ids)  # every one, not the sampled traces
+    for r in rows:
+        tag = by_id[r["conversation_id"]]
+        assert (
+            tag.failed and tag.intent_id == intent and r["trace_id"] in tag.conversation.trace_ids
+        )
+    sampled = {by_trace[tr].conversation_id for tr in d.trace_ids}
+    assert sampled <= set(ids)
+    if "conversation_count" in d.evidence:
+        assert d.evidence["conversation_count"] == len(ids)
