@@ -51,6 +51,12 @@ def migrations() -> list[tuple[int, str, str]]:
         m = _MIGRATION_NAME.match(p.name)
         if not m:
             raise StoreError(f"schema file {p.name} is not named NNN_name.sql")
+        if out and out[-1][0] == int(m.group(1)):
+            # the version is what schema_migrations orders by: two files of one number would
+            # apply in an order no one chose
+            raise StoreError(
+                f"schema files {out[-1][1]} and {p.stem} share the number {m.group(1)}"
+            )
         out.append((int(m.group(1)), p.stem, p.read_text()))
     return out
 
