@@ -575,7 +575,7 @@ SCHEMA_HINT = (
 
 
 def capped(text: str, max_chars: int) -> str:
-    """``text`` cut to about ``max_chars`` (its head and tail, the middle elided), so a prompt
+    r"""``text`` cut to about ``max_chars`` (its head and tail, the middle elided), so a prompt
     stays bounded whatever the size of a target file. Elided text cannot be a ``find``.
 
     >>> capped("a" * 10 + "b" * 10, 8)
