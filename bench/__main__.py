@@ -92,6 +92,21 @@ def sections(quick: bool) -> list[Section]:
         ),
         Section("Real agents", ["-m", "bench.real_agents", "--out", "{out}", "--json", "{json}"]),
         Section(
+            "LLM steps",
+            [
+                "-m",
+                "bench.llm",
+                "--conversations",
+                "100" if q else "300",
+                "--latencies",
+                "0.1,2" if q else "0.1,2,20",
+                "--out",
+                "{out}",
+                "--json",
+                "{json}",
+            ],
+        ),
+        Section(
             "Side by side",
             [
                 "-m",

@@ -428,13 +428,20 @@ def _frame(f: str) -> str:
 
 
 # -- the run ----------------------------------------------------------------------------------
-def start_stack(home: Path, capture_processes: int = 0) -> EmbeddedStack:
-    """The embedded stack on free ports; conversations stay open (see the module docstring)."""
+def start_stack(
+    home: Path, capture_processes: int = 0, settings: dict | None = None
+) -> EmbeddedStack:
+    """The embedded stack on free ports; conversations stay open (see the module docstring)
+    unless ``settings`` (config sections, as in closeloop.yaml) say otherwise."""
     home.mkdir(parents=True)
     config_file = home / "closeloop.yaml"  # the children read the file, not our overrides
     config_file.write_text(
         yaml.safe_dump(
-            {"assemble": {"idle_timeout_s": 3600.0}, "capture": {"processes": capture_processes}}
+            {
+                "assemble": {"idle_timeout_s": 3600.0},
+                "capture": {"processes": capture_processes},
+                **(settings or {}),
+            }
         )
     )
     cfg = load_config(

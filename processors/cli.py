@@ -25,7 +25,8 @@ def _config(a: argparse.Namespace, **extra: Any) -> Config:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
-        help="closeloop.yaml (default: ./closeloop.yaml if present, or CLOSELOOP_CONFIG)",
+        help="closeloop.yaml (default: CLOSELOOP_CONFIG, else <home>/closeloop.yaml, "
+        "else ./closeloop.yaml, if present)",
     )
     p.add_argument("--home", help="state directory (default: ./.closeloop, or CLOSELOOP_HOME)")
 
@@ -48,10 +49,11 @@ def cmd_up(a: argparse.Namespace) -> int:
         nonlocal stopping
         stopping = True
 
+    print(f"closeloop: starting the embedded stack in {cfg.home_path} ...", flush=True)
+    # a signal during the start raises (main's handler), and the start stops what it started
+    stack = EmbeddedStack(cfg, config_file=a.config).start()
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    print(f"closeloop: starting the embedded stack in {cfg.home_path} ...", flush=True)
-    stack = EmbeddedStack(cfg, config_file=a.config).start()
     try:
         print_endpoints(stack)
         while not stopping:
@@ -250,9 +252,19 @@ def _lazy(fn_name: str) -> Any:
     return run
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is so that ``finally`` blocks stop its children."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    # commands that start children (demo) stop them on SIGTERM as on Ctrl-C; `up` has its own
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = args.fn(args)
     except CloseloopError as e:
@@ -260,6 +272,8 @@ def main(argv: list[str] | None = None) -> None:
         code = 2
     except KeyboardInterrupt:
         code = 130
+    except Terminated:
+        code = 143
     sys.exit(code)
 
 

@@ -88,8 +88,11 @@ def run_tag(
     from processors.understand.core import Understand
     from processors.understand.embed import make_embedder
 
+    llm = make_llm(cfg.llm)
     core = Understand(
-        cfg, make_embedder(cfg.understand, cfg.home_path / "models", cfg.llm), make_llm(cfg.llm)
+        cfg,
+        make_embedder(cfg.understand, cfg.home_path / "models", cfg.llm),
+        llm_enabled=llm is not None,
     )
     convs: list[Conversation] = []
     errors: list[str] = []
@@ -102,7 +105,8 @@ def run_tag(
             errors.append(f"line {n}: {e}")
     tags: list[TagRecord] = []
     for i in range(0, len(convs), TAG_BATCH):
-        tags += core.process(convs[i : i + TAG_BATCH], now_ns).tags
+        batch = core.process(convs[i : i + TAG_BATCH], now_ns)
+        tags += core.improve(batch, llm, now_ns).tags if llm is not None else batch.tags
     names = {i: core._name_of(i) for i in {t.intent_id for t in tags}}
     out = [
         {
@@ -471,6 +475,7 @@ def cmd_web(a: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from processors.embedded.procs import write_run_file
     from processors.web.server import WebServer
 
     cfg = _cfg(a)
@@ -478,8 +483,8 @@ def cmd_web(a: argparse.Namespace) -> int:
     server = WebServer(cfg, store, port=a.port, publish_tags=lazy_tags_publisher(cfg)).start()
     run = cfg.run_dir()
     run.mkdir(parents=True, exist_ok=True)
-    (run / "web.json").write_text(json.dumps({"url": server.url, "login_url": server.login_url}))
-    (run / "web.json").chmod(0o600)
+    # the login url holds the token: the file is for its owner only
+    write_run_file(run, "web.json", {"url": server.url, "login_url": server.login_url}).chmod(0o600)
     print(
         f"closeloop web: serving the review page at {server.url} (login: {server.token_path})",
         flush=True,

@@ -1,7 +1,8 @@
 """One typed configuration, read from ``closeloop.yaml`` and ``CLOSELOOP_*`` variables.
 
-Precedence (last wins): defaults < ``closeloop.yaml`` (or ``--config`` / ``CLOSELOOP_CONFIG``)
-< environment variables < command-line flags. Every key of every section can be set
+Precedence (last wins): defaults < the file (``--config``, else ``CLOSELOOP_CONFIG``, else
+``<home>/closeloop.yaml`` of the home named by ``--home`` / ``CLOSELOOP_HOME``, else
+``./closeloop.yaml``) < environment variables < command-line flags. Every key of every section can be set
 from the environment as ``CLOSELOOP_<SECTION>_<KEY>``, e.g. ``CLOSELOOP_OTLP_GRPC_PORT=14317``;
 a few common ones have short names (``CLOSELOOP_KAFKA``, ``CLOSELOOP_CLICKHOUSE``,
 ``CLOSELOOP_HOME``). ``closeloop.example.yaml`` documents every key.
@@ -14,7 +15,7 @@ import difflib
 import getpass
 import os
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,7 +137,9 @@ class OtlpConfig:
     host: str = "127.0.0.1"
     max_request_bytes: int = 16 * 1024 * 1024  # larger requests get RESOURCE_EXHAUSTED / 413
     max_inflight_bytes: int = 256 * 1024 * 1024  # bounded buffer towards the broker, then 503
-    ack_timeout_s: float = 10.0  # broker acknowledgement wait before UNAVAILABLE/503
+    # broker acknowledgement wait before UNAVAILABLE/503: well inside the OTel SDKs' 10 s export
+    # timeout, so they get the 503 and back off instead of timing out
+    ack_timeout_s: float = 4.0
     # empty: no authentication (the loopback default); set, every export must carry
     # "authorization: Bearer <token>" (OTEL_EXPORTER_OTLP_HEADERS) or gets 401 / UNAUTHENTICATED
     bearer_token: str = ""
@@ -177,17 +180,65 @@ class WebConfig:
 
 
 @dataclass
+class LLMStepConfig:
+    """Bounds of one LLM step (naming, judge, diagnose, act): calls run beside the stream,
+    at most ``concurrency`` at once, ``calls_per_min`` and ``tokens_per_hour`` (0: no bound)."""
+
+    concurrency: int = 2
+    calls_per_min: float = 60.0
+    tokens_per_hour: int = 2_000_000
+
+    def validate(self, where: str) -> None:
+        if self.concurrency < 1:
+            raise ConfigError(f"{where}.concurrency", f"must be >= 1, got {self.concurrency}")
+        if self.calls_per_min < 0 or self.tokens_per_hour < 0:
+            raise ConfigError(where, "calls_per_min and tokens_per_hour must be >= 0 (0: no bound)")
+
+
+LLM_STEPS = ("naming", "judge", "diagnose", "act")
+
+
+@dataclass
 class LLMConfig:
     base_url: str = ""  # empty: OPENAI_BASE_URL, else no LLM (deterministic fallbacks)
     api_key: str = ""  # empty: OPENAI_API_KEY
     model: str = "gpt-4o-mini"
-    timeout_s: float = 20.0
-    max_retries: int = 1
+    # One attempt, well under the stream's own waits (30 s send acknowledgement): the stream
+    # never waits on an LLM anyway, and a retry is the next work item, not a stacked timeout.
+    timeout_s: float = 15.0
+    max_retries: int = 0
     judge_rate: float = 0.05  # share of conversations judged by the LLM (signals)
+    queue_max: int = 500  # waiting work items per step; beyond, the deterministic result stands
+    breaker_failures: int = 5  # consecutive failures that pause a step ...
+    breaker_pause_s: float = 60.0  # ... this long (then one call tries again)
+    naming_batch: int = 8  # intents named in one call
+    naming_max: int = 3  # LLM namings per intent (first name, then only after a merge or split)
+    max_file_chars: int = 12_000  # of each target file shown to act's LLM (the rest elided)
+    naming: LLMStepConfig = field(default_factory=LLMStepConfig)
+    judge: LLMStepConfig = field(default_factory=LLMStepConfig)
+    diagnose: LLMStepConfig = field(default_factory=LLMStepConfig)
+    act: LLMStepConfig = field(default_factory=lambda: LLMStepConfig(concurrency=1))
 
     def validate(self) -> None:
         if not 0.0 <= self.judge_rate <= 1.0:
             raise ConfigError("llm.judge_rate", f"must be within [0, 1], got {self.judge_rate}")
+        if self.timeout_s <= 0 or self.max_retries < 0:
+            raise ConfigError("llm.timeout_s", "timeout_s must be > 0 and max_retries >= 0")
+        if self.queue_max < 1 or self.breaker_failures < 1 or self.breaker_pause_s <= 0:
+            raise ConfigError(
+                "llm", "queue_max and breaker_failures must be >= 1, breaker_pause_s > 0"
+            )
+        if self.naming_batch < 1 or self.naming_max < 1 or self.max_file_chars < 200:
+            raise ConfigError(
+                "llm", "naming_batch and naming_max must be >= 1, max_file_chars >= 200"
+            )
+        for name in LLM_STEPS:
+            self.step(name).validate(f"llm.{name}")
+
+    def step(self, name: str) -> LLMStepConfig:
+        """The bounds of step ``name`` (one of :data:`LLM_STEPS`)."""
+        cfg: LLMStepConfig = getattr(self, name)
+        return cfg
 
     def enabled(self) -> bool:
         return bool(self.resolved_base_url())
@@ -313,6 +364,11 @@ class DiagnoseConfig:
     contrast_min_lift: float = 0.25  # share among failed - share among successful, at least
     contrast_alpha: float = 0.05  # Fisher's exact test, Benjamini-Hochberg adjusted per intent
     contrast_max_per_intent: int = 5  # findings kept per intent, strongest first
+    # each conversation's reference set: its nearest successful conversations by goal
+    contrast_reference_size: int = 3
+    # TF-IDF cosine of the goals, at least: on BANKING77 intents mixing 3 related categories,
+    # 80% of utterances have such neighbours, 95% of them of their category (bench.goal_similarity)
+    contrast_reference_similarity: float = 0.4
 
     def validate(self) -> None:
         for key in (
@@ -320,10 +376,11 @@ class DiagnoseConfig:
             "contrast_min_successes",
             "contrast_min_count",
             "contrast_max_per_intent",
+            "contrast_reference_size",
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"diagnose.{key}", "must be >= 1")
-        for key in ("contrast_min_lift", "contrast_alpha"):
+        for key in ("contrast_min_lift", "contrast_alpha", "contrast_reference_similarity"):
             if not 0.0 < getattr(self, key) < 1.0:
                 raise ConfigError(f"diagnose.{key}", "must be within (0, 1)")
         if self.min_support < 1:
@@ -418,6 +475,12 @@ class Config:
     diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
     act: ActConfig = field(default_factory=ActConfig)
     review: ReviewConfig = field(default_factory=ReviewConfig)
+    # the dotted keys set by the file, the environment or the command line (not defaults):
+    # a port the user asked for is an error when taken, a default one is replaced by a free one
+    asked: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
+
+    def asked_for(self, dotted: str) -> bool:
+        return dotted in self.asked
 
     def validate(self) -> Config:
         for f in dataclasses.fields(self):
@@ -446,6 +509,10 @@ class Config:
         return self.home_path / "logs"
 
 
+# CLOSELOOP_ variables that are not settings: the config file, and the supervisor's pid that
+# the stack gives its children
+_NOT_SETTINGS = ("CLOSELOOP_CONFIG", "CLOSELOOP_SUPERVISOR_PID")
+HOME_CONFIG = "closeloop.yaml"  # read from the home when no file is given
 _SHORT_ENV = {
     "CLOSELOOP_HOME": "home",
     "CLOSELOOP_KAFKA": "kafka.bootstrap",
@@ -506,7 +573,7 @@ def _unknown_key_fix(key: str, known: Iterable[str], form: str = "{}") -> str:
 
 def _build(cls: Any, data: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
     for k in data:
         if k not in names:
             where = f"{prefix}.{k}" if prefix else k
@@ -540,7 +607,7 @@ def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
     sections = {f.name: f.type for f in dataclasses.fields(Config)}
     hints = typing.get_type_hints(Config)
     for name, value in env.items():
-        if not name.startswith("CLOSELOOP_") or name == "CLOSELOOP_CONFIG":
+        if not name.startswith("CLOSELOOP_") or name in _NOT_SETTINGS:
             continue
         if name in _SHORT_ENV:
             _set_dotted(out, _SHORT_ENV[name], value)
@@ -593,7 +660,7 @@ def load_config(
     ``overrides`` uses dotted keys (``{"otlp.grpc_port": 14317}``), as the command line does.
     """
     env = dict(os.environ) if env is None else env
-    file = path or env.get("CLOSELOOP_CONFIG")
+    file = path or env.get("CLOSELOOP_CONFIG") or _home_file(overrides, env)
     data: dict[str, Any] = {}
     if file is None and Path("closeloop.yaml").exists():
         file = "closeloop.yaml"
@@ -616,13 +683,31 @@ def load_config(
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(data, dotted, value)
-    return _build(Config, data, "").validate()
+    cfg = _build(Config, data, "").validate()
+    cfg.asked = frozenset(_dotted_keys(data))
+    return cfg
+
+
+def _home_file(overrides: dict[str, Any] | None, env: dict[str, str]) -> str | None:
+    """``<home>/closeloop.yaml`` when a home is named (``--home``, ``CLOSELOOP_HOME``) and
+    holds one: a home carries its settings (the demo writes its own there)."""
+    home = (overrides or {}).get("home") or env.get("CLOSELOOP_HOME")
+    if home and (Path(home) / HOME_CONFIG).is_file():
+        return str(Path(home) / HOME_CONFIG)
+    return None
+
+
+def _dotted_keys(data: dict[str, Any], prefix: str = "") -> Iterator[str]:
+    for k, v in data.items():
+        yield prefix + k
+        if isinstance(v, dict):
+            yield from _dotted_keys(v, f"{prefix}{k}.")
 
 
 def config_for(config: str | os.PathLike[str] | None, home: str | None, **overrides: Any) -> Config:
     """The configuration of a command: ``--config``, else ``closeloop.yaml`` inside ``--home``
     (a home made with its own file needs no ``--config`` on every command), else the usual
     search (``CLOSELOOP_CONFIG``, ``./closeloop.yaml``)."""
-    if config is None and home is not None and (Path(home) / "closeloop.yaml").is_file():
-        config = Path(home) / "closeloop.yaml"
+    if config is None and home is not None and (Path(home) / HOME_CONFIG).is_file():
+        config = Path(home) / HOME_CONFIG
     return load_config(config, overrides={"home": home, **overrides})

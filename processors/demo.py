@@ -19,8 +19,7 @@ from typing import Any
 
 import yaml
 
-from processors.config import Config, config_for, load_config
-from processors.embedded.broker import free_port, port_in_use
+from processors.config import HOME_CONFIG, Config, config_for, load_config
 from processors.embedded.stack import EmbeddedStack, wait_for
 from processors.errors import CloseloopError, StoreError
 from processors.store import Store
@@ -52,7 +51,11 @@ def _say(msg: str) -> None:
 
 
 def demo_config(home: Path, repo: Path, base: dict[str, Any] | None = None) -> Path:
-    """Write the demo's closeloop.yaml: act targets the agent's repository."""
+    """Write the demo's closeloop.yaml into the home (over the settings already there): act
+    targets the agent's repository."""
+    path = home / HOME_CONFIG  # where every command with --home finds it
+    if base is None and path.is_file():
+        base = yaml.safe_load(path.read_text()) or {}
     data: dict[str, Any] = dict(base or {})
     data.update({k: {**data.get(k, {}), **v} for k, v in DEMO_SETTINGS.items()})
     data["home"] = str(home)
@@ -66,14 +69,9 @@ def demo_config(home: Path, repo: Path, base: dict[str, Any] | None = None) -> P
             {"path": "config/agent.yaml", "kind": "config"},
         ],
     }
-    path = home / "demo" / "closeloop.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
-
-
-def _free(port: int) -> int:
-    return port if not port_in_use(port) else free_port()
 
 
 def wait_until(what: str, fn: Any, timeout_s: float) -> Any:
@@ -135,55 +133,29 @@ def show_intents(store: Store) -> None:
         _say(f"    {r['name'][:50]:<50} {r['n']:>5}  {r['fail']:.0%}")
 
 
+REVIEW_ATTEMPTS = 10  # a proposal that keeps moving is shown again at most this often
+
+
 def review_step(store: Store, cfg: Config, approve_as: str | None) -> list[str]:
     from processors.act import open_backend
-    from processors.review.loop import StaleProposal, decide
 
     props = store.query(
-        "SELECT proposal_id, title, diff, branch FROM proposals FINAL WHERE status = 'open' "
-        "ORDER BY created_ns"
+        "SELECT proposal_id, title, diff, branch, version FROM proposals FINAL "
+        "WHERE status = 'open' ORDER BY created_ns"
     )
     approved = []
     backend = open_backend(cfg)
     for p in props:
         _say(f"\n  proposal {p['proposal_id']}: {p['title']}\n  branch {p['branch']}\n")
         _say("\n".join("    " + ln for ln in p["diff"].splitlines()))
-        who = approve_as
+        who = approve_as if approve_as is not None else ask_approval()
         if who is None:
-            if not sys.stdin.isatty():
-                _say(
-                    "  (no terminal: not approving; rerun with --approve-as NAME or use `closeloop review`)"
-                )
-                continue
-            answer = input("  approve this change? [y/N] ").strip().lower()
-            if answer != "y":
-                continue
-            who = input("  your name (recorded with the approval): ").strip()
-        try:
-            record, _ = decide(
-                store,
-                backend,
-                p["proposal_id"],
-                "approve",
-                who,
-                "approved in closeloop demo",
-                time.time_ns(),
-                cfg=cfg,
-            )
-        except StaleProposal as stale:
-            # another approved change touched the same lines: look at the rebuilt diff again
-            _say(f"  {stale}\n")
-            _say("\n".join("    " + ln for ln in stale.proposal.diff.splitlines()))
-            record, _ = decide(
-                store,
-                backend,
-                p["proposal_id"],
-                "approve",
-                who,
-                "approved in closeloop demo (rebuilt on the new base)",
-                time.time_ns(),
-                cfg=cfg,
-            )
+            continue
+        record = approve_shown(
+            store, cfg, backend, p["proposal_id"], int(p["version"]), who, ask=approve_as is None
+        )
+        if record is None:
+            continue
         where = (
             f"already in {cfg.act.base} at"
             if "already holds" in record.comment
@@ -192,6 +164,58 @@ def review_step(store: Store, cfg: Config, approve_as: str | None) -> list[str]:
         _say(f"  approved by {record.reviewer}; {where} {record.merged_commit[:10]}")
         approved.append(p["proposal_id"])
     return approved
+
+
+def ask_approval() -> str | None:
+    """The reviewer's name if the human at the terminal approves, else None."""
+    if not sys.stdin.isatty():
+        _say(
+            "  (no terminal: not approving; rerun with --approve-as NAME or use `closeloop review`)"
+        )
+        return None
+    if input("  approve this change? [y/N] ").strip().lower() != "y":
+        return None
+    return input("  your name (recorded with the approval): ").strip()
+
+
+def approve_shown(
+    store: Store,
+    cfg: Config,
+    backend: Any,
+    proposal_id: str,
+    version: int,
+    who: str,
+    *,
+    ask: bool,
+) -> Any:
+    """Approve the version that was shown. A proposal that moved meanwhile (re-versioned by a
+    newer diagnosis, or rebuilt on a new base) is shown again and approved as shown (asking
+    the human again when ``ask``); the review record, or None if not approved."""
+    from processors.review.loop import MovedProposal, StaleProposal, decide
+
+    for _ in range(REVIEW_ATTEMPTS):
+        try:
+            record, _ = decide(
+                store,
+                backend,
+                proposal_id,
+                "approve",
+                who,
+                "approved in closeloop demo",
+                time.time_ns(),
+                cfg=cfg,
+                version=version,
+            )
+            return record
+        except (MovedProposal, StaleProposal) as moved:
+            _say(f"  {moved}\n")
+            _say("\n".join("    " + ln for ln in moved.proposal.diff.splitlines()))
+            version = moved.proposal.version
+            if ask and ask_approval() is None:
+                return None
+            time.sleep(1)  # a branch ahead of its row: the row follows within moments
+    _say(f"  proposal {proposal_id} kept moving; not approved (use `closeloop review` later)")
+    return None
 
 
 def show_verdicts(outcomes: list[dict[str, Any]]) -> None:
@@ -218,67 +242,12 @@ def show_verdicts(outcomes: list[dict[str, Any]]) -> None:
 def run_demo(
     cfg: Config, config_file: Path, n: int, seed: int, approve_as: str | None
 ) -> DemoResult:
-    from examples.support_agent import init_agent_repo
-
     repo = Path(cfg.act.repo)
     stack = EmbeddedStack(cfg, config_file=str(config_file)).start()
+    sql_url = stack.sql_url
     try:
-        store = stack.sql_store()
-        endpoint = f"http://{cfg.otlp.host}:{cfg.otlp.http_port}"
-        _say(
-            f"\n[1/5] the stack is up (OTLP {endpoint}, SQL {stack.sql_url}); agent repository {repo}"
-        )
-        _say(f"      agent version {init_agent_repo(repo)[:7]}")
-        _say("\n[2/5] cycle 1: simulated customers talk to the agent")
-        cycles = [run_cycle_and_wait(store, repo, endpoint, n, seed, "cycle 1")]
-        show_intents(store)
-        _say("\n[3/5] diagnose and act: waiting for root causes and proposals")
-        wait_until(
-            "proposals",
-            lambda: _count(store, "SELECT count() FROM proposals FINAL") >= 1,
-            WAIT_LOOP_S,
-        )
-        time.sleep(5)  # let the other intents' diagnoses arrive too
-        diagnoses = store.query(
-            "SELECT diagnosis_id, intent_name, rule, summary, trace_ids FROM diagnoses FINAL "
-            "ORDER BY failure_rate DESC"
-        )
-        for d in diagnoses:
-            _say(
-                f"  · [{d['rule']}] {d['summary']}\n      evidence: {', '.join(d['trace_ids'][:3])}"
-            )
-        _say("\n[4/5] review: a human decides")
-        approved = review_step(store, cfg, approve_as)
-        if not approved:
-            _say(
-                "  nothing approved: the loop stops here (nothing is ever applied without a human)"
-            )
-        _say("\n[5/5] cycle 2: the agent runs the merged prompt and config")
-        cycles.append(run_cycle_and_wait(store, repo, endpoint, n, seed + 1, "cycle 2"))
-        outcomes: list[dict[str, Any]] = []
-        if approved:
-
-            def verdicts() -> list[dict[str, Any]]:
-                rows = store.query(
-                    "SELECT o.proposal_id AS proposal_id, o.intent_id AS intent_id, i.name AS intent, o.verdict "
-                    "AS verdict, o.rate_before AS rate_before, o.rate_after AS rate_after, o.p_value AS p_value, "
-                    "o.before_n AS before_n, o.after_n AS after_n, p.intent_id = o.intent_id AS target "
-                    "FROM (SELECT * FROM outcomes FINAL) AS o "
-                    "LEFT JOIN (SELECT * FROM intents FINAL) AS i ON i.intent_id = o.intent_id "
-                    "INNER JOIN (SELECT * FROM proposals FINAL) AS p ON p.proposal_id = o.proposal_id "
-                    "WHERE o.ts_ns > {t:UInt64}",
-                    {"t": cycle2_done},
-                )
-                # every approved change measured on all of cycle 2 (its tags were in before
-                # cycle2_done); a small intent's verdict may be not_enough_data, and says so
-                measured = {r["proposal_id"] for r in rows if r["target"]}
-                return rows if measured >= set(approved) else []
-
-            cycle2_done = time.time_ns()
-            outcomes = wait_until("verdicts", verdicts, WAIT_LOOP_S) or []
-            show_verdicts(outcomes)
-        props = store.query("SELECT proposal_id, status, branch, title FROM proposals FINAL")
-        sql_url = stack.sql_url
+        with stack.supervised():  # a child that dies is restarted, as under `closeloop up`
+            result = _demo_on(stack, cfg, repo, n, seed, approve_as)
     finally:
         stack.stop()
     _say(
@@ -287,6 +256,63 @@ def run_demo(
         f"  the page:     closeloop up --home {cfg.home_path}  (then open the review page)\n"
         f"  (the store was served at {sql_url} while the demo ran)"
     )
+    return result
+
+
+def _demo_on(
+    stack: EmbeddedStack, cfg: Config, repo: Path, n: int, seed: int, approve_as: str | None
+) -> DemoResult:
+    from examples.support_agent import init_agent_repo
+
+    store = stack.sql_store()
+    endpoint = f"http://{cfg.otlp.host}:{cfg.otlp.http_port}"
+    _say(f"\n[1/5] the stack is up (OTLP {endpoint}, SQL {stack.sql_url}); agent repository {repo}")
+    _say(f"      agent version {init_agent_repo(repo)[:7]}")
+    _say("\n[2/5] cycle 1: simulated customers talk to the agent")
+    cycles = [run_cycle_and_wait(store, repo, endpoint, n, seed, "cycle 1")]
+    show_intents(store)
+    _say("\n[3/5] diagnose and act: waiting for root causes and proposals")
+    wait_until(
+        "proposals",
+        lambda: _count(store, "SELECT count() FROM proposals FINAL") >= 1,
+        WAIT_LOOP_S,
+    )
+    time.sleep(5)  # let the other intents' diagnoses arrive too
+    diagnoses = store.query(
+        "SELECT diagnosis_id, intent_name, rule, summary, trace_ids FROM diagnoses FINAL "
+        "ORDER BY failure_rate DESC"
+    )
+    for d in diagnoses:
+        _say(f"  · [{d['rule']}] {d['summary']}\n      evidence: {', '.join(d['trace_ids'][:3])}")
+    _say("\n[4/5] review: a human decides")
+    approved = review_step(store, cfg, approve_as)
+    if not approved:
+        _say("  nothing approved: the loop stops here (nothing is ever applied without a human)")
+    _say("\n[5/5] cycle 2: the agent runs the merged prompt and config")
+    cycles.append(run_cycle_and_wait(store, repo, endpoint, n, seed + 1, "cycle 2"))
+    outcomes: list[dict[str, Any]] = []
+    if approved:
+
+        def verdicts() -> list[dict[str, Any]]:
+            rows = store.query(
+                "SELECT o.proposal_id AS proposal_id, o.intent_id AS intent_id, i.name AS intent, o.verdict "
+                "AS verdict, o.rate_before AS rate_before, o.rate_after AS rate_after, o.p_value AS p_value, "
+                "o.before_n AS before_n, o.after_n AS after_n, p.intent_id = o.intent_id AS target "
+                "FROM (SELECT * FROM outcomes FINAL) AS o "
+                "LEFT JOIN (SELECT * FROM intents FINAL) AS i ON i.intent_id = o.intent_id "
+                "INNER JOIN (SELECT * FROM proposals FINAL) AS p ON p.proposal_id = o.proposal_id "
+                "WHERE o.ts_ns > {t:UInt64}",
+                {"t": cycle2_done},
+            )
+            # every approved change measured on all of cycle 2 (its tags were in before
+            # cycle2_done); a small intent's verdict may be not_enough_data, and says so
+            measured = {r["proposal_id"] for r in rows if r["target"]}
+            return rows if measured >= set(approved) else []
+
+        cycle2_done = time.time_ns()
+        outcomes = wait_until("verdicts", verdicts, WAIT_LOOP_S) or []
+        show_verdicts(outcomes)
+    props = store.query("SELECT proposal_id, status, branch, title FROM proposals FINAL")
     return DemoResult(repo, props, approved, outcomes, diagnoses, cycles)
 
 
@@ -301,12 +327,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
     home = base.home_path
     repo = home / "demo" / "bankly-agent"
     cfg_file = demo_config(home, repo)
-    overrides = {
-        "otlp.grpc_port": _free(base.otlp.grpc_port),
-        "otlp.http_port": _free(base.otlp.http_port),
-        "web.port": _free(base.web.port),
-    }
-    cfg = load_config(cfg_file, overrides=overrides)
+    # ports: the stack replaces a taken default port by a free one and says which it bound
+    cfg = load_config(cfg_file, overrides={"home": str(home)})
     if REPO_ROOT.joinpath("examples").is_dir() and str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
     try:

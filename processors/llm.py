@@ -97,6 +97,12 @@ class LLM:
         object holding the ``required`` keys. Temperature 0 and a fixed seed keep the
         answers as reproducible as the endpoint allows.
         """
+        return self.complete(system, user, schema_hint, required=required)[0]
+
+    def complete(
+        self, system: str, user: str, schema_hint: str, *, required: tuple[str, ...] = ()
+    ) -> tuple[dict[str, Any], int]:
+        """:meth:`chat_json` with the tokens the call used (as the endpoint reports them)."""
         self.calls += 1
         try:
             resp = self._client.chat.completions.create(
@@ -120,7 +126,9 @@ class LLM:
             missing = [k for k in required if k not in value]
             if missing:
                 raise LLMError(f"the model's JSON lacks {missing}")
-            return value
+            usage = resp.usage
+            tokens = usage.total_tokens if usage is not None and usage.total_tokens else 0
+            return value, tokens or (len(system) + len(user) + len(content)) // 4
         except openai.OpenAIError as e:
             self.failures += 1
             raise LLMError(f"LLM request to {self._client.base_url} failed: {e}") from e

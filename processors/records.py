@@ -243,6 +243,7 @@ class TagRecord(Record):
     model: str = ""
     agent_version: str = ""
     ts_ns: int = 0
+    source: str = "structural"  # structural | llm (the signals include an LLM judgement)
     conversation: Conversation | None = None
 
 
@@ -315,6 +316,7 @@ class Diagnosis(Record):
     version: int = 1
     updated_ns: int = 0
     failure_kind: str = "other"  # one of FAILURE_KINDS
+    source: str = "rules"  # rules | llm (an LLM reworded the rule's finding)
 
     def __post_init__(self) -> None:
         if self.failure_kind == "other":
@@ -345,6 +347,7 @@ class Proposal(Record):
     version: int = 1
     created_ns: int = 0
     updated_ns: int = 0
+    source: str = "template"  # template | llm (the change is the LLM's edit)
 
 
 @dataclass

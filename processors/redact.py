@@ -586,3 +586,14 @@ class Redactor:
             return s
         self._count += 1
         return _PHONE
+
+
+def redact_value(value: Any, redactor: Redactor) -> Any:
+    """``value`` with every string in it redacted (dicts and lists walked)."""
+    if isinstance(value, str):
+        return redactor.redact(value)[0]
+    if isinstance(value, dict):
+        return {str(k): redact_value(v, redactor) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_value(v, redactor) for v in value]
+    return value

@@ -15,13 +15,14 @@ import base64
 import json
 import logging
 import os
+import re
 import socket
 import time
 from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import faust
@@ -30,8 +31,13 @@ from aiokafka.partitioner import murmur2
 
 from processors.bundles import fit
 from processors.config import Config
-from processors.errors import StoreError
+from processors.embedded.broker import TopicState, topic_state
+from processors.embedded.procs import write_run_file
+from processors.errors import LLMError, StoreError
+from processors.llm_work import LLMWork
+from processors.poison import PoisonLog, failure_reason
 from processors.records import DeadLetter
+from processors.redact import Redactor
 from processors.stages import ALL_STAGES
 from processors.store import Store
 
@@ -98,33 +104,54 @@ class StageCounters:
 
 @dataclass
 class Pipeline:
-    """The worker's shared parts: config, store, cores, counters."""
+    """The worker's shared parts: config, store, cores, counters, LLM steps.
+
+    Threads: one for the store (inserts and queries), one per stage for its core
+    (:meth:`run_core`: a stage's state changes in order, and a stage's long core step does
+    not hold up another stage's inserts), and the LLM steps' own (:mod:`processors.llm_work`).
+    """
 
     cfg: Config
     store: Store
     stages: tuple[str, ...] = ALL_STAGES
+    bootstrap: str = ""  # the broker, for checkpoints to check which topics they cover
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     counters: dict[str, StageCounters] = field(default_factory=lambda: defaultdict(StageCounters))
+    waiting: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> store wait
+    sources: dict[str, list[tuple[str, int, int, int]]] = field(default_factory=dict)
+    _poison: dict[str, PoisonLog] = field(default_factory=dict, repr=False)
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "store"))
+    core_pools: dict[str, ThreadPoolExecutor] = field(default_factory=dict)
+    llm: LLMWork | None = None
+
+    def __post_init__(self) -> None:
+        if self.llm is None:
+            cap = self.cfg.capture
+            self.llm = LLMWork(self.cfg.llm, Redactor(cap.redact, cap.extra_patterns))
 
     async def write(self, stage: str, table: str, rows: list[dict[str, Any]]) -> None:
-        """Insert rows, retrying with backoff while ClickHouse is unreachable (never drops, never
-        skips). When ClickHouse itself refuses the rows (it answered with an error code) a few
-        times, they are written one by one and the ones it refuses become dead letters, so one
-        bad row cannot stall the stage."""
+        """Insert rows, retrying with backoff while the store cannot take them — unreachable,
+        disk full, read-only, a timeout: its state, not the rows' fault — so offsets never pass
+        unwritten rows; the wait and its cause are published for `closeloop status`. When
+        ClickHouse refuses the rows for their content (a parse or type error) a few times,
+        they are written one by one and the ones it refuses become dead letters, so one bad
+        row cannot stall the stage."""
         if not rows:
             return
         delay, refused = 0.5, 0
         while True:
             try:
                 await self.run(self.store.insert_records, table, rows, stage=stage)
+                self._resumed(stage)
                 return
             except StoreError as e:
                 self.counters[stage].write_errors += 1
-                refused = refused + 1 if _refused_by_server(e) else 0
+                refused = refused + 1 if refused_for_content(e) else 0
                 if refused >= REFUSALS_BEFORE_SPLIT:
                     await self._write_one_by_one(stage, table, rows)
                     return
+                if not refused:
+                    self._waiting(stage, table, e)
                 log.warning(
                     "%s: writing %d rows to %s failed, retrying in %.1fs: %s",
                     stage,
@@ -136,6 +163,71 @@ class Pipeline:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
+    def reading(self, stage: str, events: list[Any]) -> None:
+        """The input batch ``stage`` works on: a row refused for its content is dead-lettered
+        with this batch's topic, partition and first offset, where re-inject finds it."""
+        ranges: dict[tuple[str, int], list[int]] = {}
+        for e in events:
+            m = e.message
+            lo_hi = ranges.setdefault((m.topic, m.partition), [m.offset, m.offset])
+            lo_hi[0], lo_hi[1] = min(lo_hi[0], m.offset), max(lo_hi[1], m.offset)
+        self.sources[stage] = [(t, p, lo, hi) for (t, p), (lo, hi) in sorted(ranges.items())]
+
+    async def drop_poison(self, stage: str, events: list[Any]) -> list[Any]:
+        """``events`` without the records found to be poison for ``stage``; those are
+        dead-lettered (where they are and why; their content stays in the topic), counted
+        and logged."""
+        poison_log = self._poison.setdefault(stage, PoisonLog.of(self.cfg.run_dir(), stage))
+        if not poison_log.poison:
+            return events
+        kept, dls, now = [], [], time.time_ns()
+        for e in events:
+            m = e.message
+            why = poison_log.why(m.topic, m.partition, m.offset)
+            if why is None:
+                kept.append(e)
+                continue
+            dl = dead_letter(stage, "poison: the stage failed on it twice", e, now, why)
+            dls.append(replace(dl, original_b64=""))  # unredacted input: it stays in its topic
+        if dls:
+            self.counters[stage].deadletters += len(dls)
+            log.error(
+                "%s: %d poison records dead-lettered and skipped (%s)",
+                stage,
+                len(dls),
+                dls[0].detail,
+            )
+            await self.write(stage, "deadletter", [d.to_dict() for d in dls])
+        return kept
+
+    def _waiting(self, stage: str, table: str, e: StoreError) -> None:
+        first = stage not in self.waiting
+        self.waiting[stage] = {
+            "stage": stage,
+            "table": table,
+            "since_ns": self.waiting.get(stage, {}).get("since_ns", time.time_ns()),
+            "why": str(e)[:500],
+        }
+        if first:
+            self._publish_waiting()
+
+    def _resumed(self, stage: str) -> None:
+        if self.waiting.pop(stage, None) is not None:
+            log.info("%s: the store takes writes again", stage)
+            self._publish_waiting()
+
+    def _publish_waiting(self) -> None:
+        """``run/waiting-<pid>.json``: the stages of this process waiting on the store, and
+        why (a file, not a table: the store is what cannot be written)."""
+        name = f"waiting-{os.getpid()}.json"
+        try:
+            if self.waiting:
+                write_run_file(self.cfg.run_dir(), name, {"stages": list(self.waiting.values())})
+            else:
+                (self.cfg.run_dir() / name).unlink(missing_ok=True)
+        except OSError as e:  # the disk that is full may be this one: the log says it anyway
+            log.warning("cannot publish the store wait in %s: %s", self.cfg.run_dir(), e)
+
     async def _write_one_by_one(self, stage: str, table: str, rows: list[dict[str, Any]]) -> None:
         loop = asyncio.get_running_loop()
         bad: list[dict[str, Any]] = []
@@ -143,21 +235,25 @@ class Pipeline:
             try:
                 await loop.run_in_executor(self.pool, self.store.insert_records, table, [row])
             except StoreError as e:
-                if not _refused_by_server(e):  # unreachable again: back to retrying the rest
+                if not refused_for_content(e):  # unreachable again: back to retrying the rest
                     await self.write(stage, table, rows[i:])
                     break
                 now = time.time_ns()
                 original = json.dumps(row, default=str, ensure_ascii=False).encode()[
                     :DEADLETTER_MAX_BYTES
                 ]
+                sources = self.sources.get(stage) or [("", 0, 0, 0)]
+                topic, partition, first, _ = sources[0]
+                batch = ", ".join(f"{t}:{p} {lo}..{hi}" for t, p, lo, hi in sources)
                 bad.append(
                     DeadLetter(
                         stage=stage,
                         reason=f"ClickHouse refused a {table} row",
-                        detail=str(e)[:2000],
-                        topic=table,
+                        detail=f"{e}"[:1800] + f" (input batch: {batch})",
+                        topic=topic,
+                        partition=partition,
                         key=str(next(iter(row.values()), ""))[:200],
-                        offset=now,
+                        offset=first,
                         original_b64=base64.b64encode(original).decode(),
                         ts_ns=now,
                     ).to_dict()
@@ -186,6 +282,21 @@ class Pipeline:
 
         return await asyncio.get_running_loop().run_in_executor(self.pool, timed)
 
+    async def run_core(self, stage: str, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on ``stage``'s own core thread, its CPU time counted to ``stage``."""
+        pool = self.core_pools.get(stage)
+        if pool is None:
+            pool = self.core_pools[stage] = ThreadPoolExecutor(1, f"core-{stage}")
+
+        def timed() -> Any:
+            t = time.thread_time()
+            try:
+                return fn(*args)
+            finally:
+                self.counters[stage].cpu_s += time.thread_time() - t
+
+        return await asyncio.get_running_loop().run_in_executor(pool, timed)
+
     @contextmanager
     def busy(self, stage: str) -> Iterator[None]:
         """Count the CPU time of a synchronous stretch on the event loop to ``stage``."""
@@ -196,22 +307,49 @@ class Pipeline:
             self.counters[stage].cpu_s += time.thread_time() - t
 
 
-def _refused_by_server(e: StoreError) -> bool:
-    """The rows were refused (by ClickHouse or the client's encoder), rather than ClickHouse
-    not answering at all: retrying the same rows cannot help."""
+# ClickHouse error codes that blame the rows themselves (parse and type errors): retrying the
+# same rows cannot help. Every other code (NOT_ENOUGH_SPACE 243, TABLE_IS_READ_ONLY 242,
+# TIMEOUT_EXCEEDED 159, TOO_MANY_PARTS 252, MEMORY_LIMIT_EXCEEDED 241, a file that cannot be
+# opened or locked, a missing column: a migration not applied) is the store's state.
+CONTENT_ERROR_CODES = frozenset(
+    {6, 26, 27, 38, 41, 43, 53, 69, 70, 72, 117, 128, 131, 190, 321, 349, 376, 467}
+)
+_CODE = re.compile(r"\bCode: (\d+)")
+
+
+def refused_for_content(e: StoreError) -> bool:
+    """The rows were refused for their content (by ClickHouse, with a parse or type error
+    code, or by the client's encoder), rather than the store being unable to take any rows."""
     from clickhouse_connect.driver.exceptions import OperationalError
 
-    return not isinstance(e.__cause__, (OperationalError, ConnectionError, TimeoutError))
+    code = _CODE.search(str(e))
+    if code:
+        return int(code.group(1)) in CONTENT_ERROR_CODES
+    return not isinstance(e.__cause__, (OperationalError, ConnectionError, TimeoutError, OSError))
 
 
 EXIT_STAGE_CRASHED = 70  # EX_SOFTWARE: the supervisor restarts the worker
 
 
-async def exit_on_crash(agent: Any, exc: BaseException) -> None:
+async def exit_on_crash(agent: Any, exc: BaseException, pipe: Pipeline | None = None) -> None:
     """End the worker when a stage raises. faust would restart just the agent, without the
     batch it held: those events are never acknowledged nor redelivered, and the next
     checkpoint would cover them — lost. A restarted worker resumes from the committed
-    offsets instead, and every write is idempotent, so the redelivery is harmless."""
+    offsets instead, and every write is idempotent, so the redelivery is harmless. The crash
+    is remembered: the same failure twice on the same input makes it poison
+    (:mod:`processors.poison`), dead-lettered by the next worker instead of a crash loop."""
+    stage = str(getattr(agent, "name", agent)).rsplit(".", 1)[-1]
+    if pipe is not None and pipe.sources.get(stage):
+        try:
+            poison = PoisonLog.of(pipe.cfg.run_dir(), stage).record_crash(
+                failure_reason(exc), pipe.sources[stage]
+            )
+            if poison:
+                log.error(
+                    "%s: the same failure twice on %s: poison, dead-lettered next", stage, poison
+                )
+        except OSError as e:
+            log.error("%s: cannot remember the crash: %s", stage, e)
     log.critical(
         "stage %s crashed, exiting so the supervisor restarts the worker and the "
         "unacknowledged batch is redelivered: %r",
@@ -228,7 +366,7 @@ class WorkerApp(faust.App):
 
     async def _on_agent_error(self, agent: Any, exc: BaseException) -> None:
         # faust's hook for every agent's error (agent(on_error=...) is taken by faust itself)
-        await exit_on_crash(agent, exc)
+        await exit_on_crash(agent, exc, getattr(self, "closeloop_pipeline", None))
 
 
 def dead_letter(stage: str, reason: str, event: Any, now_ns: int, detail: str = "") -> DeadLetter:
@@ -367,8 +505,9 @@ class ReadGuard:
     """:func:`contiguous` for a stage without a checkpoint (capture, assemble): the offsets it
     expects are the ones after what it processed since the worker started."""
 
-    def __init__(self, stage: str) -> None:
+    def __init__(self, stage: str, pipe: Pipeline | None = None) -> None:
         self.stage = stage
+        self.pipe = pipe
         self.expected: dict[str, int] = {}
 
     def forget(self, tps: Any) -> None:
@@ -380,7 +519,31 @@ class ReadGuard:
     async def contiguous(self, consumer: Any, events: list[Any]) -> list[Any]:
         kept = await contiguous(consumer, events, self.expected, self.stage, default=None)
         _advance(self.expected, kept)
-        return kept
+        if self.pipe is None:
+            return kept
+        self.pipe.reading(self.stage, kept)
+        return await self.pipe.drop_poison(self.stage, kept)
+
+
+def stale_offsets(
+    offsets: dict[str, int], topic_ids: dict[str, str], now: TopicState
+) -> dict[str, tuple[int, str]]:
+    """The partitions whose checkpointed offset belongs to another incarnation of the topic,
+    with the offset to read from instead (the topic's start) and why: the topic id changed,
+    or the offset lies beyond the topic's end (a broker that forgot its topics)."""
+    out = {}
+    for key, next_offset in offsets.items():
+        topic = key.rsplit(":", 1)[0]
+        low, high = now.bounds.get(key, (0, 0))
+        old, new = topic_ids.get(topic), now.topic_ids.get(topic)
+        if old and new and old != new:
+            out[key] = (low, f"{topic} is a new topic (id {old}, now {new})")
+        elif next_offset > high:
+            out[key] = (
+                low,
+                f"the checkpoint covers {key} up to {next_offset}, the topic ends at {high}",
+            )
+    return out
 
 
 class Checkpoint:
@@ -389,20 +552,26 @@ class Checkpoint:
     Saved after every batch, before the batch is acknowledged: on restart the newest
     checkpoint is restored and the events it already covers are skipped, so a redelivery
     is neither lost nor learned twice. (Not a Kafka changelog: tansu misreports end offsets.)
+    It records which incarnation of each topic it covers (:func:`stale_offsets`).
     """
+
+    MAX_RESETS_KEPT = 10
 
     def __init__(self, name: str, pipe: Pipeline) -> None:
         self.name = name
         self.pipe = pipe
         self.offsets: dict[str, int] = {}
         self.seq = 0
+        self.incarnation: dict[str, Any] = {"topic_ids": {}, "seen": {}, "resets": []}
+        self._poisoned: set[int] = set()  # ids of the events of this batch found to be poison
 
     async def restore_into(self, apply: Any) -> None:
         """Put the newest checkpoint into the stage: ``apply(data)`` is its core's in-place
-        ``restore``; no checkpoint leaves the core as built."""
+        ``restore``; no checkpoint leaves the core as built. Offsets of another incarnation
+        of their topic are reset to its start, with a warning."""
         rows = await self.pipe.run(
             self.pipe.store.query,
-            "SELECT seq, offsets, data FROM checkpoints FINAL WHERE name = {n:String}",
+            "SELECT seq, offsets, data, incarnation FROM checkpoints FINAL WHERE name = {n:String}",
             {"n": self.name},
         )
         if not rows:
@@ -424,7 +593,40 @@ class Checkpoint:
             return
         self.offsets = json.loads(row["offsets"])
         self.seq = int(row["seq"])
+        self.incarnation.update(json.loads(row["incarnation"] or "{}"))
         log.info("%s: restored checkpoint #%d covering %s", self.name, self.seq, self.offsets)
+        if await self._reset_stale_offsets():
+            await self._write(row["data"])
+
+    async def _reset_stale_offsets(self) -> bool:
+        if not self.pipe.bootstrap or not self.offsets:
+            return False
+        topics = sorted({k.rsplit(":", 1)[0] for k in self.offsets})
+        now = await self.pipe.run(topic_state, self.pipe.bootstrap, topics)
+        stale = stale_offsets(self.offsets, self.incarnation["topic_ids"], now)
+        for key, (start, why) in sorted(stale.items()):
+            log.warning(
+                "%s: checkpoint offset %d of %s is not of this topic (%s); reading it from %d",
+                self.name,
+                self.offsets[key],
+                key,
+                why,
+                start,
+            )
+            self.offsets[key] = start
+            self.incarnation["seen"].pop(key, None)
+        if stale:
+            resets = self.incarnation["resets"] + [
+                {
+                    "at_ns": time.time_ns(),
+                    "partitions": sorted(stale),
+                    "why": "; ".join(sorted({why for _, why in stale.values()})),
+                }
+            ]
+            self.incarnation["resets"] = resets[-self.MAX_RESETS_KEPT :]
+        self.incarnation["topic_ids"].update(now.topic_ids)
+        self.incarnation["cluster_id"] = now.cluster_id
+        return bool(stale)
 
     def _next(self, m: Any) -> int:
         return self.offsets.get(_key(m), 0)
@@ -432,20 +634,31 @@ class Checkpoint:
     async def rewind_gaps(self, consumer: Any, events: list[Any]) -> list[Any]:
         """:func:`contiguous` against the offsets the checkpoint covers (0 for a partition it
         has never seen): nothing past a hole is processed or covered until the hole is read."""
-        return await contiguous(consumer, events, self.offsets, self.name, default=0)
+        kept = await contiguous(consumer, events, self.offsets, self.name, default=0)
+        self.pipe.reading(self.name, kept)
+        # poison is dead-lettered here and left out of fresh(); save() still covers it
+        self._poisoned = {id(e) for e in kept} - {
+            id(e) for e in await self.pipe.drop_poison(self.name, kept)
+        }
+        return kept
 
     def fresh(self, events: list[Any]) -> list[Any]:
         """The events the checkpoint does not cover yet."""
         out = []
         for e in events:
             m = e.message
-            if m.offset >= self._next(m):
+            if m.offset >= self._next(m) and id(e) not in self._poisoned:
                 out.append(e)
         return out
 
     async def save(self, events: list[Any], snapshot: Any) -> None:
         _advance(self.offsets, events)
-        self.seq += 1
+        seen = self.incarnation["seen"]
+        for e in events:
+            k = _key(e.message)
+            first = seen.get(k, [e.message.offset])[0]
+            seen[k] = [min(first, e.message.offset), self.offsets[k]]
+        await self._learn_topic_ids()
         if log.isEnabledFor(logging.DEBUG):
             ranges: dict[str, list[int]] = defaultdict(list)
             for e in events:
@@ -453,10 +666,27 @@ class Checkpoint:
             log.debug(
                 "%s: checkpoint #%d after %s",
                 self.name,
-                self.seq,
+                self.seq + 1,
                 ", ".join(f"{k} {min(o)}..{max(o)} ({len(o)})" for k, o in sorted(ranges.items())),
             )
-        data = base64.b64encode(await self.pipe.run(snapshot, stage=self.name)).decode()
+        await self._write(base64.b64encode(await self.pipe.run_core(self.name, snapshot)).decode())
+
+    async def _learn_topic_ids(self) -> None:
+        """The ids of topics first read since the worker started (a first checkpoint)."""
+        known = self.incarnation["topic_ids"]
+        missing = sorted({k.rsplit(":", 1)[0] for k in self.offsets} - set(known))
+        if not missing or not self.pipe.bootstrap:
+            return
+        try:
+            now = await self.pipe.run(topic_state, self.pipe.bootstrap, missing)
+        except Exception as e:  # the next checkpoint asks again
+            log.warning("%s: cannot read the ids of %s: %s", self.name, missing, e)
+            return
+        known.update(now.topic_ids)
+        self.incarnation["cluster_id"] = now.cluster_id
+
+    async def _write(self, data_b64: str) -> None:
+        self.seq += 1
         await self.pipe.write(
             self.name,
             "checkpoints",
@@ -465,7 +695,8 @@ class Checkpoint:
                     name=self.name,
                     seq=self.seq,
                     offsets=json.dumps(self.offsets),
-                    data=data,
+                    data=data_b64,
+                    incarnation=json.dumps(self.incarnation),
                     ts_ns=time.time_ns(),
                 )
             ],
@@ -480,6 +711,8 @@ class Wiring:
     app: faust.App
     pipe: Pipeline
     guards: list[ReadGuard] = field(default_factory=list)
+    llm_tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _answers_loaded: asyncio.Lock | None = None
 
     def __post_init__(self) -> None:
         t = self.pipe.cfg.topics
@@ -502,7 +735,7 @@ class Wiring:
 
     def read_guard(self, stage: str) -> ReadGuard:
         """A :class:`ReadGuard` that forgets the partitions this process loses."""
-        guard = ReadGuard(stage)
+        guard = ReadGuard(stage, self.pipe)
         self.guards.append(guard)
         return guard
 
@@ -568,9 +801,79 @@ class Wiring:
         await self.pipe.write(stage, "deadletter", [d.to_dict() for d in dls])
         await self.send_all([(self.deadletter, None, d.to_json()) for d in dls])
 
+    async def load_llm_answers(self) -> None:
+        """Put the stored LLM answers into the cache (once per process, before any stage asks):
+        a redelivery or a restart finds the answers it already paid for."""
+        work = self.pipe.llm
+        if work is None or not work.steps:
+            return
+        if self._answers_loaded is None:
+            self._answers_loaded = asyncio.Lock()
+        async with self._answers_loaded:
+            if len(work.cache):
+                return
+            rows = await self.pipe.run(
+                self.pipe.store.query,
+                "SELECT key, answer FROM (SELECT key, answer, ts_ns FROM llm_answers FINAL "
+                "ORDER BY ts_ns DESC LIMIT {n:UInt32}) ORDER BY ts_ns",
+                {"n": work.cache.cap},
+            )
+            work.cache.load(rows)
+            log.info("llm: %d stored answers loaded", len(rows))
+
+    def llm_job(self, step: str, job: Any, apply: Any, *, failed: Any = None) -> bool:
+        """Run ``job(chat)`` on LLM step ``step`` beside the stream; when it answers,
+        ``await apply(result)`` writes the improved rows (``await failed()`` when it fails).
+        False: no LLM, or the step skipped the item (queue full, breaker open), and the
+        deterministic result stands alone."""
+        work = self.pipe.llm
+        llm_step = work.step(step) if work is not None else None
+        fut = llm_step.submit(job) if llm_step is not None else None
+        if fut is None:
+            return False
+        task = asyncio.ensure_future(self._finish_llm_job(step, fut, apply, failed))
+        self.llm_tasks.add(task)
+        task.add_done_callback(self.llm_tasks.discard)
+        return True
+
+    async def _finish_llm_job(self, step: str, fut: Any, apply: Any, failed: Any) -> None:
+        try:
+            result = await asyncio.wrap_future(fut)
+        except Exception as e:  # LLMError, or a job's own fault: the item only, never the worker
+            if isinstance(e, LLMError):
+                log.warning("llm %s: no answer, the deterministic result stands: %s", step, e)
+            else:
+                log.exception("llm %s: the job failed; the deterministic result stands", step)
+            if failed is not None:
+                await failed()
+            return
+        try:
+            await apply(result)
+        except Exception:  # an improvement lost must not end the worker: its rows stand as written
+            log.exception(
+                "llm %s: applying the answer failed; the deterministic result stands", step
+            )
+
     def write_stats_every(self, interval_s: float) -> None:
         """A timer writing the stage counters (best effort: a failed write waits for the next)."""
         pipe = self.pipe
+
+        @self.app.timer(interval_s)
+        async def write_llm_stats() -> None:
+            work = pipe.llm
+            if work is None or not work.steps:
+                return
+            answers = work.cache.drain()
+            try:
+                await pipe.run(
+                    pipe.store.insert_records,
+                    "llm_stats",
+                    work.rows(pipe.worker_id, time.time_ns()),
+                )
+                if answers:
+                    await pipe.run(pipe.store.insert_records, "llm_answers", answers)
+            except StoreError as e:  # best effort; answers not kept are asked again after a restart
+                log.warning("llm stats or answers not written: %s", e)
 
         @self.app.timer(interval_s)
         async def write_stats() -> None:

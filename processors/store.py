@@ -52,6 +52,12 @@ def migrations() -> list[tuple[int, str, str]]:
         m = _MIGRATION_NAME.match(p.name)
         if not m:
             raise StoreError(f"schema file {p.name} is not named NNN_name.sql")
+        if out and out[-1][0] == int(m.group(1)):
+            # the version is what schema_migrations orders by: two files of one number would
+            # apply in an order no one chose
+            raise StoreError(
+                f"schema files {out[-1][1]} and {p.stem} share the number {m.group(1)}"
+            )
         out.append((int(m.group(1)), p.stem, p.read_text()))
     return out
 
@@ -221,7 +227,7 @@ class Store:
             self.client.close()
 
 
-def _running_endpoint(cfg: Config) -> str | None:
+def running_endpoint(cfg: Config) -> str | None:
     """The SQL endpoint of a running embedded stack, if any (written by the store owner)."""
     f = cfg.run_dir() / "sql.json"
     if not f.exists():
@@ -255,7 +261,7 @@ def open_store(
     """
     dsn = cfg.clickhouse_dsn
     if dsn.startswith("chdb://") and not owner:
-        url = _running_endpoint(cfg)
+        url = running_endpoint(cfg)
         if url:
             creds = load_sql_credentials(cfg.run_dir())
             return connect_http(url, creds.reader if read_only else creds.writer)

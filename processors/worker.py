@@ -9,17 +9,15 @@ Against a ClickHouse server, any number of workers run side by side.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import time
-from pathlib import Path
 
 import faust
 
 from processors.app import build_app
 from processors.config import Config, config_for
 from processors.credentials import ensure_sql_credentials, load_sql_credentials
+from processors.embedded.procs import exit_when_orphaned, write_run_file
 from processors.embedded.sqlserver import SqlLimits, SQLServer
 from processors.errors import StoreError
 from processors.runtime import Pipeline
@@ -27,16 +25,8 @@ from processors.stages import ALL_STAGES
 from processors.store import Store, connect_http, open_store
 
 log = logging.getLogger("closeloop.worker")
-
-
-def write_run_file(cfg: Config, name: str, info: dict[str, object]) -> Path:
-    run = cfg.run_dir()
-    run.mkdir(parents=True, exist_ok=True)
-    path = run / name
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**info, "pid": os.getpid()}))
-    tmp.replace(path)
-    return path
+# after the stack's supervisor died: time for a clean stop (SIGTERM from the parent-death signal)
+ORPHAN_GRACE_S = 30.0
 
 
 def serve_store(cfg: Config, store: Store) -> SQLServer | None:
@@ -52,7 +42,7 @@ def serve_store(cfg: Config, store: Store) -> SQLServer | None:
     )
     creds = ensure_sql_credentials(cfg.run_dir())
     server = SQLServer(store, creds, "127.0.0.1", ch.sql_port, limits).start()
-    write_run_file(cfg, "sql.json", {"url": server.url})
+    write_run_file(cfg.run_dir(), "sql.json", {"url": server.url})
     return server
 
 
@@ -89,7 +79,7 @@ def run_worker(
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
         sql = serve_store(cfg, store)
-    pipe = Pipeline(cfg=cfg, store=store, stages=stages)
+    pipe = Pipeline(cfg=cfg, store=store, stages=stages, bootstrap=bootstrap)
     app = build_app(pipe, bootstrap)
     worker = faust.Worker(
         app, loglevel="WARN", quiet=True, redirect_stdouts=False, override_logging=False
@@ -97,6 +87,8 @@ def run_worker(
     try:
         worker.execute_from_commandline()
     finally:
+        if pipe.llm is not None:  # waiting LLM items are dropped (their deterministic rows stand)
+            pipe.llm.close()
         if sql is not None:
             sql.stop()
             (cfg.run_dir() / "sql.json").unlink(missing_ok=True)
@@ -128,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             "closeloop worker: no Kafka to read from; pass --bootstrap HOST:PORT or set CLOSELOOP_KAFKA"
         )
+    exit_when_orphaned(ORPHAN_GRACE_S)
     stages = tuple(s.strip() for s in a.stages.split(",") if s.strip())
     unknown = set(stages) - set(ALL_STAGES)
     if unknown:

@@ -11,6 +11,12 @@ Each test decides what the "model" answers and inspects what it was sent::
         ...
         srv.requests    # [Received(path="/v1/chat/completions", body={...}), ...]
 
+A slow or failing model: ``latency_s`` (every chat answer waits this long, or until the
+server stops) and ``error_rate`` (that share of chat requests, drawn with ``seed``, answer
+HTTP 500)::
+
+    with FakeLLMServer(responder, latency_s=20.0, error_rate=0.3) as srv: ...
+
 Endpoints: ``POST /v1/chat/completions`` (answered by ``responder``) and
 ``POST /v1/embeddings`` (answered by ``embedder(texts) -> list[vector]``; by default
 a deterministic 8-dimension vector per text, a hash of the text).
@@ -18,8 +24,10 @@ a deterministic 8-dimension vector per text, a hash of the text).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,10 +74,24 @@ def chat_completion(content: str, model: str = "fake") -> dict[str, Any]:
 class FakeLLMServer:
     """Serve ``responder`` / ``embedder`` on ``127.0.0.1:<free port>`` while in the ``with`` block."""
 
-    def __init__(self, responder: Responder, embedder: Embedder = hash_embedder) -> None:
+    def __init__(
+        self,
+        responder: Responder,
+        embedder: Embedder = hash_embedder,
+        *,
+        latency_s: float = 0.0,
+        error_rate: float = 0.0,
+        seed: int = 0,
+    ) -> None:
         self.responder = responder
         self.embedder = embedder
+        self.latency_s = latency_s
+        self.error_rate = error_rate
         self.requests: list[Received] = []
+        self.answered = 0  # chat requests answered 200 (after their latency)
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         # a short poll interval: shutdown() waits for it, and tests start many servers
         self._thread = threading.Thread(
@@ -88,19 +110,26 @@ class FakeLLMServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._stopping.set()  # sleeping answers end now
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
 
     def _answer(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        self.requests.append(Received(path, body))
+        with self._lock:
+            self.requests.append(Received(path, body))
+            fail = self._rng.random() < self.error_rate
         if path.endswith("/chat/completions"):
+            if self.latency_s and self._stopping.wait(self.latency_s):
+                return 503, {"error": {"message": "server stopping"}}
+            if fail:
+                return 500, {"error": {"message": "injected failure"}}
             out = self.responder(body)
-            return (
-                out
-                if isinstance(out, tuple)
-                else (200, chat_completion(out, body.get("model", "fake")))
-            )
+            if isinstance(out, tuple):
+                return out
+            with self._lock:
+                self.answered += 1
+            return 200, chat_completion(out, body.get("model", "fake"))
         if path.endswith("/embeddings"):
             inp = body.get("input", [])
             texts = [inp] if isinstance(inp, str) else list(inp)
@@ -133,7 +162,9 @@ class FakeLLMServer:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                # the client may have given up waiting (its timeout): nothing to answer then
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.wfile.write(data)
 
             def log_message(self, *args: object) -> None:
                 pass  # keep test output clean

@@ -21,14 +21,14 @@ from typing import Any
 
 from processors.act.backend import ChangeBackend, branch_name
 from processors.act.change import Change, normalize_path
-from processors.act.fixes import propose_change, quote, redact_value
+from processors.act.fixes import llm_change, propose_change, quote
 from processors.act.github import GitHubBackend
 from processors.act.gitrepo import LocalGit
 from processors.config import Config
-from processors.errors import ActError, AlreadyApplied
+from processors.errors import ActError, AlreadyApplied, LLMError
 from processors.llm import ChatJSON
 from processors.records import Diagnosis, Proposal
-from processors.redact import Redactor
+from processors.redact import Redactor, redact_value
 
 log = logging.getLogger("closeloop.act")
 
@@ -253,10 +253,9 @@ class Actor:
     """Diagnoses in, proposals out. ``last_reason`` says why the last diagnosis got none, and
     ``already_applied`` whether that was because the base already holds its fix."""
 
-    def __init__(self, cfg: Config, backend: ChangeBackend, llm: ChatJSON | None = None) -> None:
+    def __init__(self, cfg: Config, backend: ChangeBackend) -> None:
         self.cfg = cfg
         self.backend = backend
-        self.llm = llm
         self.redactor = Redactor(cfg.capture.redact, cfg.capture.extra_patterns)
         self.last_reason = ""
         self.already_applied = False
@@ -265,8 +264,18 @@ class Actor:
         self.last_reason = reason
         log.info("act: diagnosis %s gets no proposal: %s", diag.diagnosis_id, reason)
 
-    def propose(self, diag: Diagnosis, now_ns: int, *, rebuild: bool = False) -> Proposal | None:
+    def propose(
+        self,
+        diag: Diagnosis,
+        now_ns: int,
+        *,
+        rebuild: bool = False,
+        change: Change | None = None,
+    ) -> Proposal | None:
         """Open (or update) the proposal for ``diag``; ``None`` with ``last_reason`` if none.
+
+        The change is the templated fix, or ``change`` (the LLM's validated edit, which
+        replaces the templated one on the same branch as the proposal's next version).
 
         Replaying the same diagnosis version is a no-op that returns the existing proposal;
         a newer version of the diagnosis updates the branch and bumps the proposal version.
@@ -288,7 +297,8 @@ class Actor:
             files, history = self._read_targets(diag)
         except ActError as e:
             return self._drop(diag, str(e))
-        change = self._change(diag, files, history)
+        if change is None:
+            change = self._change(diag, files, history)
         if change is None:
             return None
         # not updated_ns: diagnose re-emits the same version after a restart (replayed from its
@@ -300,6 +310,7 @@ class Actor:
             prev is not None
             and prev["stamp"] != stamp
             and not rebuild
+            and change.source != "llm"  # the LLM's edit, later, versions the same answer
             and prev.get("diagnosis_version", 0) >= diag.version
         ):
             return self._drop(
@@ -347,7 +358,6 @@ class Actor:
                 diag,
                 files,
                 act.targets,
-                self.llm,
                 max_changed_lines=act.max_changed_lines,
                 history=history,
                 redactor=self.redactor,
@@ -390,7 +400,38 @@ class Actor:
             version=version,
             created_ns=created_ns,
             updated_ns=now_ns,
+            source="llm" if change.source == "llm" else "template",
         )
+
+    def llm_files(self, diag: Diagnosis) -> dict[str, str] | None:
+        """The target files an LLM edit for ``diag`` starts from (``None``: nothing to ask,
+        the diagnosis is closed or the proposal was decided by a reviewer)."""
+        if diag.status in ("resolved", "rejected") or not self.cfg.act.targets:
+            return None
+        try:
+            prev = self.backend.existing(branch_name(diag.diagnosis_id))
+            if prev is not None and prev["state"] in ("merged", "closed"):
+                return None
+            return self._read_targets(diag)[0]
+        except ActError:
+            return None
+
+    def llm_change(self, diag: Diagnosis, files: dict[str, str], llm: ChatJSON) -> Change:
+        """The LLM's validated edit for ``diag`` (runs on an LLM step's thread: no backend
+        access); :class:`LLMError` when it is refused, and the templated fix stands."""
+        act = self.cfg.act
+        change, reason = llm_change(
+            diag,
+            files,
+            act.targets,
+            llm,
+            self.redactor,
+            max_changed_lines=act.max_changed_lines,
+            max_file_chars=self.cfg.llm.max_file_chars,
+        )
+        if change is None:
+            raise LLMError(f"LLM edit for diagnosis {diag.diagnosis_id} refused: {reason}")
+        return change
 
     def _fields(
         self, diag: Diagnosis, change: Change, proposal: Proposal, stamp: str

@@ -1,7 +1,8 @@
 """From a diagnosis to a validated :class:`~processors.act.change.Change`.
 
-Two sources: an LLM asked for a minimal ``{path, find, replace}`` edit (retried once with
-the refusal reason, then dropped), or — without an LLM — a templated fix per rule:
+Two sources: a templated fix per rule (:func:`propose_change`, always first), and, beside the
+stream, an LLM asked for a minimal ``{path, find, replace}`` edit (:func:`llm_change`, retried
+once with the refusal reason, then dropped: the templated fix stands). The templated fixes:
 
 =========================  ====================================================================
 rule                       templated fix
@@ -60,7 +61,7 @@ from processors.diagnose.shapes import SHAPE_WORD
 from processors.errors import ActError, AlreadyApplied, LLMError
 from processors.llm import UNTRUSTED_RULE, ChatJSON, untrusted_block
 from processors.records import Diagnosis
-from processors.redact import Redactor
+from processors.redact import Redactor, redact_value
 
 log = logging.getLogger("closeloop.act")
 
@@ -224,17 +225,6 @@ def expected_format(error: Any, redactor: Redactor) -> str:
     return ""
 
 
-def redact_value(value: Any, redactor: Redactor) -> Any:
-    """``value`` with every string in it redacted (dicts and lists walked)."""
-    if isinstance(value, str):
-        return redactor.redact(value)[0]
-    if isinstance(value, dict):
-        return {str(k): redact_value(v, redactor) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redact_value(v, redactor) for v in value]
-    return value
-
-
 # -- templated fixes --------------------------------------------------------------------------
 
 
@@ -293,7 +283,7 @@ def contrast_instruction(diag: Diagnosis) -> str:
         fw, f, ow, o = counts
         why = f" ({fw} of {f} failed conversations did; {ow} of {o} successful ones did)"
     kind = diag.failure_kind
-    if kind == "unauthorized_action" and pattern == "acts":
+    if kind == "unauthorized_action" and (pattern == "acts" or not tool):
         return (
             "Before any tool call that changes something for the user (creates, changes, "
             "cancels or sends), check that the rules in this prompt allow exactly that action "
@@ -327,8 +317,16 @@ def contrast_instruction(diag: Diagnosis) -> str:
             "with the corresponding tool before you end the conversation; do not end with only "
             f"an explanation or a plan. Failed conversations ended without any such call{why}."
         )
-    if kind == "wrong_tool_arguments" and tool:
+    if kind == "wrong_tool_arguments":
         what = f"`{arg}`" if arg else "every argument"
+        if not tool:
+            return (
+                "When you call a tool that changes something for the user, take every argument "
+                "only from what the user said or what a tool returned in this conversation; "
+                "never guess or carry a value over from another request. Before calling, "
+                "restate the exact values to the user and get their confirmation. "
+                f"Conversations whose state-changing calls did not follow this failed{why}."
+            )
         return (
             f"When you call the `{tool}` tool, take {what} only from what the user said or what "
             f"a tool returned in this conversation; never guess or carry a value over from "
@@ -582,7 +580,26 @@ SCHEMA_HINT = (
 )
 
 
-def _llm_user(diag: Diagnosis, files: dict[str, str], comp: Component, redactor: Redactor) -> str:
+def capped(text: str, max_chars: int) -> str:
+    r"""``text`` cut to about ``max_chars`` (its head and tail, the middle elided), so a prompt
+    stays bounded whatever the size of a target file. Elided text cannot be a ``find``.
+
+    >>> capped("a" * 10 + "b" * 10, 8)
+    'aaaa\n[... 12 characters elided ...]\nbbbb'
+    """
+    if len(text) <= max_chars:
+        return text
+    half = max_chars // 2
+    return f"{text[:half]}\n[... {len(text) - 2 * half} characters elided ...]\n{text[-half:]}"
+
+
+def _llm_user(
+    diag: Diagnosis,
+    files: dict[str, str],
+    comp: Component,
+    redactor: Redactor,
+    max_file_chars: int,
+) -> str:
     facts = {
         "rule": diag.rule,
         "intent_id": diag.intent_id,
@@ -613,7 +630,7 @@ def _llm_user(diag: Diagnosis, files: dict[str, str], comp: Component, redactor:
         "FILES:",
     ]
     for path, text in files.items():
-        parts.append(f"--- {path} ---\n{text}\n--- end of {path} ---")
+        parts.append(f"--- {path} ---\n{capped(text, max_file_chars)}\n--- end of {path} ---")
     return "\n".join(parts)
 
 
@@ -622,13 +639,18 @@ def llm_change(
     files: dict[str, str],
     targets: Sequence[ActTarget],
     llm: ChatJSON,
-    comp: Component,
     redactor: Redactor,
+    *,
     max_changed_lines: int,
+    max_file_chars: int,
 ) -> tuple[Change | None, str]:
     """Ask the LLM for an edit, validate it, retry once with the refusal; ``(None, reason)`` if it fails."""
+    try:
+        comp = resolve_component(diag, files, targets)
+    except ActError as e:
+        return None, str(e)
     system = SYSTEM.replace("{max_lines}", str(max_changed_lines))
-    user = _llm_user(diag, files, comp, redactor)
+    user = _llm_user(diag, files, comp, redactor, max_file_chars)
     reason = ""
     for attempt in (1, 2):
         prompt = (
@@ -722,13 +744,12 @@ def propose_change(
     diag: Diagnosis,
     files: dict[str, str],
     targets: Sequence[ActTarget],
-    llm: ChatJSON | None = None,
     *,
     max_changed_lines: int = 40,
     history: dict[str, list[str]] | None = None,
     redactor: Redactor | None = None,
 ) -> tuple[Change | None, str]:
-    """A validated change for ``diag``, or ``(None, reason)``.
+    """A validated templated change for ``diag``, or ``(None, reason)``.
 
     ``files`` maps allowlisted paths to their content on the base branch; ``history`` maps a
     path to its previous committed contents, newest first (for ``prompt_regression``).
@@ -736,9 +757,6 @@ def propose_change(
     """
     redactor = redactor or Redactor()
     try:
-        if llm is not None:
-            comp = resolve_component(diag, files, targets)
-            return llm_change(diag, files, targets, llm, comp, redactor, max_changed_lines)
         candidates = templated_changes(diag, files, targets, redactor, history)
     except AlreadyApplied:
         raise

@@ -335,19 +335,7 @@ class Capture:
         name = self._text(sp.name)
         status_code = _STATUS.get(sp.status.code, "UNSET")
         status_message = self._cap(self._text(sp.status.message))
-        events = []
-        ev_vals = []
-        for ev in sp.events:
-            ev_strs, ev_v = self._attributes(ev.attributes)
-            ev_name = self._text(ev.name)
-            events.append(
-                {
-                    "name": ev_name,
-                    "time_ns": ev.time_unix_nano,
-                    "attributes": self._cap_all(ev_strs),
-                }
-            )
-            ev_vals.append((ev_name, ev_v))
+        events, ev_vals = self._span_events(sp)
         start_ns, end_ns = sp.start_time_unix_nano, sp.end_time_unix_nano
         duration_ms = max(0, end_ns - start_ns) / 1e6
         conv, explicit = a.conversation(trace_id)
@@ -390,9 +378,40 @@ class Capture:
                 end_ns=end_ns,
                 evaluations=evaluations,
             )
-            turn.redactions = row["redactions"] = self._red
-            return row, turn, None, explicit
+        else:
+            turn = self._genai_turn(a, row, ev_vals, evaluations)
+        # read last: every text of the span has been redacted by now
+        turn.redactions = row["redactions"] = self._red
+        return row, turn, _tool_row(turn), explicit
 
+    def _span_events(
+        self, sp: Span
+    ) -> tuple[list[dict[str, Any]], list[tuple[str, dict[str, Any]]]]:
+        """The span's events as stored (capped attribute strings) and as values (for reading)."""
+        events = []
+        ev_vals = []
+        for ev in sp.events:
+            ev_strs, ev_v = self._attributes(ev.attributes)
+            ev_name = self._text(ev.name)
+            events.append(
+                {
+                    "name": ev_name,
+                    "time_ns": ev.time_unix_nano,
+                    "attributes": self._cap_all(ev_strs),
+                }
+            )
+            ev_vals.append((ev_name, ev_v))
+        return events, ev_vals
+
+    def _span_error(
+        self,
+        a: _Attrs,
+        status_code: str,
+        status_message: str,
+        ev_vals: list[tuple[str, dict[str, Any]]],
+    ) -> tuple[str, str]:
+        """``(error_type, error_message)`` of a failed span (``error.type``, an ERROR status or an
+        ``exception`` event), ``("", "")`` for one that did not fail."""
         error_type = a.str("error.type")
         error_message = status_message
         for ev_name, ev_v in ev_vals:
@@ -401,24 +420,36 @@ class Capture:
                 error_message = error_message or self._cap(
                     _as_text(ev_v.get("exception.message", ""))
                 )
-        failed = status_code == "ERROR" or bool(error_type)
-        if failed and not error_type:
-            error_type = "error"
+        if status_code != "ERROR" and not error_type:
+            return "", ""
+        return error_type or "error", error_message
 
+    def _genai_turn(
+        self,
+        a: _Attrs,
+        row: dict[str, Any],
+        ev_vals: list[tuple[str, dict[str, Any]]],
+        evaluations: list[Evaluation],
+    ) -> TurnRecord:
+        """The turn of an LLM, tool or agent span: its messages or tool call, model, tokens and
+        error, from whichever dialect the span speaks."""
+        kind, name, trace_id, span_id = (
+            row["span_kind"],
+            row["name"],
+            row["trace_id"],
+            row["span_id"],
+        )
+        start_ns, end_ns = row["start_ns"], row["end_ns"]
+        error_type, error_message = self._span_error(
+            a, row["status_code"], row["status_message"], ev_vals
+        )
         system = ""
         inputs: list[Message] = []
         outputs: list[Message] = []
         tool = None
         if kind == "tool":
             tool = self._tool(
-                a,
-                name,
-                trace_id,
-                span_id,
-                start_ns,
-                duration_ms,
-                error_type if failed else "",
-                error_message if failed else "",
+                a, name, trace_id, span_id, start_ns, row["duration_ms"], error_type, error_message
             )
         else:
             system, inputs, outputs = self._span_messages(a, ev_vals, kind)
@@ -426,15 +457,14 @@ class Capture:
             msg.trace_id, msg.span_id, msg.ts_ns = trace_id, span_id, start_ns
         for msg in outputs:
             msg.trace_id, msg.span_id, msg.ts_ns = trace_id, span_id, end_ns
-        operation = a.str("gen_ai.operation.name") or _default_operation(kind, a)
-        turn = TurnRecord(
-            conversation_id=conv,
+        return TurnRecord(
+            conversation_id=row["conversation_id"],
             trace_id=trace_id,
             span_id=span_id,
-            parent_span_id=parent_id,
+            parent_span_id=row["parent_span_id"],
             span_kind=kind,
             name=name,
-            operation=operation,
+            operation=a.str("gen_ai.operation.name") or _default_operation(kind, a),
             provider=a.str("gen_ai.provider.name", "gen_ai.system", "llm.provider", "llm.system"),
             request_model=a.str("gen_ai.request.model", "llm.model_name"),
             response_model=a.str("gen_ai.response.model", "llm.model_name"),
@@ -460,31 +490,12 @@ class Capture:
             ),
             start_ns=start_ns,
             end_ns=end_ns,
-            status="error" if failed else "ok",
-            error_type=error_type if failed else "",
-            error_message=error_message if failed else "",
+            status="error" if error_type else "ok",
+            error_type=error_type,
+            error_message=error_message,
             end_of_conversation=_truthy(a.get(self.end_attribute)),
             evaluations=evaluations,
         )
-        turn.redactions = row["redactions"] = self._red
-        tool_row = None
-        if tool is not None:
-            tool_row = {
-                "conversation_id": conv,
-                "trace_id": trace_id,
-                "span_id": span_id,
-                "call_id": tool.call_id,
-                "name": tool.name,
-                "arguments": tool.arguments,
-                "result": tool.result,
-                "error_type": tool.error_type,
-                "error_message": tool.error_message,
-                "start_ns": start_ns,
-                "duration_ms": duration_ms,
-                "agent_version": turn.agent_version,
-                "prompt_version": turn.prompt_version,
-            }
-        return row, turn, tool_row, explicit
 
     def _span_evaluations(
         self,
@@ -1268,6 +1279,28 @@ def _message_json(messages: list[Message]) -> str:
                 d[k] = v
         out.append(d)
     return json.dumps(out, ensure_ascii=False)
+
+
+def _tool_row(turn: TurnRecord) -> dict[str, Any] | None:
+    """The ``tool_calls`` row of a tool span's turn (None for other turns)."""
+    tool = turn.tool
+    if tool is None:
+        return None
+    return {
+        "conversation_id": turn.conversation_id,
+        "trace_id": turn.trace_id,
+        "span_id": turn.span_id,
+        "call_id": tool.call_id,
+        "name": tool.name,
+        "arguments": tool.arguments,
+        "result": tool.result,
+        "error_type": tool.error_type,
+        "error_message": tool.error_message,
+        "start_ns": tool.start_ns,
+        "duration_ms": tool.duration_ms,
+        "agent_version": turn.agent_version,
+        "prompt_version": turn.prompt_version,
+    }
 
 
 def _turn_row(t: TurnRecord) -> dict[str, Any]:

@@ -343,6 +343,7 @@ _RETRYABLE = frozenset(
         KafkaError.UNKNOWN_PRODUCER_ID,
         KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
         KafkaError.INVALID_PRODUCER_EPOCH,
+        *(_FENCED := frozenset({KafkaError.PRODUCER_FENCED, KafkaError._FENCED})),
     }
 )
 
@@ -424,6 +425,7 @@ class KafkaSink:
         self._lock = threading.Lock()  # guards _inflight and swapping the producer
         self._inflight = 0
         self._fatal = threading.Event()
+        self._down = threading.Event()  # librdkafka said all brokers are down; not yet back
         self._stop = threading.Event()
         self._healthy = True
         self._thread = threading.Thread(
@@ -452,6 +454,8 @@ class KafkaSink:
                 raise Unavailable(
                     f"gateway buffer full ({self._inflight} bytes waiting for the broker)"
                 )
+            if self._down.is_set():  # answer at once: an SDK must see 503 well inside its timeout
+                raise Unavailable(f"broker {self.bootstrap} is unreachable")
             self._inflight += size
             for i, (key, value) in enumerate(messages):
                 cb = functools.partial(self._on_delivery, pending, len(value) + len(key or b""))
@@ -463,13 +467,17 @@ class KafkaSink:
                 except KafkaException as e:  # message too large, unknown topic...
                     self._abandon(pending, messages[i:])
                     raise BrokerError(f"cannot produce to {topic}: {e}") from e
-        if not pending.done.wait(self.ack_timeout_s + 1.0):
+        if not pending.done.wait(self.ack_timeout_s):
             self._mark(False, f"no acknowledgement within {self.ack_timeout_s:g}s")
             raise Unavailable(f"broker did not acknowledge within {self.ack_timeout_s:g}s")
         err = pending.error
         self._mark(err is None, err.str() if err else "")
         if err is None:
             return
+        if err.code() in _FENCED:
+            # after a stall the broker fenced our producer (tansu: "a newer producer with the
+            # same transactionalId"): every later write fails the same way until it is replaced
+            self._fatal.set()
         if err.retriable() or err.fatal() or err.code() in _RETRYABLE:
             raise Unavailable(f"broker did not acknowledge: {err.str()}")
         raise BrokerError(f"broker refused the write to {topic}: {err.str()}")
@@ -493,6 +501,9 @@ class KafkaSink:
                 pending.done.set()
 
     def _on_error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._down.set()
+            self._mark(False, err.str())
         if err.fatal():
             log.error("kafka producer fatal error, replacing the producer: %s", err.str())
             self._fatal.set()
@@ -514,10 +525,25 @@ class KafkaSink:
         while not self._stop.is_set():
             if self._fatal.is_set():
                 self._replace_producer()
+            if self._down.is_set():
+                self._probe()
             try:
                 self._producer.poll(POLL_INTERVAL_S)
             except KafkaException as e:  # fatal errors are raised here too, e.g. from a new
                 self._on_error(e.args[0])  # broker that does not know our idempotent producer id
+
+    def _probe(self) -> None:
+        """While every broker is down, ask for metadata (librdkafka reports no "up" event).
+        At the first answer, start over with a new producer (the old one's idempotence state
+        belongs to the broker that went away, and it stalls on a restarted one), then let
+        requests through again."""
+        try:
+            if not self._producer.list_topics(timeout=1.0).brokers:
+                return
+        except KafkaException:
+            return
+        self._replace_producer()
+        self._down.clear()
 
     def _replace_producer(self) -> None:
         """After a fatal error (idempotence state lost) only a new producer can write again."""
@@ -929,6 +955,7 @@ def main(argv: list[str] | None = None) -> None:
     Prints ``gateway ready grpc=HOST:PORT http=HOST:PORT`` once listening; stops on SIGTERM/SIGINT.
     """
     from processors.embedded.broker import ensure_topics
+    from processors.embedded.procs import write_run_file
 
     p = argparse.ArgumentParser(
         prog="python -m processors.capture.gateway",
@@ -958,6 +985,10 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signum, lambda *_: stop.set())
     gw = Gateway(cfg, bootstrap)
     gw.start()
+    # the ports bound, for the stack's supervisor (it publishes these, not the ones asked for)
+    write_run_file(
+        cfg.run_dir(), "gateway.json", {"grpc_port": gw.grpc_port, "http_port": gw.http_port}
+    )
     # one parseable line for the supervisor (the ports matter when 0 was asked for)
     print(
         f"gateway ready grpc={cfg.otlp.host}:{gw.grpc_port} http={cfg.otlp.host}:{gw.http_port}",
@@ -965,6 +996,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     stop.wait()
     gw.stop()
+    (cfg.run_dir() / "gateway.json").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

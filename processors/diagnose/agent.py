@@ -2,41 +2,64 @@
 
 from __future__ import annotations
 
+import functools
 import time
+from typing import Any
 
 import faust
 
 from processors.diagnose.contrast import conversation_rows
 from processors.diagnose.core import Diagnoser, diagnosis_rows
+from processors.diagnose.llm import Refinement, ask_refinement
 from processors.errors import InputError
-from processors.llm import make_llm
-from processors.records import TagRecord
+from processors.records import DeadLetter, Diagnosis, TagRecord
 from processors.runtime import RECORD_BATCH, TAKE_WITHIN_S, Checkpoint, Wiring, dead_letter
+
+
+def observe_all(core: Diagnoser, events: list[Any]) -> tuple[list[Diagnosis], list[DeadLetter]]:
+    """Fold a batch of tag records into the core (on its own thread, off the event loop)."""
+    diags: list[Diagnosis] = []
+    dls: list[DeadLetter] = []
+    for e in events:
+        now = time.time_ns()
+        try:
+            diags += core.observe(TagRecord.from_json(e.message.value), now)
+        except (ValueError, TypeError, KeyError, InputError) as err:
+            dls.append(dead_letter("diagnose", "unusable tag record", e, now, str(err)))
+    return diags, dls
 
 
 def register(w: Wiring) -> None:
     cfg, pipe = w.pipe.cfg, w.pipe
-    core = Diagnoser(cfg.diagnose, make_llm(cfg.llm))
+    core = Diagnoser(cfg.diagnose, llm_enabled=bool(pipe.llm and pipe.llm.steps))
     ckpt = Checkpoint("diagnose", pipe)
+
+    async def publish(diags: list[Diagnosis]) -> None:
+        await pipe.write("diagnose", "diagnoses", diagnosis_rows(diags))
+        await pipe.write("diagnose", "diagnosis_conversations", conversation_rows(diags))
+        await w.send_all([(w.diagnoses, d.intent_id, d.to_json()) for d in diags], stage="diagnose")
+        pipe.counters["diagnose"].records_out += len(diags)
+
+    def ask_llm(req: Refinement) -> None:
+        async def reworded(answer: dict[str, Any]) -> None:
+            d = await pipe.run_core("diagnose", core.refine, req, answer, time.time_ns())
+            if d is not None:
+                await publish([d])
+
+        w.llm_job("diagnose", functools.partial(ask_refinement, req.bundle), reworded)
 
     @w.app.agent(w.tags, name="diagnose")
     async def diagnose_agent(stream: faust.StreamT) -> None:
         await ckpt.restore_into(core.restore)
+        await w.load_llm_answers()
         async for events in stream.take_events(RECORD_BATCH, within=TAKE_WITHIN_S):
             events = await ckpt.rewind_gaps(w.app.consumer, events)
-            diags, dls = [], []
-            with pipe.busy("diagnose"):
-                for e in ckpt.fresh(events):
-                    now = time.time_ns()
-                    try:
-                        diags += core.observe(TagRecord.from_json(e.message.value), now)
-                    except (ValueError, TypeError, KeyError, InputError) as err:
-                        dls.append(dead_letter("diagnose", "unusable tag record", e, now, str(err)))
-                    pipe.counters["diagnose"].records_in += 1
+            fresh = ckpt.fresh(events)
+            diags, dls = await pipe.run_core("diagnose", observe_all, core, fresh)
+            pipe.counters["diagnose"].records_in += len(fresh)
             if diags:
-                await pipe.write("diagnose", "diagnoses", diagnosis_rows(diags))
-                await pipe.write("diagnose", "diagnosis_conversations", conversation_rows(diags))
-                await w.send_all([(w.diagnoses, d.intent_id, d.to_json()) for d in diags])
-                pipe.counters["diagnose"].records_out += len(diags)
+                await publish(diags)
+            for req in await pipe.run_core("diagnose", core.take_llm_requests):
+                ask_llm(req)
             await w.send_deadletters("diagnose", dls)
             await ckpt.save(events, core.snapshot)

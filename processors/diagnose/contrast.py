@@ -24,6 +24,14 @@ pattern                the conversation ...                                failu
 ``handoff``            is handed to a human                                unnecessary_escalation
 =====================  ==================================================  ======================
 
+``repeats``, ``unconfirmed`` and ``ungrounded`` also stand alone, for any tool (a cause
+spread over several tools). Against each conversation's **reference set**, its nearest
+successful conversations by goal (:mod:`.reference`), it also shows ``misses:T``,
+``extra:T``, ``differs:T.k`` and ``extra_handoff:T`` (and ``misses``, ``extra``,
+``differs``): what it does where the successes with a goal like its own do not. These
+departures are tested among the conversations that have a reference set (elsewhere they
+cannot show).
+
 Prompt, model and agent versions are left to the version-shift rule (:mod:`.rules`), which
 compares cumulative counts per version; here they would be confounded with time.
 
@@ -33,7 +41,9 @@ Benjamini–Hochberg correction over the patterns tried; a pattern is a finding 
 in at least ``contrast_min_count`` failed conversations, is more common among failures by
 ``contrast_min_lift`` and its adjusted p-value is under ``contrast_alpha``. Findings become
 :class:`~processors.records.Diagnosis` records (``rule="contrast"``) with every conversation
-they explain (in ``evidence["conversations"]``; :func:`conversation_rows` makes the
+they explain (in ``evidence["conversations"]``; an intent-wide pattern -- ``acts``,
+``calls:T``, ``never:T``, ``no_action``, ``handoff``, ``arg:T.k=v`` -- explains a
+conversation only where its reference set confirms it, :func:`holds_here`; :func:`conversation_rows` makes the
 ``diagnosis_conversations`` rows).
 
 **State-changing tools** are inferred without knowing the agent: a tool is read-only when
@@ -56,6 +66,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from processors.config import DiagnoseConfig
+from processors.diagnose import reference
 from processors.records import Conversation, Diagnosis, Message, TagRecord
 from processors.stats import fisher_exact
 
@@ -126,7 +137,13 @@ KIND_OF = {
     "repeats": "wrong_tool_arguments",
     "error": "tool_error",
     "handoff": "unnecessary_escalation",
+    "misses": "missing_action",
+    "extra": "unauthorized_action",
+    "differs": "wrong_tool_arguments",
+    "extra_handoff": "unnecessary_escalation",
 }
+DEPARTURES = frozenset(["misses", "extra", "differs", "extra_handoff"])  # see .reference
+REFERENCED = "_referenced"  # the conversation has a reference set
 
 
 def name_words(name: str) -> list[str]:
@@ -247,8 +264,10 @@ def patterns(conv: Conversation) -> dict[str, Hit]:
         out.setdefault(f"calls:{c.tool}", hit)
         if seen[c.tool] == 2:
             out.setdefault(f"repeats:{c.tool}", hit)
+            out.setdefault("repeats", hit)
         if not _confirmed(msgs, c.turn):
             out.setdefault(f"unconfirmed:{c.tool}", hit)
+            out.setdefault("unconfirmed", hit)
         said = said_at[c.turn]
         for key, v in _leaves(c.args):
             if not key or not _SAFE_KEY.fullmatch(key.replace(".", "_")):
@@ -257,6 +276,7 @@ def patterns(conv: Conversation) -> dict[str, Hit]:
                 out.setdefault(f"arg:{c.tool}.{key}={v}", hit)
             if v is not None and not isinstance(v, bool) and not _grounded(v, said):
                 out.setdefault(f"ungrounded:{c.tool}.{key}", hit)
+                out.setdefault("ungrounded", hit)
     if calls and not any_write:
         out["no_action"] = Hit(len(msgs) - 1, conv.trace_ids[-1] if conv.trace_ids else "")
     first_write = next((c for c in calls if changes_state(c.tool)), None)
@@ -330,22 +350,30 @@ def contrast(
     for pats in failed.values():
         for p in pats:
             counts_f[p] = counts_f.get(p, 0) + 1
+    # a departure from the nearest successes can only show where there are some: it is
+    # tested among the conversations that have a reference set
+    nf_ref = sum(1 for pats in failed.values() if REFERENCED in pats)
+    no_ref = sum(1 for pats in ok.values() if REFERENCED in pats)
     for p, a in counts_f.items():
         if a < cfg.contrast_min_count or p.startswith("_"):
             continue
         b = sum(1 for pats in ok.values() if p in pats)
-        f = Finding(p, KIND_OF[p.split(":", 1)[0]], a, nf, b, no, fisher_exact(nf, a, no, b))
+        n_f, n_o = (nf_ref, no_ref) if p.split(":", 1)[0] in DEPARTURES else (nf, no)
+        f = Finding(p, KIND_OF[p.split(":", 1)[0]], a, n_f, b, n_o, fisher_exact(n_f, a, n_o, b))
         if f.lift >= cfg.contrast_min_lift:
             candidates.append(f)
     adjusted = _bh([f.p_value for f in candidates])
     found = [f for f, q in zip(candidates, adjusted, strict=True) if q < cfg.contrast_alpha]
     for f, q in zip(candidates, adjusted, strict=True):
         f.p_value = q
-    found.sort(key=lambda f: (f.p_value, -f.lift, f.pattern))
+    # on a tie the pattern naming a tool first: it says more
+    found.sort(key=lambda f: (f.p_value, -f.lift, ":" not in f.pattern, f.pattern))
     kept: list[Finding] = []
     covered: dict[str, set[str]] = {}
     for f in found:
-        ids = {cid for cid, pats in failed.items() if f.pattern in pats}
+        ids = {cid for cid, pats in failed.items() if holds_here(f.pattern, pats)}
+        if len(ids) < cfg.contrast_min_count:
+            continue  # the contrast holds for the intent, not in enough conversations
         if ids <= covered.get(f.kind, set()):
             continue  # a weaker restatement of a finding already kept
         covered.setdefault(f.kind, set()).update(ids)
@@ -356,29 +384,84 @@ def contrast(
     return kept
 
 
+def _confirming(pattern: str) -> str | None:
+    """The departure (:mod:`.reference`) that shows an intent-wide pattern in one conversation,
+    or None when the pattern is about that conversation alone."""
+    head, _, rest = pattern.partition(":")
+    tool = rest.split(".", 1)[0].split("=", 1)[0]
+    return {
+        "acts": "extra",
+        "calls": f"extra:{tool}",
+        "never": f"misses:{tool}",
+        "no_action": "misses",
+        "handoff": "extra_handoff:",
+        "arg": f"differs:{rest.split('=', 1)[0]}",
+    }.get(head)
+
+
+def holds_here(pattern: str, pats: dict[str, Hit]) -> bool:
+    """Whether ``pattern`` explains this conversation (patterns ``pats``). A pattern that says
+    "failed conversations of the intent do X, successful ones do not" explains a conversation
+    when it does X *and* its own nearest successful conversations by goal do not: the intent
+    may mix goals whose right actions differ."""
+    if pattern not in pats:
+        return False
+    confirm = _confirming(pattern)
+    if confirm is None:
+        return True
+    return confirm in pats or (confirm.endswith(":") and any(p.startswith(confirm) for p in pats))
+
+
 # -- diagnoses -----------------------------------------------------------------------------
 
 
 def _describe(f: Finding, intent: str) -> tuple[str, str]:
     head, _, rest = f.pattern.partition(":")
     tool = rest.split(".", 1)[0].split("=", 1)[0]
-    counts = (
-        f"{f.failed_with} of {f.failed} failed conversations; {f.ok_with} of {f.ok} successful ones"
+    what_ungrounded = (
+        f"call `{tool}` with a `{rest.split('.', 1)[-1]}` that appears nowhere in what the user "
+        "said or a tool returned"
+        if tool
+        else "make a state-changing call with an argument value that appears nowhere in what the "
+        "user said or a tool returned"
     )
     what = {
         "calls": f"call `{tool}`",
-        "unconfirmed": f"call `{tool}` without an explicit confirmation from the user just before",
         "never": f"never call `{tool}`",
         "no_action": "end without any state-changing tool call",
         "acts": "make a state-changing tool call",
         "arg": f"call `{tool}` with `{rest.split('.', 1)[-1]}`",
-        "ungrounded": f"call `{tool}` with a `{rest.split('.', 1)[-1]}` that appears nowhere in "
-        "what the user said or a tool returned",
-        "repeats": f"call `{tool}` more than once",
         "error": f"get an error from `{tool}`",
         "handoff": "hand the user to a human",
+        "misses": f"never call `{tool}`, which most of the successful conversations with the "
+        "most similar goals call"
+        if tool
+        else "never make a state-changing call that most of the successful conversations "
+        "with the most similar goals make",
+        "extra": f"call `{tool}`, which most of the successful conversations with the most "
+        "similar goals do not"
+        if tool
+        else "make a state-changing call that most of the successful conversations with the "
+        "most similar goals do not",
+        "differs": f"call `{tool}` with a `{rest.split('.', 1)[-1]}` other than the one most of "
+        "the successful conversations with the most similar goals give"
+        if tool
+        else "call a state-changing tool with an argument value other than the one most of "
+        "the successful conversations with the most similar goals give",
+        "extra_handoff": "hand the user to a human where most of the successful conversations "
+        "with the most similar goals do not",
+        "ungrounded": what_ungrounded,
+        "repeats": f"call `{tool}` more than once" if tool else "repeat a state-changing call",
+        "unconfirmed": f"call `{tool}` without an explicit confirmation from the user just before"
+        if tool
+        else "make a state-changing call without an explicit confirmation from the user just "
+        "before",
     }[head]
-    counts = f"{f.failed_with} of {f.failed} failed conversations {what}; {f.ok_with} of {f.ok} successful ones do"
+    among = " with successful ones of a similar goal" if head in DEPARTURES else ""
+    counts = (
+        f"{f.failed_with} of {f.failed} failed conversations{among} {what}; "
+        f"{f.ok_with} of {f.ok} successful ones{among and ' with such neighbours'} do"
+    )
     summary = f"in {intent}, {counts}"
     root = f"{f.kind.replace('_', ' ')}: in {intent}, {counts}"
     return summary, root
@@ -388,7 +471,7 @@ def _component(f: Finding) -> dict[str, Any]:
     head, _, rest = f.pattern.partition(":")
     tool = rest.split(".", 1)[0].split("=", 1)[0]
     argument = ""
-    if head in ("arg", "ungrounded"):
+    if head in ("arg", "ungrounded", "differs"):
         argument = rest.split(".", 1)[-1].split("=", 1)[0]
     return {"type": "prompt", "target": "", "detail": {"tool": tool, "argument": argument}}
 
@@ -467,13 +550,54 @@ def intent_findings(
     ok = {t.conversation_id: patterns(c) for t, c in group if not t.failed}
     if len(failed) < cfg.contrast_min_failures or len(ok) < cfg.contrast_min_successes:
         return []
+    add_departures({t.conversation_id: c for t, c in group}, failed, ok, cfg)
     traces = {t.conversation_id: c.trace_ids for t, c in group}
     return [
         diagnosis_of(f, intent_id, intent_name, traces, now_ns) for f in contrast(failed, ok, cfg)
     ]
 
 
-_MISSING = ("never:", "no_action")
+_MISSING = ("never:", "no_action", "misses")
+
+
+def add_departures(
+    convs: dict[str, Conversation],
+    failed: dict[str, dict[str, Hit]],
+    ok: dict[str, dict[str, Hit]],
+    cfg: DiagnoseConfig,
+) -> None:
+    """Add to every conversation's patterns how it departs from its nearest successful
+    conversations by goal (:mod:`.reference`), where each shows."""
+    writes: dict[str, dict[str, dict[str, set[str]]]] = {}
+    first: dict[tuple[str, str], Hit] = {}
+    for cid, conv in convs.items():
+        for c in calls_of(conv):
+            if not changes_state(c.tool) and not (is_handoff(c.tool) and not c.error):
+                continue
+            first.setdefault((cid, c.tool), Hit(c.turn, c.trace_id, c.tool, c.arguments[:500]))
+            args = writes.setdefault(cid, {}).setdefault(c.tool, {})
+            for key, v in _leaves(c.args):
+                if key and isinstance(v, (str, int, float)) and len(str(v)) <= _SCALAR_MAX:
+                    args.setdefault(key, set()).add(str(v))
+    pats = {**failed, **ok}
+    vectors = reference.tfidf({cid: reference.goal_text(c) for cid, c in convs.items()})
+    refs = reference.references(
+        vectors, ok, cfg.contrast_reference_size, cfg.contrast_reference_similarity
+    )
+    for cid, found in reference.departures(writes, is_handoff, refs).items():
+        conv, mine = convs[cid], pats[cid]
+        mine[REFERENCED] = Hit()
+        if "_abandoned" in mine:
+            found = {p for p in found if not p.startswith(_MISSING)}
+        end = Hit(len(conv.messages) - 1, conv.trace_ids[-1] if conv.trace_ids else "")
+        for p in found:
+            tool = p.partition(":")[2].split(".", 1)[0]
+            if tool:
+                mine[p] = end if p.startswith("misses") else first[(cid, tool)]
+        for head in ("misses", "extra", "differs"):
+            hits = [mine[p] for p in sorted(found) if p.startswith(head + ":")]
+            if hits:
+                mine[head] = min(hits, key=lambda h: h.turn)
 
 
 def _failed_patterns(tag: TagRecord, conv: Conversation) -> dict[str, Hit]:

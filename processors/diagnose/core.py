@@ -22,8 +22,10 @@ It runs on an intent without an open rule diagnosis once the rules could look at
 intents, each time ``contrast_min_count`` more have failed. Every diagnosis carries a ``failure_kind``
 (:data:`processors.records.FAILURE_KINDS`) and the conversations it explains.
 
-An optional LLM rewrites the strongest finding from the evidence alone; an answer that
-cites anything the evidence does not hold is rejected and the rule's result stands.
+With an LLM, the strongest finding is also handed out for rewording (:attr:`Diagnoser.llm_requests`,
+answered beside the stream); :meth:`Diagnoser.refine` makes an accepted answer the
+diagnosis' next version. An answer that cites anything the evidence does not hold is
+rejected and the rule's result stands.
 A diagnosis id is a hash of (intent, rule, component target), so a root cause seen again
 updates its diagnosis (``version + 1``) instead of duplicating it.
 
@@ -45,10 +47,10 @@ from typing import Any
 from processors.config import DiagnoseConfig
 from processors.diagnose.contrast import RULE as CONTRAST_RULE
 from processors.diagnose.contrast import intent_findings
-from processors.diagnose.llm import llm_candidate
+from processors.diagnose.llm import Refinement, ask_refinement, llm_bundle, refined
 from processors.diagnose.rules import Candidate, common_evidence, run_rules, version_shift
 from processors.diagnose.window import IntentStats, p_greater
-from processors.errors import InputError
+from processors.errors import InputError, LLMError
 from processors.llm import ChatJSON
 from processors.records import Diagnosis, TagRecord
 
@@ -82,14 +84,16 @@ class _State:
 class Diagnoser:
     """Streaming diagnoser: feed tagged conversations, get new or updated diagnoses.
 
-    ``llm``: an object with ``chat_json`` (:class:`processors.llm.LLM`), or ``None`` for the
-    deterministic rules only. ``llm_rejections`` counts LLM answers that fell back to a rule.
+    ``llm_enabled``: list a :class:`Refinement` of each evaluation's strongest finding in
+    ``llm_requests`` (the caller takes them). ``llm_rejections`` counts LLM answers that
+    fell back to a rule (:meth:`improve`).
     """
 
-    def __init__(self, cfg: DiagnoseConfig, llm: ChatJSON | None = None) -> None:
+    def __init__(self, cfg: DiagnoseConfig, *, llm_enabled: bool = False) -> None:
         cfg.validate()
         self.cfg = cfg
-        self.llm = llm
+        self.llm_enabled = llm_enabled
+        self.llm_requests: list[Refinement] = []
         self.llm_rejections: list[str] = []
         self._s = _State()
 
@@ -245,12 +249,8 @@ class Diagnoser:
             did = diagnosis_id(st.intent_id, c.rule, c.target, c.variant)
             if not self._should_emit(did, st, force):
                 continue
-            if i == 0 and self.llm is not None:
-                better, why = llm_candidate(self.llm, st, common, cands)
-                if better is None:
-                    self.llm_rejections.append(why)
-                else:
-                    c, did = better, diagnosis_id(st.intent_id, better.rule, better.target)
+            if i == 0 and self.llm_enabled:
+                self.llm_requests.append(Refinement(did, llm_bundle(st, common, cands)))
             out.append(self._record(did, st, c, common, now_ns))
         if out:
             st.last_emit_failures = st.total_failures
@@ -304,9 +304,38 @@ class Diagnoser:
             version=1 if prev is None else prev.diagnosis.version + 1,
             updated_ns=now_ns,
         )
-        d.evidence.setdefault("conversations", _explained(st, d.trace_ids))
+        d.evidence["conversations"] = c.explains or _explained(st, d.trace_ids)
         self._s.diagnoses[did] = _Emitted(d, st.total_failures)
         return d
+
+    # -- the LLM's wording, when it comes
+
+    def take_llm_requests(self) -> list[Refinement]:
+        out, self.llm_requests = self.llm_requests, []
+        return out
+
+    def refine(self, req: Refinement, answer: dict[str, Any], now_ns: int) -> Diagnosis | None:
+        """The diagnosis of ``req`` reworded by ``answer`` (validated by
+        :func:`~.llm.ask_refinement`) as its next version; ``None`` when a human closed it."""
+        e = self._s.diagnoses.get(req.diagnosis_id)
+        if e is None or e.diagnosis.status in ("resolved", "rejected"):
+            return None
+        e.diagnosis = refined(e.diagnosis, answer, req.bundle, now_ns)
+        return e.diagnosis
+
+    def improve(self, llm: ChatJSON, now_ns: int) -> list[Diagnosis]:
+        """Answer the waiting requests now, in line (no stream waits): the reworded diagnoses."""
+        out = []
+        for req in self.take_llm_requests():
+            try:
+                answer = ask_refinement(req.bundle, llm)
+            except LLMError as e:
+                self.llm_rejections.append(str(e))
+                continue
+            d = self.refine(req, answer, now_ns)
+            if d is not None:
+                out.append(d)
+        return out
 
     # -- inspection and state
 
@@ -333,7 +362,7 @@ class Diagnoser:
         return self._s.intents.get(intent_id)
 
     def snapshot(self) -> bytes:
-        """The whole state (config included, LLM client excluded) as bytes for a checkpoint.
+        """The whole state (config included, LLM requests excluded) as bytes for a checkpoint.
 
         Pickle, so only restore snapshots this process family wrote (a trusted changelog).
         """
@@ -342,8 +371,7 @@ class Diagnoser:
         )
 
     def restore(self, data: bytes) -> None:
-        """Put the diagnoser in the state of :meth:`snapshot`, its config included (the LLM
-        client stays the one it was built with)."""
+        """Put the diagnoser in the state of :meth:`snapshot`, its config included."""
         try:
             fmt, cfg, state = pickle.loads(zlib.decompress(data))
         except (zlib.error, pickle.UnpicklingError, ValueError, EOFError) as e:
@@ -406,4 +434,5 @@ DIAGNOSIS_COLUMNS = (
     "status",
     "version",
     "updated_ns",
+    "source",
 )

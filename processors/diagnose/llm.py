@@ -1,9 +1,15 @@
-"""The LLM path: the strongest finding rewritten from the evidence alone, or rejected."""
+"""The LLM path: the strongest finding reworded from the evidence alone, or rejected.
+
+It runs beside the stream: the rule's diagnosis is emitted first, with a :class:`Refinement`
+asking the LLM to reword it; an accepted answer becomes that diagnosis' next version (same
+id: one diagnosis per finding, whichever path found it), marked ``source="llm"``.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from processors.diagnose.rules import Candidate, first_unique
@@ -11,6 +17,7 @@ from processors.diagnose.shapes import MAX_TEXT
 from processors.diagnose.window import IntentStats
 from processors.errors import LLMError
 from processors.llm import UNTRUSTED_RULE, ChatJSON, untrusted_block
+from processors.records import Diagnosis
 
 LLM_SYSTEM = (
     "You diagnose why users of an AI agent fail at one intent. You get statistics and rule "
@@ -62,7 +69,6 @@ def llm_prompt(bundle: dict[str, Any]) -> str:
     stats = dict(bundle["stats"])
     last = stats.pop("last_agent_message")
     facts = {
-        "intent": bundle["intent"],
         "stats": stats,
         "allowed_targets": bundle["targets"],
         "trace_ids": bundle["trace_ids"],
@@ -80,6 +86,7 @@ def llm_prompt(bundle: dict[str, Any]) -> str:
     return "\n\n".join(
         [
             "Facts:\n" + json.dumps(facts, ensure_ascii=False, default=str),
+            untrusted_block("intent_name", [{"intent": bundle["intent"]}]),
             untrusted_block("last_agent_message_before_abandonment", [last]),
             untrusted_block("finding_evidence", quoted),
         ]
@@ -112,40 +119,43 @@ def validate_llm_answer(answer: dict[str, Any], bundle: dict[str, Any]) -> str:
     return ""
 
 
-def llm_candidate(
-    llm: ChatJSON,
-    st: IntentStats,
-    common: dict[str, Any],
-    cands: Sequence[Candidate],
-) -> tuple[Candidate | None, str]:
-    """The LLM's diagnosis as a candidate, or ``(None, reason)`` when it fails or is not backed."""
-    bundle = llm_bundle(st, common, cands)
-    try:
-        answer = llm.chat_json(LLM_SYSTEM, llm_prompt(bundle), LLM_SCHEMA, required=_LLM_REQUIRED)
-    except LLMError as e:
-        return None, f"llm error: {e}"
+@dataclass(frozen=True)
+class Refinement:
+    """Diagnosis ``diagnosis_id`` to reword with the LLM, from ``bundle`` (:func:`llm_bundle`)."""
+
+    diagnosis_id: str
+    bundle: dict[str, Any]
+
+
+def ask_refinement(bundle: dict[str, Any], llm: ChatJSON) -> dict[str, Any]:
+    """The LLM's diagnosis from ``bundle``; :class:`LLMError` when it fails or is not backed."""
+    answer = llm.chat_json(LLM_SYSTEM, llm_prompt(bundle), LLM_SCHEMA, required=_LLM_REQUIRED)
     problem = validate_llm_answer(answer, bundle)
     if problem:
-        return None, f"llm answer rejected: {problem}"
+        raise LLMError(f"llm answer rejected: {problem}")
+    return answer
+
+
+def refined(d: Diagnosis, answer: dict[str, Any], bundle: dict[str, Any], now_ns: int) -> Diagnosis:
+    """The next version of ``d`` in the words of a validated ``answer`` (the rule's kept)."""
     cited = [i for i in answer["evidence_ids"] if i in bundle["trace_ids"]]
-    base = cands[0]
-    return Candidate(
-        rule="llm",
-        target=answer["component"]["target"],
+    return replace(
+        d,
         summary=answer["summary"].strip()[:MAX_TEXT],
         root_cause=answer["root_cause"].strip()[:1000],
         component={
             "type": answer["component"]["type"],
             "target": answer["component"]["target"],
-            "detail": answer["component"].get("detail", ""),
+            "detail": str(answer["component"].get("detail", ""))[:MAX_TEXT],
         },
         confidence=float(answer["confidence"]),
         evidence={
-            **base.evidence,
+            **d.evidence,
             "evidence_ids": answer["evidence_ids"],
-            "rule_fallback": {"rule": base.rule, "summary": base.summary},
+            "rule_wording": {"summary": d.summary, "root_cause": d.root_cause},
         },
-        trace_ids=cited or base.trace_ids,
-        prompt_version=base.prompt_version,
-        agent_version=base.agent_version,
-    ), ""
+        trace_ids=cited or d.trace_ids,
+        source="llm",
+        version=d.version + 1,
+        updated_ns=now_ns,
+    )

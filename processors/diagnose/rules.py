@@ -7,7 +7,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from processors.config import DiagnoseConfig
@@ -47,6 +47,20 @@ class Candidate:
     variant: str = ""  # part of the id beyond the target (the version of a regression)
     prompt_version: str = ""
     agent_version: str = ""
+    # every failing conversation the finding explains (diagnosis_conversations), not a sample
+    explains: list[dict[str, Any]] = field(default_factory=list)
+
+
+def explained(hits: Iterable[tuple[TagRecord, int, str, str]]) -> list[dict[str, Any]]:
+    """``(tag, turn, trace id, tool)`` per hit -> one row per conversation, its first hit."""
+    out: dict[str, dict[str, Any]] = {}
+    for t, turn, trace, tool in hits:
+        out.setdefault(
+            t.conversation_id,
+            {"conversation_id": t.conversation_id, "turn": turn, "trace_id": trace,
+             "tool": tool, "arguments": ""},
+        )  # fmt: skip
+    return list(out.values())
 
 
 def first_unique(items: Iterable[str], limit: int) -> list[str]:
@@ -213,11 +227,12 @@ def rule_repeated_ask(st: IntentStats, cfg: DiagnoseConfig) -> list[Candidate]:
                     "asked_turn": asked_turn,
                     "abandon_turn": abandon,
                     "agent_message": message,
-                    "conversations": len(found),
+                    "conversation_count": len(found),
                     "share_failing": round(share_fail, 4),
                     "share_healthy": share_ok,
                 },
                 trace_ids=first_unique((a.trace_id for _, a in reversed(found)), cfg.max_trace_ids),
+                explains=explained((t, a.asked_turn, a.trace_id, "") for t, a in found),
                 variant=thing,
                 prompt_version=pv,
                 agent_version=av,
@@ -345,12 +360,16 @@ def _tool_argument_candidate(
             "working_errors": w_err,
             "error": error,
             "errors": dict(errors.most_common(3)),
-            "conversations": len({id(t) for t, _ in examples}),
+            "conversation_count": len({id(t) for t, _ in examples}),
             "share_failing": round(share_fail, 4),
         },
         trace_ids=first_unique(
             (c.trace_id or trace_of("", t.conversation) for t, c in reversed(examples)),
             cfg.max_trace_ids,
+        ),
+        explains=explained(
+            (t, t.outcome_turn, c.trace_id or trace_of("", t.conversation), tool)
+            for t, c in examples
         ),
         prompt_version=pv,
         agent_version=av,
@@ -444,6 +463,9 @@ def rule_version_regression(st: IntentStats, cfg: DiagnoseConfig) -> list[Candid
                 trace_ids=first_unique(
                     (trace_of("", t.conversation) for t in reversed(tags)), cfg.max_trace_ids
                 ),
+                explains=explained(
+                    (t, t.outcome_turn, trace_of("", t.conversation), "") for t in tags
+                ),
                 variant=version,
                 prompt_version=version
                 if shift["dim"] == "prompt_version"
@@ -510,11 +532,12 @@ def rule_abandon_after_question(
             evidence={
                 "agent_message": shown,
                 "abandon_turn": turn,
-                "conversations": len(found),
+                "conversation_count": len(found),
                 "share_failing": round(share_fail, 4),
                 "share_healthy": share_ok,
             },
             trace_ids=first_unique((tr for _, tr in reversed(found)), cfg.max_trace_ids),
+            explains=explained((t, _abandon_turn(t), tr, "") for t, tr in found),
             variant=hashlib.sha256(question.encode()).hexdigest()[:12],
             prompt_version=pv,
             agent_version=av,
@@ -592,6 +615,21 @@ def _slowness(st: IntentStats, cfg: DiagnoseConfig) -> _Slowness:
     return _Slowness(hit, share_fail, share_ok, slow_fail, slow_ok, by_timeouts, by_latency)
 
 
+def _slow_conversations(
+    st: IntentStats, cfg: DiagnoseConfig, sl: _Slowness
+) -> list[dict[str, Any]]:
+    """The failing conversations the latency finding explains: those with a timeout, else
+    those ``latency_ratio`` times slower per model call than the healthy median."""
+    return explained(
+        [(t, t.outcome_turn, h[0][2], h[0][0]) for t, h in sl.hit]
+        or [
+            (t, t.outcome_turn, trace_of("", t.conversation), "")
+            for t in st.failing
+            if _per_call_ms(t) >= cfg.latency_ratio * sl.slow_ok
+        ]
+    )
+
+
 def rule_latency(st: IntentStats, cfg: DiagnoseConfig) -> list[Candidate]:
     """Failing conversations hit timeouts, or are much slower than healthy ones."""
     sl = _slowness(st, cfg)
@@ -662,6 +700,7 @@ def rule_latency(st: IntentStats, cfg: DiagnoseConfig) -> list[Candidate]:
             or first_unique(
                 (trace_of("", t.conversation) for t in reversed(st.failing)), cfg.max_trace_ids
             ),
+            explains=_slow_conversations(st, cfg, sl),
             prompt_version=pv,
             agent_version=av,
         )

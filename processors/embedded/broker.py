@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import socket
-import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from processors.embedded.procs import ManagedProcess
+from processors.embedded.procs import ManagedProcess, spawn
 from processors.errors import BrokerError
 
 READY_TIMEOUT_S = 15.0
@@ -58,14 +59,16 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
-def wait_ready(bootstrap: str, timeout_s: float = READY_TIMEOUT_S) -> None:
-    """Wait until the broker answers a metadata request."""
+def wait_ready(
+    bootstrap: str, timeout_s: float = READY_TIMEOUT_S, alive: Callable[[], bool] | None = None
+) -> None:
+    """Wait until the broker answers a metadata request (giving up once ``alive()`` is False)."""
     from confluent_kafka.admin import AdminClient
 
     deadline = time.monotonic() + timeout_s
     admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 1000})
     last: Exception | None = None
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (alive is None or alive()):
         try:
             md = admin.list_topics(timeout=1.0)
             if md.brokers:
@@ -104,17 +107,29 @@ class EmbeddedBroker(ManagedProcess):
         return f"{self.host}:{self.port}"
 
     def start(self) -> EmbeddedBroker:
+        """Start on ``port`` (exactly: a restart keeps its port), or with ``port`` 0 on a free
+        port, trying another one when it was taken between the choice and tansu's bind."""
+        if self.port:
+            if port_in_use(self.port, self.host):
+                raise BrokerError(
+                    f"port {self.port} is taken; choose another with kafka.broker_port "
+                    "(CLOSELOOP_KAFKA_BROKER_PORT) or 0 for a free one"
+                )
+            return self._start_on(self.port)
+        for attempt in range(3):
+            try:
+                return self._start_on(free_port(self.host))
+            except BrokerError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_on(self, port: int) -> EmbeddedBroker:
         binary = tansu_binary(self.binary)
-        if self.port == 0:
-            self.port = free_port(self.host)
-        elif port_in_use(self.port, self.host):
-            raise BrokerError(
-                f"port {self.port} is taken; choose another with kafka.broker_port "
-                "(CLOSELOOP_KAFKA_BROKER_PORT) or 0 for a free one"
-            )
+        self.port = port
         url = f"tcp://{self.host}:{self.port}"
         out = self._output(self.log_dir / "broker.log" if self.log_dir is not None else None)
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             [
                 str(binary),
                 "broker",
@@ -126,23 +141,23 @@ class EmbeddedBroker(ManagedProcess):
                 self.storage,
             ],
             stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
             env={
                 **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
                 "RUST_LOG": os.environ.get("RUST_LOG", "warn"),
                 **self.env,
             },
+            # tansu may not exit on SIGTERM while clients are connected (see STOP_TIMEOUT_S)
+            death_signal=signal.SIGKILL,
         )
         try:
-            wait_ready(self.bootstrap)
+            wait_ready(self.bootstrap, alive=self.alive)
         except BrokerError:
             code = self.proc.poll()
             self.stop()
             if code is not None:
                 raise BrokerError(
-                    f"tansu exited with code {code} at start (storage {self.storage}); "
-                    f"see {self.log_dir}/broker.log"
+                    f"tansu exited with code {code} at start on port {port} (storage "
+                    f"{self.storage}); see {self.log_dir}/broker.log"
                 ) from None
             raise
         return self
@@ -246,3 +261,38 @@ def committed_offsets(
     finally:
         c.close()
     return {(tp.topic, tp.partition): tp.offset for tp in got}
+
+
+@dataclass
+class TopicState:
+    """Which incarnation of each topic the broker holds now: its topic id (new on every
+    creation: a memory broker restarted, a topic deleted and made again) and, per
+    ``topic:partition``, the offsets it holds (low, true end)."""
+
+    cluster_id: str
+    topic_ids: dict[str, str]
+    bounds: dict[str, tuple[int, int]]
+
+
+def topic_state(bootstrap: str, topics: list[str], timeout_s: float = 10.0) -> TopicState:
+    from confluent_kafka import Consumer, TopicCollection, TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    cluster = admin.describe_cluster(request_timeout=timeout_s).result(timeout_s).cluster_id
+    ids = {}
+    for name, fut in admin.describe_topics(TopicCollection(topics)).items():
+        try:
+            ids[name] = str(fut.result(timeout_s).topic_id)
+        except Exception:  # does not exist (yet): no incarnation to compare
+            continue
+    ends = true_end_offsets(bootstrap, list(ids), timeout_s)
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "closeloop-status"})
+    try:
+        bounds = {
+            f"{t}:{p}": (c.get_watermark_offsets(TopicPartition(t, p), timeout=timeout_s)[0], end)
+            for (t, p), end in ends.items()
+        }
+    finally:
+        c.close()
+    return TopicState(str(cluster or ""), ids, bounds)

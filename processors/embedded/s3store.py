@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -42,7 +41,7 @@ from xml.sax.saxutils import escape
 
 from processors.embedded.broker import free_port
 from processors.embedded.httpd import Server, reply
-from processors.embedded.procs import ManagedProcess
+from processors.embedded.procs import ManagedProcess, spawn
 from processors.errors import BrokerError
 
 log = logging.getLogger("closeloop.s3store")
@@ -730,7 +729,7 @@ class LocalS3(ManagedProcess):
         if self.port == 0:
             self.port = free_port(self.host)
         out = self._output(self.log_dir / "broker-s3.log" if self.log_dir is not None else None)
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             [
                 sys.executable,
                 "-m",
@@ -746,8 +745,6 @@ class LocalS3(ManagedProcess):
             ]
             + ([] if self.fsync else ["--no-fsync"]),
             stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
             env={
                 **os.environ,
                 "PYTHONPATH": os.pathsep.join(

@@ -11,26 +11,30 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
-import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from processors.config import Config
 from processors.credentials import ensure_sql_credentials, load_sql_credentials
-from processors.embedded.broker import EmbeddedBroker, ensure_topics, free_port, port_in_use
-from processors.embedded.procs import ManagedProcess
+from processors.embedded.broker import EmbeddedBroker, ensure_topics, port_in_use
+from processors.embedded.procs import ManagedProcess, read_run_file, spawn
 from processors.embedded.s3store import LocalS3
-from processors.errors import BrokerError, CloseloopError
+from processors.errors import CloseloopError
 from processors.stages import ALL_STAGES, CAPTURE_ONLY
-from processors.store import Store, connect_http
+from processors.store import Store, connect_http, running_endpoint
 
 log = logging.getLogger("closeloop.stack")
 
 READY_TIMEOUT_S = 90.0
+EXITED = "exited"  # what waiting for a child's ports returns when it exited instead
 RESTART_BACKOFF_S = 2.0
 
 
@@ -57,24 +61,122 @@ def wait_port(host: str, port: int, timeout_s: float) -> bool:
     return False
 
 
+CRASH_LOOP_RESTARTS = 3  # this many restarts of one process ...
+CRASH_LOOP_WINDOW_S = 300.0  # ... within this window is a crash loop (named by `closeloop status`)
+MAX_BACKOFF_S = 30.0
+ERROR_WORDS = re.compile(r"error|exception|fatal|panic|refused|denied|cannot", re.IGNORECASE)
+
+
+# the ports the stack's children bind, and the variable that hands each to them
+PORT_VARIABLES = {
+    "clickhouse.sql_port": "CLOSELOOP_CLICKHOUSE_SQL_PORT",
+    "otlp.grpc_port": "CLOSELOOP_OTLP_GRPC_PORT",
+    "otlp.http_port": "CLOSELOOP_OTLP_HTTP_PORT",
+    "web.port": "CLOSELOOP_WEB_PORT",
+}
+PUBLISHED = ("sql.json", "gateway.json", "web.json")  # what the children bound, in run/
+PORT_FLAGS = {
+    "otlp.grpc_port": "--otlp-grpc-port",
+    "otlp.http_port": "--otlp-http-port",
+    "web.port": "--web-port",
+}
+
+
+def _get(cfg: Config, dotted: str) -> int:
+    section, key = dotted.split(".")
+    return int(getattr(getattr(cfg, section), key))
+
+
+def _set(cfg: Config, dotted: str, port: int) -> None:
+    section, key = dotted.split(".")
+    setattr(getattr(cfg, section), key, port)
+
+
+def _host(cfg: Config, dotted: str) -> str:
+    section = getattr(cfg, dotted.split(".")[0])
+    return str(getattr(section, "host", "127.0.0.1"))
+
+
+def _where(dotted: str) -> str:
+    """Where a user chooses this port: the flag of `closeloop up`, the variable, the key."""
+    flag = PORT_FLAGS.get(dotted)
+    return " or ".join(([flag] if flag else []) + [PORT_VARIABLES[dotted], dotted])
+
+
+def last_error_line(log_path: Path, tail_bytes: int = 16_384) -> str:
+    """The last line of a log that reads like an error (else its last line), for status."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
+            lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").splitlines()]
+    except OSError:
+        return ""
+    lines = [ln for ln in lines if ln]
+    errors = [ln for ln in lines if ERROR_WORDS.search(ln)]
+    return (errors or lines or [""])[-1][:300]
+
+
+@dataclass
+class Health:
+    """What the supervisor knows of one process's exits and restarts (in the stack file)."""
+
+    restarts: int = 0
+    restart_ns: list[int] = field(default_factory=list)  # within CRASH_LOOP_WINDOW_S
+    last_code: int | None = None
+    last_error: str = ""
+    last_exit_ns: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+    next_start: float = 0.0
+
+    def recent(self, now_ns: int) -> int:
+        self.restart_ns = [t for t in self.restart_ns if now_ns - t < CRASH_LOOP_WINDOW_S * 1e9]
+        return len(self.restart_ns)
+
+    def exited(self, code: int | None, error: str) -> None:
+        """It died (or could not start): restart at once if it had run for longer than its
+        back-off, else when the back-off (2 s doubling per recent restart) has passed."""
+        self.last_code, self.last_error, self.last_exit_ns = code, error, time.time_ns()
+        n = self.recent(time.time_ns())
+        backoff = 0.0 if n == 0 else min(RESTART_BACKOFF_S * 2 ** (n - 1), MAX_BACKOFF_S)
+        self.next_start = (
+            self.started_at + backoff if code is not None else time.monotonic() + backoff
+        )
+
+    def delay_s(self) -> float:
+        return max(0.0, self.next_start - time.monotonic())
+
+    def due(self) -> bool:
+        return time.monotonic() >= self.next_start
+
+    def started(self) -> None:
+        self.restarts += 1
+        self.restart_ns.append(time.time_ns())
+        self.started_at = time.monotonic()
+
+    def restarted_for(self, reason: str) -> None:
+        self.last_code, self.last_error, self.last_exit_ns = None, reason, time.time_ns()
+        self.started()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "restarts": self.restarts,
+            "restart_ns": self.restart_ns,
+            "last_exit_code": self.last_code,
+            "last_error": self.last_error,
+            "last_exit_ns": self.last_exit_ns,
+        }
+
+
 @dataclass
 class Child(ManagedProcess):
     name: str
     argv: list[str]
     env: dict[str, str]
     log_path: Path
-    restarts: int = 0
     STOP_TIMEOUT_S: ClassVar[float] = 20.0
 
     def start(self) -> Child:
-        self.proc = subprocess.Popen(
-            self.argv,
-            env=self.env,
-            stdout=self._output(self.log_path),
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=False,
-        )
+        self.proc = spawn(self.argv, env=self.env, stdout=self._output(self.log_path))
         return self
 
     def stop(self, timeout_s: float | None = None) -> bool:
@@ -96,135 +198,146 @@ class EmbeddedStack:
     broker_store: LocalS3 | None = None  # the broker's storage when kafka.storage is s3
     bootstrap: str = ""
     children: dict[str, Child] = field(default_factory=dict)
+    health: dict[str, Health] = field(default_factory=dict)  # restarts and last exit per process
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> EmbeddedStack:
+        """Start broker, worker (store owner), capture processes, gateway and page, each child
+        binding its ports itself and publishing what it got (``run/*.json``); the stack file
+        and the printed endpoints say the ports bound, never the ports hoped for."""
         cfg = self.cfg
         (cfg.home_path / "logs").mkdir(parents=True, exist_ok=True)
         cfg.run_dir().mkdir(parents=True, exist_ok=True)
-        self._check_ports()
-        self._start_broker()
-        ensure_topics(self.bootstrap, cfg.topics.all(), cfg.kafka.partitions)
+        for f in PUBLISHED:  # left by a stack that crashed: only what the new children bind counts
+            (cfg.run_dir() / f).unlink(missing_ok=True)
         ensure_sql_credentials(cfg.run_dir())  # the SQL endpoint's users, before anyone needs them
-        sql_port = cfg.clickhouse.sql_port or free_port()
-        if cfg.embedded_store and port_in_use(sql_port):
-            sql_port = free_port()
-        captures = self._define_children(self._child_env(sql_port))
         try:
-            self._start_children(sql_port, captures)
+            self._start_broker()
+            ensure_topics(self.bootstrap, cfg.topics.all(), cfg.kafka.partitions)
+            self._make_children()
+            if cfg.embedded_store:
+                self._start_bound("worker", ("clickhouse.sql_port",), self._sql_port)
+            else:
+                self.children["worker"].start()
+            for name in self.children:
+                if name.startswith("capture-"):
+                    self.children[name].start()
+            self._start_bound("gateway", ("otlp.grpc_port", "otlp.http_port"), self._otlp_ports)
+            self._start_bound("web", ("web.port",), self._web_port)
+            self.sql_url = f"http://127.0.0.1:{cfg.clickhouse.sql_port}"
+            self._write_stack_file()
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _check_ports(self) -> None:
-        """Refuse to start over a service that already listens on a configured port."""
-        cfg = self.cfg
-        for name in ("grpc_port", "http_port"):
-            port = getattr(cfg.otlp, name)
-            if port and port_in_use(port, cfg.otlp.host):
-                raise CloseloopError(
-                    f"OTLP port {port} is taken; pass --otlp-{name.split('_')[0]}-port "
-                    "or stop what listens there"
-                )
-        if port_in_use(cfg.web.port, cfg.web.host) and cfg.web.port:
-            raise CloseloopError(f"web port {cfg.web.port} is taken; pass --web-port")
-
     def _start_broker(self) -> None:
-        """The embedded broker (on local or S3-compatible storage), or the configured Kafka."""
         cfg = self.cfg
-        home = cfg.home_path
         if cfg.kafka.bootstrap:
             self.bootstrap = cfg.kafka.bootstrap
-        else:
-            try:
-                self.broker = EmbeddedBroker(
-                    port=cfg.kafka.broker_port, log_dir=cfg.log_dir(), binary=cfg.kafka.tansu_binary
-                )
-                if cfg.kafka.storage == "s3":
-                    self.broker_store = LocalS3(
-                        home / "broker-s3", log_dir=cfg.log_dir(), fsync=cfg.kafka.storage_fsync
-                    ).start()
-                    self.broker.storage = self.broker_store.storage_url
-                    self.broker.env = self.broker_store.client_env()
-                self.broker.start()
-            except BaseException:
-                self.stop()
-                raise
-            self.bootstrap = self.broker.bootstrap
+            return
+        self.broker = EmbeddedBroker(
+            port=cfg.kafka.broker_port, log_dir=cfg.log_dir(), binary=cfg.kafka.tansu_binary
+        )
+        if cfg.kafka.storage == "s3":
+            self.broker_store = LocalS3(
+                cfg.home_path / "broker-s3", log_dir=cfg.log_dir(), fsync=cfg.kafka.storage_fsync
+            ).start()
+            self.broker.storage = self.broker_store.storage_url
+            self.broker.env = self.broker_store.client_env()
+        self.broker.start()
+        self.bootstrap = self.broker.bootstrap
 
-    def _define_children(self, env: dict[str, str]) -> list[str]:
-        """The worker, capture processes, gateway and web page; the capture processes' names."""
+    def _make_children(self) -> None:
         cfg = self.cfg
-        worker_cmd = [sys.executable, "-m", "processors.worker", "--bootstrap", self.bootstrap]
+        logs = cfg.log_dir()
+        stages = [sys.executable, "-m", "processors.worker", "--bootstrap", self.bootstrap]
         captures = [f"capture-{i + 1}" for i in range(cfg.capture.processes)]
+        worker = stages.copy()
         if captures:  # capture moves out of the worker into processes of its own
-            worker_cmd += ["--stages", ",".join(s for s in ALL_STAGES if s not in CAPTURE_ONLY)]
-        self.children["worker"] = Child("worker", worker_cmd, env, cfg.log_dir() / "worker.log")
+            worker += ["--stages", ",".join(s for s in ALL_STAGES if s not in CAPTURE_ONLY)]
+        self.children["worker"] = Child("worker", worker, self._child_env(), logs / "worker.log")
         for name in captures:
-            self.children[name] = Child(
-                name,
-                [
-                    sys.executable,
-                    "-m",
-                    "processors.worker",
-                    "--bootstrap",
-                    self.bootstrap,
-                    "--stages",
-                    ",".join(CAPTURE_ONLY),
-                    "--through-owner",
-                ],
-                env,
-                cfg.log_dir() / f"{name}.log",
-            )
+            argv = stages + ["--stages", ",".join(CAPTURE_ONLY), "--through-owner"]
+            self.children[name] = Child(name, argv, self._child_env(), logs / f"{name}.log")
+        gateway = [
+            sys.executable,
+            "-m",
+            "processors.capture.gateway",
+            "--bootstrap",
+            self.bootstrap,
+        ]
         self.children["gateway"] = Child(
-            "gateway",
-            [sys.executable, "-m", "processors.capture.gateway", "--bootstrap", self.bootstrap],
-            env,
-            cfg.log_dir() / "gateway.log",
+            "gateway", gateway, self._child_env(), logs / "gateway.log"
         )
-        self.children["web"] = Child(
-            "web", [sys.executable, "-m", "processors.cli", "web"], env, cfg.log_dir() / "web.log"
-        )
-        return captures
+        web = [sys.executable, "-m", "processors.cli", "web"]
+        self.children["web"] = Child("web", web, self._child_env(), logs / "web.log")
 
-    def _start_children(self, sql_port: int, captures: list[str]) -> None:
-        """Start the children in order, each once the one it needs answers."""
-        cfg = self.cfg
-        self.children["worker"].start()
-        if cfg.embedded_store and not wait_port("127.0.0.1", sql_port, READY_TIMEOUT_S):
-            raise CloseloopError(f"the worker did not come up; see {cfg.log_dir() / 'worker.log'}")
-        for name in captures:
-            self.children[name].start()
-        self.children["gateway"].start()
-        if not wait_port(cfg.otlp.host, cfg.otlp.http_port, READY_TIMEOUT_S):
+    def _start_bound(
+        self, name: str, keys: tuple[str, ...], bound: Callable[[], dict[str, int] | None]
+    ) -> None:
+        """Start child ``name``, which binds the ports ``keys`` (dotted config keys) and
+        publishes them (``bound()`` reads them, None until then). A default port that is taken
+        is replaced by a free one (0: the child's kernel picks); a port the user asked for is
+        an error naming it and where to change it. Then every child (and a restart of this
+        one) gets the ports bound."""
+        cfg, child = self.cfg, self.children[name]
+        wanted = {k: _get(cfg, k) for k in keys}
+        for k, port in wanted.items():
+            if port and not cfg.asked_for(k) and port_in_use(port, _host(cfg, k)):
+                log.warning("%s port %d is taken; using a free one (%s)", k, port, _where(k))
+                wanted[k] = 0
+        for attempt in range(2):
+            for k, port in wanted.items():
+                child.env[PORT_VARIABLES[k]] = str(port)
+            child.start()
+            got = wait_for(lambda: bound() or (not child.alive() and EXITED), READY_TIMEOUT_S, 0.1)
+            if isinstance(got, dict):
+                break
+            error = last_error_line(child.log_path)
+            child.stop()
+            if attempt == 0 and got is EXITED and not any(cfg.asked_for(k) for k in keys):
+                # a default port was taken between our check and its bind: any free port will do
+                log.warning("%s could not bind %s (%s); trying free ports", name, wanted, error)
+                wanted = dict.fromkeys(keys, 0)
+                continue
+            asked = [f"{_get(cfg, k)} ({_where(k)})" for k in keys if cfg.asked_for(k)]
             raise CloseloopError(
-                f"the OTLP gateway did not come up; see {cfg.log_dir() / 'gateway.log'}"
+                f"{name} did not come up"
+                + (f" on the port(s) asked for: {', '.join(asked)}" if asked else "")
+                + (f": {error}" if error else "")
+                + f"; see {child.log_path}"
             )
-        self.children["web"].start()
-        if not wait_port(cfg.web.host, cfg.web.port, READY_TIMEOUT_S):
-            raise CloseloopError(
-                f"the review page did not come up; see {cfg.log_dir() / 'web.log'}"
-            )
-        web_file = cfg.run_dir() / "web.json"
-        deadline = time.monotonic() + 5
-        while not web_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self.sql_url = f"http://127.0.0.1:{sql_port}"
-        self._write_stack_file()
+        assert isinstance(got, dict)
+        for k, port in got.items():
+            _set(cfg, k, port)
+            for c in self.children.values():
+                c.env[PORT_VARIABLES[k]] = str(port)
 
-    def _child_env(self, sql_port: int) -> dict[str, str]:
+    def _sql_port(self) -> dict[str, int] | None:
+        url = running_endpoint(self.cfg)
+        return {"clickhouse.sql_port": int(url.rsplit(":", 1)[1])} if url else None
+
+    def _otlp_ports(self) -> dict[str, int] | None:
+        info = read_run_file(self.cfg, "gateway.json")
+        if info is None:
+            return None
+        return {"otlp.grpc_port": int(info["grpc_port"]), "otlp.http_port": int(info["http_port"])}
+
+    def _web_port(self) -> dict[str, int] | None:
+        info = read_run_file(self.cfg, "web.json")
+        return {"web.port": int(str(info["url"]).rsplit(":", 1)[1])} if info else None
+
+    def _child_env(self) -> dict[str, str]:
         cfg = self.cfg
         env = {k: v for k, v in os.environ.items()}
         env.update(
             {
                 "CLOSELOOP_HOME": str(cfg.home_path),
                 "CLOSELOOP_KAFKA": self.bootstrap,
-                "CLOSELOOP_CLICKHOUSE_SQL_PORT": str(sql_port),
-                "CLOSELOOP_OTLP_GRPC_PORT": str(cfg.otlp.grpc_port),
-                "CLOSELOOP_OTLP_HTTP_PORT": str(cfg.otlp.http_port),
-                "CLOSELOOP_WEB_PORT": str(cfg.web.port),
+                **{var: str(_get(cfg, key)) for key, var in PORT_VARIABLES.items()},
                 "PYTHONUNBUFFERED": "1",
+                "CLOSELOOP_SUPERVISOR_PID": str(os.getpid()),
             }
         )
         if self.config_file:
@@ -244,6 +357,7 @@ class EmbeddedStack:
             "broker_pid": self.broker.pid if self.broker else None,
             "broker_store_pid": self.broker_store.pid if self.broker_store else None,
             "children": {n: c.proc.pid for n, c in self.children.items() if c.proc},
+            "processes": self._processes(),
             "otlp_grpc": f"{cfg.otlp.host}:{cfg.otlp.grpc_port}",
             "otlp_http": f"http://{cfg.otlp.host}:{cfg.otlp.http_port}",
             "sql": self.sql_url,
@@ -253,36 +367,100 @@ class EmbeddedStack:
         }
         (cfg.run_dir() / "stack.json").write_text(json.dumps(info, indent=2))
 
+    def _processes(self) -> dict[str, dict[str, Any]]:
+        """Per process: pid, restarts, the last exit code and error line (`closeloop status`)."""
+        procs: dict[str, ManagedProcess | None] = {
+            "broker-s3": self.broker_store,
+            "broker": self.broker,
+            **self.children,
+        }
+        return {
+            name: {"pid": p.pid, **self.health.get(name, Health()).to_json()}
+            for name, p in procs.items()
+            if p is not None
+        }
+
+    @contextmanager
+    def supervised(self, interval_s: float = 0.5) -> Iterator[None]:
+        """Run :meth:`supervise_once` in a thread while the block runs (`closeloop demo`, whose
+        main thread drives the agent); the thread outlives every child it restarts."""
+        done = threading.Event()
+
+        def loop() -> None:
+            while not done.wait(interval_s):
+                try:
+                    self.supervise_once()
+                except Exception:  # one failed round must not end supervision
+                    log.exception("supervising the stack failed; trying again")
+
+        thread = threading.Thread(target=loop, name="stack-supervisor", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
     def supervise_once(self) -> None:
-        """Restart children that died (called in the supervisor's loop)."""
+        """Restart what died (called in the supervisor's loop): the broker's S3 server, the
+        broker, then the children; each after a back-off that grows while it keeps crashing."""
+        changed = False
         if self.broker_store is not None and not self.broker_store.alive():
             # its data is on disk and tansu retries its requests: a restart on the same port loses nothing
-            log.warning("the broker's S3 server exited; restarting it")
-            self.broker_store.start()
-            self._write_stack_file()
-        if (
-            self.broker is not None
-            and self.broker.proc is not None
-            and self.broker.proc.poll() is not None
-        ):
-            raise BrokerError(
-                f"the embedded broker exited (code {self.broker.proc.returncode}); "
-                f"see {self.cfg.log_dir() / 'broker.log'}"
-            )
+            changed |= self._restart("broker-s3", self.broker_store, "broker-s3.log")
+        if self.broker is not None and not self.broker.alive():
+            changed |= self._restart("broker", self.broker, "broker.log")
+            if self.broker.alive():
+                self._after_broker_restart()
         for child in self.children.values():
-            if child.proc is not None and child.proc.poll() is not None:
-                code = child.proc.returncode
-                child.restarts += 1
+            if not child.alive():
+                changed |= self._restart(child.name, child, child.log_path.name)
+        if changed:
+            self._write_stack_file()
+
+    def _restart(self, name: str, proc: ManagedProcess, log_name: str) -> bool:
+        """Record the exit of ``proc`` (if it just died) and start it again once its back-off
+        has passed; True if anything changed."""
+        health = self.health.setdefault(name, Health())
+        log_path = self.cfg.log_dir() / log_name
+        if proc.proc is not None:  # it just died
+            health.exited(proc.proc.returncode, last_error_line(log_path))
+            log.warning(
+                "%s exited with code %s (%s); restarting it%s",
+                name,
+                health.last_code,
+                health.last_error or "no error in its log",
+                f" in {health.delay_s():.0f}s" if health.delay_s() >= 1 else "",
+            )
+            proc.stop()
+        if not health.due():
+            return False
+        try:
+            proc.start()
+        except CloseloopError as e:  # e.g. the broker's port was taken meanwhile: try again later
+            health.exited(None, str(e))
+            log.error("%s could not be restarted: %s", name, e)
+            return True
+        health.started()
+        return True
+
+    def _after_broker_restart(self) -> None:
+        """A broker restarted on memory storage has lost its topics, their changelogs and the
+        consumer groups: create the topics again and restart the stages, which rebuild their
+        state from the store of record (their checkpoints) rather than from a broker that
+        forgot it. On s3 storage the broker kept everything: clients reconnect by themselves."""
+        assert self.broker is not None
+        ensure_topics(self.bootstrap, self.cfg.topics.all(), self.cfg.kafka.partitions)
+        if not self.broker.storage.startswith("memory"):
+            return
+        for child in self.children.values():
+            if child.name == "worker" or child.name.startswith("capture-"):
                 log.warning(
-                    "%s exited with code %s; restarting it (restart #%d)",
-                    child.name,
-                    code,
-                    child.restarts,
+                    "restarting %s: the broker lost its topics (memory storage)", child.name
                 )
                 child.stop()
-                time.sleep(min(RESTART_BACKOFF_S * child.restarts, 30.0))
                 child.start()
-                self._write_stack_file()
+                self.health.setdefault(child.name, Health()).restarted_for("the broker restarted")
 
     def stop(self) -> None:
         # the gateway first (nothing more is accepted), the store owner last
@@ -301,7 +479,7 @@ class EmbeddedStack:
         if self.broker_store is not None:  # after the broker, which writes to it until it stops
             self.broker_store.stop()
             self.broker_store = None
-        for f in ("stack.json", "sql.json"):
+        for f in ("stack.json", *PUBLISHED):
             (self.cfg.run_dir() / f).unlink(missing_ok=True)
 
     def sql_store(self, *, read_only: bool = False) -> Store:

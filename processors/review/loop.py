@@ -290,6 +290,19 @@ class StaleProposal(ReviewError):
         )
 
 
+class MovedProposal(ReviewError):
+    """The proposal changed while a human looked at it (a newer diagnosis re-versioned it):
+    an approval covers the version the human saw, so ``proposal`` needs a fresh look."""
+
+    def __init__(self, proposal: Proposal, seen: int | None) -> None:
+        self.proposal = proposal
+        super().__init__(
+            f"proposal {proposal.proposal_id} moved while it was reviewed"
+            + (f" (version {seen} was shown)" if seen is not None else "")
+            + f"; it is now version {proposal.version}: review the new diff"
+        )
+
+
 def decide(
     store: Store,
     backend: ChangeBackend,
@@ -300,6 +313,7 @@ def decide(
     now_ns: int,
     *,
     cfg: Config | None = None,
+    version: int | None = None,
 ) -> tuple[ReviewRecord, Proposal]:
     """A human's decision on a proposal: applied to the backend, recorded in ``reviews``, and
     the proposal row moved on. ``decision`` is ``approve`` or ``reject``; nothing else merges.
@@ -308,15 +322,21 @@ def decide(
     the current base (:class:`StaleProposal`), so the reviewer approves what will land; if
     the base already holds the very change (another intent's proposal made it), the approval
     is recorded against the base commit that holds it, and nothing is merged twice.
+    ``version`` is the version the human was shown: a proposal that moved since (or whose
+    branch moved under the approval) raises :class:`MovedProposal` instead of merging.
     """
     proposal = load_proposal(store, proposal_id)
     if proposal is None:
         raise ReviewError(f"no proposal {proposal_id!r}; `closeloop proposals` lists them")
+    if version is not None and proposal.version != version:
+        raise MovedProposal(proposal, version)
     diagnosis = load_diagnosis(store, proposal.diagnosis_id)
     if decision == "approve":
         try:
             record = approve(proposal, reviewer, comment, backend, now_ns, diagnosis=diagnosis)
         except ReviewError as e:
+            if "not the reviewed commit" in str(e):  # re-versioned between the load and the merge
+                raise MovedProposal(load_proposal(store, proposal_id) or proposal, version) from e
             if cfg is None or diagnosis is None or "merge cleanly" not in str(e):
                 raise
             rebuilt = rebuild_proposal(cfg, backend, diagnosis, now_ns)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import time
@@ -13,8 +14,7 @@ import faust
 
 from processors.errors import InputError
 from processors.feedback import record_feedback
-from processors.llm import make_llm
-from processors.records import Conversation, DeadLetter
+from processors.records import Conversation, DeadLetter, TagRecord
 from processors.runtime import (
     DEADLETTER_MAX_BYTES,
     FRAMING_BYTES,
@@ -26,8 +26,10 @@ from processors.runtime import (
     partition_of,
 )
 from processors.understand import assemble
-from processors.understand.core import Understand, tag_row
+from processors.understand.core import Understand, UnderstandBatch, tag_row
 from processors.understand.embed import make_embedder
+from processors.understand.naming import IntentName, llm_names
+from processors.understand.signals import SignalResult, judge
 
 log = logging.getLogger("closeloop.worker")
 
@@ -136,6 +138,47 @@ def register_assemble(w: Wiring) -> None:
             await w.turns.send(key=None, value=value, partition=p)
 
 
+async def ask_llm(w: Wiring, core: Understand, batch: UnderstandBatch) -> None:
+    """Hand the batch's judge and naming requests to their LLM steps; their answers arrive
+    later as new versions of the tag and intent rows (the batch itself is acknowledged now)."""
+    pipe = w.pipe
+
+    for tag in batch.judge_requests:
+        conv = tag.conversation
+
+        async def judged(verdict: SignalResult, tag: TagRecord = tag) -> None:
+            better = await pipe.run_core("understand", core.apply_judgement, tag, verdict)
+            await pipe.write("understand", "conversation_tags", [tag_row(better)])
+
+        if conv is not None:
+            w.llm_job("judge", functools.partial(judge, conv), judged)
+
+    step = pipe.cfg.llm.naming_batch
+    for i in range(0, len(batch.name_requests), step):
+        chunk = batch.name_requests[i : i + step]
+        ids = [r.intent_id for r in chunk]
+
+        async def named(
+            answer: tuple[dict[str, IntentName], list[str]], ids: list[str] = ids
+        ) -> None:
+            names, problems = answer
+            for p in problems:
+                log.warning("llm naming: unusable name, the keyphrase name stands: %s", p)
+            better = await pipe.run_core("understand", core.apply_names, names, time.time_ns())
+            await pipe.run_core(
+                "understand", core.names_unanswered, [i for i in ids if i not in names]
+            )
+            await pipe.write("understand", "intents", better.intent_rows)
+            await pipe.write("understand", "intent_changes", better.change_rows)
+
+        async def unanswered(ids: list[str] = ids) -> None:
+            await pipe.run_core("understand", core.names_unanswered, ids)
+
+        job = functools.partial(llm_names, chunk)
+        if not w.llm_job("naming", job, named, failed=unanswered):
+            await unanswered()
+
+
 async def late_feedback(w: Wiring, late: list[Conversation], now: int) -> list[DeadLetter]:
     """Evaluations that reached assemble after their conversation had left its state: they
     re-version the stored conversation's tags (as ``closeloop feedback`` does), not a new one."""
@@ -171,13 +214,16 @@ async def late_feedback(w: Wiring, late: list[Conversation], now: int) -> list[D
 def register_understand(w: Wiring) -> None:
     cfg, pipe = w.pipe.cfg, w.pipe
     core = Understand(
-        cfg, make_embedder(cfg.understand, cfg.home_path / "models", cfg.llm), make_llm(cfg.llm)
+        cfg,
+        make_embedder(cfg.understand, cfg.home_path / "models", cfg.llm),
+        llm_enabled=bool(pipe.llm and pipe.llm.steps),
     )
     ckpt = Checkpoint("understand", pipe)
 
     @w.app.agent(w.conversations, name="understand")
     async def understand_agent(stream: faust.StreamT) -> None:
         await ckpt.restore_into(core.restore)
+        await w.load_llm_answers()
         async for events in stream.take_events(RECORD_BATCH, within=TAKE_WITHIN_S):
             events = await ckpt.rewind_gaps(w.app.consumer, events)
             now = time.time_ns()
@@ -197,7 +243,7 @@ def register_understand(w: Wiring) -> None:
                 convs = [c for c in convs if c.messages or not c.evaluations]
                 dls += await late_feedback(w, late, now)
             if convs:
-                batch = await pipe.run(core.process, convs, now, stage="understand")
+                batch = await pipe.run_core("understand", core.process, convs, now)
                 pipe.counters["understand"].records_in += len(convs)
                 await pipe.write(
                     "understand", "conversation_tags", [tag_row(t) for t in batch.tags]
@@ -206,5 +252,6 @@ def register_understand(w: Wiring) -> None:
                 await pipe.write("understand", "intent_changes", batch.change_rows)
                 await w.send_all([(w.tags, t.conversation_id, t.to_json()) for t in batch.tags])
                 pipe.counters["understand"].records_out += len(batch.tags)
+                await ask_llm(w, core, batch)
             await w.send_deadletters("understand", dls)
             await ckpt.save(events, core.snapshot)

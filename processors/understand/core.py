@@ -8,6 +8,11 @@ Pure core combining the parts of layer 2:
   conversation states wins (:mod:`.outcomes`),
 - the namer names new or materially changed intents (:mod:`.naming`); renames are versioned.
 
+The LLM's part is not done here in line: a batch lists what the LLM may improve
+(``judge_requests``, ``name_requests``); the agent runs those beside the stream and hands the
+answers back to :meth:`Understand.apply_judgement` and :meth:`Understand.apply_names`, which
+return the rows' new versions. :meth:`Understand.improve` does the same in place (the CLI).
+
 A conversation replayed (same id and version) gets the same tags without being learned twice,
 so the model does not double count a redelivery.
 """
@@ -16,17 +21,18 @@ from __future__ import annotations
 
 import pickle
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from processors.config import Config
+from processors.errors import LLMError
 from processors.llm import ChatJSON
 from processors.records import Conversation, TagRecord
 from processors.understand.embed import Embedder
 from processors.understand.intents import IntentModel
-from processors.understand.naming import IntentName, KeyphraseIndex, Namer
+from processors.understand.naming import IntentName, KeyphraseIndex, Namer, NameRequest, llm_names
 from processors.understand.outcomes import decide
-from processors.understand.signals import Tagger
+from processors.understand.signals import SignalResult, Tagger, judge
 
 LONG_TAIL_SHARE = 0.01  # an intent holding under 1% of conversations (once warmed up) is long tail
 LONG_TAIL_WARMUP = 500
@@ -38,6 +44,8 @@ class UnderstandBatch:
     tags: list[TagRecord] = field(default_factory=list)
     intent_rows: list[dict[str, Any]] = field(default_factory=list)
     change_rows: list[dict[str, Any]] = field(default_factory=list)
+    judge_requests: list[TagRecord] = field(default_factory=list)  # with their conversation
+    name_requests: list[NameRequest] = field(default_factory=list)
 
 
 def tag_row(tag: TagRecord) -> dict[str, Any]:
@@ -59,16 +67,17 @@ class Understand:
         self,
         cfg: Config,
         embedder: Embedder,
-        llm: ChatJSON | None = None,
         model: IntentModel | None = None,
+        *,
+        llm_enabled: bool = False,
     ) -> None:
         self.cfg = cfg
         self.embedder = embedder
-        self.llm = llm
+        self.llm_enabled = llm_enabled  # list what the LLM may improve in each batch
         self.model = model or IntentModel()
-        self.tagger = Tagger(cfg, llm)
+        self.tagger = Tagger(cfg, judging=llm_enabled)
         self.index = KeyphraseIndex()
-        self.namer = Namer(self.index, llm)
+        self.namer = Namer(self.index, llm_max=cfg.llm.naming_max)
         self.names: dict[str, IntentName] = {}
         self._seen: dict[tuple[str, int], tuple[str, int]] = {}  # (cid, version) -> (intent, order)
         self._emitted_changes = 0
@@ -128,6 +137,8 @@ class Understand:
                     conversation=conv,
                 )
             )
+            if self.tagger.wants_judgement(conv):
+                out.judge_requests.append(out.tags[-1])
         changed = self._apply_changes(out, now_ns)
         renamed = self._name(touched | changed, changed, out, now_ns)
         for tag in out.tags:  # names given in this batch apply to its own tags
@@ -178,26 +189,104 @@ class Understand:
             s = sizes.get(iid)
             if s is None:
                 continue
-            naming = self.namer.name(
-                iid, s.size, [t for _, t in s.examples], changed=iid in changed
-            )
-            if naming is None:
-                continue
-            self.names[iid] = naming.name
-            renamed.add(iid)
-            if naming.renamed:
-                self.naming_version += 1
-                out.change_rows.append(
-                    dict(
-                        taxonomy_version=self.taxonomy_version,
-                        intent_id=iid,
-                        change="renamed",
-                        name=naming.name.name,
-                        other_id=naming.previous,
-                        ts_ns=now_ns,
+            examples = [t for _, t in s.examples]
+            if self.llm_enabled and self.namer.llm_due(iid, changed=iid in changed):
+                out.name_requests.append(
+                    NameRequest(
+                        iid, tuple(examples), tuple(p for p, _ in self.index.keyphrases(iid, 8))
                     )
                 )
+            current = self.names.get(iid)
+            if current is not None and current.source == "llm":
+                continue  # an LLM name stays until the LLM renames the intent
+            naming = self.namer.name(iid, s.size, examples, changed=iid in changed)
+            if naming is not None:
+                self._rename(naming.intent_id, naming.name, naming.previous, out, now_ns)
+                renamed.add(iid)
         return renamed
+
+    def _rename(
+        self, iid: str, name: IntentName, previous: str, out: UnderstandBatch, now_ns: int
+    ) -> None:
+        self.names[iid] = name
+        if previous and previous != name.name:
+            self.naming_version += 1
+            out.change_rows.append(
+                dict(
+                    taxonomy_version=self.taxonomy_version,
+                    intent_id=iid,
+                    change="renamed",
+                    name=name.name,
+                    other_id=previous,
+                    ts_ns=now_ns,
+                )
+            )
+
+    # -- the LLM's improvements, when they come ---------------------------------------------
+    def apply_names(self, names: dict[str, IntentName], now_ns: int) -> UnderstandBatch:
+        """The LLM's names (from :func:`~.naming.llm_names`): new versions of the intents' rows.
+        An intent merged away meanwhile is left as it is."""
+        out = UnderstandBatch()
+        sizes = {i.intent_id: i.size for i in self.model.intents()}
+        done, version = set(), self.naming_version
+        for iid, name in names.items():
+            if iid not in sizes:
+                continue
+            naming = self.namer.named(iid, name, sizes[iid])
+            self._rename(iid, name, naming.previous, out, now_ns)
+            done.add(iid)
+        if done and self.naming_version == version:
+            self.naming_version += 1  # a new version of the rows even when the name is the same
+        if done:
+            out.intent_rows = self.intent_rows(done, now_ns)
+        return out
+
+    def names_unanswered(self, intent_ids: list[str]) -> None:
+        """The LLM named none of these (skipped, failed, unusable): the next change asks again."""
+        for iid in intent_ids:
+            self.namer.unanswered(iid)
+
+    def apply_judgement(self, tag: TagRecord, verdict: SignalResult) -> TagRecord:
+        """``tag`` (from :meth:`process`) with the judge's ``verdict``: its new version."""
+        assert tag.conversation is not None, "judge requests carry their conversation"
+        sig = self.tagger.judged(tag.conversation, verdict)
+        extra = [t for t in tag.signals if t == "long_tail"]
+        iid = self.model.resolve(tag.intent_id)
+        return replace(
+            tag,
+            intent_id=iid,
+            intent_name=self._name_of(iid),
+            signals=sorted({*sig.tags, *extra}),
+            source="llm",
+            conversation=None,
+        )
+
+    def improve(self, batch: UnderstandBatch, llm: ChatJSON, now_ns: int) -> UnderstandBatch:
+        """Run the LLM's part of ``batch`` now, in line (the CLI, where no stream waits):
+        the improved rows, written after ``batch``'s. A failed call keeps the batch's rows."""
+        out = UnderstandBatch()
+        judged = {}
+        for tag in batch.judge_requests:
+            assert tag.conversation is not None
+            try:
+                judged[tag.conversation_id] = self.apply_judgement(
+                    tag, judge(tag.conversation, llm)
+                )
+            except LLMError:
+                continue
+        out.tags = [judged.get(t.conversation_id, t) for t in batch.tags]
+        step = self.cfg.llm.naming_batch
+        for i in range(0, len(batch.name_requests), step):
+            chunk = batch.name_requests[i : i + step]
+            try:
+                names, _ = llm_names(chunk, llm)
+            except LLMError:
+                names = {}
+            self.names_unanswered([r.intent_id for r in chunk if r.intent_id not in names])
+            named = self.apply_names(names, now_ns)
+            out.intent_rows += named.intent_rows
+            out.change_rows += named.change_rows
+        return out
 
     @property
     def taxonomy_version(self) -> int:
@@ -228,6 +317,7 @@ class Understand:
                     taxonomy_version=self.taxonomy_version,
                     created_ns=s.created_ns,
                     updated_ns=now_ns,
+                    source=name.source if name else "keyphrases",
                 )
             )
         return rows
@@ -252,8 +342,14 @@ class Understand:
         self.model.restore(state["model"])
         self.tagger.restore(state["tagger"])
         self.index = KeyphraseIndex.from_dict(state["index"])
-        self.namer = Namer(self.index, self.llm)
+        self.namer = Namer(self.index, llm_max=self.cfg.llm.naming_max)
         self.namer.restore(state["namer"])
+        # LLM work in flight is not checkpointed: an intent asked but not LLM-named yet is
+        # asked again on its next conversation
+        for iid in self.namer.asked():
+            name = state["names"].get(iid)
+            if name is None or name.source != "llm":
+                self.namer.unanswered(iid)
         self.names = state["names"]
         self._seen = state["seen"]
         self._emitted_changes = state["emitted"]

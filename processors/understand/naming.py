@@ -5,15 +5,16 @@
 * :func:`keyphrases` scores a class's terms against the corpus, c-TF-IDF as in BERTopic:
   ``tf(t, c) * log(1 + A / f(t))`` with ``A`` the average number of terms per class and
   ``f(t)`` the term's frequency over all classes.
-* :func:`name_intent` names an intent: with an LLM, a product-specific name and one-sentence
-  description from representative examples; without one (or when its answer is unusable) the
+* :func:`name_intent` names an intent deterministically: the
   shortest stretch of a central example that holds its most distinctive words, as the users
   put it (:func:`phrase_name`: "card has not arrived", "cancel a transfer"), else the top
   keyphrases. A word is used only if many of the intent's conversations hold it
   (:data:`NAME_MIN_DOC_SHARE`), never a number or a word with digits: a customer's name, an
   id or a code that one conversation carries never becomes a name.
+* :func:`llm_names` names several intents in one LLM call, a product-specific name and
+  one-sentence description each from representative examples (quoted as untrusted data).
 * :class:`Namer` decides when a name is due again (the intent doubled, merged or split) and
-  flags renames so that the caller versions them.
+  when to ask the LLM (bounded per intent), and flags renames so that the caller versions them.
 """
 
 from __future__ import annotations
@@ -168,14 +169,27 @@ def keyphrase_name(ranked: list[tuple[str, float]]) -> str:
     return " ".join(w for p in chosen for w in p)
 
 
-NAMING_SYSTEM = f"""You name one intent: a kind of request that users bring to a software product's AI agent.
-You get example user messages of the intent and its distinctive keyphrases.
+NAMING_SYSTEM = f"""You name intents: kinds of request that users bring to a software product's AI agent.
+For each intent you get example user messages and its distinctive keyphrases.
 - name: 2 to 6 lower-case words, specific to this product: the concrete object and problem, like
   "re-auth loop in cli login" or "card arrival delay", never a generic category like "account issue".
 - description: one sentence saying what these users want or run into.
 - keywords: 3 to 8 short phrases users use for it.
+Answer for every intent, by its number.
 {UNTRUSTED_RULE}"""
-NAMING_SCHEMA = '{"name": "card arrival delay", "description": "...", "keywords": ["card", "..."]}'
+NAMING_SCHEMA = (
+    '{"intents": [{"intent": 1, "name": "card arrival delay", "description": "...", '
+    '"keywords": ["card", "..."]}]}'
+)
+
+
+@dataclass(frozen=True)
+class NameRequest:
+    """An intent to name with the LLM: its examples (redacted user messages) and keyphrases."""
+
+    intent_id: str
+    examples: tuple[str, ...]
+    keyphrases: tuple[str, ...]
 
 
 def _one_line(value: Any, max_chars: int) -> str:
@@ -187,26 +201,65 @@ def _one_line(value: Any, max_chars: int) -> str:
     return text
 
 
-def _llm_name(examples: list[str], ranked: list[tuple[str, float]], llm: ChatJSON) -> IntentName:
-    user = (
-        "Name the intent of these user messages.\n"
-        + untrusted_block("keyphrases", [{"phrase": p} for p, _ in ranked[:8]])
-        + "\n"
-        + untrusted_block(
-            "examples", [{"text": e[:LLM_MAX_EXAMPLE_CHARS]} for e in examples[:LLM_MAX_EXAMPLES]]
+def naming_prompt(requests: list[NameRequest]) -> str:
+    """Every intent's keyphrases and examples, each quoted as untrusted data, by number."""
+    parts = ["Name each of these intents."]
+    for k, r in enumerate(requests, 1):
+        parts.append(f"Intent {k}:")
+        parts.append(untrusted_block(f"keyphrases {k}", [{"phrase": p} for p in r.keyphrases[:8]]))
+        parts.append(
+            untrusted_block(
+                f"examples {k}",
+                [{"text": e[:LLM_MAX_EXAMPLE_CHARS]} for e in r.examples[:LLM_MAX_EXAMPLES]],
+            )
         )
-    )
-    out = llm.chat_json(NAMING_SYSTEM, user, NAMING_SCHEMA, required=("name", "description"))
-    name = _one_line(out["name"], NAME_MAX_CHARS)
+    return "\n".join(parts)
+
+
+def parse_name(entry: Any, keyphrases: tuple[str, ...]) -> IntentName:
+    """One intent's name from the model's answer; :class:`LLMError` when unusable."""
+    if not isinstance(entry, dict):
+        raise LLMError(f"an intent's answer is {type(entry).__name__}, expected an object")
+    name = _one_line(entry.get("name"), NAME_MAX_CHARS)
     if len(name.split()) > 8:
         raise LLMError(f"name {name!r} has more than 8 words")
-    description = _one_line(out["description"], DESCRIPTION_MAX_CHARS)
-    kw = out.get("keywords")
+    description = _one_line(entry.get("description"), DESCRIPTION_MAX_CHARS)
+    kw = entry.get("keywords")
     try:
         keywords = [_one_line(k, 40) for k in kw][:8] if isinstance(kw, list) and kw else []
     except LLMError:
         keywords = []
-    return IntentName(name, description, keywords or [p for p, _ in ranked[:8]], source="llm")
+    return IntentName(name, description, keywords or list(keyphrases[:8]), source="llm")
+
+
+def llm_names(
+    requests: list[NameRequest], llm: ChatJSON
+) -> tuple[dict[str, IntentName], list[str]]:
+    """Name several intents in one call: ``({intent_id: name}, [why an intent got none])``.
+
+    Raises :class:`LLMError` when the call fails or answers no usable name at all.
+    """
+    out = llm.chat_json(
+        NAMING_SYSTEM, naming_prompt(requests), NAMING_SCHEMA, required=("intents",)
+    )
+    entries = out["intents"]
+    if not isinstance(entries, list):
+        raise LLMError(f"'intents' is {type(entries).__name__}, expected a list")
+    by_number = {
+        e.get("intent"): e
+        for e in entries
+        if isinstance(e, dict) and isinstance(e.get("intent"), int)
+    }
+    names: dict[str, IntentName] = {}
+    problems: list[str] = []
+    for k, r in enumerate(requests, 1):
+        try:
+            names[r.intent_id] = parse_name(by_number.get(k), r.keyphrases)
+        except LLMError as e:
+            problems.append(f"intent {r.intent_id}: {e}")
+    if not names:
+        raise LLMError(f"no usable name in the answer: {'; '.join(problems)[:300]}")
+    return names, problems
 
 
 def allowed_words(class_counts: Mapping[str, int], n_docs: int) -> set[str]:
@@ -258,17 +311,16 @@ def phrase_name(examples: list[str], ranked: list[tuple[str, float]], allowed: s
 def name_intent(
     examples: list[str],
     all_docs_stats: CorpusStats,
-    llm: ChatJSON | None = None,
     *,
     class_counts: Mapping[str, int] | None = None,
     n_docs: int | None = None,
 ) -> IntentName:
-    """Name an intent from its ``examples`` (redacted user messages, most central first).
+    """The deterministic name of an intent from its ``examples`` (redacted user messages, most
+    central first).
 
     ``class_counts`` (e.g. :meth:`KeyphraseIndex.counts`) are the intent's accumulated document
     counts of terms over ``n_docs`` conversations; without them they are counted from
-    ``examples``. With an ``llm`` the examples are sent as quoted data; any failure falls back
-    to the phrase name.
+    ``examples``.
     """
     if class_counts is None:
         class_counts = Counter(t for e in examples for t in dict.fromkeys(terms(e)))
@@ -277,11 +329,6 @@ def name_intent(
     ranked = keyphrases(class_counts, all_docs_stats, k=30)
     # bigrams too, when both their words are allowed: they weigh phrases that keep them together
     ranked = [(t, sc) for t, sc in ranked if all(w in allowed for w in t.split())]
-    if llm is not None and examples:
-        try:
-            return _llm_name(examples, ranked, llm)
-        except LLMError:
-            pass  # the deterministic name below is the documented fallback
     unigrams = [(t, sc) for t, sc in ranked if " " not in t]
     name = phrase_name(examples, unigrams, allowed) or keyphrase_name(ranked) or "unnamed intent"
     if len(name.split()) == 1 and len(unigrams) > 1:
@@ -390,18 +437,18 @@ class Naming:
 
 
 class Namer:
-    """Names intents when they change materially: first seen, size grown ``growth``-fold
-    since the last naming, or merged/split (``changed=True``)."""
+    """Decides when an intent is named: by keyphrases when first seen, grown ``growth``-fold
+    since the last naming, or merged/split (``changed=True``); by the LLM (:meth:`llm_due`)
+    when it has no LLM name yet or was merged/split, at most ``llm_max`` times per intent."""
 
-    def __init__(
-        self, index: KeyphraseIndex, llm: ChatJSON | None = None, *, growth: float = 2.0
-    ) -> None:
+    def __init__(self, index: KeyphraseIndex, *, growth: float = 2.0, llm_max: int = 3) -> None:
         if growth <= 1:
             raise ValueError(f"growth must be > 1, got {growth}")
         self.index = index
-        self.llm = llm
         self.growth = growth
+        self.llm_max = llm_max
         self._named: dict[str, tuple[str, int]] = {}  # intent id -> (name, size when named)
+        self._asked: dict[str, int] = {}  # intent id -> LLM namings asked
 
     def due(self, intent_id: str, size: int, *, changed: bool = False) -> bool:
         last = self._named.get(intent_id)
@@ -410,28 +457,54 @@ class Namer:
     def name(
         self, intent_id: str, size: int, examples: list[str], *, changed: bool = False
     ) -> Naming | None:
-        """Name ``intent_id`` if :meth:`due`, else ``None``."""
+        """The keyphrase name of ``intent_id`` if :meth:`due`, else ``None``."""
         if not self.due(intent_id, size, changed=changed):
             return None
         docs = self.index.docs(intent_id)
         named = name_intent(  # a split child has no counts of its own yet: its examples speak
             examples,
             self.index.stats(),
-            self.llm,
             class_counts=self.index.counts(intent_id) if docs else None,
             n_docs=docs or None,
         )
+        return self.named(intent_id, named, size)
+
+    def named(self, intent_id: str, named: IntentName, size: int) -> Naming:
+        """Record ``named`` as the current name of ``intent_id``."""
         previous = self._named.get(intent_id, ("", 0))[0]
         self._named[intent_id] = (named.name, size)
         return Naming(
             intent_id, named, renamed=bool(previous) and previous != named.name, previous=previous
         )
 
+    def llm_due(self, intent_id: str, *, changed: bool) -> bool:
+        """Whether to ask the LLM for a name (counted as asked; see :meth:`unanswered`)."""
+        asked = self._asked.get(intent_id, 0)
+        if asked >= self.llm_max or (asked and not changed):
+            return False
+        self._asked[intent_id] = asked + 1
+        return True
+
+    def unanswered(self, intent_id: str) -> None:
+        """The LLM gave no name (skipped or failed): the next change may ask again."""
+        if self._asked.get(intent_id, 0) > 0:
+            self._asked[intent_id] -= 1
+
+    def asked(self) -> list[str]:
+        """The intents the LLM was asked to name at least once."""
+        return [i for i, n in self._asked.items() if n > 0]
+
     def forget(self, intent_id: str) -> None:
         self._named.pop(intent_id, None)
+        self._asked.pop(intent_id, None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"growth": self.growth, "named": {i: list(v) for i, v in self._named.items()}}
+        return {
+            "growth": self.growth,
+            "named": {i: list(v) for i, v in self._named.items()},
+            "asked": dict(self._asked),
+        }
 
     def restore(self, d: Mapping[str, Any]) -> None:
         self._named = {i: (n, s) for i, (n, s) in d["named"].items()}
+        self._asked = dict(d.get("asked", {}))

@@ -8,7 +8,8 @@ Three sources, combined by :class:`Tagger`:
   (tool errors, retries, idle close after a question, hand-offs) and lexical
   cues in user messages. Runs on every conversation; it alone decides the outcome.
 * :func:`judge` — an LLM reads the conversation (as quoted, untrusted data) and tags it.
-  Only a deterministic sample is judged (``llm.judge_rate``, by hash of the conversation id).
+  Only a deterministic sample is judged (``llm.judge_rate``, by hash of the conversation id),
+  beside the stream: the verdict comes later and versions the conversation's tags.
 * :class:`SignalLearner` — per-tag online logistic regressions (river) over hashed words
   and structural features, trained on the judged sample, so that every conversation gets
   the judge's kind of tags without an LLM call each.
@@ -40,9 +41,6 @@ TAGS = ("bug_report", "feature_request", "churn_risk", "setup_friction", "confus
 RETRY_LOOP = 3  # the same tool call this many times is a retry loop, not a fix
 REPEAT_JACCARD = 0.7  # word-set overlap at which a user message repeats an earlier one
 REPEAT_MIN_WORDS = 4  # content words: "yes, please proceed" said twice is not a repeat
-JUDGE_BACKOFF_NS = (
-    60 * 10**9
-)  # after a judge failure, skip the LLM this long (an outage costs no latency)
 JUDGE_MAX_MESSAGE_CHARS = 600
 JUDGE_MAX_CHARS = 8000
 
@@ -578,7 +576,8 @@ def judge_sampled(conversation_id: str, rate: float) -> bool:
 
 
 class Tagger:
-    """Structural signals for every conversation, the LLM judge on a sample, the learner for the rest.
+    """Structural signals for every conversation, the learner's for the rest, and the LLM
+    judge's verdict on a sample when it comes (:meth:`judged`, after the LLM answered).
 
     The outcome always comes from the structural rules: diagnose and review compare failure
     rates across time and prompt versions, which must not depend on which conversations
@@ -586,38 +585,32 @@ class Tagger:
     """
 
     def __init__(
-        self, cfg: Config, llm: ChatJSON | None = None, learner: SignalLearner | None = None
+        self, cfg: Config, learner: SignalLearner | None = None, *, judging: bool = False
     ) -> None:
         self.judge_rate = cfg.llm.judge_rate
-        self.llm = llm
+        self.judging = judging
         self.learner = learner or SignalLearner()
-        self._paused_until_ns = 0
-        self.judge_failures = 0
+
+    def wants_judgement(self, conv: Conversation) -> bool:
+        """Whether ``conv`` is in the judged sample (an LLM step judges it beside the stream)."""
+        return self.judging and judge_sampled(conv.conversation_id, self.judge_rate)
 
     def tag(self, conv: Conversation, now_ns: int) -> SignalResult:
-        res = structural_signals(conv)
-        extra: dict[str, Evidence] = {}
-        judged = False
-        if (
-            self.llm is not None
-            and now_ns >= self._paused_until_ns
-            and judge_sampled(conv.conversation_id, self.judge_rate)
-        ):
-            try:
-                verdict = judge(conv, self.llm)
-            except LLMError:
-                self.judge_failures += 1
-                self._paused_until_ns = now_ns + JUDGE_BACKOFF_NS
-            else:
-                self.learner.learn_one(conv, verdict)
-                extra, judged = verdict.evidence, True
-        if not judged:
-            proba = self.learner.predict_proba_one(conv)
-            extra = {
-                t: Evidence(-1, f"learner p={p:.2f}")
-                for t, p in proba.items()
-                if p >= self.learner.threshold
-            }
+        proba = self.learner.predict_proba_one(conv)
+        extra = {
+            t: Evidence(-1, f"learner p={p:.2f}")
+            for t, p in proba.items()
+            if p >= self.learner.threshold
+        }
+        return self._combine(structural_signals(conv), extra, judged=False)
+
+    def judged(self, conv: Conversation, verdict: SignalResult) -> SignalResult:
+        """The tags of ``conv`` with the judge's ``verdict`` (which the learner learns)."""
+        self.learner.learn_one(conv, verdict)
+        return self._combine(structural_signals(conv), verdict.evidence, judged=True)
+
+    @staticmethod
+    def _combine(res: SignalResult, extra: dict[str, Evidence], judged: bool) -> SignalResult:
         evidence = {**{t: e for t, e in extra.items() if t not in res.evidence}, **res.evidence}
         return SignalResult(
             sorted(evidence), res.outcome, res.outcome_turn, res.outcome_why, evidence, judged

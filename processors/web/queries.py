@@ -251,13 +251,28 @@ CHART_BUCKETS = 48
 
 def conversation(store: Store, conversation_id: str) -> dict[str, Any] | None:
     """One conversation as stored (redacted in capture): the assembled transcript, its tag
-    (intent, outcome, signals), its model calls and its tool calls with arguments and results.
+    (intent, outcome and where it came from, signals), its model calls, its tool calls with
+    arguments and results, the feedback and evaluations received for it, and the diagnoses
+    that explain it.
     ``None`` when nothing of it is stored."""
     p = {"c": conversation_id}
     rows = store.query("SELECT * FROM conversations FINAL WHERE conversation_id = {c:String}", p)
     tags = store.query(
-        "SELECT intent_id, intent_name, outcome, failed, signals, outcome_turn FROM "
-        "conversation_tags FINAL WHERE conversation_id = {c:String}",
+        "SELECT intent_id, intent_name, outcome, failed, signals, outcome_turn, outcome_source, "
+        "outcome_reason FROM conversation_tags FINAL WHERE conversation_id = {c:String}",
+        p,
+    )
+    feedback = store.query(
+        "SELECT name, score, label, explanation, source, ts_ns FROM feedback FINAL "
+        "WHERE conversation_id = {c:String} ORDER BY ts_ns",
+        p,
+    )
+    explained_by = store.query(
+        "SELECT dc.diagnosis_id AS diagnosis_id, dc.failure_kind AS failure_kind, dc.turn AS turn, "
+        "dc.tool AS tool, dc.detail AS detail, d.latest_summary AS summary FROM diagnosis_conversations AS dc "
+        "FINAL LEFT JOIN (SELECT diagnosis_id, argMax(summary, version) AS latest_summary FROM diagnoses "
+        "GROUP BY diagnosis_id) AS d ON d.diagnosis_id = dc.diagnosis_id "
+        "WHERE dc.conversation_id = {c:String} ORDER BY dc.diagnosis_id",
         p,
     )
     turns = store.query(
@@ -276,7 +291,14 @@ def conversation(store: Store, conversation_id: str) -> dict[str, Any] | None:
     conv = rows[0] if rows else {"conversation_id": conversation_id}
     conv["messages"] = _json_field(conv.get("messages")) or []
     conv["trace_ids"] = list(conv.get("trace_ids") or sorted({t["trace_id"] for t in turns}))
-    return {**conv, "tag": tags[0] if tags else None, "turns": turns, "tool_calls": tools}
+    return {
+        **conv,
+        "tag": tags[0] if tags else None,
+        "turns": turns,
+        "tool_calls": tools,
+        "feedback": feedback,
+        "explained_by": explained_by,
+    }
 
 
 def conversation_of_trace(store: Store, trace_id: str) -> str | None:

@@ -14,11 +14,13 @@ import pytest
 
 from processors.act import Actor, notify
 from processors.act.gitrepo import LocalGit
-from processors.config import ActTarget, Config
-from processors.errors import ActError, ReviewError
+from processors.config import ActTarget, Config, LLMConfig
+from processors.errors import ActError, LLMError, ReviewError
+from processors.llm import LLM
 from processors.records import Diagnosis
 from processors.review.core import apply
 from processors.review.loop import approve, reject
+from tests.llm_server import FakeLLMServer
 
 PROMPT_V1 = "You are the support agent of Acme.\n\nAlways confirm the order id.\n"
 PROMPT_V2 = "You are the support agent of Acme.\n\nBe concise.\n"
@@ -294,3 +296,35 @@ def test_backend_refuses_a_missing_base_or_a_non_repository(repo: Path, tmp_path
         LocalGit(repo, "trunk")
     with pytest.raises(ActError, match="failed"):
         LocalGit(tmp_path)
+
+
+def test_llm_edit_versions_the_templated_proposal_and_a_refused_one_leaves_it(
+    repo: Path,
+) -> None:
+    actor = Actor(config(repo), LocalGit(repo))
+    diag = diagnosis()
+    templated = actor.propose(diag, T0 + 1)  # written first, before any LLM answers
+    assert templated is not None and templated.source == "template"
+    files = actor.llm_files(diag)
+    assert files is not None and "prompts/system.md" in files
+    refused = json.dumps(
+        {"edits": [{"path": "prompts/system.md", "find": "absent", "replace": "x"}]}
+    )
+    with FakeLLMServer(lambda body: refused) as srv, pytest.raises(LLMError, match="refused"):
+        actor.llm_change(diag, files, LLM(LLMConfig(base_url=srv.base_url, timeout_s=5)))
+    assert git(repo, "show", f"{templated.branch}:prompts/system.md") != PROMPT_V2  # stands
+    edit = {
+        "path": "prompts/system.md",
+        "find": "Be concise.",
+        "replace": "Be concise; reuse keys.",
+    }
+    with FakeLLMServer(lambda body: json.dumps({"edits": [edit]})) as srv:
+        change = actor.llm_change(diag, files, LLM(LLMConfig(base_url=srv.base_url, timeout_s=5)))
+    better = actor.propose(diag, T0 + 2, change=change)
+    assert better is not None, actor.last_reason
+    assert (better.proposal_id, better.version, better.source) == (
+        templated.proposal_id,
+        templated.version + 1,
+        "llm",
+    )
+    assert "reuse keys" in git(repo, "show", f"{better.branch}:prompts/system.md")

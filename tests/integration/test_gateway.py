@@ -636,7 +636,8 @@ def test_broker_down_gives_retryable_errors_then_recovers(config: Config, tmp_pa
     try:
         with Gateway(cfg, broker.bootstrap) as gw:
             assert post_traces(gw.http_port, req) == 200
-            broker.stop()
+            assert broker.proc is not None
+            os.kill(broker.proc.pid, signal.SIGSTOP)  # frozen: connected, answering nothing
 
             # one request waits for an ack that cannot come; meanwhile the budget is used up
             first: list[tuple[int, dict[str, str], bytes]] = []
@@ -667,6 +668,11 @@ def test_broker_down_gives_retryable_errors_then_recovers(config: Config, tmp_pa
                 == retry
             )
             assert gw.stats()["outcome_unavailable"] == 3
+
+            # gone: a known-down broker is answered at once, without waiting for an ack
+            broker.kill()
+            code, headers, resp = post(gw.http_port, "/v1/traces", body)
+            assert code == 503 and headers["Retry-After"] == "2"
 
             # a new broker on the same port (memory storage: the old data is gone, that is fine)
             broker = EmbeddedBroker(port=broker.port, log_dir=tmp_path / "broker2").start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 from processors.config import Config
 from processors.records import Conversation
@@ -30,6 +31,14 @@ def test_refused_row_is_dead_lettered_and_the_batch_still_lands(
         for i in range(5)
     ]
     bad = dict(good[0], conversation_id=f"{unique}-bad", version="not a number")
+    # the input batch the rows came from: the dead letter names where re-inject finds it
+    pipe.reading(
+        "assemble",
+        [
+            SimpleNamespace(message=SimpleNamespace(topic="closeloop.turns", partition=2, offset=o))
+            for o in (41, 40, 45)
+        ],
+    )
     asyncio.run(pipe.write("assemble", "conversations", [*good, bad]))
     got = store.scalar(
         "SELECT count() FROM conversations FINAL WHERE startsWith(conversation_id, {u:String})",
@@ -37,13 +46,15 @@ def test_refused_row_is_dead_lettered_and_the_batch_still_lands(
     )
     assert got == 5
     (dl,) = store.query(
-        "SELECT stage, reason, topic FROM deadletter FINAL WHERE key = {k:String}",
+        "SELECT stage, reason, topic, partition, offset FROM deadletter FINAL WHERE key = {k:String}",
         {"k": f"{unique}-bad"},
     )
     assert dl == {
         "stage": "assemble",
         "reason": "ClickHouse refused a conversations row",
-        "topic": "conversations",
+        "topic": "closeloop.turns",
+        "partition": 2,
+        "offset": 40,
     }
     assert pipe.counters["assemble"].deadletters == 1
     assert pipe.counters["assemble"].write_errors >= 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import subprocess
@@ -227,3 +228,59 @@ def test_approval_of_a_change_the_base_already_holds_is_recorded_not_merged(
         check=True,
     ).stdout.split()
     assert merges == [rec1.merged_commit]
+
+
+def test_a_proposal_re_versioned_during_approval_is_shown_again_not_merged_blind(
+    store: Store, repo: Path, unique: str
+) -> None:
+    from processors.review.loop import MovedProposal
+
+    cfg, backend = config(repo), LocalGit(repo)
+    shown = _open(store, repo, unique, "a", "API key")  # what the human looks at: version 1
+    # meanwhile a newer diagnosis re-versions it: the branch moves first, its row after
+    d = load_diagnosis_of(store, shown)
+    newer = Actor(cfg, LocalGit(repo)).propose(
+        dataclasses.replace(d, version=d.version + 1, evidence={"thing_name": "account id"}),
+        BASE + 5,
+    )
+    assert newer is not None and newer.version == shown.version + 1
+
+    def approve_version(version: int, now_ns: int):
+        return decide(
+            store,
+            backend,
+            shown.proposal_id,
+            "approve",
+            "Ada",
+            "ok",
+            now_ns,
+            cfg=cfg,
+            version=version,
+        )
+
+    with pytest.raises(MovedProposal):  # the branch is not the commit shown
+        approve_version(shown.version, BASE + 6)
+    store.insert_records("proposals", proposal_rows([newer]))
+    with pytest.raises(MovedProposal) as moved:  # the row moved too: the new diff is handed back
+        approve_version(shown.version, BASE + 7)
+    assert (
+        moved.value.proposal.version == newer.version and "account id" in moved.value.proposal.diff
+    )
+    assert git_show(repo, "main:prompts/system.md").count("account id") == 0  # nothing merged blind
+    record, updated = approve_version(newer.version, BASE + 8)
+    assert updated.status == "merged" and record.merged_commit
+    assert "account id" in git_show(repo, "main:prompts/system.md")
+
+
+def load_diagnosis_of(store: Store, proposal):
+    from processors.review.loop import load_diagnosis
+
+    d = load_diagnosis(store, proposal.diagnosis_id)
+    assert d is not None
+    return d
+
+
+def git_show(repo: Path, what: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(repo), "show", what], capture_output=True, text=True, check=True
+    ).stdout

@@ -94,3 +94,32 @@ def test_up_status_and_clean_stop(tmp_path: Path) -> None:
     assert up.returncode == 0
     assert wait_for(lambda: not any(alive(p) for p in pids), 10), "orphan processes left"
     assert not (home / "run" / "stack.json").exists()
+
+
+def test_up_with_home_reads_the_homes_closeloop_yaml(tmp_path: Path) -> None:
+    """`closeloop up --home DIR` takes DIR/closeloop.yaml (what the demo writes there)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    web, http = free_port(), free_port()
+    (home / "closeloop.yaml").write_text(
+        f"otlp:\n  http_port: {http}\n  grpc_port: 0\nweb:\n  port: {web}\n"
+        "clickhouse:\n  sql_port: 0\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLOSELOOP_")}
+    up = subprocess.Popen(
+        [sys.executable, "-m", "processors.cli", "up", "--home", str(home)],
+        env={**env, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
+    try:
+        stack_file = home / "run" / "stack.json"
+        assert wait_for(lambda: stack_file.exists() or up.poll() is not None, 180)
+        assert up.poll() is None
+        stack = json.loads(stack_file.read_text())
+        assert stack["otlp_http"] == f"http://127.0.0.1:{http}"
+        assert stack["web"] == f"http://127.0.0.1:{web}"
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(60)

@@ -941,3 +941,49 @@ def test_github_webhook_is_authenticated_by_signature_and_recorded(store, config
         )
         == "merged"
     )
+
+
+def test_conversation_page_shows_feedback_and_the_diagnoses_that_explain_it(
+    store: Store, site: tuple[WebServer, Seeded]
+) -> None:
+    server, s = site
+    cookie = login(server)
+    before = call(server.url, path=f"/conversations/{s.conversation_id}", cookie=cookie).body
+    assert "None received." in before and "Explained by" not in before
+    store.insert_records(
+        "feedback",
+        [
+            {
+                "conversation_id": s.conversation_id,
+                "name": "user_rating",
+                "score": 0.0,
+                "label": "thumbs_down",
+                "explanation": "still broken <img src=x onerror=alert(1)>",
+                "source": "feedback",
+                "ts_ns": T0 + 3_600_000_000_000,
+            }
+        ],
+    )
+    store.insert_records(
+        "diagnosis_conversations",
+        [
+            {
+                "diagnosis_id": s.diagnosis.diagnosis_id,
+                "conversation_id": s.conversation_id,
+                "intent_id": s.intent_id,
+                "failure_kind": "tool_error",
+                "trace_id": s.trace_id,
+                "turn": 2,
+                "tool": "check_key",
+                "arguments": "{}",
+                "detail": "timed out",
+                "version": 1,
+                "updated_ns": T0,
+            }
+        ],
+    )
+    body = call(server.url, path=f"/conversations/{s.conversation_id}", cookie=cookie).body
+    assert "thumbs_down" in body and "user_rating" in body
+    assert "<img" not in body and "&lt;img src=x onerror=alert(1)&gt;" in body
+    assert "Explained by" in body and f'href="/diagnoses/{s.diagnosis.diagnosis_id}"' in body
+    assert "tool_error" in body and "turn 2" in body

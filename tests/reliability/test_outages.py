@@ -175,6 +175,8 @@ class SwitchableProxy:
     def __init__(self, target_port: int) -> None:
         self.down = threading.Event()
         self.refused = 0
+        # what ClickHouse answers while down (a server that cannot take writes: disk full...)
+        self.answer = (503, b"Code: 210. DB::Exception: the test switched ClickHouse off\n")
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -197,8 +199,8 @@ class SwitchableProxy:
                 body = self._body()
                 if proxy.down.is_set():
                     proxy.refused += 1
-                    data = b"Code: 210. DB::Exception: the test switched ClickHouse off\n"
-                    self.send_response(503)
+                    status, data = proxy.answer
+                    self.send_response(status)
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
@@ -337,6 +339,79 @@ def test_clickhouse_outage_pauses_the_stage_and_every_row_arrives_once(
             worker.wait(30)
     assert total == distinct == 2 * per_phase * spans, (total, distinct)
     assert "retrying" in log.read_text()
+
+
+STORE_STATES = {  # what a ClickHouse server answers when it cannot take writes
+    "disk_full": b"Code: 243. DB::Exception: Cannot reserve 1.00 MiB, not enough space. (NOT_ENOUGH_SPACE)",
+    "read_only": b"Code: 242. DB::Exception: Table is in readonly mode. (TABLE_IS_READ_ONLY)",
+    "timeout": b"Code: 159. DB::Exception: Timeout exceeded: elapsed 30.1 seconds. (TIMEOUT_EXCEEDED)",
+}
+
+
+@pytest.mark.parametrize("state", sorted(STORE_STATES))
+def test_a_store_that_cannot_write_is_waited_for_not_dead_lettered(
+    tmp_path: Path, store: Store, proxied_store: SwitchableProxy, unique: str, state: str
+) -> None:
+    """Disk full, read-only, a timeout: the store's state, not bad data. The stage retries
+    with its offsets in place and says why (`closeloop status`); nothing is dead-lettered."""
+    from processors.status import store_waits
+
+    proxy = proxied_store
+    proxy.answer = (500, STORE_STATES[state])
+    home = tmp_path / "home"
+    cfg = load_config(None, env={}, overrides={"home": str(home)})
+    count = f"SELECT count() FROM spans WHERE startsWith(conversation_id, '{unique}-')"
+    with EmbeddedBroker(log_dir=tmp_path / "broker") as broker:
+        ensure_topics(broker.bootstrap, cfg.topics.all(), cfg.kafka.partitions)
+        env = {**os.environ, "CLOSELOOP_HOME": str(home), "CLOSELOOP_CLICKHOUSE": proxy.url}
+        log = tmp_path / "worker.log"
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "processors.worker", "--bootstrap", broker.bootstrap]
+            + ["--stages", "capture"],
+            env={**env, "PYTHONPATH": str(REPO)},
+            stdout=open(log, "ab"),
+            stderr=subprocess.STDOUT,
+        )
+        producer = Producer({"bootstrap.servers": broker.bootstrap, "enable.idempotence": True})
+
+        def produce(traces: range) -> None:
+            for t in traces:
+                producer.produce(
+                    cfg.topics.otlp_spans,
+                    key=f"{t:032x}".encode(),
+                    value=otlp_message(t, 5, unique),
+                )
+            producer.flush()
+
+        try:
+            produce(range(1, 2))  # the worker is up and writing
+            assert wait_for(lambda: store.scalar(count) == 5, 120), log.read_text()[-3000:]
+            proxy.down.set()
+            produce(range(2, 11))
+            assert wait_for(lambda: proxy.refused >= 6, 120), log.read_text()[-3000:]
+            waits = wait_for(lambda: store_waits(cfg), 60)
+            assert waits and waits[0]["stage"] == "capture", waits
+            assert STORE_STATES[state].split(b".")[0].decode() in waits[0]["why"], waits
+            assert worker.poll() is None, "the worker died instead of waiting for the store"
+            proxy.down.clear()
+            assert wait_for(lambda: store.scalar(count) >= 50, 120), log.read_text()[-3000:]
+            assert wait_for(lambda: not store_waits(cfg), 60)  # the wait is over, and says so
+        finally:
+            worker.terminate()
+            worker.wait(30)
+    assert (
+        store.scalar(
+            f"SELECT uniqExact(span_id) FROM spans WHERE startsWith(conversation_id, '{unique}-')"
+        )
+        == 50
+    )
+    assert (
+        store.scalar(
+            "SELECT count() FROM deadletter WHERE stage = 'capture' AND detail LIKE '%Code: 24%'"
+        )
+        == 0
+    )
+    assert "dead-lettered" not in log.read_text()
 
 
 # -- the LLM fails or hangs ------------------------------------------------------------------------

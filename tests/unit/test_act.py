@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import tomllib
-from pathlib import Path
 
 import pytest
 import yaml
@@ -19,12 +18,13 @@ from processors.act import (
 )
 from processors.act.change import apply_find_replace, set_value
 from processors.act.core import proposal_id, proposal_rows, render_body, render_title
-from processors.act.fixes import copied_text
+from processors.act.fixes import copied_text, llm_change
 from processors.config import ActTarget, Config, LLMConfig
 from processors.errors import ActError, AlreadyApplied
 from processors.llm import LLM
 from processors.records import Diagnosis, Proposal
 from processors.redact import Redactor
+from tests.ddl import ddl_columns
 from tests.llm_server import FakeLLMServer
 
 SECRET = "sk-proj-9fK2mQ7xLp3RvT8wZ1nB4cY6"
@@ -531,6 +531,29 @@ def _llm(srv: FakeLLMServer) -> LLM:
     return LLM(LLMConfig(base_url=srv.base_url, max_retries=0, timeout_s=5))
 
 
+def _ask_llm(
+    d: Diagnosis, srv: FakeLLMServer, files: dict[str, str] = FILES, max_file_chars: int = 12_000
+) -> tuple[Change | None, str]:
+    return llm_change(
+        d,
+        files,
+        TARGETS,
+        _llm(srv),
+        Redactor(),
+        max_changed_lines=40,
+        max_file_chars=max_file_chars,
+    )
+
+
+def test_target_files_in_the_llm_prompt_are_capped() -> None:
+    big = {**FILES, "prompts/system.md": FILES["prompts/system.md"] + "filler line\n" * 20_000}
+    with FakeLLMServer(lambda body: (500, {"error": {"message": "x"}})) as srv:
+        _ask_llm(diag("repeated_ask"), srv, big, max_file_chars=4000)
+        sent = srv.chat_requests()[0]  # (and its retry)
+    assert len(big["prompts/system.md"]) > 200_000 and len(sent.text()) < 4000 + 6000
+    assert "characters elided" in sent.text()
+
+
 def test_llm_edit_is_validated_and_used() -> None:
     answer = {
         "edits": [
@@ -543,9 +566,7 @@ def test_llm_edit_is_validated_and_used() -> None:
         "summary": "stop asking twice",
     }
     with FakeLLMServer(lambda body: json.dumps(answer)) as srv:
-        change, reason = propose_change(
-            diag("repeated_ask", thing_name="API key"), FILES, TARGETS, _llm(srv)
-        )
+        change, reason = _ask_llm(diag("repeated_ask", thing_name="API key"), srv)
     assert change is not None, reason
     assert change.source == "llm" and added_lines(change) == [
         "Be concise and friendly. Never ask for the API key twice."
@@ -566,7 +587,7 @@ def test_invalid_llm_output_is_retried_once_with_the_reason() -> None:
         ]
     )
     with FakeLLMServer(lambda body: next(answers)) as srv:
-        change, reason = propose_change(diag("repeated_ask"), FILES, TARGETS, _llm(srv))
+        change, reason = _ask_llm(diag("repeated_ask"), srv)
         sent = srv.chat_requests()
     assert change is not None, reason
     assert len(sent) == 2 and "previous answer was refused" in sent[1].text()
@@ -577,7 +598,7 @@ def test_invalid_llm_output_twice_is_dropped() -> None:
         {"edits": [{"path": "prompts/system.md", "find": "absent text", "replace": "x"}]}
     )
     with FakeLLMServer(lambda body: bad) as srv:
-        change, reason = propose_change(diag("repeated_ask"), FILES, TARGETS, _llm(srv))
+        change, reason = _ask_llm(diag("repeated_ask"), srv)
         assert len(srv.chat_requests()) == 2
     assert change is None and "dropped after a retry" in reason and "occurs 0 times" in reason
 
@@ -608,7 +629,7 @@ def test_injected_evidence_obeyed_by_the_llm_writes_nothing_and_leaks_nothing() 
         )
 
     with FakeLLMServer(obey) as srv:
-        change, reason = propose_change(d, FILES, TARGETS, _llm(srv))
+        change, reason = _ask_llm(d, srv)
         sent = "\n".join(r.text() for r in srv.chat_requests())
     assert change is None and "refused path" in reason
     assert SECRET not in sent and "[REDACTED:secret]" in sent
@@ -627,7 +648,7 @@ def test_injected_evidence_obeyed_by_the_llm_writes_nothing_and_leaks_nothing() 
         }
     )
     with FakeLLMServer(lambda body: sneaky) as srv:
-        change, reason = propose_change(d, FILES, TARGETS, _llm(srv))
+        change, reason = _ask_llm(d, srv)
     assert change is None and "looks like a secret" in reason
 
     # the templated path quotes the evidence redacted, and the PR body carries no secret
@@ -665,13 +686,6 @@ def test_pr_body_has_evidence_links_diff_and_verification_plan() -> None:
     ):
         assert expected in body, expected
     assert "bob@example.com" not in body
-
-
-def ddl_columns(table: str) -> list[str]:
-    """Insertable columns of ``table`` as declared in schemas/003_loop.sql."""
-    sql = (Path(__file__).resolve().parents[2] / "schemas" / "003_loop.sql").read_text()
-    block = sql.split(f"CREATE TABLE IF NOT EXISTS {table}\n(", 1)[1].split("\n)", 1)[0]
-    return [ln.split()[0] for ln in block.strip().splitlines() if "MATERIALIZED" not in ln]
 
 
 def test_proposal_rows_match_the_proposals_columns() -> None:

@@ -118,3 +118,22 @@ def test_a_hole_inside_a_batch_keeps_what_comes_before_it() -> None:
     assert asyncio.run(guard.contiguous(consumer, events(2, range(123, 130)))) == []
     kept = asyncio.run(guard.contiguous(consumer, events(2, range(122, 135))))
     assert [e.message.offset for e in kept] == list(range(122, 135)) and len(consumer.seeks) == 2
+
+
+def test_offsets_of_another_incarnation_of_the_topic_are_reset_to_its_start() -> None:
+    from processors.embedded.broker import TopicState
+    from processors.runtime import stale_offsets
+
+    offsets = {"t:0": 50, "t:1": 3, "u:0": 7}
+    now = TopicState(
+        "c", {"t": "id-t", "u": "new-u"}, {"t:0": (0, 10), "t:1": (0, 10), "u:0": (2, 90)}
+    )
+    stale = stale_offsets(offsets, {"t": "id-t", "u": "old-u"}, now)
+    assert stale["t:0"][0] == 0 and "ends at 10" in stale["t:0"][1]  # beyond the end
+    assert "t:1" not in stale  # within the same topic: trusted
+    assert stale["u:0"][0] == 2 and "new topic" in stale["u:0"][1]  # recreated: from its start
+    assert stale_offsets(offsets, {}, TopicState("c", {}, {})) == {
+        "t:0": (0, stale["t:0"][1].replace("ends at 10", "ends at 0")),
+        "t:1": (0, "the checkpoint covers t:1 up to 3, the topic ends at 0"),
+        "u:0": (0, "the checkpoint covers u:0 up to 7, the topic ends at 0"),
+    }  # a topic that does not exist (yet): everything from the start

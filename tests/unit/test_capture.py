@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 from typing import Any
 
 import pytest
@@ -17,7 +16,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from processors.capture.core import Capture, CaptureBatch, RawMessage, _hash_version
 from processors.config import CaptureConfig
-from processors.store import migrations, split_statements
+from tests.ddl import ddl_columns
 
 NOW = 1_900_000_000_000_000_000
 TRACE = bytes.fromhex("4bf92f3577b34da6a3ce929d0e0e4736")
@@ -482,26 +481,6 @@ def test_json_and_protobuf_give_the_same_rows() -> None:
     ]
 
 
-def _ddl_columns(table: str) -> list[str]:
-    """Columns of ``table`` in schemas/*.sql, MATERIALIZED ones left out."""
-    cols: list[str] = []
-    for _, _, sql in migrations():
-        for stmt in split_statements(sql):
-            m = re.match(
-                rf"CREATE TABLE IF NOT EXISTS {table}\s*\((.*)\)\s*ENGINE", stmt, re.DOTALL
-            )
-            if m:
-                cols += [
-                    ln.split()[0]
-                    for ln in m.group(1).splitlines()
-                    if ln.strip() and "MATERIALIZED" not in ln
-                ]
-            cols += re.findall(
-                rf"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS (\w+) (?!.*MATERIALIZED)", stmt
-            )
-    return cols
-
-
 def test_rows_have_exactly_the_table_columns() -> None:
     b = run(request(genai_spans()).SerializeToString())
     for table, rows in (
@@ -509,7 +488,7 @@ def test_rows_have_exactly_the_table_columns() -> None:
         ("turns", b.turn_rows),
         ("tool_calls", b.tool_rows),
     ):
-        assert rows and all(list(r) == _ddl_columns(table) for r in rows), table
+        assert rows and all(list(r) == ddl_columns(table) for r in rows), table
 
 
 def test_span_row_flattens_attributes() -> None:

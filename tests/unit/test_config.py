@@ -106,6 +106,28 @@ def test_default_store_is_embedded_under_home(tmp_path: Path) -> None:
     assert cfg.embedded_store
 
 
+def test_a_named_home_brings_its_closeloop_yaml(tmp_path: Path, monkeypatch) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "closeloop.yaml").write_text("web:\n  port: 18123\n")
+    monkeypatch.chdir(tmp_path)  # no ./closeloop.yaml to fall back on
+    assert load_config(None, env={}, overrides={"home": str(home)}).web.port == 18123
+    assert load_config(None, env={"CLOSELOOP_HOME": str(home)}).web.port == 18123
+    # a file given explicitly wins over the home's
+    other = tmp_path / "other.yaml"
+    other.write_text("web:\n  port: 18124\n")
+    assert load_config(other, env={}, overrides={"home": str(home)}).web.port == 18124
+    assert (
+        load_config(
+            None, env={"CLOSELOOP_CONFIG": str(other), "CLOSELOOP_HOME": str(home)}
+        ).web.port
+        == 18124
+    )
+    # the port came from a file: asked for, not a default the stack may move
+    assert load_config(None, env={}, overrides={"home": str(home)}).asked_for("web.port")
+    assert not load_config(None, env={}, overrides={"home": str(home)}).asked_for("otlp.http_port")
+
+
 def test_closeloop_yaml_inside_home_is_found_without_config(tmp_path: Path, monkeypatch) -> None:
     from processors.config import config_for
 

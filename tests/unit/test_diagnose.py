@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import re
 from itertools import pairwise
 from typing import Any
 
@@ -16,7 +15,7 @@ from processors.diagnose.window import IntentStats
 from processors.errors import ConfigError, InputError
 from processors.llm import LLM, UNTRUSTED_RULE
 from processors.records import Conversation, Diagnosis, Message, TagRecord
-from processors.store import SCHEMA_DIR
+from tests.ddl import ddl_columns
 from tests.llm_server import FakeLLMServer
 
 CFG = DiagnoseConfig()
@@ -328,25 +327,6 @@ def test_tag_without_intent_is_an_input_error() -> None:
         Diagnoser(CFG).observe(tag, 0)
 
 
-def ddl_columns(table: str) -> list[str]:
-    """Columns of ``table`` after every schemas/ file: CREATE, then ALTER ... ADD ... AFTER."""
-    columns: list[str] = []
-    for f in sorted(SCHEMA_DIR.glob("*.sql")):
-        ddl = f.read_text()
-        m = re.search(rf"CREATE TABLE IF NOT EXISTS {table}\s*\((.*?)\n\)", ddl, re.DOTALL)
-        if m:
-            columns = [
-                ln.split()[0]
-                for ln in m.group(1).strip().splitlines()
-                if "MATERIALIZED" not in ln and not ln.strip().startswith("--")
-            ]
-        for col, after in re.findall(
-            rf"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS (\w+) .*? AFTER (\w+);", ddl
-        ):
-            columns.insert(columns.index(after) + 1, col)
-    return columns
-
-
 def test_rows_match_the_diagnoses_table() -> None:
     columns = ddl_columns("diagnoses")
     assert "failure_kind" in columns
@@ -386,7 +366,9 @@ def _facts(body: dict[str, Any]) -> dict[str, Any]:
 
 def _llm_run(
     responder: Any,
-) -> tuple[Diagnoser, list[Diagnosis], dict[str, TagRecord], FakeLLMServer]:
+) -> tuple[Diagnoser, list[Diagnosis], list[Diagnosis], dict[str, TagRecord], FakeLLMServer]:
+    """Rules first (the LLM's requests listed, not asked), then the LLM's answers:
+    ``(diagnoser, rule diagnoses, reworded diagnoses, tags by trace, server)``."""
     with FakeLLMServer(responder) as srv:
         llm = LLM(
             LLMConfig(base_url=srv.base_url, api_key="k", model="m", timeout_s=5, max_retries=0)
@@ -397,9 +379,11 @@ def _llm_run(
             {**HEALTHY, "api_setup": 0.4},
             patterns={"api_setup": "repeated_ask"},
         )
-        d = Diagnoser(CFG, llm=llm)
+        d = Diagnoser(CFG, llm_enabled=True)
         out = feed(d, tags)
-    return d, out, {tr: t for t in tags for tr in t.conversation.trace_ids}, srv
+        assert not srv.requests and d.llm_requests  # nothing asked in line
+        better = d.improve(llm, 10**18)
+    return d, out, better, {tr: t for t in tags for tr in t.conversation.trace_ids}, srv
 
 
 def test_llm_diagnosis_backed_by_evidence_is_used() -> None:
@@ -419,14 +403,19 @@ def test_llm_diagnosis_backed_by_evidence_is_used() -> None:
             }
         )
 
-    d, out, by_trace, srv = _llm_run(answer)
-    diag = out[0]
-    assert (diag.intent_id, diag.rule, diag.component["target"]) == (
+    d, out, better, by_trace, srv = _llm_run(answer)
+    diag = better[0]
+    assert (diag.intent_id, diag.rule, diag.component["target"], diag.source) == (
         "api_setup",
-        "llm",
+        "repeated_ask",
         "system_prompt",
+        "llm",
     )
-    assert diag.evidence["rule_fallback"]["rule"] == "repeated_ask"
+    # one diagnosis per finding: the rule's, reworded as its next version
+    rule_diag = next(x for x in out if x.diagnosis_id == diag.diagnosis_id)
+    assert rule_diag.source == "rules" and diag.version > rule_diag.version
+    assert diag.evidence["rule_wording"]["summary"] == rule_diag.summary
+    assert {x.diagnosis_id for x in d.open_diagnoses()} == {x.diagnosis_id for x in out}
     (tr,) = diag.trace_ids
     assert by_trace[tr].failed and by_trace[tr].intent_id == "api_setup"
     req = srv.requests[0]
@@ -460,15 +449,16 @@ def test_llm_claims_not_in_evidence_fall_back_to_rules(bad: dict[str, Any], reas
         }
         return json.dumps({**good, **bad})
 
-    d, out, _, _ = _llm_run(answer)
-    assert out and {x.rule for x in out} == {"repeated_ask"}
+    d, out, better, _, _ = _llm_run(answer)
+    assert out and {x.rule for x in out} == {"repeated_ask"} and better == []
+    assert all(x.source == "rules" for x in d.open_diagnoses())
     assert d.llm_rejections and all(reason in r for r in d.llm_rejections)
 
 
 def test_llm_failure_falls_back_to_rules() -> None:
-    d, out, _, _ = _llm_run(lambda body: (500, {"error": {"message": "boom"}}))
-    assert out and {x.rule for x in out} == {"repeated_ask"}
-    assert d.llm_rejections and d.llm_rejections[0].startswith("llm error")
+    d, out, better, _, _ = _llm_run(lambda body: (500, {"error": {"message": "boom"}}))
+    assert out and {x.rule for x in out} == {"repeated_ask"} and better == []
+    assert d.llm_rejections and "boom" in d.llm_rejections[0]
 
 
 def test_agent_version_regression_points_at_the_harness() -> None:
@@ -489,3 +479,35 @@ def test_agent_version_regression_points_at_the_harness() -> None:
     )
     assert diag.component["type"] == "harness" and diag.component["target"] == "agent_version"
     assert diag.component["detail"]["previous"] == ["1.0"]
+
+
+@pytest.mark.parametrize(
+    "intent, pattern, rule",
+    [
+        ("api_setup", "repeated_ask", "repeated_ask"),
+        ("account_lookup", "tool_argument", "tool_argument"),
+        ("cancel_subscription", "question", "abandon_after_question"),
+        ("docs_search", "timeout", "latency"),
+    ],
+)
+def test_a_rule_records_every_conversation_it_explains(
+    intent: str, pattern: str, rule: str
+) -> None:
+    from processors.diagnose.contrast import conversation_rows
+
+    _, out, by_trace = planted(intent, pattern)
+    d = only(out)
+    assert d.rule == rule
+    by_id = {t.conversation_id: t for t in by_trace.values()}
+    rows = conversation_rows([d])
+    ids = [r["conversation_id"] for r in rows]
+    assert len(ids) == len(set(ids)) > len(d.trace_ids)  # every one, not the sampled traces
+    for r in rows:
+        tag = by_id[r["conversation_id"]]
+        assert (
+            tag.failed and tag.intent_id == intent and r["trace_id"] in tag.conversation.trace_ids
+        )
+    sampled = {by_trace[tr].conversation_id for tr in d.trace_ids}
+    assert sampled <= set(ids)
+    if "conversation_count" in d.evidence:
+        assert d.evidence["conversation_count"] == len(ids)

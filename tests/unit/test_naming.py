@@ -9,14 +9,17 @@ from pathlib import Path
 import pytest
 
 from processors.config import LLMConfig
+from processors.errors import LLMError
 from processors.llm import LLM
 from processors.understand.naming import (
     PHRASE_MAX_WORDS,
     CorpusStats,
     KeyphraseIndex,
     Namer,
+    NameRequest,
     keyphrase_name,
     keyphrases,
+    llm_names,
     name_intent,
     terms,
     words,
@@ -151,56 +154,92 @@ def _llm(srv: FakeLLMServer) -> LLM:
     return LLM(LLMConfig(base_url=srv.base_url, api_key="k", timeout_s=5, max_retries=0))
 
 
-def test_llm_name_from_quoted_examples(
+def _request(index: KeyphraseIndex, clusters: dict[str, list[str]], cat: str) -> NameRequest:
+    return NameRequest(cat, tuple(clusters[cat]), tuple(p for p, _ in index.keyphrases(cat, 8)))
+
+
+def test_llm_names_several_intents_in_one_call_from_quoted_examples(
     index: KeyphraseIndex, clusters: dict[str, list[str]]
 ) -> None:
     answer = {
-        "name": "card arrival delay",
-        "description": "Users waiting for a new card to arrive.",
-        "keywords": ["card arrival", "delivery"],
+        "intents": [
+            {
+                "intent": 1,
+                "name": "card arrival delay",
+                "description": "Users waiting for a new card to arrive.",
+                "keywords": ["card arrival", "delivery"],
+            },
+            {"intent": 2, "name": "pin change", "description": "Users changing their PIN."},
+        ]
     }
+    reqs = [_request(index, clusters, c) for c in ("card_arrival", "change_pin")]
     with FakeLLMServer(lambda body: json.dumps(answer)) as srv:
-        named = name_intent(clusters["card_arrival"], index.stats(), _llm(srv))
+        names, problems = llm_names(reqs, _llm(srv))
+    named = names["card_arrival"]
     assert (named.name, named.description, named.keywords, named.source) == (
         "card arrival delay",
         "Users waiting for a new card to arrive",
         ["card arrival", "delivery"],
         "llm",
     )
+    assert names["change_pin"].keywords == list(reqs[1].keyphrases)  # none given: keyphrases
+    assert problems == [] and len(srv.chat_requests()) == 1
     system, user = (m["content"] for m in srv.chat_requests()[0].body["messages"])
     first = clusters["card_arrival"][0]
     assert first not in system and "account issue" in system and "untrusted" in system
-    examples = user.split('<data label="examples">\n', 1)[1].split("\n</data>", 1)[0]
+    examples = user.split('<data label="examples 1">\n', 1)[1].split("\n</data>", 1)[0]
     assert json.loads(examples.splitlines()[0]) == {"text": first}
     assert len(examples.splitlines()) == 12  # capped number of examples
+    assert first not in user.replace(examples, "")  # user words only inside the data blocks
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"name": "card\narrival", "description": "x"},
+        {"name": "a" * 80, "description": "x"},
+        {"name": "one two three four five six seven eight nine", "description": "x"},
+        {"name": "card arrival", "description": ""},
+        {"name": 7, "description": "x"},
+        {"description": "x"},
+    ],
+)
+def test_an_unusable_name_is_reported_and_the_others_kept(
+    index: KeyphraseIndex, clusters: dict[str, list[str]], entry: dict[str, object]
+) -> None:
+    good = {"intent": 2, "name": "pin change", "description": "Users changing their PIN."}
+    reqs = [_request(index, clusters, c) for c in ("card_arrival", "change_pin")]
+    answer = json.dumps({"intents": [{"intent": 1, **entry}, good]})
+    with FakeLLMServer(lambda body: answer) as srv:
+        names, problems = llm_names(reqs, _llm(srv))
+    assert list(names) == ["change_pin"] and len(problems) == 1 and "card_arrival" in problems[0]
 
 
 @pytest.mark.parametrize(
     "answer",
-    [
-        "no json",
-        json.dumps({"name": "card\narrival", "description": "x"}),
-        json.dumps({"name": "a" * 80, "description": "x"}),
-        json.dumps({"name": "one two three four five six seven eight nine", "description": "x"}),
-        json.dumps({"name": "card arrival", "description": ""}),
-        json.dumps({"name": 7, "description": "x"}),
-        json.dumps({"description": "x"}),
-    ],
+    ["no json", json.dumps({"intents": "x"}), json.dumps({"intents": [{"intent": 1}]})],
 )
-def test_unusable_llm_names_fall_back_to_keyphrases(
+def test_no_usable_name_at_all_is_an_error(
     index: KeyphraseIndex, clusters: dict[str, list[str]], answer: str
 ) -> None:
-    with FakeLLMServer(lambda body: answer) as srv:
-        named = name_intent(clusters["card_arrival"], index.stats(), _llm(srv))
-    assert len(srv.chat_requests()) == 1
-    assert named.source == "keyphrases"
-    assert named == name_intent(clusters["card_arrival"], index.stats())
+    with FakeLLMServer(lambda body: answer) as srv, pytest.raises(LLMError):
+        llm_names([_request(index, clusters, "card_arrival")], _llm(srv))
 
 
-def test_llm_down_falls_back(index: KeyphraseIndex, clusters: dict[str, list[str]]) -> None:
-    with FakeLLMServer(lambda body: (503, {"error": {"message": "overloaded"}})) as srv:
-        named = name_intent(clusters["change_pin"], index.stats(), _llm(srv))
-    assert named.source == "keyphrases" and "pin" in named.name.split()
+def test_llm_down_is_an_error(index: KeyphraseIndex, clusters: dict[str, list[str]]) -> None:
+    down = FakeLLMServer(lambda body: (503, {"error": {"message": "overloaded"}}))
+    with down as srv, pytest.raises(LLMError):
+        llm_names([_request(index, clusters, "change_pin")], _llm(srv))
+
+
+def test_llm_naming_is_bounded_per_intent(index: KeyphraseIndex) -> None:
+    namer = Namer(index, llm_max=2)
+    assert namer.llm_due("a", changed=False)  # its first name
+    assert not namer.llm_due("a", changed=False)  # grown: the keyphrases follow, not the LLM
+    assert namer.llm_due("a", changed=True)  # merged or split
+    assert not namer.llm_due("a", changed=True)  # at most llm_max
+    namer.unanswered("a")
+    assert namer.llm_due("a", changed=True)  # an unanswered request is asked again
 
 
 # --- when to rename ---

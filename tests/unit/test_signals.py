@@ -11,7 +11,6 @@ from processors.errors import LLMError
 from processors.llm import LLM
 from processors.records import Conversation, Message, ToolCall
 from processors.understand.signals import (
-    JUDGE_BACKOFF_NS,
     TAGS,
     SignalLearner,
     SignalResult,
@@ -347,25 +346,26 @@ def _cfg(rate: float) -> Config:
     return cfg
 
 
-def test_invalid_judge_answer_falls_back_to_structural_and_backs_off() -> None:
+def test_tagging_never_waits_on_the_llm_and_samples_the_judged() -> None:
     c = conv(U("the app crashes when I upload"), A("Which version?"), closed="idle")
-    with FakeLLMServer(lambda body: "{not json") as srv:
-        tagger = Tagger(_cfg(1.0), _llm(srv))
-        r = tagger.tag(c, now_ns=100 * S)
-        assert r == structural_signals(c) and not r.judged
-        assert (r.tags, r.outcome) == (["bug_report"], "abandoned")
-        assert tagger.learner.n_learned == 0 and tagger.judge_failures == 1
-        tagger.tag(c, now_ns=100 * S + JUDGE_BACKOFF_NS - 1)  # paused: no request
-        assert len(srv.chat_requests()) == 1
-        tagger.tag(c, now_ns=100 * S + JUDGE_BACKOFF_NS)
-        assert len(srv.chat_requests()) == 2
+    r = Tagger(_cfg(1.0), judging=True).tag(c, now_ns=100 * S)
+    assert r == structural_signals(c) and not r.judged
+    assert (r.tags, r.outcome) == (["bug_report"], "abandoned")
+    convs = [conv(U(f"question {k}"), A("answer")) for k in range(200)]
+    convs = [Conversation(f"c{k}", messages=x.messages) for k, x in enumerate(convs)]
+    sampled = [Tagger(_cfg(0.3), judging=True).wants_judgement(x) for x in convs]
+    assert (
+        sampled == [judge_sampled(x.conversation_id, 0.3) for x in convs]
+        and 20 < sum(sampled) < 100
+    )
+    assert not any(Tagger(_cfg(1.0)).wants_judgement(x) for x in convs)  # no LLM: none
 
 
 def test_judged_tags_join_structural_tags_but_outcome_stays_structural() -> None:
     c = conv(U("the app crashes when I upload"), A("Fixed: update to 2.1."))
     with FakeLLMServer(lambda body: _answer(["feature_request"], outcome="escalated")) as srv:
-        tagger = Tagger(_cfg(1.0), _llm(srv))
-        r = tagger.tag(c, now_ns=0)
+        tagger = Tagger(_cfg(1.0), judging=True)
+        r = tagger.judged(c, judge(c, _llm(srv)))
     assert r.judged and r.tags == ["bug_report", "feature_request"]
     assert (
         r.evidence["bug_report"].why.startswith("cue")
@@ -453,8 +453,12 @@ def test_tagger_learns_from_the_judge_and_tags_unjudged_conversations() -> None:
     rng = random.Random(11)
     stream = _synthetic(rng, 240, 0)
     with FakeLLMServer(responder) as srv:
-        tagger = Tagger(_cfg(0.5), _llm(srv), SignalLearner(min_examples=40, min_positives=5))
-        results = [tagger.tag(c, now_ns=k * S) for k, (c, _) in enumerate(stream)]
+        llm = _llm(srv)
+        tagger = Tagger(_cfg(0.5), SignalLearner(min_examples=40, min_positives=5), judging=True)
+        results = [
+            tagger.judged(c, judge(c, llm)) if tagger.wants_judgement(c) else tagger.tag(c, k * S)
+            for k, (c, _) in enumerate(stream)
+        ]
     judged = sum(r.judged for r in results)
     assert (
         judged

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import csv
+import json
 import random
+import re
 from pathlib import Path
+from typing import Any
 
-from processors.config import load_config
+from processors.config import LLMConfig, load_config
+from processors.llm import LLM
 from processors.records import Conversation, Message
 from processors.understand.core import Understand, goal_text
 from processors.understand.embed import HashingEmbedder
 from processors.understand.intents import IntentModel
+from tests.ddl import ddl_columns
+from tests.llm_server import FakeLLMServer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,12 +52,66 @@ def _conversations(n: int, seed: int = 0) -> list[tuple[str, Conversation]]:
     return out
 
 
-def _core() -> Understand:
+def _core(*, llm_enabled: bool = False, judge_rate: float = 0.05) -> Understand:
     cfg = load_config(None, env={})
+    cfg.llm.judge_rate = judge_rate
     # a coarse threshold for the hashing embedder: the clustering itself is tested in test_intents.py
     return Understand(
-        cfg, HashingEmbedder(), model=IntentModel(threshold=0.15, micro_threshold=0.5)
+        cfg,
+        HashingEmbedder(),
+        model=IntentModel(threshold=0.15, micro_threshold=0.5),
+        llm_enabled=llm_enabled,
     )
+
+
+def _model(body: dict[str, Any]) -> str:
+    """A fake model: names every intent it is asked about, judges every conversation a bug."""
+    user = body["messages"][1]["content"]
+    if "Name each of these intents" in user:
+        ks = [int(k) for k in re.findall(r"^Intent (\d+):$", user, re.M)]
+        return json.dumps(
+            {"intents": [{"intent": k, "name": f"llm name {k}", "description": "d"} for k in ks]}
+        )
+    return json.dumps({"tags": ["bug_report"], "outcome": "resolved"})
+
+
+def test_llm_names_and_judgements_arrive_as_new_versions_and_stay() -> None:
+    core = _core(llm_enabled=True, judge_rate=0.2)
+    data = [c for _, c in _conversations(300)]
+    first = core.process(data[:100], now_ns=1)
+    assert first.name_requests and first.judge_requests  # listed, not asked: no LLM in line
+    assert all(t.source == "structural" for t in first.tags)
+    assert {r["source"] for r in first.intent_rows} == {"keyphrases"}
+    assert list(first.intent_rows[0]) == ddl_columns("intents")
+    with FakeLLMServer(_model) as srv:
+        better = core.improve(first, LLM(LLMConfig(base_url=srv.base_url, timeout_s=5)), 2)
+    asked = {r.intent_id for r in first.name_requests}
+    assert len(srv.chat_requests()) == len(first.judge_requests) + -(-len(asked) // 8)
+    rows = {r["intent_id"]: r for r in better.intent_rows}
+    assert set(rows) == asked and all(r["source"] == "llm" for r in rows.values())
+    assert min(r["taxonomy_version"] for r in rows.values()) > max(
+        r["taxonomy_version"] for r in first.intent_rows
+    )
+    judged = {t.conversation_id for t in first.judge_requests}
+    for t in better.tags:
+        if t.conversation_id in judged:
+            assert t.source == "llm" and "bug_report" in t.signals
+    # the intents grow several-fold: keyphrase renaming is due, but the LLM names stay; only
+    # a merge or split asks the LLM again
+    later = core.process(data[100:], now_ns=3)
+    changed = {
+        i
+        for r in later.change_rows
+        if r["change"] in ("merged", "split")
+        for i in (r["intent_id"], r["other_id"])
+    }
+    again = {r.intent_id for r in later.name_requests} & asked
+    assert again <= changed
+    names = {r["intent_id"]: (r["name"], r["source"]) for r in later.intent_rows}
+    kept = (asked & set(names)) - again
+    assert kept
+    for iid in kept:
+        assert names[iid][1] == "llm" and names[iid][0].startswith("llm name")
 
 
 def test_every_conversation_is_tagged_with_an_intent_and_outcome() -> None:
@@ -104,3 +164,14 @@ def test_goal_is_the_first_user_turns() -> None:
         ],
     )
     assert goal_text(conv, 2) == "card lost the blue one"
+
+
+def test_a_restart_asks_again_for_names_that_never_came() -> None:
+    core = _core(llm_enabled=True)
+    batch = core.process([c for _, c in _conversations(100)], now_ns=1)
+    asked = {r.intent_id for r in batch.name_requests}
+    assert asked
+    copy = _core(llm_enabled=True)
+    copy.restore(core.snapshot())  # the answers were lost with the process
+    again = copy.process([c for _, c in _conversations(60, seed=4)], now_ns=2)
+    assert {r.intent_id for r in again.name_requests} & asked
