@@ -27,6 +27,7 @@ from processors.act import Actor
 from processors.act.gitrepo import LocalGit
 from processors.config import Config, load_config
 from processors.diagnose.core import Diagnoser
+from processors.errors import LLMError
 from processors.llm import make_llm
 from processors.records import Proposal
 from tests.llm_server import FakeLLMServer
@@ -159,18 +160,24 @@ def test_forged_conversations_never_write_the_prompt(
     first_line = (repo / PROMPT_PATH).read_text().splitlines()[0]
     with FakeLLMServer(copy_the_evidence(first_line)) as srv:
         cfg = config(repo, srv.base_url if with_llm else "")
-        actor = Actor(cfg, LocalGit(repo, cfg.act.base), make_llm(cfg.llm))  # as the act agent
+        actor = Actor(cfg, LocalGit(repo, cfg.act.base))
+        llm = make_llm(cfg.llm)
         proposals, reasons = [], []
-        for d in found:
+        for d in found:  # as the act agent: the templated fix, then the LLM's edit if any
             p = actor.propose(d, time.time_ns())
-            proposals.append((d, p))
             reasons.append(actor.last_reason)
+            files = actor.llm_files(d) if llm is not None else None
+            if files is not None and llm is not None:
+                try:
+                    p = actor.propose(d, time.time_ns(), change=actor.llm_change(d, files, llm))
+                except LLMError as e:
+                    reasons.append(str(e))
+            proposals.append((d, p))
         asked = len(srv.chat_requests())
     made = [(d, p) for d, p in proposals if p is not None]
-    if with_llm:  # the LLM was asked, and its copy refused
+    if with_llm:  # the LLM was asked, and its copy refused: the templated fix stands
         assert asked and any("copies conversation text" in r for r in reasons), reasons
-    else:  # the templated fix for the abandonment is proposed
-        assert [d.rule for d, _ in made] == ["abandon_after_question"], reasons
+    assert [d.rule for d, _ in made] == ["abandon_after_question"], reasons
     for d, p in made:
         added = added_text(p)
         assert [w for w in ATTACK_WORDS if w in added] == [], (d.rule, added)
