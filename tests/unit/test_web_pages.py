@@ -65,7 +65,29 @@ def conversation(text: str) -> dict[str, Any]:
             "signals": [text],
             "intent_id": text,
             "intent_name": text,
+            "outcome_source": text,
+            "outcome_reason": text,
         },
+        "feedback": [
+            {
+                "name": text,
+                "score": 0.0,
+                "label": text,
+                "explanation": text,
+                "source": text,
+                "ts_ns": 1,
+            }
+        ],
+        "explained_by": [
+            {
+                "diagnosis_id": text,
+                "failure_kind": text,
+                "turn": 1,
+                "tool": text,
+                "detail": text,
+                "summary": text,
+            }
+        ],
         "messages": [
             {"role": "user", "content": text, "ts_ns": 1},
             {"role": text, "content": text, "tool_name": text, "tool_arguments": text},
