@@ -782,166 +782,188 @@ def _grpc_service(gw: Gateway, sig: Signal) -> grpc.GenericRpcHandler:
 NO_SUCH_PATH = "no such path {}; use /v1/traces or /v1/logs (/v1/metrics is accepted and dropped)"
 
 
+TOO_LARGE_HINT = "(otlp.max_request_bytes); send smaller batches"
+
+
 def _make_handler(gw: Gateway) -> type[BaseHTTPRequestHandler]:
-    limit = gw.cfg.otlp.max_request_bytes
-    too_large_hint = "(otlp.max_request_bytes); send smaller batches"
-    slots = threading.BoundedSemaphore(HTTP_MAX_REQUESTS)
+    """The OTLP/HTTP handler class of one gateway (http.server makes a handler per request)."""
+    return type(
+        "Handler",
+        (OtlpHttpHandler,),
+        {
+            "gw": gw,
+            "limit": gw.cfg.otlp.max_request_bytes,
+            "slots": threading.BoundedSemaphore(HTTP_MAX_REQUESTS),
+        },
+    )
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive: SDK exporters reuse connections
-        server_version = "closeloop-gateway"
-        timeout = HTTP_TIMEOUT_S
 
-        def log_message(self, format: str, *args: Any) -> None:
-            log.debug("http %s " + format, self.client_address[0], *args)
+class OtlpHttpHandler(BaseHTTPRequestHandler):
+    """OTLP/HTTP: POST /v1/traces, /v1/logs (and /v1/metrics, dropped) in protobuf or JSON."""
 
-        def _reply(
-            self, code: int, body: bytes, ctype: str, headers: dict[str, str] | None = None
-        ) -> None:
-            close = {"Connection": "close"} if self.close_connection else {}
-            reply(self, code, body, {"Content-Type": ctype, **(headers or {}), **close})
+    gw: Gateway
+    limit: int
+    slots: threading.BoundedSemaphore
+    protocol_version = "HTTP/1.1"  # keep-alive: SDK exporters reuse connections
+    server_version = "closeloop-gateway"
+    timeout = HTTP_TIMEOUT_S
 
-        def _status(
-            self,
-            code: int,
-            rpc_code: int,
-            message: str,
-            ctype: str,
-            headers: dict[str, str] | None = None,
-        ) -> None:
-            """An error answer: a google.rpc.Status in the request's encoding (OTLP/HTTP)."""
-            status = status_pb2.Status(code=rpc_code, message=message)
-            if ctype == JSON:
-                body = json_format.MessageToJson(status, indent=None).encode()
-            else:
-                body = status.SerializeToString()
-            self._reply(code, body, ctype, headers)
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http %s " + format, self.client_address[0], *args)
 
-        def _not_post(self) -> None:
-            self.close_connection = True  # a body, if any, was not read
-            if self.path.split("?", 1)[0] in SIGNALS:
+    def _reply(
+        self, code: int, body: bytes, ctype: str, headers: dict[str, str] | None = None
+    ) -> None:
+        close = {"Connection": "close"} if self.close_connection else {}
+        reply(self, code, body, {"Content-Type": ctype, **(headers or {}), **close})
+
+    def _status(
+        self,
+        code: int,
+        rpc_code: int,
+        message: str,
+        ctype: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """An error answer: a google.rpc.Status in the request's encoding (OTLP/HTTP)."""
+        status = status_pb2.Status(code=rpc_code, message=message)
+        if ctype == JSON:
+            body = json_format.MessageToJson(status, indent=None).encode()
+        else:
+            body = status.SerializeToString()
+        self._reply(code, body, ctype, headers)
+
+    def _not_post(self) -> None:
+        self.close_connection = True  # a body, if any, was not read
+        if self.path.split("?", 1)[0] in SIGNALS:
+            self._status(
+                405,
+                code_pb2.UNIMPLEMENTED,
+                f"{self.command} not allowed; use POST",
+                PROTOBUF,
+                {"Allow": "POST"},
+            )
+        else:
+            self._status(404, code_pb2.NOT_FOUND, NO_SUCH_PATH.format(self.path), PROTOBUF)
+
+    do_GET = do_PUT = do_DELETE = do_PATCH = _not_post
+
+    def do_POST(self) -> None:
+        sig = SIGNALS.get(self.path.split("?", 1)[0])
+        ctype = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+        reply_ctype = JSON if ctype == JSON else PROTOBUF
+        length = self.headers.get("Content-Length") or ""
+        if self._refused(sig, ctype, reply_ctype, length) or sig is None:
+            return
+        if not self.slots.acquire(blocking=False):
+            self.close_connection = True
+            self.gw.outcome(UNAVAILABLE)
+            return self._status(
+                503,
+                code_pb2.UNAVAILABLE,
+                f"more than {HTTP_MAX_REQUESTS} requests at once",
+                reply_ctype,
+                {"Retry-After": str(RETRY_AFTER_S)},
+            )
+        try:
+            self._export(sig, ctype, reply_ctype, int(length))
+        finally:
+            self.slots.release()
+
+    def _refused(self, sig: Signal | None, ctype: str, reply_ctype: str, length: str) -> bool:
+        """Answer a request whose headers already decide it (credential, encoding, path, type,
+        length, size) and say so; the body of a refused request is never read."""
+        if not self.gw.authorized(self.headers.get("Authorization") or ""):
+            self.close_connection = True
+            self.gw.outcome(UNAUTHORIZED)
+            self._status(
+                401,
+                code_pb2.UNAUTHENTICATED,
+                UNAUTHORIZED_MESSAGE,
+                reply_ctype,
+                {"WWW-Authenticate": "Bearer"},
+            )
+            return True
+        encoding = (self.headers.get("Content-Encoding") or "").strip().lower()
+        if sig is not None and encoding not in ENCODINGS:
+            self.close_connection = True
+            self.gw.outcome(BAD_REQUEST)
+            self._status(
+                415,
+                code_pb2.INVALID_ARGUMENT,
+                f"unsupported Content-Encoding {encoding!r}; use gzip or none",
+                reply_ctype,
+                {"Accept-Encoding": "gzip"},
+            )
+            return True
+        if sig is None or ctype not in (PROTOBUF, JSON) or not length.isdigit():
+            self.close_connection = True
+            if sig is None:
+                self._status(404, code_pb2.NOT_FOUND, NO_SUCH_PATH.format(self.path), reply_ctype)
+            elif ctype not in (PROTOBUF, JSON):
                 self._status(
-                    405,
-                    code_pb2.UNIMPLEMENTED,
-                    f"{self.command} not allowed; use POST",
-                    PROTOBUF,
-                    {"Allow": "POST"},
-                )
-            else:
-                self._status(404, code_pb2.NOT_FOUND, NO_SUCH_PATH.format(self.path), PROTOBUF)
-
-        do_GET = do_PUT = do_DELETE = do_PATCH = _not_post
-
-        def do_POST(self) -> None:
-            sig = SIGNALS.get(self.path.split("?", 1)[0])
-            ctype = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
-            reply_ctype = JSON if ctype == JSON else PROTOBUF
-            length = self.headers.get("Content-Length") or ""
-            if not gw.authorized(self.headers.get("Authorization") or ""):
-                self.close_connection = True  # the body is not read
-                gw.outcome(UNAUTHORIZED)
-                return self._status(
-                    401,
-                    code_pb2.UNAUTHENTICATED,
-                    UNAUTHORIZED_MESSAGE,
-                    reply_ctype,
-                    {"WWW-Authenticate": "Bearer"},
-                )
-            encoding = (self.headers.get("Content-Encoding") or "").strip().lower()
-            if sig is not None and encoding not in ENCODINGS:
-                self.close_connection = True
-                gw.outcome(BAD_REQUEST)
-                return self._status(
                     415,
                     code_pb2.INVALID_ARGUMENT,
-                    f"unsupported Content-Encoding {encoding!r}; use gzip or none",
-                    reply_ctype,
-                    {"Accept-Encoding": "gzip"},
+                    f"unsupported Content-Type {ctype!r}; use {PROTOBUF} or {JSON}",
+                    PROTOBUF,
                 )
-            if sig is None or ctype not in (PROTOBUF, JSON) or not length.isdigit():
-                self.close_connection = True  # the body is not read
-                if sig is None:
-                    return self._status(
-                        404, code_pb2.NOT_FOUND, NO_SUCH_PATH.format(self.path), reply_ctype
-                    )
-                if ctype not in (PROTOBUF, JSON):
-                    return self._status(
-                        415,
-                        code_pb2.INVALID_ARGUMENT,
-                        f"unsupported Content-Type {ctype!r}; use {PROTOBUF} or {JSON}",
-                        PROTOBUF,
-                    )
-                return self._status(
+            else:
+                self._status(
                     411, code_pb2.INVALID_ARGUMENT, "Content-Length is required", reply_ctype
                 )
-            if int(length) > limit:
-                self.close_connection = True
-                gw.outcome(TOO_LARGE)
-                return self._status(
-                    413,
-                    code_pb2.RESOURCE_EXHAUSTED,
-                    f"request body is {length} bytes, the limit is {limit} " + too_large_hint,
-                    reply_ctype,
-                )
-            if not slots.acquire(blocking=False):
-                self.close_connection = True
-                gw.outcome(UNAVAILABLE)
-                return self._status(
-                    503,
-                    code_pb2.UNAVAILABLE,
-                    f"more than {HTTP_MAX_REQUESTS} requests at once",
-                    reply_ctype,
-                    {"Retry-After": str(RETRY_AFTER_S)},
-                )
-            try:
-                self._export(sig, ctype, reply_ctype, int(length))
-            finally:
-                slots.release()
+            return True
+        if int(length) > self.limit:
+            self.close_connection = True
+            self.gw.outcome(TOO_LARGE)
+            self._status(
+                413,
+                code_pb2.RESOURCE_EXHAUSTED,
+                f"request body is {length} bytes, the limit is {self.limit} " + TOO_LARGE_HINT,
+                reply_ctype,
+            )
+            return True
+        return False
 
-        def _export(self, sig: Signal, ctype: str, reply_ctype: str, length: int) -> None:
-            try:
-                raw = self.rfile.read(length)
-            except OSError as e:  # stalled past HTTP_TIMEOUT_S, or reset
-                self.close_connection = True
-                log.info(
-                    "dropped %s request from %s mid-body: %s", sig.name, self.client_address[0], e
-                )
-                return None
-            if len(raw) < length:  # the client closed early: nothing to answer
-                self.close_connection = True
-                return None
-            try:
-                body = decode_body(raw, self.headers.get("Content-Encoding") or "", limit)
-                resp = gw.export(parse_body(body, ctype, sig), sig)
-            except PayloadTooLarge as e:
-                gw.outcome(TOO_LARGE)
-                return self._status(
-                    413, code_pb2.RESOURCE_EXHAUSTED, f"{e.reason} {too_large_hint}", reply_ctype
-                )
-            except InputError as e:
-                gw.outcome(BAD_REQUEST)
-                log.info("bad %s request from %s: %s", sig.name, self.client_address[0], e.reason)
-                return self._status(400, code_pb2.INVALID_ARGUMENT, e.reason, reply_ctype)
-            except Unavailable as e:
-                gw.outcome(UNAVAILABLE)
-                return self._status(
-                    503,
-                    code_pb2.UNAVAILABLE,
-                    str(e),
-                    reply_ctype,
-                    {"Retry-After": str(RETRY_AFTER_S)},
-                )
-            except BrokerError as e:
-                gw.outcome(FAILED)
-                log.error("%s export failed: %s", sig.name, e)
-                return self._status(500, code_pb2.INTERNAL, str(e), reply_ctype)
-            gw.outcome(OK)
-            if reply_ctype == JSON:
-                self._reply(200, json_format.MessageToJson(resp, indent=None).encode(), JSON)
-            else:
-                self._reply(200, resp.SerializeToString(), PROTOBUF)
-
-    return Handler
+    def _export(self, sig: Signal, ctype: str, reply_ctype: str, length: int) -> None:
+        try:
+            raw = self.rfile.read(length)
+        except OSError as e:  # stalled past HTTP_TIMEOUT_S, or reset
+            self.close_connection = True
+            log.info("dropped %s request from %s mid-body: %s", sig.name, self.client_address[0], e)
+            return None
+        if len(raw) < length:  # the client closed early: nothing to answer
+            self.close_connection = True
+            return None
+        try:
+            body = decode_body(raw, self.headers.get("Content-Encoding") or "", self.limit)
+            resp = self.gw.export(parse_body(body, ctype, sig), sig)
+        except PayloadTooLarge as e:
+            self.gw.outcome(TOO_LARGE)
+            return self._status(
+                413, code_pb2.RESOURCE_EXHAUSTED, f"{e.reason} {TOO_LARGE_HINT}", reply_ctype
+            )
+        except InputError as e:
+            self.gw.outcome(BAD_REQUEST)
+            log.info("bad %s request from %s: %s", sig.name, self.client_address[0], e.reason)
+            return self._status(400, code_pb2.INVALID_ARGUMENT, e.reason, reply_ctype)
+        except Unavailable as e:
+            self.gw.outcome(UNAVAILABLE)
+            return self._status(
+                503,
+                code_pb2.UNAVAILABLE,
+                str(e),
+                reply_ctype,
+                {"Retry-After": str(RETRY_AFTER_S)},
+            )
+        except BrokerError as e:
+            self.gw.outcome(FAILED)
+            log.error("%s export failed: %s", sig.name, e)
+            return self._status(500, code_pb2.INTERNAL, str(e), reply_ctype)
+        self.gw.outcome(OK)
+        if reply_ctype == JSON:
+            self._reply(200, json_format.MessageToJson(resp, indent=None).encode(), JSON)
+        else:
+            self._reply(200, resp.SerializeToString(), PROTOBUF)
 
 
 # ---------------------------------------------------------------------------------------------
