@@ -366,7 +366,7 @@ class DiagnoseConfig:
     contrast_max_per_intent: int = 5  # findings kept per intent, strongest first
     # each conversation's reference set: its nearest successful conversations by goal
     contrast_reference_size: int = 3
-    # TF-IDF cosine of the goals, at least: on BANKING77 intents mixing 3 related categories,
+    # TF-IDF cosine of the goals, at least: on a public intent set mixing 3 related categories,
     # 80% of utterances have such neighbours, 95% of them of their category (bench.goal_similarity)
     contrast_reference_similarity: float = 0.4
 

@@ -344,7 +344,7 @@ class Understand:
         self.index = KeyphraseIndex.from_dict(state["index"])
         self.namer = Namer(self.index, llm_max=self.cfg.llm.naming_max)
         self.namer.restore(state["namer"])
-        # LLM work in flight is not checkpointed: an intent asked but not LLM-named yet is
+        # LLM work still pending is not checkpointed: an intent asked but not LLM-named yet is
         # asked again on its next conversation
         for iid in self.namer.asked():
             name = state["names"].get(iid)

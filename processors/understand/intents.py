@@ -23,8 +23,8 @@ Two levels, in the spirit of DBSTREAM/CluStream but with numpy vector math:
   every intent is below the novelty threshold: the ``novelty_quantile`` quantile of the recent
   arrivals' similarity to their nearest intent (``threshold`` until enough have arrived).
 
-No threshold sets the granularity: on BANKING77, HWU64 and SNIPS (77, 64 and 7 intents) the
-defaults find 93, 77 and 7 (``python -m bench.intents``).
+No threshold sets the granularity: on three public intent sets of 77, 64 and 7 intents the
+defaults find 93, 77 and 7 (``python -m bench.intents``, bench/RESULTS.md).
 
 A refinement maps the new partition onto the old ids by shared weight: each new group inherits
 the id that gave it most weight; when several groups share a parent, the largest keeps the id
