@@ -121,6 +121,9 @@ def run_cycle_and_wait(
     return report
 
 
+LISTED_INTENT_MIN = 5  # conversations an intent needs to be listed by name
+
+
 def show_intents(store: Store) -> None:
     rows = store.query("""
         SELECT i.name AS name, t.n AS n, round(t.fail, 2) AS fail
@@ -128,9 +131,14 @@ def show_intents(store: Store) -> None:
         INNER JOIN (SELECT intent_id, count() AS n, avg(failed) AS fail FROM conversation_tags FINAL
                     GROUP BY intent_id) AS t ON t.intent_id = i.intent_id
         ORDER BY n DESC LIMIT 20""")
+    # the long tail (a stray conversation or two each) is counted, not listed
+    shown = [r for r in rows if r["n"] >= LISTED_INTENT_MIN]
     _say(f"  {len(rows)} intents learned (largest first): name · conversations · failure rate")
-    for r in rows:
+    for r in shown:
         _say(f"    {r['name'][:50]:<50} {r['n']:>5}  {r['fail']:.0%}")
+    if len(shown) < len(rows):
+        tail = rows[len(shown) :]
+        _say(f"    ... and {len(tail)} small ones ({sum(r['n'] for r in tail)} conversations)")
 
 
 REVIEW_ATTEMPTS = 10  # a proposal that keeps moving is shown again at most this often
