@@ -96,35 +96,6 @@ class IntentModel:
         examples: int = 10,
         seed: int = 0,
     ) -> None:
-        if not -1.0 < threshold < micro_threshold < 1.0:
-            raise ValueError(
-                f"need -1 < threshold ({threshold}) < micro_threshold ({micro_threshold}) < 1"
-            )
-        if not threshold < merge_threshold <= 1.0:
-            raise ValueError(
-                f"need threshold ({threshold}) < merge_threshold ({merge_threshold}) <= 1"
-            )
-        if (
-            min(refine_every, refine_iters, max_micro_per_intent) < 1
-            or min_size < 0
-            or grace < 0
-            or examples < 0
-        ):
-            raise ValueError(
-                "refine_every, refine_iters, max_micro_per_intent must be >= 1; "
-                "min_size, grace, examples >= 0"
-            )
-        if (
-            recluster_growth <= 1
-            or recluster_sample < 10
-            or not 0 <= novelty_quantile < 1
-            or not 0 <= min_share < 1
-            or not 0 <= cut_tolerance < 1
-        ):
-            raise ValueError(
-                "need recluster_growth > 1, recluster_sample >= 10, "
-                "0 <= novelty_quantile < 1, 0 <= min_share < 1, 0 <= cut_tolerance < 1"
-            )
         self.threshold = threshold
         self.micro_threshold = micro_threshold
         self.merge_threshold = merge_threshold
@@ -140,16 +111,53 @@ class IntentModel:
         self.cut_tolerance = cut_tolerance
         self.examples = examples
         self.seed = seed
-        self._rng = np.random.default_rng(seed)
+        self._check_settings()
+        self._init_state()
+
+    def _check_settings(self) -> None:
+        """Bad settings raise ValueError (river's convention: at construction)."""
+        if not -1.0 < self.threshold < self.micro_threshold < 1.0:
+            raise ValueError(
+                f"need -1 < threshold ({self.threshold}) < micro_threshold ({self.micro_threshold}) < 1"
+            )
+        if not self.threshold < self.merge_threshold <= 1.0:
+            raise ValueError(
+                f"need threshold ({self.threshold}) < merge_threshold ({self.merge_threshold}) <= 1"
+            )
+        if (
+            min(self.refine_every, self.refine_iters, self.max_micro_per_intent) < 1
+            or self.min_size < 0
+            or self.grace < 0
+            or self.examples < 0
+        ):
+            raise ValueError(
+                "refine_every, refine_iters, max_micro_per_intent must be >= 1; "
+                "min_size, grace, examples >= 0"
+            )
+        if (
+            self.recluster_growth <= 1
+            or self.recluster_sample < 10
+            or not 0 <= self.novelty_quantile < 1
+            or not 0 <= self.min_share < 1
+            or not 0 <= self.cut_tolerance < 1
+        ):
+            raise ValueError(
+                "need recluster_growth > 1, recluster_sample >= 10, "
+                "0 <= novelty_quantile < 1, 0 <= min_share < 1, 0 <= cut_tolerance < 1"
+            )
+
+    def _init_state(self) -> None:
+        """The learned state of a new model (``restore`` replaces it)."""
+        self._rng = np.random.default_rng(self.seed)
         # the re-clustering's sample has its own stream: examples given or not, the same cuts
-        self._cut_rng = np.random.default_rng([seed, 1])
+        self._cut_rng = np.random.default_rng([self.seed, 1])
         self._dim = 0
         self._n_seen = 0
         self._next_id = 1
         self.taxonomy_version = 0
         self.changes: list[IntentChange] = []
         self._reclustered_at = 0  # n_seen at the last re-clustering (0: none yet)
-        self._novelty = threshold  # below this similarity to every intent a point opens one
+        self._novelty = self.threshold  # below this similarity to every intent a point opens one
         # since the last refinement: arrivals that joined a micro-cluster, and the best intent
         # similarity of the others (the novelty threshold is a quantile of the arrivals)
         self._near_arrivals = 0
