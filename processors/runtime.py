@@ -28,6 +28,7 @@ from typing import Any
 import faust
 import orjson
 from aiokafka.partitioner import murmur2
+from faust.transport.drivers.aiokafka import Producer as AIOKafkaProducer
 
 from processors.bundles import fit
 from processors.config import Config
@@ -361,8 +362,46 @@ async def exit_on_crash(agent: Any, exc: BaseException, pipe: Pipeline | None = 
     os._exit(EXIT_STAGE_CRASHED)
 
 
+class AcknowledgedProducer(AIOKafkaProducer):
+    """faust's producer whose ``flush`` returns only once every message handed to it is
+    acknowledged by the broker.
+
+    faust commits a consumer's offsets right after ``producer.flush()``, but its own flush gives
+    up as soon as its buffer stalls 0.1 s (``ProducerBuffer.flush_atmost``): on a slow broker it
+    returns with changelog writes still queued and the offsets of the events that made them are
+    committed anyway. A kill then restores a table that misses counted events. Here the flush
+    waits for the delivery of every message sent before it began (what a commit covers); a
+    send that fails raises, so nothing is committed and the worker ends, restores from the
+    changelog and is redelivered from the last good commit.
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.unacknowledged: set[asyncio.Future[Any]] = set()
+
+    def send_soon(self, fut: Any) -> None:
+        self.unacknowledged.add(fut)
+        fut.add_done_callback(self.unacknowledged.discard)
+        super().send_soon(fut)
+
+    async def flush(self) -> None:
+        sent = set(self.unacknowledged)
+        await super().flush()
+        if sent:
+            # asyncio.wait, not gather: a cancelled flush must not cancel the sends themselves
+            await asyncio.wait(sent)
+            for fut in sent:
+                if fut.exception() is not None:
+                    raise fut.exception()  # type: ignore[misc]
+
+
 class WorkerApp(faust.App):
-    """The faust app of the worker: a stage that raises ends the worker (:func:`exit_on_crash`)."""
+    """The faust app of the worker: a stage that raises ends the worker (:func:`exit_on_crash`);
+    offsets are committed only after the changelog writes they cover are acknowledged
+    (:class:`AcknowledgedProducer`)."""
+
+    def _new_producer(self) -> AcknowledgedProducer:
+        return AcknowledgedProducer(self.transport, loop=self.loop, beacon=self.beacon)
 
     async def _on_agent_error(self, agent: Any, exc: BaseException) -> None:
         # faust's hook for every agent's error (agent(on_error=...) is taken by faust itself)
