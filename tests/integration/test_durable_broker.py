@@ -323,9 +323,14 @@ class SlowBroker:
     [
         pytest.param(
             True,
-            marks=pytest.mark.xfail(
-                strict=True, reason="faust's flush gives up after a 0.1 s stall and commits anyway"
-            ),
+            # the negative control: seen restoring 448 of 500 (stale); soak, as it takes minutes
+            marks=[
+                pytest.mark.soak,
+                pytest.mark.xfail(
+                    strict=True,
+                    reason="faust's flush gives up after a 0.1 s stall and commits anyway",
+                ),
+            ],
         ),
         False,
     ],
