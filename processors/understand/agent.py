@@ -73,8 +73,12 @@ class Assembler:
                 closed += self.close_due(e.message.partition, tick)
                 continue
             for cid, turns in groups.items():
+                p = partition_of(cid, self.w.pipe.cfg.kafka.partitions)
+                self.deadlines.delivered(p, turns, now)
                 try:
-                    state = assemble.add_turns(self.table.get(cid), turns, now)
+                    state = assemble.add_turns(
+                        self.table.get(cid), turns, now, self.deadlines.watermark(p, now)
+                    )
                 except (ValueError, TypeError, KeyError) as err:
                     dls.append(
                         dead_letter(
@@ -82,7 +86,7 @@ class Assembler:
                         )
                     )
                     continue
-                state["p"] = partition_of(cid, self.w.pipe.cfg.kafka.partitions)
+                state["p"] = p
                 self.table[cid] = state
                 self.deadlines.push(cid, state)
                 self.w.pipe.counters["assemble"].records_in += len(turns)
