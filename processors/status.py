@@ -37,6 +37,13 @@ def consumer_offsets(
     return out
 
 
+def capture_lag(cfg: Config, bootstrap: str) -> int:
+    """Records of the OTLP topics capture has not yet processed (committed past)."""
+    ends = true_end_offsets(bootstrap, [cfg.topics.otlp_spans, cfg.topics.otlp_logs])
+    commits = consumer_offsets(cfg, bootstrap, list(ends))
+    return sum(max(0, end - max(0, commits.get(tp, -1))) for tp, end in ends.items())
+
+
 def collect_status(cfg: Config, info: dict[str, Any] | None) -> dict[str, Any]:
     st: dict[str, Any] = {
         "home": str(cfg.home_path),

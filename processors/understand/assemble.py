@@ -16,10 +16,9 @@ partition's watermark has passed its last span by ``idle_timeout_s``. The waterm
 (:class:`Watermarks`) is the newest span time capture has delivered on the partition, so
 while capture lags (a backlog, a stuck stage) nothing closes from partial data however
 much wall time passes. The wall clock moves the watermark only once the partition has
-been quiet (no turn message) for ``idle_timeout_s`` of wall time: then capture has
-nothing more for it, and a quiet system still closes its conversations. A capture stuck
-for longer than that is indistinguishable from a quiet one; the late spans then reopen
-the conversation as below.
+been quiet for ``idle_timeout_s`` of wall time: no turn message, and capture with no
+input left to process (the ticks say so, from its consumer lag). Then capture has
+nothing more for it, and a quiet system still closes its conversations.
 
 A closed conversation lingers in state for ``linger_s`` so a late span reopens
 it and a newer version replaces the row (ReplacingMergeTree on ``version``); after that
@@ -158,20 +157,29 @@ def close(conversation_id: str, state: dict[str, Any], reason: str, now_ns: int)
     return conv
 
 
-def parse_turn_message(value: bytes, key: Any) -> tuple[int | None, dict[str, list[Any]]]:
-    """A message of the turns topic: ``(tick ns, {})`` for a tick, else ``(None, groups)``:
+@dataclass(frozen=True)
+class Tick:
+    """A per-partition tick of the turns topic: wall time, and whether capture then had
+    input it had not processed (its consumer lag), which holds the wall clock back."""
+
+    ns: int
+    capture_behind: bool = False
+
+
+def parse_turn_message(value: bytes, key: Any) -> tuple[Tick | None, dict[str, list[Any]]]:
+    """A message of the turns topic: ``(tick, {})`` for a tick, else ``(None, groups)``:
     ``{conversation id: turn dicts}`` from a bundle, or one conversation's list keyed by ``key``.
 
     Raises :class:`InputError` (or ``ValueError`` for bad JSON) for anything else.
 
-    >>> parse_turn_message(b'{"tick": 5}', None)
-    (5, {})
+    >>> parse_turn_message(b'{"tick": 5, "capture_behind": true}', None)
+    (Tick(ns=5, capture_behind=True), {})
     >>> parse_turn_message(b'[{"span_id": "s"}]', b"c1")
     (None, {'c1': [{'span_id': 's'}]})
     """
     body = orjson.loads(value)
     if isinstance(body, dict) and "tick" in body:
-        return int(body["tick"]), {}
+        return Tick(int(body["tick"]), body.get("capture_behind") is True), {}
     if isinstance(body, dict) and isinstance(body.get("conversations"), dict):
         groups = body["conversations"]  # a bundle: {conversation id: turns}
     elif isinstance(body, list):  # one conversation, keyed by its id
@@ -201,7 +209,8 @@ OpenConversations = MutableMapping[str, Any]  # conversation id -> state (``"p"`
 class Watermarks:
     """Each partition's event-time progress: the newest span time capture has delivered on
     it, moved on by the wall clock only after ``idle_timeout_s`` of wall time without a turn
-    message (capture has nothing more for it). Ticks are not capture's: they move nothing.
+    message while capture had no input left to process (its consumer lag, carried by the
+    ticks). Ticks are not capture's progress: they move no span time.
     """
 
     def __init__(self, cfg: AssembleConfig) -> None:
@@ -222,6 +231,11 @@ class Watermarks:
         """A turn message of ``partition`` arrived, its newest span at ``span_ns`` (0: none)."""
         self._span_ns[partition] = max(self._span_ns.get(partition, 0), span_ns)
         self._arrived_ns[partition] = now_ns
+
+    def held(self, partition: int, now_ns: int) -> None:
+        """Capture has input it has not processed: the partition is not quiet, whatever
+        arrived (a stuck or lagging capture must not look like a quiet system)."""
+        self._arrived_ns[partition] = max(self._arrived_ns.get(partition, 0), now_ns)
 
     def at(self, partition: int, now_ns: int) -> int:
         """The partition's watermark at wall time ``now_ns``."""
@@ -262,11 +276,16 @@ class Deadlines:
         if wall is not None:
             heapq.heappush(self._wall[p], (wall, conversation_id))
 
-    def close_due(self, table: OpenConversations, partition: int, now_ns: int) -> list[Closed]:
+    def close_due(
+        self, table: OpenConversations, partition: int, now_ns: int, capture_behind: bool = False
+    ) -> list[Closed]:
         """The conversations of ``partition`` due at ``now_ns``, closed; expired ones leave
-        ``table``. The table keeps the open state until the conversation is published."""
+        ``table``. The table keeps the open state until the conversation is published.
+        ``capture_behind``: capture has unprocessed input, so wall time does not count."""
         if partition not in self._indexed:
             self._index(table, partition, now_ns)
+        if capture_behind:
+            self.watermarks.held(partition, now_ns)
         watermark = self.watermarks.at(partition, now_ns)
         due: dict[str, None] = {}
         for heap, limit, deadline in (

@@ -44,8 +44,8 @@ class Partition:
         self.table[cid] = state
         self.deadlines.push(cid, state)
 
-    def tick(self, now: int) -> list[str]:
-        done = self.deadlines.close_due(self.table, 0, now)
+    def tick(self, now: int, capture_behind: bool = False) -> list[str]:
+        done = self.deadlines.close_due(self.table, 0, now, capture_behind)
         for c in done:  # as publish does
             self.table[c.conversation_id] = c.state
             self.deadlines.push(c.conversation_id, c.state)
@@ -82,6 +82,16 @@ def test_quiet_partition_closes_after_the_idle_timeout_of_wall_time() -> None:
     for t in range(501, 531):
         assert part.tick(t * S) == []
     assert part.tick(531 * S) == ["a"]  # quiet for 30 s of wall time since the last message
+
+
+def test_capture_stuck_with_input_left_holds_the_wall_clock_back() -> None:
+    part = Partition()
+    part.deliver("a", [span("a", "a0", 7 * S)], now=0)
+    for t in range(1, 300):  # capture is stuck on a backlog for five minutes: nothing closes
+        assert part.tick(t * S, capture_behind=True) == []
+    for t in range(300, 329):  # caught up: a full quiet period from its last backlog
+        assert part.tick(t * S) == []
+    assert part.tick(329 * S) == ["a"]
 
 
 def test_ticks_do_not_count_as_capture_progress() -> None:
