@@ -37,10 +37,11 @@ def consumer_offsets(
     return out
 
 
-def capture_lag(cfg: Config, bootstrap: str) -> int:
-    """Records of the OTLP topics capture has not yet processed (committed past)."""
+def capture_lag(cfg: Config, bootstrap: str, group: str) -> int:
+    """Records of the OTLP topics capture (consumer group ``group``) has not yet processed
+    (committed past)."""
     ends = true_end_offsets(bootstrap, [cfg.topics.otlp_spans, cfg.topics.otlp_logs])
-    commits = consumer_offsets(cfg, bootstrap, list(ends))
+    commits = committed_offsets(bootstrap, group, list(ends))
     return sum(max(0, end - max(0, commits.get(tp, -1))) for tp, end in ends.items())
 
 

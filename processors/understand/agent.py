@@ -26,6 +26,7 @@ from processors.runtime import (
     dead_letter,
     partition_of,
 )
+from processors.stages import CAPTURE_ONLY, app_id
 from processors.status import capture_lag
 from processors.understand import assemble
 from processors.understand.core import Understand, UnderstandBatch, tag_row
@@ -133,6 +134,9 @@ class CaptureBacklog:
         self._checked = float("-inf")
         self._behind = False
         self._failing = False
+        # capture in this worker reads in its group; else capture processes read in theirs
+        stages = w.pipe.stages
+        self.group = app_id(stages if "capture" in stages else CAPTURE_ONLY)
 
     async def behind(self) -> bool:
         now = time.monotonic()
@@ -140,7 +144,9 @@ class CaptureBacklog:
             return self._behind
         self._checked = now
         try:
-            lag = await asyncio.to_thread(capture_lag, self.w.pipe.cfg, self.w.pipe.bootstrap)
+            lag = await asyncio.to_thread(
+                capture_lag, self.w.pipe.cfg, self.w.pipe.bootstrap, self.group
+            )
         except Exception as e:  # the lag is a hint: unknown, the quiet rule alone decides
             if not self._failing:
                 log.warning(
