@@ -4,18 +4,21 @@ Pure core. The state of one open conversation is a plain dict (it lives in a fau
 table keyed by conversation id, so it must be JSON-serialisable):
 
     {"turns": {span_id: turn dict}, "first_ns": int, "last_seen_ns": int,
-     "last_span_ns": int, "ended_ns": int, "closed_ns": int, "emitted_version": int}
+     "heard_ns": int, "ended_ns": int, "closed_ns": int, "emitted_version": int}
 
-``*_seen_ns``, ``ended_ns`` and ``closed_ns`` are wall times of arrival; ``last_span_ns`` is
-event time: the newest span time of the conversation (a state from before it existed gets
-it from its turns).
+``*_seen_ns``, ``ended_ns`` and ``closed_ns`` are wall times of arrival; ``heard_ns`` is
+event time: its partition's watermark when the conversation last received a record (a state
+from before it existed gets its newest span time).
 
 A conversation closes when a span carries the end marker (after a short grace so the
 sibling spans of the last turn still join) or when it is idle in event time: its
-partition's watermark has passed its last span by ``idle_timeout_s``. The watermark
+partition's watermark has moved ``idle_timeout_s`` past ``heard_ns``. The watermark
 (:class:`Watermarks`) is the newest span time capture has delivered on the partition, so
 while capture lags (a backlog, a stuck stage) nothing closes from partial data however
-much wall time passes. The wall clock moves the watermark only once the partition has
+much wall time passes. Measuring from the watermark at arrival, not from the
+conversation's own span times, keeps conversations whose spans arrive out of time order
+with others' (a replay, a batch exporter holding spans) open until the partition's
+progress shows them idle. The wall clock moves the watermark only once the partition has
 been quiet for ``idle_timeout_s`` of wall time: no turn message, and capture with no
 input left to process (the ticks say so, from its consumer lag). Then capture has
 nothing more for it, and a quiet system still closes its conversations.
@@ -52,7 +55,7 @@ def new_state(now_ns: int) -> dict[str, Any]:
         "turns": {},
         "first_ns": now_ns,
         "last_seen_ns": now_ns,
-        "last_span_ns": 0,
+        "heard_ns": 0,
         "ended_ns": 0,
         "closed_ns": 0,
         "emitted_version": 0,
@@ -66,14 +69,14 @@ def add_turns(
     watermark_ns: int = 0,
 ) -> dict[str, Any]:
     """Fold turn records (records, or their dicts as they come off the topic) into a
-    conversation's state (idempotent: keyed by span id). A record without a span time
-    counts as of ``watermark_ns``, its partition's event-time progress when it arrived."""
+    conversation's state (idempotent: keyed by span id). ``watermark_ns``: its partition's
+    watermark with these records delivered (:meth:`Deadlines.delivered`)."""
     dicts = [t.to_dict() if isinstance(t, TurnRecord) else t for t in turns]
     if not all(isinstance(d.get("span_id"), str) and d["span_id"] for d in dicts):
         raise ValueError("a turn record needs a span_id")  # checked before the state changes
     times = [span_time_ns(d) for d in dicts]  # before the state changes, too
     st = new_state(now_ns) if state is None else state
-    st["last_span_ns"] = max([last_span_ns(st), *(t or watermark_ns for t in times)])
+    st["heard_ns"] = max([heard_ns(st), watermark_ns, *times])
     for d in dicts:
         span_id = d["span_id"]
         prev = st["turns"].get(span_id)
@@ -110,10 +113,11 @@ def span_time_ns(turn: dict[str, Any]) -> int:
     return max((int(t) for t in times if isinstance(t, int | float)), default=0)
 
 
-def last_span_ns(state: dict[str, Any]) -> int:
-    """The newest span time of a conversation (computed for a state saved before it was kept)."""
-    if "last_span_ns" in state:
-        return int(state["last_span_ns"])
+def heard_ns(state: dict[str, Any]) -> int:
+    """Its partition's watermark when the conversation last received a record (for a state
+    saved before it was kept: its newest span time)."""
+    if "heard_ns" in state:
+        return int(state["heard_ns"])
     return max((span_time_ns(t) for t in state["turns"].values()), default=0)
 
 
@@ -131,7 +135,7 @@ def is_due(state: dict[str, Any], now_ns: int, cfg: AssembleConfig, watermark_ns
 
 def idle_deadline(state: dict[str, Any], cfg: AssembleConfig) -> int:
     """The watermark (event time) at which an open conversation closes as idle."""
-    return last_span_ns(state) + int(cfg.idle_timeout_s * 1e9)
+    return heard_ns(state) + int(cfg.idle_timeout_s * 1e9)
 
 
 def wall_deadline(state: dict[str, Any]) -> int | None:
@@ -312,7 +316,7 @@ class Deadlines:
         for cid, state in list(table.items()):
             if state is not None and state.get("p") == partition:
                 self.push(cid, state)
-                newest = max(newest, last_span_ns(state))
+                newest = max(newest, heard_ns(state))
         self.watermarks.start(partition, newest, now_ns)
         self._indexed.add(partition)
 

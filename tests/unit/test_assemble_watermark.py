@@ -109,20 +109,37 @@ def test_late_span_reopens_and_closes_again_with_a_newer_version() -> None:
     assert part.tick(S) == ["a"]
     part.deliver("a", [span("a", "a-late", 9 * S)], now=2 * S)  # behind the watermark
     assert part.table["a"]["closed_ns"] == 0  # reopened
-    assert part.tick(2 * S) == ["a"]  # already idle in event time: closes at the next tick
+    # idle from the watermark it arrived at (41 s), not from its own old span time
+    assert part.tick(2 * S) == []
+    part.deliver("b", [span("b", "b1", 70 * S)], now=3 * S)
+    assert part.tick(3 * S) == []
+    part.deliver("c", [span("c", "c1", 71 * S)], now=4 * S)
+    assert part.tick(4 * S) == ["a"]
     first, second = part.closed["a"]
     assert first.conversation is not None and second.conversation is not None
     assert second.conversation.version > first.conversation.version
-    assert part.tick(2 * S + assemble.LINGER_NS) == ["b"]  # b: quiet partition
-    part.tick(3 * S + 2 * assemble.LINGER_NS)
+    part.tick(5 * S + 2 * assemble.LINGER_NS)
     assert "a" not in part.table  # past its linger: it leaves the state
+
+
+def test_spans_out_of_time_order_across_conversations_close_nothing_early() -> None:
+    # a replay plays conversations one after another: the later one's spans come first
+    part = Partition()
+    part.deliver("late", [span("late", f"l{i}", (60 + i) * S) for i in range(3)], now=0)
+    part.deliver("early", [span("early", "e0", 2 * S)], now=S)
+    assert part.tick(S) == []  # its span is 60 s behind the watermark, but it just arrived
+    part.deliver("early", [span("early", "e1", 20 * S)], now=2 * S)
+    part.deliver("next", [span("next", "n0", 93 * S)], now=3 * S)
+    assert sorted(part.tick(3 * S)) == ["early", "late"]
+    assert part.closed["early"][0].conversation is not None
+    assert part.closed["early"][0].conversation.version == 2  # both its spans
 
 
 def test_restored_state_of_the_old_format_closes_by_its_span_times() -> None:
     part = Partition()
     part.deliver("a", [span("a", "a0", 3 * S), span("a", "a1", 4 * S)], now=0)
     old = dict(part.table["a"])
-    del old["last_span_ns"]  # saved before the field existed
+    del old["heard_ns"]  # saved before the field existed
     restarted = Partition()
     restarted.table["a"] = old
     assert restarted.tick(100 * S) == []  # after a restart capture gets a quiet period first
