@@ -18,7 +18,9 @@ while capture lags (a backlog, a stuck stage) nothing closes from partial data h
 much wall time passes. Measuring from the watermark at arrival, not from the
 conversation's own span times, keeps conversations whose spans arrive out of time order
 with others' (a replay, a batch exporter holding spans) open until the partition's
-progress shows them idle. The wall clock moves the watermark only once the partition has
+progress shows them idle. An idle close also needs ``idle_timeout_s`` of wall time since
+the conversation's last record: capture merges its input partitions, which it may read at
+different paces, so one partition's spans can run ahead of another's by less than that. The wall clock moves the watermark only once the partition has
 been quiet for ``idle_timeout_s`` of wall time: no turn message, and capture with no
 input left to process (the ticks say so, from its consumer lag). Then capture has
 nothing more for it, and a quiet system still closes its conversations.
@@ -128,7 +130,8 @@ def is_due(state: dict[str, Any], now_ns: int, cfg: AssembleConfig, watermark_ns
         return ""
     if state["ended_ns"] and now_ns - state["last_seen_ns"] >= END_GRACE_NS:
         return "end"
-    if watermark_ns >= idle_deadline(state, cfg):
+    idle_ns = int(cfg.idle_timeout_s * 1e9)
+    if watermark_ns >= idle_deadline(state, cfg) and now_ns - state["last_seen_ns"] >= idle_ns:
         return "idle"
     return ""
 
@@ -138,14 +141,14 @@ def idle_deadline(state: dict[str, Any], cfg: AssembleConfig) -> int:
     return heard_ns(state) + int(cfg.idle_timeout_s * 1e9)
 
 
-def wall_deadline(state: dict[str, Any]) -> int | None:
-    """When (wall time) the state next needs a look for its end close or, once closed, its
-    expiry; ``None`` while only idleness can close it."""
+def wall_deadline(state: dict[str, Any], cfg: AssembleConfig) -> int:
+    """When (wall time) the state next needs a look: its end close, the wall-time half of its
+    idle close, or, once closed, its expiry."""
     if state["closed_ns"]:
         return int(state["closed_ns"]) + LINGER_NS
     if state["ended_ns"]:
         return int(state["last_seen_ns"]) + END_GRACE_NS
-    return None
+    return int(state["last_seen_ns"]) + int(cfg.idle_timeout_s * 1e9)
 
 
 def is_expired(state: dict[str, Any], now_ns: int) -> bool:
@@ -276,9 +279,7 @@ class Deadlines:
         p = state["p"]
         if not state["closed_ns"]:
             heapq.heappush(self._idle[p], (idle_deadline(state, self.cfg), conversation_id))
-        wall = wall_deadline(state)
-        if wall is not None:
-            heapq.heappush(self._wall[p], (wall, conversation_id))
+        heapq.heappush(self._wall[p], (wall_deadline(state, self.cfg), conversation_id))
 
     def close_due(
         self, table: OpenConversations, partition: int, now_ns: int, capture_behind: bool = False
@@ -294,7 +295,7 @@ class Deadlines:
         due: dict[str, None] = {}
         for heap, limit, deadline in (
             (self._idle[partition], watermark, lambda st: idle_deadline(st, self.cfg)),
-            (self._wall[partition], now_ns, wall_deadline),
+            (self._wall[partition], now_ns, lambda st: wall_deadline(st, self.cfg)),
         ):
             while heap and heap[0][0] <= limit:
                 at, cid = heapq.heappop(heap)

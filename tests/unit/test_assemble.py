@@ -98,7 +98,8 @@ def test_closing_on_end_marker_idle_and_late_span_reopens() -> None:
     idle = assemble.add_turns(None, [llm("s9", 0, [], [])], now_ns=0)  # its span ends at S/2
     # idleness is event time: the watermark, not the wall clock, must pass the last span
     assert assemble.is_due(idle, 1000 * S, cfg, 30 * S) == ""
-    assert assemble.is_due(idle, 0, cfg, 30 * S + S // 2) == "idle"
+    assert assemble.is_due(idle, 29 * S, cfg, 30 * S + S // 2) == ""  # and 30 s of wall time
+    assert assemble.is_due(idle, 30 * S, cfg, 30 * S + S // 2) == "idle"
 
 
 def test_content_record_merges_into_its_span_in_either_order() -> None:

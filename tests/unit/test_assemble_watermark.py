@@ -106,19 +106,19 @@ def test_late_span_reopens_and_closes_again_with_a_newer_version() -> None:
     part = Partition()
     part.deliver("a", [span("a", "a0", 10 * S)], now=0)
     part.deliver("b", [span("b", "b0", 41 * S)], now=S)
-    assert part.tick(S) == ["a"]
-    part.deliver("a", [span("a", "a-late", 9 * S)], now=2 * S)  # behind the watermark
+    assert part.tick(29 * S) == []  # idle by the watermark, not yet by 30 s of wall time
+    assert part.tick(30 * S) == ["a"]
+    part.deliver("a", [span("a", "a-late", 9 * S)], now=31 * S)  # behind the watermark
     assert part.table["a"]["closed_ns"] == 0  # reopened
     # idle from the watermark it arrived at (41 s), not from its own old span time
-    assert part.tick(2 * S) == []
-    part.deliver("b", [span("b", "b1", 70 * S)], now=3 * S)
-    assert part.tick(3 * S) == []
-    part.deliver("c", [span("c", "c1", 71 * S)], now=4 * S)
-    assert part.tick(4 * S) == ["a"]
+    part.deliver("b", [span("b", "b1", 70 * S)], now=50 * S)
+    assert part.tick(61 * S) == []
+    part.deliver("c", [span("c", "c1", 71 * S)], now=62 * S)
+    assert part.tick(62 * S) == ["a"]
     first, second = part.closed["a"]
     assert first.conversation is not None and second.conversation is not None
     assert second.conversation.version > first.conversation.version
-    part.tick(5 * S + 2 * assemble.LINGER_NS)
+    part.tick(63 * S + 2 * assemble.LINGER_NS)
     assert "a" not in part.table  # past its linger: it leaves the state
 
 
@@ -127,10 +127,11 @@ def test_spans_out_of_time_order_across_conversations_close_nothing_early() -> N
     part = Partition()
     part.deliver("late", [span("late", f"l{i}", (60 + i) * S) for i in range(3)], now=0)
     part.deliver("early", [span("early", "e0", 2 * S)], now=S)
-    assert part.tick(S) == []  # its span is 60 s behind the watermark, but it just arrived
-    part.deliver("early", [span("early", "e1", 20 * S)], now=2 * S)
-    part.deliver("next", [span("next", "n0", 93 * S)], now=3 * S)
-    assert sorted(part.tick(3 * S)) == ["early", "late"]
+    assert part.tick(29 * S) == []  # its span is 60 s behind the watermark, but it just arrived
+    part.deliver("early", [span("early", "e1", 20 * S)], now=29 * S)
+    part.deliver("next", [span("next", "n0", 93 * S)], now=30 * S)
+    assert part.tick(30 * S) == ["late"]
+    assert part.tick(59 * S) == ["early"]
     assert part.closed["early"][0].conversation is not None
     assert part.closed["early"][0].conversation.version == 2  # both its spans
 
