@@ -293,15 +293,18 @@ class Deadlines:
             self.watermarks.held(partition, now_ns)
         watermark = self.watermarks.at(partition, now_ns)
         due: dict[str, None] = {}
-        for heap, limit, deadline in (
-            (self._idle[partition], watermark, lambda st: idle_deadline(st, self.cfg)),
-            (self._wall[partition], now_ns, lambda st: wall_deadline(st, self.cfg)),
+        for heap, limit, wall in (
+            (self._idle[partition], watermark, False),
+            (self._wall[partition], now_ns, True),
         ):
             while heap and heap[0][0] <= limit:
                 at, cid = heapq.heappop(heap)
                 state = table.get(cid)
-                if state is not None and deadline(state) == at:
-                    due[cid] = None  # else deleted, or updated since: a later entry exists
+                if state is None:
+                    continue  # deleted
+                current = wall_deadline(state, self.cfg) if wall else idle_deadline(state, self.cfg)
+                if current == at:
+                    due[cid] = None  # else updated since: a later entry exists
         out = []
         for cid in due:
             state = table[cid]
