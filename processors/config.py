@@ -280,7 +280,7 @@ class CaptureConfig:
 
 @dataclass
 class AssembleConfig:
-    idle_timeout_s: float = 30.0  # a conversation with no new span for this long is closed
+    idle_timeout_s: float = 30.0  # closed after this long without a new span (by span time)
     end_attribute: str = "closeloop.conversation.end"  # span attribute that closes a conversation
 
     def validate(self) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import json
@@ -25,6 +26,8 @@ from processors.runtime import (
     dead_letter,
     partition_of,
 )
+from processors.stages import CAPTURE_ONLY, app_id
+from processors.status import capture_lag
 from processors.understand import assemble
 from processors.understand.core import Understand, UnderstandBatch, tag_row
 from processors.understand.embed import make_embedder
@@ -34,6 +37,7 @@ from processors.understand.signals import SignalResult, judge
 log = logging.getLogger("closeloop.worker")
 
 TICK_INTERVAL_S = 1.0
+CAPTURE_LAG_EVERY_S = 5.0  # how often the ticks re-read capture's consumer lag
 
 
 class Assembler:
@@ -73,8 +77,12 @@ class Assembler:
                 closed += self.close_due(e.message.partition, tick)
                 continue
             for cid, turns in groups.items():
+                p = partition_of(cid, self.w.pipe.cfg.kafka.partitions)
+                self.deadlines.delivered(p, turns, now)
                 try:
-                    state = assemble.add_turns(self.table.get(cid), turns, now)
+                    state = assemble.add_turns(
+                        self.table.get(cid), turns, now, self.deadlines.watermark(p, now)
+                    )
                 except (ValueError, TypeError, KeyError) as err:
                     dls.append(
                         dead_letter(
@@ -82,14 +90,14 @@ class Assembler:
                         )
                     )
                     continue
-                state["p"] = partition_of(cid, self.w.pipe.cfg.kafka.partitions)
+                state["p"] = p
                 self.table[cid] = state
                 self.deadlines.push(cid, state)
                 self.w.pipe.counters["assemble"].records_in += len(turns)
         return closed, dls
 
-    def close_due(self, partition: int, now: int) -> list[assemble.Closed]:
-        closed = self.deadlines.close_due(self.table, partition, now)
+    def close_due(self, partition: int, tick: assemble.Tick) -> list[assemble.Closed]:
+        closed = self.deadlines.close_due(self.table, partition, tick.ns, tick.capture_behind)
         for c in closed:
             if c.conversation is None:
                 log.error("assemble: cannot build conversation %s: %s", c.conversation_id, c.error)
@@ -115,6 +123,41 @@ class Assembler:
         pipe.counters["assemble"].records_out += len(convs)
 
 
+class CaptureBacklog:
+    """Whether capture has input it has not processed (its consumer lag on the OTLP topics),
+    read at most every few seconds: while it has, wall time does not close conversations."""
+
+    def __init__(self, w: Wiring) -> None:
+        self.w = w
+        idle_s = w.pipe.cfg.assemble.idle_timeout_s
+        self.every_s = max(TICK_INTERVAL_S, min(CAPTURE_LAG_EVERY_S, idle_s / 2))
+        self._checked = float("-inf")
+        self._behind = False
+        self._failing = False
+        # capture in this worker reads in its group; else capture processes read in theirs
+        stages = w.pipe.stages
+        self.group = app_id(stages if "capture" in stages else CAPTURE_ONLY)
+
+    async def behind(self) -> bool:
+        now = time.monotonic()
+        if not self.w.pipe.bootstrap or now - self._checked < self.every_s:
+            return self._behind
+        self._checked = now
+        try:
+            lag = await asyncio.to_thread(
+                capture_lag, self.w.pipe.cfg, self.w.pipe.bootstrap, self.group
+            )
+        except Exception as e:  # the lag is a hint: unknown, the quiet rule alone decides
+            if not self._failing:
+                log.warning(
+                    "assemble: cannot read capture's lag, idle closing goes by quiet: %s", e
+                )
+            self._failing, self._behind = True, False
+            return False
+        self._failing, self._behind = False, lag > 0
+        return self._behind
+
+
 def register_assemble(w: Wiring) -> None:
     assembler = Assembler(w)
     guard = w.read_guard("assemble")
@@ -129,11 +172,14 @@ def register_assemble(w: Wiring) -> None:
                 await assembler.publish(closed)
             await w.send_deadletters("assemble", dls)
 
+    capture = CaptureBacklog(w)
+
     @w.app.timer(TICK_INTERVAL_S)
     async def assemble_tick() -> None:
         # Closing happens inside the stream (table writes need the event's partition):
         # a tick per partition drives it.
-        value = json.dumps({"tick": time.time_ns()}).encode()
+        behind = await capture.behind()
+        value = json.dumps({"tick": time.time_ns(), "capture_behind": behind}).encode()
         for p in range(w.pipe.cfg.kafka.partitions):
             await w.turns.send(key=None, value=value, partition=p)
 

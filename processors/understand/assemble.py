@@ -4,11 +4,28 @@ Pure core. The state of one open conversation is a plain dict (it lives in a fau
 table keyed by conversation id, so it must be JSON-serialisable):
 
     {"turns": {span_id: turn dict}, "first_ns": int, "last_seen_ns": int,
-     "ended_ns": int, "closed_ns": int, "emitted_version": int}
+     "heard_ns": int, "ended_ns": int, "closed_ns": int, "emitted_version": int}
+
+``*_seen_ns``, ``ended_ns`` and ``closed_ns`` are wall times of arrival; ``heard_ns`` is
+event time: its partition's watermark when the conversation last received a record (a state
+from before it existed gets its newest span time).
 
 A conversation closes when a span carries the end marker (after a short grace so the
-sibling spans of the last turn still join) or after ``idle_timeout_s`` without a new
-record. A closed conversation lingers in state for ``linger_s`` so a late span reopens
+sibling spans of the last turn still join) or when it is idle in event time: its
+partition's watermark has moved ``idle_timeout_s`` past ``heard_ns``. The watermark
+(:class:`Watermarks`) is the newest span time capture has delivered on the partition, so
+while capture lags (a backlog, a stuck stage) nothing closes from partial data however
+much wall time passes. Measuring from the watermark at arrival, not from the
+conversation's own span times, keeps conversations whose spans arrive out of time order
+with others' (a replay, a batch exporter holding spans) open until the partition's
+progress shows them idle. An idle close also needs ``idle_timeout_s`` of wall time since
+the conversation's last record: capture merges its input partitions, which it may read at
+different paces, so one partition's spans can run ahead of another's by less than that. The wall clock moves the watermark only once the partition has
+been quiet for ``idle_timeout_s`` of wall time: no turn message, and capture with no
+input left to process (the ticks say so, from its consumer lag). Then capture has
+nothing more for it, and a quiet system still closes its conversations.
+
+A closed conversation lingers in state for ``linger_s`` so a late span reopens
 it and a newer version replaces the row (ReplacingMergeTree on ``version``); after that
 it leaves the state, which keeps the state bounded by the open conversations.
 
@@ -40,6 +57,7 @@ def new_state(now_ns: int) -> dict[str, Any]:
         "turns": {},
         "first_ns": now_ns,
         "last_seen_ns": now_ns,
+        "heard_ns": 0,
         "ended_ns": 0,
         "closed_ns": 0,
         "emitted_version": 0,
@@ -47,14 +65,20 @@ def new_state(now_ns: int) -> dict[str, Any]:
 
 
 def add_turns(
-    state: dict[str, Any] | None, turns: list[TurnRecord | dict[str, Any]], now_ns: int
+    state: dict[str, Any] | None,
+    turns: list[TurnRecord | dict[str, Any]],
+    now_ns: int,
+    watermark_ns: int = 0,
 ) -> dict[str, Any]:
     """Fold turn records (records, or their dicts as they come off the topic) into a
-    conversation's state (idempotent: keyed by span id)."""
+    conversation's state (idempotent: keyed by span id). ``watermark_ns``: its partition's
+    watermark with these records delivered (:meth:`Deadlines.delivered`)."""
     dicts = [t.to_dict() if isinstance(t, TurnRecord) else t for t in turns]
     if not all(isinstance(d.get("span_id"), str) and d["span_id"] for d in dicts):
         raise ValueError("a turn record needs a span_id")  # checked before the state changes
+    times = [span_time_ns(d) for d in dicts]  # before the state changes, too
     st = new_state(now_ns) if state is None else state
+    st["heard_ns"] = max([heard_ns(st), watermark_ns, *times])
     for d in dicts:
         span_id = d["span_id"]
         prev = st["turns"].get(span_id)
@@ -85,24 +109,46 @@ def _merge_turn(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def is_due(state: dict[str, Any], now_ns: int, cfg: AssembleConfig) -> str:
-    """'' if the conversation stays open, else why it closes now: 'end' or 'idle'."""
+def span_time_ns(turn: dict[str, Any]) -> int:
+    """A turn record's event time: when its span ended (or started); 0 if it carries none."""
+    times = [turn.get("end_ns"), turn.get("start_ns")]
+    return max((int(t) for t in times if isinstance(t, int | float)), default=0)
+
+
+def heard_ns(state: dict[str, Any]) -> int:
+    """Its partition's watermark when the conversation last received a record (for a state
+    saved before it was kept: its newest span time)."""
+    if "heard_ns" in state:
+        return int(state["heard_ns"])
+    return max((span_time_ns(t) for t in state["turns"].values()), default=0)
+
+
+def is_due(state: dict[str, Any], now_ns: int, cfg: AssembleConfig, watermark_ns: int) -> str:
+    """'' if the conversation stays open, else why it closes now: 'end' or 'idle'.
+    ``now_ns`` is wall time; ``watermark_ns`` its partition's event time (:class:`Watermarks`)."""
     if state["closed_ns"] or not state["turns"]:
         return ""
     if state["ended_ns"] and now_ns - state["last_seen_ns"] >= END_GRACE_NS:
         return "end"
-    if now_ns - state["last_seen_ns"] >= int(cfg.idle_timeout_s * 1e9):
+    idle_ns = int(cfg.idle_timeout_s * 1e9)
+    if watermark_ns >= idle_deadline(state, cfg) and now_ns - state["last_seen_ns"] >= idle_ns:
         return "idle"
     return ""
 
 
-def next_deadline(state: dict[str, Any], cfg: AssembleConfig) -> int:
-    """When the state next needs a look: its idle or end close, or, once closed, its expiry."""
+def idle_deadline(state: dict[str, Any], cfg: AssembleConfig) -> int:
+    """The watermark (event time) at which an open conversation closes as idle."""
+    return heard_ns(state) + int(cfg.idle_timeout_s * 1e9)
+
+
+def wall_deadline(state: dict[str, Any], cfg: AssembleConfig) -> int:
+    """When (wall time) the state next needs a look: its end close, the wall-time half of its
+    idle close, or, once closed, its expiry."""
     if state["closed_ns"]:
-        return state["closed_ns"] + LINGER_NS
+        return int(state["closed_ns"]) + LINGER_NS
     if state["ended_ns"]:
-        return state["last_seen_ns"] + END_GRACE_NS
-    return state["last_seen_ns"] + int(cfg.idle_timeout_s * 1e9)
+        return int(state["last_seen_ns"]) + END_GRACE_NS
+    return int(state["last_seen_ns"]) + int(cfg.idle_timeout_s * 1e9)
 
 
 def is_expired(state: dict[str, Any], now_ns: int) -> bool:
@@ -118,20 +164,29 @@ def close(conversation_id: str, state: dict[str, Any], reason: str, now_ns: int)
     return conv
 
 
-def parse_turn_message(value: bytes, key: Any) -> tuple[int | None, dict[str, list[Any]]]:
-    """A message of the turns topic: ``(tick ns, {})`` for a tick, else ``(None, groups)``:
+@dataclass(frozen=True)
+class Tick:
+    """A per-partition tick of the turns topic: wall time, and whether capture then had
+    input it had not processed (its consumer lag), which holds the wall clock back."""
+
+    ns: int
+    capture_behind: bool = False
+
+
+def parse_turn_message(value: bytes, key: Any) -> tuple[Tick | None, dict[str, list[Any]]]:
+    """A message of the turns topic: ``(tick, {})`` for a tick, else ``(None, groups)``:
     ``{conversation id: turn dicts}`` from a bundle, or one conversation's list keyed by ``key``.
 
     Raises :class:`InputError` (or ``ValueError`` for bad JSON) for anything else.
 
-    >>> parse_turn_message(b'{"tick": 5}', None)
-    (5, {})
+    >>> parse_turn_message(b'{"tick": 5, "capture_behind": true}', None)
+    (Tick(ns=5, capture_behind=True), {})
     >>> parse_turn_message(b'[{"span_id": "s"}]', b"c1")
     (None, {'c1': [{'span_id': 's'}]})
     """
     body = orjson.loads(value)
     if isinstance(body, dict) and "tick" in body:
-        return int(body["tick"]), {}
+        return Tick(int(body["tick"]), body.get("capture_behind") is True), {}
     if isinstance(body, dict) and isinstance(body.get("conversations"), dict):
         groups = body["conversations"]  # a bundle: {conversation id: turns}
     elif isinstance(body, list):  # one conversation, keyed by its id
@@ -158,42 +213,116 @@ class Closed:
 OpenConversations = MutableMapping[str, Any]  # conversation id -> state (``"p"``: its partition)
 
 
+class Watermarks:
+    """Each partition's event-time progress: the newest span time capture has delivered on
+    it, moved on by the wall clock only after ``idle_timeout_s`` of wall time without a turn
+    message while capture had no input left to process (its consumer lag, carried by the
+    ticks). Ticks are not capture's progress: they move no span time.
+    """
+
+    def __init__(self, cfg: AssembleConfig) -> None:
+        self.idle_ns = int(cfg.idle_timeout_s * 1e9)
+        self._span_ns: dict[int, int] = {}
+        self._arrived_ns: dict[int, int] = {}  # wall time of the last turn message
+
+    def known(self, partition: int) -> bool:
+        return partition in self._span_ns
+
+    def start(self, partition: int, span_ns: int, now_ns: int) -> None:
+        """After a (re)start: the progress the restored conversations show, and a full quiet
+        period from now before wall time counts (capture may have a backlog)."""
+        self._span_ns[partition] = max(self._span_ns.get(partition, 0), span_ns)
+        self._arrived_ns.setdefault(partition, now_ns)
+
+    def delivered(self, partition: int, span_ns: int, now_ns: int) -> None:
+        """A turn message of ``partition`` arrived, its newest span at ``span_ns`` (0: none)."""
+        self._span_ns[partition] = max(self._span_ns.get(partition, 0), span_ns)
+        self._arrived_ns[partition] = now_ns
+
+    def held(self, partition: int, now_ns: int) -> None:
+        """Capture has input it has not processed: the partition is not quiet, whatever
+        arrived (a stuck or lagging capture must not look like a quiet system)."""
+        self._arrived_ns[partition] = max(self._arrived_ns.get(partition, 0), now_ns)
+
+    def at(self, partition: int, now_ns: int) -> int:
+        """The partition's watermark at wall time ``now_ns``."""
+        span_ns = self._span_ns.get(partition, 0)
+        quiet_ns = now_ns - self._arrived_ns.get(partition, now_ns)
+        return span_ns + quiet_ns if quiet_ns >= self.idle_ns else span_ns
+
+
 class Deadlines:
-    """When each open conversation next needs a look, per partition: a heap with stale
-    entries skipped on pop, so a tick looks only at conversations that are due. After a
-    (re)start each partition's heap is rebuilt once from the restored table.
+    """When each open conversation next needs a look, per partition: two heaps, one in
+    event time (the idle close, against the partition's watermark) and one in wall time
+    (the end grace, the linger), with stale entries skipped on pop, so a tick looks only at
+    conversations that are due. After a (re)start each partition's heaps and watermark are
+    rebuilt once from the restored table.
     """
 
     def __init__(self, cfg: AssembleConfig) -> None:
         self.cfg = cfg
-        self._heaps: dict[int, list[tuple[int, str]]] = defaultdict(list)
+        self.watermarks = Watermarks(cfg)
+        self._idle: dict[int, list[tuple[int, str]]] = defaultdict(list)
+        self._wall: dict[int, list[tuple[int, str]]] = defaultdict(list)
         self._indexed: set[int] = set()
+
+    def watermark(self, partition: int, now_ns: int) -> int:
+        return self.watermarks.at(partition, now_ns)
+
+    def delivered(self, partition: int, turns: list[dict[str, Any]], now_ns: int) -> None:
+        """Capture delivered ``turns`` on ``partition``: its watermark moves on."""
+        newest = max((span_time_ns(t) for t in turns if isinstance(t, dict)), default=0)
+        self.watermarks.delivered(partition, newest, now_ns)
 
     def push(self, conversation_id: str, state: dict[str, Any]) -> None:
         """Look at ``state`` (of partition ``state["p"]``) again at its next deadline."""
-        heapq.heappush(self._heaps[state["p"]], (next_deadline(state, self.cfg), conversation_id))
+        p = state["p"]
+        if not state["closed_ns"]:
+            heapq.heappush(self._idle[p], (idle_deadline(state, self.cfg), conversation_id))
+        heapq.heappush(self._wall[p], (wall_deadline(state, self.cfg), conversation_id))
 
-    def close_due(self, table: OpenConversations, partition: int, now_ns: int) -> list[Closed]:
+    def close_due(
+        self, table: OpenConversations, partition: int, now_ns: int, capture_behind: bool = False
+    ) -> list[Closed]:
         """The conversations of ``partition`` due at ``now_ns``, closed; expired ones leave
-        ``table``. The table keeps the open state until the conversation is published."""
-        heap = self._heaps[partition]
+        ``table``. The table keeps the open state until the conversation is published.
+        ``capture_behind``: capture has unprocessed input, so wall time does not count."""
         if partition not in self._indexed:
-            for cid, state in list(table.items()):
-                if state is not None and state.get("p") == partition:
-                    heapq.heappush(heap, (next_deadline(state, self.cfg), cid))
-            self._indexed.add(partition)
+            self._index(table, partition, now_ns)
+        if capture_behind:
+            self.watermarks.held(partition, now_ns)
+        watermark = self.watermarks.at(partition, now_ns)
+        due: dict[str, None] = {}
+        for heap, limit, wall in (
+            (self._idle[partition], watermark, False),
+            (self._wall[partition], now_ns, True),
+        ):
+            while heap and heap[0][0] <= limit:
+                at, cid = heapq.heappop(heap)
+                state = table.get(cid)
+                if state is None:
+                    continue  # deleted
+                current = wall_deadline(state, self.cfg) if wall else idle_deadline(state, self.cfg)
+                if current == at:
+                    due[cid] = None  # else updated since: a later entry exists
         out = []
-        while heap and heap[0][0] <= now_ns:
-            _, cid = heapq.heappop(heap)
-            state = table.get(cid)
-            if state is None or next_deadline(state, self.cfg) > now_ns:
-                continue  # deleted, or updated since: a later entry exists
-            reason = is_due(state, now_ns, self.cfg)
+        for cid in due:
+            state = table[cid]
+            reason = is_due(state, now_ns, self.cfg, watermark)
             if reason:
                 out.append(_closed(cid, state, reason, now_ns))
             elif is_expired(state, now_ns):
                 del table[cid]
         return out
+
+    def _index(self, table: OpenConversations, partition: int, now_ns: int) -> None:
+        newest = 0
+        for cid, state in list(table.items()):
+            if state is not None and state.get("p") == partition:
+                self.push(cid, state)
+                newest = max(newest, heard_ns(state))
+        self.watermarks.start(partition, newest, now_ns)
+        self._indexed.add(partition)
 
 
 def _closed(cid: str, state: dict[str, Any], reason: str, now_ns: int) -> Closed:

@@ -98,8 +98,9 @@ def tags_of(
             states.get(turn.conversation_id), [turn], now_ns
         )
     later = now_ns + int(cfg.assemble.idle_timeout_s * 1e9)
+    watermark = max(assemble.idle_deadline(st, cfg.assemble) for st in states.values())
     convs = [
-        assemble.close(cid, st, assemble.is_due(st, later, cfg.assemble), later)
+        assemble.close(cid, st, assemble.is_due(st, later, cfg.assemble, watermark), later)
         for cid, st in states.items()
     ]
     assert sorted(c.conversation_id for c in convs) == sorted(intent)

@@ -83,20 +83,23 @@ def test_closing_on_end_marker_idle_and_late_span_reopens() -> None:
         [llm("s1", 0, [Message(role="user", content="hi")], [], end_of_conversation=True)],
         now_ns=100 * S,
     )
-    assert assemble.is_due(st, 100 * S, cfg) == ""  # grace for sibling spans
-    assert assemble.is_due(st, 102 * S, cfg) == "end"
+    assert assemble.is_due(st, 100 * S, cfg, 0) == ""  # grace for sibling spans
+    assert assemble.is_due(st, 102 * S, cfg, 0) == "end"
     first = assemble.close("c", st, "end", 102 * S)
     late = assemble.add_turns(
         st, [llm("s2", S, [], [Message(role="assistant", content="late")])], now_ns=110 * S
     )
     assert late["closed_ns"] == 0
-    assert assemble.is_due(late, 110 * S, cfg) == ""
-    assert assemble.is_due(late, 112 * S, cfg) == "end"  # it had ended: closes again after grace
+    assert assemble.is_due(late, 110 * S, cfg, 0) == ""
+    assert assemble.is_due(late, 112 * S, cfg, 0) == "end"  # it had ended: closes again after grace
     second = assemble.close("c", late, "end", 112 * S)
     assert second.version > first.version  # the newer row replaces the older
     assert assemble.is_expired(late, 112 * S + assemble.LINGER_NS)
-    idle = assemble.add_turns(None, [llm("s9", 0, [], [])], now_ns=0)
-    assert assemble.is_due(idle, 29 * S, cfg) == "" and assemble.is_due(idle, 30 * S, cfg) == "idle"
+    idle = assemble.add_turns(None, [llm("s9", 0, [], [])], now_ns=0)  # its span ends at S/2
+    # idleness is event time: the watermark, not the wall clock, must pass the last span
+    assert assemble.is_due(idle, 1000 * S, cfg, 30 * S) == ""
+    assert assemble.is_due(idle, 29 * S, cfg, 30 * S + S // 2) == ""  # and 30 s of wall time
+    assert assemble.is_due(idle, 30 * S, cfg, 30 * S + S // 2) == "idle"
 
 
 def test_content_record_merges_into_its_span_in_either_order() -> None:

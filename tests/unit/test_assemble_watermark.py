@@ -1,0 +1,148 @@
+"""Closing by event time: a conversation closes when its partition's watermark (the newest
+span time capture delivered) passes its last span by the idle timeout, not by wall time;
+wall time counts only once the partition has been quiet for that long. A fake clock."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from processors.config import AssembleConfig
+from processors.records import Message, TurnRecord
+from processors.understand import assemble
+
+S = 1_000_000_000
+IDLE = 30 * S
+CFG = AssembleConfig(idle_timeout_s=30)
+
+
+def span(cid: str, sid: str, end_ns: int) -> dict[str, Any]:
+    return TurnRecord(
+        conversation_id=cid,
+        trace_id="t" + cid,
+        span_id=sid,
+        span_kind="llm",
+        start_ns=end_ns - S // 2,
+        end_ns=end_ns,
+        input_messages=[Message(role="user", content=f"{cid} {sid}")],
+    ).to_dict()
+
+
+class Partition:
+    """What the assemble agent does with one partition's messages, on a fake clock."""
+
+    def __init__(self) -> None:
+        self.table: dict[str, Any] = {}
+        self.deadlines = assemble.Deadlines(CFG)
+        self.closed: dict[str, list[assemble.Closed]] = {}
+
+    def deliver(self, cid: str, turns: list[dict[str, Any]], now: int) -> None:
+        self.deadlines.delivered(0, turns, now)
+        watermark = self.deadlines.watermark(0, now)
+        state = assemble.add_turns(self.table.get(cid), turns, now, watermark)
+        state["p"] = 0
+        self.table[cid] = state
+        self.deadlines.push(cid, state)
+
+    def tick(self, now: int, capture_behind: bool = False) -> list[str]:
+        done = self.deadlines.close_due(self.table, 0, now, capture_behind)
+        for c in done:  # as publish does
+            self.table[c.conversation_id] = c.state
+            self.deadlines.push(c.conversation_id, c.state)
+            self.closed.setdefault(c.conversation_id, []).append(c)
+        return [c.conversation_id for c in done]
+
+
+def test_lagging_capture_closes_nothing_early_however_much_wall_time_passes() -> None:
+    rng = random.Random(20)
+    part = Partition()
+    # "a" was active at event time 0..5 s; capture then works through a backlog of "b",
+    # delivering an old span every few wall seconds, each only 0.5 s newer than the last
+    for i in range(6):
+        part.deliver("a", [span("a", f"a{i}", i * S)], now=1000 * S)
+    wall, event = 1000 * S, 5 * S
+    for i in range(58):  # event time reaches 34 s: under a's last span + idle (35 s)
+        wall += rng.randint(1, 20) * S  # never quiet for the idle timeout
+        event += S // 2
+        part.deliver("b", [span("b", f"b{i}", event)], now=wall)
+        assert part.tick(wall) == [], f"closed at wall {wall}, watermark {event}"
+        assert part.tick(wall + rng.randint(0, 29) * S) == []  # ticks between deliveries
+    assert wall - 1000 * S > 10 * IDLE  # far more wall time than the idle timeout passed
+    part.deliver("b", [span("b", "b-last", 35 * S)], now=wall + S)
+    assert part.tick(wall + S) == ["a"]  # the watermark passed a's last span by the timeout
+    assert part.closed["a"][0].conversation is not None
+    assert part.closed["a"][0].conversation.version == 6  # from all its spans
+    assert part.closed["a"][0].conversation.closed_reason == "idle"
+
+
+def test_quiet_partition_closes_after_the_idle_timeout_of_wall_time() -> None:
+    part = Partition()
+    part.deliver("a", [span("a", "a0", 7 * S)], now=500 * S)  # span clock unrelated to wall
+    part.deliver("a", [span("a", "a1", 8 * S)], now=501 * S)
+    for t in range(501, 531):
+        assert part.tick(t * S) == []
+    assert part.tick(531 * S) == ["a"]  # quiet for 30 s of wall time since the last message
+
+
+def test_capture_stuck_with_input_left_holds_the_wall_clock_back() -> None:
+    part = Partition()
+    part.deliver("a", [span("a", "a0", 7 * S)], now=0)
+    for t in range(1, 300):  # capture is stuck on a backlog for five minutes: nothing closes
+        assert part.tick(t * S, capture_behind=True) == []
+    for t in range(300, 329):  # caught up: a full quiet period from its last backlog
+        assert part.tick(t * S) == []
+    assert part.tick(329 * S) == ["a"]
+
+
+def test_ticks_do_not_count_as_capture_progress() -> None:
+    part = Partition()
+    part.deliver("a", [span("a", "a0", S)], now=0)
+    part.deliver("b", [span("b", "b0", S)], now=20 * S)
+    assert part.tick(45 * S) == []  # 45 s of ticks, but the last message is 25 s old
+    assert sorted(part.tick(50 * S)) == ["a", "b"]
+
+
+def test_late_span_reopens_and_closes_again_with_a_newer_version() -> None:
+    part = Partition()
+    part.deliver("a", [span("a", "a0", 10 * S)], now=0)
+    part.deliver("b", [span("b", "b0", 41 * S)], now=S)
+    assert part.tick(29 * S) == []  # idle by the watermark, not yet by 30 s of wall time
+    assert part.tick(30 * S) == ["a"]
+    part.deliver("a", [span("a", "a-late", 9 * S)], now=31 * S)  # behind the watermark
+    assert part.table["a"]["closed_ns"] == 0  # reopened
+    # idle from the watermark it arrived at (41 s), not from its own old span time
+    part.deliver("b", [span("b", "b1", 70 * S)], now=50 * S)
+    assert part.tick(61 * S) == []
+    part.deliver("c", [span("c", "c1", 71 * S)], now=62 * S)
+    assert part.tick(62 * S) == ["a"]
+    first, second = part.closed["a"]
+    assert first.conversation is not None and second.conversation is not None
+    assert second.conversation.version > first.conversation.version
+    part.tick(63 * S + 2 * assemble.LINGER_NS)
+    assert "a" not in part.table  # past its linger: it leaves the state
+
+
+def test_spans_out_of_time_order_across_conversations_close_nothing_early() -> None:
+    # a replay plays conversations one after another: the later one's spans come first
+    part = Partition()
+    part.deliver("late", [span("late", f"l{i}", (60 + i) * S) for i in range(3)], now=0)
+    part.deliver("early", [span("early", "e0", 2 * S)], now=S)
+    assert part.tick(29 * S) == []  # its span is 60 s behind the watermark, but it just arrived
+    part.deliver("early", [span("early", "e1", 20 * S)], now=29 * S)
+    part.deliver("next", [span("next", "n0", 93 * S)], now=30 * S)
+    assert part.tick(30 * S) == ["late"]
+    assert part.tick(59 * S) == ["early"]
+    assert part.closed["early"][0].conversation is not None
+    assert part.closed["early"][0].conversation.version == 2  # both its spans
+
+
+def test_restored_state_of_the_old_format_closes_by_its_span_times() -> None:
+    part = Partition()
+    part.deliver("a", [span("a", "a0", 3 * S), span("a", "a1", 4 * S)], now=0)
+    old = dict(part.table["a"])
+    del old["heard_ns"]  # saved before the field existed
+    restarted = Partition()
+    restarted.table["a"] = old
+    assert restarted.tick(100 * S) == []  # after a restart capture gets a quiet period first
+    restarted.deliver("b", [span("b", "b0", 34 * S)], now=101 * S)
+    assert restarted.tick(101 * S) == ["a"]  # 34 s >= a's 4 s + 30 s
