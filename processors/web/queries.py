@@ -271,7 +271,9 @@ def conversation(store: Store, conversation_id: str) -> dict[str, Any] | None:
         "SELECT dc.diagnosis_id AS diagnosis_id, dc.failure_kind AS failure_kind, dc.turn AS turn, "
         "dc.tool AS tool, dc.detail AS detail, d.latest_summary AS summary FROM diagnosis_conversations AS dc "
         "FINAL LEFT JOIN (SELECT diagnosis_id, argMax(summary, version) AS latest_summary FROM diagnoses "
-        "GROUP BY diagnosis_id) AS d ON d.diagnosis_id = dc.diagnosis_id "
+        "WHERE diagnosis_id IN (SELECT diagnosis_id FROM diagnosis_conversations "
+        "WHERE conversation_id = {c:String}) GROUP BY diagnosis_id) AS d "
+        "ON d.diagnosis_id = dc.diagnosis_id "
         "WHERE dc.conversation_id = {c:String} ORDER BY dc.diagnosis_id",
         p,
     )
