@@ -705,9 +705,7 @@ def _dotted_keys(data: dict[str, Any], prefix: str = "") -> Iterator[str]:
 
 
 def config_for(config: str | os.PathLike[str] | None, home: str | None, **overrides: Any) -> Config:
-    """The configuration of a command: ``--config``, else ``closeloop.yaml`` inside ``--home``
-    (a home made with its own file needs no ``--config`` on every command), else the usual
-    search (``CLOSELOOP_CONFIG``, ``./closeloop.yaml``)."""
-    if config is None and home is not None and (Path(home) / HOME_CONFIG).is_file():
-        config = Path(home) / HOME_CONFIG
+    """The configuration of a command with ``--config`` and ``--home``: :func:`load_config`'s
+    search, which finds ``closeloop.yaml`` inside the home (a home made with its own file
+    needs no ``--config`` on every command)."""
     return load_config(config, overrides={"home": home, **overrides})
