@@ -92,6 +92,24 @@ def add_turns(
     return st
 
 
+def with_stored_turns(
+    state: dict[str, Any] | None, stored: list[dict[str, Any]], now_ns: int
+) -> dict[str, Any] | None:
+    """``state`` with the stored turn records it lacks folded in (its conversation's records
+    from the store of record, after the broker lost its topics); ``None`` when it lacks none,
+    so a state the broker kept is left as it is.
+
+    >>> st = with_stored_turns(None, [{"span_id": "s", "end_ns": 7}], 10)
+    >>> sorted(st["turns"]), st["heard_ns"], st["last_seen_ns"]
+    (['s'], 7, 10)
+    >>> with_stored_turns(st, [{"span_id": "s"}], 20) is None
+    True
+    """
+    have = state["turns"] if state is not None else {}
+    missing: list[TurnRecord | dict[str, Any]] = [d for d in stored if d.get("span_id") not in have]
+    return add_turns(state, missing, now_ns) if missing else None
+
+
 def _merge_turn(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """Merge a span record and a content record of the same span (either order)."""
     if a.get("span_kind") == "content" and b.get("span_kind") != "content":
