@@ -87,7 +87,7 @@ class Assembler:
         records of untagged recent conversations that the table lacks — all of them when a
         memory broker lost its topics (a clean stop, a crash of the whole tree), none when
         the broker kept them — so every conversation whose spans were stored closes and is
-        tagged. The deadlines pick them up at each partition's first tick."""
+        tagged."""
         pipe = self.w.pipe
         now = time.time_ns()
         since = now - int(pipe.cfg.assemble.recover_horizon_s * 1e9)
@@ -104,15 +104,18 @@ class Assembler:
             p = partition_of(cid, pipe.cfg.kafka.partitions)
             if p not in mine:
                 continue
+            self.deadlines.index(self.table, p, now)  # the restored table before new pushes
             try:
                 stored = [orjson.loads(r) for r in row["records"]]
                 state = assemble.with_stored_turns(self.table.get(cid), stored, now)
             except (ValueError, TypeError, KeyError) as err:
                 log.error("assemble: cannot rebuild conversation %s: %s", cid[:100], err)
                 continue
-            if state is not None:
+            if state is not None:  # as fold does with delivered records
+                self.deadlines.delivered(p, stored, now)
                 state["p"] = p
                 self.table[cid] = state
+                self.deadlines.push(cid, state)
                 rebuilt += 1
         if rebuilt:
             log.warning(
@@ -136,6 +139,7 @@ class Assembler:
                 continue
             for cid, turns in groups.items():
                 p = partition_of(cid, self.w.pipe.cfg.kafka.partitions)
+                self.deadlines.index(self.table, p, now)  # the restored table before new pushes
                 self.deadlines.delivered(p, turns, now)
                 try:
                     state = assemble.add_turns(

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import os
 import signal
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from examples.support_agent import run_cycle
 from processors.embedded.stack import EmbeddedStack
+from processors.records import Conversation
 
 from .harness import Loop, conversation_intents, read_topic, running_loop
 
@@ -67,3 +69,26 @@ def test_open_conversations_are_tagged_once_after_a_restart(
         assert (len(assembled), len(tagged)) == (N, N)
         log = (loop.cfg.log_dir() / "worker.log").read_text()
         assert f"{N} conversations rebuilt from the store" in log
+
+
+def test_a_worker_start_publishes_each_conversation_version_once(tmp_path: Path) -> None:
+    # The worker starts while a backlog waits: its first batches fold records of conversations
+    # before the first tick of their partition, which indexes the restored table. Each
+    # conversation version is published once, not again at that first tick.
+    with running_loop(tmp_path) as loop:
+        first = run_cycle(loop.repo, loop.endpoint, n=N, seed=11, mode="scripted")
+        assert loop.wait_count(TAGS, N) == N
+        worker = loop.stack.children["worker"]
+        worker.stop()  # quiet: everything tagged, the table holds closed states
+        second = run_cycle(loop.repo, loop.endpoint, n=2 * N, seed=12, mode="scripted")
+        worker.start()
+        assert loop.wait_count(TAGS, 3 * N) == 3 * N
+
+        published = [
+            Conversation.from_json(v)
+            for v in read_topic(loop.stack.bootstrap, loop.cfg.topics.conversations)
+        ]
+        versions = Counter((c.conversation_id, c.version) for c in published)
+        ids = {c.conversation_id for c in first.conversations + second.conversations}
+        assert {cid for cid, _ in versions} == ids
+        assert [k for k, n in versions.items() if n > 1] == []
