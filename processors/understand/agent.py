@@ -38,8 +38,10 @@ from processors.understand.signals import SignalResult, judge
 log = logging.getLogger("closeloop.worker")
 
 TICK_INTERVAL_S = 1.0
+CAPTURE_LAG_EVERY_S = 5.0  # how often the ticks re-read capture's consumer lag
 # Conversations with recent stored turn records that no tag covers (fewer tagged spans than
-# stored): open, or assembled and not yet tagged, when the broker's topics were lost.
+# stored): open, or assembled and not yet tagged, when the broker's topics were lost. Those
+# understand dead-lettered stay out: published again they would only fail again.
 UNTAGGED_SQL = """
 SELECT s.conversation_id AS conversation_id, s.records AS records
 FROM (
@@ -55,8 +57,8 @@ LEFT JOIN (
     FROM conversation_tags GROUP BY conversation_id
 ) AS t ON s.conversation_id = t.conversation_id
 WHERE s.spans > t.tagged
+    AND s.conversation_id NOT IN (SELECT key FROM deadletter WHERE stage = 'understand')
 """
-CAPTURE_LAG_EVERY_S = 5.0  # how often the ticks re-read capture's consumer lag
 
 
 class Assembler:
