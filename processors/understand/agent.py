@@ -14,7 +14,7 @@ from typing import Any
 import faust
 
 from processors.errors import InputError
-from processors.feedback import record_feedback
+from processors.feedback import record_feedback, with_feedback
 from processors.records import Conversation, DeadLetter, TagRecord
 from processors.runtime import (
     DEADLETTER_MAX_BYTES,
@@ -289,6 +289,8 @@ def register_understand(w: Wiring) -> None:
                 convs = [c for c in convs if c.messages or not c.evaluations]
                 dls += await late_feedback(w, late, now)
             if convs:
+                # feedback recorded after an earlier version closed outlives this version's tags
+                convs = await pipe.read("understand", with_feedback, pipe.store, convs)
                 batch = await pipe.run_core("understand", core.process, convs, now)
                 pipe.counters["understand"].records_in += len(convs)
                 await pipe.write(

@@ -3,7 +3,9 @@ hour later, a task's reward at the end of the day) re-versions the conversation'
 
 Pure core: :func:`feedback_evaluation` validates and redacts what was sent;
 :func:`stated_evaluations` reads the evaluations a conversation's spans carried (span events
-and the outcome attribute, as stored in ``spans``); :func:`retag` gives the conversation's
+and the outcome attribute, as stored in ``spans``); :func:`add_feedback` puts stored feedback
+back among a conversation's evaluations when it is assembled again, so feedback's outcome
+outlives later versions; :func:`retag` gives the conversation's
 new :class:`~processors.records.TagRecord`, one version above the last, with the outcome
 :mod:`.outcomes` decides from every evaluation (the newest of each name counts).
 """
@@ -22,6 +24,7 @@ from processors.records import (
     EVALUATION_EVENT,
     OUTCOME_ATTRIBUTE,
     OUTCOME_REASON_ATTRIBUTE,
+    Conversation,
     Evaluation,
     TagRecord,
 )
@@ -115,6 +118,21 @@ def stated_evaluations(span_rows: Iterable[Mapping[str, Any]]) -> list[Evaluatio
                 )
             )
     return out
+
+
+def add_feedback(conv: Conversation, feedback: list[Evaluation]) -> Conversation:
+    """``conv`` with the stored ``feedback`` among its evaluations, each once (a conversation
+    tagged again must not count the same feedback twice, nor lose it)."""
+    have = {_identity(ev) for ev in conv.evaluations}
+    extra = [ev for ev in feedback if _identity(ev) not in have]
+    if not extra:
+        return conv
+    return dataclasses.replace(conv, evaluations=[*conv.evaluations, *extra])
+
+
+def _identity(ev: Evaluation) -> tuple[Any, ...]:
+    # what the feedback table keeps of an evaluation (span and response ids are not stored)
+    return (ev.name, ev.score, ev.label, ev.explanation, ev.source, ev.ts_ns)
 
 
 def retag(tag: TagRecord, evaluations: list[Evaluation], cfg: UnderstandConfig) -> TagRecord:

@@ -21,7 +21,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from processors.capture.transcripts import parse_line, to_request
 from processors.feedback import record_feedback
-from processors.records import TagRecord
+from processors.records import Evaluation, TagRecord
 from processors.redact import Redactor
 from processors.understand.feedback import feedback_evaluation
 from processors.web.server import WebServer
@@ -180,7 +180,8 @@ def test_evaluation_log_record_sets_the_outcome(pipe: Pipeline) -> None:
     assert (r["outcome"], r["failed"], r["outcome_source"]) == ("failed", 1, "stated")
 
 
-def _tags_on_topic(pipe: Pipeline, cid: str) -> list[TagRecord]:
+def _tags_on_topic(pipe: Pipeline, cid: str, version: int = 2) -> list[TagRecord]:
+    """``cid``'s tags on the tags topic, read until a stated one of ``version`` or above."""
     c = Consumer({"bootstrap.servers": pipe.broker.bootstrap, "group.id": f"t-{time.time_ns()}"})
     topic = pipe.cfg.topics.tags
     parts = c.list_topics(topic, timeout=10).topics[topic].partitions
@@ -191,7 +192,7 @@ def _tags_on_topic(pipe: Pipeline, cid: str) -> list[TagRecord]:
         for m in c.consume(500, 1.0):
             if m.error() is None and m.key() == cid.encode():
                 out.append(TagRecord.from_json(m.value()))
-        if out and any(t.outcome_source == "stated" and t.conversation_version > 1 for t in out):
+        if any(t.outcome_source == "stated" and t.conversation_version >= version for t in out):
             break
     c.close()
     return out
@@ -232,6 +233,36 @@ def test_late_feedback_reversions_a_closed_conversation(
     assert any(
         t.failed and t.conversation_version == before["v"] + 1 for t in _tags_on_topic(pipe, "b1")
     )
+
+
+def test_late_feedback_outlives_a_later_version_of_its_conversation(
+    pipe: Pipeline, imported: subprocess.CompletedProcess
+) -> None:
+    from processors.feedback import load_tagged
+
+    pipe.wait_rows("SELECT 1 FROM conversation_tags FINAL WHERE conversation_id = 'b5'", 1)
+    ev = feedback_evaluation(label="thumbs_down", redactor=Redactor([]), now_ns=time.time_ns())
+    fed = record_feedback(pipe.store, pipe.cfg, "b5", ev)  # b5's reward was 1: resolved before
+    assert fed.failed
+    # b5 assembled again (more spans arrived), with the reward its spans stated: a version
+    # above the feedback's, tagged from the conversation alone it would be resolved
+    conv = load_tagged(pipe.store, conversation_id="b5")[-1].conversation
+    assert conv is not None
+    conv.version = fed.conversation_version + 1
+    conv.evaluations = [Evaluation(name="reward", score=1.0, source="event", ts_ns=1)]
+    producer = Producer({"bootstrap.servers": pipe.broker.bootstrap})
+    producer.produce(pipe.cfg.topics.conversations, key=b"b5", value=conv.to_json())
+    assert producer.flush(10) == 0
+    (r,) = pipe.wait_rows(
+        "SELECT failed, outcome, outcome_reason FROM conversation_tags FINAL "
+        f"WHERE conversation_id = 'b5' AND conversation_version = {fed.conversation_version + 1}",
+        1,
+    )
+    assert (r["failed"], r["outcome"]) == (1, "failed")
+    assert "thumbs_down" in r["outcome_reason"]
+    tags = _tags_on_topic(pipe, "b5", fed.conversation_version + 1)
+    later = [t for t in tags if t.conversation_version == fed.conversation_version + 1]
+    assert later and all(t.failed for t in later)
 
 
 def test_feedback_endpoint_needs_the_token(

@@ -10,7 +10,13 @@ from processors.config import UnderstandConfig
 from processors.errors import InputError
 from processors.records import Conversation, Evaluation, Message, TagRecord
 from processors.redact import Redactor
-from processors.understand.feedback import feedback_evaluation, retag, stated_evaluations
+from processors.understand.feedback import (
+    add_feedback,
+    feedback_evaluation,
+    retag,
+    stated_evaluations,
+)
+from processors.understand.outcomes import decide
 
 R = Redactor(["secrets", "emails", "cards", "phones"])
 
@@ -75,3 +81,14 @@ def test_evaluations_read_back_from_span_rows() -> None:
         ("reward", "", 1.0, "event"),
     ]
     assert isinstance(got[0], Evaluation)
+
+
+def test_stored_feedback_joins_a_later_version_once() -> None:
+    reward = Evaluation(name="reward", score=1.0, source="event", span_id="s1", ts_ns=3)
+    conv = Conversation("c", version=9, evaluations=[reward])
+    down = feedback_evaluation(label="thumbs_down", redactor=R, now_ns=9)
+    again = add_feedback(add_feedback(conv, [down]), [down])
+    assert again.evaluations == [reward, down]
+    assert add_feedback(conv, []) is conv
+    verdict = decide(again.evaluations, ("resolved", -1, ""), UnderstandConfig())
+    assert (verdict.outcome, verdict.failed, verdict.source) == ("failed", True, "stated")
