@@ -117,6 +117,7 @@ def run(
 def test_agreeing_analyses_make_a_diagnosis_of_their_kind() -> None:
     d, out, srv = run(scripted("wrong_tool_arguments", "lookup_order"), stream())
     assert len(srv.chat_requests()) == CFG.llm_analysis_sample  # a bounded sample
+    assert d.llm_rejections == []
     (diag,) = {x.diagnosis_id: x for x in out}.values()
     assert (diag.rule, diag.failure_kind, diag.source) == (RULE, "wrong_tool_arguments", "llm")
     assert diag.diagnosis_id == diagnosis_id("orders", RULE, "lookup_order", "wrong_tool_arguments")
@@ -231,7 +232,7 @@ def test_an_instruction_injected_in_a_conversation_never_reaches_a_proposal() ->
         )  # fmt: skip
 
     d, out, srv = run(obeys, stream(said=INJECTED))
-    assert INJECTED in srv.chat_requests()[0].text()
+    assert INJECTED in srv.chat_requests()[0].text() and d.llm_rejections == []
     diag = max(out, key=lambda x: x.version)
     assert diag.rule == RULE and diag.failure_kind == "unauthorized_action"
     change, reason = propose_change(diag, {"prompts/system.md": PROMPT}, TARGETS)
