@@ -159,3 +159,16 @@ def with_feedback(store: Store, convs: list[Conversation]) -> list[Conversation]
     it instead of a tag computed without it."""
     stored = stored_feedback(store, [c.conversation_id for c in convs])
     return [add_feedback(c, stored.get(c.conversation_id, [])) for c in convs]
+
+
+def answers_of(store: Store, response_ids: list[str]) -> dict[str, tuple[str, str, str]]:
+    """Where the answers with these ``gen_ai.response.id`` are, as the store keeps them from
+    every captured span (``responses``): ``{response id: (conversation, trace, span id)}``."""
+    if not response_ids:
+        return {}
+    rows = store.query(
+        "SELECT response_id, conversation_id, trace_id, span_id FROM responses FINAL "
+        "WHERE response_id IN {r:Array(String)} AND conversation_id != ''",
+        {"r": sorted(set(response_ids))},
+    )
+    return {r["response_id"]: (r["conversation_id"], r["trace_id"], r["span_id"]) for r in rows}

@@ -363,3 +363,65 @@ def test_an_evaluation_after_its_conversation_left_assemble_is_late_feedback(
     assert pipe.rows(
         "SELECT count() AS n FROM conversation_tags FINAL WHERE conversation_id = 'never-seen'"
     ) == [{"n": 0}]
+
+
+def _send(pipe: Pipeline, path: str, body: object) -> None:
+    urllib.request.urlopen(
+        urllib.request.Request(
+            pipe.http_url(path),
+            data=body.SerializeToString(),  # type: ignore[attr-defined]
+            headers={"Content-Type": "application/x-protobuf"},
+        ),
+        timeout=10,
+    ).read()
+
+
+def test_an_evaluation_finds_an_answer_another_capture_process_saw(pipe: Pipeline) -> None:
+    # the answer, captured by this worker's capture ...
+    req = to_request(parse_line(json.dumps(line("answered", None)), time.time_ns()))
+    chat = next(
+        sp
+        for sp in req.resource_spans[0].scope_spans[0].spans
+        if any(kv.key == "gen_ai.operation.name" and kv.value.string_value == "chat"
+               for kv in sp.attributes)
+    )  # fmt: skip
+    chat.attributes.append(_kv("gen_ai.response.id", "chatcmpl-elsewhere"))
+    _send(pipe, "/v1/traces", req)
+    pipe.wait_rows("SELECT 1 FROM conversation_tags FINAL WHERE conversation_id = 'answered'", 1)
+    # ... and its grade, taken by a capture process that never saw it (a new worker process:
+    # capture remembers answers in memory only), with nothing but the response id
+    pipe.stop_worker()
+    pipe.start_worker()
+    logs = ExportLogsServiceRequest()
+    sl = logs.resource_logs.add().scope_logs.add()
+    for response_id in ("chatcmpl-elsewhere", "chatcmpl-never-seen"):
+        lr = sl.log_records.add()
+        lr.time_unix_nano = time.time_ns()
+        lr.event_name = "gen_ai.evaluation.result"
+        lr.attributes.extend(
+            [
+                _kv("gen_ai.response.id", response_id),
+                _kv("gen_ai.evaluation.name", "grader"),
+                _kv("gen_ai.evaluation.score.value", 0.0),
+            ]
+        )
+    _send(pipe, "/v1/logs", logs)
+    (r,) = pipe.wait_rows(
+        "SELECT failed, outcome_source, outcome_reason FROM conversation_tags FINAL "
+        "WHERE conversation_id = 'answered' AND outcome_source = 'stated'",
+        1,
+    )
+    assert r["failed"] == 1 and "grader" in r["outcome_reason"]
+    # it went through the store: the new capture named it after the answer it judges
+    assert pipe.rows(
+        "SELECT count() AS n FROM conversations FINAL "
+        "WHERE conversation_id = 'gen_ai.response.id:chatcmpl-elsewhere'"
+    ) == [{"n": 1}]
+    dead = pipe.wait_rows(
+        "SELECT reason, detail FROM deadletter FINAL "
+        "WHERE reason = 'evaluation for an unknown answer'",
+        1,
+    )
+    assert [d["detail"] for d in dead] == [
+        "no captured span has gen_ai.response.id 'chatcmpl-never-seen'"
+    ]
