@@ -66,6 +66,7 @@ class AnalysisRequest:
     prompt: str
     texts: tuple[str, ...]  # each shown message's content, by turn (a quote comes from one)
     traces: tuple[str, ...]  # each message's trace id, by turn
+    spans: tuple[str, ...]  # and its span id
     tools: tuple[str, ...]  # the tools the conversation or its intent called
     instructions: int  # numbered instructions of the system prompt shown
 
@@ -77,6 +78,7 @@ class Analysis:
     conversation_id: str
     turn: int
     trace_id: str
+    span_id: str
     failure_kind: str
     tool: str
     instruction: int  # -1: none named
@@ -160,6 +162,7 @@ def analysis_request(tag: TagRecord, intent_tools: Iterable[str] = ()) -> Analys
         prompt=prompt,
         texts=texts,
         traces=tuple(m.trace_id for m in shown),
+        spans=tuple(m.span_id for m in shown),
         tools=tools,
         instructions=len(instructions),
     )
@@ -205,6 +208,7 @@ def ask_analysis(req: AnalysisRequest, llm: ChatJSON) -> Analysis:
         conversation_id=req.conversation_id,
         turn=turn,
         trace_id=req.traces[turn],
+        span_id=req.spans[turn],
         failure_kind=answer["failure_kind"],
         tool=answer["tool"],
         instruction=answer["instruction"]["index"],
@@ -221,6 +225,7 @@ def analysis_row(req: AnalysisRequest, a: Analysis, now_ns: int) -> dict[str, An
         "failure_kind": a.failure_kind,
         "turn": a.turn,
         "trace_id": a.trace_id,
+        "span_id": a.span_id,
         "tool": a.tool,
         "instruction": a.instruction,
         "relation": a.relation,

@@ -8,6 +8,7 @@ CREATE TABLE IF NOT EXISTS failure_analyses
     failure_kind        LowCardinality(String),
     turn                Int32,                -- message index in the conversation
     trace_id            String,
+    span_id             String,               -- the span of that message
     tool                String,
     instruction         Int32,                -- numbered line of the system prompt, -1: none
     relation            LowCardinality(String),  -- broken | lacking | none

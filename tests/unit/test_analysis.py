@@ -18,6 +18,7 @@ from processors.diagnose.analysis import (
     ANALYSIS_SYSTEM,
     RULE,
     analysis_request,
+    analysis_row,
     ask_analysis,
     validate_analysis,
 )
@@ -27,6 +28,7 @@ from processors.errors import LLMError
 from processors.llm import LLM, UNTRUSTED_RULE
 from processors.records import Conversation, Diagnosis, Message, TagRecord, ToolCall
 from processors.redact import Redactor
+from tests.ddl import ddl_columns
 from tests.llm_server import FakeLLMServer
 
 SYSTEM = "You help customers with their orders.\nLook the order up first.\nBe brief."
@@ -241,3 +243,19 @@ def test_an_instruction_injected_in_a_conversation_never_reaches_a_proposal() ->
     for text in (change.diff(), body, json.dumps(diag.to_dict())):
         assert "ZEBRA" not in text and "wire" not in text.lower() and "OVERRIDE" not in text
     assert "`lookup_order`" in change.diff()
+
+
+def test_the_analysis_row_matches_the_failure_analyses_table() -> None:
+    req = _request()
+    with FakeLLMServer(lambda body: json.dumps(GOOD)) as srv:
+        llm = LLM(LLMConfig(base_url=srv.base_url, api_key="k", model="m", max_retries=0))
+        a = ask_analysis(req, llm)
+    row = analysis_row(req, a, 5)
+    assert list(row) == ddl_columns("failure_analyses")
+    assert (row["turn"], row["tool"], row["relation"], row["quote"]) == (
+        3,
+        "refund_order",
+        "lacking",
+        "It has shipped",
+    )
+    assert row["trace_id"] == f"{3:032x}"
