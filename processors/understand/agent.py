@@ -116,7 +116,13 @@ class Assembler:
         pipe = self.w.pipe
         with pipe.busy("assemble"):
             convs = [c.conversation for c in closed if c.conversation is not None]
-            rows = [assemble.conversation_row(c) for c in convs]
+            # evaluations named after an answer (RESPONSE_REF) are no conversation of their
+            # own: understand sends them to the answer's
+            rows = [
+                assemble.conversation_row(c)
+                for c in convs
+                if not c.conversation_id.startswith(RESPONSE_REF)
+            ]
             messages = [(self.w.conversations, c.conversation_id, c.to_json()) for c in convs]
         await pipe.write_rows("assemble", "conversations", assemble.CONVERSATION_COLUMNS, rows)
         await self.w.send_all(messages)
