@@ -25,7 +25,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeGuard
 
 from processors.diagnose.shapes import MAX_TEXT
 from processors.errors import LLMError
@@ -168,7 +168,7 @@ def analysis_request(tag: TagRecord, intent_tools: Iterable[str] = ()) -> Analys
     )
 
 
-def _is_int(x: Any) -> bool:
+def _is_int(x: Any) -> TypeGuard[int]:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
