@@ -255,6 +255,10 @@ OUTCOMES = ("resolved", "failed", "abandoned", "escalated", "errored", "unknown"
 OUTCOME_ATTRIBUTE = "closeloop.outcome"
 OUTCOME_REASON_ATTRIBUTE = "closeloop.outcome.reason"
 EVALUATION_EVENT = "gen_ai.evaluation.result"
+# The conversation id capture gives an evaluation known only by the gen_ai.response.id of the
+# answer it judges when its own process did not see that answer (another capture process did):
+# understand finds the answer's conversation in the store and sends the evaluation there.
+RESPONSE_REF = "gen_ai.response.id:"
 
 # The taxonomy every diagnosis is filed under (docs/architecture.md, "Failure kinds"):
 FAILURE_KINDS = (

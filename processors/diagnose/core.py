@@ -25,7 +25,10 @@ intents, each time ``contrast_min_count`` more have failed. Every diagnosis carr
 With an LLM, the strongest finding is also handed out for rewording (:attr:`Diagnoser.llm_requests`,
 answered beside the stream); :meth:`Diagnoser.refine` makes an accepted answer the
 diagnosis' next version. An answer that cites anything the evidence does not hold is
-rejected and the rule's result stands.
+rejected and the rule's result stands. A bounded sample of each intent's failed conversations
+is handed out for a per-conversation failure analysis (:mod:`.analysis`,
+:attr:`Diagnoser.analysis_requests`); :meth:`Diagnoser.apply_analysis` groups the answers
+into the intent's diagnoses.
 A diagnosis id is a hash of (intent, rule, component target), so a root cause seen again
 updates its diagnosis (``version + 1``) instead of duplicating it.
 
@@ -45,6 +48,17 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from processors.config import DiagnoseConfig
+from processors.diagnose.analysis import RULE as ANALYSIS_RULE
+from processors.diagnose.analysis import (
+    Analysis,
+    AnalysisRequest,
+    analysis_diagnosis,
+    analysis_request,
+    ask_analysis,
+    joins,
+    tools_of,
+    with_conversations,
+)
 from processors.diagnose.contrast import RULE as CONTRAST_RULE
 from processors.diagnose.contrast import intent_findings
 from processors.diagnose.llm import Refinement, ask_refinement, llm_bundle, refined
@@ -94,6 +108,7 @@ class Diagnoser:
         self.cfg = cfg
         self.llm_enabled = llm_enabled
         self.llm_requests: list[Refinement] = []
+        self.analysis_requests: list[AnalysisRequest] = []
         self.llm_rejections: list[str] = []
         self._s = _State()
 
@@ -131,6 +146,8 @@ class Diagnoser:
         # can hide in an intent whose failure rate does not stand out.
         if not out and self._enough(st) and not self._explained_by_rules(st):
             out = self._contrast(st, now_ns, force=False)
+        if self.llm_enabled and self._enough(st):
+            self._sample_for_analysis(st)
         return out
 
     def diagnose_now(self, intent_id: str, now_ns: int) -> list[Diagnosis]:
@@ -149,7 +166,7 @@ class Diagnoser:
         """An open diagnosis of a rule (not the contrast) stands for this intent."""
         return any(
             e.diagnosis.intent_id == st.intent_id
-            and e.diagnosis.rule != CONTRAST_RULE
+            and e.diagnosis.rule not in (CONTRAST_RULE, ANALYSIS_RULE)
             and e.diagnosis.status in OPEN_STATUSES
             for e in self._s.diagnoses.values()
         )
@@ -176,6 +193,7 @@ class Diagnoser:
             if not self._should_emit(d.diagnosis_id, st, force):
                 continue
             d.window_from_ns, d.window_to_ns = lo, hi
+            d = self._with_analyses(d)
             if prev is not None:
                 d.version = prev.diagnosis.version + 1
                 if prev.diagnosis.status != "resolved":
@@ -305,8 +323,93 @@ class Diagnoser:
             updated_ns=now_ns,
         )
         d.evidence["conversations"] = c.explains or _explained(st, d.trace_ids)
+        d = self._with_analyses(d)
         self._s.diagnoses[did] = _Emitted(d, st.total_failures)
         return d
+
+    # -- the LLM's per-conversation failure analysis (.analysis)
+
+    def _analyses(self, intent_id: str) -> dict[str, Analysis]:
+        """The accepted analyses of an intent's conversations, by conversation id."""
+        every = self._s.__dict__.setdefault("analyses", {})  # absent in older snapshots
+        found: dict[str, Analysis] = every.setdefault(intent_id, {})
+        return found
+
+    def _sample_for_analysis(self, st: IntentStats) -> None:
+        """Ask about the intent's newest failed conversations, up to ``llm_analysis_sample``."""
+        asked = self._s.__dict__.setdefault("analysis_asked", {}).setdefault(st.intent_id, set())
+        if len(asked) >= self.cfg.llm_analysis_sample:
+            return
+        tools = tools_of([*st.failing, *st.healthy])
+        for t in reversed(st.failing):
+            if len(asked) >= self.cfg.llm_analysis_sample:
+                return
+            if t.conversation_id in asked:
+                continue
+            req = analysis_request(t, tools)
+            if req is not None:
+                asked.add(t.conversation_id)
+                self.analysis_requests.append(req)
+
+    def _with_analyses(self, d: Diagnosis) -> Diagnosis:
+        """``d`` explaining too the analysed conversations of its kind and tool (a new version
+        of a deterministic diagnosis keeps the conversations the analyses added)."""
+        if d.rule == ANALYSIS_RULE:
+            return d
+        group = [
+            a for a in self._analyses(d.intent_id).values() if joins(d, a.failure_kind, a.tool)
+        ]
+        return with_conversations(d, group) or d
+
+    def take_analysis_requests(self) -> list[AnalysisRequest]:
+        out, self.analysis_requests = self.analysis_requests, []
+        return out
+
+    def apply_analysis(self, req: AnalysisRequest, a: Analysis, now_ns: int) -> list[Diagnosis]:
+        """Group a validated analysis (:func:`~.analysis.ask_analysis`) into its intent's
+        diagnoses: the open deterministic ones of its kind and tool explain its conversation
+        too (their next version); else, once ``llm_analysis_min_agree`` analyses agree, they
+        make a diagnosis of their own. Returns the diagnoses changed."""
+        analyses = self._analyses(req.intent_id)
+        analyses[a.conversation_id] = a
+        group = [
+            x for x in analyses.values() if (x.failure_kind, x.tool) == (a.failure_kind, a.tool)
+        ]
+        out = []
+        for e in self._s.diagnoses.values():
+            d = e.diagnosis
+            if (
+                d.intent_id != req.intent_id
+                or d.rule == ANALYSIS_RULE
+                or d.status not in OPEN_STATUSES
+                or not joins(d, a.failure_kind, a.tool)
+            ):
+                continue
+            joined = with_conversations(d, group)
+            if joined is not None:
+                e.diagnosis = replace(joined, version=d.version + 1, updated_ns=now_ns)
+                out.append(e.diagnosis)
+        if out or len(group) < self.cfg.llm_analysis_min_agree:
+            return out
+        did = diagnosis_id(req.intent_id, ANALYSIS_RULE, a.tool, a.failure_kind)
+        prev = self._s.diagnoses.get(did)
+        if prev is not None and prev.diagnosis.status == "rejected":
+            return []
+        if prev is not None and with_conversations(prev.diagnosis, group) is None:
+            return []  # nothing new
+        d = analysis_diagnosis(did, req.intent_id, req.intent_name, group, len(analyses))
+        st = self._s.intents.get(req.intent_id)
+        if st is not None:
+            d.support, d.failures, d.failure_rate = st.n, st.failures, round(st.rate, 4)
+            d.baseline_rate = self.baseline(st) or 0.0
+            d.window_from_ns, d.window_to_ns = st.window_bounds()
+        if prev is not None:
+            d.version = prev.diagnosis.version + 1
+            if prev.diagnosis.status != "resolved":
+                d.status = prev.diagnosis.status
+        d.updated_ns = now_ns
+        self._s.diagnoses[did] = _Emitted(d, st.total_failures if st is not None else 0)
+        return [d]
 
     # -- the LLM's wording, when it comes
 
@@ -324,7 +427,8 @@ class Diagnoser:
         return e.diagnosis
 
     def improve(self, llm: ChatJSON, now_ns: int) -> list[Diagnosis]:
-        """Answer the waiting requests now, in line (no stream waits): the reworded diagnoses."""
+        """Answer the waiting requests now, in line (no stream waits): the reworded diagnoses,
+        then those the failure analyses joined or made."""
         out = []
         for req in self.take_llm_requests():
             try:
@@ -335,6 +439,11 @@ class Diagnoser:
             d = self.refine(req, answer, now_ns)
             if d is not None:
                 out.append(d)
+        for areq in self.take_analysis_requests():
+            try:
+                out += self.apply_analysis(areq, ask_analysis(areq, llm), now_ns)
+            except LLMError as e:
+                self.llm_rejections.append(str(e))
         return out
 
     # -- inspection and state
