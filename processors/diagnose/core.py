@@ -20,7 +20,10 @@ or missing, unconfirmed calls, argument values, hand-offs), tested with Fisher's
 It runs on an intent without an open rule diagnosis once the rules could look at it too
 (``min_support``, ``min_failures``), whether or not its failure rate stands out against the other
 intents, each time ``contrast_min_count`` more have failed. Every diagnosis carries a ``failure_kind``
-(:data:`processors.records.FAILURE_KINDS`) and the conversations it explains.
+(:data:`processors.records.FAILURE_KINDS`) and the conversations it explains. A contrast
+diagnosis is re-emitted when the conversations it explains changed by ``reemit_growth``, and
+a conversation stays explained by one contrast diagnosis of its intent, the latest
+analysis': an earlier one that analysis does not find again gets a version without it.
 
 With an LLM, the strongest finding is also handed out for rewording (:attr:`Diagnoser.llm_requests`,
 answered beside the stream); :meth:`Diagnoser.refine` makes an accepted answer the
@@ -57,6 +60,14 @@ from processors.records import Diagnosis, TagRecord
 STAGE = "diagnose"
 SNAPSHOT_FORMAT = 1
 OPEN_STATUSES = ("open", "proposed")
+
+
+def _conversations_of(d: Diagnosis) -> set[str]:
+    """The conversations a contrast diagnosis explains."""
+    convs = d.evidence.get("conversations")
+    if not isinstance(convs, list):
+        return set()
+    return {str(c.get("conversation_id")) for c in convs if isinstance(c, dict)}
 
 
 def diagnosis_id(intent_id: str, rule: str, target: str, variant: str = "") -> str:
@@ -169,11 +180,20 @@ class Diagnoser:
         found = intent_findings(
             st.intent_id, st.intent_name, [*st.failing, *st.healthy], self.cfg, now_ns
         )
+        pruned = self._unexplain(st, found, now_ns)
+        moved = set().union(
+            *(
+                _conversations_of(self._s.diagnoses[d.diagnosis_id].diagnosis)
+                - _conversations_of(d)
+                for d in pruned
+            )
+        )
         out = []
         lo, hi = st.window_bounds()
         for d in found:
             prev = self._s.diagnoses.get(d.diagnosis_id)
-            if not self._should_emit(d.diagnosis_id, st, force):
+            takes = bool(_conversations_of(d) & moved)  # from an earlier diagnosis: shown now
+            if not (self._should_emit(d.diagnosis_id, st, force) or self._regrouped(d) or takes):
                 continue
             d.window_from_ns, d.window_to_ns = lo, hi
             if prev is not None:
@@ -182,6 +202,45 @@ class Diagnoser:
                     d.status = prev.diagnosis.status
             self._s.diagnoses[d.diagnosis_id] = _Emitted(d, st.total_failures)
             out.append(d)
+        for d in pruned:
+            self._s.diagnoses[d.diagnosis_id] = _Emitted(
+                d, self._s.diagnoses[d.diagnosis_id].total_failures
+            )
+        return out + pruned
+
+    def _unexplain(self, st: IntentStats, found: list[Diagnosis], now_ns: int) -> list[Diagnosis]:
+        """Earlier contrast diagnoses of ``st`` that this analysis (``found``) did not find
+        again, as a new version without the conversations it now explains otherwise (only
+        those that lose some): a conversation stays explained by one contrast diagnosis of
+        its intent, the latest analysis'."""
+        now_explained = set().union(*(_conversations_of(d) for d in found))
+        found_ids = {d.diagnosis_id for d in found}
+        out = []
+        for did, e in self._s.diagnoses.items():
+            old = e.diagnosis
+            if (
+                old.intent_id != st.intent_id
+                or old.rule != CONTRAST_RULE
+                or did in found_ids
+                or old.status not in OPEN_STATUSES
+                or not _conversations_of(old) & now_explained
+            ):
+                continue
+            kept = [
+                c
+                for c in old.evidence["conversations"]
+                if str(c.get("conversation_id")) not in now_explained
+            ]
+            traces = {str(c.get("trace_id")) for c in kept}
+            out.append(
+                replace(
+                    old,
+                    evidence={**old.evidence, "conversations": kept},
+                    trace_ids=[t for t in old.trace_ids if t in traces],
+                    version=old.version + 1,
+                    updated_ns=now_ns,
+                )
+            )
         return out
 
     # -- triggers
@@ -265,6 +324,16 @@ class Diagnoser:
         if force:
             return True
         return self._grown(st, prev.total_failures)
+
+    def _regrouped(self, d: Diagnosis) -> bool:
+        """A contrast diagnosis found again explains other conversations than its last
+        version: at least ``reemit_growth`` of them changed (each conversation is explained
+        by one diagnosis of the latest analysis; a later one may group it elsewhere)."""
+        prev = self._s.diagnoses.get(d.diagnosis_id)
+        if prev is None or prev.diagnosis.status == "rejected":
+            return False
+        before, now = _conversations_of(prev.diagnosis), _conversations_of(d)
+        return len(before ^ now) >= max(1.0, self.cfg.reemit_growth * len(before))
 
     def _grown(self, st: IntentStats, then: int) -> bool:
         """Failures grew materially since ``then``: by ``reemit_growth`` and ``min_failures``."""

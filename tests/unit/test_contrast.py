@@ -231,9 +231,18 @@ def test_acting_where_successful_conversations_refrain() -> None:
         msgs[2] = T("archive_ticket", {"id": f"T-{i}"})
         tags.append(tag(conv(f"f{i}", msgs), True))
     tags += [tag(conv(f"s{i}", refuse), False) for i in range(20)]
-    found = {d.evidence["pattern"]: d for d in analyse(tags, CFG, now_ns=1)}
-    assert "acts" in found and found["acts"].failure_kind == "unauthorized_action"
-    assert "state-changing" in contrast_instruction(found["acts"])
+    found = analyse(tags, CFG, now_ns=1)
+    # one diagnosis per tool, naming it, each with the conversations that call it
+    by_tool = {d.evidence["tool"]: d for d in found}
+    assert {t: d.failure_kind for t, d in by_tool.items()} == {
+        "close_ticket": "unauthorized_action",
+        "archive_ticket": "unauthorized_action",
+    }
+    assert {c["conversation_id"] for c in by_tool["archive_ticket"].evidence["conversations"]} == {
+        f"f{i}" for i in range(10, 20)
+    }
+    assert _explained(found, "unauthorized_action") == {f"f{i}" for i in range(20)}
+    assert "`archive_ticket`" in contrast_instruction(by_tool["archive_ticket"])
 
 
 # -- against each conversation's nearest successful conversations by goal ---------------------
@@ -353,10 +362,13 @@ def test_the_diagnoser_files_contrast_findings_with_their_kind_and_conversations
     latest = {x.diagnosis_id: x for x in out}
     assert all(r["failure_kind"] in kinds for r in diagnosis_rows(latest.values()))
     rows = conversation_rows(latest.values())
-    assert {r["conversation_id"] for r in rows} >= {f"f{i}" for i in range(20)}
-    # forced on demand it finds the same root cause again
+    assert len({r["conversation_id"] for r in rows}) >= 15
+    # forced on demand it finds the same root cause again, now with every failed conversation
     again = d.diagnose_now("i1", 10**6)
     assert {x.diagnosis_id for x in again} <= set(latest)
+    latest |= {x.diagnosis_id: x for x in again}
+    rows = conversation_rows(latest.values())
+    assert {r["conversation_id"] for r in rows} == {f"f{i}" for i in range(24)}
 
 
 def test_a_new_version_of_a_conversation_replaces_the_old_one_in_the_window() -> None:
