@@ -396,3 +396,101 @@ def test_a_missing_action_of_users_who_left_is_not_a_cause() -> None:
     tags += [tag(confirmed_close(f"s{i}", f"S-{i}"), False) for i in range(10)]
     assert {d.failure_kind for d in analyse(tags, CFG, now_ns=1)} <= {"unauthorized_action"}
     assert not any(d.failure_kind == "missing_action" for d in analyse(tags, CFG, now_ns=1))
+
+
+# -- a seeded synthetic agent: one explanation per conversation --------------------------------
+
+GOALS = {  # goal -> (what the user says, the tool that does it, its arguments)
+    "close": ("the problem on ticket {t} is solved, please close it", "close_ticket", {"reason": "solved"}),
+    "reopen": ("ticket {t} was closed by mistake, please reopen it again", "reopen_ticket", {"state": "open"}),
+    "raise": ("ticket {t} is urgent now, raise its priority level to high", "set_priority", {"level": "high"}),
+}  # fmt: skip
+GREETINGS = ["hi", "hello there", "good morning", "hey"]
+
+
+def agent_run(rng: random.Random, cid: str, goal: str, behaviour: str) -> Conversation:
+    """One run of a ticket agent on ``goal``: ``right`` (looks the ticket up, asks, does it),
+    ``misses`` (never does it), ``wrong_value`` (does it with another argument value),
+    ``other_tool`` (calls another goal's tool instead)."""
+    ticket = f"T-{rng.randrange(10_000)}"
+    said, tool, args = GOALS[goal]
+    if behaviour == "wrong_value":
+        args = {k: "other" for k in args}
+    if behaviour == "other_tool":
+        tool, args = next(GOALS[g][1:] for g in GOALS if g != goal)
+    msgs = [U(f"{rng.choice(GREETINGS)}, {said.format(t=ticket)}")]
+    for _ in range(rng.randint(1, 2)):  # the agent looks once or twice
+        msgs.append(T("lookup_ticket", {"id": ticket}, result=f"ticket {ticket} found"))
+    msgs += [A(f"Shall I do that for {ticket}?"), U("yes")]
+    if behaviour == "misses":
+        msgs.append(A("I am afraid I cannot do that right now."))
+    else:
+        msgs += [T(tool, {"id": ticket, **args}), A("Done.")]
+    return conv(cid, msgs)
+
+
+def test_rare_failure_kinds_are_found_together_as_departures_each_by_its_own() -> None:
+    rng = random.Random(17)
+    tags, planted = [], {}
+    for i in range(60):  # successful runs of the three goals
+        tags.append(tag(agent_run(rng, f"s{i}", list(GOALS)[i % 3], "right"), False))
+    # calling another goal's tool is also never calling the right one: either kind is right
+    kinds = {"misses": {"missing_action"}, "wrong_value": {"wrong_tool_arguments"},
+             "other_tool": {"unauthorized_action", "missing_action"}}  # fmt: skip
+    for behaviour, kind in kinds.items():  # 4 runs of each, spread over the goals
+        for i in range(4):
+            cid = f"f-{behaviour}-{i}"
+            tags.append(tag(agent_run(rng, cid, list(GOALS)[i % 3], behaviour), True))
+            planted[cid] = kind
+    for i in range(14):  # failed for reasons the structure does not show
+        tags.append(tag(agent_run(rng, f"n{i}", list(GOALS)[i % 3], "right"), True))
+    rng.shuffle(tags)
+    found = analyse(tags, CFG, now_ns=1)
+    explained = [(c["conversation_id"], d.failure_kind) for d in found for c in d.evidence["conversations"]]  # fmt: skip
+    ids = [cid for cid, _ in explained]
+    assert len(ids) == len(set(ids))  # one explanation per conversation
+    assert {cid for cid, _ in explained} == set(planted)  # every planted run, nothing else
+    assert all(kind in planted[cid] for cid, kind in explained)  # each by its own kind
+    assert {d.evidence["tested"]["pattern"] for d in found if d.evidence["tested"]} <= {"departs"}
+    for d in found:  # the evidence names the tool and where the conversation shows it
+        assert all(
+            c["pattern"] in ("misses", "extra", "differs") for c in d.evidence["conversations"]
+        )
+        if d.failure_kind != "missing_action":
+            assert all(c["tool"] and c["turn"] > 0 for c in d.evidence["conversations"])
+
+
+def test_a_control_agent_whose_failures_do_not_depend_on_behaviour_finds_nothing() -> None:
+    for seed in range(5):
+        rng = random.Random(seed)
+        behaviours = ["right"] * 7 + ["misses", "wrong_value", "other_tool"]
+        tags = [
+            tag(
+                agent_run(rng, f"c{i}", rng.choice(list(GOALS)), rng.choice(behaviours)),
+                rng.random() < 0.4,
+            )
+            for i in range(90)
+        ]
+        assert analyse(tags, CFG, now_ns=1) == [], seed
+
+
+def test_a_conversation_is_explained_once_in_the_stream() -> None:
+    from processors.diagnose.core import OPEN_STATUSES, Diagnoser
+
+    rng = random.Random(23)
+    tags = [tag(agent_run(rng, f"s{i}", list(GOALS)[i % 3], "right"), False) for i in range(45)]
+    for i in range(30):
+        behaviour = ["misses", "wrong_value", "other_tool", "right"][i % 4]
+        tags.append(tag(agent_run(rng, f"f{i}", list(GOALS)[i % 3], behaviour), True))
+    rng.shuffle(tags)
+    for k, t in enumerate(tags):
+        t.ts_ns = k
+    d = Diagnoser(CFG)
+    latest = {}
+    for t in tags:
+        latest |= {x.diagnosis_id: x for x in d.observe(t, t.ts_ns)}
+    latest |= {x.diagnosis_id: x for x in d.diagnose_now("i1", 10**6)}
+    rows = conversation_rows(x for x in latest.values() if x.status in OPEN_STATUSES)
+    ids = [r["conversation_id"] for r in rows]
+    assert ids and len(ids) == len(set(ids))
+    assert all(i.startswith("f") for i in ids)
