@@ -210,37 +210,44 @@ class Diagnoser:
 
     def _unexplain(self, st: IntentStats, found: list[Diagnosis], now_ns: int) -> list[Diagnosis]:
         """Earlier contrast diagnoses of ``st`` that this analysis (``found``) did not find
-        again, as a new version without the conversations it now explains otherwise (only
-        those that lose some): a conversation stays explained by one contrast diagnosis of
-        its intent, the latest analysis'."""
-        now_explained = set().union(*(_conversations_of(d) for d in found))
+        again, each as a new version without the conversations explained otherwise (only
+        those that lose some): a conversation stays explained by one contrast diagnosis of its
+        intent, the latest analysis', else the most recent earlier one. One that loses all
+        explains none now: its new version lists no conversations."""
+        taken = set().union(*(_conversations_of(d) for d in found))
         found_ids = {d.diagnosis_id for d in found}
+        earlier = [
+            e
+            for did, e in self._s.diagnoses.items()
+            if e.diagnosis.intent_id == st.intent_id
+            and e.diagnosis.rule == CONTRAST_RULE
+            and did not in found_ids
+            and e.diagnosis.status in OPEN_STATUSES
+        ]
+        earlier.sort(
+            key=lambda e: (-e.total_failures, -e.diagnosis.updated_ns, e.diagnosis.diagnosis_id)
+        )
         out = []
-        for did, e in self._s.diagnoses.items():
+        for e in earlier:
             old = e.diagnosis
-            if (
-                old.intent_id != st.intent_id
-                or old.rule != CONTRAST_RULE
-                or did in found_ids
-                or old.status not in OPEN_STATUSES
-                or not _conversations_of(old) & now_explained
-            ):
-                continue
-            kept = [
-                c
-                for c in old.evidence["conversations"]
-                if str(c.get("conversation_id")) not in now_explained
-            ]
-            traces = {str(c.get("trace_id")) for c in kept}
-            out.append(
-                replace(
-                    old,
-                    evidence={**old.evidence, "conversations": kept},
-                    trace_ids=[t for t in old.trace_ids if t in traces],
-                    version=old.version + 1,
-                    updated_ns=now_ns,
+            mine = _conversations_of(old)
+            if mine & taken:
+                kept = [
+                    c
+                    for c in old.evidence["conversations"]
+                    if str(c.get("conversation_id")) not in taken
+                ]
+                traces = {str(c.get("trace_id")) for c in kept}
+                out.append(
+                    replace(
+                        old,
+                        evidence={**old.evidence, "conversations": kept},
+                        trace_ids=[t for t in old.trace_ids if t in traces],
+                        version=old.version + 1,
+                        updated_ns=now_ns,
+                    )
                 )
-            )
+            taken |= mine
         return out
 
     # -- triggers
