@@ -629,6 +629,12 @@ def _describe(f: Finding, intent: str) -> tuple[str, str]:
     )
     summary = f"in {intent}, {counts}"
     root = f"{f.kind.replace('_', ' ')}: in {intent}, {counts}"
+    if f.tested is not None:  # significant under a broader pattern, not alone
+        t = f.tested
+        root += (
+            f" (tested as `{_head(t.pattern)}`: {t.failed_with} of {t.failed} failed "
+            f"conversations, {t.ok_with} of {t.ok} successful ones)"
+        )
     return summary, root
 
 
