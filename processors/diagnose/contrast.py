@@ -19,6 +19,7 @@ pattern                the conversation ...                                failu
 ``arg:T.k=v``          calls ``T`` with argument ``k`` set to ``v``         wrong_tool_arguments
 ``ungrounded:T.k``     calls ``T`` with a value of ``k`` that appears      wrong_tool_arguments
                        nowhere in what the user said or a tool returned
+                       (``ungrounded:T``: of some argument)
 ``repeats:T``          calls state-changing ``T`` more than once           wrong_tool_arguments
 ``error:T``            gets an error from ``T``                            tool_error
 ``handoff``            is handed to a human                                unnecessary_escalation
@@ -30,7 +31,11 @@ successful conversations by goal (:mod:`.reference`), it also shows ``misses:T``
 ``extra:T``, ``differs:T.k`` (``differs:T``) and ``extra_handoff:T`` (and ``misses``,
 ``extra``, ``differs`` for any tool, and ``departs``: any of them): what it does where the
 successes with a goal like its own do not. These departures are tested among the
-conversations that have a reference set (elsewhere they cannot show).
+conversations that have a reference set (elsewhere they cannot show). ``anomalous``: it shows
+any of :data:`ANOMALIES` -- a departure, a repeated or unconfirmed state-changing call, an
+argument value grounded nowhere, a tool error -- tested among all conversations: each alone
+may also show in successful conversations too often to be a finding, while failures show
+one of them far more often.
 
 Prompt, model and agent versions are left to the version-shift rule (:mod:`.rules`), which
 compares cumulative counts per version; here they would be confounded with time.
@@ -47,13 +52,15 @@ the argument, checked against its own nearest successes), not by every finding i
 intent-wide pattern -- ``acts``, ``calls:T``, ``never:T``, ``no_action``, ``handoff``,
 ``arg:T.k=v`` -- holds in a conversation only where its reference set confirms it
 (:func:`holds_here`); a finding on departures for any tool (``departs``, ``misses``, ...)
-explains each conversation by its own departure, naming the tool. The explained
+explains each conversation by its own departure, naming the tool, and ``anomalous`` by its
+own anomaly (a departure first: it is checked against the conversation's nearest successes).
+The explained
 conversations are grouped per kind and tool into :class:`~processors.records.Diagnosis`
 records (``rule="contrast"``, one id per intent, kind and tool) with every conversation they
 explain (in ``evidence["conversations"]``, each with its own pattern, turn, trace, tool and
 arguments; :func:`conversation_rows` makes the ``diagnosis_conversations`` rows) and, when
-the significant finding is a family (``departs``), that finding's counts (``tested``). A group
-of fewer than ``contrast_min_count`` conversations is no diagnosis.
+the significant finding is a family (``departs``, ``anomalous``), that finding's counts
+(``tested``). A group of fewer than ``contrast_min_count`` conversations is no diagnosis.
 
 **State-changing tools** are inferred without knowing the agent: a tool is read-only when
 the first word of its name is a read verb (:data:`READ_VERBS`: get, list, search, find,
@@ -152,8 +159,15 @@ KIND_OF = {
     "differs": "wrong_tool_arguments",
     "extra_handoff": "unnecessary_escalation",
     "departs": "other",  # any departure: each conversation is explained by its own (explain)
+    "anomalous": "other",  # any anomaly: each conversation is explained by its own (explain)
 }
 DEPARTURES = frozenset(["misses", "extra", "differs", "extra_handoff", "departs"])  # .reference
+# What one conversation does that points at its own failure, whatever its intent's other
+# conversations do: a departure from its nearest successes, a repeated or unconfirmed
+# state-changing call, an argument value grounded nowhere, a tool error. ``anomalous``: any.
+ANOMALIES = frozenset(
+    ["misses", "extra", "differs", "extra_handoff", "repeats", "ungrounded", "unconfirmed", "error"]
+)
 REFERENCED = "_referenced"  # the conversation has a reference set
 
 
@@ -287,6 +301,7 @@ def patterns(conv: Conversation) -> dict[str, Hit]:
                 out.setdefault(f"arg:{c.tool}.{key}={v}", hit)
             if v is not None and not isinstance(v, bool) and not _grounded(v, said):
                 out.setdefault(f"ungrounded:{c.tool}.{key}", hit)
+                out.setdefault(f"ungrounded:{c.tool}", hit)
                 out.setdefault("ungrounded", hit)
     if calls and not any_write:
         out["no_action"] = Hit(len(msgs) - 1, conv.trace_ids[-1] if conv.trace_ids else "")
@@ -353,6 +368,8 @@ def contrast(
     explained by one of them at most (:func:`explain`); strongest first, at most
     ``contrast_max_per_intent``."""
     add_never(failed, ok)
+    for pats in (*failed.values(), *ok.values()):
+        add_anomalous(pats)
     counts = tally(failed, ok)
     return explain(significant(counts, cfg), failed, counts, cfg)
 
@@ -366,6 +383,14 @@ def add_never(failed: dict[str, dict[str, Hit]], ok: dict[str, dict[str, Hit]]) 
             for t in writes:
                 if f"calls:{t}" not in pats and "_abandoned" not in pats:
                     pats[f"never:{t}"] = Hit()
+
+
+def add_anomalous(pats: dict[str, Hit]) -> None:
+    """``anomalous``, where the conversation (patterns ``pats``) shows one of :data:`ANOMALIES`:
+    at its first."""
+    hits = [h for p, h in pats.items() if _head(p) in ANOMALIES]
+    if hits:
+        pats["anomalous"] = min(hits, key=lambda h: h.turn)
 
 
 def tally(failed: dict[str, dict[str, Hit]], ok: dict[str, dict[str, Hit]]) -> dict[str, Finding]:
@@ -416,8 +441,10 @@ class _Option:
     pattern: str
     p_value: float  # the pattern's own (unadjusted)
 
-    def rank(self) -> tuple[int, float, float, str]:
-        return (-self.specificity, self.finding.p_value, self.p_value, self.pattern)
+    def rank(self) -> tuple[bool, int, float, float, str]:
+        # checked against the conversation's own nearest successes first
+        referenced = _head(self.pattern) in DEPARTURES or _confirming(self.pattern) is not None
+        return (not referenced, -self.specificity, self.finding.p_value, self.p_value, self.pattern)
 
 
 def explain(
@@ -432,10 +459,13 @@ def explain(
     diagnoses of different kinds. A finding for any tool of the departures (``departs``,
     ``misses``, ``extra``, ``differs``) explains each conversation by one of that
     conversation's own departures (:func:`own_departures`), naming the tool where it can; of
-    those, the one that sets failed conversations apart most. A group of fewer than
+    those, the one that sets failed conversations apart most; ``anomalous`` by one of its own
+    anomalies (:func:`own_departures`), a departure first. A group of fewer than
     ``contrast_min_count`` conversations, or whose pattern is not more common among failed
     conversations than among successful ones, is no diagnosis: its conversations go to their
-    next explanation, if any. Strongest first, at most ``contrast_max_per_intent``."""
+    next explanation, if any. Such groups are given up one at a time, first those that could
+    never be large enough, then the one fewest conversations could join. Strongest first, at
+    most ``contrast_max_per_intent``."""
     options: dict[str, list[_Option]] = {}
     for cid, pats in failed.items():
         mine = []
@@ -452,14 +482,18 @@ def explain(
             best = next((o for o in mine if _group(o.pattern) not in dropped), None)
             if best is not None:
                 groups.setdefault(_group(best.pattern), {})[cid] = best
-        weak = {
-            g
-            for g, members in groups.items()
-            if len(members) < cfg.contrast_min_count or counts[_typical(members)].lift <= 0
-        }
+        could = Counter(g for mine in options.values() for g in {_group(o.pattern) for o in mine})
+        weak = []
+        for g, members in groups.items():
+            lift = counts[_typical(members)].lift
+            if len(members) < cfg.contrast_min_count or lift <= 0:
+                hopeless = could[g] < cfg.contrast_min_count or lift <= 0
+                weak.append((not hopeless, could[g], len(members), lift, g))
         if not weak:
             break
-        dropped |= weak
+        # One at a time, the one fewest conversations could join first: its conversations move
+        # to their next explanation and may make another group large enough.
+        dropped.add(min(weak)[4])
     out = [_group_finding(members, failed, counts) for members in groups.values()]
     out.sort(key=lambda f: (f.p_value, -len(f.hits), f.pattern))
     return out[: cfg.contrast_max_per_intent]
@@ -494,7 +528,9 @@ def _group_finding(
     )
 
 
-_ANY_TOOL_DEPARTURES = {
+_UNIONS = frozenset(["anomalous", "departs"])  # of patterns that are findings themselves
+_FAMILIES = {
+    "anomalous": ANOMALIES,
     "departs": DEPARTURES,
     "misses": frozenset(["misses"]),
     "extra": frozenset(["extra"]),
@@ -503,16 +539,18 @@ _ANY_TOOL_DEPARTURES = {
 
 
 def own_departures(pattern: str, pats: dict[str, Hit]) -> list[str]:
-    """For a departure pattern for any tool (``departs``, ``misses``, ...): the conversation's
-    own departures of that kind, naming the tool (``misses:T``, ``extra:T``, ``differs:T``,
-    ``extra_handoff:T``) or not (``misses``, ...); empty for any other pattern."""
-    heads = _ANY_TOOL_DEPARTURES.get(pattern, ())
-    return sorted(p for p in pats if _head(p) in heads and "." not in p and p != "departs")
+    """For a family pattern (``anomalous``, ``departs``, ``misses``, ...): the conversation's
+    own patterns of that family, naming the tool (``misses:T``, ``extra:T``, ``differs:T``,
+    ``extra_handoff:T``, ``repeats:T``, ``ungrounded:T``, ...) or not (``misses``,
+    ``repeats``, ...); empty for any other pattern."""
+    heads = _FAMILIES.get(pattern, ())
+    return sorted(p for p in pats if _head(p) in heads and "." not in p and p not in _UNIONS)
 
 
 def _common_argument(pattern: str, explained: list[dict[str, Hit]]) -> str:
-    """For a ``differs:T`` group: the argument of ``T`` most of its conversations give otherwise."""
-    if _head(pattern) != "differs" or "." in pattern:
+    """For a ``differs:T`` (``ungrounded:T``) group: the argument of ``T`` most of its
+    conversations give otherwise (grounded nowhere)."""
+    if _head(pattern) not in ("differs", "ungrounded") or "." in pattern:
         return ""
     keys = Counter(
         p.split(".", 1)[1] for pats in explained for p in pats if p.startswith(pattern + ".")
@@ -615,6 +653,9 @@ def _describe(f: Finding, intent: str) -> tuple[str, str]:
         "with the most similar goals do not",
         "departs": "do what most of the successful conversations with the most similar goals "
         "do not, or the reverse",
+        "anomalous": "depart from the successful conversations with the most similar goals, "
+        "repeat or make unconfirmed a state-changing call, give an argument value grounded "
+        "nowhere, or get a tool error",
         "ungrounded": what_ungrounded,
         "repeats": f"call `{tool}` more than once" if tool else "repeat a state-changing call",
         "unconfirmed": f"call `{tool}` without an explicit confirmation from the user just before"

@@ -407,6 +407,7 @@ GOALS = {  # goal -> (what the user says, the tool that does it, its arguments)
     "raise": ("ticket {t} is urgent now, raise its priority level to high", "set_priority", {"level": "high"}),
 }  # fmt: skip
 GREETINGS = ["hi", "hello there", "good morning", "hey"]
+FAMILIES = {"departs", "anomalous"}  # the findings each conversation is explained under by its own
 
 
 def agent_run(rng: random.Random, cid: str, goal: str, behaviour: str) -> Conversation:
@@ -452,7 +453,7 @@ def test_rare_failure_kinds_are_found_together_as_departures_each_by_its_own() -
     assert len(ids) == len(set(ids))  # one explanation per conversation
     assert {cid for cid, _ in explained} == set(planted)  # every planted run, nothing else
     assert all(kind in planted[cid] for cid, kind in explained)  # each by its own kind
-    assert {d.evidence["tested"]["pattern"] for d in found if d.evidence["tested"]} <= {"departs"}
+    assert {d.evidence["tested"]["pattern"] for d in found if d.evidence["tested"]} <= FAMILIES
     for d in found:  # the evidence names the tool and where the conversation shows it
         assert all(
             c["pattern"] in ("misses", "extra", "differs") for c in d.evidence["conversations"]
