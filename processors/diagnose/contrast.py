@@ -751,8 +751,23 @@ def diagnosis_of(
 def intent_findings(
     intent_id: str, intent_name: str, tags: Iterable[TagRecord], cfg: DiagnoseConfig, now_ns: int
 ) -> list[Diagnosis]:
-    """The contrastive diagnoses of one intent's tagged conversations (the newest version of
-    each conversation counts; none without enough failed and successful ones)."""
+    """The contrastive diagnoses of one intent's tagged conversations (:func:`analysed`; none
+    without enough failed and successful ones)."""
+    group = analysed(tags)
+    failed = {t.conversation_id: _failed_patterns(t, c) for t, c in group if t.failed}
+    ok = {t.conversation_id: patterns(c) for t, c in group if not t.failed}
+    if len(failed) < cfg.contrast_min_failures or len(ok) < cfg.contrast_min_successes:
+        return []
+    add_departures({t.conversation_id: c for t, c in group}, failed, ok, cfg)
+    traces = {t.conversation_id: c.trace_ids for t, c in group}
+    return [
+        diagnosis_of(f, intent_id, intent_name, traces, now_ns) for f in contrast(failed, ok, cfg)
+    ]
+
+
+def analysed(tags: Iterable[TagRecord]) -> list[tuple[TagRecord, Conversation]]:
+    """The conversations of ``tags`` an analysis contrasts: the newest version of each, over
+    the span of time both the failed and the successful ones cover."""
     newest: dict[str, tuple[TagRecord, Conversation]] = {}
     for t in tags:
         if t.conversation is None:
@@ -768,16 +783,7 @@ def intent_findings(
         for side in (True, False)
     ]
     since = max((f for f in firsts if f is not None), default=0)
-    group = [(t, c) for t, c in newest.values() if t.ts_ns >= since]
-    failed = {t.conversation_id: _failed_patterns(t, c) for t, c in group if t.failed}
-    ok = {t.conversation_id: patterns(c) for t, c in group if not t.failed}
-    if len(failed) < cfg.contrast_min_failures or len(ok) < cfg.contrast_min_successes:
-        return []
-    add_departures({t.conversation_id: c for t, c in group}, failed, ok, cfg)
-    traces = {t.conversation_id: c.trace_ids for t, c in group}
-    return [
-        diagnosis_of(f, intent_id, intent_name, traces, now_ns) for f in contrast(failed, ok, cfg)
-    ]
+    return [(t, c) for t, c in newest.values() if t.ts_ns >= since]
 
 
 _MISSING = ("never:", "no_action", "misses")

@@ -23,7 +23,8 @@ intents, each time ``contrast_min_count`` more have failed. Every diagnosis carr
 (:data:`processors.records.FAILURE_KINDS`) and the conversations it explains. A contrast
 diagnosis is re-emitted when the conversations it explains changed by ``reemit_growth``, and
 a conversation stays explained by one contrast diagnosis of its intent, the latest
-analysis': an earlier one that analysis does not find again gets a version without it.
+analysis': an earlier one that analysis does not find again gets a version without it. A
+conversation that left the bounded window stays explained by the diagnosis found again.
 
 With an LLM, the strongest finding is also handed out for rewording (:attr:`Diagnoser.llm_requests`,
 answered beside the stream); :meth:`Diagnoser.refine` makes an accepted answer the
@@ -49,7 +50,7 @@ from typing import Any
 
 from processors.config import DiagnoseConfig
 from processors.diagnose.contrast import RULE as CONTRAST_RULE
-from processors.diagnose.contrast import intent_findings
+from processors.diagnose.contrast import analysed, intent_findings
 from processors.diagnose.llm import Refinement, ask_refinement, llm_bundle, refined
 from processors.diagnose.rules import Candidate, common_evidence, run_rules, version_shift
 from processors.diagnose.window import IntentStats, p_greater
@@ -177,9 +178,9 @@ class Diagnoser:
         ):
             return []
         contrasted[st.intent_id] = st.total_failures
-        found = intent_findings(
-            st.intent_id, st.intent_name, [*st.failing, *st.healthy], self.cfg, now_ns
-        )
+        window = [*st.failing, *st.healthy]
+        found = intent_findings(st.intent_id, st.intent_name, window, self.cfg, now_ns)
+        self._keep_unseen(found, {t.conversation_id for t, _ in analysed(window) if t.failed})
         pruned = self._unexplain(st, found, now_ns)
         moved = set().union(
             *(
@@ -207,6 +208,24 @@ class Diagnoser:
                 d, self._s.diagnoses[d.diagnosis_id].total_failures
             )
         return out + pruned
+
+    def _keep_unseen(self, found: list[Diagnosis], seen: set[str]) -> None:
+        """A diagnosis found again keeps the conversations its last version explained that
+        this analysis did not look at (``seen``: they left the bounded window) and no other
+        diagnosis of it explains: nothing says otherwise of them."""
+        taken = set().union(*(_conversations_of(d) for d in found))
+        for d in found:
+            prev = self._s.diagnoses.get(d.diagnosis_id)
+            if prev is None:
+                continue
+            kept = [
+                c
+                for c in prev.diagnosis.evidence.get("conversations") or []
+                if isinstance(c, dict) and str(c.get("conversation_id")) not in seen | taken
+            ]
+            d.evidence["conversations"] = [*d.evidence["conversations"], *kept]
+            traces = [str(c.get("trace_id") or "") for c in kept]
+            d.trace_ids = [t for t in dict.fromkeys([*d.trace_ids, *traces]) if t]
 
     def _unexplain(self, st: IntentStats, found: list[Diagnosis], now_ns: int) -> list[Diagnosis]:
         """Earlier contrast diagnoses of ``st`` that this analysis (``found``) did not find

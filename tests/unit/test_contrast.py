@@ -496,3 +496,25 @@ def test_a_conversation_is_explained_once_in_the_stream() -> None:
     ids = [r["conversation_id"] for r in rows]
     assert ids and len(ids) == len(set(ids))
     assert all(i.startswith("f") for i in ids)
+
+
+def test_a_conversation_that_left_the_window_stays_explained() -> None:
+    from dataclasses import replace
+
+    from processors.diagnose.core import OPEN_STATUSES, Diagnoser
+
+    rng = random.Random(29)
+    tags = [tag(agent_run(rng, f"s{i}", "close", "right"), False) for i in range(40)]
+    tags += [tag(agent_run(rng, f"f{i}", "close", "misses"), True) for i in range(40)]
+    rng.shuffle(tags)
+    for k, t in enumerate(tags):
+        t.ts_ns = k
+    d = Diagnoser(replace(CFG, evidence_size=20))  # 20 failed conversations looked at, at most
+    latest = {}
+    for t in tags:
+        latest |= {x.diagnosis_id: x for x in d.observe(t, t.ts_ns)}
+    rows = conversation_rows(x for x in latest.values() if x.status in OPEN_STATUSES)
+    ids = [r["conversation_id"] for r in rows]
+    assert len(ids) == len(set(ids))  # still one explanation per conversation
+    assert len(ids) > 20 and all(i.startswith("f") for i in ids)  # more than the window holds
+    assert {r["failure_kind"] for r in rows} == {"missing_action"}
