@@ -513,10 +513,14 @@ def _typical(members: dict[str, _Option]) -> str:
 def _group_finding(
     members: dict[str, _Option], failed: dict[str, dict[str, Hit]], counts: dict[str, Finding]
 ) -> Finding:
-    """A group's diagnosis: its typical pattern's counts, the significance of the strongest
-    finding it is explained under, and where each of its conversations shows its own."""
+    """A group's diagnosis: its typical pattern's counts, the significance of the finding most
+    of its conversations are explained under (on a tie the strongest), and where each of its
+    conversations shows its own."""
     typical = _typical(members)
-    under = min((o.finding for o in members.values()), key=lambda f: (f.p_value, f.pattern))
+    n = Counter(o.finding.pattern for o in members.values())
+    under = min(
+        (o.finding for o in members.values()), key=lambda f: (-n[f.pattern], f.p_value, f.pattern)
+    )
     hits = {cid: failed[cid][members[cid].pattern] for cid in sorted(members)}
     return replace(
         counts[typical],
