@@ -518,3 +518,54 @@ def test_a_conversation_that_left_the_window_stays_explained() -> None:
     assert len(ids) == len(set(ids))  # still one explanation per conversation
     assert len(ids) > 20 and all(i.startswith("f") for i in ids)  # more than the window holds
     assert {r["failure_kind"] for r in rows} == {"missing_action"}
+
+
+def odd_run(rng: random.Random, cid: str, said: str, behaviour: str) -> Conversation:
+    """A run closing a ticket on a request worded unlike the others (no similar successes):
+    ``right``, ``repeats`` (closes it twice) or ``invents`` (a reason the user never gave)."""
+    ticket = f"T-{rng.randrange(10_000)}"
+    reason = "duplicate" if behaviour == "invents" else "solved"
+    msgs = [U(said.format(t=ticket)), T("lookup_ticket", {"id": ticket}, result="found")]
+    msgs += [A(f"Shall I close {ticket} as solved?"), U("yes")]
+    msgs += [T("close_ticket", {"id": ticket, "reason": reason})] * (
+        2 if behaviour == "repeats" else 1
+    )
+    return conv(cid, [*msgs, A("Done.")])
+
+
+ODD = "my colleague keeps getting mails about {t}, it is solved, make them stop"
+ODD_OK = "the customer confirmed the fix for {t} works, close that one for good"
+
+
+def test_per_run_anomalies_are_found_together_each_by_its_own() -> None:
+    rng = random.Random(31)
+    tags, planted = [], set()
+    for i in range(60):  # successful runs, a few of them with the same anomalies
+        tags.append(tag(agent_run(rng, f"s{i}", list(GOALS)[i % 3], "right"), False))
+    for i, behaviour in enumerate(["repeats", "invents"] * 3):
+        tags.append(tag(odd_run(rng, f"so{i}", ODD_OK, behaviour), False))
+    for i, behaviour in enumerate(["repeats", "invents"] * 5):
+        tags.append(tag(odd_run(rng, f"f{i}", ODD, behaviour), True))
+        planted.add(f"f{i}")
+    for i in range(14):  # failed for reasons the structure does not show
+        tags.append(tag(agent_run(rng, f"n{i}", list(GOALS)[i % 3], "right"), True))
+    found = analyse(tags, CFG, now_ns=1)
+    rows = conversation_rows(found)
+    assert {r["conversation_id"] for r in rows} == planted and len(rows) == len(planted)
+    assert {r["failure_kind"] for r in rows} == {"wrong_tool_arguments"}
+    assert {r["detail"] for r in rows} == {"repeats", "ungrounded"}  # each run its own
+    assert [d.evidence["tested"]["pattern"] for d in found] == ["anomalous"]
+
+
+def test_per_run_anomalies_that_do_not_depend_on_failure_find_nothing() -> None:
+    for seed in range(5):
+        rng = random.Random(seed)
+        tags = [
+            tag(agent_run(rng, f"c{i}", rng.choice(list(GOALS)), "right"), rng.random() < 0.4)
+            for i in range(70)
+        ]
+        tags += [
+            tag(odd_run(rng, f"o{i}", ODD, rng.choice(["right", "repeats", "invents"])), rng.random() < 0.4)
+            for i in range(30)
+        ]  # fmt: skip
+        assert analyse(tags, CFG, now_ns=1) == [], seed
