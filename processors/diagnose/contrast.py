@@ -458,9 +458,9 @@ def explain(
     (:func:`specificity`; then the strongest), so that it is not listed under several
     diagnoses of different kinds. A finding for any tool of the departures (``departs``,
     ``misses``, ``extra``, ``differs``) explains each conversation by one of that
-    conversation's own departures (:func:`own_departures`), naming the tool where it can; of
+    conversation's own departures (:func:`own_explanations`), naming the tool where it can; of
     those, the one that sets failed conversations apart most; ``anomalous`` by one of its own
-    anomalies (:func:`own_departures`), a departure first. A group of fewer than
+    anomalies (:func:`own_explanations`), a departure first. A group of fewer than
     ``contrast_min_count`` conversations, or whose pattern is not more common among failed
     conversations than among successful ones, is no diagnosis: its conversations go to their
     next explanation, if any. Such groups are given up one at a time, first those that could
@@ -472,7 +472,7 @@ def explain(
         for f in found:
             if not holds_here(f.pattern, pats):
                 continue
-            for p in own_departures(f.pattern, pats) or [f.pattern]:
+            for p in own_explanations(f.pattern, pats) or [f.pattern]:
                 mine.append(_Option(specificity(p), f, p, counts[p].p_value))
         options[cid] = sorted(mine, key=_Option.rank)
     dropped: set[tuple[str, str]] = set()
@@ -542,7 +542,7 @@ _FAMILIES = {
 }
 
 
-def own_departures(pattern: str, pats: dict[str, Hit]) -> list[str]:
+def own_explanations(pattern: str, pats: dict[str, Hit]) -> list[str]:
     """For a family pattern (``anomalous``, ``departs``, ``misses``, ...): the conversation's
     own patterns of that family, naming the tool (``misses:T``, ``extra:T``, ``differs:T``,
     ``extra_handoff:T``, ``repeats:T``, ``ungrounded:T``, ...) or not (``misses``,

@@ -216,8 +216,8 @@ class Diagnoser:
         taken = set().union(*(_conversations_of(d) for d in found))
         for d in found:
             prev = self._s.diagnoses.get(d.diagnosis_id)
-            if prev is None:
-                continue
+            if prev is None or prev.diagnosis.status not in OPEN_STATUSES:
+                continue  # a resolved one found again is a new occurrence
             kept = [
                 c
                 for c in prev.diagnosis.evidence.get("conversations") or []
