@@ -308,7 +308,7 @@ def contrast_instruction(diag: Diagnosis) -> str:
             f"confirmation first. Conversations that called `{tool}` failed far more often{why}."
         )
     if kind == "missing_action":
-        if pattern == "never" and tool:
+        if pattern in ("never", "misses") and tool:
             return (
                 f"When the user's request needs it and the rules in this prompt allow it, "
                 f"complete the request by calling the `{tool}` tool before you end the "

@@ -20,7 +20,11 @@ or missing, unconfirmed calls, argument values, hand-offs), tested with Fisher's
 It runs on an intent without an open rule diagnosis once the rules could look at it too
 (``min_support``, ``min_failures``), whether or not its failure rate stands out against the other
 intents, each time ``contrast_min_count`` more have failed. Every diagnosis carries a ``failure_kind``
-(:data:`processors.records.FAILURE_KINDS`) and the conversations it explains.
+(:data:`processors.records.FAILURE_KINDS`) and the conversations it explains. A contrast
+diagnosis is re-emitted when the conversations it explains changed by ``reemit_growth``, and
+a conversation stays explained by one contrast diagnosis of its intent, the latest
+analysis': an earlier one that analysis does not find again gets a version without it. A
+conversation that left the bounded window stays explained by the diagnosis found again.
 
 With an LLM, the strongest finding is also handed out for rewording (:attr:`Diagnoser.llm_requests`,
 answered beside the stream); :meth:`Diagnoser.refine` makes an accepted answer the
@@ -60,7 +64,7 @@ from processors.diagnose.analysis import (
     with_conversations,
 )
 from processors.diagnose.contrast import RULE as CONTRAST_RULE
-from processors.diagnose.contrast import intent_findings
+from processors.diagnose.contrast import analysed, intent_findings
 from processors.diagnose.llm import Refinement, ask_refinement, llm_bundle, refined
 from processors.diagnose.rules import Candidate, common_evidence, run_rules, version_shift
 from processors.diagnose.window import IntentStats, p_greater
@@ -71,6 +75,14 @@ from processors.records import Diagnosis, TagRecord
 STAGE = "diagnose"
 SNAPSHOT_FORMAT = 1
 OPEN_STATUSES = ("open", "proposed")
+
+
+def _conversations_of(d: Diagnosis) -> set[str]:
+    """The conversations a contrast diagnosis explains."""
+    convs = d.evidence.get("conversations")
+    if not isinstance(convs, list):
+        return set()
+    return {str(c.get("conversation_id")) for c in convs if isinstance(c, dict)}
 
 
 def diagnosis_id(intent_id: str, rule: str, target: str, variant: str = "") -> str:
@@ -183,14 +195,23 @@ class Diagnoser:
         ):
             return []
         contrasted[st.intent_id] = st.total_failures
-        found = intent_findings(
-            st.intent_id, st.intent_name, [*st.failing, *st.healthy], self.cfg, now_ns
+        window = [*st.failing, *st.healthy]
+        found = intent_findings(st.intent_id, st.intent_name, window, self.cfg, now_ns)
+        self._keep_unseen(found, {t.conversation_id for t, _ in analysed(window) if t.failed})
+        pruned = self._unexplain(st, found, now_ns)
+        moved = set().union(
+            *(
+                _conversations_of(self._s.diagnoses[d.diagnosis_id].diagnosis)
+                - _conversations_of(d)
+                for d in pruned
+            )
         )
         out = []
         lo, hi = st.window_bounds()
         for d in found:
             prev = self._s.diagnoses.get(d.diagnosis_id)
-            if not self._should_emit(d.diagnosis_id, st, force):
+            takes = bool(_conversations_of(d) & moved)  # from an earlier diagnosis: shown now
+            if not (self._should_emit(d.diagnosis_id, st, force) or self._regrouped(d) or takes):
                 continue
             d.window_from_ns, d.window_to_ns = lo, hi
             d = self._with_analyses(d)
@@ -200,6 +221,70 @@ class Diagnoser:
                     d.status = prev.diagnosis.status
             self._s.diagnoses[d.diagnosis_id] = _Emitted(d, st.total_failures)
             out.append(d)
+        for d in pruned:
+            self._s.diagnoses[d.diagnosis_id] = _Emitted(
+                d, self._s.diagnoses[d.diagnosis_id].total_failures
+            )
+        return out + pruned
+
+    def _keep_unseen(self, found: list[Diagnosis], seen: set[str]) -> None:
+        """A diagnosis found again keeps the conversations its last version explained that
+        this analysis did not look at (``seen``: they left the bounded window) and no other
+        diagnosis of it explains: nothing says otherwise of them."""
+        taken = set().union(*(_conversations_of(d) for d in found))
+        for d in found:
+            prev = self._s.diagnoses.get(d.diagnosis_id)
+            if prev is None or prev.diagnosis.status not in OPEN_STATUSES:
+                continue  # a resolved one found again is a new occurrence
+            kept = [
+                c
+                for c in prev.diagnosis.evidence.get("conversations") or []
+                if isinstance(c, dict) and str(c.get("conversation_id")) not in seen | taken
+            ]
+            d.evidence["conversations"] = [*d.evidence["conversations"], *kept]
+            traces = [str(c.get("trace_id") or "") for c in kept]
+            d.trace_ids = [t for t in dict.fromkeys([*d.trace_ids, *traces]) if t]
+
+    def _unexplain(self, st: IntentStats, found: list[Diagnosis], now_ns: int) -> list[Diagnosis]:
+        """Earlier contrast diagnoses of ``st`` that this analysis (``found``) did not find
+        again, each as a new version without the conversations explained otherwise (only
+        those that lose some): a conversation stays explained by one contrast diagnosis of its
+        intent, the latest analysis', else the most recent earlier one. One that loses all
+        explains none now: its new version lists no conversations."""
+        taken = set().union(*(_conversations_of(d) for d in found))
+        found_ids = {d.diagnosis_id for d in found}
+        earlier = [
+            e
+            for did, e in self._s.diagnoses.items()
+            if e.diagnosis.intent_id == st.intent_id
+            and e.diagnosis.rule == CONTRAST_RULE
+            and did not in found_ids
+            and e.diagnosis.status in OPEN_STATUSES
+        ]
+        earlier.sort(
+            key=lambda e: (-e.total_failures, -e.diagnosis.updated_ns, e.diagnosis.diagnosis_id)
+        )
+        out = []
+        for e in earlier:
+            old = e.diagnosis
+            mine = _conversations_of(old)
+            if mine & taken:
+                kept = [
+                    c
+                    for c in old.evidence["conversations"]
+                    if str(c.get("conversation_id")) not in taken
+                ]
+                traces = {str(c.get("trace_id")) for c in kept}
+                out.append(
+                    replace(
+                        old,
+                        evidence={**old.evidence, "conversations": kept},
+                        trace_ids=[t for t in old.trace_ids if t in traces],
+                        version=old.version + 1,
+                        updated_ns=now_ns,
+                    )
+                )
+            taken |= mine
         return out
 
     # -- triggers
@@ -283,6 +368,16 @@ class Diagnoser:
         if force:
             return True
         return self._grown(st, prev.total_failures)
+
+    def _regrouped(self, d: Diagnosis) -> bool:
+        """A contrast diagnosis found again explains other conversations than its last
+        version: at least ``reemit_growth`` of them changed (each conversation is explained
+        by one diagnosis of the latest analysis; a later one may group it elsewhere)."""
+        prev = self._s.diagnoses.get(d.diagnosis_id)
+        if prev is None or prev.diagnosis.status == "rejected":
+            return False
+        before, now = _conversations_of(prev.diagnosis), _conversations_of(d)
+        return len(before ^ now) >= max(1.0, self.cfg.reemit_growth * len(before))
 
     def _grown(self, st: IntentStats, then: int) -> bool:
         """Failures grew materially since ``then``: by ``reemit_growth`` and ``min_failures``."""
