@@ -116,7 +116,7 @@ def run_loop(cfg: Config, runs: list[dict[str, Any]], rewards: bool) -> dict[str
             latest[d.diagnosis_id] = d
             if first_diagnosis_s != first_diagnosis_s:  # nan: the first one
                 first_diagnosis_s = time.perf_counter() - t0
-    found = list(latest.values())
+    found = [d for d in latest.values() if d.status != "superseded"]
     system = next(m["content"] for m in runs[0]["traj"] if m["role"] == "system")
     files = {"prompts/system.md": system}
     targets = [ActTarget("prompts/system.md", "prompt")]

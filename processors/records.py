@@ -251,6 +251,10 @@ class TagRecord(Record):
 # resolved: the need was met; failed: a stated failure; abandoned: the user left after a
 # question; escalated: handed to a human; errored: errors prevented an answer; unknown: the
 # conversation holds no evidence either way (no answer to the user's last message).
+# A diagnosis in one of these gets no proposal. ``superseded``: every conversation it explained
+# is now explained by another diagnosis of its intent (a later contrastive analysis).
+CLOSED_STATUSES = ("resolved", "rejected", "superseded")
+
 OUTCOMES = ("resolved", "failed", "abandoned", "escalated", "errored", "unknown")
 OUTCOME_ATTRIBUTE = "closeloop.outcome"
 OUTCOME_REASON_ATTRIBUTE = "closeloop.outcome.reason"
@@ -316,7 +320,7 @@ class Diagnosis(Record):
     agent_version: str = ""
     window_from_ns: int = 0
     window_to_ns: int = 0
-    status: str = "open"  # open | proposed | resolved | rejected
+    status: str = "open"  # open | proposed | one of CLOSED_STATUSES
     version: int = 1
     updated_ns: int = 0
     failure_kind: str = "other"  # one of FAILURE_KINDS

@@ -70,11 +70,17 @@ from processors.diagnose.rules import Candidate, common_evidence, run_rules, ver
 from processors.diagnose.window import IntentStats, p_greater
 from processors.errors import InputError, LLMError
 from processors.llm import ChatJSON
-from processors.records import Diagnosis, TagRecord
+from processors.records import CLOSED_STATUSES, Diagnosis, TagRecord
 
 STAGE = "diagnose"
 SNAPSHOT_FORMAT = 1
 OPEN_STATUSES = ("open", "proposed")
+
+
+def _carried_status(prev: Diagnosis) -> str:
+    """The status a diagnosis found again takes from its last version: a human's decision
+    stands (proposed, rejected); one resolved or superseded earlier is a new occurrence."""
+    return "open" if prev.status in ("resolved", "superseded") else prev.status
 
 
 def _conversations_of(d: Diagnosis) -> set[str]:
@@ -217,8 +223,7 @@ class Diagnoser:
             d = self._with_analyses(d)
             if prev is not None:
                 d.version = prev.diagnosis.version + 1
-                if prev.diagnosis.status != "resolved":
-                    d.status = prev.diagnosis.status
+                d.status = _carried_status(prev.diagnosis)
             self._s.diagnoses[d.diagnosis_id] = _Emitted(d, st.total_failures)
             out.append(d)
         for d in pruned:
@@ -280,6 +285,7 @@ class Diagnoser:
                         old,
                         evidence={**old.evidence, "conversations": kept},
                         trace_ids=[t for t in old.trace_ids if t in traces],
+                        status=old.status if kept else "superseded",
                         version=old.version + 1,
                         updated_ns=now_ns,
                     )
@@ -411,9 +417,7 @@ class Diagnoser:
             agent_version=c.agent_version,
             window_from_ns=lo,
             window_to_ns=hi,
-            status="open"
-            if prev is None or prev.diagnosis.status == "resolved"
-            else prev.diagnosis.status,
+            status="open" if prev is None else _carried_status(prev.diagnosis),
             version=1 if prev is None else prev.diagnosis.version + 1,
             updated_ns=now_ns,
         )
@@ -500,8 +504,7 @@ class Diagnoser:
             d.window_from_ns, d.window_to_ns = st.window_bounds()
         if prev is not None:
             d.version = prev.diagnosis.version + 1
-            if prev.diagnosis.status != "resolved":
-                d.status = prev.diagnosis.status
+            d.status = _carried_status(prev.diagnosis)
         d.updated_ns = now_ns
         self._s.diagnoses[did] = _Emitted(d, st.total_failures if st is not None else 0)
         return [d]
@@ -516,7 +519,7 @@ class Diagnoser:
         """The diagnosis of ``req`` reworded by ``answer`` (validated by
         :func:`~.llm.ask_refinement`) as its next version; ``None`` when a human closed it."""
         e = self._s.diagnoses.get(req.diagnosis_id)
-        if e is None or e.diagnosis.status in ("resolved", "rejected"):
+        if e is None or e.diagnosis.status in CLOSED_STATUSES:
             return None
         e.diagnosis = refined(e.diagnosis, answer, req.bundle, now_ns)
         return e.diagnosis

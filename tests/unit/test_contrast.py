@@ -496,6 +496,10 @@ def test_a_conversation_is_explained_once_in_the_stream() -> None:
     ids = [r["conversation_id"] for r in rows]
     assert ids and len(ids) == len(set(ids))
     assert all(i.startswith("f") for i in ids)
+    # one found early loses every conversation to later analyses: superseded, not proposed
+    emptied = [x for x in latest.values() if not conversation_rows([x])]
+    assert emptied and all(x.status == "superseded" for x in emptied)
+    assert all(conversation_rows([x]) for x in latest.values() if x.status in OPEN_STATUSES)
 
 
 def test_a_conversation_that_left_the_window_stays_explained() -> None:
