@@ -24,6 +24,8 @@ import zlib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
+
 from processors.config import Config
 from processors.errors import LLMError
 from processors.llm import ChatJSON
@@ -88,8 +90,6 @@ class Understand:
         out = UnderstandBatch()
         if not convs:
             return out
-        texts = [goal_text(c, self.cfg.understand.goal_user_turns) for c in convs]
-        vectors = self.embedder.embed(texts)
         touched: set[str] = set()
         sizes = {
             i.intent_id: i.size for i in self.model.intents()
@@ -98,11 +98,10 @@ class Understand:
         keys = [(c.conversation_id, c.version) for c in convs]
         firsts = {key: i for i, key in reversed(list(enumerate(keys)))}
         fresh = [i for i, key in enumerate(keys) if key not in self._seen and firsts[key] == i]
-        learned = dict(
-            zip(fresh, self.model.learn_many(vectors[fresh], now_ns, [texts[i] for i in fresh]))
-        )
-        for i in fresh:
-            self.index.add(learned[i], texts[i])
+        texts = [goal_text(convs[i], self.cfg.understand.goal_user_turns) for i in fresh]
+        learned = dict(zip(fresh, self.model.learn_many(self._embed(texts), now_ns, texts)))
+        for i, text in zip(fresh, texts):
+            self.index.add(learned[i], text)
             self._remember(keys[i], learned[i])
         for i, conv in enumerate(convs):
             intent_id = learned[i] if i in learned else self.model.resolve(self._seen[keys[i]][0])
@@ -146,6 +145,15 @@ class Understand:
             tag.intent_name = self._name_of(tag.intent_id)
         out.intent_rows = self.intent_rows(touched | changed | renamed, now_ns)
         return out
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        """The goals' vectors, each distinct goal embedded once: the embedder is most of the
+        cost of a batch, and goals repeat (greetings, the same first question)."""
+        distinct = list(dict.fromkeys(texts))
+        if not texts or len(distinct) == len(texts):
+            return self.embedder.embed(texts)
+        row = {t: k for k, t in enumerate(distinct)}
+        return self.embedder.embed(distinct)[[row[t] for t in texts]]
 
     def _remember(self, key: tuple[str, int], intent_id: str) -> None:
         if len(self._seen) >= SEEN_CAP:

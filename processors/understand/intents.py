@@ -42,11 +42,14 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
+
+from processors.understand.blas import one_blas_thread
 
 SNAPSHOT_VERSION = 2
 
@@ -181,6 +184,10 @@ class IntentModel:
 
     def learn_one(self, x: np.ndarray, now_ns: int, text: str | None = None) -> str:
         """Assign ``x`` to an intent (creating one if it is far from all), learn it, return the id."""
+        with one_blas_thread():
+            return self._learn_one(x, now_ns, text)
+
+    def _learn_one(self, x: np.ndarray, now_ns: int, text: str | None) -> str:
         x = self._unit(x)
         if self._n_seen and self._n_seen == self._next_refinement(self._n_seen - 1):
             self._refine(now_ns)
@@ -189,13 +196,19 @@ class IntentModel:
         return self._learn_routed(x, j, intent, now_ns, text)[0]
 
     def learn_many(
-        self, xs: np.ndarray, now_ns: int, texts: list[str | None] | None = None
+        self, xs: np.ndarray, now_ns: int, texts: Sequence[str | None] | None = None
     ) -> list[str]:
         """:meth:`learn_one` for each row of ``xs`` in order, with the same result, faster: the
         similarities to the micro-clusters come from one matrix product per stretch between
         refinements, recomputed only for the micro-clusters the stretch itself changed."""
         if len(xs) == 0:
             return []
+        with one_blas_thread():
+            return self._learn_many(xs, now_ns, texts)
+
+    def _learn_many(
+        self, xs: np.ndarray, now_ns: int, texts: Sequence[str | None] | None
+    ) -> list[str]:
         self._unit(xs[0])  # sets the dimension on first use, checks it after
         units = self._normalise(np.asarray(xs, dtype=np.float32).reshape(len(xs), self._dim))
         texts = texts if texts is not None else [None] * len(units)

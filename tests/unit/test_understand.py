@@ -139,6 +139,34 @@ def test_replayed_conversation_is_not_learned_twice() -> None:
     ]
 
 
+class _CountingEmbedder(HashingEmbedder):
+    """The hashing embedder, keeping every text it was asked to embed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[str] = []
+
+    def embed(self, texts: list[str]) -> Any:
+        self.asked += texts
+        return super().embed(texts)
+
+
+def test_each_distinct_new_goal_is_embedded_once() -> None:
+    embedder = _CountingEmbedder()
+    core = Understand(load_config(None, env={}), embedder, IntentModel(threshold=0.2))
+    data = [c for _, c in _conversations(200)]
+    goals = [goal_text(c, core.cfg.understand.goal_user_turns) for c in data]
+    first = core.process(data, now_ns=1)
+    assert sorted(embedder.asked) == sorted(set(goals))
+    assert len(set(goals)) < len(goals)  # the sample repeats openings: the dedup is exercised
+    embedder.asked.clear()
+    again = core.process(data[:50], now_ns=2)  # a redelivery: tagged from memory, not embedded
+    assert embedder.asked == []
+    assert [t.intent_id for t in again.tags] == [
+        core.model.resolve(t.intent_id) for t in first.tags[:50]
+    ]
+
+
 def test_snapshot_restore_gives_the_same_tags() -> None:
     core = _core()
     core.process([c for _, c in _conversations(200)], now_ns=1)
