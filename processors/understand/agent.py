@@ -292,7 +292,9 @@ def register_understand(w: Wiring) -> None:
                 batch = await pipe.run_core("understand", core.process, convs, now)
                 pipe.counters["understand"].records_in += len(convs)
                 await pipe.write(
-                    "understand", "conversation_tags", [tag_row(t) for t in batch.tags]
+                    "understand",
+                    "conversation_tags",
+                    [tag_row(t) for t in batch.tags] + batch.retags,
                 )
                 await pipe.write("understand", "intents", batch.intent_rows)
                 await pipe.write("understand", "intent_changes", batch.change_rows)

@@ -48,6 +48,9 @@ class UnderstandBatch:
     change_rows: list[dict[str, Any]] = field(default_factory=list)
     judge_requests: list[TagRecord] = field(default_factory=list)  # with their conversation
     name_requests: list[NameRequest] = field(default_factory=list)
+    # new versions of earlier batches' ``conversation_tags`` rows: a re-clustering in this batch
+    # moved those conversations to another intent (see Understand._retag)
+    retags: list[dict[str, Any]] = field(default_factory=list)
 
 
 def tag_row(tag: TagRecord) -> dict[str, Any]:
@@ -82,6 +85,10 @@ class Understand:
         self.namer = Namer(self.index, llm_max=cfg.llm.naming_max)
         self.names: dict[str, IntentName] = {}
         self._seen: dict[tuple[str, int], tuple[str, int]] = {}  # (cid, version) -> (intent, order)
+        # the tag rows of the last ``model.remember`` conversations learned, with their point
+        # number in the model, to re-version when a re-clustering moves them (not checkpointed:
+        # after a restart the tags given before it stay as they are)
+        self._recent: dict[tuple[str, int], tuple[int, dict[str, Any]]] = {}
         self._emitted_changes = 0
         self.naming_version = 0
 
@@ -99,6 +106,7 @@ class Understand:
         firsts = {key: i for i, key in reversed(list(enumerate(keys)))}
         fresh = [i for i, key in enumerate(keys) if key not in self._seen and firsts[key] == i]
         texts = [goal_text(convs[i], self.cfg.understand.goal_user_turns) for i in fresh]
+        first_point, reclusterings = self.model.n_seen, self.model.reclusterings
         learned = dict(zip(fresh, self.model.learn_many(self._embed(texts), now_ns, texts)))
         for i, text in zip(fresh, texts):
             self.index.add(learned[i], text)
@@ -143,8 +151,36 @@ class Understand:
         for tag in out.tags:  # names given in this batch apply to its own tags
             tag.intent_id = self.model.resolve(tag.intent_id)
             tag.intent_name = self._name_of(tag.intent_id)
+        for point, i in enumerate(fresh, first_point):
+            self._recent[keys[i]] = (point, tag_row(out.tags[i]))
+        for key in list(self._recent)[: max(0, len(self._recent) - self.model.remember)]:
+            del self._recent[key]
+        if self.model.reclusterings != reclusterings:
+            self._retag(out, {keys[i]: out.tags[i] for i in fresh})
         out.intent_rows = self.intent_rows(touched | changed | renamed, now_ns)
         return out
+
+    def _retag(self, out: UnderstandBatch, batch_tags: dict[tuple[str, int], TagRecord]) -> None:
+        """After a re-clustering: every remembered conversation whose micro-cluster is now in
+        another intent than its tag's gets that intent (``IntentModel.current_tag``), as a new
+        version of its tag row (this batch's own tags are changed in place)."""
+        for key, (point, row) in self._recent.items():
+            now = self.model.current_tag(point, row["intent_id"])
+            if now == self.model.resolve(row["intent_id"]):
+                continue
+            row.update(
+                intent_id=now,
+                intent_name=self._name_of(now),
+                taxonomy_version=self.taxonomy_version,
+            )
+            if key in self._seen:  # a redelivery gets the new intent too
+                self._seen[key] = (now, self._seen[key][1])
+            tag = batch_tags.get(key)
+            if tag is not None:
+                tag.intent_id, tag.intent_name = now, row["intent_name"]
+                tag.taxonomy_version = row["taxonomy_version"]
+            else:
+                out.retags.append(dict(row))
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         """The goals' vectors, each distinct goal embedded once: the embedder is most of the
@@ -259,7 +295,9 @@ class Understand:
         assert tag.conversation is not None, "judge requests carry their conversation"
         sig = self.tagger.judged(tag.conversation, verdict)
         extra = [t for t in tag.signals if t == "long_tail"]
-        iid = self.model.resolve(tag.intent_id)
+        # the conversation's intent now: a re-clustering may have re-tagged it meanwhile
+        seen = self._seen.get((tag.conversation_id, tag.conversation_version))
+        iid = self.model.resolve(seen[0] if seen else tag.intent_id)
         return replace(
             tag,
             intent_id=iid,

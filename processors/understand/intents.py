@@ -26,6 +26,10 @@ Two levels, in the spirit of DBSTREAM/CluStream but with numpy vector math:
 No threshold sets the granularity: on three public intent sets of 77, 64 and 7 intents the
 defaults find 93, 77 and 7 (``python -m bench.intents``, bench/RESULTS.md).
 
+A point's tag can follow it to a finer intent: the model remembers the micro-cluster each of the
+last ``remember`` points joined, and ``current_tag`` gives its intent now (the understand core
+re-versions the tags a re-clustering moved).
+
 A refinement maps the new partition onto the old ids by shared weight: each new group inherits
 the id that gave it most weight; when several groups share a parent, the largest keeps the id
 and the others are *split* children (new id, ``parent_id``); an id that inherits nothing was
@@ -97,6 +101,7 @@ class IntentModel:
         min_share: float = 0.003,
         cut_tolerance: float = 0.1,
         examples: int = 10,
+        remember: int = 10_000,
         seed: int = 0,
     ) -> None:
         self.threshold = threshold
@@ -113,6 +118,7 @@ class IntentModel:
         self.min_share = min_share
         self.cut_tolerance = cut_tolerance
         self.examples = examples
+        self.remember = remember
         self.seed = seed
         self._check_settings()
         self._init_state()
@@ -132,10 +138,11 @@ class IntentModel:
             or self.min_size < 0
             or self.grace < 0
             or self.examples < 0
+            or self.remember < 0
         ):
             raise ValueError(
                 "refine_every, refine_iters, max_micro_per_intent must be >= 1; "
-                "min_size, grace, examples >= 0"
+                "min_size, grace, examples, remember >= 0"
             )
         if (
             self.recluster_growth <= 1
@@ -160,6 +167,10 @@ class IntentModel:
         self.taxonomy_version = 0
         self.changes: list[IntentChange] = []
         self._reclustered_at = 0  # n_seen at the last re-clustering (0: none yet)
+        self.reclusterings = 0
+        # the micro-cluster each of the last ``remember`` points joined (point n at n % remember),
+        # so that their tags can follow a split (``current_tag``)
+        self._recent = np.full(self.remember, -1, dtype=np.int64)
         self._novelty = self.threshold  # below this similarity to every intent a point opens one
         # since the last refinement: arrivals that joined a micro-cluster, and the best intent
         # similarity of the others (the novelty threshold is a quantile of the arrivals)
@@ -261,6 +272,8 @@ class IntentModel:
         meta = self._meta[intent]
         meta["size"] += 1
         meta["updated_ns"] = now_ns
+        if self.remember:
+            self._recent[self._n_seen % self.remember] = j
         self._n_seen += 1
         self._offer_example(intent, j, text)
         return intent, j
@@ -282,6 +295,16 @@ class IntentModel:
             seen.add(intent_id)
             intent_id = self._meta[intent_id]["parent_id"]
         return intent_id
+
+    def current_tag(self, n: int, tag: str) -> str:
+        """The tag point ``n`` (0-based, in learning order), tagged ``tag`` on arrival, carries
+        now: the intent of the micro-cluster it joined. A tag given early, while the model knew
+        few intents, names a coarse group that later re-clusterings split; following merges
+        cannot undo a split, the point's micro-cluster can. A point more than ``remember``
+        points old keeps ``tag``, followed through merges."""
+        if not 0 <= n < self._n_seen or n < self._n_seen - self.remember:
+            return self.resolve(tag)
+        return self._m_intent[int(self._recent[n % self.remember])]
 
     def intents(self, *, include_merged: bool = False) -> list[IntentSummary]:
         out = []
@@ -345,6 +368,7 @@ class IntentModel:
                     "min_share",
                     "cut_tolerance",
                     "examples",
+                    "remember",
                     "seed",
                 )
             },
@@ -355,6 +379,7 @@ class IntentModel:
             "next_id": self._next_id,
             "taxonomy_version": self.taxonomy_version,
             "reclustered_at": self._reclustered_at,
+            "reclusterings": self.reclusterings,
             "novelty": self._novelty,
             "near_arrivals": self._near_arrivals,
             "far_sims": self._far_sims,
@@ -373,6 +398,7 @@ class IntentModel:
             m_sum=self._m_sum[: self._m],
             m_n=self._m_n[: self._m],
             i_sum=self._i_sum,
+            recent=self._recent,
             state=np.frombuffer(json.dumps(state).encode(), dtype=np.uint8),
         )
         return buf.getvalue()
@@ -392,6 +418,11 @@ class IntentModel:
         self._dim, self._n_seen, self._next_id = state["dim"], state["n_seen"], state["next_id"]
         self.taxonomy_version = state["taxonomy_version"]
         self._reclustered_at, self._novelty = state["reclustered_at"], state["novelty"]
+        # added within version 2: an older snapshot remembers no recent points
+        self.reclusterings = state.get("reclusterings", 0)
+        self._recent = (
+            z["recent"].copy() if "recent" in z.files else np.full(self.remember, -1, np.int64)
+        )
         self._near_arrivals, self._far_sims = state["near_arrivals"], state["far_sims"]
         self.changes = [IntentChange(**c) for c in state["changes"]]
         self._m_sum = z["m_sum"].copy()
@@ -522,6 +553,7 @@ class IntentModel:
         if recluster:
             cents = self._cut(pts, w)
             self._reclustered_at = self._n_seen
+            self.reclusterings += 1
         else:
             cents = self._i_cent.copy()
         for _ in range(self.refine_iters):
@@ -707,6 +739,8 @@ class IntentModel:
         for ex in self._examples.values():
             for e in ex:
                 e[0] = int(new_index[target[e[0]]])
+        known = self._recent >= 0
+        self._recent[known] = new_index[target[self._recent[known]]]
 
 
 def _recentre(msum: np.ndarray, assign: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
