@@ -55,7 +55,7 @@ class UnderstandBatch:
 
 def tag_row(tag: TagRecord) -> dict[str, Any]:
     """A ``conversation_tags`` row: the tag without its conversation."""
-    d = tag.to_dict()
+    d = replace(tag, conversation=None).to_dict()  # not converting the conversation just to drop it
     d.pop("conversation", None)
     d.pop("v", None)
     d["failed"] = int(bool(tag.failed))
