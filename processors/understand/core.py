@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import pickle
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -39,6 +40,7 @@ from processors.understand.signals import SignalResult, Tagger, judge
 LONG_TAIL_SHARE = 0.01  # an intent holding under 1% of conversations (once warmed up) is long tail
 LONG_TAIL_WARMUP = 500
 SEEN_CAP = 200_000  # remembered (conversation, version) pairs for replay detection
+GOAL_CACHE = 4096  # goals whose vectors are kept (384 float32 each: ~6 MB)
 
 
 @dataclass
@@ -89,6 +91,9 @@ class Understand:
         # number in the model, to re-version when a re-clustering moves them (not checkpointed:
         # after a restart the tags given before it stay as they are)
         self._recent: dict[tuple[str, int], tuple[int, dict[str, Any]]] = {}
+        self._goal_vectors: OrderedDict[str, np.ndarray] = (
+            OrderedDict()
+        )  # a cache, least recent first
         self._emitted_changes = 0
         self.naming_version = 0
 
@@ -183,13 +188,21 @@ class Understand:
                 out.retags.append(dict(row))
 
     def _embed(self, texts: list[str]) -> np.ndarray:
-        """The goals' vectors, each distinct goal embedded once: the embedder is most of the
-        cost of a batch, and goals repeat (greetings, the same first question)."""
-        distinct = list(dict.fromkeys(texts))
-        if not texts or len(distinct) == len(texts):
-            return self.embedder.embed(texts)
-        row = {t: k for k, t in enumerate(distinct)}
-        return self.embedder.embed(distinct)[[row[t] for t in texts]]
+        """The goals' vectors, each distinct goal embedded once, and not again while it is among
+        the ``GOAL_CACHE`` most recently seen: the embedder is most of the cost of a batch, and
+        goals repeat (greetings, the same first question, a test suite's scripted users)."""
+        cache = self._goal_vectors
+        new = [t for t in dict.fromkeys(texts) if t not in cache]
+        if new:
+            cache.update(zip(new, self.embedder.embed(new)))
+        for t in texts:
+            cache.move_to_end(t)
+        if not texts:
+            return np.zeros((0, self.embedder.dim), dtype=np.float32)
+        out = np.stack([cache[t] for t in texts])
+        while len(cache) > GOAL_CACHE:
+            cache.popitem(last=False)
+        return out
 
     def _remember(self, key: tuple[str, int], intent_id: str) -> None:
         if len(self._seen) >= SEEN_CAP:

@@ -6,6 +6,7 @@ import csv
 import json
 import random
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,7 @@ class _CountingEmbedder(HashingEmbedder):
         return super().embed(texts)
 
 
-def test_each_distinct_new_goal_is_embedded_once() -> None:
+def test_each_distinct_goal_is_embedded_once() -> None:
     embedder = _CountingEmbedder()
     core = Understand(load_config(None, env={}), embedder, IntentModel(threshold=0.2))
     data = [c for _, c in _conversations(200)]
@@ -162,6 +163,9 @@ def test_each_distinct_new_goal_is_embedded_once() -> None:
     embedder.asked.clear()
     again = core.process(data[:50], now_ns=2)  # a redelivery: tagged from memory, not embedded
     assert embedder.asked == []
+    # new conversations opening with goals seen lately: their vectors are remembered
+    later = [replace(c, conversation_id=c.conversation_id + "-later") for c in data[:50]]
+    assert len(core.process(later, now_ns=3).tags) == 50 and embedder.asked == []
     assert [t.intent_id for t in again.tags] == [
         core.model.resolve(t.intent_id) for t in first.tags[:50]
     ]
