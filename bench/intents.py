@@ -165,7 +165,7 @@ def run_set(
         reclusterings = model.reclusterings
         arrival_ids += model.learn_many(X[i : i + BATCH], now_ns=i, texts=texts[i : i + BATCH])
         if model.reclusterings != reclusterings:  # the understand core re-versions these tags
-            arrival_ids = [model.current_tag(p, a) for p, a in enumerate(arrival_ids)]
+            arrival_ids = model.current_tags(range(len(arrival_ids)), arrival_ids)
     cluster_s, cluster_cpu = time.perf_counter() - t, time.process_time() - cpu
     arrival = np.array([model.resolve(a) for a in arrival_ids])
     final = np.array([model.predict_one(x) or "-" for x in X])

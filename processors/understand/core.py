@@ -166,11 +166,14 @@ class Understand:
         return out
 
     def _retag(self, out: UnderstandBatch, batch_tags: dict[tuple[str, int], TagRecord]) -> None:
-        """After a re-clustering: every remembered conversation whose micro-cluster is now in
-        another intent than its tag's gets that intent (``IntentModel.current_tag``), as a new
-        version of its tag row (this batch's own tags are changed in place)."""
-        for key, (point, row) in self._recent.items():
-            now = self.model.current_tag(point, row["intent_id"])
+        """After a re-clustering: every remembered conversation that is now nearest another
+        intent than its tag's gets that intent (``IntentModel.current_tags``), as a new version
+        of its tag row (this batch's own tags are changed in place)."""
+        recent = list(self._recent.items())
+        nows = self.model.current_tags(
+            [point for _, (point, _) in recent], [row["intent_id"] for _, (_, row) in recent]
+        )
+        for (key, (_, row)), now in zip(recent, nows):
             if now == self.model.resolve(row["intent_id"]):
                 continue
             row.update(

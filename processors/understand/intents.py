@@ -26,9 +26,9 @@ Two levels, in the spirit of DBSTREAM/CluStream but with numpy vector math:
 No threshold sets the granularity: on three public intent sets of 77, 64 and 7 intents the
 defaults find 93, 77 and 7 (``python -m bench.intents``, bench/RESULTS.md).
 
-A point's tag can follow it to a finer intent: the model remembers the micro-cluster each of the
-last ``remember`` points joined, and ``current_tag`` gives its intent now (the understand core
-re-versions the tags a re-clustering moved).
+A point's tag can follow it to a finer intent: the model remembers the last ``remember`` points
+(float16, not checkpointed) and ``current_tags`` gives their nearest intent now (the understand
+core re-versions the tags a re-clustering moved).
 
 A refinement maps the new partition onto the old ids by shared weight: each new group inherits
 the id that gave it most weight; when several groups share a parent, the largest keeps the id
@@ -168,9 +168,10 @@ class IntentModel:
         self.changes: list[IntentChange] = []
         self._reclustered_at = 0  # n_seen at the last re-clustering (0: none yet)
         self.reclusterings = 0
-        # the micro-cluster each of the last ``remember`` points joined (point n at n % remember),
-        # so that their tags can follow a split (``current_tag``)
-        self._recent = np.full(self.remember, -1, dtype=np.int64)
+        # the last ``remember`` points (point n at row n % remember) from point _recent_from on,
+        # so that their tags can follow a split (``current_tags``); not checkpointed
+        self._recent = np.zeros((0, 0), dtype=np.float16)
+        self._recent_from = 0
         self._novelty = self.threshold  # below this similarity to every intent a point opens one
         # since the last refinement: arrivals that joined a micro-cluster, and the best intent
         # similarity of the others (the novelty threshold is a quantile of the arrivals)
@@ -273,7 +274,9 @@ class IntentModel:
         meta["size"] += 1
         meta["updated_ns"] = now_ns
         if self.remember:
-            self._recent[self._n_seen % self.remember] = j
+            if self._recent.shape != (self.remember, self._dim):
+                self._recent = np.zeros((self.remember, self._dim), dtype=np.float16)
+            self._recent[self._n_seen % self.remember] = x
         self._n_seen += 1
         self._offer_example(intent, j, text)
         return intent, j
@@ -296,15 +299,24 @@ class IntentModel:
             intent_id = self._meta[intent_id]["parent_id"]
         return intent_id
 
-    def current_tag(self, n: int, tag: str) -> str:
-        """The tag point ``n`` (0-based, in learning order), tagged ``tag`` on arrival, carries
-        now: the intent of the micro-cluster it joined. A tag given early, while the model knew
-        few intents, names a coarse group that later re-clusterings split; following merges
-        cannot undo a split, the point's micro-cluster can. A point more than ``remember``
-        points old keeps ``tag``, followed through merges."""
-        if not 0 <= n < self._n_seen or n < self._n_seen - self.remember:
-            return self.resolve(tag)
-        return self._m_intent[int(self._recent[n % self.remember])]
+    def current_tags(self, points: Sequence[int], tags: Sequence[str]) -> list[str]:
+        """The tags ``points`` (0-based, in learning order), tagged ``tags`` on arrival, carry
+        now: the intent each point is nearest now. A tag given early, while the model knew few
+        intents, names a coarse group that later re-clusterings split; following merges cannot
+        undo a split, the point itself can. A point more than ``remember`` points old (or
+        learned before a restore) keeps its tag, followed through merges."""
+        out = [self.resolve(t) for t in tags]
+        known = [
+            k
+            for k, n in enumerate(points)
+            if max(self._recent_from, self._n_seen - self.remember) <= n < self._n_seen
+        ]
+        if known and self._order:
+            rows = self._recent[[points[k] % self.remember for k in known]].astype(np.float32)
+            nearest = (rows @ self._i_cent.T).argmax(axis=1)
+            for k, i in zip(known, nearest):
+                out[k] = self._order[int(i)]
+        return out
 
     def intents(self, *, include_merged: bool = False) -> list[IntentSummary]:
         out = []
@@ -342,7 +354,8 @@ class IntentModel:
     def nbytes(self) -> int:
         """Approximate memory of the learned state (arrays plus example texts)."""
         arrays = sum(
-            a.nbytes for a in (self._m_sum, self._m_cent, self._m_n, self._i_sum, self._i_cent)
+            a.nbytes
+            for a in (self._m_sum, self._m_cent, self._m_n, self._i_sum, self._i_cent, self._recent)
         )
         texts = sum(len(t) + 64 for ex in self._examples.values() for _, _, t in ex)
         return arrays + texts + 200 * (len(self._meta) + self._m)
@@ -398,7 +411,6 @@ class IntentModel:
             m_sum=self._m_sum[: self._m],
             m_n=self._m_n[: self._m],
             i_sum=self._i_sum,
-            recent=self._recent,
             state=np.frombuffer(json.dumps(state).encode(), dtype=np.uint8),
         )
         return buf.getvalue()
@@ -418,11 +430,9 @@ class IntentModel:
         self._dim, self._n_seen, self._next_id = state["dim"], state["n_seen"], state["next_id"]
         self.taxonomy_version = state["taxonomy_version"]
         self._reclustered_at, self._novelty = state["reclustered_at"], state["novelty"]
-        # added within version 2: an older snapshot remembers no recent points
-        self.reclusterings = state.get("reclusterings", 0)
-        self._recent = (
-            z["recent"].copy() if "recent" in z.files else np.full(self.remember, -1, np.int64)
-        )
+        self.reclusterings = state.get("reclusterings", 0)  # added within version 2
+        self._recent = np.zeros((0, 0), dtype=np.float16)  # a restored model remembers no points
+        self._recent_from = self._n_seen
         self._near_arrivals, self._far_sims = state["near_arrivals"], state["far_sims"]
         self.changes = [IntentChange(**c) for c in state["changes"]]
         self._m_sum = z["m_sum"].copy()
@@ -739,8 +749,6 @@ class IntentModel:
         for ex in self._examples.values():
             for e in ex:
                 e[0] = int(new_index[target[e[0]]])
-        known = self._recent >= 0
-        self._recent[known] = new_index[target[self._recent[known]]]
 
 
 def _recentre(msum: np.ndarray, assign: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
