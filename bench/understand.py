@@ -115,7 +115,7 @@ def run(embedded: int, sizes: list[int], batch: int, log: Callable[[str], None] 
         done = len(texts)
         cycle = itertools.cycle(texts)
         for size in sorted(s for s in sizes if s > done):
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             n0 = done
             while done < size:
                 n = min(batch, size - done)
@@ -125,10 +125,11 @@ def run(embedded: int, sizes: list[int], batch: int, log: Callable[[str], None] 
                 )
                 done += n
             rate = (done - n0) / (time.perf_counter() - t)
+            rest_us = (time.process_time() - cpu) / (done - n0) * 1e6
             points.append((done, rss_mb(), core.model.nbytes(), len(core.model.intents()), rate))
             log(
                 f"{done:,} conversations: RSS {points[-1][1]:,.0f} MB, model {points[-1][2] / 1e6:.1f} MB, "
-                f"{points[-1][3]} intents, {rate:,.0f}/s without embedding"
+                f"{points[-1][3]} intents, {rate:,.0f}/s without embedding, {rest_us:,.0f} µs CPU each"
             )
     return {
         "embedder": cfg.understand.embedder,
