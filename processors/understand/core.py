@@ -50,8 +50,9 @@ class UnderstandBatch:
     change_rows: list[dict[str, Any]] = field(default_factory=list)
     judge_requests: list[TagRecord] = field(default_factory=list)  # with their conversation
     name_requests: list[NameRequest] = field(default_factory=list)
-    # new versions of earlier batches' ``conversation_tags`` rows: a re-clustering in this batch
-    # moved those conversations to another intent (see Understand._retag)
+    # earlier batches' conversations a re-clustering in this batch moved to another intent
+    # (Understand._retag): conversation_id, conversation_version, intent_id, intent_name,
+    # taxonomy_version; the agent re-versions their stored tag rows with these
     retags: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -87,13 +88,11 @@ class Understand:
         self.namer = Namer(self.index, llm_max=cfg.llm.naming_max)
         self.names: dict[str, IntentName] = {}
         self._seen: dict[tuple[str, int], tuple[str, int]] = {}  # (cid, version) -> (intent, order)
-        # the tag rows of the last ``model.remember`` conversations learned, with their point
-        # number in the model, to re-version when a re-clustering moves them (not checkpointed:
-        # after a restart the tags given before it stay as they are)
-        self._recent: dict[tuple[str, int], tuple[int, dict[str, Any]]] = {}
-        self._goal_vectors: OrderedDict[str, np.ndarray] = (
-            OrderedDict()
-        )  # a cache, least recent first
+        # the last ``model.remember`` conversations learned, by their point number in the model,
+        # to re-tag when a re-clustering moves them (not checkpointed, like the model's points)
+        self._recent: dict[tuple[str, int], int] = {}
+        # the vectors of recent goals, least recently used first
+        self._goal_vectors: OrderedDict[str, np.ndarray] = OrderedDict()
         self._emitted_changes = 0
         self.naming_version = 0
 
@@ -157,7 +156,7 @@ class Understand:
             tag.intent_id = self.model.resolve(tag.intent_id)
             tag.intent_name = self._name_of(tag.intent_id)
         for point, i in enumerate(fresh, first_point):
-            self._recent[keys[i]] = (point, tag_row(out.tags[i]))
+            self._recent[keys[i]] = point
         for key in list(self._recent)[: max(0, len(self._recent) - self.model.remember)]:
             del self._recent[key]
         if self.model.reclusterings != reclusterings:
@@ -167,28 +166,29 @@ class Understand:
 
     def _retag(self, out: UnderstandBatch, batch_tags: dict[tuple[str, int], TagRecord]) -> None:
         """After a re-clustering: every remembered conversation that is now nearest another
-        intent than its tag's gets that intent (``IntentModel.current_tags``), as a new version
-        of its tag row (this batch's own tags are changed in place)."""
-        recent = list(self._recent.items())
-        nows = self.model.current_tags(
-            [point for _, (point, _) in recent], [row["intent_id"] for _, (_, row) in recent]
-        )
-        for (key, (_, row)), now in zip(recent, nows):
-            if now == self.model.resolve(row["intent_id"]):
+        intent than its tag's gets that intent (``IntentModel.current_tags``): this batch's own
+        tags in place, earlier ones listed in ``out.retags``."""
+        keys = [key for key in self._recent if key in self._seen]
+        given = [self._seen[key][0] for key in keys]
+        nows = self.model.current_tags([self._recent[key] for key in keys], given)
+        for key, old, now in zip(keys, given, nows):
+            if now == self.model.resolve(old):
                 continue
-            row.update(
-                intent_id=now,
-                intent_name=self._name_of(now),
-                taxonomy_version=self.taxonomy_version,
-            )
-            if key in self._seen:  # a redelivery gets the new intent too
-                self._seen[key] = (now, self._seen[key][1])
+            self._seen[key] = (now, self._seen[key][1])  # a redelivery gets it too
             tag = batch_tags.get(key)
             if tag is not None:
-                tag.intent_id, tag.intent_name = now, row["intent_name"]
-                tag.taxonomy_version = row["taxonomy_version"]
-            else:
-                out.retags.append(dict(row))
+                tag.intent_id, tag.intent_name = now, self._name_of(now)
+                tag.taxonomy_version = self.taxonomy_version
+                continue
+            out.retags.append(
+                dict(
+                    conversation_id=key[0],
+                    conversation_version=key[1],
+                    intent_id=now,
+                    intent_name=self._name_of(now),
+                    taxonomy_version=self.taxonomy_version,
+                )
+            )
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         """The goals' vectors, each distinct goal embedded once, and not again while it is among

@@ -13,7 +13,7 @@ from typing import Any
 from processors.config import LLMConfig, load_config
 from processors.llm import LLM
 from processors.records import Conversation, Message
-from processors.understand.core import Understand, goal_text, tag_row
+from processors.understand.core import Understand, goal_text
 from processors.understand.embed import HashingEmbedder
 from processors.understand.intents import IntentModel
 from tests.ddl import ddl_columns
@@ -171,31 +171,27 @@ def test_each_distinct_goal_is_embedded_once() -> None:
     ]
 
 
-def test_a_re_clustering_re_versions_the_tags_it_moved() -> None:
+def test_a_re_clustering_re_tags_the_conversations_it_moved() -> None:
     core = _core()
     data = [c for _, c in _conversations(1200)]
-    given: dict[str, dict[str, Any]] = {}
+    given: dict[str, str] = {}
     retags = []
     for i in range(0, len(data), 100):
         before = core.model.reclusterings
         batch = core.process(data[i : i + 100], now_ns=i)
-        for t in batch.tags:
-            given[t.conversation_id] = tag_row(t)
+        given.update((t.conversation_id, t.intent_id) for t in batch.tags)
         assert batch.retags == [] or core.model.reclusterings > before
+        for move in batch.retags:  # an earlier batch's conversation, moved to another intent
+            assert move["intent_id"] != core.model.resolve(given[move["conversation_id"]])
+            assert move["conversation_version"] == 2
+            assert move["intent_name"] == core._name_of(move["intent_id"])
+            given[move["conversation_id"]] = move["intent_id"]
         retags += batch.retags
-        for row in batch.retags:  # a new version of an earlier batch's row, its intent moved
-            old = given[row["conversation_id"]]
-            assert row["intent_id"] != core.model.resolve(old["intent_id"])
-            assert {k: v for k, v in row.items() if not k.startswith(("intent_", "taxonomy"))} == {
-                k: v for k, v in old.items() if not k.startswith(("intent_", "taxonomy"))
-            }
-            given[row["conversation_id"]] = row
     assert retags, "re-clusterings at doublings moved some early conversations"
-    # the latest version of every tag is its micro-cluster's intent as of the last re-clustering;
-    # a redelivery is tagged with it too
+    # a redelivery is tagged with the latest intent
     again = core.process(data[:50], now_ns=10**6)
     assert [t.intent_id for t in again.tags] == [
-        core.model.resolve(given[c.conversation_id]["intent_id"]) for c in data[:50]
+        core.model.resolve(given[c.conversation_id]) for c in data[:50]
     ]
 
 
