@@ -35,6 +35,7 @@ from processors.runtime import (
 )
 from processors.stages import CAPTURE_ONLY, app_id
 from processors.status import capture_lag
+from processors.store import Store
 from processors.understand import assemble
 from processors.understand.core import Understand, UnderstandBatch, tag_row
 from processors.understand.embed import make_embedder
@@ -307,6 +308,23 @@ def _late_dead_letter(
     )
 
 
+def retagged_rows(store: Store, retags: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """New versions of the stored tag rows of ``retags`` (``UnderstandBatch.retags``) with their
+    new intent; the rest of each row as stored, so a judge's signals or a late outcome stay.
+    A conversation whose stored row is another version (or none) is left alone."""
+    moves = {(r["conversation_id"], r["conversation_version"]): r for r in retags}
+    rows = store.query(
+        "SELECT * EXCEPT ts FROM conversation_tags FINAL WHERE conversation_id IN {ids:Array(String)}",
+        {"ids": sorted({cid for cid, _ in moves})},
+    )
+    out = []
+    for row in rows:
+        move = moves.get((row["conversation_id"], row["conversation_version"]))
+        if move is not None:
+            out.append({**row, **move})
+    return out
+
+
 def register_understand(w: Wiring) -> None:
     cfg, pipe = w.pipe.cfg, w.pipe
     core = Understand(
@@ -349,6 +367,9 @@ def register_understand(w: Wiring) -> None:
                 await pipe.write(
                     "understand", "conversation_tags", [tag_row(t) for t in batch.tags]
                 )
+                if batch.retags:
+                    moved = await pipe.read("understand", retagged_rows, pipe.store, batch.retags)
+                    await pipe.write("understand", "conversation_tags", moved)
                 await pipe.write("understand", "intents", batch.intent_rows)
                 await pipe.write("understand", "intent_changes", batch.change_rows)
                 await w.send_all([(w.tags, t.conversation_id, t.to_json()) for t in batch.tags])
