@@ -116,7 +116,7 @@ def run_loop(cfg: Config, runs: list[dict[str, Any]], rewards: bool) -> dict[str
             latest[d.diagnosis_id] = d
             if first_diagnosis_s != first_diagnosis_s:  # nan: the first one
                 first_diagnosis_s = time.perf_counter() - t0
-    found = list(latest.values())
+    found = [d for d in latest.values() if d.status != "superseded"]
     system = next(m["content"] for m in runs[0]["traj"] if m["role"] == "system")
     files = {"prompts/system.md": system}
     targets = [ActTarget("prompts/system.md", "prompt")]
@@ -135,11 +135,28 @@ def measure(runs: list[dict[str, Any]], out: dict[str, Any]) -> dict[str, Any]:
     kinds = {cid: right_kinds(r, writes) for cid, r in by_id.items() if r["reward"] == 0}
     explained: dict[str, set[str]] = defaultdict(set)
     pairs = right_pairs = 0
+    per_diagnosis = []
     for d in out["found"]:
-        for cid in {c["conversation_id"] for c in d.evidence.get("conversations", [])}:
+        cids = {c["conversation_id"] for c in d.evidence.get("conversations", [])}
+        right = sum(d.failure_kind in kinds.get(cid, set()) for cid in cids)
+        for cid in cids:
             explained[cid].add(d.failure_kind)
-            pairs += 1
-            right_pairs += d.failure_kind in kinds.get(cid, set())
+        pairs += len(cids)
+        right_pairs += right
+        ev = d.evidence
+        tested = ev.get("tested") or {}
+        per_diagnosis.append(
+            {
+                "kind": d.failure_kind,
+                "pattern": f"{ev.get('pattern', d.rule)} {ev.get('tool', '')} {ev.get('argument', '')}",
+                "counts": f"{ev.get('failed_with')} of {ev.get('failed')} vs "
+                f"{ev.get('ok_with')} of {ev.get('ok')}",
+                "tested": tested.get("pattern", ""),
+                "p": ev.get("p_value"),
+                "runs": len(cids),
+                "right": right,
+            }
+        )
     covered = sum(bool(explained.get(cid, set()) & k) for cid, k in kinds.items())
     diagnosed = {d.intent_id for d in out["found"]}
     return {
@@ -149,6 +166,8 @@ def measure(runs: list[dict[str, Any]], out: dict[str, Any]) -> dict[str, Any]:
         "coverage": covered / max(len(kinds), 1),
         "precision": right_pairs / pairs if pairs else float("nan"),
         "explained_runs": len(explained),
+        "runs_under_several_kinds": sum(len(k) > 1 for k in explained.values()),
+        "per_diagnosis": per_diagnosis,
         "diagnoses": len(out["found"]),
         "kinds": dict(Counter(d.failure_kind for d in out["found"])),
         "diagnosed_intents": len(diagnosed),
@@ -189,6 +208,18 @@ def report(res: dict[str, dict[str, Any]], data: Path) -> str:
             cells = [fmt.format(r[key]) for r in (w, wo)]
         lines.append(f"| {label} | {cells[0]} | {cells[1]} | {goal} |")
     lines += ["", f"Kinds diagnosed (with rewards): {w['kinds']}; without: {wo['kinds']}."]
+    lines += [
+        f"Runs explained under several kinds (with rewards): {w['runs_under_several_kinds']}.",
+        "",
+        "| diagnosis (with rewards) | pattern, tool, argument | failed vs successful "
+        "| tested as | adjusted p | runs listed | of the right kind |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for d in sorted(w["per_diagnosis"], key=lambda d: (-d["runs"], d["kind"])):
+        lines.append(
+            f"| {d['kind']} | {d['pattern'].strip()} | {d['counts']} | {d['tested'] or '-'} "
+            f"| {d['p']:.4f} | {d['runs']} | {d['right']} |"
+        )
     return "\n".join(lines) + "\n"
 
 

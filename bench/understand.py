@@ -97,21 +97,25 @@ def run(embedded: int, sizes: list[int], batch: int, log: Callable[[str], None] 
         load_s = time.perf_counter() - t
         core = Understand(cfg, MemoEmbedder(embedder))
         rss0 = rss_mb()
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         for start in range(0, len(texts), batch):
             core.process(
                 [conversation(start + j, s) for j, s in enumerate(texts[start : start + batch])],
                 T0 + start * 1_000_000_000,
             )
         embedded_rate = len(texts) / (time.perf_counter() - t)
+        # CPU time of every thread of this process: on a shared machine the wall rate moves
+        # with the other jobs, the CPU per conversation much less
+        cpu_us = (time.process_time() - cpu) / len(texts) * 1e6
         log(
-            f"{len(texts):,} conversations with {cfg.understand.embedder} embedding: {embedded_rate:,.0f}/s"
+            f"{len(texts):,} conversations with {cfg.understand.embedder} embedding: "
+            f"{embedded_rate:,.0f}/s, {cpu_us:,.0f} µs CPU each"
         )
         points = [(len(texts), rss_mb(), core.model.nbytes(), len(core.model.intents()), None)]
         done = len(texts)
         cycle = itertools.cycle(texts)
         for size in sorted(s for s in sizes if s > done):
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             n0 = done
             while done < size:
                 n = min(batch, size - done)
@@ -121,16 +125,18 @@ def run(embedded: int, sizes: list[int], batch: int, log: Callable[[str], None] 
                 )
                 done += n
             rate = (done - n0) / (time.perf_counter() - t)
+            rest_us = (time.process_time() - cpu) / (done - n0) * 1e6
             points.append((done, rss_mb(), core.model.nbytes(), len(core.model.intents()), rate))
             log(
                 f"{done:,} conversations: RSS {points[-1][1]:,.0f} MB, model {points[-1][2] / 1e6:.1f} MB, "
-                f"{points[-1][3]} intents, {rate:,.0f}/s without embedding"
+                f"{points[-1][3]} intents, {rate:,.0f}/s without embedding, {rest_us:,.0f} µs CPU each"
             )
     return {
         "embedder": cfg.understand.embedder,
         "load_s": load_s,
         "embedded": len(texts),
         "embedded_rate": embedded_rate,
+        "embedded_cpu_us": cpu_us,
         "rss_start": rss0,
         "points": points,
         "batch": batch,
@@ -146,7 +152,8 @@ def markdown(res: dict, command: str) -> str:
         f"Embedder `{res['embedder']}` (the default), loaded in {res['load_s']:.1f} s.",
         "",
         f"**{res['embedded_rate']:,.0f} conversations/s tagged, embedding included** "
-        f"({res['embedded']:,} conversations).",
+        f"({res['embedded']:,} conversations; {res['embedded_cpu_us']:,.0f} µs of CPU per "
+        "conversation, all threads).",
         "",
         "Longer runs reuse those vectors (the utterances cycle with fresh conversation ids), so the "
         "rate below is everything but the embedding:",

@@ -104,14 +104,16 @@ def run_tag(
         except (ValueError, InputError) as e:
             errors.append(f"line {n}: {e}")
     tags: list[TagRecord] = []
+    retagged: dict[str, str] = {}  # conversation id -> the intent a re-clustering moved it to
     for i in range(0, len(convs), TAG_BATCH):
         batch = core.process(convs[i : i + TAG_BATCH], now_ns)
         tags += core.improve(batch, llm, now_ns).tags if llm is not None else batch.tags
+        retagged.update((r["conversation_id"], r["intent_id"]) for r in batch.retags)
     names = {i: core._name_of(i) for i in {t.intent_id for t in tags}}
     out = [
         {
             "conversation_id": t.conversation_id,
-            "intent_id": core.model.resolve(t.intent_id),
+            "intent_id": core.model.resolve(retagged.get(t.conversation_id, t.intent_id)),
             "intent_name": names.get(t.intent_id, t.intent_name),
             "signals": t.signals,
             "outcome": t.outcome,

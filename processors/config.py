@@ -181,7 +181,7 @@ class WebConfig:
 
 @dataclass
 class LLMStepConfig:
-    """Bounds of one LLM step (naming, judge, diagnose, act): calls run beside the stream,
+    """Bounds of one LLM step (naming, judge, diagnose, analysis, act): calls run beside the stream,
     at most ``concurrency`` at once, ``calls_per_min`` and ``tokens_per_hour`` (0: no bound)."""
 
     concurrency: int = 2
@@ -195,7 +195,7 @@ class LLMStepConfig:
             raise ConfigError(where, "calls_per_min and tokens_per_hour must be >= 0 (0: no bound)")
 
 
-LLM_STEPS = ("naming", "judge", "diagnose", "act")
+LLM_STEPS = ("naming", "judge", "diagnose", "analysis", "act")
 
 
 @dataclass
@@ -217,6 +217,7 @@ class LLMConfig:
     naming: LLMStepConfig = field(default_factory=LLMStepConfig)
     judge: LLMStepConfig = field(default_factory=LLMStepConfig)
     diagnose: LLMStepConfig = field(default_factory=LLMStepConfig)
+    analysis: LLMStepConfig = field(default_factory=LLMStepConfig)  # diagnose's failure analysis
     act: LLMStepConfig = field(default_factory=lambda: LLMStepConfig(concurrency=1))
 
     def validate(self) -> None:
@@ -374,9 +375,17 @@ class DiagnoseConfig:
     # TF-IDF cosine of the goals, at least: on a public intent set mixing 3 related categories,
     # 80% of utterances have such neighbours, 95% of them of their category (bench.goal_similarity)
     contrast_reference_similarity: float = 0.4
+    # with an LLM (diagnose/analysis.py): failed conversations per intent it analyses one by
+    # one (0: none), and how many of them must agree on a kind and tool to make a diagnosis of
+    # their own
+    llm_analysis_sample: int = 10
+    llm_analysis_min_agree: int = 3
 
     def validate(self) -> None:
+        if self.llm_analysis_sample < 0:
+            raise ConfigError("diagnose.llm_analysis_sample", "must be >= 0 (0: no analysis)")
         for key in (
+            "llm_analysis_min_agree",
             "contrast_min_failures",
             "contrast_min_successes",
             "contrast_min_count",

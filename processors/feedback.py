@@ -18,7 +18,7 @@ from processors.errors import InputError
 from processors.records import Conversation, Evaluation, Message, TagRecord, ToolCall
 from processors.store import Store
 from processors.understand.core import tag_row
-from processors.understand.feedback import retag, stated_evaluations
+from processors.understand.feedback import add_feedback, retag, stated_evaluations
 
 
 def load_tagged(
@@ -132,22 +132,43 @@ def record_feedback(
         "WHERE conversation_id = {c:String}",
         {"c": conversation_id},
     )
-    earlier = [
-        Evaluation(
-            name=r["name"],
-            score=r["score"],
-            label=r["label"],
-            explanation=r["explanation"],
-            source=r["source"],
-            ts_ns=r["ts_ns"],
-        )
-        for r in store.query(
-            "SELECT * EXCEPT ts FROM feedback FINAL WHERE conversation_id = {c:String}",
-            {"c": conversation_id},
-        )
-    ]
+    earlier = stored_feedback(store, [conversation_id]).get(conversation_id, [])
     new = retag(tag, [*stated_evaluations(spans), *earlier], cfg.understand)
     store.insert_records("conversation_tags", [tag_row(new)])
     if publish is not None:
         publish(new)
     return new
+
+
+def stored_feedback(store: Store, conversation_ids: list[str]) -> dict[str, list[Evaluation]]:
+    """The late feedback recorded for these conversations, by conversation id."""
+    if not conversation_ids:
+        return {}
+    out: dict[str, list[Evaluation]] = {}
+    for r in store.query(
+        "SELECT * EXCEPT ts FROM feedback FINAL WHERE conversation_id IN {c:Array(String)}",
+        {"c": sorted(set(conversation_ids))},
+    ):
+        out.setdefault(r.pop("conversation_id"), []).append(Evaluation.from_dict(r))
+    return out
+
+
+def with_feedback(store: Store, convs: list[Conversation]) -> list[Conversation]:
+    """``convs`` with the late feedback stored for them among their evaluations, so a
+    conversation assembled again (more spans, a re-publish) keeps the outcome feedback gave
+    it instead of a tag computed without it."""
+    stored = stored_feedback(store, [c.conversation_id for c in convs])
+    return [add_feedback(c, stored.get(c.conversation_id, [])) for c in convs]
+
+
+def answers_of(store: Store, response_ids: list[str]) -> dict[str, tuple[str, str, str]]:
+    """Where the answers with these ``gen_ai.response.id`` are, as the store keeps them from
+    every captured span (``responses``): ``{response id: (conversation, trace, span id)}``."""
+    if not response_ids:
+        return {}
+    rows = store.query(
+        "SELECT response_id, conversation_id, trace_id, span_id FROM responses FINAL "
+        "WHERE response_id IN {r:Array(String)} AND conversation_id != ''",
+        {"r": sorted(set(response_ids))},
+    )
+    return {r["response_id"]: (r["conversation_id"], r["trace_id"], r["span_id"]) for r in rows}

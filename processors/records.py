@@ -251,10 +251,18 @@ class TagRecord(Record):
 # resolved: the need was met; failed: a stated failure; abandoned: the user left after a
 # question; escalated: handed to a human; errored: errors prevented an answer; unknown: the
 # conversation holds no evidence either way (no answer to the user's last message).
+# A diagnosis in one of these gets no proposal. ``superseded``: every conversation it explained
+# is now explained by another diagnosis of its intent (a later contrastive analysis).
+CLOSED_STATUSES = ("resolved", "rejected", "superseded")
+
 OUTCOMES = ("resolved", "failed", "abandoned", "escalated", "errored", "unknown")
 OUTCOME_ATTRIBUTE = "closeloop.outcome"
 OUTCOME_REASON_ATTRIBUTE = "closeloop.outcome.reason"
 EVALUATION_EVENT = "gen_ai.evaluation.result"
+# The conversation id capture gives an evaluation known only by the gen_ai.response.id of the
+# answer it judges when its own process did not see that answer (another capture process did):
+# understand finds the answer's conversation in the store and sends the evaluation there.
+RESPONSE_REF = "gen_ai.response.id:"
 
 # The taxonomy every diagnosis is filed under (docs/architecture.md, "Failure kinds"):
 FAILURE_KINDS = (
@@ -312,7 +320,7 @@ class Diagnosis(Record):
     agent_version: str = ""
     window_from_ns: int = 0
     window_to_ns: int = 0
-    status: str = "open"  # open | proposed | resolved | rejected
+    status: str = "open"  # open | proposed | one of CLOSED_STATUSES
     version: int = 1
     updated_ns: int = 0
     failure_kind: str = "other"  # one of FAILURE_KINDS

@@ -164,6 +164,22 @@ class Pipeline:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
+    async def read(self, stage: str, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` (a store read) on the store thread, retried with backoff while the
+        store cannot answer, as :meth:`write` does: the stage waits rather than going on
+        without what it needed to read."""
+        delay = 0.5
+        while True:
+            try:
+                result = await self.run(fn, *args, stage=stage)
+                self._resumed(stage)
+                return result
+            except StoreError as e:
+                self._waiting(stage, "reading", e)
+                log.warning("%s: a store read failed, retrying in %.1fs: %s", stage, delay, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
     def reading(self, stage: str, events: list[Any]) -> None:
         """The input batch ``stage`` works on: a row refused for its content is dead-lettered
         with this batch's topic, partition and first offset, where re-inject finds it."""

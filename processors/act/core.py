@@ -27,7 +27,7 @@ from processors.act.gitrepo import LocalGit
 from processors.config import Config
 from processors.errors import ActError, AlreadyApplied, LLMError
 from processors.llm import ChatJSON
-from processors.records import Diagnosis, Proposal
+from processors.records import CLOSED_STATUSES, Diagnosis, Proposal
 from processors.redact import Redactor, redact_value
 
 log = logging.getLogger("closeloop.act")
@@ -285,7 +285,7 @@ class Actor:
         closed by a reviewer is never reopened.
         """
         self.last_reason, self.already_applied = "", False
-        if diag.status in ("resolved", "rejected"):
+        if diag.status in CLOSED_STATUSES:
             return self._drop(diag, f"the diagnosis is {diag.status}")
         if not self.cfg.act.targets:
             return self._drop(diag, "act.targets is empty: closeloop may not write any file")
@@ -406,7 +406,7 @@ class Actor:
     def llm_files(self, diag: Diagnosis) -> dict[str, str] | None:
         """The target files an LLM edit for ``diag`` starts from (``None``: nothing to ask,
         the diagnosis is closed or the proposal was decided by a reviewer)."""
-        if diag.status in ("resolved", "rejected") or not self.cfg.act.targets:
+        if diag.status in CLOSED_STATUSES or not self.cfg.act.targets:
             return None
         try:
             prev = self.backend.existing(branch_name(diag.diagnosis_id))

@@ -19,6 +19,8 @@ contrast                   prompt: by failure_kind — unauthorized_action: conf
                            policy before calling <tool>; missing_action: complete the request with
                            <tool>; wrong_tool_arguments: take <argument> of <tool> only from what
                            the user said or a tool returned; unnecessary_escalation, tool_error
+llm_analysis               as contrast (an LLM's per-conversation analyses agreeing on a kind
+                           and tool: the same structured fields, no text of theirs)
 =========================  ====================================================================
 
 A ``contrast`` instruction is built only from the diagnosis' structured fields: its
@@ -57,6 +59,7 @@ from processors.act.change import (
     validate_change,
 )
 from processors.config import ActTarget
+from processors.diagnose.analysis import RULE as ANALYSIS_RULE
 from processors.diagnose.shapes import SHAPE_WORD
 from processors.errors import ActError, AlreadyApplied, LLMError
 from processors.llm import UNTRUSTED_RULE, ChatJSON, untrusted_block
@@ -251,7 +254,7 @@ def instruction(diag: Diagnosis, redactor: Redactor) -> str:
             "you cannot continue without, say briefly why you need it, use what the user "
             "already gave, and offer a way forward without it."
         )
-    if diag.rule == "contrast":
+    if diag.rule in ("contrast", ANALYSIS_RULE):  # both: a failure_kind, a tool, counts
         return contrast_instruction(diag)
     if diag.rule == "prompt_regression":
         since = version_name(diag.prompt_version)
@@ -305,7 +308,7 @@ def contrast_instruction(diag: Diagnosis) -> str:
             f"confirmation first. Conversations that called `{tool}` failed far more often{why}."
         )
     if kind == "missing_action":
-        if pattern == "never" and tool:
+        if pattern in ("never", "misses") and tool:
             return (
                 f"When the user's request needs it and the rules in this prompt allow it, "
                 f"complete the request by calling the `{tool}` tool before you end the "

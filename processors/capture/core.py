@@ -78,6 +78,7 @@ from processors.records import (
     EVALUATION_EVENT,
     OUTCOME_ATTRIBUTE,
     OUTCOME_REASON_ATTRIBUTE,
+    RESPONSE_REF,
     DeadLetter,
     Evaluation,
     Message,
@@ -1176,15 +1177,18 @@ def _log_ids(
 ) -> tuple[str, str]:
     """``(trace id, span id)`` of a log record. An evaluation sent without trace context but
     with a conversation id (a grader's reward, a user's rating), or with the
-    ``gen_ai.response.id`` of an answer this process captured (``responses``), gets a span id
-    of its own and the conversation id as its trace id."""
+    ``gen_ai.response.id`` of an answer, gets a span id of its own and the conversation id as
+    its trace id: the answer's conversation when this process captured it (``responses``),
+    else :data:`RESPONSE_REF` + the response id (another capture process saw the answer;
+    understand finds its conversation in the store)."""
     if name == EVALUATION_EVENT and not any(lr.trace_id) and not any(lr.span_id):
         conv, explicit = a.conversation("")
         if not explicit:
-            conv = responses.get(a.str("gen_ai.response.id"), "")
+            response = a.str("gen_ai.response.id")
+            conv = responses.get(response, "") or (RESPONSE_REF + response if response else "")
         if not conv:
             raise InputError(
-                "evaluation event without trace context, gen_ai.conversation.id or a known "
+                "evaluation event without trace context, gen_ai.conversation.id or "
                 "gen_ai.response.id"
             )
         key = f"{conv}\0{a.str('gen_ai.evaluation.name')}\0{ts}".encode()

@@ -8,6 +8,7 @@ from typing import Any
 
 import faust
 
+from processors.diagnose.analysis import Analysis, AnalysisRequest, analysis_row, ask_analysis
 from processors.diagnose.contrast import conversation_rows
 from processors.diagnose.core import Diagnoser, diagnosis_rows
 from processors.diagnose.llm import Refinement, ask_refinement
@@ -48,6 +49,16 @@ def register(w: Wiring) -> None:
 
         w.llm_job("diagnose", functools.partial(ask_refinement, req.bundle), reworded)
 
+    def ask_analysis_of(req: AnalysisRequest) -> None:
+        async def analysed(a: Analysis) -> None:
+            now = time.time_ns()
+            await pipe.write("diagnose", "failure_analyses", [analysis_row(req, a, now)])
+            diags = await pipe.run_core("diagnose", core.apply_analysis, req, a, now)
+            if diags:
+                await publish(diags)
+
+        w.llm_job("analysis", functools.partial(ask_analysis, req), analysed)
+
     @w.app.agent(w.tags, name="diagnose")
     async def diagnose_agent(stream: faust.StreamT) -> None:
         await ckpt.restore_into(core.restore)
@@ -61,5 +72,7 @@ def register(w: Wiring) -> None:
                 await publish(diags)
             for req in await pipe.run_core("diagnose", core.take_llm_requests):
                 ask_llm(req)
+            for areq in await pipe.run_core("diagnose", core.take_analysis_requests):
+                ask_analysis_of(areq)
             await w.send_deadletters("diagnose", dls)
             await ckpt.save(events, core.snapshot)

@@ -19,6 +19,7 @@ pattern                the conversation ...                                failu
 ``arg:T.k=v``          calls ``T`` with argument ``k`` set to ``v``         wrong_tool_arguments
 ``ungrounded:T.k``     calls ``T`` with a value of ``k`` that appears      wrong_tool_arguments
                        nowhere in what the user said or a tool returned
+                       (``ungrounded:T``: of some argument)
 ``repeats:T``          calls state-changing ``T`` more than once           wrong_tool_arguments
 ``error:T``            gets an error from ``T``                            tool_error
 ``handoff``            is handed to a human                                unnecessary_escalation
@@ -27,10 +28,14 @@ pattern                the conversation ...                                failu
 ``repeats``, ``unconfirmed`` and ``ungrounded`` also stand alone, for any tool (a cause
 spread over several tools). Against each conversation's **reference set**, its nearest
 successful conversations by goal (:mod:`.reference`), it also shows ``misses:T``,
-``extra:T``, ``differs:T.k`` and ``extra_handoff:T`` (and ``misses``, ``extra``,
-``differs``): what it does where the successes with a goal like its own do not. These
-departures are tested among the conversations that have a reference set (elsewhere they
-cannot show).
+``extra:T``, ``differs:T.k`` (``differs:T``) and ``extra_handoff:T`` (and ``misses``,
+``extra``, ``differs`` for any tool, and ``departs``: any of them): what it does where the
+successes with a goal like its own do not. These departures are tested among the
+conversations that have a reference set (elsewhere they cannot show). ``anomalous``: it shows
+any of :data:`ANOMALIES` -- a departure, a repeated or unconfirmed state-changing call, an
+argument value grounded nowhere, a tool error -- tested among all conversations: each alone
+may also show in successful conversations too often to be a finding, while failures show
+one of them far more often.
 
 Prompt, model and agent versions are left to the version-shift rule (:mod:`.rules`), which
 compares cumulative counts per version; here they would be confounded with time.
@@ -39,12 +44,23 @@ Each pattern is tested per intent: its share among failed conversations against 
 among successful ones, with Fisher's exact test (:func:`processors.stats.fisher_exact`) and a
 Benjamini–Hochberg correction over the patterns tried; a pattern is a finding when it holds
 in at least ``contrast_min_count`` failed conversations, is more common among failures by
-``contrast_min_lift`` and its adjusted p-value is under ``contrast_alpha``. Findings become
-:class:`~processors.records.Diagnosis` records (``rule="contrast"``) with every conversation
-they explain (in ``evidence["conversations"]``; an intent-wide pattern -- ``acts``,
-``calls:T``, ``never:T``, ``no_action``, ``handoff``, ``arg:T.k=v`` -- explains a
-conversation only where its reference set confirms it, :func:`holds_here`; :func:`conversation_rows` makes the
-``diagnosis_conversations`` rows).
+``contrast_min_lift`` and its adjusted p-value is under ``contrast_alpha``.
+
+**One explanation per conversation** (:func:`explain`): each failed conversation is explained
+by the most specific finding that holds in it (:func:`specificity`: naming the tool, naming
+the argument, checked against its own nearest successes), not by every finding it shows; an
+intent-wide pattern -- ``acts``, ``calls:T``, ``never:T``, ``no_action``, ``handoff``,
+``arg:T.k=v`` -- holds in a conversation only where its reference set confirms it
+(:func:`holds_here`); a finding on departures for any tool (``departs``, ``misses``, ...)
+explains each conversation by its own departure, naming the tool, and ``anomalous`` by its
+own anomaly (a departure first: it is checked against the conversation's nearest successes).
+The explained
+conversations are grouped per kind and tool into :class:`~processors.records.Diagnosis`
+records (``rule="contrast"``, one id per intent, kind and tool) with every conversation they
+explain (in ``evidence["conversations"]``, each with its own pattern, turn, trace, tool and
+arguments; :func:`conversation_rows` makes the ``diagnosis_conversations`` rows) and, when
+the significant finding is a family (``departs``, ``anomalous``), that finding's counts
+(``tested``). A group of fewer than ``contrast_min_count`` conversations is no diagnosis.
 
 **State-changing tools** are inferred without knowing the agent: a tool is read-only when
 the first word of its name is a read verb (:data:`READ_VERBS`: get, list, search, find,
@@ -61,8 +77,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from processors.config import DiagnoseConfig
@@ -141,8 +158,16 @@ KIND_OF = {
     "extra": "unauthorized_action",
     "differs": "wrong_tool_arguments",
     "extra_handoff": "unnecessary_escalation",
+    "departs": "other",  # any departure: each conversation is explained by its own (explain)
+    "anomalous": "other",  # any anomaly: each conversation is explained by its own (explain)
 }
-DEPARTURES = frozenset(["misses", "extra", "differs", "extra_handoff"])  # see .reference
+DEPARTURES = frozenset(["misses", "extra", "differs", "extra_handoff", "departs"])  # .reference
+# What one conversation does that points at its own failure, whatever its intent's other
+# conversations do: a departure from its nearest successes, a repeated or unconfirmed
+# state-changing call, an argument value grounded nowhere, a tool error. ``anomalous``: any.
+ANOMALIES = frozenset(
+    ["misses", "extra", "differs", "extra_handoff", "repeats", "ungrounded", "unconfirmed", "error"]
+)
 REFERENCED = "_referenced"  # the conversation has a reference set
 
 
@@ -276,6 +301,7 @@ def patterns(conv: Conversation) -> dict[str, Hit]:
                 out.setdefault(f"arg:{c.tool}.{key}={v}", hit)
             if v is not None and not isinstance(v, bool) and not _grounded(v, said):
                 out.setdefault(f"ungrounded:{c.tool}.{key}", hit)
+                out.setdefault(f"ungrounded:{c.tool}", hit)
                 out.setdefault("ungrounded", hit)
     if calls and not any_write:
         out["no_action"] = Hit(len(msgs) - 1, conv.trace_ids[-1] if conv.trace_ids else "")
@@ -312,6 +338,9 @@ class Finding:
     ok: int
     p_value: float
     hits: dict[str, Hit] = field(default_factory=dict)  # failed conversation id -> where
+    argument: str = ""  # the argument most of them give otherwise (a ``differs:T`` group)
+    explained_by: dict[str, str] = field(default_factory=dict)  # conversation id -> its pattern
+    tested: Finding | None = None  # the significant finding this group of ``hits`` is under
 
     @property
     def lift(self) -> float:
@@ -334,54 +363,226 @@ def _bh(pvalues: list[float]) -> list[float]:
 def contrast(
     failed: dict[str, dict[str, Hit]], ok: dict[str, dict[str, Hit]], cfg: DiagnoseConfig
 ) -> list[Finding]:
-    """The patterns that set ``failed`` conversations (id -> patterns) apart from ``ok`` ones,
-    strongest first, at most ``contrast_max_per_intent``, none explaining the same
-    conversations as a stronger one of the same kind."""
-    nf, no = len(failed), len(ok)
-    # never:T for state-changing tools successful conversations call
+    """What sets ``failed`` conversations (id -> patterns) apart from ``ok`` ones: the
+    significant patterns (:func:`tally`, :func:`significant`), with every failed conversation
+    explained by one of them at most (:func:`explain`); strongest first, at most
+    ``contrast_max_per_intent``."""
+    add_never(failed, ok)
+    for pats in (*failed.values(), *ok.values()):
+        add_anomalous(pats)
+    counts = tally(failed, ok)
+    return explain(significant(counts, cfg), failed, counts, cfg)
+
+
+def add_never(failed: dict[str, dict[str, Hit]], ok: dict[str, dict[str, Hit]]) -> None:
+    """``never:T`` for the state-changing tools successful conversations call (not for a
+    conversation the user left: see :func:`_failed_patterns`)."""
     writes = {p.split(":", 1)[1] for pats in ok.values() for p in pats if p.startswith("calls:")}
     for group in (failed, ok):
         for pats in group.values():
             for t in writes:
                 if f"calls:{t}" not in pats and "_abandoned" not in pats:
                     pats[f"never:{t}"] = Hit()
-    candidates: list[Finding] = []
-    counts_f: dict[str, int] = {}
+
+
+def add_anomalous(pats: dict[str, Hit]) -> None:
+    """``anomalous``, where the conversation (patterns ``pats``) shows one of :data:`ANOMALIES`:
+    at its first."""
+    hits = [h for p, h in pats.items() if _head(p) in ANOMALIES]
+    if hits:
+        pats["anomalous"] = min(hits, key=lambda h: h.turn)
+
+
+def tally(failed: dict[str, dict[str, Hit]], ok: dict[str, dict[str, Hit]]) -> dict[str, Finding]:
+    """Every pattern failed conversations show, with its counts among failed and successful
+    conversations and its (unadjusted) Fisher p-value. A departure from the nearest successes
+    can only show where there are some: it is counted among the conversations that have a
+    reference set."""
+    n_failed = {False: len(failed), True: sum(1 for p in failed.values() if REFERENCED in p)}
+    n_ok = {False: len(ok), True: sum(1 for p in ok.values() if REFERENCED in p)}
+    shown: dict[str, int] = {}
     for pats in failed.values():
         for p in pats:
-            counts_f[p] = counts_f.get(p, 0) + 1
-    # a departure from the nearest successes can only show where there are some: it is
-    # tested among the conversations that have a reference set
-    nf_ref = sum(1 for pats in failed.values() if REFERENCED in pats)
-    no_ref = sum(1 for pats in ok.values() if REFERENCED in pats)
-    for p, a in counts_f.items():
-        if a < cfg.contrast_min_count or p.startswith("_"):
-            continue
+            if not p.startswith("_"):
+                shown[p] = shown.get(p, 0) + 1
+    out = {}
+    for p, a in shown.items():
         b = sum(1 for pats in ok.values() if p in pats)
-        n_f, n_o = (nf_ref, no_ref) if p.split(":", 1)[0] in DEPARTURES else (nf, no)
-        f = Finding(p, KIND_OF[p.split(":", 1)[0]], a, n_f, b, n_o, fisher_exact(n_f, a, n_o, b))
-        if f.lift >= cfg.contrast_min_lift:
-            candidates.append(f)
+        ref = _head(p) in DEPARTURES
+        nf, no = n_failed[ref], n_ok[ref]
+        out[p] = Finding(p, KIND_OF[_head(p)], a, nf, b, no, fisher_exact(nf, a, no, b))
+    return out
+
+
+def significant(counts: dict[str, Finding], cfg: DiagnoseConfig) -> list[Finding]:
+    """The patterns of ``counts`` that hold in ``contrast_min_count`` failed conversations, are
+    more common among them by ``contrast_min_lift``, and whose Benjamini–Hochberg adjusted
+    p-value is under ``contrast_alpha`` (as their ``p_value``), strongest first."""
+    candidates = [
+        f
+        for f in counts.values()
+        if f.failed_with >= cfg.contrast_min_count and f.lift >= cfg.contrast_min_lift
+    ]
     adjusted = _bh([f.p_value for f in candidates])
-    found = [f for f, q in zip(candidates, adjusted, strict=True) if q < cfg.contrast_alpha]
-    for f, q in zip(candidates, adjusted, strict=True):
-        f.p_value = q
-    # on a tie the pattern naming a tool first: it says more
-    found.sort(key=lambda f: (f.p_value, -f.lift, ":" not in f.pattern, f.pattern))
-    kept: list[Finding] = []
-    covered: dict[str, set[str]] = {}
-    for f in found:
-        ids = {cid for cid, pats in failed.items() if holds_here(f.pattern, pats)}
-        if len(ids) < cfg.contrast_min_count:
-            continue  # the contrast holds for the intent, not in enough conversations
-        if ids <= covered.get(f.kind, set()):
-            continue  # a weaker restatement of a finding already kept
-        covered.setdefault(f.kind, set()).update(ids)
-        f.hits = {cid: failed[cid][f.pattern] for cid in sorted(ids)}
-        kept.append(f)
-        if len(kept) >= cfg.contrast_max_per_intent:
+    found = [
+        replace(f, p_value=q)
+        for f, q in zip(candidates, adjusted, strict=True)
+        if q < cfg.contrast_alpha
+    ]
+    return sorted(found, key=lambda f: (f.p_value, -f.lift, f.pattern))
+
+
+@dataclass(frozen=True)
+class _Option:
+    """One way to explain a failed conversation: by ``pattern``, under significant ``finding``."""
+
+    specificity: int
+    finding: Finding
+    pattern: str
+    p_value: float  # the pattern's own (unadjusted)
+
+    def rank(self) -> tuple[bool, int, float, float, str]:
+        # checked against the conversation's own nearest successes first
+        referenced = _head(self.pattern) in DEPARTURES or _confirming(self.pattern) is not None
+        return (not referenced, -self.specificity, self.finding.p_value, self.p_value, self.pattern)
+
+
+def explain(
+    found: list[Finding],
+    failed: dict[str, dict[str, Hit]],
+    counts: dict[str, Finding],
+    cfg: DiagnoseConfig,
+) -> list[Finding]:
+    """The diagnoses of significant findings ``found``, one per kind and tool: each failed
+    conversation is explained once, by the most specific finding that holds in it
+    (:func:`specificity`; then the strongest), so that it is not listed under several
+    diagnoses of different kinds. A finding for any tool of the departures (``departs``,
+    ``misses``, ``extra``, ``differs``) explains each conversation by one of that
+    conversation's own departures (:func:`own_explanations`), naming the tool where it can; of
+    those, the one that sets failed conversations apart most; ``anomalous`` by one of its own
+    anomalies (:func:`own_explanations`), a departure first. A group of fewer than
+    ``contrast_min_count`` conversations, or whose pattern is not more common among failed
+    conversations than among successful ones, is no diagnosis: its conversations go to their
+    next explanation, if any. Such groups are given up one at a time, first those that could
+    never be large enough, then the one fewest conversations could join. Strongest first, at
+    most ``contrast_max_per_intent``."""
+    options: dict[str, list[_Option]] = {}
+    for cid, pats in failed.items():
+        mine = []
+        for f in found:
+            if not holds_here(f.pattern, pats):
+                continue
+            for p in own_explanations(f.pattern, pats) or [f.pattern]:
+                mine.append(_Option(specificity(p), f, p, counts[p].p_value))
+        options[cid] = sorted(mine, key=_Option.rank)
+    dropped: set[tuple[str, str]] = set()
+    while True:
+        groups: dict[tuple[str, str], dict[str, _Option]] = {}
+        for cid, mine in options.items():
+            best = next((o for o in mine if _group(o.pattern) not in dropped), None)
+            if best is not None:
+                groups.setdefault(_group(best.pattern), {})[cid] = best
+        could = Counter(g for mine in options.values() for g in {_group(o.pattern) for o in mine})
+        weak = []
+        for g, members in groups.items():
+            lift = counts[_typical(members)].lift
+            if len(members) < cfg.contrast_min_count or lift <= 0:
+                hopeless = could[g] < cfg.contrast_min_count or lift <= 0
+                weak.append((not hopeless, could[g], len(members), lift, g))
+        if not weak:
             break
-    return kept
+        # One at a time, the one fewest conversations could join first: its conversations move
+        # to their next explanation and may make another group large enough.
+        dropped.add(min(weak)[4])
+    out = [_group_finding(members, failed, counts) for members in groups.values()]
+    out.sort(key=lambda f: (f.p_value, -len(f.hits), f.pattern))
+    return out[: cfg.contrast_max_per_intent]
+
+
+def _group(pattern: str) -> tuple[str, str]:
+    """The diagnosis a conversation explained by ``pattern`` belongs to: its kind and tool."""
+    return KIND_OF[_head(pattern)], _tool(pattern)
+
+
+def _typical(members: dict[str, _Option]) -> str:
+    """The pattern explaining most conversations of a group (on a tie the best ranked)."""
+    n = Counter(o.pattern for o in members.values())
+    return min(members.values(), key=lambda o: (-n[o.pattern], o.rank())).pattern
+
+
+def _group_finding(
+    members: dict[str, _Option], failed: dict[str, dict[str, Hit]], counts: dict[str, Finding]
+) -> Finding:
+    """A group's diagnosis: its typical pattern's counts, the significance of the finding most
+    of its conversations are explained under (on a tie the strongest), and where each of its
+    conversations shows its own."""
+    typical = _typical(members)
+    n = Counter(o.finding.pattern for o in members.values())
+    under = min(
+        (o.finding for o in members.values()), key=lambda f: (-n[f.pattern], f.p_value, f.pattern)
+    )
+    hits = {cid: failed[cid][members[cid].pattern] for cid in sorted(members)}
+    return replace(
+        counts[typical],
+        p_value=under.p_value,
+        hits=hits,
+        explained_by={cid: members[cid].pattern for cid in hits},
+        argument=_common_argument(typical, [failed[cid] for cid in hits]),
+        tested=None if under.pattern == typical else under,
+    )
+
+
+_UNIONS = frozenset(["anomalous", "departs"])  # of patterns that are findings themselves
+_FAMILIES = {
+    "anomalous": ANOMALIES,
+    "departs": DEPARTURES,
+    "misses": frozenset(["misses"]),
+    "extra": frozenset(["extra"]),
+    "differs": frozenset(["differs"]),
+}
+
+
+def own_explanations(pattern: str, pats: dict[str, Hit]) -> list[str]:
+    """For a family pattern (``anomalous``, ``departs``, ``misses``, ...): the conversation's
+    own patterns of that family, naming the tool (``misses:T``, ``extra:T``, ``differs:T``,
+    ``extra_handoff:T``, ``repeats:T``, ``ungrounded:T``, ...) or not (``misses``,
+    ``repeats``, ...); empty for any other pattern."""
+    heads = _FAMILIES.get(pattern, ())
+    return sorted(p for p in pats if _head(p) in heads and "." not in p and p not in _UNIONS)
+
+
+def _common_argument(pattern: str, explained: list[dict[str, Hit]]) -> str:
+    """For a ``differs:T`` (``ungrounded:T``) group: the argument of ``T`` most of its
+    conversations give otherwise (grounded nowhere)."""
+    if _head(pattern) not in ("differs", "ungrounded") or "." in pattern:
+        return ""
+    keys = Counter(
+        p.split(".", 1)[1] for pats in explained for p in pats if p.startswith(pattern + ".")
+    )
+    return min(keys, key=lambda k: (-keys[k], k)) if keys else ""
+
+
+def specificity(pattern: str) -> int:
+    """How much a pattern says about the conversations it explains: one for naming the tool,
+    one for naming its argument, one for being checked against the conversation's own nearest
+    successes (a departure, or an intent-wide pattern that :func:`holds_here` confirms).
+
+    >>> [specificity(p) for p in ("ungrounded", "repeats:T", "misses:T", "differs:T.k")]
+    [0, 1, 2, 3]
+    """
+    head, _, rest = pattern.partition(":")
+    named = bool(rest.split(".", 1)[0].split("=", 1)[0])
+    argument = "." in rest or "=" in rest
+    referenced = head in DEPARTURES or _confirming(pattern) is not None
+    return int(named) + int(argument) + int(referenced)
+
+
+def _head(pattern: str) -> str:
+    return pattern.partition(":")[0]
+
+
+def _tool(pattern: str) -> str:
+    return pattern.partition(":")[2].split(".", 1)[0].split("=", 1)[0]
 
 
 def _confirming(pattern: str) -> str | None:
@@ -418,6 +619,10 @@ def holds_here(pattern: str, pats: dict[str, Hit]) -> bool:
 def _describe(f: Finding, intent: str) -> tuple[str, str]:
     head, _, rest = f.pattern.partition(":")
     tool = rest.split(".", 1)[0].split("=", 1)[0]
+    argument = _component(f)["detail"]["argument"]
+    other_value = (
+        f"a `{argument}` other than the one" if argument else "argument values other than the ones"
+    )
     what_ungrounded = (
         f"call `{tool}` with a `{rest.split('.', 1)[-1]}` that appears nowhere in what the user "
         "said or a tool returned"
@@ -443,13 +648,18 @@ def _describe(f: Finding, intent: str) -> tuple[str, str]:
         if tool
         else "make a state-changing call that most of the successful conversations with the "
         "most similar goals do not",
-        "differs": f"call `{tool}` with a `{rest.split('.', 1)[-1]}` other than the one most of "
-        "the successful conversations with the most similar goals give"
+        "differs": f"call `{tool}` with {other_value} most of the successful conversations "
+        "with the most similar goals give"
         if tool
         else "call a state-changing tool with an argument value other than the one most of "
         "the successful conversations with the most similar goals give",
         "extra_handoff": "hand the user to a human where most of the successful conversations "
         "with the most similar goals do not",
+        "departs": "do what most of the successful conversations with the most similar goals "
+        "do not, or the reverse",
+        "anomalous": "depart from the successful conversations with the most similar goals, "
+        "repeat or make unconfirmed a state-changing call, give an argument value grounded "
+        "nowhere, or get a tool error",
         "ungrounded": what_ungrounded,
         "repeats": f"call `{tool}` more than once" if tool else "repeat a state-changing call",
         "unconfirmed": f"call `{tool}` without an explicit confirmation from the user just before"
@@ -464,14 +674,20 @@ def _describe(f: Finding, intent: str) -> tuple[str, str]:
     )
     summary = f"in {intent}, {counts}"
     root = f"{f.kind.replace('_', ' ')}: in {intent}, {counts}"
+    if f.tested is not None:  # significant under a broader pattern, not alone
+        t = f.tested
+        root += (
+            f" (tested as `{_head(t.pattern)}`: {t.failed_with} of {t.failed} failed "
+            f"conversations, {t.ok_with} of {t.ok} successful ones)"
+        )
     return summary, root
 
 
 def _component(f: Finding) -> dict[str, Any]:
     head, _, rest = f.pattern.partition(":")
     tool = rest.split(".", 1)[0].split("=", 1)[0]
-    argument = ""
-    if head in ("arg", "ungrounded", "differs"):
+    argument = f.argument
+    if head in ("arg", "ungrounded", "differs") and "." in rest:
         argument = rest.split(".", 1)[-1].split("=", 1)[0]
     return {"type": "prompt", "target": "", "detail": {"tool": tool, "argument": argument}}
 
@@ -492,9 +708,18 @@ def diagnosis_of(
         "ok": f.ok,
         "lift": round(f.lift, 3),
         "p_value": f.p_value,
+        # the significant finding the conversations are explained under, when not this pattern
+        # itself (a departure for any tool, each conversation by its own: see explain)
+        "tested": None
+        if f.tested is None
+        else {
+            "pattern": f.tested.pattern,
+            **{k: getattr(f.tested, k) for k in ("failed_with", "failed", "ok_with", "ok")},
+        },
         "conversations": [  # every conversation the finding explains (diagnosis_conversations)
             {
                 "conversation_id": cid,
+                "pattern": _head(f.explained_by.get(cid, f.pattern)),  # its own, in this group
                 "turn": h.turn,
                 "trace_id": h.trace_id or (conv_traces.get(cid) or [""])[0],
                 "tool": h.tool,
@@ -504,7 +729,9 @@ def diagnosis_of(
         ],
     }
     trace_ids = [h.trace_id or (conv_traces.get(cid) or [""])[0] for cid, h in f.hits.items()]
-    did = hashlib.sha256(f"{intent_id}\x1f{RULE}\x1f{f.pattern}".encode()).hexdigest()[:24]
+    # one diagnosis per intent, kind and tool (see explain): found again, it is updated
+    key = f"{intent_id}\x1f{RULE}\x1f{f.kind}\x1f{comp['detail']['tool']}"
+    did = hashlib.sha256(key.encode()).hexdigest()[:24]
     return Diagnosis(
         diagnosis_id=did,
         intent_id=intent_id,
@@ -528,8 +755,23 @@ def diagnosis_of(
 def intent_findings(
     intent_id: str, intent_name: str, tags: Iterable[TagRecord], cfg: DiagnoseConfig, now_ns: int
 ) -> list[Diagnosis]:
-    """The contrastive diagnoses of one intent's tagged conversations (the newest version of
-    each conversation counts; none without enough failed and successful ones)."""
+    """The contrastive diagnoses of one intent's tagged conversations (:func:`analysed`; none
+    without enough failed and successful ones)."""
+    group = analysed(tags)
+    failed = {t.conversation_id: _failed_patterns(t, c) for t, c in group if t.failed}
+    ok = {t.conversation_id: patterns(c) for t, c in group if not t.failed}
+    if len(failed) < cfg.contrast_min_failures or len(ok) < cfg.contrast_min_successes:
+        return []
+    add_departures({t.conversation_id: c for t, c in group}, failed, ok, cfg)
+    traces = {t.conversation_id: c.trace_ids for t, c in group}
+    return [
+        diagnosis_of(f, intent_id, intent_name, traces, now_ns) for f in contrast(failed, ok, cfg)
+    ]
+
+
+def analysed(tags: Iterable[TagRecord]) -> list[tuple[TagRecord, Conversation]]:
+    """The conversations of ``tags`` an analysis contrasts: the newest version of each, over
+    the span of time both the failed and the successful ones cover."""
     newest: dict[str, tuple[TagRecord, Conversation]] = {}
     for t in tags:
         if t.conversation is None:
@@ -545,16 +787,7 @@ def intent_findings(
         for side in (True, False)
     ]
     since = max((f for f in firsts if f is not None), default=0)
-    group = [(t, c) for t, c in newest.values() if t.ts_ns >= since]
-    failed = {t.conversation_id: _failed_patterns(t, c) for t, c in group if t.failed}
-    ok = {t.conversation_id: patterns(c) for t, c in group if not t.failed}
-    if len(failed) < cfg.contrast_min_failures or len(ok) < cfg.contrast_min_successes:
-        return []
-    add_departures({t.conversation_id: c for t, c in group}, failed, ok, cfg)
-    traces = {t.conversation_id: c.trace_ids for t, c in group}
-    return [
-        diagnosis_of(f, intent_id, intent_name, traces, now_ns) for f in contrast(failed, ok, cfg)
-    ]
+    return [(t, c) for t, c in newest.values() if t.ts_ns >= since]
 
 
 _MISSING = ("never:", "no_action", "misses")
@@ -594,10 +827,10 @@ def add_departures(
             tool = p.partition(":")[2].split(".", 1)[0]
             if tool:
                 mine[p] = end if p.startswith("misses") else first[(cid, tool)]
-        for head in ("misses", "extra", "differs"):
-            hits = [mine[p] for p in sorted(found) if p.startswith(head + ":")]
-            if hits:
-                mine[head] = min(hits, key=lambda h: h.turn)
+        for head in ("misses", "extra", "differs", ""):
+            hits = [mine[p] for p in sorted(found) if ":" in p and head in ("", _head(p))]
+            if hits:  # "": any departure
+                mine[head or "departs"] = min(hits, key=lambda h: h.turn)
 
 
 def _failed_patterns(tag: TagRecord, conv: Conversation) -> dict[str, Hit]:
@@ -646,7 +879,7 @@ def conversation_rows(diags: Iterable[Diagnosis]) -> list[dict[str, Any]]:
                     "turn": int(c.get("turn", -1)),
                     "tool": str(c.get("tool") or ""),
                     "arguments": str(c.get("arguments") or ""),
-                    "detail": str(d.evidence.get("pattern") or d.rule),
+                    "detail": str(c.get("pattern") or d.evidence.get("pattern") or d.rule),
                     "version": d.version,
                     "updated_ns": d.updated_ns,
                 }

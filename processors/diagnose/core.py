@@ -20,12 +20,19 @@ or missing, unconfirmed calls, argument values, hand-offs), tested with Fisher's
 It runs on an intent without an open rule diagnosis once the rules could look at it too
 (``min_support``, ``min_failures``), whether or not its failure rate stands out against the other
 intents, each time ``contrast_min_count`` more have failed. Every diagnosis carries a ``failure_kind``
-(:data:`processors.records.FAILURE_KINDS`) and the conversations it explains.
+(:data:`processors.records.FAILURE_KINDS`) and the conversations it explains. A contrast
+diagnosis is re-emitted when the conversations it explains changed by ``reemit_growth``, and
+a conversation stays explained by one contrast diagnosis of its intent, the latest
+analysis': an earlier one that analysis does not find again gets a version without it. A
+conversation that left the bounded window stays explained by the diagnosis found again.
 
 With an LLM, the strongest finding is also handed out for rewording (:attr:`Diagnoser.llm_requests`,
 answered beside the stream); :meth:`Diagnoser.refine` makes an accepted answer the
 diagnosis' next version. An answer that cites anything the evidence does not hold is
-rejected and the rule's result stands.
+rejected and the rule's result stands. A bounded sample of each intent's failed conversations
+is handed out for a per-conversation failure analysis (:mod:`.analysis`,
+:attr:`Diagnoser.analysis_requests`); :meth:`Diagnoser.apply_analysis` groups the answers
+into the intent's diagnoses.
 A diagnosis id is a hash of (intent, rule, component target), so a root cause seen again
 updates its diagnosis (``version + 1``) instead of duplicating it.
 
@@ -45,18 +52,43 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from processors.config import DiagnoseConfig
+from processors.diagnose.analysis import RULE as ANALYSIS_RULE
+from processors.diagnose.analysis import (
+    Analysis,
+    AnalysisRequest,
+    analysis_diagnosis,
+    analysis_request,
+    ask_analysis,
+    joins,
+    tools_of,
+    with_conversations,
+)
 from processors.diagnose.contrast import RULE as CONTRAST_RULE
-from processors.diagnose.contrast import intent_findings
+from processors.diagnose.contrast import analysed, intent_findings
 from processors.diagnose.llm import Refinement, ask_refinement, llm_bundle, refined
 from processors.diagnose.rules import Candidate, common_evidence, run_rules, version_shift
 from processors.diagnose.window import IntentStats, p_greater
 from processors.errors import InputError, LLMError
 from processors.llm import ChatJSON
-from processors.records import Diagnosis, TagRecord
+from processors.records import CLOSED_STATUSES, Diagnosis, TagRecord
 
 STAGE = "diagnose"
 SNAPSHOT_FORMAT = 1
 OPEN_STATUSES = ("open", "proposed")
+
+
+def _carried_status(prev: Diagnosis) -> str:
+    """The status a diagnosis found again takes from its last version: a human's decision
+    stands (proposed, rejected); one resolved or superseded earlier is a new occurrence."""
+    return "open" if prev.status in ("resolved", "superseded") else prev.status
+
+
+def _conversations_of(d: Diagnosis) -> set[str]:
+    """The conversations a contrast diagnosis explains."""
+    convs = d.evidence.get("conversations")
+    if not isinstance(convs, list):
+        return set()
+    return {str(c.get("conversation_id")) for c in convs if isinstance(c, dict)}
 
 
 def diagnosis_id(intent_id: str, rule: str, target: str, variant: str = "") -> str:
@@ -94,6 +126,7 @@ class Diagnoser:
         self.cfg = cfg
         self.llm_enabled = llm_enabled
         self.llm_requests: list[Refinement] = []
+        self.analysis_requests: list[AnalysisRequest] = []
         self.llm_rejections: list[str] = []
         self._s = _State()
 
@@ -131,6 +164,8 @@ class Diagnoser:
         # can hide in an intent whose failure rate does not stand out.
         if not out and self._enough(st) and not self._explained_by_rules(st):
             out = self._contrast(st, now_ns, force=False)
+        if self.llm_enabled and self._enough(st):
+            self._sample_for_analysis(st)
         return out
 
     def diagnose_now(self, intent_id: str, now_ns: int) -> list[Diagnosis]:
@@ -149,7 +184,7 @@ class Diagnoser:
         """An open diagnosis of a rule (not the contrast) stands for this intent."""
         return any(
             e.diagnosis.intent_id == st.intent_id
-            and e.diagnosis.rule != CONTRAST_RULE
+            and e.diagnosis.rule not in (CONTRAST_RULE, ANALYSIS_RULE)
             and e.diagnosis.status in OPEN_STATUSES
             for e in self._s.diagnoses.values()
         )
@@ -166,22 +201,96 @@ class Diagnoser:
         ):
             return []
         contrasted[st.intent_id] = st.total_failures
-        found = intent_findings(
-            st.intent_id, st.intent_name, [*st.failing, *st.healthy], self.cfg, now_ns
+        window = [*st.failing, *st.healthy]
+        found = intent_findings(st.intent_id, st.intent_name, window, self.cfg, now_ns)
+        self._keep_unseen(found, {t.conversation_id for t, _ in analysed(window) if t.failed})
+        pruned = self._unexplain(st, found, now_ns)
+        moved = set().union(
+            *(
+                _conversations_of(self._s.diagnoses[d.diagnosis_id].diagnosis)
+                - _conversations_of(d)
+                for d in pruned
+            )
         )
         out = []
         lo, hi = st.window_bounds()
         for d in found:
             prev = self._s.diagnoses.get(d.diagnosis_id)
-            if not self._should_emit(d.diagnosis_id, st, force):
+            takes = bool(_conversations_of(d) & moved)  # from an earlier diagnosis: shown now
+            if not (self._should_emit(d.diagnosis_id, st, force) or self._regrouped(d) or takes):
                 continue
             d.window_from_ns, d.window_to_ns = lo, hi
+            d = self._with_analyses(d)
             if prev is not None:
                 d.version = prev.diagnosis.version + 1
-                if prev.diagnosis.status != "resolved":
-                    d.status = prev.diagnosis.status
+                d.status = _carried_status(prev.diagnosis)
             self._s.diagnoses[d.diagnosis_id] = _Emitted(d, st.total_failures)
             out.append(d)
+        for d in pruned:
+            self._s.diagnoses[d.diagnosis_id] = _Emitted(
+                d, self._s.diagnoses[d.diagnosis_id].total_failures
+            )
+        return out + pruned
+
+    def _keep_unseen(self, found: list[Diagnosis], seen: set[str]) -> None:
+        """A diagnosis found again keeps the conversations its last version explained that
+        this analysis did not look at (``seen``: they left the bounded window) and no other
+        diagnosis of it explains: nothing says otherwise of them."""
+        taken = set().union(*(_conversations_of(d) for d in found))
+        for d in found:
+            prev = self._s.diagnoses.get(d.diagnosis_id)
+            if prev is None or prev.diagnosis.status not in OPEN_STATUSES:
+                continue  # a resolved one found again is a new occurrence
+            kept = [
+                c
+                for c in prev.diagnosis.evidence.get("conversations") or []
+                if isinstance(c, dict) and str(c.get("conversation_id")) not in seen | taken
+            ]
+            d.evidence["conversations"] = [*d.evidence["conversations"], *kept]
+            traces = [str(c.get("trace_id") or "") for c in kept]
+            d.trace_ids = [t for t in dict.fromkeys([*d.trace_ids, *traces]) if t]
+
+    def _unexplain(self, st: IntentStats, found: list[Diagnosis], now_ns: int) -> list[Diagnosis]:
+        """Earlier contrast diagnoses of ``st`` that this analysis (``found``) did not find
+        again, each as a new version without the conversations explained otherwise (only
+        those that lose some): a conversation stays explained by one contrast diagnosis of its
+        intent, the latest analysis', else the most recent earlier one. One that loses all
+        explains none now: its new version lists no conversations."""
+        taken = set().union(*(_conversations_of(d) for d in found))
+        found_ids = {d.diagnosis_id for d in found}
+        earlier = [
+            e
+            for did, e in self._s.diagnoses.items()
+            if e.diagnosis.intent_id == st.intent_id
+            and e.diagnosis.rule == CONTRAST_RULE
+            and did not in found_ids
+            and e.diagnosis.status in OPEN_STATUSES
+        ]
+        earlier.sort(
+            key=lambda e: (-e.total_failures, -e.diagnosis.updated_ns, e.diagnosis.diagnosis_id)
+        )
+        out = []
+        for e in earlier:
+            old = e.diagnosis
+            mine = _conversations_of(old)
+            if mine & taken:
+                kept = [
+                    c
+                    for c in old.evidence["conversations"]
+                    if str(c.get("conversation_id")) not in taken
+                ]
+                traces = {str(c.get("trace_id")) for c in kept}
+                out.append(
+                    replace(
+                        old,
+                        evidence={**old.evidence, "conversations": kept},
+                        trace_ids=[t for t in old.trace_ids if t in traces],
+                        status=old.status if kept else "superseded",
+                        version=old.version + 1,
+                        updated_ns=now_ns,
+                    )
+                )
+            taken |= mine
         return out
 
     # -- triggers
@@ -266,6 +375,16 @@ class Diagnoser:
             return True
         return self._grown(st, prev.total_failures)
 
+    def _regrouped(self, d: Diagnosis) -> bool:
+        """A contrast diagnosis found again explains other conversations than its last
+        version: at least ``reemit_growth`` of them changed (each conversation is explained
+        by one diagnosis of the latest analysis; a later one may group it elsewhere)."""
+        prev = self._s.diagnoses.get(d.diagnosis_id)
+        if prev is None or prev.diagnosis.status == "rejected":
+            return False
+        before, now = _conversations_of(prev.diagnosis), _conversations_of(d)
+        return len(before ^ now) >= max(1.0, self.cfg.reemit_growth * len(before))
+
     def _grown(self, st: IntentStats, then: int) -> bool:
         """Failures grew materially since ``then``: by ``reemit_growth`` and ``min_failures``."""
         return st.total_failures >= then + max(then * self.cfg.reemit_growth, self.cfg.min_failures)
@@ -298,15 +417,97 @@ class Diagnoser:
             agent_version=c.agent_version,
             window_from_ns=lo,
             window_to_ns=hi,
-            status="open"
-            if prev is None or prev.diagnosis.status == "resolved"
-            else prev.diagnosis.status,
+            status="open" if prev is None else _carried_status(prev.diagnosis),
             version=1 if prev is None else prev.diagnosis.version + 1,
             updated_ns=now_ns,
         )
         d.evidence["conversations"] = c.explains or _explained(st, d.trace_ids)
+        d = self._with_analyses(d)
         self._s.diagnoses[did] = _Emitted(d, st.total_failures)
         return d
+
+    # -- the LLM's per-conversation failure analysis (.analysis)
+
+    def _analyses(self, intent_id: str) -> dict[str, Analysis]:
+        """The accepted analyses of an intent's conversations, by conversation id."""
+        every = self._s.__dict__.setdefault("analyses", {})  # absent in older snapshots
+        found: dict[str, Analysis] = every.setdefault(intent_id, {})
+        return found
+
+    def _sample_for_analysis(self, st: IntentStats) -> None:
+        """Ask about the intent's newest failed conversations, up to ``llm_analysis_sample``."""
+        asked = self._s.__dict__.setdefault("analysis_asked", {}).setdefault(st.intent_id, set())
+        if len(asked) >= self.cfg.llm_analysis_sample:
+            return
+        tools = tools_of([*st.failing, *st.healthy])
+        for t in reversed(st.failing):
+            if len(asked) >= self.cfg.llm_analysis_sample:
+                return
+            if t.conversation_id in asked:
+                continue
+            req = analysis_request(t, tools)
+            if req is not None:
+                asked.add(t.conversation_id)
+                self.analysis_requests.append(req)
+
+    def _with_analyses(self, d: Diagnosis) -> Diagnosis:
+        """``d`` explaining too the analysed conversations of its kind and tool (a new version
+        of a deterministic diagnosis keeps the conversations the analyses added)."""
+        if d.rule == ANALYSIS_RULE:
+            return d
+        group = [
+            a for a in self._analyses(d.intent_id).values() if joins(d, a.failure_kind, a.tool)
+        ]
+        return with_conversations(d, group) or d
+
+    def take_analysis_requests(self) -> list[AnalysisRequest]:
+        out, self.analysis_requests = self.analysis_requests, []
+        return out
+
+    def apply_analysis(self, req: AnalysisRequest, a: Analysis, now_ns: int) -> list[Diagnosis]:
+        """Group a validated analysis (:func:`~.analysis.ask_analysis`) into its intent's
+        diagnoses: the open deterministic ones of its kind and tool explain its conversation
+        too (their next version); else, once ``llm_analysis_min_agree`` analyses agree, they
+        make a diagnosis of their own. Returns the diagnoses changed."""
+        analyses = self._analyses(req.intent_id)
+        analyses[a.conversation_id] = a
+        group = [
+            x for x in analyses.values() if (x.failure_kind, x.tool) == (a.failure_kind, a.tool)
+        ]
+        out = []
+        for e in self._s.diagnoses.values():
+            d = e.diagnosis
+            if (
+                d.intent_id != req.intent_id
+                or d.rule == ANALYSIS_RULE
+                or d.status not in OPEN_STATUSES
+                or not joins(d, a.failure_kind, a.tool)
+            ):
+                continue
+            joined = with_conversations(d, group)
+            if joined is not None:
+                e.diagnosis = replace(joined, version=d.version + 1, updated_ns=now_ns)
+                out.append(e.diagnosis)
+        if out or len(group) < self.cfg.llm_analysis_min_agree:
+            return out
+        did = diagnosis_id(req.intent_id, ANALYSIS_RULE, a.tool, a.failure_kind)
+        prev = self._s.diagnoses.get(did)
+        if prev is not None and prev.diagnosis.status == "rejected":
+            return []
+        if prev is not None and with_conversations(prev.diagnosis, group) is None:
+            return []  # nothing new
+        d = analysis_diagnosis(did, req.intent_id, req.intent_name, group, len(analyses))
+        st = self._s.intents.get(req.intent_id)
+        if st is not None:
+            d.support, d.failures, d.failure_rate = st.n, st.failures, round(st.rate, 4)
+            d.baseline_rate = self.baseline(st) or 0.0
+            d.window_from_ns, d.window_to_ns = st.window_bounds()
+        if prev is not None:
+            d.version = prev.diagnosis.version + 1
+            d.status = _carried_status(prev.diagnosis)
+        d.updated_ns = now_ns
+        self._s.diagnoses[did] = _Emitted(d, st.total_failures if st is not None else 0)
+        return [d]
 
     # -- the LLM's wording, when it comes
 
@@ -318,13 +519,14 @@ class Diagnoser:
         """The diagnosis of ``req`` reworded by ``answer`` (validated by
         :func:`~.llm.ask_refinement`) as its next version; ``None`` when a human closed it."""
         e = self._s.diagnoses.get(req.diagnosis_id)
-        if e is None or e.diagnosis.status in ("resolved", "rejected"):
+        if e is None or e.diagnosis.status in CLOSED_STATUSES:
             return None
         e.diagnosis = refined(e.diagnosis, answer, req.bundle, now_ns)
         return e.diagnosis
 
     def improve(self, llm: ChatJSON, now_ns: int) -> list[Diagnosis]:
-        """Answer the waiting requests now, in line (no stream waits): the reworded diagnoses."""
+        """Answer the waiting requests now, in line (no stream waits): the reworded diagnoses,
+        then those the failure analyses joined or made."""
         out = []
         for req in self.take_llm_requests():
             try:
@@ -335,6 +537,11 @@ class Diagnoser:
             d = self.refine(req, answer, now_ns)
             if d is not None:
                 out.append(d)
+        for areq in self.take_analysis_requests():
+            try:
+                out += self.apply_analysis(areq, ask_analysis(areq, llm), now_ns)
+            except LLMError as e:
+                self.llm_rejections.append(str(e))
         return out
 
     # -- inspection and state

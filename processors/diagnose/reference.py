@@ -16,12 +16,13 @@ pattern              the conversation ...                                       
                      references do
 ``extra:T``          calls state-changing ``T``; none of its references does      unauthorized_action
 ``differs:T.k``      calls ``T`` with none of the values of ``k`` most of its      wrong_tool_arguments
-                     references give
+                     references give (``differs:T``: for some ``k``)
 ``extra_handoff:T``  hands the user to a human with ``T``; none of its references  unnecessary_escalation
                      does
 ===================  ==========================================================  ===================
 
-plus ``misses``, ``extra`` and ``differs`` for any tool. Successful conversations get the same
+plus ``misses``, ``extra`` and ``differs`` for any tool (and, added by
+:func:`processors.diagnose.contrast.add_departures`, ``departs``: any departure). Successful conversations get the same
 patterns against their own reference sets, so :func:`processors.diagnose.contrast.contrast`
 can test whether failures depart from their references more often than successes do.
 """
@@ -119,5 +120,5 @@ def _departures(
             given = Counter(v for r in refs for v in r.get(tool, {}).get(key, ()))
             agreed = {v for v, n in given.items() if most(n)}
             if agreed and not agreed & values:
-                pats |= {f"differs:{tool}.{key}", "differs"}
+                pats |= {f"differs:{tool}.{key}", f"differs:{tool}", "differs"}
     return pats

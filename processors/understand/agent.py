@@ -15,8 +15,15 @@ import faust
 import orjson
 
 from processors.errors import InputError, StoreError
-from processors.feedback import record_feedback
-from processors.records import Conversation, DeadLetter, TagRecord
+from processors.feedback import answers_of, record_feedback, with_feedback
+from processors.records import (
+    RESPONSE_REF,
+    Conversation,
+    DeadLetter,
+    TagRecord,
+    TurnRecord,
+    dumps,
+)
 from processors.runtime import (
     DEADLETTER_MAX_BYTES,
     FRAMING_BYTES,
@@ -29,9 +36,11 @@ from processors.runtime import (
 )
 from processors.stages import CAPTURE_ONLY, app_id
 from processors.status import capture_lag
+from processors.store import Store
 from processors.understand import assemble
 from processors.understand.core import Understand, UnderstandBatch, tag_row
 from processors.understand.embed import make_embedder
+from processors.understand.feedback import rejoined
 from processors.understand.naming import IntentName, llm_names
 from processors.understand.signals import SignalResult, judge
 
@@ -41,7 +50,8 @@ TICK_INTERVAL_S = 1.0
 CAPTURE_LAG_EVERY_S = 5.0  # how often the ticks re-read capture's consumer lag
 # Conversations with recent stored turn records that no tag covers (fewer tagged spans than
 # stored): open, or assembled and not yet tagged, when the broker's topics were lost. Those
-# understand dead-lettered stay out: published again they would only fail again.
+# understand dead-lettered stay out: published again they would only fail again; so do
+# evaluations named after an answer (RESPONSE_REF), which are never tagged under that name.
 UNTAGGED_SQL = """
 SELECT s.conversation_id AS conversation_id, s.records AS records
 FROM (
@@ -58,6 +68,7 @@ LEFT JOIN (
 ) AS t ON s.conversation_id = t.conversation_id
 WHERE s.spans > t.tagged
     AND s.conversation_id NOT IN (SELECT key FROM deadletter WHERE stage = 'understand')
+    AND NOT startsWith(s.conversation_id, {response_ref:String})
 """
 
 
@@ -94,7 +105,9 @@ class Assembler:
         now = time.time_ns()
         since = now - int(pipe.cfg.assemble.recover_horizon_s * 1e9)
         try:
-            rows = await pipe.run(pipe.store.query, UNTAGGED_SQL, {"since": since})
+            rows = await pipe.run(
+                pipe.store.query, UNTAGGED_SQL, {"since": since, "response_ref": RESPONSE_REF}
+            )
         except StoreError as e:
             log.warning("assemble: cannot read stored turns yet, retrying: %s", e)
             return
@@ -172,7 +185,13 @@ class Assembler:
         pipe = self.w.pipe
         with pipe.busy("assemble"):
             convs = [c.conversation for c in closed if c.conversation is not None]
-            rows = [assemble.conversation_row(c) for c in convs]
+            # evaluations named after an answer (RESPONSE_REF) are no conversation of their
+            # own: understand sends them to the answer's
+            rows = [
+                assemble.conversation_row(c)
+                for c in convs
+                if not c.conversation_id.startswith(RESPONSE_REF)
+            ]
             messages = [(self.w.conversations, c.conversation_id, c.to_json()) for c in convs]
         await pipe.write_rows("assemble", "conversations", assemble.CONVERSATION_COLUMNS, rows)
         await self.w.send_all(messages)
@@ -307,20 +326,73 @@ async def late_feedback(w: Wiring, late: list[Conversation], now: int) -> list[D
             )
         except InputError as e:
             dls.append(
-                DeadLetter(
-                    stage="understand",
-                    reason="evaluation for a conversation never tagged",
-                    detail=e.reason,
-                    topic=w.pipe.cfg.topics.conversations,
-                    key=conv.conversation_id[:200],
-                    original_b64=base64.b64encode(conv.to_json()[:DEADLETTER_MAX_BYTES]).decode(),
-                    ts_ns=now,
+                _late_dead_letter(
+                    w, conv, "evaluation for a conversation never tagged", e.reason, now
                 )
             )
             continue
         await w.send_all([(w.tags, tag.conversation_id, tag.to_json())], stage="understand")
         w.pipe.counters["understand"].records_out += 1
     return dls
+
+
+async def rejoin_answers(w: Wiring, named: list[Conversation], now: int) -> list[DeadLetter]:
+    """Evaluations known only by the ``gen_ai.response.id`` of the answer they judge, taken by a
+    capture process that had not seen that answer (their conversation id is
+    :data:`RESPONSE_REF` + the response id): the store says where the answer is, and they go
+    to its conversation through ``closeloop.turns`` like a late span (assemble adds them to
+    it, open or closed)."""
+    cfg = w.pipe.cfg
+    ids = [c.conversation_id.removeprefix(RESPONSE_REF) for c in named]
+    found = await w.pipe.read("understand", answers_of, w.pipe.store, ids)
+    groups: dict[str, list[TurnRecord]] = {}
+    dls = []
+    for conv, response_id in zip(named, ids, strict=True):
+        answer = found.get(response_id)
+        if answer is None:
+            why = f"no captured span has gen_ai.response.id {response_id[:200]!r}"
+            dls.append(_late_dead_letter(w, conv, "evaluation for an unknown answer", why, now))
+            continue
+        groups.setdefault(answer[0], []).extend(rejoined(conv, answer))
+    # one conversation's turn records, keyed by it: a message of closeloop.turns as capture's
+    # bundles are (one too large is cut or dead-lettered by send_all)
+    messages = [
+        (w.turns, cid, dumps(turns), partition_of(cid, cfg.kafka.partitions))
+        for cid, turns in groups.items()
+    ]
+    await w.send_all(messages, stage="understand")
+    return dls
+
+
+def _late_dead_letter(
+    w: Wiring, conv: Conversation, reason: str, detail: str, now: int
+) -> DeadLetter:
+    return DeadLetter(
+        stage="understand",
+        reason=reason,
+        detail=detail,
+        topic=w.pipe.cfg.topics.conversations,
+        key=conv.conversation_id[:200],
+        original_b64=base64.b64encode(conv.to_json()[:DEADLETTER_MAX_BYTES]).decode(),
+        ts_ns=now,
+    )
+
+
+def retagged_rows(store: Store, retags: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """New versions of the stored tag rows of ``retags`` (``UnderstandBatch.retags``) with their
+    new intent; the rest of each row as stored, so a judge's signals or a late outcome stay.
+    A conversation whose stored row is another version (or none) is left alone."""
+    moves = {(r["conversation_id"], r["conversation_version"]): r for r in retags}
+    rows = store.query(
+        "SELECT * EXCEPT ts FROM conversation_tags FINAL WHERE conversation_id IN {ids:Array(String)}",
+        {"ids": sorted({cid for cid, _ in moves})},
+    )
+    out = []
+    for row in rows:
+        move = moves.get((row["conversation_id"], row["conversation_version"]))
+        if move is not None:
+            out.append({**row, **move})
+    return out
 
 
 def register_understand(w: Wiring) -> None:
@@ -353,13 +425,21 @@ def register_understand(w: Wiring) -> None:
             late = [c for c in convs if not c.messages and c.evaluations]
             if late:
                 convs = [c for c in convs if c.messages or not c.evaluations]
-                dls += await late_feedback(w, late, now)
+                named = [c for c in late if c.conversation_id.startswith(RESPONSE_REF)]
+                dls += await rejoin_answers(w, named, now)
+                rest = [c for c in late if not c.conversation_id.startswith(RESPONSE_REF)]
+                dls += await late_feedback(w, rest, now)
             if convs:
+                # feedback recorded after an earlier version closed outlives this version's tags
+                convs = await pipe.read("understand", with_feedback, pipe.store, convs)
                 batch = await pipe.run_core("understand", core.process, convs, now)
                 pipe.counters["understand"].records_in += len(convs)
                 await pipe.write(
                     "understand", "conversation_tags", [tag_row(t) for t in batch.tags]
                 )
+                if batch.retags:
+                    moved = await pipe.read("understand", retagged_rows, pipe.store, batch.retags)
+                    await pipe.write("understand", "conversation_tags", moved)
                 await pipe.write("understand", "intents", batch.intent_rows)
                 await pipe.write("understand", "intent_changes", batch.change_rows)
                 await w.send_all([(w.tags, t.conversation_id, t.to_json()) for t in batch.tags])

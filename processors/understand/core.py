@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import pickle
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+import numpy as np
 
 from processors.config import Config
 from processors.errors import LLMError
@@ -37,6 +40,7 @@ from processors.understand.signals import SignalResult, Tagger, judge
 LONG_TAIL_SHARE = 0.01  # an intent holding under 1% of conversations (once warmed up) is long tail
 LONG_TAIL_WARMUP = 500
 SEEN_CAP = 200_000  # remembered (conversation, version) pairs for replay detection
+GOAL_CACHE = 4096  # goals whose vectors are kept (384 float32 each: ~6 MB)
 
 
 @dataclass
@@ -46,11 +50,15 @@ class UnderstandBatch:
     change_rows: list[dict[str, Any]] = field(default_factory=list)
     judge_requests: list[TagRecord] = field(default_factory=list)  # with their conversation
     name_requests: list[NameRequest] = field(default_factory=list)
+    # earlier batches' conversations a re-clustering in this batch moved to another intent
+    # (Understand._retag): conversation_id, conversation_version, intent_id, intent_name,
+    # taxonomy_version; the agent re-versions their stored tag rows with these
+    retags: list[dict[str, Any]] = field(default_factory=list)
 
 
 def tag_row(tag: TagRecord) -> dict[str, Any]:
     """A ``conversation_tags`` row: the tag without its conversation."""
-    d = tag.to_dict()
+    d = replace(tag, conversation=None).to_dict()  # not converting the conversation just to drop it
     d.pop("conversation", None)
     d.pop("v", None)
     d["failed"] = int(bool(tag.failed))
@@ -80,6 +88,11 @@ class Understand:
         self.namer = Namer(self.index, llm_max=cfg.llm.naming_max)
         self.names: dict[str, IntentName] = {}
         self._seen: dict[tuple[str, int], tuple[str, int]] = {}  # (cid, version) -> (intent, order)
+        # the last ``model.remember`` conversations learned, by their point number in the model,
+        # to re-tag when a re-clustering moves them (not checkpointed, like the model's points)
+        self._recent: dict[tuple[str, int], int] = {}
+        # the vectors of recent goals, least recently used first
+        self._goal_vectors: OrderedDict[str, np.ndarray] = OrderedDict()
         self._emitted_changes = 0
         self.naming_version = 0
 
@@ -88,8 +101,6 @@ class Understand:
         out = UnderstandBatch()
         if not convs:
             return out
-        texts = [goal_text(c, self.cfg.understand.goal_user_turns) for c in convs]
-        vectors = self.embedder.embed(texts)
         touched: set[str] = set()
         sizes = {
             i.intent_id: i.size for i in self.model.intents()
@@ -98,11 +109,11 @@ class Understand:
         keys = [(c.conversation_id, c.version) for c in convs]
         firsts = {key: i for i, key in reversed(list(enumerate(keys)))}
         fresh = [i for i, key in enumerate(keys) if key not in self._seen and firsts[key] == i]
-        learned = dict(
-            zip(fresh, self.model.learn_many(vectors[fresh], now_ns, [texts[i] for i in fresh]))
-        )
-        for i in fresh:
-            self.index.add(learned[i], texts[i])
+        texts = [goal_text(convs[i], self.cfg.understand.goal_user_turns) for i in fresh]
+        first_point, reclusterings = self.model.n_seen, self.model.reclusterings
+        learned = dict(zip(fresh, self.model.learn_many(self._embed(texts), now_ns, texts)))
+        for i, text in zip(fresh, texts):
+            self.index.add(learned[i], text)
             self._remember(keys[i], learned[i])
         for i, conv in enumerate(convs):
             intent_id = learned[i] if i in learned else self.model.resolve(self._seen[keys[i]][0])
@@ -144,7 +155,56 @@ class Understand:
         for tag in out.tags:  # names given in this batch apply to its own tags
             tag.intent_id = self.model.resolve(tag.intent_id)
             tag.intent_name = self._name_of(tag.intent_id)
+        for point, i in enumerate(fresh, first_point):
+            self._recent[keys[i]] = point
+        for key in list(self._recent)[: max(0, len(self._recent) - self.model.remember)]:
+            del self._recent[key]
+        if self.model.reclusterings != reclusterings:
+            self._retag(out, {keys[i]: out.tags[i] for i in fresh})
         out.intent_rows = self.intent_rows(touched | changed | renamed, now_ns)
+        return out
+
+    def _retag(self, out: UnderstandBatch, batch_tags: dict[tuple[str, int], TagRecord]) -> None:
+        """After a re-clustering: every remembered conversation that is now nearest another
+        intent than its tag's gets that intent (``IntentModel.current_tags``): this batch's own
+        tags in place, earlier ones listed in ``out.retags``."""
+        keys = [key for key in self._recent if key in self._seen]
+        given = [self._seen[key][0] for key in keys]
+        nows = self.model.current_tags([self._recent[key] for key in keys], given)
+        for key, old, now in zip(keys, given, nows):
+            if now == self.model.resolve(old):
+                continue
+            self._seen[key] = (now, self._seen[key][1])  # a redelivery gets it too
+            tag = batch_tags.get(key)
+            if tag is not None:
+                tag.intent_id, tag.intent_name = now, self._name_of(now)
+                tag.taxonomy_version = self.taxonomy_version
+                continue
+            out.retags.append(
+                dict(
+                    conversation_id=key[0],
+                    conversation_version=key[1],
+                    intent_id=now,
+                    intent_name=self._name_of(now),
+                    taxonomy_version=self.taxonomy_version,
+                )
+            )
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        """The goals' vectors, each distinct goal embedded once, and not again while it is among
+        the ``GOAL_CACHE`` most recently seen: the embedder is most of the cost of a batch, and
+        goals repeat (greetings, the same first question, a test suite's scripted users)."""
+        cache = self._goal_vectors
+        new = [t for t in dict.fromkeys(texts) if t not in cache]
+        if new:
+            cache.update(zip(new, self.embedder.embed(new)))
+        for t in texts:
+            cache.move_to_end(t)
+        if not texts:
+            return np.zeros((0, self.embedder.dim), dtype=np.float32)
+        out = np.stack([cache[t] for t in texts])
+        while len(cache) > GOAL_CACHE:
+            cache.popitem(last=False)
         return out
 
     def _remember(self, key: tuple[str, int], intent_id: str) -> None:
@@ -251,7 +311,9 @@ class Understand:
         assert tag.conversation is not None, "judge requests carry their conversation"
         sig = self.tagger.judged(tag.conversation, verdict)
         extra = [t for t in tag.signals if t == "long_tail"]
-        iid = self.model.resolve(tag.intent_id)
+        # the conversation's intent now: a re-clustering may have re-tagged it meanwhile
+        seen = self._seen.get((tag.conversation_id, tag.conversation_version))
+        iid = self.model.resolve(seen[0] if seen else tag.intent_id)
         return replace(
             tag,
             intent_id=iid,

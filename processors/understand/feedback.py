@@ -3,7 +3,10 @@ hour later, a task's reward at the end of the day) re-versions the conversation'
 
 Pure core: :func:`feedback_evaluation` validates and redacts what was sent;
 :func:`stated_evaluations` reads the evaluations a conversation's spans carried (span events
-and the outcome attribute, as stored in ``spans``); :func:`retag` gives the conversation's
+and the outcome attribute, as stored in ``spans``); :func:`add_feedback` puts stored feedback
+back among a conversation's evaluations when it is assembled again, so feedback's outcome
+outlives later versions; :func:`rejoined` sends an evaluation known only by the response id it
+judges to that answer's conversation; :func:`retag` gives the conversation's
 new :class:`~processors.records.TagRecord`, one version above the last, with the outcome
 :mod:`.outcomes` decides from every evaluation (the newest of each name counts).
 """
@@ -22,8 +25,10 @@ from processors.records import (
     EVALUATION_EVENT,
     OUTCOME_ATTRIBUTE,
     OUTCOME_REASON_ATTRIBUTE,
+    Conversation,
     Evaluation,
     TagRecord,
+    TurnRecord,
 )
 from processors.redact import Redactor
 from processors.understand.outcomes import decide
@@ -115,6 +120,41 @@ def stated_evaluations(span_rows: Iterable[Mapping[str, Any]]) -> list[Evaluatio
                 )
             )
     return out
+
+
+def add_feedback(conv: Conversation, feedback: list[Evaluation]) -> Conversation:
+    """``conv`` with the stored ``feedback`` among its evaluations, each once (a conversation
+    tagged again must not count the same feedback twice, nor lose it)."""
+    have = {_identity(ev) for ev in conv.evaluations}
+    extra = [ev for ev in feedback if _identity(ev) not in have]
+    if not extra:
+        return conv
+    return dataclasses.replace(conv, evaluations=[*conv.evaluations, *extra])
+
+
+def _identity(ev: Evaluation) -> tuple[Any, ...]:
+    # what the feedback table keeps of an evaluation (span and response ids are not stored)
+    return (ev.name, ev.score, ev.label, ev.explanation, ev.source, ev.ts_ns)
+
+
+def rejoined(conv: Conversation, answer: tuple[str, str, str]) -> list[TurnRecord]:
+    """The evaluations of ``conv``, named after the response id they judge
+    (:data:`~processors.records.RESPONSE_REF`), as turn records of the answer's conversation,
+    tied to its span: ``answer`` is ``(conversation id, trace id, span id)``. Each keeps the
+    span id capture gave it, so a redelivery adds nothing twice."""
+    cid, trace_id, span_id = answer
+    return [
+        TurnRecord(
+            conversation_id=cid,
+            trace_id="",  # no trace of its own, as capture sends a detached evaluation
+            span_id=ev.span_id,
+            span_kind="content",
+            start_ns=ev.ts_ns,
+            end_ns=ev.ts_ns,
+            evaluations=[dataclasses.replace(ev, trace_id=trace_id, span_id=span_id)],
+        )
+        for ev in conv.evaluations
+    ]
 
 
 def retag(tag: TagRecord, evaluations: list[Evaluation], cfg: UnderstandConfig) -> TagRecord:

@@ -26,6 +26,10 @@ Two levels, in the spirit of DBSTREAM/CluStream but with numpy vector math:
 No threshold sets the granularity: on three public intent sets of 77, 64 and 7 intents the
 defaults find 93, 77 and 7 (``python -m bench.intents``, bench/RESULTS.md).
 
+A point's tag can follow it to a finer intent: the model remembers the last ``remember`` points
+(float16, not checkpointed) and ``current_tags`` gives their nearest intent now (the understand
+core re-versions the tags a re-clustering moved).
+
 A refinement maps the new partition onto the old ids by shared weight: each new group inherits
 the id that gave it most weight; when several groups share a parent, the largest keeps the id
 and the others are *split* children (new id, ``parent_id``); an id that inherits nothing was
@@ -42,11 +46,14 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
+
+from processors.understand.blas import one_blas_thread
 
 SNAPSHOT_VERSION = 2
 
@@ -94,6 +101,7 @@ class IntentModel:
         min_share: float = 0.003,
         cut_tolerance: float = 0.1,
         examples: int = 10,
+        remember: int = 10_000,
         seed: int = 0,
     ) -> None:
         self.threshold = threshold
@@ -110,6 +118,7 @@ class IntentModel:
         self.min_share = min_share
         self.cut_tolerance = cut_tolerance
         self.examples = examples
+        self.remember = remember
         self.seed = seed
         self._check_settings()
         self._init_state()
@@ -129,10 +138,11 @@ class IntentModel:
             or self.min_size < 0
             or self.grace < 0
             or self.examples < 0
+            or self.remember < 0
         ):
             raise ValueError(
                 "refine_every, refine_iters, max_micro_per_intent must be >= 1; "
-                "min_size, grace, examples >= 0"
+                "min_size, grace, examples, remember >= 0"
             )
         if (
             self.recluster_growth <= 1
@@ -157,6 +167,11 @@ class IntentModel:
         self.taxonomy_version = 0
         self.changes: list[IntentChange] = []
         self._reclustered_at = 0  # n_seen at the last re-clustering (0: none yet)
+        self.reclusterings = 0
+        # the last ``remember`` points (point n at row n % remember) from point _recent_from on,
+        # so that their tags can follow a split (``current_tags``); not checkpointed
+        self._recent = np.zeros((0, 0), dtype=np.float16)
+        self._recent_from = 0
         self._novelty = self.threshold  # below this similarity to every intent a point opens one
         # since the last refinement: arrivals that joined a micro-cluster, and the best intent
         # similarity of the others (the novelty threshold is a quantile of the arrivals)
@@ -181,6 +196,10 @@ class IntentModel:
 
     def learn_one(self, x: np.ndarray, now_ns: int, text: str | None = None) -> str:
         """Assign ``x`` to an intent (creating one if it is far from all), learn it, return the id."""
+        with one_blas_thread():
+            return self._learn_one(x, now_ns, text)
+
+    def _learn_one(self, x: np.ndarray, now_ns: int, text: str | None) -> str:
         x = self._unit(x)
         if self._n_seen and self._n_seen == self._next_refinement(self._n_seen - 1):
             self._refine(now_ns)
@@ -189,13 +208,19 @@ class IntentModel:
         return self._learn_routed(x, j, intent, now_ns, text)[0]
 
     def learn_many(
-        self, xs: np.ndarray, now_ns: int, texts: list[str | None] | None = None
+        self, xs: np.ndarray, now_ns: int, texts: Sequence[str | None] | None = None
     ) -> list[str]:
         """:meth:`learn_one` for each row of ``xs`` in order, with the same result, faster: the
         similarities to the micro-clusters come from one matrix product per stretch between
         refinements, recomputed only for the micro-clusters the stretch itself changed."""
         if len(xs) == 0:
             return []
+        with one_blas_thread():
+            return self._learn_many(xs, now_ns, texts)
+
+    def _learn_many(
+        self, xs: np.ndarray, now_ns: int, texts: Sequence[str | None] | None
+    ) -> list[str]:
         self._unit(xs[0])  # sets the dimension on first use, checks it after
         units = self._normalise(np.asarray(xs, dtype=np.float32).reshape(len(xs), self._dim))
         texts = texts if texts is not None else [None] * len(units)
@@ -248,6 +273,10 @@ class IntentModel:
         meta = self._meta[intent]
         meta["size"] += 1
         meta["updated_ns"] = now_ns
+        if self.remember:
+            if self._recent.shape != (self.remember, self._dim):
+                self._recent = np.zeros((self.remember, self._dim), dtype=np.float16)
+            self._recent[self._n_seen % self.remember] = x
         self._n_seen += 1
         self._offer_example(intent, j, text)
         return intent, j
@@ -269,6 +298,25 @@ class IntentModel:
             seen.add(intent_id)
             intent_id = self._meta[intent_id]["parent_id"]
         return intent_id
+
+    def current_tags(self, points: Sequence[int], tags: Sequence[str]) -> list[str]:
+        """The tags ``points`` (0-based, in learning order), tagged ``tags`` on arrival, carry
+        now: the intent each point is nearest now. A tag given early, while the model knew few
+        intents, names a coarse group that later re-clusterings split; following merges cannot
+        undo a split, the point itself can. A point more than ``remember`` points old (or
+        learned before a restore) keeps its tag, followed through merges."""
+        out = [self.resolve(t) for t in tags]
+        known = [
+            k
+            for k, n in enumerate(points)
+            if max(self._recent_from, self._n_seen - self.remember) <= n < self._n_seen
+        ]
+        if known and self._order:
+            rows = self._recent[[points[k] % self.remember for k in known]].astype(np.float32)
+            nearest = (rows @ self._i_cent.T).argmax(axis=1)
+            for k, i in zip(known, nearest):
+                out[k] = self._order[int(i)]
+        return out
 
     def intents(self, *, include_merged: bool = False) -> list[IntentSummary]:
         out = []
@@ -306,7 +354,8 @@ class IntentModel:
     def nbytes(self) -> int:
         """Approximate memory of the learned state (arrays plus example texts)."""
         arrays = sum(
-            a.nbytes for a in (self._m_sum, self._m_cent, self._m_n, self._i_sum, self._i_cent)
+            a.nbytes
+            for a in (self._m_sum, self._m_cent, self._m_n, self._i_sum, self._i_cent, self._recent)
         )
         texts = sum(len(t) + 64 for ex in self._examples.values() for _, _, t in ex)
         return arrays + texts + 200 * (len(self._meta) + self._m)
@@ -332,6 +381,7 @@ class IntentModel:
                     "min_share",
                     "cut_tolerance",
                     "examples",
+                    "remember",
                     "seed",
                 )
             },
@@ -342,6 +392,7 @@ class IntentModel:
             "next_id": self._next_id,
             "taxonomy_version": self.taxonomy_version,
             "reclustered_at": self._reclustered_at,
+            "reclusterings": self.reclusterings,
             "novelty": self._novelty,
             "near_arrivals": self._near_arrivals,
             "far_sims": self._far_sims,
@@ -379,6 +430,9 @@ class IntentModel:
         self._dim, self._n_seen, self._next_id = state["dim"], state["n_seen"], state["next_id"]
         self.taxonomy_version = state["taxonomy_version"]
         self._reclustered_at, self._novelty = state["reclustered_at"], state["novelty"]
+        self.reclusterings = state.get("reclusterings", 0)  # added within version 2
+        self._recent = np.zeros((0, 0), dtype=np.float16)  # a restored model remembers no points
+        self._recent_from = self._n_seen
         self._near_arrivals, self._far_sims = state["near_arrivals"], state["far_sims"]
         self.changes = [IntentChange(**c) for c in state["changes"]]
         self._m_sum = z["m_sum"].copy()
@@ -509,6 +563,7 @@ class IntentModel:
         if recluster:
             cents = self._cut(pts, w)
             self._reclustered_at = self._n_seen
+            self.reclusterings += 1
         else:
             cents = self._i_cent.copy()
         for _ in range(self.refine_iters):

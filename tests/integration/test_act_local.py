@@ -328,3 +328,11 @@ def test_llm_edit_versions_the_templated_proposal_and_a_refused_one_leaves_it(
         "llm",
     )
     assert "reuse keys" in git(repo, "show", f"{better.branch}:prompts/system.md")
+
+
+@pytest.mark.parametrize("status", ["resolved", "rejected", "superseded"])
+def test_a_closed_diagnosis_gets_no_proposal(repo: Path, status: str) -> None:
+    actor = Actor(config(repo), LocalGit(repo))
+    assert actor.propose(diagnosis(status=status), T0 + 1) is None
+    assert status in actor.last_reason
+    assert "closeloop/d-77" not in git(repo, "branch", "--list")

@@ -21,7 +21,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from processors.capture.transcripts import parse_line, to_request
 from processors.feedback import record_feedback
-from processors.records import TagRecord
+from processors.records import Evaluation, TagRecord
 from processors.redact import Redactor
 from processors.understand.feedback import feedback_evaluation
 from processors.web.server import WebServer
@@ -180,7 +180,8 @@ def test_evaluation_log_record_sets_the_outcome(pipe: Pipeline) -> None:
     assert (r["outcome"], r["failed"], r["outcome_source"]) == ("failed", 1, "stated")
 
 
-def _tags_on_topic(pipe: Pipeline, cid: str) -> list[TagRecord]:
+def _tags_on_topic(pipe: Pipeline, cid: str, version: int = 2) -> list[TagRecord]:
+    """``cid``'s tags on the tags topic, read until a stated one of ``version`` or above."""
     c = Consumer({"bootstrap.servers": pipe.broker.bootstrap, "group.id": f"t-{time.time_ns()}"})
     topic = pipe.cfg.topics.tags
     parts = c.list_topics(topic, timeout=10).topics[topic].partitions
@@ -191,7 +192,7 @@ def _tags_on_topic(pipe: Pipeline, cid: str) -> list[TagRecord]:
         for m in c.consume(500, 1.0):
             if m.error() is None and m.key() == cid.encode():
                 out.append(TagRecord.from_json(m.value()))
-        if out and any(t.outcome_source == "stated" and t.conversation_version > 1 for t in out):
+        if any(t.outcome_source == "stated" and t.conversation_version >= version for t in out):
             break
     c.close()
     return out
@@ -232,6 +233,36 @@ def test_late_feedback_reversions_a_closed_conversation(
     assert any(
         t.failed and t.conversation_version == before["v"] + 1 for t in _tags_on_topic(pipe, "b1")
     )
+
+
+def test_late_feedback_outlives_a_later_version_of_its_conversation(
+    pipe: Pipeline, imported: subprocess.CompletedProcess
+) -> None:
+    from processors.feedback import load_tagged
+
+    pipe.wait_rows("SELECT 1 FROM conversation_tags FINAL WHERE conversation_id = 'b5'", 1)
+    ev = feedback_evaluation(label="thumbs_down", redactor=Redactor([]), now_ns=time.time_ns())
+    fed = record_feedback(pipe.store, pipe.cfg, "b5", ev)  # b5's reward was 1: resolved before
+    assert fed.failed
+    # b5 assembled again (more spans arrived), with the reward its spans stated: a version
+    # above the feedback's, tagged from the conversation alone it would be resolved
+    conv = load_tagged(pipe.store, conversation_id="b5")[-1].conversation
+    assert conv is not None
+    conv.version = fed.conversation_version + 1
+    conv.evaluations = [Evaluation(name="reward", score=1.0, source="event", ts_ns=1)]
+    producer = Producer({"bootstrap.servers": pipe.broker.bootstrap})
+    producer.produce(pipe.cfg.topics.conversations, key=b"b5", value=conv.to_json())
+    assert producer.flush(10) == 0
+    (r,) = pipe.wait_rows(
+        "SELECT failed, outcome, outcome_reason FROM conversation_tags FINAL "
+        f"WHERE conversation_id = 'b5' AND conversation_version = {fed.conversation_version + 1}",
+        1,
+    )
+    assert (r["failed"], r["outcome"]) == (1, "failed")
+    assert "thumbs_down" in r["outcome_reason"]
+    tags = _tags_on_topic(pipe, "b5", fed.conversation_version + 1)
+    later = [t for t in tags if t.conversation_version == fed.conversation_version + 1]
+    assert later and all(t.failed for t in later)
 
 
 def test_feedback_endpoint_needs_the_token(
@@ -332,3 +363,64 @@ def test_an_evaluation_after_its_conversation_left_assemble_is_late_feedback(
     assert pipe.rows(
         "SELECT count() AS n FROM conversation_tags FINAL WHERE conversation_id = 'never-seen'"
     ) == [{"n": 0}]
+
+
+def _send(pipe: Pipeline, path: str, body: object) -> None:
+    urllib.request.urlopen(
+        urllib.request.Request(
+            pipe.http_url(path),
+            data=body.SerializeToString(),  # type: ignore[attr-defined]
+            headers={"Content-Type": "application/x-protobuf"},
+        ),
+        timeout=10,
+    ).read()
+
+
+def test_an_evaluation_finds_an_answer_another_capture_process_saw(pipe: Pipeline) -> None:
+    # the answer, captured by this worker's capture ...
+    req = to_request(parse_line(json.dumps(line("answered", None)), time.time_ns()))
+    chat = next(
+        sp
+        for sp in req.resource_spans[0].scope_spans[0].spans
+        if any(kv.key == "gen_ai.operation.name" and kv.value.string_value == "chat"
+               for kv in sp.attributes)
+    )  # fmt: skip
+    chat.attributes.append(_kv("gen_ai.response.id", "chatcmpl-elsewhere"))
+    _send(pipe, "/v1/traces", req)
+    pipe.wait_rows("SELECT 1 FROM conversation_tags FINAL WHERE conversation_id = 'answered'", 1)
+    # ... and its grade, taken by a capture process that never saw it (a new worker process:
+    # capture remembers answers in memory only), with nothing but the response id
+    pipe.stop_worker()
+    pipe.start_worker()
+    logs = ExportLogsServiceRequest()
+    sl = logs.resource_logs.add().scope_logs.add()
+    for response_id in ("chatcmpl-elsewhere", "chatcmpl-never-seen"):
+        lr = sl.log_records.add()
+        lr.time_unix_nano = time.time_ns()
+        lr.event_name = "gen_ai.evaluation.result"
+        lr.attributes.extend(
+            [
+                _kv("gen_ai.response.id", response_id),
+                _kv("gen_ai.evaluation.name", "grader"),
+                _kv("gen_ai.evaluation.score.value", 0.0),
+            ]
+        )
+    _send(pipe, "/v1/logs", logs)
+    (r,) = pipe.wait_rows(
+        "SELECT failed, outcome_source, outcome_reason FROM conversation_tags FINAL "
+        "WHERE conversation_id = 'answered' AND outcome_source = 'stated'",
+        1,
+    )
+    assert r["failed"] == 1 and "grader" in r["outcome_reason"]
+    # the stand-in named after the answer is no conversation of its own
+    assert pipe.rows(
+        "SELECT count() AS n FROM conversations FINAL WHERE startsWith(conversation_id, 'gen_ai')"
+    ) == [{"n": 0}]
+    dead = pipe.wait_rows(
+        "SELECT reason, detail FROM deadletter FINAL "
+        "WHERE reason = 'evaluation for an unknown answer'",
+        1,
+    )
+    assert [d["detail"] for d in dead] == [
+        "no captured span has gen_ai.response.id 'chatcmpl-never-seen'"
+    ]

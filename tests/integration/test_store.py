@@ -27,6 +27,7 @@ from processors.records import (
 from processors.review.core import outcome_rows, review_rows
 from processors.store import Store, connect_http, migrations
 from processors.understand import assemble
+from processors.understand.agent import retagged_rows
 from processors.understand.core import tag_row
 
 
@@ -153,6 +154,47 @@ def test_every_stage_row_matches_its_table(store: Store, unique: str) -> None:
         )
         == 1
     )
+
+
+def test_a_retag_re_versions_the_stored_row_keeping_the_rest(store: Store, unique: str) -> None:
+    """A re-clustering's move changes the intent of the stored tag row and nothing else: a
+    judge's signals and a stated outcome written meanwhile stay."""
+    row = {
+        **_rows(unique)["conversation_tags"][0],
+        "signals": ["bug_report"],
+        "source": "llm",
+        "outcome": "escalated",
+        "outcome_source": "stated",
+    }
+    store.insert_records("conversation_tags", [row])
+    cid, version = row["conversation_id"], row["conversation_version"]
+    move = {"conversation_version": version, "intent_name": "card has not arrived"}
+    moves = [
+        {**move, "conversation_id": cid, "intent_id": "intent-9", "taxonomy_version": 42},
+        # another version of the conversation, or one never stored: nothing to re-version
+        {**move, "conversation_id": cid + "-x", "intent_id": "intent-9", "taxonomy_version": 42},
+    ]
+    moved = retagged_rows(store, moves)
+    assert len(moved) == 1
+    store.insert_records("conversation_tags", moved)
+    stored = store.query(
+        "SELECT * EXCEPT ts FROM conversation_tags FINAL WHERE conversation_id = {c:String}",
+        {"c": cid},
+    )
+    assert stored == [
+        {
+            **stored[0],
+            **{
+                k: v
+                for k, v in row.items()
+                if k not in ("intent_id", "intent_name", "taxonomy_version")
+            },
+            "intent_id": "intent-9",
+            "intent_name": "card has not arrived",
+            "taxonomy_version": 42,
+        }
+    ]
+    assert retagged_rows(store, [{**moves[0], "conversation_version": version + 1}]) == []
 
 
 def test_insert_records_of_mixed_shapes(store: Store, unique: str) -> None:

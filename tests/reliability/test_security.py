@@ -39,6 +39,7 @@ from examples.support_agent import (
     run_cycle,
 )
 from examples.support_agent.run import run_conversation
+from processors.act.fixes import copied_text
 from processors.errors import ReviewError
 from processors.review.core import handle_webhook
 from tests.llm_server import FakeLLMServer
@@ -125,6 +126,22 @@ class ObedientModel:
                     "component": {"type": "harness", "target": CI_FILE},
                     "confidence": 1.0,
                     "evidence_ids": ["trust-me"],
+                }
+            )
+        if system.startswith("You analyse one failed conversation"):
+            # blames a state-changing action and quotes the conversation: an injection it holds
+            # when there is one, else the customer's first words
+            block = user.split('<data label="conversation">\n', 1)[1].split("\n</data>", 1)[0]
+            msgs = [json.loads(line) for line in block.splitlines()]
+            said = [m for m in msgs if m["role"] == "user" and m["text"]]
+            pick = next((m for m in said if "Ignore previous" in m["text"]), said[0])
+            return json.dumps(
+                {
+                    "turn": pick["turn"],
+                    "failure_kind": "unauthorized_action",
+                    "tool": "",
+                    "instruction": {"index": -1, "relation": "lacking"},
+                    "quote": pick["text"][:120],
                 }
             )
         if system.startswith("You maintain the repository"):
@@ -641,3 +658,19 @@ def test_webhook_signatures_are_enforced() -> None:
         )
     with pytest.raises(ReviewError):  # no secret configured: nothing is accepted
         handle_webhook({**headers, "X-Hub-Signature-256": good}, body, "")
+
+
+def test_quotes_of_the_failure_analyses_reach_no_proposal(run: Run) -> None:
+    """The model blamed the conversations it analysed and quoted them (an injection where one
+    was there): the quotes are kept in failure_analyses, and the proposal of the diagnosis
+    they made holds none of them."""
+    store = run.loop.store
+    quotes = [r["quote"] for r in store.query("SELECT quote FROM failure_analyses FINAL")]
+    assert quotes  # the analyses ran and were accepted
+    proposals = store.query(
+        "SELECT body, diff FROM proposals FINAL WHERE diagnosis_id IN "
+        "(SELECT diagnosis_id FROM diagnoses FINAL WHERE rule = 'llm_analysis')"
+    )
+    assert proposals
+    for p in proposals:
+        assert copied_text(p["body"] + "\n" + p["diff"], quotes) == ""

@@ -16,6 +16,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from processors.capture.core import Capture, CaptureBatch, RawMessage, _hash_version
 from processors.config import CaptureConfig
+from processors.records import RESPONSE_REF
 from tests.ddl import ddl_columns
 
 NOW = 1_900_000_000_000_000_000
@@ -1094,8 +1095,7 @@ def test_evaluation_log_records_join_their_span_or_their_conversation() -> None:
     )
     logs = run(msg(logs_request([on_span, no_context, orphan]).SerializeToString(), "otlp_logs"))
     assert [d.reason for d in logs.deadletters] == [
-        "evaluation event without trace context, gen_ai.conversation.id or a known "
-        "gen_ai.response.id"
+        "evaluation event without trace context, gen_ai.conversation.id or gen_ai.response.id"
     ]
     spans = run(request(genai_spans()).SerializeToString())
     conv = _assembled(spans, logs)
@@ -1163,3 +1163,9 @@ def test_an_evaluation_finds_its_conversation_by_the_response_id_it_judges() -> 
     assert [(e.name, e.label, e.response_id) for e in t.evaluations] == [
         ("judge", "incorrect", "chatcmpl-42")
     ]
+    # another capture process, which did not see the answer, names it for understand to find
+    other = Capture(CaptureConfig())
+    b = other.process([msg(logs_request([grade]).SerializeToString(), "otlp_logs", 1)], NOW)
+    assert b.deadletters == []
+    (t,) = b.turns
+    assert t.conversation_id == RESPONSE_REF + "chatcmpl-42" and t.evaluations

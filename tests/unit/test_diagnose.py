@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from itertools import pairwise
 from typing import Any
 
@@ -379,7 +380,8 @@ def _llm_run(
             {**HEALTHY, "api_setup": 0.4},
             patterns={"api_setup": "repeated_ask"},
         )
-        d = Diagnoser(CFG, llm_enabled=True)
+        # the rewording alone (the failure analysis: test_analysis.py)
+        d = Diagnoser(replace(CFG, llm_analysis_sample=0), llm_enabled=True)
         out = feed(d, tags)
         assert not srv.requests and d.llm_requests  # nothing asked in line
         better = d.improve(llm, 10**18)

@@ -8,9 +8,16 @@ import pytest
 
 from processors.config import UnderstandConfig
 from processors.errors import InputError
-from processors.records import Conversation, Evaluation, Message, TagRecord
+from processors.records import RESPONSE_REF, Conversation, Evaluation, Message, TagRecord
 from processors.redact import Redactor
-from processors.understand.feedback import feedback_evaluation, retag, stated_evaluations
+from processors.understand.feedback import (
+    add_feedback,
+    feedback_evaluation,
+    rejoined,
+    retag,
+    stated_evaluations,
+)
+from processors.understand.outcomes import decide
 
 R = Redactor(["secrets", "emails", "cards", "phones"])
 
@@ -75,3 +82,34 @@ def test_evaluations_read_back_from_span_rows() -> None:
         ("reward", "", 1.0, "event"),
     ]
     assert isinstance(got[0], Evaluation)
+
+
+def test_stored_feedback_joins_a_later_version_once() -> None:
+    reward = Evaluation(name="reward", score=1.0, source="event", span_id="s1", ts_ns=3)
+    conv = Conversation("c", version=9, evaluations=[reward])
+    down = feedback_evaluation(label="thumbs_down", redactor=R, now_ns=9)
+    again = add_feedback(add_feedback(conv, [down]), [down])
+    assert again.evaluations == [reward, down]
+    assert add_feedback(conv, []) is conv
+    verdict = decide(again.evaluations, ("resolved", -1, ""), UnderstandConfig())
+    assert (verdict.outcome, verdict.failed, verdict.source) == ("failed", True, "stated")
+
+
+def test_an_evaluation_named_after_an_answer_rejoins_its_conversation_on_the_answers_span() -> None:
+    ev = Evaluation(name="grader", score=0.0, response_id="chatcmpl-1", source="log",
+                    span_id="eval-0123", trace_id=RESPONSE_REF + "chatcmpl-1", ts_ns=7)  # fmt: skip
+    stand_in = Conversation(RESPONSE_REF + "chatcmpl-1", evaluations=[ev])
+    (turn,) = rejoined(stand_in, ("conv-9", "ab" * 16, "cd" * 8))
+    assert (turn.conversation_id, turn.trace_id, turn.span_id, turn.span_kind) == (
+        "conv-9",
+        "",
+        "eval-0123",
+        "content",
+    )
+    (moved,) = turn.evaluations
+    assert (moved.trace_id, moved.span_id, moved.score, moved.response_id) == (
+        "ab" * 16,
+        "cd" * 8,
+        0.0,
+        "chatcmpl-1",
+    )

@@ -150,6 +150,58 @@ def test_the_default_finds_the_number_of_groups_within_2x_at_every_granularity(
     assert purity(arrival[half:], y[half:]) >= 0.9
 
 
+def nmi(a: np.ndarray, b: np.ndarray) -> float:
+    """Normalised mutual information (arithmetic mean of the entropies, as scikit-learn's)."""
+    _, ai = np.unique(a, return_inverse=True)
+    _, bi = np.unique(b, return_inverse=True)
+    joint = np.zeros((ai.max() + 1, bi.max() + 1))
+    np.add.at(joint, (ai, bi), 1.0)
+    joint /= len(a)
+    pa, pb = joint.sum(axis=1), joint.sum(axis=0)
+    nz = joint > 0
+    mi = float((joint[nz] * np.log(joint[nz] / np.outer(pa, pb)[nz])).sum())
+    ha, hb = -(pa * np.log(pa)).sum(), -(pb * np.log(pb)).sum()
+    return mi / max((ha + hb) / 2, 1e-12)
+
+
+@pytest.mark.parametrize(("groups", "per", "noise"), [(40, 60, 0.08), (90, 80, 0.06)])
+def test_early_tags_follow_their_micro_cluster_into_the_finer_intents_of_re_clusterings(
+    groups: int, per: int, noise: float
+) -> None:
+    X, y = nested_stream(groups, per, noise, seed=groups)
+    m = IntentModel(remember=len(X))
+    arrival: list[str] = []
+    for i in range(0, len(X), 200):  # in batches, re-tagging after each re-clustering
+        before = m.reclusterings
+        arrival += m.learn_many(X[i : i + 200], now_ns=i)
+        if m.reclusterings != before:
+            arrival = m.current_tags(range(len(arrival)), arrival)
+    retagged = np.array([m.resolve(a) for a in arrival])
+    plain = IntentModel()
+    merged_only = np.array([plain.resolve(a) for a in plain.learn_many(X, now_ns=1)])
+    assert m.reclusterings >= 3
+    assert all(m.resolve(a) == a for a in retagged)  # every tag is an active intent
+    # the first quarter was tagged while the model knew few intents: following merges only,
+    # its tags stay coarse; re-tagged, they agree with the groups
+    q = len(X) // 4
+    assert nmi(y[:q], retagged[:q]) >= 0.85
+    assert nmi(y[:q], retagged[:q]) > nmi(y[:q], merged_only[:q]) + 0.05
+
+
+def test_a_point_older_than_remember_keeps_its_tag() -> None:
+    X, _ = nested_stream(12, 25, 0.1, seed=3)
+    m = IntentModel(remember=100)
+    tags = m.learn_many(X, now_ns=1)
+    assert m.current_tags([199, 300], ["gone", "gone"]) == ["gone", "gone"]
+    assert m.current_tags([200], [tags[200]])[0] in {s.intent_id for s in m.intents()}
+    # a restored model remembers no points: their tags stay (through merges)
+    r = IntentModel(remember=100)
+    r.restore(m.snapshot())
+    assert r.current_tags([250], ["gone"]) == ["gone"]
+    r.learn_many(X[:1], now_ns=2)
+    assert r.current_tags([300], ["gone"])[0] in {s.intent_id for s in r.intents()}
+
+
 def test_ids_stay_stable_across_re_clusterings() -> None:
     X, y = nested_stream(12, 800, 0.1, seed=7)
     m = IntentModel()

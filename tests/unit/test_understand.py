@@ -6,6 +6,7 @@ import csv
 import json
 import random
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,61 @@ def test_replayed_conversation_is_not_learned_twice() -> None:
     assert core.model.n_seen == seen
     assert [t.intent_id for t in again.tags] == [
         core.model.resolve(t.intent_id) for t in first.tags[:50]
+    ]
+
+
+class _CountingEmbedder(HashingEmbedder):
+    """The hashing embedder, keeping every text it was asked to embed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[str] = []
+
+    def embed(self, texts: list[str]) -> Any:
+        self.asked += texts
+        return super().embed(texts)
+
+
+def test_each_distinct_goal_is_embedded_once() -> None:
+    embedder = _CountingEmbedder()
+    core = Understand(load_config(None, env={}), embedder, IntentModel(threshold=0.2))
+    data = [c for _, c in _conversations(200)]
+    goals = [goal_text(c, core.cfg.understand.goal_user_turns) for c in data]
+    first = core.process(data, now_ns=1)
+    assert sorted(embedder.asked) == sorted(set(goals))
+    assert len(set(goals)) < len(goals)  # the sample repeats openings: the dedup is exercised
+    embedder.asked.clear()
+    again = core.process(data[:50], now_ns=2)  # a redelivery: tagged from memory, not embedded
+    assert embedder.asked == []
+    # new conversations opening with goals seen lately: their vectors are remembered
+    later = [replace(c, conversation_id=c.conversation_id + "-later") for c in data[:50]]
+    assert len(core.process(later, now_ns=3).tags) == 50 and embedder.asked == []
+    assert [t.intent_id for t in again.tags] == [
+        core.model.resolve(t.intent_id) for t in first.tags[:50]
+    ]
+
+
+def test_a_re_clustering_re_tags_the_conversations_it_moved() -> None:
+    core = _core()
+    data = [c for _, c in _conversations(1200)]
+    given: dict[str, str] = {}
+    retags = []
+    for i in range(0, len(data), 100):
+        before = core.model.reclusterings
+        batch = core.process(data[i : i + 100], now_ns=i)
+        given.update((t.conversation_id, t.intent_id) for t in batch.tags)
+        assert batch.retags == [] or core.model.reclusterings > before
+        for move in batch.retags:  # an earlier batch's conversation, moved to another intent
+            assert move["intent_id"] != core.model.resolve(given[move["conversation_id"]])
+            assert move["conversation_version"] == 2
+            assert move["intent_name"] == core._name_of(move["intent_id"])
+            given[move["conversation_id"]] = move["intent_id"]
+        retags += batch.retags
+    assert retags, "re-clusterings at doublings moved some early conversations"
+    # a redelivery is tagged with the latest intent
+    again = core.process(data[:50], now_ns=10**6)
+    assert [t.intent_id for t in again.tags] == [
+        core.model.resolve(given[c.conversation_id]) for c in data[:50]
     ]
 
 
