@@ -2,8 +2,10 @@
 
     python -m bench.ingest [--rates 1000,2000,5000,10000,20000,40000] [--seconds 10] [--threads 4]
                            [--spans 500] [--no-profile] [--capture-processes 0,2]
+                           [--storage memory,s3]
 
-For each ``capture.processes`` setting (0: capture inside the worker; N: N capture processes
+For each broker storage (``kafka.storage``: memory, the default, or s3: on disk) and each
+``capture.processes`` setting (0: capture inside the worker; N: N capture processes
 beside it), starts ``EmbeddedStack`` (broker, worker, gateway, web) in a temp home and sends realistic
 GenAI conversations (8 spans each, one trace: llm, llm, tool, http spans with semconv
 attributes and message content, ~1.1 KB/span) as OTLP/HTTP protobuf requests of ``--spans``
@@ -466,6 +468,7 @@ def run(
     profile: bool = True,
     log: Callable[[str], None] = print,
     capture_processes: int = 0,
+    storage: str = "memory",
 ) -> dict:
     bodies = [request_template(spans, seed) for seed in range(TEMPLATES)]
     span_bytes = len(bodies[0]) / spans
@@ -473,7 +476,7 @@ def run(
     levels: list[Level] = []
     frames: list[tuple[str, float, float]] = []
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
-        stack = start_stack(Path(tmp) / "home", capture_processes)
+        stack = start_stack(Path(tmp) / "home", capture_processes, {"kafka": {"storage": storage}})
         try:
             store = stack.sql_store()
             # warm-up: connections, topic metadata, the first inserts
@@ -533,6 +536,7 @@ def run(
         "threads": threads,
         "seconds": seconds,
         "capture_processes": capture_processes,
+        "storage": storage,
     }
 
 
@@ -546,11 +550,12 @@ def format_level(lv: Level) -> str:
 
 def setting(res: dict) -> str:
     n = res["capture_processes"]
-    return (
+    where = (
         f"capture in {n} process{'es' if n > 1 else ''} of its own beside the worker"
         if n
         else "capture inside the worker (the default)"
     )
+    return where if res["storage"] == "memory" else f"{where}, broker storage {res['storage']}"
 
 
 def markdown(res: dict, command: str) -> str:
@@ -662,26 +667,34 @@ def main() -> None:
         default="0,2",
         help="capture.processes settings to run side by side (the first is the baseline)",
     )
+    p.add_argument(
+        "--storage",
+        default="memory",
+        help="kafka.storage settings to run side by side (memory, s3), each with every capture setting",
+    )
     p.add_argument("--out", type=Path, help="also write the markdown section here")
     p.add_argument("--json", type=Path, help="write the goal figures (of the best setting) here")
     a = p.parse_args()
     command = (
         f"python -m bench.ingest --rates {a.rates} --seconds {a.seconds:g} "
         f"--capture-processes {a.capture_processes}"
+        + (f" --storage {a.storage}" if a.storage != "memory" else "")
     )
     results = []
-    for n in (int(x) for x in a.capture_processes.split(",") if x):
-        print(f"-- capture.processes: {n}")
-        results.append(
-            run(
-                [int(r) for r in a.rates.split(",") if r],
-                a.seconds,
-                a.threads,
-                a.spans,
-                not a.no_profile,
-                capture_processes=n,
+    for storage in (x for x in a.storage.split(",") if x):
+        for n in (int(x) for x in a.capture_processes.split(",") if x):
+            print(f"-- kafka.storage: {storage}, capture.processes: {n}")
+            results.append(
+                run(
+                    [int(r) for r in a.rates.split(",") if r],
+                    a.seconds,
+                    a.threads,
+                    a.spans,
+                    not a.no_profile,
+                    capture_processes=n,
+                    storage=storage,
+                )
             )
-        )
     text = "\n".join(
         [
             "## Ingest: OTLP/HTTP → gateway → broker → capture → ClickHouse",

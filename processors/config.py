@@ -283,10 +283,15 @@ class CaptureConfig:
 class AssembleConfig:
     idle_timeout_s: float = 30.0  # closed after this long without a new span (by span time)
     end_attribute: str = "closeloop.conversation.end"  # span attribute that closes a conversation
+    # on start, conversations with stored spans this recent and no tags covering them are
+    # rebuilt from the store (table turn_records keeps 7 days)
+    recover_horizon_s: float = 86400.0
 
     def validate(self) -> None:
         if self.idle_timeout_s <= 0:
             raise ConfigError("assemble.idle_timeout_s", "must be positive")
+        if not 0 <= self.recover_horizon_s <= 7 * 86400:
+            raise ConfigError("assemble.recover_horizon_s", "must be between 0 and 604800 (7 days)")
 
 
 @dataclass

@@ -8,7 +8,7 @@ from collections import defaultdict
 import faust
 
 from processors.bundles import bundles
-from processors.capture.core import Capture, CaptureBatch, RawMessage
+from processors.capture.core import Capture, CaptureBatch, RawMessage, turn_record_row
 from processors.records import DeadLetter, TurnRecord
 from processors.runtime import TAKE_WITHIN_S, FailingBatches, Wiring, dead_letter, partition_of
 
@@ -63,6 +63,8 @@ def register(w: Wiring) -> None:
         await pipe.write("capture", "spans", batch.span_rows)
         await pipe.write("capture", "turns", batch.turn_rows)
         await pipe.write("capture", "tool_calls", batch.tool_rows)
+        # before the turns are sent: what assemble may hold is always in the store
+        await pipe.write("capture", "turn_records", [turn_record_row(t, now) for t in batch.turns])
         with pipe.busy("capture"):
             messages, unfit = bundle_messages(w, batch)
         await w.send_all(messages, stage="capture")

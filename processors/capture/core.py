@@ -1307,6 +1307,18 @@ def _tool_row(turn: TurnRecord) -> dict[str, Any] | None:
     }
 
 
+def turn_record_row(t: TurnRecord, now_ns: int) -> dict[str, Any]:
+    """The ``turn_records`` row of a turn record: the record as sent to assemble, so assemble
+    can rebuild its open conversations from the store."""
+    return {
+        "conversation_id": t.conversation_id,
+        "span_id": t.span_id,
+        "span_kind": t.span_kind,
+        "record": t.to_json().decode(),
+        "ingested_ns": now_ns,
+    }
+
+
 def _turn_row(t: TurnRecord) -> dict[str, Any]:
     return {
         "conversation_id": t.conversation_id,

@@ -12,8 +12,9 @@ import time
 from typing import Any
 
 import faust
+import orjson
 
-from processors.errors import InputError
+from processors.errors import InputError, StoreError
 from processors.feedback import answers_of, record_feedback, with_feedback
 from processors.records import (
     RESPONSE_REF,
@@ -47,6 +48,28 @@ log = logging.getLogger("closeloop.worker")
 
 TICK_INTERVAL_S = 1.0
 CAPTURE_LAG_EVERY_S = 5.0  # how often the ticks re-read capture's consumer lag
+# Conversations with recent stored turn records that no tag covers (fewer tagged spans than
+# stored): open, or assembled and not yet tagged, when the broker's topics were lost. Those
+# understand dead-lettered stay out: published again they would only fail again; so do
+# evaluations named after an answer (RESPONSE_REF), which are never tagged under that name.
+UNTAGGED_SQL = """
+SELECT s.conversation_id AS conversation_id, s.records AS records
+FROM (
+    SELECT conversation_id, groupArray(record) AS records, uniqExact(span_id) AS spans
+    FROM turn_records FINAL
+    WHERE conversation_id IN (
+        SELECT conversation_id FROM turn_records WHERE ingested_ns >= {since:UInt64}
+    )
+    GROUP BY conversation_id
+) AS s
+LEFT JOIN (
+    SELECT conversation_id, max(conversation_version) AS tagged
+    FROM conversation_tags GROUP BY conversation_id
+) AS t ON s.conversation_id = t.conversation_id
+WHERE s.spans > t.tagged
+    AND s.conversation_id NOT IN (SELECT key FROM deadletter WHERE stage = 'understand')
+    AND NOT startsWith(s.conversation_id, {response_ref:String})
+"""
 
 
 class Assembler:
@@ -70,6 +93,50 @@ class Assembler:
             },
         )
         self.deadlines = assemble.Deadlines(cfg.assemble)
+        self.recovered = False
+
+    async def recover(self) -> None:
+        """Once, on the first batch (the table restored by then): fold in the stored turn
+        records of untagged recent conversations that the table lacks — all of them when a
+        memory broker lost its topics (a clean stop, a crash of the whole tree), none when
+        the broker kept them — so every conversation whose spans were stored closes and is
+        tagged."""
+        pipe = self.w.pipe
+        now = time.time_ns()
+        since = now - int(pipe.cfg.assemble.recover_horizon_s * 1e9)
+        try:
+            rows = await pipe.run(
+                pipe.store.query, UNTAGGED_SQL, {"since": since, "response_ref": RESPONSE_REF}
+            )
+        except StoreError as e:
+            log.warning("assemble: cannot read stored turns yet, retrying: %s", e)
+            return
+        topic = pipe.cfg.topics.turns
+        mine = {tp.partition for tp in self.w.app.consumer.assignment() if tp.topic == topic}
+        rebuilt = 0
+        for row in rows:
+            cid = row["conversation_id"]
+            p = partition_of(cid, pipe.cfg.kafka.partitions)
+            if p not in mine:
+                continue
+            self.deadlines.index(self.table, p, now)  # the restored table before new pushes
+            try:
+                stored = [orjson.loads(r) for r in row["records"]]
+                state = assemble.with_stored_turns(self.table.get(cid), stored, now)
+            except (ValueError, TypeError, KeyError) as err:
+                log.error("assemble: cannot rebuild conversation %s: %s", cid[:100], err)
+                continue
+            if state is not None:  # as fold does with delivered records
+                self.deadlines.delivered(p, stored, now)
+                state["p"] = p
+                self.table[cid] = state
+                self.deadlines.push(cid, state)
+                rebuilt += 1
+        if rebuilt:
+            log.warning(
+                "assemble: %d conversations rebuilt from the store (the broker lost them)", rebuilt
+            )
+        self.recovered = True
 
     def fold(self, events: list[Any]) -> tuple[list[assemble.Closed], list[DeadLetter]]:
         """Fold a batch of turn messages into the table; the conversations its ticks close."""
@@ -87,6 +154,7 @@ class Assembler:
                 continue
             for cid, turns in groups.items():
                 p = partition_of(cid, self.w.pipe.cfg.kafka.partitions)
+                self.deadlines.index(self.table, p, now)  # the restored table before new pushes
                 self.deadlines.delivered(p, turns, now)
                 try:
                     state = assemble.add_turns(
@@ -181,6 +249,8 @@ def register_assemble(w: Wiring) -> None:
     async def assemble_agent(stream: faust.StreamT) -> None:
         async for events in stream.take_events(RECORD_BATCH, within=TAKE_WITHIN_S):
             events = await guard.contiguous(w.app.consumer, events)
+            if not assembler.recovered:
+                await assembler.recover()
             with w.pipe.busy("assemble"):
                 closed, dls = assembler.fold(events)
             if closed:

@@ -92,6 +92,24 @@ def add_turns(
     return st
 
 
+def with_stored_turns(
+    state: dict[str, Any] | None, stored: list[dict[str, Any]], now_ns: int
+) -> dict[str, Any] | None:
+    """``state`` with the stored turn records it lacks folded in (its conversation's records
+    from the store of record, after the broker lost its topics); ``None`` when it lacks none,
+    so a state the broker kept is left as it is.
+
+    >>> st = with_stored_turns(None, [{"span_id": "s", "end_ns": 7}], 10)
+    >>> sorted(st["turns"]), st["heard_ns"], st["last_seen_ns"]
+    (['s'], 7, 10)
+    >>> with_stored_turns(st, [{"span_id": "s"}], 20) is None
+    True
+    """
+    have = state["turns"] if state is not None else {}
+    missing: list[TurnRecord | dict[str, Any]] = [d for d in stored if d.get("span_id") not in have]
+    return add_turns(state, missing, now_ns) if missing else None
+
+
 def _merge_turn(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """Merge a span record and a content record of the same span (either order)."""
     if a.get("span_kind") == "content" and b.get("span_kind") != "content":
@@ -256,7 +274,10 @@ class Deadlines:
     event time (the idle close, against the partition's watermark) and one in wall time
     (the end grace, the linger), with stale entries skipped on pop, so a tick looks only at
     conversations that are due. After a (re)start each partition's heaps and watermark are
-    rebuilt once from the restored table.
+    built once from the restored table (:meth:`index`), before anything else is pushed for
+    it. A conversation handed out as closed is not handed out again until it is pushed anew
+    (its closing recorded, or a new record): a batch holds several ticks of a partition, and
+    the table keeps the open state until the batch's closings are published.
     """
 
     def __init__(self, cfg: AssembleConfig) -> None:
@@ -265,6 +286,7 @@ class Deadlines:
         self._idle: dict[int, list[tuple[int, str]]] = defaultdict(list)
         self._wall: dict[int, list[tuple[int, str]]] = defaultdict(list)
         self._indexed: set[int] = set()
+        self._closing: set[str] = set()  # handed out by close_due, not pushed since
 
     def watermark(self, partition: int, now_ns: int) -> int:
         return self.watermarks.at(partition, now_ns)
@@ -277,6 +299,7 @@ class Deadlines:
     def push(self, conversation_id: str, state: dict[str, Any]) -> None:
         """Look at ``state`` (of partition ``state["p"]``) again at its next deadline."""
         p = state["p"]
+        self._closing.discard(conversation_id)
         if not state["closed_ns"]:
             heapq.heappush(self._idle[p], (idle_deadline(state, self.cfg), conversation_id))
         heapq.heappush(self._wall[p], (wall_deadline(state, self.cfg), conversation_id))
@@ -287,8 +310,7 @@ class Deadlines:
         """The conversations of ``partition`` due at ``now_ns``, closed; expired ones leave
         ``table``. The table keeps the open state until the conversation is published.
         ``capture_behind``: capture has unprocessed input, so wall time does not count."""
-        if partition not in self._indexed:
-            self._index(table, partition, now_ns)
+        self.index(table, partition, now_ns)
         if capture_behind:
             self.watermarks.held(partition, now_ns)
         watermark = self.watermarks.at(partition, now_ns)
@@ -300,8 +322,8 @@ class Deadlines:
             while heap and heap[0][0] <= limit:
                 at, cid = heapq.heappop(heap)
                 state = table.get(cid)
-                if state is None:
-                    continue  # deleted
+                if state is None or cid in self._closing:
+                    continue  # deleted, or closed and not yet published
                 current = wall_deadline(state, self.cfg) if wall else idle_deadline(state, self.cfg)
                 if current == at:
                     due[cid] = None  # else updated since: a later entry exists
@@ -311,11 +333,16 @@ class Deadlines:
             reason = is_due(state, now_ns, self.cfg, watermark)
             if reason:
                 out.append(_closed(cid, state, reason, now_ns))
+                self._closing.add(cid)
             elif is_expired(state, now_ns):
                 del table[cid]
         return out
 
-    def _index(self, table: OpenConversations, partition: int, now_ns: int) -> None:
+    def index(self, table: OpenConversations, partition: int, now_ns: int) -> None:
+        """Push the conversations of ``partition`` that ``table`` holds, once, before anything
+        else is pushed for it (a second push of the same state would only be a duplicate)."""
+        if partition in self._indexed:
+            return
         newest = 0
         for cid, state in list(table.items()):
             if state is not None and state.get("p") == partition:

@@ -146,3 +146,32 @@ def test_restored_state_of_the_old_format_closes_by_its_span_times() -> None:
     assert restarted.tick(100 * S) == []  # after a restart capture gets a quiet period first
     restarted.deliver("b", [span("b", "b0", 34 * S)], now=101 * S)
     assert restarted.tick(101 * S) == ["a"]  # 34 s >= a's 4 s + 30 s
+
+
+def test_a_batch_of_ticks_closes_each_conversation_once_before_it_is_published() -> None:
+    # A batch holds several ticks of a partition; the table keeps the open state until the
+    # batch's closings are published. "e" closes at its end marker, then its idle deadline
+    # passes in a later tick of the same batch: it must not be handed out again.
+    part = Partition()
+    end_span = {**span("e", "s1", 10 * S), "end_of_conversation": True}
+    part.deliver("e", [end_span], 10 * S)
+    batch: list[str] = []
+    for t in range(11, 60):
+        part.deliver("x", [span("x", f"s{t}", t * S)], t * S)  # moves the watermark on
+        batch += [c.conversation_id for c in part.deadlines.close_due(part.table, 0, t * S)]
+    assert batch.count("e") == 1
+
+
+def test_a_start_indexes_the_restored_table_before_new_records_without_duplicates() -> None:
+    # restored from the changelog: "r" open; then a record of "n" arrives before the first tick
+    part = Partition()
+    state = assemble.add_turns(None, [span("r", "s1", 5 * S)], 5 * S)
+    state["p"] = 0
+    part.table["r"] = state
+    part.deadlines.index(part.table, 0, 6 * S)
+    part.deliver("n", [span("n", "s1", 6 * S)], 6 * S)
+    part.deadlines.index(part.table, 0, 6 * S)  # the first tick: nothing pushed twice
+    for heap in (part.deadlines._idle[0], part.deadlines._wall[0]):
+        assert sorted(heap) == sorted(set(heap))
+    closed = [cid for t in range(7, 200) for cid in part.tick(t * S)]
+    assert sorted(closed) == ["n", "r"]
