@@ -263,6 +263,9 @@ class CaptureConfig:
     processes: int = (
         0  # 0: capture runs in the worker; N: N capture processes beside it (more cores)
     )
+    # a clean stop of the embedded stack on memory storage waits this long for capture to store
+    # what the gateway acknowledged (the broker's topics die with it)
+    drain_timeout_s: float = 60.0
 
     def validate(self) -> None:
         if self.processes < 0:

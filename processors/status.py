@@ -37,14 +37,6 @@ def consumer_offsets(
     return out
 
 
-def capture_lag(cfg: Config, bootstrap: str, group: str) -> int:
-    """Records of the OTLP topics capture (consumer group ``group``) has not yet processed
-    (committed past)."""
-    ends = true_end_offsets(bootstrap, [cfg.topics.otlp_spans, cfg.topics.otlp_logs])
-    commits = committed_offsets(bootstrap, group, list(ends))
-    return sum(max(0, end - max(0, commits.get(tp, -1))) for tp, end in ends.items())
-
-
 def collect_status(cfg: Config, info: dict[str, Any] | None) -> dict[str, Any]:
     st: dict[str, Any] = {
         "home": str(cfg.home_path),

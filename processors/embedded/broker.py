@@ -296,3 +296,11 @@ def topic_state(bootstrap: str, topics: list[str], timeout_s: float = 10.0) -> T
     finally:
         c.close()
     return TopicState(str(cluster or ""), ids, bounds)
+
+
+def capture_lag(bootstrap: str, group: str, otlp_topics: list[str]) -> int:
+    """Records of the OTLP topics capture (consumer group ``group``) has not yet processed
+    (committed past)."""
+    ends = true_end_offsets(bootstrap, otlp_topics)
+    commits = committed_offsets(bootstrap, group, list(ends))
+    return sum(max(0, end - max(0, commits.get(tp, -1))) for tp, end in ends.items())

@@ -2,8 +2,8 @@
 
 ``closeloop up`` runs it in the foreground; ``closeloop demo`` and the e2e tests start it too.
 Children are supervised: one that dies unexpectedly is restarted (with a back-off), and
-stopping goes gateway → worker → broker → the broker's storage, so nothing is accepted that
-cannot be written.
+stopping goes gateway → (on memory storage, capture storing what was acknowledged) → worker →
+broker → the broker's storage, so nothing is accepted that cannot be written.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from typing import Any, ClassVar
 
 from processors.config import Config
 from processors.credentials import ensure_sql_credentials, load_sql_credentials
-from processors.embedded.broker import EmbeddedBroker, ensure_topics, port_in_use
+from processors.embedded.broker import EmbeddedBroker, capture_lag, ensure_topics, port_in_use
 from processors.embedded.procs import ManagedProcess, read_run_file, spawn
 from processors.embedded.s3store import LocalS3
 from processors.errors import CloseloopError
-from processors.stages import ALL_STAGES, CAPTURE_ONLY
+from processors.stages import ALL_STAGES, CAPTURE_ONLY, app_id
 from processors.store import Store, connect_http, running_endpoint
 
 log = logging.getLogger("closeloop.stack")
@@ -464,15 +464,9 @@ class EmbeddedStack:
 
     def stop(self) -> None:
         # the gateway first (nothing more is accepted), the store owner last
-        order = [
-            "gateway",
-            "web",
-            *(n for n in self.children if n.startswith("capture-")),
-            "worker",
-        ]
-        for name in order:
-            if name in self.children:
-                self.children[name].stop()
+        self._stop_children(["gateway", "web"])
+        self._drain_capture()
+        self._stop_children([*(n for n in self.children if n.startswith("capture-")), "worker"])
         if self.broker is not None:
             self.broker.stop()
             self.broker = None
@@ -481,6 +475,41 @@ class EmbeddedStack:
             self.broker_store = None
         for f in ("stack.json", *PUBLISHED):
             (self.cfg.run_dir() / f).unlink(missing_ok=True)
+
+    def _stop_children(self, names: list[str]) -> None:
+        for name in names:
+            if name in self.children:
+                self.children[name].stop()
+
+    def _drain_capture(self) -> None:
+        """On memory storage the topics die with the broker: before capture stops, wait (at most
+        ``capture.drain_timeout_s``) until it has stored every span the gateway acknowledged.
+        Open conversations need no wait: assemble rebuilds them from ``turn_records``."""
+        if self.broker is None or not self.broker.storage.startswith("memory"):
+            return
+        capturing = [
+            c for n, c in self.children.items() if n == "worker" or n.startswith("capture-")
+        ]
+        if not capturing or not all(c.alive() for c in capturing):
+            return  # a dead capture stores nothing: waiting would only delay the stop
+        group = app_id(CAPTURE_ONLY if self.cfg.capture.processes else ALL_STAGES)
+        topics = [self.cfg.topics.otlp_spans, self.cfg.topics.otlp_logs]
+        lag: list[int] = []
+
+        def stored_all() -> bool:
+            lag[:] = [capture_lag(self.bootstrap, group, topics)]
+            return lag[0] == 0
+
+        try:
+            if not wait_for(stored_all, self.cfg.capture.drain_timeout_s, 0.5):
+                log.warning(
+                    "stopping with %d acknowledged OTLP records capture has not stored: they are "
+                    "lost with memory storage (capture.drain_timeout_s %.0f s)",
+                    lag[0] if lag else -1,
+                    self.cfg.capture.drain_timeout_s,
+                )
+        except Exception as e:  # the broker not answering: nothing to wait for
+            log.warning("stopping without waiting for capture: cannot read its lag: %s", e)
 
     def sql_store(self, *, read_only: bool = False) -> Store:
         """The store through the running stack's SQL endpoint, as the stages' writer or (with

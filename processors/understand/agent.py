@@ -14,6 +14,7 @@ from typing import Any
 import faust
 import orjson
 
+from processors.embedded.broker import capture_lag
 from processors.errors import InputError, StoreError
 from processors.feedback import answers_of, record_feedback, with_feedback
 from processors.records import (
@@ -35,7 +36,6 @@ from processors.runtime import (
     partition_of,
 )
 from processors.stages import CAPTURE_ONLY, app_id
-from processors.status import capture_lag
 from processors.store import Store
 from processors.understand import assemble
 from processors.understand.core import Understand, UnderstandBatch, tag_row
@@ -220,6 +220,8 @@ class CaptureBacklog:
         # capture in this worker reads in its group; else capture processes read in theirs
         stages = w.pipe.stages
         self.group = app_id(stages if "capture" in stages else CAPTURE_ONLY)
+        topics = w.pipe.cfg.topics
+        self.otlp_topics = [topics.otlp_spans, topics.otlp_logs]
 
     async def behind(self) -> bool:
         now = time.monotonic()
@@ -228,7 +230,7 @@ class CaptureBacklog:
         self._checked = now
         try:
             lag = await asyncio.to_thread(
-                capture_lag, self.w.pipe.cfg, self.w.pipe.bootstrap, self.group
+                capture_lag, self.w.pipe.bootstrap, self.group, self.otlp_topics
             )
         except Exception as e:  # the lag is a hint: unknown, the quiet rule alone decides
             if not self._failing:

@@ -20,10 +20,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
+from processors.embedded.broker import capture_lag
 from processors.records import Conversation, Message, TurnRecord
 from processors.runtime import partition_of
 from processors.stages import CAPTURE_ONLY, app_id
-from processors.status import capture_lag
 from tests.integration.pipeline import Pipeline, running_pipeline
 
 from .harness import read_topic
@@ -91,7 +91,14 @@ def test_no_conversation_closes_before_all_its_spans_arrived(pipe: Pipeline) -> 
     )
     with urllib.request.urlopen(req, timeout=30) as resp:
         assert resp.status == 200
-    assert capture_lag(pipe.cfg, pipe.broker.bootstrap, app_id(CAPTURE_ONLY)) > 0
+    assert (
+        capture_lag(
+            pipe.broker.bootstrap,
+            app_id(CAPTURE_ONLY),
+            [pipe.cfg.topics.otlp_spans, pipe.cfg.topics.otlp_logs],
+        )
+        > 0
+    )
 
     deliver(a, [turn(a, "a1", T0), turn(a, "a2", T0 + S)])
     # a backlog delivered slowly: b's span times creep forward, never IDLE_S past a's
