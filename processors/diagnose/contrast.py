@@ -303,7 +303,7 @@ def patterns(conv: Conversation) -> dict[str, Hit]:
                 out.setdefault(f"ungrounded:{c.tool}.{key}", hit)
                 out.setdefault(f"ungrounded:{c.tool}", hit)
                 out.setdefault("ungrounded", hit)
-    if calls and not any_write:
+    if not any_write:
         out["no_action"] = Hit(len(msgs) - 1, conv.trace_ids[-1] if conv.trace_ids else "")
     first_write = next((c for c in calls if changes_state(c.tool)), None)
     if first_write is not None:
@@ -753,11 +753,17 @@ def diagnosis_of(
 
 
 def intent_findings(
-    intent_id: str, intent_name: str, tags: Iterable[TagRecord], cfg: DiagnoseConfig, now_ns: int
+    intent_id: str,
+    intent_name: str,
+    tags: Iterable[TagRecord],
+    cfg: DiagnoseConfig,
+    now_ns: int,
+    truncated: tuple[bool, bool] = (False, False),
 ) -> list[Diagnosis]:
-    """The contrastive diagnoses of one intent's tagged conversations (:func:`analysed`; none
-    without enough failed and successful ones)."""
-    group = analysed(tags)
+    """The contrastive diagnoses of one intent's tagged conversations (:func:`analysed`, with
+    ``truncated`` saying which of them, failed and successful, lost older ones; none without
+    enough failed and successful ones)."""
+    group = analysed(tags, truncated)
     failed = {t.conversation_id: _failed_patterns(t, c) for t, c in group if t.failed}
     ok = {t.conversation_id: patterns(c) for t, c in group if not t.failed}
     if len(failed) < cfg.contrast_min_failures or len(ok) < cfg.contrast_min_successes:
@@ -769,9 +775,13 @@ def intent_findings(
     ]
 
 
-def analysed(tags: Iterable[TagRecord]) -> list[tuple[TagRecord, Conversation]]:
+def analysed(
+    tags: Iterable[TagRecord], truncated: tuple[bool, bool] = (False, False)
+) -> list[tuple[TagRecord, Conversation]]:
     """The conversations of ``tags`` an analysis contrasts: the newest version of each, over
-    the span of time both the failed and the successful ones cover."""
+    the span of time both the failed and the successful ones cover. ``truncated``: whether
+    the failed, and the successful, conversations given are only the most recent ones (a
+    bounded reservoir that has lost older ones); a side given whole reaches back to the start."""
     newest: dict[str, tuple[TagRecord, Conversation]] = {}
     for t in tags:
         if t.conversation is None:
@@ -784,7 +794,8 @@ def analysed(tags: Iterable[TagRecord]) -> list[tuple[TagRecord, Conversation]]:
     # would otherwise look like a difference between them.
     firsts = [
         min((t.ts_ns for t, _ in newest.values() if t.failed == side), default=None)
-        for side in (True, False)
+        for side, cut in zip((True, False), truncated)
+        if cut
     ]
     since = max((f for f in firsts if f is not None), default=0)
     return [(t, c) for t, c in newest.values() if t.ts_ns >= since]

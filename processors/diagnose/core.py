@@ -202,8 +202,10 @@ class Diagnoser:
             return []
         contrasted[st.intent_id] = st.total_failures
         window = [*st.failing, *st.healthy]
-        found = intent_findings(st.intent_id, st.intent_name, window, self.cfg, now_ns)
-        self._keep_unseen(found, {t.conversation_id for t, _ in analysed(window) if t.failed})
+        cut = st.reservoirs_full()
+        found = intent_findings(st.intent_id, st.intent_name, window, self.cfg, now_ns, cut)
+        seen = {t.conversation_id for t, _ in analysed(window, cut) if t.failed}
+        self._keep_unseen(found, seen)
         pruned = self._unexplain(st, found, now_ns)
         moved = set().union(
             *(
