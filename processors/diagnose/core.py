@@ -83,6 +83,13 @@ def _carried_status(prev: Diagnosis) -> str:
     return "open" if prev.status in ("resolved", "superseded") else prev.status
 
 
+def _follows(d: Diagnosis, prev: _Emitted | None) -> None:
+    """Make ``d`` the next version of ``prev`` (the diagnosis of its id emitted last), if any."""
+    if prev is not None:
+        d.version = prev.diagnosis.version + 1
+        d.status = _carried_status(prev.diagnosis)
+
+
 def _conversations_of(d: Diagnosis) -> set[str]:
     """The conversations a contrast diagnosis explains."""
     convs = d.evidence.get("conversations")
@@ -223,9 +230,7 @@ class Diagnoser:
                 continue
             d.window_from_ns, d.window_to_ns = lo, hi
             d = self._with_analyses(d)
-            if prev is not None:
-                d.version = prev.diagnosis.version + 1
-                d.status = _carried_status(prev.diagnosis)
+            _follows(d, prev)
             self._s.diagnoses[d.diagnosis_id] = _Emitted(d, st.total_failures)
             out.append(d)
         for d in pruned:
@@ -504,9 +509,7 @@ class Diagnoser:
             d.support, d.failures, d.failure_rate = st.n, st.failures, round(st.rate, 4)
             d.baseline_rate = self.baseline(st) or 0.0
             d.window_from_ns, d.window_to_ns = st.window_bounds()
-        if prev is not None:
-            d.version = prev.diagnosis.version + 1
-            d.status = _carried_status(prev.diagnosis)
+        _follows(d, prev)
         d.updated_ns = now_ns
         self._s.diagnoses[did] = _Emitted(d, st.total_failures if st is not None else 0)
         return [d]

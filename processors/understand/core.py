@@ -23,6 +23,7 @@ import pickle
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -157,7 +158,8 @@ class Understand:
             tag.intent_name = self._name_of(tag.intent_id)
         for point, i in enumerate(fresh, first_point):
             self._recent[keys[i]] = point
-        for key in list(self._recent)[: max(0, len(self._recent) - self.model.remember)]:
+        # the oldest first (insertion order); islice copies only the keys that go
+        for key in list(islice(self._recent, max(0, len(self._recent) - self.model.remember))):
             del self._recent[key]
         if self.model.reclusterings != reclusterings:
             self._retag(out, {keys[i]: out.tags[i] for i in fresh})
