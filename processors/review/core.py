@@ -339,24 +339,61 @@ def _verdict(c: Counts, cfg: ReviewConfig) -> tuple[str, float, float, float]:
     return verdict(c.before_n, c.before_fail, c.after_n, c.after_fail, cfg.min_after, cfg.alpha)
 
 
+_COUNTS = ("before_n", "before_fail", "after_n", "after_fail")
+
+
+def survivor(intent_id: str, merged_into: Mapping[str, str]) -> str:
+    """The intent whose conversations ``intent_id``'s are now: the one it was merged into,
+    followed to the end of the chain (``merged_into``: merged intent -> the one it joined)."""
+    seen = {intent_id}
+    while intent_id in merged_into and merged_into[intent_id] not in seen:
+        intent_id = merged_into[intent_id]
+        seen.add(intent_id)
+    return intent_id
+
+
+def fold_merged(
+    rows: Mapping[str, Mapping[str, Any]], merged_into: Mapping[str, str]
+) -> dict[str, dict[str, Any]]:
+    """Per-intent counts with a merged intent's counted under the intent it joined (its tags
+    stored before the merge still name it)."""
+    out: dict[str, dict[str, Any]] = {}
+    for k, r in sorted(rows.items()):
+        into = out.setdefault(
+            survivor(k, merged_into), {**dict.fromkeys(_COUNTS, 0), "after_version": ""}
+        )
+        for c in _COUNTS:
+            into[c] += int(r[c])
+        into["after_version"] = into["after_version"] or str(r.get("after_version") or "")
+    return out
+
+
 def measure(
     review: ReviewRecord,
     rows: Mapping[str, Mapping[str, Any]],
     fixed_elsewhere: set[str],
     cfg: ReviewConfig,
     now_ns: int,
+    merged_into: Mapping[str, str] | None = None,
 ) -> Verification:
     """The verdict on the intent of ``review`` and on every control intent, from the per-intent
     before/after counts of :func:`processors.review.loop.counts_query` (keyed by intent).
+
+    An intent merged since (``merged_into``: merged intent -> the one it joined) is measured
+    as the intent it joined: its conversations after the merge are tagged with that one.
 
     Controls are the intents no merged change targets (``fixed_elsewhere`` are the others):
     several fixes merged together would otherwise make each other's improvements look like a
     traffic-wide shift.
     """
+    merged_into = merged_into or {}
+    rows = fold_merged(rows, merged_into)
+    fixed = {survivor(i, merged_into) for i in fixed_elsewhere}
     before_version = review.before_prompt_version or review.before_agent_version
     empty = {"before_n": 0, "before_fail": 0, "after_n": 0, "after_fail": 0, "after_version": ""}
-    target_row = rows.get(review.intent_id, empty)
-    others = {k: r for k, r in rows.items() if k != review.intent_id and k not in fixed_elsewhere}
+    measured_on = survivor(review.intent_id, merged_into)
+    target_row = rows.get(measured_on, empty)
+    others = {k: r for k, r in rows.items() if k != measured_on and k not in fixed}
     v5 = guarded_verdict(
         _counts(target_row),
         [_counts(r) for r in others.values()],

@@ -217,7 +217,14 @@ def verify(
             "SELECT DISTINCT intent_id FROM reviews FINAL WHERE merged_commit != ''"
         )
     }
-    result = measure(rec, rows, fixed_elsewhere, cfg.review, now_ns)
+    merged_into = {
+        r["intent_id"]: r["parent_id"]
+        for r in store.query(
+            "SELECT intent_id, parent_id FROM intents FINAL WHERE status = 'merged'"
+        )
+        if r["parent_id"]
+    }
+    result = measure(rec, rows, fixed_elsewhere, cfg.review, now_ns, merged_into)
     target = result.target
     previous = store.query(
         "SELECT verdict FROM outcomes FINAL WHERE proposal_id = {p:String} AND intent_id = {i:String}",

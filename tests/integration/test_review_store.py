@@ -151,6 +151,53 @@ def test_verify_waits_for_enough_conversations(store: Store, repo: Path, unique:
     assert not result.commented and backend.comments(p) == []
 
 
+def test_an_intent_merged_since_is_measured_as_the_intent_it_joined(
+    store: Store, repo: Path, unique: str
+) -> None:
+    """The fixed intent was merged into another after the diagnosis: the conversations after
+    the merge carry the other's id. Both count for the fix, and the other is no control."""
+    w0, merge, now = window()
+    old, new = f"old-{unique}", f"new-{unique}"
+    rows = (
+        tags(unique, "target", 100, 60, old, w0)
+        + tags(unique, "joined", 100, 50, old, w0 + 10**9)
+        + tags(unique, "joined", 200, 10, new, merge + 10**9)
+        + tags(unique, "ctrl", 300, 30, old, w0)
+        + tags(unique, "ctrl", 300, 29, new, merge + 10**9)
+    )
+    store.insert_records("conversation_tags", rows)
+    intent = {"description": "", "keywords": [], "examples": [], "size": 1, "created_ns": w0}
+    store.insert_records(
+        "intents",
+        [
+            {
+                **intent,
+                "intent_id": f"target-{unique}",
+                "name": "t",
+                "status": "merged",
+                "parent_id": f"joined-{unique}",
+                "taxonomy_version": 2,
+                "updated_ns": merge,
+            },
+            {
+                **intent,
+                "intent_id": f"joined-{unique}",
+                "name": "j",
+                "status": "active",
+                "parent_id": "",
+                "taxonomy_version": 2,
+                "updated_ns": merge,
+            },
+        ],
+    )
+    p, rec, backend = merged_proposal(repo, unique, w0, merge)
+    result = verify(store, rec, Config(), now, backend=backend, proposal=p)
+    t = result.target
+    assert (t.intent_id, t.verdict) == (f"target-{unique}", "fixed")
+    assert (t.before_n, t.before_failures, t.after_n, t.after_failures) == (200, 110, 200, 10)
+    assert {c.intent_id for c in result.controls} == {f"ctrl-{unique}"}
+
+
 def _open(store: Store, repo: Path, unique: str, tag: str, thing: str):
     d = diagnosis(
         diagnosis_id=f"d-{tag}-{unique}",
