@@ -624,7 +624,10 @@ def _describe(f: Finding, intent: str) -> tuple[str, str]:
         f"a `{argument}` other than the one" if argument else "argument values other than the ones"
     )
     what_ungrounded = (
-        f"call `{tool}` with a `{rest.split('.', 1)[-1]}` that appears nowhere in what the user "
+        f"call `{tool}` with a `{argument}` value that appears nowhere in what the user "
+        "said or a tool returned"
+        if tool and argument
+        else f"call `{tool}` with an argument value that appears nowhere in what the user "
         "said or a tool returned"
         if tool
         else "make a state-changing call with an argument value that appears nowhere in what the "

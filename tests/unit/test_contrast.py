@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 from processors.config import DiagnoseConfig
 from processors.diagnose.contrast import analyse, changes_state, conversation_rows, patterns
@@ -580,7 +581,9 @@ def test_a_conversation_without_any_tool_call_took_no_action() -> None:
     assert "no_action" not in patterns(confirmed_close("c", "T-1"))
 
 
-def test_failures_before_the_first_success_are_cut_only_where_older_successes_were_dropped() -> None:
+def test_failures_before_the_first_success_are_cut_only_where_older_successes_were_dropped() -> (
+    None
+):
     import dataclasses
 
     from processors.diagnose.contrast import analysed
@@ -595,3 +598,15 @@ def test_failures_before_the_first_success_are_cut_only_where_older_successes_we
     assert {t.conversation_id for t, _ in analysed(tags, (True, False))} == whole
     # the successes are only the recent ones: the failures from before them are left out
     assert {t.conversation_id for t, _ in analysed(tags, (False, True))} == {"c2", "c3", "c4"}
+
+
+def test_an_ungrounded_argument_is_named_in_the_summary() -> None:
+    from processors.diagnose.contrast import Finding, _describe
+
+    group = Finding("ungrounded:close_ticket", "wrong_tool_arguments", 9, 20, 1, 20, 0.01)
+    summary, _ = _describe(replace(group, argument="reason"), "close a ticket")
+    assert "call `close_ticket` with a `reason` value that appears nowhere" in summary
+    summary, _ = _describe(group, "close a ticket")
+    assert "call `close_ticket` with an argument value that appears nowhere" in summary
+    summary, _ = _describe(replace(group, pattern="ungrounded:close_ticket.id"), "close a ticket")
+    assert "with a `id` value" in summary
