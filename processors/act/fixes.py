@@ -60,6 +60,7 @@ from processors.act.change import (
 )
 from processors.config import ActTarget
 from processors.diagnose.analysis import RULE as ANALYSIS_RULE
+from processors.diagnose.contrast import name_words
 from processors.diagnose.shapes import SHAPE_WORD
 from processors.errors import ActError, AlreadyApplied, LLMError
 from processors.llm import UNTRUSTED_RULE, ChatJSON, untrusted_block
@@ -376,8 +377,55 @@ def _argument_instruction(ev: dict[str, Any], redactor: Redactor) -> str:
     return text + ". Convert what the user gave into that format before calling the tool."
 
 
-def add_instruction(files: dict[str, str], comp: Component, text: str) -> FileEdit:
-    """Append ``text`` as a paragraph to the prompt (or to the prompt value at ``comp.key``)."""
+_HEADING = re.compile(r"^ {0,3}#{1,6}\s+\S")
+_BULLET = re.compile(r"^(\s*[-*+]\s+)")
+
+
+def _stem(word: str) -> str:
+    return word[:-1] if len(word) > 3 and word.endswith("s") else word
+
+
+def section_end(prompt: str, tool: str) -> int | None:
+    """Where an instruction about ``tool`` goes in a markdown prompt: the index of the line
+    after the last non-blank line of the section (a heading and the lines up to the next
+    heading) most about ``tool`` -- naming it, then sharing most of its name's words in the
+    heading, then in the text. None when no section names it or has one of its words in its
+    heading: the instruction then ends the prompt."""
+    lines = prompt.splitlines()
+    heads = [i for i, line in enumerate(lines) if _HEADING.match(line)]
+    words = {_stem(w) for w in name_words(tool)}
+    best: tuple[bool, int, int] = (False, 0, 0)
+    where = None
+    for k, start in enumerate(heads):
+        end = heads[k + 1] if k + 1 < len(heads) else len(lines)
+        heading = {_stem(w) for w in _WORD.findall(lines[start].lower())}
+        text = [_stem(w) for line in lines[start + 1 : end] for w in _WORD.findall(line.lower())]
+        named = tool in "\n".join(lines[start:end])
+        score = (named, len(words & heading), sum(w in words for w in text))
+        if (named or score[1]) and score > best:
+            best = score
+            where = max(i for i in range(start, end) if lines[i].strip()) + 1
+    return where
+
+
+def _insert_in_section(old: str, text: str, tool: str) -> str:
+    """``old`` with ``text`` at the end of the section about ``tool`` (a bullet where the
+    section ends with one), else as the prompt's last paragraph."""
+    at = section_end(old, tool) if tool else None
+    if at is None:
+        return old.rstrip("\n") + "\n\n" + text + "\n"
+    lines = old.splitlines(keepends=True)
+    bullet = _BULLET.match(lines[at - 1])
+    added = f"{bullet.group(1)}{text}\n" if bullet else f"\n{text}\n"
+    if not lines[at - 1].endswith("\n"):
+        lines[at - 1] += "\n"
+    return "".join([*lines[:at], added, *lines[at:]])
+
+
+def add_instruction(files: dict[str, str], comp: Component, text: str, tool: str = "") -> FileEdit:
+    """Add ``text`` to the prompt: at the end of its section about ``tool`` where it has one
+    (:func:`section_end`), else as its last paragraph (a prompt value at ``comp.key``: its last
+    paragraph)."""
     old = files[comp.path]
     if comp.key:
         fmt = file_format(comp.path)
@@ -392,7 +440,7 @@ def add_instruction(files: dict[str, str], comp: Component, text: str) -> FileEd
         )
     if text in old:
         raise AlreadyApplied(f"{comp.path} already holds this instruction")
-    return FileEdit(comp.path, old, old.rstrip("\n") + "\n\n" + text + "\n")
+    return FileEdit(comp.path, old, _insert_in_section(old, text, tool))
 
 
 def _in_ms(key: str, old: Any) -> bool:
@@ -443,6 +491,13 @@ def _ceil_to(x: float, step: float) -> int | float:
     return round(n * step, 6) if step < 1 else int(n * step)
 
 
+def _tool_of(diag: Diagnosis) -> str:
+    """The tool a diagnosis names (its component's detail), or ""."""
+    detail = diag.component.get("detail") if isinstance(diag.component, dict) else None
+    tool = detail.get("tool") if isinstance(detail, dict) else ""
+    return tool if isinstance(tool, str) else ""
+
+
 def templated_changes(
     diag: Diagnosis,
     files: dict[str, str],
@@ -482,7 +537,7 @@ def templated_changes(
     out.append(
         (
             Change(
-                [add_instruction(files, comp, text)],
+                [add_instruction(files, comp, text, _tool_of(diag))],
                 "add a prompt instruction: " + text,
                 "template",
             ),

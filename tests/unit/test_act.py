@@ -705,3 +705,35 @@ def test_proposal_rows_match_the_proposals_columns() -> None:
     (row,) = proposal_rows([p])
     assert row["proposal_id"] == proposal_id("d1") != proposal_id("d2")
     assert list(row) == ddl_columns("proposals") and row["files"] == ["a"]
+
+
+SECTIONED = """# Shop assistant
+
+## Orders
+- Look orders up with `get_order` before you answer.
+- Never promise a delivery date.
+
+## Refunds
+- A refund needs a receipt.
+
+## Tone
+Be brief.
+"""
+
+
+def test_an_instruction_about_a_tool_goes_to_the_section_about_it() -> None:
+    from processors.act.fixes import add_instruction, section_end
+    from processors.act.fixes import prompt_component as component
+
+    targets = [ActTarget("prompts/system.md", "prompt")]
+    files = {"prompts/system.md": SECTIONED}
+    comp = component(files, targets)
+    new = add_instruction(files, comp, "Check the receipt first.", "issue_refunds").new
+    assert new.splitlines()[8] == "- Check the receipt first."  # the end of "## Refunds", a bullet
+    assert new.replace("- Check the receipt first.\n", "") == SECTIONED
+    # named in a section's text: that one, whatever the headings say
+    assert section_end(SECTIONED, "get_order") == 5
+    # nothing about the tool anywhere: the prompt's last paragraph
+    new = add_instruction(files, comp, "Say who you are.", "lookup_weather").new
+    assert new == SECTIONED + "\nSay who you are.\n"
+    assert section_end("No headings here.\nget_order\n", "get_order") is None
