@@ -206,13 +206,11 @@ class GitHubBackend:
             "and closeloop records it (poll or webhook)"
         )
 
-    def close(self, proposal: Proposal, reviewer: str, comment: str) -> None:
-        """Close the pull request on a reviewer's rejection (with their comment)."""
+    def close(self, proposal: Proposal, note: str) -> None:
+        """Close the pull request, ``note`` (who closed it and why) as its last comment."""
         try:
             pr = self._repo.get_pull(proposal.pr_number)
-            pr.create_issue_comment(
-                f"Rejected by {reviewer} in closeloop review. {comment}".strip()
-            )
+            pr.create_issue_comment(note)
             pr.edit(state="closed")
         except GithubException as e:
             raise ActError(f"cannot close pull request #{proposal.pr_number}: {_why(e)}") from e

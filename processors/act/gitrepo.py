@@ -10,7 +10,7 @@ the index or the working tree of the repository:
   makes it fail instead of being overwritten); an update replaces the branch with a new
   commit on the current base, like a force-push of a pull request branch;
 * review comments are git notes on the proposal commit (``refs/notes/closeloop``);
-* a rejected proposal's branch is deleted and its commit kept under
+* a closed proposal's branch (rejected, or its diagnosis superseded) is deleted and its commit kept under
   ``refs/closeloop/closed/<diagnosis_id>``, so the same diagnosis is not proposed again;
 * a merge — only ever called by the review layer for a named human reviewer — builds a
   ``--no-ff`` merge commit with ``merge-tree --write-tree`` and ``commit-tree``. If the base
@@ -346,16 +346,17 @@ class LocalGit:
             args += ["--trailer", f"{key}: {value}"]
         return self._git(*args, stdin=message.encode(), check=True)
 
-    def close(self, proposal: Proposal, reviewer: str, comment: str) -> None:
-        """Delete the proposal branch, keeping its commit under ``refs/closeloop/closed/``."""
+    def close(self, proposal: Proposal, note: str) -> None:
+        """Delete the proposal branch, keeping its commit under ``refs/closeloop/closed/``;
+        ``note`` (who closed it and why) goes on the commit's notes."""
         check_branch(proposal.branch, self.base)
         ref = f"refs/heads/{proposal.branch}"
         head = self._rev(ref)
         if head is None:
             return
         if ref in self._checked_out():
-            raise ActError(f"{proposal.branch} is checked out; switch away before rejecting it")
-        self.comment(proposal, f"Rejected by {reviewer}: {comment}".strip())
+            raise ActError(f"{proposal.branch} is checked out; switch away before closing it")
+        self.comment(proposal, note)
         self._git("update-ref", CLOSED_PREFIX + diagnosis_of_branch(proposal.branch), head)
         self._git("update-ref", "-d", ref, head)
 

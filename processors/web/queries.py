@@ -1,7 +1,7 @@
 """What the review page and its API show, read from the store: plain dicts, so the pages, the
 JSON API and the CLI always show the same thing.
 
-A proposal is looked up by :func:`processors.review.loop.proposal_row`, the one query for it.
+A proposal is looked up by :func:`processors.act.proposal_row`, the one query for it.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import json
 import math
 from typing import Any
 
+from processors.act import proposal_row
 from processors.config import Config
-from processors.review.loop import proposal_row
 from processors.store import Store
 
 SPARK_BUCKETS = 24

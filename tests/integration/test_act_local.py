@@ -336,3 +336,54 @@ def test_a_closed_diagnosis_gets_no_proposal(repo: Path, status: str) -> None:
     assert actor.propose(diagnosis(status=status), T0 + 1) is None
     assert status in actor.last_reason
     assert "closeloop/d-77" not in git(repo, "branch", "--list")
+
+
+def test_a_superseded_diagnosis_closes_its_open_proposal_once(repo: Path) -> None:
+    main_before = git(repo, "rev-parse", "main")
+    actor = Actor(config(repo), LocalGit(repo))
+    p = actor.propose(diagnosis(), T0 + 1)
+    assert p is not None, actor.last_reason
+    superseded = diagnosis(version=2, status="superseded", updated_ns=T0 + 2)
+    closed = actor.withdraw(superseded, p, T0 + 3)
+    assert closed is not None, actor.last_reason
+    assert (closed.proposal_id, closed.status, closed.version, closed.updated_ns) == (
+        p.proposal_id,
+        "closed",
+        p.version + 1,
+        T0 + 3,
+    )
+    # closed, never merged: the base and the working tree are as they were
+    assert (
+        git(repo, "rev-parse", "main") == main_before and git(repo, "status", "--porcelain") == ""
+    )
+    assert git(repo, "branch", "--list", "closeloop/*") == ""
+    assert git(repo, "rev-parse", "refs/closeloop/closed/d-77") == p.commit
+    note = "Closed by closeloop: diagnosis superseded by a later analysis."
+    notes = actor.backend.comments(p)
+    assert notes == [note]
+    # a replay (the closed row stored) and a retry after a crash before the row was stored
+    # (the row still open, the branch closed) close nothing twice
+    assert actor.withdraw(superseded, closed, T0 + 4) is None and "closed" in actor.last_reason
+    again = actor.withdraw(superseded, p, T0 + 5)
+    assert again is not None and again.status == "closed" and actor.backend.comments(p) == notes
+    # the closed proposal is not reopened, and no other status closes anything
+    assert actor.propose(diagnosis(version=3, updated_ns=T0 + 6), T0 + 6) is None
+    assert "already closed" in actor.last_reason
+    for status in ("open", "proposed", "resolved", "rejected"):
+        assert actor.withdraw(diagnosis(status=status), p, T0 + 7) is None
+
+
+def test_a_merged_or_human_decided_proposal_is_not_closed_by_a_superseded_diagnosis(
+    repo: Path,
+) -> None:
+    actor = Actor(config(repo), LocalGit(repo))
+    p = actor.propose(diagnosis(), T0 + 1)
+    superseded = diagnosis(version=2, status="superseded")
+    assert actor.withdraw(superseded, dataclasses.replace(p, status="approved"), T0 + 2) is None
+    assert git(repo, "rev-parse", "closeloop/d-77") == p.commit  # still open
+    rec = approve(p, "Ada", "", actor.backend, T0 + 3)
+    merged = git(repo, "rev-parse", "main")
+    assert rec.merged_commit == merged
+    assert actor.withdraw(superseded, p, T0 + 4) is None  # the row lags: the branch says merged
+    assert "merged" in actor.last_reason and git(repo, "rev-parse", "main") == merged
+    assert actor.backend.comments(p) == []
