@@ -285,7 +285,8 @@ class Actor:
         A version the proposal already answers, re-emitted with other evidence (diagnose
         replays after a restart), changes nothing; ``rebuild`` (a reviewer's approval that
         no longer merges) builds it again on the current base. A proposal that was merged or
-        closed (by a reviewer, or by :meth:`withdraw`) is never reopened.
+        closed by a reviewer is never reopened; one :meth:`withdraw` closed is, by a newer
+        version of its diagnosis (found again after it was superseded).
         """
         self.last_reason, self.already_applied = "", False
         if diag.status in CLOSED_STATUSES:
@@ -296,8 +297,9 @@ class Actor:
         try:
             prev = self.backend.existing(branch)
             if prev is not None and prev["state"] in ("merged", "closed"):
-                # by a reviewer, or by act when the diagnosis was superseded (see withdraw)
-                return self._drop(diag, f"its proposal was already {prev['state']}")
+                return self._drop(diag, f"its proposal was already {prev['state']} by a reviewer")
+            if prev is not None and prev["state"] == "withdrawn" and not _newer(diag, prev):
+                return self._drop(diag, "its proposal was withdrawn: a later version superseded it")
             files, history = self._read_targets(diag)
         except ActError as e:
             return self._drop(diag, str(e))
@@ -342,8 +344,9 @@ class Actor:
         its branch is closed (local) or its pull request closed (GitHub) with
         :data:`SUPERSEDED_NOTE`, never merged. The proposal's closed version, or ``None`` with
         ``last_reason`` when there is nothing to close: another status, no proposal, or one a
-        human already decided (an approval stands). Idempotent: a branch already closed (a
-        replay after a crash between the close and its row) is not closed twice."""
+        human already decided (an approval stands). Idempotent: one already withdrawn (a
+        replay after a crash between the close and its row) is not closed twice. The same
+        diagnosis found again later reopens it (:meth:`propose`)."""
         self.last_reason, self.already_applied = "", False
         if diag.status != "superseded":
             return self._drop(diag, f"the diagnosis is {diag.status}, not superseded")
@@ -352,11 +355,11 @@ class Actor:
             return self._drop(diag, f"superseded; its proposal is {state}: nothing to close")
         try:
             prev = self.backend.existing(proposal.branch)
-            if prev is None or prev["state"] == "merged":
+            if prev is None or prev["state"] in ("merged", "closed"):
                 state = prev["state"] if prev else "gone"
                 return self._drop(diag, f"superseded; its branch is {state}: left to review")
             if prev["state"] == "open":
-                self.backend.close(proposal, f"Closed by closeloop: {SUPERSEDED_NOTE}.")
+                self.backend.withdraw(proposal, SUPERSEDED_NOTE)
         except ActError as e:
             return self._drop(diag, f"superseded, but closing its proposal failed: {e}")
         log.info("act: proposal %s closed: %s", proposal.proposal_id, SUPERSEDED_NOTE)
@@ -410,6 +413,8 @@ class Actor:
         """The proposal record: the next version, or the same one for a replay of ``prev``."""
         pid = proposal_id(diag.diagnosis_id)
         version = prev["version"] + 1 if prev else 1
+        if prev is not None and prev["state"] == "withdrawn":
+            version += 1  # its withdrawal took a version of the proposals row
         created_ns = (prev["created_ns"] or now_ns) if prev else now_ns
         if prev is not None and prev["stamp"] == stamp:
             version = prev["version"]  # a replay: the branch already holds exactly this
@@ -485,6 +490,12 @@ class Actor:
             ),
             "update_comment": update_comment(diag, proposal.version, self.cfg, self.redactor),
         }
+
+
+def _newer(diag: Diagnosis, prev: dict[str, Any]) -> bool:
+    """``diag`` is a version after the one the branch answers (a withdrawn proposal reopens
+    only for a diagnosis found again, never for a replay of what it answered)."""
+    return diag.version > int(prev.get("diagnosis_version", 0))
 
 
 def proposal_rows(props: Iterable[Proposal]) -> list[dict[str, Any]]:

@@ -208,5 +208,19 @@ def test_a_superseded_diagnosis_closes_its_pull_request_once_without_merging() -
         n_writes = len(gh.writes())
         again = actor.withdraw(superseded, p, T0 + 4)
         assert again is not None and again.status == "closed" and len(gh.writes()) == n_writes
-        assert actor.propose(diagnosis(version=3, updated_ns=T0 + 5), T0 + 5) is None
-        assert "already closed" in actor.last_reason and len(gh.writes()) == n_writes
+        assert actor.propose(diagnosis(), T0 + 5) is None and len(gh.writes()) == n_writes
+
+        # the diagnosis found again: the same pull request, reopened before its branch moves
+        back = actor.propose(diagnosis(version=3, updated_ns=T0 + 6), T0 + 6)
+        assert back is not None, actor.last_reason
+        assert (back.pr_number, back.version, back.status) == (1, 3, "open")
+        assert gh.pulls[1]["state"] == "open" and len(gh.pulls) == 1
+        assert gh.refs["heads/closeloop/diag-42"] == back.commit != p.commit
+        assert writes_to_base(gh) == []
+
+        # closed by a reviewer on GitHub (their word last): final
+        gh.pulls[1]["state"] = "closed"
+        gh.comments[1].append("not this way")
+        assert actor.propose(diagnosis(version=4, updated_ns=T0 + 7), T0 + 7) is None
+        assert "already closed by a reviewer" in actor.last_reason
+        assert gh.pulls[1]["state"] == "closed"

@@ -357,20 +357,32 @@ def test_a_superseded_diagnosis_closes_its_open_proposal_once(repo: Path) -> Non
         git(repo, "rev-parse", "main") == main_before and git(repo, "status", "--porcelain") == ""
     )
     assert git(repo, "branch", "--list", "closeloop/*") == ""
-    assert git(repo, "rev-parse", "refs/closeloop/closed/d-77") == p.commit
-    note = "Closed by closeloop: diagnosis superseded by a later analysis."
+    assert git(repo, "rev-parse", "refs/closeloop/withdrawn/d-77") == p.commit
+    assert git(repo, "for-each-ref", "refs/closeloop/closed/") == ""  # no reviewer's close
     notes = actor.backend.comments(p)
-    assert notes == [note]
+    assert notes == ["Closed by closeloop: diagnosis superseded by a later analysis."]
     # a replay (the closed row stored) and a retry after a crash before the row was stored
-    # (the row still open, the branch closed) close nothing twice
+    # (the row still open, the branch withdrawn) close nothing twice
     assert actor.withdraw(superseded, closed, T0 + 4) is None and "closed" in actor.last_reason
     again = actor.withdraw(superseded, p, T0 + 5)
     assert again is not None and again.status == "closed" and actor.backend.comments(p) == notes
-    # the closed proposal is not reopened, and no other status closes anything
-    assert actor.propose(diagnosis(version=3, updated_ns=T0 + 6), T0 + 6) is None
-    assert "already closed" in actor.last_reason
     for status in ("open", "proposed", "resolved", "rejected"):
-        assert actor.withdraw(diagnosis(status=status), p, T0 + 7) is None
+        assert actor.withdraw(diagnosis(status=status), p, T0 + 6) is None
+    # what the branch answered, replayed, does not reopen it ...
+    assert actor.propose(diagnosis(), T0 + 7) is None and "withdrawn" in actor.last_reason
+    # ... the diagnosis found again later does: the proposal's next version, a row version
+    # above its closed one, on a branch opened anew
+    back = actor.propose(diagnosis(version=3, updated_ns=T0 + 8), T0 + 8)
+    assert back is not None, actor.last_reason
+    assert (back.proposal_id, back.status, back.version) == (p.proposal_id, "open", 3)
+    assert back.version > closed.version
+    assert git(repo, "rev-parse", "closeloop/d-77") == back.commit != p.commit
+    assert git(repo, "rev-parse", "main") == main_before
+    # a reviewer's close is final
+    reject(back, "Bob", "no", actor.backend, T0 + 9)
+    assert actor.propose(diagnosis(version=4, updated_ns=T0 + 10), T0 + 10) is None
+    assert "already closed by a reviewer" in actor.last_reason
+    assert actor.withdraw(diagnosis(version=5, status="superseded"), back, T0 + 11) is None
 
 
 def test_a_merged_or_human_decided_proposal_is_not_closed_by_a_superseded_diagnosis(

@@ -141,7 +141,7 @@ def test_the_act_agent_closes_the_proposal_of_a_superseded_diagnosis(
     assert git(repo, "branch", "--list", "closeloop/*") == ""
     backend = LocalGit(repo)
     for did in ("d-77", "d-88"):
-        head = git(repo, "rev-parse", f"refs/closeloop/closed/{did}")
+        head = git(repo, "rev-parse", f"refs/closeloop/withdrawn/{did}")
         notes = git(repo, "notes", "--ref=refs/notes/closeloop", "show", head)
         assert notes == "Closed by closeloop: diagnosis superseded by a later analysis."
     assert backend.base_commit() == git(repo, "rev-parse", "main")
