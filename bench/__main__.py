@@ -51,6 +51,11 @@ def sections(quick: bool) -> list[Section]:
             ["-m", "bench.floor", "--spans", "10000" if q else "40000", "--json", "{json}"],
             fence=True,
         ),
+        Section(
+            "Responses view",
+            ["-m", "bench.responses_view", "--spans", "10000" if q else "40000"],
+            fence=True,
+        ),
         Section("Gateway", ["bench/gateway.py", "--requests", "60" if q else "200"], fence=True),
         Section(
             "Ingest",

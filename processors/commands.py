@@ -190,9 +190,12 @@ def cmd_diagnoses(a: argparse.Namespace) -> int:
 
 def cmd_diagnose(a: argparse.Namespace) -> int:
     """Force a diagnosis for one intent now: replay its tagged conversations through a fresh
-    diagnoser (the worker's running one keeps its own state) and write what it finds."""
+    diagnoser (the worker's running one keeps its own state) and write what it finds. With an
+    LLM configured, a sample of the intent's failed conversations is analysed too, as the
+    stream does (``diagnose.llm_analysis_sample``), and the answers join or make diagnoses."""
     from processors.diagnose.contrast import conversation_rows
     from processors.diagnose.core import Diagnoser, diagnosis_rows
+    from processors.llm import make_llm
 
     cfg = _cfg(a)
     store = open_store(cfg)
@@ -201,11 +204,21 @@ def cmd_diagnose(a: argparse.Namespace) -> int:
         raise CloseloopError(
             f"no tagged conversations for intent {a.intent!r}; `closeloop intents` lists them"
         )
-    core = Diagnoser(cfg.diagnose)
+    llm = make_llm(cfg.llm)
+    core = Diagnoser(cfg.diagnose, llm_enabled=llm is not None)
     now = time.time_ns()
     for t in tags:
         core.observe(t, now)
     found = core.diagnose_now(a.intent, now)
+    if llm is not None:
+        analysed, rows = core.analyse_now(a.intent, llm, now)
+        store.insert_records("failure_analyses", rows)
+        # an analysis that joined a diagnosis found above makes its next version
+        found = list({d.diagnosis_id: d for d in [*found, *analysed]}.values())
+        print(
+            f"LLM failure analysis: {len(rows)} failed conversation(s) of {a.intent} analysed, "
+            f"{len(core.llm_rejections)} answer(s) refused"
+        )
     if found:
         store.insert_records("diagnoses", diagnosis_rows(found))
         store.insert_records("diagnosis_conversations", conversation_rows(found))

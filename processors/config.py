@@ -325,8 +325,14 @@ class UnderstandConfig:
         default_factory=list
     )  # evaluation names read; empty: all
     escalation_is_failure: bool = False  # a hand-off to a human counts as a failure
+    # An evaluation known only by the gen_ai.response.id of the answer it judges, whose answer
+    # is not stored yet, waits this long from its own time for it (looked up again each time
+    # its stand-in conversation closes, every assemble.idle_timeout_s), then is dead-lettered.
+    answer_wait_s: float = 600.0
 
     def validate(self) -> None:
+        if self.answer_wait_s < 0:
+            raise ConfigError("understand.answer_wait_s", "must be 0 (no wait) or positive")
         if set(map(str.lower, self.outcome_fail_labels)) & set(
             map(str.lower, self.outcome_pass_labels)
         ):

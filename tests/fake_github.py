@@ -12,7 +12,7 @@ Objects are content-addressed like git's (sha1 of the content), trees are flat
 ``path -> blob`` maps, and only first-parent history is followed. Endpoints: the
 repository, git refs (get/create/update), git commits (get/create), git trees (create),
 contents, commits by path, pulls (list/create/get/update), pull reviews, issue comments
-and labels. Anything else answers 404, so an unexpected call fails the test.
+(list/create) and labels. Anything else answers 404, so an unexpected call fails the test.
 """
 
 from __future__ import annotations
@@ -355,6 +355,7 @@ class FakeGitHub:
             if n not in self.pulls:
                 raise NotFound(rest)
             if method == "PATCH":
+                self._reopen_or_close(self.pulls[n], body.get("state"))
                 for k in ("title", "body", "state"):
                     if k in body:
                         self.pulls[n][k] = body[k]
@@ -373,6 +374,12 @@ class FakeGitHub:
                 }
                 for r in self.reviews.get(n, [])
             ]
+        if (m := re.fullmatch(r"/issues/(\d+)/comments", rest)) and method == "GET":
+            n = int(m.group(1))
+            return 200, [
+                {"id": i + 1, "body": body, "url": f"{self._api}/issues/comments/{i + 1}"}
+                for i, body in enumerate(self.comments.get(n, []))
+            ]
         if (m := re.fullmatch(r"/issues/(\d+)/comments", rest)) and method == "POST":
             n = int(m.group(1))
             self.comments.setdefault(n, []).append(body["body"])
@@ -390,6 +397,19 @@ class FakeGitHub:
             )
             return 200, [{"name": x} for x in self.labels[n]]
         raise NotFound(f"{method} {rest}")
+
+    def _reopen_or_close(self, pr: dict[str, Any], state: str | None) -> None:
+        """As GitHub: a closed pull request reopens only while its branch is where it was at the
+        close (not force-pushed or recreated since)."""
+        head = self.refs.get(f"heads/{pr['head']}")
+        if state == "closed" and pr["state"] == "open":
+            pr["closed_head"] = head
+        elif (
+            state == "open"
+            and pr["state"] == "closed"
+            and (pr["merged"] or head is None or head != pr.get("closed_head"))
+        ):
+            raise Unprocessable("the branch was force-pushed or recreated; cannot reopen")
 
     def _ancestors(self, sha: str) -> set[str]:
         seen, todo = set(), [sha]

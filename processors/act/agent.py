@@ -1,4 +1,5 @@
-"""Act's thin agent: diagnoses in, proposals (a branch or pull request each) out."""
+"""Act's thin agent: diagnoses in, proposals (a branch or pull request each) out; a superseded
+diagnosis closes its open proposal."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 
 import faust
 
-from processors.act import Actor, ChangeBackend, proposal_rows
+from processors.act import Actor, ChangeBackend, load_proposal, proposal_id, proposal_rows
 from processors.act.change import Change
 from processors.records import Diagnosis, Proposal
 from processors.runtime import TAKE_WITHIN_S, Checkpoint, Wiring, dead_letter
@@ -51,13 +52,22 @@ def register(w: Wiring, backend: ChangeBackend) -> None:
 
         w.llm_job("act", functools.partial(actor.llm_change, diag, files), edited)
 
+    async def answer(diag: Diagnosis, now: int, made: dict[str, Proposal]) -> Proposal | None:
+        """A proposal opened or updated, or closed when the diagnosis was superseded."""
+        if diag.status != "superseded":
+            return await pipe.run_core("act", actor.propose, diag, now)
+        pid = proposal_id(diag.diagnosis_id)
+        current = made.get(pid) or await pipe.read("act", load_proposal, pipe.store, pid)
+        return await pipe.run_core("act", actor.withdraw, diag, current, now)
+
     @w.app.agent(w.diagnoses, name="act")
     async def act_agent(stream: faust.StreamT) -> None:
         await ckpt.restore_into(lambda data: None)
         await w.load_llm_answers()
         async for events in stream.take_events(DIAGNOSIS_BATCH, within=TAKE_WITHIN_S):
             events = await ckpt.rewind_gaps(w.app.consumer, events)
-            props, dls = [], []
+            made: dict[str, Proposal] = {}  # this batch's, by proposal id: not stored yet
+            dls = []
             for e in ckpt.fresh(events):
                 now = time.time_ns()
                 try:
@@ -66,14 +76,14 @@ def register(w: Wiring, backend: ChangeBackend) -> None:
                     dls.append(dead_letter("act", "undecodable diagnosis record", e, now, str(err)))
                     continue
                 pipe.counters["act"].records_in += 1
-                prop = await pipe.run_core("act", actor.propose, diag, now)
+                prop = await answer(diag, now, made)
                 if llm_on and not actor.already_applied:
                     await ask_llm(diag)
                 if prop is None:
                     log.info("act: no proposal for %s: %s", diag.diagnosis_id, actor.last_reason)
                     continue
-                props.append(prop)
-            if props:
-                await publish(props)
+                made[prop.proposal_id] = prop
+            if made:
+                await publish(list(made.values()))
             await w.send_deadletters("act", dls)
             await ckpt.save(events, lambda: b"")

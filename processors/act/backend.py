@@ -1,7 +1,8 @@
 """Where act writes proposals: the :class:`ChangeBackend` protocol and the proposal branch names.
 
 A proposal lives on one branch ``closeloop/<diagnosis_id>``; :data:`BRANCH_PREFIX` is the only
-place that prefix is spelt, and :func:`check_branch` keeps every backend off any other branch.
+place that prefix is spelt, :data:`WITHDRAWN_NOTE` starts the note of a proposal closeloop closed
+itself, and :func:`check_branch` keeps every backend off any other branch.
 The backends are :mod:`processors.act.gitrepo` (a local repository) and
 :mod:`processors.act.github` (pull requests).
 """
@@ -19,6 +20,10 @@ if TYPE_CHECKING:
     from processors.records import Proposal
 
 BRANCH_PREFIX = "closeloop/"
+# How a proposal closed on closeloop's own account (``withdraw``: its diagnosis was superseded)
+# is told from one a reviewer closed: ``existing()`` reports it ``withdrawn``, and the same
+# diagnosis found again reopens it, where a reviewer's close is final.
+WITHDRAWN_NOTE = "Closed by closeloop:"
 
 
 class ChangeBackend(Protocol):
@@ -36,7 +41,8 @@ class ChangeBackend(Protocol):
     ) -> tuple[str, str, int, str]: ...
     def status(self, proposal: Proposal) -> dict[str, Any]: ...
     def merge(self, proposal: Proposal, reviewer: str, comment: str) -> str: ...
-    def close(self, proposal: Proposal, reviewer: str, comment: str) -> None: ...
+    def close(self, proposal: Proposal, note: str) -> None: ...
+    def withdraw(self, proposal: Proposal, reason: str) -> None: ...
     def comment(self, proposal: Proposal, text: str) -> None: ...
     def base_commit(self) -> str: ...
 

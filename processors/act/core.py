@@ -16,7 +16,7 @@ import logging
 import re
 import urllib.request
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from processors.act.backend import ChangeBackend, branch_name
@@ -35,6 +35,9 @@ log = logging.getLogger("closeloop.act")
 NOTIFY_TIMEOUT_S = 5.0
 MAX_TRACE_LINKS = 20
 MAX_EVIDENCE_CHARS = 4000
+# Why act closes a proposal by itself: its diagnosis' conversations are explained by another
+# diagnosis of the intent now (diagnose marks it superseded), so its change answers nothing.
+SUPERSEDED_NOTE = "diagnosis superseded by a later analysis"
 
 
 def open_backend(cfg: Config) -> ChangeBackend:
@@ -282,7 +285,8 @@ class Actor:
         A version the proposal already answers, re-emitted with other evidence (diagnose
         replays after a restart), changes nothing; ``rebuild`` (a reviewer's approval that
         no longer merges) builds it again on the current base. A proposal that was merged or
-        closed by a reviewer is never reopened.
+        closed by a reviewer is never reopened; one :meth:`withdraw` closed is, by a newer
+        version of its diagnosis (found again after it was superseded).
         """
         self.last_reason, self.already_applied = "", False
         if diag.status in CLOSED_STATUSES:
@@ -294,6 +298,8 @@ class Actor:
             prev = self.backend.existing(branch)
             if prev is not None and prev["state"] in ("merged", "closed"):
                 return self._drop(diag, f"its proposal was already {prev['state']} by a reviewer")
+            if prev is not None and prev["state"] == "withdrawn" and not _newer(diag, prev):
+                return self._drop(diag, "its proposal was withdrawn: a later version superseded it")
             files, history = self._read_targets(diag)
         except ActError as e:
             return self._drop(diag, str(e))
@@ -332,6 +338,32 @@ class Actor:
             return self._drop(diag, str(e))
         notify(proposal, self.cfg)
         return proposal
+
+    def withdraw(self, diag: Diagnosis, proposal: Proposal | None, now_ns: int) -> Proposal | None:
+        """Close the open ``proposal`` of ``diag`` now that a later analysis superseded it:
+        its branch is closed (local) or its pull request closed (GitHub) with
+        :data:`SUPERSEDED_NOTE`, never merged. The proposal's closed version, or ``None`` with
+        ``last_reason`` when there is nothing to close: another status, no proposal, or one a
+        human already decided (an approval stands). Idempotent: one already withdrawn (a
+        replay after a crash between the close and its row) is not closed twice. The same
+        diagnosis found again later reopens it (:meth:`propose`)."""
+        self.last_reason, self.already_applied = "", False
+        if diag.status != "superseded":
+            return self._drop(diag, f"the diagnosis is {diag.status}, not superseded")
+        if proposal is None or proposal.status != "open":
+            state = proposal.status if proposal else "none"
+            return self._drop(diag, f"superseded; its proposal is {state}: nothing to close")
+        try:
+            prev = self.backend.existing(proposal.branch)
+            if prev is None or prev["state"] in ("merged", "closed"):
+                state = prev["state"] if prev else "gone"
+                return self._drop(diag, f"superseded; its branch is {state}: left to review")
+            if prev["state"] == "open":
+                self.backend.withdraw(proposal, SUPERSEDED_NOTE)
+        except ActError as e:
+            return self._drop(diag, f"superseded, but closing its proposal failed: {e}")
+        log.info("act: proposal %s closed: %s", proposal.proposal_id, SUPERSEDED_NOTE)
+        return replace(proposal, status="closed", version=proposal.version + 1, updated_ns=now_ns)
 
     def _read_targets(self, diag: Diagnosis) -> tuple[dict[str, str], dict[str, list[str]] | None]:
         """The target files on the base branch, and the prompts' history for a regression."""
@@ -381,6 +413,8 @@ class Actor:
         """The proposal record: the next version, or the same one for a replay of ``prev``."""
         pid = proposal_id(diag.diagnosis_id)
         version = prev["version"] + 1 if prev else 1
+        if prev is not None and prev["state"] == "withdrawn":
+            version += 1  # its withdrawal took a version of the proposals row
         created_ns = (prev["created_ns"] or now_ns) if prev else now_ns
         if prev is not None and prev["stamp"] == stamp:
             version = prev["version"]  # a replay: the branch already holds exactly this
@@ -456,6 +490,12 @@ class Actor:
             ),
             "update_comment": update_comment(diag, proposal.version, self.cfg, self.redactor),
         }
+
+
+def _newer(diag: Diagnosis, prev: dict[str, Any]) -> bool:
+    """``diag`` is a version after the one the branch answers (a withdrawn proposal reopens
+    only for a diagnosis found again, never for a replay of what it answered)."""
+    return diag.version > int(prev.get("diagnosis_version", 0))
 
 
 def proposal_rows(props: Iterable[Proposal]) -> list[dict[str, Any]]:

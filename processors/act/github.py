@@ -24,7 +24,7 @@ from github import (
     UnknownObjectException,
 )
 
-from processors.act.backend import check_branch
+from processors.act.backend import WITHDRAWN_NOTE, check_branch
 from processors.act.gitrepo import AUTHOR_EMAIL, AUTHOR_NAME, proposal_state
 from processors.config import ActConfig
 from processors.errors import ActError
@@ -120,13 +120,13 @@ class GitHubBackend:
                 return None
             sha = head or pr.head.sha
             message = self._repo.get_git_commit(sha).message
+            state = "open"
+            if pr is not None and pr.merged:
+                state = "merged"
+            elif pr is not None and pr.state == "closed":
+                state = "withdrawn" if _withdrawn(pr) else "closed"
         except GithubException as e:
             raise ActError(f"cannot read {branch} of {self.repo}: {_why(e)}") from e
-        state = "open"
-        if pr is not None and pr.merged:
-            state = "merged"
-        elif pr is not None and pr.state == "closed":
-            state = "closed"
         return proposal_state(
             message, state, sha, pr_number=pr.number if pr else 0, pr_url=pr.html_url if pr else ""
         )
@@ -155,11 +155,17 @@ class GitHubBackend:
             commit = self._repo.create_git_commit(
                 fields["message"], tree, [base_commit], author=who, committer=who
             )
+            pr = self._pull(branch)
+            if pr is not None and pr.state == "closed":
+                if pr.merged or not _withdrawn(pr):
+                    raise ActError(f"pull request #{pr.number} was closed by a reviewer")
+                # withdrawn, and its diagnosis is back: reopened before its branch moves, as
+                # GitHub reopens no pull request whose branch was force-pushed while closed
+                pr.edit(state="open")
             if self._head_sha(branch) is None:
                 self._repo.create_git_ref(f"refs/heads/{branch}", commit.sha)
             else:
                 self._repo.get_git_ref(f"heads/{branch}").edit(commit.sha, force=True)
-            pr = self._pull(branch)
             if pr is None:
                 pr = self._repo.create_pull(
                     base=self.base, head=branch, title=fields["title"], body=fields["body"]
@@ -206,13 +212,15 @@ class GitHubBackend:
             "and closeloop records it (poll or webhook)"
         )
 
-    def close(self, proposal: Proposal, reviewer: str, comment: str) -> None:
-        """Close the pull request on a reviewer's rejection (with their comment)."""
+    def withdraw(self, proposal: Proposal, reason: str) -> None:
+        """:meth:`close` on closeloop's own account (its note starts with WITHDRAWN_NOTE)."""
+        self.close(proposal, f"{WITHDRAWN_NOTE} {reason}.")
+
+    def close(self, proposal: Proposal, note: str) -> None:
+        """Close the pull request, ``note`` (who closed it and why) as its last comment."""
         try:
             pr = self._repo.get_pull(proposal.pr_number)
-            pr.create_issue_comment(
-                f"Rejected by {reviewer} in closeloop review. {comment}".strip()
-            )
+            pr.create_issue_comment(note)
             pr.edit(state="closed")
         except GithubException as e:
             raise ActError(f"cannot close pull request #{proposal.pr_number}: {_why(e)}") from e
@@ -224,6 +232,12 @@ class GitHubBackend:
             raise ActError(
                 f"cannot comment on pull request #{proposal.pr_number}: {_why(e)}"
             ) from e
+
+
+def _withdrawn(pr: Any) -> bool:
+    """A closed pull request whose last word is closeloop's withdrawal (no one spoke since)."""
+    last = list(pr.get_issue_comments())[-1:]
+    return bool(last) and str(last[0].body or "").startswith(WITHDRAWN_NOTE)
 
 
 def _ns(dt: Any) -> int:

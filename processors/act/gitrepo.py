@@ -11,7 +11,9 @@ the index or the working tree of the repository:
   commit on the current base, like a force-push of a pull request branch;
 * review comments are git notes on the proposal commit (``refs/notes/closeloop``);
 * a rejected proposal's branch is deleted and its commit kept under
-  ``refs/closeloop/closed/<diagnosis_id>``, so the same diagnosis is not proposed again;
+  ``refs/closeloop/closed/<diagnosis_id>``, so the same diagnosis is not proposed again; one
+  closeloop withdrew (its diagnosis superseded) goes to ``refs/closeloop/withdrawn/`` instead,
+  and the same diagnosis found again opens the branch anew;
 * a merge — only ever called by the review layer for a named human reviewer — builds a
   ``--no-ff`` merge commit with ``merge-tree --write-tree`` and ``commit-tree``. If the base
   branch is checked out in a worktree, the base is then advanced *in that worktree* with
@@ -33,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from processors.act.backend import approver, check_branch, diagnosis_of_branch
+from processors.act.backend import WITHDRAWN_NOTE, approver, check_branch, diagnosis_of_branch
 from processors.errors import ActError, AlreadyApplied
 
 if TYPE_CHECKING:
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 AUTHOR_NAME = "closeloop"
 AUTHOR_EMAIL = "closeloop@localhost"
 CLOSED_PREFIX = "refs/closeloop/closed/"
+WITHDRAWN_PREFIX = "refs/closeloop/withdrawn/"
 NOTES_REF = "refs/notes/closeloop"
 ZERO = "0" * 40
 _TRAILER = re.compile(r"^(Closeloop-[A-Za-z-]+|Approved-by):\s*(.*)$", re.MULTILINE)
@@ -201,13 +204,13 @@ class LocalGit:
         return out
 
     def existing(self, branch: str) -> dict[str, Any] | None:
-        """The proposal already on ``branch`` (state open/merged), or a closed one, or ``None``."""
+        """The proposal already on ``branch`` (state open/merged), or a closed (by a reviewer)
+        or withdrawn (by closeloop) one, or ``None``."""
         did = diagnosis_of_branch(branch)
-        head = self._rev(f"refs/heads/{branch}")
-        state = "open"
-        if head is None:
-            head = self._rev(f"{CLOSED_PREFIX}{did}")
-            state = "closed"
+        head, state = self._rev(f"refs/heads/{branch}"), "open"
+        for prefix, gone in ((CLOSED_PREFIX, "closed"), (WITHDRAWN_PREFIX, "withdrawn")):
+            if head is None:
+                head, state = self._rev(f"{prefix}{did}"), gone
         if head is None:
             return None
         if state == "open" and self._is_merged(head):
@@ -346,17 +349,25 @@ class LocalGit:
             args += ["--trailer", f"{key}: {value}"]
         return self._git(*args, stdin=message.encode(), check=True)
 
-    def close(self, proposal: Proposal, reviewer: str, comment: str) -> None:
-        """Delete the proposal branch, keeping its commit under ``refs/closeloop/closed/``."""
+    def close(self, proposal: Proposal, note: str) -> None:
+        """Delete the proposal branch, keeping its commit under ``refs/closeloop/closed/``;
+        ``note`` (who closed it and why) goes on the commit's notes."""
+        self._put_away(proposal, note, CLOSED_PREFIX)
+
+    def withdraw(self, proposal: Proposal, reason: str) -> None:
+        """:meth:`close` on closeloop's own account: kept under ``refs/closeloop/withdrawn/``."""
+        self._put_away(proposal, f"{WITHDRAWN_NOTE} {reason}.", WITHDRAWN_PREFIX)
+
+    def _put_away(self, proposal: Proposal, note: str, prefix: str) -> None:
         check_branch(proposal.branch, self.base)
         ref = f"refs/heads/{proposal.branch}"
         head = self._rev(ref)
         if head is None:
             return
         if ref in self._checked_out():
-            raise ActError(f"{proposal.branch} is checked out; switch away before rejecting it")
-        self.comment(proposal, f"Rejected by {reviewer}: {comment}".strip())
-        self._git("update-ref", CLOSED_PREFIX + diagnosis_of_branch(proposal.branch), head)
+            raise ActError(f"{proposal.branch} is checked out; switch away before closing it")
+        self.comment(proposal, note)
+        self._git("update-ref", prefix + diagnosis_of_branch(proposal.branch), head)
         self._git("update-ref", "-d", ref, head)
 
     def comment(self, proposal: Proposal, text: str) -> None:

@@ -58,6 +58,7 @@ from processors.diagnose.analysis import (
     AnalysisRequest,
     analysis_diagnosis,
     analysis_request,
+    analysis_row,
     ask_analysis,
     joins,
     tools_of,
@@ -542,12 +543,33 @@ class Diagnoser:
             d = self.refine(req, answer, now_ns)
             if d is not None:
                 out.append(d)
-        for areq in self.take_analysis_requests():
+        return out + self.analyse(self.take_analysis_requests(), llm, now_ns)[0]
+
+    def analyse_now(
+        self, intent_id: str, llm: ChatJSON, now_ns: int
+    ) -> tuple[list[Diagnosis], list[dict[str, Any]]]:
+        """The waiting failure analyses of ``intent_id`` answered in line (``closeloop
+        diagnose``), as the stream's LLM step answers them; the other intents' are dropped."""
+        reqs = [r for r in self.take_analysis_requests() if r.intent_id == intent_id]
+        return self.analyse(reqs, llm, now_ns)
+
+    def analyse(
+        self, reqs: Iterable[AnalysisRequest], llm: ChatJSON, now_ns: int
+    ) -> tuple[list[Diagnosis], list[dict[str, Any]]]:
+        """Ask ``llm`` about each request and group the accepted answers
+        (:meth:`apply_analysis`): the diagnoses they joined or made, and the
+        ``failure_analyses`` rows. A refused answer goes to ``llm_rejections``."""
+        out: list[Diagnosis] = []
+        rows = []
+        for req in reqs:
             try:
-                out += self.apply_analysis(areq, ask_analysis(areq, llm), now_ns)
+                a = ask_analysis(req, llm)
             except LLMError as e:
                 self.llm_rejections.append(str(e))
-        return out
+                continue
+            rows.append(analysis_row(req, a, now_ns))
+            out += self.apply_analysis(req, a, now_ns)
+        return out, rows
 
     # -- inspection and state
 

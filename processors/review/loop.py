@@ -10,7 +10,8 @@ with every other intent as a control (:func:`processors.review.core.measure`), w
 ``outcomes`` rows and comments the verdict on the proposal once there is one.
 
 Of act, this uses only its public surface (:mod:`processors.act`): the backend protocol, the
-proposal rows, and :func:`~processors.act.rebuild_proposal` for a stale proposal.
+proposal rows (written and read), and :func:`~processors.act.rebuild_proposal` for a stale
+proposal.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from processors.act import ChangeBackend, proposal_rows, rebuild_proposal
+from processors.act import ChangeBackend, load_proposal, proposal_rows, rebuild_proposal
 from processors.config import Config
 from processors.errors import ActError, AlreadyApplied, ReviewError
 from processors.records import Diagnosis, Proposal, ReviewRecord
@@ -120,7 +121,7 @@ def reject(
     who = reviewer_name(reviewer)
     next_status(proposal.status, "rejected")
     try:
-        backend.close(proposal, who, comment)
+        backend.close(proposal, f"Rejected by {who} in closeloop review. {comment}".strip())
     except ActError as e:
         raise ReviewError(f"rejection of {proposal.proposal_id} not applied: {e}") from e
     log.info("review: %s rejected by %s", proposal.proposal_id, who)
@@ -254,19 +255,6 @@ def verify(
 
 
 # -- decisions taken through closeloop (CLI and review page) ----------------------------------
-
-
-def proposal_row(store: Store, proposal_id: str) -> dict[str, Any] | None:
-    """The row of one proposal (the only query for it: the CLI, the page and review share it)."""
-    rows = store.query(
-        "SELECT * FROM proposals FINAL WHERE proposal_id = {p:String}", {"p": proposal_id}
-    )
-    return rows[0] if rows else None
-
-
-def load_proposal(store: Store, proposal_id: str) -> Proposal | None:
-    row = proposal_row(store, proposal_id)
-    return Proposal.from_dict(row) if row else None
 
 
 def load_diagnosis(store: Store, diagnosis_id: str) -> Diagnosis | None:

@@ -40,7 +40,7 @@ from processors.store import Store
 from processors.understand import assemble
 from processors.understand.core import Understand, UnderstandBatch, tag_row
 from processors.understand.embed import make_embedder
-from processors.understand.feedback import rejoined
+from processors.understand.feedback import awaits_answer, rejoined, requeued
 from processors.understand.naming import IntentName, llm_names
 from processors.understand.signals import SignalResult, judge
 
@@ -343,7 +343,10 @@ async def rejoin_answers(w: Wiring, named: list[Conversation], now: int) -> list
     capture process that had not seen that answer (their conversation id is
     :data:`RESPONSE_REF` + the response id): the store says where the answer is, and they go
     to its conversation through ``closeloop.turns`` like a late span (assemble adds them to
-    it, open or closed)."""
+    it, open or closed; one that left assemble's state gets them as late feedback). An answer
+    not stored yet (its span is still on its way, or behind in another capture process) is
+    waited for: the evaluations go back to their stand-in, which closes again and brings
+    them here again, until ``understand.answer_wait_s`` after them."""
     cfg = w.pipe.cfg
     ids = [c.conversation_id.removeprefix(RESPONSE_REF) for c in named]
     found = await w.pipe.read("understand", answers_of, w.pipe.store, ids)
@@ -351,11 +354,16 @@ async def rejoin_answers(w: Wiring, named: list[Conversation], now: int) -> list
     dls = []
     for conv, response_id in zip(named, ids, strict=True):
         answer = found.get(response_id)
-        if answer is None:
-            why = f"no captured span has gen_ai.response.id {response_id[:200]!r}"
+        if answer is not None:
+            groups.setdefault(answer[0], []).extend(rejoined(conv, answer))
+        elif awaits_answer(conv, now, cfg.understand.answer_wait_s):
+            groups.setdefault(conv.conversation_id, []).extend(requeued(conv))
+        else:
+            why = (
+                f"no captured span has gen_ai.response.id {response_id[:200]!r} within "
+                f"{cfg.understand.answer_wait_s:g} s of the evaluation"
+            )
             dls.append(_late_dead_letter(w, conv, "evaluation for an unknown answer", why, now))
-            continue
-        groups.setdefault(answer[0], []).extend(rejoined(conv, answer))
     # one conversation's turn records, keyed by it: a message of closeloop.turns as capture's
     # bundles are (one too large is cut or dead-lettered by send_all)
     messages = [

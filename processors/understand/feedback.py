@@ -6,7 +6,8 @@ Pure core: :func:`feedback_evaluation` validates and redacts what was sent;
 and the outcome attribute, as stored in ``spans``); :func:`add_feedback` puts stored feedback
 back among a conversation's evaluations when it is assembled again, so feedback's outcome
 outlives later versions; :func:`rejoined` sends an evaluation known only by the response id it
-judges to that answer's conversation; :func:`retag` gives the conversation's
+judges to that answer's conversation, and :func:`requeued` back to wait for that answer while
+:func:`awaits_answer` says it may; :func:`retag` gives the conversation's
 new :class:`~processors.records.TagRecord`, one version above the last, with the outcome
 :mod:`.outcomes` decides from every evaluation (the newest of each name counts).
 """
@@ -144,17 +145,41 @@ def rejoined(conv: Conversation, answer: tuple[str, str, str]) -> list[TurnRecor
     span id capture gave it, so a redelivery adds nothing twice."""
     cid, trace_id, span_id = answer
     return [
-        TurnRecord(
-            conversation_id=cid,
-            trace_id="",  # no trace of its own, as capture sends a detached evaluation
-            span_id=ev.span_id,
-            span_kind="content",
-            start_ns=ev.ts_ns,
-            end_ns=ev.ts_ns,
-            evaluations=[dataclasses.replace(ev, trace_id=trace_id, span_id=span_id)],
-        )
+        _detached(cid, ev.span_id, dataclasses.replace(ev, trace_id=trace_id, span_id=span_id))
         for ev in conv.evaluations
     ]
+
+
+def requeued(conv: Conversation) -> list[TurnRecord]:
+    """The evaluations of ``conv``, named after an answer not stored yet, as the turn records
+    of ``conv`` itself: sent back through ``closeloop.turns`` they reopen it, and its answer
+    is looked up again when it closes again."""
+    return [_detached(conv.conversation_id, ev.span_id, ev) for ev in conv.evaluations]
+
+
+def awaits_answer(conv: Conversation, now_ns: int, wait_s: float) -> bool:
+    """Whether the evaluations of ``conv`` may wait longer for the answer they name: until
+    ``wait_s`` after the newest of them. One without a time, or with a time ahead of
+    ``now_ns`` (a wrong clock), waits no longer: nothing would bound its wait.
+
+    >>> conv = Conversation("c", evaluations=[Evaluation(ts_ns=10**9)])
+    >>> awaits_answer(conv, 5 * 10**9, 10.0), awaits_answer(conv, 12 * 10**9, 10.0)
+    (True, False)
+    """
+    made = max((ev.ts_ns for ev in conv.evaluations), default=0)
+    return 0 < made <= now_ns < made + int(wait_s * 1e9)
+
+
+def _detached(cid: str, span_id: str, ev: Evaluation) -> TurnRecord:
+    return TurnRecord(
+        conversation_id=cid,
+        trace_id="",  # no trace of its own, as capture sends a detached evaluation
+        span_id=span_id,
+        span_kind="content",
+        start_ns=ev.ts_ns,
+        end_ns=ev.ts_ns,
+        evaluations=[ev],
+    )
 
 
 def retag(tag: TagRecord, evaluations: list[Evaluation], cfg: UnderstandConfig) -> TagRecord:

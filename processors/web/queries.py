@@ -1,7 +1,7 @@
 """What the review page and its API show, read from the store: plain dicts, so the pages, the
 JSON API and the CLI always show the same thing.
 
-A proposal is looked up by :func:`processors.review.loop.proposal_row`, the one query for it.
+A proposal is looked up by :func:`processors.act.proposal_row`, the one query for it.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import json
 import math
 from typing import Any
 
+from processors.act import proposal_row
 from processors.config import Config
-from processors.review.loop import proposal_row
 from processors.store import Store
 
 SPARK_BUCKETS = 24
@@ -152,7 +152,8 @@ def diagnoses(store: Store) -> list[dict[str, Any]]:
 
 
 def diagnosis(store: Store, diagnosis_id: str) -> dict[str, Any] | None:
-    """One diagnosis with component and evidence as data, and the proposals made from it."""
+    """One diagnosis with component and evidence as data, the proposals made from it, and the
+    LLM's failure analyses of the conversations it explains (their quotes are untrusted text)."""
     rows = store.query(
         "SELECT * FROM diagnoses FINAL WHERE diagnosis_id = {d:String}", {"d": diagnosis_id}
     )
@@ -164,6 +165,13 @@ def diagnosis(store: Store, diagnosis_id: str) -> dict[str, Any] | None:
         "SELECT proposal_id, title, status FROM proposals FINAL "
         "WHERE diagnosis_id = {d:String} ORDER BY created_ns",
         {"d": diagnosis_id},
+    )
+    d["analyses"] = store.query(
+        "SELECT conversation_id, turn, trace_id, failure_kind, tool, instruction, relation, quote "
+        "FROM failure_analyses FINAL WHERE intent_id = {i:String} AND conversation_id IN "
+        "(SELECT conversation_id FROM diagnosis_conversations FINAL WHERE diagnosis_id = {d:String}) "
+        "ORDER BY conversation_id LIMIT {n:UInt32}",
+        {"i": d["intent_id"], "d": diagnosis_id, "n": LIST_LIMIT},
     )
     return d
 

@@ -12,7 +12,7 @@ from processors.config import Config
 from processors.store import Store
 from processors.web.server import WebServer
 from tests.browser import chromium_page, unavailable
-from tests.integration.test_web import git, seed
+from tests.integration.test_web import T0, git, seed
 
 pytestmark = pytest.mark.skipif(bool(unavailable()), reason=unavailable() or "browser available")
 
@@ -125,5 +125,76 @@ def test_every_page_renders_under_the_csp(
                 assert page.locator("header a").count() == 5, path  # the shared nav
                 assert page.evaluate("document.querySelectorAll('script').length") == 0, path
             assert errors == []  # no CSP refusal, no alert() from planted text
+    finally:
+        server.stop()
+
+
+def test_a_diagnosis_shows_the_llms_failure_analyses_of_its_conversations(
+    store: Store, config: Config, tmp_path: Path, unique: str
+) -> None:
+    """Only when there are any, only for the conversations it explains, the quote as inert text."""
+    s = seed(store, config, tmp_path, unique)
+    quote = "Please paste your key again <img src=x onerror=alert(1)><script>alert('q')</script>"
+    analysis = {
+        "intent_id": s.intent_id,
+        "failure_kind": "tool_error",
+        "turn": 2,
+        "trace_id": s.trace_id,
+        "span_id": "s2",
+        "tool": "check_key",
+        "instruction": 1,
+        "relation": "broken",
+        "quote": quote,
+        "ts_ns": T0,
+    }
+    server = WebServer(config, store, host="127.0.0.1", port=0).start()
+    path = f"/diagnoses/{s.diagnosis.diagnosis_id}"
+    try:
+        with chromium_page() as page:
+            dialogs: list[str] = []
+            page.on("dialog", lambda d: dialogs.append(d.message))
+            page.goto(server.login_url)
+            page.goto(server.url + path)
+            assert page.get_by_role("heading", name="Failure analyses").count() == 0
+            store.insert_records(
+                "diagnosis_conversations",
+                [
+                    {
+                        "diagnosis_id": s.diagnosis.diagnosis_id,
+                        "conversation_id": s.conversation_id,
+                        "intent_id": s.intent_id,
+                        "failure_kind": "tool_error",
+                        "trace_id": s.trace_id,
+                        "turn": 2,
+                        "tool": "check_key",
+                        "arguments": "{}",
+                        "detail": "",
+                        "version": 1,
+                        "updated_ns": T0,
+                    }
+                ],
+            )
+            store.insert_records(
+                "failure_analyses",
+                [
+                    {**analysis, "conversation_id": s.conversation_id},
+                    # of the same intent, explained by no diagnosis: not this one's
+                    {**analysis, "conversation_id": f"c-{unique}-other", "quote": "elsewhere"},
+                ],
+            )
+            page.goto(server.url + path)
+            assert page.get_by_role("heading", name="Failure analyses").is_visible()
+            rows = page.locator("table.analyses tbody tr")
+            assert rows.count() == 1
+            cells = [rows.locator("td").nth(i).inner_text() for i in range(6)]
+            assert cells[0] == s.conversation_id
+            assert cells[1].startswith("turn 2") and s.trace_id in cells[1]
+            assert cells[2:5] == ["tool error", "check_key", "broke no. 1"]
+            assert cells[5] == quote  # shown as the text it is
+            assert rows.locator("img, script").count() == 0
+            assert page.evaluate("document.querySelectorAll('script').length") == 0
+            rows.locator("a.conv").click()
+            page.wait_for_url(f"**/conversations/{s.conversation_id}")
+            assert dialogs == []
     finally:
         server.stop()

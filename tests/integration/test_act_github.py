@@ -187,3 +187,40 @@ def test_missing_token_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.delenv("GITHUB_TOKEN", raising=False)
     with pytest.raises(ActError, match="GITHUB_TOKEN"):
         GitHubBackend(Config().act)
+
+
+def test_a_superseded_diagnosis_closes_its_pull_request_once_without_merging() -> None:
+    with FakeGitHub("acme/agent", {"prompts/system.md": PROMPT}) as gh:
+        cfg = config(gh)
+        actor = Actor(cfg, GitHubBackend(cfg.act, token="t"))
+        p = actor.propose(diagnosis(), T0)
+        assert p is not None, actor.last_reason
+        superseded = diagnosis(version=2, status="superseded", updated_ns=T0 + 1)
+        closed = actor.withdraw(superseded, p, T0 + 2)
+        assert closed is not None, actor.last_reason
+        assert (closed.status, closed.version, closed.pr_number) == ("closed", 2, 1)
+        assert gh.pulls[1]["state"] == "closed" and gh.pulls[1]["merged"] is False
+        assert gh.comments[1] == ["Closed by closeloop: diagnosis superseded by a later analysis."]
+        assert writes_to_base(gh) == []
+        # review's poll sees the pull request closed; the stored row already says so
+        assert poll(closed, actor.backend, T0 + 3) == []
+        # a retry with the row still open writes nothing more to GitHub
+        n_writes = len(gh.writes())
+        again = actor.withdraw(superseded, p, T0 + 4)
+        assert again is not None and again.status == "closed" and len(gh.writes()) == n_writes
+        assert actor.propose(diagnosis(), T0 + 5) is None and len(gh.writes()) == n_writes
+
+        # the diagnosis found again: the same pull request, reopened before its branch moves
+        back = actor.propose(diagnosis(version=3, updated_ns=T0 + 6), T0 + 6)
+        assert back is not None, actor.last_reason
+        assert (back.pr_number, back.version, back.status) == (1, 3, "open")
+        assert gh.pulls[1]["state"] == "open" and len(gh.pulls) == 1
+        assert gh.refs["heads/closeloop/diag-42"] == back.commit != p.commit
+        assert writes_to_base(gh) == []
+
+        # closed by a reviewer on GitHub (their word last): final
+        gh.pulls[1]["state"] = "closed"
+        gh.comments[1].append("not this way")
+        assert actor.propose(diagnosis(version=4, updated_ns=T0 + 7), T0 + 7) is None
+        assert "already closed by a reviewer" in actor.last_reason
+        assert gh.pulls[1]["state"] == "closed"

@@ -336,3 +336,66 @@ def test_a_closed_diagnosis_gets_no_proposal(repo: Path, status: str) -> None:
     assert actor.propose(diagnosis(status=status), T0 + 1) is None
     assert status in actor.last_reason
     assert "closeloop/d-77" not in git(repo, "branch", "--list")
+
+
+def test_a_superseded_diagnosis_closes_its_open_proposal_once(repo: Path) -> None:
+    main_before = git(repo, "rev-parse", "main")
+    actor = Actor(config(repo), LocalGit(repo))
+    p = actor.propose(diagnosis(), T0 + 1)
+    assert p is not None, actor.last_reason
+    superseded = diagnosis(version=2, status="superseded", updated_ns=T0 + 2)
+    closed = actor.withdraw(superseded, p, T0 + 3)
+    assert closed is not None, actor.last_reason
+    assert (closed.proposal_id, closed.status, closed.version, closed.updated_ns) == (
+        p.proposal_id,
+        "closed",
+        p.version + 1,
+        T0 + 3,
+    )
+    # closed, never merged: the base and the working tree are as they were
+    assert (
+        git(repo, "rev-parse", "main") == main_before and git(repo, "status", "--porcelain") == ""
+    )
+    assert git(repo, "branch", "--list", "closeloop/*") == ""
+    assert git(repo, "rev-parse", "refs/closeloop/withdrawn/d-77") == p.commit
+    assert git(repo, "for-each-ref", "refs/closeloop/closed/") == ""  # no reviewer's close
+    notes = actor.backend.comments(p)
+    assert notes == ["Closed by closeloop: diagnosis superseded by a later analysis."]
+    # a replay (the closed row stored) and a retry after a crash before the row was stored
+    # (the row still open, the branch withdrawn) close nothing twice
+    assert actor.withdraw(superseded, closed, T0 + 4) is None and "closed" in actor.last_reason
+    again = actor.withdraw(superseded, p, T0 + 5)
+    assert again is not None and again.status == "closed" and actor.backend.comments(p) == notes
+    for status in ("open", "proposed", "resolved", "rejected"):
+        assert actor.withdraw(diagnosis(status=status), p, T0 + 6) is None
+    # what the branch answered, replayed, does not reopen it ...
+    assert actor.propose(diagnosis(), T0 + 7) is None and "withdrawn" in actor.last_reason
+    # ... the diagnosis found again later does: the proposal's next version, a row version
+    # above its closed one, on a branch opened anew
+    back = actor.propose(diagnosis(version=3, updated_ns=T0 + 8), T0 + 8)
+    assert back is not None, actor.last_reason
+    assert (back.proposal_id, back.status, back.version) == (p.proposal_id, "open", 3)
+    assert back.version > closed.version
+    assert git(repo, "rev-parse", "closeloop/d-77") == back.commit != p.commit
+    assert git(repo, "rev-parse", "main") == main_before
+    # a reviewer's close is final
+    reject(back, "Bob", "no", actor.backend, T0 + 9)
+    assert actor.propose(diagnosis(version=4, updated_ns=T0 + 10), T0 + 10) is None
+    assert "already closed by a reviewer" in actor.last_reason
+    assert actor.withdraw(diagnosis(version=5, status="superseded"), back, T0 + 11) is None
+
+
+def test_a_merged_or_human_decided_proposal_is_not_closed_by_a_superseded_diagnosis(
+    repo: Path,
+) -> None:
+    actor = Actor(config(repo), LocalGit(repo))
+    p = actor.propose(diagnosis(), T0 + 1)
+    superseded = diagnosis(version=2, status="superseded")
+    assert actor.withdraw(superseded, dataclasses.replace(p, status="approved"), T0 + 2) is None
+    assert git(repo, "rev-parse", "closeloop/d-77") == p.commit  # still open
+    rec = approve(p, "Ada", "", actor.backend, T0 + 3)
+    merged = git(repo, "rev-parse", "main")
+    assert rec.merged_commit == merged
+    assert actor.withdraw(superseded, p, T0 + 4) is None  # the row lags: the branch says merged
+    assert "merged" in actor.last_reason and git(repo, "rev-parse", "main") == merged
+    assert actor.backend.comments(p) == []

@@ -21,16 +21,18 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from processors.capture.transcripts import parse_line, to_request
 from processors.feedback import record_feedback
-from processors.records import Evaluation, TagRecord
+from processors.records import RESPONSE_REF, Evaluation, TagRecord
 from processors.redact import Redactor
 from processors.understand.feedback import feedback_evaluation
 from processors.web.server import WebServer
 
-from .pipeline import Pipeline, running_pipeline
+from .pipeline import ROWS_TIMEOUT_S, Pipeline, running_pipeline
+from .worker_proc import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 BURST = 60
 BIG_TOOL_RESULT = 40_000  # characters per tool result; 40 calls: the history alone is > 1 MB
+ANSWER_WAIT_S = 40
 
 
 def line(cid: str, score: float | None, *, calls: int = 1, result: str = "ok") -> dict:
@@ -72,7 +74,12 @@ def _kv(k: str, v: object) -> KeyValue:
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
-    env = {"CLOSELOOP_ASSEMBLE_IDLE_TIMEOUT_S": "3", "CLOSELOOP_UNDERSTAND_EMBEDDER": "hashing"}
+    env = {
+        "CLOSELOOP_ASSEMBLE_IDLE_TIMEOUT_S": "3",
+        "CLOSELOOP_UNDERSTAND_EMBEDDER": "hashing",
+        # an evaluation waits this long for the answer it names (several idle closes)
+        "CLOSELOOP_UNDERSTAND_ANSWER_WAIT_S": str(ANSWER_WAIT_S),
+    }
     with running_pipeline(
         tmp_path_factory.mktemp("real-agents"), "capture,assemble,understand", env
     ) as p:
@@ -376,36 +383,45 @@ def _send(pipe: Pipeline, path: str, body: object) -> None:
     ).read()
 
 
-def test_an_evaluation_finds_an_answer_another_capture_process_saw(pipe: Pipeline) -> None:
-    # the answer, captured by this worker's capture ...
-    req = to_request(parse_line(json.dumps(line("answered", None)), time.time_ns()))
+def _grade(response_id: str, name: str, score: float) -> ExportLogsServiceRequest:
+    """A grader's evaluation log record naming only the answer it judges."""
+    logs = ExportLogsServiceRequest()
+    lr = logs.resource_logs.add().scope_logs.add().log_records.add()
+    lr.time_unix_nano = time.time_ns()
+    lr.event_name = "gen_ai.evaluation.result"
+    lr.attributes.extend(
+        [
+            _kv("gen_ai.response.id", response_id),
+            _kv("gen_ai.evaluation.name", name),
+            _kv("gen_ai.evaluation.score.value", score),
+        ]
+    )
+    return logs
+
+
+def _answer(cid: str, response_id: str) -> object:
+    """A conversation's spans, its chat span carrying ``response_id``."""
+    req = to_request(parse_line(json.dumps(line(cid, None)), time.time_ns()))
     chat = next(
         sp
         for sp in req.resource_spans[0].scope_spans[0].spans
         if any(kv.key == "gen_ai.operation.name" and kv.value.string_value == "chat"
                for kv in sp.attributes)
     )  # fmt: skip
-    chat.attributes.append(_kv("gen_ai.response.id", "chatcmpl-elsewhere"))
-    _send(pipe, "/v1/traces", req)
+    chat.attributes.append(_kv("gen_ai.response.id", response_id))
+    return req
+
+
+def test_an_evaluation_finds_an_answer_another_capture_process_saw(pipe: Pipeline) -> None:
+    # the answer, captured by this worker's capture ...
+    _send(pipe, "/v1/traces", _answer("answered", "chatcmpl-elsewhere"))
     pipe.wait_rows("SELECT 1 FROM conversation_tags FINAL WHERE conversation_id = 'answered'", 1)
     # ... and its grade, taken by a capture process that never saw it (a new worker process:
     # capture remembers answers in memory only), with nothing but the response id
     pipe.stop_worker()
     pipe.start_worker()
-    logs = ExportLogsServiceRequest()
-    sl = logs.resource_logs.add().scope_logs.add()
     for response_id in ("chatcmpl-elsewhere", "chatcmpl-never-seen"):
-        lr = sl.log_records.add()
-        lr.time_unix_nano = time.time_ns()
-        lr.event_name = "gen_ai.evaluation.result"
-        lr.attributes.extend(
-            [
-                _kv("gen_ai.response.id", response_id),
-                _kv("gen_ai.evaluation.name", "grader"),
-                _kv("gen_ai.evaluation.score.value", 0.0),
-            ]
-        )
-    _send(pipe, "/v1/logs", logs)
+        _send(pipe, "/v1/logs", _grade(response_id, "grader", 0.0))
     (r,) = pipe.wait_rows(
         "SELECT failed, outcome_source, outcome_reason FROM conversation_tags FINAL "
         "WHERE conversation_id = 'answered' AND outcome_source = 'stated'",
@@ -422,5 +438,37 @@ def test_an_evaluation_finds_an_answer_another_capture_process_saw(pipe: Pipelin
         1,
     )
     assert [d["detail"] for d in dead] == [
-        "no captured span has gen_ai.response.id 'chatcmpl-never-seen'"
+        "no captured span has gen_ai.response.id 'chatcmpl-never-seen' within "
+        f"{ANSWER_WAIT_S} s of the evaluation"
     ]
+
+
+def test_an_evaluation_waits_for_an_answer_stored_after_its_stand_in_closed(
+    pipe: Pipeline,
+) -> None:
+    stand_in = RESPONSE_REF + "chatcmpl-later"
+    _send(pipe, "/v1/logs", _grade("chatcmpl-later", "late_grader", 0.0))
+
+    # its stand-in closed with no answer stored: the evaluation went back to wait for it
+    # (understand sent the stand-in's record to closeloop.turns again)
+    def requeued() -> bool:
+        return sum(t["conversation_id"] == stand_in for t in pipe.turn_records()) >= 2
+
+    assert wait_for(requeued, ROWS_TIMEOUT_S), pipe.worker_log()[-3000:]
+    assert pipe.rows(
+        "SELECT count() AS n FROM responses FINAL WHERE response_id = 'chatcmpl-later'"
+    ) == [{"n": 0}]
+    _send(pipe, "/v1/traces", _answer("answered-later", "chatcmpl-later"))
+    (r,) = pipe.wait_rows(
+        "SELECT failed, outcome_source, outcome_reason FROM conversation_tags FINAL "
+        "WHERE conversation_id = 'answered-later' AND outcome_source = 'stated'",
+        1,
+    )
+    assert r["failed"] == 1 and "late_grader" in r["outcome_reason"]
+    assert pipe.rows(
+        "SELECT count() AS n FROM deadletter FINAL WHERE detail LIKE '%chatcmpl-later%'"
+    ) == [{"n": 0}]
+    assert pipe.rows(
+        "SELECT count() AS n FROM conversations FINAL WHERE conversation_id = {c:String}",
+        {"c": stand_in},
+    ) == [{"n": 0}]

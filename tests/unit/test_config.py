@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
         ({"capture.redact": ["passwords"]}, "capture.redact"),
         ({"assemble.idle_timeout_s": 0}, "assemble.idle_timeout_s"),
         ({"understand.embedder": "bert"}, "understand.embedder"),
+        ({"understand.answer_wait_s": -1}, "understand.answer_wait_s"),
         ({"diagnose.min_support": 0}, "diagnose.min_support"),
         ({"act.backend": "gitlab"}, "act.backend"),
         ({"review.alpha": 1.0}, "review.alpha"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -12,8 +13,10 @@ from processors.records import RESPONSE_REF, Conversation, Evaluation, Message, 
 from processors.redact import Redactor
 from processors.understand.feedback import (
     add_feedback,
+    awaits_answer,
     feedback_evaluation,
     rejoined,
+    requeued,
     retag,
     stated_evaluations,
 )
@@ -113,3 +116,26 @@ def test_an_evaluation_named_after_an_answer_rejoins_its_conversation_on_the_ans
         0.0,
         "chatcmpl-1",
     )
+
+
+def test_an_evaluation_whose_answer_is_not_stored_goes_back_to_wait_for_a_bounded_time() -> None:
+    ev = Evaluation(name="grader", score=0.0, response_id="chatcmpl-2", source="log",
+                    span_id="eval-0456", trace_id=RESPONSE_REF + "chatcmpl-2", ts_ns=10**9)  # fmt: skip
+    stand_in = Conversation(RESPONSE_REF + "chatcmpl-2", evaluations=[ev])
+    (turn,) = requeued(stand_in)
+    assert (turn.conversation_id, turn.span_id, turn.span_kind, turn.evaluations) == (
+        RESPONSE_REF + "chatcmpl-2",
+        "eval-0456",  # the stand-in's own record again: assemble merges it, adds nothing
+        "content",
+        [ev],
+    )
+    second = 61 * 10**9
+    assert awaits_answer(stand_in, second, 60.0) is False
+    assert awaits_answer(stand_in, second - 1, 60.0) is True
+    assert awaits_answer(stand_in, second, 0.0) is False  # answer_wait_s: 0, no wait
+    # the newest evaluation of the stand-in counts
+    newer = Conversation(stand_in.conversation_id, evaluations=[ev, replace(ev, ts_ns=2 * 10**9)])
+    assert awaits_answer(newer, second, 60.0) is True
+    # no time, or a time ahead of now: nothing bounds the wait, so none
+    assert awaits_answer(Conversation("x", evaluations=[replace(ev, ts_ns=0)]), 5, 60.0) is False
+    assert awaits_answer(stand_in, 10**9 - 1, 60.0) is False

@@ -1,9 +1,9 @@
 """The layer rule of processors/, checked on the import statements of every layer module.
 
 The loop's layers, in order: capture < understand < diagnose < act < review. In a layer folder,
-``agent.py`` (the thin faust agent), ``loop.py`` (review's store + backend side) and
-``gateway.py`` (capture's network edge) are the layer's I/O side; every other module is its
-pure core. Then:
+``agent.py`` (the thin faust agent), ``loop.py`` (review's store + backend side, act's store
+reads) and ``gateway.py`` (capture's network edge) are the layer's I/O side; every other module
+is its pure core. Then:
 
 * no module of a layer imports a later layer;
 * a pure module imports, of processors, only the shared root modules (config, errors, records,

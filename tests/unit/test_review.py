@@ -39,8 +39,8 @@ class RecordingBackend:
         self.calls.append(("merge", reviewer))
         return "f" * 40
 
-    def close(self, proposal: Proposal, reviewer: str, comment: str) -> None:
-        self.calls.append(("close", reviewer))
+    def close(self, proposal: Proposal, note: str) -> None:
+        self.calls.append(("close", note))
 
     def comment(self, proposal: Proposal, text: str) -> None:
         self.calls.append(("comment", text))
@@ -169,7 +169,9 @@ def test_reject_closes() -> None:
     be = RecordingBackend("local")
     rec = reject(proposal(), "bob", "wrong fix", be, 5)
     assert (
-        be.calls == [("close", "bob")] and rec.decision == "rejected" and rec.comment == "wrong fix"
+        be.calls == [("close", "Rejected by bob in closeloop review. wrong fix")]
+        and rec.decision == "rejected"
+        and rec.comment == "wrong fix"
     )
     assert apply(proposal(), rec, 6).status == "rejected"
 

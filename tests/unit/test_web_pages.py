@@ -176,6 +176,19 @@ def test_diagnosis_evidence_and_proposal_are_inert(text: str) -> None:
         "trace_ids": [text],
         "evidence": {text: text, "conversation_ids": [text], "url": "javascript:alert(1)"},
         "proposals": [{"proposal_id": text, "title": text, "status": text}],
+        "analyses": [
+            {
+                "conversation_id": text,
+                "turn": 2,
+                "trace_id": text,
+                "failure_kind": text,
+                "tool": text,
+                "instruction": 1,
+                "relation": relation,
+                "quote": text,
+            }
+            for relation in ("broken", "lacking", text)
+        ],
     }
     assert_inert(render_diagnosis(d, JS_URL))
     p = {
