@@ -740,6 +740,26 @@ class Checkpoint:
         known.update(now.topic_ids)
         self.incarnation["cluster_id"] = now.cluster_id
 
+    async def same_topics(self, topics: list[str]) -> bool:
+        """For a stage that keeps no model (assemble, of the topic it publishes to): whether
+        ``topics`` are the incarnations this checkpoint recorded at its last call, recording
+        the current ones. False when that cannot be told (nothing recorded, ids unreadable)."""
+        rows = await self.pipe.run(
+            self.pipe.store.query,
+            "SELECT seq, incarnation FROM checkpoints FINAL WHERE name = {n:String}",
+            {"n": self.name},
+        )
+        before = json.loads(rows[0]["incarnation"] or "{}").get("topic_ids", {}) if rows else {}
+        self.seq = int(rows[0]["seq"]) if rows else 0
+        try:
+            now = await self.pipe.run(topic_state, self.pipe.bootstrap, topics)
+        except Exception as e:
+            log.warning("%s: cannot read the ids of %s: %s", self.name, topics, e)
+            return False
+        self.incarnation.update(topic_ids=now.topic_ids, cluster_id=now.cluster_id)
+        await self._write("")
+        return all(before.get(t) and before.get(t) == now.topic_ids.get(t) for t in topics)
+
     async def _write(self, data_b64: str) -> None:
         self.seq += 1
         await self.pipe.write(
