@@ -13,17 +13,19 @@ from before it existed gets its newest span time).
 A conversation closes when a span carries the end marker (after a short grace so the
 sibling spans of the last turn still join) or when it is idle in event time: its
 partition's watermark has moved ``idle_timeout_s`` past ``heard_ns``. The watermark
-(:class:`Watermarks`) is the newest span time capture has delivered on the partition, so
-while capture lags (a backlog, a stuck stage) nothing closes from partial data however
-much wall time passes. Measuring from the watermark at arrival, not from the
+(:class:`Watermarks`) is the newest span time capture has delivered on the partition, held
+back to capture's progress on each OTLP partition where it has input left (a conversation's
+traces come from several OTLP partitions, which capture may read unevenly), so while capture
+lags nothing closes from partial data however much wall time passes or however far other
+OTLP partitions run ahead. Measuring from the watermark at arrival, not from the
 conversation's own span times, keeps conversations whose spans arrive out of time order
 with others' (a replay, a batch exporter holding spans) open until the partition's
 progress shows them idle. An idle close also needs ``idle_timeout_s`` of wall time since
-the conversation's last record: capture merges its input partitions, which it may read at
-different paces, so one partition's spans can run ahead of another's by less than that. The wall clock moves the watermark only once the partition has
-been quiet for ``idle_timeout_s`` of wall time: no turn message, and capture with no
-input left to process (the ticks say so, from its consumer lag). Then capture has
-nothing more for it, and a quiet system still closes its conversations.
+the conversation's last record: the lag the ticks carry is seconds old. The wall clock
+moves the watermark only once the partition has been quiet for ``idle_timeout_s`` of wall
+time: no turn message, and capture with no input left to process (the ticks say so, from
+its consumer lag). Then capture has nothing more for it, and a quiet system still closes
+its conversations.
 
 A closed conversation lingers in state for ``linger_s`` so a late span reopens
 it and a newer version replaces the row (ReplacingMergeTree on ``version``); after that
