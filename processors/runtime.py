@@ -742,8 +742,8 @@ class Checkpoint:
 
     async def same_topics(self, topics: list[str]) -> bool:
         """For a stage that keeps no model (assemble, of the topic it publishes to): whether
-        ``topics`` are the incarnations this checkpoint recorded at its last call, recording
-        the current ones. False when that cannot be told (nothing recorded, ids unreadable)."""
+        ``topics`` are the incarnations this checkpoint recorded last (:meth:`record_topics`).
+        False when that cannot be told (nothing recorded, ids unreadable)."""
         rows = await self.pipe.run(
             self.pipe.store.query,
             "SELECT seq, incarnation FROM checkpoints FINAL WHERE name = {n:String}",
@@ -757,8 +757,11 @@ class Checkpoint:
             log.warning("%s: cannot read the ids of %s: %s", self.name, topics, e)
             return False
         self.incarnation.update(topic_ids=now.topic_ids, cluster_id=now.cluster_id)
-        await self._write("")
         return all(before.get(t) and before.get(t) == now.topic_ids.get(t) for t in topics)
+
+    async def record_topics(self) -> None:
+        """Record the incarnations :meth:`same_topics` read."""
+        await self._write("")
 
     async def _write(self, data_b64: str) -> None:
         self.seq += 1

@@ -100,9 +100,11 @@ class Assembler:
         )
         self.deadlines = assemble.Deadlines(cfg.assemble)
         self.recovered = False
-        # the conversations topic's id at each start: whether what was published survived
+        # the conversations topic's id, recorded at each start once what had to be published
+        # again is out: whether what was published before survived
         self.published = Checkpoint("assemble", w.pipe)
         self.published_kept: bool | None = None
+        self.republishing: set[str] = set()  # rebuilt, not published yet, the topic new
 
     async def recover(self) -> None:
         """Once, on the first batch (the table restored by then): fold in the stored turn
@@ -129,12 +131,28 @@ class Assembler:
         except StoreError as e:
             log.warning("assemble: cannot read stored turns yet, retrying: %s", e)
             return
-        topic = pipe.cfg.topics.turns
+        rebuilt = self._rebuild(rows, now)
+        if rebuilt:
+            log.warning(
+                "assemble: %d conversations rebuilt from the store (the broker lost them)",
+                len(rebuilt),
+            )
+        self.recovered = True
+        if not self.published_kept:
+            # a crash before they are out finds the old id again and publishes them again
+            self.republishing = rebuilt
+        await self._record_when_republished()
+
+    def _rebuild(self, rows: list[dict[str, Any]], now: int) -> set[str]:
+        """Fold the stored records of ``rows`` (:data:`UNTAGGED_SQL`) of this worker's
+        partitions into the table; the conversations that gained records."""
+        cfg = self.w.pipe.cfg
+        topic = cfg.topics.turns
         mine = {tp.partition for tp in self.w.app.consumer.assignment() if tp.topic == topic}
-        rebuilt = 0
+        rebuilt: set[str] = set()
         for row in rows:
             cid = row["conversation_id"]
-            p = partition_of(cid, pipe.cfg.kafka.partitions)
+            p = partition_of(cid, cfg.kafka.partitions)
             if p not in mine:
                 continue
             self.deadlines.index(self.table, p, now)  # the restored table before new pushes
@@ -149,12 +167,12 @@ class Assembler:
                 state["p"] = p
                 self.table[cid] = state
                 self.deadlines.push(cid, state)
-                rebuilt += 1
-        if rebuilt:
-            log.warning(
-                "assemble: %d conversations rebuilt from the store (the broker lost them)", rebuilt
-            )
-        self.recovered = True
+                rebuilt.add(cid)
+        return rebuilt
+
+    async def _record_when_republished(self) -> None:
+        if not self.republishing:
+            await self.published.record_topics()
 
     def fold(self, events: list[Any]) -> tuple[list[assemble.Closed], list[DeadLetter]]:
         """Fold a batch of turn messages into the table; the conversations its ticks close."""
@@ -225,6 +243,9 @@ class Assembler:
             self.table[c.conversation_id] = c.state
             self.deadlines.push(c.conversation_id, c.state)
         pipe.counters["assemble"].records_out += len(convs)
+        if self.republishing:
+            self.republishing -= {c.conversation_id for c in closed}
+            await self._record_when_republished()
 
 
 class CaptureBacklog:
