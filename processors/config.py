@@ -289,10 +289,14 @@ class AssembleConfig:
     # on start, conversations with stored spans this recent and no tags covering them are
     # rebuilt from the store (table turn_records keeps 7 days)
     recover_horizon_s: float = 86400.0
+    # a closed conversation stays in assemble's state this long, so a late span reopens it
+    linger_s: float = 120.0
 
     def validate(self) -> None:
         if self.idle_timeout_s <= 0:
             raise ConfigError("assemble.idle_timeout_s", "must be positive")
+        if self.linger_s <= 0:
+            raise ConfigError("assemble.linger_s", "must be positive")
         if not 0 <= self.recover_horizon_s <= 7 * 86400:
             raise ConfigError("assemble.recover_horizon_s", "must be between 0 and 604800 (7 days)")
 

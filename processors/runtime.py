@@ -740,6 +740,29 @@ class Checkpoint:
         known.update(now.topic_ids)
         self.incarnation["cluster_id"] = now.cluster_id
 
+    async def same_topics(self, topics: list[str]) -> bool:
+        """For a stage that keeps no model (assemble, of the topic it publishes to): whether
+        ``topics`` are the incarnations this checkpoint recorded last (:meth:`record_topics`).
+        False when that cannot be told (nothing recorded, ids unreadable)."""
+        rows = await self.pipe.run(
+            self.pipe.store.query,
+            "SELECT seq, incarnation FROM checkpoints FINAL WHERE name = {n:String}",
+            {"n": self.name},
+        )
+        before = json.loads(rows[0]["incarnation"] or "{}").get("topic_ids", {}) if rows else {}
+        self.seq = int(rows[0]["seq"]) if rows else 0
+        try:
+            now = await self.pipe.run(topic_state, self.pipe.bootstrap, topics)
+        except Exception as e:
+            log.warning("%s: cannot read the ids of %s: %s", self.name, topics, e)
+            return False
+        self.incarnation.update(topic_ids=now.topic_ids, cluster_id=now.cluster_id)
+        return all(before.get(t) and before.get(t) == now.topic_ids.get(t) for t in topics)
+
+    async def record_topics(self) -> None:
+        """Record the incarnations :meth:`same_topics` read."""
+        await self._write("")
+
     async def _write(self, data_b64: str) -> None:
         self.seq += 1
         await self.pipe.write(

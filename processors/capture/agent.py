@@ -6,6 +6,7 @@ import time
 from collections import defaultdict
 
 import faust
+import orjson
 
 from processors.bundles import bundles
 from processors.capture.core import Capture, CaptureBatch, RawMessage, turn_record_row
@@ -67,9 +68,19 @@ def register(w: Wiring) -> None:
         await pipe.write("capture", "turn_records", [turn_record_row(t, now) for t in batch.turns])
         with pipe.busy("capture"):
             messages, unfit = bundle_messages(w, batch)
-        await w.send_all(messages, stage="capture")
+        await w.send_all(messages + progress_messages(w, batch), stage="capture")
         pipe.counters["capture"].records_out += len(batch.turns)
         await w.send_deadletters("capture", batch.deadletters + unfit)
+
+
+def progress_messages(w: Wiring, batch: CaptureBatch) -> list[tuple[object, ...]]:
+    """Capture's progress on each OTLP partition of the batch, to every partition of the turns
+    topic after the batch's bundles: assemble's watermark of a turns partition is the least
+    progress of the OTLP partitions capture has input left on (:class:`Watermarks`)."""
+    if not batch.progress:
+        return []
+    body = orjson.dumps({"progress": batch.progress})
+    return [(w.turns, None, body, p) for p in range(w.pipe.cfg.kafka.partitions)]
 
 
 def bundle_messages(

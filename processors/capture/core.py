@@ -162,6 +162,8 @@ class CaptureBatch:
     log_records_ignored: int = 0  # log records that are not GenAI content events
     redactions: int = 0
     truncated: int = 0  # values cut at max_attribute_bytes
+    # capture's progress: per input ``topic:partition``, the newest span time of its turns
+    progress: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -170,9 +172,15 @@ class _Out(CaptureBatch):
 
     problems: list[Problem] = field(default_factory=list)
 
-    def merge_into(self, batch: CaptureBatch) -> None:
+    def merge_into(self, batch: CaptureBatch, source: str) -> None:
+        """Add this output to ``batch``; ``source`` (``topic:partition``) progressed to its
+        newest turn."""
         for f in fields(CaptureBatch):
-            setattr(batch, f.name, getattr(batch, f.name) + getattr(self, f.name))
+            if f.name != "progress":
+                setattr(batch, f.name, getattr(batch, f.name) + getattr(self, f.name))
+        newest = max((max(t.start_ns, t.end_ns) for t in self.turns), default=0)
+        if newest:
+            batch.progress[source] = max(batch.progress.get(source, 0), newest)
 
 
 class Capture:
@@ -243,7 +251,7 @@ class Capture:
             for reason, wheres in by_reason.items():
                 detail = f"{len(wheres)} item(s): {', '.join(wheres[:20])}"
                 out.deadletters.append(self._dead(m, reason, detail, now_ns))
-            out.merge_into(batch)
+            out.merge_into(batch, f"{m.topic}:{m.partition}")
         return batch
 
     def _learn_traces(self, trace_conv: dict[str, str]) -> None:

@@ -301,6 +301,13 @@ def topic_state(bootstrap: str, topics: list[str], timeout_s: float = 10.0) -> T
 def capture_lag(bootstrap: str, group: str, otlp_topics: list[str]) -> int:
     """Records of the OTLP topics capture (consumer group ``group``) has not yet processed
     (committed past)."""
+    return sum(capture_lags(bootstrap, group, otlp_topics).values())
+
+
+def capture_lags(bootstrap: str, group: str, otlp_topics: list[str]) -> dict[str, int]:
+    """:func:`capture_lag` per ``topic:partition``."""
     ends = true_end_offsets(bootstrap, otlp_topics)
     commits = committed_offsets(bootstrap, group, list(ends))
-    return sum(max(0, end - max(0, commits.get(tp, -1))) for tp, end in ends.items())
+    return {
+        f"{t}:{p}": max(0, end - max(0, commits.get((t, p), -1))) for (t, p), end in ends.items()
+    }

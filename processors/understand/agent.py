@@ -14,7 +14,7 @@ from typing import Any
 import faust
 import orjson
 
-from processors.embedded.broker import capture_lag
+from processors.embedded.broker import capture_lags
 from processors.errors import InputError, StoreError
 from processors.feedback import answers_of, record_feedback, with_feedback
 from processors.records import (
@@ -50,8 +50,10 @@ TICK_INTERVAL_S = 1.0
 CAPTURE_LAG_EVERY_S = 5.0  # how often the ticks re-read capture's consumer lag
 # Conversations with recent stored turn records that no tag covers (fewer tagged spans than
 # stored): open, or assembled and not yet tagged, when the broker's topics were lost. Those
-# understand dead-lettered stay out: published again they would only fail again; so do
-# evaluations named after an answer (RESPONSE_REF), which are never tagged under that name.
+# assembled from all their stored records stay out while the conversations topic they were
+# published to is still there ({published_kept}: understand reads them from it, however far
+# behind). Those understand dead-lettered stay out: published again they would only fail
+# again; so do evaluations named after an answer (RESPONSE_REF), never tagged under that name.
 UNTAGGED_SQL = """
 SELECT s.conversation_id AS conversation_id, s.records AS records
 FROM (
@@ -66,7 +68,11 @@ LEFT JOIN (
     SELECT conversation_id, max(conversation_version) AS tagged
     FROM conversation_tags GROUP BY conversation_id
 ) AS t ON s.conversation_id = t.conversation_id
+LEFT JOIN (
+    SELECT conversation_id, max(version) AS assembled FROM conversations GROUP BY conversation_id
+) AS a ON s.conversation_id = a.conversation_id
 WHERE s.spans > t.tagged
+    AND ({published_kept:UInt8} = 0 OR s.spans > a.assembled)
     AND s.conversation_id NOT IN (SELECT key FROM deadletter WHERE stage = 'understand')
     AND NOT startsWith(s.conversation_id, {response_ref:String})
 """
@@ -94,29 +100,59 @@ class Assembler:
         )
         self.deadlines = assemble.Deadlines(cfg.assemble)
         self.recovered = False
+        # the conversations topic's id, recorded at each start once what had to be published
+        # again is out: whether what was published before survived
+        self.published = Checkpoint("assemble", w.pipe)
+        self.published_kept: bool | None = None
+        self.republishing: set[str] = set()  # rebuilt, not published yet, the topic new
 
     async def recover(self) -> None:
         """Once, on the first batch (the table restored by then): fold in the stored turn
         records of untagged recent conversations that the table lacks — all of them when a
         memory broker lost its topics (a clean stop, a crash of the whole tree), none when
         the broker kept them — so every conversation whose spans were stored closes and is
-        tagged."""
+        tagged. One already published from all its records is left to understand while the
+        topic it went to is still there (closed conversations leave the table after
+        ``assemble.linger_s``, however far behind understand is)."""
         pipe = self.w.pipe
         now = time.time_ns()
         since = now - int(pipe.cfg.assemble.recover_horizon_s * 1e9)
         try:
-            rows = await pipe.run(
-                pipe.store.query, UNTAGGED_SQL, {"since": since, "response_ref": RESPONSE_REF}
-            )
+            if self.published_kept is None:
+                self.published_kept = await self.published.same_topics(
+                    [pipe.cfg.topics.conversations]
+                )
+            params = {
+                "since": since,
+                "response_ref": RESPONSE_REF,
+                "published_kept": int(self.published_kept),
+            }
+            rows = await pipe.run(pipe.store.query, UNTAGGED_SQL, params)
         except StoreError as e:
             log.warning("assemble: cannot read stored turns yet, retrying: %s", e)
             return
-        topic = pipe.cfg.topics.turns
+        rebuilt = self._rebuild(rows, now)
+        if rebuilt:
+            log.warning(
+                "assemble: %d conversations rebuilt from the store (the broker lost them)",
+                len(rebuilt),
+            )
+        self.recovered = True
+        if not self.published_kept:
+            # a crash before they are out finds the old id again and publishes them again
+            self.republishing = rebuilt
+        await self._record_when_republished()
+
+    def _rebuild(self, rows: list[dict[str, Any]], now: int) -> set[str]:
+        """Fold the stored records of ``rows`` (:data:`UNTAGGED_SQL`) of this worker's
+        partitions into the table; the conversations that gained records."""
+        cfg = self.w.pipe.cfg
+        topic = cfg.topics.turns
         mine = {tp.partition for tp in self.w.app.consumer.assignment() if tp.topic == topic}
-        rebuilt = 0
+        rebuilt: set[str] = set()
         for row in rows:
             cid = row["conversation_id"]
-            p = partition_of(cid, pipe.cfg.kafka.partitions)
+            p = partition_of(cid, cfg.kafka.partitions)
             if p not in mine:
                 continue
             self.deadlines.index(self.table, p, now)  # the restored table before new pushes
@@ -131,12 +167,12 @@ class Assembler:
                 state["p"] = p
                 self.table[cid] = state
                 self.deadlines.push(cid, state)
-                rebuilt += 1
-        if rebuilt:
-            log.warning(
-                "assemble: %d conversations rebuilt from the store (the broker lost them)", rebuilt
-            )
-        self.recovered = True
+                rebuilt.add(cid)
+        return rebuilt
+
+    async def _record_when_republished(self) -> None:
+        if not self.republishing:
+            await self.published.record_topics()
 
     def fold(self, events: list[Any]) -> tuple[list[assemble.Closed], list[DeadLetter]]:
         """Fold a batch of turn messages into the table; the conversations its ticks close."""
@@ -145,12 +181,15 @@ class Assembler:
         for e in events:
             now = time.time_ns()
             try:
-                tick, groups = assemble.parse_turn_message(e.message.value, e.key)
+                control, groups = assemble.parse_turn_message(e.message.value, e.key)
             except (ValueError, TypeError, KeyError, InputError) as err:
                 dls.append(dead_letter("assemble", "undecodable turn record", e, now, str(err)))
                 continue
-            if tick is not None:
-                closed += self.close_due(e.message.partition, tick)
+            if isinstance(control, assemble.Progress):
+                self.deadlines.watermarks.progressed(e.message.partition, control.newest)
+                continue
+            if control is not None:
+                closed += self.close_due(e.message.partition, control)
                 continue
             for cid, turns in groups.items():
                 p = partition_of(cid, self.w.pipe.cfg.kafka.partitions)
@@ -174,7 +213,7 @@ class Assembler:
         return closed, dls
 
     def close_due(self, partition: int, tick: assemble.Tick) -> list[assemble.Closed]:
-        closed = self.deadlines.close_due(self.table, partition, tick.ns, tick.capture_behind)
+        closed = self.deadlines.close_due(self.table, partition, tick.ns, tick.lagging)
         for c in closed:
             if c.conversation is None:
                 log.error("assemble: cannot build conversation %s: %s", c.conversation_id, c.error)
@@ -204,18 +243,21 @@ class Assembler:
             self.table[c.conversation_id] = c.state
             self.deadlines.push(c.conversation_id, c.state)
         pipe.counters["assemble"].records_out += len(convs)
+        if self.republishing:
+            self.republishing -= {c.conversation_id for c in closed}
+            await self._record_when_republished()
 
 
 class CaptureBacklog:
-    """Whether capture has input it has not processed (its consumer lag on the OTLP topics),
-    read at most every few seconds: while it has, wall time does not close conversations."""
+    """The OTLP partitions on which capture has input it has not processed (its consumer lag),
+    read at most every few seconds: they hold the watermark back (:class:`assemble.Watermarks`)."""
 
     def __init__(self, w: Wiring) -> None:
         self.w = w
         idle_s = w.pipe.cfg.assemble.idle_timeout_s
         self.every_s = max(TICK_INTERVAL_S, min(CAPTURE_LAG_EVERY_S, idle_s / 2))
         self._checked = float("-inf")
-        self._behind = False
+        self._lagging: frozenset[str] = frozenset()
         self._failing = False
         # capture in this worker reads in its group; else capture processes read in theirs
         stages = w.pipe.stages
@@ -223,24 +265,25 @@ class CaptureBacklog:
         topics = w.pipe.cfg.topics
         self.otlp_topics = [topics.otlp_spans, topics.otlp_logs]
 
-    async def behind(self) -> bool:
+    async def lagging(self) -> frozenset[str]:
         now = time.monotonic()
         if not self.w.pipe.bootstrap or now - self._checked < self.every_s:
-            return self._behind
+            return self._lagging
         self._checked = now
         try:
-            lag = await asyncio.to_thread(
-                capture_lag, self.w.pipe.bootstrap, self.group, self.otlp_topics
+            lags = await asyncio.to_thread(
+                capture_lags, self.w.pipe.bootstrap, self.group, self.otlp_topics
             )
         except Exception as e:  # the lag is a hint: unknown, the quiet rule alone decides
             if not self._failing:
                 log.warning(
                     "assemble: cannot read capture's lag, idle closing goes by quiet: %s", e
                 )
-            self._failing, self._behind = True, False
-            return False
-        self._failing, self._behind = False, lag > 0
-        return self._behind
+            self._failing, self._lagging = True, frozenset()
+            return self._lagging
+        self._failing = False
+        self._lagging = frozenset(q for q, lag in lags.items() if lag > 0)
+        return self._lagging
 
 
 def register_assemble(w: Wiring) -> None:
@@ -265,8 +308,8 @@ def register_assemble(w: Wiring) -> None:
     async def assemble_tick() -> None:
         # Closing happens inside the stream (table writes need the event's partition):
         # a tick per partition drives it.
-        behind = await capture.behind()
-        value = json.dumps({"tick": time.time_ns(), "capture_behind": behind}).encode()
+        lagging = sorted(await capture.lagging())
+        value = json.dumps({"tick": time.time_ns(), "lagging": lagging}).encode()
         for p in range(w.pipe.cfg.kafka.partitions):
             await w.turns.send(key=None, value=value, partition=p)
 

@@ -13,17 +13,19 @@ from before it existed gets its newest span time).
 A conversation closes when a span carries the end marker (after a short grace so the
 sibling spans of the last turn still join) or when it is idle in event time: its
 partition's watermark has moved ``idle_timeout_s`` past ``heard_ns``. The watermark
-(:class:`Watermarks`) is the newest span time capture has delivered on the partition, so
-while capture lags (a backlog, a stuck stage) nothing closes from partial data however
-much wall time passes. Measuring from the watermark at arrival, not from the
+(:class:`Watermarks`) is the newest span time capture has delivered on the partition, held
+back to capture's progress on each OTLP partition where it has input left (a conversation's
+traces come from several OTLP partitions, which capture may read unevenly), so while capture
+lags nothing closes from partial data however much wall time passes or however far other
+OTLP partitions run ahead. Measuring from the watermark at arrival, not from the
 conversation's own span times, keeps conversations whose spans arrive out of time order
 with others' (a replay, a batch exporter holding spans) open until the partition's
 progress shows them idle. An idle close also needs ``idle_timeout_s`` of wall time since
-the conversation's last record: capture merges its input partitions, which it may read at
-different paces, so one partition's spans can run ahead of another's by less than that. The wall clock moves the watermark only once the partition has
-been quiet for ``idle_timeout_s`` of wall time: no turn message, and capture with no
-input left to process (the ticks say so, from its consumer lag). Then capture has
-nothing more for it, and a quiet system still closes its conversations.
+the conversation's last record: the lag the ticks carry is seconds old. The wall clock
+moves the watermark only once the partition has been quiet for ``idle_timeout_s`` of wall
+time: no turn message, and capture with no input left to process (the ticks say so, from
+its consumer lag). Then capture has nothing more for it, and a quiet system still closes
+its conversations.
 
 A closed conversation lingers in state for ``linger_s`` so a late span reopens
 it and a newer version replaces the row (ReplacingMergeTree on ``version``); after that
@@ -49,7 +51,6 @@ from processors.errors import InputError
 from processors.records import Conversation, Message, ToolCall, TurnRecord
 
 END_GRACE_NS = 1_000_000_000  # wait this long after an end marker for sibling spans
-LINGER_NS = 120_000_000_000  # keep a closed conversation this long for late spans
 
 
 def new_state(now_ns: int) -> dict[str, Any]:
@@ -163,15 +164,15 @@ def wall_deadline(state: dict[str, Any], cfg: AssembleConfig) -> int:
     """When (wall time) the state next needs a look: its end close, the wall-time half of its
     idle close, or, once closed, its expiry."""
     if state["closed_ns"]:
-        return int(state["closed_ns"]) + LINGER_NS
+        return int(state["closed_ns"]) + int(cfg.linger_s * 1e9)
     if state["ended_ns"]:
         return int(state["last_seen_ns"]) + END_GRACE_NS
     return int(state["last_seen_ns"]) + int(cfg.idle_timeout_s * 1e9)
 
 
-def is_expired(state: dict[str, Any], now_ns: int) -> bool:
+def is_expired(state: dict[str, Any], now_ns: int, cfg: AssembleConfig) -> bool:
     """A closed conversation past its linger time leaves the state."""
-    return bool(state["closed_ns"]) and now_ns - state["closed_ns"] >= LINGER_NS
+    return bool(state["closed_ns"]) and now_ns - state["closed_ns"] >= int(cfg.linger_s * 1e9)
 
 
 def close(conversation_id: str, state: dict[str, Any], reason: str, now_ns: int) -> Conversation:
@@ -184,27 +185,42 @@ def close(conversation_id: str, state: dict[str, Any], reason: str, now_ns: int)
 
 @dataclass(frozen=True)
 class Tick:
-    """A per-partition tick of the turns topic: wall time, and whether capture then had
-    input it had not processed (its consumer lag), which holds the wall clock back."""
+    """A per-partition tick of the turns topic: wall time, and the OTLP partitions
+    (``topic:partition``) on which capture then had input it had not processed (its consumer
+    lag): they hold the watermark back, and the wall clock with it."""
 
     ns: int
-    capture_behind: bool = False
+    lagging: frozenset[str] = frozenset()
 
 
-def parse_turn_message(value: bytes, key: Any) -> tuple[Tick | None, dict[str, list[Any]]]:
-    """A message of the turns topic: ``(tick, {})`` for a tick, else ``(None, groups)``:
+@dataclass(frozen=True)
+class Progress:
+    """Capture's progress, sent to every partition of the turns topic after a batch's turns:
+    per OTLP partition (``topic:partition``), the newest span time it has delivered."""
+
+    newest: dict[str, int]
+
+
+def parse_turn_message(
+    value: bytes, key: Any
+) -> tuple[Tick | Progress | None, dict[str, list[Any]]]:
+    """A message of the turns topic: ``(tick or progress, {})``, else ``(None, groups)``:
     ``{conversation id: turn dicts}`` from a bundle, or one conversation's list keyed by ``key``.
 
     Raises :class:`InputError` (or ``ValueError`` for bad JSON) for anything else.
 
-    >>> parse_turn_message(b'{"tick": 5, "capture_behind": true}', None)
-    (Tick(ns=5, capture_behind=True), {})
+    >>> parse_turn_message(b'{"tick": 5, "lagging": ["otlp_spans:1"]}', None)
+    (Tick(ns=5, lagging=frozenset({'otlp_spans:1'})), {})
+    >>> parse_turn_message(b'{"progress": {"otlp_spans:0": 7}}', None)
+    (Progress(newest={'otlp_spans:0': 7}), {})
     >>> parse_turn_message(b'[{"span_id": "s"}]', b"c1")
     (None, {'c1': [{'span_id': 's'}]})
     """
     body = orjson.loads(value)
     if isinstance(body, dict) and "tick" in body:
-        return Tick(int(body["tick"]), body.get("capture_behind") is True), {}
+        return Tick(int(body["tick"]), frozenset(str(q) for q in body.get("lagging") or [])), {}
+    if isinstance(body, dict) and isinstance(body.get("progress"), dict):
+        return Progress({str(q): int(t) for q, t in body["progress"].items()}), {}
     if isinstance(body, dict) and isinstance(body.get("conversations"), dict):
         groups = body["conversations"]  # a bundle: {conversation id: turns}
     elif isinstance(body, list):  # one conversation, keyed by its id
@@ -232,16 +248,23 @@ OpenConversations = MutableMapping[str, Any]  # conversation id -> state (``"p"`
 
 
 class Watermarks:
-    """Each partition's event-time progress: the newest span time capture has delivered on
-    it, moved on by the wall clock only after ``idle_timeout_s`` of wall time without a turn
-    message while capture had no input left to process (its consumer lag, carried by the
-    ticks). Ticks are not capture's progress: they move no span time.
+    """Each turns partition's event-time progress: the newest span time capture has delivered
+    on it, but no further than the progress capture reported (:class:`Progress`, in the
+    partition's order) on each OTLP partition where it has input left to process (:class:`Tick`):
+    a conversation's spans come from several OTLP partitions (a trace each), which capture may
+    read unevenly. An OTLP partition with nothing left (lag 0) holds nothing back; one with
+    input left whose progress this partition has not been told holds the watermark where it
+    started. The wall clock moves the watermark on only after ``idle_timeout_s`` of wall time
+    without a turn message while capture had no input left at all. Ticks move no span time.
     """
 
     def __init__(self, cfg: AssembleConfig) -> None:
         self.idle_ns = int(cfg.idle_timeout_s * 1e9)
         self._span_ns: dict[int, int] = {}
         self._arrived_ns: dict[int, int] = {}  # wall time of the last turn message
+        self._start_ns: dict[int, int] = {}
+        self._progress: dict[int, dict[str, int]] = defaultdict(dict)  # OTLP partition -> ns
+        self._lagging: dict[int, frozenset[str]] = {}  # OTLP partitions with input left
 
     def known(self, partition: int) -> bool:
         return partition in self._span_ns
@@ -250,6 +273,7 @@ class Watermarks:
         """After a (re)start: the progress the restored conversations show, and a full quiet
         period from now before wall time counts (capture may have a backlog)."""
         self._span_ns[partition] = max(self._span_ns.get(partition, 0), span_ns)
+        self._start_ns[partition] = self._span_ns[partition]
         self._arrived_ns.setdefault(partition, now_ns)
 
     def delivered(self, partition: int, span_ns: int, now_ns: int) -> None:
@@ -257,14 +281,28 @@ class Watermarks:
         self._span_ns[partition] = max(self._span_ns.get(partition, 0), span_ns)
         self._arrived_ns[partition] = now_ns
 
-    def held(self, partition: int, now_ns: int) -> None:
-        """Capture has input it has not processed: the partition is not quiet, whatever
-        arrived (a stuck or lagging capture must not look like a quiet system)."""
-        self._arrived_ns[partition] = max(self._arrived_ns.get(partition, 0), now_ns)
+    def progressed(self, partition: int, newest: dict[str, int]) -> None:
+        """Capture reported its progress per OTLP partition on ``partition``."""
+        seen = self._progress[partition]
+        for source, ns in newest.items():
+            seen[source] = max(seen.get(source, 0), ns)
+
+    def lagging(self, partition: int, sources: frozenset[str], now_ns: int) -> None:
+        """Capture has input it has not processed on ``sources`` (OTLP partitions): they hold
+        the watermark, and the partition is not quiet, whatever arrived (a stuck or lagging
+        capture must not look like a quiet system)."""
+        self._lagging[partition] = sources
+        if sources:
+            self._arrived_ns[partition] = max(self._arrived_ns.get(partition, 0), now_ns)
 
     def at(self, partition: int, now_ns: int) -> int:
         """The partition's watermark at wall time ``now_ns``."""
         span_ns = self._span_ns.get(partition, 0)
+        start = self._start_ns.get(partition, 0)
+        progress = self._progress[partition]
+        held = [progress.get(q, start) for q in self._lagging.get(partition, ())]
+        if held:
+            return min(span_ns, *held)
         quiet_ns = now_ns - self._arrived_ns.get(partition, now_ns)
         return span_ns + quiet_ns if quiet_ns >= self.idle_ns else span_ns
 
@@ -305,14 +343,17 @@ class Deadlines:
         heapq.heappush(self._wall[p], (wall_deadline(state, self.cfg), conversation_id))
 
     def close_due(
-        self, table: OpenConversations, partition: int, now_ns: int, capture_behind: bool = False
+        self,
+        table: OpenConversations,
+        partition: int,
+        now_ns: int,
+        lagging: frozenset[str] = frozenset(),
     ) -> list[Closed]:
         """The conversations of ``partition`` due at ``now_ns``, closed; expired ones leave
         ``table``. The table keeps the open state until the conversation is published.
-        ``capture_behind``: capture has unprocessed input, so wall time does not count."""
+        ``lagging``: the OTLP partitions where capture has unprocessed input (:class:`Tick`)."""
         self.index(table, partition, now_ns)
-        if capture_behind:
-            self.watermarks.held(partition, now_ns)
+        self.watermarks.lagging(partition, lagging, now_ns)
         watermark = self.watermarks.at(partition, now_ns)
         due: dict[str, None] = {}
         for heap, limit, wall in (
@@ -334,7 +375,7 @@ class Deadlines:
             if reason:
                 out.append(_closed(cid, state, reason, now_ns))
                 self._closing.add(cid)
-            elif is_expired(state, now_ns):
+            elif is_expired(state, now_ns, self.cfg):
                 del table[cid]
         return out
 

@@ -177,7 +177,7 @@ class Pipeline:
                 if isinstance(body, dict) and "conversations" in body:  # a bundle per partition
                     for turns in body["conversations"].values():
                         self._turns.extend(turns)
-                elif isinstance(body, list):  # not the assemble stage's {"tick": ...} messages
+                elif isinstance(body, list):  # not the ticks nor capture's {"progress": ...}
                     self._turns.extend(body)
         return list(self._turns)
 

@@ -82,7 +82,12 @@ def test_no_conversation_closes_before_all_its_spans_arrived(pipe: Pipeline) -> 
     a = next(f"held-a{i}" for i in range(1000) if partition_of(f"held-a{i}", parts) == 0)
 
     def deliver(cid: str, turns: list[dict[str, object]]) -> None:
+        """As capture does: the turns, then its progress (on every OTLP partition alike)."""
         producer.produce(pipe.cfg.topics.turns, json.dumps(turns).encode(), cid, partition=0)
+        newest = max(int(str(t["end_ns"])) for t in turns)
+        otlp = [pipe.cfg.topics.otlp_spans, pipe.cfg.topics.otlp_logs]
+        progress = {f"{t}:{q}": newest for t in otlp for q in range(parts)}
+        producer.produce(pipe.cfg.topics.turns, json.dumps({"progress": progress}), partition=0)
         producer.flush(30)
 
     # capture has input it has not processed: an OTLP request nobody consumes

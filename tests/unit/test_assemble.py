@@ -94,7 +94,7 @@ def test_closing_on_end_marker_idle_and_late_span_reopens() -> None:
     assert assemble.is_due(late, 112 * S, cfg, 0) == "end"  # it had ended: closes again after grace
     second = assemble.close("c", late, "end", 112 * S)
     assert second.version > first.version  # the newer row replaces the older
-    assert assemble.is_expired(late, 112 * S + assemble.LINGER_NS)
+    assert assemble.is_expired(late, 112 * S + int(cfg.linger_s * S), cfg)
     idle = assemble.add_turns(None, [llm("s9", 0, [], [])], now_ns=0)  # its span ends at S/2
     # idleness is event time: the watermark, not the wall clock, must pass the last span
     assert assemble.is_due(idle, 1000 * S, cfg, 30 * S) == ""

@@ -44,8 +44,16 @@ class Partition:
         self.table[cid] = state
         self.deadlines.push(cid, state)
 
-    def tick(self, now: int, capture_behind: bool = False) -> list[str]:
-        done = self.deadlines.close_due(self.table, 0, now, capture_behind)
+    def progress(self, **newest: int) -> None:
+        """Capture's progress per OTLP partition (``q0=...`` is ``otlp_spans:0``)."""
+        self.deadlines.watermarks.progressed(
+            0, {f"otlp_spans:{q[1:]}": ns for q, ns in newest.items()}
+        )
+
+    def tick(self, now: int, *lagging: int) -> list[str]:
+        """A tick; ``lagging``: the OTLP partitions where capture has input left."""
+        behind = frozenset(f"otlp_spans:{q}" for q in lagging)
+        done = self.deadlines.close_due(self.table, 0, now, behind)
         for c in done:  # as publish does
             self.table[c.conversation_id] = c.state
             self.deadlines.push(c.conversation_id, c.state)
@@ -88,7 +96,7 @@ def test_capture_stuck_with_input_left_holds_the_wall_clock_back() -> None:
     part = Partition()
     part.deliver("a", [span("a", "a0", 7 * S)], now=0)
     for t in range(1, 300):  # capture is stuck on a backlog for five minutes: nothing closes
-        assert part.tick(t * S, capture_behind=True) == []
+        assert part.tick(t * S, 0) == []
     for t in range(300, 329):  # caught up: a full quiet period from its last backlog
         assert part.tick(t * S) == []
     assert part.tick(329 * S) == ["a"]
@@ -118,7 +126,7 @@ def test_late_span_reopens_and_closes_again_with_a_newer_version() -> None:
     first, second = part.closed["a"]
     assert first.conversation is not None and second.conversation is not None
     assert second.conversation.version > first.conversation.version
-    part.tick(63 * S + 2 * assemble.LINGER_NS)
+    part.tick(63 * S + 2 * int(CFG.linger_s * S))
     assert "a" not in part.table  # past its linger: it leaves the state
 
 
@@ -175,3 +183,35 @@ def test_a_start_indexes_the_restored_table_before_new_records_without_duplicate
         assert sorted(heap) == sorted(set(heap))
     closed = [cid for t in range(7, 200) for cid in part.tick(t * S)]
     assert sorted(closed) == ["n", "r"]
+
+
+def test_an_otlp_partition_capture_lags_on_holds_the_watermark_back() -> None:
+    part = Partition()
+    # "a" has a trace on OTLP partition 1 (delivered) and its next one waits there
+    part.deliver("a", [span("a", "a0", 10 * S)], now=0)
+    part.progress(q1=10 * S)
+    # capture races through partition 0: minutes of span time and of wall time
+    for t in range(1, 300):
+        part.deliver("b", [span("b", f"b{t}", (10 + t) * S)], now=t * S)
+        part.progress(q0=(10 + t) * S)
+        assert part.tick(t * S, 1) == []  # partition 1 has input left: "a" stays open
+    assert part.deadlines.watermark(0, 300 * S) == 10 * S
+    # capture reaches a's next span on partition 1, then moves on there
+    part.deliver("a", [span("a", "a1", 15 * S)], now=300 * S)
+    part.progress(q1=15 * S)
+    assert part.tick(340 * S, 1) == []  # 15 s of span time: not idle yet
+    part.progress(q1=60 * S)
+    assert part.tick(341 * S, 1) == ["a"]
+    assert part.closed["a"][0].conversation is not None
+    assert part.closed["a"][0].conversation.version == 2  # from both its spans
+
+
+def test_a_lagging_otlp_partition_not_heard_of_holds_the_watermark_where_it_started() -> None:
+    part = Partition()
+    assert part.tick(0) == []  # the worker's start: the watermark starts at 0
+    part.deliver("a", [span("a", "a0", 10 * S)], now=0)
+    part.deliver("b", [span("b", "b0", 500 * S)], now=S)
+    part.progress(q0=500 * S)
+    assert part.tick(100 * S, 0, 3) == []  # nothing told of partition 3: held at the start
+    assert part.deadlines.watermark(0, 100 * S) == 0
+    assert part.tick(101 * S) == ["a"]  # nothing left anywhere: partition 3 holds nothing back

@@ -1169,3 +1169,20 @@ def test_an_evaluation_finds_its_conversation_by_the_response_id_it_judges() -> 
     assert b.deadletters == []
     (t,) = b.turns
     assert t.conversation_id == RESPONSE_REF + "chatcmpl-42" and t.evaluations
+
+
+def test_progress_is_the_newest_turn_per_input_partition() -> None:
+    chat = {"gen_ai.operation.name": "chat", "gen_ai.conversation.id": "c"}
+    first, second = (request([span(n, 0, "chat", chat)]).SerializeToString() for n in (1, 5))
+    other = request([span(9, 0, "GET /", {})]).SerializeToString()
+    b = run(
+        RawMessage("otlp_spans", 0, 0, None, second),
+        RawMessage("otlp_spans", 0, 1, None, first),
+        RawMessage("otlp_spans", 1, 0, None, first),
+        RawMessage("otlp_spans", 2, 0, None, other),  # no turn: no progress to tell
+        RawMessage("otlp_spans", 3, 0, None, b"not otlp"),  # dead-lettered
+    )
+    assert b.progress == {
+        "otlp_spans:0": T0 + 5 * 1_000_000 + 500_000,
+        "otlp_spans:1": T0 + 1 * 1_000_000 + 500_000,
+    }

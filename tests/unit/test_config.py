@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
         ({"llm.judge_rate": 1.5}, "llm.judge_rate"),
         ({"capture.redact": ["passwords"]}, "capture.redact"),
         ({"assemble.idle_timeout_s": 0}, "assemble.idle_timeout_s"),
+        ({"assemble.linger_s": 0}, "assemble.linger_s"),
         ({"understand.embedder": "bert"}, "understand.embedder"),
         ({"understand.answer_wait_s": -1}, "understand.answer_wait_s"),
         ({"diagnose.min_support": 0}, "diagnose.min_support"),
