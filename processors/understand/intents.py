@@ -570,7 +570,9 @@ class IntentModel:
             # a re-clustering's cut is polished, not re-opened: its granularity is the data's
             assign = (pts @ cents.T).argmax(axis=1) if recluster else self._dp_assign(pts, w, cents)
             sums, assign = _recentre(msum, assign)
-            cents = self._normalise(sums)
+            cents, previous = self._normalise(sums), cents
+            if np.array_equal(cents, previous):
+                break  # a fixed point: the remaining iterations would repeat this one exactly
         # DP-means never merges two centroids by itself: intents that became near-duplicates do here
         while len(cents) > 1:
             sims = cents @ cents.T
@@ -754,9 +756,18 @@ class IntentModel:
 def _recentre(msum: np.ndarray, assign: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(sum of the micro-cluster sums ``msum`` of each non-empty group, assignment renumbered densely)."""
     _, assign = np.unique(assign, return_inverse=True)
-    order = np.argsort(assign, kind="stable")
-    starts = np.flatnonzero(np.r_[True, np.diff(assign[order]) > 0])
-    return np.add.reduceat(msum[order], starts, axis=0), assign
+    order = np.argsort(assign, kind="stable")  # the rows group by group, in index order within
+    sizes = np.bincount(assign)
+    single = sizes == 1
+    # a group of one is its row: reduceat costs per group and column, and a refinement that
+    # opens many intents has mostly groups of one; the larger groups sum the same rows as before
+    sums = np.empty((len(sizes), msum.shape[1]), dtype=msum.dtype)
+    sums[single] = msum[order[(np.cumsum(sizes) - 1)[single]]]
+    rows = order[~single[assign[order]]]
+    if len(rows):
+        starts = np.cumsum(sizes[~single]) - sizes[~single]
+        sums[~single] = np.add.reduceat(msum[rows], starts, axis=0)
+    return sums, assign
 
 
 def _silhouette(x: np.ndarray, w: np.ndarray, labels: np.ndarray, small: float) -> float:

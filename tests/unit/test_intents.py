@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from processors.understand.intents import IntentModel
+from processors.understand.intents import IntentModel, _recentre
 
 DIM = 32
 
@@ -299,3 +299,16 @@ def test_learn_many_learns_exactly_what_learn_one_does() -> None:
     assert [(i.intent_id, i.size, i.examples) for i in many.intents()] == [
         (i.intent_id, i.size, i.examples) for i in one.intents()
     ]
+
+
+def test_group_sums_are_exactly_those_of_summing_each_group() -> None:
+    # groups of one (which skip the summation), larger groups and an unused id in between
+    rng = np.random.default_rng(5)
+    msum = rng.normal(size=(40, 8))
+    assign = np.r_[rng.integers(0, 6, 30), np.arange(10, 20)]
+    sums, dense = _recentre(msum, assign)
+    # reduceat's order of summation (not add.reduce's): the old one-call sums, bit for bit
+    expected = [np.add.reduceat(msum[assign == g], [0], axis=0)[0] for g in np.unique(assign)]
+    assert len(sums) == 16 and (np.bincount(dense) == 1).sum() == 10
+    assert np.array_equal(sums, np.array(expected))
+    assert np.array_equal(np.unique(assign)[dense], assign)
