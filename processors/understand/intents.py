@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -318,11 +318,16 @@ class IntentModel:
                 out[k] = self._order[int(i)]
         return out
 
-    def intents(self, *, include_merged: bool = False) -> list[IntentSummary]:
+    def intents(
+        self, *, include_merged: bool = False, ids: Collection[str] | None = None
+    ) -> list[IntentSummary]:
+        """The intents (``ids``: only those), each with its examples, most central first."""
         out = []
         position = {iid: k for k, iid in enumerate(self._order)}
         for iid, meta in self._meta.items():
-            if meta["status"] != "active" and not include_merged:
+            if (meta["status"] != "active" and not include_merged) or (
+                ids is not None and iid not in ids
+            ):
                 continue
             cent = self._i_cent[position[iid]] if iid in position else np.asarray(meta["centroid"])
             out.append(
@@ -338,6 +343,10 @@ class IntentModel:
                 )
             )
         return out
+
+    def sizes(self) -> dict[str, int]:
+        """The active intents' sizes: what :meth:`intents` gives without ordering examples."""
+        return {iid: int(m["size"]) for iid, m in self._meta.items() if m["status"] == "active"}
 
     def _central_examples(self, intent_id: str, centroid: np.ndarray) -> list[tuple[int, str]]:
         """The intent's examples, those whose micro-cluster is nearest its centroid first."""
