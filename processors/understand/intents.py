@@ -597,7 +597,8 @@ class IntentModel:
         position = {iid: k for k, iid in enumerate(self._order)}
         old_of = np.array([position[i] for i in self._m_intent[:m]])
         born = np.array([self._meta[i]["born"] for i in self._order])
-        grp_born = np.array([born[old_of[assign == g]].min() for g in range(len(cents))])
+        grp_born = np.full(len(cents), self._n_seen)  # every group has a member: all are set
+        np.minimum.at(grp_born, assign, born[old_of])  # one pass, not one per group
         grp_w = np.bincount(assign, weights=w, minlength=len(cents))
         keep = (grp_w >= self.min_size) | (self._n_seen - grp_born < self.grace)
         if keep.any() and not keep.all():
