@@ -103,9 +103,7 @@ class Understand:
         if not convs:
             return out
         touched: set[str] = set()
-        sizes = {
-            i.intent_id: i.size for i in self.model.intents()
-        }  # once per batch: long-tail test
+        sizes = self.model.sizes()  # once per batch: long-tail test
         # a conversation version seen before (a redelivery) is tagged again but not learned twice
         keys = [(c.conversation_id, c.version) for c in convs]
         firsts = {key: i for i, key in reversed(list(enumerate(keys)))}
@@ -246,7 +244,7 @@ class Understand:
         self, ids: set[str], changed: set[str], out: UnderstandBatch, now_ns: int
     ) -> set[str]:
         renamed: set[str] = set()
-        sizes = {i.intent_id: i for i in self.model.intents()}
+        sizes = {i.intent_id: i for i in self.model.intents(ids=ids)}
         for iid in sorted(ids):
             s = sizes.get(iid)
             if s is None:
@@ -289,7 +287,7 @@ class Understand:
         """The LLM's names (from :func:`~.naming.llm_names`): new versions of the intents' rows.
         An intent merged away meanwhile is left as it is."""
         out = UnderstandBatch()
-        sizes = {i.intent_id: i.size for i in self.model.intents()}
+        sizes = self.model.sizes()
         done, version = set(), self.naming_version
         for iid, name in names.items():
             if iid not in sizes:
@@ -364,9 +362,7 @@ class Understand:
     def intent_rows(self, ids: set[str] | None, now_ns: int) -> list[dict[str, Any]]:
         rows = []
         min_shown = self.cfg.understand.min_examples_shown
-        for s in self.model.intents(include_merged=True):
-            if ids is not None and s.intent_id not in ids:
-                continue
+        for s in self.model.intents(include_merged=True, ids=ids):
             name = self.names.get(s.intent_id)
             rows.append(
                 dict(

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -318,11 +318,16 @@ class IntentModel:
                 out[k] = self._order[int(i)]
         return out
 
-    def intents(self, *, include_merged: bool = False) -> list[IntentSummary]:
+    def intents(
+        self, *, include_merged: bool = False, ids: Collection[str] | None = None
+    ) -> list[IntentSummary]:
+        """The intents (``ids``: only those), each with its examples, most central first."""
         out = []
         position = {iid: k for k, iid in enumerate(self._order)}
         for iid, meta in self._meta.items():
-            if meta["status"] != "active" and not include_merged:
+            if (meta["status"] != "active" and not include_merged) or (
+                ids is not None and iid not in ids
+            ):
                 continue
             cent = self._i_cent[position[iid]] if iid in position else np.asarray(meta["centroid"])
             out.append(
@@ -338,6 +343,10 @@ class IntentModel:
                 )
             )
         return out
+
+    def sizes(self) -> dict[str, int]:
+        """The active intents' sizes: what :meth:`intents` gives without ordering examples."""
+        return {iid: int(m["size"]) for iid, m in self._meta.items() if m["status"] == "active"}
 
     def _central_examples(self, intent_id: str, centroid: np.ndarray) -> list[tuple[int, str]]:
         """The intent's examples, those whose micro-cluster is nearest its centroid first."""
@@ -570,7 +579,9 @@ class IntentModel:
             # a re-clustering's cut is polished, not re-opened: its granularity is the data's
             assign = (pts @ cents.T).argmax(axis=1) if recluster else self._dp_assign(pts, w, cents)
             sums, assign = _recentre(msum, assign)
-            cents = self._normalise(sums)
+            cents, previous = self._normalise(sums), cents
+            if np.array_equal(cents, previous):
+                break  # a fixed point: the remaining iterations would repeat this one exactly
         # DP-means never merges two centroids by itself: intents that became near-duplicates do here
         while len(cents) > 1:
             sims = cents @ cents.T
@@ -586,7 +597,8 @@ class IntentModel:
         position = {iid: k for k, iid in enumerate(self._order)}
         old_of = np.array([position[i] for i in self._m_intent[:m]])
         born = np.array([self._meta[i]["born"] for i in self._order])
-        grp_born = np.array([born[old_of[assign == g]].min() for g in range(len(cents))])
+        grp_born = np.full(len(cents), self._n_seen)  # every group has a member: all are set
+        np.minimum.at(grp_born, assign, born[old_of])  # one pass, not one per group
         grp_w = np.bincount(assign, weights=w, minlength=len(cents))
         keep = (grp_w >= self.min_size) | (self._n_seen - grp_born < self.grace)
         if keep.any() and not keep.all():
@@ -754,9 +766,18 @@ class IntentModel:
 def _recentre(msum: np.ndarray, assign: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(sum of the micro-cluster sums ``msum`` of each non-empty group, assignment renumbered densely)."""
     _, assign = np.unique(assign, return_inverse=True)
-    order = np.argsort(assign, kind="stable")
-    starts = np.flatnonzero(np.r_[True, np.diff(assign[order]) > 0])
-    return np.add.reduceat(msum[order], starts, axis=0), assign
+    order = np.argsort(assign, kind="stable")  # the rows group by group, in index order within
+    sizes = np.bincount(assign)
+    single = sizes == 1
+    # a group of one is its row: reduceat costs per group and column, and a refinement that
+    # opens many intents has mostly groups of one; the larger groups sum the same rows as before
+    sums = np.empty((len(sizes), msum.shape[1]), dtype=msum.dtype)
+    sums[single] = msum[order[(np.cumsum(sizes) - 1)[single]]]
+    rows = order[~single[assign[order]]]
+    if len(rows):
+        starts = np.cumsum(sizes[~single]) - sizes[~single]
+        sums[~single] = np.add.reduceat(msum[rows], starts, axis=0)
+    return sums, assign
 
 
 def _silhouette(x: np.ndarray, w: np.ndarray, labels: np.ndarray, small: float) -> float:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from processors.understand.intents import IntentModel
+from processors.understand.intents import IntentModel, IntentSummary, _recentre
 
 DIM = 32
 
@@ -28,6 +28,11 @@ def blobs_stream(k: int = 5, per: int = 120, seed: int = 1) -> tuple[np.ndarray,
     return X[order], y[order]
 
 
+def summary(i: IntentSummary) -> tuple[str, int, list[tuple[int, str]], bytes]:
+    """An intent's summary, comparable (its centroid as bytes)."""
+    return i.intent_id, i.size, i.examples, i.centroid.tobytes()
+
+
 def model(**kw: object) -> IntentModel:
     settings = {"refine_every": 50, "min_size": 5, "grace": 100}
     settings.update(kw)
@@ -46,6 +51,12 @@ def test_separable_blobs_give_one_intent_each_and_every_point_a_tag() -> None:
     pairs = {(int(a), b) for a, b in zip(y, final)}
     assert len(pairs) == 5 and len({b for _, b in pairs}) == 5
     assert sum(i.size for i in m.intents()) == len(X)
+    # the sizes alone, and a few intents alone, are what the whole list says of them
+    assert m.sizes() == {i.intent_id: i.size for i in m.intents()}
+    few = {i.intent_id for i in m.intents()[1:3]} | {"intent-unknown"}
+    assert [summary(i) for i in m.intents(ids=few)] == [
+        summary(i) for i in m.intents() if i.intent_id in few
+    ]
     # tags given on arrival (through merges) agree with the final model, once the first two
     # refinements (at 10 and 20 points) have seen enough to tell the blobs apart
     assert [m.resolve(t) for t in tags[20:]] == final[20:]
@@ -299,3 +310,16 @@ def test_learn_many_learns_exactly_what_learn_one_does() -> None:
     assert [(i.intent_id, i.size, i.examples) for i in many.intents()] == [
         (i.intent_id, i.size, i.examples) for i in one.intents()
     ]
+
+
+def test_group_sums_are_exactly_those_of_summing_each_group() -> None:
+    # groups of one (which skip the summation), larger groups and an unused id in between
+    rng = np.random.default_rng(5)
+    msum = rng.normal(size=(40, 8))
+    assign = np.r_[rng.integers(0, 6, 30), np.arange(10, 20)]
+    sums, dense = _recentre(msum, assign)
+    # reduceat's order of summation (not add.reduce's): the old one-call sums, bit for bit
+    expected = [np.add.reduceat(msum[assign == g], [0], axis=0)[0] for g in np.unique(assign)]
+    assert len(sums) == 16 and (np.bincount(dense) == 1).sum() == 10
+    assert np.array_equal(sums, np.array(expected))
+    assert np.array_equal(np.unique(assign)[dense], assign)
