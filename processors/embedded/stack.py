@@ -568,7 +568,9 @@ class EmbeddedStack:
         """A new broker on the same port, its topics, and ``carried`` written to them. A
         broker that does not start is restarted by the supervisor's next round."""
         assert self.broker is not None
-        self.broker.stop()
+        # no grace: what it holds that matters was read, and tansu may not exit on SIGTERM
+        # while clients are connected
+        self.broker.stop(timeout_s=0)
         try:
             self.broker.start()
             ensure_topics(self.bootstrap, self.cfg.topics.all(), self.cfg.kafka.partitions)
