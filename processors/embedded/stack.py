@@ -72,7 +72,10 @@ def wait_port(host: str, port: int, timeout_s: float) -> bool:
     return False
 
 
-ROTATE_RETRY_S = 60.0  # a rotation put off (the stages did not catch up) is tried again this late
+# a rotation put off (the stages did not catch up) is tried again this late, and the next one
+# waits as long: the stages' rebuild (open and untagged conversations) refills a new broker, and
+# a limit below what it refills would otherwise rotate it back to back
+ROTATE_RETRY_S = 60.0
 CRASH_LOOP_RESTARTS = 3  # this many restarts of one process ...
 CRASH_LOOP_WINDOW_S = 300.0  # ... within this window is a crash loop (named by `closeloop status`)
 MAX_BACKOFF_S = 30.0
@@ -535,7 +538,7 @@ class EmbeddedStack:
         for child in stages:
             child.start()
         r = self.rotations
-        r.count, r.last_ns, r.next_try = r.count + 1, time.time_ns(), 0.0
+        r.count, r.last_ns, r.next_try = r.count + 1, time.time_ns(), t0 + ROTATE_RETRY_S
         r.last_reason = (
             f"{why}; pid {old_pid} -> {self.broker.pid}, intake paused {paused_s:.1f} s, "
             f"{len(drained)} unconsumed records carried over"
@@ -547,12 +550,18 @@ class EmbeddedStack:
         """Once the stages have consumed what nothing else rebuilds (at most
         ``capture.drain_timeout_s``), stop them and read what they left unconsumed meanwhile;
         else (running again) why not."""
-        timeout = self.cfg.capture.drain_timeout_s
+        timeout, t0 = self.cfg.capture.drain_timeout_s, time.monotonic()
         left = self._wait_consumed(self._rotation_inputs(), timeout)
         if left:
             return f"{left} records not consumed within {timeout:.0f} s"
+        t1 = time.monotonic()
         for child in reversed(stages):  # capture processes first, the store owner last
             child.stop()
+        log.info(
+            "rotation: the stages consumed what the broker holds in %.1f s, stopped in %.1f s",
+            t1 - t0,
+            time.monotonic() - t1,
+        )
         try:
             return [
                 r
@@ -638,7 +647,7 @@ class EmbeddedStack:
             lag[:] = [sum(consumer_lag(self.bootstrap, g, ts) for g, ts in inputs.items())]
             return lag[0] == 0
 
-        wait_for(consumed, timeout_s, 0.5)
+        wait_for(consumed, timeout_s, 0.1)  # a reading takes ~0.5 s (true end offsets)
         return lag[0] if lag else -1
 
     def stop(self) -> None:
