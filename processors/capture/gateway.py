@@ -12,9 +12,9 @@ records it writes are those the collector writes and the processors cannot tell 
   without a trace id get no key.
 
 A request is answered only once the broker acknowledged every one of its messages (idempotent
-producer, ``acks=all``). When the broker is slow or down, or the in-flight budget is used up,
-the answer is gRPC ``UNAVAILABLE`` / HTTP 503 with a retry delay, so OTel SDKs retry: nothing is
-accepted and then dropped. A retried request whose first attempt was partly written is written
+producer, ``acks=all``). When the broker is slow or down, the in-flight budget is used up, or
+the stack paused the intake (a broker rotation), the answer is gRPC ``UNAVAILABLE`` / HTTP 503
+with a retry delay, so OTel SDKs retry: nothing is accepted and then dropped. A retried request whose first attempt was partly written is written
 twice (at least once); downstream stages are idempotent by span id.
 
 Run it as a process: ``python -m processors.capture.gateway --bootstrap HOST:PORT [--config FILE]``.
