@@ -183,7 +183,7 @@ def format_process(name: str, p: dict[str, Any], now_ns: int) -> list[str]:
             out.append(f"    last error: {p['last_error']}")
     if p.get("rotations"):
         out.append(
-            f"    rotated {p['rotations']} times, last {_when(p['last_rotation_ns'], now_ns)}: "
+            f"    rotations {p['rotations']}, the last {_when(p['last_rotation_ns'], now_ns)}: "
             f"{p['last_rotation']}"
         )
     if p.get("rotation_put_off_ns", 0) > p.get("last_rotation_ns", 0):

@@ -551,7 +551,10 @@ class EmbeddedStack:
         ``capture.drain_timeout_s``), stop them and read what they left unconsumed meanwhile;
         else (running again) why not."""
         timeout, t0 = self.cfg.capture.drain_timeout_s, time.monotonic()
-        left = self._wait_consumed(self._rotation_inputs(), timeout)
+        try:
+            left = self._wait_consumed(self._rotation_inputs(), timeout)
+        except Exception as e:  # the Kafka client's own errors: the broker not answering
+            return f"cannot read the consumer lag: {e}"
         if left:
             return f"{left} records not consumed within {timeout:.0f} s"
         t1 = time.monotonic()
@@ -568,7 +571,7 @@ class EmbeddedStack:
                 for group, topics in self._rotation_inputs().items()
                 for r in unconsumed(self.bootstrap, group, topics)
             ]
-        except CloseloopError as e:
+        except Exception as e:  # BrokerError, or the Kafka client's own
             for child in stages:
                 child.start()
             return f"cannot read what the stages left: {e}"
@@ -584,7 +587,7 @@ class EmbeddedStack:
             self.broker.start()
             ensure_topics(self.bootstrap, self.cfg.topics.all(), self.cfg.kafka.partitions)
             produce(self.bootstrap, carried)
-        except CloseloopError as e:
+        except Exception as e:  # BrokerError, or the Kafka client's own
             log.error(
                 "the new broker did not take the %d unconsumed records carried over (lost): %s",
                 len(carried),

@@ -6,7 +6,9 @@ the new broker, and the new broker assembles each of the others once."""
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 from examples.support_agent import run_cycle
 from examples.support_agent.run import CycleReport
 from processors.records import Conversation
+from processors.status import format_process, process_health
 
 from .harness import conversation_intents, read_topic, running_loop
 
@@ -75,5 +78,8 @@ def test_a_rotation_loses_nothing_and_tags_each_conversation_once(
         assert [c for c, n in assembled.items() if n > 1] == []
         assert set(assembled) & tagged_before == set()
         assert len(set(assembled) - tagged_before) > 0  # open across the rotation
-        status = (loop.cfg.run_dir() / "stack.json").read_text()
-        assert "kafka.rotate_memory_mb 1" in status
+        # `closeloop status` says it happened, and why
+        now = time.time_ns()
+        broker = process_health(json.loads((loop.cfg.run_dir() / "stack.json").read_text()), now)
+        said = format_process("broker", broker["broker"], now)
+        assert any("rotations 1, the last" in ln and "rotate_memory_mb 1;" in ln for ln in said)
