@@ -520,36 +520,47 @@ class EmbeddedStack:
 
     def rotate(self, why: str) -> bool:
         """Replace the memory broker (tansu frees nothing it was sent) without losing a record:
-        pause the gateway's intake (503, Retry-After), wait until the stages have consumed what
-        the broker holds (at most ``capture.drain_timeout_s``, else put off and tried again
-        later), stop them, carry what they left unconsumed over to a new broker on the same
-        port, reopen the intake and start the stages again, which rebuild their state as after
-        a broker restart. True if the broker was replaced."""
+        pause the gateway's intake (503, Retry-After) until the stages have consumed what the
+        broker holds (at most ``capture.drain_timeout_s``, else put off and tried again later);
+        stop them; pause the intake again, carry what is unconsumed (what arrived while they
+        stopped, what their last moments produced) over to a new broker on the same port,
+        reopen the intake and start the stages, which rebuild their state as after a broker
+        restart. True if the broker was replaced."""
         assert self.broker is not None
         log.warning("rotating the broker: %s", why)
         t0, old_pid = time.monotonic(), self.broker.pid
-        stages = self._stage_children()
         with self._intake_paused() as paused:
-            drained = self._stop_drained(stages) if paused else "the gateway did not pause"
-            if isinstance(drained, str):
-                return self._put_off(why, drained)
-            self._replace_broker(drained)
+            late = self._drain() if paused else "the gateway did not pause"
+        if late:
+            return self._put_off(why, late)
         paused_s = time.monotonic() - t0
+        # the intake is open while the stages stop (seconds): what arrives meanwhile stays
+        # unconsumed and is carried over
+        stages = self._stage_children()
+        for child in reversed(stages):  # capture processes first, the store owner last
+            child.stop()
+        t1 = time.monotonic()
+        with self._intake_paused() as paused:
+            carried = self._unconsumed() if paused else "the gateway did not pause"
+            if isinstance(carried, list):
+                self._replace_broker(carried)
+        paused_s += time.monotonic() - t1
         for child in stages:
             child.start()
+        if isinstance(carried, str):
+            return self._put_off(why, carried)
         r = self.rotations
         r.count, r.last_ns, r.next_try = r.count + 1, time.time_ns(), t0 + ROTATE_RETRY_S
         r.last_reason = (
             f"{why}; pid {old_pid} -> {self.broker.pid}, intake paused {paused_s:.1f} s, "
-            f"{len(drained)} unconsumed records carried over"
+            f"{len(carried)} unconsumed records carried over"
         )
         log.warning("broker rotated: %s", r.last_reason)
         return True
 
-    def _stop_drained(self, stages: list[Child]) -> list[Record] | str:
-        """Once the stages have consumed what nothing else rebuilds (at most
-        ``capture.drain_timeout_s``), stop them and read what they left unconsumed meanwhile;
-        else (running again) why not."""
+    def _drain(self) -> str:
+        """Wait (at most ``capture.drain_timeout_s``) until the stages have consumed what
+        nothing else rebuilds; why not, or "" when they have."""
         timeout, t0 = self.cfg.capture.drain_timeout_s, time.monotonic()
         try:
             left = self._wait_consumed(self._rotation_inputs(), timeout)
@@ -557,14 +568,14 @@ class EmbeddedStack:
             return f"cannot read the consumer lag: {e}"
         if left:
             return f"{left} records not consumed within {timeout:.0f} s"
-        t1 = time.monotonic()
-        for child in reversed(stages):  # capture processes first, the store owner last
-            child.stop()
         log.info(
-            "rotation: the stages consumed what the broker holds in %.1f s, stopped in %.1f s",
-            t1 - t0,
-            time.monotonic() - t1,
+            "rotation: the stages consumed what the broker holds in %.1f s", time.monotonic() - t0
         )
+        return ""
+
+    def _unconsumed(self) -> list[Record] | str:
+        """What the stopped stages left unconsumed of the topics nothing else rebuilds, or why
+        it cannot be read."""
         try:
             return [
                 r
@@ -572,8 +583,6 @@ class EmbeddedStack:
                 for r in unconsumed(self.bootstrap, group, topics)
             ]
         except Exception as e:  # BrokerError, or the Kafka client's own
-            for child in stages:
-                child.start()
             return f"cannot read what the stages left: {e}"
 
     def _replace_broker(self, carried: list[Record]) -> None:
@@ -629,14 +638,15 @@ class EmbeddedStack:
         if pid is None or read_run_file(self.cfg, "gateway.json") is None:
             yield pid is None  # one starting may accept any moment
             return
+
+        def paused() -> Any:
+            return (read_run_file(self.cfg, "gateway.json") or {}).get("paused")
+
+        # a pause just lifted must show first, so that "paused" is read from this pause
+        wait_for(lambda: paused() is False, 2.0, 0.05)
         os.kill(pid, signal.SIGUSR1)
         try:
-            idle = wait_for(
-                lambda: (read_run_file(self.cfg, "gateway.json") or {}).get("paused"),
-                self.cfg.otlp.ack_timeout_s + 5.0,
-                0.1,
-            )
-            yield bool(idle)
+            yield bool(wait_for(paused, self.cfg.otlp.ack_timeout_s + 5.0, 0.05))
         finally:
             if gateway is not None and gateway.pid == pid:
                 os.kill(pid, signal.SIGUSR2)
