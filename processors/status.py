@@ -181,6 +181,15 @@ def format_process(name: str, p: dict[str, Any], now_ns: int) -> list[str]:
         out.append(f"    last exit: {how}, {_when(p['last_exit_ns'], now_ns)}")
         if p.get("last_error"):
             out.append(f"    last error: {p['last_error']}")
+    if p.get("rotations"):
+        out.append(
+            f"    rotations {p['rotations']}, the last {_when(p['last_rotation_ns'], now_ns)}: "
+            f"{p['last_rotation']}"
+        )
+    if p.get("rotation_put_off_ns", 0) > p.get("last_rotation_ns", 0):
+        out.append(
+            f"    rotation {_when(p['rotation_put_off_ns'], now_ns)}: {p['rotation_put_off']}"
+        )
     return out
 
 

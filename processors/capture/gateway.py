@@ -12,9 +12,9 @@ records it writes are those the collector writes and the processors cannot tell 
   without a trace id get no key.
 
 A request is answered only once the broker acknowledged every one of its messages (idempotent
-producer, ``acks=all``). When the broker is slow or down, or the in-flight budget is used up,
-the answer is gRPC ``UNAVAILABLE`` / HTTP 503 with a retry delay, so OTel SDKs retry: nothing is
-accepted and then dropped. A retried request whose first attempt was partly written is written
+producer, ``acks=all``). When the broker is slow or down, the in-flight budget is used up, or
+the stack paused the intake (a broker rotation), the answer is gRPC ``UNAVAILABLE`` / HTTP 503
+with a retry delay, so OTel SDKs retry: nothing is accepted and then dropped. A retried request whose first attempt was partly written is written
 twice (at least once); downstream stages are idempotent by span id.
 
 Run it as a process: ``python -m processors.capture.gateway --bootstrap HOST:PORT [--config FILE]``.
@@ -427,6 +427,7 @@ class KafkaSink:
         self._fatal = threading.Event()
         self._down = threading.Event()  # librdkafka said all brokers are down; not yet back
         self._stop = threading.Event()
+        self._paused = threading.Event()  # the stack is replacing the broker (a rotation)
         self._healthy = True
         self._thread = threading.Thread(
             target=self._poll_loop, name="gateway-kafka-poll", daemon=True
@@ -450,6 +451,8 @@ class KafkaSink:
         pending = _Pending(remaining=len(messages))
         with self._lock:
             # an idle gateway admits any request, so one larger than the budget cannot starve
+            if self._paused.is_set():
+                raise Unavailable("intake paused while the embedded broker is replaced; retry")
             if self._inflight and self._inflight + size > self.max_inflight_bytes:
                 raise Unavailable(
                     f"gateway buffer full ({self._inflight} bytes waiting for the broker)"
@@ -481,6 +484,25 @@ class KafkaSink:
         if err.retriable() or err.fatal() or err.code() in _RETRYABLE:
             raise Unavailable(f"broker did not acknowledge: {err.str()}")
         raise BrokerError(f"broker refused the write to {topic}: {err.str()}")
+
+    @property
+    def paused(self) -> bool:
+        return self._paused.is_set()
+
+    def pause(self) -> None:
+        """Answer every request 503 until :meth:`resume` (requests under way still finish)."""
+        self._paused.set()
+
+    def idle(self) -> bool:
+        """Paused with nothing waiting for an acknowledgement: nothing more will be written."""
+        with self._lock:
+            return self._paused.is_set() and self._inflight == 0
+
+    def resume(self) -> None:
+        """Accept again, through a new producer: the old one's idempotence state belongs to
+        the broker that was replaced (a request it still takes answers 503 when it goes)."""
+        self._fatal.set()
+        self._paused.clear()
 
     def _abandon(self, pending: _Pending, unsent: list[tuple[bytes | None, bytes]]) -> None:
         """Release the budget of messages never handed to the producer (lock held)."""
@@ -675,6 +697,16 @@ class Gateway:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def pause(self, on: bool) -> None:
+        """Pause (503 to everything) or resume the intake (the stack's broker rotation)."""
+        if self._sink is not None and on != self._sink.paused:
+            self._sink.pause() if on else self._sink.resume()
+            log.warning("intake %s", "paused: the broker is being replaced" if on else "resumed")
+
+    def paused_idle(self) -> bool:
+        """Paused, and every request it accepted is acknowledged or answered 503."""
+        return self._sink is not None and self._sink.idle()
 
     def stats(self) -> dict[str, int]:
         """Counters: ``{traces,logs,metrics}_requests``, ``spans``, ``log_records``,
@@ -975,6 +1007,8 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m processors.capture.gateway --bootstrap HOST:PORT [--config F] [--grpc-port N] ...``.
 
     Prints ``gateway ready grpc=HOST:PORT http=HOST:PORT`` once listening; stops on SIGTERM/SIGINT.
+    SIGUSR1 pauses the intake (503 to every request) and SIGUSR2 resumes it: the stack's broker
+    rotation; ``run/gateway.json`` says ``"paused": true`` once nothing accepted is in flight.
     """
     from processors.embedded.broker import ensure_topics
     from processors.embedded.procs import write_run_file
@@ -1003,20 +1037,27 @@ def main(argv: list[str] | None = None) -> None:
         )
     ensure_topics(bootstrap, [cfg.topics.otlp_spans, cfg.topics.otlp_logs], cfg.kafka.partitions)
     stop = threading.Event()
+    pause = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    signal.signal(signal.SIGUSR1, lambda *_: pause.set())
+    signal.signal(signal.SIGUSR2, lambda *_: pause.clear())
     gw = Gateway(cfg, bootstrap)
     gw.start()
+    ports = {"grpc_port": gw.grpc_port, "http_port": gw.http_port}
     # the ports bound, for the stack's supervisor (it publishes these, not the ones asked for)
-    write_run_file(
-        cfg.run_dir(), "gateway.json", {"grpc_port": gw.grpc_port, "http_port": gw.http_port}
-    )
+    write_run_file(cfg.run_dir(), "gateway.json", {**ports, "paused": False})
     # one parseable line for the supervisor (the ports matter when 0 was asked for)
     print(
         f"gateway ready grpc={cfg.otlp.host}:{gw.grpc_port} http={cfg.otlp.host}:{gw.http_port}",
         flush=True,
     )
-    stop.wait()
+    published = False
+    while not stop.wait(POLL_INTERVAL_S):
+        gw.pause(pause.is_set())
+        if gw.paused_idle() != published:
+            published = not published
+            write_run_file(cfg.run_dir(), "gateway.json", {**ports, "paused": published})
     gw.stop()
     (cfg.run_dir() / "gateway.json").unlink(missing_ok=True)
 

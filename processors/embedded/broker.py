@@ -298,16 +298,114 @@ def topic_state(bootstrap: str, topics: list[str], timeout_s: float = 10.0) -> T
     return TopicState(str(cluster or ""), ids, bounds)
 
 
-def capture_lag(bootstrap: str, group: str, otlp_topics: list[str]) -> int:
-    """Records of the OTLP topics capture (consumer group ``group``) has not yet processed
-    (committed past)."""
-    return sum(capture_lags(bootstrap, group, otlp_topics).values())
-
-
-def capture_lags(bootstrap: str, group: str, otlp_topics: list[str]) -> dict[str, int]:
-    """:func:`capture_lag` per ``topic:partition``."""
-    ends = true_end_offsets(bootstrap, otlp_topics)
+def _positions(
+    bootstrap: str, group: str, topics: list[str]
+) -> dict[tuple[str, int], tuple[int, int]]:
+    """Per partition of ``topics``: (consumer group ``group``'s committed offset, the true end)."""
+    ends = true_end_offsets(bootstrap, topics)
     commits = committed_offsets(bootstrap, group, list(ends))
+    return {tp: (max(0, commits.get(tp, -1)), end) for tp, end in ends.items()}
+
+
+def consumer_lags(bootstrap: str, group: str, topics: list[str]) -> dict[str, int]:
+    """Records of each partition of ``topics`` (``topic:partition``) consumer group ``group``
+    has not yet processed (committed past)."""
     return {
-        f"{t}:{p}": max(0, end - max(0, commits.get((t, p), -1))) for (t, p), end in ends.items()
+        f"{t}:{p}": max(0, end - start)
+        for (t, p), (start, end) in _positions(bootstrap, group, topics).items()
     }
+
+
+def consumer_lag(bootstrap: str, group: str, topics: list[str]) -> int:
+    """:func:`consumer_lags` summed over the partitions."""
+    return sum(consumer_lags(bootstrap, group, topics).values())
+
+
+@dataclass(frozen=True)
+class Record:
+    """A record as a producer writes it again: where it was, its key, value and headers."""
+
+    topic: str
+    partition: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, str | bytes | None]] | None
+
+
+def unconsumed(
+    bootstrap: str, group: str, topics: list[str], timeout_s: float = 30.0
+) -> list[Record]:
+    """The records of ``topics`` past consumer group ``group``'s committed offsets, in order
+    per partition; read while nothing produces to them (``BrokerError`` if they cannot all be
+    read)."""
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    ranges = {tp: r for tp, r in _positions(bootstrap, group, topics).items() if r[1] > r[0]}
+    if not ranges:
+        return []
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "closeloop-status",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
+    out: list[Record] = []
+    pending = set(ranges)
+    try:
+        c.assign([TopicPartition(t, p, ranges[(t, p)][0]) for t, p in ranges])
+        deadline = time.monotonic() + timeout_s
+        while pending and time.monotonic() < deadline:
+            m = c.poll(0.2)
+            if m is None:
+                continue
+            tp = (m.topic(), m.partition())
+            if m.error() is not None:
+                if m.error().code() != KafkaError._PARTITION_EOF:
+                    raise BrokerError(f"cannot read {tp}: {m.error().str()}")
+                pending.discard(tp)
+                continue
+            if m.offset() < ranges[tp][1]:
+                out.append(Record(tp[0], tp[1], m.key(), m.value(), m.headers()))
+            if m.offset() + 1 >= ranges[tp][1]:
+                pending.discard(tp)
+    finally:
+        c.close()
+    if pending:
+        raise BrokerError(f"could not read the unconsumed records of {sorted(pending)}")
+    return out
+
+
+def produce(bootstrap: str, records: list[Record], timeout_s: float = 30.0) -> None:
+    """Write ``records`` to their topic and partition, in order, and wait for every
+    acknowledgement (``BrokerError`` if any is missing)."""
+    from confluent_kafka import Producer
+
+    if not records:
+        return
+    failed: list[str] = []
+    largest = max(len(r.value or b"") + len(r.key or b"") for r in records)
+    p = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "enable.idempotence": True,
+            "acks": "all",
+            "message.max.bytes": max(1_000_000, largest + (1 << 20)),
+        }
+    )
+    for r in records:
+        p.produce(
+            r.topic,
+            value=r.value,
+            key=r.key,
+            partition=r.partition,
+            headers=r.headers,
+            on_delivery=lambda err, _m: failed.append(err.str()) if err else None,
+        )
+    left = p.flush(timeout_s)
+    if left or failed:
+        raise BrokerError(
+            f"{left + len(failed)} of {len(records)} records were not acknowledged"
+            + (f": {failed[0]}" if failed else "")
+        )

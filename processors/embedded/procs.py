@@ -106,6 +106,17 @@ class ManagedProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def rss_mb(self) -> float:
+        """Resident memory in MB (``VmRSS``); 0 when not running or unknown (off Linux)."""
+        if not self.alive():
+            return 0.0
+        try:
+            status = Path(f"/proc/{self.pid}/status").read_text()
+        except OSError:
+            return 0.0
+        kb = next((ln.split()[1] for ln in status.splitlines() if ln.startswith("VmRSS:")), "0")
+        return int(kb) / 1024
+
     def stop(self, timeout_s: float | None = None) -> bool:
         """Stop the process and close its log; True if it had to be killed."""
         killed = stop_process(self.proc, self.STOP_TIMEOUT_S if timeout_s is None else timeout_s)

@@ -3,7 +3,9 @@
 ``closeloop up`` runs it in the foreground; ``closeloop demo`` and the e2e tests start it too.
 Children are supervised: one that dies unexpectedly is restarted (with a back-off), and
 stopping goes gateway → (on memory storage, capture storing what was acknowledged) → worker →
-broker → the broker's storage, so nothing is accepted that cannot be written.
+broker → the broker's storage, so nothing is accepted that cannot be written. A memory broker
+grown past ``kafka.rotate_memory_mb`` is rotated: replaced by a new one once the stages have
+consumed what it holds (:meth:`EmbeddedStack.rotate`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import threading
@@ -24,7 +27,15 @@ from typing import Any, ClassVar
 
 from processors.config import Config
 from processors.credentials import ensure_sql_credentials, load_sql_credentials
-from processors.embedded.broker import EmbeddedBroker, capture_lag, ensure_topics, port_in_use
+from processors.embedded.broker import (
+    EmbeddedBroker,
+    Record,
+    consumer_lag,
+    ensure_topics,
+    port_in_use,
+    produce,
+    unconsumed,
+)
 from processors.embedded.procs import ManagedProcess, read_run_file, spawn
 from processors.embedded.s3store import LocalS3
 from processors.errors import CloseloopError
@@ -61,6 +72,10 @@ def wait_port(host: str, port: int, timeout_s: float) -> bool:
     return False
 
 
+# a rotation put off (the stages did not catch up) is tried again this late, and the next one
+# waits as long: the stages' rebuild (open and untagged conversations) refills a new broker, and
+# a limit below what it refills would otherwise rotate it back to back
+ROTATE_RETRY_S = 60.0
 CRASH_LOOP_RESTARTS = 3  # this many restarts of one process ...
 CRASH_LOOP_WINDOW_S = 300.0  # ... within this window is a crash loop (named by `closeloop status`)
 MAX_BACKOFF_S = 30.0
@@ -168,6 +183,27 @@ class Health:
 
 
 @dataclass
+class Rotations:
+    """The memory broker's planned restarts (``kafka.rotate_memory_mb``), for the stack file."""
+
+    count: int = 0
+    last_ns: int = 0
+    last_reason: str = ""
+    put_off_ns: int = 0  # the last rotation that did not happen, and why
+    put_off_reason: str = ""
+    next_try: float = 0.0  # monotonic: not before
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rotations": self.count,
+            "last_rotation_ns": self.last_ns,
+            "last_rotation": self.last_reason,
+            "rotation_put_off_ns": self.put_off_ns,
+            "rotation_put_off": self.put_off_reason,
+        }
+
+
+@dataclass
 class Child(ManagedProcess):
     name: str
     argv: list[str]
@@ -199,6 +235,7 @@ class EmbeddedStack:
     bootstrap: str = ""
     children: dict[str, Child] = field(default_factory=dict)
     health: dict[str, Health] = field(default_factory=dict)  # restarts and last exit per process
+    rotations: Rotations = field(default_factory=Rotations)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> EmbeddedStack:
@@ -374,11 +411,14 @@ class EmbeddedStack:
             "broker": self.broker,
             **self.children,
         }
-        return {
+        out = {
             name: {"pid": p.pid, **self.health.get(name, Health()).to_json()}
             for name, p in procs.items()
             if p is not None
         }
+        if "broker" in out:
+            out["broker"].update(self.rotations.to_json())
+        return out
 
     @contextmanager
     def supervised(self, interval_s: float = 0.5) -> Iterator[None]:
@@ -415,6 +455,7 @@ class EmbeddedStack:
         for child in self.children.values():
             if not child.alive():
                 changed |= self._restart(child.name, child, child.log_path.name)
+        changed |= self._rotate_if_due()
         if changed:
             self._write_stack_file()
 
@@ -462,6 +503,166 @@ class EmbeddedStack:
                 child.start()
                 self.health.setdefault(child.name, Health()).restarted_for("the broker restarted")
 
+    # -- broker rotation ---------------------------------------------------------------------
+    def _rotate_if_due(self) -> bool:
+        """Rotate the memory broker once its RSS passes ``kafka.rotate_memory_mb``; True if it
+        was tried."""
+        limit, broker = self.cfg.kafka.rotate_memory_mb, self.broker
+        if not limit or broker is None or not broker.storage.startswith("memory"):
+            return False
+        if time.monotonic() < self.rotations.next_try or not broker.alive():
+            return False
+        rss = broker.rss_mb()
+        if rss < limit:
+            return False
+        self.rotate(f"broker RSS {rss:.0f} MB over kafka.rotate_memory_mb {limit}")
+        return True
+
+    def rotate(self, why: str) -> bool:
+        """Replace the memory broker (tansu frees nothing it was sent) without losing a record:
+        pause the gateway's intake (503, Retry-After) until the stages have consumed what the
+        broker holds (at most ``capture.drain_timeout_s``, else put off and tried again later);
+        stop them; pause the intake again, carry what is unconsumed (what arrived while they
+        stopped, what their last moments produced) over to a new broker on the same port,
+        reopen the intake and start the stages, which rebuild their state as after a broker
+        restart. True if the broker was replaced."""
+        assert self.broker is not None
+        log.warning("rotating the broker: %s", why)
+        t0, old_pid = time.monotonic(), self.broker.pid
+        with self._intake_paused() as paused:
+            late = self._drain() if paused else "the gateway did not pause"
+        if late:
+            return self._put_off(why, late)
+        paused_s = time.monotonic() - t0
+        # the intake is open while the stages stop (seconds): what arrives meanwhile stays
+        # unconsumed and is carried over
+        stages = self._stage_children()
+        for child in reversed(stages):  # capture processes first, the store owner last
+            child.stop()
+        t1 = time.monotonic()
+        with self._intake_paused() as paused:
+            carried = self._unconsumed() if paused else "the gateway did not pause"
+            if isinstance(carried, list):
+                self._replace_broker(carried)
+        paused_s += time.monotonic() - t1
+        for child in stages:
+            child.start()
+        if isinstance(carried, str):
+            return self._put_off(why, carried)
+        r = self.rotations
+        r.count, r.last_ns, r.next_try = r.count + 1, time.time_ns(), t0 + ROTATE_RETRY_S
+        r.last_reason = (
+            f"{why}; pid {old_pid} -> {self.broker.pid}, intake paused {paused_s:.1f} s, "
+            f"{len(carried)} unconsumed records carried over"
+        )
+        log.warning("broker rotated: %s", r.last_reason)
+        return True
+
+    def _drain(self) -> str:
+        """Wait (at most ``capture.drain_timeout_s``) until the stages have consumed what
+        nothing else rebuilds; why not, or "" when they have."""
+        timeout, t0 = self.cfg.capture.drain_timeout_s, time.monotonic()
+        try:
+            left = self._wait_consumed(self._rotation_inputs(), timeout)
+        except Exception as e:  # the Kafka client's own errors: the broker not answering
+            return f"cannot read the consumer lag: {e}"
+        if left:
+            return f"{left} records not consumed within {timeout:.0f} s"
+        log.info(
+            "rotation: the stages consumed what the broker holds in %.1f s", time.monotonic() - t0
+        )
+        return ""
+
+    def _unconsumed(self) -> list[Record] | str:
+        """What the stopped stages left unconsumed of the topics nothing else rebuilds, or why
+        it cannot be read."""
+        try:
+            return [
+                r
+                for group, topics in self._rotation_inputs().items()
+                for r in unconsumed(self.bootstrap, group, topics)
+            ]
+        except Exception as e:  # BrokerError, or the Kafka client's own
+            return f"cannot read what the stages left: {e}"
+
+    def _replace_broker(self, carried: list[Record]) -> None:
+        """A new broker on the same port, its topics, and ``carried`` written to them. A
+        broker that does not start is restarted by the supervisor's next round."""
+        assert self.broker is not None
+        # no grace: what it holds that matters was read, and tansu may not exit on SIGTERM
+        # while clients are connected
+        self.broker.stop(timeout_s=0)
+        try:
+            self.broker.start()
+            ensure_topics(self.bootstrap, self.cfg.topics.all(), self.cfg.kafka.partitions)
+            produce(self.bootstrap, carried)
+        except Exception as e:  # BrokerError, or the Kafka client's own
+            log.error(
+                "the new broker did not take the %d unconsumed records carried over (lost): %s",
+                len(carried),
+                e,
+            )
+
+    def _put_off(self, why: str, because: str) -> bool:
+        r = self.rotations
+        r.put_off_ns, r.next_try = time.time_ns(), time.monotonic() + ROTATE_RETRY_S
+        r.put_off_reason = f"{why}: put off, {because}; trying again in {ROTATE_RETRY_S:.0f} s"
+        log.warning("broker rotation %s", r.put_off_reason)
+        return False
+
+    def _stage_children(self) -> list[Child]:
+        """The worker, then the capture processes (the order they start in)."""
+        return [c for n, c in self.children.items() if n == "worker" or n.startswith("capture-")]
+
+    def _rotation_inputs(self) -> dict[str, list[str]]:
+        """Per consumer group, the topics whose unconsumed records nothing else could rebuild:
+        the OTLP topics (acknowledged spans) and the inputs of diagnose and act. Assemble's and
+        understand's inputs are left out: capture stores every turn record in ``turn_records``
+        before sending it, and assemble rebuilds from there every conversation not yet tagged,
+        so carrying them over would tag such a conversation twice (and assemble's timer ticks
+        keep its input's lag above 0 anyway)."""
+        t = self.cfg.topics
+        otlp, later = [t.otlp_spans, t.otlp_logs], [t.tags]
+        if self.cfg.act.repo:  # act runs only with a repository to propose changes to
+            later.append(t.diagnoses)
+        if self.cfg.capture.processes:
+            return {app_id(CAPTURE_ONLY): otlp, app_id(ALL_STAGES): later}
+        return {app_id(ALL_STAGES): otlp + later}
+
+    @contextmanager
+    def _intake_paused(self) -> Iterator[bool]:
+        """Pause the gateway's intake for the block; yields whether it confirmed that nothing
+        it accepted is still in flight (a gateway that is not running accepts nothing)."""
+        gateway = self.children.get("gateway")
+        pid = gateway.pid if gateway is not None and gateway.alive() else None
+        if pid is None or read_run_file(self.cfg, "gateway.json") is None:
+            yield pid is None  # one starting may accept any moment
+            return
+
+        def paused() -> Any:
+            return (read_run_file(self.cfg, "gateway.json") or {}).get("paused")
+
+        # a pause just lifted must show first, so that "paused" is read from this pause
+        wait_for(lambda: paused() is False, 2.0, 0.05)
+        os.kill(pid, signal.SIGUSR1)
+        try:
+            yield bool(wait_for(paused, self.cfg.otlp.ack_timeout_s + 5.0, 0.05))
+        finally:
+            if gateway is not None and gateway.pid == pid:
+                os.kill(pid, signal.SIGUSR2)
+
+    def _wait_consumed(self, inputs: dict[str, list[str]], timeout_s: float) -> int:
+        """Wait (at most ``timeout_s``) until every consumer group of ``inputs`` has consumed
+        its topics; the records left (0: all consumed)."""
+        lag: list[int] = []
+
+        def consumed() -> bool:
+            lag[:] = [sum(consumer_lag(self.bootstrap, g, ts) for g, ts in inputs.items())]
+            return lag[0] == 0
+
+        wait_for(consumed, timeout_s, 0.1)  # a reading takes ~0.5 s (true end offsets)
+        return lag[0] if lag else -1
+
     def stop(self) -> None:
         # the gateway first (nothing more is accepted), the store owner last
         self._stop_children(["gateway", "web"])
@@ -487,25 +688,18 @@ class EmbeddedStack:
         Open conversations need no wait: assemble rebuilds them from ``turn_records``."""
         if self.broker is None or not self.broker.storage.startswith("memory"):
             return
-        capturing = [
-            c for n, c in self.children.items() if n == "worker" or n.startswith("capture-")
-        ]
+        capturing = self._stage_children()
         if not capturing or not all(c.alive() for c in capturing):
             return  # a dead capture stores nothing: waiting would only delay the stop
         group = app_id(CAPTURE_ONLY if self.cfg.capture.processes else ALL_STAGES)
         topics = [self.cfg.topics.otlp_spans, self.cfg.topics.otlp_logs]
-        lag: list[int] = []
-
-        def stored_all() -> bool:
-            lag[:] = [capture_lag(self.bootstrap, group, topics)]
-            return lag[0] == 0
-
         try:
-            if not wait_for(stored_all, self.cfg.capture.drain_timeout_s, 0.5):
+            left = self._wait_consumed({group: topics}, self.cfg.capture.drain_timeout_s)
+            if left:
                 log.warning(
                     "stopping with %d acknowledged OTLP records capture has not stored: they are "
                     "lost with memory storage (capture.drain_timeout_s %.0f s)",
-                    lag[0] if lag else -1,
+                    left,
                     self.cfg.capture.drain_timeout_s,
                 )
         except Exception as e:  # the broker not answering: nothing to wait for

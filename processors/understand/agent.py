@@ -14,7 +14,7 @@ from typing import Any
 import faust
 import orjson
 
-from processors.embedded.broker import capture_lags
+from processors.embedded.broker import consumer_lags
 from processors.errors import InputError, StoreError
 from processors.feedback import answers_of, record_feedback, with_feedback
 from processors.records import (
@@ -272,7 +272,7 @@ class CaptureBacklog:
         self._checked = now
         try:
             lags = await asyncio.to_thread(
-                capture_lags, self.w.pipe.bootstrap, self.group, self.otlp_topics
+                consumer_lags, self.w.pipe.bootstrap, self.group, self.otlp_topics
             )
         except Exception as e:  # the lag is a hint: unknown, the quiet rule alone decides
             if not self._failing:

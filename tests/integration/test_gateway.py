@@ -689,6 +689,43 @@ def test_broker_down_gives_retryable_errors_then_recovers(config: Config, tmp_pa
         broker.stop()
 
 
+def test_a_paused_intake_answers_503_until_resumed_on_a_new_broker(
+    config: Config, tmp_path: Path
+) -> None:
+    # the stack's broker rotation: pause, replace the broker, resume
+    broker = EmbeddedBroker(log_dir=tmp_path / "broker").start()
+    topics = ["otlp_spans", "otlp_logs"]
+    ensure_topics(broker.bootstrap, topics, 1)
+    try:
+        with Gateway(gateway_config(config, *topics), broker.bootstrap) as gw:
+            assert post_traces(gw.http_port, trace_request([span(71, 1)])) == 200
+            gw.pause(True)
+            assert gw.paused_idle()  # nothing it accepted waits for an acknowledgement
+            body = trace_request([span(72, 1)]).SerializeToString()
+            code, headers, resp = post(gw.http_port, "/v1/traces", body)
+            assert code == 503 and headers["Retry-After"] == "2"
+            assert "intake paused" in status_of(resp).message
+            with pytest.raises(grpc.RpcError) as e:
+                grpc_traces(gw.grpc_port, trace_request([span(72, 1)]))
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+            broker.kill()
+            broker = EmbeddedBroker(port=broker.port, log_dir=tmp_path / "broker2").start()
+            ensure_topics(broker.bootstrap, topics, 1)
+            gw.pause(False)
+            assert not gw.paused_idle()
+            codes = []
+            for _ in range(10):  # an SDK retries after Retry-After
+                codes.append(post_traces(gw.http_port, trace_request([span(73, 1)])))
+                if codes[-1] == 200:
+                    break
+                time.sleep(1)
+            assert codes[-1] == 200 and set(codes) <= {200, 503}, codes
+            assert key(73) in {m.key() for m in read_topic(broker.bootstrap, topics[0], items=1)}
+    finally:
+        broker.stop()
+
+
 # ---------------------------------------------------------------------------------------------
 # as a process, the way `closeloop up` starts it
 # ---------------------------------------------------------------------------------------------

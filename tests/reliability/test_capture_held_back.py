@@ -20,7 +20,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from processors.embedded.broker import capture_lag
+from processors.embedded.broker import consumer_lag
 from processors.records import Conversation, Message, TurnRecord
 from processors.runtime import partition_of
 from processors.stages import CAPTURE_ONLY, app_id
@@ -97,7 +97,7 @@ def test_no_conversation_closes_before_all_its_spans_arrived(pipe: Pipeline) -> 
     with urllib.request.urlopen(req, timeout=30) as resp:
         assert resp.status == 200
     assert (
-        capture_lag(
+        consumer_lag(
             pipe.broker.bootstrap,
             app_id(CAPTURE_ONLY),
             [pipe.cfg.topics.otlp_spans, pipe.cfg.topics.otlp_logs],

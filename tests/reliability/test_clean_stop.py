@@ -10,7 +10,7 @@ import signal
 from pathlib import Path
 
 from examples.support_agent import run_cycle
-from processors.embedded.broker import capture_lag
+from processors.embedded.broker import consumer_lag
 from processors.embedded.stack import EmbeddedStack
 from processors.stages import ALL_STAGES, app_id
 
@@ -33,7 +33,7 @@ def test_a_clean_stop_stores_every_acknowledged_span_first(tmp_path: Path) -> No
         ids = {c.conversation_id for c in sent.conversations}
         topics = [loop.cfg.topics.otlp_spans, loop.cfg.topics.otlp_logs]
         assert (
-            capture_lag(loop.stack.bootstrap, app_id(ALL_STAGES), topics) > 0
+            consumer_lag(loop.stack.bootstrap, app_id(ALL_STAGES), topics) > 0
         )  # acknowledged, not stored
         loop.stack.stop()
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import pytest
 from confluent_kafka import Producer
 
-from processors.embedded.broker import capture_lags
+from processors.embedded.broker import consumer_lags
 from processors.records import Conversation
 from processors.runtime import partition_of
 from processors.stages import CAPTURE_ONLY, app_id
@@ -63,7 +63,7 @@ def test_a_conversation_waits_for_its_lagging_otlp_partition(pipe: Pipeline) -> 
     # a record waits on OTLP partition 1, unprocessed: capture lags there, and only there
     producer.produce(topics.otlp_spans, b"a trace of a, not read yet", b"k", partition=1)
     producer.flush(30)
-    lags = capture_lags(pipe.broker.bootstrap, app_id(CAPTURE_ONLY), [topics.otlp_spans])
+    lags = consumer_lags(pipe.broker.bootstrap, app_id(CAPTURE_ONLY), [topics.otlp_spans])
     assert {q for q, lag in lags.items() if lag} == {slow}
     time.sleep(LAG_READ_S)  # assemble's ticks now carry it
 

@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
     "overrides, key",
     [
         ({"kafka.partitions": 0}, "kafka.partitions"),
+        ({"kafka.rotate_memory_mb": -1}, "kafka.rotate_memory_mb"),
         ({"topics.turns": ""}, "topics.turns"),
         ({"clickhouse.dsn": "mysql://x"}, "clickhouse.dsn"),
         ({"otlp.grpc_port": 70000}, "otlp.grpc_port"),
