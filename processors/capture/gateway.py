@@ -1008,7 +1008,8 @@ def main(argv: list[str] | None = None) -> None:
 
     Prints ``gateway ready grpc=HOST:PORT http=HOST:PORT`` once listening; stops on SIGTERM/SIGINT.
     SIGUSR1 pauses the intake (503 to every request) and SIGUSR2 resumes it: the stack's broker
-    rotation; ``run/gateway.json`` says ``"paused": true`` once nothing accepted is in flight.
+    rotation; ``run/gateway.json`` says ``"paused": true`` once the broker acknowledged all it
+    accepted.
     """
     from processors.embedded.broker import ensure_topics
     from processors.embedded.procs import write_run_file

@@ -631,8 +631,8 @@ class EmbeddedStack:
 
     @contextmanager
     def _intake_paused(self) -> Iterator[bool]:
-        """Pause the gateway's intake for the block; yields whether it confirmed that nothing
-        it accepted is still in flight (a gateway that is not running accepts nothing)."""
+        """Pause the gateway's intake for the block; yields whether it confirmed that the
+        broker acknowledged all it accepted (a gateway that is not running accepts nothing)."""
         gateway = self.children.get("gateway")
         pid = gateway.pid if gateway is not None and gateway.alive() else None
         if pid is None or read_run_file(self.cfg, "gateway.json") is None:
