@@ -756,17 +756,11 @@ def diagnosis_of(
 
 
 def intent_findings(
-    intent_id: str,
-    intent_name: str,
-    tags: Iterable[TagRecord],
-    cfg: DiagnoseConfig,
-    now_ns: int,
-    truncated: tuple[bool, bool] = (False, False),
+    intent_id: str, intent_name: str, tags: Iterable[TagRecord], cfg: DiagnoseConfig, now_ns: int
 ) -> list[Diagnosis]:
-    """The contrastive diagnoses of one intent's tagged conversations (:func:`analysed`, with
-    ``truncated`` saying which of them, failed and successful, lost older ones; none without
-    enough failed and successful ones)."""
-    group = analysed(tags, truncated)
+    """The contrastive diagnoses of one intent's tagged conversations (:func:`analysed`; none
+    without enough failed and successful ones)."""
+    group = analysed(tags)
     failed = {t.conversation_id: _failed_patterns(t, c) for t, c in group if t.failed}
     ok = {t.conversation_id: patterns(c) for t, c in group if not t.failed}
     if len(failed) < cfg.contrast_min_failures or len(ok) < cfg.contrast_min_successes:
@@ -778,13 +772,12 @@ def intent_findings(
     ]
 
 
-def analysed(
-    tags: Iterable[TagRecord], truncated: tuple[bool, bool] = (False, False)
-) -> list[tuple[TagRecord, Conversation]]:
+def analysed(tags: Iterable[TagRecord]) -> list[tuple[TagRecord, Conversation]]:
     """The conversations of ``tags`` an analysis contrasts: the newest version of each, over
-    the span of time both the failed and the successful ones cover. ``truncated``: whether
-    the failed, and the successful, conversations given are only the most recent ones (a
-    bounded reservoir that has lost older ones); a side given whole reaches back to the start."""
+    the span of time both the failed and the successful ones cover. The failures from before
+    the first success are left out even when nothing older was dropped: an intent failing from
+    its start is left to the rules, which look first (analysing them too made the contrast
+    file a second diagnosis beside a rule's for each of the demo's planted failures)."""
     newest: dict[str, tuple[TagRecord, Conversation]] = {}
     for t in tags:
         if t.conversation is None:
@@ -797,8 +790,7 @@ def analysed(
     # would otherwise look like a difference between them.
     firsts = [
         min((t.ts_ns for t, _ in newest.values() if t.failed == side), default=None)
-        for side, cut in zip((True, False), truncated)
-        if cut
+        for side in (True, False)
     ]
     since = max((f for f in firsts if f is not None), default=0)
     return [(t, c) for t, c in newest.values() if t.ts_ns >= since]

@@ -210,10 +210,8 @@ class Diagnoser:
             return []
         contrasted[st.intent_id] = st.total_failures
         window = [*st.failing, *st.healthy]
-        cut = st.reservoirs_full()
-        found = intent_findings(st.intent_id, st.intent_name, window, self.cfg, now_ns, cut)
-        seen = {t.conversation_id for t, _ in analysed(window, cut) if t.failed}
-        self._keep_unseen(found, seen)
+        found = intent_findings(st.intent_id, st.intent_name, window, self.cfg, now_ns)
+        self._keep_unseen(found, {t.conversation_id for t, _ in analysed(window) if t.failed})
         pruned = self._unexplain(st, found, now_ns)
         moved = set().union(
             *(

@@ -120,11 +120,6 @@ class IntentStats:
         self.drift_up = False  # ADWIN saw the failure rate rise and no fall since
         self.last_emit_failures = 0  # total_failures when this intent last emitted
 
-    def reservoirs_full(self) -> tuple[bool, bool]:
-        """Whether ``failing`` and ``healthy`` are full: from now on they keep only the most
-        recent conversations of their kind, and reach back less far than the other may."""
-        return tuple(len(q) == q.maxlen for q in (self.failing, self.healthy))  # type: ignore[return-value]
-
     @property
     def rate(self) -> float:
         return self.failures / self.n if self.n else 0.0

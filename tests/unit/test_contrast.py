@@ -581,25 +581,6 @@ def test_a_conversation_without_any_tool_call_took_no_action() -> None:
     assert "no_action" not in patterns(confirmed_close("c", "T-1"))
 
 
-def test_failures_before_the_first_success_are_cut_only_where_older_successes_were_dropped() -> (
-    None
-):
-    import dataclasses
-
-    from processors.diagnose.contrast import analysed
-
-    sides = [True, True, False, False, True]  # two failures arrive before the first success
-    tags = [
-        dataclasses.replace(tag(confirmed_close(f"c{i}", f"T-{i}"), failed), ts_ns=10 + i)
-        for i, failed in enumerate(sides)
-    ]
-    whole = {t.conversation_id for t, _ in analysed(tags)}
-    assert whole == {"c0", "c1", "c2", "c3", "c4"}  # nothing was dropped: all of it counts
-    assert {t.conversation_id for t, _ in analysed(tags, (True, False))} == whole
-    # the successes are only the recent ones: the failures from before them are left out
-    assert {t.conversation_id for t, _ in analysed(tags, (False, True))} == {"c2", "c3", "c4"}
-
-
 def test_an_ungrounded_argument_is_named_in_the_summary() -> None:
     from processors.diagnose.contrast import Finding, _describe
 
