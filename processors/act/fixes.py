@@ -492,9 +492,13 @@ def _ceil_to(x: float, step: float) -> int | float:
 
 
 def _tool_of(diag: Diagnosis) -> str:
-    """The tool a diagnosis names (its component's detail), or ""."""
-    detail = diag.component.get("detail") if isinstance(diag.component, dict) else None
-    tool = detail.get("tool") if isinstance(detail, dict) else ""
+    """The tool a diagnosis is about: the one its component's detail names (contrast,
+    latency), or a tool-argument diagnosis' target; else ""."""
+    comp = diag.component if isinstance(diag.component, dict) else {}
+    detail = comp.get("detail")
+    tool = detail.get("tool") if isinstance(detail, dict) else None
+    if not tool and diag.rule == "tool_argument":
+        tool = comp.get("target")
     return tool if isinstance(tool, str) else ""
 
 

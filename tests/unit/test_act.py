@@ -737,3 +737,16 @@ def test_an_instruction_about_a_tool_goes_to_the_section_about_it() -> None:
     new = add_instruction(files, comp, "Say who you are.", "lookup_weather").new
     assert new == SECTIONED + "\nSay who you are.\n"
     assert section_end("No headings here.\nget_order\n", "get_order") is None
+
+
+def test_a_tool_argument_instruction_goes_to_the_section_naming_the_tool() -> None:
+    prompt = (
+        "# Shop\n\n## Orders\n- Use `lookup_order` for order questions.\n\n## Tone\nBe brief.\n"
+    )
+    files = {**FILES, "prompts/system.md": prompt}
+    change, reason = propose_change(tool_argument(), files, TARGETS)
+    assert change is not None, reason
+    lines = change.edits[0].new.splitlines()
+    assert lines[3].startswith("- Use `lookup_order`")
+    assert lines[4].startswith("- When you call the `lookup_order` tool, pass `order_id`")
+    assert lines[6] == "## Tone"
