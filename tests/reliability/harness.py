@@ -87,10 +87,11 @@ def running_loop(tmp: Path, settings: dict[str, Any] | None = None) -> Iterator[
     )
     init_agent_repo(repo)
     stack = EmbeddedStack(cfg, config_file=str(cfg_file)).start()
+    loop = Loop(stack, cfg, stack.sql_store(), repo)
     try:
-        yield Loop(stack, cfg, stack.sql_store(), repo)
+        yield loop
     finally:
-        stack.stop()
+        loop.stack.stop()  # a test may have restarted it: the stack running now
 
 
 def conversation_intents(store: Store, ids: list[str]) -> dict[str, str]:
