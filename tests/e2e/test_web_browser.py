@@ -12,7 +12,7 @@ from processors.config import Config
 from processors.store import Store
 from processors.web.server import WebServer
 from tests.browser import chromium_page, unavailable
-from tests.integration.test_web import T0, git, seed
+from tests.integration.test_web import T0, explained_row, git, seed
 
 pytestmark = pytest.mark.skipif(bool(unavailable()), reason=unavailable() or "browser available")
 
@@ -156,24 +156,7 @@ def test_a_diagnosis_shows_the_llms_failure_analyses_of_its_conversations(
             page.goto(server.login_url)
             page.goto(server.url + path)
             assert page.get_by_role("heading", name="Failure analyses").count() == 0
-            store.insert_records(
-                "diagnosis_conversations",
-                [
-                    {
-                        "diagnosis_id": s.diagnosis.diagnosis_id,
-                        "conversation_id": s.conversation_id,
-                        "intent_id": s.intent_id,
-                        "failure_kind": "tool_error",
-                        "trace_id": s.trace_id,
-                        "turn": 2,
-                        "tool": "check_key",
-                        "arguments": "{}",
-                        "detail": "",
-                        "version": 1,
-                        "updated_ns": T0,
-                    }
-                ],
-            )
+            store.insert_records("diagnosis_conversations", [explained_row(s, "")])
             store.insert_records(
                 "failure_analyses",
                 [

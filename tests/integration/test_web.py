@@ -943,6 +943,23 @@ def test_github_webhook_is_authenticated_by_signature_and_recorded(store, config
     )
 
 
+def explained_row(s: Seeded, detail: str) -> dict:
+    """The seeded conversation as its diagnosis explains it (a ``diagnosis_conversations`` row)."""
+    return {
+        "diagnosis_id": s.diagnosis.diagnosis_id,
+        "conversation_id": s.conversation_id,
+        "intent_id": s.intent_id,
+        "failure_kind": "tool_error",
+        "trace_id": s.trace_id,
+        "turn": 2,
+        "tool": "check_key",
+        "arguments": "{}",
+        "detail": detail,
+        "version": 1,
+        "updated_ns": T0,
+    }
+
+
 def test_conversation_page_shows_feedback_and_the_diagnoses_that_explain_it(
     store: Store, site: tuple[WebServer, Seeded]
 ) -> None:
@@ -964,24 +981,7 @@ def test_conversation_page_shows_feedback_and_the_diagnoses_that_explain_it(
             }
         ],
     )
-    store.insert_records(
-        "diagnosis_conversations",
-        [
-            {
-                "diagnosis_id": s.diagnosis.diagnosis_id,
-                "conversation_id": s.conversation_id,
-                "intent_id": s.intent_id,
-                "failure_kind": "tool_error",
-                "trace_id": s.trace_id,
-                "turn": 2,
-                "tool": "check_key",
-                "arguments": "{}",
-                "detail": "timed out",
-                "version": 1,
-                "updated_ns": T0,
-            }
-        ],
-    )
+    store.insert_records("diagnosis_conversations", [explained_row(s, "timed out")])
     body = call(server.url, path=f"/conversations/{s.conversation_id}", cookie=cookie).body
     assert "thumbs_down" in body and "user_rating" in body
     assert "<img" not in body and "&lt;img src=x onerror=alert(1)&gt;" in body
