@@ -423,10 +423,9 @@ class Diagnoser:
             agent_version=c.agent_version,
             window_from_ns=lo,
             window_to_ns=hi,
-            status="open" if prev is None else _carried_status(prev.diagnosis),
-            version=1 if prev is None else prev.diagnosis.version + 1,
             updated_ns=now_ns,
         )
+        _follows(d, prev)
         d.evidence["conversations"] = c.explains or _explained(st, d.trace_ids)
         d = self._with_analyses(d)
         self._s.diagnoses[did] = _Emitted(d, st.total_failures)

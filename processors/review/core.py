@@ -342,6 +342,11 @@ def _verdict(c: Counts, cfg: ReviewConfig) -> tuple[str, float, float, float]:
 _COUNTS = ("before_n", "before_fail", "after_n", "after_fail")
 
 
+def _no_counts() -> dict[str, Any]:
+    """The counts of an intent without conversations in either period."""
+    return {**dict.fromkeys(_COUNTS, 0), "after_version": ""}
+
+
 def survivor(intent_id: str, merged_into: Mapping[str, str]) -> str:
     """The intent whose conversations ``intent_id``'s are now: the one it was merged into,
     followed to the end of the chain (``merged_into``: merged intent -> the one it joined)."""
@@ -359,9 +364,7 @@ def fold_merged(
     stored before the merge still name it)."""
     out: dict[str, dict[str, Any]] = {}
     for k, r in sorted(rows.items()):
-        into = out.setdefault(
-            survivor(k, merged_into), {**dict.fromkeys(_COUNTS, 0), "after_version": ""}
-        )
+        into = out.setdefault(survivor(k, merged_into), _no_counts())
         for c in _COUNTS:
             into[c] += int(r[c])
         into["after_version"] = into["after_version"] or str(r.get("after_version") or "")
@@ -390,9 +393,8 @@ def measure(
     rows = fold_merged(rows, merged_into)
     fixed = {survivor(i, merged_into) for i in fixed_elsewhere}
     before_version = review.before_prompt_version or review.before_agent_version
-    empty = {"before_n": 0, "before_fail": 0, "after_n": 0, "after_fail": 0, "after_version": ""}
     measured_on = survivor(review.intent_id, merged_into)
-    target_row = rows.get(measured_on, empty)
+    target_row = rows.get(measured_on) or _no_counts()
     others = {k: r for k, r in rows.items() if k != measured_on and k not in fixed}
     v5 = guarded_verdict(
         _counts(target_row),
