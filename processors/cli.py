@@ -114,6 +114,21 @@ def cmd_status(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(a: argparse.Namespace) -> int:
+    """Exit 0 when the home's workers write heartbeats within ``worker.stall_timeout_s`` (a
+    liveness probe beside `closeloop worker`); 1, saying which, when one is silent or none
+    runs."""
+    from processors.heartbeat import health
+
+    cfg = _config(a)
+    ok, frozen = health(cfg, time.monotonic_ns())
+    for line in ok + frozen:
+        print(line)
+    if not ok and not frozen:
+        print(f"no worker heartbeat in {cfg.run_dir()} (none running, or still starting)")
+    return 0 if ok and not frozen else 1
+
+
 # -- sql / migrate ---------------------------------------------------------------------------
 DEFAULT_SQL_FORMAT = "PrettyCompactMonoBlock"
 # A trailing ``FORMAT <name>`` clause (the driver names the format itself, so it is taken out
@@ -206,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(st)
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(fn=cmd_status)
+
+    hl = sub.add_parser(
+        "health",
+        help="exit 0 if the workers' event loops answer (heartbeats within "
+        "worker.stall_timeout_s): a liveness probe",
+    )
+    _common(hl)
+    hl.set_defaults(fn=cmd_health)
 
     sq = sub.add_parser("sql", help="run a query on the store (through the running stack if any)")
     _common(sq)

@@ -290,6 +290,37 @@ class CaptureConfig:
                 )
 
 
+# a worker writes its heartbeat every second (processors/heartbeat.py): a stall limit under a few
+# beats would take one late write for a frozen loop
+MIN_STALL_TIMEOUT_S = 5.0
+
+
+@dataclass
+class WorkerConfig:
+    # a worker process (the stages, or a capture process) proves that its event loop runs with a
+    # heartbeat (<home>/run/heartbeat-<pid>.json, every second); the embedded supervisor kills and
+    # restarts one silent this long. Well above the loop pauses of a loaded 2-core machine
+    # (faust's own timers there run several seconds late); 0 turns the watch off
+    stall_timeout_s: float = 60.0
+    # before its first heartbeat a worker is starting (migrations, the embedding model, its
+    # state): it is judged from its start against this longer limit instead
+    start_timeout_s: float = 300.0
+
+    def validate(self) -> None:
+        if self.stall_timeout_s < 0 or 0 < self.stall_timeout_s < MIN_STALL_TIMEOUT_S:
+            raise ConfigError(
+                "worker.stall_timeout_s",
+                f"must be 0 or >= {MIN_STALL_TIMEOUT_S:.0f}, got {self.stall_timeout_s}",
+                "0 turns the watch off",
+            )
+        if self.start_timeout_s < self.stall_timeout_s:
+            raise ConfigError(
+                "worker.start_timeout_s",
+                f"must be >= worker.stall_timeout_s ({self.stall_timeout_s}), "
+                f"got {self.start_timeout_s}",
+            )
+
+
 @dataclass
 class AssembleConfig:
     idle_timeout_s: float = 30.0  # closed after this long without a new span (by span time)
@@ -505,6 +536,7 @@ class Config:
     web: WebConfig = field(default_factory=WebConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
     assemble: AssembleConfig = field(default_factory=AssembleConfig)
     understand: UnderstandConfig = field(default_factory=UnderstandConfig)
     diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)

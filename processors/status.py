@@ -12,6 +12,7 @@ from processors.embedded.broker import committed_offsets, true_end_offsets
 from processors.embedded.procs import read_run_file
 from processors.embedded.stack import CRASH_LOOP_RESTARTS, CRASH_LOOP_WINDOW_S
 from processors.errors import CloseloopError
+from processors.heartbeat import SILENT_AFTER_S, last_beat_ns, silent_s
 from processors.store import open_store, running_endpoint
 
 
@@ -56,6 +57,7 @@ def collect_status(cfg: Config, info: dict[str, Any] | None) -> dict[str, Any]:
             k: info.get(k) for k in ("otlp_grpc", "otlp_http", "sql", "web", "clickhouse")
         }
         st["processes"] = process_health(info, time.time_ns())
+        add_heartbeats(cfg, st["processes"], time.monotonic_ns())
     st["store_waits"] = store_waits(cfg)
     if bootstrap:
         try:
@@ -97,6 +99,15 @@ def process_health(info: dict[str, Any], now_ns: int) -> dict[str, dict[str, Any
             "recent_restarts": len(recent),
         }
     return out
+
+
+def add_heartbeats(cfg: Config, procs: dict[str, dict[str, Any]], now_ns: int) -> None:
+    """``silent_s`` of each process that writes heartbeats (the workers): seconds since its
+    last one (the supervisor kills it past ``worker.stall_timeout_s``)."""
+    for p in procs.values():
+        beat = last_beat_ns(cfg, int(p["pid"])) if isinstance(p.get("pid"), int) else None
+        if beat is not None:
+            p["silent_s"] = round(silent_s(now_ns, 0, beat), 1)
 
 
 def store_status(cfg: Config, *, running: bool) -> dict[str, Any]:
@@ -163,6 +174,8 @@ def format_process(name: str, p: dict[str, Any], now_ns: int) -> list[str]:
     line = f"  {name:<11} pid {p['pid']!s:<8} {'up' if p['alive'] else 'DOWN'}"
     if p.get("restarts"):
         line += f"  restarts {p['restarts']}"
+    if p.get("silent_s", 0) > SILENT_AFTER_S:
+        line += f"  silent {p['silent_s']:.0f} s (no heartbeat)"
     out = [line]
     if p.get("crash_loop"):
         out.append(

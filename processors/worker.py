@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
+from pathlib import Path
+from typing import Any
 
 import faust
+import mode
 
 from processors.app import build_app
 from processors.config import Config, config_for
@@ -20,6 +24,7 @@ from processors.credentials import ensure_sql_credentials, load_sql_credentials
 from processors.embedded.procs import exit_when_orphaned, write_run_file
 from processors.embedded.sqlserver import SqlLimits, SQLServer
 from processors.errors import StoreError
+from processors.heartbeat import HEARTBEAT_INTERVAL_S, heartbeat_name, prepare
 from processors.runtime import Pipeline
 from processors.stages import ALL_STAGES
 from processors.store import Store, connect_http, open_store
@@ -46,6 +51,24 @@ def serve_store(cfg: Config, store: Store) -> SQLServer | None:
     return server
 
 
+class Heartbeat(mode.Service):  # type: ignore[misc]  # mode is untyped
+    """The worker's heartbeat (:mod:`processors.heartbeat`): a timer on the event loop, started
+    with the faust worker before the app (so before its recovery). Its file stays while the
+    worker stops: a stop gets ``worker.stall_timeout_s`` before it counts as frozen."""
+
+    def __init__(self, run_dir: Path, **kwargs: Any) -> None:
+        self.run_dir = run_dir
+        super().__init__(**kwargs)
+
+    @mode.Service.timer(HEARTBEAT_INTERVAL_S)  # type: ignore[misc]
+    async def _beat(self) -> None:
+        beat = {"mono_ns": time.monotonic_ns(), "ts_ns": time.time_ns()}
+        try:
+            write_run_file(self.run_dir, heartbeat_name(os.getpid()), beat)
+        except OSError as e:  # a full disk must not end the worker: the watch says it instead
+            log.warning("heartbeat not written in %s: %s", self.run_dir, e)
+
+
 def owner_endpoint(cfg: Config, timeout_s: float = 60.0) -> Store:
     """The embedded store through its owner's SQL endpoint, waiting for the owner to come up
     (never the chDB files themselves: only the owner may open them)."""
@@ -70,6 +93,7 @@ def run_worker(
     """Run ``stages``; with ``through_owner`` (the capture processes of `closeloop up`) write
     through the embedded store's owner instead of owning and serving the store."""
     cfg.home_path.mkdir(parents=True, exist_ok=True)
+    prepare(cfg.run_dir())
     sql = None
     if through_owner and cfg.embedded_store:
         store = owner_endpoint(cfg)
@@ -82,11 +106,17 @@ def run_worker(
     pipe = Pipeline(cfg=cfg, store=store, stages=stages, bootstrap=bootstrap)
     app = build_app(pipe, bootstrap)
     worker = faust.Worker(
-        app, loglevel="WARN", quiet=True, redirect_stdouts=False, override_logging=False
+        app,
+        Heartbeat(cfg.run_dir()),
+        loglevel="WARN",
+        quiet=True,
+        redirect_stdouts=False,
+        override_logging=False,
     )
     try:
         worker.execute_from_commandline()
     finally:
+        (cfg.run_dir() / heartbeat_name(os.getpid())).unlink(missing_ok=True)
         if pipe.llm is not None:  # waiting LLM items are dropped (their deterministic rows stand)
             pipe.llm.close()
         if sql is not None:

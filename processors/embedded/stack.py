@@ -39,6 +39,7 @@ from processors.embedded.broker import (
 from processors.embedded.procs import ManagedProcess, read_run_file, spawn
 from processors.embedded.s3store import LocalS3
 from processors.errors import CloseloopError
+from processors.heartbeat import DUMP_SIGNAL, last_beat_ns, silent_past_limit
 from processors.stages import ALL_STAGES, CAPTURE_ONLY, app_id
 from processors.store import Store, connect_http, running_endpoint
 
@@ -79,6 +80,9 @@ ROTATE_RETRY_S = 60.0
 CRASH_LOOP_RESTARTS = 3  # this many restarts of one process ...
 CRASH_LOOP_WINDOW_S = 300.0  # ... within this window is a crash loop (named by `closeloop status`)
 MAX_BACKOFF_S = 30.0
+# after asking a frozen worker for its threads' stacks: faulthandler writes them from its signal
+# handler at once, once the process runs (a stopped one is continued first)
+DUMP_WAIT_S = 1.0
 ERROR_WORDS = re.compile(r"error|exception|fatal|panic|refused|denied|cannot", re.IGNORECASE)
 
 
@@ -116,6 +120,11 @@ def _where(dotted: str) -> str:
     """Where a user chooses this port: the flag of `closeloop up`, the variable, the key."""
     flag = PORT_FLAGS.get(dotted)
     return " or ".join(([flag] if flag else []) + [PORT_VARIABLES[dotted], dotted])
+
+
+def _stage(name: str) -> bool:
+    """Whether the child ``name`` runs stages (the worker, a capture process)."""
+    return name == "worker" or name.startswith("capture-")
 
 
 def last_error_line(log_path: Path, tail_bytes: int = 16_384) -> str:
@@ -209,10 +218,12 @@ class Child(ManagedProcess):
     argv: list[str]
     env: dict[str, str]
     log_path: Path
+    started_ns: int = field(default=0, init=False)  # monotonic: its heartbeat is judged from here
     STOP_TIMEOUT_S: ClassVar[float] = 20.0
 
     def start(self) -> Child:
         self.proc = spawn(self.argv, env=self.env, stdout=self._output(self.log_path))
+        self.started_ns = time.monotonic_ns()
         return self
 
     def stop(self, timeout_s: float | None = None) -> bool:
@@ -247,6 +258,8 @@ class EmbeddedStack:
         cfg.run_dir().mkdir(parents=True, exist_ok=True)
         for f in PUBLISHED:  # left by a stack that crashed: only what the new children bind counts
             (cfg.run_dir() / f).unlink(missing_ok=True)
+        for f in cfg.run_dir().glob("heartbeat-*.json"):  # and only the new workers' heartbeats
+            f.unlink(missing_ok=True)
         ensure_sql_credentials(cfg.run_dir())  # the SQL endpoint's users, before anyone needs them
         try:
             self._start_broker()
@@ -443,7 +456,8 @@ class EmbeddedStack:
 
     def supervise_once(self) -> None:
         """Restart what died (called in the supervisor's loop): the broker's S3 server, the
-        broker, then the children; each after a back-off that grows while it keeps crashing."""
+        broker, then the children; each after a back-off that grows while it keeps crashing. A
+        worker whose heartbeat stopped is killed first, and restarted as if it had crashed."""
         changed = False
         if self.broker_store is not None and not self.broker_store.alive():
             # its data is on disk and tansu retries its requests: a restart on the same port loses nothing
@@ -453,19 +467,58 @@ class EmbeddedStack:
             if self.broker.alive():
                 self._after_broker_restart()
         for child in self.children.values():
+            frozen = self._frozen(child)
+            if frozen:
+                self._kill_frozen(child, frozen)
             if not child.alive():
-                changed |= self._restart(child.name, child, child.log_path.name)
+                changed |= self._restart(child.name, child, child.log_path.name, frozen)
         changed |= self._rotate_if_due()
         if changed:
             self._write_stack_file()
 
-    def _restart(self, name: str, proc: ManagedProcess, log_name: str) -> bool:
-        """Record the exit of ``proc`` (if it just died) and start it again once its back-off
-        has passed; True if anything changed."""
+    def _frozen(self, child: Child) -> str:
+        """Why a running worker (the stages, a capture process) counts as frozen: its event loop
+        wrote no heartbeat for ``worker.stall_timeout_s`` (before its first one: for
+        ``worker.start_timeout_s`` since its start); "" when it is not."""
+        w, pid = self.cfg.worker, child.pid
+        if pid is None or not _stage(child.name) or not child.alive():
+            return ""
+        beat = last_beat_ns(self.cfg, pid)
+        silent = silent_past_limit(
+            time.monotonic_ns(), child.started_ns, beat, w.stall_timeout_s, w.start_timeout_s
+        )
+        return f"frozen (no heartbeat for {silent:.0f} s)" if silent is not None else ""
+
+    def _kill_frozen(self, child: Child, why: str) -> None:
+        """Ask ``child`` for its threads' stacks (into its log), then SIGKILL it; the caller
+        restarts it as a crash."""
+        assert child.proc is not None
+        log.error(
+            "%s (pid %d) is %s: its event loop is blocked or the process is stopped "
+            "(worker.stall_timeout_s %.0f); its threads' stacks go to %s; killing it",
+            child.name,
+            child.proc.pid,
+            why,
+            self.cfg.worker.stall_timeout_s,
+            child.log_path,
+        )
+        try:
+            os.kill(child.proc.pid, DUMP_SIGNAL)
+            os.kill(child.proc.pid, signal.SIGCONT)  # a stopped process dumps once continued
+            time.sleep(DUMP_WAIT_S)
+        except OSError:  # it died meanwhile: nothing to dump
+            pass
+        child.proc.kill()
+        child.proc.wait()
+
+    def _restart(self, name: str, proc: ManagedProcess, log_name: str, why: str = "") -> bool:
+        """Record the exit of ``proc`` (if it just died; ``why`` when the supervisor knows
+        better than its log) and start it again once its back-off has passed; True if anything
+        changed."""
         health = self.health.setdefault(name, Health())
         log_path = self.cfg.log_dir() / log_name
         if proc.proc is not None:  # it just died
-            health.exited(proc.proc.returncode, last_error_line(log_path))
+            health.exited(proc.proc.returncode, why or last_error_line(log_path))
             log.warning(
                 "%s exited with code %s (%s); restarting it%s",
                 name,
@@ -495,7 +548,7 @@ class EmbeddedStack:
         if not self.broker.storage.startswith("memory"):
             return
         for child in self.children.values():
-            if child.name == "worker" or child.name.startswith("capture-"):
+            if _stage(child.name):
                 log.warning(
                     "restarting %s: the broker lost its topics (memory storage)", child.name
                 )
@@ -612,7 +665,7 @@ class EmbeddedStack:
 
     def _stage_children(self) -> list[Child]:
         """The worker, then the capture processes (the order they start in)."""
-        return [c for n, c in self.children.items() if n == "worker" or n.startswith("capture-")]
+        return [c for n, c in self.children.items() if _stage(n)]
 
     def _rotation_inputs(self) -> dict[str, list[str]]:
         """Per consumer group, the topics whose unconsumed records nothing else could rebuild:
