@@ -13,7 +13,7 @@ import pytest
 
 from processors.config import load_config
 from processors.embedded.procs import write_run_file
-from processors.heartbeat import heartbeat_name, health, silent_past_limit
+from processors.heartbeat import health, heartbeat_name, silent_past_limit
 
 S = 1_000_000_000
 STALL, START = 60.0, 300.0
@@ -26,13 +26,10 @@ STALL, START = 60.0, 300.0
         (100, 0, 30, 70.0),  # 70 s ago: frozen
         (100, 0, None, None),  # no beat yet, 100 s after the start: still starting
         (400, 0, None, 400.0),  # no beat 400 s after the start: frozen while starting
-        (
-            400,
-            100,
-            50,
-            300.0,
-        ),  # a beat from before this start (an earlier process): judged from the start, 300 s is not past 300
-        (401, 100, 50, 301.0),  # ... and 301 s is
+        # a beat from before this start (an earlier process's) counts as none: 300 s after
+        # the start is not past the start limit, 301 s is
+        (400, 100, 50, None),
+        (401, 100, 50, 301.0),
         (1000, 0, 999, None),  # a worker that answers stays
     ],
 )
