@@ -14,6 +14,7 @@ import pytest
 from processors.config import load_config
 from processors.embedded.procs import write_run_file
 from processors.heartbeat import health, heartbeat_name, silent_past_limit
+from processors.status import format_process
 
 S = 1_000_000_000
 STALL, START = 60.0, 300.0
@@ -74,3 +75,11 @@ def test_health_ignores_the_heartbeat_of_a_dead_worker(tmp_path: Path) -> None:
     cfg.run_dir().mkdir(parents=True)
     (cfg.run_dir() / heartbeat_name(pid)).write_text(f'{{"pid": {pid}, "mono_ns": 0}}')
     assert health(cfg, time.monotonic_ns()) == ([], [])
+
+
+def test_status_shows_a_worker_silent_under_the_limit() -> None:
+    now = time.time_ns()
+    quiet = {"pid": 7, "alive": True, "silent_s": 2.0}
+    assert "silent" not in format_process("worker", quiet, now)[0]  # a loaded machine's pause
+    said = format_process("worker", {**quiet, "silent_s": 25.4}, now)[0]
+    assert "silent 25 s (no heartbeat)" in said
