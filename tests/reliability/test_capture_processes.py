@@ -1,6 +1,7 @@
 """Capture scaled out: `capture.processes: 2` runs capture in two processes of their own (one
 consumer group splitting the OTLP partitions) beside the worker, writing through the store
-owner. Every conversation still arrives once, and a kill -9 of a capture process loses nothing."""
+owner. Every conversation still arrives once, a kill -9 of a capture process loses nothing, and
+each writes its heartbeat."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from examples.support_agent import run_cycle
 from processors.embedded.broker import committed_offsets
 from processors.embedded.stack import wait_for
+from processors.heartbeat import last_beat_ns
 
 from .harness import conversation_intents, read_topic, running_loop
 
@@ -37,6 +39,9 @@ def test_two_capture_processes_share_the_partitions_and_survive_kill9(tmp_path: 
         tags = "SELECT count() FROM conversation_tags FINAL"
         assert loop.wait_count(tags, N) == N, "not every conversation was tagged"
         assert set(conversation_intents(loop.store, ids)) == set(ids)
+        # each capture process beats like the worker (the supervisor watches both for a freeze)
+        captures = [loop.stack.children[n].pid for n in ("capture-1", "capture-2")]
+        assert wait_for(lambda: all(last_beat_ns(loop.cfg, p or 0) for p in captures), 30)
         # every span the agent exported (as the broker holds them) is stored
         exported = set()
         for value in read_topic(loop.stack.bootstrap, loop.cfg.topics.otlp_spans):

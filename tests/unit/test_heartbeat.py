@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from processors.cli import build_parser
 from processors.config import load_config
 from processors.embedded.procs import write_run_file
 from processors.heartbeat import health, heartbeat_name, silent_past_limit
@@ -46,21 +47,26 @@ def test_a_stall_limit_of_zero_turns_the_watch_off() -> None:
     assert silent_past_limit(10_000 * S, 0, 1 * S, 0, 0) is None
 
 
-def test_health_names_a_silent_worker_and_passes_an_answering_one(tmp_path: Path) -> None:
-    cfg = load_config(None, env={}, overrides={"home": str(tmp_path), "worker.stall_timeout_s": 60})
-    run = cfg.run_dir()
-    now = time.monotonic_ns()
-    ok, frozen = health(cfg, now)
-    assert (ok, frozen) == ([], [])  # nothing runs: not healthy (the CLI exits 1)
+def test_health_names_a_silent_worker_and_passes_an_answering_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = load_config(None, env={}, overrides={"home": str(tmp_path)})  # stall limit 60 s
+    args = build_parser().parse_args(["health", "--home", str(tmp_path)])
+    run, now = cfg.run_dir(), time.monotonic_ns()
+    assert health(cfg, now) == ([], [])
+    assert args.fn(args) == 1  # nothing runs: not healthy
+    assert "no worker heartbeat" in capsys.readouterr().out
 
     beat = {"mono_ns": now - 5 * S, "ts_ns": time.time_ns()}
     write_run_file(run, heartbeat_name(os.getpid()), beat)  # this process: alive
     ok, frozen = health(cfg, now)
     assert len(ok) == 1 and str(os.getpid()) in ok[0] and frozen == []
+    assert args.fn(args) == 0
 
     write_run_file(run, heartbeat_name(os.getpid()), {**beat, "mono_ns": now - 90 * S})
     ok, frozen = health(cfg, now)
     assert ok == [] and "90 s ago" in frozen[0] and "frozen" in frozen[0]
+    assert args.fn(args) == 1
 
 
 def test_health_ignores_the_heartbeat_of_a_dead_worker(tmp_path: Path) -> None:
