@@ -39,11 +39,16 @@ def prepare(run_dir: Path) -> None:
 
 
 def last_beat_ns(cfg: Config, pid: int) -> int | None:
-    """The monotonic time of live ``pid``'s last heartbeat; None when it has written none."""
+    """The monotonic time of live ``pid``'s last heartbeat; None when it has written none. A
+    worker that cannot write it (a full disk) touches the file instead: its mtime moving past
+    the ``ts_ns`` written moves the beat as far."""
     info = read_run_file(cfg, heartbeat_name(pid))
+    if info is None:
+        return None
     try:
-        return int(info["mono_ns"]) if info is not None else None
-    except (KeyError, TypeError, ValueError):
+        touched_ns = (cfg.run_dir() / heartbeat_name(pid)).stat().st_mtime_ns
+        return int(info["mono_ns"]) + max(0, touched_ns - int(info["ts_ns"]))
+    except (OSError, KeyError, TypeError, ValueError):
         return None
 
 

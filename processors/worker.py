@@ -9,6 +9,7 @@ Against a ClickHouse server, any number of workers run side by side.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import time
@@ -58,15 +59,24 @@ class Heartbeat(mode.Service):  # type: ignore[misc]  # mode is untyped
 
     def __init__(self, run_dir: Path, **kwargs: Any) -> None:
         self.run_dir = run_dir
+        self.failing = False  # said once, not every second
         super().__init__(**kwargs)
 
     @mode.Service.timer(HEARTBEAT_INTERVAL_S)  # type: ignore[misc]
     async def _beat(self) -> None:
+        name = heartbeat_name(os.getpid())
         beat = {"mono_ns": time.monotonic_ns(), "ts_ns": time.time_ns()}
         try:
-            write_run_file(self.run_dir, heartbeat_name(os.getpid()), beat)
-        except OSError as e:  # a full disk must not end the worker: the watch says it instead
-            log.warning("heartbeat not written in %s: %s", self.run_dir, e)
+            write_run_file(self.run_dir, name, beat)
+            self.failing = False
+        except OSError as e:
+            # a full disk: a worker waiting for the store is not frozen; touching the file
+            # takes no space and says the same (processors.heartbeat.last_beat_ns)
+            with contextlib.suppress(OSError):
+                os.utime(self.run_dir / name)
+            if not self.failing:
+                log.warning("heartbeat not written in %s (touched instead): %s", self.run_dir, e)
+            self.failing = True
 
 
 def owner_endpoint(cfg: Config, timeout_s: float = 60.0) -> Store:

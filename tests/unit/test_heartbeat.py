@@ -14,7 +14,7 @@ import pytest
 from processors.cli import build_parser
 from processors.config import load_config
 from processors.embedded.procs import write_run_file
-from processors.heartbeat import health, heartbeat_name, silent_past_limit
+from processors.heartbeat import health, heartbeat_name, last_beat_ns, silent_past_limit
 from processors.status import format_process
 
 S = 1_000_000_000
@@ -89,3 +89,14 @@ def test_status_shows_a_worker_silent_under_the_limit() -> None:
     assert "silent" not in format_process("worker", quiet, now)[0]  # a loaded machine's pause
     said = format_process("worker", {**quiet, "silent_s": 25.4}, now)[0]
     assert "silent 25 s (no heartbeat)" in said
+
+
+def test_a_worker_that_cannot_write_its_heartbeat_touches_it(tmp_path: Path) -> None:
+    cfg = load_config(None, env={}, overrides={"home": str(tmp_path)})
+    path = write_run_file(
+        cfg.run_dir(), heartbeat_name(os.getpid()), {"mono_ns": 7 * S, "ts_ns": 1000 * S}
+    )
+    os.utime(path, ns=(1030 * S, 1030 * S))  # a full disk: the file touched 30 s later
+    assert last_beat_ns(cfg, os.getpid()) == 37 * S
+    os.utime(path, ns=(900 * S, 900 * S))  # the wall clock stepped back: the written beat counts
+    assert last_beat_ns(cfg, os.getpid()) == 7 * S
