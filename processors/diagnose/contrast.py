@@ -68,8 +68,9 @@ calculate, think, ...); any other tool changes state. A hand-off tool (its name 
 escalate / hand off / transfer to / human) is the ``handoff`` pattern instead. Names are
 split on ``_``, ``-``, ``.``, spaces and camelCase.
 
-**Explicit confirmation** just before a call: the last user message before it is an
-affirmation (yes, confirm, go ahead, ...) answering an agent message that asked something.
+**Explicit confirmation** just before a call: the last user message before it affirms (yes,
+confirm, go ahead, ... opening any of its sentences or clauses) and refuses nothing (no, don't,
+wait, ...), answering an agent message that asked something.
 """
 
 from __future__ import annotations
@@ -130,9 +131,18 @@ READ_VERBS = frozenset(
     ]
 )
 _HANDOFF_NAME = re.compile(r"escalat|hand_?off|transfer_to|human|live_?agent|operator")
+# An answer's sentences and clauses each may carry it: "That sounds good. Yes, please go
+# ahead." affirms as much as "Yes" does.
+_CLAUSE = r"(?:^|[.!?;,:]\s+|\n|\b(?:then|and|so|but)\s+)\W*"
 _AFFIRM = re.compile(
-    r"^\W*(yes|yeah|yep|yup|sure|ok(ay)?|confirm(ed)?|correct|right|go ahead|please do|"
-    r"proceed|do it|that'?s (right|correct|fine)|sounds good|absolutely|definitely|please)\b",
+    _CLAUSE + r"(yes|yeah|yep|yup|sure|ok(ay)?|confirm(ed)?|correct|right|go ahead|please do|"
+    r"proceed|do it|that'?s (right|correct|fine)|sounds good|absolutely|definitely|"
+    r"please(?=\s+\w))\b"  # a request ("please book it"), not a courtesy ("..., please.")
+    r"(?!\W*(?:not|don'?t|do not)\b)",  # "please don't"
+    re.IGNORECASE,
+)
+_REFUSE = re.compile(  # a refusal anywhere in the answer outweighs an affirmation
+    _CLAUSE + r"(no|nope|don'?t|do not|wait|hold on|stop)\b(?!\W*(?:problem|worries)\b)",
     re.IGNORECASE,
 )
 _ASKS = re.compile(
@@ -242,7 +252,8 @@ def _confirmed(msgs: list[Message], turn: int) -> bool:
     """An explicit user confirmation just before ``turn``: the last user message affirms, and
     answers an agent message that asked something."""
     u = next((i for i in range(turn - 1, -1, -1) if msgs[i].role == "user"), -1)
-    if u < 0 or not _AFFIRM.search(msgs[u].content):
+    said = msgs[u].content if u >= 0 else ""
+    if not _AFFIRM.search(said) or _REFUSE.search(said):
         return False
     ask = next(
         (i for i in range(u - 1, -1, -1) if msgs[i].role == "assistant" and msgs[i].content),

@@ -84,6 +84,41 @@ def test_patterns_of_one_conversation() -> None:
     assert "ungrounded:close_ticket.id" in patterns(ungrounded)
 
 
+def _close_after(answer: str) -> Conversation:
+    return conv(
+        "c",
+        [
+            U("please close ticket T-1"),
+            A("Ticket T-1 is open. Shall I close it?"),
+            U(answer),
+            T("close_ticket", {"id": "T-1"}),
+        ],
+    )
+
+
+def test_a_confirmation_counts_in_any_sentence_or_clause_of_the_answer() -> None:
+    """An answer that opens with something else ("That sounds good.") and then affirms is an
+    explicit confirmation; a refusal, a "please don't" or a courtesy "please" is not."""
+    confirmed = [
+        "yes please",
+        "That sounds good. Yes, please go ahead.",
+        "Thanks for checking. Please close it.",
+        "If that is the only way, then yes, go ahead.",
+        "No problem. Go ahead.",
+    ]
+    not_confirmed = [
+        "I would rather keep it open.",
+        "No, please don't close it.",
+        "Please don't.",
+        "Keep the second one, please.",
+        "Yes, but wait until tomorrow.",
+    ]
+    for answer in confirmed:
+        assert "unconfirmed:close_ticket" not in patterns(_close_after(answer)), answer
+    for answer in not_confirmed:
+        assert "unconfirmed:close_ticket" in patterns(_close_after(answer)), answer
+
+
 def test_planted_unconfirmed_write_is_found_with_every_conversation() -> None:
     rng = random.Random(7)
     tags = []
