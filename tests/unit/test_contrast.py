@@ -659,6 +659,10 @@ def test_answers_without_any_tool_call_are_found_with_other_anomalies() -> None:
     rows = conversation_rows(found)
     assert {r["conversation_id"]: r["failure_kind"] for r in rows} == planted
     assert {r["detail"] for r in rows if r["conversation_id"].startswith("f")} == {"no_call"}
+    from processors.act.fixes import contrast_instruction
+
+    silent = next(d for d in found if d.evidence["pattern"] == "no_call")
+    assert "without consulting any tool" in contrast_instruction(silent)
 
 
 def test_answers_without_any_tool_call_that_do_not_depend_on_failure_find_nothing() -> None:
