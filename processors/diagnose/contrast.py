@@ -266,8 +266,8 @@ def calls_of(conv: Conversation) -> list[Call]:
 
 
 def _confirmed(msgs: list[Message], turn: int) -> bool:
-    """An explicit user confirmation just before ``turn``: the last user message affirms, and
-    answers an agent message that asked something."""
+    """An explicit user confirmation just before ``turn``: the last user message affirms and
+    refuses nothing, and answers an agent message that asked something."""
     u = next((i for i in range(turn - 1, -1, -1) if msgs[i].role == "user"), -1)
     said = msgs[u].content if u >= 0 else ""
     if not _AFFIRM.search(said) or _REFUSE.search(said):
