@@ -421,7 +421,7 @@ class DiagnoseConfig:
     contrast_min_count: int = 3  # failed conversations a pattern must hold in
     contrast_min_lift: float = 0.25  # share among failed - share among successful, at least
     contrast_alpha: float = 0.05  # Fisher's exact test, Benjamini-Hochberg adjusted per intent
-    contrast_max_per_intent: int = 5  # findings kept per intent, strongest first
+    contrast_max_per_intent: int = 5  # diagnoses per intent; the others give their conversations up
     # each conversation's reference set: its nearest successful conversations by goal
     contrast_reference_size: int = 3
     # TF-IDF cosine of the goals, at least: on a public intent set mixing 3 related categories,

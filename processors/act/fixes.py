@@ -309,6 +309,13 @@ def contrast_instruction(diag: Diagnosis) -> str:
             f"confirmation first. Conversations that called `{tool}` failed far more often{why}."
         )
     if kind == "missing_action":
+        if pattern == "no_call":
+            return (
+                "Before you answer a request, use your tools to look up what it is about and, "
+                "when the rules in this prompt allow it, carry it out; do not end the "
+                "conversation with only an explanation, without consulting any tool. Failed "
+                f"conversations ended without any tool call{why}."
+            )
         if pattern in ("never", "misses") and tool:
             return (
                 f"When the user's request needs it and the rules in this prompt allow it, "

@@ -14,6 +14,8 @@ pattern                the conversation ...                                failu
 ``never:T``            never calls state-changing ``T`` (that successful   missing_action
                        conversations of the intent call)
 ``no_action``          makes no state-changing call at all                 missing_action
+``no_call``            makes no tool call at all (answers without          missing_action
+                       looking anything up)
 ``acts``               makes a state-changing call (where successful       unauthorized_action
                        conversations of the intent more often refrain)
 ``arg:T.k=v``          calls ``T`` with argument ``k`` set to ``v``         wrong_tool_arguments
@@ -33,7 +35,8 @@ successful conversations by goal (:mod:`.reference`), it also shows ``misses:T``
 successes with a goal like its own do not. These departures are tested among the
 conversations that have a reference set (elsewhere they cannot show). ``anomalous``: it shows
 any of :data:`ANOMALIES` -- a departure, a repeated or unconfirmed state-changing call, an
-argument value grounded nowhere, a tool error -- tested among all conversations: each alone
+argument value grounded nowhere, a tool error, no tool call at all -- tested among all
+conversations: each alone
 may also show in successful conversations too often to be a finding, while failures show
 one of them far more often.
 
@@ -60,7 +63,9 @@ records (``rule="contrast"``, one id per intent, kind and tool) with every conve
 explain (in ``evidence["conversations"]``, each with its own pattern, turn, trace, tool and
 arguments; :func:`conversation_rows` makes the ``diagnosis_conversations`` rows) and, when
 the significant finding is a family (``departs``, ``anomalous``), that finding's counts
-(``tested``). A group of fewer than ``contrast_min_count`` conversations is no diagnosis.
+(``tested``). A group of fewer than ``contrast_min_count`` conversations is no diagnosis;
+groups beyond ``contrast_max_per_intent`` are given up the same way, one at a time, their
+conversations moving to their next explanation.
 
 **State-changing tools** are inferred without knowing the agent: a tool is read-only when
 the first word of its name is a read verb (:data:`READ_VERBS`: get, list, search, find,
@@ -68,8 +73,9 @@ calculate, think, ...); any other tool changes state. A hand-off tool (its name 
 escalate / hand off / transfer to / human) is the ``handoff`` pattern instead. Names are
 split on ``_``, ``-``, ``.``, spaces and camelCase.
 
-**Explicit confirmation** just before a call: the last user message before it is an
-affirmation (yes, confirm, go ahead, ...) answering an agent message that asked something.
+**Explicit confirmation** just before a call: the last user message before it affirms (yes,
+confirm, go ahead, ... opening any of its sentences or clauses) and refuses nothing (no, don't,
+wait, ...), answering an agent message that asked something.
 """
 
 from __future__ import annotations
@@ -130,9 +136,18 @@ READ_VERBS = frozenset(
     ]
 )
 _HANDOFF_NAME = re.compile(r"escalat|hand_?off|transfer_to|human|live_?agent|operator")
+# An answer's sentences and clauses each may carry it: "That sounds good. Yes, please go
+# ahead." affirms as much as "Yes" does.
+_CLAUSE = r"(?:^|[.!?;,:]\s+|\n|\b(?:then|and|so|but)\s+)\W*"
 _AFFIRM = re.compile(
-    r"^\W*(yes|yeah|yep|yup|sure|ok(ay)?|confirm(ed)?|correct|right|go ahead|please do|"
-    r"proceed|do it|that'?s (right|correct|fine)|sounds good|absolutely|definitely|please)\b",
+    _CLAUSE + r"(yes|yeah|yep|yup|sure|ok(ay)?|confirm(ed)?|correct|right|go ahead|please do|"
+    r"proceed|do it|that'?s (right|correct|fine)|sounds good|absolutely|definitely|"
+    r"please(?=\s+\w))\b"  # a request ("please book it"), not a courtesy ("..., please.")
+    r"(?!\W*(?:not|don'?t|do not)\b)",  # "please don't"
+    re.IGNORECASE,
+)
+_REFUSE = re.compile(  # a refusal anywhere in the answer outweighs an affirmation
+    _CLAUSE + r"(no|nope|don'?t|do not|wait|hold on|stop)\b(?!\W*(?:problem|worries)\b)",
     re.IGNORECASE,
 )
 _ASKS = re.compile(
@@ -148,6 +163,7 @@ KIND_OF = {
     "unconfirmed": "unauthorized_action",
     "never": "missing_action",
     "no_action": "missing_action",
+    "no_call": "missing_action",
     "acts": "unauthorized_action",
     "arg": "wrong_tool_arguments",
     "ungrounded": "wrong_tool_arguments",
@@ -164,9 +180,20 @@ KIND_OF = {
 DEPARTURES = frozenset(["misses", "extra", "differs", "extra_handoff", "departs"])  # .reference
 # What one conversation does that points at its own failure, whatever its intent's other
 # conversations do: a departure from its nearest successes, a repeated or unconfirmed
-# state-changing call, an argument value grounded nowhere, a tool error. ``anomalous``: any.
+# state-changing call, an argument value grounded nowhere, a tool error, an answer given
+# without consulting any tool (an agent with tools that uses none). ``anomalous``: any.
 ANOMALIES = frozenset(
-    ["misses", "extra", "differs", "extra_handoff", "repeats", "ungrounded", "unconfirmed", "error"]
+    [
+        "misses",
+        "extra",
+        "differs",
+        "extra_handoff",
+        "repeats",
+        "ungrounded",
+        "unconfirmed",
+        "error",
+        "no_call",
+    ]
 )
 REFERENCED = "_referenced"  # the conversation has a reference set
 
@@ -239,10 +266,11 @@ def calls_of(conv: Conversation) -> list[Call]:
 
 
 def _confirmed(msgs: list[Message], turn: int) -> bool:
-    """An explicit user confirmation just before ``turn``: the last user message affirms, and
-    answers an agent message that asked something."""
+    """An explicit user confirmation just before ``turn``: the last user message affirms and
+    refuses nothing, and answers an agent message that asked something."""
     u = next((i for i in range(turn - 1, -1, -1) if msgs[i].role == "user"), -1)
-    if u < 0 or not _AFFIRM.search(msgs[u].content):
+    said = msgs[u].content if u >= 0 else ""
+    if not _AFFIRM.search(said) or _REFUSE.search(said):
         return False
     ask = next(
         (i for i in range(u - 1, -1, -1) if msgs[i].role == "assistant" and msgs[i].content),
@@ -305,6 +333,8 @@ def patterns(conv: Conversation) -> dict[str, Hit]:
                 out.setdefault("ungrounded", hit)
     if not any_write:
         out["no_action"] = Hit(len(msgs) - 1, conv.trace_ids[-1] if conv.trace_ids else "")
+    if not calls:
+        out["no_call"] = Hit(len(msgs) - 1, conv.trace_ids[-1] if conv.trace_ids else "")
     first_write = next((c for c in calls if changes_state(c.tool)), None)
     if first_write is not None:
         out["acts"] = Hit(
@@ -464,8 +494,10 @@ def explain(
     ``contrast_min_count`` conversations, or whose pattern is not more common among failed
     conversations than among successful ones, is no diagnosis: its conversations go to their
     next explanation, if any. Such groups are given up one at a time, first those that could
-    never be large enough, then the one fewest conversations could join. Strongest first, at
-    most ``contrast_max_per_intent``."""
+    never be large enough, then the one fewest conversations could join; then, while there are
+    more than ``contrast_max_per_intent`` groups, the one fewest conversations could join (not
+    cut from the list: its conversations would be left with no explanation). Strongest
+    first."""
     options: dict[str, list[_Option]] = {}
     for cid, pats in failed.items():
         mine = []
@@ -489,6 +521,12 @@ def explain(
             if len(members) < cfg.contrast_min_count or lift <= 0:
                 hopeless = could[g] < cfg.contrast_min_count or lift <= 0
                 weak.append((not hopeless, could[g], len(members), lift, g))
+        if not weak and len(groups) > cfg.contrast_max_per_intent:
+            # More diagnoses than an intent keeps: one is given up the same way, its
+            # conversations to their next explanation (cutting the list would leave them none).
+            weak = [
+                (True, could[g], len(m), counts[_typical(m)].lift, g) for g, m in groups.items()
+            ]
         if not weak:
             break
         # One at a time, the one fewest conversations could join first: its conversations move
@@ -496,7 +534,7 @@ def explain(
         dropped.add(min(weak)[4])
     out = [_group_finding(members, failed, counts) for members in groups.values()]
     out.sort(key=lambda f: (f.p_value, -len(f.hits), f.pattern))
-    return out[: cfg.contrast_max_per_intent]
+    return out
 
 
 def _group(pattern: str) -> tuple[str, str]:
@@ -637,6 +675,7 @@ def _describe(f: Finding, intent: str) -> tuple[str, str]:
         "calls": f"call `{tool}`",
         "never": f"never call `{tool}`",
         "no_action": "end without any state-changing tool call",
+        "no_call": "end without any tool call at all",
         "acts": "make a state-changing tool call",
         "arg": f"call `{tool}` with `{rest.split('.', 1)[-1]}`",
         "error": f"get an error from `{tool}`",
@@ -796,7 +835,7 @@ def analysed(tags: Iterable[TagRecord]) -> list[tuple[TagRecord, Conversation]]:
     return [(t, c) for t, c in newest.values() if t.ts_ns >= since]
 
 
-_MISSING = ("never:", "no_action", "misses")
+_MISSING = ("never:", "no_action", "no_call", "misses")
 
 
 def add_departures(

@@ -84,6 +84,41 @@ def test_patterns_of_one_conversation() -> None:
     assert "ungrounded:close_ticket.id" in patterns(ungrounded)
 
 
+def _close_after(answer: str) -> Conversation:
+    return conv(
+        "c",
+        [
+            U("please close ticket T-1"),
+            A("Ticket T-1 is open. Shall I close it?"),
+            U(answer),
+            T("close_ticket", {"id": "T-1"}),
+        ],
+    )
+
+
+def test_a_confirmation_counts_in_any_sentence_or_clause_of_the_answer() -> None:
+    """An answer that opens with something else ("That sounds good.") and then affirms is an
+    explicit confirmation; a refusal, a "please don't" or a courtesy "please" is not."""
+    confirmed = [
+        "yes please",
+        "That sounds good. Yes, please go ahead.",
+        "Thanks for checking. Please close it.",
+        "If that is the only way, then yes, go ahead.",
+        "No problem. Go ahead.",
+    ]
+    not_confirmed = [
+        "I would rather keep it open.",
+        "No, please don't close it.",
+        "Please don't.",
+        "Keep the second one, please.",
+        "Yes, but wait until tomorrow.",
+    ]
+    for answer in confirmed:
+        assert "unconfirmed:close_ticket" not in patterns(_close_after(answer)), answer
+    for answer in not_confirmed:
+        assert "unconfirmed:close_ticket" in patterns(_close_after(answer)), answer
+
+
 def test_planted_unconfirmed_write_is_found_with_every_conversation() -> None:
     rng = random.Random(7)
     tags = []
@@ -591,3 +626,65 @@ def test_an_ungrounded_argument_is_named_in_the_summary() -> None:
     assert "call `close_ticket` with an argument value that appears nowhere" in summary
     summary, _ = _describe(replace(group, pattern="ungrounded:close_ticket.id"), "close a ticket")
     assert "with a `id` value" in summary
+
+
+def test_a_conversation_without_any_tool_call_shows_no_call() -> None:
+    silent = conv("n", [U("close ticket 5"), A("Sorry, I cannot.")])
+    looked = conv("l", [U("close ticket 5"), T("lookup_ticket", {"id": "5"}), A("Sorry.")])
+    assert {"no_action", "no_call"} <= set(patterns(silent))
+    assert "no_action" in patterns(looked) and "no_call" not in patterns(looked)
+
+
+def silent_run(rng: random.Random, cid: str) -> Conversation:
+    """A run on an oddly worded request that the agent answers without consulting any tool."""
+    ticket = f"T-{rng.randrange(10_000)}"
+    return conv(cid, [U(ODD.format(t=ticket)), A("I am sure it will sort itself out.")])
+
+
+def test_answers_without_any_tool_call_are_found_with_other_anomalies() -> None:
+    rng = random.Random(37)
+    tags, planted = [], {}
+    for i in range(60):
+        tags.append(tag(agent_run(rng, f"s{i}", list(GOALS)[i % 3], "right"), False))
+    tags += [tag(silent_run(rng, f"so{i}"), False) for i in range(2)]  # some succeed that way
+    for i in range(5):
+        tags.append(tag(silent_run(rng, f"f{i}"), True))
+        planted[f"f{i}"] = "missing_action"
+    for i in range(4):  # a write the silent successes of that wording do not make, twice
+        tags.append(tag(odd_run(rng, f"r{i}", ODD, "repeats"), True))
+        planted[f"r{i}"] = "unauthorized_action"
+    for i in range(14):  # failed for reasons the structure does not show
+        tags.append(tag(agent_run(rng, f"n{i}", list(GOALS)[i % 3], "right"), True))
+    found = analyse(tags, CFG, now_ns=1)
+    rows = conversation_rows(found)
+    assert {r["conversation_id"]: r["failure_kind"] for r in rows} == planted
+    assert {r["detail"] for r in rows if r["conversation_id"].startswith("f")} == {"no_call"}
+    from processors.act.fixes import contrast_instruction
+
+    silent = next(d for d in found if d.evidence["pattern"] == "no_call")
+    assert "without consulting any tool" in contrast_instruction(silent)
+
+
+def test_answers_without_any_tool_call_that_do_not_depend_on_failure_find_nothing() -> None:
+    for seed in range(5):
+        rng = random.Random(seed)
+        tags = [
+            tag(agent_run(rng, f"c{i}", rng.choice(list(GOALS)), "right"), rng.random() < 0.4)
+            for i in range(70)
+        ]
+        tags += [tag(silent_run(rng, f"o{i}"), rng.random() < 0.4) for i in range(30)]
+        assert analyse(tags, CFG, now_ns=1) == [], seed
+
+
+def test_diagnoses_beyond_the_cap_pass_their_conversations_on() -> None:
+    """With more groups than ``contrast_max_per_intent``, the one given up passes its
+    conversations to their next explanation instead of leaving them unexplained."""
+    from processors.diagnose.contrast import Hit, contrast
+
+    failed = {f"a{i}": {"repeats:close_ticket": Hit(2), "repeats": Hit(2)} for i in range(6)}
+    failed |= {f"b{i}": {"repeats:set_priority": Hit(2), "repeats": Hit(2)} for i in range(4)}
+    ok: dict[str, dict[str, Hit]] = {f"s{i}": {} for i in range(20)}
+    two = contrast({k: dict(v) for k, v in failed.items()}, ok, CFG)
+    assert [len(f.hits) for f in two] == [6, 4]
+    one = contrast(failed, ok, replace(CFG, contrast_max_per_intent=1))
+    assert len(one) == 1 and set(one[0].hits) == set(failed)
