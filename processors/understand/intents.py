@@ -21,7 +21,8 @@ Two levels, in the spirit of DBSTREAM/CluStream but with numpy vector math:
   the first of them and then whenever the stream has doubled. Between refinements a point joins
   its micro-cluster's intent, or the nearest intent, or opens a new one when its similarity to
   every intent is below the novelty threshold: the ``novelty_quantile`` quantile of the recent
-  arrivals' similarity to their nearest intent (``threshold`` until enough have arrived).
+  arrivals' similarity to their nearest intent, those that joined a micro-cluster included
+  (``threshold`` until enough have arrived).
 
 No threshold sets the granularity: on three public intent sets of 77, 64 and 7 intents the
 defaults find 93, 77 and 7 (``python -m bench.intents``, bench/RESULTS.md).
