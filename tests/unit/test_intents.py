@@ -213,6 +213,29 @@ def test_a_point_older_than_remember_keeps_its_tag() -> None:
     assert r.current_tags([300], ["gone"])[0] in {s.intent_id for s in r.intents()}
 
 
+def at(c: np.ndarray, other: np.ndarray, sim: float) -> np.ndarray:
+    """The unit vector at similarity ``sim`` to unit ``c``, towards ``other`` (orthogonal to c)."""
+    return (sim * c + np.sqrt(1 - sim**2) * other).astype(np.float32)
+
+
+def test_a_stream_that_repeats_itself_keeps_its_novelty_threshold() -> None:
+    c = centres(4)
+    rng = np.random.default_rng(2)
+    m = IntentModel(refine_every=100, novelty_quantile=0.01)  # the threshold: the least of 100
+    outlier = at(c[0], c[2], 0.65)  # a micro-cluster of its own, in c[0]'s intent
+    first = np.vstack([outlier[None], blob(c[0], 99, rng, 0.01), blob(c[1], 100, rng, 0.01)])
+    m.learn_many(first, now_ns=1)
+    # the stream repeats itself: every arrival joins its micro-cluster, the outlier too, but one
+    # that is near c[1]'s intent and far from its micro-clusters
+    m.learn_many(np.vstack([first[:99], at(c[1], c[3], 0.8)[None]]), now_ns=2)
+    m.learn_one(first[150], now_ns=3)  # a refinement sets the threshold from those 100
+    assert len(m.intents()) == 2
+    # the outlier's similarity (0.65) is the least of the 100, not the other arrival's (0.8):
+    # a point at 0.72 from c[0] joins its intent instead of opening one
+    home = m.predict_one(c[0])
+    assert home is not None and m.predict_one(at(c[0], c[3], 0.72)) == home
+
+
 def test_ids_stay_stable_across_re_clusterings() -> None:
     X, y = nested_stream(12, 800, 0.1, seed=7)
     m = IntentModel()
