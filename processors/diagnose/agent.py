@@ -56,10 +56,6 @@ def register(w: Wiring) -> None:
             diags = await pipe.run_core("diagnose", core.apply_analysis, req, a, now)
             if diags:
                 await publish(diags)
-            # after the diagnoses' own rows: a change at an equal version is the later row
-            relisted = await pipe.run_core("diagnose", core.take_explanation_rows)
-            if relisted:
-                await pipe.write("diagnose", "diagnosis_conversations", relisted)
 
         w.llm_job("analysis", functools.partial(ask_analysis, req), analysed)
 
@@ -74,7 +70,8 @@ def register(w: Wiring) -> None:
             pipe.counters["diagnose"].records_in += len(fresh)
             if diags:
                 await publish(diags)
-            # after the diagnoses' own rows: a change at an equal version is the later row
+            # after the diagnoses' own rows (a change at an equal version is the later row);
+            # only this loop takes them, so none is written before its batch's diagnoses
             relisted = await pipe.run_core("diagnose", core.take_explanation_rows)
             if relisted:
                 await pipe.write("diagnose", "diagnosis_conversations", relisted)
