@@ -9,7 +9,8 @@ without them (the outcome heuristic alone). It reports
 
 * outcome agreement: the share of runs whose ``failed`` tag matches reward == 0;
 * coverage: the share of failed runs (reward 0) explained by a diagnosis of the right
-  ``failure_kind``; precision: the share of (run, diagnosis) explanations whose kind is right
+  ``failure_kind`` (as its ``diagnosis_conversations`` rows list them once the stream ends);
+  precision: the share of (run, diagnosis) explanations whose kind is right
   (an explained run with reward 1 is wrong whatever the kind);
 * proposals: templated changes made against the agent's system prompt, per diagnosed intent;
 * time from the start of the import to the first diagnosis.
@@ -41,6 +42,7 @@ from processors.act import propose_change
 from processors.capture.core import Capture, RawMessage
 from processors.capture.transcripts import parse_line, to_request
 from processors.config import ActTarget, Config, load_config
+from processors.diagnose.contrast import conversation_rows
 from processors.diagnose.core import Diagnoser
 from processors.records import Diagnosis
 from processors.understand.assemble import build_conversation
@@ -110,9 +112,15 @@ def run_loop(cfg: Config, runs: list[dict[str, Any]], rewards: bool) -> dict[str
     tags = Understand(cfg, embedder).process(convs, now).tags
     diagnoser = Diagnoser(cfg.diagnose)
     latest: dict[str, Diagnosis] = {}
+    rows: dict[tuple[str, str], dict[str, Any]] = {}  # diagnosis_conversations, as stored
     first_diagnosis_s = float("nan")
     for t in tags:  # the diagnose stage's stream, as the worker feeds it
-        for d in diagnoser.observe(t, now):
+        diags = diagnoser.observe(t, now)
+        for r in conversation_rows(diags) + diagnoser.take_explanation_rows():
+            key = (r["diagnosis_id"], r["conversation_id"])
+            if key not in rows or r["version"] >= rows[key]["version"]:  # ReplacingMergeTree
+                rows[key] = r
+        for d in diags:
             latest[d.diagnosis_id] = d
             if first_diagnosis_s != first_diagnosis_s:  # nan: the first one
                 first_diagnosis_s = time.perf_counter() - t0
@@ -124,7 +132,17 @@ def run_loop(cfg: Config, runs: list[dict[str, Any]], rewards: bool) -> dict[str
     for d in found:
         change, _why = propose_change(d, files, targets)
         proposals[d.intent_id] += change is not None
-    return {"tags": tags, "found": found, "proposals": proposals, "first_s": first_diagnosis_s}
+    listed: dict[str, set[str]] = defaultdict(set)
+    for (did, cid), r in rows.items():
+        if r["explained"]:
+            listed[did].add(cid)
+    return {
+        "tags": tags,
+        "found": found,
+        "listed": listed,
+        "proposals": proposals,
+        "first_s": first_diagnosis_s,
+    }
 
 
 def measure(runs: list[dict[str, Any]], out: dict[str, Any]) -> dict[str, Any]:
@@ -137,7 +155,7 @@ def measure(runs: list[dict[str, Any]], out: dict[str, Any]) -> dict[str, Any]:
     pairs = right_pairs = 0
     per_diagnosis = []
     for d in out["found"]:
-        cids = {c["conversation_id"] for c in d.evidence.get("conversations", [])}
+        cids = out["listed"][d.diagnosis_id]
         right = sum(d.failure_kind in kinds.get(cid, set()) for cid in cids)
         for cid in cids:
             explained[cid].add(d.failure_kind)

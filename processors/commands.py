@@ -209,6 +209,7 @@ def cmd_diagnose(a: argparse.Namespace) -> int:
     now = time.time_ns()
     for t in tags:
         core.observe(t, now)
+    core.take_explanation_rows()  # of the replay's diagnoses, which are not written
     found = core.diagnose_now(a.intent, now)
     if llm is not None:
         analysed, rows = core.analyse_now(a.intent, llm, now)
@@ -221,7 +222,9 @@ def cmd_diagnose(a: argparse.Namespace) -> int:
         )
     if found:
         store.insert_records("diagnoses", diagnosis_rows(found))
-        store.insert_records("diagnosis_conversations", conversation_rows(found))
+        store.insert_records(
+            "diagnosis_conversations", conversation_rows(found) + core.take_explanation_rows()
+        )
     for d in found:
         print(f"{d.diagnosis_id}  {d.failure_kind} ({d.rule}): {d.summary}")
     if not found:

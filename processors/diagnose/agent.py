@@ -70,6 +70,11 @@ def register(w: Wiring) -> None:
             pipe.counters["diagnose"].records_in += len(fresh)
             if diags:
                 await publish(diags)
+            # after the diagnoses' own rows (a change at an equal version is the later row);
+            # only this loop takes them, so none is written before its batch's diagnoses
+            relisted = await pipe.run_core("diagnose", core.take_explanation_rows)
+            if relisted:
+                await pipe.write("diagnose", "diagnosis_conversations", relisted)
             for req in await pipe.run_core("diagnose", core.take_llm_requests):
                 ask_llm(req)
             for areq in await pipe.run_core("diagnose", core.take_analysis_requests):

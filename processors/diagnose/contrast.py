@@ -900,9 +900,12 @@ def analyse(tags: Sequence[TagRecord], cfg: DiagnoseConfig, now_ns: int) -> list
     return out
 
 
-def conversation_rows(diags: Iterable[Diagnosis]) -> list[dict[str, Any]]:
+def conversation_rows(
+    diags: Iterable[Diagnosis], only: set[str] | None = None
+) -> list[dict[str, Any]]:
     """``diagnosis_conversations`` rows: every conversation each diagnosis explains (the
-    ``conversations`` of its evidence; a rule's diagnosis without them: its trace ids)."""
+    ``conversations`` of its evidence; a rule's diagnosis without them: its trace ids), or
+    only those of ``only``."""
     rows = []
     for d in diags:
         convs = d.evidence.get("conversations")
@@ -914,10 +917,13 @@ def conversation_rows(diags: Iterable[Diagnosis]) -> list[dict[str, Any]]:
         for c in convs:
             if not isinstance(c, dict):
                 continue
+            cid = str(c.get("conversation_id") or c.get("trace_id") or "")
+            if only is not None and cid not in only:
+                continue
             rows.append(
                 {
                     "diagnosis_id": d.diagnosis_id,
-                    "conversation_id": str(c.get("conversation_id") or c.get("trace_id") or ""),
+                    "conversation_id": cid,
                     "intent_id": d.intent_id,
                     "failure_kind": d.failure_kind,
                     "trace_id": str(c.get("trace_id") or ""),
@@ -925,8 +931,31 @@ def conversation_rows(diags: Iterable[Diagnosis]) -> list[dict[str, Any]]:
                     "tool": str(c.get("tool") or ""),
                     "arguments": str(c.get("arguments") or ""),
                     "detail": str(c.get("pattern") or d.evidence.get("pattern") or d.rule),
+                    "explained": 1,
                     "version": d.version,
                     "updated_ns": d.updated_ns,
                 }
             )
     return rows
+
+
+def unexplained_rows(d: Diagnosis, conversation_ids: Iterable[str]) -> list[dict[str, Any]]:
+    """``diagnosis_conversations`` rows saying ``d`` (at its version) no longer explains these
+    conversations (``explained = 0``: their newest row for the diagnosis)."""
+    return [
+        {
+            "diagnosis_id": d.diagnosis_id,
+            "conversation_id": cid,
+            "intent_id": d.intent_id,
+            "failure_kind": d.failure_kind,
+            "trace_id": "",
+            "turn": -1,
+            "tool": "",
+            "arguments": "",
+            "detail": "",
+            "explained": 0,
+            "version": d.version,
+            "updated_ns": d.updated_ns,
+        }
+        for cid in sorted(conversation_ids)
+    ]

@@ -21,7 +21,8 @@ It runs on an intent without an open rule diagnosis once the rules could look at
 (``min_support``, ``min_failures``), whether or not its failure rate stands out against the other
 intents, each time ``contrast_min_count`` more have failed. Every diagnosis carries a ``failure_kind``
 (:data:`processors.records.FAILURE_KINDS`) and the conversations it explains. A contrast
-diagnosis is re-emitted when the conversations it explains changed by ``reemit_growth``, and
+diagnosis is re-emitted when the conversations it explains changed by ``reemit_growth``; a
+smaller change still reaches its stored list (:meth:`Diagnoser.take_explanation_rows`), and
 a conversation stays explained by one contrast diagnosis of its intent, the latest
 analysis': an earlier one that analysis does not find again gets a version without it. A
 conversation that left the bounded window stays explained by the diagnosis found again.
@@ -65,7 +66,12 @@ from processors.diagnose.analysis import (
     with_conversations,
 )
 from processors.diagnose.contrast import RULE as CONTRAST_RULE
-from processors.diagnose.contrast import analysed, intent_findings
+from processors.diagnose.contrast import (
+    analysed,
+    conversation_rows,
+    intent_findings,
+    unexplained_rows,
+)
 from processors.diagnose.llm import Refinement, ask_refinement, llm_bundle, refined
 from processors.diagnose.rules import Candidate, common_evidence, run_rules, version_shift
 from processors.diagnose.window import IntentStats, p_greater
@@ -136,6 +142,7 @@ class Diagnoser:
         self.llm_requests: list[Refinement] = []
         self.analysis_requests: list[AnalysisRequest] = []
         self.llm_rejections: list[str] = []
+        self.explanation_rows: list[dict[str, Any]] = []
         self._s = _State()
 
     # -- feeding
@@ -226,17 +233,61 @@ class Diagnoser:
             prev = self._s.diagnoses.get(d.diagnosis_id)
             takes = bool(_conversations_of(d) & moved)  # from an earlier diagnosis: shown now
             if not (self._should_emit(d.diagnosis_id, st, force) or self._regrouped(d) or takes):
+                self._relist(d, prev, now_ns)
                 continue
             d.window_from_ns, d.window_to_ns = lo, hi
             d = self._with_analyses(d)
             _follows(d, prev)
+            self._relisted(d)
             self._s.diagnoses[d.diagnosis_id] = _Emitted(d, st.total_failures)
             out.append(d)
         for d in pruned:
+            self._relisted(d)
             self._s.diagnoses[d.diagnosis_id] = _Emitted(
                 d, self._s.diagnoses[d.diagnosis_id].total_failures
             )
         return out + pruned
+
+    # -- the stored list of explained conversations (diagnosis_conversations)
+
+    def _listed(self) -> dict[str, set[str]]:
+        """By diagnosis id, the conversations its stored rows list, where an analysis changed
+        them since its last version without making a new one (:meth:`_relist`)."""
+        listed: dict[str, set[str]] = self._s.__dict__.setdefault("listed", {})  # older snapshots
+        return listed
+
+    def _listed_now(self, did: str) -> set[str]:
+        """The conversations the stored rows of ``did`` list as explained."""
+        e = self._s.diagnoses.get(did)
+        return self._listed().get(did, _conversations_of(e.diagnosis) if e else set())
+
+    def _relisted(self, d: Diagnosis) -> None:
+        """``d`` is emitted (its rows list what it explains): the conversations listed for it
+        before that it no longer explains get a row saying so. Call before recording ``d``."""
+        gone = self._listed_now(d.diagnosis_id) - _conversations_of(d)
+        self._listed().pop(d.diagnosis_id, None)
+        self.explanation_rows += unexplained_rows(d, gone)
+
+    def _relist(self, d: Diagnosis, prev: _Emitted | None, now_ns: int) -> None:
+        """``d`` found again, changed too little for a new version (``reemit_growth`` spares a
+        reviewer a version for each small change): its stored rows still list every
+        conversation it explains now, and no other, at its last version."""
+        if prev is None or prev.diagnosis.status not in OPEN_STATUSES:
+            return
+        d = replace(self._with_analyses(d), version=prev.diagnosis.version, updated_ns=now_ns)
+        before, now = self._listed_now(d.diagnosis_id), _conversations_of(d)
+        if before == now:
+            return
+        self.explanation_rows += conversation_rows([d], only=now - before)
+        self.explanation_rows += unexplained_rows(d, before - now)
+        self._listed()[d.diagnosis_id] = now
+
+    def take_explanation_rows(self) -> list[dict[str, Any]]:
+        """The ``diagnosis_conversations`` rows changed beside the diagnoses returned (write
+        them after those diagnoses' own rows, in this order): conversations a diagnosis
+        explains now without a new version, and ones it no longer explains."""
+        out, self.explanation_rows = self.explanation_rows, []
+        return out
 
     def _keep_unseen(self, found: list[Diagnosis], seen: set[str]) -> None:
         """A diagnosis found again keeps the conversations its last version explained that
@@ -428,6 +479,7 @@ class Diagnoser:
         _follows(d, prev)
         d.evidence["conversations"] = c.explains or _explained(st, d.trace_ids)
         d = self._with_analyses(d)
+        self._relisted(d)
         self._s.diagnoses[did] = _Emitted(d, st.total_failures)
         return d
 

@@ -169,7 +169,8 @@ def diagnosis(store: Store, diagnosis_id: str) -> dict[str, Any] | None:
     d["analyses"] = store.query(
         "SELECT conversation_id, turn, trace_id, failure_kind, tool, instruction, relation, quote "
         "FROM failure_analyses FINAL WHERE intent_id = {i:String} AND conversation_id IN "
-        "(SELECT conversation_id FROM diagnosis_conversations FINAL WHERE diagnosis_id = {d:String}) "
+        "(SELECT conversation_id FROM diagnosis_conversations FINAL "
+        "WHERE diagnosis_id = {d:String} AND explained = 1) "
         "ORDER BY conversation_id LIMIT {n:UInt32}",
         {"i": d["intent_id"], "d": diagnosis_id, "n": LIST_LIMIT},
     )
@@ -282,7 +283,7 @@ def conversation(store: Store, conversation_id: str) -> dict[str, Any] | None:
         "WHERE diagnosis_id IN (SELECT diagnosis_id FROM diagnosis_conversations "
         "WHERE conversation_id = {c:String}) GROUP BY diagnosis_id) AS d "
         "ON d.diagnosis_id = dc.diagnosis_id "
-        "WHERE dc.conversation_id = {c:String} ORDER BY dc.diagnosis_id",
+        "WHERE dc.conversation_id = {c:String} AND dc.explained = 1 ORDER BY dc.diagnosis_id",
         p,
     )
     turns = store.query(

@@ -11,7 +11,7 @@ import re
 import stat
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -21,6 +21,7 @@ import pytest
 from processors.act import Actor, proposal_rows
 from processors.act.gitrepo import LocalGit
 from processors.config import ActTarget, Config
+from processors.diagnose.contrast import unexplained_rows
 from processors.records import Diagnosis, Outcome, Proposal
 from processors.review.core import outcome_rows
 from processors.store import Store
@@ -987,3 +988,9 @@ def test_conversation_page_shows_feedback_and_the_diagnoses_that_explain_it(
     assert "<img" not in body and "&lt;img src=x onerror=alert(1)&gt;" in body
     assert "Explained by" in body and f'href="/diagnoses/{s.diagnosis.diagnosis_id}"' in body
     assert "tool_error" in body and "turn 2" in body
+    # a later analysis grouped it elsewhere, short of a new version: the row at the same
+    # version written after it says so, and the page no longer lists the diagnosis
+    moved = replace(s.diagnosis, version=1, updated_ns=T0 + 1)
+    store.insert_records("diagnosis_conversations", unexplained_rows(moved, [s.conversation_id]))
+    body = call(server.url, path=f"/conversations/{s.conversation_id}", cookie=cookie).body
+    assert "thumbs_down" in body and "Explained by" not in body

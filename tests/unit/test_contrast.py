@@ -532,10 +532,59 @@ def test_a_conversation_is_explained_once_in_the_stream() -> None:
     ids = [r["conversation_id"] for r in rows]
     assert ids and len(ids) == len(set(ids))
     assert all(i.startswith("f") for i in ids)
+    # as stored, with the conversations regrouped between versions: listed once too
+    listed = [c for cs in stored(Diagnoser(CFG), tags).values() for c in cs]
+    assert listed and len(listed) == len(set(listed))
     # one found early loses every conversation to later analyses: superseded, not proposed
     emptied = [x for x in latest.values() if not conversation_rows([x])]
     assert emptied and all(x.status == "superseded" for x in emptied)
     assert all(conversation_rows([x]) for x in latest.values() if x.status in OPEN_STATUSES)
+
+
+def stored(d: object, tags: list[TagRecord]) -> dict[str, set[str]]:
+    """Feed ``tags`` to the diagnoser ``d`` and keep its ``diagnosis_conversations`` rows as
+    the table does (the newest version of each key, the later row at an equal one): the
+    conversations each diagnosis lists as explained."""
+    table: dict[tuple[str, str], dict] = {}
+    for t in tags:
+        rows = conversation_rows(d.observe(t, t.ts_ns)) + d.take_explanation_rows()
+        for r in rows:
+            key = (r["diagnosis_id"], r["conversation_id"])
+            if key not in table or r["version"] >= table[key]["version"]:
+                table[key] = r
+    out: dict[str, set[str]] = {}
+    for (did, cid), r in table.items():
+        if r["explained"]:
+            out.setdefault(did, set()).add(cid)
+    return out
+
+
+def test_a_conversation_added_below_reemit_growth_is_listed_without_a_new_version() -> None:
+    from processors.diagnose.core import Diagnoser
+
+    rng = random.Random(29)
+    tags = [tag(agent_run(rng, f"s{i}", "close", "right"), False) for i in range(30)]
+    tags += [tag(agent_run(rng, f"f{i}", "close", "misses"), True) for i in range(30)]
+    rng.shuffle(tags)
+    for k, t in enumerate(tags):
+        t.ts_ns = k
+    d = Diagnoser(replace(CFG, contrast_min_count=1))  # an analysis at each failure
+    first = next(i for i, t in enumerate(tags) if d.observe(t, t.ts_ns))
+    (diag,) = d.open_diagnoses()
+    listed = {c["conversation_id"] for c in diag.evidence["conversations"]}
+    nxt = next(t for t in tags[first + 1 :] if t.failed)
+    for t in tags[first + 1 : tags.index(nxt)]:
+        assert d.observe(t, t.ts_ns) == []
+    assert d.observe(nxt, nxt.ts_ns) == []  # one more of 17 is below reemit_growth ...
+    (row,) = d.take_explanation_rows()  # ... but the stored list has it, at version 1
+    assert nxt.conversation_id not in listed
+    assert (row["conversation_id"], row["diagnosis_id"]) == (nxt.conversation_id, diag.diagnosis_id)
+    assert (row["explained"], row["version"], row["failure_kind"]) == (1, 1, "missing_action")
+    assert [x.version for x in d.open_diagnoses()] == [1]
+    # over the whole stream, the stored list is every failed conversation, with few versions
+    d = Diagnoser(replace(CFG, contrast_min_count=1))
+    assert stored(d, tags) == {diag.diagnosis_id: {f"f{i}" for i in range(30)}}
+    assert d.open_diagnoses()[0].version < 5
 
 
 def test_a_conversation_that_left_the_window_stays_explained() -> None:
