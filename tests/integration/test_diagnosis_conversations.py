@@ -4,24 +4,18 @@ a conversation an analysis adds to a diagnosis, too few to make a new version of
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 from confluent_kafka import Producer
 
 from tests.integration.pipeline import running_pipeline
-from tests.unit.test_contrast import agent_run, tag
+from tests.unit.test_contrast import missed_write_stream
 
 
 def test_the_stored_list_holds_every_conversation_the_latest_analysis_explains(
     tmp_path: Path,
 ) -> None:
-    rng = random.Random(29)
-    tags = [tag(agent_run(rng, f"s{i}", "close", "right"), False) for i in range(30)]
-    tags += [tag(agent_run(rng, f"f{i}", "close", "misses"), True) for i in range(30)]
-    rng.shuffle(tags)
-    for k, t in enumerate(tags):
-        t.ts_ns = k
+    tags = missed_write_stream(30)
     env = {"CLOSELOOP_DIAGNOSE_CONTRAST_MIN_COUNT": "1"}  # an analysis at each failure
     with running_pipeline(tmp_path, stages="diagnose", env=env) as pipe:
         producer = Producer({"bootstrap.servers": pipe.broker.bootstrap})

@@ -559,15 +559,21 @@ def stored(d: object, tags: list[TagRecord]) -> dict[str, set[str]]:
     return out
 
 
-def test_a_conversation_added_below_reemit_growth_is_listed_without_a_new_version() -> None:
-    from processors.diagnose.core import Diagnoser
-
+def missed_write_stream(n: int) -> list[TagRecord]:
+    """``n`` successful runs and ``n`` that miss the write, shuffled (seed 29), in stream order."""
     rng = random.Random(29)
-    tags = [tag(agent_run(rng, f"s{i}", "close", "right"), False) for i in range(30)]
-    tags += [tag(agent_run(rng, f"f{i}", "close", "misses"), True) for i in range(30)]
+    tags = [tag(agent_run(rng, f"s{i}", "close", "right"), False) for i in range(n)]
+    tags += [tag(agent_run(rng, f"f{i}", "close", "misses"), True) for i in range(n)]
     rng.shuffle(tags)
     for k, t in enumerate(tags):
         t.ts_ns = k
+    return tags
+
+
+def test_a_conversation_added_below_reemit_growth_is_listed_without_a_new_version() -> None:
+    from processors.diagnose.core import Diagnoser
+
+    tags = missed_write_stream(30)
     d = Diagnoser(replace(CFG, contrast_min_count=1))  # an analysis at each failure
     first = next(i for i, t in enumerate(tags) if d.observe(t, t.ts_ns))
     (diag,) = d.open_diagnoses()
@@ -592,12 +598,7 @@ def test_a_conversation_that_left_the_window_stays_explained() -> None:
 
     from processors.diagnose.core import OPEN_STATUSES, Diagnoser
 
-    rng = random.Random(29)
-    tags = [tag(agent_run(rng, f"s{i}", "close", "right"), False) for i in range(40)]
-    tags += [tag(agent_run(rng, f"f{i}", "close", "misses"), True) for i in range(40)]
-    rng.shuffle(tags)
-    for k, t in enumerate(tags):
-        t.ts_ns = k
+    tags = missed_write_stream(40)
     d = Diagnoser(replace(CFG, evidence_size=20))  # 20 failed conversations looked at, at most
     latest = {}
     for t in tags:
