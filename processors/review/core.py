@@ -347,24 +347,24 @@ def _no_counts() -> dict[str, Any]:
     return {**dict.fromkeys(_COUNTS, 0), "after_version": ""}
 
 
-def survivor(intent_id: str, merged_into: Mapping[str, str]) -> str:
-    """The intent whose conversations ``intent_id``'s are now: the one it was merged into,
-    followed to the end of the chain (``merged_into``: merged intent -> the one it joined)."""
+def survivor(intent_id: str, measured_as: Mapping[str, str]) -> str:
+    """The intent ``intent_id``'s conversations are measured with: the one it was merged into
+    (or split from, see :func:`measure`), followed to the end of the chain."""
     seen = {intent_id}
-    while intent_id in merged_into and merged_into[intent_id] not in seen:
-        intent_id = merged_into[intent_id]
+    while intent_id in measured_as and measured_as[intent_id] not in seen:
+        intent_id = measured_as[intent_id]
         seen.add(intent_id)
     return intent_id
 
 
-def fold_merged(
-    rows: Mapping[str, Mapping[str, Any]], merged_into: Mapping[str, str]
+def fold(
+    rows: Mapping[str, Mapping[str, Any]], measured_as: Mapping[str, str]
 ) -> dict[str, dict[str, Any]]:
-    """Per-intent counts with a merged intent's counted under the intent it joined (its tags
-    stored before the merge still name it)."""
+    """Per-intent counts with an intent's counted under the one it is measured with (a merged
+    intent's tags stored before the merge still name it)."""
     out: dict[str, dict[str, Any]] = {}
     for k, r in sorted(rows.items()):
-        into = out.setdefault(survivor(k, merged_into), _no_counts())
+        into = out.setdefault(survivor(k, measured_as), _no_counts())
         for c in _COUNTS:
             into[c] += int(r[c])
         into["after_version"] = into["after_version"] or str(r.get("after_version") or "")
@@ -377,23 +377,25 @@ def measure(
     fixed_elsewhere: set[str],
     cfg: ReviewConfig,
     now_ns: int,
-    merged_into: Mapping[str, str] | None = None,
+    measured_as: Mapping[str, str] | None = None,
 ) -> Verification:
     """The verdict on the intent of ``review`` and on every control intent, from the per-intent
     before/after counts of :func:`processors.review.loop.counts_query` (keyed by intent).
 
-    An intent merged since (``merged_into``: merged intent -> the one it joined) is measured
-    as the intent it joined: its conversations after the merge are tagged with that one.
+    ``measured_as`` (intent -> the intent it is measured with, :func:`.loop.measured_as`): a
+    merged intent is measured as the intent it joined, since its conversations after the merge
+    are tagged with that one; an intent split off a fixed intent after its diagnosis is
+    measured with the fixed intent, since it holds conversations the diagnosis was about.
 
     Controls are the intents no merged change targets (``fixed_elsewhere`` are the others):
     several fixes merged together would otherwise make each other's improvements look like a
     traffic-wide shift.
     """
-    merged_into = merged_into or {}
-    rows = fold_merged(rows, merged_into)
-    fixed = {survivor(i, merged_into) for i in fixed_elsewhere}
+    measured_as = measured_as or {}
+    rows = fold(rows, measured_as)
+    fixed = {survivor(i, measured_as) for i in fixed_elsewhere}
     before_version = review.before_prompt_version or review.before_agent_version
-    measured_on = survivor(review.intent_id, merged_into)
+    measured_on = survivor(review.intent_id, measured_as)
     target_row = rows.get(measured_on) or _no_counts()
     others = {k: r for k, r in rows.items() if k != measured_on and k not in fixed}
     v5 = guarded_verdict(

@@ -189,6 +189,23 @@ def counts_query(review: ReviewRecord, now_ns: int) -> tuple[str, dict[str, Any]
     }
 
 
+def measured_as(store: Store, fixed: list[str]) -> dict[str, str]:
+    """Intent -> the intent its conversations are measured with (:func:`~.core.measure`): a
+    merged intent -> the one it joined; an intent split off a ``fixed`` intent since that one
+    was first diagnosed -> the fixed intent, since it holds part of the conversations the
+    diagnosis was about (the re-clustering re-tagged them), so it is no control of the fix."""
+    merged = store.query("SELECT intent_id, parent_id FROM intents FINAL WHERE status = 'merged'")
+    split = store.query(
+        "SELECT i.intent_id AS intent_id, i.parent_id AS parent_id FROM intents AS i FINAL "
+        "INNER JOIN (SELECT intent_id, min(updated_ns) AS first_ns FROM diagnoses "
+        "WHERE intent_id IN {fixed:Array(String)} GROUP BY intent_id) AS d "
+        "ON d.intent_id = i.parent_id "
+        "WHERE i.status != 'merged' AND i.created_ns >= d.first_ns",
+        {"fixed": fixed},
+    )
+    return {r["intent_id"]: r["parent_id"] for r in [*merged, *split] if r["parent_id"]}
+
+
 def verify(
     store: Store,
     review: ReviewRecord | Mapping[str, Any],
@@ -218,14 +235,8 @@ def verify(
             "SELECT DISTINCT intent_id FROM reviews FINAL WHERE merged_commit != ''"
         )
     }
-    merged_into = {
-        r["intent_id"]: r["parent_id"]
-        for r in store.query(
-            "SELECT intent_id, parent_id FROM intents FINAL WHERE status = 'merged'"
-        )
-        if r["parent_id"]
-    }
-    result = measure(rec, rows, fixed_elsewhere, cfg.review, now_ns, merged_into)
+    fixed = sorted(fixed_elsewhere | {rec.intent_id})
+    result = measure(rec, rows, fixed_elsewhere, cfg.review, now_ns, measured_as(store, fixed))
     target = result.target
     previous = store.query(
         "SELECT verdict FROM outcomes FINAL WHERE proposal_id = {p:String} AND intent_id = {i:String}",

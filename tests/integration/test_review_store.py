@@ -198,6 +198,49 @@ def test_an_intent_merged_since_is_measured_as_the_intent_it_joined(
     assert {c.intent_id for c in result.controls} == {f"ctrl-{unique}"}
 
 
+def test_an_intent_split_off_since_the_diagnosis_is_measured_with_it(
+    store: Store, repo: Path, unique: str
+) -> None:
+    """A re-clustering after the diagnosis split part of the fixed intent off (its conversations
+    re-tagged, before the merge too): it is measured with the fixed intent, not as a control. An
+    intent split off before the diagnosis was another intent when diagnosed: it stays a control."""
+    w0, merge, now = window()
+    old, new = f"old-{unique}", f"new-{unique}"
+    diagnosed = w0 + 3600 * 10**9
+    rows = (
+        tags(unique, "target", 100, 60, old, w0)
+        + tags(unique, "target", 100, 5, new, merge + 10**9)
+        + tags(unique, "sliver", 50, 30, old, w0 + 10**9)
+        + tags(unique, "sliver", 50, 2, new, merge + 10**9)
+        + tags(unique, "older", 100, 60, old, w0)
+        + tags(unique, "older", 100, 58, new, merge + 10**9)
+    )
+    store.insert_records("conversation_tags", rows)
+    intent = {"description": "", "keywords": [], "examples": [], "size": 1, "name": "x"}
+    child = {**intent, "status": "active", "parent_id": f"target-{unique}", "taxonomy_version": 3}
+    store.insert_records(
+        "intents",
+        [
+            {
+                **child,
+                "intent_id": f"sliver-{unique}",
+                "created_ns": merge - 10**9,
+                "updated_ns": merge,
+            },
+            {**child, "intent_id": f"older-{unique}", "created_ns": w0, "updated_ns": w0},
+        ],
+    )
+    d = diagnosis(diagnosis_id=f"d-{unique}", intent_id=f"target-{unique}")
+    row = {**d.to_dict(), "component": json.dumps(d.component), "evidence": json.dumps(d.evidence)}
+    store.insert_records("diagnoses", [{**row, "updated_ns": diagnosed}])
+    p, rec, backend = merged_proposal(repo, unique, w0, merge)
+    result = verify(store, rec, Config(), now, backend=backend, proposal=p)
+    t = result.target
+    assert (t.intent_id, t.verdict) == (f"target-{unique}", "fixed")
+    assert (t.before_n, t.before_failures, t.after_n, t.after_failures) == (150, 90, 150, 7)
+    assert {c.intent_id for c in result.controls} == {f"older-{unique}"}
+
+
 def _open(store: Store, repo: Path, unique: str, tag: str, thing: str):
     d = diagnosis(
         diagnosis_id=f"d-{tag}-{unique}",
