@@ -52,6 +52,11 @@ def tags(unique: str, intent: str, n: int, failures: int, prompt: str, start_ns:
     ]
 
 
+def diagnosis_row(d) -> dict:
+    """``d`` as a ``diagnoses`` row."""
+    return {**d.to_dict(), "component": json.dumps(d.component), "evidence": json.dumps(d.evidence)}
+
+
 def merged_proposal(repo: Path, unique: str, w0: int, merge: int):
     """A proposal for intent ``target-<unique>`` under prompt ``old-<unique>``, approved and merged at ``merge``."""
     d = diagnosis(
@@ -231,8 +236,7 @@ def test_an_intent_split_off_since_the_diagnosis_is_measured_with_it(
         ],
     )
     d = diagnosis(diagnosis_id=f"d-{unique}", intent_id=f"target-{unique}")
-    row = {**d.to_dict(), "component": json.dumps(d.component), "evidence": json.dumps(d.evidence)}
-    store.insert_records("diagnoses", [{**row, "updated_ns": diagnosed}])
+    store.insert_records("diagnoses", [{**diagnosis_row(d), "updated_ns": diagnosed}])
     p, rec, backend = merged_proposal(repo, unique, w0, merge)
     result = verify(store, rec, Config(), now, backend=backend, proposal=p)
     t = result.target
@@ -249,7 +253,7 @@ def _open(store: Store, repo: Path, unique: str, tag: str, thing: str):
     )
     store.insert_records(
         "diagnoses",
-        [{**d.to_dict(), "component": json.dumps(d.component), "evidence": json.dumps(d.evidence)}],
+        [diagnosis_row(d)],
     )
     actor = Actor(config(repo), LocalGit(repo))
     p = actor.propose(d, BASE)

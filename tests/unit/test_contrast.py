@@ -647,13 +647,18 @@ def test_per_run_anomalies_are_found_together_each_by_its_own() -> None:
     assert [d.evidence["tested"]["pattern"] for d in found] == ["anomalous"]
 
 
+def outcome_blind_runs(rng: random.Random) -> list[TagRecord]:
+    """70 runs that do the right thing, each failed with probability 0.4 whatever it did."""
+    return [
+        tag(agent_run(rng, f"c{i}", rng.choice(list(GOALS)), "right"), rng.random() < 0.4)
+        for i in range(70)
+    ]
+
+
 def test_per_run_anomalies_that_do_not_depend_on_failure_find_nothing() -> None:
     for seed in range(5):
         rng = random.Random(seed)
-        tags = [
-            tag(agent_run(rng, f"c{i}", rng.choice(list(GOALS)), "right"), rng.random() < 0.4)
-            for i in range(70)
-        ]
+        tags = outcome_blind_runs(rng)
         tags += [
             tag(odd_run(rng, f"o{i}", ODD, rng.choice(["right", "repeats", "invents"])), rng.random() < 0.4)
             for i in range(30)
@@ -718,10 +723,7 @@ def test_answers_without_any_tool_call_are_found_with_other_anomalies() -> None:
 def test_answers_without_any_tool_call_that_do_not_depend_on_failure_find_nothing() -> None:
     for seed in range(5):
         rng = random.Random(seed)
-        tags = [
-            tag(agent_run(rng, f"c{i}", rng.choice(list(GOALS)), "right"), rng.random() < 0.4)
-            for i in range(70)
-        ]
+        tags = outcome_blind_runs(rng)
         tags += [tag(silent_run(rng, f"o{i}"), rng.random() < 0.4) for i in range(30)]
         assert analyse(tags, CFG, now_ns=1) == [], seed
 
