@@ -558,7 +558,10 @@ async def contiguous(
 
 class ReadGuard:
     """:func:`contiguous` for a stage without a checkpoint (capture, assemble): the offsets it
-    expects are the ones after what it processed since the worker started."""
+    expects are the ones after what it processed since the worker started, and, for a
+    partition's first batch, the group's committed offset. A (re)started worker's first fetch
+    races the stages still producing to its input (capture redelivering its backlog): tansu
+    can serve it from past the committed offset, and faust would commit over the hole."""
 
     def __init__(self, stage: str, pipe: Pipeline | None = None) -> None:
         self.stage = stage
@@ -572,12 +575,24 @@ class ReadGuard:
             self.expected.pop(_key(tp), None)
 
     async def contiguous(self, consumer: Any, events: list[Any]) -> list[Any]:
+        self._expect_committed(consumer, events)
         kept = await contiguous(consumer, events, self.expected, self.stage, default=None)
         _advance(self.expected, kept)
         if self.pipe is None:
             return kept
         self.pipe.reading(self.stage, kept)
         return await self.pipe.drop_poison(self.stage, kept)
+
+    def _expect_committed(self, consumer: Any, events: list[Any]) -> None:
+        """Expect a partition not read yet to start at the offset its group committed (what
+        faust sought to on assignment; none known: wherever it starts is trusted)."""
+        committed = getattr(consumer, "_committed_offset", None) or {}
+        for e in events:
+            key = _key(e.message)
+            if key not in self.expected:
+                offset = committed.get(e.message.tp)
+                if isinstance(offset, int) and offset > 0:
+                    self.expected[key] = offset
 
 
 def stale_offsets(

@@ -72,9 +72,14 @@ def where_they_are(loop: Loop, missing: set[str]) -> str:
     ]
     parts = [(topic, p) for p in range(loop.cfg.kafka.partitions)]
     committed = committed_offsets(loop.stack.bootstrap, "closeloop", parts)
+    # in turn_records: capture sent their turns on; not there: capture never finished them
+    recorded = {
+        r["conversation_id"]
+        for r in loop.store.query("SELECT DISTINCT conversation_id FROM turn_records")
+    }
     return (
         f"on {topic} at (partition, offset) {sorted(at)[:20]}; understand checkpoint {ckpt}; "
-        f"committed {committed}"
+        f"committed {committed}; {len(missing & recorded)} of them in turn_records"
     )
 
 

@@ -120,6 +120,20 @@ def test_a_hole_inside_a_batch_keeps_what_comes_before_it() -> None:
     assert [e.message.offset for e in kept] == list(range(122, 135)) and len(consumer.seeks) == 2
 
 
+def test_a_restarted_workers_first_batch_must_start_at_the_committed_offset() -> None:
+    # the group committed 40 on partition 1; the first fetch after the restart served 41 on
+    # (40 not stored yet while capture produced it): read again from 40, not trusted
+    guard = ReadGuard("assemble")
+    consumer = Consumer()
+    consumer._committed_offset = {TP("closeloop.conversations", 1): 40}
+    assert asyncio.run(guard.contiguous(consumer, events(1, range(41, 50)))) == []
+    assert consumer.seeks == [(TP("closeloop.conversations", 1), 40)]
+    kept = asyncio.run(guard.contiguous(consumer, events(1, range(40, 50))))
+    assert [e.message.offset for e in kept] == list(range(40, 50))
+    # a partition with no committed offset starts wherever it starts
+    assert len(asyncio.run(guard.contiguous(consumer, events(3, range(7, 9))))) == 2
+
+
 def test_offsets_of_another_incarnation_of_the_topic_are_reset_to_its_start() -> None:
     from processors.embedded.broker import TopicState
     from processors.runtime import stale_offsets
