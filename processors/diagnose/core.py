@@ -331,22 +331,7 @@ class Diagnoser:
             old = e.diagnosis
             mine = _conversations_of(old)
             if mine & taken:
-                kept = [
-                    c
-                    for c in old.evidence["conversations"]
-                    if str(c.get("conversation_id")) not in taken
-                ]
-                traces = {str(c.get("trace_id")) for c in kept}
-                out.append(
-                    replace(
-                        old,
-                        evidence={**old.evidence, "conversations": kept},
-                        trace_ids=[t for t in old.trace_ids if t in traces],
-                        status=old.status if kept else "superseded",
-                        version=old.version + 1,
-                        updated_ns=now_ns,
-                    )
-                )
+                out.append(_narrowed(old, taken, now_ns))
             taken |= mine
         return out
 
@@ -420,6 +405,32 @@ class Diagnoser:
             out.append(self._record(did, st, c, common, now_ns))
         if out:
             st.last_emit_failures = st.total_failures
+        return out + self._yield_to_rules(st, out, now_ns)
+
+    def _yield_to_rules(
+        self, st: IntentStats, rules: list[Diagnosis], now_ns: int
+    ) -> list[Diagnosis]:
+        """Open contrast diagnoses of ``st`` that explain conversations these rule diagnoses
+        explain, each as a new version without them: a rule names the cause more precisely,
+        and one cause must not get two proposals (the contrast ran before the rule fired).
+        One left with fewer than ``contrast_min_count`` is superseded (act withdraws its
+        proposal)."""
+        taken = set().union(*(_conversations_of(d) for d in rules))
+        out = []
+        for e in list(self._s.diagnoses.values()):
+            old = e.diagnosis
+            mine = _conversations_of(old)
+            if (
+                old.intent_id != st.intent_id
+                or old.rule != CONTRAST_RULE
+                or old.status not in OPEN_STATUSES
+                or not mine & taken
+            ):
+                continue
+            d = _narrowed(old, taken, now_ns, least=self.cfg.contrast_min_count)
+            self._relisted(d)
+            self._s.diagnoses[d.diagnosis_id] = _Emitted(d, e.total_failures)
+            out.append(d)
         return out
 
     def _should_emit(self, did: str, st: IntentStats, force: bool) -> bool:
@@ -666,6 +677,23 @@ class Diagnoser:
         cfg.validate()
         self.cfg = cfg
         self._s = state
+
+
+def _narrowed(old: Diagnosis, taken: set[str], now_ns: int, least: int = 1) -> Diagnosis:
+    """The next version of contrast diagnosis ``old`` without the conversations in ``taken``
+    (explained otherwise now); superseded, listing none, when fewer than ``least`` remain."""
+    kept = [c for c in old.evidence["conversations"] if str(c.get("conversation_id")) not in taken]
+    if len(kept) < least:
+        kept = []
+    traces = {str(c.get("trace_id")) for c in kept}
+    return replace(
+        old,
+        evidence={**old.evidence, "conversations": kept},
+        trace_ids=[t for t in old.trace_ids if t in traces],
+        status=old.status if kept else "superseded",
+        version=old.version + 1,
+        updated_ns=now_ns,
+    )
 
 
 def _explained(st: IntentStats, trace_ids: list[str]) -> list[dict[str, Any]]:

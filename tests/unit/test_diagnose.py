@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import replace
 from itertools import pairwise
 from typing import Any
@@ -15,7 +16,7 @@ from processors.diagnose.shapes import argument_shape, value_shape
 from processors.diagnose.window import IntentStats
 from processors.errors import ConfigError, InputError
 from processors.llm import LLM, UNTRUSTED_RULE
-from processors.records import Conversation, Diagnosis, Message, TagRecord
+from processors.records import Conversation, Diagnosis, Message, TagRecord, ToolCall
 from tests.ddl import ddl_columns
 from tests.llm_server import FakeLLMServer
 
@@ -513,3 +514,60 @@ def test_a_rule_records_every_conversation_it_explains(
     assert sampled <= set(ids)
     if "conversation_count" in d.evidence:
         assert d.evidence["conversation_count"] == len(ids)
+
+
+def balance_lookup(cid: str, account: str, error: str = "") -> Conversation:
+    call = ToolCall(
+        "get_account",
+        arguments=json.dumps({"account_id": account}),
+        result="" if error else "balance 10",
+        error_type="ValidationError" if error else "",
+        error_message=error,
+        trace_id=f"trace-{cid}",
+    )
+    msgs = [
+        Message("user", f"what is the balance of account {account}"),
+        Message("tool", call.result or error, tool_name=call.name, tool_arguments=call.arguments,
+                error=error, trace_id=call.trace_id),
+        Message("assistant", "Sorry, I could not find it." if error else "Your balance is 10."),
+    ]  # fmt: skip
+    return Conversation(cid, messages=msgs, tool_calls=[call], trace_ids=[call.trace_id])
+
+
+def balance_stream(rng: random.Random, first: int, n: int, successes_call: bool) -> list[TagRecord]:
+    """Failures: the account id given in the wrong shape, the tool errs. Successes answer
+    without the tool (the rule cannot tell the working shape yet) or call it rightly."""
+    out = []
+    for i in range(first, first + n):
+        bad = balance_lookup(
+            f"f{i}", f"ACC-{rng.randint(1000, 9999)}", "account_id must be 8 digits"
+        )
+        good = (
+            balance_lookup(f"s{i}", str(rng.randint(10**7, 10**8 - 1)))
+            if successes_call
+            else Conversation(f"s{i}", messages=[Message("user", "my balance?"), Message("assistant", "10.")])
+        )  # fmt: skip
+        out += [
+            TagRecord(f"f{i}", 1, "i1", "account balance", 1, failed=True, conversation=bad),
+            TagRecord(f"s{i}", 1, "i1", "account balance", 1, failed=False, conversation=good),
+        ]
+    return out
+
+
+def test_a_rule_diagnosis_takes_the_conversations_of_a_contrast_filed_before_it() -> None:
+    # the contrast sees the tool errors first; once successes show the working shape the
+    # tool_argument rule fires on the same conversations: one cause, one open diagnosis
+    rng, d = random.Random(1), Diagnoser(CFG)
+    early = [x for k, t in enumerate(balance_stream(rng, 0, 20, False)) for x in d.observe(t, k)]
+    assert early and {x.rule for x in early} == {"contrast"}
+    later = [
+        x for k, t in enumerate(balance_stream(rng, 20, 30, True)) for x in d.observe(t, 50 + k)
+    ]
+    assert "tool_argument" in {x.rule for x in later}
+    assert {x.rule for x in d.open_diagnoses()} == {"tool_argument"}
+    last = {x.diagnosis_id: x for x in later if x.rule == "contrast"}
+    assert set(last) == {x.diagnosis_id for x in early}
+    assert all(x.status == "superseded" and not x.evidence["conversations"] for x in last.values())
+    # its stored list says it explains none of them now (act withdraws its proposal)
+    gone = {r["conversation_id"] for r in d.take_explanation_rows() if r["explained"] == 0}
+    assert {c["conversation_id"] for x in early for c in x.evidence["conversations"]} <= gone
