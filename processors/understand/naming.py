@@ -32,6 +32,12 @@ from processors.llm import UNTRUSTED_RULE, ChatJSON, untrusted_block
 # Redaction placeholders (capture's "[REDACTED:email]", or "[EMAIL]", "<CARD_NUMBER>") are not words.
 _PLACEHOLDER = re.compile(r"\[[A-Z][A-Za-z0-9_:]*\]|<[A-Z][A-Z0-9_]*>")
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+# Parts joined by a dash, underscore or slash, one with a digit: an id or code ("TR-4821",
+# "acc_77", "AB12-C"); none of its parts is a word a name may hold ("tr" alone says nothing).
+_CODE = re.compile(r"\b[A-Za-z0-9]+(?:[-_/][A-Za-z0-9]+)+\b")
+# One or two letters, a space, three digits or more: a code written as users type it
+# ("tr 4821", a flight "UA 901").
+_SPACED_CODE = re.compile(r"\b[A-Za-z]{1,2}\s+\d{3,}\b")
 _CLAUSE_BREAK = re.compile(r"[.,;:!?()\[\]{}\"\n]+")
 
 _STOP_TEXT = """
@@ -61,6 +67,12 @@ LLM_MAX_EXAMPLES = 12
 LLM_MAX_EXAMPLE_CHARS = 300
 
 
+def _unnamable(text: str) -> str:
+    """``text`` with redaction placeholders and ids or codes replaced by a clause break."""
+    text = _SPACED_CODE.sub(",", _PLACEHOLDER.sub(",", text))
+    return _CODE.sub(lambda m: "," if any(ch.isdigit() for ch in m[0]) else m[0], text)
+
+
 def words(text: str) -> list[str]:
     """Lower-case word tokens, redaction placeholders removed (stop-words kept)."""
     return _WORD.findall(_PLACEHOLDER.sub(" ", text).lower().replace("\u2019", "'"))
@@ -76,11 +88,13 @@ def terms(text: str) -> list[str]:
 
     >>> terms("Can't log in after the top up")
     ['log', 'top', 'log in', 'top up']
+    >>> terms("transfer TR-4821 to my e-mail, or tr 4821")
+    ['transfer', 'mail']
     """
     uni: list[str] = []
     bi: list[str] = []
     # bigrams stay within a clause: "my card, sent today" has no "card sent"
-    for clause in _CLAUSE_BREAK.split(_PLACEHOLDER.sub(",", text)):
+    for clause in _CLAUSE_BREAK.split(_unnamable(text)):
         ws = words(clause)
         keep = [w not in STOP_WORDS and len(w) > 1 and not w.isdigit() for w in ws]
         uni += [w for w, k in zip(ws, keep) if k]
@@ -286,7 +300,7 @@ def phrase_name(examples: list[str], ranked: list[tuple[str, float]], allowed: s
     weight = {t: sc / top for t, sc in ranked if t in allowed}  # the best word weighs 1
     best: tuple[float, int, int, str] = (-1.0, 0, 0, "")  # (score, -length, -rank, phrase)
     for rank, example in enumerate(examples):
-        for clause in _CLAUSE_BREAK.split(_PLACEHOLDER.sub(",", example)):
+        for clause in _CLAUSE_BREAK.split(_unnamable(example)):
             ws = words(clause)
             for i, first in enumerate(ws):
                 if first not in weight:

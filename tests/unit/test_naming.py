@@ -297,6 +297,24 @@ def test_a_name_never_holds_a_planted_name_id_code_or_number(
             assert part not in name.split(), (part, name)
 
 
+@pytest.mark.parametrize("category", CLASSES)
+def test_a_code_every_conversation_holds_never_names_the_intent(
+    clusters: dict[str, list[str]], category: str
+) -> None:
+    """Every conversation of the intent gives an id of one format (letters, a dash, digits):
+    the letters are as frequent as any word, and still no part of a name."""
+    texts = [
+        f"{t} Ref QX-{4100 + k}, order qx_{k}7, or qx {k}41."
+        for k, t in enumerate(clusters[category])
+    ]
+    ix = KeyphraseIndex()
+    for c, ts in clusters.items():
+        for t in texts if c == category else ts:
+            ix.add(c, t)
+    named = Namer(ix).name(category, len(texts), texts[:10])
+    assert named is not None and "qx" not in named.name.name.lower().split(), named.name.name
+
+
 def test_a_name_is_a_phrase_users_say_not_a_bag_of_keywords(
     clusters: dict[str, list[str]],
 ) -> None:
