@@ -144,6 +144,19 @@ def name_share(
     return hit, total, shown
 
 
+def learn_stream(X: np.ndarray, texts: list[str]) -> tuple[IntentModel, list[str]]:
+    """The default ``IntentModel`` fed ``X`` in understand batches, and the tags given on
+    arrival, re-versioned at each re-clustering as the understand core does."""
+    model = IntentModel()
+    arrival_ids: list[str] = []
+    for i in range(0, len(X), BATCH):
+        reclusterings = model.reclusterings
+        arrival_ids += model.learn_many(X[i : i + BATCH], now_ns=i, texts=texts[i : i + BATCH])
+        if model.reclusterings != reclusterings:
+            arrival_ids = model.current_tags(range(len(arrival_ids)), arrival_ids)
+    return model, arrival_ids
+
+
 def run_set(
     name: str, texts: list[str], y: np.ndarray, embedder: OnnxMiniLMEmbedder, seed: int
 ) -> SetResult:
@@ -158,14 +171,8 @@ def run_set(
     t = time.perf_counter()
     km = KMeans(k_true, n_init=3, random_state=seed).fit(X).labels_
     km_s = time.perf_counter() - t
-    model = IntentModel()
     t, cpu = time.perf_counter(), time.process_time()
-    arrival_ids: list[str] = []
-    for i in range(0, len(X), BATCH):
-        reclusterings = model.reclusterings
-        arrival_ids += model.learn_many(X[i : i + BATCH], now_ns=i, texts=texts[i : i + BATCH])
-        if model.reclusterings != reclusterings:  # the understand core re-versions these tags
-            arrival_ids = model.current_tags(range(len(arrival_ids)), arrival_ids)
+    model, arrival_ids = learn_stream(X, texts)
     cluster_s, cluster_cpu = time.perf_counter() - t, time.process_time() - cpu
     arrival = np.array([model.resolve(a) for a in arrival_ids])
     final = np.array([model.predict_one(x) or "-" for x in X])
