@@ -494,8 +494,10 @@ def cmd_web(a: argparse.Namespace) -> int:
     import threading
 
     from processors.embedded.procs import write_run_file
+    from processors.heartbeat import dump_stacks_on_signal
     from processors.web.server import WebServer
 
+    dump_stacks_on_signal()
     cfg = _cfg(a)
     store = open_store(cfg)
     server = WebServer(cfg, store, port=a.port, publish_tags=lazy_tags_publisher(cfg)).start()

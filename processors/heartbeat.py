@@ -31,10 +31,16 @@ def heartbeat_name(pid: int) -> str:
     return f"heartbeat-{pid}.json"
 
 
+def dump_stacks_on_signal() -> None:
+    """Write every thread's Python stack to stderr (the process' log) on :data:`DUMP_SIGNAL`:
+    what the supervisor asks of a frozen child before it kills it."""
+    faulthandler.register(DUMP_SIGNAL, file=sys.stderr, all_threads=True)
+
+
 def prepare(run_dir: Path) -> None:
     """At a worker's start: stacks on :data:`DUMP_SIGNAL`, and no heartbeat left by an earlier
     process with this pid (a container restarted keeps its files, and its pids)."""
-    faulthandler.register(DUMP_SIGNAL, file=sys.stderr, all_threads=True)
+    dump_stacks_on_signal()
     (run_dir / heartbeat_name(os.getpid())).unlink(missing_ok=True)
 
 

@@ -51,7 +51,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from processors.capture.otlp import hex_ids_to_b64
 from processors.config import Config, load_config
-from processors.embedded.httpd import Server, reply
+from processors.embedded.httpd import HEALTH_PATH, Server, reply
 from processors.errors import BrokerError, ConfigError, InputError, PayloadTooLarge
 
 log = logging.getLogger("closeloop.gateway")
@@ -489,6 +489,11 @@ class KafkaSink:
     def paused(self) -> bool:
         return self._paused.is_set()
 
+    @property
+    def broker_up(self) -> bool:
+        """The broker acknowledged the last writes (no "all brokers down" since)."""
+        return self._healthy
+
     def pause(self) -> None:
         """Answer every request 503 until :meth:`resume` (requests under way still finish)."""
         self._paused.set()
@@ -708,6 +713,16 @@ class Gateway:
         """Paused, and every request it accepted is acknowledged or answered 503."""
         return self._sink is not None and self._sink.idle()
 
+    def health(self) -> dict[str, str]:
+        """What ``GET /healthz`` says: the intake ``accepting``, ``paused`` (a broker rotation)
+        or ``broker unavailable`` (requests get 503 with Retry-After)."""
+        sink = self._sink
+        if sink is None:
+            return {"status": "stopped"}
+        if sink.paused:
+            return {"status": "paused"}
+        return {"status": "accepting" if sink.broker_up else "broker unavailable"}
+
     def stats(self) -> dict[str, int]:
         """Counters: ``{traces,logs,metrics}_requests``, ``spans``, ``log_records``,
         ``rejected_*``, ``messages``, ``metrics_dropped``, ``outcome_*`` per answer kind; and the
@@ -878,7 +893,15 @@ class OtlpHttpHandler(BaseHTTPRequestHandler):
         else:
             self._status(404, code_pb2.NOT_FOUND, NO_SUCH_PATH.format(self.path), PROTOBUF)
 
-    do_GET = do_PUT = do_DELETE = do_PATCH = _not_post
+    do_PUT = do_DELETE = do_PATCH = _not_post
+
+    def do_GET(self) -> None:
+        """``/healthz``: 200 whenever the process serves (a liveness probe: the embedded
+        supervisor restarts a gateway that stops answering it), with the intake's state; no
+        credential, nothing of the store."""
+        if self.path.split("?", 1)[0] != HEALTH_PATH:
+            return self._not_post()
+        self._reply(200, json.dumps(self.gw.health()).encode(), JSON)
 
     def do_POST(self) -> None:
         sig = SIGNALS.get(self.path.split("?", 1)[0])
@@ -1013,7 +1036,9 @@ def main(argv: list[str] | None = None) -> None:
     """
     from processors.embedded.broker import ensure_topics
     from processors.embedded.procs import write_run_file
+    from processors.heartbeat import dump_stacks_on_signal
 
+    dump_stacks_on_signal()
     p = argparse.ArgumentParser(
         prog="python -m processors.capture.gateway",
         description="closeloop's OTLP gateway: OTLP in, Kafka out",

@@ -10,6 +10,10 @@ import threading
 from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+# GET answers 200 while the process serves, no credential, nothing of the store (the gateway and
+# the review page; the embedded supervisor restarts one that stops answering it)
+HEALTH_PATH = "/healthz"
+
 
 class Server(ThreadingHTTPServer):
     """A :class:`ThreadingHTTPServer` that does not keep the process alive (daemon request

@@ -10,6 +10,7 @@ consumed what it holds (:meth:`EmbeddedStack.rotate`).
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ from processors.embedded.broker import (
     produce,
     unconsumed,
 )
+from processors.embedded.httpd import HEALTH_PATH
 from processors.embedded.procs import ManagedProcess, read_run_file, spawn
 from processors.embedded.s3store import LocalS3
 from processors.errors import CloseloopError
@@ -83,6 +85,10 @@ MAX_BACKOFF_S = 30.0
 # after asking a frozen worker for its threads' stacks: faulthandler writes them from its signal
 # handler at once, once the process runs (a stopped one is continued first)
 DUMP_WAIT_S = 1.0
+# children that serve HTTP, and the port of theirs the supervisor asks HEALTH_PATH on: one that
+# stops answering for worker.stall_timeout_s is frozen like a worker without heartbeats
+PROBED = {"gateway": "otlp.http_port", "web": "web.port"}
+PROBE_TIMEOUT_S = 1.0
 ERROR_WORDS = re.compile(r"error|exception|fatal|panic|refused|denied|cannot", re.IGNORECASE)
 
 
@@ -246,6 +252,7 @@ class EmbeddedStack:
     bootstrap: str = ""
     children: dict[str, Child] = field(default_factory=dict)
     health: dict[str, Health] = field(default_factory=dict)  # restarts and last exit per process
+    answered: dict[str, int] = field(default_factory=dict)  # PROBED child -> its last answer (mono)
     rotations: Rotations = field(default_factory=Rotations)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -477,24 +484,47 @@ class EmbeddedStack:
             self._write_stack_file()
 
     def _frozen(self, child: Child) -> str:
-        """Why a running worker (the stages, a capture process) counts as frozen: its event loop
-        wrote no heartbeat for ``worker.stall_timeout_s`` (before its first one: for
+        """Why a running child counts as frozen: a worker (the stages, a capture process) whose
+        event loop wrote no heartbeat, or the gateway or the page not answering
+        :data:`HEALTH_PATH`, for ``worker.stall_timeout_s`` (before the first: for
         ``worker.start_timeout_s`` since its start); "" when it is not."""
         w, pid = self.cfg.worker, child.pid
-        if pid is None or not _stage(child.name) or not child.alive():
+        if pid is None or not child.alive():
             return ""
-        beat = last_beat_ns(self.cfg, pid)
+        if _stage(child.name):
+            beat, what = last_beat_ns(self.cfg, pid), "heartbeat"
+        elif child.name in PROBED and w.stall_timeout_s > 0:
+            beat, what = self._probe(child.name), f"answer on {HEALTH_PATH}"
+        else:
+            return ""
         silent = silent_past_limit(
             time.monotonic_ns(), child.started_ns, beat, w.stall_timeout_s, w.start_timeout_s
         )
-        return f"frozen (no heartbeat for {silent:.0f} s)" if silent is not None else ""
+        return f"frozen (no {what} for {silent:.0f} s)" if silent is not None else ""
+
+    def _probe(self, name: str) -> int | None:
+        """Ask child ``name`` (:data:`PROBED`) for :data:`HEALTH_PATH`; the monotonic time of
+        its last answer (any HTTP answer: it serves), None before its first."""
+        key = PROBED[name]
+        host = _host(self.cfg, key)
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        conn = http.client.HTTPConnection(host, _get(self.cfg, key), timeout=PROBE_TIMEOUT_S)
+        try:
+            conn.request("GET", HEALTH_PATH)
+            conn.getresponse().read()
+            self.answered[name] = time.monotonic_ns()
+        except (OSError, http.client.HTTPException):
+            pass  # not yet up, or frozen: its silence is measured from its last answer
+        finally:
+            conn.close()
+        return self.answered.get(name)
 
     def _kill_frozen(self, child: Child, why: str) -> None:
         """Ask ``child`` for its threads' stacks (into its log), then SIGKILL it; the caller
         restarts it as a crash."""
         assert child.proc is not None
         log.error(
-            "%s (pid %d) is %s: its event loop is blocked or the process is stopped "
+            "%s (pid %d) is %s: it is blocked or the process is stopped "
             "(worker.stall_timeout_s %.0f); its threads' stacks go to %s; killing it",
             child.name,
             child.proc.pid,

@@ -39,7 +39,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from processors.act import ChangeBackend, open_backend
 from processors.config import Config
-from processors.embedded.httpd import Server, reply
+from processors.embedded.httpd import HEALTH_PATH, Server, reply
 from processors.errors import ActError, CloseloopError, InputError, ReviewError, StoreError
 from processors.records import Proposal, ReviewRecord, TagRecord
 from processors.review.loop import decide, ingest_webhook
@@ -223,6 +223,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = url.path.rstrip("/") or "/"
         if path == "/login":
             return self._login(parse_qs(url.query).get("token", [""])[0])
+        if path == HEALTH_PATH:  # a liveness probe: no credential, nothing of the store
+            return self._json(200, {"status": "serving"})
         api = path.startswith("/api/")
         session = self._session()
         if session is None and not self._bearer():

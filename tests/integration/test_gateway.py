@@ -123,6 +123,13 @@ def post(
         return e.code, dict(e.headers), e.read()
 
 
+def intake(port: int) -> str:
+    """What ``GET /healthz`` says of the intake (200 whenever the gateway serves, no credential)."""
+    code, headers, body = post(port, "/healthz", b"", method="GET")
+    assert code == 200 and headers["Content-Type"] == JSON, (code, body)
+    return str(json.loads(body)["status"])
+
+
 def post_traces(port: int, req: TraceRequest) -> int:
     return post(port, "/v1/traces", req.SerializeToString())[0]
 
@@ -673,6 +680,7 @@ def test_broker_down_gives_retryable_errors_then_recovers(config: Config, tmp_pa
             broker.kill()
             code, headers, resp = post(gw.http_port, "/v1/traces", body)
             assert code == 503 and headers["Retry-After"] == "2"
+            assert intake(gw.http_port) == "broker unavailable"  # alive, and says why it refuses
 
             # a new broker on the same port (memory storage: the old data is gone, that is fine)
             broker = EmbeddedBroker(port=broker.port, log_dir=tmp_path / "broker2").start()
@@ -685,6 +693,7 @@ def test_broker_down_gives_retryable_errors_then_recovers(config: Config, tmp_pa
                 time.sleep(1)
             assert codes[-1] == 200 and set(codes) <= {200, 503}, codes
             assert key(63) in {m.key() for m in read_topic(broker.bootstrap, topics[0], items=1)}
+            assert intake(gw.http_port) == "accepting"
     finally:
         broker.stop()
 
@@ -699,8 +708,10 @@ def test_a_paused_intake_answers_503_until_resumed_on_a_new_broker(
     try:
         with Gateway(gateway_config(config, *topics), broker.bootstrap) as gw:
             assert post_traces(gw.http_port, trace_request([span(71, 1)])) == 200
+            assert intake(gw.http_port) == "accepting"
             gw.pause(True)
             assert gw.paused_idle()  # nothing it accepted waits for an acknowledgement
+            assert intake(gw.http_port) == "paused"
             body = trace_request([span(72, 1)]).SerializeToString()
             code, headers, resp = post(gw.http_port, "/v1/traces", body)
             assert code == 503 and headers["Retry-After"] == "2"

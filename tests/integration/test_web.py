@@ -462,6 +462,29 @@ def test_everything_needs_the_token(site: tuple[WebServer, Seeded]) -> None:
     assert server.check_session(stale, now_s=1_000_000 + week - 1)
     assert server.check_session(stale, now_s=1_000_000 + week) is None
     assert call(server.url, path="/", cookie=f"{server.cookie_name}={stale}").status == 401
+    # the liveness probe alone answers without it, and says nothing of the store
+    r = call(server.url, path="/healthz")
+    assert r.status == 200 and r.json() == {"status": "serving"}
+    assert call(server.url, path="/healthz/../api/proposals").status == 401
+
+
+def test_the_compose_health_check_of_the_page_passes_against_it(
+    site: tuple[WebServer, Seeded],
+) -> None:
+    import sys
+
+    import yaml
+
+    server, _ = site
+    compose = yaml.safe_load((Path(__file__).parents[2] / "docker-compose.yml").read_text())
+    web = compose["services"]["web"]
+    port = str(web["environment"]["CLOSELOOP_WEB_PORT"])
+    test = web["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "python"]
+    argv = [sys.executable, *(a.replace(port, str(server.port)) for a in test[2:])]
+    assert subprocess.run(argv, timeout=30).returncode == 0
+    argv_closed = [a.replace(str(server.port), "1") for a in argv]  # nothing answers: fails
+    assert subprocess.run(argv_closed, timeout=30, capture_output=True).returncode != 0
 
 
 def test_login_sets_a_strict_httponly_cookie(site: tuple[WebServer, Seeded]) -> None:

@@ -80,3 +80,41 @@ def test_a_frozen_worker_is_killed_and_restarted_and_nothing_is_lost(
         assert st["processes"]["worker"]["silent_s"] < STALL_S
         text = format_status(st)
         assert "last exit: killed by signal 9" in text and "frozen (no heartbeat for" in text
+
+
+def test_a_frozen_gateway_or_page_is_killed_and_restarted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The gateway and the review page write no heartbeat: the supervisor asks them for
+    ``/healthz``. Stopped (SIGSTOP: the kernel still accepts connections, nothing answers), each
+    is killed after ``worker.stall_timeout_s`` and restarted on its port; the intake works again."""
+    caplog.set_level(logging.ERROR, logger="closeloop.stack")
+    with running_loop(tmp_path, {"worker": {"stall_timeout_s": STALL_S}}) as loop:
+        stack = loop.stack
+        for name in ("gateway", "web"):
+            child = stack.children[name]
+            pid = child.pid
+            assert pid is not None
+            stack.supervise_once()
+            assert child.pid == pid  # it answers: left alone
+            os.kill(pid, signal.SIGSTOP)
+            try:
+
+                def replaced(child=child, pid=pid) -> bool:
+                    stack.supervise_once()
+                    return child.pid not in (None, pid)
+
+                assert wait_for(replaced, STALL_S * 10), f"the frozen {name} was left running"
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+            health = stack.health[name]
+            assert health.last_error.startswith("frozen (no answer on /healthz for "), health
+            assert health.restarts == 1 and health.last_code == -signal.SIGKILL
+            assert "most recent call first" in child.log_path.read_text(errors="replace")
+            said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+            assert any(f"{name} (pid {pid}) is frozen" in m for m in said), said
+
+        # the new gateway serves on the same port: conversations sent now are stored and tagged
+        run_cycle(loop.repo, loop.endpoint, n=N, seed=33, mode="scripted")
+        assert loop.wait_count(TAGS, N) == N
