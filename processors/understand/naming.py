@@ -287,10 +287,16 @@ def allowed_words(class_counts: Mapping[str, int], n_docs: int) -> set[str]:
     }
 
 
-def phrase_name(examples: list[str], ranked: list[tuple[str, float]], allowed: set[str]) -> str:
+def phrase_name(
+    examples: list[str],
+    ranked: list[tuple[str, float]],
+    allowed: set[str],
+    taken: frozenset[str] = frozenset(),
+) -> str:
     """The shortest stretch of one example (a clause, up to :data:`PHRASE_MAX_WORDS` words) that
-    holds the most keyphrase weight, made of allowed words and the stop-words between them;
-    examples come most central first, which wins ties.
+    holds the most keyphrase weight, made of allowed words and the stop-words between them, and
+    is not the name of another intent (``taken``); examples come most central first, which wins
+    ties.
 
     >>> ranked = [("arrived", 1.0), ("card", 0.8), ("yet", 0.1)]
     >>> phrase_name(["Why has my card not arrived yet?"], ranked, {"card", "arrived"})
@@ -317,7 +323,7 @@ def phrase_name(examples: list[str], ranked: list[tuple[str, float]], allowed: s
                         span
                     )
                     key = (round(score, 9), -len(span), -rank, " ".join(span))
-                    if key[:3] > best[:3]:
+                    if key[:3] > best[:3] and key[3] not in taken:
                         best = key
     return best[3]
 
@@ -328,9 +334,11 @@ def name_intent(
     *,
     class_counts: Mapping[str, int] | None = None,
     n_docs: int | None = None,
+    taken: frozenset[str] = frozenset(),
 ) -> IntentName:
     """The deterministic name of an intent from its ``examples`` (redacted user messages, most
-    central first).
+    central first); a phrase another intent is named (``taken``) is passed over while another
+    phrase of its examples will do: two intents of one name read as one.
 
     ``class_counts`` (e.g. :meth:`KeyphraseIndex.counts`) are the intent's accumulated document
     counts of terms over ``n_docs`` conversations; without them they are counted from
@@ -344,7 +352,11 @@ def name_intent(
     # bigrams too, when both their words are allowed: they weigh phrases that keep them together
     ranked = [(t, sc) for t, sc in ranked if all(w in allowed for w in t.split())]
     unigrams = [(t, sc) for t, sc in ranked if " " not in t]
-    name = phrase_name(examples, unigrams, allowed) or keyphrase_name(ranked) or "unnamed intent"
+    name = (
+        phrase_name(examples, unigrams, allowed, taken)
+        or keyphrase_name(ranked)
+        or "unnamed intent"
+    )
     if len(name.split()) == 1 and len(unigrams) > 1:
         name = keyphrase_name(ranked) or name  # one word says little: the top keyphrases say more
     top = [p for p, _ in ranked[:5]]
@@ -480,6 +492,7 @@ class Namer:
             self.index.stats(),
             class_counts=self.index.counts(intent_id) if docs else None,
             n_docs=docs or None,
+            taken=frozenset(n for i, (n, _) in self._named.items() if i != intent_id),
         )
         return self.named(intent_id, named, size)
 

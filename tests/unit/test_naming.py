@@ -326,3 +326,29 @@ def test_a_name_is_a_phrase_users_say_not_a_bag_of_keywords(
         name = Namer(ix).name(c, len(ts), ts[:10]).name.name  # type: ignore[union-attr]
         # the name's words appear in this order, adjacent, in one of the examples
         assert any(name in " ".join(words(t)) for t in ts), (c, name)
+
+
+@pytest.mark.parametrize("category", CLASSES)
+def test_two_intents_of_one_topic_get_two_names(
+    clusters: dict[str, list[str]], category: str
+) -> None:
+    """A topic the model split in two (halves of one category): the second intent's name is
+    another phrase of its own examples, not the first one's name again."""
+    texts = clusters[category]
+    ix = KeyphraseIndex()
+    for c, ts in clusters.items():
+        for t in ts if c != category else []:
+            ix.add(c, t)
+    for t in texts:
+        ix.add(f"{category}-a", t)
+        ix.add(f"{category}-b", t)
+    namer = Namer(ix)
+    first = namer.name(f"{category}-a", len(texts), texts[:10])
+    second = namer.name(f"{category}-b", len(texts), texts[:10])
+    assert first is not None and second is not None
+    assert second.name.name != first.name.name, first.name.name
+    assert any(second.name.name in " ".join(words(t)) for t in texts), second.name.name
+    # named again alone (the other forgotten: merged away), it may take the phrase back
+    namer.forget(f"{category}-a")
+    again = namer.name(f"{category}-b", len(texts), texts[:10], changed=True)
+    assert again is not None and again.name.name == first.name.name
