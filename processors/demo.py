@@ -198,7 +198,10 @@ def approve_shown(
 ) -> Any:
     """Approve the version that was shown. A proposal that moved meanwhile (re-versioned by a
     newer diagnosis, or rebuilt on a new base) is shown again and approved as shown (asking
-    the human again when ``ask``); the review record, or None if not approved."""
+    the human again when ``ask``); one withdrawn meanwhile (its diagnosis superseded by a
+    rule's) is not approved. The review record, or None if not approved."""
+    from processors.act.loop import load_proposal
+    from processors.errors import ReviewError
     from processors.review.loop import MovedProposal, StaleProposal, decide
 
     for _ in range(REVIEW_ATTEMPTS):
@@ -215,10 +218,17 @@ def approve_shown(
                 version=version,
             )
             return record
-        except (MovedProposal, StaleProposal) as moved:
-            _say(f"  {moved}\n")
-            _say("\n".join("    " + ln for ln in moved.proposal.diff.splitlines()))
-            version = moved.proposal.version
+        except ReviewError as e:
+            moved = e.proposal if isinstance(e, MovedProposal | StaleProposal) else None
+            now = moved or load_proposal(store, proposal_id)
+            if now is not None and now.status == "closed":
+                _say(f"  proposal {proposal_id} was withdrawn: its diagnosis was superseded")
+                return None
+            if moved is None:
+                raise
+            _say(f"  {e}\n")
+            _say("\n".join("    " + ln for ln in moved.diff.splitlines()))
+            version = moved.version
             if ask and ask_approval() is None:
                 return None
             time.sleep(1)  # a branch ahead of its row: the row follows within moments

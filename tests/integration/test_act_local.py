@@ -399,3 +399,32 @@ def test_a_merged_or_human_decided_proposal_is_not_closed_by_a_superseded_diagno
     assert actor.withdraw(superseded, p, T0 + 4) is None  # the row lags: the branch says merged
     assert "merged" in actor.last_reason and git(repo, "rev-parse", "main") == merged
     assert actor.backend.comments(p) == []
+
+
+def test_the_demo_does_not_approve_a_proposal_withdrawn_while_it_was_shown(
+    repo: Path, store, unique: str
+) -> None:
+    # diagnose superseded its diagnosis (a rule took its conversations) between the demo
+    # showing the proposal and approving it: nothing merges, the demo goes on
+    from processors.act import proposal_rows
+    from processors.demo import approve_shown
+
+    main_before = git(repo, "rev-parse", "main")
+    cfg = config(repo)
+    actor = Actor(cfg, LocalGit(repo))
+    d = diagnosis(diagnosis_id=f"d-{unique}")
+    p = actor.propose(d, T0 + 1)
+    assert p is not None, actor.last_reason
+    store.insert_records("proposals", proposal_rows([p]))
+    closed = actor.withdraw(dataclasses.replace(d, version=2, status="superseded"), p, T0 + 2)
+    assert closed is not None, actor.last_reason
+    store.insert_records("proposals", proposal_rows([closed]))
+    record = approve_shown(store, cfg, LocalGit(repo), p.proposal_id, p.version, "Ada", ask=False)
+    assert record is None
+    assert git(repo, "rev-parse", "main") == main_before
+    assert (
+        store.scalar(
+            "SELECT count() FROM reviews WHERE proposal_id = {p:String}", {"p": p.proposal_id}
+        )
+        == 0
+    )

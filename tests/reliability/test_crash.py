@@ -131,7 +131,8 @@ def run_with_kills(tmp: Path, cycles: int, rng: random.Random) -> dict:
             ),
             "proposals": loop.store.query(
                 "SELECT p.proposal_id AS proposal_id, p.diagnosis_id AS diagnosis_id, p.branch AS branch, "
-                "p.version AS version, p.status AS status, d.version AS diagnosis_version "
+                "p.version AS version, p.status AS status, d.version AS diagnosis_version, "
+                "d.status AS diagnosis_status "
                 "FROM (SELECT * FROM proposals FINAL) AS p "
                 "INNER JOIN (SELECT * FROM diagnoses FINAL) AS d USING diagnosis_id"
             ),
@@ -139,6 +140,9 @@ def run_with_kills(tmp: Path, cycles: int, rng: random.Random) -> dict:
                 "SELECT diagnosis_id, count() AS n FROM proposals FINAL GROUP BY 1 HAVING n > 1"
             ),
             "branches": branches,
+            "withdrawn": loop.git(
+                "for-each-ref", "--format=%(refname:lstrip=3)", "refs/closeloop/withdrawn/"
+            ).split(),
             "commits": {b: int(loop.git("rev-list", "--count", f"main..{b}")) for b in branches},
             "intent_ids": {
                 r["intent_id"] for r in loop.store.query("SELECT intent_id FROM intents FINAL")
@@ -195,14 +199,18 @@ def check(run: dict) -> None:
     # scratch re-numbers its intents)
     assert {d["intent_id"] for d in diags} <= run["intent_ids"]
     # no duplicate proposals or branches: one proposal and one branch (one commit over main) per
-    # diagnosis, still open, and no more proposal versions than diagnosis versions: a redelivered
-    # diagnosis, or a version diagnose re-emits with other evidence after a restart, does not
-    # update its proposal again
+    # diagnosis, still open unless its diagnosis was superseded (then withdrawn: closed, its
+    # branch moved under refs/closeloop/withdrawn/), and no more proposal versions than
+    # diagnosis versions: a redelivered diagnosis, or a version diagnose re-emits with other
+    # evidence after a restart, does not update its proposal again
     props = run["proposals"]
     assert props and run["dup_proposals"] == []
-    assert sorted(run["branches"]) == sorted(p["branch"] for p in props)
+    open_ = [p for p in props if p["status"] == "open"]
+    withdrawn = [p for p in props if p["status"] != "open"]
+    assert sorted(run["branches"]) == sorted(p["branch"] for p in open_)
     assert set(run["commits"].values()) == {1}
-    assert all(p["status"] == "open" for p in props)
+    assert all(p["status"] == "closed" and p["diagnosis_status"] == "superseded" for p in withdrawn)
+    assert sorted(run["withdrawn"]) == sorted(p["branch"].split("/", 1)[1] for p in withdrawn)
     extra = {
         p["diagnosis_id"]: (p["version"], p["diagnosis_version"])
         for p in props

@@ -546,14 +546,20 @@ def test_no_write_outside_the_allowlist(run: Run) -> None:
 
 
 def test_nothing_merges_without_a_recorded_human(run: Run) -> None:
-    # before any human acts: every proposal open, nothing merged, no review recorded
-    assert all(
-        r["status"] == "open" for r in run.loop.store.query("SELECT status FROM proposals FINAL")
+    # before any human acts: every proposal open (or withdrawn by closeloop: closed, its
+    # diagnosis superseded), nothing merged, no review recorded
+    statuses = run.loop.store.query(
+        "SELECT p.status AS status, d.status AS diagnosis_status FROM proposals AS p FINAL "
+        "INNER JOIN (SELECT * FROM diagnoses FINAL) AS d USING diagnosis_id"
     )
+    assert statuses and all(
+        r["status"] == "open" or (r["status"], r["diagnosis_status"]) == ("closed", "superseded")
+        for r in statuses
+    ), statuses
     assert not [m for m in merges_on_main(run) if m["merge"] or m["approved_by"]]
     assert run.loop.count("SELECT count() FROM reviews") == 0
     pid = run.loop.store.query(
-        "SELECT proposal_id FROM proposals FINAL ORDER BY created_ns LIMIT 1"
+        "SELECT proposal_id FROM proposals FINAL WHERE status = 'open' ORDER BY created_ns LIMIT 1"
     )[0]["proposal_id"]
     path = f"/proposals/{pid}/approve"
     host = f"127.0.0.1:{run.loop.cfg.web.port}"
