@@ -32,11 +32,11 @@ from processors.llm import UNTRUSTED_RULE, ChatJSON, untrusted_block
 # Redaction placeholders (capture's "[REDACTED:email]", or "[EMAIL]", "<CARD_NUMBER>") are not words.
 _PLACEHOLDER = re.compile(r"\[[A-Z][A-Za-z0-9_:]*\]|<[A-Z][A-Z0-9_]*>")
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
-# Parts joined by a dash, underscore or slash, one with a digit: an id or code ("TR-4821",
-# "acc_77", "AB12-C"); none of its parts is a word a name may hold ("tr" alone says nothing).
+# Parts joined by a dash, underscore or slash, one with a digit: an id or code ("QX-4821",
+# "acc_77", "AB12-C"); none of its parts is a word a name may hold ("qx" alone says nothing).
 _CODE = re.compile(r"\b[A-Za-z0-9]+(?:[-_/][A-Za-z0-9]+)+\b")
 # One or two letters, a space, three digits or more: a code written as users type it
-# ("tr 4821", a flight "UA 901").
+# ("qx 4821", "XY 901").
 _SPACED_CODE = re.compile(r"\b[A-Za-z]{1,2}\s+\d{3,}\b")
 _CLAUSE_BREAK = re.compile(r"[.,;:!?()\[\]{}\"\n]+")
 
@@ -88,7 +88,7 @@ def terms(text: str) -> list[str]:
 
     >>> terms("Can't log in after the top up")
     ['log', 'top', 'log in', 'top up']
-    >>> terms("transfer TR-4821 to my e-mail, or tr 4821")
+    >>> terms("transfer QX-4821 to my e-mail, or qx 4821")
     ['transfer', 'mail']
     """
     uni: list[str] = []
