@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -510,8 +511,13 @@ class EmbeddedStack:
         host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
         conn = http.client.HTTPConnection(host, _get(self.cfg, key), timeout=PROBE_TIMEOUT_S)
         try:
+            conn.connect()
+            # closed with a reset, not a FIN: a probe a second must not leave the child's port
+            # in TIME_WAIT (a socket bound without SO_REUSEADDR could not take it for a minute)
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             conn.request("GET", HEALTH_PATH)
-            conn.getresponse().read()
+            with conn.getresponse() as answer:
+                answer.read()
             self.answered[name] = time.monotonic_ns()
         except (OSError, http.client.HTTPException):
             pass  # not yet up, or frozen: its silence is measured from its last answer
