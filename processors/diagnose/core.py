@@ -242,11 +242,26 @@ class Diagnoser:
             self._s.diagnoses[d.diagnosis_id] = _Emitted(d, st.total_failures)
             out.append(d)
         for d in pruned:
-            self._relisted(d)
-            self._s.diagnoses[d.diagnosis_id] = _Emitted(
-                d, self._s.diagnoses[d.diagnosis_id].total_failures
-            )
+            self._record_narrowed(d)
         return out + pruned
+
+    def _open_contrasts(self, st: IntentStats) -> list[_Emitted]:
+        """The open contrast diagnoses of ``st``'s intent."""
+        return [
+            e
+            for e in self._s.diagnoses.values()
+            if e.diagnosis.intent_id == st.intent_id
+            and e.diagnosis.rule == CONTRAST_RULE
+            and e.diagnosis.status in OPEN_STATUSES
+        ]
+
+    def _record_narrowed(self, d: Diagnosis) -> None:
+        """Record ``d``, a narrowed version of a contrast diagnosis (:func:`_narrowed`); its
+        stored list follows. It keeps the failure count it was last emitted at."""
+        self._relisted(d)
+        self._s.diagnoses[d.diagnosis_id] = _Emitted(
+            d, self._s.diagnoses[d.diagnosis_id].total_failures
+        )
 
     # -- the stored list of explained conversations (diagnosis_conversations)
 
@@ -315,14 +330,7 @@ class Diagnoser:
         explains none now: its new version lists no conversations."""
         taken = set().union(*(_conversations_of(d) for d in found))
         found_ids = {d.diagnosis_id for d in found}
-        earlier = [
-            e
-            for did, e in self._s.diagnoses.items()
-            if e.diagnosis.intent_id == st.intent_id
-            and e.diagnosis.rule == CONTRAST_RULE
-            and did not in found_ids
-            and e.diagnosis.status in OPEN_STATUSES
-        ]
+        earlier = [e for e in self._open_contrasts(st) if e.diagnosis.diagnosis_id not in found_ids]
         earlier.sort(
             key=lambda e: (-e.total_failures, -e.diagnosis.updated_ns, e.diagnosis.diagnosis_id)
         )
@@ -417,20 +425,11 @@ class Diagnoser:
         proposal)."""
         taken = set().union(*(_conversations_of(d) for d in rules))
         out = []
-        for e in list(self._s.diagnoses.values()):
-            old = e.diagnosis
-            mine = _conversations_of(old)
-            if (
-                old.intent_id != st.intent_id
-                or old.rule != CONTRAST_RULE
-                or old.status not in OPEN_STATUSES
-                or not mine & taken
-            ):
-                continue
-            d = _narrowed(old, taken, now_ns, least=self.cfg.contrast_min_count)
-            self._relisted(d)
-            self._s.diagnoses[d.diagnosis_id] = _Emitted(d, e.total_failures)
-            out.append(d)
+        for e in self._open_contrasts(st):
+            if _conversations_of(e.diagnosis) & taken:
+                d = _narrowed(e.diagnosis, taken, now_ns, least=self.cfg.contrast_min_count)
+                self._record_narrowed(d)
+                out.append(d)
         return out
 
     def _should_emit(self, did: str, st: IntentStats, force: bool) -> bool:
