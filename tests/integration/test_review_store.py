@@ -156,6 +156,25 @@ def test_verify_waits_for_enough_conversations(store: Store, repo: Path, unique:
     assert not result.commented and backend.comments(p) == []
 
 
+def assert_target_fixed(
+    store: Store,
+    repo: Path,
+    unique: str,
+    times: tuple[int, int, int],
+    counts: tuple[int, int, int, int],
+    control: str,
+) -> None:
+    """Verify the merged proposal of ``target-<unique>``: fixed, measured on ``counts`` (before
+    n, before failures, after n, after failures), with ``<control>-<unique>`` the only control."""
+    w0, merge, now = times
+    p, rec, backend = merged_proposal(repo, unique, w0, merge)
+    result = verify(store, rec, Config(), now, backend=backend, proposal=p)
+    t = result.target
+    assert (t.intent_id, t.verdict) == (f"target-{unique}", "fixed")
+    assert (t.before_n, t.before_failures, t.after_n, t.after_failures) == counts
+    assert {c.intent_id for c in result.controls} == {f"{control}-{unique}"}
+
+
 def test_an_intent_merged_since_is_measured_as_the_intent_it_joined(
     store: Store, repo: Path, unique: str
 ) -> None:
@@ -195,12 +214,7 @@ def test_an_intent_merged_since_is_measured_as_the_intent_it_joined(
             },
         ],
     )
-    p, rec, backend = merged_proposal(repo, unique, w0, merge)
-    result = verify(store, rec, Config(), now, backend=backend, proposal=p)
-    t = result.target
-    assert (t.intent_id, t.verdict) == (f"target-{unique}", "fixed")
-    assert (t.before_n, t.before_failures, t.after_n, t.after_failures) == (200, 110, 200, 10)
-    assert {c.intent_id for c in result.controls} == {f"ctrl-{unique}"}
+    assert_target_fixed(store, repo, unique, (w0, merge, now), (200, 110, 200, 10), "ctrl")
 
 
 def test_an_intent_split_off_since_the_diagnosis_is_measured_with_it(
@@ -237,12 +251,7 @@ def test_an_intent_split_off_since_the_diagnosis_is_measured_with_it(
     )
     d = diagnosis(diagnosis_id=f"d-{unique}", intent_id=f"target-{unique}")
     store.insert_records("diagnoses", [{**diagnosis_row(d), "updated_ns": diagnosed}])
-    p, rec, backend = merged_proposal(repo, unique, w0, merge)
-    result = verify(store, rec, Config(), now, backend=backend, proposal=p)
-    t = result.target
-    assert (t.intent_id, t.verdict) == (f"target-{unique}", "fixed")
-    assert (t.before_n, t.before_failures, t.after_n, t.after_failures) == (150, 90, 150, 7)
-    assert {c.intent_id for c in result.controls} == {f"older-{unique}"}
+    assert_target_fixed(store, repo, unique, (w0, merge, now), (150, 90, 150, 7), "older")
 
 
 def _open(store: Store, repo: Path, unique: str, tag: str, thing: str):
