@@ -515,7 +515,9 @@ class EmbeddedStack:
             # closed with a reset, not a FIN: a probe a second must not leave the child's port
             # in TIME_WAIT (a socket bound without SO_REUSEADDR could not take it for a minute)
             conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            conn.request("GET", HEALTH_PATH)
+            # "close": the child ends the connection after its answer instead of waiting for
+            # another request on it (the reset would then land in its read, logged as an error)
+            conn.request("GET", HEALTH_PATH, headers={"Connection": "close"})
             with conn.getresponse() as answer:
                 answer.read()
             self.answered[name] = time.monotonic_ns()
