@@ -110,7 +110,9 @@ def test_a_frozen_gateway_or_page_is_killed_and_restarted(
                     os.kill(pid, signal.SIGCONT)
             health = stack.health[name]
             assert health.last_error.startswith("frozen (no answer on /healthz for "), health
-            assert health.restarts == 1 and health.last_code == -signal.SIGKILL
+            # killed by a signal: SIGKILL, or its own crash while writing its stacks (CI saw the
+            # page die of SIGSEGV between the SIGQUIT and the SIGKILL); the reason is the freeze
+            assert health.restarts == 1 and (health.last_code or 0) < 0, health
             assert "most recent call first" in child.log_path.read_text(errors="replace")
             said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
             assert any(f"{name} (pid {pid}) is frozen" in m for m in said), said
