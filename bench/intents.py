@@ -38,6 +38,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -144,10 +145,13 @@ def name_share(
     return hit, total, shown
 
 
-def learn_stream(X: np.ndarray, texts: list[str]) -> tuple[IntentModel, list[str]]:
-    """The default ``IntentModel`` fed ``X`` in understand batches, and the tags given on
-    arrival, re-versioned at each re-clustering as the understand core does."""
-    model = IntentModel()
+def learn_stream(
+    X: np.ndarray, texts: list[str], settings: dict[str, Any] | None = None
+) -> tuple[IntentModel, list[str]]:
+    """An ``IntentModel`` (the default, or with ``settings``) fed ``X`` in understand batches,
+    and the tags given on arrival, re-versioned at each re-clustering as the understand core
+    does."""
+    model = IntentModel(**(settings or {}))
     arrival_ids: list[str] = []
     for i in range(0, len(X), BATCH):
         reclusterings = model.reclusterings
