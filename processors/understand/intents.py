@@ -27,7 +27,7 @@ Two levels, in the spirit of DBSTREAM/CluStream but with numpy vector math:
   (``threshold`` until enough have arrived).
 
 No threshold sets the granularity: on three public intent sets of 77, 64 and 7 intents the
-defaults find 87–101, 76–93 and 8–11 over 12 stream orders (``python -m bench.intent_orders``,
+defaults find 97–109, 89–109 and 7–18 over 12 stream orders (``python -m bench.intent_orders``,
 bench/RESULTS.md).
 
 A point's tag can follow it to a finer intent: the model remembers the last ``remember`` points
