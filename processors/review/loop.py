@@ -337,6 +337,12 @@ def decide(
     if version is not None and proposal.version != version:
         raise MovedProposal(proposal, version)
     diagnosis = load_diagnosis(store, proposal.diagnosis_id)
+    if proposal.status == "closed" and diagnosis is not None and diagnosis.status == "superseded":
+        raise ReviewError(
+            f"proposal {proposal_id} was withdrawn by closeloop: a later analysis superseded "
+            "its diagnosis, so its change answers nothing now; `closeloop proposals` lists "
+            "the open ones"
+        )
     if decision == "approve":
         try:
             record = approve(proposal, reviewer, comment, backend, now_ns, diagnosis=diagnosis)

@@ -421,6 +421,14 @@ def test_the_demo_does_not_approve_a_proposal_withdrawn_while_it_was_shown(
     store.insert_records("proposals", proposal_rows([closed]))
     record = approve_shown(store, cfg, LocalGit(repo), p.proposal_id, p.version, "Ada", ask=False)
     assert record is None
+    # `closeloop review` says why, once the superseded diagnosis is stored
+    from processors.diagnose.core import diagnosis_rows
+    from processors.errors import ReviewError
+    from processors.review.loop import decide
+
+    store.insert_records("diagnoses", diagnosis_rows([dataclasses.replace(d, status="superseded")]))
+    with pytest.raises(ReviewError, match="withdrawn by closeloop"):
+        decide(store, LocalGit(repo), p.proposal_id, "approve", "Ada", "", T0 + 3)
     assert git(repo, "rev-parse", "main") == main_before
     assert (
         store.scalar(
