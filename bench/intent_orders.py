@@ -1,7 +1,7 @@
 """Intent-clustering goals over many stream orders, the default against other settings.
 
     python -m bench.intent_orders [--data-dir DIR] [--sets banking77,hwu64,snips] [--orders 12]
-                                  [--limit 10000] [--against cut_tolerance=0.1,recluster_sample=3000]
+                                  [--limit 10000] [--against cut_tolerance=0.25,recluster_sample=6000]
 
 One order of a stream can pass or miss a goal by luck: the re-clustering's cut depends on where
 the stream stands when it runs. This bench embeds each data set once (as ``bench.intents`` reads
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=10_000, help="utterances per order (0: all)")
     ap.add_argument(
         "--against",
-        default="cut_tolerance=0.1,recluster_sample=3000",
+        default="cut_tolerance=0.25,recluster_sample=6000",
         help="IntentModel settings to compare with the default (key=value,...)",
     )
     args = ap.parse_args(argv)

@@ -13,12 +13,10 @@ Two levels, in the spirit of DBSTREAM/CluStream but with numpy vector math:
   grown ``recluster_growth``-fold the refinement starts afresh instead: a *re-clustering* picks
   the granularity from the data — Ward's hierarchy over a weight-proportional sample of the
   micro-clusters, cut where the weighted silhouette is highest (groups holding less than
-  ``min_share`` of the points, or fewer than ``min_size`` points, are *crumbs* and count as
-  unclustered, so a cut cannot win by cutting the data into crumbs; of the cuts within
-  ``cut_tolerance`` of the best score the one with the most groups that are not crumbs, as the
-  silhouette favours the coarsest split of nested groups: two intents that touch, such as "play
-  a song" and "add a song to a playlist", score lower apart than together) — and k-means
-  iterations polish that cut. Refinements run every ``refine_every``
+  ``min_share`` of the points count as unclustered, so a cut cannot win by cutting the data into
+  crumbs; of the cuts within ``cut_tolerance`` of the best score the finest, as the silhouette is
+  flat near its top and favours the coarsest split of nested groups) — and k-means iterations
+  polish that cut. Refinements run every ``refine_every``
   points and, before the first of those, at doublings from ``2 * min_size``; re-clusterings at
   the first of them and then whenever the stream has doubled. Between refinements a point joins
   its micro-cluster's intent, or the nearest intent, or opens a new one when its similarity to
@@ -27,8 +25,7 @@ Two levels, in the spirit of DBSTREAM/CluStream but with numpy vector math:
   (``threshold`` until enough have arrived).
 
 No threshold sets the granularity: on three public intent sets of 77, 64 and 7 intents the
-defaults find 97–109, 89–109 and 7–18 over 12 stream orders (``python -m bench.intent_orders``,
-bench/RESULTS.md).
+defaults find 93, 77 and 7 (``python -m bench.intents``, bench/RESULTS.md).
 
 A point's tag can follow it to a finer intent: the model remembers the last ``remember`` points
 (float16, not checkpointed) and ``current_tags`` gives their nearest intent now (the understand
@@ -100,10 +97,10 @@ class IntentModel:
         refine_iters: int = 10,
         max_micro_per_intent: int = 32,
         recluster_growth: float = 2.0,
-        recluster_sample: int = 6000,
+        recluster_sample: int = 3000,
         novelty_quantile: float = 0.002,
         min_share: float = 0.003,
-        cut_tolerance: float = 0.25,
+        cut_tolerance: float = 0.1,
         examples: int = 10,
         remember: int = 10_000,
         seed: int = 0,
@@ -632,9 +629,7 @@ class IntentModel:
             sums = sample * cw[:, None]
             return self._normalise(sums)
         tree = linkage(sample, "ward")
-        # a group under min_share of the points, or under min_size of them (a refinement folds
-        # it once its grace is over), is a crumb: in sample weight
-        small = max(self.min_share, self.min_size / w.sum()) * self.recluster_sample
+        small = self.min_share * self.recluster_sample  # min_share of the points, in sample weight
         # past 2 / min_share groups most must be smaller than min_share: no better cut lies there
         top = max(2.0, min(len(idx) / 2, 2 / max(self.min_share, 1e-9)))
         cuts = [
@@ -642,12 +637,10 @@ class IntentModel:
             for k in np.unique(np.geomspace(2, top, 24).astype(int))
         ]
         scores = [_silhouette(sample, cw, labels, small) for labels in cuts]
-        groups = [int((np.bincount(labels, weights=cw) >= small).sum()) for labels in cuts]
-        # the silhouette favours the coarsest split of nested groups: of the cuts within
-        # ``cut_tolerance`` (relative) of the best, the one with the most groups that are not
-        # crumbs (a cut that only breaks crumbs off is not finer), then the best scored
+        # the silhouette is flat near its top and favours the coarsest split of nested groups:
+        # of the cuts within ``cut_tolerance`` (relative) of the best, the finest
         near = [k for k, sc in enumerate(scores) if sc >= max(scores) * (1 - self.cut_tolerance)]
-        best_labels = cuts[max(near, key=lambda k: (groups[k], scores[k]))]
+        best_labels = cuts[max(near, key=lambda k: int(cuts[k].max()))]
         sums = np.zeros((best_labels.max() + 1, sample.shape[1]))
         np.add.at(sums, best_labels, sample * cw[:, None])
         return self._normalise(sums)
